@@ -1,0 +1,1 @@
+"""Autograd-aware ops, one family per file, each with a plain-torch reference."""
