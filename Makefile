@@ -1,4 +1,4 @@
-# The README's two commands: `make test` and `make demo`. Both set everything up first.
+# `make test` sets everything up (a virtual environment with the package and its test extras) and runs the suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.megablocks-installed
 
-.PHONY: test demo setup clean
+.PHONY: test setup clean
 
 setup: $(STAMP)
 
@@ -25,9 +25,6 @@ test: $(STAMP)
 	rc=0; $(PY) -m pytest -q tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
-
-demo: $(STAMP)
-	$(PY) -m exp.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# GPU check: installs the wheels the GPU machine lacks, runs the test suite on CUDA tensors
+# (Triton compiled, bf16 included), optionally the benchmarks, and prints a summary last.
+#
+#   scripts/gpu_check.sh LOG_DIR [--bench] [--csrc]
+#
+# Wheels are taken from $MEGABLOCKS_WHEELS (default: .device-wheels/) when that folder exists:
+# stanford-stk, and grouped_gemm for the [gg] extra. --csrc builds the optional CUDA ops first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [--bench] [--csrc]}
+shift
+BENCH=0; CSRC=0
+for arg in "$@"; do
+  case "$arg" in
+    --bench) BENCH=1 ;;
+    --csrc) CSRC=1 ;;
+    *) echo "unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+WHEELS=${MEGABLOCKS_WHEELS:-.device-wheels}
+SITE=${MEGABLOCKS_SITE:-/tmp/megablocks-site}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+python3 - <<'PY' | tee "$LOG_DIR/env.txt"
+import subprocess, torch, triton
+print("gpu:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+print("torch:", torch.__version__, "triton:", triton.__version__, "cuda:", torch.version.cuda)
+try:
+    import stk; print("stk: ok")
+except Exception as e: print("stk:", e)
+try:
+    import grouped_gemm; print("grouped_gemm: ok")
+except Exception as e: print("grouped_gemm:", e)
+print("commit:", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown")
+PY
+
+status=()
+if [ "$CSRC" = 1 ]; then
+  ( MEGABLOCKS_BUILD_CUDA=1 python3 setup.py build_ext --inplace ) >"$LOG_DIR/csrc_build.log" 2>&1
+  status+=("csrc build: rc=$?")
+fi
+
+python3 -m pytest -q -ra tests 2>&1 | tee "$LOG_DIR/pytest.log"
+rc=${PIPESTATUS[0]}
+status+=("pytest (CUDA): rc=$rc :: $(tail -n 1 "$LOG_DIR/pytest.log")")
+
+if [ "$BENCH" = 1 ]; then
+  for b in benchmarks/bench_*.py; do
+    name=$(basename "$b" .py)
+    python3 "$b" --out "$LOG_DIR" >"$LOG_DIR/$name.log" 2>&1
+    status+=("$name: rc=$? (log $LOG_DIR/$name.log)")
+  done
+fi
+
+echo
+echo "==== gpu_check summary ===="
+cat "$LOG_DIR/env.txt"
+for s in "${status[@]}"; do echo "$s"; done
+[ "$rc" = 0 ]
