@@ -1,0 +1,416 @@
+"""Gather and scatter of token rows between token order and expert order.
+
+Legend: T tokens, H hidden, K top-k, N = T·K routed assignments, E experts, R rows of the
+expert-ordered buffer (N plain, P padded, E·C binned with C rows per expert).
+
+An assignment `a` is a position in the flattened `[T, K]` routing (token `a // K`, choice `a % K`).
+The routing metadata (`indices_N`, `bin_ids_N`, `bins_E`, `padded_bins_E`, see docs/CONTRACTS.md)
+is first turned into two small maps by `route`:
+
+    assignment_row_N[a] = the buffer row that holds assignment a, or -1 (dropped)
+    row_assignment_R[r] = the assignment held in buffer row r, or -1 (padding / empty slot)
+
+for one of three buffer layouts, sorted row i of expert e = bin_ids[i] going to
+    'plain':  row i
+    'padded': row padded_bins[e-1] + (i - bins[e-1])
+    'binned': row e·C + (i - bins[e-1]) if i - bins[e-1] < C, else dropped
+(with bins[-1] and padded_bins[-1] read as 0). The row kernels then only follow the maps:
+
+    gather_rows:  out_RH[r] = w[a] · x_TH[a // K]             (a = row_assignment[r]; 0 if a = -1)
+    scatter_rows: out_TH[t] = Σ_k w[a] · x_RH[assignment_row[a]],  a = t·K + k, k in order
+    weight_grad:  out_N[a]  = <x_RH[assignment_row[a]], y_TH[a // K]>  (0 if dropped)
+
+Each output row is written exactly once (gather zero-fills the rows that hold no assignment in the
+same pass), without atomics, so every result is deterministic. Products and sums are taken in fp32:
+with `enable_fp_fusion=False` a weighted sum rounds exactly like `acc = acc + w * x` in torch, k in
+order. Indices are compared in their own dtype, then handled as int32; row offsets are int64.
+Every index read from memory is bounds-checked before it is used as an address.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from megablocks import _checks
+
+LAYOUTS = ("plain", "padded", "binned")
+
+# Routing positions handled by one program of the route kernel.
+_ROUTE_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Launch shape of a row kernel: `rows` rows × `cols` hidden elements per step, `num_warps`."""
+
+    rows: int
+    cols: int
+    num_warps: int
+
+
+def default_tile(hidden: int) -> Tile:
+    """The tile the row kernels use for hidden size `hidden`.
+
+    A whole row (up to 4096 elements) per step, and enough rows per program for about 4096
+    elements, so short rows still give each program wide loads.
+    """
+    cols = min(triton.next_power_of_2(max(hidden, 1)), 4096)
+    rows = max(1, min(4096 // cols, 64))
+    return Tile(rows, cols, 8 if rows * cols >= 4096 else 4)
+
+
+@triton.jit
+def _expert_of(bins_ptr, i, E, SEARCH_STEPS):
+    """First e in [0, E) with bins[e] > i (E where none): an upper-bound binary search."""
+    lo = tl.zeros_like(i)
+    hi = tl.zeros_like(i) + E
+    for _ in range(SEARCH_STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        end = tl.load(bins_ptr + mid, mask=active, other=0).to(tl.int32)
+        right = end <= i
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+# indices_N, bin_ids_N: int32/int64 (bin_ids unused unless HAS_BIN_IDS); bins_E, padded_bins_E:
+# int32/int64 (padded_bins read only for the padded layout); assignment_row_N, row_assignment_R:
+# int32, -1 on entry. Program p handles sorted positions [p·BLOCK, (p+1)·BLOCK).
+@triton.jit
+def _route_kernel(
+    indices_ptr,
+    bin_ids_ptr,
+    bins_ptr,
+    padded_bins_ptr,
+    assignment_row_ptr,
+    row_assignment_ptr,
+    N,
+    E,
+    R,
+    BIN_SIZE,
+    SEARCH_STEPS,
+    LAYOUT: tl.constexpr,
+    HAS_BIN_IDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = i < N
+    a_raw = tl.load(indices_ptr + i, mask=in_range, other=-1)
+    ok = in_range & (a_raw >= 0) & (a_raw < N)
+    a = tl.where(ok, a_raw, 0).to(tl.int32)
+    if LAYOUT == 0:
+        row = i
+    else:
+        if HAS_BIN_IDS:
+            e_raw = tl.load(bin_ids_ptr + i, mask=in_range, other=-1)
+            ok = ok & (e_raw >= 0) & (e_raw < E)
+            e = tl.where(ok, e_raw, 0).to(tl.int32)
+        else:
+            e = _expert_of(bins_ptr, i, E, SEARCH_STEPS)
+            ok = ok & (e < E)
+            e = tl.where(ok, e, 0)
+        has_prev = ok & (e > 0)
+        j = i - tl.load(bins_ptr + e - 1, mask=has_prev, other=0).to(tl.int32)
+        if LAYOUT == 1:
+            row = tl.load(padded_bins_ptr + e - 1, mask=has_prev, other=0).to(tl.int32) + j
+        else:
+            row = e * BIN_SIZE + j
+            ok = ok & (j < BIN_SIZE)
+        ok = ok & (j >= 0)
+    ok = ok & (row >= 0) & (row < R)
+    tl.store(assignment_row_ptr + a, row, mask=ok)
+    tl.store(row_assignment_ptr + row, a, mask=ok)
+
+
+# x_TH (last dim contiguous, rows stride_x apart), row_assignment_R int32, weights_N any float
+# (read only if HAS_WEIGHTS) -> out_RH (x's dtype). Program p writes rows [p·BLOCK_R, (p+1)·BLOCK_R).
+@triton.jit
+def _gather_kernel(
+    x_ptr,
+    row_assignment_ptr,
+    weights_ptr,
+    out_ptr,
+    R,
+    N,
+    H,
+    stride_x,
+    stride_out,
+    TOP_K: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_range = rows < R
+    a = tl.load(row_assignment_ptr + rows, mask=in_range, other=-1)
+    filled = in_range & (a >= 0) & (a < N)
+    a = tl.where(filled, a, 0)
+    src = x_ptr + (a // TOP_K).to(tl.int64)[:, None] * stride_x
+    dst = out_ptr + rows.to(tl.int64)[:, None] * stride_out
+    if HAS_WEIGHTS:
+        w = tl.load(weights_ptr + a, mask=filled, other=0.0).to(tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        in_cols = cols < H
+        v = tl.load(src + cols[None, :], mask=filled[:, None] & in_cols[None, :], other=0.0)
+        if HAS_WEIGHTS:
+            v = v.to(tl.float32) * w[:, None]
+        tl.store(dst + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & in_cols[None, :])
+
+
+# x_RH (last dim contiguous), assignment_row_N int32, weights_N any float (read only if
+# HAS_WEIGHTS) -> out_TH (x's dtype). Program p writes tokens [p·BLOCK_T, (p+1)·BLOCK_T).
+@triton.jit
+def _scatter_kernel(
+    x_ptr,
+    assignment_row_ptr,
+    weights_ptr,
+    out_ptr,
+    T,
+    R,
+    H,
+    stride_x,
+    stride_out,
+    TOP_K: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = tokens < T
+    dst = out_ptr + tokens.to(tl.int64)[:, None] * stride_out
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        in_cols = cols < H
+        acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+        for k in tl.static_range(TOP_K):
+            a = tokens * TOP_K + k
+            row = tl.load(assignment_row_ptr + a, mask=in_range, other=-1)
+            present = in_range & (row >= 0) & (row < R)
+            src = x_ptr + tl.where(present, row, 0).to(tl.int64)[:, None] * stride_x
+            v = tl.load(src + cols[None, :], mask=present[:, None] & in_cols[None, :], other=0.0)
+            v = v.to(tl.float32)
+            if HAS_WEIGHTS:
+                w = tl.load(weights_ptr + a, mask=present, other=0.0).to(tl.float32)
+                v = v * w[:, None]
+            acc = acc + v
+        tl.store(dst + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=in_range[:, None] & in_cols[None, :])
+
+
+# x_RH, y_TH (last dims contiguous), assignment_row_N int32 -> out_N fp32.
+# Program p handles assignments [p·BLOCK_A, (p+1)·BLOCK_A).
+@triton.jit
+def _weight_grad_kernel(
+    x_ptr,
+    y_ptr,
+    assignment_row_ptr,
+    out_ptr,
+    N,
+    R,
+    H,
+    stride_x,
+    stride_y,
+    TOP_K: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    in_range = a < N
+    row = tl.load(assignment_row_ptr + a, mask=in_range, other=-1)
+    present = in_range & (row >= 0) & (row < R)
+    x_rows = x_ptr + tl.where(present, row, 0).to(tl.int64)[:, None] * stride_x
+    y_rows = y_ptr + (tl.where(present, a, 0) // TOP_K).to(tl.int64)[:, None] * stride_y
+    acc = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        cols = h0 + tl.arange(0, BLOCK_H)
+        mask = present[:, None] & (cols < H)[None, :]
+        xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        yv = tl.load(y_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(xv * yv, axis=1)
+    tl.store(out_ptr + a, acc, mask=in_range)
+
+
+def _rows_contiguous(name: str, t: torch.Tensor) -> torch.Tensor:
+    _checks.check_tensor(name, t, ndim=2, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
+    _checks.check_int32_range(f"{name}.shape[0]", t.shape[0])
+    _checks.check_int32_range(f"{name}.shape[1]", t.shape[1])
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
+def _check_top_k(top_k: int, n: int) -> None:
+    _checks.check_int("top_k", top_k, min_value=1)
+    if n % top_k:
+        raise ValueError(f"top_k: the {n} assignments are not a multiple of top_k={top_k}")
+
+
+def route(
+    indices_N: torch.Tensor,
+    bins_E: torch.Tensor,
+    *,
+    layout: str,
+    num_rows: int,
+    bin_ids_N: Optional[torch.Tensor] = None,
+    padded_bins_E: Optional[torch.Tensor] = None,
+    bin_size: int = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The maps `(assignment_row_N, row_assignment_R)` (int32, R = `num_rows`) of one layout.
+
+    `layout` is 'plain', 'padded' (needs `bin_ids_N` and `padded_bins_E`) or 'binned' (uses
+    `bin_size` rows per expert; the expert of each sorted row is found from `bins_E`).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    for name, t in (("indices", indices_N), ("bins", bins_E), ("bin_ids", bin_ids_N), ("padded_bins", padded_bins_E)):
+        if t is not None:
+            _checks.check_tensor(name, t, ndim=1, dtypes=_checks.INDEX_DTYPES)
+    if layout == "padded" and (bin_ids_N is None or padded_bins_E is None):
+        raise ValueError("layout: 'padded' needs bin_ids and padded_bins")
+    _checks.check_int("num_rows", num_rows, min_value=0, max_value=_checks.INT32_MAX)
+    _checks.check_int("bin_size", bin_size, min_value=0)
+    _checks.check_int32_range("number of experts × bin_size", bins_E.numel() * bin_size)
+    n, num_experts = indices_N.numel(), bins_E.numel()
+    device = indices_N.device
+    assignment_row = torch.full((n,), -1, dtype=torch.int32, device=device)
+    row_assignment = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
+    if n == 0 or num_rows == 0:
+        return assignment_row, row_assignment
+    has_bin_ids = layout != "binned"
+    _route_kernel[(triton.cdiv(n, _ROUTE_BLOCK),)](
+        indices_N,
+        bin_ids_N if has_bin_ids and bin_ids_N is not None else indices_N,
+        bins_E,
+        padded_bins_E if padded_bins_E is not None else bins_E,
+        assignment_row,
+        row_assignment,
+        n,
+        num_experts,
+        num_rows,
+        bin_size,
+        num_experts.bit_length(),
+        LAYOUT=LAYOUTS.index(layout),
+        HAS_BIN_IDS=has_bin_ids,
+        BLOCK=_ROUTE_BLOCK,
+        num_warps=4,
+    )
+    return assignment_row, row_assignment
+
+
+def gather_rows(
+    x_TH: torch.Tensor,
+    row_assignment_R: torch.Tensor,
+    weights_N: Optional[torch.Tensor],
+    top_k: int,
+    *,
+    num_assignments: int,
+    tile: Optional[Tile] = None,
+) -> torch.Tensor:
+    """`out_RH[r] = weights[a] · x_TH[a // top_k]` for a = row_assignment_R[r], zero where a = -1.
+
+    `num_assignments` is N (assignments outside [0, N) are treated as -1); `weights_N=None` means 1.
+    """
+    x_TH = _rows_contiguous("x", x_TH)
+    _check_top_k(top_k, num_assignments)
+    num_rows, hidden = row_assignment_R.numel(), x_TH.shape[1]
+    out = torch.empty(num_rows, hidden, dtype=x_TH.dtype, device=x_TH.device)
+    if out.numel() == 0:
+        return out
+    tile = tile or default_tile(hidden)
+    _gather_kernel[(triton.cdiv(num_rows, tile.rows),)](
+        x_TH,
+        row_assignment_R,
+        weights_N if weights_N is not None else x_TH,
+        out,
+        num_rows,
+        min(num_assignments, x_TH.shape[0] * top_k),
+        hidden,
+        x_TH.stride(0),
+        out.stride(0),
+        TOP_K=top_k,
+        HAS_WEIGHTS=weights_N is not None,
+        BLOCK_R=tile.rows,
+        BLOCK_H=tile.cols,
+        num_warps=tile.num_warps,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def scatter_rows(
+    x_RH: torch.Tensor,
+    assignment_row_N: torch.Tensor,
+    weights_N: Optional[torch.Tensor],
+    top_k: int,
+    *,
+    tile: Optional[Tile] = None,
+) -> torch.Tensor:
+    """`out_TH[t] = Σ_k weights[a] · x_RH[assignment_row_N[a]]`, a = t·top_k + k (fp32, k in order).
+
+    Dropped assignments (row -1) add nothing; `weights_N=None` means 1. T = N // top_k.
+    """
+    x_RH = _rows_contiguous("x", x_RH)
+    n = assignment_row_N.numel()
+    _check_top_k(top_k, n)
+    tokens, hidden = n // top_k, x_RH.shape[1]
+    out = torch.empty(tokens, hidden, dtype=x_RH.dtype, device=x_RH.device)
+    if out.numel() == 0:
+        return out
+    tile = tile or default_tile(hidden)
+    _scatter_kernel[(triton.cdiv(tokens, tile.rows),)](
+        x_RH,
+        assignment_row_N,
+        weights_N if weights_N is not None else x_RH,
+        out,
+        tokens,
+        x_RH.shape[0],
+        hidden,
+        x_RH.stride(0),
+        out.stride(0),
+        TOP_K=top_k,
+        HAS_WEIGHTS=weights_N is not None,
+        BLOCK_T=tile.rows,
+        BLOCK_H=tile.cols,
+        num_warps=tile.num_warps,
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def weight_grad(
+    x_RH: torch.Tensor,
+    y_TH: torch.Tensor,
+    assignment_row_N: torch.Tensor,
+    top_k: int,
+    *,
+    tile: Optional[Tile] = None,
+) -> torch.Tensor:
+    """`out_N[a] = <x_RH[assignment_row_N[a]], y_TH[a // top_k]>` in fp32 (0 for dropped a)."""
+    x_RH = _rows_contiguous("x", x_RH)
+    y_TH = _rows_contiguous("y", y_TH)
+    n = assignment_row_N.numel()
+    _check_top_k(top_k, n)
+    if y_TH.shape != (n // top_k, x_RH.shape[1]):
+        raise ValueError(f"y: expected shape {(n // top_k, x_RH.shape[1])}, got {tuple(y_TH.shape)}")
+    out = torch.zeros(n, dtype=torch.float32, device=x_RH.device)
+    if n == 0 or x_RH.shape[1] == 0:
+        return out
+    tile = tile or default_tile(x_RH.shape[1])
+    _weight_grad_kernel[(triton.cdiv(n, tile.rows),)](
+        x_RH,
+        y_TH,
+        assignment_row_N,
+        out,
+        n,
+        x_RH.shape[0],
+        x_RH.shape[1],
+        x_RH.stride(0),
+        y_TH.stride(0),
+        TOP_K=top_k,
+        BLOCK_A=tile.rows,
+        BLOCK_H=tile.cols,
+        num_warps=tile.num_warps,
+    )
+    return out

@@ -1,0 +1,79 @@
+"""Histogram of integer ids on the device, for routing metadata.
+
+    counts_MV[m, v] = #{i : x_MN[m, i] == v}   for v in [0, V)
+
+Legend: M rows of independent histograms (1 for the usual flat case), N ids per row, V bins
+(`max_val`, the number of experts). Ids outside [0, V) are ignored, never used as an address.
+
+Why a kernel and not a torch op: `torch.bincount` reads the maximum on the host (a sync), and
+`scatter_add_`/`index_add_` with an id out of range is a device-side assert. `torch.histc` on the
+ids cast to float is sync-free but refuses to run under `torch.use_deterministic_algorithms(True)`
+on CUDA and counts in float. This kernel counts in int32 with integer atomics, so it is exact and
+deterministic; benchmarks/bench_topology.py times it against histc.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+# Bins per program-local histogram at most. Below this, each program reduces its ids with
+# `tl.histogram` (log2(bins) warp ballots per id) and adds one count per bin to global memory; above
+# it, the warp-ballot cost grows with the number of bins, so each id is added with its own atomic.
+LOCAL_HISTOGRAM_MAX_BINS = 256
+
+
+# x_MN: ids (any integer dtype), rows `stride_xm` apart; counts_MV: int32, zero on entry.
+# Program (n-block, m) counts BLOCK ids of row m.
+@triton.jit
+def _histogram_kernel(
+    x_ptr,
+    counts_ptr,
+    num_ids,
+    max_val,
+    stride_xm,
+    BLOCK: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    LOCAL: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    in_row = offs < num_ids
+    ids = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + offs, mask=in_row, other=-1)
+    # Compare in the ids' own dtype before narrowing, so a wide id cannot wrap into range.
+    valid = in_row & (ids >= 0) & (ids < max_val)
+    row_counts = counts_ptr + pid_m.to(tl.int64) * max_val
+    if LOCAL:
+        # Invalid ids go to bin `max_val`, a spare bin that is never written back:
+        # tl.histogram reads only the low log2(NUM_BINS) bits of each id.
+        binned = tl.where(valid, ids, max_val).to(tl.int32)
+        local = tl.histogram(binned, NUM_BINS)
+        bins = tl.arange(0, NUM_BINS)
+        tl.atomic_add(row_counts + bins, local, mask=(bins < max_val) & (local > 0))
+    else:
+        safe = tl.where(valid, ids, 0).to(tl.int32)
+        tl.atomic_add(row_counts + safe, tl.full([BLOCK], 1, tl.int32), mask=valid)
+
+
+def histogram(x_MN: torch.Tensor, max_val: int, *, local=None) -> torch.Tensor:
+    """Counts of each id in [0, max_val) per row of `x_MN` (int32 `[M, max_val]`).
+
+    No autograd, no validation beyond what the launch needs: the op in `megablocks.ops.routing`
+    checks its inputs. `local` forces the program-local histogram on or off (for benchmarks);
+    by default it is used when `next_power_of_2(max_val + 1) <= LOCAL_HISTOGRAM_MAX_BINS`.
+    """
+    x_MN = x_MN.contiguous()
+    num_rows, num_ids = x_MN.shape
+    counts_MV = torch.zeros((num_rows, max_val), dtype=torch.int32, device=x_MN.device)
+    if num_ids == 0 or num_rows == 0 or max_val == 0:
+        return counts_MV
+    num_bins = triton.next_power_of_2(max_val + 1)  # one spare bin for invalid ids
+    if local is None:
+        local = num_bins <= LOCAL_HISTOGRAM_MAX_BINS
+    block = 4096 if local else 1024
+    grid = (triton.cdiv(num_ids, block), num_rows)
+    _histogram_kernel[grid](
+        x_MN, counts_MV, num_ids, max_val, x_MN.stride(0),
+        BLOCK=block, NUM_BINS=num_bins, LOCAL=bool(local), num_warps=4,
+    )
+    return counts_MV
