@@ -1,1 +1,31 @@
-"""Autograd-aware ops, one family per file, each with a plain-torch reference."""
+"""Autograd-aware ops, one family per file, each with a plain-torch reference.
+
+The names and argument order follow MegaBlocks 0.10, so code written against it keeps working.
+"""
+
+from megablocks.ops.replicate import repeat, replicate, sum
+from megablocks.ops.routing import (
+    exclusive_cumsum,
+    histogram,
+    inclusive_cumsum,
+    padded_rows_bound,
+    round_up,
+    routing_metadata,
+    sort,
+)
+from megablocks.ops.topology import make_topology, topology
+
+__all__ = [
+    "exclusive_cumsum",
+    "histogram",
+    "inclusive_cumsum",
+    "make_topology",
+    "padded_rows_bound",
+    "repeat",
+    "replicate",
+    "round_up",
+    "routing_metadata",
+    "sort",
+    "sum",
+    "topology",
+]

@@ -1,0 +1,270 @@
+"""Routing metadata ops (sort, histogram, cumsums, round_up, routing_metadata), bitwise."""
+
+import time
+
+import pytest
+import torch
+
+from megablocks.backend import routing as backend_routing
+from megablocks.ops import routing
+from megablocks.ops.routing import (
+    _histogram_reference,
+    exclusive_cumsum,
+    histogram,
+    inclusive_cumsum,
+    padded_rows_bound,
+    round_up,
+    routing_metadata,
+    sort,
+)
+from tests.utils import assert_equal
+
+INT_DTYPES = [torch.int16, torch.int32, torch.int64]
+
+
+def loop_histogram(values, max_val):
+    counts = [0] * max_val
+    for v in values:
+        if 0 <= v < max_val:
+            counts[v] += 1
+    return counts
+
+
+# ---------------------------------------------------------------- sort
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+@pytest.mark.parametrize("n,high", [(0, 4), (1, 4), (1000, 3), (5000, 130), (3000, 4096), (2000, 70000),
+                                    (500, 2**40)])
+def test_sort(dtype, n, high, device):
+    """Every key width the sort narrows to (uint8, int16, int32, int64) against Python's stable sort."""
+    high = min(high, torch.iinfo(dtype).max)
+    x = torch.randint(0, high, (n,), dtype=dtype, device=device)
+    end_bit = max(1, (high - 1).bit_length())
+    values, indices = sort(x, end_bit)
+    xs = x.cpu().tolist()
+    want_idx = sorted(range(n), key=lambda i: xs[i])  # Python's sort is stable
+    assert_equal("indices", indices.cpu(), torch.tensor(want_idx, dtype=dtype))
+    assert_equal("values", values.cpu(), torch.tensor([xs[i] for i in want_idx], dtype=dtype))
+    values_all, indices_all = sort(x)  # end_bit=None: all bits
+    assert_equal("indices (all bits)", indices_all.cpu(), torch.tensor(want_idx, dtype=dtype))
+    assert_equal("values (all bits)", values_all.cpu(), values.cpu())
+
+
+def test_sort_negative_without_end_bit():
+    x = torch.tensor([3, -7, 0, -7, 2**40], dtype=torch.int64)
+    values, indices = sort(x)
+    assert_equal("indices", indices, torch.tensor([1, 3, 2, 0, 4]))
+    assert_equal("values", values, torch.tensor([-7, -7, 0, 3, 2**40]))
+
+
+def test_sort_bad_inputs():
+    x = torch.randint(0, 8, (10,), dtype=torch.int32)
+    with pytest.raises(ValueError, match="end_bit: expected an int >= 1"):
+        sort(x, 0)
+    with pytest.raises(ValueError, match="end_bit: expected an int <= 32"):
+        sort(x, 33)
+    with pytest.raises(TypeError, match="end_bit: expected an int"):
+        sort(x, 3.0)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        sort(x.float())
+    with pytest.raises(ValueError, match="x: expected a 1-D tensor"):
+        sort(x.view(2, 5))
+    with pytest.raises(ValueError, match=r"x: expected values in \[0, 4\)"):
+        sort(x.clamp(min=4), 2)
+    with pytest.raises(ValueError, match="x: 40000 elements cannot be indexed by int16"):
+        sort(torch.zeros(40000, dtype=torch.int16))
+
+
+# ---------------------------------------------------------------- histogram
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+@pytest.mark.parametrize("n,max_val", [(0, 4), (1, 1), (1000, 3), (5000, 64), (3000, 300), (2000, 1000)])
+def test_histogram(dtype, n, max_val, device):
+    high = min(max_val, torch.iinfo(dtype).max)
+    x = torch.randint(0, high, (n,), dtype=dtype, device=device)
+    want = torch.tensor(loop_histogram(x.cpu().tolist(), max_val), dtype=torch.int32)
+    assert_equal("counts", histogram(x, max_val).cpu(), want)
+    assert_equal("counts (reference)", _histogram_reference(x.view(1, -1).cpu(), max_val)[0], want)
+
+
+def test_histogram_batched(device):
+    x = torch.randint(0, 20, (3, 777), device=device)
+    want = torch.tensor([loop_histogram(r, 20) for r in x.cpu().tolist()], dtype=torch.int32)
+    assert_equal("counts", histogram(x, 20).cpu(), want)
+    assert_equal("counts (reference)", _histogram_reference(x.cpu(), 20), want)
+
+
+def test_histogram_one_expert_takes_all(device):
+    x = torch.full((4099,), 5, dtype=torch.int32, device=device)
+    want = torch.zeros(8, dtype=torch.int32)
+    want[5] = 4099
+    assert_equal("counts", histogram(x, 8).cpu(), want)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_histogram_kernel_ignores_out_of_range(local, device):
+    """What CUDA does with bad ids (CPU rejects them in the op): they are neither counted nor
+    used as an address, including int64 ids that would wrap into range as int32."""
+    if not routing.use_triton(torch.empty(0, device=device)):
+        pytest.skip("kernel runs on CUDA or under TRITON_INTERPRET=1")
+    good = torch.randint(0, 10, (2, 3000), device=device)
+    bad = torch.tensor([-1, 10, 11, 2**32 + 3, -(2**32) + 3, 2**40, 10**6], device=device)
+    x = torch.cat([good, bad.expand(2, -1)], dim=1)[:, torch.randperm(3007, device=device)]
+    want = torch.tensor([loop_histogram(r, 10) for r in good.cpu().tolist()], dtype=torch.int32)
+    assert_equal("counts", backend_routing.histogram(x, 10, local=local).cpu(), want)
+
+
+def test_histogram_bad_inputs():
+    x = torch.randint(0, 8, (10,))
+    with pytest.raises(ValueError, match=r"x: expected values in \[0, 4\)"):
+        histogram(x.clamp(min=4), 4)
+    with pytest.raises(ValueError, match=r"x: expected values in \[0, 4\)"):
+        histogram(torch.tensor([-1, 0]), 4)
+    with pytest.raises(ValueError, match="max_val: expected an int >= 1"):
+        histogram(x, 0)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        histogram(x.float(), 8)
+    with pytest.raises(ValueError, match="x: expected a 1-D or 2-D tensor"):
+        histogram(x.view(1, 2, 5), 8)
+
+
+# ---------------------------------------------------------------- cumsums, round_up
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_cumsums(dtype, device):
+    x = torch.randint(0, 50, (4, 37), dtype=dtype, device=device)
+    rows = x.cpu().tolist()
+    for dim in (0, 1, -1):
+        d = dim % 2
+        inc = [[0] * 37 for _ in range(4)]
+        exc = [[0] * 37 for _ in range(4)]
+        for i in range(4):
+            for j in range(37):
+                prev_i, prev_j = (i - 1, j) if d == 0 else (i, j - 1)
+                exc[i][j] = (inc[prev_i][prev_j] if (prev_i >= 0 and prev_j >= 0) else 0)
+                inc[i][j] = exc[i][j] + rows[i][j]
+        assert_equal(f"inclusive dim={dim}", inclusive_cumsum(x, dim).cpu(), torch.tensor(inc, dtype=dtype))
+        assert_equal(f"exclusive dim={dim}", exclusive_cumsum(x, dim).cpu(), torch.tensor(exc, dtype=dtype))
+    empty = torch.zeros(0, dtype=dtype, device=device)
+    assert_equal("inclusive empty", inclusive_cumsum(empty, 0).cpu(), empty.cpu())
+    assert_equal("exclusive empty", exclusive_cumsum(empty, 0).cpu(), empty.cpu())
+
+
+def test_cumsum_bad_inputs():
+    x = torch.randint(0, 5, (6,), dtype=torch.int32)
+    with pytest.raises(ValueError, match="dim: expected an int <= 0"):
+        inclusive_cumsum(x, 1)
+    with pytest.raises(ValueError, match="dim: expected an int >= -1"):
+        exclusive_cumsum(x, -2)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        inclusive_cumsum(x.float(), 0)
+    with pytest.raises(ValueError, match="x: expected a tensor of at least 1 dimension"):
+        exclusive_cumsum(x[0], 0)
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_round_up(dtype, device):
+    x = torch.tensor([0, 1, 15, 16, 17, 127, 128, 129, 1000], dtype=dtype, device=device)
+    for value in (1, 16, 128):
+        want = [-(-v // value) * value for v in x.cpu().tolist()]
+        assert_equal(f"round_up {value}", round_up(x, value).cpu(), torch.tensor(want, dtype=dtype))
+    with pytest.raises(ValueError, match="value: expected an int >= 1"):
+        round_up(x, 0)
+    with pytest.raises(TypeError, match="value: expected an int"):
+        round_up(x, 16.0)
+
+
+def test_padded_rows_bound():
+    gen = torch.Generator().manual_seed(1)
+    for num_experts, block_size in [(1, 16), (3, 64), (8, 128)]:
+        for n in (0, 1, 7, 500):
+            bound = padded_rows_bound(n, num_experts, block_size)
+            assert bound % block_size == 0
+            worst = 0
+            for _ in range(20):
+                experts = torch.randint(0, num_experts, (n,), generator=gen)
+                counts = torch.bincount(experts, minlength=num_experts)
+                worst = max(worst, int(((counts + block_size - 1) // block_size * block_size).sum()))
+            assert worst <= bound
+    # Attained: each of E experts gets one row (padded to B each).
+    assert padded_rows_bound(8, 8, 128) == 8 * 128
+    assert padded_rows_bound(0, 3, 64) == 128
+
+
+# ---------------------------------------------------------------- routing_metadata
+
+
+def loop_metadata(top_experts, num_experts, block_size):
+    flat = top_experts.flatten().tolist()
+    indices = sorted(range(len(flat)), key=lambda i: flat[i])
+    counts = loop_histogram(flat, num_experts)
+    bins, padded, acc, acc_p = [], [], 0, 0
+    for c in counts:
+        acc += c
+        acc_p += -(-c // block_size) * block_size
+        bins.append(acc)
+        padded.append(acc_p)
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    return i32(indices), i32([flat[i] for i in indices]), i32(counts), i32(bins), i32(padded)
+
+
+ROUTINGS = {
+    "random_top2": lambda: torch.randint(0, 8, (301, 2)),
+    "one_expert_e1": lambda: torch.zeros(50, 1, dtype=torch.int64),
+    "all_on_one": lambda: torch.full((97, 1), 2, dtype=torch.int32),
+    "empty_experts": lambda: torch.randint(1, 3, (64, 1)) * 2,  # experts 0, 1, 3, 5.. empty
+    "topk_eq_e": lambda: torch.stack([torch.randperm(4) for _ in range(33)]),
+    "no_tokens": lambda: torch.zeros(0, 2, dtype=torch.int64),
+    "one_token": lambda: torch.tensor([[5, 1]]),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTINGS))
+def test_routing_metadata(case, device):
+    top_experts = ROUTINGS[case]().to(device)
+    num_experts = 8 if case != "one_expert_e1" else 1
+    num_experts = 4 if case == "topk_eq_e" else num_experts
+    got = routing_metadata(top_experts, num_experts, 16)
+    want = loop_metadata(top_experts.cpu(), num_experts, 16)
+    for name, g, w in zip(routing.RoutingMetadata._fields, got, want):
+        assert_equal(name, g.cpu(), w)
+    assert int(got.padded_bins[-1]) <= padded_rows_bound(top_experts.numel(), num_experts, 16)
+
+
+def test_routing_metadata_bad_inputs():
+    with pytest.raises(ValueError, match=r"top_experts_TK: expected values in \[0, 4\)"):
+        routing_metadata(torch.tensor([[0, 4]]), 4, 16)
+    with pytest.raises(ValueError, match="num_experts: expected an int >= 1"):
+        routing_metadata(torch.tensor([[0]]), 0, 16)
+    with pytest.raises(TypeError, match="top_experts_TK: expected dtype"):
+        routing_metadata(torch.tensor([[0.0]]), 4, 16)
+
+
+def test_routing_metadata_compile_fullgraph():
+    """The whole metadata step traces into one graph (the histogram kernel is a custom op)."""
+    top_experts = torch.randint(0, 8, (100, 2))
+    start = time.time()
+    try:
+        got = torch.compile(routing_metadata, fullgraph=True)(top_experts, 8, 16)
+    except Exception:
+        if time.time() - start > 30:
+            pytest.skip("torch.compile took more than 30 s")
+        raise
+    for name, g, w in zip(routing.RoutingMetadata._fields, got, loop_metadata(top_experts, 8, 16)):
+        assert_equal(name, g, w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_sync_cuda():
+    top_experts = torch.randint(0, 64, (4096, 2), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = routing_metadata(top_experts, 64, 128)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for name, g, w in zip(routing.RoutingMetadata._fields, got, loop_metadata(top_experts.cpu(), 64, 128)):
+        assert_equal(name, g.cpu(), w)
