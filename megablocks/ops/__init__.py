@@ -3,6 +3,14 @@
 The names and argument order follow MegaBlocks 0.10, so code written against it keeps working.
 """
 
+from megablocks.ops.permute import (
+    binned_gather,
+    binned_scatter,
+    gather,
+    padded_gather,
+    padded_scatter,
+    scatter,
+)
 from megablocks.ops.replicate import repeat, replicate, sum
 from megablocks.ops.routing import (
     exclusive_cumsum,
@@ -16,6 +24,12 @@ from megablocks.ops.routing import (
 from megablocks.ops.topology import make_topology, topology
 
 __all__ = [
+    "binned_gather",
+    "binned_scatter",
+    "gather",
+    "padded_gather",
+    "padded_scatter",
+    "scatter",
     "exclusive_cumsum",
     "histogram",
     "inclusive_cumsum",
