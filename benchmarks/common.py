@@ -17,6 +17,7 @@ def timed(fn: Callable[[], object], warmup: int = 25, rep: int = 100):
 
 
 def environment() -> Dict[str, str]:
+    """GPU, torch, Triton and the commit (from git, or $MEGABLOCKS_COMMIT where .git is absent)."""
     import triton
 
     try:
@@ -30,7 +31,7 @@ def environment() -> Dict[str, str]:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": commit or "unknown",
+        "commit": commit or os.environ.get("MEGABLOCKS_COMMIT", "unknown"),
     }
 
 

@@ -4,17 +4,19 @@
 #
 #   scripts/gpu_check.sh LOG_DIR [--bench] [--csrc]
 #
+# --bench runs every benchmarks/bench_*.py, or only those named in $BENCHES (e.g. "permute csrc").
 # Wheels are taken from $MEGABLOCKS_WHEELS (default: .device-wheels/) when that folder exists:
 # stanford-stk, and grouped_gemm for the [gg] extra. --csrc builds the optional CUDA ops first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [--bench] [--csrc]}
 shift
-BENCH=0; CSRC=0
+BENCH=0; CSRC=0; PYTEST_ARGS=()
 for arg in "$@"; do
   case "$arg" in
     --bench) BENCH=1 ;;
     --csrc) CSRC=1 ;;
+    -k=*) PYTEST_ARGS+=(-k "${arg#-k=}") ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -41,7 +43,9 @@ except Exception as e: print("stk:", e)
 try:
     import grouped_gemm; print("grouped_gemm: ok")
 except Exception as e: print("grouped_gemm:", e)
-print("commit:", subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown")
+import os
+git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+print("commit:", git.stdout.strip() or os.environ.get("MEGABLOCKS_COMMIT", "unknown"))
 PY
 
 status=()
@@ -50,13 +54,14 @@ if [ "$CSRC" = 1 ]; then
   status+=("csrc build: rc=$?")
 fi
 
-python3 -m pytest -q -ra tests 2>&1 | tee "$LOG_DIR/pytest.log"
+python3 -m pytest -q -ra --durations=25 tests "${PYTEST_ARGS[@]}" 2>&1 | tee "$LOG_DIR/pytest.log"
 rc=${PIPESTATUS[0]}
 status+=("pytest (CUDA): rc=$rc :: $(tail -n 1 "$LOG_DIR/pytest.log")")
 
 if [ "$BENCH" = 1 ]; then
   for b in benchmarks/bench_*.py; do
     name=$(basename "$b" .py)
+    if [ -n "${BENCHES:-}" ] && [[ " $BENCHES " != *" ${name#bench_} "* ]]; then continue; fi
     python3 "$b" --out "$LOG_DIR" >"$LOG_DIR/$name.log" 2>&1
     status+=("$name: rc=$? (log $LOG_DIR/$name.log)")
   done
