@@ -1,0 +1,560 @@
+"""Grouped GEMM over variable-size groups of rows: Triton kernels, their launchers, and the other
+backends behind one entry point (no autograd here; see `megablocks.ops.gmm`).
+
+Legend: M rows (routed tokens in expert order), K inner size, N output size, E groups (experts).
+The rows of `a` are split into E consecutive groups of `batch_sizes[e]` rows each.
+
+    gmm(a_MK, b_EKN, batch_sizes_E)                -> out_MN   out[rows of e] = a[rows of e] @ b[e]
+    gmm(a_MK, b_ENK, batch_sizes_E, trans_b=True)  -> out_MN   out[rows of e] = a[rows of e] @ b[e]^T
+    gmm(a_MK, b_MN, batch_sizes_E, trans_a=True)   -> out_EKN  out[e] = a[rows of e]^T @ b[rows of e]
+
+The last ("variable-K") form is the weight gradient of the first two.
+
+Backends:
+- 'triton': the kernels below. They read `batch_sizes` on the device: each program computes
+  the prefix sums of the groups' rows and row tiles, finds the group of every tile it takes,
+  and loops only up to the device-side tile count. The grid is static: one program per SM
+  (persistent), or one per tile of the bound sum_e ceil(m_e / BLOCK_M) <= ceil(M / BLOCK_M) + E.
+  No host synchronisation; groups of zero rows are allowed.
+- 'torch': `torch.nn.functional.grouped_mm` (CPU and CUDA; int32 offsets on the device).
+- 'gg': the `grouped_gemm` package (`pip install megablocks[gg]`). It takes the batch sizes on
+  the host, so a device-side `batch_sizes` is copied to the CPU: a host-device sync, by design.
+
+Contract: sum(batch_sizes) == M. The Triton kernels stay in bounds for any values: negative sizes
+count as 0, groups are clipped at row M, and rows past the groups' total are written as zeros
+(forward form) or not read (variable-K form).
+"""
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from megablocks._checks import INDEX_DTYPES, check_int32_range, check_tensor
+
+BACKENDS = ("triton", "torch", "gg")
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _group_table(sizes_ptr, E, M, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per group, as BLOCK_E-vectors: its first and end row (clipped to [0, M]), and its first row
+    tile and number of row tiles of BLOCK_M rows. Entries past E are empty groups."""
+    e = tl.arange(0, BLOCK_E)
+    sizes = tl.load(sizes_ptr + e, mask=e < E, other=0).to(tl.int64)
+    sizes = tl.minimum(tl.maximum(sizes, 0), M)
+    cum = tl.cumsum(sizes, 0)
+    starts = tl.minimum(cum - sizes, M).to(tl.int32)
+    ends = tl.minimum(cum, M).to(tl.int32)
+    tiles = tl.cdiv(ends - starts, BLOCK_M)
+    tile_starts = tl.cumsum(tiles, 0) - tiles
+    return e, starts, ends, tile_starts, tiles
+
+
+@triton.jit
+def _swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile index -> (row tile, column tile), GROUP_M row tiles at a time for L2 reuse."""
+    width = GROUP_M * num_n
+    first_m = (tile // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % width) % rows, (tile % width) // rows
+
+
+# out_MN[rows of e] = a_MK[rows of e] @ b[e], b given as its logical [E, K, N] strides.
+# Row tiles are counted over all groups (a group's last tile may be partial); tiles past the
+# groups' total cover the leftover rows, which are written as zeros. Programs loop over tiles
+# with a stride of `num_programs` (one tile each when the grid covers the bound). With
+# TMA_STORE, full tiles are stored by TMA (asynchronous: the next tile's loads start at once);
+# a group's partial last tile by a masked store.
+@triton.jit
+def _gmm_kernel(
+    a_ptr, b_ptr, out_ptr, sizes_ptr,
+    M, N, K, E, num_programs,
+    stride_am, stride_be, stride_bk, stride_bn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, TMA_STORE: tl.constexpr,
+):
+    e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
+    rows_total = tl.max(ends, 0)
+    real_m_tiles = tl.sum(tiles, 0)
+    num_m_tiles = real_m_tiles + tl.cdiv(M - rows_total, BLOCK_M)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+
+    if USE_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+        if B_K_MAJOR:
+            b_desc = tl.make_tensor_descriptor(
+                b_ptr, [E, N, K], [stride_be, stride_bn, 1], [1, BLOCK_N, BLOCK_K]
+            )
+        else:
+            b_desc = tl.make_tensor_descriptor(
+                b_ptr, [E, K, N], [stride_be, stride_bk, 1], [1, BLOCK_K, BLOCK_N]
+            )
+
+    if TMA_STORE:
+        out_desc = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, BLOCK_N])
+
+    for tile in range(tl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
+        tile_m, tile_n = _swizzle(tile, num_m_tiles, num_n_tiles, GROUP_M)
+        mine = (tile_starts <= tile_m) & (tile_m < tile_starts + tiles)
+        # Per group, were the tile its own: group << 40 | first row << 9 | rows in the tile
+        # (<= 256); one reduction over the tile's group finds all three.
+        first = starts + (tile_m - tile_starts) * BLOCK_M
+        packed = (
+            (e.to(tl.int64) << 40) | (first.to(tl.int64) << 9)
+            | tl.minimum(ends - first, BLOCK_M).to(tl.int64)
+        )
+        info = tl.sum(tl.where(mine, packed, 0), 0)
+        real = tile_m < real_m_tiles
+        rest_row0 = rows_total + (tile_m - real_m_tiles) * BLOCK_M
+        group = (info >> 40).to(tl.int32)
+        row0 = tl.where(real, ((info >> 9) & 0x7FFFFFFF).to(tl.int32), rest_row0)
+        row_end = row0 + tl.where(real, (info & 0x1FF).to(tl.int32), tl.minimum(M - rest_row0, BLOCK_M))
+
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        if not USE_TMA:
+            a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+            b_ptrs = (
+                b_ptr
+                + group.to(tl.int64) * stride_be
+                + offs_k[:, None].to(tl.int64) * stride_bk
+                + offs_n[None, :].to(tl.int64) * stride_bn
+            )
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            if USE_TMA:
+                a = a_desc.load([row0, k])
+                if B_K_MAJOR:
+                    b = tl.trans(b_desc.load([group, tile_n * BLOCK_N, k]).reshape(BLOCK_N, BLOCK_K))
+                else:
+                    b = b_desc.load([group, k, tile_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+            else:
+                k_mask = offs_k < K - k
+                a = tl.load(a_ptrs, mask=(offs_m[:, None] < row_end) & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & (offs_n[None, :] < N), other=0.0)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K * stride_bk
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        # Leftover rows (past the groups' total) are zeros, whatever `a` holds there.
+        acc = tl.where(real, acc, 0.0)
+
+        out = acc.to(out_ptr.dtype.element_ty)
+        if TMA_STORE and row_end - row0 == BLOCK_M:
+            out_desc.store([row0, tile_n * BLOCK_N], out)
+        else:
+            out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            tl.store(out_ptrs, out, mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
+
+
+# out_EKN[e] = a_MK[rows of e]^T @ b_MN[rows of e]. Tiles (group, K tile, N tile), group-major;
+# programs loop over them with a stride of `num_programs`; each tile loops over its group's rows
+# (none: it writes zeros). With TMA, each tile's descriptors end at its group's last row, so a
+# neighbouring group's rows are never read; without, loads are masked.
+@triton.jit
+def _gmm_var_k_kernel(
+    a_ptr, b_ptr, out_ptr, sizes_ptr,
+    M, K, N, E, num_programs,
+    stride_am, stride_bm, stride_oe, stride_ok,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    num_k_tiles = tl.cdiv(K, BLOCK_K)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = num_k_tiles * num_n_tiles
+    e, starts, ends, _, _ = _group_table(sizes_ptr, E, M, BLOCK_R, BLOCK_E)
+    # Per group: first row << 32 | rows, so that one reduction finds both.
+    packed = (starts.to(tl.int64) << 32) | (ends - starts).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    if TMA_STORE:
+        out_desc = tl.make_tensor_descriptor(
+            out_ptr, [E, K, N], [stride_oe, stride_ok, 1], [1, BLOCK_K, BLOCK_N]
+        )
+
+    for tile in range(tl.program_id(0), E * tiles_per_group, num_programs):
+        group = tile // tiles_per_group
+        tile_k, tile_n = _swizzle(tile % tiles_per_group, num_k_tiles, num_n_tiles, GROUP_M)
+        info = tl.sum(tl.where(e == group, packed, 0), 0)
+        row0 = (info >> 32).to(tl.int32)
+        rows = (info & 0xFFFFFFFF).to(tl.int32)
+        offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if USE_TMA:
+            a_desc = tl.make_tensor_descriptor(
+                a_ptr + row0.to(tl.int64) * stride_am, [tl.maximum(rows, 1), K], [stride_am, 1],
+                [BLOCK_R, BLOCK_K],
+            )
+            b_desc = tl.make_tensor_descriptor(
+                b_ptr + row0.to(tl.int64) * stride_bm, [tl.maximum(rows, 1), N], [stride_bm, 1],
+                [BLOCK_R, BLOCK_N],
+            )
+        else:
+            a_ptrs = a_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+            b_ptrs = b_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_bm + offs_n[None, :]
+
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for r in range(0, rows, BLOCK_R):
+            if USE_TMA:
+                a = a_desc.load([r, tile_k * BLOCK_K])
+                b = b_desc.load([r, tile_n * BLOCK_N])
+            else:
+                r_mask = offs_r < rows - r
+                a = tl.load(a_ptrs, mask=r_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+                b = tl.load(b_ptrs, mask=r_mask[:, None] & (offs_n[None, :] < N), other=0.0)
+                a_ptrs += BLOCK_R * stride_am
+                b_ptrs += BLOCK_R * stride_bm
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+
+        out = acc.to(out_ptr.dtype.element_ty)
+        if TMA_STORE:
+            out_desc.store([group, tile_k * BLOCK_K, tile_n * BLOCK_N], out.reshape(1, BLOCK_K, BLOCK_N))
+        else:
+            out_ptrs = (
+                out_ptr + group.to(tl.int64) * stride_oe
+                + offs_k[:, None].to(tl.int64) * stride_ok + offs_n[None, :]
+            )
+            tl.store(out_ptrs, out, mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _interpreted(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tma_allocator(size: int, alignment: int, stream) -> torch.Tensor:
+    # Global scratch where the kernels write their device-side TMA descriptors (Triton asks for
+    # it at launch; set before every launch, so a caller's own allocator elsewhere is no issue).
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 products follow torch's matmul setting: tf32 only where torch allows it.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides, and unit inner strides."""
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]) or t.stride(-1) != 1:
+            return False
+    return True
+
+
+def _config(a: torch.Tensor) -> dict:
+    """Tile shape, schedule and pipelining of a launch.
+
+    BLOCK_M x BLOCK_N is the output tile (for the variable-K form: a tile of K x N), BLOCK_K the
+    reduction step (over K, or over a group's rows). PERSISTENT launches one program per SM
+    that loops over tiles; TMA_STORE stores tiles by TMA where the output's strides allow.
+    """
+    if a.device.type == "cpu":  # the interpreter: small tiles keep the tests fast
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1,
+                    PERSISTENT=False, TMA_STORE=False)
+    if a.dtype == torch.float32:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3,
+                    PERSISTENT=False, TMA_STORE=False)
+    # 16-bit inputs on Hopper: 128x256 tiles, 64-deep K steps, 8 warps (two warpgroups).
+    # Measured (H100, Triton 3.6, bf16, the expert products of benchmarks/bench_gmm.py):
+    # persistent programs beat one program per tile by 2-15% (most at small K: olmoe, qwen3moe);
+    # TMA stores gain 1-4% on mixtral and are even elsewhere; 4 stages, 128x128 tiles (even at
+    # 2 programs per SM), flattened loop nests and cp.async loads were no better.
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
+                PERSISTENT=True, TMA_STORE=True)
+
+
+def _num_programs(a: torch.Tensor, num_tiles: int, cfg: dict) -> int:
+    """A program per tile, or with PERSISTENT one per SM (under the interpreter: 2, so that the
+    tests see programs loop over several tiles)."""
+    if not cfg["PERSISTENT"]:
+        return num_tiles
+    return max(1, min(num_tiles, _num_sms(a.device) if a.device.type == "cuda" else 2))
+
+
+def triton_gmm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    batch_sizes: torch.Tensor,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    *,
+    use_tma: Optional[bool] = None,
+    config: Optional[dict] = None,
+) -> torch.Tensor:
+    """The Triton kernels. Inputs are validated by `gmm`; see the module docstring for the forms.
+
+    `use_tma` (default: where the strides allow) picks TMA tensor descriptors over masked
+    pointer loads; `config` overrides keys of `_config`. Both are for tuning and tests.
+    """
+    batch_sizes = batch_sizes.to(a.device, non_blocking=True)
+    E = batch_sizes.shape[0]
+    M, K = a.shape
+    cfg = dict(_config(a))
+    cfg.update(config or {})
+    launch = dict(
+        BLOCK_E=max(triton.next_power_of_2(E), 128),  # one compiled variant up to 128 groups
+        UPCAST=_interpreted(a) and a.dtype == torch.bfloat16,
+        PRECISION=_precision(a.dtype),
+        GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    if a.device.type == "cuda":
+        triton.set_allocator(_tma_allocator)
+
+    if trans_a:
+        N = b.shape[1]
+        if b.stride(1) != 1:
+            b = b.contiguous()
+        out = torch.empty((E, K, N), dtype=a.dtype, device=a.device)
+        use_tma = _tma_ok(a, b) if use_tma is None else use_tma
+        num_tiles = E * triton.cdiv(K, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        num_programs = _num_programs(a, num_tiles, cfg)
+        _gmm_var_k_kernel[(num_programs,)](
+            a, b, out, batch_sizes,
+            M, K, N, E, num_programs,
+            a.stride(0), b.stride(0), out.stride(0), out.stride(1),
+            BLOCK_K=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"],
+            USE_TMA=use_tma, TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out), **launch,
+        )
+        return out
+
+    b_ekn = b.transpose(1, 2) if trans_b else b
+    if b_ekn.stride(1) != 1 and b_ekn.stride(2) != 1:
+        b_ekn = b_ekn.contiguous()
+    b_k_major = b_ekn.stride(1) == 1 and b_ekn.stride(2) != 1
+    N = b_ekn.shape[2]
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if use_tma is None:
+        use_tma = _tma_ok(a, b_ekn.transpose(1, 2) if b_k_major else b_ekn)
+    num_tiles = (triton.cdiv(M, cfg["BLOCK_M"]) + E + 1) * triton.cdiv(N, cfg["BLOCK_N"])
+    num_programs = _num_programs(a, num_tiles, cfg)
+    _gmm_kernel[(num_programs,)](
+        a, b_ekn, out, batch_sizes,
+        M, N, K, E, num_programs,
+        a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        USE_TMA=use_tma, B_K_MAJOR=b_k_major,
+        TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out),
+        **launch,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The other backends
+# --------------------------------------------------------------------------------------------
+
+
+def _pad_to(t: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    extra = -t.shape[dim] % multiple
+    if extra == 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim) + [0, extra]
+    return torch.nn.functional.pad(t, pad)
+
+
+def _aligned(a: torch.Tensor, b: torch.Tensor) -> tuple:
+    """Contiguous operands whose inner sizes are zero-padded to 16 bytes, as the library
+    backends need (a copy only where a size is not a multiple of 16 bytes, or not contiguous)."""
+    m = 16 // a.element_size()
+    a = _pad_to(a, 1, m).contiguous()
+    b = _pad_to(b, 1, m) if b.dim() == 2 else _pad_to(_pad_to(b, 1, m), 2, m)
+    return a, b.contiguous()
+
+
+def _crop(out: torch.Tensor, trans_a: bool, K: int, N: int) -> torch.Tensor:
+    if trans_a:
+        return out if out.shape[1:] == (K, N) else out[:, :K, :N].contiguous()
+    return out if out.shape[1] == N else out[:, :N].contiguous()
+
+
+def _out_sizes(a, b, trans_a, trans_b) -> tuple:
+    if trans_a:
+        return a.shape[1], b.shape[1]
+    return a.shape[1], b.shape[1] if trans_b else b.shape[2]
+
+
+def torch_gmm(
+    a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_a: bool = False, trans_b: bool = False
+) -> torch.Tensor:
+    """`torch.nn.functional.grouped_mm`; offsets are int32 cumulative sizes on the device."""
+    offs = torch.cumsum(batch_sizes.to(a.device, non_blocking=True), 0, dtype=torch.int32)
+    K, N = _out_sizes(a, b, trans_a, trans_b)
+    a_p, b_p = _aligned(a, b)
+    if trans_a:
+        out = torch.nn.functional.grouped_mm(a_p.t(), b_p, offs=offs)
+    else:
+        out = torch.nn.functional.grouped_mm(a_p, b_p.transpose(1, 2) if trans_b else b_p, offs=offs)
+    return _crop(out, trans_a, K, N)
+
+
+def gg_gmm(
+    a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_a: bool = False, trans_b: bool = False
+) -> torch.Tensor:
+    """The `grouped_gemm` package. Its batch sizes live on the host: a CUDA `batch_sizes` is
+    copied to the CPU here (a host-device sync)."""
+    try:
+        from grouped_gemm import backend as gg_backend
+    except ImportError as err:
+        raise ImportError(
+            "gmm(backend='gg') needs the grouped_gemm package: pip install megablocks[gg]"
+        ) from err
+    K, N = _out_sizes(a, b, trans_a, trans_b)
+    a_p, b_p = _aligned(a, b)  # its CUTLASS kernels fault on unaligned rows
+    sizes = batch_sizes.to("cpu", torch.int64)
+    return _crop(gg_backend.gmm(a_p, b_p, sizes, trans_a=trans_a, trans_b=trans_b), trans_a, K, N)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def default_backend(a: torch.Tensor) -> str:
+    """'triton' where the kernels run (CUDA, or the interpreter on CPU), else 'torch'."""
+    if a.device.type == "cuda":
+        return "triton"
+    return "triton" if _interpreted(a) else "torch"
+
+
+def check_gmm_args(a, b, batch_sizes, trans_a: bool, trans_b: bool, backend: str) -> None:
+    """Validates shapes, dtypes and devices (never values) for `gmm` and its op."""
+    if not isinstance(trans_a, bool) or not isinstance(trans_b, bool):
+        raise TypeError(f"trans_a, trans_b: expected bools, got {type(trans_a).__name__}, {type(trans_b).__name__}")
+    if trans_a and trans_b:
+        raise ValueError("trans_a, trans_b: at most one may be True")
+    check_tensor("a", a, ndim=2, dtypes=_FLOAT_DTYPES, numel_int32=False)
+    check_tensor("b", b, ndim=2 if trans_a else 3, dtypes=_FLOAT_DTYPES, numel_int32=False)
+    check_tensor("batch_sizes", batch_sizes, ndim=1, dtypes=INDEX_DTYPES)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    if b.dtype != a.dtype:
+        raise TypeError(f"b: expected the dtype of a ({a.dtype}), got {b.dtype}")
+    if b.device != a.device:
+        raise ValueError(f"b: expected a tensor on {a.device} (the device of a), got one on {b.device}")
+    if batch_sizes.device != a.device and batch_sizes.device.type != "cpu":
+        raise ValueError(
+            f"batch_sizes: expected a tensor on {a.device} (the device of a) or on the CPU, "
+            f"got one on {batch_sizes.device}"
+        )
+    M, K = a.shape
+    if trans_a:
+        if b.shape[0] != M:
+            raise ValueError(f"b: expected {M} rows (the rows of a) with trans_a, got shape {tuple(b.shape)}")
+        N = b.shape[1]
+    else:
+        E, bk = b.shape[0], b.shape[2 if trans_b else 1]
+        if bk != K:
+            where = "b.shape[2] (trans_b=True)" if trans_b else "b.shape[1]"
+            raise ValueError(f"b: expected {where} == {K} (the columns of a), got shape {tuple(b.shape)}")
+        if batch_sizes.shape[0] != E:
+            raise ValueError(
+                f"batch_sizes: expected {E} entries (b.shape[0]), got {batch_sizes.shape[0]}"
+            )
+        N = b.shape[1 if trans_b else 2]
+        check_int32_range("b: one group's K*N", K * N)
+    check_int32_range("a: rows", M)
+    # Row strides advance by up to 256 rows in int32 arithmetic.
+    check_int32_range("a: 256 times its columns (K)", 256 * K)
+    check_int32_range("256 times the columns of the result (N)", 256 * N)
+    if batch_sizes.shape[0] > 4096:
+        raise ValueError(f"batch_sizes: at most 4096 groups are supported, got {batch_sizes.shape[0]}")
+    dev = a.device
+    if backend == "gg" and (dev.type != "cuda" or a.dtype != torch.bfloat16):
+        raise TypeError(f"a: backend='gg' (grouped_gemm) takes bfloat16 CUDA tensors, got {a.dtype} on {dev}")
+
+
+def _empty_result(a, b, batch_sizes, trans_a, trans_b) -> Optional[torch.Tensor]:
+    """The result of a product with nothing to compute (no rows, no groups, K or N of 0)."""
+    M, K = a.shape
+    if trans_a:
+        E, N = batch_sizes.shape[0], b.shape[1]
+        if M == 0 or E * K * N == 0:
+            return torch.zeros((E, K, N), dtype=a.dtype, device=a.device)
+        return None
+    E, N = b.shape[0], b.shape[1 if trans_b else 2]
+    if M * N == 0 or E * K == 0:
+        return torch.zeros((M, N), dtype=a.dtype, device=a.device)
+    return None
+
+
+def gmm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    batch_sizes: torch.Tensor,
+    trans_a: bool = False,
+    trans_b: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Grouped GEMM, no autograd (see `megablocks.ops.gmm` for the differentiable op).
+
+    Args:
+        a: `[M, K]` float32/float16/bfloat16; its rows are grouped by `batch_sizes`.
+        b: `[E, K, N]`, or `[E, N, K]` with `trans_b`, or `[M, N]` with `trans_a`; dtype of `a`.
+        batch_sizes: `[E]` int32/int64 rows per group, on the device of `a` or on the CPU;
+            sum(batch_sizes) must be M.
+        trans_a: the variable-K form: `out[e] = a[rows of e]^T @ b[rows of e]`, `[E, K, N]`.
+        trans_b: use `b[e]^T`.
+        backend: 'triton', 'torch', 'gg' or None (`default_backend(a)`).
+
+    Returns:
+        `[M, N]` (or `[E, K, N]` with `trans_a`) in the dtype of `a`, accumulated in float32.
+
+    Raises:
+        TypeError / ValueError: on dtypes, shapes or devices that do not fit, or a backend that
+            does not take the dtype; ImportError: backend='gg' without grouped_gemm installed.
+    """
+    if backend is None and isinstance(a, torch.Tensor):
+        backend = default_backend(a)
+    check_gmm_args(a, b, batch_sizes, trans_a, trans_b, backend)
+    if backend == "triton" and a.device.type != "cuda" and not _interpreted(a):
+        raise ValueError(
+            f"a: backend='triton' runs on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1; "
+            f"got a tensor on {a.device}"
+        )
+    empty = _empty_result(a, b, batch_sizes, trans_a, trans_b)
+    if empty is not None:
+        return empty
+    if backend == "triton":
+        return triton_gmm(a, b, batch_sizes, trans_a, trans_b)
+    if backend == "torch":
+        return torch_gmm(a, b, batch_sizes, trans_a, trans_b)
+    return gg_gmm(a, b, batch_sizes, trans_a, trans_b)

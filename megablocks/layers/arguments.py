@@ -1,0 +1,324 @@
+"""`Arguments`: the configuration of the MoE layers, with MegaBlocks' field names and meanings.
+
+Every field of MegaBlocks 0.10's `Arguments` is here with its default and meaning, so existing
+configurations move over unchanged. Additions (router score function, Sinkhorn balancing, an
+expert bias for aux-loss-free balancing, the block size and the grouped GEMM backend) are grouped
+at the end and default to MegaBlocks' behaviour.
+
+Building an `Arguments` never touches CUDA: `device=None` means "the current CUDA device when
+there is one, else the CPU", resolved when a layer is built (`megablocks.layers.common.device`).
+"""
+
+import dataclasses
+import math
+from functools import partial
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from megablocks.layers.losses import MoELossCollector
+
+# In-place tensor initialisation function, e.g. `partial(torch.nn.init.normal_, std=0.02)`.
+InitFn = Callable[[torch.Tensor], Any]
+
+DEFAULT_ACTIVATION_FN = partial(F.gelu, approximate="tanh")
+
+MLP_TYPES = ("mlp", "glu")
+MLP_IMPLS = ("sparse", "grouped")
+GMM_BACKENDS = ("auto", "triton", "torch", "gg")
+ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclasses.dataclass
+class Arguments:
+    """Configuration shared by `MoE`, `dMoE`, their routers and expert MLPs.
+
+    MegaBlocks fields (same names, defaults and meanings):
+        hidden_size, ffn_hidden_size: model width H and per-expert FFN width F.
+        num_layers: number of MoE layers in the model (scales the batched load-balancing loss).
+        bias: add a learned output bias `experts.bias` [H] (zero-initialised).
+        return_bias: return `(out, bias)` instead of adding the bias.
+        activation_fn: elementwise activation of the expert MLPs (tanh-approximate GELU).
+        moe_num_experts, moe_top_k: E experts, each token routed to its top-k.
+        moe_capacity_factor: `MoE` only; an expert takes at most
+            `int(moe_capacity_factor * top_k * tokens / E)` rows; 0 means no dropping.
+        moe_normalize_expert_weights: if set, the top-k weights are divided by their p-norm with
+            this p (1 makes them sum to one).
+        moe_loss_weight: weight of the load-balancing loss (0 disables it).
+        moe_jitter_eps: multiplicative uniform noise in [1 - eps, 1 + eps] on the router input
+            during training.
+        moe_lbl_in_fp32: compute the load-balancing loss in float32.
+        moe_expert_model_parallelism, expert_parallel_group: expert parallelism (see `mpu`).
+        pipeline_model_parallel_size, num_layers_per_virtual_pipeline_stage: how many MoE layers
+            one pipeline stage holds (the batched loss expects that many).
+        memory_optimized_mlp: recompute the activation in the backward instead of keeping it.
+        mlp_type: 'mlp' (`act(x W1) W2`) or 'glu' (`(act(x W1) * (x V1)) W2`).
+        mlp_impl: 'sparse' (block-sparse products) or 'grouped' (grouped GEMMs).
+        fp16, bf16: parameter dtype float16 / bfloat16 (both False: the default float dtype).
+        device: where parameters are created; None resolves lazily (CUDA if available, else CPU).
+        init_method, output_layer_init_method: in-place initialisers of the input (router, w1,
+            v1) and output (w2) projections.
+        uniform_expert_assignment: route assignment i of the flattened [T*K] to expert i % E
+            (benchmarking: balanced load regardless of the router).
+        shared_expert, fc_cls, fc_kwargs, shared_expert_hidden_size, shared_expert_weighted_sum:
+            a dense expert every token goes through, built from `fc_cls` layers, added to the MoE
+            output (or averaged with weights 1/(k+1) and k/(k+1)).
+        remat_act_fn: accepted for compatibility; rematerialisation is `memory_optimized_mlp`.
+        moe_zloss_weight, moe_zloss_in_fp32: router z-loss weight (0 disables it) and precision.
+
+    Additions:
+        moe_router_score_function: 'softmax' (MegaBlocks) or 'sigmoid' scores.
+        moe_router_fp32: compute the router logits, scores and weights in float32.
+        moe_router_sinkhorn: in training, choose experts by a Sinkhorn-balanced assignment
+            (S-BASE); the weights still come from the scores.
+        moe_router_sinkhorn_iterations: fixed number of Sinkhorn iterations (no host sync).
+        moe_router_enable_expert_bias: a per-expert bias (buffer `router.expert_bias`) added to the
+            scores for choosing experts only, updated by `router.update_expert_bias()` for
+            aux-loss-free balancing.
+        moe_router_bias_update_rate: step of that update.
+        moe_block_size: block size of the sparse path (MegaBlocks uses 128).
+        gmm_backend: grouped GEMM backend of `mlp_impl='grouped'`: 'auto', 'triton', 'torch', 'gg'.
+        loss_collector: where the layers record what the batched losses need; None uses the
+            process-wide collector that MegaBlocks' global functions read.
+
+    Raises:
+        TypeError, ValueError: on a field of the wrong type or an invalid combination.
+    """
+
+    # Model arguments.
+    hidden_size: int = 1024
+    ffn_hidden_size: int = 4096
+    num_layers: int = 1
+    bias: bool = True
+    return_bias: bool = True
+    activation_fn: Optional[Callable] = DEFAULT_ACTIVATION_FN
+
+    # MoE arguments.
+    moe_num_experts: int = 1
+    moe_top_k: int = 1
+    moe_capacity_factor: Union[int, float] = 1
+    moe_normalize_expert_weights: Optional[Union[int, float]] = None
+    moe_loss_weight: float = 0.1
+    moe_jitter_eps: Optional[float] = None
+    moe_lbl_in_fp32: bool = False
+
+    # Parallelism arguments.
+    moe_expert_model_parallelism: bool = False
+    expert_parallel_group: Optional[Any] = None
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+
+    # Compute arguments.
+    memory_optimized_mlp: bool = False
+    mlp_type: str = "mlp"
+    mlp_impl: str = "sparse"
+
+    # Initialization arguments.
+    fp16: bool = True
+    bf16: bool = False
+    device: Optional[Union[int, str, torch.device]] = None
+    init_method: InitFn = partial(torch.nn.init.normal_, mean=0.0, std=0.02)
+    output_layer_init_method: InitFn = init_method
+
+    # Benchmarking arguments.
+    uniform_expert_assignment: bool = False
+
+    # Shared expert arguments.
+    shared_expert: bool = False
+    fc_cls: Any = torch.nn.Linear
+    fc_kwargs: dict = dataclasses.field(default_factory=dict)
+    remat_act_fn: bool = True
+    shared_expert_hidden_size: Optional[int] = None
+    shared_expert_weighted_sum: bool = False
+
+    # Router z-loss arguments.
+    moe_zloss_weight: float = 0
+    moe_zloss_in_fp32: bool = False
+
+    # Additions: router, sparse blocking, grouped GEMM backend, loss bookkeeping.
+    moe_router_score_function: str = "softmax"
+    moe_router_fp32: bool = False
+    moe_router_sinkhorn: bool = False
+    moe_router_sinkhorn_iterations: int = 20
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_block_size: int = 128
+    gmm_backend: str = "auto"
+    loss_collector: Optional[MoELossCollector] = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name in ("hidden_size", "ffn_hidden_size", "num_layers", "moe_num_experts", "moe_top_k",
+                     "pipeline_model_parallel_size", "moe_router_sinkhorn_iterations"):
+            _check_int(name, getattr(self, name), 1)
+        if self.moe_top_k > self.moe_num_experts:
+            raise ValueError(
+                f"moe_top_k: expected at most moe_num_experts={self.moe_num_experts}, got {self.moe_top_k}"
+            )
+        if self.num_layers_per_virtual_pipeline_stage is not None:
+            _check_int("num_layers_per_virtual_pipeline_stage", self.num_layers_per_virtual_pipeline_stage, 1)
+        if self.shared_expert_hidden_size is None:
+            self.shared_expert_hidden_size = self.ffn_hidden_size
+        _check_int("shared_expert_hidden_size", self.shared_expert_hidden_size, 1)
+
+        for name in ("bias", "return_bias", "moe_lbl_in_fp32", "moe_expert_model_parallelism",
+                     "memory_optimized_mlp", "fp16", "bf16", "uniform_expert_assignment", "shared_expert",
+                     "remat_act_fn", "shared_expert_weighted_sum", "moe_zloss_in_fp32", "moe_router_fp32",
+                     "moe_router_sinkhorn", "moe_router_enable_expert_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
+        if self.fp16 and self.bf16:
+            raise ValueError("fp16, bf16: expected at most one of them set, got both True")
+
+        _check_number("moe_capacity_factor", self.moe_capacity_factor, min_value=0.0)
+        _check_number("moe_loss_weight", self.moe_loss_weight, min_value=0.0)
+        _check_number("moe_zloss_weight", self.moe_zloss_weight, min_value=0.0)
+        _check_number("moe_router_bias_update_rate", self.moe_router_bias_update_rate, min_value=0.0)
+        if self.moe_normalize_expert_weights is not None:
+            _check_number("moe_normalize_expert_weights", self.moe_normalize_expert_weights, min_value=0.0)
+            if self.moe_normalize_expert_weights == 0:
+                raise ValueError("moe_normalize_expert_weights: expected None or a p > 0, got 0")
+        if self.moe_jitter_eps is not None:
+            _check_number("moe_jitter_eps", self.moe_jitter_eps, min_value=0.0)
+            if self.moe_jitter_eps >= 1:
+                raise ValueError(f"moe_jitter_eps: expected a value in [0, 1), got {self.moe_jitter_eps}")
+
+        _check_choice("mlp_type", self.mlp_type, MLP_TYPES)
+        _check_choice("mlp_impl", self.mlp_impl, MLP_IMPLS)
+        _check_choice("gmm_backend", self.gmm_backend, GMM_BACKENDS)
+        _check_choice("moe_router_score_function", self.moe_router_score_function, ROUTER_SCORE_FUNCTIONS)
+        _check_int("moe_block_size", self.moe_block_size, 1)
+        if self.moe_block_size not in BLOCK_SIZES:
+            raise ValueError(f"moe_block_size: expected one of {BLOCK_SIZES}, got {self.moe_block_size}")
+        if self.moe_router_sinkhorn and self.moe_router_enable_expert_bias:
+            raise ValueError(
+                "moe_router_sinkhorn, moe_router_enable_expert_bias: expected at most one balancing "
+                "scheme for choosing experts, got both"
+            )
+
+        for name in ("activation_fn", "init_method", "output_layer_init_method", "fc_cls"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"{name}: expected a callable, got {type(getattr(self, name)).__name__}")
+        if not isinstance(self.fc_kwargs, dict):
+            raise TypeError(f"fc_kwargs: expected a dict, got {type(self.fc_kwargs).__name__}")
+        if self.device is not None and not isinstance(self.device, (int, str, torch.device)):
+            raise TypeError(f"device: expected None, an int, a str or a torch.device, got {type(self.device).__name__}")
+        if self.loss_collector is not None and not isinstance(self.loss_collector, MoELossCollector):
+            raise TypeError(
+                f"loss_collector: expected None or a MoELossCollector, got {type(self.loss_collector).__name__}"
+            )
+
+    @classmethod
+    def from_megatron(cls, megatron_args: Any, **overrides) -> "Arguments":
+        """Builds `Arguments` from a Megatron args namespace or `TransformerConfig`.
+
+        Attributes named like a field are copied (MegaBlocks' behaviour), then Megatron-Core's
+        names are mapped: num_moe_experts / num_experts, moe_router_topk, moe_aux_loss_coeff,
+        moe_z_loss_coeff, moe_input_jitter_eps, moe_grouped_gemm (mlp_impl='grouped'),
+        expert_model_parallel_size (> 1 turns on expert parallelism), moe_ffn_hidden_size,
+        moe_expert_capacity_factor (None: dropless), add_bias_linear, gated_linear_unit / swiglu
+        (mlp_type='glu', SiLU for swiglu), activation_func, moe_router_score_function,
+        moe_router_dtype='fp32', moe_router_load_balancing_type ('sinkhorn', 'none'),
+        moe_router_enable_expert_bias, moe_router_bias_update_rate,
+        moe_shared_expert_intermediate_size, and moe_router_pre_softmax (Megatron's default of a
+        softmax over the chosen k equals L1-renormalised softmax weights, so k > 1 without
+        pre-softmax sets moe_normalize_expert_weights=1). Attributes that are None are skipped.
+        `overrides` are applied last. Megatron's moe_router_topk_scaling_factor is not mapped.
+
+        Raises:
+            TypeError, ValueError: when the resulting fields are invalid.
+        """
+        kwargs = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for name in names:
+            if name != "loss_collector" and hasattr(megatron_args, name):
+                value = getattr(megatron_args, name)
+                if value is not None or name in _NULLABLE_FIELDS:
+                    kwargs[name] = value
+
+        def get(name):
+            return getattr(megatron_args, name, None)
+
+        renames = {
+            "num_moe_experts": "moe_num_experts",
+            "num_experts": "moe_num_experts",
+            "moe_router_topk": "moe_top_k",
+            "moe_aux_loss_coeff": "moe_loss_weight",
+            "moe_z_loss_coeff": "moe_zloss_weight",
+            "moe_input_jitter_eps": "moe_jitter_eps",
+            "moe_ffn_hidden_size": "ffn_hidden_size",
+            "add_bias_linear": "bias",
+            "activation_func": "activation_fn",
+            "moe_router_score_function": "moe_router_score_function",
+            "moe_router_enable_expert_bias": "moe_router_enable_expert_bias",
+            "moe_router_bias_update_rate": "moe_router_bias_update_rate",
+        }
+        for src, dst in renames.items():
+            if get(src) is not None:
+                kwargs[dst] = get(src)
+        if get("moe_grouped_gemm"):
+            kwargs["mlp_impl"] = "grouped"
+        if get("expert_model_parallel_size") is not None:
+            kwargs["moe_expert_model_parallelism"] = get("expert_model_parallel_size") > 1
+        if hasattr(megatron_args, "moe_expert_capacity_factor"):
+            factor = get("moe_expert_capacity_factor")
+            kwargs["moe_capacity_factor"] = 0 if factor is None else factor
+        if get("gated_linear_unit") or get("swiglu"):
+            kwargs["mlp_type"] = "glu"
+        if get("swiglu"):
+            kwargs["activation_fn"] = F.silu
+        if get("moe_router_dtype") == "fp32":
+            kwargs["moe_router_fp32"] = True
+        balancing = get("moe_router_load_balancing_type")
+        if balancing == "sinkhorn":
+            kwargs["moe_router_sinkhorn"] = True
+            kwargs["moe_loss_weight"] = 0.0
+        elif balancing == "none":
+            kwargs["moe_loss_weight"] = 0.0
+        if get("moe_shared_expert_intermediate_size"):
+            kwargs["shared_expert"] = True
+            kwargs["shared_expert_hidden_size"] = get("moe_shared_expert_intermediate_size")
+        top_k = kwargs.get("moe_top_k", 1)
+        if get("moe_router_topk") is not None and top_k > 1 and not kwargs.get("moe_router_sinkhorn", False):
+            sigmoid = kwargs.get("moe_router_score_function") == "sigmoid"
+            if sigmoid or not get("moe_router_pre_softmax"):
+                kwargs["moe_normalize_expert_weights"] = 1
+        if get("init_method_std") is not None and get("init_method") is None:
+            std = get("init_method_std")
+            kwargs["init_method"] = partial(torch.nn.init.normal_, mean=0.0, std=std)
+            layers = kwargs.get("num_layers", 1)
+            kwargs["output_layer_init_method"] = partial(
+                torch.nn.init.normal_, mean=0.0, std=std / math.sqrt(2.0 * layers)
+            )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+# Fields whose None is meaningful when a Megatron namespace carries it.
+_NULLABLE_FIELDS = ("moe_normalize_expert_weights", "moe_jitter_eps", "num_layers_per_virtual_pipeline_stage",
+                    "expert_parallel_group")
+
+
+def from_megatron(megatron_args: Any) -> Arguments:
+    """MegaBlocks' module-level spelling of `Arguments.from_megatron`."""
+    return Arguments.from_megatron(megatron_args)
+
+
+def _check_int(name: str, value, min_value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < min_value:
+        raise ValueError(f"{name}: expected an int >= {min_value}, got {value}")
+
+
+def _check_number(name: str, value, min_value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < min_value:
+        raise ValueError(f"{name}: expected a finite number >= {min_value}, got {value}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")

@@ -1,0 +1,94 @@
+"""`dMoE`: the dropless mixture of experts, on block-sparse products or grouped GEMMs.
+
+Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K routed rows,
+B block size (`moe_block_size`), P = padded_rows_bound(N, E, B) padded rows (a static bound).
+
+Sparse path (`mlp_impl='sparse'`):
+    meta = routing_metadata(top_experts_TK, E, B)          sort, count, bin: on the device
+    x_PH = padded_gather(x_TH, ...)                        experts' rows padded to blocks
+    topo = make_topology(meta.padded_bins, ...)            the blocks of the [P, E·F] activation
+    y_PH = dsd(act(sdd(x_PH, w1^T, topo)), w2)             (GLU: act(..w1..) * sdd(x_PH, v1^T))
+    out_TH = padded_scatter(y_PH, ..., expert_weights)     weighted sum over K
+
+Grouped path (`mlp_impl='grouped'`):
+    x_NH = gather(x_TH, ...)                               rows in expert order
+    y_NH = gmm(act(gmm(x_NH, w1^T)), w2)                   one grouped GEMM per projection
+    out_TH = scatter(y_NH, ..., expert_weights)
+
+No value is read on the host on either path (the 'gg' gmm backend, which takes its group sizes
+on the host, is the exception): a dMoE step can be captured in a CUDA graph.
+"""
+
+import stk
+import torch
+
+from megablocks.layers import dmlp_registry, moe, mpu
+from megablocks.layers.arguments import Arguments
+from megablocks.ops.permute import gather, padded_gather, padded_scatter, scatter
+from megablocks.ops.routing import routing_metadata
+from megablocks.ops.topology import make_topology
+
+
+class ParallelDroplessMLP(moe.ParallelMLP):
+    """The experts of `dMoE`: `mlp` is `SparseMLP`/`SparseGLU` or `GroupedMLP`/`GroupedGLU`
+    (parameters `mlp.w1`, `mlp.v1`, `mlp.w2` of shape [E·F, H]) and `bias` [H]."""
+
+    def __init__(self, args: Arguments):
+        super().__init__(args)
+        self.hidden_size = args.hidden_size
+        self.ffn_hidden_size = mpu.features_per_rank(args)
+        self.blocking = args.moe_block_size
+
+    def _init_mlp(self, args: Arguments) -> torch.nn.Module:
+        return dmlp_registry.get(args)
+
+    def topology(self, x: torch.Tensor, padded_bins: torch.Tensor) -> stk.Matrix:
+        """The block-sparse topology of the activation of the padded rows `x` [P, H]."""
+        return make_topology(
+            padded_bins,
+            block_size=self.blocking,
+            num_block_rows=x.shape[0] // self.blocking,
+            ffn_hidden_size=self.ffn_hidden_size,
+            dtype=x.dtype,
+        )
+
+    def sparse_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
+        x_TH = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            meta = routing_metadata(top_experts, self.num_experts, self.blocking)
+        x_PH = padded_gather(
+            x_TH, meta.indices, meta.bin_ids, meta.bins, meta.padded_bins, self.top_k, block_size=self.blocking
+        )
+        with torch.no_grad():
+            topo = self.topology(x_PH, meta.padded_bins)
+        y_PH = self.mlp(x_PH, topo)
+        out_TH = padded_scatter(
+            y_PH, meta.indices, meta.bin_ids, expert_weights.flatten(), meta.bins, meta.padded_bins, self.top_k
+        )
+        return out_TH, meta.tokens_per_expert
+
+    def grouped_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
+        x_TH = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts)
+        x_NH = gather(x_TH, indices, bin_ids, bins, self.top_k)
+        y_NH = self.mlp(x_NH, tokens_per_expert)
+        out_TH = scatter(y_NH, indices, bin_ids, expert_weights.flatten(), bins, self.top_k)
+        return out_TH, tokens_per_expert
+
+    def forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
+        if self.args.mlp_impl == "sparse":
+            return self.sparse_forward_once(x, expert_weights, top_experts)
+        return self.grouped_forward_once(x, expert_weights, top_experts)
+
+
+class dMoE(moe.MoE):
+    """The dropless MoE layer: `MoE`'s interface and losses, every assignment computed.
+
+    Parameters and state_dict keys as MegaBlocks: `router.layer.weight` [E, H],
+    `experts.mlp.w1`, `experts.mlp.v1` (GLU), `experts.mlp.w2` [E·F, H], `experts.bias` [H],
+    and the shared expert's `shared_expert.{up_proj,gate_proj,down_proj}`.
+    """
+
+    def _init_experts_mlp(self, args: Arguments) -> torch.nn.Module:
+        return ParallelDroplessMLP(args)

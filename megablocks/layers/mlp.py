@@ -1,0 +1,293 @@
+"""Expert MLPs `act(x W1) W2` with MegaBlocks' parameter layouts, and the shared expert.
+
+Legend: E experts, H hidden, F ffn per expert, C capacity (rows per expert), P padded rows,
+N = T·K routed rows.
+
+    MLP         (MoE, capacity)   w1 [E, H, F], w2 [E, F, H]      x [E, C, H] -> [E, C, H]  (bmm)
+    SparseMLP   (dMoE, sparse)    w1 [E·F, H],  w2 [E·F, H]       x [P, H] + topology -> [P, H]
+    GroupedMLP  (dMoE, grouped)   w1 [E·F, H],  w2 [E·F, H]       x [N, H] + counts [E] -> [N, H]
+
+Row `e·F + f` of a dMoE weight is row f of expert e: `h = x @ w1_e^T`, `y = act(h) @ w2_e`.
+With `memory_optimized_mlp` the activation output is not kept for the backward: it is recomputed
+from the (kept) pre-activation when the backward needs it, so the gradients are bitwise the same
+and each layer keeps one activation-sized tensor less (two for GLU) between forward and backward.
+It works through saved-tensor hooks in eager mode (under `torch.compile` the plain form is traced
+and the compiler plans memory); do not nest it inside activation checkpointing, which already
+recomputes the whole layer.
+"""
+
+from typing import Callable, List, Optional
+
+import stk
+import torch
+
+from megablocks.layers import common, mpu
+from megablocks.layers.activation_fn import with_data
+from megablocks.layers.arguments import Arguments, InitFn
+from megablocks.ops.gmm import gmm
+from megablocks.ops.sparse import dsd, sdd
+
+
+def resolve_dtensor(weight: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor parameter (FSDP2), else the tensor itself."""
+    to_local = getattr(weight, "to_local", None)
+    return to_local() if callable(to_local) else weight
+
+
+def create_moe_expert_weights(
+    args: Arguments, num_experts: int, ffn_hidden_size: int, hidden_size: int, init_method: InitFn
+) -> torch.Tensor:
+    """All experts' weights as one `[E, F, H]` tensor, initialised in one call of `init_method`.
+
+    Initialising the whole tensor at once makes the values independent of how experts are later
+    split over processes for the same seed.
+    """
+    weights = torch.empty(num_experts, ffn_hidden_size, hidden_size, device=common.device(args), dtype=common.dtype(args))
+    init_method(weights)
+    return weights
+
+
+def create_dmoe_expert_weights(
+    args: Arguments, num_experts: int, rows: int, columns: int, init_method: InitFn
+) -> torch.Tensor:
+    """`create_moe_expert_weights` viewed as the dMoE layout `[E·rows, columns]`."""
+    return create_moe_expert_weights(args, num_experts, rows, columns, init_method).view(-1, columns)
+
+
+class _RecomputeSaved:
+    """Saved-tensor hooks that drop chosen intermediates and recompute them in the backward.
+
+    Inside the context every tensor an op saves for its backward is packed into a slot. Tensors
+    registered with `recompute(t, fn)` are then taken out of their slots at exit (so they are
+    freed once the forward lets go of them) and `fn()` rebuilds them, without grad, each time the
+    backward unpacks them. Matching is by identity of data (pointer, shape, strides, dtype), which
+    also catches an op saving its own output.
+    """
+
+    def __init__(self):
+        self._slots: List[list] = []
+        self._recipes = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def _pack(self, t: torch.Tensor) -> list:
+        slot = [t, None]
+        self._slots.append(slot)
+        return slot
+
+    @staticmethod
+    def _unpack(slot: list) -> torch.Tensor:
+        tensor, recipe = slot
+        if recipe is None:
+            return tensor
+        with torch.no_grad():
+            return recipe()
+
+    def recompute(self, t: torch.Tensor, recipe: Callable[[], torch.Tensor]) -> None:
+        self._recipes.append((t, recipe))
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        for slot in self._slots:
+            for t, recipe in self._recipes:
+                if _same_data(slot[0], t):
+                    slot[0], slot[1] = None, recipe
+                    break
+        self._slots, self._recipes = [], []
+        return False
+
+
+def _same_data(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
+def expert_ffn(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    v1: Optional[torch.Tensor],
+    w2: torch.Tensor,
+    *,
+    up: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    down: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    activation_fn: Callable,
+    memory_optimized: bool,
+) -> torch.Tensor:
+    """`down(act(up(x, w1)) [* up(x, v1)], w2)`: the expert MLP (v1 None) or GLU.
+
+    `up` and `down` are the two projections of one implementation (bmm, block-sparse or grouped);
+    `up` returns a plain tensor (the values of a block-sparse result). With `memory_optimized` the
+    activation output (and the GLU product) is recomputed in the backward instead of kept.
+    Under `torch.compile` the compiler plans memory itself and the plain form is traced.
+    """
+    h1 = up(x, w1)
+    h2 = None if v1 is None else up(x, v1)
+    if not memory_optimized or torch.compiler.is_compiling():
+        a = activation_fn(h1)
+        return down(a if h2 is None else a * h2, w2)
+
+    def activation():
+        return activation_fn(h1)
+
+    def gated():
+        return activation_fn(h1) * h2
+
+    with _RecomputeSaved() as saved:
+        a = activation_fn(h1)
+        saved.recompute(a, activation)
+        if h2 is not None:
+            a = a * h2
+            saved.recompute(a, gated)
+        return down(a, w2)
+
+
+def _gmm_backend(args: Arguments) -> Optional[str]:
+    return None if args.gmm_backend == "auto" else args.gmm_backend
+
+
+class MLP(torch.nn.Module):
+    """The capacity-bounded experts of `MoE`: `w1` [E, H, F], `w2` [E, F, H], batched matmuls.
+
+    `forward(x)` takes x [E, C, H] and returns [E, C, H].
+    """
+
+    def __init__(self, args: Arguments):
+        super().__init__()
+        self.args = args
+        num_experts = mpu.experts_per_rank(args)
+        ffn = mpu.features_per_rank(args)
+        kw = dict(device=common.device(args), dtype=common.dtype(args))
+        self.w1 = torch.nn.Parameter(torch.empty(num_experts, args.hidden_size, ffn, **kw))
+        self.w2 = torch.nn.Parameter(torch.empty(num_experts, ffn, args.hidden_size, **kw))
+        mpu.set_expert_model_parallel_attributes(self.w1, args.moe_expert_model_parallelism)
+        mpu.set_expert_model_parallel_attributes(self.w2, args.moe_expert_model_parallelism)
+        with torch.no_grad():
+            w1 = create_moe_expert_weights(args, args.moe_num_experts, args.ffn_hidden_size, args.hidden_size, args.init_method)
+            self.w1.copy_(w1.transpose(1, 2))
+            self.w2.copy_(
+                create_moe_expert_weights(
+                    args, args.moe_num_experts, args.ffn_hidden_size, args.hidden_size, args.output_layer_init_method
+                )
+            )
+
+    def _v1(self) -> Optional[torch.Tensor]:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cast = [None if w is None else resolve_dtensor(w).to(x.dtype) for w in (self.w1, self._v1(), self.w2)]
+        return expert_ffn(
+            x, *cast, up=torch.bmm, down=torch.bmm,
+            activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
+        )
+
+
+class SparseMLP(torch.nn.Module):
+    """The dMoE experts on the block-sparse path: `w1`, `w2` [E·F, H].
+
+    `forward(x, topo)` takes the padded expert-ordered rows x [P, H] and the topology of
+    `megablocks.ops.make_topology`, and returns [P, H]:
+    `dsd(act(sdd(x, w1^T, topo)), w2)`.
+    """
+
+    def __init__(self, args: Arguments):
+        super().__init__()
+        self.args = args
+        self._num_rows_per_rank = mpu.experts_per_rank(args) * mpu.features_per_rank(args)
+        kw = dict(device=common.device(args), dtype=common.dtype(args))
+        self.w1 = torch.nn.Parameter(torch.empty(self._num_rows_per_rank, args.hidden_size, **kw))
+        self.w2 = torch.nn.Parameter(torch.empty(self._num_rows_per_rank, args.hidden_size, **kw))
+        with torch.no_grad():
+            self.w1.copy_(
+                create_dmoe_expert_weights(args, args.moe_num_experts, args.ffn_hidden_size, args.hidden_size, args.init_method)
+            )
+            self.w2.copy_(
+                create_dmoe_expert_weights(
+                    args, args.moe_num_experts, args.ffn_hidden_size, args.hidden_size, args.output_layer_init_method
+                )
+            )
+        self._should_set_parallelism_attribute = args.moe_expert_model_parallelism
+        mpu.set_expert_model_parallel_attributes(self.w1, self._should_set_parallelism_attribute)
+        mpu.set_expert_model_parallel_attributes(self.w2, self._should_set_parallelism_attribute)
+
+    def _v1(self) -> Optional[torch.Tensor]:
+        return None
+
+    def _cast_weights(self, x: torch.Tensor):
+        return [None if w is None else resolve_dtensor(w).to(x.dtype) for w in (self.w1, self._v1(), self.w2)]
+
+    def forward(self, x: torch.Tensor, topo: stk.Matrix) -> torch.Tensor:
+        def up(x, w):
+            return sdd(x, w.t(), topo).data
+
+        def down(a, w):
+            return dsd(with_data(topo, a), w)
+
+        return expert_ffn(
+            x, *self._cast_weights(x), up=up, down=down,
+            activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
+        )
+
+
+class GroupedMLP(SparseMLP):
+    """The dMoE experts on the grouped-GEMM path (same parameters as `SparseMLP`).
+
+    `forward(x, tokens_per_expert)` takes the expert-ordered rows x [N, H] and the rows of each
+    expert [E] (on the device; the 'gg' backend copies them to the host) and returns [N, H].
+    """
+
+    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        num_experts = mpu.experts_per_rank(self.args)
+        hidden = self.args.hidden_size
+        backend = _gmm_backend(self.args)
+
+        def up(x, w):
+            return gmm(x, w.view(num_experts, -1, hidden), tokens_per_expert, trans_b=True, backend=backend)
+
+        def down(a, w):
+            return gmm(a, w.view(num_experts, -1, hidden), tokens_per_expert, backend=backend)
+
+        return expert_ffn(
+            x, *self._cast_weights(x), up=up, down=down,
+            activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
+        )
+
+
+class SharedMLP(torch.nn.Module):
+    """The shared expert: `down_proj(act(up_proj(x)))`, dense layers built with `args.fc_cls`.
+
+    Keys as MegaBlocks: `up_proj` [S, H], `down_proj` [H, S] (S = shared_expert_hidden_size),
+    with biases when `args.bias`. `fc_kwargs` are passed to `fc_cls` (they override `bias` and
+    `device`); a `torch.nn.Linear` also gets the parameter dtype of `args`.
+    """
+
+    def __init__(self, args: Arguments):
+        super().__init__()
+        self.args = args
+        self.fc_kwargs = {"bias": args.bias, "device": common.device(args)}
+        if isinstance(args.fc_cls, type) and issubclass(args.fc_cls, torch.nn.Linear):
+            self.fc_kwargs["dtype"] = common.dtype(args)
+        self.fc_kwargs.update(args.fc_kwargs)
+        self.up_proj = args.fc_cls(args.hidden_size, args.shared_expert_hidden_size, **self.fc_kwargs)
+        self.act = args.activation_fn
+        self.down_proj = args.fc_cls(args.shared_expert_hidden_size, args.hidden_size, **self.fc_kwargs)
+        self.down_proj._is_residual = True
+
+    def add_experts_sharedexpert(self, shared_expert_out: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
+        """`shared + experts`, or with `shared_expert_weighted_sum` `(shared + K·experts) / (K+1)`."""
+        if self.args.shared_expert_weighted_sum:
+            total = self.args.moe_top_k + 1
+            return shared_expert_out / total + expert_out * (self.args.moe_top_k / total)
+        return shared_expert_out + expert_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))

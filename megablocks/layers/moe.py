@@ -1,0 +1,178 @@
+"""`MoE`: top-k experts with a capacity factor, and MegaBlocks' load-balancing loss functions.
+
+Legend: T tokens (the product of the input's leading dimensions), H hidden, E experts, K top-k,
+C capacity (rows per expert).
+
+    scores_TE, expert_weights_TK, top_experts_TK = router(x)
+    x_ECH = binned_gather(x_TH)          the first C assignments of each expert, in token order
+    y_ECH = experts.mlp(x_ECH)           MLP or GLU, batched over experts
+    out_TH = binned_scatter(y_ECH)       weighted by expert_weights, summed over K; dropped -> 0
+
+`C = int(moe_capacity_factor * K * T / E)`; when that is 0 (a factor of 0, or few tokens) the
+capacity is the largest expert's count, which is read on the host: `MoE` synchronises with the
+device once per forward in that case. `dMoE` is the dropless, sync-free layer.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from megablocks.layers import common, glu, mlp, mpu, router, sharedexpert_registry
+from megablocks.layers.arguments import Arguments
+from megablocks.layers.losses import collector_for, default_collector
+from megablocks.layers.losses import load_balancing_loss as _load_balancing_loss
+from megablocks.ops.permute import binned_gather, binned_scatter
+from megablocks.ops.routing import routing_metadata
+
+
+def save_load_balancing_loss(loss: Tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Appends `(tokens_per_expert_E, scores_TE)` to the process-wide collector (MegaBlocks' API)."""
+    default_collector().save_load_balancing_loss(loss)
+
+
+def get_load_balancing_loss():
+    """The `(tokens_per_expert_E, scores_TE)` entries in the process-wide collector (a list)."""
+    return default_collector().load_balancing
+
+
+def clear_load_balancing_loss() -> None:
+    """Empties the process-wide collector's load-balancing entries (MegaBlocks' API)."""
+    default_collector().clear_load_balancing_loss()
+
+
+def batched_load_balancing_loss(args: Arguments):
+    """MegaBlocks' load-balancing loss over the layers recorded for `args`.
+
+    `moe_loss_weight * E / (num_layers * T * K) * sum_l dot(f_lE, mean_t scores_lTE)` over the
+    entries of `args.loss_collector` (or the process-wide collector); 0.0 when the weight is 0.
+    Equals the sum of the layers' `load_balancing_loss` attributes.
+
+    Raises:
+        ValueError: the recorded layer count is not the number of layers on this pipeline stage.
+    """
+    return collector_for(args).batched_load_balancing_loss(args)
+
+
+class ParallelMLP(torch.nn.Module):
+    """The experts of `MoE`: routing, the expert MLP (`self.mlp`) and the output bias.
+
+    `forward(x, scores, expert_weights, top_experts)` returns the experts' output shaped like x,
+    or `(output, bias)` with `return_bias`, or `output + bias`. After a forward,
+    `self.tokens_per_expert` holds the int32 [E] count of assignments each expert received.
+    """
+
+    def __init__(self, args: Arguments):
+        super().__init__()
+        mpu.check_single_process(args)
+        self.args = args
+        self.num_experts = args.moe_num_experts
+        self.top_k = args.moe_top_k
+        self.mlp = self._init_mlp(args)
+        if args.bias:
+            self.bias = torch.nn.Parameter(torch.zeros(args.hidden_size, device=common.device(args), dtype=common.dtype(args)))
+        else:
+            self.register_parameter("bias", None)
+        self.tokens_per_expert: Optional[torch.Tensor] = None
+
+    def _init_mlp(self, args: Arguments) -> torch.nn.Module:
+        return glu.GLU(args) if args.mlp_type == "glu" else mlp.MLP(args)
+
+    def expert_capacity(self, tokens: int) -> int:
+        """`int(moe_capacity_factor * K * tokens * world_size / E)` (0 means: no dropping)."""
+        world_size = mpu.get_expert_parallel_world_size(self.args)
+        return int(self.args.moe_capacity_factor * self.top_k * tokens * world_size / self.num_experts)
+
+    def load_balancing_loss(self, tokens_per_expert: torch.Tensor, expert_scores: torch.Tensor) -> torch.Tensor:
+        """This layer's unweighted loss `E / (T * K) * dot(tokens_per_expert, mean_t expert_scores)`."""
+        return _load_balancing_loss(tokens_per_expert, expert_scores, self.top_k)
+
+    def indices_and_bins(self, top_expert: torch.Tensor):
+        """`(indices, bin_ids, bins, tokens_per_expert)` of the flattened assignments (int32)."""
+        meta = routing_metadata(top_expert, self.num_experts, 1)
+        return meta.indices, meta.bin_ids, meta.bins, meta.tokens_per_expert
+
+    def forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
+        x_TH = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            indices, _, bins, tokens_per_expert = self.indices_and_bins(top_experts)
+            capacity = self.expert_capacity(x_TH.shape[0])
+            if capacity == 0:
+                # The one host read of this layer: the largest expert's count.
+                capacity = int(tokens_per_expert.max())
+        x_ECH = binned_gather(x_TH, indices, bins, capacity, self.top_k)
+        y_ECH = self.mlp(x_ECH)
+        out_TH = binned_scatter(y_ECH, indices, expert_weights.flatten(), bins, self.top_k)
+        return out_TH, tokens_per_expert
+
+    def forward(self, x: torch.Tensor, scores: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
+        out, self.tokens_per_expert = self.forward_once(x, expert_weights, top_experts)
+        out = out.view(x.shape)
+        if self.bias is None:
+            return out
+        if self.args.return_bias:
+            return out, self.bias
+        return out + self.bias.to(out.dtype)
+
+
+class MoE(torch.nn.Module):
+    """A mixture-of-experts layer with MegaBlocks' surface: `router`, `experts`, `shared_expert`.
+
+    `forward(x)` takes x [..., H] (MegaBlocks passes [seq, batch, H]) and returns the output of
+    the same shape, or `(output, bias)` when `args.bias and args.return_bias` (MegaBlocks'
+    defaults). The shared expert, when configured, is added to the output (not to the bias).
+
+    After a training forward the layer keeps its auxiliary losses:
+        `load_balancing_loss`: `moe_loss_weight / num_layers * E / (T*K) * dot(f_E, mean scores_E)`
+            (summed over the layers this is `batched_load_balancing_loss(args)`), None in eval
+            or with a zero weight; with sigmoid scores the scores are normalised per token.
+        `router_zloss`: `moe_zloss_weight * mean_t logsumexp(logits_t)^2`, None likewise.
+    Both are also recorded for the batched functions in `args.loss_collector` (or the
+    process-wide collector).
+
+    Raises:
+        TypeError: x not a floating-point tensor, or its dtype differs from the parameters'
+            (outside autocast).
+        ValueError: x's last dimension is not hidden_size, or x is on another device.
+    """
+
+    def __init__(self, args: Arguments):
+        super().__init__()
+        self.args = args
+        self.router = router.LearnedRouter(args)
+        self.experts = self._init_experts_mlp(args)
+        self.shared_expert = sharedexpert_registry.get(args) if args.shared_expert else None
+        self.load_balancing_loss: Optional[torch.Tensor] = None
+
+    def _init_experts_mlp(self, args: Arguments) -> torch.nn.Module:
+        return ParallelMLP(args)
+
+    @property
+    def router_zloss(self) -> Optional[torch.Tensor]:
+        return self.router.zloss
+
+    def _record_load_balancing_loss(self, scores_TE: torch.Tensor) -> None:
+        args = self.args
+        self.load_balancing_loss = None
+        if not (self.training and args.moe_loss_weight > 0):
+            return
+        if args.moe_router_score_function == "sigmoid":
+            scores_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        tokens_per_expert = self.experts.tokens_per_expert
+        collector_for(args).save_load_balancing_loss((tokens_per_expert, scores_TE))
+        if args.moe_lbl_in_fp32:
+            scores_TE = scores_TE.float()
+        loss = _load_balancing_loss(tokens_per_expert, scores_TE, args.moe_top_k)
+        self.load_balancing_loss = (args.moe_loss_weight / args.num_layers) * loss
+
+    def forward(self, x: torch.Tensor):
+        common.check_input("x", x, self.args.hidden_size, self.router.layer.weight)
+        x = common.cast_if_autocast_enabled(x)
+        scores, expert_weights, top_experts = self.router(x)
+        out = self.experts(x, scores, expert_weights, top_experts)
+        self._record_load_balancing_loss(scores)
+        if self.shared_expert is None:
+            return out
+        shared_out = self.shared_expert(x)
+        if isinstance(out, tuple):
+            return self.shared_expert.add_experts_sharedexpert(shared_out, out[0]), out[1]
+        return self.shared_expert.add_experts_sharedexpert(shared_out, out)

@@ -1,0 +1,227 @@
+"""The trainer: exact resume, MoE losses in the loss, DDP, options and configs.
+
+The MoE layers run their torch references here (TRITON_INTERPRET=0 around each run): these
+tests check the trainer, not the kernels, and the interpreter would make them slow.
+"""
+
+import dataclasses
+import glob
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import megablocks
+
+from exp.data.indexed_dataset import write_documents
+from exp.model import GPT, MODEL_SET_FIELDS, SHARED_FIELDS, GPTConfig, moe_arguments
+from exp.train import build_parser, configs_from_dict, lr_at, main, parse_config, read_csv, train
+
+
+def _import_all_kernels():
+    """Defines every kernel now, as the test session set TRITON_INTERPRET (interpreted on CPU).
+
+    Triton decides at definition whether a kernel is interpreted; the tests below switch the
+    variable off around their runs, and a kernel module first imported then would stay compiled
+    for the rest of the session.
+    """
+    import pkgutil
+
+    for mod in pkgutil.walk_packages(megablocks.__path__, "megablocks."):
+        try:
+            importlib.import_module(mod.name)
+        except ImportError:
+            pass
+
+
+_import_all_kernels()
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TINY = dict(
+    seq_length=16, num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=32,
+    micro_batch_size=4, global_batch_size=8, train_iters=6, lr=1e-2, min_lr=1e-3, lr_warmup_iters=2,
+    eval_interval=2, eval_iters=2, log_interval=1, make_vocab_size_divisible_by=64, split="90,10,0",
+    dropout=0.1, progress=False, tensorboard=False, plot=False, device="cpu",
+)
+DMOE = dict(mlp="dmoe", moe_num_experts=4, moe_top_k=2, moe_jitter_eps=0.1, moe_loss_weight=0.05,
+            moe_zloss_weight=0.001, mlp_impl="grouped")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    words = [rng.integers(97, 123, size=int(rng.integers(2, 7))) for _ in range(40)]
+    docs = []
+    for _ in range(60):
+        picks = rng.integers(0, len(words), size=int(rng.integers(5, 40)))
+        docs.append(np.concatenate([np.append(words[i], 32) for i in picks] + [[256]]))
+    prefix = str(tmp_path_factory.mktemp("data") / "words")
+    write_documents(prefix, docs)
+    return prefix
+
+
+@pytest.fixture
+def torch_references(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _run(data, save, **overrides):
+    tcfg, mcfg = configs_from_dict({**TINY, "data_path": data, "save": str(save), **overrides})
+    return train(tcfg, mcfg)
+
+
+def _curve(rows):
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "dmoe"])
+def test_resume_continues_the_same_loss_curve(tmp_path, data, moe, torch_references):
+    extra = DMOE if moe else {}
+    full = _run(data, tmp_path / "full", **extra)
+    part = _run(data, tmp_path / "part", exit_iteration=3, **extra)
+    assert part["iterations"] == 3 and len(part["train"]) == 3
+    rest = _run(data, tmp_path / "part", **extra)
+    assert rest["start_iteration"] == 3
+    assert len(full["train"]) == 6
+    assert _curve(rest["train"]) == _curve(full["train"])  # every logged value, bit for bit
+    assert rest["valid"] == full["valid"] and len(full["valid"]) == 3
+    a = torch.load(tmp_path / "full" / "iter_0000006" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "iter_0000006" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # Losses moved: the run trained.
+    assert full["train"][-1]["lm_loss"] < full["train"][0]["lm_loss"]
+
+
+def test_moe_losses_are_added_to_the_loss(tmp_path, data, torch_references):
+    out = _run(data, tmp_path / "r", train_iters=2, eval_iters=0, **DMOE)
+    for row in out["train"]:
+        assert row["lbl_loss"] > 0 and row["zloss"] > 0
+        assert math.isclose(row["loss"], row["lm_loss"] + row["lbl_loss"] + row["zloss"], rel_tol=1e-6)
+    # Balanced routing gives a load-balancing loss near its weight (MegaBlocks' normalisation).
+    assert 0.5 * DMOE["moe_loss_weight"] < out["train"][0]["lbl_loss"] < 2 * DMOE["moe_loss_weight"]
+    dense = _run(data, tmp_path / "d", train_iters=1, eval_iters=0)
+    assert dense["train"][0]["lbl_loss"] == 0 and dense["train"][0]["zloss"] == 0
+
+
+def test_outputs_and_plot(tmp_path, data):
+    out = _run(data, tmp_path / "r", train_iters=2, eval_interval=1, plot=True)
+    assert os.path.getsize(out["plot"]) > 1000
+    assert [r["iteration"] for r in read_csv(str(tmp_path / "r" / "valid.csv"))] == [1, 2]
+    assert (tmp_path / "r" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    meta = json.loads((tmp_path / "r" / "iter_0000002" / "meta.json").read_text())
+    assert meta["consumed_samples"] == 16 and meta["model"]["hidden_size"] == 32
+
+
+def test_ddp_matches_one_process(tmp_path, data, torch_references):
+    """Two gloo processes with one micro-batch each = one process accumulating two."""
+    common = {**TINY, **DMOE, "data_path": data, "train_iters": 3, "dropout": 0.0, "moe_jitter_eps": None,
+              "eval_interval": 3}
+    single = train(*configs_from_dict({**common, "save": str(tmp_path / "one")}))
+    config = tmp_path / "ddp.json"
+    config.write_text(json.dumps({k: v for k, v in common.items() if v is not None}))
+    env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "exp.train", "--config", str(config), "--save", str(tmp_path / "two")]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 process(es) on cpu" in out.stdout + out.stderr
+    two = read_csv(str(tmp_path / "two" / "train.csv"))
+    for a, b in zip(single["train"], two):
+        for k in ("lm_loss", "lbl_loss", "zloss", "grad_norm"):
+            assert math.isclose(a[k], b[k], rel_tol=2e-5, abs_tol=1e-7), (k, a, b)
+    v2 = read_csv(str(tmp_path / "two" / "valid.csv"))
+    assert math.isclose(single["valid"][-1]["valid_loss"], v2[-1]["valid_loss"], rel_tol=2e-5)
+
+
+def test_every_arguments_field_is_an_option():
+    from megablocks.layers.arguments import Arguments
+
+    parser, groups = build_parser()
+    dests = {a.dest for a in parser._actions}
+    fields = {f.name for f in dataclasses.fields(Arguments)}
+    set_elsewhere = set(SHARED_FIELDS) | set(MODEL_SET_FIELDS) | {"expert_parallel_group"}
+    missing = sorted(fields - set_elsewhere - dests)
+    assert not missing, f"Arguments fields without an option: {missing}"
+    assert set(SHARED_FIELDS) <= dests  # the model's options carry them
+
+    tcfg, mcfg = parse_config([
+        "--data-path", "x", "--vocab-size", "64", "--mlp", "moe", "--mlp-type", "glu", "--no-bias",
+        "--activation-fn", "silu", "--moe-num-experts", "6", "--moe-top-k", "2", "--moe-capacity-factor", "1.5",
+        "--moe-normalize-expert-weights", "1", "--moe-jitter-eps", "0.01", "--moe-loss-weight", "0.2",
+        "--moe-zloss-weight", "0.001", "--moe-lbl-in-fp32", "--mlp-impl", "grouped", "--memory-optimized-mlp",
+        "--shared-expert", "--shared-expert-hidden-size", "24", "--fc-cls", "torch.nn.Linear", "--fc-kwargs", "{}",
+        "--moe-router-score-function", "sigmoid", "--moe-block-size", "64", "--return-bias",
+    ])
+    args = moe_arguments(mcfg)
+    assert (args.moe_num_experts, args.moe_top_k, args.moe_capacity_factor) == (6, 2, 1.5)
+    assert args.moe_normalize_expert_weights == 1 and args.moe_jitter_eps == 0.01 and args.moe_loss_weight == 0.2
+    assert args.moe_lbl_in_fp32 and args.memory_optimized_mlp and args.shared_expert and args.return_bias
+    assert args.mlp_type == "glu" and args.mlp_impl == "grouped" and args.bias is False
+    assert args.shared_expert_hidden_size == 24 and args.fc_cls is torch.nn.Linear
+    assert args.moe_router_score_function == "sigmoid" and args.moe_block_size == 64
+    assert args.activation_fn(torch.tensor([1.0])).item() == pytest.approx(torch.nn.functional.silu(torch.tensor(1.0)).item())
+    assert not args.fp16 and not args.bf16 and args.num_layers == mcfg.num_layers
+
+
+def test_config_file_then_command_line(tmp_path):
+    path = tmp_path / "small.json"
+    path.write_text(json.dumps({"hidden_size": 48, "num_attention_heads": 4, "mlp": "dmoe", "moe_num_experts": 4}))
+    tcfg, mcfg = parse_config(["--config", str(path), "--hidden-size", "64", "--data-path", "d"])
+    assert mcfg.hidden_size == 64 and mcfg.moe == {"moe_num_experts": 4} and tcfg.name == "small"
+    assert mcfg.vocab_size == 384  # the byte tokenizer's 257 ids padded to a multiple of 128
+    path.write_text(json.dumps({"hidden_sise": 48}))
+    with pytest.raises(ValueError, match=r"small\.json: unknown options \['hidden_sise'\]"):
+        parse_config(["--config", str(path)])
+    assert main(["--config", str(path)]) == 2
+
+
+SIZES = {"46m": 46e6, "125m": 125e6, "356m": 356e6, "760m": 760e6, "1315m": 1315e6}
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "exp", "configs", "*.json"))), ids=os.path.basename)
+def test_shipped_configs_build(path, torch_references):
+    with open(path) as f:
+        tcfg, mcfg = configs_from_dict(json.load(f))
+    model = GPT(mcfg, device="meta")
+    name = os.path.basename(path)[:-5]
+    size = name.split("_")[-1]
+    if size in SIZES:  # the name gives the (active) size, as MegaBlocks names them
+        assert abs(model.num_parameters(active=True) / SIZES[size] - 1) < 0.03, model.num_parameters(active=True)
+    if mcfg.mlp != "dense":
+        assert model.num_parameters() > model.num_parameters(active=True)
+    tcfg_gbs = tcfg.global_batch_size or tcfg.micro_batch_size
+    assert tcfg_gbs % tcfg.micro_batch_size == 0
+
+
+def test_lr_schedule():
+    tcfg, _ = configs_from_dict({"lr": 1.0, "min_lr": 0.1, "train_iters": 100, "lr_warmup_iters": 10})
+    lrs = [lr_at(tcfg, i) for i in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[54] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert lrs[99] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    tcfg, _ = configs_from_dict({"lr": 1.0, "min_lr": 0.0, "train_iters": 100, "lr_warmup_fraction": 0.0,
+                                 "lr_decay_style": "linear"})
+    assert lr_at(tcfg, 49) == pytest.approx(0.5)
+
+
+def test_bad_training_options(tmp_path, data):
+    with pytest.raises(ValueError, match=r"global_batch_size: expected a multiple of micro_batch_size · world size = 4 · 1, got 6"):
+        _run(data, tmp_path / "r", global_batch_size=6)
+    with pytest.raises(ValueError, match="data_path: expected the prefix of a .bin/.idx pair"):
+        train(*configs_from_dict({**TINY, "save": str(tmp_path / "r")}))
+    with pytest.raises(ValueError, match="lr_decay_style: expected 'cosine', 'linear' or 'constant'"):
+        configs_from_dict({"lr_decay_style": "step"})
+    with pytest.raises(ValueError, match="num_attention_heads: expected a divisor of hidden_size=32"):
+        configs_from_dict({"hidden_size": 32, "num_attention_heads": 5})
+    with pytest.raises(ValueError, match=r"sample \d+ of train holds token ids .* outside the model's vocabulary \[0, 100\)"):
+        _run(data, tmp_path / "v", vocab_size=100)

@@ -1,0 +1,197 @@
+"""A naive per-expert MoE written from the definitions, and helpers to compare a layer with it.
+
+Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k.
+
+The reference routes with the layer's formulas (softmax or sigmoid scores, top-k, optional p-norm
+renormalisation), then loops over experts: the rows of expert e are the (token, k) pairs that
+chose it, in flattened-assignment order, cut to `capacity` when given (MoE's drop rule), each
+through `act(x W1_e^T) [* x V1_e^T] W2_e`, weighted and summed into their token's output.
+Weights are taken in the per-expert layout [E, F, H] for w1, v1 and w2.
+"""
+
+from functools import partial
+
+import pytest
+import torch
+
+from megablocks.layers.arguments import Arguments
+from megablocks.layers.dmoe import dMoE
+from tests.conftest import DEVICE
+from tests.utils import assert_close, assert_equal
+
+GRAD_NAMES = ("x", "router", "w1", "v1", "w2", "bias")
+
+
+def reference_moe(x, router_w, w1_EFH, v1_EFH, w2_EFH, bias, *, top_k, activation_fn,
+                  normalize=None, score_function="softmax", capacity=None, top_experts=None):
+    """Returns (out shaped like x, top_experts_TK, tokens_per_expert_E)."""
+    hidden = x.shape[-1]
+    x_TH = x.reshape(-1, hidden)
+    logits = x_TH @ router_w.t()
+    scores = torch.sigmoid(logits) if score_function == "sigmoid" else logits.softmax(dim=-1)
+    if top_experts is None:
+        top_experts = torch.topk(scores, top_k, dim=-1).indices
+    weights = scores.gather(1, top_experts)
+    if normalize:
+        weights = weights / weights.norm(p=normalize, dim=-1, keepdim=True)
+    out = torch.zeros_like(x_TH)
+    num_experts = router_w.shape[0]
+    counts = torch.zeros(num_experts, dtype=torch.int64)
+    for e in range(num_experts):
+        t_idx, k_idx = (top_experts == e).nonzero(as_tuple=True)
+        counts[e] = t_idx.numel()
+        if capacity is not None:
+            t_idx, k_idx = t_idx[:capacity], k_idx[:capacity]
+        xs = x_TH[t_idx]
+        h = activation_fn(xs @ w1_EFH[e].t())
+        if v1_EFH is not None:
+            h = h * (xs @ v1_EFH[e].t())
+        y = h @ w2_EFH[e]
+        out = out.index_add(0, t_idx, y * weights[t_idx, k_idx, None])
+    out = out.view(x.shape)
+    if bias is not None:
+        out = out + bias
+    return out, top_experts, counts
+
+
+def layer_params(layer):
+    """The layer's parameters by reference name, in the per-expert layout, as fp32 CPU leaves."""
+    E = layer.args.moe_num_experts
+    H = layer.args.hidden_size
+    mlp = layer.experts.mlp
+    dropless = isinstance(layer, dMoE)
+
+    def per_expert(w, transposed):
+        if w is None:
+            return None
+        w = w.detach().float().cpu()
+        w = w.view(E, -1, H) if dropless else (w.transpose(1, 2) if transposed else w)
+        return w.clone().requires_grad_(True)
+
+    return {
+        "router": layer.router.layer.weight.detach().float().cpu().clone().requires_grad_(True),
+        "w1": per_expert(mlp.w1, True),
+        "v1": per_expert(getattr(mlp, "v1", None), True),
+        "w2": per_expert(mlp.w2, False),
+        "bias": None if layer.experts.bias is None else layer.experts.bias.detach().float().cpu().clone().requires_grad_(True),
+    }
+
+
+def layer_grads(layer, x):
+    """The layer's gradients by reference name, mapped to the per-expert layout (fp32)."""
+    E = layer.args.moe_num_experts
+    H = layer.args.hidden_size
+    mlp = layer.experts.mlp
+    dropless = isinstance(layer, dMoE)
+
+    def per_expert(w, transposed):
+        if w is None:
+            return None
+        g = w.grad.float()
+        return g.view(E, -1, H) if dropless else (g.transpose(1, 2) if transposed else g)
+
+    return {
+        "x": x.grad.float(),
+        "router": layer.router.layer.weight.grad.float(),
+        "w1": per_expert(mlp.w1, True),
+        "v1": per_expert(getattr(mlp, "v1", None), True),
+        "w2": per_expert(mlp.w2, False),
+        "bias": None if layer.experts.bias is None else layer.experts.bias.grad.float(),
+    }
+
+
+def capture_routing(layer):
+    """Records the router's outputs of the next forward in a dict (key 'top_experts')."""
+    seen = {}
+
+    def hook(module, inputs, outputs):
+        seen["scores"], seen["weights"], seen["top_experts"] = outputs
+
+    layer.router.register_forward_hook(hook)
+    return seen
+
+
+# 'sparse' is the block-sparse path; the others name the grouped-GEMM backend.
+IMPLS = ["sparse", "triton", "torch", "gg"]
+BLOCK = 16
+
+
+def skip_unavailable(impl: str, dtype: torch.dtype) -> None:
+    if impl == "gg":
+        pytest.importorskip("grouped_gemm")
+        if DEVICE != "cuda" or dtype != torch.bfloat16:
+            pytest.skip("the grouped_gemm package runs bfloat16 on CUDA only")
+    if impl == "torch" and DEVICE == "cuda" and dtype != torch.bfloat16:
+        pytest.skip("torch's grouped_mm takes bfloat16 only on CUDA")
+
+
+def make_args(impl: str = "torch", dtype: torch.dtype = torch.float32, **kw) -> Arguments:
+    if impl == "torch" and DEVICE == "cuda" and dtype != torch.bfloat16:
+        impl = "triton"
+    base = dict(
+        hidden_size=40,
+        ffn_hidden_size=24,
+        moe_num_experts=4,
+        moe_top_k=2,
+        fp16=dtype == torch.float16,
+        bf16=dtype == torch.bfloat16,
+        device=DEVICE,
+        moe_block_size=BLOCK,
+        mlp_impl="sparse" if impl == "sparse" else "grouped",
+        gmm_backend="auto" if impl == "sparse" else impl,
+        bias=True,
+        return_bias=False,
+        moe_loss_weight=0.0,
+        init_method=partial(torch.nn.init.normal_, mean=0.0, std=0.1),
+        output_layer_init_method=partial(torch.nn.init.normal_, mean=0.0, std=0.1),
+    )
+    base.update(kw)
+    return Arguments(**base)
+
+
+def randomize_bias(layer) -> None:
+    with torch.no_grad():
+        layer.experts.bias.normal_()
+
+
+def route_all_to(layer, expert: int) -> None:
+    """Makes `expert` every token's first choice for inputs in [0.5, 1.5] (router logit gap ~4)."""
+    with torch.no_grad():
+        w = layer.router.layer.weight
+        w.copy_(0.01 * torch.randn_like(w) - 0.05)
+        w[expert] += 0.1
+
+
+def check_against_reference(layer, x, *, capacity=None, dtype=torch.float32, top_experts_from_layer=False,
+                            autocast=None):
+    """Runs layer and reference on x with a random output gradient; compares out and every grad.
+
+    `autocast`: a dtype to run the layer's forward under autocast with (the reference runs outside).
+    """
+    args = layer.args
+    seen = capture_routing(layer)
+    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        out = layer(x)
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+
+    p = layer_params(layer)
+    xr = x.detach().float().cpu().requires_grad_(True)
+    forced = seen["top_experts"].cpu() if top_experts_from_layer else None
+    ref, top_experts, counts = reference_moe(
+        xr, p["router"], p["w1"], p["v1"], p["w2"], p["bias"],
+        top_k=args.moe_top_k, activation_fn=args.activation_fn, normalize=args.moe_normalize_expert_weights,
+        capacity=capacity, top_experts=forced,
+    )
+    (ref * grad_out.float().cpu()).sum().backward()
+    assert_equal("top_experts", seen["top_experts"].cpu(), top_experts)
+    assert_equal("tokens_per_expert", layer.experts.tokens_per_expert.cpu().long(), counts)
+    assert_close("out", out, ref, dtype=dtype)
+    grads = layer_grads(layer, x)
+    expected = {"x": xr.grad, **{k: None if p[k] is None else p[k].grad for k in GRAD_NAMES if k != "x"}}
+    for name in GRAD_NAMES:
+        if expected[name] is None:
+            assert grads[name] is None, f"{name}: the layer has a parameter the reference lacks"
+        else:
+            assert_close(f"grad {name}", grads[name], expected[name], dtype=dtype)
+    return top_experts

@@ -1,0 +1,253 @@
+"""dMoE against a naive per-expert loop: output and the gradients of x, router, w1, v1, w2, bias.
+
+Every mlp_type × implementation (block-sparse, grouped GEMM with each backend) runs at hostile
+shapes: H and F not multiples of the block, one token, empty experts, top_k = E, every token's
+first choice on one expert, and no tokens at all. The reference (tests/layers/moe_reference.py)
+computes in fp32 on the CPU from the layer's own parameters.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megablocks.layers import mlp as mlp_module
+from megablocks.layers.arguments import Arguments
+from megablocks.layers.dmoe import dMoE
+from megablocks.layers.losses import MoELossCollector
+from megablocks.layers.moe import MoE
+from tests.conftest import DEVICE, FLOAT_DTYPES
+from tests.layers.moe_reference import (
+    GRAD_NAMES,
+    IMPLS,
+    check_against_reference,
+    layer_grads,
+    make_args,
+    randomize_bias,
+    route_all_to,
+    skip_unavailable,
+)
+from tests.utils import assert_close, assert_equal
+
+# (T, lead dims of x, H, F, E, K, routing)
+SHAPES = [
+    pytest.param((16, (8, 2), 40, 24, 4, 2, "random"), id="H,F-not-multiples-of-block"),
+    pytest.param((1, (1, 1), 48, 40, 4, 1, "random"), id="one-token-empty-experts"),
+    pytest.param((6, (6,), 40, 24, 3, 3, "random"), id="topk=E-2d-input"),
+    pytest.param((8, (2, 2, 2), 40, 24, 4, 2, "one"), id="all-on-one-expert-4d-input"),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mlp_type", ["mlp", "glu"])
+def test_dmoe_matches_reference(mlp_type, impl, shape):
+    skip_unavailable(impl, torch.float32)
+    T, lead, H, Fs, E, K, routing = shape
+    layer = dMoE(make_args(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type=mlp_type))
+    randomize_bias(layer)
+    if routing == "one":
+        route_all_to(layer, 2)
+        x = (torch.rand(*lead, H, device=DEVICE) + 0.5).requires_grad_(True)
+    else:
+        x = torch.randn(*lead, H, device=DEVICE, requires_grad=True)
+    top_experts = check_against_reference(layer, x)
+    if routing == "one":
+        assert bool((top_experts[:, 0] == 2).all()), "the routing did not put every first choice on expert 2"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [d for d in FLOAT_DTYPES if d != torch.float32])
+def test_dmoe_low_precision(dtype, impl):
+    skip_unavailable(impl, dtype)
+    layer = dMoE(make_args(impl, dtype, mlp_type="glu", moe_normalize_expert_weights=1))
+    randomize_bias(layer)
+    x = torch.randn(8, 2, 40, device=DEVICE, dtype=dtype, requires_grad=True)
+    check_against_reference(layer, x, dtype=dtype, top_experts_from_layer=True)
+
+
+@pytest.mark.parametrize("mlp_type", ["mlp", "glu"])
+def test_sparse_equals_grouped(mlp_type):
+    sparse = dMoE(make_args("sparse", mlp_type=mlp_type, moe_top_k=3))
+    grouped = dMoE(make_args("triton", mlp_type=mlp_type, moe_top_k=3))
+    randomize_bias(sparse)
+    grouped.load_state_dict(sparse.state_dict())
+    x = torch.randn(12, 40, device=DEVICE)
+    outs, grads = [], []
+    for layer in (sparse, grouped):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+        grads.append(layer_grads(layer, xi))
+    assert_close("out", outs[1], outs[0])
+    for name in GRAD_NAMES:
+        if grads[0][name] is not None:
+            assert_close(f"grad {name}", grads[1][name], grads[0][name])
+
+
+@pytest.mark.parametrize("kind", ["sparse", "triton", "moe"])
+def test_no_tokens(kind):
+    args = make_args("sparse" if kind == "sparse" else "triton", moe_capacity_factor=0)
+    layer = MoE(args) if kind == "moe" else dMoE(args)
+    x = torch.randn(0, 3, 40, device=DEVICE, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert_equal("grad w1", layer.experts.mlp.w1.grad, torch.zeros_like(layer.experts.mlp.w1))
+    assert_equal("tokens_per_expert", layer.experts.tokens_per_expert.cpu(), torch.zeros(4, dtype=torch.int32))
+
+
+def test_custom_activation_and_normalized_weights():
+    layer = dMoE(make_args("sparse", activation_fn=F.silu, moe_normalize_expert_weights=2.0, moe_top_k=3))
+    randomize_bias(layer)
+    check_against_reference(layer, torch.randn(5, 2, 40, device=DEVICE, requires_grad=True))
+
+
+def test_bias_and_return_bias():
+    layer = dMoE(make_args("torch", return_bias=True))
+    randomize_bias(layer)
+    x = torch.randn(4, 3, 40, device=DEVICE)
+    out, bias = layer(x)
+    assert bias is layer.experts.bias
+    added = dMoE(make_args("torch", return_bias=False))
+    added.load_state_dict(layer.state_dict())
+    assert_close("out + bias", added(x), out + bias)
+
+    no_bias = dMoE(make_args("torch", bias=False, return_bias=True))
+    assert no_bias.experts.bias is None
+    assert "experts.bias" not in no_bias.state_dict()
+    assert isinstance(no_bias(x), torch.Tensor)
+
+
+@pytest.mark.parametrize("impl", ["sparse", "triton"])
+def test_autocast_with_fp32_parameters(impl):
+    # Parameters stay fp32; inputs and weights are cast to the autocast dtype for the experts.
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    layer = dMoE(make_args(impl, mlp_type="glu"))
+    randomize_bias(layer)
+    x = torch.randn(6, 2, 40, device=DEVICE, requires_grad=True)
+    seen_dtype = {}
+
+    def record(module, inputs):
+        seen_dtype["x"] = inputs[0].dtype
+
+    layer.experts.mlp.register_forward_pre_hook(record)
+    check_against_reference(layer, x, dtype=dtype, top_experts_from_layer=True, autocast=dtype)
+    assert seen_dtype["x"] == dtype
+    assert layer.experts.mlp.w1.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("impl, mlp_type", [("sparse", "mlp"), ("triton", "glu")])
+def test_compiles_fullgraph(impl, mlp_type):
+    # No graph break anywhere in the layer, losses included (aot_eager: no C compiler needed).
+    args = make_args(impl, mlp_type=mlp_type, moe_loss_weight=0.1, moe_zloss_weight=0.01,
+                     loss_collector=MoELossCollector(), memory_optimized_mlp=True)
+    layer = dMoE(args)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(7, 40, device=DEVICE)
+    results = []
+    for module in (layer, compiled):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = module(xi)
+        (out.sum() + layer.load_balancing_loss + layer.router_zloss).backward()
+        results.append((out, layer_grads(layer, xi)))
+    assert_close("out", results[1][0], results[0][0])
+    for name in GRAD_NAMES:
+        if results[0][1][name] is not None:
+            assert_close(f"grad {name}", results[1][1][name], results[0][1][name])
+    assert len(args.loss_collector.load_balancing) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# memory_optimized_mlp: identical gradients; the activation is not kept between forward and backward
+
+
+MEMORY_CASES = [
+    pytest.param(dMoE, "sparse", "glu", F.gelu, id="dmoe-sparse-glu"),
+    pytest.param(dMoE, "sparse", "mlp", F.relu, id="dmoe-sparse-mlp-relu"),
+    pytest.param(dMoE, "triton", "mlp", F.gelu, id="dmoe-grouped-mlp"),
+    pytest.param(MoE, "torch", "glu", F.silu, id="moe-glu"),
+]
+
+
+@pytest.mark.parametrize("cls, impl, mlp_type, act", MEMORY_CASES)
+def test_memory_optimized_mlp_identical_gradients(cls, impl, mlp_type, act, monkeypatch):
+    kw = dict(mlp_type=mlp_type, activation_fn=act, moe_capacity_factor=0)
+    plain = cls(make_args(impl, **kw))
+    optimized = cls(make_args(impl, memory_optimized_mlp=True, **kw))
+    optimized.load_state_dict(plain.state_dict())
+
+    contexts = []
+
+    class Recording(mlp_module._RecomputeSaved):
+        def __exit__(self, *exc):
+            self.recorded = list(self._slots)  # the slots are resolved in place by __exit__
+            contexts.append(self)
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(mlp_module, "_RecomputeSaved", Recording)
+    x = torch.randn(10, 40, device=DEVICE)
+    results = []
+    for layer in (plain, optimized):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        slots = [s for ctx in contexts for s in ctx.recorded]
+        out.backward(torch.randn(out.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1)))
+        results.append((out, layer_grads(layer, xi), slots))
+    assert len(contexts) == 1, "only the memory-optimized layer should install the saved-tensor hooks"
+    recomputed = [s for s in results[1][2] if s[1] is not None]
+    # The down projection keeps the activation (GLU: and the multiply keeps it, the product too).
+    assert len(recomputed) >= (2 if mlp_type == "glu" else 1), f"{len(recomputed)} saved tensors recomputed"
+    assert_equal("out", results[1][0], results[0][0])
+    for name in GRAD_NAMES:
+        if results[0][1][name] is not None:
+            assert_equal(f"grad {name}", results[1][1][name], results[0][1][name])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="peak memory is measured on CUDA")
+@pytest.mark.parametrize("impl", ["sparse", "triton"])
+def test_memory_optimized_mlp_lowers_peak_memory(impl):
+    # Four stacked layers: the activations each keeps for its backward dominate the peak.
+    args = dict(hidden_size=1024, ffn_hidden_size=1408, moe_num_experts=8, moe_top_k=2, moe_block_size=128,
+                mlp_type="glu", bias=False)
+    peaks, kept = {}, {}
+    x = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    for optimized in (False, True):
+        torch.manual_seed(0)
+        layers = [dMoE(make_args(impl, torch.bfloat16, memory_optimized_mlp=optimized, **args)) for _ in range(4)]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        h = x.clone().requires_grad_(True)
+        for layer in layers:
+            h = layer(h)
+        kept[optimized] = torch.cuda.memory_allocated() - base
+        h.float().sum().backward()
+        torch.cuda.synchronize()
+        peaks[optimized] = torch.cuda.max_memory_allocated() - base
+        del layers, h
+        torch.cuda.empty_cache()
+    print(f"\n{impl}: peak {peaks[False] / 2**20:.1f} MiB -> {peaks[True] / 2**20:.1f} MiB with memory_optimized_mlp; "
+          f"kept after forward {kept[False] / 2**20:.1f} MiB -> {kept[True] / 2**20:.1f} MiB")
+    assert kept[True] < kept[False]
+    assert peaks[True] < peaks[False]
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input():
+    layer = dMoE(make_args("torch"))
+    with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., hidden_size=40\]"):
+        layer(torch.randn(4, 41, device=DEVICE))
+    with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
+        layer(torch.randn(4, 40, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+        layer(torch.ones(4, 40, device=DEVICE, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        layer([[0.0] * 40])
+    with pytest.raises(ValueError, match="x: expected a tensor on"):
+        layer(torch.empty(4, 40, device="meta"))

@@ -1,0 +1,310 @@
+"""megablocks.ops.gmm and megablocks.backend.gmm against the per-group loop reference.
+
+Every backend is checked on the forward product and on both gradients, computed from the same
+seeded inputs; the reference runs in float64. CPU runs use small shapes (Triton's interpreter),
+a GPU runs shapes of real size and bfloat16 too.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from megablocks.backend import gmm as gmm_backend
+from megablocks.ops.gmm import gmm, gmm_reference
+from tests.conftest import DEVICE, FLOAT_DTYPES
+from tests.utils import assert_close, poisoned
+
+HAS_GG = importlib.util.find_spec("grouped_gemm") is not None
+
+
+def _backends():
+    out = ["triton", "torch"]
+    if DEVICE == "cuda" and HAS_GG:
+        out.append("gg")
+    return out
+
+
+def _supported(backend, dtype, device):
+    if backend == "gg":
+        return dtype == torch.bfloat16
+    return True
+
+
+# (batch sizes, K, N). Most K and N do not divide the tiles; an odd K also rules out TMA
+# (unaligned rows), so both load paths of the kernels run; 130 groups exceed one 128-wide block
+# of the kernels' group table.
+if DEVICE == "cuda":
+    CASES = {
+        "mixed": ([300, 0, 1, 517, 1024, 0, 129, 700], 1024, 768),
+        "unaligned": ([130, 0, 257, 64, 1, 511], 1003, 517),
+        "one_group": ([0, 0, 2049, 0], 520, 264),
+        "one_row": ([0, 1, 0, 0], 264, 136),
+        "no_rows": ([0, 0, 0], 64, 128),
+        "many_groups": ([(e * 37) % 50 for e in range(130)], 256, 136),
+    }
+else:
+    CASES = {
+        "mixed": ([0, 17, 1, 32, 0, 30], 40, 24),
+        "unaligned": ([9, 0, 33, 1], 37, 19),
+        "one_group": ([0, 0, 45, 0], 24, 40),
+        "one_row": ([0, 1, 0], 24, 40),
+        "no_rows": ([0, 0, 0], 16, 8),
+        "many_groups": ([e % 3 for e in range(130)], 16, 8),
+    }
+
+
+def _inputs(sizes, K, N, dtype, device, trans_b, sizes_dtype=torch.int32):
+    batch_sizes = torch.tensor(sizes, dtype=sizes_dtype, device=device)
+    M, E = sum(sizes), len(sizes)
+    a = torch.randn(M, K, device=device).to(dtype)
+    b = (torch.randn(E, N, K) if trans_b else torch.randn(E, K, N)).to(device, dtype) / K**0.5
+    return a, b, batch_sizes
+
+
+def _reference_with_grads(a, b, batch_sizes, trans_b, d_out, trans_a=False):
+    a64 = a.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_()
+    out = gmm_reference(a64, b64, batch_sizes.cpu(), trans_a=trans_a, trans_b=trans_b)
+    out.backward(d_out.double())
+    return out, a64.grad, b64.grad
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("backend", _backends())
+def test_gmm_forward_and_grads(backend, dtype, trans_b, case, device):
+    if not _supported(backend, dtype, device):
+        pytest.skip(f"backend {backend} does not take {dtype} on {device}")
+    sizes, K, N = CASES[case]
+    a, b, batch_sizes = _inputs(sizes, K, N, dtype, device, trans_b)
+    a.requires_grad_()
+    b.requires_grad_()
+    out = gmm(a, b, batch_sizes, trans_b=trans_b, backend=backend)
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+
+    ref, d_a, d_b = _reference_with_grads(a, b, batch_sizes, trans_b, d_out)
+    assert out.dtype == dtype
+    assert_close("out", out, ref, dtype)
+    assert_close("d_a", a.grad, d_a, dtype)
+    assert_close("d_b", b.grad, d_b, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("backend", _backends())
+def test_gmm_variable_k_forward_and_grads(backend, dtype, device):
+    """The variable-K form (weight gradient) as an op of its own, with its two gradients."""
+    if not _supported(backend, dtype, device):
+        pytest.skip(f"backend {backend} does not take {dtype} on {device}")
+    sizes, K, N = CASES["mixed"]
+    batch_sizes = torch.tensor(sizes, dtype=torch.int64, device=device)
+    a = torch.randn(sum(sizes), K, device=device).to(dtype).requires_grad_()
+    b = torch.randn(sum(sizes), N, device=device).to(dtype).requires_grad_()
+    out = torch.ops.megablocks.gmm(a, b, batch_sizes, True, False, backend)
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+
+    ref, d_a, d_b = _reference_with_grads(a, b, batch_sizes, False, d_out, trans_a=True)
+    assert_close("out", out, ref, dtype)
+    assert out[[i for i, s in enumerate(sizes) if s == 0]].abs().max() == 0, "empty groups: not zero"
+    assert_close("d_a", a.grad, d_a, dtype)
+    assert_close("d_b", b.grad, d_b, dtype)
+
+
+SCHEDULES = {
+    "one_tile_each": dict(PERSISTENT=False, TMA_STORE=False),
+    "persistent": dict(PERSISTENT=True, TMA_STORE=False),
+    "persistent_tma_store": dict(PERSISTENT=True, TMA_STORE=True),
+}
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_triton_load_paths_and_schedules(use_tma, schedule, device):
+    """TMA descriptors and masked pointer loads; one tile per program, or persistent programs
+    that loop over tiles (under the interpreter: 2 programs, so tiles of different groups
+    interleave and a store past a group's rows would show); masked or TMA stores."""
+    sizes, K, N = CASES["mixed"]
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.float16, device, trans_b=True)
+    g = torch.randn(a.shape[0], N, device=device, dtype=torch.float16)
+    cfg = SCHEDULES[schedule]
+    out = gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, use_tma=use_tma, config=cfg)
+    expected = gmm_reference(a.double(), b.double(), batch_sizes.cpu(), trans_b=True)
+    assert_close("out", out, expected, torch.float16)
+    d_b = gmm_backend.triton_gmm(g, a, batch_sizes, trans_a=True, use_tma=use_tma, config=cfg)
+    expected = gmm_reference(g.double(), a.double(), batch_sizes.cpu(), trans_a=True)
+    assert_close("d_b", d_b, expected, torch.float16)
+
+
+def test_triton_rows_outside_the_groups(device):
+    """The kernels stay in bounds for any sizes: rows past the groups' total are written as zeros
+    and never read (NaN-poisoned here), and groups are clipped at M."""
+    sizes, K, N = CASES["mixed"]
+    M = sum(sizes)
+    extra = 5
+    a = poisoned((M + extra, K), torch.float32, device)
+    a[:M] = torch.randn(M, K, device=device)
+    b = torch.randn(len(sizes), K, N, device=device)
+    batch_sizes = torch.tensor(sizes, dtype=torch.int32, device=device)
+    out = gmm_backend.triton_gmm(a, b, batch_sizes)
+    assert_close("out[:M]", out[:M], gmm_reference(a[:M].double(), b.double(), batch_sizes.cpu()), torch.float32)
+    assert out[M:].abs().max() == 0, "rows past the groups' total must be zero"
+
+    g = poisoned((M + extra, N), torch.float32, device)
+    g[:M] = torch.randn(M, N, device=device)
+    d_b = gmm_backend.triton_gmm(a, g, batch_sizes, trans_a=True)
+    expected = gmm_reference(a[:M].double(), g[:M].double(), batch_sizes.cpu(), trans_a=True)
+    assert_close("d_b", d_b, expected, torch.float32)
+
+    # Sizes past M: the last groups are clipped to the rows there are, a negative size is empty.
+    over = torch.tensor([-3, M - 10, 50], dtype=torch.int64, device=device)
+    b3 = b[:3]
+    out = gmm_backend.triton_gmm(a[:M], b3, over)
+    clipped = torch.tensor([0, M - 10, 10])
+    assert_close("clipped", out, gmm_reference(a[:M].double(), b3.double(), clipped), torch.float32)
+
+
+def test_noncontiguous_inputs(device):
+    """Transposed and strided views give the product of their values."""
+    sizes, K, N = CASES["unaligned"]
+    M, E = sum(sizes), len(sizes)
+    a = torch.randn(K, M, device=device).t()  # column-major a
+    b = torch.randn(E, N, 2 * K, device=device)[:, :, ::2]  # no unit stride at all
+    batch_sizes = torch.tensor(sizes, device=device)
+    for backend in _backends():
+        if not _supported(backend, torch.float32, device):
+            continue
+        out = gmm(a, b, batch_sizes, trans_b=True, backend=backend)
+        assert_close(f"out[{backend}]", out, gmm_reference(a.double(), b.double(), batch_sizes.cpu(), trans_b=True), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_broadcast_gradient(backend, device):
+    """`out.sum().backward()` hands a zero-stride gradient to the backward."""
+    if not _supported(backend, torch.float32, device):
+        pytest.skip(f"backend {backend} does not take float32 on {device}")
+    sizes, K, N = CASES["mixed"]
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.float32, device, trans_b=False)
+    a.requires_grad_()
+    b.requires_grad_()
+    gmm(a, b, batch_sizes, backend=backend).sum().backward()
+    _, d_a, d_b = _reference_with_grads(a, b, batch_sizes, False, torch.ones(sum(sizes), N, device=device))
+    assert_close("d_a", a.grad, d_a, torch.float32)
+    assert_close("d_b", b.grad, d_b, torch.float32)
+
+
+def test_batch_sizes_on_cpu(device):
+    """grouped_gemm's convention (host-side int64 batch sizes) works with every backend."""
+    sizes, K, N = CASES["mixed"]
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.float32, device, trans_b=False, sizes_dtype=torch.int64)
+    expected = gmm_reference(a.double(), b.double(), batch_sizes.cpu())
+    assert_close("out", gmm(a, b, batch_sizes.cpu(), backend="triton"), expected, torch.float32)
+
+
+def test_default_backend(monkeypatch):
+    a = torch.zeros(1, 1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert gmm_backend.default_backend(a) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert gmm_backend.default_backend(a) == "torch"
+    if torch.cuda.is_available():
+        assert gmm_backend.default_backend(a.cuda()) == "triton"
+
+
+def test_triton_on_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    sizes, K, N = CASES["mixed"]
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.float32, "cpu", trans_b=False)
+    out = gmm(a, b, batch_sizes, backend="triton")
+    assert_close("out", out, gmm_reference(a.double(), b.double(), batch_sizes), torch.float32)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        gmm_backend.gmm(a, b, batch_sizes, backend="triton")
+
+
+def test_opcheck(device):
+    """Schema, fake (meta) implementation and autograd registration of the custom op."""
+    sizes, K, N = CASES["unaligned"]
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.float32, device, trans_b=True)
+    a.requires_grad_()
+    b.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.megablocks.gmm.default, (a, b, batch_sizes, False, True, "triton"),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_compiles_in_one_graph(device):
+    """The custom op (with its fake implementation and autograd) traces into one graph."""
+    sizes, K, N = CASES["mixed"]
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.float32, device, trans_b=True)
+    a.requires_grad_()
+    fn = torch.compile(lambda a, b, s: gmm(a, b, s, trans_b=True, backend="triton"), backend="aot_eager", fullgraph=True)
+    out = fn(a, b, batch_sizes)
+    out.backward(torch.ones_like(out))
+    assert_close("out", out, gmm_reference(a.double(), b.double(), batch_sizes.cpu(), trans_b=True), torch.float32)
+    assert a.grad is not None and a.grad.shape == a.shape
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host-device syncs exist only with a GPU")
+def test_triton_backend_never_syncs(device):
+    """Forward and backward with device-side batch sizes run without a host-device sync."""
+    sizes, K, N = CASES["mixed"]
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.bfloat16, device, trans_b=True)
+    a.requires_grad_()
+    b.requires_grad_()
+    gmm(a, b, batch_sizes, trans_b=True, backend="triton").sum().backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = gmm(a, b, batch_sizes, trans_b=True, backend="triton")
+        out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_bad_inputs(device):
+    sizes, K, N = CASES["mixed"]
+    M = sum(sizes)
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.float32, device, trans_b=False)
+    with pytest.raises(TypeError, match="a: expected a torch.Tensor"):
+        gmm(a.tolist(), b, batch_sizes)
+    with pytest.raises(TypeError, match="a: expected dtype"):
+        gmm(a.double(), b.double(), batch_sizes)
+    with pytest.raises(TypeError, match="b: expected the dtype of a"):
+        gmm(a, b.half(), batch_sizes)
+    with pytest.raises(TypeError, match="batch_sizes: expected dtype"):
+        gmm(a, b, batch_sizes.float())
+    with pytest.raises(ValueError, match="b: expected a 3-D tensor"):
+        gmm(a, b[0], batch_sizes)
+    with pytest.raises(ValueError, match=rf"b: expected b.shape\[1\] == {K}"):
+        gmm(a, b[:, :-1], batch_sizes)
+    with pytest.raises(ValueError, match=rf"b: expected b.shape\[2\] \(trans_b=True\) == {K}"):
+        gmm(a, b, batch_sizes, trans_b=True)
+    with pytest.raises(ValueError, match=f"batch_sizes: expected {len(sizes)} entries"):
+        gmm(a, b, batch_sizes[:-1])
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        gmm(a, b, batch_sizes, backend="cutlass")
+    with pytest.raises(ValueError, match="trans_a, trans_b: at most one"):
+        gmm_backend.gmm(a, b, batch_sizes, trans_a=True, trans_b=True)
+    with pytest.raises(ValueError, match=f"b: expected {M} rows"):
+        gmm_backend.gmm(a, a[:-1], batch_sizes, trans_a=True)
+    # Values are checked on CPU batch sizes (no sync needed there).
+    cpu_sizes = batch_sizes.cpu()
+    with pytest.raises(ValueError, match=f"batch_sizes: expected non-negative sizes summing to {M}"):
+        gmm(a, b, cpu_sizes + 1)
+    bad = cpu_sizes.clone()
+    bad[0], bad[1] = -1, bad[1] + 1
+    with pytest.raises(ValueError, match="got min -1"):
+        gmm(a, b, bad)
+
+
+def test_backend_dtype_and_package_errors(device):
+    sizes, K, N = CASES["mixed"]
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.float32, device, trans_b=False)
+    with pytest.raises(TypeError, match="backend='gg'"):
+        gmm(a, b, batch_sizes, backend="gg")
+    if not HAS_GG and device == "cuda":
+        with pytest.raises(ImportError, match=r"pip install megablocks\[gg\]"):
+            gmm(a.bfloat16(), b.bfloat16(), batch_sizes, backend="gg")
