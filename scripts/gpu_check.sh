@@ -5,6 +5,8 @@
 #   scripts/gpu_check.sh LOG_DIR [--bench] [--csrc]
 #
 # --bench runs every benchmarks/bench_*.py, or only those named in $BENCHES (e.g. "permute csrc").
+# $TEST_PATHS (default: tests) picks a part of the suite, to split a run across calls; -k=EXPR
+# passes a pytest selection.
 # Wheels are taken from $MEGABLOCKS_WHEELS (default: .device-wheels/) when that folder exists:
 # stanford-stk, and grouped_gemm for the [gg] extra. --csrc builds the optional CUDA ops first.
 set -uo pipefail
@@ -54,7 +56,7 @@ if [ "$CSRC" = 1 ]; then
   status+=("csrc build: rc=$?")
 fi
 
-python3 -m pytest -q -ra --durations=25 tests "${PYTEST_ARGS[@]}" 2>&1 | tee "$LOG_DIR/pytest.log"
+python3 -m pytest -q -ra --durations=25 ${TEST_PATHS:-tests} "${PYTEST_ARGS[@]}" 2>&1 | tee "$LOG_DIR/pytest.log"
 rc=${PIPESTATUS[0]}
 status+=("pytest (CUDA): rc=$rc :: $(tail -n 1 "$LOG_DIR/pytest.log")")
 

@@ -3,6 +3,7 @@
 The names and argument order follow MegaBlocks 0.10, so code written against it keeps working.
 """
 
+from megablocks.ops.gmm import gmm
 from megablocks.ops.permute import (
     binned_gather,
     binned_scatter,
@@ -21,9 +22,14 @@ from megablocks.ops.routing import (
     routing_metadata,
     sort,
 )
+from megablocks.ops.sparse import dds, dsd, sdd
 from megablocks.ops.topology import make_topology, topology
 
 __all__ = [
+    "dds",
+    "dsd",
+    "gmm",
+    "sdd",
     "binned_gather",
     "binned_scatter",
     "gather",

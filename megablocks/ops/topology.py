@@ -182,4 +182,11 @@ def make_topology(padded_bins: torch.Tensor, *, block_size: int, num_block_rows:
                       column_indices_t, offsets_t, block_offsets_t)
     topo.num_experts = num_experts
     topo.ffn_hidden_size = ffn_hidden_size
+    if not torch.compiler.is_compiling():
+        # The layout also rides on the shared `offsets` tensor in eager mode, so that `topo.t()`
+        # and other Matrix views (which copy no Python attributes) keep it for direct calls of
+        # the sparse products. Traced graphs cannot carry tensor attributes; the layers pass the
+        # layout inside the ops instead.
+        offsets.num_experts = num_experts
+        offsets.ffn_hidden_size = ffn_hidden_size
     return topo

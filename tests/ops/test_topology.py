@@ -228,3 +228,14 @@ def test_no_host_sync_cuda():
         torch.cuda.set_sync_debug_mode("default")
     assert_equal("column_indices", topo.column_indices.cpu(), dense_reference([70, 3, 129, 0], 64, 8, 4)[1])
 
+
+
+def test_transposed_view_keeps_expert_layout(device):
+    # The sparse products read the per-expert layout from the Matrix or, for views such as
+    # `topo.t()` that drop Python attributes, from the shared offsets tensor.
+    pb = torch.tensor([64, 64, 192], dtype=torch.int32, device=device)
+    topo = make_topology(pb, block_size=64, num_block_rows=4, ffn_hidden_size=100, dtype=torch.float32)
+    assert (topo.num_experts, topo.ffn_hidden_size) == (3, 100)
+    view = topo.t()
+    assert (view.offsets.num_experts, view.offsets.ffn_hidden_size) == (3, 100)
+    assert topo.shape == (256, 3 * 2 * 64)
