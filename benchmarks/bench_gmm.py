@@ -22,18 +22,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, print_table, write_csv  # noqa: E402
+from common import CONFIGS, environment, print_table, write_csv  # noqa: E402
 
 from megablocks.backend import gmm as gb  # noqa: E402
 from megablocks.ops.gmm import gmm_reference  # noqa: E402
 
-# name: (T, H, F, E, top_k)
-CONFIGS = {
-    "mixtral": (8192, 4096, 14336, 8, 2),
-    "olmoe": (16384, 2048, 1024, 64, 8),
-    "qwen3moe": (16384, 2048, 768, 128, 8),
-    "mb_paper": (32768, 1024, 4096, 64, 1),
-}
 
 # Launch configs tried by --sweep (16-bit inputs on the H100): keys of backend.gmm._config,
 # plus `use_tma`; each is compared with the default config in the same run.

@@ -27,15 +27,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, print_table, timed, write_csv  # noqa: E402
+from common import CONFIGS, environment, print_table, timed, write_csv  # noqa: E402
 
-# tokens T, hidden H, ffn F, experts E, top-k (TARGETS.md)
-CONFIGS = {
-    "mixtral": (8192, 4096, 14336, 8, 2),
-    "olmoe": (16384, 2048, 1024, 64, 8),
-    "qwen3moe": (16384, 2048, 768, 128, 8),
-    "mb_paper": (32768, 1024, 4096, 64, 1),
-}
 BLOCK = 128
 
 

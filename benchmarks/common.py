@@ -72,3 +72,12 @@ def print_table(rows: List[Dict[str, object]], columns: List[str]) -> None:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# The TARGETS.md layers: name -> (tokens T, hidden H, ffn F, experts E, top-k).
+CONFIGS = {
+    "mixtral": (8192, 4096, 14336, 8, 2),
+    "olmoe": (16384, 2048, 1024, 64, 8),
+    "qwen3moe": (16384, 2048, 768, 128, 8),
+    "mb_paper": (32768, 1024, 4096, 64, 1),
+}
