@@ -1,0 +1,230 @@
+"""Hugging Face transformers (>= 5) integration: a "megablocks" experts implementation, and a
+conversion of MoE blocks to `dMoE`.
+
+Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K routed rows.
+
+1. `megablocks_experts_forward` is registered in transformers' experts interface
+   (`transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`) under the name "megablocks" when this
+   module is imported. Models whose experts use `@use_experts_implementation` (Mixtral, Qwen2-MoE,
+   Qwen3-MoE, OLMoE, ...) then run our routed grouped GEMMs on their own parameters:
+
+       import megablocks.integrations.hf
+       model = AutoModelForCausalLM.from_pretrained(name, experts_implementation="megablocks")
+       # or: model.set_experts_implementation("megablocks")
+
+   The model, its router, its parameters and its state dict are untouched; only the experts'
+   computation changes: x_NH = gather(x_TH), h = gmm(x_NH, gate_up_proj^T), act(gate) * up,
+   y = gmm(h, down_proj^T), out_TH = scatter(y, weights).
+
+2. `convert_model(model)` replaces each sparse-MoE block by a `MegaBlocksMoeBlock` holding a
+   `megablocks.layers.dmoe.dMoE` (`.moe`): the router weight is the same Parameter as the HF
+   router's, the expert weights are converted to the dMoE layout [E·F, H] (a copy; the HF experts
+   are dropped). Qwen2-MoE's gated shared expert is kept as it was. The model then trains with
+   dMoE's kernels and losses (`dMoE.load_balancing_loss` when `moe_loss_weight > 0`). The router
+   logits are no longer recorded for `output_router_logits`; use the dMoE losses instead.
+"""
+
+from typing import Optional
+
+import torch
+
+from megablocks.integrations.checkpoint import fused_to_dmoe
+from megablocks.layers.arguments import Arguments
+from megablocks.layers.dmoe import dMoE
+from megablocks.ops.gmm import gmm
+from megablocks.ops.permute import gather, scatter
+from megablocks.ops.routing import routing_metadata
+
+IMPLEMENTATION_NAME = "megablocks"
+
+
+def megablocks_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The forward of a transformers experts module (`@use_experts_implementation`) on megablocks ops.
+
+    Args:
+        self: the experts module: `gate_up_proj` [E, 2F, H] (or `up_proj` [E, F, H] when not
+            gated; [E, H, ·] when `is_transposed`), `down_proj` [E, H, F], optional biases
+            `*_proj_bias` [E, ·], `act_fn` / `_apply_gate`, `num_experts`.
+        hidden_states: [T, H].
+        top_k_index: [T, K] int expert ids.
+        top_k_weights: [T, K] routing weights.
+
+    Returns:
+        [T, H] in hidden_states' dtype: `Σ_k weight_tk · expert_{id_tk}(x_t)`, differentiable in
+        the inputs, the weights and the expert parameters.
+
+    Raises:
+        NotImplementedError: the module is expert-parallel (transformers' sentinel routing).
+    """
+    if getattr(self, "_is_expert_parallel", False):
+        raise NotImplementedError("experts_implementation='megablocks' does not take transformers' expert parallelism; "
+                                  "use megablocks' own (Arguments.moe_expert_model_parallelism)")
+    top_k = top_k_index.shape[-1]
+    up_weight = self.gate_up_proj if self.has_gate else self.up_proj
+    x_TH = hidden_states.to(up_weight.dtype)
+    with torch.no_grad():
+        meta = routing_metadata(top_k_index, self.num_experts, 1)
+    x_NH = gather(x_TH, meta.indices, meta.bin_ids, meta.bins, top_k)
+    trans_b = not self.is_transposed
+    h = gmm(x_NH, up_weight, meta.tokens_per_expert, trans_b=trans_b)
+    if self.has_bias:
+        h = h + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[meta.bin_ids.long()]
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)
+    y = gmm(h, self.down_proj, meta.tokens_per_expert, trans_b=trans_b)
+    if self.has_bias:
+        y = y + self.down_proj_bias[meta.bin_ids.long()]
+    if self.has_post_expert_norm:
+        y = self.post_expert_norm(y)
+    out = scatter(y, meta.indices, meta.bin_ids, top_k_weights.reshape(-1), meta.bins, top_k)
+    return out.to(hidden_states.dtype)
+
+
+def register(name: str = IMPLEMENTATION_NAME) -> None:
+    """Registers `megablocks_experts_forward` in transformers' experts interface under `name`.
+
+    Idempotent; done with the default name when this module is imported.
+    """
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(name, megablocks_experts_forward)
+
+
+class MegaBlocksMoeBlock(torch.nn.Module):
+    """A transformers sparse-MoE block on a `dMoE` (`.moe`), with Qwen2-MoE's gated shared expert.
+
+    `forward(hidden_states [..., H])` returns the same shape:
+    `dMoE(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x)` (the shared term only when the
+    original block had one). State-dict keys: `moe.router.layer.weight`, `moe.experts.mlp.{w1,v1,w2}`,
+    and the original `shared_expert.*`, `shared_expert_gate.weight`.
+    """
+
+    def __init__(self, moe: dMoE, shared_expert: Optional[torch.nn.Module] = None,
+                 shared_expert_gate: Optional[torch.nn.Module] = None):
+        super().__init__()
+        self.moe = moe
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self.moe(hidden_states)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(hidden_states)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+            out = out + shared
+        return out
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _normalizes_top_k(block: torch.nn.Module) -> bool:
+    # Mixtral's router always renormalises the top-k weights; the others follow norm_topk_prob.
+    return bool(getattr(block.gate, "norm_topk_prob", True))
+
+
+# Routers whose semantics dMoE's router reproduces: softmax over the logits, top-k, optionally
+# renormalised. Others (sigmoid scores, expert-score biases, group-limited routing) are refused.
+SUPPORTED_ROUTERS = ("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "OlmoeTopKRouter")
+
+
+def is_sparse_moe_block(module: torch.nn.Module) -> bool:
+    """Whether `module` is a block `convert_model` converts: a router `gate` of SUPPORTED_ROUTERS
+    (softmax top-k, `weight` [E, H]) and gated, bias-free, non-transposed fused experts
+    (`gate_up_proj`, `down_proj`)."""
+    gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+    return (
+        type(gate).__name__ in SUPPORTED_ROUTERS
+        and isinstance(getattr(gate, "weight", None), torch.Tensor)
+        and hasattr(gate, "top_k")
+        and isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+        and isinstance(getattr(experts, "down_proj", None), torch.Tensor)
+        and getattr(experts, "has_gate", True)
+        and not getattr(experts, "has_bias", False)
+        and not getattr(experts, "is_transposed", False)
+        and not getattr(experts, "has_post_expert_norm", False)
+    )
+
+
+def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
+    """A `MegaBlocksMoeBlock` computing what the transformers sparse-MoE `block` computes.
+
+    Args:
+        block: a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE sparse-MoE block (see `is_sparse_moe_block`).
+        overrides: `Arguments` fields to set (e.g. mlp_impl='sparse', moe_loss_weight=0.01,
+            gmm_backend='torch'); defaults: mlp_impl='grouped', moe_loss_weight=0, no bias.
+
+    Mixtral's `router_jitter_noise` becomes `moe_jitter_eps`; note that dMoE jitters the router
+    input only, where Mixtral also jitters the experts' input (training only; 0 by default).
+
+    Raises:
+        TypeError: `block` is not a supported sparse-MoE block.
+        ValueError: invalid overrides, or expert weights of an unsupported dtype.
+    """
+    if not is_sparse_moe_block(block):
+        raise TypeError(f"block: expected a transformers sparse-MoE block, got {type(block).__name__}")
+    weight = block.experts.gate_up_proj
+    num_experts, two_f, hidden = weight.shape
+    kwargs = dict(
+        hidden_size=hidden,
+        ffn_hidden_size=two_f // 2,
+        moe_num_experts=num_experts,
+        moe_top_k=block.gate.top_k,
+        moe_normalize_expert_weights=1 if _normalizes_top_k(block) else None,
+        moe_jitter_eps=getattr(block, "jitter_noise", 0.0) or None,
+        moe_loss_weight=0.0,
+        moe_router_fp32=True,
+        mlp_type="glu",
+        mlp_impl="grouped",
+        activation_fn=block.experts.act_fn,
+        bias=False,
+        return_bias=False,
+        fp16=weight.dtype == torch.float16,
+        bf16=weight.dtype == torch.bfloat16,
+        device=weight.device,
+        init_method=_keep,
+        output_layer_init_method=_keep,
+    )
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.get_default_dtype()):
+        raise ValueError(f"block: expected expert weights in float16, bfloat16 or the default dtype, got {weight.dtype}")
+    kwargs.update(overrides)
+    args = Arguments(**kwargs)
+    moe = dMoE(args)
+    moe.router.layer.weight = block.gate.weight
+    w1, v1, w2 = fused_to_dmoe(block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
+    with torch.no_grad():
+        moe.experts.mlp.w1.copy_(w1)
+        moe.experts.mlp.v1.copy_(v1)
+        moe.experts.mlp.w2.copy_(w2)
+    return MegaBlocksMoeBlock(moe, getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None))
+
+
+def convert_model(model: torch.nn.Module, **overrides) -> torch.nn.Module:
+    """Replaces, in place, every sparse-MoE block of a transformers model by a `MegaBlocksMoeBlock`.
+
+    Args:
+        model: e.g. a `MixtralForCausalLM`, `Qwen2MoeForCausalLM`, `Qwen3MoeForCausalLM` or
+            `OlmoeForCausalLM` (dense layers of mixed models are left alone).
+        overrides: `Arguments` fields for every dMoE, as in `dmoe_from_block`.
+
+    Returns:
+        `model` (converted in place). The converted model's state dict keys are those of
+        `megablocks.integrations.checkpoint.hf_to_megablocks_state_dict`.
+
+    Raises:
+        ValueError: no sparse-MoE block was found.
+    """
+    targets = [(name, module) for name, module in model.named_modules() if is_sparse_moe_block(module)]
+    if not targets:
+        raise ValueError(f"model: expected transformers sparse-MoE blocks, found none in {type(model).__name__}")
+    for name, block in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, dmoe_from_block(block, **overrides))
+    return model
+
+
+register()

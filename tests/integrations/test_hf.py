@@ -1,0 +1,287 @@
+"""The "megablocks" experts implementation and `convert_model` against stock transformers models.
+
+Tiny random models built from configs (no download): Mixtral, Qwen2-MoE (shared expert, one
+dense layer), Qwen3-MoE and OLMoE. Logits, the input-embedding gradient and the gradients of the
+expert and router weights are compared with the stock model's (eager experts).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+from tests.utils import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+from megablocks.integrations import hf  # noqa: E402
+from megablocks.integrations.checkpoint import fused_to_dmoe  # noqa: E402
+
+VOCAB = 61
+
+
+def tiny_model(kind: str, dtype=torch.float32):
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts_per_tok=2)
+    if kind == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=24, num_local_experts=4, **common)
+        cls = transformers.MixtralForCausalLM
+    elif kind == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(intermediate_size=40, moe_intermediate_size=24, num_experts=4,
+                                          shared_expert_intermediate_size=20, mlp_only_layers=[1],
+                                          norm_topk_prob=False, **common)
+        cls = transformers.Qwen2MoeForCausalLM
+    elif kind == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=24, num_experts=4,
+                                          norm_topk_prob=True, head_dim=8, **common)
+        cls = transformers.Qwen3MoeForCausalLM
+    else:
+        cfg = transformers.OlmoeConfig(intermediate_size=24, num_experts=4, norm_topk_prob=False, **common)
+        cls = transformers.OlmoeForCausalLM
+    model = cls(cfg).to(device=DEVICE, dtype=dtype)
+    with torch.no_grad():  # some routers start at zero: give them distinct scores
+        for name, p in model.named_parameters():
+            if name.endswith("gate.weight"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def run(model, ids, probe):
+    """Logits and the gradients of sum(logits * probe) w.r.t. every parameter, by name."""
+    model.zero_grad(set_to_none=True)
+    logits = model(ids).logits
+    (logits * probe).sum().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def experts_grads(grads, prefix):
+    """(w1, v1, w2) gradients of a stock block's experts in the dMoE layout."""
+    return fused_to_dmoe(grads[prefix + "experts.gate_up_proj"], grads[prefix + "experts.down_proj"])
+
+
+@pytest.fixture
+def references(monkeypatch):
+    # Model-level tests run the plain-torch references of the ops (fast); the kernels under the
+    # interpreter are covered by test_experts_implementation_under_interpreter.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _inputs(seq=7):
+    ids = torch.randint(0, VOCAB, (2, seq), device=DEVICE)
+    probe = torch.randn(2, seq, VOCAB, device=DEVICE)
+    return ids, probe
+
+
+def test_registered():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    assert ALL_EXPERTS_FUNCTIONS["megablocks"] is hf.megablocks_experts_forward
+
+
+def test_model_dispatches_to_megablocks(references):
+    calls = []
+
+    def spy(self, *args):
+        calls.append(type(self).__name__)
+        return hf.megablocks_experts_forward(self, *args)
+
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register("megablocks_spy", spy)
+    try:
+        model = tiny_model("qwen3_moe")
+        model.set_experts_implementation("megablocks_spy")
+        model(_inputs()[0])
+    finally:
+        ExpertsInterface._global_mapping.pop("megablocks_spy")
+    assert calls == ["Qwen3MoeExperts", "Qwen3MoeExperts"]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_experts_implementation(kind, references):
+    stock = tiny_model(kind).train()
+    ours = copy.deepcopy(stock)
+    ours.set_experts_implementation("megablocks")
+    ids, probe = _inputs()
+    logits, grads = run(stock, ids, probe)
+    our_logits, our_grads = run(ours, ids, probe)
+    assert_close("logits", our_logits, logits)
+    assert set(our_grads) == set(grads)
+    checked = [n for n in grads if "experts" in n or "gate.weight" in n or "embed_tokens" in n]
+    assert any("gate_up_proj" in n for n in checked) and any("down_proj" in n for n in checked)
+    for name in checked:
+        assert_close(name, our_grads[name], grads[name])
+
+
+def test_experts_implementation_under_interpreter():
+    """One small case through the Triton kernels (interpreter on CPU)."""
+    stock = tiny_model("mixtral")
+    ours = copy.deepcopy(stock)
+    ours.set_experts_implementation("megablocks")
+    ids, probe = _inputs(seq=3)
+    logits, grads = run(stock, ids, probe)
+    our_logits, our_grads = run(ours, ids, probe)
+    assert_close("logits", our_logits, logits)
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"):
+        assert_close(name, our_grads[name], grads[name])
+
+
+def test_experts_implementation_rejects_expert_parallel(references):
+    model = tiny_model("olmoe")
+    model.set_experts_implementation("megablocks")
+    model.model.layers[0].mlp.experts._is_expert_parallel = True
+    ids, _ = _inputs()
+    with pytest.raises(NotImplementedError, match="expert parallelism"):
+        model(ids)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("mlp_impl", ["grouped", "sparse"])
+def test_convert_model(kind, mlp_impl, references):
+    stock = tiny_model(kind).train()
+    ours = hf.convert_model(copy.deepcopy(stock), mlp_impl=mlp_impl, moe_block_size=16)
+    blocks = [n for n, m in ours.named_modules() if isinstance(m, hf.MegaBlocksMoeBlock)]
+    assert blocks == (["model.layers.0.mlp"] if kind == "qwen2_moe" else ["model.layers.0.mlp", "model.layers.1.mlp"])
+    ids, probe = _inputs()
+    logits, grads = run(stock, ids, probe)
+    our_logits, our_grads = run(ours, ids, probe)
+    assert_close("logits", our_logits, logits)
+    assert_close("embed_tokens.weight", our_grads["model.embed_tokens.weight"], grads["model.embed_tokens.weight"])
+    for block in blocks:
+        expected = experts_grads(grads, block + ".")
+        for name, exp in zip(("w1", "v1", "w2"), expected):
+            key = f"{block}.moe.experts.mlp.{name}"
+            assert_close(key, our_grads[key], exp)
+        assert_close("router", our_grads[f"{block}.moe.router.layer.weight"], grads[f"{block}.gate.weight"])
+    if kind == "qwen2_moe":
+        key = "model.layers.0.mlp.shared_expert_gate.weight"
+        assert_close(key, our_grads[key], grads[key])
+
+
+def test_convert_model_shares_router_weight():
+    model = tiny_model("mixtral")
+    router = model.model.layers[0].mlp.gate.weight
+    hf.convert_model(model)
+    assert model.model.layers[0].mlp.moe.router.layer.weight is router
+
+
+def test_convert_model_bad_input():
+    dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="sparse-MoE blocks"):
+        hf.convert_model(dense)
+    with pytest.raises(TypeError, match="sparse-MoE block"):
+        hf.dmoe_from_block(dense.model.layers[0].mlp)
+    block = tiny_model("mixtral").model.layers[0].mlp
+    with pytest.raises(ValueError, match="mlp_impl"):
+        hf.dmoe_from_block(block, mlp_impl="dense")
+
+    class SigmoidGroupRouter(torch.nn.Module):  # routing dMoE does not reproduce
+        def __init__(self, weight, top_k):
+            super().__init__()
+            self.weight, self.top_k = weight, top_k
+
+    block.gate = SigmoidGroupRouter(block.gate.weight, block.gate.top_k)
+    with pytest.raises(TypeError, match="sparse-MoE block"):
+        hf.dmoe_from_block(block)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_state_dict_round_trip_through_models(kind, references):
+    """A stock checkpoint loads (strictly) into a converted model of other weights and back."""
+    from megablocks.integrations.checkpoint import hf_to_megablocks_state_dict, megablocks_to_hf_state_dict
+
+    stock = tiny_model(kind).eval()
+    ids, _ = _inputs()
+    expected = stock(ids).logits
+    converted = hf.convert_model(tiny_model(kind)).eval()  # fresh random weights
+    converted.load_state_dict(hf_to_megablocks_state_dict(stock.state_dict()), strict=True)
+    assert_close("logits (converted, stock weights)", converted(ids).logits, expected)
+    fresh = tiny_model(kind).eval()
+    fresh.load_state_dict(megablocks_to_hf_state_dict(converted.state_dict(), num_experts=4), strict=True)
+    assert_close("logits (stock, converted weights)", fresh(ids).logits, expected)
+
+
+def _experts_module(has_gate, has_bias, is_transposed, e=4, h=24, f=20, dtype=torch.float32):
+    """A transformers-style experts module with the layout flags, built from the decorator."""
+    from transformers.integrations.moe import use_experts_implementation
+
+    class Experts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = e
+            up = (2 * f if has_gate else f)
+            name = "gate_up_proj" if has_gate else "up_proj"
+            shape = (e, h, up) if is_transposed else (e, up, h)
+            setattr(self, name, torch.nn.Parameter(torch.randn(shape, device=DEVICE, dtype=dtype) / h**0.5))
+            self.down_proj = torch.nn.Parameter(
+                torch.randn((e, f, h) if is_transposed else (e, h, f), device=DEVICE, dtype=dtype) / f**0.5)
+            if has_bias:
+                setattr(self, name + "_bias", torch.nn.Parameter(torch.randn(e, up, device=DEVICE, dtype=dtype)))
+                self.down_proj_bias = torch.nn.Parameter(torch.randn(e, h, device=DEVICE, dtype=dtype))
+            self.act_fn = torch.nn.functional.silu
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            raise AssertionError("the eager forward is not under test")
+
+    decorated = use_experts_implementation(Experts, has_gate=has_gate, has_bias=has_bias, is_transposed=is_transposed)
+    config = transformers.PretrainedConfig()
+    return decorated(config)
+
+
+@pytest.mark.parametrize("has_gate,has_bias,is_transposed", [(True, False, False), (True, True, True),
+                                                              (False, True, False), (False, False, True)])
+@pytest.mark.parametrize("t,k", [(0, 2), (1, 1), (9, 4), (11, 2)])
+def test_experts_forward_layouts(has_gate, has_bias, is_transposed, t, k, references):
+    """Against transformers' own batched_mm implementation, forward and every gradient."""
+    experts = _experts_module(has_gate, has_bias, is_transposed)
+    x = torch.randn(t, 24, device=DEVICE, requires_grad=True)
+    ids = torch.zeros(t, k, dtype=torch.long, device=DEVICE)
+    for i in range(t):
+        ids[i] = torch.randperm(4, device=DEVICE)[:k]
+    ids[: t // 2] = torch.arange(k, device=DEVICE)  # experts 0..k-1 crowded, expert 3 often empty
+    weights = torch.rand(t, k, device=DEVICE, requires_grad=True)
+    probe = torch.randn(t, 24, device=DEVICE)
+    results = {}
+    for impl in ("batched_mm", "megablocks"):
+        experts.config._experts_implementation = impl
+        for p in (x, weights, *experts.parameters()):
+            p.grad = None
+        out = experts(x, ids, weights)
+        (out * probe).sum().backward()
+        results[impl] = (out.detach(), x.grad, weights.grad, {n: p.grad for n, p in experts.named_parameters()})
+    (out, dx, dw, grads), (ref, ref_dx, ref_dw, ref_grads) = results["megablocks"], results["batched_mm"]
+    assert_close("out", out, ref)
+    if t:
+        assert_close("hidden_states.grad", dx, ref_dx)
+        assert_close("top_k_weights.grad", dw, ref_dw)
+        for name in ref_grads:
+            assert_close(f"{name}.grad", grads[name], ref_grads[name])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 runs on the GPU")
+def test_experts_forward_bf16():
+    experts = _experts_module(True, False, False, e=8, h=256, f=320, dtype=torch.bfloat16)
+    x = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.randint(0, 8, (64, 2), device=DEVICE)
+    weights = torch.rand(64, 2, device=DEVICE)
+    experts.config._experts_implementation = "megablocks"
+    out = experts(x, ids, weights)
+    fp32 = _experts_module(True, False, False, e=8, h=256, f=320)
+    fp32.load_state_dict({k: v.float() for k, v in experts.state_dict().items()})
+    fp32.config._experts_implementation = "batched_mm"
+    ref = fp32(x.float(), ids, weights)
+    assert_close("out (bf16 vs fp32 batched_mm)", out, ref.to(torch.bfloat16))
+
+
+def test_greedy_generation_matches(references):
+    """Decoding (one token per step, with a KV cache) picks the stock model's tokens."""
+    stock = tiny_model("qwen3_moe").eval()
+    ours = copy.deepcopy(stock)
+    ours.set_experts_implementation("megablocks")
+    prompt = torch.randint(0, VOCAB, (2, 5), device=DEVICE)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = stock.generate(prompt, **kw)
+    assert expected.shape[1] == 11
+    assert torch.equal(ours.generate(prompt, **kw), expected)
