@@ -17,6 +17,10 @@ Grouped path (`mlp_impl='grouped'`):
 
 No value is read on the host on either path (the 'gg' gmm backend, which takes its group sizes
 on the host, is the exception): a dMoE step can be captured in a CUDA graph.
+
+Expert parallelism (`moe_expert_model_parallelism`): `moe.ParallelMLP.parallel_forward_once`
+exchanges the rows with the ranks holding their experts and runs either path above on the
+E/esd local experts (weights [E/esd · F/hsd, H]); the split sizes are read on the host.
 """
 
 import stk
@@ -52,29 +56,37 @@ class ParallelDroplessMLP(moe.ParallelMLP):
             dtype=x.dtype,
         )
 
-    def sparse_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
-        x_TH = x.reshape(-1, x.shape[-1])
+    def sparse_permute_and_compute(self, x_TH, weights_N, top_experts, num_experts: int, top_k: int):
         with torch.no_grad():
-            meta = routing_metadata(top_experts, self.num_experts, self.blocking)
-        x_PH = padded_gather(
-            x_TH, meta.indices, meta.bin_ids, meta.bins, meta.padded_bins, self.top_k, block_size=self.blocking
-        )
+            meta = routing_metadata(top_experts, num_experts, self.blocking)
+        x_PH = padded_gather(x_TH, meta.indices, meta.bin_ids, meta.bins, meta.padded_bins, top_k, block_size=self.blocking)
         with torch.no_grad():
             topo = self.topology(x_PH, meta.padded_bins)
         y_PH = self.mlp(x_PH, topo)
-        out_TH = padded_scatter(
-            y_PH, meta.indices, meta.bin_ids, expert_weights.flatten(), meta.bins, meta.padded_bins, self.top_k
-        )
+        out_TH = padded_scatter(y_PH, meta.indices, meta.bin_ids, weights_N, meta.bins, meta.padded_bins, top_k)
         return out_TH, meta.tokens_per_expert
+
+    def grouped_permute_and_compute(self, x_TH, weights_N, top_experts, num_experts: int, top_k: int):
+        with torch.no_grad():
+            indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
+        x_NH = gather(x_TH, indices, bin_ids, bins, top_k)
+        y_NH = self.mlp(x_NH, tokens_per_expert)
+        out_TH = scatter(y_NH, indices, bin_ids, weights_N, bins, top_k)
+        return out_TH, tokens_per_expert
+
+    def permute_and_compute(self, x_TH, weights_N, top_experts, num_experts: int, top_k: int, capacity=None):
+        """Dropless: every assignment is computed (`capacity` is ignored)."""
+        if self.args.mlp_impl == "sparse":
+            return self.sparse_permute_and_compute(x_TH, weights_N, top_experts, num_experts, top_k)
+        return self.grouped_permute_and_compute(x_TH, weights_N, top_experts, num_experts, top_k)
+
+    def sparse_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
+        x_TH = x.reshape(-1, x.shape[-1])
+        return self.sparse_permute_and_compute(x_TH, expert_weights.flatten(), top_experts, self.num_experts, self.top_k)
 
     def grouped_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
         x_TH = x.reshape(-1, x.shape[-1])
-        with torch.no_grad():
-            indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts)
-        x_NH = gather(x_TH, indices, bin_ids, bins, self.top_k)
-        y_NH = self.mlp(x_NH, tokens_per_expert)
-        out_TH = scatter(y_NH, indices, bin_ids, expert_weights.flatten(), bins, self.top_k)
-        return out_TH, tokens_per_expert
+        return self.grouped_permute_and_compute(x_TH, expert_weights.flatten(), top_experts, self.num_experts, self.top_k)
 
     def forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
         if self.args.mlp_impl == "sparse":

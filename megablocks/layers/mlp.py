@@ -37,21 +37,22 @@ def resolve_dtensor(weight: torch.Tensor) -> torch.Tensor:
 def create_moe_expert_weights(
     args: Arguments, num_experts: int, ffn_hidden_size: int, hidden_size: int, init_method: InitFn
 ) -> torch.Tensor:
-    """All experts' weights as one `[E, F, H]` tensor, initialised in one call of `init_method`.
+    """This rank's experts' weights `[E_local, F_local, H]`, cut from all experts' `[E, F, H]`.
 
-    Initialising the whole tensor at once makes the values independent of how experts are later
-    split over processes for the same seed.
+    The whole tensor is initialised in one call of `init_method` and then sliced
+    (`mpu.expert_shard`), so the values are independent of how experts are split over processes
+    for the same seed: an expert-parallel rank holds exactly the slice a single process would.
     """
     weights = torch.empty(num_experts, ffn_hidden_size, hidden_size, device=common.device(args), dtype=common.dtype(args))
     init_method(weights)
-    return weights
+    return mpu.expert_shard(args, weights)
 
 
 def create_dmoe_expert_weights(
     args: Arguments, num_experts: int, rows: int, columns: int, init_method: InitFn
 ) -> torch.Tensor:
-    """`create_moe_expert_weights` viewed as the dMoE layout `[E·rows, columns]`."""
-    return create_moe_expert_weights(args, num_experts, rows, columns, init_method).view(-1, columns)
+    """`create_moe_expert_weights` in the dMoE layout `[E_local·rows_local, columns]`."""
+    return create_moe_expert_weights(args, num_experts, rows, columns, init_method).reshape(-1, columns)
 
 
 class _RecomputeSaved:
@@ -184,7 +185,11 @@ class MLP(torch.nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cast = [None if w is None else resolve_dtensor(w).to(x.dtype) for w in (self.w1, self._v1(), self.w2)]
+        scale = mpu.expert_gradient_scale(self.args)
+        cast = [
+            None if w is None else mpu.scale_gradient(resolve_dtensor(w), scale).to(x.dtype)
+            for w in (self.w1, self._v1(), self.w2)
+        ]
         return expert_ffn(
             x, *cast, up=torch.bmm, down=torch.bmm,
             activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
@@ -223,7 +228,13 @@ class SparseMLP(torch.nn.Module):
         return None
 
     def _cast_weights(self, x: torch.Tensor):
-        return [None if w is None else resolve_dtensor(w).to(x.dtype) for w in (self.w1, self._v1(), self.w2)]
+        """The weights in x's dtype; with expert parallelism their gradients are scaled by 1 / W
+        (`mpu.expert_gradient_scale`)."""
+        scale = mpu.expert_gradient_scale(self.args)
+        return [
+            None if w is None else mpu.scale_gradient(resolve_dtensor(w), scale).to(x.dtype)
+            for w in (self.w1, self._v1(), self.w2)
+        ]
 
     def forward(self, x: torch.Tensor, topo: stk.Matrix) -> torch.Tensor:
         def up(x, w):

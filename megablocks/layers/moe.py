@@ -11,17 +11,26 @@ C capacity (rows per expert).
 `C = int(moe_capacity_factor * K * T / E)`; when that is 0 (a factor of 0, or few tokens) the
 capacity is the largest expert's count, which is read on the host: `MoE` synchronises with the
 device once per forward in that case. `dMoE` is the dropless, sync-free layer.
+
+Expert parallelism (`moe_expert_model_parallelism=True`, `expert_parallel_group`): each of the
+W ranks holds E/esd experts and F/hsd of their FFN (`mpu`); `ParallelMLP.parallel_forward_once`
+sends every assignment to its expert's ranks with `all_to_all` and back (the split sizes are
+read on the host once per forward: the documented synchronisation). `MoE`'s capacity is then
+that of the union of the ranks' batches, `int(moe_capacity_factor * K * ΣT / E)`, so a rank
+keeps and drops exactly the assignments a single process would on the concatenated batches.
+Expert weight gradients are scaled by 1 / W (`mpu.expert_gradient_scale`); see
+`megablocks.layers.data_parallel` for the reduction that makes training match one process.
 """
 
 from typing import Optional, Tuple
 
 import torch
 
-from megablocks.layers import common, glu, mlp, mpu, router, sharedexpert_registry
-from megablocks.layers.arguments import Arguments
+from megablocks.layers import common, expert_parallel, glu, mlp, mpu, router, sharedexpert_registry
+from megablocks.layers.arguments import MLP_IMPLS, MLP_TYPES, Arguments
 from megablocks.layers.losses import collector_for, default_collector
 from megablocks.layers.losses import load_balancing_loss as _load_balancing_loss
-from megablocks.ops.permute import binned_gather, binned_scatter
+from megablocks.ops.permute import binned_gather, binned_scatter, gather, scatter
 from megablocks.ops.routing import routing_metadata
 
 
@@ -58,12 +67,16 @@ class ParallelMLP(torch.nn.Module):
 
     `forward(x, scores, expert_weights, top_experts)` returns the experts' output shaped like x,
     or `(output, bias)` with `return_bias`, or `output + bias`. After a forward,
-    `self.tokens_per_expert` holds the int32 [E] count of assignments each expert received.
+    `self.tokens_per_expert` holds the int32 [E] count of this rank's assignments per expert.
+
+    With `moe_expert_model_parallelism` the forward is `parallel_forward_once`: this rank holds
+    E/esd experts (and F/hsd of each one's FFN, see `mpu`), tokens travel to their experts'
+    ranks and back with `all_to_all`. `bias` is not an expert parameter (replicated).
     """
 
     def __init__(self, args: Arguments):
         super().__init__()
-        mpu.check_single_process(args)
+        mpu.hidden_sharding_degree(args)  # validates the expert-parallel setup on every rank
         self.args = args
         self.num_experts = args.moe_num_experts
         self.top_k = args.moe_top_k
@@ -73,9 +86,21 @@ class ParallelMLP(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
         self.tokens_per_expert: Optional[torch.Tensor] = None
+        self._exchange = (
+            expert_parallel.TokenExchange(args, self._signature()) if args.moe_expert_model_parallelism else None
+        )
 
     def _init_mlp(self, args: Arguments) -> torch.nn.Module:
         return glu.GLU(args) if args.mlp_type == "glu" else mlp.MLP(args)
+
+    def _signature(self) -> Tuple[int, ...]:
+        """What every expert-parallel rank must agree on (compared before the first exchange)."""
+        args = self.args
+        return (
+            args.hidden_size, args.ffn_hidden_size, args.moe_num_experts, args.moe_top_k,
+            MLP_TYPES.index(args.mlp_type), MLP_IMPLS.index(args.mlp_impl), args.moe_block_size,
+            int(args.moe_capacity_factor * 1_000_000), int(args.memory_optimized_mlp),
+        )
 
     def expert_capacity(self, tokens: int) -> int:
         """`int(moe_capacity_factor * K * tokens * world_size / E)` (0 means: no dropping)."""
@@ -86,26 +111,75 @@ class ParallelMLP(torch.nn.Module):
         """This layer's unweighted loss `E / (T * K) * dot(tokens_per_expert, mean_t expert_scores)`."""
         return _load_balancing_loss(tokens_per_expert, expert_scores, self.top_k)
 
-    def indices_and_bins(self, top_expert: torch.Tensor):
+    def indices_and_bins(self, top_expert: torch.Tensor, num_experts: Optional[int] = None):
         """`(indices, bin_ids, bins, tokens_per_expert)` of the flattened assignments (int32)."""
-        meta = routing_metadata(top_expert, self.num_experts, 1)
+        meta = routing_metadata(top_expert, self.num_experts if num_experts is None else num_experts, 1)
         return meta.indices, meta.bin_ids, meta.bins, meta.tokens_per_expert
+
+    def permute_and_compute(
+        self,
+        x_TH: torch.Tensor,
+        weights_N: Optional[torch.Tensor],
+        top_experts: torch.Tensor,
+        num_experts: int,
+        top_k: int,
+        capacity: Optional[int],
+    ):
+        """Routes the rows of `x_TH` to `num_experts` local experts and back: `(out_TH, counts_E)`.
+
+        `top_experts` holds T·top_k expert ids; `weights_N` (None: 1) scales each assignment;
+        `capacity` rows per expert (None: the largest expert's count, read on the host).
+        """
+        with torch.no_grad():
+            indices, _, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
+            if capacity is None:
+                # The one host read of the capacity path: the largest expert's count.
+                capacity = int(tokens_per_expert.max()) if tokens_per_expert.numel() else 0
+        x_ECH = binned_gather(x_TH, indices, bins, capacity, top_k)
+        y_ECH = self.mlp(x_ECH)
+        out_TH = binned_scatter(y_ECH, indices, weights_N, bins, top_k)
+        return out_TH, tokens_per_expert
 
     def forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
         x_TH = x.reshape(-1, x.shape[-1])
+        capacity = self.expert_capacity(x_TH.shape[0]) or None
+        return self.permute_and_compute(
+            x_TH, expert_weights.flatten(), top_experts, self.num_experts, self.top_k, capacity
+        )
+
+    def parallel_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
+        """The expert-parallel forward (legend: N = T·K local assignments, R rows received).
+
+            counts exchanged (all ranks' [E] counts, with a signature of the setup)
+            x_NH = gather(x_TH)                      in expert order, overlapping the exchange
+            x_RH = all_to_all(x_NH tiled hsd times)  rows of this rank's experts, by source rank
+            y_RH = local experts (each row weight 1)
+            y_NH = Σ over hsd of all_to_all back     the FFN shards' partial outputs summed
+            out_TH = scatter(y_NH, expert_weights)
+
+        Reads the exchanged counts on the host once (the split sizes of the all_to_all).
+        """
+        x_TH = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
-            indices, _, bins, tokens_per_expert = self.indices_and_bins(top_experts)
-            capacity = self.expert_capacity(x_TH.shape[0])
-            if capacity == 0:
-                # The one host read of this layer: the largest expert's count.
-                capacity = int(tokens_per_expert.max())
-        x_ECH = binned_gather(x_TH, indices, bins, capacity, self.top_k)
-        y_ECH = self.mlp(x_ECH)
-        out_TH = binned_scatter(y_ECH, indices, expert_weights.flatten(), bins, self.top_k)
+            indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts)
+        pending = self._exchange.start(tokens_per_expert, x_TH)
+        x_NH = gather(x_TH, indices, bin_ids, bins, self.top_k)
+        plan = pending.wait()
+        x_RH = plan.dispatch(x_NH)
+        # The capacity of the union of the ranks' batches, as one process would compute it.
+        capacity = int(self.args.moe_capacity_factor * self.top_k * plan.global_tokens / self.num_experts) or None
+        y_RH, _ = self.permute_and_compute(
+            x_RH, None, plan.local_experts_R, plan.experts_per_rank, 1, capacity
+        )
+        y_NH = plan.combine(y_RH)
+        out_TH = scatter(y_NH, indices, bin_ids, expert_weights.flatten(), bins, self.top_k)
         return out_TH, tokens_per_expert
 
     def forward(self, x: torch.Tensor, scores: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
-        out, self.tokens_per_expert = self.forward_once(x, expert_weights, top_experts)
+        if self._exchange is not None:
+            out, self.tokens_per_expert = self.parallel_forward_once(x, expert_weights, top_experts)
+        else:
+            out, self.tokens_per_expert = self.forward_once(x, expert_weights, top_experts)
         out = out.view(x.shape)
         if self.bias is None:
             return out

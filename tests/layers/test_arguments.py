@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megablocks.layers import common, mpu
+from megablocks.layers import common
 from megablocks.layers.arguments import DEFAULT_ACTIVATION_FN, Arguments, from_megatron
 from megablocks.layers.losses import MoELossCollector
 from megablocks.layers.moe import MoE
@@ -125,12 +125,6 @@ def test_valid_edge_values():
                      moe_jitter_eps=0.0, moe_block_size=16, ffn_hidden_size=2880, shared_expert_hidden_size=64,
                      loss_collector=MoELossCollector(), device=torch.device("cpu"))
     assert args.shared_expert_hidden_size == 64
-
-
-def test_expert_parallel_world_larger_than_one_is_refused(monkeypatch):
-    monkeypatch.setattr(mpu, "get_expert_parallel_world_size", lambda args: 2)
-    with pytest.raises(NotImplementedError, match="world size of 1"):
-        MoE(Arguments(hidden_size=8, ffn_hidden_size=8, moe_num_experts=2, fp16=False, device="cpu"))
 
 
 def test_from_megatron_core_names():
