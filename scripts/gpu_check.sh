@@ -7,8 +7,10 @@
 # --bench runs every benchmarks/bench_*.py, or only those named in $BENCHES (e.g. "permute csrc").
 # $TEST_PATHS (default: tests) picks a part of the suite, to split a run across calls; -k=EXPR
 # passes a pytest selection.
-# Wheels are taken from $MEGABLOCKS_WHEELS (default: .device-wheels/) when that folder exists:
-# stanford-stk, and grouped_gemm for the [gg] extra. --csrc builds the optional CUDA ops first.
+# Wheels are taken from $MEGABLOCKS_WHEELS (default: .device-wheels/) when that folder exists
+# (scripts/fetch_device_wheels.sh fills it): stanford-stk, grouped_gemm for the [gg] extra,
+# megatron-core, and the test tools (pytest-xdist, hypothesis). --csrc builds the optional CUDA
+# ops first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:?usage: scripts/gpu_check.sh LOG_DIR [--bench] [--csrc]}
@@ -56,6 +58,11 @@ if [ "$CSRC" = 1 ]; then
   status+=("csrc build: rc=$?")
 fi
 
+# Kernel compilation dominates the suite's time on a GPU: spread the tests over worker processes
+# when pytest-xdist is importable ($PYTEST_WORKERS, default 8; 0 turns it off).
+if [ "${PYTEST_WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
+  PYTEST_ARGS+=(-n "${PYTEST_WORKERS:-8}")
+fi
 python3 -m pytest -q -ra --durations=25 ${TEST_PATHS:-tests} "${PYTEST_ARGS[@]}" 2>&1 | tee "$LOG_DIR/pytest.log"
 rc=${PIPESTATUS[0]}
 status+=("pytest (CUDA): rc=$rc :: $(tail -n 1 "$LOG_DIR/pytest.log")")
