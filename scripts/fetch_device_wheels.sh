@@ -8,7 +8,7 @@ DEST=.device-wheels
 mkdir -p "$DEST"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
-  -d "$DEST" pytest-xdist execnet hypothesis attrs sortedcontainers stanford-stk==0.7.1 2>/dev/null \
+  -d "$DEST" pytest-xdist execnet hypothesis attrs sortedcontainers 2>/dev/null \
   || python3 -m pip download -q --no-deps --python-version 3.12 -d "$DEST" pytest-xdist execnet hypothesis attrs sortedcontainers
 if [ $# -ge 1 ]; then
   cp "$1"/*.whl "$DEST"/
