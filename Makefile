@@ -1,4 +1,5 @@
-# `make test` sets everything up (a virtual environment with the package and its test extras) and runs the suite.
+# The README's two commands. Each sets everything up first (a virtual environment with the package
+# and its test extras): `make test` runs the suite, `make demo` the exp/ training demo.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.megablocks-installed
 
-.PHONY: test setup clean
+.PHONY: test demo setup clean
 
 setup: $(STAMP)
 
@@ -26,5 +27,10 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 
+# Builds a Megatron-format dataset from an embedded corpus, trains a tiny dense GPT and a tiny dMoE
+# GPT with the same active parameters (GPU if present, else CPU), prints their validation losses.
+demo: $(STAMP)
+	$(PY) -m exp.demo
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache runs

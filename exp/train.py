@@ -352,6 +352,7 @@ def save_checkpoint(root, iteration, model, optimizer, tcfg, mcfg, device, d: _D
         meta = {
             "iteration": iteration,
             "consumed_samples": iteration * _global_batch(tcfg, d.world),
+            "global_batch_size": _global_batch(tcfg, d.world),
             "world_size": d.world,
             "train": dataclasses.asdict(tcfg),
             "model": {k: v for k, v in dataclasses.asdict(mcfg).items() if k != "moe"},
@@ -369,7 +370,7 @@ def save_checkpoint(root, iteration, model, optimizer, tcfg, mcfg, device, d: _D
     return path
 
 
-def load_checkpoint(root, iteration, model, optimizer, device, d: _Dist) -> Dict[str, Any]:
+def load_checkpoint(root, iteration, model, optimizer, tcfg, device, d: _Dist) -> Dict[str, Any]:
     path = _ckpt_dir(root, iteration)
     with open(os.path.join(path, "meta.json")) as f:
         meta = json.load(f)
@@ -378,7 +379,15 @@ def load_checkpoint(root, iteration, model, optimizer, device, d: _Dist) -> Dict
             f"{path}: saved with world size {meta['world_size']}, resumed with {d.world}; the data "
             "order and RNG streams continue exactly only at the same world size"
         )
-    model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=device, weights_only=True))
+    if meta["global_batch_size"] != _global_batch(tcfg, d.world):
+        raise ValueError(
+            f"{path}: saved with global batch size {meta['global_batch_size']}, resumed with "
+            f"{_global_batch(tcfg, d.world)}; the data position continues only at the same batch size"
+        )
+    try:
+        model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=device, weights_only=True))
+    except RuntimeError as e:
+        raise ValueError(f"{path}/model.pt does not fit the configured model: {e}") from None
     opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     _set_rng_state(torch.load(os.path.join(path, f"rng_rank{d.rank}.pt"), weights_only=False), device)
@@ -504,7 +513,7 @@ def _train(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: _Dist) -
 
     start = latest_iteration(load)
     if start is not None:
-        load_checkpoint(load, start, model, optimizer, device, d)
+        load_checkpoint(load, start, model, optimizer, tcfg, device, d)
     else:
         start = 0
         # Per-rank streams for dropout and router jitter, after the shared initialisation.
@@ -513,7 +522,10 @@ def _train(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: _Dist) -
         np.random.seed(tcfg.seed + 1 + d.rank)
     resumed = start if start else None
 
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else model
+    ddp = model
+    if d.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     is_main = d.rank == 0
     train_log = _CSV(os.path.join(save, "train.csv"), TRAIN_COLUMNS, resumed) if is_main else None

@@ -5,7 +5,6 @@ import os
 import pkgutil
 
 import numpy as np
-import pytest
 
 import megablocks
 from exp import demo

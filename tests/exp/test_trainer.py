@@ -20,7 +20,7 @@ import torch
 import megablocks
 
 from exp.data.indexed_dataset import write_documents
-from exp.model import GPT, MODEL_SET_FIELDS, SHARED_FIELDS, GPTConfig, moe_arguments
+from exp.model import GPT, MODEL_SET_FIELDS, SHARED_FIELDS, moe_arguments
 from exp.train import build_parser, configs_from_dict, lr_at, main, parse_config, read_csv, train
 
 
@@ -223,5 +223,10 @@ def test_bad_training_options(tmp_path, data):
         configs_from_dict({"lr_decay_style": "step"})
     with pytest.raises(ValueError, match="num_attention_heads: expected a divisor of hidden_size=32"):
         configs_from_dict({"hidden_size": 32, "num_attention_heads": 5})
+    _run(data, tmp_path / "c", train_iters=1, eval_iters=0)
+    with pytest.raises(ValueError, match=r"saved with global batch size 8, resumed with 4"):
+        _run(data, tmp_path / "c", global_batch_size=4, eval_iters=0)
+    with pytest.raises(ValueError, match=r"iter_0000001/model\.pt does not fit the configured model"):
+        _run(data, tmp_path / "c", hidden_size=64, eval_iters=0)
     with pytest.raises(ValueError, match=r"sample \d+ of train holds token ids .* outside the model's vocabulary \[0, 100\)"):
         _run(data, tmp_path / "v", vocab_size=100)
