@@ -166,13 +166,17 @@ def exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
 def round_up(x: torch.Tensor, value: int) -> torch.Tensor:
     """Each element of `x` rounded up to a multiple of `value` (x's integer dtype).
 
+    The result wraps (like any torch integer arithmetic) only where the rounded value itself does
+    not fit x's dtype.
+
     Raises:
         TypeError: x not an int16/int32/int64 tensor; value not an int.
-        ValueError: value < 1.
+        ValueError: value < 1, or value beyond the range of x's dtype.
     """
     _checks.check_tensor("x", x, dtypes=_INT_DTYPES)
-    _checks.check_int("value", value, min_value=1)
-    return torch.div(x + (value - 1), value, rounding_mode="floor") * value
+    _checks.check_int("value", value, min_value=1, max_value=torch.iinfo(x.dtype).max)
+    # x + ((-x) mod value), not floor((x + value - 1) / value) · value: no intermediate overflow.
+    return x + torch.remainder(-x, value)
 
 
 def padded_rows_bound(num_rows: int, num_experts: int, block_size: int) -> int:

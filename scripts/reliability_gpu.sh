@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU part of the reliability checks (docs/RELIABILITY.md), in one go:
+#
+#   scripts/reliability_gpu.sh LOG_DIR [ITEM...]
+#
+# ITEMs (default: all, in this order):
+#   extreme      tests past 32767 block rows (B = 16 and 128) and the bitwise determinism test
+#   memcheck     compute-sanitizer --tool memcheck over the op and layer suites (0 errors wanted)
+#   long         10,000 dMoE forward+backward steps, sparse and grouped (triton), allocated
+#                memory flat after warm-up
+# Environment: STEPS (default 10000), MEMCHECK_PATHS (default "tests/ops tests/layers"),
+# MEMCHECK_K (a pytest -k selection for memcheck, default none). Wheels as in gpu_check.sh.
+# Every item writes its log to LOG_DIR; the summary is printed last; the exit status is non-zero
+# if any item failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${1:?usage: scripts/reliability_gpu.sh LOG_DIR [extreme|memcheck|long ...]}
+shift
+ITEMS=("$@")
+[ ${#ITEMS[@]} -eq 0 ] && ITEMS=(extreme memcheck long)
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+WHEELS=${MEGABLOCKS_WHEELS:-.device-wheels}
+SITE=${MEGABLOCKS_SITE:-/tmp/megablocks-site}
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
+  export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -c "import torch, triton; print('gpu:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)" | tee "$LOG_DIR/env.txt"
+
+status=(); failed=0
+record() {  # name rc detail
+  status+=("$1: rc=$2 $3"); [ "$2" = 0 ] || failed=1
+}
+
+for item in "${ITEMS[@]}"; do
+  case "$item" in
+    extreme)
+      # Deterministic mode as documented: deterministic torch algorithms and a fixed cuBLAS workspace.
+      CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 -m pytest -q -ra tests/reliability/test_extreme_and_determinism.py \
+        2>&1 | tee "$LOG_DIR/extreme.log"
+      record extreme "${PIPESTATUS[0]}" ":: $(tail -n 1 "$LOG_DIR/extreme.log")"
+      ;;
+    memcheck)
+      if ! command -v compute-sanitizer >/dev/null; then
+        record memcheck 127 ":: compute-sanitizer not on PATH (it ships with the CUDA toolkit: /usr/local/cuda/bin)"
+        continue
+      fi
+      # No caching allocator, so every out-of-bounds access leaves its own allocation and shows.
+      # Pytest runs one process; --error-exitcode makes any memcheck error fail the item.
+      K_ARGS=(); [ -n "${MEMCHECK_K:-}" ] && K_ARGS=(-k "$MEMCHECK_K")
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
+        --print-limit 50 --log-file "$LOG_DIR/memcheck_sanitizer.log" \
+        python3 -m pytest -q -x -p no:cacheprovider ${MEMCHECK_PATHS:-tests/ops tests/layers} "${K_ARGS[@]}" \
+        >"$LOG_DIR/memcheck_pytest.log" 2>&1
+      rc=$?
+      errors=$(grep -c "^========= Invalid\|^========= Program hit" "$LOG_DIR/memcheck_sanitizer.log" 2>/dev/null || true)
+      summary=$(grep "ERROR SUMMARY" "$LOG_DIR/memcheck_sanitizer.log" | tail -n 1)
+      record memcheck "$rc" ":: ${summary:-no summary} ($errors reports); pytest: $(tail -n 1 "$LOG_DIR/memcheck_pytest.log")"
+      ;;
+    long)
+      for impl in sparse triton; do
+        python3 tests/reliability/long_run.py --steps "${STEPS:-10000}" --impl "$impl" --out "$LOG_DIR" \
+          2>&1 | tee "$LOG_DIR/long_run_$impl.log"
+        record "long run ($impl)" "${PIPESTATUS[0]}" ":: $(tail -n 1 "$LOG_DIR/long_run_$impl.log")"
+      done
+      ;;
+    *) echo "unknown item $item (extreme, memcheck, long)" >&2; exit 2 ;;
+  esac
+done
+
+echo
+echo "==== reliability_gpu summary ===="
+cat "$LOG_DIR/env.txt"
+for s in "${status[@]}"; do echo "$s"; done
+exit "$failed"

@@ -1,0 +1,288 @@
+"""Property-based tests: random shapes, dtypes and routings against the plain-torch references.
+
+Hypothesis draws tiny problems (the kernels run in Triton's interpreter on CPU) with adversarial
+routings: every assignment on one expert, experts left empty, ties in router scores (equal scores,
+where `torch.topk` picks), zero tokens. Each test compares the forward output and every gradient
+with the reference by name. The profile `megablocks-ci` is derandomized, so every CI run draws the
+same 322 cases; `HYPOTHESIS_PROFILE=megablocks-explore` draws new ones (more of them).
+A failure found here is kept below as an explicit `@example`.
+"""
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from megablocks import ops
+from megablocks.layers.dmoe import dMoE
+from megablocks.ops import permute as P
+from megablocks.ops.gmm import gmm_reference
+from megablocks.ops.sparse import dsd_reference, sdd_reference
+from megablocks.ops.topology import topology_reference
+from tests.conftest import DEVICE
+from tests.layers.moe_reference import check_against_reference, make_args, randomize_bias, route_all_to
+from tests.utils import assert_close, assert_equal
+
+settings.register_profile(
+    "megablocks-ci",
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "megablocks-explore",
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "megablocks-ci")
+settings.load_profile(_PROFILE)
+# The number of examples each test draws in CI (sum: 320, plus the explicit examples); the explore profile draws 4x as many.
+_SCALE = 4 if _PROFILE == "megablocks-explore" else 1
+FLOATS = [torch.float32, torch.float16]
+ROUTINGS = ["random", "one", "empty", "ties"]
+
+
+def _examples(n: int):
+    return settings(max_examples=n * _SCALE)
+
+
+def _top_experts(routing: str, T: int, E: int, K: int, seed: int) -> torch.Tensor:
+    """[T, K] int32 expert ids, K distinct per token, drawn by the named adversarial rule."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(T, E, generator=g)
+    if routing == "one":  # every token's first choice on one expert
+        scores[:, E // 2] = 2.0
+    elif routing == "empty":  # odd experts never chosen while K allows it
+        scores[:, 1::2] -= 2.0
+    elif routing == "ties":  # equal scores: ids come from topk's tie-breaking
+        scores = torch.zeros(T, E)
+    return torch.topk(scores, K, dim=-1).indices.to(torch.int32).to(DEVICE)
+
+
+@st.composite
+def routings(draw, max_tokens=10, max_experts=6):
+    E = draw(st.integers(1, max_experts))
+    K = draw(st.integers(1, min(E, 3)))
+    T = draw(st.integers(0, max_tokens))
+    routing = draw(st.sampled_from(ROUTINGS))
+    seed = draw(st.integers(0, 2**16))
+    return T, E, K, routing, seed
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing metadata.
+
+
+@_examples(60)
+@given(routings(max_tokens=40, max_experts=9), st.sampled_from([1, 2, 16, 128]))
+def test_routing_metadata(case, block):
+    T, E, K, routing, seed = case
+    top = _top_experts(routing, T, E, K, seed)
+    meta = ops.routing_metadata(top, E, block)
+    flat = top.reshape(-1).long().cpu()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=E)
+    assert_equal("indices", meta.indices.cpu(), order.int())
+    assert_equal("bin_ids", meta.bin_ids.cpu(), flat[order].int())
+    assert_equal("tokens_per_expert", meta.tokens_per_expert.cpu(), counts.int())
+    assert_equal("bins", meta.bins.cpu(), counts.cumsum(0).int())
+    padded = ((counts + block - 1) // block * block).cumsum(0).int()
+    assert_equal("padded_bins", meta.padded_bins.cpu(), padded)
+    assert int(padded[-1]) <= ops.padded_rows_bound(T * K, E, block)
+    # The single ops agree with the fused call.
+    assert_equal("histogram", ops.histogram(flat.to(DEVICE), E).cpu(), counts.int())
+    values, idx = ops.sort(flat.to(DEVICE), max(1, (E - 1).bit_length()))
+    assert_equal("sort indices", idx.cpu(), order)
+    assert_equal("sort values", values.cpu(), flat[order])
+
+
+# --------------------------------------------------------------------------------------------------
+# The gather/scatter family, forward and gradients, with NaN in the padding rows of the inputs.
+
+
+def _grads(fn, *inputs, reference=False):
+    """(output, gradient of each input) for a seeded random output gradient. An op's output must
+    stay connected to its inputs even when empty (T = 0); a reference's need not (its gradients
+    are zeros then)."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*leaves)
+    if not out.requires_grad:
+        assert reference, "the op's output is not connected to its inputs"
+        return out, [torch.zeros_like(t) if t.requires_grad else None for t in leaves]
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype).to(out.device)
+    (out.float() * g.float()).sum().backward()
+    return out, [t.grad for t in leaves]
+
+
+def _REF(fn, *inputs):
+    return _grads(fn, *inputs, reference=True)
+
+
+def _compare(kind, name, actual, expected):
+    out, grads = actual
+    ref, ref_grads = expected
+    check = assert_equal if kind == "exact" else (lambda n, a, e: assert_close(n, a, e))
+    check(f"{name} out", out, ref)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        if r is None:
+            assert g is None, f"{name}: grad {i} present, reference has none"
+        else:
+            assert_close(f"{name} grad {i}", g, r)
+
+
+@_examples(60)
+@given(routings(), st.integers(1, 20), st.sampled_from(FLOATS), st.sampled_from([2, 4, 16]),
+       st.integers(0, 6), st.booleans())
+@example(case=(0, 3, 2, "random", 0), hidden=5, dtype=torch.float32, block=4, bin_size=0, weighted=True)
+@example(case=(7, 4, 4, "ties", 3), hidden=3, dtype=torch.float16, block=2, bin_size=1, weighted=True)
+def test_permute_family(case, hidden, dtype, block, bin_size, weighted):
+    T, E, K, routing, seed = case
+    top = _top_experts(routing, T, E, K, seed)
+    meta = ops.routing_metadata(top, E, block)
+    g = torch.Generator().manual_seed(seed)
+    x_TH = torch.randn(T, hidden, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    w_N = (torch.rand(T * K, generator=g) + 0.5).to(dtype).to(DEVICE).requires_grad_(weighted)
+    w = w_N if weighted else None
+    idx, bid, bins, pbins = meta.indices, meta.bin_ids, meta.bins, meta.padded_bins
+
+    _compare("exact", "gather", _grads(lambda x: ops.gather(x, idx, bid, bins, K), x_TH),
+             _REF(lambda x: P.gather_reference(x, idx, bid, bins, K), x_TH))
+    x_NH = torch.randn(T * K, hidden, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    ins = (x_NH, w_N) if weighted else (x_NH,)
+    _compare("exact", "scatter",
+             _grads(lambda x, *ww: ops.scatter(x, idx, bid, ww[0] if ww else None, bins, K), *ins),
+             _REF(lambda x, *ww: P.scatter_reference(x, idx, bid, ww[0] if ww else None, bins, K), *ins))
+
+    _compare("exact", "padded_gather",
+             _grads(lambda x: ops.padded_gather(x, idx, bid, bins, pbins, K, block_size=block), x_TH),
+             _REF(lambda x: P.padded_gather_reference(x, idx, bid, bins, pbins, K, block_size=block), x_TH))
+    # padded_scatter must never read padding rows: poison them with NaN.
+    rows = ops.padded_rows_bound(T * K, E, block)
+    _, row_assignment = P.route_reference(idx, bins, layout="padded", num_rows=rows, bin_ids_N=bid,
+                                          padded_bins_E=pbins)
+    x_PH = torch.randn(rows, hidden, generator=g).to(dtype).to(DEVICE)
+    x_PH = x_PH.masked_fill((row_assignment < 0)[:, None], float("nan")).requires_grad_(True)
+    ins = (x_PH, w_N) if weighted else (x_PH,)
+    res = _grads(lambda x, *ww: ops.padded_scatter(x, idx, bid, ww[0] if ww else None, bins, pbins, K), *ins)
+    assert not res[0].isnan().any(), "padded_scatter read a padding row"
+    _compare("exact", "padded_scatter", res,
+             _REF(lambda x, *ww: P.padded_scatter_reference(x, idx, bid, ww[0] if ww else None, bins, pbins, K),
+                    *ins))
+
+    _compare("exact", "binned_gather",
+             _grads(lambda x: ops.binned_gather(x, idx, bins, bin_size, K), x_TH),
+             _REF(lambda x: P.binned_gather_reference(x, idx, bins, bin_size, K), x_TH))
+    x_ECH = torch.randn(E, bin_size, hidden, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    ins = (x_ECH, w_N) if weighted else (x_ECH,)
+    _compare("exact", "binned_scatter",
+             _grads(lambda x, *ww: ops.binned_scatter(x, idx, ww[0] if ww else None, bins, K), *ins),
+             _REF(lambda x, *ww: P.binned_scatter_reference(x, idx, ww[0] if ww else None, bins, K), *ins))
+
+
+# --------------------------------------------------------------------------------------------------
+# Topology: the kernel against the reference and against the definition.
+
+
+@_examples(80)
+@given(routings(max_tokens=40, max_experts=8), st.sampled_from([16, 32, 64]), st.integers(1, 150))
+def test_topology(case, block, ffn):
+    T, E, K, routing, seed = case
+    top = _top_experts(routing, T, E, K, seed)
+    meta = ops.routing_metadata(top, E, block)
+    rows = ops.padded_rows_bound(T * K, E, block) // block
+    topo = ops.make_topology(meta.padded_bins, block_size=block, num_block_rows=rows, ffn_hidden_size=ffn,
+                             dtype=torch.float32)
+    C = -(-ffn // block)
+    ref = topology_reference(meta.padded_bins, block, rows, C)
+    names = ("row_indices", "column_indices", "offsets", "column_indices_t", "offsets_t", "block_offsets_t")
+    for name, want in zip(names, ref):
+        assert_equal(name, getattr(topo, name).cpu(), want.cpu())
+    # The definition: block row r belongs to the expert whose padded bin holds it.
+    ends = (meta.padded_bins.long().cpu() // block).tolist()
+    used = ends[-1] * C
+    assert int(topo.offsets[-1]) == used
+    for slot in range(used):
+        r, j = divmod(slot, C)
+        e = next(i for i, end in enumerate(ends) if r < end)
+        assert int(topo.column_indices[slot]) == e * C + j, f"slot {slot}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Grouped GEMM.
+
+
+@_examples(40)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=5), st.integers(1, 24), st.integers(1, 24),
+       st.booleans(), st.sampled_from(FLOATS), st.sampled_from(["spread", "one"]), st.integers(0, 2**16))
+def test_gmm(sizes, k, n, trans_b, dtype, shape, seed):
+    if shape == "one":  # every row in one group, the others empty
+        sizes = [0] * (len(sizes) - 1) + [sum(sizes)]
+    E, M = len(sizes), sum(sizes)
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(M, k, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    b = torch.randn(E, *((n, k) if trans_b else (k, n)), generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    bs = torch.tensor(sizes, dtype=torch.int32, device=DEVICE)
+    _compare("close", "gmm", _grads(lambda a_, b_: ops.gmm(a_, b_, bs, trans_b=trans_b, backend="triton"), a, b),
+             _REF(lambda a_, b_: gmm_reference(a_.float(), b_.float(), bs, trans_b=trans_b), a, b))
+
+
+# --------------------------------------------------------------------------------------------------
+# Block-sparse SDD and DSD on dMoE topologies.
+
+
+@_examples(30)
+@given(routings(max_tokens=8, max_experts=4), st.integers(1, 40), st.integers(1, 24), st.sampled_from(FLOATS))
+def test_sdd_dsd(case, ffn, hidden, dtype):
+    T, E, K, routing, seed = case
+    block = 16
+    top = _top_experts(routing, T, E, K, seed)
+    meta = ops.routing_metadata(top, E, block)
+    rows = ops.padded_rows_bound(T * K, E, block)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, hidden, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    w1 = torch.randn(E * ffn, hidden, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    w2 = torch.randn(E * ffn, hidden, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    topo = ops.make_topology(meta.padded_bins, block_size=block, num_block_rows=rows // block,
+                             ffn_hidden_size=ffn, dtype=dtype)
+
+    def run(sdd, dsd):
+        def f(x_, w1_, w2_):
+            h = sdd(x_, w1_.t(), topo)
+            return dsd(h, w2_)
+        return f
+
+    def h_only(sdd):
+        return lambda x_, w1_: sdd(x_, w1_.t(), topo).data
+
+    _compare("close", "sdd", _grads(h_only(ops.sdd), x, w1), _REF(h_only(sdd_reference), x, w1))
+    _compare("close", "sdd+dsd", _grads(run(ops.sdd, ops.dsd), x, w1, w2),
+             _REF(run(sdd_reference, dsd_reference), x, w1, w2))
+
+
+# --------------------------------------------------------------------------------------------------
+# The dMoE layer against the naive per-expert loop.
+
+
+@_examples(50)
+@given(routings(max_tokens=6, max_experts=4), st.sampled_from(["sparse", "triton", "torch"]),
+       st.sampled_from(["mlp", "glu"]), st.integers(1, 20), st.integers(1, 20))
+def test_dmoe_layer(case, impl, mlp_type, hidden, ffn):
+    T, E, K, routing, seed = case
+    torch.manual_seed(seed)
+    layer = dMoE(make_args(impl, hidden_size=hidden, ffn_hidden_size=ffn, moe_num_experts=E, moe_top_k=K,
+                           mlp_type=mlp_type))
+    randomize_bias(layer)
+    x = torch.rand(T, hidden, device=DEVICE) + 0.5
+    if routing == "one":
+        route_all_to(layer, E // 2)
+    elif routing == "ties":
+        with torch.no_grad():
+            layer.router.layer.weight.zero_()
+    elif routing == "empty" and E > 1:
+        with torch.no_grad():
+            layer.router.layer.weight[1::2] = -1.0
+    check_against_reference(layer, x.requires_grad_(True), top_experts_from_layer=routing == "ties")
