@@ -1,0 +1,1 @@
+"""Pretraining megatron-core GPTs with megablocks dMoE MLPs (see README.md)."""
