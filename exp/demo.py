@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     print()
     print(table(res))
     dense, dmoe = res["dense"]["valid"][-1]["valid_loss"], res["dmoe"]["valid"][-1]["valid_loss"]
-    print(f"\nfinal validation loss: dense {dense:.4f}, dMoE {dmoe:.4f} ({dense - dmoe:+.4f} for the dMoE)")
+    gap = f"dMoE lower by {dense - dmoe:.4f}" if dmoe < dense else f"dMoE higher by {dmoe - dense:.4f}"
+    print(f"\nfinal validation loss: dense {dense:.4f}, dMoE {dmoe:.4f} ({gap})")
     if out["plot"]:
         print(f"loss plot: {out['plot']}")
     print(f"total time {out['seconds']:.0f} s")
