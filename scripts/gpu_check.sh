@@ -25,17 +25,7 @@ for arg in "$@"; do
   esac
 done
 mkdir -p "$LOG_DIR"
-export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
-
-WHEELS=${MEGABLOCKS_WHEELS:-.device-wheels}
-SITE=${MEGABLOCKS_SITE:-/tmp/megablocks-site}
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
-  export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/device_env.sh
 
 python3 - <<'PY' | tee "$LOG_DIR/env.txt"
 import subprocess, torch, triton

@@ -13,17 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:?usage: scripts/megatron_gpu.sh LOG_DIR}
 mkdir -p "$LOG_DIR"
-export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
-
-WHEELS=${MEGABLOCKS_WHEELS:-.device-wheels}
-SITE=${MEGABLOCKS_SITE:-/tmp/megablocks-site}
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
-  export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/device_env.sh
 NGPUS_EP=${NGPUS_EP:-2}
 BENCH_STEPS=${BENCH_STEPS:-30}
 

@@ -19,17 +19,7 @@ shift
 ITEMS=("$@")
 [ ${#ITEMS[@]} -eq 0 ] && ITEMS=(extreme memcheck long)
 mkdir -p "$LOG_DIR"
-export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
-
-WHEELS=${MEGABLOCKS_WHEELS:-.device-wheels}
-SITE=${MEGABLOCKS_SITE:-/tmp/megablocks-site}
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
-  export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
-else
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source scripts/device_env.sh
 python3 -c "import torch, triton; print('gpu:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)" | tee "$LOG_DIR/env.txt"
 
 status=(); failed=0
