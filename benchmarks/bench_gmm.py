@@ -1,5 +1,5 @@
-"""Grouped GEMM backends on the expert products of the TARGETS.md configs, next to a dense GEMM
-of the same FLOPs timed in the same run.
+"""Grouped GEMM backends on the expert products of the target layer configs (`common.CONFIGS`),
+next to a dense GEMM of the same FLOPs timed in the same run.
 
     python benchmarks/bench_gmm.py --out DIR            # CUDA, bf16: CSV + PNG + table
     python benchmarks/bench_gmm.py --out DIR --sweep    # also time tile configs of the kernels

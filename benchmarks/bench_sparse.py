@@ -2,7 +2,7 @@
 
     python benchmarks/bench_sparse.py --out DIR [--configs mixtral,olmoe] [--sweep]
 
-For each layer config of TARGETS.md (bf16, block 128, random top-k routing) and each product of
+For each target layer config (benchmarks/common.py CONFIGS) (bf16, block 128, random top-k routing) and each product of
 one expert projection:
 
     sdd    x_PH @ w1ᵀ           forward (also dh = dy @ w2ᵀ: same shapes)     dense [P,H]@[H,F]

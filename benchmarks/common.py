@@ -74,7 +74,7 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-# The TARGETS.md layers: name -> (tokens T, hidden H, ffn F, experts E, top-k).
+# The target MoE layers (Mixtral, OLMoE, Qwen3-MoE, the MegaBlocks paper): name -> (tokens T, hidden H, ffn F, experts E, top-k).
 CONFIGS = {
     "mixtral": (8192, 4096, 14336, 8, 2),
     "olmoe": (16384, 2048, 1024, 64, 8),
