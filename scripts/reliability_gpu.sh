@@ -9,7 +9,7 @@
 #   long         10,000 dMoE forward+backward steps, sparse and grouped (triton), allocated
 #                memory flat after warm-up
 # Environment: STEPS (default 10000), MEMCHECK_PATHS (default "tests/ops tests/layers"),
-# MEMCHECK_K (a pytest -k selection for memcheck, default none). Wheels as in gpu_check.sh.
+# MEMCHECK_K (a pytest -k selection for memcheck, default none), MEMCHECK_WORKERS (default 8). Wheels as in gpu_check.sh.
 # Every item writes its log to LOG_DIR; the summary is printed last; the exit status is non-zero
 # if any item failed.
 set -uo pipefail
@@ -41,11 +41,16 @@ for item in "${ITEMS[@]}"; do
         continue
       fi
       # No caching allocator, so every out-of-bounds access leaves its own allocation and shows.
-      # Pytest runs one process; --error-exitcode makes any memcheck error fail the item.
+      # --error-exitcode makes any memcheck error fail the item.
       K_ARGS=(); [ -n "${MEMCHECK_K:-}" ] && K_ARGS=(-k "$MEMCHECK_K")
+      # The sanitizer follows child processes, so pytest-xdist workers spread the (slowed) suite
+      # over the CPU cores: $MEMCHECK_WORKERS (default 8; 0 runs one process).
+      if [ "${MEMCHECK_WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2>/dev/null; then
+        K_ARGS+=(-n "${MEMCHECK_WORKERS:-8}")
+      fi
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
         --print-limit 50 --log-file "$LOG_DIR/memcheck_sanitizer.log" \
-        python3 -m pytest -q -x -p no:cacheprovider ${MEMCHECK_PATHS:-tests/ops tests/layers} "${K_ARGS[@]}" \
+        python3 -m pytest -q -p no:cacheprovider ${MEMCHECK_PATHS:-tests/ops tests/layers} "${K_ARGS[@]}" \
         >"$LOG_DIR/memcheck_pytest.log" 2>&1
       rc=$?
       errors=$(grep -c "^========= Invalid\|^========= Program hit" "$LOG_DIR/memcheck_sanitizer.log" 2>/dev/null || true)

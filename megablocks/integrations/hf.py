@@ -75,7 +75,7 @@ def megablocks_experts_forward(
     y = gmm(h, self.down_proj, meta.tokens_per_expert, trans_b=trans_b)
     if self.has_bias:
         y = y + self.down_proj_bias[meta.bin_ids.long()]
-    if self.has_post_expert_norm:
+    if getattr(self, "has_post_expert_norm", False):  # transformers releases that have one
         y = self.post_expert_norm(y)
     out = scatter(y, meta.indices, meta.bin_ids, top_k_weights.reshape(-1), meta.bins, top_k)
     return out.to(hidden_states.dtype)

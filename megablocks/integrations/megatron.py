@@ -101,6 +101,11 @@ def arguments_from_config(config: Any, pg_collection: Any = None, **overrides) -
     return Arguments.from_megatron(config, **kwargs)
 
 
+# Keyword arguments megatron-core's TransformerLayer gives the MLP it builds (beyond config and
+# pg_collection); MegablocksMLP accepts and ignores them.
+MEGATRON_BUILD_KWARGS = frozenset({"is_mtp_layer", "is_expert", "input_size", "tp_group"})
+
+
 class MegablocksMLP(MegatronModule):
     """Our `dMoE`/`MoE` with megatron-core's MLP interface (the `mlp` of a TransformerLayer).
 
@@ -121,7 +126,8 @@ class MegablocksMLP(MegatronModule):
     def __init__(self, config: Any, pg_collection: Any = None, **overrides):
         super().__init__(config=config)
         self.collector = MoELossCollector()
-        overrides = dict(overrides)
+        # What a TransformerLayer passes to every MLP it builds; nothing here depends on it.
+        overrides = {k: v for k, v in overrides.items() if k not in MEGATRON_BUILD_KWARGS}
         overrides.setdefault("loss_collector", self.collector)
         self.args = arguments_from_config(config, pg_collection=pg_collection, **overrides)
         layer_cls = MoE if self.args.moe_capacity_factor > 0 else dMoE

@@ -223,7 +223,8 @@ class Arguments:
         moe_router_enable_expert_bias, moe_router_bias_update_rate,
         moe_shared_expert_intermediate_size, and moe_router_pre_softmax (Megatron's default of a
         softmax over the chosen k equals L1-renormalised softmax weights, so k > 1 without
-        pre-softmax sets moe_normalize_expert_weights=1). Attributes that are None are skipped.
+        pre-softmax sets moe_normalize_expert_weights=1), use_cpu_initialization (device='cpu').
+        Attributes that are None are skipped.
         `overrides` are applied last. Megatron's moe_router_topk_scaling_factor is not mapped.
 
         Raises:
@@ -239,6 +240,9 @@ class Arguments:
 
         def get(name):
             return getattr(megatron_args, name, None)
+
+        if get("use_cpu_initialization") and get("device") is None:
+            kwargs["device"] = "cpu"  # Megatron creates the parameters on the CPU
 
         renames = {
             "num_moe_experts": "moe_num_experts",

@@ -313,7 +313,10 @@ def test_equals_megatron_core_moe_layer(top_k, monkeypatch):
     monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)
     cfg = config(top_k=top_k, coeff=10.0, add_bias_linear=False, moe_token_dispatcher_type="allgather")
     spec = get_gpt_layer_local_spec(num_experts=E).submodules.mlp
-    theirs = build_module(spec, config=cfg, pg_collection=moe_utils.get_default_pg_collection())
+    pgs = moe_utils.get_default_pg_collection()
+    # Newer megatron-core releases give specs as functools.partial objects, called directly.
+    theirs = spec(config=cfg, pg_collection=pgs) if callable(spec) and not hasattr(spec, "module") else build_module(
+        spec, config=cfg, pg_collection=pgs)
     theirs.set_layer_number(1)
     ours = mg.MegablocksMLP(cfg, mlp_impl="grouped")
     ours.set_layer_number(1)
@@ -343,3 +346,13 @@ def test_equals_megatron_core_moe_layer(top_k, monkeypatch):
         rows = slice(i * FFN, (i + 1) * FFN)
         assert_close(f"expert {i} fc1.grad", ours.moe.experts.mlp.w1.grad[rows], expert.linear_fc1.weight.grad)
         assert_close(f"expert {i} fc2.grad", ours.moe.experts.mlp.w2.grad[rows], expert.linear_fc2.weight.grad.t())
+
+
+def test_build_kwargs_and_cpu_initialization():
+    """A TransformerLayer's build-time keywords (e.g. is_mtp_layer) are accepted and ignored;
+    use_cpu_initialization puts the parameters on the CPU, as megatron-core does."""
+    mlp = mg.MegablocksMLP(config(), is_mtp_layer=False, mlp_impl="grouped")
+    assert all(p.device.type == "cpu" for p in mlp.parameters())
+    with pytest.raises(TypeError):
+        mg.MegablocksMLP(config(), not_a_field=1)
+    assert Arguments.from_megatron(config()).device == "cpu"
