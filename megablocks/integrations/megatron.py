@@ -103,7 +103,7 @@ def arguments_from_config(config: Any, pg_collection: Any = None, **overrides) -
 
 # Keyword arguments megatron-core's TransformerLayer gives the MLP it builds (beyond config and
 # pg_collection); MegablocksMLP accepts and ignores them.
-MEGATRON_BUILD_KWARGS = frozenset({"is_mtp_layer", "is_expert", "input_size", "tp_group"})
+MEGATRON_BUILD_KWARGS = frozenset({"is_mtp_layer", "name", "is_expert", "input_size", "tp_group", "layer_number"})
 
 
 class MegablocksMLP(MegatronModule):

@@ -18,6 +18,7 @@ import torch
 from megablocks._checks import values_checked
 from megablocks.backend import gmm as gmm_backend
 from megablocks.backend import use_triton
+from megablocks.ops._eager import eager
 
 
 def gmm_reference(
@@ -88,6 +89,9 @@ def _backward(ctx, grad):
 
 
 _gmm.register_autograd(_backward, setup_context=_setup_context)
+
+# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
+_gmm = eager(_gmm)
 
 
 def gmm(

@@ -27,6 +27,7 @@ import torch
 from megablocks import _checks
 from megablocks.backend import permute as kernels
 from megablocks.backend import use_triton
+from megablocks.ops._eager import eager
 from megablocks.ops.routing import padded_rows_bound
 
 __all__ = [
@@ -232,6 +233,10 @@ def _scatter_backward(ctx, grad):
 
 _gather_rows.register_autograd(_gather_backward, setup_context=_setup_context)
 _scatter_rows.register_autograd(_scatter_backward, setup_context=_setup_context)
+
+# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
+_route, _gather_rows, _scatter_rows, _weight_grad = (
+    eager(_route), eager(_gather_rows), eager(_scatter_rows), eager(_weight_grad))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Its gradient sums each bin's columns back into one. Plain torch (`searchsorted`,
 import torch
 
 from megablocks import _checks
+from megablocks.ops._eager import eager
 
 
 def _column_inputs(bins_E: torch.Tensor, num_outputs: int):
@@ -57,6 +58,9 @@ def _backward(ctx, grad_RO):
 
 
 _replicate_op.register_autograd(_backward, setup_context=_setup_context)
+
+# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
+_replicate_op, _replicate_backward_op = eager(_replicate_op), eager(_replicate_backward_op)
 
 
 def replicate(x: torch.Tensor, bins: torch.Tensor, num_outputs: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from megablocks import _checks
 from megablocks.backend import routing as _backend
 from megablocks.backend import use_triton
+from megablocks.ops._eager import eager
 
 _INT_DTYPES = (torch.int16, torch.int32, torch.int64)
 _BITS = {torch.int16: 16, torch.int32: 32, torch.int64: 64}
@@ -103,6 +104,9 @@ def _histogram_op(x_MN: torch.Tensor, max_val: int) -> torch.Tensor:
 @_histogram_op.register_fake
 def _(x_MN, max_val):
     return x_MN.new_empty((x_MN.shape[0], max_val), dtype=torch.int32)
+
+# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
+_histogram_op = eager(_histogram_op)
 
 
 def histogram(x: torch.Tensor, max_val: int) -> torch.Tensor:

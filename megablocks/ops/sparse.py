@@ -37,6 +37,7 @@ import torch
 from megablocks import _checks
 from megablocks.backend import sparse as _backend
 from megablocks.backend import use_triton
+from megablocks.ops._eager import eager
 
 BLOCK_SIZES = (16, 32, 64, 128)
 _INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
@@ -406,6 +407,9 @@ def _dds_backward(ctx, dy):
 _sdd_op.register_autograd(_sdd_backward, setup_context=_sdd_setup)
 _dsd_op.register_autograd(_dsd_backward, setup_context=_dsd_setup)
 _dds_op.register_autograd(_dds_backward, setup_context=_dds_setup)
+
+# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
+_sdd_op, _dsd_op, _dds_op = eager(_sdd_op), eager(_dsd_op), eager(_dds_op)
 
 
 # ---------------------------------------------------------------------------------------------

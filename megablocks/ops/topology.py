@@ -15,6 +15,7 @@ import torch
 from megablocks import _checks
 from megablocks.backend import topology as _backend
 from megablocks.backend import use_triton
+from megablocks.ops._eager import eager
 
 # Block sizes the sparse kernels tile with: `tl.dot` needs at least 16, and a block of at most
 # 128×128 keeps a tile of each operand on chip.
@@ -74,6 +75,10 @@ def _(padded_bins, block_size, num_block_rows, block_columns):
 
     return (empty(nnz), empty(nnz), empty(num_block_rows + 1), empty(nnz),
             empty(num_experts * block_columns + 1), empty(nnz))
+
+
+# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
+_topology_op = eager(_topology_op)
 
 
 def _check_padded_bins_values(padded_bins: torch.Tensor, block_size: int, num_block_rows: int) -> None:

@@ -351,7 +351,7 @@ def test_equals_megatron_core_moe_layer(top_k, monkeypatch):
 def test_build_kwargs_and_cpu_initialization():
     """A TransformerLayer's build-time keywords (e.g. is_mtp_layer) are accepted and ignored;
     use_cpu_initialization puts the parameters on the CPU, as megatron-core does."""
-    mlp = mg.MegablocksMLP(config(), is_mtp_layer=False, mlp_impl="grouped")
+    mlp = mg.MegablocksMLP(config(), is_mtp_layer=False, name="decoder.layers.0.mlp", mlp_impl="grouped")
     assert all(p.device.type == "cpu" for p in mlp.parameters())
     with pytest.raises(TypeError):
         mg.MegablocksMLP(config(), not_a_field=1)
