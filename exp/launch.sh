@@ -3,6 +3,7 @@
 #   NGPUS     processes (default: the number of GPUs, or 1 without one)
 #   DATA_PATH prefix of the Megatron-format .bin/.idx data (required unless given as --data-path)
 #   MASTER_PORT (default 6000)
+# Expert parallelism: add --expert-parallel-size N (exp/dmoe_ep.sh does, with N = NGPUS by default).
 set -euo pipefail
 CONFIG=$1; shift
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -6,9 +6,10 @@
         --data-path data/pile_text_document --save runs/dmoe_46m
 
 One process per device; with WORLD_SIZE > 1 (torchrun) the model is wrapped in DDP (NCCL on
-GPUs, gloo on CPU). bf16 autocast on GPUs (float32 on CPU), AdamW, linear warmup then cosine (or
-linear, or constant) decay to `min_lr`, gradient clipping, the MoE load-balancing and z losses
-added to the loss, periodic validation on a fixed set of held-out samples.
+GPUs, gloo on CPU), every process reading its own part of each global batch. bf16 autocast on
+GPUs (float32 on CPU), AdamW, linear warmup then cosine (or linear, or constant) decay to
+`min_lr`, gradient clipping, the MoE load-balancing and z losses added to the loss, periodic
+validation on a fixed set of held-out samples.
 
 Outputs in `--save` (default `runs/<config name>`): `train.csv` (one row per iteration),
 `valid.csv`, TensorBoard events when `tensorboard` is installed, `loss.png`, and checkpoints
@@ -20,6 +21,28 @@ Every option can be given on the command line or in a `--config` JSON file (keys
 names with underscores; the command line wins). Every field of
 `megablocks.layers.arguments.Arguments` is an option (`--moe-num-experts`, `--moe-top-k`, ...),
 except those the model sets: see `exp.model.SHARED_FIELDS` / `MODEL_SET_FIELDS`.
+
+Expert parallelism (`--expert-parallel-size N`, MoE/dMoE models under torchrun):
+
+    torchrun --nproc_per_node 8 -m exp.train --config exp/configs/dmoe_46m.json \
+        --data-path data/pile_text_document --expert-parallel-size 8
+
+The W processes form W / N expert-parallel groups of N consecutive ranks
+(`megablocks.layers.data_parallel.expert_parallel_groups`); each rank of a group holds E / N of
+the E experts of every layer (or, when N > E, a 1 / (N / E) slice of the FFN of one expert), and
+the tokens travel to their experts by all_to_all. Every rank still reads its own part of the
+batch. Shared parameters are averaged over all W ranks (torch DDP), expert shards over the W / N
+ranks holding the same shard (`DistributedGroupedDataParallel`); the gradient norm is that of
+the whole model. N must divide W and either divide E or be a multiple of it; N = 1 (default) is
+plain data parallelism. For a dMoE, a step equals a single-process step on the union of the
+ranks' batches (each rank's batch one micro-batch of it): same losses, gradients and weights.
+Initial weights do not depend on N: each rank holds the slice of the single-process weights.
+
+Checkpoints with N > 1 are sharded: the ranks of the first expert-parallel group (ranks
+0 .. N-1) each write `model_ep{k}.pt` and `optimizer_ep{k}.pt` (shared parameters and expert
+shard k, and their optimizer state); no rank ever holds the whole model. A run resumes only with
+the same world size and N. `consolidated_state_dict(checkpoint_dir)` merges the shards into the
+state dict of the single-process model (for evaluation or export).
 """
 
 from __future__ import annotations
@@ -42,7 +65,7 @@ import torch
 import torch.distributed as dist
 
 from exp.data.gpt_dataset import build_datasets
-from exp.model import GPT, MODEL_SET_FIELDS, SHARED_FIELDS, GPTConfig
+from exp.model import GPT, MODEL_SET_FIELDS, SHARED_FIELDS, GPTConfig, moe_arguments
 
 LATEST = "latest_checkpointed_iteration.txt"
 TRAIN_COLUMNS = ["iteration", "consumed_samples", "lr", "loss", "lm_loss", "lbl_loss", "zloss", "grad_norm", "elapsed_s"]
@@ -62,7 +85,8 @@ class TrainConfig:
     many iterations on eval_iters global batches. save_interval: checkpoint every so many
     iterations (and at the end). exit_iteration: stop (with a checkpoint) after this iteration,
     keeping the schedule of train_iters. precision: 'auto' (bf16 autocast on GPU, fp32 on CPU),
-    'bf16' or 'fp32'. device: 'auto', 'cpu' or 'cuda'.
+    'bf16' or 'fp32'. device: 'auto', 'cpu' or 'cuda'. expert_parallel_size: ranks that split the
+    experts of every MoE layer among them (1: none; see the module docstring).
     """
 
     data_path: Optional[str] = None
@@ -98,9 +122,13 @@ class TrainConfig:
     tensorboard: bool = True
     plot: bool = True
     name: Optional[str] = None
+    expert_parallel_size: int = 1
 
     def __post_init__(self):
-        for k in ("micro_batch_size", "train_iters", "eval_interval", "log_interval", "make_vocab_size_divisible_by"):
+        if isinstance(self.expert_parallel_size, bool) or not isinstance(self.expert_parallel_size, int):
+            raise TypeError(f"expert_parallel_size: expected an int, got {type(self.expert_parallel_size).__name__}")
+        for k in ("micro_batch_size", "train_iters", "eval_interval", "log_interval", "make_vocab_size_divisible_by",
+                  "expert_parallel_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k}: expected >= 1, got {getattr(self, k)}")
         if self.eval_iters < 0:
@@ -270,14 +298,23 @@ def lr_at(cfg: TrainConfig, iteration: int) -> float:
 
 
 class _Dist:
+    """The processes of the run: torchrun's environment, or a process group set up by the caller."""
+
     def __init__(self, device_kind: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.owns_group = False
+        if dist.is_available() and dist.is_initialized():
+            self.world, self.rank = dist.get_world_size(), dist.get_rank()
+        else:
+            self.world = int(os.environ.get("WORLD_SIZE", "1"))
+            self.rank = int(os.environ.get("RANK", "0"))
+            if self.world > 1:
+                dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
+                self.owns_group = True
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.enabled = self.world > 1
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-        self.owns_group = self.enabled
+        # Expert parallelism (set by `_expert_parallel`): N, this rank's index in its group, groups.
+        self.ep_size, self.ep_rank = 1, 0
+        self.ep_group = self.edp_group = None
 
     def barrier(self):
         if self.enabled:
@@ -342,13 +379,23 @@ def _ckpt_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def _model_files(d: _Dist):
+    """(model, optimizer) file names of this rank's checkpoint part."""
+    if d.ep_size > 1:
+        return f"model_ep{d.ep_rank}.pt", f"optimizer_ep{d.ep_rank}.pt"
+    return "model.pt", "optimizer.pt"
+
+
 def save_checkpoint(root, iteration, model, optimizer, tcfg, mcfg, device, d: _Dist) -> str:
     path = _ckpt_dir(root, iteration)
     os.makedirs(path, exist_ok=True)
     torch.save(_rng_state(device), os.path.join(path, f"rng_rank{d.rank}.pt"))
+    # Rank k < N holds expert shard k (the other expert-parallel groups hold copies of the same).
+    if d.rank < d.ep_size:
+        model_file, optimizer_file = _model_files(d)
+        torch.save(model.state_dict(), os.path.join(path, model_file))
+        torch.save({"optimizer": optimizer.state_dict(), "iteration": iteration}, os.path.join(path, optimizer_file))
     if d.rank == 0:
-        torch.save(model.state_dict(), os.path.join(path, "model.pt"))
-        torch.save({"optimizer": optimizer.state_dict(), "iteration": iteration}, os.path.join(path, "optimizer.pt"))
         meta = {
             "iteration": iteration,
             "consumed_samples": iteration * _global_batch(tcfg, d.world),
@@ -358,6 +405,14 @@ def save_checkpoint(root, iteration, model, optimizer, tcfg, mcfg, device, d: _D
             "model": {k: v for k, v in dataclasses.asdict(mcfg).items() if k != "moe"},
             "moe": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in mcfg.moe.items()},
         }
+        if d.ep_size > 1:
+            args = moe_arguments(mcfg)
+            meta["expert_parallel"] = {
+                "size": d.ep_size,
+                "num_experts": args.moe_num_experts,
+                "ffn_hidden_size": args.ffn_hidden_size,
+                "parameters": _expert_parameter_names(model),
+            }
         with open(os.path.join(path, "meta.json"), "w") as f:
             json.dump(meta, f, indent=2)
     d.barrier()
@@ -384,14 +439,127 @@ def load_checkpoint(root, iteration, model, optimizer, tcfg, device, d: _Dist) -
             f"{path}: saved with global batch size {meta['global_batch_size']}, resumed with "
             f"{_global_batch(tcfg, d.world)}; the data position continues only at the same batch size"
         )
+    saved_ep = meta.get("expert_parallel", {}).get("size", 1)
+    if saved_ep != d.ep_size:
+        raise ValueError(
+            f"{path}: saved with expert_parallel_size {saved_ep}, resumed with {d.ep_size}; the expert shards "
+            "are stored per expert-parallel rank"
+        )
+    model_file, optimizer_file = _model_files(d)
     try:
-        model.load_state_dict(torch.load(os.path.join(path, "model.pt"), map_location=device, weights_only=True))
+        model.load_state_dict(torch.load(os.path.join(path, model_file), map_location=device, weights_only=True))
     except RuntimeError as e:
-        raise ValueError(f"{path}/model.pt does not fit the configured model: {e}") from None
-    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
+        raise ValueError(f"{path}/{model_file} does not fit the configured model: {e}") from None
+    opt = torch.load(os.path.join(path, optimizer_file), map_location=device, weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     _set_rng_state(torch.load(os.path.join(path, f"rng_rank{d.rank}.pt"), weights_only=False), device)
     return meta
+
+
+def _expert_parameter_names(model: torch.nn.Module) -> List[str]:
+    from megablocks.layers import mpu
+
+    return [n for n, p in model.named_parameters() if mpu.param_is_expert_model_parallel(p)]
+
+
+def consolidated_state_dict(checkpoint_dir: str, map_location="cpu") -> Dict[str, torch.Tensor]:
+    """The single-process model's state dict from a checkpoint directory (`.../iter_XXXXXXX`).
+
+    Without expert parallelism this is `model.pt`. With it, the shards `model_ep{k}.pt` are
+    merged: rank k of N held experts [(k % esd)·E/esd, ...) and, of each, the FFN rows
+    [(k // esd)·F/hsd, ...), with esd = min(N, E), hsd = N / esd (`megablocks.layers.mpu`).
+
+    Raises:
+        FileNotFoundError: a file of the checkpoint is missing.
+    """
+    with open(os.path.join(checkpoint_dir, "meta.json")) as f:
+        meta = json.load(f)
+    ep = meta.get("expert_parallel")
+
+    def load(name):
+        return torch.load(os.path.join(checkpoint_dir, name), map_location=map_location, weights_only=True)
+
+    if ep is None:
+        return load("model.pt")
+    n, num_experts, ffn = ep["size"], ep["num_experts"], ep["ffn_hidden_size"]
+    shards = [load(f"model_ep{k}.pt") for k in range(n)]
+    esd = min(n, num_experts)
+    hsd = n // esd
+    state = dict(shards[0])
+    for name in ep["parameters"]:
+        parts = [_as_EFH(name, s[name], num_experts // esd, ffn // hsd) for s in shards]
+        # parts[j * esd + i]: expert block i, FFN block j.
+        full_EFH = torch.cat([torch.cat([parts[j * esd + i] for j in range(hsd)], dim=1) for i in range(esd)], dim=0)
+        state[name] = _from_EFH(name, full_EFH, like=shards[0][name])
+    return state
+
+
+def _as_EFH(name: str, w: torch.Tensor, experts: int, ffn: int) -> torch.Tensor:
+    """An expert parameter as [E, F, H]: the dMoE's [E·F, H], or MoE's w1 / v1 [E, H, F], w2 [E, F, H]."""
+    if w.dim() == 2:
+        return w.view(experts, ffn, w.shape[-1])
+    return w if name.endswith("w2") else w.transpose(1, 2)
+
+
+def _from_EFH(name: str, w_EFH: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.dim() == 2:
+        return w_EFH.reshape(-1, w_EFH.shape[-1])
+    return w_EFH if name.endswith("w2") else w_EFH.transpose(1, 2).contiguous()
+
+
+def _expert_parallel(tcfg: TrainConfig, mcfg: GPTConfig, d: _Dist) -> GPTConfig:
+    """Checks `expert_parallel_size`, builds the groups (into `d`) and returns the config of the
+    model to build: `mcfg` itself, or with its MoE layers expert-parallel over this rank's group.
+
+    Every check depends only on the configuration and the world size, so every rank raises the
+    same error before any collective.
+    """
+    n = tcfg.expert_parallel_size
+    if mcfg.moe.get("moe_expert_model_parallelism") and n == 1:
+        raise ValueError(
+            "moe_expert_model_parallelism: set by the trainer from expert_parallel_size; "
+            "use --expert-parallel-size N instead"
+        )
+    if n == 1:
+        return mcfg
+    if mcfg.mlp == "dense":
+        raise ValueError(f"expert_parallel_size: expected 1 for a dense model (mlp='dense'), got {n}")
+    if d.world % n:
+        raise ValueError(f"expert_parallel_size: expected a divisor of the world size {d.world}, got {n}")
+    args = moe_arguments(mcfg)
+    experts, ffn = args.moe_num_experts, args.ffn_hidden_size
+    if experts % n and n % experts:
+        raise ValueError(
+            f"expert_parallel_size: expected a divisor of moe_num_experts={experts} (or a multiple of it, "
+            f"splitting each expert's FFN), got {n}"
+        )
+    if n > experts and ffn % (n // experts):
+        raise ValueError(
+            f"expert_parallel_size: {n} ranks split each of the {experts} experts' FFN {n // experts} ways; "
+            f"expected ffn_hidden_size to be a multiple of {n // experts}, got {ffn}"
+        )
+    from megablocks.layers.data_parallel import expert_parallel_groups
+
+    d.ep_group, d.edp_group = expert_parallel_groups(n)
+    d.ep_size, d.ep_rank = n, dist.get_rank(d.ep_group)
+    moe = {**mcfg.moe, "moe_expert_model_parallelism": True, "expert_parallel_group": d.ep_group}
+    return dataclasses.replace(mcfg, moe=moe)
+
+
+def _num_parameters(model: GPT, d: _Dist, active: bool = False) -> int:
+    """The whole model's parameters (each expert shard counted for the N ranks that split it)."""
+    if d.ep_size == 1:
+        return model.num_parameters(active=active)
+    from megablocks.layers import mpu
+
+    args = model.moe_args
+    total = 0
+    for name, p in model.named_parameters():
+        n = p.numel() * (d.ep_size if mpu.param_is_expert_model_parallel(p) else 1)
+        if active and ".experts.mlp." in name:
+            n = n * args.moe_top_k // args.moe_num_experts
+        total += n
+    return total
 
 
 def _global_batch(cfg: TrainConfig, world: int) -> int:
@@ -503,8 +671,9 @@ def _train(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: _Dist) -
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    model = GPT(mcfg, device=device)
+    model_cfg = _expert_parallel(tcfg, mcfg, d)
+    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (expert shards: their slice)
+    model = GPT(model_cfg, device=device)
     optimizer = _optimizer(model, tcfg, fused=device.type == "cuda")
     train_ds, valid_ds, _ = build_datasets(
         tcfg.data_path, mcfg.seq_length, tcfg.split, (tcfg.train_iters * gbs, tcfg.eval_iters * gbs, 0),
@@ -522,9 +691,18 @@ def _train(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: _Dist) -
         np.random.seed(tcfg.seed + 1 + d.rank)
     resumed = start if start else None
 
-    ddp = model
+    ddp, experts = model, None
     if d.enabled:
         ids = [device.index] if device.type == "cuda" else None
+        if d.ep_size > 1:
+            # DDP averages the shared parameters over all ranks (overlapped with the backward); the
+            # expert shards are averaged over the ranks holding the same shard, after the backward.
+            from megablocks.layers.data_parallel import DistributedGroupedDataParallel, ignore_expert_parameters_in_ddp
+
+            ignore_expert_parameters_in_ddp(model)
+            experts = DistributedGroupedDataParallel(
+                model, expert_data_parallel_group=d.edp_group if d.world > d.ep_size else None, reduce_shared=False,
+            )
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     is_main = d.rank == 0
@@ -533,9 +711,10 @@ def _train(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: _Dist) -
     tb = _tensorboard(save) if is_main and tcfg.tensorboard else None
     bar = _progress(tcfg, start) if is_main and tcfg.progress else None
     if is_main:
-        n, na = model.num_parameters(), model.num_parameters(active=True)
+        n, na = _num_parameters(model, d), _num_parameters(model, d, active=True)
+        ep = f" (expert parallel {d.ep_size})" if d.ep_size > 1 else ""
         _print(
-            f"{mcfg.mlp} GPT: {n / 1e6:.2f}M parameters ({na / 1e6:.2f}M active), {d.world} process(es) on "
+            f"{mcfg.mlp} GPT: {n / 1e6:.2f}M parameters ({na / 1e6:.2f}M active), {d.world} process(es){ep} on "
             f"{device.type}, {'bf16 autocast' if use_bf16 else 'fp32'}, global batch {gbs} "
             f"({accum} accumulation step(s)), {len(train_ds)} train samples of {mcfg.seq_length} tokens"
             + (f", resuming at iteration {start}" if start else ""), bar,
@@ -564,9 +743,12 @@ def _train(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: _Dist) -
                     out = ddp(tokens, labels)
                 (out["loss"] / accum).backward()
             sums += torch.stack([out[k].detach().double() for k in ("loss", "lm_loss", "lbl_loss", "zloss")])
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), tcfg.clip_grad if tcfg.clip_grad > 0 else float("inf")
-        )
+        max_norm = tcfg.clip_grad if tcfg.clip_grad > 0 else float("inf")
+        if experts is not None:
+            experts.allreduce_gradients()
+            grad_norm = experts.clip_grad_norm_(max_norm)  # the norm of the whole, sharded model
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
         sums = d.mean(sums / accum)
         loss, lm_loss, lbl_loss, zloss = (float(x) for x in sums)
@@ -602,8 +784,8 @@ def _train(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: _Dist) -
         bar.close()
     if tb is not None:
         tb.close()
-    result = {"save": save, "start_iteration": start, "iterations": last_iteration, "parameters": model.num_parameters(),
-              "active_parameters": model.num_parameters(active=True)}
+    result = {"save": save, "start_iteration": start, "iterations": last_iteration,
+              "parameters": _num_parameters(model, d), "active_parameters": _num_parameters(model, d, active=True)}
     if is_main:
         result["train"] = read_csv(os.path.join(save, "train.csv"))
         result["valid"] = read_csv(os.path.join(save, "valid.csv"))

@@ -1,9 +1,12 @@
-"""Elementwise activations on the block-sparse activations of the sparse expert MLPs."""
+"""Elementwise activations of the expert MLPs: on block-sparse activations, and recognising the
+activations that the fused GLU op (`megablocks.ops.glu`) implements."""
 
-from typing import Callable
+import functools
+from typing import Callable, Optional
 
 import stk
 import torch
+import torch.nn.functional as F
 
 
 def with_data(like: stk.Matrix, data: torch.Tensor) -> stk.Matrix:
@@ -33,3 +36,36 @@ def act_fn(x: stk.Matrix, function: Callable, **kwargs) -> stk.Matrix:
     if not isinstance(x, stk.Matrix):
         raise TypeError(f"x: expected an stk.Matrix, got {type(x).__name__}")
     return with_data(x, function(x.data, **kwargs))
+
+
+# Activation callables the fused GLU op implements, by identity.
+_FUSED_FUNCTIONS = ((F.silu, "silu"), (F.relu, "relu"), (torch.relu, "relu"), (F.gelu, "gelu"))
+_GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+def fused_name(fn: Callable) -> Optional[str]:
+    """The `megablocks.ops.glu` activation name computing what `fn` computes, else None.
+
+    Recognised: `F.silu`, `F.relu`, `torch.relu`, `F.gelu`, `functools.partial(F.gelu,
+    approximate='none'|'tanh')` (the default `Arguments.activation_fn`), and modules
+    `torch.nn.SiLU()`, `torch.nn.ReLU()`, `torch.nn.GELU(approximate=...)`. Anything else (other
+    partials, lambdas, subclasses, modules with forward hooks) is None: the caller keeps its torch
+    path.
+    """
+    for function, name in _FUSED_FUNCTIONS:
+        if fn is function:
+            return name
+    if isinstance(fn, functools.partial) and fn.func is F.gelu and not fn.args:
+        approximate = fn.keywords.get("approximate", "none")
+        if set(fn.keywords) <= {"approximate"} and isinstance(approximate, str):
+            return _GELU_APPROXIMATIONS.get(approximate)
+        return None
+    if isinstance(fn, torch.nn.Module) and (fn._forward_hooks or fn._forward_pre_hooks):
+        return None  # the fused op would skip the hooks
+    if type(fn) is torch.nn.SiLU:
+        return "silu"
+    if type(fn) is torch.nn.ReLU:
+        return "relu"
+    if type(fn) is torch.nn.GELU:
+        return _GELU_APPROXIMATIONS.get(fn.approximate)
+    return None

@@ -10,7 +10,8 @@ N = T·K routed rows.
 Row `e·F + f` of a dMoE weight is row f of expert e: `h = x @ w1_e^T`, `y = act(h) @ w2_e`.
 With `memory_optimized_mlp` the activation output is not kept for the backward: it is recomputed
 from the (kept) pre-activation when the backward needs it, so the gradients are bitwise the same
-and each layer keeps one activation-sized tensor less (two for GLU) between forward and backward.
+and each layer keeps one activation-sized tensor less (two for a GLU on the unfused path; one for
+the fused GLU op, which never keeps the activation) between forward and backward.
 It works through saved-tensor hooks in eager mode (under `torch.compile` the plain form is traced
 and the compiler plans memory); do not nest it inside activation checkpointing, which already
 recomputes the whole layer.
@@ -22,8 +23,9 @@ import stk
 import torch
 
 from megablocks.layers import common, mpu
-from megablocks.layers.activation_fn import with_data
+from megablocks.layers.activation_fn import fused_name, with_data
 from megablocks.layers.arguments import Arguments, InitFn
+from megablocks.ops.activation import glu
 from megablocks.ops.gmm import gmm
 from megablocks.ops.sparse import dsd, sdd
 
@@ -127,27 +129,34 @@ def expert_ffn(
     """`down(act(up(x, w1)) [* up(x, v1)], w2)`: the expert MLP (v1 None) or GLU.
 
     `up` and `down` are the two projections of one implementation (bmm, block-sparse or grouped);
-    `up` returns a plain tensor (the values of a block-sparse result). With `memory_optimized` the
-    activation output (and the GLU product) is recomputed in the backward instead of kept.
+    `up` returns a plain tensor (the values of a block-sparse result). A GLU whose activation
+    `fused_name` recognises computes `act(h1) * h2` with the fused `megablocks.ops.glu` (one kernel
+    each way; it keeps h1 and h2 for the backward, not the activation). With `memory_optimized`
+    the activation output (and the GLU product) is recomputed in the backward instead of kept.
     Under `torch.compile` the compiler plans memory itself and the plain form is traced.
     """
     h1 = up(x, w1)
     h2 = None if v1 is None else up(x, v1)
-    if not memory_optimized or torch.compiler.is_compiling():
-        a = activation_fn(h1)
-        return down(a if h2 is None else a * h2, w2)
+    fused = None if h2 is None else fused_name(activation_fn)
 
     def activation():
         return activation_fn(h1)
 
     def gated():
+        if fused is not None:
+            return glu(h1, h2, fused)
         return activation_fn(h1) * h2
 
+    if not memory_optimized or torch.compiler.is_compiling():
+        return down(activation() if h2 is None else gated(), w2)
+
     with _RecomputeSaved() as saved:
-        a = activation_fn(h1)
-        saved.recompute(a, activation)
+        if h2 is None or fused is None:
+            a = activation()
+            saved.recompute(a, activation)
         if h2 is not None:
-            a = a * h2
+            # The fused op keeps h1 and h2 for its backward; only the product is left to drop.
+            a = gated() if fused is not None else a * h2
             saved.recompute(a, gated)
         return down(a, w2)
 

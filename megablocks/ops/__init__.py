@@ -3,6 +3,7 @@
 The names and argument order follow MegaBlocks 0.10, so code written against it keeps working.
 """
 
+from megablocks.ops.activation import glu
 from megablocks.ops.gmm import gmm
 from megablocks.ops.permute import (
     binned_gather,
@@ -27,6 +28,7 @@ from megablocks.ops.topology import make_topology, topology
 
 __all__ = [
     "dds",
+    "glu",
     "dsd",
     "gmm",
     "sdd",

@@ -1,0 +1,130 @@
+"""Fused gated activation of the GLU experts: one pass over memory forward, one backward.
+
+    out   = act(h1) * h2
+    grad_h1 = grad_out * h2 * act'(h1)
+    grad_h2 = grad_out * act(h1)
+
+Elementwise over any shape (the expert GLU's `h1_NF`, `h2_NF`; N routed rows, F ffn), flattened to
+M = numel elements. Math in fp32, results rounded once to the input dtype. The backward recomputes
+`act(h1)` from h1, so the forward keeps only h1 and h2 for it (the unfused torch ops also keep
+`act(h1)`), and the whole step reads and writes each [N, F] tensor once per direction.
+
+Activations (`ACTIVATIONS`): 'silu' `x·σ(x)`, 'gelu' `x·Φ(x)` (erf), 'gelu_tanh'
+`½x(1 + tanh(√(2/π)(x + 0.044715x³)))`, 'relu' `max(x, 0)` (derivative 0 at x = 0, as torch).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+# Elements per program and warps. An elementwise kernel is bound by memory; 4096 elements over 8
+# warps gives each thread 16 elements (bf16: two 16-byte vectors per tensor). Not swept yet:
+# benchmarks/bench_activation.py reports the GB/s against the copy ceiling.
+BLOCK = 4096
+NUM_WARPS = 8
+
+_SQRT_HALF = tl.constexpr(math.sqrt(0.5))
+_INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
+_SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
+_GELU_TANH_C = tl.constexpr(0.044715)
+
+
+# x: fp32. Returns (act(x), act'(x)) in fp32 (the forward discards the derivative; the compiler
+# drops its arithmetic).
+@triton.jit
+def _act(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "silu":
+        s = tl.sigmoid(x)
+        y = x * s
+        dy = s * (1.0 + x * (1.0 - s))
+    elif ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_HALF))
+        y = x * cdf
+        dy = cdf + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    elif ACTIVATION == "gelu_tanh":
+        u = _SQRT_2_OVER_PI * (x + _GELU_TANH_C * x * x * x)
+        # tanh(u) = 2σ(2u) - 1: no tanh in the core language that the interpreter also runs.
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+        y = 0.5 * x * (1.0 + t)
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * x * x)
+        dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    else:  # relu
+        y = tl.maximum(x, 0.0)
+        dy = tl.where(x > 0.0, 1.0, 0.0)
+    return y, dy
+
+
+# h1_M, h2_M, out_M: contiguous, any float dtype each (loaded, then cast to fp32 before math).
+# Program p handles elements [p·BLOCK, (p+1)·BLOCK) ∩ [0, M); offsets in int64.
+@triton.jit
+def _glu_forward_kernel(
+    h1_ptr,
+    h2_ptr,
+    out_ptr,
+    numel,
+    ACTIVATION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    h1 = tl.load(h1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h2 = tl.load(h2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _act(h1, ACTIVATION)
+    tl.store(out_ptr + offs, (a * h2).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# grad_M, h1_M, h2_M in; grad_h1_M, grad_h2_M out; all contiguous. Tiling as the forward.
+@triton.jit
+def _glu_backward_kernel(
+    grad_ptr,
+    h1_ptr,
+    h2_ptr,
+    grad_h1_ptr,
+    grad_h2_ptr,
+    numel,
+    ACTIVATION: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h1 = tl.load(h1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    h2 = tl.load(h2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act(h1, ACTIVATION)
+    tl.store(grad_h1_ptr + offs, (g * h2 * da).to(grad_h1_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_h2_ptr + offs, (g * a).to(grad_h2_ptr.dtype.element_ty), mask=mask)
+
+
+def glu_forward(h1: torch.Tensor, h2: torch.Tensor, activation: str) -> torch.Tensor:
+    """`act(h1) * h2`, contiguous, in h1's dtype and shape.
+
+    No autograd and no validation beyond what the launch needs (`megablocks.ops.activation.glu`
+    checks its inputs); non-contiguous inputs are copied to contiguous ones first.
+    """
+    assert activation in ACTIVATIONS, activation
+    h1, h2 = h1.contiguous(), h2.contiguous()
+    out = torch.empty(h1.shape, dtype=h1.dtype, device=h1.device)
+    numel = h1.numel()
+    if numel:
+        _glu_forward_kernel[(triton.cdiv(numel, BLOCK),)](
+            h1, h2, out, numel, ACTIVATION=activation, BLOCK=BLOCK, num_warps=NUM_WARPS
+        )
+    return out
+
+
+def glu_backward(grad: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, activation: str):
+    """`(grad * h2 * act'(h1), grad * act(h1))`, each contiguous in h1's dtype and shape."""
+    assert activation in ACTIVATIONS, activation
+    grad, h1, h2 = grad.contiguous(), h1.contiguous(), h2.contiguous()
+    grad_h1 = torch.empty(h1.shape, dtype=h1.dtype, device=h1.device)
+    grad_h2 = torch.empty(h2.shape, dtype=h2.dtype, device=h2.device)
+    numel = h1.numel()
+    if numel:
+        _glu_backward_kernel[(triton.cdiv(numel, BLOCK),)](
+            grad, h1, h2, grad_h1, grad_h2, numel, ACTIVATION=activation, BLOCK=BLOCK, num_warps=NUM_WARPS
+        )
+    return grad_h1, grad_h2

@@ -1,0 +1,154 @@
+"""The gated activation of the GLU experts, `act(h1) * h2`, as one fused, differentiable op.
+
+Legend: N routed rows, F ffn per expert (`h1_NF = x @ w1^T`, `h2_NF = x @ v1^T`); the op is
+elementwise, so any shape works.
+
+Unfused, `act(h1) * h2` runs an activation kernel and a multiply forward, and three kernels
+backward, and keeps `act(h1)` for the backward next to h1 and h2. `glu` runs one Triton kernel
+each way (megablocks/backend/activation.py) and keeps h1 and h2 only, recomputing `act(h1)` in the
+backward. Math in fp32, rounded once to the input dtype.
+
+The kernels run on CUDA tensors and on CPU tensors under TRITON_INTERPRET=1; otherwise the
+plain-torch reference in this file (`glu_reference`).
+"""
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from megablocks import _checks
+from megablocks.backend import activation as kernels
+from megablocks.backend import use_triton
+from megablocks.backend.activation import ACTIVATIONS
+from megablocks.ops._eager import eager
+
+__all__ = ["ACTIVATIONS", "glu", "glu_reference"]
+
+
+# --------------------------------------------------------------------------------------------------
+# References (plain torch, fp32 math). CPU tensors run these when the interpreter is off.
+
+
+def _act_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(x)
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    return F.relu(x)
+
+
+def _act_backward_reference(grad: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """`grad * act'(x)` by the derivative formulas torch's own autograd uses."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, x)
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(grad, x)
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+    return torch.ops.aten.threshold_backward(grad, x, 0)
+
+
+def glu_reference(h1: torch.Tensor, h2: torch.Tensor, activation: str) -> torch.Tensor:
+    """`act(h1) * h2` in fp32, rounded to h1's dtype (what `glu` computes, in plain torch)."""
+    return (_act_reference(h1.float(), activation) * h2.float()).to(h1.dtype)
+
+
+def glu_backward_reference(
+    grad: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, activation: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`(grad * h2 * act'(h1), grad * act(h1))` in fp32, each rounded to h1's dtype."""
+    g, x = grad.float(), h1.float()
+    grad_h1 = _act_backward_reference(g * h2.float(), x, activation)
+    grad_h2 = g * _act_reference(x, activation)
+    return grad_h1.to(h1.dtype), grad_h2.to(h1.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom ops: forward, and backward returning both gradients.
+
+
+@torch.library.custom_op("megablocks::glu", mutates_args=())
+def _glu(h1: torch.Tensor, h2: torch.Tensor, activation: str) -> torch.Tensor:
+    if use_triton(h1):
+        return kernels.glu_forward(h1, h2, activation)
+    return glu_reference(h1, h2, activation)
+
+
+@_glu.register_fake
+def _(h1, h2, activation):
+    return h1.new_empty(h1.shape)
+
+
+@torch.library.custom_op("megablocks::glu_backward", mutates_args=())
+def _glu_backward(
+    grad: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, activation: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(h1):
+        return kernels.glu_backward(grad, h1, h2, activation)
+    return glu_backward_reference(grad, h1, h2, activation)
+
+
+@_glu_backward.register_fake
+def _(grad, h1, h2, activation):
+    return h1.new_empty(h1.shape), h1.new_empty(h1.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    h1, h2, activation = inputs
+    ctx.activation = activation
+    ctx.save_for_backward(h1, h2)
+
+
+def _backward(ctx, grad):
+    h1, h2 = ctx.saved_tensors
+    grad_h1, grad_h2 = _glu_backward(grad, h1, h2, ctx.activation)
+    return grad_h1, grad_h2, None
+
+
+_glu.register_autograd(_backward, setup_context=_setup_context)
+
+# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
+_glu, _glu_backward = eager(_glu), eager(_glu_backward)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public op.
+
+
+def glu(h1: torch.Tensor, h2: torch.Tensor, activation: str) -> torch.Tensor:
+    """`act(h1) * h2` elementwise, fused: the gate of a GLU expert (SwiGLU with 'silu', GeGLU with
+    'gelu' or 'gelu_tanh', ReGLU with 'relu').
+
+    Args:
+        h1: the pre-activation (e.g. `x @ w1^T`, `[N, F]`), any shape, float32/float16/bfloat16.
+        h2: the linear branch (e.g. `x @ v1^T`), same shape, dtype and device as h1.
+        activation: one of `ACTIVATIONS`: 'silu', 'gelu' (exact, erf), 'gelu_tanh' (the tanh
+            approximation), 'relu'.
+
+    Returns:
+        A new contiguous tensor of h1's shape and dtype. Math in fp32, rounded once. Differentiable
+        in h1 and h2 (once: the backward has no gradient of its own); the backward keeps h1 and h2
+        and recomputes `act(h1)`. Non-contiguous inputs are accepted and copied to contiguous ones
+        by the kernels.
+
+    Raises:
+        TypeError: a non-tensor or a non-float dtype, h1 and h2 of different dtypes, or an
+            activation that is not a str.
+        ValueError: h1 and h2 of different shapes or devices, or an unknown activation.
+    """
+    _checks.check_tensor("h1", h1, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
+    _checks.check_tensor("h2", h2, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
+    if h2.dtype != h1.dtype:
+        want, got = (str(d).replace("torch.", "") for d in (h1.dtype, h2.dtype))
+        raise TypeError(f"h2: expected the dtype of h1 ({want}), got {got}")
+    if h2.shape != h1.shape:
+        raise ValueError(f"h2: expected the shape of h1 {tuple(h1.shape)}, got {tuple(h2.shape)}")
+    _checks.check_same_device(h1=h1, h2=h2)
+    if not isinstance(activation, str):
+        raise TypeError(f"activation: expected a str, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    return _glu(h1, h2, activation)
