@@ -50,7 +50,7 @@ for item in "${ITEMS[@]}"; do
       fi
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
         --print-limit 50 --log-file "$LOG_DIR/memcheck_sanitizer.log" \
-        python3 -m pytest -q -p no:cacheprovider ${MEMCHECK_PATHS:-tests/ops tests/layers} "${K_ARGS[@]}" \
+        python3 -m pytest -v -p no:cacheprovider ${MEMCHECK_PATHS:-tests/ops tests/layers} "${K_ARGS[@]}" \
         >"$LOG_DIR/memcheck_pytest.log" 2>&1
       rc=$?
       errors=$(grep -c "^========= Invalid\|^========= Program hit" "$LOG_DIR/memcheck_sanitizer.log" 2>/dev/null || true)

@@ -81,6 +81,7 @@ def test_expert_parallel_training_matches_one_process(tmp_path, data, monkeypatc
     part = {**ep, "save": str(tmp_path / "part")}
     # A full run; a run stopped after 2 iterations, then resumed from its sharded checkpoint.
     run(f"{TARGET}:train_runs", 2, [{**ep, "save": str(tmp_path / "ep")}, {**part, "exit_iteration": 2}, part],
+        cpu_only=True,
         timeout=120)
 
     two = read_csv(str(tmp_path / "ep" / "train.csv"))
@@ -116,4 +117,4 @@ def test_expert_parallel_training_matches_one_process(tmp_path, data, monkeypatc
 
 def test_bad_expert_parallel_setups_fail_on_every_rank(tmp_path, data):
     values = {**TINY, "data_path": data, "save": str(tmp_path / "bad"), "expert_parallel_size": 2}
-    run(f"{TARGET}:bad_setups", 2, values, timeout=60)
+    run(f"{TARGET}:bad_setups", 2, values, timeout=60, cpu_only=True)

@@ -26,7 +26,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, interpret, target, args, errors):
+def _entry(rank, world_size, port, interpret, target, args, errors, cpu_only=False):
     os.environ["TRITON_INTERPRET"] = interpret
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -35,7 +35,7 @@ def _entry(rank, world_size, port, interpret, target, args, errors):
 
         torch.set_num_threads(1)
         backend = "gloo"
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not cpu_only:
             torch.cuda.set_device(rank)
             backend = "nccl"
         dist.init_process_group(
@@ -51,19 +51,20 @@ def _entry(rank, world_size, port, interpret, target, args, errors):
         raise SystemExit(1)
 
 
-def run(target: str, world_size: int, *args, interpret: str = "0", timeout: float = 120.0) -> None:
+def run(target: str, world_size: int, *args, interpret: str = "0", timeout: float = 120.0,
+        cpu_only: bool = False) -> None:
     """Runs `target` on `world_size` ranks: gloo on CPU, or NCCL with one GPU per rank when CUDA is
-    available (skipped when fewer GPUs are visible)."""
+    available (skipped when fewer GPUs are visible). `cpu_only` keeps gloo even where CUDA is."""
     import pytest
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.device_count() < world_size:
+    if torch.cuda.is_available() and not cpu_only and torch.cuda.device_count() < world_size:
         pytest.skip(f"{world_size} ranks need {world_size} GPUs, {torch.cuda.device_count()} visible")
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_entry, args=(rank, world_size, port, interpret, target, args, errors), daemon=True)
+        ctx.Process(target=_entry, args=(rank, world_size, port, interpret, target, args, errors, cpu_only), daemon=True)
         for rank in range(world_size)
     ]
     for p in procs:
