@@ -268,3 +268,21 @@ def test_no_host_sync_cuda():
         torch.cuda.set_sync_debug_mode("default")
     for name, g, w in zip(routing.RoutingMetadata._fields, got, loop_metadata(top_experts.cpu(), 64, 128)):
         assert_equal(name, g.cpu(), w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled ops run on CUDA")
+@pytest.mark.parametrize("n,e", [(1, 1), (4097, 8), (131072, 64), (65536, 12288), (1000, 12289)])
+def test_compiled_histogram_when_built(n, e):
+    """With megablocks._csrc built (scripts/gpu_check.sh --csrc), histogram takes the compiled op
+    where it applies; the counts equal the Triton kernel's, ids out of range ignored."""
+    from megablocks.backend import csrc
+    from megablocks.backend import routing as kernels
+    from megablocks.ops import routing
+
+    if csrc.load() is None:
+        pytest.skip("megablocks._csrc not built")
+    x = torch.randint(-2, e + 2, (n,), device="cuda", dtype=torch.int32)
+    expected = kernels.histogram(x.view(1, -1), e)[0]
+    assert (routing._compiled_histogram(x.view(1, -1), e) is not None) == (e <= 12288)
+    assert torch.equal(routing.histogram(x, e), expected)
+    assert torch.equal(routing.histogram(x.long(), e), expected)
