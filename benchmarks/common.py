@@ -17,9 +17,23 @@ def timed(fn: Callable[[], object], warmup: int = 25, rep: int = 100):
 
 
 def environment() -> Dict[str, str]:
-    """GPU, torch, Triton and the commit (from git, or $MEGABLOCKS_COMMIT where .git is absent)."""
+    """GPU, torch, Triton and the commit ($MEGABLOCKS_COMMIT when set, which a copy of the tree
+    without its own git history needs; else `git rev-parse`)."""
     import triton
 
+    if os.environ.get("MEGABLOCKS_COMMIT"):
+        commit = os.environ["MEGABLOCKS_COMMIT"]
+    else:
+        commit = _git_commit()
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit or "unknown",
+    }
+
+
+def _git_commit() -> str:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
@@ -27,12 +41,7 @@ def environment() -> Dict[str, str]:
         ).stdout.strip()
     except OSError:
         commit = ""
-    return {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit or os.environ.get("MEGABLOCKS_COMMIT", "unknown"),
-    }
+    return commit
 
 
 def copy_bandwidth_gbs(nbytes: int, device="cuda") -> float:

@@ -39,7 +39,7 @@ try:
 except Exception as e: print("grouped_gemm:", e)
 import os
 git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-print("commit:", git.stdout.strip() or os.environ.get("MEGABLOCKS_COMMIT", "unknown"))
+print("commit:", os.environ.get("MEGABLOCKS_COMMIT") or git.stdout.strip() or "unknown")
 PY
 
 status=()

@@ -45,7 +45,11 @@ for item in "${ITEMS[@]}"; do
       # out here (their kernels run in the other tests). The test files are dealt round-robin into
       # $MEMCHECK_SHARDS (default 4) sanitizer processes running side by side; --error-exitcode
       # makes any memcheck error fail the item.
-      K="not cuda_graph"; [ -n "${MEMCHECK_K:-}" ] && K="($MEMCHECK_K) and not cuda_graph"
+      # The optional 'gg' backend (grouped_gemm's CUTLASS kernel, a third-party package) reads past
+      # its argument arrays under the sanitizer and takes the CUDA context down with it
+      # (docs/RELIABILITY.md), so its cases are left out too unless MEMCHECK_GG=1.
+      K="not cuda_graph"; [ "${MEMCHECK_GG:-0}" = 1 ] || K="$K and not gg"
+      [ -n "${MEMCHECK_K:-}" ] && K="($MEMCHECK_K) and $K"
       FILES=(); for p in ${MEMCHECK_PATHS:-tests/ops tests/layers}; do
         if [ -d "$p" ]; then FILES+=($(ls "$p"/test_*.py)); else FILES+=("$p"); fi
       done
