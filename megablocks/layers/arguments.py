@@ -26,6 +26,11 @@ DEFAULT_ACTIVATION_FN = partial(F.gelu, approximate="tanh")
 
 MLP_TYPES = ("mlp", "glu")
 MLP_IMPLS = ("sparse", "grouped")
+# What `mlp_impl='auto'` resolves to: the path measured fastest (benchmarks/bench_dmoe.py, H100,
+# bf16) on every config measured, forward and forward+backward (Mixtral, OLMoE, Qwen3-MoE and the
+# MegaBlocks paper's layer: grouped 1.11-1.52x torch grouped_mm, sparse 0.86-1.35x); with
+# gmm_backend='auto' it runs the Triton grouped GEMM on CUDA.
+AUTO_MLP_IMPL = "grouped"
 GMM_BACKENDS = ("auto", "triton", "torch", "gg")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -55,7 +60,8 @@ class Arguments:
             one pipeline stage holds (the batched loss expects that many).
         memory_optimized_mlp: recompute the activation in the backward instead of keeping it.
         mlp_type: 'mlp' (`act(x W1) W2`) or 'glu' (`(act(x W1) * (x V1)) W2`).
-        mlp_impl: 'sparse' (block-sparse products) or 'grouped' (grouped GEMMs).
+        mlp_impl: 'sparse' (block-sparse products), 'grouped' (grouped GEMMs), or 'auto': the
+            path measured fastest, resolved when the Arguments is built (`AUTO_MLP_IMPL`).
         fp16, bf16: parameter dtype float16 / bfloat16 (both False: the default float dtype).
         device: where parameters are created; None resolves lazily (CUDA if available, else CPU).
         init_method, output_layer_init_method: in-place initialisers of the input (router, w1,
@@ -185,7 +191,9 @@ class Arguments:
                 raise ValueError(f"moe_jitter_eps: expected a value in [0, 1), got {self.moe_jitter_eps}")
 
         _check_choice("mlp_type", self.mlp_type, MLP_TYPES)
-        _check_choice("mlp_impl", self.mlp_impl, MLP_IMPLS)
+        _check_choice("mlp_impl", self.mlp_impl, MLP_IMPLS + ("auto",))
+        if self.mlp_impl == "auto":
+            self.mlp_impl = AUTO_MLP_IMPL
         _check_choice("gmm_backend", self.gmm_backend, GMM_BACKENDS)
         _check_choice("moe_router_score_function", self.moe_router_score_function, ROUTER_SCORE_FUNCTIONS)
         _check_int("moe_block_size", self.moe_block_size, 1)

@@ -173,3 +173,12 @@ def test_from_megatron_other_spellings():
     assert args.moe_normalize_expert_weights is None
     with pytest.raises(ValueError, match="moe_top_k"):
         from_megatron(SimpleNamespace(num_moe_experts=2, moe_router_topk=3))
+
+
+def test_mlp_impl_auto_resolves_to_the_measured_fastest_path():
+    from megablocks.layers.arguments import AUTO_MLP_IMPL, MLP_IMPLS
+
+    args = Arguments(mlp_impl="auto", moe_num_experts=4)
+    assert AUTO_MLP_IMPL in MLP_IMPLS
+    assert args.mlp_impl == AUTO_MLP_IMPL == "grouped"
+    assert args.gmm_backend == "auto"
