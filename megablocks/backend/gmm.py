@@ -83,7 +83,7 @@ def _gmm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, TMA_STORE: tl.constexpr,
+    PRECISION: tl.constexpr, TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
@@ -153,6 +153,11 @@ def _gmm_kernel(
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         # Leftover rows (past the groups' total) are zeros, whatever `a` holds there.
         acc = tl.where(real, acc, 0.0)
+        if ACCUMULATE:
+            # out += a @ b: the tile's current values are read first (leftover rows keep theirs).
+            prev_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            prev = tl.load(prev_ptrs, mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N), other=0.0)
+            acc += prev.to(tl.float32)
 
         out = acc.to(out_ptr.dtype.element_ty)
         if TMA_STORE and row_end - row0 == BLOCK_M:
@@ -315,11 +320,14 @@ def triton_gmm(
     *,
     use_tma: Optional[bool] = None,
     config: Optional[dict] = None,
+    accumulate_into: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The Triton kernels. Inputs are validated by `gmm`; see the module docstring for the forms.
 
     `use_tma` (default: where the strides allow) picks TMA tensor descriptors over masked
     pointer loads; `config` overrides keys of `_config`. Both are for tuning and tests.
+    `accumulate_into` (forward forms only: a contiguous `[M, N]` tensor of a's dtype) makes the
+    kernel add its product to that tensor's values in its epilogue and return it.
     """
     batch_sizes = batch_sizes.to(a.device, non_blocking=True)
     E = batch_sizes.shape[0]
@@ -361,7 +369,10 @@ def triton_gmm(
         b_ekn = b_ekn.contiguous()
     b_k_major = b_ekn.stride(1) == 1 and b_ekn.stride(2) != 1
     N = b_ekn.shape[2]
-    out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    if accumulate_into is None:
+        out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    else:
+        out = accumulate_into
     if use_tma is None:
         use_tma = _tma_ok(a, b_ekn.transpose(1, 2) if b_k_major else b_ekn)
     num_tiles = (triton.cdiv(M, cfg["BLOCK_M"]) + E + 1) * triton.cdiv(N, cfg["BLOCK_N"])
@@ -372,7 +383,7 @@ def triton_gmm(
         a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         USE_TMA=use_tma, B_K_MAJOR=b_k_major,
-        TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out),
+        TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out), ACCUMULATE=accumulate_into is not None,
         **launch,
     )
     return out
@@ -444,8 +455,29 @@ def gg_gmm(
 
 
 # --------------------------------------------------------------------------------------------
-# Entry point
+# Entry points
 # --------------------------------------------------------------------------------------------
+
+
+def gmm_sum(
+    a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor,
+    trans_b: bool = False, backend: Optional[str] = None,
+) -> torch.Tensor:
+    """`gmm(a1, b1) + gmm(a2, b2)` over the same groups (forward forms, the same trans_b).
+
+    The 'triton' backend adds the second product to the first in its epilogue (no separate sum
+    over `[M, N]`); the others add the two results. Inputs are validated by the caller
+    (`check_gmm_args` on each pair).
+    """
+    if backend is None:
+        backend = default_backend(a1)
+    out = gmm(a1, b1, batch_sizes, False, trans_b, backend)
+    if _empty_result(a2, b2, batch_sizes, False, trans_b) is not None:
+        return out  # the second product is zero
+    if backend == "triton" and out.is_contiguous() and (a2.device.type == "cuda" or _interpreted(a2)):
+        return triton_gmm(a2, b2, batch_sizes, False, trans_b, accumulate_into=out)
+    return out.add_(gmm(a2, b2, batch_sizes, False, trans_b, backend))
+
 
 
 def default_backend(a: torch.Tensor) -> str:

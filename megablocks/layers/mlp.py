@@ -17,7 +17,7 @@ and the compiler plans memory); do not nest it inside activation checkpointing, 
 recomputes the whole layer.
 """
 
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import stk
 import torch
@@ -26,7 +26,7 @@ from megablocks.layers import common, mpu
 from megablocks.layers.activation_fn import fused_name, with_data
 from megablocks.layers.arguments import Arguments, InitFn
 from megablocks.ops.activation import glu
-from megablocks.ops.gmm import gmm
+from megablocks.ops.gmm import gmm, gmm_shared_input
 from megablocks.ops.sparse import dsd, sdd
 
 
@@ -125,8 +125,12 @@ def expert_ffn(
     down: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     activation_fn: Callable,
     memory_optimized: bool,
+    up_pair: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """`down(act(up(x, w1)) [* up(x, v1)], w2)`: the expert MLP (v1 None) or GLU.
+
+    `up_pair(x, w1, v1)`, where given, computes both GLU up projections at once (the grouped path:
+    their input gradient in one accumulating pass, `megablocks.ops.gmm_shared_input`).
 
     `up` and `down` are the two projections of one implementation (bmm, block-sparse or grouped);
     `up` returns a plain tensor (the values of a block-sparse result). A GLU whose activation
@@ -135,8 +139,11 @@ def expert_ffn(
     the activation output (and the GLU product) is recomputed in the backward instead of kept.
     Under `torch.compile` the compiler plans memory itself and the plain form is traced.
     """
-    h1 = up(x, w1)
-    h2 = None if v1 is None else up(x, v1)
+    if v1 is not None and up_pair is not None:
+        h1, h2 = up_pair(x, w1, v1)
+    else:
+        h1 = up(x, w1)
+        h2 = None if v1 is None else up(x, v1)
     fused = None if h2 is None else fused_name(activation_fn)
 
     def activation():
@@ -276,8 +283,12 @@ class GroupedMLP(SparseMLP):
         def down(a, w):
             return gmm(a, w.view(num_experts, -1, hidden), tokens_per_expert, backend=backend)
 
+        def up_pair(x, w1, v1):
+            return gmm_shared_input(x, w1.view(num_experts, -1, hidden), v1.view(num_experts, -1, hidden),
+                                    tokens_per_expert, trans_b=True, backend=backend)
+
         return expert_ffn(
-            x, *self._cast_weights(x), up=up, down=down,
+            x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair,
             activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
         )
 

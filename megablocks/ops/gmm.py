@@ -11,7 +11,7 @@ Gradients: d_a = gmm(d_out, b, trans_b=not trans_b); d_b is the variable-K produ
 (`trans_a=True`: per group a^T @ d_out, or d_out^T @ a with trans_b), summed over each group's rows.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -45,13 +45,17 @@ def gmm_reference(
     return out.to(a.dtype)
 
 
+def _gmm_impl(a, b, batch_sizes, trans_a: bool, trans_b: bool, backend_name: str) -> torch.Tensor:
+    if backend_name == "triton" and not use_triton(a):
+        return gmm_reference(a, b, batch_sizes, trans_a, trans_b)
+    return gmm_backend.gmm(a, b, batch_sizes, trans_a, trans_b, backend_name)
+
+
 @torch.library.custom_op("megablocks::gmm", mutates_args=())
 def _gmm(
     a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_a: bool, trans_b: bool, backend_name: str
 ) -> torch.Tensor:
-    if backend_name == "triton" and not use_triton(a):
-        return gmm_reference(a, b, batch_sizes, trans_a, trans_b)
-    return gmm_backend.gmm(a, b, batch_sizes, trans_a, trans_b, backend_name)
+    return _gmm_impl(a, b, batch_sizes, trans_a, trans_b, backend_name)
 
 
 @_gmm.register_fake
@@ -92,6 +96,100 @@ _gmm.register_autograd(_backward, setup_context=_setup_context)
 
 # Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
 _gmm = eager(_gmm)
+
+
+# --------------------------------------------------------------------------------------------
+# Two products of one input (the GLU's up projections): its gradient in one accumulating pass.
+
+
+@torch.library.custom_op("megablocks::gmm_sum", mutates_args=())
+def _gmm_sum(
+    a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor,
+    trans_b: bool, backend_name: str,
+) -> torch.Tensor:
+    if backend_name == "triton" and not use_triton(a1):
+        return gmm_reference(a1, b1, batch_sizes, False, trans_b) + gmm_reference(a2, b2, batch_sizes, False, trans_b)
+    return gmm_backend.gmm_sum(a1, b1, a2, b2, batch_sizes, trans_b, backend_name)
+
+
+@_gmm_sum.register_fake
+def _(a1, b1, a2, b2, batch_sizes, trans_b, backend_name):
+    return a1.new_empty((a1.shape[0], b1.shape[1] if trans_b else b1.shape[2]))
+
+
+@torch.library.custom_op("megablocks::gmm_shared_input", mutates_args=())
+def _gmm_shared_input(
+    a: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool,
+    backend_name: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (_gmm_impl(a, b1, batch_sizes, False, trans_b, backend_name),
+            _gmm_impl(a, b2, batch_sizes, False, trans_b, backend_name))
+
+
+@_gmm_shared_input.register_fake
+def _(a, b1, b2, batch_sizes, trans_b, backend_name):
+    n = b1.shape[1] if trans_b else b1.shape[2]
+    return a.new_empty((a.shape[0], n)), a.new_empty((a.shape[0], n))
+
+
+def _shared_setup_context(ctx, inputs, output):
+    a, b1, b2, batch_sizes, trans_b, backend_name = inputs
+    ctx.save_for_backward(a, b1, b2, batch_sizes)
+    ctx.trans_b, ctx.backend_name = trans_b, backend_name
+
+
+def _shared_backward(ctx, grad1, grad2):
+    a, b1, b2, batch_sizes = ctx.saved_tensors
+    name, trans_b = ctx.backend_name, ctx.trans_b
+    grads = [g if g is None else g.contiguous() for g in (grad1, grad2)]
+    if grads[0] is None or grads[1] is None:  # one output unused: a plain product for the other
+        present = 0 if grads[1] is None else 1
+        grads[1 - present] = torch.zeros_like(grads[present])
+    g1, g2 = grads
+    d_a = d_b1 = d_b2 = None
+    if ctx.needs_input_grad[0]:
+        d_a = _gmm_sum(g1, b1, g2, b2, batch_sizes, not trans_b, name)
+    if ctx.needs_input_grad[1]:
+        d_b1 = _gmm(*((g1, a) if trans_b else (a, g1)), batch_sizes, True, False, name)
+    if ctx.needs_input_grad[2]:
+        d_b2 = _gmm(*((g2, a) if trans_b else (a, g2)), batch_sizes, True, False, name)
+    return d_a, d_b1, d_b2, None, None, None
+
+
+_gmm_shared_input.register_autograd(_shared_backward, setup_context=_shared_setup_context)
+_gmm_sum, _gmm_shared_input = eager(_gmm_sum), eager(_gmm_shared_input)
+
+
+def gmm_shared_input(
+    a: torch.Tensor,
+    b1: torch.Tensor,
+    b2: torch.Tensor,
+    batch_sizes: torch.Tensor,
+    trans_b: bool = False,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`(gmm(a, b1, ...), gmm(a, b2, ...))`: two grouped GEMMs of one input, e.g. a GLU's up
+    projections `x @ w1^T` and `x @ v1^T`.
+
+    Same forward as two `gmm` calls. The backward computes the gradient of `a`,
+    `d1 @ b1^T + d2 @ b2^T`, in one pass: the 'triton' backend adds the second product in the
+    first's epilogue instead of summing two `[M, K]` results afterwards. Arguments, dtypes and
+    errors as `gmm`; `b1` and `b2` have the same shape.
+    """
+    if backend is None and isinstance(a, torch.Tensor):
+        backend = gmm_backend.default_backend(a)
+    gmm_backend.check_gmm_args(a, b1, batch_sizes, False, trans_b, backend)
+    if not isinstance(b2, torch.Tensor):
+        raise TypeError(f"b2: expected a torch.Tensor, got {type(b2).__name__}")
+    if b2.shape != b1.shape:
+        raise ValueError(f"b2: expected the shape of b1 {tuple(b1.shape)}, got {tuple(b2.shape)}")
+    if b2.dtype != b1.dtype:
+        raise TypeError(f"b2: expected the dtype of b1 ({b1.dtype}), got {b2.dtype}")
+    if b2.device != b1.device:
+        raise ValueError(f"b2: expected a tensor on {b1.device} (the device of b1), got one on {b2.device}")
+    if values_checked(batch_sizes):
+        _check_batch_sizes(batch_sizes, a.shape[0])
+    return _gmm_shared_input(a, b1, b2, batch_sizes, trans_b, backend)
 
 
 def gmm(

@@ -308,3 +308,83 @@ def test_backend_dtype_and_package_errors(device):
     if not HAS_GG and device == "cuda":
         with pytest.raises(ImportError, match=r"pip install megablocks\[gg\]"):
             gmm(a.bfloat16(), b.bfloat16(), batch_sizes, backend="gg")
+
+
+# ------------------------------------------------------------------------------------------------
+# Two products of one input: gmm_shared_input and the accumulating kernel behind its backward.
+
+
+@pytest.mark.parametrize("case", ["mixed", "unaligned", "no_rows", "many_groups"])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("backend", _backends())
+def test_gmm_shared_input_forward_and_grads(backend, dtype, trans_b, case, device):
+    """Both outputs and all three gradients equal those of two separate products (the gradient of
+    a summed over both)."""
+    from megablocks.ops.gmm import gmm_shared_input
+
+    if not _supported(backend, dtype, device):
+        pytest.skip(f"backend {backend} does not take {dtype} on {device}")
+    sizes, K, N = CASES[case]
+    a, b1, batch_sizes = _inputs(sizes, K, N, dtype, device, trans_b)
+    b2 = torch.randn_like(b1.float()).to(dtype) / K**0.5
+    for t in (a, b1, b2):
+        t.requires_grad_()
+    out1, out2 = gmm_shared_input(a, b1, b2, batch_sizes, trans_b=trans_b, backend=backend)
+    d1, d2 = torch.randn_like(out1), torch.randn_like(out2)
+    torch.autograd.backward([out1, out2], [d1, d2])
+
+    a64, b164, b264 = (t.detach().double().requires_grad_() for t in (a, b1, b2))
+    r1 = gmm_reference(a64, b164, batch_sizes.cpu(), trans_b=trans_b)
+    r2 = gmm_reference(a64, b264, batch_sizes.cpu(), trans_b=trans_b)
+    torch.autograd.backward([r1, r2], [d1.double(), d2.double()])
+    assert_close("out1", out1, r1, dtype)
+    assert_close("out2", out2, r2, dtype)
+    assert_close("d_a", a.grad, a64.grad, dtype)
+    assert_close("d_b1", b1.grad, b164.grad, dtype)
+    assert_close("d_b2", b2.grad, b264.grad, dtype)
+
+
+def test_gmm_shared_input_one_output_used(device):
+    from megablocks.ops.gmm import gmm_shared_input
+
+    sizes, K, N = CASES["mixed"]
+    a, b1, batch_sizes = _inputs(sizes, K, N, torch.float32, device, trans_b=True)
+    b2 = torch.randn_like(b1)
+    a.requires_grad_()
+    out1, _ = gmm_shared_input(a, b1, b2, batch_sizes, trans_b=True)
+    d1 = torch.randn_like(out1)
+    out1.backward(d1)
+    a64 = a.detach().double().requires_grad_()
+    gmm_reference(a64, b1.double(), batch_sizes.cpu(), trans_b=True).backward(d1.double())
+    assert_close("d_a", a.grad, a64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_triton_accumulate_into(use_tma, schedule, device):
+    """`accumulate_into` adds the product to the tensor's values, rows past the groups' total
+    included (left as they were), on every load path and schedule."""
+    sizes, K, N = CASES["mixed"]
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.float16, device, trans_b=True)
+    extra = 3
+    a = torch.cat([a, torch.randn(extra, K, device=device, dtype=a.dtype)])
+    base = torch.randn(a.shape[0], N, device=device, dtype=torch.float16)
+    out = base.clone()
+    got = gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, use_tma=use_tma, config=SCHEDULES[schedule],
+                                 accumulate_into=out)
+    assert got is out
+    M = sum(sizes)
+    expected = gmm_reference(a[:M].double(), b.double(), batch_sizes.cpu(), trans_b=True) + base[:M].double()
+    assert_close("out[:M]", out[:M], expected, torch.float16)
+    assert torch.equal(out[M:], base[M:]), "rows past the groups' total must keep their values"
+
+
+def test_gmm_shared_input_bad_inputs(device):
+    from megablocks.ops.gmm import gmm_shared_input
+
+    a, b1, batch_sizes = _inputs([3, 2], 8, 4, torch.float32, device, trans_b=False)
+    with pytest.raises(ValueError, match="b2: expected the shape of b1"):
+        gmm_shared_input(a, b1, b1[:, :4], batch_sizes)
+    with pytest.raises(TypeError):
+        gmm_shared_input(a, b1, b1.half(), batch_sizes)
