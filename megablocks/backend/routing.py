@@ -79,3 +79,66 @@ def histogram(x_MN: torch.Tensor, max_val: int, *, local=None) -> torch.Tensor:
         BLOCK=block, NUM_BINS=num_bins, LOCAL=bool(local), num_warps=4,
     )
     return counts_MV
+
+
+# ------------------------------------------------------------------------------------------------
+# All of `routing_metadata` in one program, for the small N of decoding.
+#
+#   key_N      = x_N where 0 <= x_N < E, else E           (an id out of range sorts after all)
+#   packed_N   = key_N << ID_BITS | n                     (ties in input order: a stable sort)
+#   sorted     = sort(packed_N)
+#   indices_N  = sorted & (2**ID_BITS - 1),  bin_ids_N = sorted >> ID_BITS
+#   counts_E   = histogram(key_N),  bins_E = cumsum(counts),  padded_bins_E = cumsum(round_up(counts, B))
+#
+# One launch instead of the sort, histogram, cumsums and round-up of the general path (whose
+# host-side cost dominates at decode sizes). The whole block of N ids lives in one program.
+
+SMALL_ROUTING_MAX_ROWS = 4096
+SMALL_ROUTING_MAX_EXPERTS = 1022  # E + 2 keys fit 1024 histogram bins
+_ID_BITS = 12  # log2(SMALL_ROUTING_MAX_ROWS)
+
+
+@triton.jit
+def _small_routing_kernel(
+    x_ptr, indices_ptr, bin_ids_ptr, counts_ptr, bins_ptr, padded_bins_ptr,
+    num_ids, num_experts, block_size,
+    BLOCK_N: tl.constexpr, NUM_BINS: tl.constexpr, ID_BITS: tl.constexpr,
+):
+    n = tl.arange(0, BLOCK_N)
+    present = n < num_ids
+    ids = tl.load(x_ptr + n, mask=present, other=0)
+    # Compare in the ids' own dtype before narrowing, so a wide id cannot wrap into range.
+    key = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts).to(tl.int32)
+    # Lanes past N sort after every id (key num_experts + 1) and are never stored.
+    key = tl.where(present, key, num_experts + 1)
+    packed = tl.sort((key << ID_BITS) | n)
+    tl.store(indices_ptr + n, packed & ((1 << ID_BITS) - 1), mask=present)
+    tl.store(bin_ids_ptr + n, packed >> ID_BITS, mask=present)
+
+    counts = tl.histogram(key, NUM_BINS)  # bins num_experts, num_experts + 1 are never stored
+    e = tl.arange(0, NUM_BINS)
+    expert = e < num_experts
+    counts = tl.where(expert, counts, 0)
+    padded = (counts + block_size - 1) // block_size * block_size
+    tl.store(counts_ptr + e, counts, mask=expert)
+    tl.store(bins_ptr + e, tl.cumsum(counts, 0), mask=expert)
+    tl.store(padded_bins_ptr + e, tl.cumsum(padded, 0), mask=expert)
+
+
+def small_routing(x_N: torch.Tensor, num_experts: int, block_size: int):
+    """`(indices, bin_ids, tokens_per_expert, bins, padded_bins)`, int32, for N <= 4096 ids and
+    E <= 1022 experts, in one launch (see above). Validation is the caller's."""
+    x_N = x_N.contiguous()
+    n = x_N.numel()
+    out_n = [torch.empty(n, dtype=torch.int32, device=x_N.device) for _ in range(2)]
+    out_e = [torch.empty(num_experts, dtype=torch.int32, device=x_N.device) for _ in range(3)]
+    if n == 0:
+        for t in out_e:
+            t.zero_()
+        return (*out_n, *out_e)
+    _small_routing_kernel[(1,)](
+        x_N, *out_n, *out_e, n, num_experts, block_size,
+        BLOCK_N=max(16, triton.next_power_of_2(n)), NUM_BINS=max(16, triton.next_power_of_2(num_experts + 2)),
+        ID_BITS=_ID_BITS, num_warps=4 if n <= 1024 else 8,
+    )
+    return (*out_n, *out_e)

@@ -12,7 +12,7 @@ here is sync-free on CUDA: no value is read on the host and no output shape depe
 Value checks (ids in range) run on CPU tensors only, or on CUDA with MEGABLOCKS_CHECK_VALUES=1.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -210,6 +210,23 @@ def padded_rows_bound(num_rows: int, num_experts: int, block_size: int) -> int:
     return (num_rows + num_experts * (block_size - 1)) // block_size * block_size
 
 
+@torch.library.custom_op("megablocks::small_routing", mutates_args=())
+def _small_routing_op(
+    x_N: torch.Tensor, num_experts: int, block_size: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backend.small_routing(x_N, num_experts, block_size)
+
+
+@_small_routing_op.register_fake
+def _(x_N, num_experts, block_size):
+    n, e = x_N.shape[0], num_experts
+    return tuple(x_N.new_empty(size, dtype=torch.int32) for size in (n, n, e, e, e))
+
+
+# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
+_small_routing_op = eager(_small_routing_op)
+
+
 class RoutingMetadata(NamedTuple):
     """The binning of N routed rows over E experts (docs/CONTRACTS.md); every field int32."""
 
@@ -231,6 +248,8 @@ def routing_metadata(top_experts_TK: torch.Tensor, num_experts: int, block_size:
 
     Returns:
         `RoutingMetadata(indices, bin_ids, tokens_per_expert, bins, padded_bins)`, all int32.
+        Up to 4096 routed rows and 1022 experts (decoding sizes) one kernel computes all five
+        (`megablocks.backend.routing.small_routing`); above, a sort, the histogram and cumsums.
 
     Raises:
         TypeError / ValueError: as for `sort` and `histogram`; ids out of range on CPU.
@@ -240,6 +259,13 @@ def routing_metadata(top_experts_TK: torch.Tensor, num_experts: int, block_size:
     _checks.check_int("block_size", block_size, min_value=1)
     _check_values("top_experts_TK", top_experts_TK, num_experts)
     experts_N = top_experts_TK.reshape(-1)
+    if (
+        use_triton(experts_N)
+        and experts_N.numel() <= _backend.SMALL_ROUTING_MAX_ROWS
+        and num_experts <= _backend.SMALL_ROUTING_MAX_EXPERTS
+        and block_size <= _checks.INT32_MAX // _backend.SMALL_ROUTING_MAX_ROWS
+    ):
+        return RoutingMetadata(*_small_routing_op(experts_N, num_experts, block_size))
     end_bit = max(1, (num_experts - 1).bit_length())
     sorted_keys, order = _stable_argsort(experts_N, end_bit)
     bin_ids, indices = sorted_keys.to(torch.int32), order.to(torch.int32)

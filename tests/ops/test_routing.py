@@ -1,5 +1,6 @@
 """Routing metadata ops (sort, histogram, cumsums, round_up, routing_metadata), bitwise."""
 
+import os
 import time
 
 import pytest
@@ -286,3 +287,40 @@ def test_compiled_histogram_when_built(n, e):
     assert (routing._compiled_histogram(x.view(1, -1), e) is not None) == (e <= 12288)
     assert torch.equal(routing.histogram(x, e), expected)
     assert torch.equal(routing.histogram(x.long(), e), expected)
+
+
+# ---------------------------------------------------------------- the one-launch path (N <= 4096)
+
+
+@pytest.mark.parametrize("n,e,block", [(1, 1, 1), (7, 3, 128), (511, 128, 16), (4096, 64, 128),
+                                       (4097, 64, 128), (600, 1022, 64), (300, 1023, 16)])
+def test_small_and_general_paths_agree(n, e, block, device):
+    """Up to 4096 rows and 1022 experts one kernel computes the metadata; above, the general path
+    runs. Both equal the per-row loop (a stable sort by expert), on either side of each limit."""
+    from megablocks.backend import routing as kernels
+
+    g = torch.Generator().manual_seed(n + e)
+    top = torch.randint(0, e, (n,), generator=g)
+    top[: n // 3] = e - 1  # a crowded expert, and (for large E) many empty ones
+    got = routing_metadata(top.to(device), e, block)
+    want = loop_metadata(top, e, block)
+    for name, a, b in zip(routing.RoutingMetadata._fields, got, want):
+        assert_equal(name, a.cpu(), b)
+    small = n <= kernels.SMALL_ROUTING_MAX_ROWS and e <= kernels.SMALL_ROUTING_MAX_EXPERTS
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        direct = kernels.small_routing(top.to(device), e, block) if small else None
+        if direct is not None:
+            for name, a, b in zip(routing.RoutingMetadata._fields, direct, want):
+                assert_equal(f"small_routing {name}", a.cpu(), b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="ids out of range raise on CPU")
+def test_small_routing_ids_out_of_range():
+    """On CUDA an id outside [0, E) is not counted and sorts after the valid ones; indices stay a
+    permutation, so nothing downstream reads out of bounds."""
+    top = torch.tensor([3, -1, 0, 9, 3, 1], device="cuda")
+    meta = routing_metadata(top, 4, 16)
+    assert sorted(meta.indices.tolist()) == list(range(6))
+    assert meta.indices[:4].tolist() == [2, 5, 0, 4]
+    assert meta.tokens_per_expert.tolist() == [1, 1, 0, 2]
+    assert meta.bins.tolist() == [1, 2, 2, 4]
