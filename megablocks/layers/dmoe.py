@@ -5,15 +5,16 @@ B block size (`moe_block_size`), P = padded_rows_bound(N, E, B) padded rows (a s
 
 Sparse path (`mlp_impl='sparse'`):
     meta = routing_metadata(top_experts_TK, E, B)          sort, count, bin: on the device
-    x_PH = padded_gather(x_TH, ...)                        experts' rows padded to blocks
+    maps = route(..., padded_bins)                         row maps, once for gather and scatter
+    x_PH = gather_routed(x_TH, maps)                       padded_gather: rows padded to blocks
     topo = make_topology(meta.padded_bins, ...)            the blocks of the [P, E·F] activation
     y_PH = dsd(act(sdd(x_PH, w1^T, topo)), w2)             (GLU: act(..w1..) * sdd(x_PH, v1^T))
-    out_TH = padded_scatter(y_PH, ..., expert_weights)     weighted sum over K
+    out_TH = scatter_routed(y_PH, maps, expert_weights)    padded_scatter: weighted sum over K
 
 Grouped path (`mlp_impl='grouped'`):
-    x_NH = gather(x_TH, ...)                               rows in expert order
+    x_NH = gather_routed(x_TH, route(...))                 gather: rows in expert order
     y_NH = gmm(act(gmm(x_NH, w1^T)), w2)                   one grouped GEMM per projection
-    out_TH = scatter(y_NH, ..., expert_weights)
+    out_TH = scatter_routed(y_NH, maps, expert_weights)    scatter
 
 No value is read on the host on either path (the 'gg' gmm backend, which takes its group sizes
 on the host, is the exception): a dMoE step can be captured in a CUDA graph.
@@ -28,7 +29,7 @@ import torch
 
 from megablocks.layers import dmlp_registry, moe, mpu
 from megablocks.layers.arguments import Arguments
-from megablocks.ops.permute import gather, padded_gather, padded_scatter, scatter
+from megablocks.ops.permute import gather_routed, route, scatter_routed
 from megablocks.ops.routing import routing_metadata
 from megablocks.ops.topology import make_topology
 
@@ -59,19 +60,22 @@ class ParallelDroplessMLP(moe.ParallelMLP):
     def sparse_permute_and_compute(self, x_TH, weights_N, top_experts, num_experts: int, top_k: int):
         with torch.no_grad():
             meta = routing_metadata(top_experts, num_experts, self.blocking)
-        x_PH = padded_gather(x_TH, meta.indices, meta.bin_ids, meta.bins, meta.padded_bins, top_k, block_size=self.blocking)
+            # The row maps of padded_gather and padded_scatter, computed once for both.
+            maps = route(meta.indices, meta.bin_ids, meta.bins, top_k, meta.padded_bins, block_size=self.blocking)
+        x_PH = gather_routed(x_TH, maps)
         with torch.no_grad():
             topo = self.topology(x_PH, meta.padded_bins)
         y_PH = self.mlp(x_PH, topo)
-        out_TH = padded_scatter(y_PH, meta.indices, meta.bin_ids, weights_N, meta.bins, meta.padded_bins, top_k)
+        out_TH = scatter_routed(y_PH, maps, weights_N)
         return out_TH, meta.tokens_per_expert
 
     def grouped_permute_and_compute(self, x_TH, weights_N, top_experts, num_experts: int, top_k: int):
         with torch.no_grad():
             indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
-        x_NH = gather(x_TH, indices, bin_ids, bins, top_k)
+            maps = route(indices, bin_ids, bins, top_k)  # those of gather and scatter, once
+        x_NH = gather_routed(x_TH, maps)
         y_NH = self.mlp(x_NH, tokens_per_expert)
-        out_TH = scatter(y_NH, indices, bin_ids, weights_N, bins, top_k)
+        out_TH = scatter_routed(y_NH, maps, weights_N)
         return out_TH, tokens_per_expert
 
     def permute_and_compute(self, x_TH, weights_N, top_experts, num_experts: int, top_k: int, capacity=None):

@@ -20,7 +20,7 @@ Each op runs a Triton kernel (megablocks/backend/permute.py) on CUDA tensors and
 under TRITON_INTERPRET=1; otherwise the plain-torch reference in this file.
 """
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -244,7 +244,7 @@ _route, _gather_rows, _scatter_rows, _weight_grad = (
 
 
 def _check_routing(
-    x: torch.Tensor,
+    x: Optional[torch.Tensor],
     x_ndim: int,
     indices: torch.Tensor,
     bins: torch.Tensor,
@@ -256,8 +256,9 @@ def _check_routing(
     has_bin_ids: bool = True,
     has_padded_bins: bool = False,
 ) -> Tuple[int, int]:
-    """Checks the arguments shared by the six ops; returns (N, E)."""
-    _checks.check_tensor("x", x, ndim=x_ndim, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
+    """Checks the arguments shared by the six ops (x None: the routing alone); returns (N, E)."""
+    if x is not None:
+        _checks.check_tensor("x", x, ndim=x_ndim, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
     _checks.check_tensor("indices", indices, ndim=1, dtypes=_checks.INDEX_DTYPES)
     _checks.check_tensor("bins", bins, ndim=1, dtypes=_checks.INDEX_DTYPES)
     if has_bin_ids:
@@ -281,7 +282,8 @@ def _check_routing(
         raise ValueError(f"padded_bins: expected {num_experts} elements (as bins), got {padded_bins.numel()}")
     if weights is not None and weights.numel() != n:
         raise ValueError(f"weights: expected {n} elements (one per index), got {weights.numel()}")
-    _checks.check_int32_range("x.shape[-1]", x.shape[-1])
+    if x is not None:
+        _checks.check_int32_range("x.shape[-1]", x.shape[-1])
     _checks.check_index_values("indices", indices, n)
     if has_bin_ids:
         _checks.check_index_values("bin_ids", bin_ids, num_experts)
@@ -425,6 +427,68 @@ def padded_scatter(
     _checks.check_index_values("padded_bins", padded_bins, x.shape[0] + 1)
     assignment_row, row_assignment = _route(indices, bin_ids, bins, padded_bins, "padded", x.shape[0], 0)
     return _scatter_rows(x, assignment_row, row_assignment, weights, top_k)
+
+
+class RowMaps(NamedTuple):
+    """Where each routed assignment's row lives, both ways (`route`); reused by a gather and the
+    scatter that undoes it, so the routing is computed once per layer instead of per op."""
+
+    assignment_row: torch.Tensor  # [N] int32: the row of assignment a (-1: none)
+    row_assignment: torch.Tensor  # [R] int32: the assignment in row r (-1: a padding row)
+    top_k: int
+
+
+def route(
+    indices: torch.Tensor,
+    bin_ids: torch.Tensor,
+    bins: torch.Tensor,
+    top_k: int,
+    padded_bins: Optional[torch.Tensor] = None,
+    *,
+    block_size: int = 128,
+) -> RowMaps:
+    """The row maps `gather`/`scatter` (padded_bins None) or `padded_gather`/`padded_scatter`
+    compute internally, once: `gather_routed(x, maps)` and `scatter_routed(y, maps, weights)` then
+    equal those ops. The padded layout has `padded_rows_bound(N, E, block_size)` rows.
+
+    Raises:
+        TypeError / ValueError: as `gather` (`padded_gather` with padded_bins).
+    """
+    padded = padded_bins is not None
+    _checks.check_int("top_k", top_k, min_value=1)
+    n, num_experts = _check_routing(
+        None, 2, indices, bins, top_k, bin_ids=bin_ids, padded_bins=padded_bins, has_padded_bins=padded
+    )
+    if not padded:
+        maps = _route(indices, bin_ids, bins, None, "plain", n, 0)
+    else:
+        _checks.check_int("block_size", block_size, min_value=1)
+        num_rows = padded_rows_bound(n, num_experts, block_size)
+        _checks.check_int32_range("padded rows", num_rows)
+        _checks.check_index_values("padded_bins", padded_bins, num_rows + 1)
+        maps = _route(indices, bin_ids, bins, padded_bins, "padded", num_rows, 0)
+    return RowMaps(maps[0], maps[1], top_k)
+
+
+def gather_routed(x: torch.Tensor, maps: RowMaps) -> torch.Tensor:
+    """`gather` (or `padded_gather`) of the token rows `x` [T, H] by precomputed `maps`."""
+    _checks.check_tensor("x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
+    _check_rows("x", x.shape[0], maps.assignment_row.numel() // maps.top_k, "T = assignments // top_k")
+    return _gather_rows(x, maps.row_assignment, maps.assignment_row, None, maps.top_k)
+
+
+def scatter_routed(y: torch.Tensor, maps: RowMaps, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """`scatter` (or `padded_scatter`) of the rows `y` [R, H] by precomputed `maps`: the weighted
+    sum over each token's K choices, `[T, H]`."""
+    _checks.check_tensor("y", y, ndim=2, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
+    _check_rows("y", y.shape[0], maps.row_assignment.numel(), "the rows of the maps")
+    if weights is not None:
+        _checks.check_tensor("weights", weights, ndim=1, dtypes=_checks.FLOAT_DTYPES)
+        if weights.numel() != maps.assignment_row.numel():
+            raise ValueError(
+                f"weights: expected {maps.assignment_row.numel()} elements (one per assignment), got {weights.numel()}"
+            )
+    return _scatter_rows(y, maps.assignment_row, maps.row_assignment, weights, maps.top_k)
 
 
 def binned_gather(

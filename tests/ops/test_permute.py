@@ -385,3 +385,53 @@ def test_bad_input(op, changes, error, match):
         kwargs[name] = change(kwargs[name]) if callable(change) else change
     with pytest.raises(error, match=match):
         getattr(P, op)(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# route + gather_routed / scatter_routed: the layers' form, row maps computed once.
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_routed_ops_equal_the_ops(case, padded, device):
+    """gather_routed / scatter_routed with `route`'s maps give what gather / scatter (padded_*)
+    give, forward and every gradient (x, the rows, the weights)."""
+    tokens, hidden, num_experts, top_k, routing = case
+    r = make_routing(tokens, num_experts, top_k, routing, 16, device)
+    x = torch.randn(tokens, hidden, device=device, requires_grad=True)
+    w = torch.rand(tokens * top_k, device=device, requires_grad=True)
+    maps = P.route(r["indices"], r["bin_ids"], r["bins"], top_k, r["padded_bins"] if padded else None,
+                   block_size=16)
+    got = P.gather_routed(x, maps)
+    if padded:
+        want = P.padded_gather(x, r["indices"], r["bin_ids"], r["bins"], r["padded_bins"], top_k, block_size=16)
+    else:
+        want = P.gather(x, r["indices"], r["bin_ids"], r["bins"], top_k)
+    assert_equal("gather", got, want)
+    y = torch.randn_like(got, requires_grad=True)
+    out = P.scatter_routed(y, maps, w)
+    if padded:
+        ref = P.padded_scatter(y, r["indices"], r["bin_ids"], w, r["bins"], r["padded_bins"], top_k)
+    else:
+        ref = P.scatter(y, r["indices"], r["bin_ids"], w, r["bins"], top_k)
+    assert_equal("scatter", out, ref)
+    g_out, g_x = torch.randn_like(out), torch.randn_like(got)
+    grads = torch.autograd.grad([out, got], [x, y, w], [g_out, g_x], allow_unused=True)
+    refs = torch.autograd.grad([ref, want], [x, y, w], [g_out, g_x], allow_unused=True)
+    for name, a, b in zip(("x", "y", "weights"), grads, refs):
+        assert_equal(f"grad {name}", a, b)
+
+
+def test_routed_ops_bad_input(device):
+    r = make_routing(7, 4, 2, "random", 16, device)
+    maps = P.route(r["indices"], r["bin_ids"], r["bins"], 2)
+    with pytest.raises(ValueError, match=r"x: expected 7 rows"):
+        P.gather_routed(torch.randn(8, 5, device=device), maps)
+    with pytest.raises(ValueError, match=r"y: expected 14 rows"):
+        P.scatter_routed(torch.randn(13, 5, device=device), maps, None)
+    with pytest.raises(ValueError, match=r"weights: expected 14 elements"):
+        P.scatter_routed(torch.randn(14, 5, device=device), maps, torch.rand(13, device=device))
+    with pytest.raises(TypeError, match=r"x: expected dtype"):
+        P.gather_routed(torch.ones(7, 5, dtype=torch.int32, device=device), maps)
+    with pytest.raises(ValueError, match="top_k"):
+        P.route(r["indices"], r["bin_ids"], r["bins"], 0)
