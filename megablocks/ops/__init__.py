@@ -9,9 +9,12 @@ from megablocks.ops.permute import (
     binned_gather,
     binned_scatter,
     gather,
+    gather_routed,
     padded_gather,
     padded_scatter,
+    route,
     scatter,
+    scatter_routed,
 )
 from megablocks.ops.replicate import repeat, replicate, sum
 from megablocks.ops.routing import (
@@ -36,9 +39,12 @@ __all__ = [
     "binned_gather",
     "binned_scatter",
     "gather",
+    "gather_routed",
     "padded_gather",
     "padded_scatter",
+    "route",
     "scatter",
+    "scatter_routed",
     "exclusive_cumsum",
     "histogram",
     "inclusive_cumsum",
