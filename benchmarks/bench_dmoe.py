@@ -34,6 +34,9 @@ Reported per (config, mode, contender):
     extra_mem_gib        peak memory of one step minus the memory allocated before it, once the
                          weights, their `.grad` and the input exist (fwdbwd: the step's backward
                          accumulates into `.grad`); nan on CPU
+    graph_ms             decode layers on CUDA: the same forward captured in a CUDA graph and
+                         replayed (no host time; nan for a contender that syncs); graph_speedup
+                         likewise against torch_grouped_mm's graph_ms
     match                'ok' when the forward output (and, with fwdbwd, every gradient) agrees
                          with torch_grouped_mm's within `TOLERANCE` of the reference's largest
                          magnitude; 'MISMATCH' otherwise (the row is still timed, and the script
@@ -359,6 +362,26 @@ def time_fn(fn: Callable[[], object], device: str, rep: int) -> Tuple[float, flo
     return cpu_timed(fn, rep)
 
 
+def graph_time_ms(fn: Callable[[], object], rep: int) -> float:
+    """Median ms of `fn` captured in a CUDA graph and replayed (no host time: what a serving
+    engine that captures its decode steps sees); nan when `fn` cannot be captured (it syncs)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return timed(graph.replay, warmup=max(25, rep // 4), rep=rep)[0]
+    except Exception as err:  # e.g. a host sync inside fn: not capturable
+        print(f"  (not capturable in a CUDA graph: {type(err).__name__}: {str(err)[:120]})", flush=True)
+        torch.cuda.synchronize()
+        return float("nan")
+
+
 def dense_tflops(m: int, n: int, k: int, dtype: torch.dtype, device: str, rep: int) -> float:
     """TFLOP/s of one dense (m×k)·(k×n) matmul in this run."""
     if device == "cuda":
@@ -503,6 +526,8 @@ def bench_layer(layer: Layer, names: Sequence[str], modes: Sequence[str], dtype:
                 try:
                     ms, p20, p80 = time_fn(timed_step, device, rep)
                     mem = extra_peak_gib(memory_step, device)
+                    if layer.decode and device == "cuda":
+                        row["graph_ms"] = graph_time_ms(timed_step, rep)
                 except Exception as err:  # a contender that fails here is reported, not fatal
                     print(f"!!! {layer.name} {mode} {name}: failed: {type(err).__name__}: {str(err)[:200]}",
                           flush=True)
@@ -512,8 +537,11 @@ def bench_layer(layer: Layer, names: Sequence[str], modes: Sequence[str], dtype:
                         "extra_mem_gib": mem})
             mode_rows[name] = row
         ref_ms = mode_rows[REFERENCE]["ms"] if REFERENCE in mode_rows else float("nan")
+        ref_graph_ms = mode_rows[REFERENCE].get("graph_ms", float("nan")) if REFERENCE in mode_rows else float("nan")
         for name, row in mode_rows.items():
             row["speedup"] = ref_ms / row["ms"]
+            if "graph_ms" in row:
+                row["graph_speedup"] = ref_graph_ms / row["graph_ms"]
             rows.append({**row, **env})
             print(f"{layer.name} {mode} {name}: {row['ms']:.3f} ms, {row['tflops']:.1f} TFLOP/s "
                   f"({row['pct_dense']:.0f}% of dense), {row['speedup']:.2f}x, "
@@ -642,7 +670,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     plot(rows, os.path.join(args.out, "dmoe.png"))
     print(env)
     print_table(rows, ["config", "mode", "contender", "match", "ms", "p20_ms", "p80_ms", "tflops", "pct_dense",
-                       "speedup", "extra_mem_gib"])
+                       "speedup", "extra_mem_gib", "graph_ms", "graph_speedup"])
     bad = [r for r in rows if r["match"] != "ok"]
     if bad:
         print(f"!!! {len(bad)} row(s) did not match {REFERENCE} or failed: "
