@@ -168,6 +168,12 @@ def expert_ffn(
         return down(a, w2)
 
 
+# Whether the grouped GLU computes its two up projections with `gmm_shared_input` (their input
+# gradient in one accumulating pass). Off by default: it stays off until its effect is measured on
+# the GPU (benchmarks/RESULTS.md); the tests run it either way.
+FUSED_GLU_INPUT_GRAD = False
+
+
 def _gmm_backend(args: Arguments) -> Optional[str]:
     return None if args.gmm_backend == "auto" else args.gmm_backend
 
@@ -288,7 +294,7 @@ class GroupedMLP(SparseMLP):
                                     tokens_per_expert, trans_b=True, backend=backend)
 
         return expert_ffn(
-            x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair,
+            x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair if FUSED_GLU_INPUT_GRAD else None,
             activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
         )
 

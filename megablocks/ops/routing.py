@@ -227,6 +227,12 @@ def _(x_N, num_experts, block_size):
 _small_routing_op = eager(_small_routing_op)
 
 
+# Whether `routing_metadata` takes the one-launch kernel where it applies. Off by default: it stays
+# off until its effect on decode-sized layers is measured on the GPU (benchmarks/RESULTS.md); the
+# tests run it either way.
+SMALL_ROUTING = False
+
+
 class RoutingMetadata(NamedTuple):
     """The binning of N routed rows over E experts (docs/CONTRACTS.md); every field int32."""
 
@@ -248,8 +254,9 @@ def routing_metadata(top_experts_TK: torch.Tensor, num_experts: int, block_size:
 
     Returns:
         `RoutingMetadata(indices, bin_ids, tokens_per_expert, bins, padded_bins)`, all int32.
-        Up to 4096 routed rows and 1022 experts (decoding sizes) one kernel computes all five
-        (`megablocks.backend.routing.small_routing`); above, a sort, the histogram and cumsums.
+        With `SMALL_ROUTING`, up to 4096 routed rows and 1022 experts (decoding sizes) one kernel
+        computes all five (`megablocks.backend.routing.small_routing`); otherwise a sort, the
+        histogram and cumsums.
 
     Raises:
         TypeError / ValueError: as for `sort` and `histogram`; ids out of range on CPU.
@@ -260,7 +267,8 @@ def routing_metadata(top_experts_TK: torch.Tensor, num_experts: int, block_size:
     _check_values("top_experts_TK", top_experts_TK, num_experts)
     experts_N = top_experts_TK.reshape(-1)
     if (
-        use_triton(experts_N)
+        SMALL_ROUTING
+        and use_triton(experts_N)
         and experts_N.numel() <= _backend.SMALL_ROUTING_MAX_ROWS
         and num_experts <= _backend.SMALL_ROUTING_MAX_EXPERTS
         and block_size <= _checks.INT32_MAX // _backend.SMALL_ROUTING_MAX_ROWS

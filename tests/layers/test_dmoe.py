@@ -255,3 +255,32 @@ def test_bad_input():
         layer([[0.0] * 40])
     with pytest.raises(ValueError, match="x: expected a tensor on"):
         layer(torch.empty(4, 40, device="meta"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The levers that are off by default: the one-launch routing metadata and the grouped GLU's
+# accumulating input gradient give the reference's output and every gradient when on.
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i in ("sparse", "triton", "torch")])
+def test_dmoe_with_levers_on(impl, shape, monkeypatch):
+    from megablocks.layers import mlp as mlp_module
+    from megablocks.ops import routing as routing_module
+
+    monkeypatch.setattr(routing_module, "SMALL_ROUTING", True)
+    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", True)
+    calls = []
+    shared_input = mlp_module.gmm_shared_input
+    monkeypatch.setattr(mlp_module, "gmm_shared_input", lambda *a, **k: calls.append(1) or shared_input(*a, **k))
+    skip_unavailable(impl, torch.float32)
+    T, lead, H, Fs, E, K, routing = shape
+    layer = dMoE(make_args(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type="glu"))
+    randomize_bias(layer)
+    if routing == "one":
+        route_all_to(layer, 2)
+        x = (torch.rand(*lead, H, device=DEVICE) + 0.5).requires_grad_(True)
+    else:
+        x = torch.randn(*lead, H, device=DEVICE, requires_grad=True)
+    check_against_reference(layer, x)
+    assert bool(calls) == (impl != "sparse"), "the grouped GLU did not take gmm_shared_input"
