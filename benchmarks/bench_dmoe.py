@@ -5,7 +5,8 @@
     python benchmarks/bench_dmoe.py --configs mixtral,olmoe --contenders sparse,torch_grouped_mm
     python benchmarks/bench_dmoe.py --smoke --dtype float32    # CPU: tiny shapes, every contender
 Other flags: --modes fwd,fwdbwd, --rep N (CUDA: ms of timed calls per measurement; CPU: calls),
---dtype bfloat16|float16|float32 (default bfloat16; float32 on CPU, whose interpreter mishandles bf16).
+--dtype bfloat16|float16|float32 (default bfloat16; float32 on CPU, whose interpreter mishandles bf16),
+--levers small_routing,fused_glu_input_grad (library switches that are off by default, turned on).
 
 Layers: the configs of `common.CONFIGS` (T tokens, hidden H, ffn F, E experts, top-k) with their
 expert MLP (`LAYER_KINDS`), and decode-sized variants (`DECODE_CONFIGS`: T=64, forward only,
@@ -52,6 +53,7 @@ of each kernel is summed into stages by its name (`STAGES`), printed per contend
 
 import argparse
 import dataclasses
+import importlib
 import gc
 import os
 import sys
@@ -599,6 +601,13 @@ def _split(value: str) -> List[str]:
     return [v for v in value.split(",") if v]
 
 
+# Switches of the library that are off by default until measured: name -> (module, attribute).
+LEVERS = {
+    "small_routing": ("megablocks.ops.routing", "SMALL_ROUTING"),
+    "fused_glu_input_grad": ("megablocks.layers.mlp", "FUSED_GLU_INPUT_GRAD"),
+}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=".", help="directory for dmoe.csv, dmoe.png, dmoe_breakdown.csv")
@@ -614,7 +623,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--breakdown", action="store_true", help="kernel time by stage (CUDA, torch.profiler)")
     p.add_argument("--smoke", action="store_true", help="tiny layers, every contender; runs on CPU")
+    p.add_argument("--levers", type=_split, default=[],
+                   help="comma-separated switches to turn on: small_routing (megablocks.ops.routing."
+                        "SMALL_ROUTING), fused_glu_input_grad (megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD)")
     args = p.parse_args(argv)
+    for lever in args.levers:
+        if lever not in LEVERS:
+            p.error(f"--levers: expected names from {list(LEVERS)}, got {lever!r}")
 
     layers = all_layers(args.smoke)
     args.configs = args.configs or list(layers)
@@ -636,6 +651,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     """Runs the benchmark; returns the result rows. Exits with status 1 after writing the
     outputs when a contender disagrees with the reference or fails."""
     args = parse_args(argv)
+    for lever in args.levers:
+        module, flag = LEVERS[lever]
+        setattr(importlib.import_module(module), flag, True)
+        print(f"lever on: {module}.{flag}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
     rep = args.rep or (500 if device == "cuda" else 2)
