@@ -389,11 +389,16 @@ def padded_gather(
         x, 2, indices, bins, top_k, bin_ids=bin_ids, padded_bins=padded_bins, has_padded_bins=True
     )
     _check_rows("x", x.shape[0], n // top_k, "T = indices.numel() // top_k")
+    assignment_row, row_assignment = _padded_route(indices, bin_ids, bins, padded_bins, n, num_experts, block_size)
+    return _gather_rows(x, row_assignment, assignment_row, None, top_k)
+
+
+def _padded_route(indices, bin_ids, bins, padded_bins, n: int, num_experts: int, block_size: int):
+    """The row maps of the padded layout, `padded_rows_bound(N, E, block_size)` rows (checked args)."""
     num_rows = padded_rows_bound(n, num_experts, block_size)
     _checks.check_int32_range("padded rows", num_rows)
     _checks.check_index_values("padded_bins", padded_bins, num_rows + 1)
-    assignment_row, row_assignment = _route(indices, bin_ids, bins, padded_bins, "padded", num_rows, 0)
-    return _gather_rows(x, row_assignment, assignment_row, None, top_k)
+    return _route(indices, bin_ids, bins, padded_bins, "padded", num_rows, 0)
 
 
 def padded_scatter(
@@ -463,10 +468,7 @@ def route(
         maps = _route(indices, bin_ids, bins, None, "plain", n, 0)
     else:
         _checks.check_int("block_size", block_size, min_value=1)
-        num_rows = padded_rows_bound(n, num_experts, block_size)
-        _checks.check_int32_range("padded rows", num_rows)
-        _checks.check_index_values("padded_bins", padded_bins, num_rows + 1)
-        maps = _route(indices, bin_ids, bins, padded_bins, "padded", num_rows, 0)
+        maps = _padded_route(indices, bin_ids, bins, padded_bins, n, num_experts, block_size)
     return RowMaps(maps[0], maps[1], top_k)
 
 
