@@ -6,7 +6,7 @@
     python benchmarks/bench_dmoe.py --smoke --dtype float32    # CPU: tiny shapes, every contender
 Other flags: --modes fwd,fwdbwd, --rep N (CUDA: ms of timed calls per measurement; CPU: calls),
 --dtype bfloat16|float16|float32 (default bfloat16; float32 on CPU, whose interpreter mishandles bf16),
---levers small_routing,fused_glu_input_grad (library switches that are off by default, turned on).
+--levers small_routing=0,fused_glu_input_grad=0 (library switches: NAME turns one on, NAME=0 off).
 
 Layers: the configs of `common.CONFIGS` (T tokens, hidden H, ffn F, E experts, top-k) with their
 expert MLP (`LAYER_KINDS`), and decode-sized variants (`DECODE_CONFIGS`: T=64, forward only,
@@ -601,7 +601,7 @@ def _split(value: str) -> List[str]:
     return [v for v in value.split(",") if v]
 
 
-# Switches of the library that are off by default until measured: name -> (module, attribute).
+# Switches of the library, set by --levers (NAME turns one on, NAME=0 off): name -> (module, attribute).
 LEVERS = {
     "small_routing": ("megablocks.ops.routing", "SMALL_ROUTING"),
     "fused_glu_input_grad": ("megablocks.layers.mlp", "FUSED_GLU_INPUT_GRAD"),
@@ -624,12 +624,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true", help="kernel time by stage (CUDA, torch.profiler)")
     p.add_argument("--smoke", action="store_true", help="tiny layers, every contender; runs on CPU")
     p.add_argument("--levers", type=_split, default=[],
-                   help="comma-separated switches to turn on: small_routing (megablocks.ops.routing."
-                        "SMALL_ROUTING), fused_glu_input_grad (megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD)")
+                   help="comma-separated switches, NAME to turn one on, NAME=0 to turn it off: "
+                        "small_routing (megablocks.ops.routing.SMALL_ROUTING), fused_glu_input_grad "
+                        "(megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD)")
     args = p.parse_args(argv)
+    parsed = []
     for lever in args.levers:
-        if lever not in LEVERS:
-            p.error(f"--levers: expected names from {list(LEVERS)}, got {lever!r}")
+        name, _, value = lever.partition("=")
+        if name not in LEVERS or value not in ("", "0", "1"):
+            p.error(f"--levers: expected NAME or NAME=0/1 with NAME from {list(LEVERS)}, got {lever!r}")
+        parsed.append((name, value != "0"))
+    args.levers = parsed
 
     layers = all_layers(args.smoke)
     args.configs = args.configs or list(layers)
@@ -651,10 +656,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     """Runs the benchmark; returns the result rows. Exits with status 1 after writing the
     outputs when a contender disagrees with the reference or fails."""
     args = parse_args(argv)
-    for lever in args.levers:
+    for lever, on in args.levers:
         module, flag = LEVERS[lever]
-        setattr(importlib.import_module(module), flag, True)
-        print(f"lever on: {module}.{flag}")
+        setattr(importlib.import_module(module), flag, on)
+        print(f"lever {'on' if on else 'off'}: {module}.{flag}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
     rep = args.rep or (500 if device == "cuda" else 2)

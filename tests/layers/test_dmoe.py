@@ -258,18 +258,20 @@ def test_bad_input():
 
 
 # ------------------------------------------------------------------------------------------------
-# The levers that are off by default: the one-launch routing metadata and the grouped GLU's
-# accumulating input gradient give the reference's output and every gradient when on.
+# The switches (megablocks.ops.routing.SMALL_ROUTING, megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD):
+# the one-launch routing metadata and the grouped GLU's accumulating input gradient give the
+# reference's output and every gradient whether on or off.
 
 
+@pytest.mark.parametrize("on", [True, False], ids=["on", "off"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i in ("sparse", "triton", "torch")])
-def test_dmoe_with_levers_on(impl, shape, monkeypatch):
+def test_dmoe_with_switches(impl, shape, on, monkeypatch):
     from megablocks.layers import mlp as mlp_module
     from megablocks.ops import routing as routing_module
 
-    monkeypatch.setattr(routing_module, "SMALL_ROUTING", True)
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", True)
+    monkeypatch.setattr(routing_module, "SMALL_ROUTING", on)
+    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", on)
     calls = []
     shared_input = mlp_module.gmm_shared_input
     monkeypatch.setattr(mlp_module, "gmm_shared_input", lambda *a, **k: calls.append(1) or shared_input(*a, **k))
@@ -283,4 +285,4 @@ def test_dmoe_with_levers_on(impl, shape, monkeypatch):
     else:
         x = torch.randn(*lead, H, device=DEVICE, requires_grad=True)
     check_against_reference(layer, x)
-    assert bool(calls) == (impl != "sparse"), "the grouped GLU did not take gmm_shared_input"
+    assert bool(calls) == (on and impl != "sparse"), "gmm_shared_input taken iff the switch is on"
