@@ -110,10 +110,11 @@ def _candidates(op):
     from megablocks.backend.sparse import Config
 
     if op == "sdd":
-        return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, slots=sl)
-                for sl, s, g in [(2, 4, 4), (2, 3, 8), (2, 3, 4), (2, 4, 16), (1, 3, 8)]]
-    return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, block_n=256)
-            for s, g in [(4, 8), (3, 8), (3, 4), (4, 4), (4, 16)]]
+        return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, slots=sl, use_tma=t)
+                for sl, s, g, t in [(2, 4, 4, True), (2, 3, 4, True), (2, 3, 8, True),
+                                    (2, 4, 8, True), (1, 4, 8, True), (2, 4, 4, False)]]
+    return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, block_n=256, use_tma=t)
+            for s, g, t in [(4, 8, True), (3, 8, True), (4, 4, True), (3, 4, True), (4, 8, False)]]
 
 
 def main():

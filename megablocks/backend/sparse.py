@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from megablocks import _checks
+from megablocks.backend.gmm import _tma_allocator, _tma_ok
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ class Config:
     """Tiling of one launch.
 
     `slots` (sdd only): adjacent blocks of one block row computed by one program (its tile is
-    B × slots·B); used on expert topologies, 1 elsewhere. `block_n` (dsd only): dense columns per
+    B × slots·B); used on expert topologies, 1 elsewhere. `use_tma` (sdd only): on expert
+    topologies whose blocks pair up within a row and whose dense columns are whole blocks
+    (F a multiple of B), load both operands with TMA tensor descriptors where their strides
+    allow (16-byte aligned, one unit stride). `block_n` (dsd only): dense columns per
     program. `block_k`: reduction step. `group_m`: block rows per swizzle group (L2 reuse).
     """
 
@@ -55,6 +59,7 @@ class Config:
     group_m: int = 8
     slots: int = 1
     block_n: int = 128
+    use_tma: bool = True
 
 
 def _round_down_pow2(x: int) -> int:
@@ -100,6 +105,7 @@ def _sdd_kernel(
     BLOCK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     STRUCTURED: tl.constexpr, EVEN_K: tl.constexpr, MASK_COLS: tl.constexpr,
     COL_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, B_K_MAJOR: tl.constexpr = False, M=0,
 ):
     BLOCK_N: tl.constexpr = SLOTS * BLOCK
     pid = tl.program_id(0)
@@ -136,23 +142,43 @@ def _sdd_kernel(
         col_ok = slot_ok
         col = tl.max_contiguous(tl.multiple_of(col, COL_ALIGN), BLOCK)
 
-    rm = r * BLOCK + tl.arange(0, BLOCK)
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptrs = b_ptr + rk[:, None] * stride_bk + col[None, :] * stride_bn
     acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
     k_steps = tl.where(active, tl.cdiv(K, BLOCK_K), 0)
-    for kt in range(k_steps):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
+    if USE_TMA:
+        # The SLOTS blocks are consecutive block columns of one expert, so their dense columns
+        # are the BLOCK_N from the first block's: one descriptor load per operand and step (the
+        # K tail is zero-filled by the descriptor).
+        a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK, BLOCK_K])
+        c0 = tl.load(column_indices_ptr + s0).to(tl.int32)
+        c0 = tl.minimum(tl.maximum(c0, 0), num_block_cols - 1)
+        n0 = (c0 // group_blocks) * group_size + (c0 % group_blocks) * BLOCK
+        if B_K_MAJOR:
+            b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
         else:
-            k_ok = rk < K - kt * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+            b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
+        for kt in range(k_steps):
+            a = a_desc.load([r * BLOCK, kt * BLOCK_K])
+            if B_K_MAJOR:
+                b = tl.trans(b_desc.load([n0, kt * BLOCK_K]))
+            else:
+                b = b_desc.load([kt * BLOCK_K, n0])
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        rm = r * BLOCK + tl.arange(0, BLOCK)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+        b_ptrs = b_ptr + rk[:, None] * stride_bk + col[None, :] * stride_bn
+        for kt in range(k_steps):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = rk < K - kt * BLOCK_K
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
     acc = tl.where(col_ok[None, :], acc, 0.0)
     slot = (s0 + half).to(tl.int64)
@@ -179,6 +205,8 @@ def _dsd_kernel(
     BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     GATHER: tl.constexpr, CONTIGUOUS: tl.constexpr, MASK_OUT: tl.constexpr, MASK_IN: tl.constexpr,
     EVEN_N: tl.constexpr, IN_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False, A_M_MAJOR: tl.constexpr = False, B_K_MAJOR: tl.constexpr = False,
+    K_ROWS=0,
 ):
     K_STEPS: tl.constexpr = BLOCK // BLOCK_K
     pid = tl.program_id(0)
@@ -199,6 +227,19 @@ def _dsd_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+    if USE_TMA:
+        # Descriptors over the data blocks [nnz, B, B] (its unit-stride side last) and over b
+        # [K_ROWS, N] (or [N, K_ROWS] when b's rows are its unit stride); out of range reads are 0.
+        if A_M_MAJOR:
+            a_desc = tl.make_tensor_descriptor(data_ptr, [nnz, BLOCK, BLOCK], [stride_ds, stride_dk, 1],
+                                               [1, BLOCK_K, BLOCK])
+        else:
+            a_desc = tl.make_tensor_descriptor(data_ptr, [nnz, BLOCK, BLOCK], [stride_ds, stride_dm, 1],
+                                               [1, BLOCK, BLOCK_K])
+        if B_K_MAJOR:
+            b_desc = tl.make_tensor_descriptor(b_ptr, [N, K_ROWS], [stride_bn, 1], [BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, [K_ROWS, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
     if CONTIGUOUS:
         c0 = tl.load(indices_ptr + start, mask=start < end, other=0).to(tl.int32)
         if GATHER:
@@ -221,22 +262,32 @@ def _dsd_kernel(
         slot = tl.minimum(tl.maximum(slot, 0), nnz - 1)
         first = (c % in_blocks) * BLOCK + kk
         b_row = tl.multiple_of((c // in_blocks) * in_size + first, IN_ALIGN)
-        a_ptrs = (data_ptr + slot.to(tl.int64) * stride_ds + rm[:, None] * stride_dm
-                  + (kk + rk)[None, :] * stride_dk)
-        b_ptrs = b_ptr + (b_row + rk)[:, None] * stride_bk + rn[None, :] * stride_bn
-        if MASK_IN:
-            k_ok = first + rk < in_size
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            if EVEN_N:
-                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if USE_TMA:
+            if A_M_MAJOR:
+                a = tl.trans(a_desc.load([slot, kk, 0]).reshape(BLOCK_K, BLOCK))
             else:
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                a = a_desc.load([slot, 0, kk]).reshape(BLOCK, BLOCK_K)
+            if B_K_MAJOR:
+                b = tl.trans(b_desc.load([pid_n * BLOCK_N, b_row]))
+            else:
+                b = b_desc.load([b_row, pid_n * BLOCK_N])
         else:
-            a = tl.load(a_ptrs)
-            if EVEN_N:
-                b = tl.load(b_ptrs)
+            a_ptrs = (data_ptr + slot.to(tl.int64) * stride_ds + rm[:, None] * stride_dm
+                      + (kk + rk)[None, :] * stride_dk)
+            b_ptrs = b_ptr + (b_row + rk)[:, None] * stride_bk + rn[None, :] * stride_bn
+            if MASK_IN:
+                k_ok = first + rk < in_size
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                if EVEN_N:
+                    b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+                else:
+                    b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             else:
-                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+                a = tl.load(a_ptrs)
+                if EVEN_N:
+                    b = tl.load(b_ptrs)
+                else:
+                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
     first_row = (r % out_blocks) * BLOCK
@@ -300,6 +351,16 @@ def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
         grid = nnz
     _check_launch(grid)
     block_k = min(cfg.block_k, triton.next_power_of_2(max(K, 16)))
+    b_k_major = b_KN.stride(0) == 1 and b_KN.shape[1] > 1
+    use_tma = (
+        cfg.use_tma
+        and structured
+        and row_blocks % slots == 0  # every program's SLOTS blocks lie in one row
+        and group_size % B == 0  # and their dense columns are contiguous
+        and _tma_ok(a_MK, b_KN.t() if b_k_major else b_KN)
+    )
+    if use_tma and a_MK.device.type == "cuda":
+        triton.set_allocator(_tma_allocator)
     _sdd_kernel[(grid,)](
         a_MK, b_KN, out, row_indices, column_indices, offsets,
         K, N, num_block_rows, num_block_cols, nnz, row_blocks, group_blocks, group_size,
@@ -308,6 +369,7 @@ def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
         BLOCK=B, SLOTS=slots, BLOCK_K=block_k, GROUP_M=cfg.group_m, STRUCTURED=structured,
         EVEN_K=K % block_k == 0, MASK_COLS=group_size % B != 0,
         COL_ALIGN=math.gcd(group_size, B), PRECISION=_precision(a_MK.dtype),
+        USE_TMA=use_tma, B_K_MAJOR=b_k_major, M=M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -345,6 +407,17 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
     if transposed:
         stride_dm, stride_dk = stride_dk, stride_dm
     block_k = cfg.block_k
+    a_m_major = stride_dm == 1 and stride_dk != 1
+    b_k_major = b_KN.stride(0) == 1 and N > 1
+    use_tma = (
+        cfg.use_tma
+        and in_map[1] % B == 0  # b's rows of a block column are whole blocks
+        and (stride_dm == 1 or stride_dk == 1)
+        and _tma_ok(data_SBB if data_SBB.stride(2) == 1 else data_SBB.transpose(1, 2),
+                    b_KN.t() if b_k_major else b_KN)
+    )
+    if use_tma and data_SBB.device.type == "cuda":
+        triton.set_allocator(_tma_allocator)
     _dsd_kernel[(grid,)](
         data_SBB, b_KN, out_MN, offsets, indices, slots if slots is not None else indices,
         N, num_block_rows, num_block_cols, nnz, out_map[0], out_map[1], in_map[0], in_map[1],
@@ -354,6 +427,7 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
         CONTIGUOUS=slot_step > 0, MASK_OUT=out_map[1] % B != 0, MASK_IN=in_map[1] % B != 0,
         EVEN_N=N % block_n == 0,
         IN_ALIGN=math.gcd(in_map[1], block_k), PRECISION=_precision(data_SBB.dtype),
+        USE_TMA=use_tma, A_M_MAJOR=a_m_major, B_K_MAJOR=b_k_major, K_ROWS=b_KN.shape[0],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out_MN

@@ -2,6 +2,7 @@
 gradient, on dMoE topologies (built here from tokens per expert, docs/CONTRACTS.md) and on
 general stk matrices, plus stanford-stk's own ops where they run."""
 
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -244,6 +245,78 @@ def test_expert_topology_with_plain_width_operands(dtype, device):
     h = torch.randn(topo.row_indices.numel(), B, B, dtype=dtype, device=device)
     check_product("dsd(h, w) plain width", lambda h, w: sp.dsd(with_data(topo, h), w),
                   lambda h, w: sp.dsd_reference(with_data(topo, h), w), {"h": h, "w": w}, dtype)
+
+
+def _descriptor_case(device):
+    if DEVICE == "cuda":  # GPU tiles: blocks of 128, 64-deep steps, 256 wide
+        return [300, 0, 129, 17], 128, 512, 200
+    return [40, 0, 17, 5], 16, 64, 40
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("product", ["sdd", "sdd_n_major", "dsd", "dsd_t", "dds", "dds_t"])
+def test_tensor_descriptor_loads(product, dtype, device, monkeypatch):
+    """On an expert topology with F a whole number of blocks and aligned operands, the products
+    load through TMA descriptors (K and N not multiples of the tile: the descriptor's zero fill);
+    the result equals the pointer loads' and the reference, forward and every gradient."""
+    from megablocks.backend import sparse as backend
+
+    tokens, B, F, H = _descriptor_case(device)
+    topo = expert_topology(tokens, B, F, device)
+    E, P, nnz = len(tokens), topo.size()[0], topo.row_indices.numel()
+    used_rows = sum(-(-n // B) * B for n in tokens)
+    x = torch.randn(P, H, dtype=dtype, device=device)
+    x[used_rows:] = 0
+    h = torch.randn(nnz, B, B, dtype=dtype, device=device)
+    h[real_slots(topo):] = 0
+    w = torch.randn(E * F, H, dtype=dtype, device=device)
+    g = torch.randn(H, E * F, dtype=dtype, device=device)
+
+    def mat(data):
+        return with_data(topo, data)
+
+    op, inputs = {
+        "sdd": (lambda x, w: sp.sdd(x, w.t(), topo).data, {"x": x, "w": w}),
+        "sdd_n_major": (lambda x, g: sp.sdd(x, g, topo).data, {"x": x, "g": g}),
+        "dsd": (lambda h, w: sp.dsd(mat(h), w), {"h": h, "w": w}),
+        "dsd_t": (lambda h, x: sp.dsd(mat(h).t(), x), {"h": h, "x": x}),
+        "dds": (lambda x, h: sp.dds(x.t(), mat(h)), {"x": x, "h": h}),
+        "dds_t": (lambda g, h: sp.dds(g, mat(h).t()), {"g": g, "h": h}),
+    }[product]
+    reference = {
+        "sdd": lambda x, w: sp.sdd_reference(x, w.t(), topo).data,
+        "sdd_n_major": lambda x, g: sp.sdd_reference(x, g, topo).data,
+        "dsd": lambda h, w: sp.dsd_reference(mat(h), w),
+        "dsd_t": lambda h, x: sp.dsd_reference(mat(h).t(), x),
+        "dds": lambda x, h: sp.dds_reference(x.t(), mat(h)),
+        "dds_t": lambda g, h: sp.dds_reference(g, mat(h).t()),
+    }[product]
+
+    taken = []
+    tma_ok = backend._tma_ok
+    monkeypatch.setattr(backend, "_tma_ok", lambda *t: taken.append(tma_ok(*t)) or taken[-1])
+    with_tma = op(**inputs)
+    assert taken and all(taken), f"{product} did not take the tensor-descriptor loads"
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_close(f"{product} by TMA", with_tma, reference(**{k: v.to(acc) for k, v in inputs.items()}), dtype)
+
+    default = backend.default_config
+    monkeypatch.setattr(backend, "default_config",
+                        lambda *a: dataclasses.replace(default(*a), use_tma=False))
+    taken.clear()
+    with_pointers = op(**inputs)
+    assert not taken, "use_tma=False still asked for descriptors"
+    assert_close(f"{product} by TMA vs pointer loads", with_tma, with_pointers, dtype)
+    monkeypatch.setattr(backend, "default_config", default)
+
+    args = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    out = op(**args)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_args = {k: v.to(acc).requires_grad_() for k, v in inputs.items()}
+    reference(**ref_args).backward(grad.to(acc))
+    for k in inputs:
+        assert_close(f"{product} by TMA: grad {k}", args[k].grad, ref_args[k].grad, dtype)
 
 
 GENERAL_CASES = {
