@@ -110,11 +110,11 @@ def _candidates(op):
     from megablocks.backend.sparse import Config
 
     if op == "sdd":
-        return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, slots=sl, use_tma=t)
-                for sl, s, g, t in [(2, 4, 4, True), (2, 3, 4, True), (2, 3, 8, True),
-                                    (2, 4, 8, True), (1, 4, 8, True), (2, 4, 4, False)]]
+        return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, slots=2, use_tma=t, persistent=p)
+                for s, g, t, p in [(4, 4, True, True), (4, 4, True, False), (3, 4, True, True),
+                                   (3, 8, True, True), (4, 8, True, True), (4, 4, False, True)]]
     return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, block_n=256, use_tma=t)
-            for s, g, t in [(4, 8, True), (3, 8, True), (4, 4, True), (3, 4, True), (4, 8, False)]]
+            for s, g, t in [(3, 8, True), (4, 8, True), (3, 4, True), (3, 8, False)]]
 
 
 def main():

@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from megablocks import _checks
-from megablocks.backend.gmm import _tma_allocator, _tma_ok
+from megablocks.backend.gmm import _num_sms, _tma_allocator, _tma_ok
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,9 @@ class Config:
     B × slots·B); used on expert topologies, 1 elsewhere. `use_tma` (sdd only): on expert
     topologies whose blocks pair up within a row and whose dense columns are whole blocks
     (F a multiple of B), load both operands with TMA tensor descriptors where their strides
-    allow (16-byte aligned, one unit stride). `block_n` (dsd only): dense columns per
+    allow (16-byte aligned, one unit stride); dsd takes them too where F is whole blocks, for the
+    transposed sparse operand only when its rows hold at least `TMA_MIN_TRANSPOSED_STEPS` blocks
+    on average. `persistent` (sdd only): one program per SM looping over the tiles. `block_n` (dsd only): dense columns per
     program. `block_k`: reduction step. `group_m`: block rows per swizzle group (L2 reuse).
     """
 
@@ -60,6 +62,7 @@ class Config:
     slots: int = 1
     block_n: int = 128
     use_tma: bool = True
+    persistent: bool = False
 
 
 def _round_down_pow2(x: int) -> int:
@@ -70,33 +73,43 @@ def default_config(op: str, block_size: int, dtype: torch.dtype, device: torch.d
     """The tiling used for `op` ('sdd' or 'dsd'), block size and dtype on `device`.
 
     On the GPU, 16-bit inputs: a B × 256 output tile (two blocks of one row for sdd), 64-deep
-    steps, 8 warps, 4 stages; sdd groups 4 block rows, dsd 8. Measured on an H100 (Triton 3.6,
-    bf16, the four layer configs of benchmarks/bench_sparse.py --sweep, 2026-11-23): 128-wide
-    tiles with 4 warps (3-5 stages) and 128-deep steps were 5-30% slower; sdd groups of 8 were
-    slower than 4 or 16 in both sweeps; 3 vs 4 stages differed by less than the run-to-run spread
-    (up to ~15% for one kernel between runs). E.g. mixtral dsd (P = 16.9k, F = 14336, H = 4096):
-    2.98-3.49 ms = 570-665 TFLOP/s, 0.76-0.89 of one dense GEMM of its FLOPs.
+    steps, 8 warps; sdd 4 stages, groups of 4 block rows, persistent; dsd 3 stages, groups of 8.
+    Measured on an H100 (Triton 3.6, bf16, the four layer configs of benchmarks/bench_sparse.py
+    --sweep, 2026-11-23, benchmarks/RESULTS.md): TMA descriptor loads raised mixtral's dsd from
+    0.71 to 0.90-0.93 of a dense GEMM of its FLOPs and its weight-gradient products from 0.74 to
+    0.82-0.84, sdd from 0.71 to 0.74-0.75; for the transposed sparse operand with few blocks per
+    row (mb_paper, 4.5) pointer loads were faster (0.64 vs 0.58), hence
+    TMA_MIN_TRANSPOSED_STEPS. 3 stages beat 4 for dsd with TMA by 1-4 points on every config.
+    Earlier sweeps: 128-wide tiles with 4 warps and 128-deep steps were 5-30% slower; sdd groups
+    of 8 slower than 4. Run-to-run spread is up to ~15% for one kernel.
     fp32 inputs take 32-deep steps, 2 stages and 128-wide tiles to fit shared memory.
-    In Triton's interpreter (CPU) 32-deep steps and 2 slots, so the tests walk the GPU's code
-    paths (several steps per block, paired slots) at small shapes.
+    In Triton's interpreter (CPU) 32-deep steps, 2 slots and 2 persistent programs, so the tests
+    walk the GPU's code paths (several steps per block, paired slots, programs looping over
+    tiles) at small shapes.
     """
     if device.type != "cuda":
         return Config(block_k=min(block_size, 32), num_warps=4, num_stages=1, slots=2,
-                      block_n=min(2 * block_size, 128))
+                      block_n=min(2 * block_size, 128), persistent=op == "sdd")
     if dtype == torch.float32:
         return Config(block_k=min(block_size, 32), num_warps=8, num_stages=2, slots=1,
                       block_n=128)
     block_k = min(block_size, 64)
     if op == "sdd":
         return Config(block_k=block_k, num_warps=8, num_stages=4, group_m=4,
-                      slots=max(1, 256 // block_size))
-    return Config(block_k=block_k, num_warps=8, num_stages=4, group_m=8, block_n=256)
+                      slots=max(1, 256 // block_size), persistent=True)
+    return Config(block_k=block_k, num_warps=8, num_stages=3, group_m=8, block_n=256)
+
+
+# The transposed sparse operand (weight-gradient products) loads through TMA descriptors only when
+# its rows hold at least this many blocks on average (see `default_config`).
+TMA_MIN_TRANSPOSED_STEPS = 8
 
 
 # a_MK, b_KN: dense, any strides; out_SBB: [nnz, B, B]; row/column_indices_S: [nnz];
 # offsets_R1: [R + 1]. STRUCTURED: every block row r holds the `row_blocks` slots
-# r·row_blocks + [0, row_blocks) (the dMoE topology); a program then computes SLOTS adjacent slots
-# of one row, programs grouped GROUP_M block rows at a time. Otherwise program p computes slot p.
+# r·row_blocks + [0, row_blocks) (the dMoE topology); a tile is then SLOTS adjacent slots of one
+# row, tiles grouped GROUP_M block rows at a time. Otherwise tile p is slot p. Program p computes
+# tiles p, p + num_programs, ... (one each unless the launch is persistent).
 @triton.jit
 def _sdd_kernel(
     a_ptr, b_ptr, out_ptr, row_indices_ptr, column_indices_ptr, offsets_ptr,
@@ -106,85 +119,88 @@ def _sdd_kernel(
     STRUCTURED: tl.constexpr, EVEN_K: tl.constexpr, MASK_COLS: tl.constexpr,
     COL_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False, B_K_MAJOR: tl.constexpr = False, M=0,
+    num_tiles=0, num_programs=1,
 ):
     BLOCK_N: tl.constexpr = SLOTS * BLOCK
-    pid = tl.program_id(0)
-    if STRUCTURED:
-        per_row = tl.cdiv(row_blocks, SLOTS)
-        width = GROUP_M * per_row
-        first_r = (pid // width) * GROUP_M
-        group_rows = tl.minimum(num_block_rows - first_r, GROUP_M)
-        r = first_r + (pid % width) % group_rows
-        q = (pid % width) // group_rows
-        s0 = r * row_blocks + q * SLOTS
-        slots_here = tl.minimum(row_blocks - q * SLOTS, SLOTS)
-    else:
-        s0 = pid
-        slots_here = 1
-        r = tl.load(row_indices_ptr + s0).to(tl.int32)
-        r = tl.minimum(tl.maximum(r, 0), num_block_rows - 1)
     # Slots at or past offsets[R] are unused: they run no steps and store zeros.
     real = tl.load(offsets_ptr + num_block_rows).to(tl.int32)
-    active = s0 < tl.minimum(tl.maximum(real, 0), nnz)
-
-    j = tl.arange(0, BLOCK_N)
-    half = j // BLOCK
-    within = j % BLOCK
-    slot_ok = half < slots_here
-    c = tl.load(column_indices_ptr + s0 + half, mask=slot_ok, other=0).to(tl.int32)
-    c = tl.minimum(tl.maximum(c, 0), num_block_cols - 1)
-    first = (c % group_blocks) * BLOCK
-    col = (c // group_blocks) * group_size + first + within
-    if MASK_COLS:
-        col_ok = slot_ok & (first + within < group_size)
-        col = tl.minimum(col, N - 1)
-    else:
-        col_ok = slot_ok
-        col = tl.max_contiguous(tl.multiple_of(col, COL_ALIGN), BLOCK)
-
-    acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
-    k_steps = tl.where(active, tl.cdiv(K, BLOCK_K), 0)
+    real = tl.minimum(tl.maximum(real, 0), nnz)
     if USE_TMA:
-        # The SLOTS blocks are consecutive block columns of one expert, so their dense columns
-        # are the BLOCK_N from the first block's: one descriptor load per operand and step (the
-        # K tail is zero-filled by the descriptor).
+        # The SLOTS blocks of a tile are consecutive block columns of one expert, so their dense
+        # columns are the BLOCK_N from the first block's: one descriptor load per operand and
+        # step (the K tail is zero-filled by the descriptor).
         a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK, BLOCK_K])
-        c0 = tl.load(column_indices_ptr + s0).to(tl.int32)
-        c0 = tl.minimum(tl.maximum(c0, 0), num_block_cols - 1)
-        n0 = (c0 // group_blocks) * group_size + (c0 % group_blocks) * BLOCK
         if B_K_MAJOR:
             b_desc = tl.make_tensor_descriptor(b_ptr, [N, K], [stride_bn, 1], [BLOCK_N, BLOCK_K])
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, [K, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
-        for kt in range(k_steps):
-            a = a_desc.load([r * BLOCK, kt * BLOCK_K])
-            if B_K_MAJOR:
-                b = tl.trans(b_desc.load([n0, kt * BLOCK_K]))
-            else:
-                b = b_desc.load([kt * BLOCK_K, n0])
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    else:
-        rm = r * BLOCK + tl.arange(0, BLOCK)
-        rk = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
-        b_ptrs = b_ptr + rk[:, None] * stride_bk + col[None, :] * stride_bn
-        for kt in range(k_steps):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                k_ok = rk < K - kt * BLOCK_K
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+    j = tl.arange(0, BLOCK_N)
+    half = j // BLOCK
+    within = j % BLOCK
+    for tile in range(tl.program_id(0), num_tiles, num_programs):
+        if STRUCTURED:
+            per_row = tl.cdiv(row_blocks, SLOTS)
+            width = GROUP_M * per_row
+            first_r = (tile // width) * GROUP_M
+            group_rows = tl.minimum(num_block_rows - first_r, GROUP_M)
+            r = first_r + (tile % width) % group_rows
+            q = (tile % width) // group_rows
+            s0 = r * row_blocks + q * SLOTS
+            slots_here = tl.minimum(row_blocks - q * SLOTS, SLOTS)
+        else:
+            s0 = tile
+            slots_here = 1
+            r = tl.load(row_indices_ptr + s0).to(tl.int32)
+            r = tl.minimum(tl.maximum(r, 0), num_block_rows - 1)
+        active = s0 < real
 
-    acc = tl.where(col_ok[None, :], acc, 0.0)
-    slot = (s0 + half).to(tl.int64)
-    out_ptrs = (out_ptr + slot[None, :] * stride_os + tl.arange(0, BLOCK)[:, None] * stride_om
-                + within[None, :] * stride_on)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=slot_ok[None, :])
+        slot_ok = half < slots_here
+        c = tl.load(column_indices_ptr + s0 + half, mask=slot_ok, other=0).to(tl.int32)
+        c = tl.minimum(tl.maximum(c, 0), num_block_cols - 1)
+        first = (c % group_blocks) * BLOCK
+        col = (c // group_blocks) * group_size + first + within
+        if MASK_COLS:
+            col_ok = slot_ok & (first + within < group_size)
+            col = tl.minimum(col, N - 1)
+        else:
+            col_ok = slot_ok
+            col = tl.max_contiguous(tl.multiple_of(col, COL_ALIGN), BLOCK)
+
+        acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+        k_steps = tl.where(active, tl.cdiv(K, BLOCK_K), 0)
+        if USE_TMA:
+            c0 = tl.load(column_indices_ptr + s0).to(tl.int32)
+            c0 = tl.minimum(tl.maximum(c0, 0), num_block_cols - 1)
+            n0 = (c0 // group_blocks) * group_size + (c0 % group_blocks) * BLOCK
+            for kt in range(k_steps):
+                a = a_desc.load([r * BLOCK, kt * BLOCK_K])
+                if B_K_MAJOR:
+                    b = tl.trans(b_desc.load([n0, kt * BLOCK_K]))
+                else:
+                    b = b_desc.load([kt * BLOCK_K, n0])
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        else:
+            rm = r * BLOCK + tl.arange(0, BLOCK)
+            rk = tl.arange(0, BLOCK_K)
+            a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak
+            b_ptrs = b_ptr + rk[:, None] * stride_bk + col[None, :] * stride_bn
+            for kt in range(k_steps):
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                    b = tl.load(b_ptrs)
+                else:
+                    k_ok = rk < K - kt * BLOCK_K
+                    a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
+
+        acc = tl.where(col_ok[None, :], acc, 0.0)
+        slot = (s0 + half).to(tl.int64)
+        out_ptrs = (out_ptr + slot[None, :] * stride_os + tl.arange(0, BLOCK)[:, None] * stride_om
+                    + within[None, :] * stride_on)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=slot_ok[None, :])
 
 
 # data_SBB: [nnz, B, B] read as the sparse left operand (strides of its m and k sides given, so
@@ -350,6 +366,9 @@ def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
     else:
         grid = nnz
     _check_launch(grid)
+    num_programs = grid
+    if cfg.persistent:
+        num_programs = min(grid, _num_sms(a_MK.device) if a_MK.device.type == "cuda" else 2)
     block_k = min(cfg.block_k, triton.next_power_of_2(max(K, 16)))
     b_k_major = b_KN.stride(0) == 1 and b_KN.shape[1] > 1
     use_tma = (
@@ -361,7 +380,7 @@ def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
     )
     if use_tma and a_MK.device.type == "cuda":
         triton.set_allocator(_tma_allocator)
-    _sdd_kernel[(grid,)](
+    _sdd_kernel[(num_programs,)](
         a_MK, b_KN, out, row_indices, column_indices, offsets,
         K, N, num_block_rows, num_block_cols, nnz, row_blocks, group_blocks, group_size,
         a_MK.stride(0), a_MK.stride(1), b_KN.stride(0), b_KN.stride(1),
@@ -369,7 +388,7 @@ def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
         BLOCK=B, SLOTS=slots, BLOCK_K=block_k, GROUP_M=cfg.group_m, STRUCTURED=structured,
         EVEN_K=K % block_k == 0, MASK_COLS=group_size % B != 0,
         COL_ALIGN=math.gcd(group_size, B), PRECISION=_precision(a_MK.dtype),
-        USE_TMA=use_tma, B_K_MAJOR=b_k_major, M=M,
+        USE_TMA=use_tma, B_K_MAJOR=b_k_major, M=M, num_tiles=grid, num_programs=num_programs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
@@ -412,6 +431,7 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
     use_tma = (
         cfg.use_tma
         and in_map[1] % B == 0  # b's rows of a block column are whole blocks
+        and (not transposed or nnz >= TMA_MIN_TRANSPOSED_STEPS * num_block_rows)
         and (stride_dm == 1 or stride_dk == 1)
         and _tma_ok(data_SBB if data_SBB.stride(2) == 1 else data_SBB.transpose(1, 2),
                     b_KN.t() if b_k_major else b_KN)
