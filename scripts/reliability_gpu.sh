@@ -9,7 +9,8 @@
 #   long         10,000 dMoE forward+backward steps, sparse and grouped (triton), allocated
 #                memory flat after warm-up
 # Environment: STEPS (default 10000), MEMCHECK_PATHS (default "tests/ops tests/layers"),
-# MEMCHECK_K (a pytest -k selection for memcheck, default none), MEMCHECK_SHARDS (default 4). Wheels as in gpu_check.sh.
+# MEMCHECK_K (a pytest -k selection for memcheck, default none), MEMCHECK_SHARDS (default 4),
+# MEMCHECK_TIMEOUT (seconds per shard, default none). Wheels as in gpu_check.sh.
 # Every item writes its log to LOG_DIR; the summary is printed last; the exit status is non-zero
 # if any item failed.
 set -uo pipefail
@@ -42,24 +43,27 @@ for item in "${ITEMS[@]}"; do
       fi
       # No caching allocator, so every out-of-bounds access leaves its own allocation and shows.
       # CUDA-graph capture cannot allocate without the caching allocator, so those tests are left
-      # out here (their kernels run in the other tests). The test files are dealt round-robin into
-      # $MEMCHECK_SHARDS (default 4) sanitizer processes running side by side; --error-exitcode
-      # makes any memcheck error fail the item.
+      # out here (their kernels run in the other tests). The selected tests are collected and
+      # their ids dealt round-robin into $MEMCHECK_SHARDS (default 4) sanitizer processes running
+      # side by side, so a long file is spread over all of them; --error-exitcode makes any
+      # memcheck error fail the item. $MEMCHECK_TIMEOUT (seconds, default none) stops every shard
+      # in time for the summary.
       # The optional 'gg' backend (grouped_gemm's CUTLASS kernel, a third-party package) reads past
       # its argument arrays under the sanitizer and takes the CUDA context down with it
       # (docs/RELIABILITY.md), so its cases are left out too unless MEMCHECK_GG=1.
       K="not cuda_graph"; [ "${MEMCHECK_GG:-0}" = 1 ] || K="$K and not gg"
       [ -n "${MEMCHECK_K:-}" ] && K="($MEMCHECK_K) and $K"
-      FILES=(); for p in ${MEMCHECK_PATHS:-tests/ops tests/layers}; do
-        if [ -d "$p" ]; then FILES+=($(ls "$p"/test_*.py)); else FILES+=("$p"); fi
-      done
+      mapfile -t IDS < <(python3 -m pytest --collect-only -q -p no:cacheprovider ${MEMCHECK_PATHS:-tests/ops tests/layers} -k "$K" 2>/dev/null | grep "::")
+      echo "memcheck: ${#IDS[@]} tests" | tee "$LOG_DIR/memcheck_ids.txt"
+      printf '%s\n' "${IDS[@]}" >>"$LOG_DIR/memcheck_ids.txt"
       SHARDS=${MEMCHECK_SHARDS:-4}; pids=()
       for ((i = 0; i < SHARDS; i++)); do
-        shard=(); for ((j = i; j < ${#FILES[@]}; j += SHARDS)); do shard+=("${FILES[j]}"); done
+        shard=(); for ((j = i; j < ${#IDS[@]}; j += SHARDS)); do shard+=("${IDS[j]}"); done
         [ ${#shard[@]} -eq 0 ] && continue
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 \
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${MEMCHECK_TIMEOUT:-0}" \
+          compute-sanitizer --tool memcheck --error-exitcode 99 \
           --print-limit 50 --log-file "$LOG_DIR/memcheck_sanitizer_$i.log" \
-          python3 -m pytest -v -p no:cacheprovider "${shard[@]}" -k "$K" \
+          python3 -m pytest -v -p no:cacheprovider "${shard[@]}" \
           >"$LOG_DIR/memcheck_pytest_$i.log" 2>&1 &
         pids+=($!)
       done
