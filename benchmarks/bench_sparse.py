@@ -113,8 +113,9 @@ def _candidates(op):
         return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, slots=2, use_tma=t, persistent=p)
                 for s, g, t, p in [(4, 4, True, True), (4, 4, True, False), (3, 4, True, True),
                                    (3, 8, True, True), (4, 8, True, True), (4, 4, False, True)]]
-    return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, block_n=256, use_tma=t)
-            for s, g, t in [(3, 8, True), (4, 8, True), (3, 4, True), (3, 8, False)]]
+    return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, block_n=256, use_tma=t, persistent=p)
+            for s, g, t, p in [(3, 8, True, False), (3, 8, True, True), (4, 8, True, True),
+                               (3, 8, False, True), (3, 8, False, False)]]
 
 
 def main():

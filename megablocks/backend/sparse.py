@@ -51,7 +51,7 @@ class Config:
     (F a multiple of B), load both operands with TMA tensor descriptors where their strides
     allow (16-byte aligned, one unit stride); dsd takes them too where F is whole blocks, for the
     transposed sparse operand only when its rows hold at least `TMA_MIN_TRANSPOSED_STEPS` blocks
-    on average. `persistent` (sdd only): one program per SM looping over the tiles. `block_n` (dsd only): dense columns per
+    on average. `persistent`: one program per SM looping over the tiles. `block_n` (dsd only): dense columns per
     program. `block_k`: reduction step. `group_m`: block rows per swizzle group (L2 reuse).
     """
 
@@ -89,7 +89,7 @@ def default_config(op: str, block_size: int, dtype: torch.dtype, device: torch.d
     """
     if device.type != "cuda":
         return Config(block_k=min(block_size, 32), num_warps=4, num_stages=1, slots=2,
-                      block_n=min(2 * block_size, 128), persistent=op == "sdd")
+                      block_n=min(2 * block_size, 128), persistent=True)
     if dtype == torch.float32:
         return Config(block_k=min(block_size, 32), num_warps=8, num_stages=2, slots=1,
                       block_n=128)
@@ -222,27 +222,11 @@ def _dsd_kernel(
     GATHER: tl.constexpr, CONTIGUOUS: tl.constexpr, MASK_OUT: tl.constexpr, MASK_IN: tl.constexpr,
     EVEN_N: tl.constexpr, IN_ALIGN: tl.constexpr, PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False, A_M_MAJOR: tl.constexpr = False, B_K_MAJOR: tl.constexpr = False,
-    K_ROWS=0,
+    K_ROWS=0, num_tiles=0, num_programs=1,
 ):
     K_STEPS: tl.constexpr = BLOCK // BLOCK_K
-    pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * num_pid_n
-    first_r = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_block_rows - first_r, GROUP_M)
-    r = first_r + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
-
-    start = tl.load(offsets_ptr + r).to(tl.int32)
-    end = tl.load(offsets_ptr + r + 1).to(tl.int32)
-    start = tl.minimum(tl.maximum(start, 0), nnz)
-    end = tl.minimum(tl.maximum(end, start), nnz)
-
-    rm = tl.arange(0, BLOCK)
-    rk = tl.arange(0, BLOCK_K)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
     if USE_TMA:
         # Descriptors over the data blocks [nnz, B, B] (its unit-stride side last) and over b
         # [K_ROWS, N] (or [N, K_ROWS] when b's rows are its unit stride); out of range reads are 0.
@@ -256,63 +240,79 @@ def _dsd_kernel(
             b_desc = tl.make_tensor_descriptor(b_ptr, [N, K_ROWS], [stride_bn, 1], [BLOCK_N, BLOCK_K])
         else:
             b_desc = tl.make_tensor_descriptor(b_ptr, [K_ROWS, N], [stride_bk, 1], [BLOCK_K, BLOCK_N])
-    if CONTIGUOUS:
-        c0 = tl.load(indices_ptr + start, mask=start < end, other=0).to(tl.int32)
-        if GATHER:
-            slot0 = tl.load(slots_ptr + start, mask=start < end, other=0).to(tl.int32)
-        else:
-            slot0 = start
-    for it in range((end - start) * K_STEPS):
-        i = start + it // K_STEPS
-        kk = (it % K_STEPS) * BLOCK_K
-        if CONTIGUOUS:
-            c = c0 + (i - start)
-            slot = slot0 + (i - start) * slot_step
-        else:
-            c = tl.load(indices_ptr + i).to(tl.int32)
-            if GATHER:
-                slot = tl.load(slots_ptr + i).to(tl.int32)
-            else:
-                slot = i
-        c = tl.minimum(tl.maximum(c, 0), num_block_cols - 1)
-        slot = tl.minimum(tl.maximum(slot, 0), nnz - 1)
-        first = (c % in_blocks) * BLOCK + kk
-        b_row = tl.multiple_of((c // in_blocks) * in_size + first, IN_ALIGN)
-        if USE_TMA:
-            if A_M_MAJOR:
-                a = tl.trans(a_desc.load([slot, kk, 0]).reshape(BLOCK_K, BLOCK))
-            else:
-                a = a_desc.load([slot, 0, kk]).reshape(BLOCK, BLOCK_K)
-            if B_K_MAJOR:
-                b = tl.trans(b_desc.load([pid_n * BLOCK_N, b_row]))
-            else:
-                b = b_desc.load([b_row, pid_n * BLOCK_N])
-        else:
-            a_ptrs = (data_ptr + slot.to(tl.int64) * stride_ds + rm[:, None] * stride_dm
-                      + (kk + rk)[None, :] * stride_dk)
-            b_ptrs = b_ptr + (b_row + rk)[:, None] * stride_bk + rn[None, :] * stride_bn
-            if MASK_IN:
-                k_ok = first + rk < in_size
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                if EVEN_N:
-                    b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-                else:
-                    b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            else:
-                a = tl.load(a_ptrs)
-                if EVEN_N:
-                    b = tl.load(b_ptrs)
-                else:
-                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    for tile in range(tl.program_id(0), num_tiles, num_programs):
+        first_r = (tile // width) * GROUP_M
+        group_rows = tl.minimum(num_block_rows - first_r, GROUP_M)
+        r = first_r + (tile % width) % group_rows
+        pid_n = (tile % width) // group_rows
 
-    first_row = (r % out_blocks) * BLOCK
-    rows = (r // out_blocks) * out_size + first_row + rm
-    out_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :] * stride_on
-    mask = n_ok[None, :]
-    if MASK_OUT:
-        mask = mask & (first_row + rm < out_size)[:, None]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        start = tl.load(offsets_ptr + r).to(tl.int32)
+        end = tl.load(offsets_ptr + r + 1).to(tl.int32)
+        start = tl.minimum(tl.maximum(start, 0), nnz)
+        end = tl.minimum(tl.maximum(end, start), nnz)
+
+        rm = tl.arange(0, BLOCK)
+        rk = tl.arange(0, BLOCK_K)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        acc = tl.zeros((BLOCK, BLOCK_N), dtype=tl.float32)
+        if CONTIGUOUS:
+            c0 = tl.load(indices_ptr + start, mask=start < end, other=0).to(tl.int32)
+            if GATHER:
+                slot0 = tl.load(slots_ptr + start, mask=start < end, other=0).to(tl.int32)
+            else:
+                slot0 = start
+        for it in range((end - start) * K_STEPS):
+            i = start + it // K_STEPS
+            kk = (it % K_STEPS) * BLOCK_K
+            if CONTIGUOUS:
+                c = c0 + (i - start)
+                slot = slot0 + (i - start) * slot_step
+            else:
+                c = tl.load(indices_ptr + i).to(tl.int32)
+                if GATHER:
+                    slot = tl.load(slots_ptr + i).to(tl.int32)
+                else:
+                    slot = i
+            c = tl.minimum(tl.maximum(c, 0), num_block_cols - 1)
+            slot = tl.minimum(tl.maximum(slot, 0), nnz - 1)
+            first = (c % in_blocks) * BLOCK + kk
+            b_row = tl.multiple_of((c // in_blocks) * in_size + first, IN_ALIGN)
+            if USE_TMA:
+                if A_M_MAJOR:
+                    a = tl.trans(a_desc.load([slot, kk, 0]).reshape(BLOCK_K, BLOCK))
+                else:
+                    a = a_desc.load([slot, 0, kk]).reshape(BLOCK, BLOCK_K)
+                if B_K_MAJOR:
+                    b = tl.trans(b_desc.load([pid_n * BLOCK_N, b_row]))
+                else:
+                    b = b_desc.load([b_row, pid_n * BLOCK_N])
+            else:
+                a_ptrs = (data_ptr + slot.to(tl.int64) * stride_ds + rm[:, None] * stride_dm
+                          + (kk + rk)[None, :] * stride_dk)
+                b_ptrs = b_ptr + (b_row + rk)[:, None] * stride_bk + rn[None, :] * stride_bn
+                if MASK_IN:
+                    k_ok = first + rk < in_size
+                    a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                    if EVEN_N:
+                        b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+                    else:
+                        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                else:
+                    a = tl.load(a_ptrs)
+                    if EVEN_N:
+                        b = tl.load(b_ptrs)
+                    else:
+                        b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+        first_row = (r % out_blocks) * BLOCK
+        rows = (r // out_blocks) * out_size + first_row + rm
+        out_ptrs = out_ptr + rows[:, None] * stride_om + rn[None, :] * stride_on
+        mask = n_ok[None, :]
+        if MASK_OUT:
+            mask = mask & (first_row + rm < out_size)[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -422,6 +422,9 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
     block_n = min(cfg.block_n, max(16, triton.next_power_of_2(N)))
     grid = num_block_rows * triton.cdiv(N, block_n)
     _check_launch(grid)
+    num_programs = grid
+    if cfg.persistent:
+        num_programs = min(grid, _num_sms(data_SBB.device) if data_SBB.device.type == "cuda" else 2)
     stride_ds, stride_dm, stride_dk = data_SBB.stride()
     if transposed:
         stride_dm, stride_dk = stride_dk, stride_dm
@@ -438,7 +441,7 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
     )
     if use_tma and data_SBB.device.type == "cuda":
         triton.set_allocator(_tma_allocator)
-    _dsd_kernel[(grid,)](
+    _dsd_kernel[(num_programs,)](
         data_SBB, b_KN, out_MN, offsets, indices, slots if slots is not None else indices,
         N, num_block_rows, num_block_cols, nnz, out_map[0], out_map[1], in_map[0], in_map[1],
         slot_step, stride_ds, stride_dm, stride_dk, b_KN.stride(0), b_KN.stride(1),
@@ -448,6 +451,7 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
         EVEN_N=N % block_n == 0,
         IN_ALIGN=math.gcd(in_map[1], block_k), PRECISION=_precision(data_SBB.dtype),
         USE_TMA=use_tma, A_M_MAJOR=a_m_major, B_K_MAJOR=b_k_major, K_ROWS=b_KN.shape[0],
+        num_tiles=grid, num_programs=num_programs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out_MN
