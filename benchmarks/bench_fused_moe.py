@@ -7,8 +7,12 @@ For the mixtral and qwen3moe layers of common.CONFIGS (H, F, E, top-k) and T in 
 tokens, times (forward only, no autograd):
     ours_auto, ours_grouped, ours_gather   megablocks.integrations.inference.fused_moe paths
     torch_grouped_mm                       softmax/top-k, sort, index, F.grouped_mm x2, weighted sum
+each two ways: eager (`{method}_ms`: host time included, as a plain Python loop would see it) and
+CUDA-graph replay (`{method}_graph_ms`: the call captured once after a warm-up on a side stream,
+then the median of replays timed the same way; how serving engines run decode, host time gone).
 Reports ms, the bandwidth of reading the experts' weights the routing touches (GB/s) against
-the device copy bandwidth measured in the same run, and the speed-up over torch_grouped_mm.
+the device copy bandwidth measured in the same run, and the speed-ups over torch_grouped_mm
+(eager against eager, graphed against graphed).
 """
 
 import argparse
@@ -23,7 +27,12 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CONFIGS, copy_bandwidth_gbs, environment, print_table, timed, write_csv  # noqa: E402
 
-from megablocks.integrations.inference import fused_moe, fused_moe_reference, softmax_topk  # noqa: E402
+from megablocks.integrations.inference import (  # noqa: E402
+    fused_moe,
+    fused_moe_reference,
+    softmax_topk,
+    softmax_topk_reference,
+)
 
 DECODE_CONFIGS = ("mixtral", "qwen3moe")
 TOKENS = (1, 16, 64, 256)
@@ -32,13 +41,16 @@ OURS = ("auto", "grouped", "gather")
 
 @torch.no_grad()
 def torch_grouped_mm_moe(x, w1, w2, gating, topk, renormalize):
-    """The baseline: a plain-torch MoE forward on `torch.nn.functional.grouped_mm`."""
+    """The baseline: a plain-torch MoE forward on `torch.nn.functional.grouped_mm`, sync-free (the
+    expert counts by `scatter_add_`: `torch.bincount` reads its input's maximum on the host), so
+    that it can be captured in a CUDA graph like ours."""
     t, h = x.shape
     e, two_f, _ = w1.shape
     f = two_f // 2
-    weights, ids = softmax_topk(gating, topk, renormalize)
-    order = ids.flatten().argsort(stable=True)
-    counts = torch.bincount(ids.flatten(), minlength=e)
+    weights, ids = softmax_topk_reference(gating, topk, renormalize)
+    flat = ids.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.zeros(e, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     offs = counts.cumsum(0).to(torch.int32)
     x_sorted = x[order // topk]
     hid = F.grouped_mm(x_sorted, w1.transpose(1, 2), offs=offs)
@@ -70,6 +82,22 @@ def methods(x, w1, w2, gating, k):
     return fns
 
 
+def graphed(fn):
+    """`fn` captured in a CUDA graph (after a warm-up on a side stream, as the PyTorch docs show):
+    returns `(replay, graph, out)`: `replay()` reruns the captured kernels on the same buffers and
+    writes `out`, the captured call's output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return (lambda: graph.replay()), graph, out
+
+
 def weight_bytes(w1, w2, gating, k):
     """Bytes of the expert weights the routing touches (each expert read once)."""
     _, ids = softmax_topk(gating, k, True)
@@ -92,26 +120,42 @@ def bench(args):
             row = {"config": name, "T": t, "H": h, "F": f, "E": e, "k": k, "weight_MB": nbytes / 1e6,
                    "floor_ms": nbytes / ceiling / 1e6, "copy_GBs": ceiling}
             for p in OURS:
-                row[f"ours_{p}_ms"] = float("nan")
+                row[f"ours_{p}_ms"] = row[f"ours_{p}_graph_ms"] = float("nan")
             for method, fn in methods(x, w1, w2, gating, k).items():
                 med, p20, p80 = timed(fn)
                 out = fn().float()
                 row.update({f"{method}_ms": med, f"{method}_p20_ms": p20, f"{method}_p80_ms": p80,
                             f"{method}_GBs": nbytes / med / 1e6,
                             f"{method}_rel_err": ((out - ref).norm() / ref.norm()).item()})
+                try:
+                    replay, graph, graph_out = graphed(fn)
+                except RuntimeError as err:  # not capturable: report it, time the rest
+                    print(f"{name} T={t} {method}: CUDA graph capture failed: {err}", flush=True)
+                    row[f"{method}_graph_ms"] = float("nan")
+                    continue
+                med, p20, p80 = timed(replay)
+                torch.cuda.synchronize()
+                row.update({f"{method}_graph_ms": med, f"{method}_graph_p20_ms": p20,
+                            f"{method}_graph_p80_ms": p80,
+                            f"{method}_graph_rel_err": ((graph_out.float() - ref).norm() / ref.norm()).item()})
+                del graph, replay, graph_out
             for p in OURS:
                 row[f"ours_{p}_speedup"] = row["torch_grouped_mm_ms"] / row[f"ours_{p}_ms"]
+                row[f"ours_{p}_graph_speedup"] = row["torch_grouped_mm_graph_ms"] / row[f"ours_{p}_graph_ms"]
             rows.append({**row, **env})
-            print(f"{name} T={t}: torch {row['torch_grouped_mm_ms']:.3f} ms; " + ", ".join(
-                f"{p} {row[f'ours_{p}_ms']:.3f} ms ({row[f'ours_{p}_speedup']:.2f}x)" for p in OURS), flush=True)
+            print(f"{name} T={t}: torch {row['torch_grouped_mm_ms']:.3f} ms "
+                  f"(graph {row['torch_grouped_mm_graph_ms']:.3f}); " + ", ".join(
+                      f"{p} {row[f'ours_{p}_ms']:.3f} ms ({row[f'ours_{p}_speedup']:.2f}x), "
+                      f"graph {row[f'ours_{p}_graph_ms']:.3f} ms ({row[f'ours_{p}_graph_speedup']:.2f}x)"
+                      for p in OURS), flush=True)
             del x, w1, w2, gating
             torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "bench_fused_moe.csv"), rows)
     _plot(rows, os.path.join(args.out, "bench_fused_moe.png"))
     print(env)
-    print_table(rows, ["config", "T", "weight_MB", "floor_ms", "torch_grouped_mm_ms"]
-                + [f"ours_{p}_{c}" for p in OURS for c in ("ms", "speedup")])
+    print_table(rows, ["config", "T", "weight_MB", "floor_ms", "torch_grouped_mm_ms", "torch_grouped_mm_graph_ms"]
+                + [f"ours_{p}_{c}" for p in OURS for c in ("ms", "graph_ms", "speedup", "graph_speedup")])
 
 
 def _plot(rows, path):
@@ -128,8 +172,11 @@ def _plot(rows, path):
     for ax, name in zip(axes[0], names):
         rs = [r for r in rows if r["config"] == name]
         ts = [r["T"] for r in rs]
-        for method in ["torch_grouped_mm"] + [f"ours_{p}" for p in OURS]:
-            ax.plot(ts, [r[f"{method}_ms"] for r in rs], marker="o", label=method)
+        for i, method in enumerate(["torch_grouped_mm"] + [f"ours_{p}" for p in OURS]):
+            color = f"C{i}"
+            ax.plot(ts, [r[f"{method}_ms"] for r in rs], marker="o", color=color, label=method)
+            ax.plot(ts, [r.get(f"{method}_graph_ms", float("nan")) for r in rs], marker="x", linestyle=":",
+                    color=color, label=f"{method} (CUDA graph)")
         ax.plot(ts, [r["floor_ms"] for r in rs], "k--", label="weight-read floor")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens T")

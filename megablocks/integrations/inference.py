@@ -2,16 +2,22 @@
 
 Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K routed rows.
 
-    weights_TK, ids_TK = top-k of softmax(gating_output_TE)     (renormalised if asked)
-    grouped path:  x_NH = gather(x_TH)                          rows in expert order
+    weights_TK, ids_TK = top-k of softmax(gating_output_TE)     one kernel (renormalised if asked)
+    grouped path:  meta = routing_metadata(ids_TK)               one kernel up to 4096 rows
+                   maps = route(meta)                            row maps, once for gather and scatter
+                   x_NH = gather_routed(x_TH, maps)              rows in expert order
                    h_N2F = gmm(x_NH, w1^T)                      [gate | up] of each row
-                   y_NH = gmm(act(gate) * up, w2^T)
-                   out_TH = scatter(y_NH, weights)              weighted sum over K, in fp32
+                   y_NH = gmm(glu(gate, up), w2^T)              the fused GLU, fp32 math
+                   out_TH = scatter_routed(y_NH, maps, weights)  weighted sum over K, in fp32
     gather path:   the N rows' expert matrices are indexed out of w1 / w2 and multiplied with
                    batched mat-vecs: no sort, histogram or permutation (few launches, for tiny T)
 
 Weights: `w1` [E, 2F, H] (gate rows, then up rows), `w2` [E, H, F] — vLLM's layout, which is also
 transformers' fused `gate_up_proj` / `down_proj`.
+
+On CUDA the grouped path with the 'triton' backend reads no value on the host (no sync) and has no
+data-dependent shapes, so a call can be captured in a CUDA graph (decode under graphs: host time
+gone) and traced by `torch.compile(fullgraph=True)`.
 """
 
 from typing import Optional, Tuple
@@ -20,29 +26,95 @@ import torch
 import torch.nn.functional as F
 
 from megablocks import _checks
+from megablocks.backend import topk as topk_kernels
+from megablocks.backend import use_triton
+from megablocks.ops._eager import eager
+from megablocks.ops.activation import glu
 from megablocks.ops.gmm import gmm
-from megablocks.ops.permute import gather, scatter
+from megablocks.ops.permute import gather_routed, route, scatter_routed
 from megablocks.ops.routing import routing_metadata
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 PATHS = ("auto", "grouped", "gather")
+_GATING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # 'auto' takes the gather path up to this many routed rows (T·K). The gather path reads each
 # selected expert's weights once per routed row and copies them; the grouped path reads each
-# selected expert once but launches the routing ops. The crossover is to be measured on the
-# H100 with benchmarks/bench_fused_moe.py (it reports both paths); 2 rows is a conservative
-# placeholder (one token, top-2).
-GATHER_MAX_ROWS = 2
+# selected expert once but launches the routing ops. Measured on the H100
+# (benchmarks/bench_fused_moe.py, bf16): the grouped path was faster at every measured size under
+# CUDA graphs (qwen3moe T=1: 0.084 against 0.204 ms) and eagerly wherever 'auto' could pick gather
+# (mixtral T=1, 2 rows: 0.88 against 1.61 ms); so 'auto' takes the grouped path from 1 row on.
+GATHER_MAX_ROWS = 0
 
 
-def softmax_topk(gating_output: torch.Tensor, topk: int, renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def softmax_topk_reference(
+    gating_output: torch.Tensor, topk: int, renormalize: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """`(weights_TK float32, ids_TK int64)`: the top-k of `softmax(gating_output)` computed in
-    float32, divided by their sum when `renormalize`."""
+    float32, divided by their sum when `renormalize` (plain torch; differentiable in the logits)."""
     scores = gating_output.float().softmax(dim=-1)
     weights, ids = torch.topk(scores, topk, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+@torch.library.custom_op("megablocks::softmax_topk", mutates_args=())
+def _softmax_topk_op(gating_output: torch.Tensor, topk: int, renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(gating_output) and gating_output.shape[1] <= topk_kernels.MAX_EXPERTS:
+        return topk_kernels.softmax_topk(gating_output, topk, renormalize)
+    return softmax_topk_reference(gating_output, topk, renormalize)
+
+
+@_softmax_topk_op.register_fake
+def _(gating_output, topk, renormalize):
+    t = gating_output.shape[0]
+    return (gating_output.new_empty((t, topk), dtype=torch.float32),
+            gating_output.new_empty((t, topk), dtype=torch.int64))
+
+
+# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
+_softmax_topk_op = eager(_softmax_topk_op)
+
+
+def softmax_topk(gating_output: torch.Tensor, topk: int, renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The router's top-k: `(weights_TK float32, ids_TK int64)`, the K largest of
+    `softmax(gating_output)` (computed in float32) in descending order, divided by their sum when
+    `renormalize`.
+
+    On CUDA tensors (and CPU ones under TRITON_INTERPRET=1) one Triton kernel computes it all for
+    E <= `megablocks.backend.topk.MAX_EXPERTS` (megablocks/backend/topk.py: what it guarantees
+    against `softmax_topk_reference`: weights within fp32 rounding, exact ties to the lower
+    expert id, NaN rows kept NaN); otherwise, and when the logits need a gradient,
+    `softmax_topk_reference`. No host sync either way.
+
+    Args:
+        gating_output: [T, E] float32/float16/bfloat16/float64 router logits (T may be 0).
+        topk: K, 1 <= K <= E.
+        renormalize: a bool.
+
+    Raises:
+        TypeError: not a tensor, a dtype not listed, topk not an int, renormalize not a bool.
+        ValueError: not 2-D, topk out of range.
+    """
+    _checks.check_tensor("gating_output", gating_output, ndim=2, dtypes=_GATING_DTYPES)
+    _checks.check_int("topk", topk, min_value=1, max_value=gating_output.shape[1])
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize: expected a bool, got {type(renormalize).__name__}")
+    if gating_output.requires_grad and torch.is_grad_enabled():
+        return softmax_topk_reference(gating_output, topk, renormalize)
+    return _softmax_topk_op(gating_output, topk, renormalize)
+
+
+def _glu(h_N2F: torch.Tensor, f: int, activation: str) -> torch.Tensor:
+    """`act(h[:, :F]) * h[:, F:]` by the fused GLU op (fp32 math, rounded once). `glu` takes
+    contiguous halves: one copy lays the gate rows and then the up rows out as `[2, N, F]` (two
+    copies otherwise); one row needs none."""
+    n = h_N2F.shape[0]
+    if n <= 1:
+        return glu(h_N2F[:, :f], h_N2F[:, f:], activation)
+    halves = h_N2F.view(n, 2, f).transpose(0, 1).contiguous()
+    return glu(halves[0], halves[1], activation)
 
 
 def _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path) -> Tuple[int, int]:
@@ -89,11 +161,14 @@ def fused_moe(
         hidden_states: [T, H] float32/float16/bfloat16 (T may be 0).
         w1: [E, 2F, H] in hidden_states' dtype: the gate rows then the up rows of each expert.
         w2: [E, H, F] in hidden_states' dtype.
-        gating_output: [T, E] router logits (any float dtype; the softmax runs in float32).
+        gating_output: [T, E] router logits (any float dtype; the softmax runs in float32; its
+            top-k is `softmax_topk`, one kernel on CUDA).
         topk: experts per token K, 1 <= K <= E.
         renormalize: divide the K weights of each token by their sum.
-        activation: 'silu' (default), 'gelu' or 'gelu_tanh', applied to the gate.
-        path: 'grouped' (routing metadata, gather, two grouped GEMMs, scatter), 'gather' (index the
+        activation: 'silu' (default), 'gelu' (erf) or 'gelu_tanh', applied to the gate; the GLU
+            `act(gate) * up` is one fused op (`megablocks.ops.glu`), fp32 math rounded once.
+        path: 'grouped' (routing metadata, gather, two grouped GEMMs, scatter; with the 'triton'
+            backend on CUDA no host sync, so it can be captured in a CUDA graph), 'gather' (index the
             routed rows' expert matrices and use batched mat-vecs; for a handful of tokens) or
             'auto' ('gather' up to GATHER_MAX_ROWS routed rows, else 'grouped').
         backend: the grouped GEMM backend of the grouped path (`megablocks.ops.gmm`): None picks
@@ -107,24 +182,23 @@ def fused_moe(
         TypeError, ValueError: wrong types, dtypes, shapes, devices, topk or choice names.
     """
     e, f = _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path)
-    act = ACTIVATIONS[activation]
-    weights_TK, ids_TK = softmax_topk(gating_output, topk, renormalize)
+    weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
     t, h = hidden_states.shape
     n = t * topk
     if path == "gather" or (path == "auto" and n <= GATHER_MAX_ROWS):
         ids_N = ids_TK.reshape(-1)
-        x_N1H = hidden_states.repeat_interleave(topk, dim=0).unsqueeze(1)
+        x_N1H = hidden_states.unsqueeze(1).expand(t, topk, h).reshape(n, 1, h)
         h_N2F = torch.bmm(x_N1H, w1.index_select(0, ids_N).transpose(1, 2)).squeeze(1)
-        a_N1F = (act(h_N2F[:, :f]) * h_N2F[:, f:]).unsqueeze(1)
+        a_N1F = _glu(h_N2F, f, activation).unsqueeze(1)
         y_NH = torch.bmm(a_N1F, w2.index_select(0, ids_N).transpose(1, 2)).squeeze(1)
         out = (y_NH.view(t, topk, h).float() * weights_TK.unsqueeze(-1)).sum(dim=1)
         return out.to(hidden_states.dtype)
     meta = routing_metadata(ids_TK, e, 1)
-    x_NH = gather(hidden_states, meta.indices, meta.bin_ids, meta.bins, topk)
+    maps = route(meta.indices, meta.bin_ids, meta.bins, topk)  # those of gather and scatter, once
+    x_NH = gather_routed(hidden_states, maps)
     h_N2F = gmm(x_NH, w1, meta.tokens_per_expert, trans_b=True, backend=backend)
-    a_NF = act(h_N2F[:, :f]) * h_N2F[:, f:]
-    y_NH = gmm(a_NF, w2, meta.tokens_per_expert, trans_b=True, backend=backend)
-    return scatter(y_NH, meta.indices, meta.bin_ids, weights_TK.reshape(-1), meta.bins, topk)
+    y_NH = gmm(_glu(h_N2F, f, activation), w2, meta.tokens_per_expert, trans_b=True, backend=backend)
+    return scatter_routed(y_NH, maps, weights_TK.reshape(-1))
 
 
 def fused_moe_reference(
@@ -139,7 +213,7 @@ def fused_moe_reference(
     """The per-token, per-choice loop `fused_moe` is checked against; float32 (float64 for float64)."""
     acc = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
     act = ACTIVATIONS[activation]
-    weights_TK, ids_TK = softmax_topk(gating_output, topk, renormalize)
+    weights_TK, ids_TK = softmax_topk_reference(gating_output, topk, renormalize)
     f = w1.shape[1] // 2
     out = torch.zeros(hidden_states.shape, dtype=acc, device=hidden_states.device)
     for t in range(hidden_states.shape[0]):

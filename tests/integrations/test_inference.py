@@ -98,3 +98,55 @@ def test_fused_moe_compiles_fullgraph(monkeypatch):
     x, w1, w2, gating = make(7)
     compiled = torch.compile(lambda *a: fused_moe(*a, 2, True, path="grouped"), backend="aot_eager", fullgraph=True)
     assert_close("out", compiled(x, w1, w2, gating), fused_moe_reference(x, w1, w2, gating, 2, True))
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA only: no host sync, and CUDA-graph capture (how serving engines run decode).
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda_only
+@pytest.mark.parametrize("path", ["grouped", "gather"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_moe_no_host_sync(path, dtype):
+    x, w1, w2, gating = make(4, dtype, e=16, h=64, f=48)
+    run = lambda: fused_moe(x, w1, w2, gating, 2, True, path=path, backend="triton")  # noqa: E731
+    expected = run()  # the first call compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert_equal("out", out, expected)
+
+
+@cuda_only
+@pytest.mark.parametrize("path", ["grouped", "auto"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_moe_cuda_graph_replay(path, dtype):
+    """Captured once at a decode size (T=4, E=16, top-2); each replay on new inputs copied into the
+    static ones gives the eager result."""
+    t, e, k, h, f = 4, 16, 2, 64, 48
+    x, w1, w2, gating = make(t, dtype, e=e, h=h, f=f)
+    static_x, static_gating = x.clone(), gating.clone()
+    run = lambda: fused_moe(static_x, w1, w2, static_gating, k, True, path=path, backend="triton")  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (kernel compilation, allocator) off the capture
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run()
+    for step in range(3):
+        new_x = torch.randn(t, h, device=DEVICE, dtype=dtype)
+        new_gating = torch.randn(t, e, device=DEVICE) * (step + 1)
+        static_x.copy_(new_x)
+        static_gating.copy_(new_gating)
+        graph.replay()
+        eager_out = fused_moe(new_x, w1, w2, new_gating, k, True, path=path, backend="triton")
+        assert_equal(f"replay {step}", static_out, eager_out)
+        assert_close(f"replay {step} vs reference", static_out, fused_moe_reference(new_x, w1, w2, new_gating, k, True))

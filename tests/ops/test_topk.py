@@ -1,0 +1,154 @@
+"""The router's softmax + top-k kernel (megablocks/backend/topk.py, through
+`megablocks.integrations.inference.softmax_topk`) against the plain-torch `softmax_topk_reference`.
+
+Ids are compared robustly: exactly where the reference's K largest probabilities (and the next
+one) are apart by more than rounding; elsewhere every chosen expert must be a valid choice. Exact
+ties (equal logits) must go to the lower expert ids, first in the output.
+"""
+
+import pytest
+import torch
+
+from megablocks.backend import topk as topk_kernels
+from megablocks.integrations.inference import softmax_topk, softmax_topk_reference
+from tests.conftest import DEVICE
+from tests.utils import assert_equal
+
+# Probabilities closer than this may be ordered either way by two softmax implementations.
+_GAP = 1e-6
+
+
+def _check(gating, topk, renormalize):
+    weights, ids = softmax_topk(gating, topk, renormalize)
+    ref_w, _ = softmax_topk_reference(gating, topk, renormalize)
+    t, e = gating.shape
+    assert weights.shape == ids.shape == (t, topk)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int64
+    assert weights.device == ids.device == gating.device
+    if t == 0:
+        return
+    weights, ids, ref_w = weights.cpu(), ids.cpu(), ref_w.cpu()
+    probs = gating.float().softmax(-1).cpu()
+    # A stable descending sort: among equal probabilities, the lower id first.
+    ref_p, ref_ids = probs.sort(dim=-1, descending=True, stable=True)
+    # The weights, position by position (descending order): they do not depend on tie-breaks.
+    torch.testing.assert_close(weights, ref_w, rtol=2e-6, atol=1e-7)
+    assert bool((ids >= 0).all() and (ids < e).all())
+    assert bool((ids.sort(-1).values.diff(dim=-1) > 0).all()), "ids repeat within a row"
+    # Each chosen expert is a valid choice: its probability is at least the K-th largest.
+    chosen_p = probs.gather(1, ids)
+    assert bool((chosen_p >= ref_p[:, topk - 1 : topk] - _GAP).all())
+    # Where the first K+1 reference probabilities are apart by more than rounding: the same ids.
+    gaps = ref_p[:, : topk + 1].diff(dim=-1).abs() if topk < e else ref_p.diff(dim=-1).abs()
+    clear = (gaps > _GAP).all(dim=-1) if gaps.shape[1] else torch.ones(t, dtype=torch.bool)
+    assert_equal("ids (rows without near-ties)", ids[clear], ref_ids[clear, :topk])
+    return weights, ids
+
+
+DTYPES = [torch.float32, torch.float16, torch.float64] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+SHAPES = [(0, 8, 2), (1, 8, 2), (7, 1, 1), (5, 6, 6), (13, 20, 3), (9, 128, 8), (3, 257, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("t,e,topk", SHAPES)
+def test_softmax_topk(dtype, renormalize, t, e, topk):
+    gating = (torch.randn(t, e, device=DEVICE) * 3).to(dtype)
+    _check(gating, topk, renormalize)
+
+
+def test_weights_sum_to_one_and_are_the_softmax():
+    gating = torch.randn(11, 40, device=DEVICE)
+    weights, ids = softmax_topk(gating, 40, True)
+    torch.testing.assert_close(weights.sum(-1).cpu(), torch.ones(11), rtol=1e-6, atol=1e-6)
+    weights, ids = softmax_topk(gating, 4, False)
+    expected = gating.softmax(-1).gather(1, ids)
+    torch.testing.assert_close(weights, expected, rtol=2e-6, atol=1e-7)
+
+
+def test_non_contiguous_logits():
+    base = torch.randn(12, 30, device=DEVICE)
+    gating = base.t().contiguous().t()[::2]  # column-major rows, every other one
+    assert not gating.is_contiguous()
+    _check(gating, 3, True)
+    w, i = softmax_topk(gating, 3, True)
+    w2, i2 = softmax_topk(gating.contiguous(), 3, True)
+    assert_equal("ids", i, i2)
+    assert_equal("weights", w, w2)
+
+
+def test_ties_go_to_the_lower_expert():
+    e = 24
+    gating = torch.zeros(4, e, device=DEVICE)
+    gating[1, [5, 9, 17]] = 2.0  # three equal maxima
+    gating[2, 3:20] = 1.0  # a run of equal ones
+    gating[3, [20, 4]] = 5.0  # the tie between the two largest, then all-equal zeros
+    weights, ids = softmax_topk(gating, 4, False)
+    expected = torch.tensor([[0, 1, 2, 3], [5, 9, 17, 0], [3, 4, 5, 6], [4, 20, 0, 1]])
+    assert_equal("ids", ids.cpu(), expected)
+    probs = gating.softmax(-1).cpu()
+    torch.testing.assert_close(weights.cpu(), probs.gather(1, expected), rtol=2e-6, atol=1e-7)
+
+
+def test_nan_and_inf_rows_stay_in_their_row():
+    gating = torch.randn(5, 10, device=DEVICE)
+    gating[1, 3] = float("nan")
+    gating[2, 7] = float("inf")
+    gating[3] = float("-inf")
+    weights, ids = softmax_topk(gating, 3, True)
+    weights, ids = weights.cpu(), ids.cpu()
+    bad = weights.isnan().any(-1)
+    assert_equal("rows with NaN weights", bad, torch.tensor([False, True, True, True, False]))
+    assert bool(weights[bad].isnan().all())
+    assert bool((ids >= 0).all() and (ids < 10).all())
+    assert bool((ids.sort(-1).values.diff(dim=-1) > 0).all())
+    good = ~bad
+    ref_w, ref_i = softmax_topk_reference(gating[good], 3, True)
+    assert_equal("ids of finite rows", ids[good], ref_i.cpu())
+
+
+def test_minus_inf_logits_are_never_chosen_before_finite_ones():
+    gating = torch.randn(6, 12, device=DEVICE)
+    gating[:, ::2] = float("-inf")
+    weights, ids = softmax_topk(gating, 6, False)
+    assert bool((ids.cpu() % 2 == 1).all())
+    _check(gating, 8, True)  # past the finite ones: zeros, lowest ids first
+
+
+def test_large_e():
+    """One block of 4096 (E = 3000), and past MAX_EXPERTS the plain-torch path."""
+    gating = torch.randn(3, 3000, device=DEVICE) * 4
+    _check(gating, 6, True)
+    e = topk_kernels.MAX_EXPERTS + 5
+    gating = torch.randn(2, e, device=DEVICE) * 4
+    weights, ids = softmax_topk(gating, 4, True)
+    ref_w, ref_i = softmax_topk_reference(gating, 4, True)
+    assert_equal("ids", ids, ref_i)
+    assert_equal("weights", weights, ref_w)
+
+
+def test_gradient_takes_the_reference():
+    gating = torch.randn(4, 8, device=DEVICE, requires_grad=True)
+    weights, _ = softmax_topk(gating, 2, True)
+    weights[:, 0].sum().backward()
+    assert gating.grad is not None and gating.grad.shape == gating.shape
+
+
+def test_bad_input():
+    g = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="gating_output: expected a torch.Tensor"):
+        softmax_topk(g.tolist(), 2, True)
+    with pytest.raises(ValueError, match="gating_output: expected a 2-D tensor"):
+        softmax_topk(g[0], 2, True)
+    with pytest.raises(TypeError, match="gating_output: expected dtype"):
+        softmax_topk(g.long(), 2, True)
+    with pytest.raises(ValueError, match="topk: expected an int <= 8"):
+        softmax_topk(g, 9, True)
+    with pytest.raises(ValueError, match="topk: expected an int >= 1"):
+        softmax_topk(g, 0, True)
+    with pytest.raises(TypeError, match="topk: expected an int"):
+        softmax_topk(g, 2.0, True)
+    with pytest.raises(TypeError, match="renormalize: expected a bool"):
+        softmax_topk(g, 2, 1)
+    with pytest.raises(ValueError, match="topk: expected an int <= 0"):
+        softmax_topk(g[:, :0], 1, True)
