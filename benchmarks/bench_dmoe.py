@@ -605,6 +605,7 @@ def _split(value: str) -> List[str]:
 LEVERS = {
     "small_routing": ("megablocks.ops.routing", "SMALL_ROUTING"),
     "fused_glu_input_grad": ("megablocks.layers.mlp", "FUSED_GLU_INPUT_GRAD"),
+    "fused_gather": ("megablocks.layers.mlp", "FUSED_GATHER"),
 }
 
 
@@ -626,7 +627,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--levers", type=_split, default=[],
                    help="comma-separated switches, NAME to turn one on, NAME=0 to turn it off: "
                         "small_routing (megablocks.ops.routing.SMALL_ROUTING), fused_glu_input_grad "
-                        "(megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD)")
+                        "(megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD), fused_gather (megablocks.layers.mlp.FUSED_GATHER)")
     args = p.parse_args(argv)
     parsed = []
     for lever in args.levers:

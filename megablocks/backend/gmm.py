@@ -10,6 +10,14 @@ The rows of `a` are split into E consecutive groups of `batch_sizes[e]` rows eac
 
 The last ("variable-K") form is the weight gradient of the first two.
 
+Row maps (the 'triton' backend, `triton_gmm(..., a_rows=, b_rows=)`): logical row i of `a` (or,
+in the variable-K form, of `b`) is physical row `rows[i]` of a `[T, K]` (`[T, N]`) tensor, so
+that rows gathered into expert order are read in place instead of being copied first. M is then
+the length of the map. Such an operand is read by masked pointer loads (TMA cannot gather rows);
+the other keeps its TMA path. A map on `b` runs as one on `a` of the transposed product, whose
+tiles are stored transposed. Map entries are clamped to at most T - 1, and a negative entry
+(or any entry when T = 0) reads as a row of zeros: no access outside the tensor is possible.
+
 Backends:
 - 'triton': the kernels below. They read `batch_sizes` on the device: each program computes
   the prefix sums of the groups' rows and row tiles, finds the group of every tile it takes,
@@ -61,6 +69,15 @@ def _group_table(sizes_ptr, E, M, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _mapped_rows(rows_ptr, offs, valid, T):
+    """The physical rows of logical rows `offs` (where `valid`) through the map `rows_ptr`,
+    clamped to at most T - 1, and whether each is a real row (entry >= 0, T > 0)."""
+    src = tl.load(rows_ptr + offs, mask=valid, other=-1)
+    src = tl.minimum(src, T - 1)
+    return tl.maximum(src, 0), valid & (src >= 0)
+
+
+@triton.jit
 def _swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """Tile index -> (row tile, column tile), GROUP_M row tiles at a time for L2 reuse."""
     width = GROUP_M * num_n
@@ -74,16 +91,18 @@ def _swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
 # groups' total cover the leftover rows, which are written as zeros. Programs loop over tiles
 # with a stride of `num_programs` (one tile each when the grid covers the bound). With
 # TMA_STORE, full tiles are stored by TMA (asynchronous: the next tile's loads start at once);
-# a group's partial last tile by a masked store.
+# a group's partial last tile by a masked store. With GATHER_A, row i of `a` is row a_rows[i] of
+# a [T, K] tensor, read by masked pointer loads (b keeps its TMA path).
 @triton.jit
 def _gmm_kernel(
-    a_ptr, b_ptr, out_ptr, sizes_ptr,
-    M, N, K, E, num_programs,
+    a_ptr, b_ptr, out_ptr, sizes_ptr, a_rows_ptr,
+    M, N, K, E, T, num_programs,
     stride_am, stride_be, stride_bk, stride_bn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    GATHER_A: tl.constexpr,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
@@ -92,7 +111,8 @@ def _gmm_kernel(
     num_n_tiles = tl.cdiv(N, BLOCK_N)
 
     if USE_TMA:
-        a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+        if not GATHER_A:
+            a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
         if B_K_MAJOR:
             b_desc = tl.make_tensor_descriptor(
                 b_ptr, [E, N, K], [stride_be, stride_bn, 1], [1, BLOCK_N, BLOCK_K]
@@ -125,8 +145,13 @@ def _gmm_kernel(
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        if not USE_TMA:
+        if GATHER_A:
+            src_m, a_row_ok = _mapped_rows(a_rows_ptr, offs_m, offs_m < row_end, T)
+            a_ptrs = a_ptr + src_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        elif not USE_TMA:
+            a_row_ok = offs_m < row_end
             a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        if not USE_TMA:
             b_ptrs = (
                 b_ptr
                 + group.to(tl.int64) * stride_be
@@ -135,17 +160,18 @@ def _gmm_kernel(
             )
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
-            if USE_TMA:
+            if USE_TMA and not GATHER_A:
                 a = a_desc.load([row0, k])
+            else:
+                a = tl.load(a_ptrs, mask=a_row_ok[:, None] & (offs_k[None, :] < K - k), other=0.0)
+                a_ptrs += BLOCK_K
+            if USE_TMA:
                 if B_K_MAJOR:
                     b = tl.trans(b_desc.load([group, tile_n * BLOCK_N, k]).reshape(BLOCK_N, BLOCK_K))
                 else:
                     b = b_desc.load([group, k, tile_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
             else:
-                k_mask = offs_k < K - k
-                a = tl.load(a_ptrs, mask=(offs_m[:, None] < row_end) & k_mask[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_mask[:, None] & (offs_n[None, :] < N), other=0.0)
-                a_ptrs += BLOCK_K
+                b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k) & (offs_n[None, :] < N), other=0.0)
                 b_ptrs += BLOCK_K * stride_bk
             if UPCAST:
                 a = a.to(tl.float32)
@@ -170,15 +196,20 @@ def _gmm_kernel(
 # out_EKN[e] = a_MK[rows of e]^T @ b_MN[rows of e]. Tiles (group, K tile, N tile), group-major;
 # programs loop over them with a stride of `num_programs`; each tile loops over its group's rows
 # (none: it writes zeros). With TMA, each tile's descriptors end at its group's last row, so a
-# neighbouring group's rows are never read; without, loads are masked.
+# neighbouring group's rows are never read; without, loads are masked. With GATHER_A, row i of
+# `a` is row a_rows[i] of a [T, K] tensor, read by masked pointer loads through the map, whose
+# next BLOCK_R entries are read a step ahead (so that no load waits on the result of another in
+# the same step: measured on the H100, 1.3-1.7x faster than reading them in the step). With
+# TRANS_OUT the result is stored transposed, into an [E, N, K] tensor.
 @triton.jit
 def _gmm_var_k_kernel(
-    a_ptr, b_ptr, out_ptr, sizes_ptr,
-    M, K, N, E, num_programs,
-    stride_am, stride_bm, stride_oe, stride_ok,
+    a_ptr, b_ptr, out_ptr, sizes_ptr, a_rows_ptr,
+    M, K, N, E, T, num_programs,
+    stride_am, stride_bm, stride_oe, stride_o1,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER_A: tl.constexpr, TRANS_OUT: tl.constexpr,
 ):
     num_k_tiles = tl.cdiv(K, BLOCK_K)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -188,9 +219,14 @@ def _gmm_var_k_kernel(
     packed = (starts.to(tl.int64) << 32) | (ends - starts).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     if TMA_STORE:
-        out_desc = tl.make_tensor_descriptor(
-            out_ptr, [E, K, N], [stride_oe, stride_ok, 1], [1, BLOCK_K, BLOCK_N]
-        )
+        if TRANS_OUT:
+            out_desc = tl.make_tensor_descriptor(
+                out_ptr, [E, N, K], [stride_oe, stride_o1, 1], [1, BLOCK_N, BLOCK_K]
+            )
+        else:
+            out_desc = tl.make_tensor_descriptor(
+                out_ptr, [E, K, N], [stride_oe, stride_o1, 1], [1, BLOCK_K, BLOCK_N]
+            )
 
     for tile in range(tl.program_id(0), E * tiles_per_group, num_programs):
         group = tile // tiles_per_group
@@ -201,28 +237,43 @@ def _gmm_var_k_kernel(
         offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if USE_TMA:
-            a_desc = tl.make_tensor_descriptor(
-                a_ptr + row0.to(tl.int64) * stride_am, [tl.maximum(rows, 1), K], [stride_am, 1],
-                [BLOCK_R, BLOCK_K],
-            )
+            if not GATHER_A:
+                a_desc = tl.make_tensor_descriptor(
+                    a_ptr + row0.to(tl.int64) * stride_am, [tl.maximum(rows, 1), K], [stride_am, 1],
+                    [BLOCK_R, BLOCK_K],
+                )
             b_desc = tl.make_tensor_descriptor(
                 b_ptr + row0.to(tl.int64) * stride_bm, [tl.maximum(rows, 1), N], [stride_bm, 1],
                 [BLOCK_R, BLOCK_N],
             )
         else:
-            a_ptrs = a_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+            if not GATHER_A:
+                a_ptrs = a_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_am + offs_k[None, :]
             b_ptrs = b_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_bm + offs_n[None, :]
+        if GATHER_A:
+            next_src, next_ok = _mapped_rows(a_rows_ptr, row0 + offs_r, offs_r < rows, T)
 
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for r in range(0, rows, BLOCK_R):
-            if USE_TMA:
+            r_mask = offs_r < rows - r
+            if GATHER_A:
+                src, src_ok = next_src, next_ok
+                next_src, next_ok = _mapped_rows(
+                    a_rows_ptr, row0 + r + BLOCK_R + offs_r, offs_r < rows - r - BLOCK_R, T
+                )
+                a = tl.load(
+                    a_ptr + src.to(tl.int64)[:, None] * stride_am + offs_k[None, :],
+                    mask=src_ok[:, None] & (offs_k[None, :] < K), other=0.0,
+                )
+            elif USE_TMA:
                 a = a_desc.load([r, tile_k * BLOCK_K])
+            else:
+                a = tl.load(a_ptrs, mask=r_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+                a_ptrs += BLOCK_R * stride_am
+            if USE_TMA:
                 b = b_desc.load([r, tile_n * BLOCK_N])
             else:
-                r_mask = offs_r < rows - r
-                a = tl.load(a_ptrs, mask=r_mask[:, None] & (offs_k[None, :] < K), other=0.0)
                 b = tl.load(b_ptrs, mask=r_mask[:, None] & (offs_n[None, :] < N), other=0.0)
-                a_ptrs += BLOCK_R * stride_am
                 b_ptrs += BLOCK_R * stride_bm
             if UPCAST:
                 a = a.to(tl.float32)
@@ -231,12 +282,21 @@ def _gmm_var_k_kernel(
 
         out = acc.to(out_ptr.dtype.element_ty)
         if TMA_STORE:
-            out_desc.store([group, tile_k * BLOCK_K, tile_n * BLOCK_N], out.reshape(1, BLOCK_K, BLOCK_N))
+            if TRANS_OUT:
+                out_desc.store([group, tile_n * BLOCK_N, tile_k * BLOCK_K], tl.trans(out).reshape(1, BLOCK_N, BLOCK_K))
+            else:
+                out_desc.store([group, tile_k * BLOCK_K, tile_n * BLOCK_N], out.reshape(1, BLOCK_K, BLOCK_N))
         else:
-            out_ptrs = (
-                out_ptr + group.to(tl.int64) * stride_oe
-                + offs_k[:, None].to(tl.int64) * stride_ok + offs_n[None, :]
-            )
+            if TRANS_OUT:
+                out_ptrs = (
+                    out_ptr + group.to(tl.int64) * stride_oe
+                    + offs_n[None, :].to(tl.int64) * stride_o1 + offs_k[:, None]
+                )
+            else:
+                out_ptrs = (
+                    out_ptr + group.to(tl.int64) * stride_oe
+                    + offs_k[:, None].to(tl.int64) * stride_o1 + offs_n[None, :]
+                )
             tl.store(out_ptrs, out, mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
 
@@ -321,6 +381,8 @@ def triton_gmm(
     use_tma: Optional[bool] = None,
     config: Optional[dict] = None,
     accumulate_into: Optional[torch.Tensor] = None,
+    a_rows: Optional[torch.Tensor] = None,
+    b_rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The Triton kernels. Inputs are validated by `gmm`; see the module docstring for the forms.
 
@@ -328,10 +390,35 @@ def triton_gmm(
     pointer loads; `config` overrides keys of `_config`. Both are for tuning and tests.
     `accumulate_into` (forward forms only: a contiguous `[M, N]` tensor of a's dtype) makes the
     kernel add its product to that tensor's values in its epilogue and return it.
+    `a_rows` (`[M]` int32 on a's device): logical row i of `a` is physical row `a_rows[i]` of the
+    given `a` (`[T, K]`, any T); the result has M rows (forward forms) or sums over M rows
+    (variable-K form). `b_rows`, the variable-K form only and not with `a_rows`: the same for `b`
+    (`[T, N]`), whose M logical rows are then those of `a`. Entries are clamped to at most T - 1;
+    negative ones (and any with T = 0) read as rows of zeros. Sizes are validated by the caller.
     """
+    if a_rows is not None and b_rows is not None:
+        raise ValueError("a_rows, b_rows: at most one row map per product")
+    if b_rows is not None and not trans_a:
+        raise ValueError("b_rows: a row map of b is for the variable-K form (trans_a=True) only")
+    for name, rows in (("a_rows", a_rows), ("b_rows", b_rows)):
+        if rows is not None and (rows.dtype != torch.int32 or rows.dim() != 1 or rows.device != a.device):
+            raise ValueError(
+                f"{name}: expected a 1-D int32 tensor on {a.device}, got {rows.dtype} "
+                f"{tuple(rows.shape)} on {rows.device}"
+            )
+    trans_out = b_rows is not None
+    if trans_out:
+        # a^T @ b[map] = (b[map]^T @ a)^T: the kernel reads the mapped operand as its `a` and
+        # stores the tile transposed. Measured on the H100 (olmoe, qwen3moe, mixtral shapes),
+        # that beats a map on its `b`, whose tile is the wider one (read twice as often), by 15-20%.
+        a, b, a_rows, b_rows = b, a, b_rows, None
+    if a_rows is not None:
+        a_rows = a_rows.contiguous()
     batch_sizes = batch_sizes.to(a.device, non_blocking=True)
     E = batch_sizes.shape[0]
-    M, K = a.shape
+    K = a.shape[1]
+    M = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    T = a.shape[0]
     cfg = dict(_config(a))
     cfg.update(config or {})
     launch = dict(
@@ -351,16 +438,20 @@ def triton_gmm(
         N = b.shape[1]
         if b.stride(1) != 1:
             b = b.contiguous()
-        out = torch.empty((E, K, N), dtype=a.dtype, device=a.device)
-        use_tma = _tma_ok(a, b) if use_tma is None else use_tma
+        out = torch.empty((E, N, K) if trans_out else (E, K, N), dtype=a.dtype, device=a.device)
+        if a_rows is not None and T == 0:  # every mapped row reads as zeros
+            return out.zero_()
+        if use_tma is None:  # a mapped `a` is read by pointer loads, whatever its strides
+            use_tma = _tma_ok(b) if a_rows is not None else _tma_ok(a, b)
         num_tiles = E * triton.cdiv(K, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
         num_programs = _num_programs(a, num_tiles, cfg)
         _gmm_var_k_kernel[(num_programs,)](
-            a, b, out, batch_sizes,
-            M, K, N, E, num_programs,
+            a, b, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
+            M, K, N, E, T, num_programs,
             a.stride(0), b.stride(0), out.stride(0), out.stride(1),
             BLOCK_K=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"],
-            USE_TMA=use_tma, TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out), **launch,
+            USE_TMA=use_tma, TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out),
+            GATHER_A=a_rows is not None, TRANS_OUT=trans_out, **launch,
         )
         return out
 
@@ -373,18 +464,21 @@ def triton_gmm(
         out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     else:
         out = accumulate_into
-    if use_tma is None:
-        use_tma = _tma_ok(a, b_ekn.transpose(1, 2) if b_k_major else b_ekn)
+    if a_rows is not None and T == 0:  # every mapped row reads as zeros: the product is zero
+        return out if accumulate_into is not None else out.zero_()
+    if use_tma is None:  # with a_rows, a is read by pointer loads whatever its strides
+        b_tma = b_ekn.transpose(1, 2) if b_k_major else b_ekn
+        use_tma = _tma_ok(b_tma) if a_rows is not None else _tma_ok(a, b_tma)
     num_tiles = (triton.cdiv(M, cfg["BLOCK_M"]) + E + 1) * triton.cdiv(N, cfg["BLOCK_N"])
     num_programs = _num_programs(a, num_tiles, cfg)
     _gmm_kernel[(num_programs,)](
-        a, b_ekn, out, batch_sizes,
-        M, N, K, E, num_programs,
+        a, b_ekn, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
+        M, N, K, E, T, num_programs,
         a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         USE_TMA=use_tma, B_K_MAJOR=b_k_major,
         TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out), ACCUMULATE=accumulate_into is not None,
-        **launch,
+        GATHER_A=a_rows is not None, **launch,
     )
     return out
 

@@ -15,6 +15,8 @@ Grouped path (`mlp_impl='grouped'`):
     x_NH = gather_routed(x_TH, route(...))                 gather: rows in expert order
     y_NH = gmm(act(gmm(x_NH, w1^T)), w2)                   one grouped GEMM per projection
     out_TH = scatter_routed(y_NH, maps, expert_weights)    scatter
+With `megablocks.layers.mlp.FUSED_GATHER` the first two lines are one: the up projection(s)
+read x_TH through the maps, `gmm_gathered(x_TH, w1^T, maps)`, and x_NH never exists.
 
 No value is read on the host on either path (the 'gg' gmm backend, which takes its group sizes
 on the host, is the exception): a dMoE step can be captured in a CUDA graph.
@@ -27,7 +29,7 @@ E/esd local experts (weights [E/esd · F/hsd, H]); the split sizes are read on t
 import stk
 import torch
 
-from megablocks.layers import dmlp_registry, moe, mpu
+from megablocks.layers import dmlp_registry, mlp, moe, mpu
 from megablocks.layers.arguments import Arguments
 from megablocks.ops.permute import gather_routed, route, scatter_routed
 from megablocks.ops.routing import routing_metadata
@@ -73,8 +75,12 @@ class ParallelDroplessMLP(moe.ParallelMLP):
         with torch.no_grad():
             indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
             maps = route(indices, bin_ids, bins, top_k)  # those of gather and scatter, once
-        x_NH = gather_routed(x_TH, maps)
-        y_NH = self.mlp(x_NH, tokens_per_expert)
+        if mlp.FUSED_GATHER:
+            # The up projection(s) read x_TH's rows through the maps: no gathered copy.
+            y_NH = self.mlp(x_TH, tokens_per_expert, maps)
+        else:
+            x_NH = gather_routed(x_TH, maps)
+            y_NH = self.mlp(x_NH, tokens_per_expert)
         out_TH = scatter_routed(y_NH, maps, weights_N)
         return out_TH, tokens_per_expert
 

@@ -6,6 +6,7 @@ N = T·K routed rows.
     MLP         (MoE, capacity)   w1 [E, H, F], w2 [E, F, H]      x [E, C, H] -> [E, C, H]  (bmm)
     SparseMLP   (dMoE, sparse)    w1 [E·F, H],  w2 [E·F, H]       x [P, H] + topology -> [P, H]
     GroupedMLP  (dMoE, grouped)   w1 [E·F, H],  w2 [E·F, H]       x [N, H] + counts [E] -> [N, H]
+                                                                  (or x [T, H] + counts + row maps)
 
 Row `e·F + f` of a dMoE weight is row f of expert e: `h = x @ w1_e^T`, `y = act(h) @ w2_e`.
 With `memory_optimized_mlp` the activation output is not kept for the backward: it is recomputed
@@ -26,7 +27,8 @@ from megablocks.layers import common, mpu
 from megablocks.layers.activation_fn import fused_name, with_data
 from megablocks.layers.arguments import Arguments, InitFn
 from megablocks.ops.activation import glu
-from megablocks.ops.gmm import gmm, gmm_shared_input
+from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered
+from megablocks.ops.permute import RowMaps
 from megablocks.ops.sparse import dsd, sdd
 
 
@@ -169,10 +171,23 @@ def expert_ffn(
 
 
 # Whether the grouped GLU computes its two up projections with `gmm_shared_input` (their input
-# gradient in one accumulating pass, no separate add). On: measured on the H100
-# (benchmarks/RESULTS.md, "Switches"), forward+backward olmoe 11.15 -> 10.55 ms and qwen3moe
-# 9.31 -> 9.01 ms. The tests run it either way.
+# gradient in one accumulating pass, no separate add), for ffn sizes per expert up to
+# FUSED_GLU_INPUT_GRAD_MAX_FFN. Measured on the H100 (benchmarks/RESULTS.md, "Switches"):
+# forward+backward olmoe (F = 1024) 11.15 -> 10.55 ms, qwen3moe (F = 768) 9.31 -> 9.01 ms; mixtral
+# (F = 14336, where the add is small next to the GEMMs) 27.49 -> 27.61 ms in two interleaved
+# rounds, hence the bound (sizes between 1024 and 14336 are not measured). The tests run it
+# either way.
 FUSED_GLU_INPUT_GRAD = True
+FUSED_GLU_INPUT_GRAD_MAX_FFN = 4096
+
+# Whether the dMoE grouped path reads the token rows of its up projection(s) through the routing's
+# row maps inside the grouped GEMM (`megablocks.ops.gmm_gathered`, `gmm_shared_input_gathered`)
+# instead of gathering them into an [N, H] copy first; the copy is then neither written nor kept
+# for the weight gradient. On: it trades ~1% of forward+backward time for N·H·2 bytes of memory
+# (H100, benchmarks/RESULTS.md, "Switches": peak memory of a step 2.32 -> 1.82 GiB on olmoe and
+# 2.19 -> 1.76 GiB on qwen3moe; forward 5% faster, forward+backward 1% slower, because the weight
+# gradients read the mapped rows with pointer loads instead of TMA). The tests run it either way.
+FUSED_GATHER = True
 
 
 def _gmm_backend(args: Arguments) -> Optional[str]:
@@ -277,25 +292,36 @@ class GroupedMLP(SparseMLP):
 
     `forward(x, tokens_per_expert)` takes the expert-ordered rows x [N, H] and the rows of each
     expert [E] (on the device; the 'gg' backend copies them to the host) and returns [N, H].
+    `forward(x, tokens_per_expert, maps)` takes the token rows x [T, H] and the `RowMaps` that
+    order them by expert (`megablocks.ops.permute.route`) instead: the up projection(s) read x
+    through the maps (`gmm_gathered`), the result is the same [N, H].
     """
 
-    def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, maps: Optional[RowMaps] = None
+    ) -> torch.Tensor:
         num_experts = mpu.experts_per_rank(self.args)
         hidden = self.args.hidden_size
         backend = _gmm_backend(self.args)
 
         def up(x, w):
-            return gmm(x, w.view(num_experts, -1, hidden), tokens_per_expert, trans_b=True, backend=backend)
+            w = w.view(num_experts, -1, hidden)
+            if maps is not None:
+                return gmm_gathered(x, w, tokens_per_expert, maps, trans_b=True, backend=backend)
+            return gmm(x, w, tokens_per_expert, trans_b=True, backend=backend)
 
         def down(a, w):
             return gmm(a, w.view(num_experts, -1, hidden), tokens_per_expert, backend=backend)
 
         def up_pair(x, w1, v1):
-            return gmm_shared_input(x, w1.view(num_experts, -1, hidden), v1.view(num_experts, -1, hidden),
-                                    tokens_per_expert, trans_b=True, backend=backend)
+            w1, v1 = w1.view(num_experts, -1, hidden), v1.view(num_experts, -1, hidden)
+            if maps is not None:
+                return gmm_shared_input_gathered(x, w1, v1, tokens_per_expert, maps, trans_b=True, backend=backend)
+            return gmm_shared_input(x, w1, v1, tokens_per_expert, trans_b=True, backend=backend)
 
+        pair = FUSED_GLU_INPUT_GRAD and mpu.features_per_rank(self.args) <= FUSED_GLU_INPUT_GRAD_MAX_FFN
         return expert_ffn(
-            x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair if FUSED_GLU_INPUT_GRAD else None,
+            x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair if pair else None,
             activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
         )
 

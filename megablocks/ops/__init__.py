@@ -4,7 +4,7 @@ The names and argument order follow MegaBlocks 0.10, so code written against it 
 """
 
 from megablocks.ops.activation import glu
-from megablocks.ops.gmm import gmm, gmm_shared_input
+from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered
 from megablocks.ops.permute import (
     binned_gather,
     binned_scatter,
@@ -34,7 +34,9 @@ __all__ = [
     "glu",
     "dsd",
     "gmm",
+    "gmm_gathered",
     "gmm_shared_input",
+    "gmm_shared_input_gathered",
     "sdd",
     "binned_gather",
     "binned_scatter",

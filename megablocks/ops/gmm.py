@@ -9,16 +9,31 @@ multiplied by expert e's matrix `b[e]` (`[K, N]`, or `[N, K]` with `trans_b`). T
 
 Gradients: d_a = gmm(d_out, b, trans_b=not trans_b); d_b is the variable-K product
 (`trans_a=True`: per group a^T @ d_out, or d_out^T @ a with trans_b), summed over each group's rows.
+
+Products of gathered token rows (legend: T tokens, H = K, N routed rows, `maps` a `RowMaps` of
+`megablocks.ops.permute.route`):
+
+    gmm_gathered(x_TH, b, batch_sizes, maps)                  == gmm(gather_routed(x_TH, maps), b, ...)
+    gmm_shared_input_gathered(x_TH, b1, b2, batch_sizes, maps) == gmm_shared_input(gather_routed(...), ...)
+
+The 'triton' backend reads x's rows through the map inside the kernels, in the forward and in the
+weight gradient, so the gathered `[N, H]` rows are neither written nor kept for the backward. The
+gradient of x is `gather_routed`'s: the gradient of the gathered rows (a grouped GEMM), summed
+over each token's top_k rows in fp32, k in order (deterministic). The other backends gather
+explicitly and call the plain products (same results).
 """
 
 from typing import Optional, Tuple
 
 import torch
 
+from megablocks import _checks
 from megablocks._checks import values_checked
 from megablocks.backend import gmm as gmm_backend
+from megablocks.backend import permute as permute_kernels
 from megablocks.backend import use_triton
 from megablocks.ops._eager import eager
+from megablocks.ops.permute import RowMaps, _check_rows, _scatter_rows, gather_rows_reference
 
 
 def gmm_reference(
@@ -240,3 +255,244 @@ def _check_batch_sizes(batch_sizes: torch.Tensor, rows: int) -> None:
             f"batch_sizes: expected non-negative sizes summing to {rows} (the rows of a), "
             f"got min {lo}, sum {total}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Products of token rows gathered through the routing's row maps (see the module docstring).
+# Arguments of the ops: x [T, K]; row_assignment [N] and assignment_row [N] int32 and top_k of a
+# `RowMaps`; row r of the gathered operand is x[row_assignment[r] // top_k] (zeros where -1).
+
+
+def _token_rows(row_assignment: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The token of each routed row, int32 (-1 where the row holds no assignment)."""
+    if top_k == 1:
+        return row_assignment
+    return torch.div(row_assignment, top_k, rounding_mode="floor")
+
+
+def _in_kernel_map(x: torch.Tensor, backend_name: str) -> bool:
+    return backend_name == "triton" and use_triton(x)
+
+
+def _gather_explicit(x, row_assignment, assignment_row, top_k: int) -> torch.Tensor:
+    """`gather_routed`'s forward (no autograd): the backends without an in-kernel row map."""
+    if use_triton(x):
+        return permute_kernels.gather_rows(x, assignment_row, row_assignment, None, top_k)
+    return gather_rows_reference(x, row_assignment, None, top_k)
+
+
+def _gathered_product(x, b, batch_sizes, token_rows, row_assignment, assignment_row, top_k: int,
+                      trans_b: bool, backend_name: str) -> torch.Tensor:
+    """`gmm(x[token_rows], b)` (forward form); token_rows is None unless the map is in-kernel."""
+    if token_rows is None:
+        a = _gather_explicit(x, row_assignment, assignment_row, top_k)
+        return _gmm_impl(a, b, batch_sizes, False, trans_b, backend_name)
+    M, N = row_assignment.shape[0], b.shape[1] if trans_b else b.shape[2]
+    if M * N == 0 or b.shape[0] * x.shape[1] == 0:
+        return x.new_zeros((M, N))
+    return gmm_backend.triton_gmm(x, b, batch_sizes, False, trans_b, a_rows=token_rows)
+
+
+@torch.library.custom_op("megablocks::gmm_gathered", mutates_args=())
+def _gmm_gathered(
+    x: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, row_assignment: torch.Tensor,
+    assignment_row: torch.Tensor, top_k: int, trans_b: bool, backend_name: str,
+) -> torch.Tensor:
+    rows = _token_rows(row_assignment, top_k) if _in_kernel_map(x, backend_name) else None
+    return _gathered_product(x, b, batch_sizes, rows, row_assignment, assignment_row, top_k, trans_b, backend_name)
+
+
+@_gmm_gathered.register_fake
+def _(x, b, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name):
+    return x.new_empty((row_assignment.shape[0], b.shape[1] if trans_b else b.shape[2]))
+
+
+@torch.library.custom_op("megablocks::gmm_gathered_weight_grad", mutates_args=())
+def _gmm_gathered_weight_grad(
+    x: torch.Tensor, grad: torch.Tensor, batch_sizes: torch.Tensor, row_assignment: torch.Tensor,
+    assignment_row: torch.Tensor, top_k: int, trans_b: bool, backend_name: str,
+) -> torch.Tensor:
+    """The gradient of `b` in `gmm(x[map], b, trans_b)` given the output's gradient `grad` [N, N']:
+    per group `x_e^T @ grad_e` ([E, K, N']) or, with trans_b, `grad_e^T @ x_e` ([E, N', K])."""
+    if not _in_kernel_map(x, backend_name):
+        a = _gather_explicit(x, row_assignment, assignment_row, top_k)
+        lhs, rhs = (grad, a) if trans_b else (a, grad)
+        return _gmm_impl(lhs, rhs, batch_sizes, True, False, backend_name)
+    E, K, N = batch_sizes.shape[0], x.shape[1], grad.shape[1]
+    if grad.shape[0] == 0 or E * K * N == 0:
+        return x.new_zeros((E, N, K) if trans_b else (E, K, N))
+    rows = _token_rows(row_assignment, top_k)
+    if trans_b:  # the operands in the order of the unfused product: grad^T @ x[map]
+        return gmm_backend.triton_gmm(grad, x, batch_sizes, True, False, b_rows=rows)
+    return gmm_backend.triton_gmm(x, grad, batch_sizes, True, False, a_rows=rows)
+
+
+@_gmm_gathered_weight_grad.register_fake
+def _(x, grad, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name):
+    E, K, N = batch_sizes.shape[0], x.shape[1], grad.shape[1]
+    return x.new_empty((E, N, K) if trans_b else (E, K, N))
+
+
+def _gathered_setup_context(ctx, inputs, output):
+    x, *bs, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name = inputs
+    ctx.save_for_backward(x, *bs, batch_sizes, row_assignment, assignment_row)
+    ctx.top_k, ctx.trans_b, ctx.backend_name = top_k, trans_b, backend_name
+
+
+def _input_grad(ctx, d_rows, row_assignment, assignment_row) -> torch.Tensor:
+    """x's gradient from its gathered rows' gradient: `gather_routed`'s backward (the sum over
+    each token's top_k rows in fp32, k in order)."""
+    return _scatter_rows(d_rows, assignment_row, row_assignment, None, ctx.top_k)
+
+
+def _gathered_backward(ctx, grad):
+    x, b, batch_sizes, row_assignment, assignment_row = ctx.saved_tensors
+    grad = grad.contiguous()
+    name, trans_b = ctx.backend_name, ctx.trans_b
+    d_x = d_b = None
+    if ctx.needs_input_grad[0]:
+        d_rows = _gmm(grad, b, batch_sizes, False, not trans_b, name)
+        d_x = _input_grad(ctx, d_rows, row_assignment, assignment_row)
+    if ctx.needs_input_grad[1]:
+        d_b = _gmm_gathered_weight_grad(x, grad, batch_sizes, row_assignment, assignment_row, ctx.top_k, trans_b, name)
+    return d_x, d_b, None, None, None, None, None, None
+
+
+_gmm_gathered.register_autograd(_gathered_backward, setup_context=_gathered_setup_context)
+
+
+@torch.library.custom_op("megablocks::gmm_shared_input_gathered", mutates_args=())
+def _gmm_shared_input_gathered(
+    x: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor, row_assignment: torch.Tensor,
+    assignment_row: torch.Tensor, top_k: int, trans_b: bool, backend_name: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    args = (row_assignment, assignment_row, top_k, trans_b, backend_name)
+    if _in_kernel_map(x, backend_name):
+        rows = _token_rows(row_assignment, top_k)
+        return (_gathered_product(x, b1, batch_sizes, rows, *args),
+                _gathered_product(x, b2, batch_sizes, rows, *args))
+    a = _gather_explicit(x, row_assignment, assignment_row, top_k)
+    return (_gmm_impl(a, b1, batch_sizes, False, trans_b, backend_name),
+            _gmm_impl(a, b2, batch_sizes, False, trans_b, backend_name))
+
+
+@_gmm_shared_input_gathered.register_fake
+def _(x, b1, b2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name):
+    n = b1.shape[1] if trans_b else b1.shape[2]
+    return x.new_empty((row_assignment.shape[0], n)), x.new_empty((row_assignment.shape[0], n))
+
+
+def _shared_gathered_backward(ctx, grad1, grad2):
+    x, b1, b2, batch_sizes, row_assignment, assignment_row = ctx.saved_tensors
+    name, trans_b, top_k = ctx.backend_name, ctx.trans_b, ctx.top_k
+    grads = [g if g is None else g.contiguous() for g in (grad1, grad2)]
+    if grads[0] is None or grads[1] is None:  # one output unused: a plain product for the other
+        present = 0 if grads[1] is None else 1
+        grads[1 - present] = torch.zeros_like(grads[present])
+    g1, g2 = grads
+    d_x = d_b1 = d_b2 = None
+    if ctx.needs_input_grad[0]:
+        d_rows = _gmm_sum(g1, b1, g2, b2, batch_sizes, not trans_b, name)
+        d_x = _input_grad(ctx, d_rows, row_assignment, assignment_row)
+    if ctx.needs_input_grad[1]:
+        d_b1 = _gmm_gathered_weight_grad(x, g1, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name)
+    if ctx.needs_input_grad[2]:
+        d_b2 = _gmm_gathered_weight_grad(x, g2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name)
+    return d_x, d_b1, d_b2, None, None, None, None, None, None
+
+
+_gmm_shared_input_gathered.register_autograd(_shared_gathered_backward, setup_context=_gathered_setup_context)
+
+# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
+_gmm_gathered, _gmm_gathered_weight_grad, _gmm_shared_input_gathered = (
+    eager(_gmm_gathered), eager(_gmm_gathered_weight_grad), eager(_gmm_shared_input_gathered))
+
+
+def _check_gathered(x, b, batch_sizes, maps, trans_b, backend) -> None:
+    """Shapes, dtypes and devices of the gathered products (values of batch_sizes where checked)."""
+    _checks.check_tensor("x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
+    if not isinstance(maps, RowMaps):
+        raise TypeError(f"maps: expected a RowMaps (megablocks.ops.permute.route), got {type(maps).__name__}")
+    top_k = _checks.check_int("maps.top_k", maps.top_k, min_value=1)
+    for name in ("row_assignment", "assignment_row"):
+        _checks.check_tensor(f"maps.{name}", getattr(maps, name), ndim=1, dtypes=(torch.int32,))
+        if getattr(maps, name).device != x.device:
+            raise ValueError(
+                f"maps.{name}: expected a tensor on {x.device} (the device of x), got one on {getattr(maps, name).device}"
+            )
+    n = maps.assignment_row.numel()
+    if n % top_k:
+        raise ValueError(f"maps.assignment_row: expected a multiple of top_k={top_k} elements, got {n}")
+    _check_rows("x", x.shape[0], n // top_k, "T = assignments // top_k")
+    # The rest as for gmm(x[rows], b): x's columns are the inner size.
+    gmm_backend.check_gmm_args(x, b, batch_sizes, False, trans_b, backend)
+    rows = maps.row_assignment.numel()
+    _checks.check_int32_range("maps: routed rows", rows)
+    if values_checked(batch_sizes):
+        _check_batch_sizes(batch_sizes, rows)
+
+
+def gmm_gathered(
+    x: torch.Tensor,
+    b: torch.Tensor,
+    batch_sizes: torch.Tensor,
+    maps: RowMaps,
+    trans_b: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """`gmm(gather_routed(x, maps), b, batch_sizes, trans_b, backend)` without the gathered copy.
+
+    Args:
+        x: `[T, K]` float32/float16/bfloat16 token rows (any strides).
+        b: `[E, K, N]`, or `[E, N, K]` with `trans_b`; the dtype and device of `x`.
+        batch_sizes: `[E]` int32/int64 routed rows per expert, summing to the rows of `maps`.
+        maps: the `RowMaps` of `megablocks.ops.permute.route` (T = maps' assignments // top_k):
+            routed row r is token `maps.row_assignment[r] // top_k`.
+        trans_b, backend: as in `gmm`. 'triton' reads x through the map inside its kernels
+            (forward and the gradient of b); the others gather explicitly first.
+
+    Returns:
+        `[R, N]` in the dtype of x, R = `maps.row_assignment.numel()`. Differentiable in x (the
+        gradient of the gathered rows summed over each token's top_k rows, fp32, k in order:
+        deterministic) and b.
+
+    Raises:
+        TypeError / ValueError: as `gmm` (x in the place of a), plus maps that are not a `RowMaps`
+            of int32 tensors on x's device, or whose assignments do not match x's rows.
+    """
+    if backend is None and isinstance(x, torch.Tensor):
+        backend = gmm_backend.default_backend(x)
+    _check_gathered(x, b, batch_sizes, maps, trans_b, backend)
+    return _gmm_gathered(x, b, batch_sizes, maps.row_assignment, maps.assignment_row, maps.top_k, trans_b, backend)
+
+
+def gmm_shared_input_gathered(
+    x: torch.Tensor,
+    b1: torch.Tensor,
+    b2: torch.Tensor,
+    batch_sizes: torch.Tensor,
+    maps: RowMaps,
+    trans_b: bool = False,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`gmm_shared_input(gather_routed(x, maps), b1, b2, batch_sizes, trans_b, backend)` without
+    the gathered copy: a GLU's two up projections of the routed token rows.
+
+    Arguments, results and errors as `gmm_gathered`, with `b2` of b1's shape, dtype and device.
+    The gradient of x takes the gathered rows' gradient `d1 @ b1^T + d2 @ b2^T` in one
+    accumulating pass (as `gmm_shared_input`), then sums it over each token's top_k rows.
+    """
+    if backend is None and isinstance(x, torch.Tensor):
+        backend = gmm_backend.default_backend(x)
+    _check_gathered(x, b1, batch_sizes, maps, trans_b, backend)
+    if not isinstance(b2, torch.Tensor):
+        raise TypeError(f"b2: expected a torch.Tensor, got {type(b2).__name__}")
+    if b2.shape != b1.shape:
+        raise ValueError(f"b2: expected the shape of b1 {tuple(b1.shape)}, got {tuple(b2.shape)}")
+    if b2.dtype != b1.dtype:
+        raise TypeError(f"b2: expected the dtype of b1 ({b1.dtype}), got {b2.dtype}")
+    if b2.device != b1.device:
+        raise ValueError(f"b2: expected a tensor on {b1.device} (the device of b1), got one on {b2.device}")
+    return _gmm_shared_input_gathered(
+        x, b1, b2, batch_sizes, maps.row_assignment, maps.assignment_row, maps.top_k, trans_b, backend
+    )

@@ -273,8 +273,9 @@ def test_dmoe_with_switches(impl, shape, on, monkeypatch):
     monkeypatch.setattr(routing_module, "SMALL_ROUTING", on)
     monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", on)
     calls = []
-    shared_input = mlp_module.gmm_shared_input
-    monkeypatch.setattr(mlp_module, "gmm_shared_input", lambda *a, **k: calls.append(1) or shared_input(*a, **k))
+    for name in ("gmm_shared_input", "gmm_shared_input_gathered"):
+        op = getattr(mlp_module, name)
+        monkeypatch.setattr(mlp_module, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
     skip_unavailable(impl, torch.float32)
     T, lead, H, Fs, E, K, routing = shape
     layer = dMoE(make_args(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type="glu"))
@@ -285,4 +286,24 @@ def test_dmoe_with_switches(impl, shape, on, monkeypatch):
     else:
         x = torch.randn(*lead, H, device=DEVICE, requires_grad=True)
     check_against_reference(layer, x)
-    assert bool(calls) == (on and impl != "sparse"), "gmm_shared_input taken iff the switch is on"
+    assert bool(calls) == (on and impl != "sparse"), "the shared-input GLU taken iff the switch is on"
+
+
+def test_fused_glu_input_grad_bound(monkeypatch):
+    """The accumulating GLU input gradient is taken only up to FUSED_GLU_INPUT_GRAD_MAX_FFN."""
+    from megablocks.layers import mlp as mlp_module
+
+    skip_unavailable("triton", torch.float32)
+    calls = []
+    for name in ("gmm_shared_input", "gmm_shared_input_gathered"):
+        op = getattr(mlp_module, name)
+        monkeypatch.setattr(mlp_module, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
+    layer = dMoE(make_args("triton", hidden_size=16, ffn_hidden_size=24, moe_num_experts=2, moe_top_k=1, mlp_type="glu"))
+    x = torch.randn(8, 16, device=DEVICE, requires_grad=True)
+    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD_MAX_FFN", 24)
+    layer(x)[0].sum().backward()
+    assert calls, "F <= the bound: the shared-input GLU should be taken"
+    calls.clear()
+    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD_MAX_FFN", 23)
+    layer(x)[0].sum().backward()
+    assert not calls, "F > the bound: the shared-input GLU should not be taken"
