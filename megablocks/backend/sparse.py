@@ -73,7 +73,7 @@ def default_config(op: str, block_size: int, dtype: torch.dtype, device: torch.d
     """The tiling used for `op` ('sdd' or 'dsd'), block size and dtype on `device`.
 
     On the GPU, 16-bit inputs: a B × 256 output tile (two blocks of one row for sdd), 64-deep
-    steps, 8 warps; sdd 4 stages, groups of 4 block rows, persistent; dsd 3 stages, groups of 8.
+    steps, 8 warps, persistent; sdd 4 stages, groups of 4 block rows; dsd 3 stages, groups of 8.
     Measured on an H100 (Triton 3.6, bf16, the four layer configs of benchmarks/bench_sparse.py
     --sweep, 2026-11-23, benchmarks/RESULTS.md): TMA descriptor loads raised mixtral's dsd from
     0.71 to 0.90-0.93 of a dense GEMM of its FLOPs and its weight-gradient products from 0.74 to
@@ -81,7 +81,9 @@ def default_config(op: str, block_size: int, dtype: torch.dtype, device: torch.d
     row (mb_paper, 4.5) pointer loads were faster (0.64 vs 0.58), hence
     TMA_MIN_TRANSPOSED_STEPS. 3 stages beat 4 for dsd with TMA by 1-4 points on every config.
     Earlier sweeps: 128-wide tiles with 4 warps and 128-deep steps were 5-30% slower; sdd groups
-    of 8 slower than 4. Run-to-run spread is up to ~15% for one kernel.
+    of 8 slower than 4. Persistent programs: sdd mixtral 0.87 -> 0.93; dsd's weight-gradient
+    products mixtral 0.84-0.85 -> 0.91, mb_paper 0.63-0.66 -> 0.64-0.69, its forward mb_paper
+    0.80 -> 0.85 and mixtral 0.95 -> 0.92. Run-to-run spread is up to ~15% for one kernel.
     fp32 inputs take 32-deep steps, 2 stages and 128-wide tiles to fit shared memory.
     In Triton's interpreter (CPU) 32-deep steps, 2 slots and 2 persistent programs, so the tests
     walk the GPU's code paths (several steps per block, paired slots, programs looping over
@@ -97,7 +99,7 @@ def default_config(op: str, block_size: int, dtype: torch.dtype, device: torch.d
     if op == "sdd":
         return Config(block_k=block_k, num_warps=8, num_stages=4, group_m=4,
                       slots=max(1, 256 // block_size), persistent=True)
-    return Config(block_k=block_k, num_warps=8, num_stages=3, group_m=8, block_n=256)
+    return Config(block_k=block_k, num_warps=8, num_stages=3, group_m=8, block_n=256, persistent=True)
 
 
 # The transposed sparse operand (weight-gradient products) loads through TMA descriptors only when

@@ -15,8 +15,9 @@ Grouped path (`mlp_impl='grouped'`):
     x_NH = gather_routed(x_TH, route(...))                 gather: rows in expert order
     y_NH = gmm(act(gmm(x_NH, w1^T)), w2)                   one grouped GEMM per projection
     out_TH = scatter_routed(y_NH, maps, expert_weights)    scatter
-With `megablocks.layers.mlp.FUSED_GATHER` the first two lines are one: the up projection(s)
-read x_TH through the maps, `gmm_gathered(x_TH, w1^T, maps)`, and x_NH never exists.
+With `megablocks.layers.mlp.FUSED_GATHER` (GLU experts up to FUSED_GLU_INPUT_GRAD_MAX_FFN) the
+first two lines are one: the up projections read x_TH through the maps
+(`gmm_shared_input_gathered(x_TH, w1^T, v1^T, maps)`), and x_NH never exists.
 
 No value is read on the host on either path (the 'gg' gmm backend, which takes its group sizes
 on the host, is the exception): a dMoE step can be captured in a CUDA graph.
@@ -75,7 +76,7 @@ class ParallelDroplessMLP(moe.ParallelMLP):
         with torch.no_grad():
             indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
             maps = route(indices, bin_ids, bins, top_k)  # those of gather and scatter, once
-        if mlp.FUSED_GATHER:
+        if isinstance(self.mlp, mlp.GroupedMLP) and self.mlp.reads_token_rows():
             # The up projection(s) read x_TH's rows through the maps: no gathered copy.
             y_NH = self.mlp(x_TH, tokens_per_expert, maps)
         else:

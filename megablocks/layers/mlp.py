@@ -180,13 +180,16 @@ def expert_ffn(
 FUSED_GLU_INPUT_GRAD = True
 FUSED_GLU_INPUT_GRAD_MAX_FFN = 4096
 
-# Whether the dMoE grouped path reads the token rows of its up projection(s) through the routing's
-# row maps inside the grouped GEMM (`megablocks.ops.gmm_gathered`, `gmm_shared_input_gathered`)
-# instead of gathering them into an [N, H] copy first; the copy is then neither written nor kept
-# for the weight gradient. On: it trades ~1% of forward+backward time for N·H·2 bytes of memory
-# (H100, benchmarks/RESULTS.md, "Switches": peak memory of a step 2.32 -> 1.82 GiB on olmoe and
-# 2.19 -> 1.76 GiB on qwen3moe; forward 5% faster, forward+backward 1% slower, because the weight
-# gradients read the mapped rows with pointer loads instead of TMA). The tests run it either way.
+# Whether the dMoE grouped path reads the token rows of its up projections through the routing's
+# row maps inside the grouped GEMM (`megablocks.ops.gmm_shared_input_gathered`) instead of
+# gathering them into an [N, H] copy first; the copy is then neither written nor kept for the
+# weight gradient. It applies where the GLU's shared-input pair is taken (GLU experts with F up to
+# FUSED_GLU_INPUT_GRAD_MAX_FFN; `GroupedMLP.reads_token_rows`). Measured on the H100
+# (benchmarks/RESULTS.md, "Switches"): peak memory of a step 2.32 -> 1.82 GiB on olmoe and
+# 2.19 -> 1.76 GiB on qwen3moe for ~1% of forward+backward time (forward 5% faster; the weight
+# gradients read the mapped rows with pointer loads instead of TMA). Elsewhere it was slower:
+# mixtral forward+backward 27.5 -> 31.7 ms (without the pair, for 0.13 GiB), mb_paper's MLP
+# forward 1.49 -> 2.15 ms. The tests run it either way.
 FUSED_GATHER = True
 
 
@@ -297,6 +300,17 @@ class GroupedMLP(SparseMLP):
     through the maps (`gmm_gathered`), the result is the same [N, H].
     """
 
+    def _shared_input_pair(self) -> bool:
+        return (
+            self._v1() is not None
+            and FUSED_GLU_INPUT_GRAD
+            and mpu.features_per_rank(self.args) <= FUSED_GLU_INPUT_GRAD_MAX_FFN
+        )
+
+    def reads_token_rows(self) -> bool:
+        """Whether `forward` should be given the token rows and the row maps (`FUSED_GATHER`)."""
+        return FUSED_GATHER and self._shared_input_pair()
+
     def forward(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor, maps: Optional[RowMaps] = None
     ) -> torch.Tensor:
@@ -319,9 +333,8 @@ class GroupedMLP(SparseMLP):
                 return gmm_shared_input_gathered(x, w1, v1, tokens_per_expert, maps, trans_b=True, backend=backend)
             return gmm_shared_input(x, w1, v1, tokens_per_expert, trans_b=True, backend=backend)
 
-        pair = FUSED_GLU_INPUT_GRAD and mpu.features_per_rank(self.args) <= FUSED_GLU_INPUT_GRAD_MAX_FFN
         return expert_ffn(
-            x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair if pair else None,
+            x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair if self._shared_input_pair() else None,
             activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
         )
 

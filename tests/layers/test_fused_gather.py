@@ -54,6 +54,9 @@ def _count_calls(monkeypatch):
 def test_fused_gather_matches_reference(mlp_type, impl, shape, monkeypatch):
     skip_unavailable(impl, torch.float32)
     monkeypatch.setattr(mlp_module, "FUSED_GATHER", True)
+    # The layer takes the token rows only where it pays (`reads_token_rows`); the MLP's and the
+    # unpaired GLU's mapped forms are kept correct all the same.
+    monkeypatch.setattr(mlp_module.GroupedMLP, "reads_token_rows", lambda self: True)
     calls = _count_calls(monkeypatch)
     T, lead, H, Fs, E, K, routing = shape
     layer = dMoE(make_args(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type=mlp_type))
@@ -84,6 +87,7 @@ def _run(layer, x, grad_out):
 def test_fused_gather_equals_unfused(mlp_type, glu_input_grad, memory_optimized, monkeypatch):
     """Switch on and off: the same output and gradients (one layer, the same weights and inputs)."""
     monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", glu_input_grad)
+    monkeypatch.setattr(mlp_module.GroupedMLP, "reads_token_rows", lambda self: mlp_module.FUSED_GATHER)
     layer = dMoE(make_args("triton", mlp_type=mlp_type, moe_top_k=3, memory_optimized_mlp=memory_optimized))
     randomize_bias(layer)
     x = torch.randn(3, 5, 40, device=DEVICE)
@@ -96,6 +100,23 @@ def test_fused_gather_equals_unfused(mlp_type, glu_input_grad, memory_optimized,
     for name in GRAD_NAMES:
         if results[False][1][name] is not None:
             assert_close(f"grad {name}", results[True][1][name], results[False][1][name])
+
+
+def test_where_the_layer_reads_token_rows(monkeypatch):
+    """By default the fused gather is taken by GLU experts on the shared-input pair (F up to
+    FUSED_GLU_INPUT_GRAD_MAX_FFN) and nowhere else."""
+    def reads(mlp_type, ffn=48):
+        return dMoE(make_args("triton", mlp_type=mlp_type, ffn_hidden_size=ffn)).experts.mlp.reads_token_rows()
+
+    monkeypatch.setattr(mlp_module, "FUSED_GATHER", True)
+    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", True)
+    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD_MAX_FFN", 48)
+    assert reads("glu") and not reads("mlp") and not reads("glu", ffn=56)
+    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", False)
+    assert not reads("glu")
+    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", True)
+    monkeypatch.setattr(mlp_module, "FUSED_GATHER", False)
+    assert not reads("glu")
 
 
 @pytest.mark.parametrize("dtype", [d for d in FLOAT_DTYPES if d != torch.float32])
@@ -122,6 +143,7 @@ def test_fused_gather_no_tokens(monkeypatch):
 def test_received_rows_path(mlp_type, monkeypatch):
     """The expert-parallel path computes received rows with top_k = 1 and no weights through
     `permute_and_compute`: the same result with the switch on and off."""
+    monkeypatch.setattr(mlp_module.GroupedMLP, "reads_token_rows", lambda self: mlp_module.FUSED_GATHER)
     layer = dMoE(make_args("triton", mlp_type=mlp_type))
     experts = layer.experts
     x = torch.randn(9, 40, device=DEVICE)
