@@ -524,6 +524,9 @@ def bench_layer(layer: Layer, names: Sequence[str], modes: Sequence[str], dtype:
             row = {**base, "mode": mode, "contender": name, **agreement[name]}
             ms = p20 = p80 = mem = float("nan")
             if errs[name] is not None:
+                if device == "cuda":  # each contender starts from the same allocator state
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
                 timed_step, memory_step = steps(modules[name], mode, layer.decode, x, grad_out, inputs)
                 try:
                     ms, p20, p80 = time_fn(timed_step, device, rep)
