@@ -67,7 +67,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CONFIGS, dense_gemm_tflops, environment, print_table, timed, write_csv  # noqa: E402
+from common import CONFIGS, dense_gemm_tflops, environment, graphed, print_table, timed, write_csv  # noqa: E402
 
 from megablocks.layers.arguments import Arguments  # noqa: E402
 from megablocks.layers.dmoe import dMoE  # noqa: E402
@@ -368,16 +368,8 @@ def graph_time_ms(fn: Callable[[], object], rep: int) -> float:
     """Median ms of `fn` captured in a CUDA graph and replayed (no host time: what a serving
     engine that captures its decode steps sees); nan when `fn` cannot be captured (it syncs)."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return timed(graph.replay, warmup=max(25, rep // 4), rep=rep)[0]
+        replay, _graph, _ = graphed(fn)
+        return timed(replay, warmup=max(25, rep // 4), rep=rep)[0]
     except Exception as err:  # e.g. a host sync inside fn: not capturable
         print(f"  (not capturable in a CUDA graph: {type(err).__name__}: {str(err)[:120]})", flush=True)
         torch.cuda.synchronize()

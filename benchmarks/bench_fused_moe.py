@@ -25,7 +25,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import CONFIGS, copy_bandwidth_gbs, environment, print_table, timed, write_csv  # noqa: E402
+from common import CONFIGS, copy_bandwidth_gbs, environment, graphed, print_table, timed, write_csv  # noqa: E402
 
 from megablocks.integrations.inference import (  # noqa: E402
     fused_moe,
@@ -80,22 +80,6 @@ def methods(x, w1, w2, gating, k):
     fns = {f"ours_{p}": (lambda p=p: fused_moe(x, w1, w2, gating, k, True, path=p)) for p in paths}
     fns["torch_grouped_mm"] = lambda: torch_grouped_mm_moe(x, w1, w2, gating, k, True)
     return fns
-
-
-def graphed(fn):
-    """`fn` captured in a CUDA graph (after a warm-up on a side stream, as the PyTorch docs show):
-    returns `(replay, graph, out)`: `replay()` reruns the captured kernels on the same buffers and
-    writes `out`, the captured call's output."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return (lambda: graph.replay()), graph, out
 
 
 def weight_bytes(w1, w2, gating, k):

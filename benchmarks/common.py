@@ -16,6 +16,22 @@ def timed(fn: Callable[[], object], warmup: int = 25, rep: int = 100):
     return med, p20, p80
 
 
+def graphed(fn: Callable[[], object]):
+    """`fn` captured in a CUDA graph (after a warm-up on a side stream, as the PyTorch docs show):
+    returns `(replay, graph, out)`: `replay()` reruns the captured kernels on the same buffers and
+    writes `out`, the captured call's output. Raises what capture raises (e.g. on a host sync)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return (lambda: graph.replay()), graph, out
+
+
 def environment() -> Dict[str, str]:
     """GPU, torch, Triton and the commit ($MEGABLOCKS_COMMIT when set, which a copy of the tree
     without its own git history needs; else `git rev-parse`)."""

@@ -153,14 +153,19 @@ def _shared_setup_context(ctx, inputs, output):
     ctx.trans_b, ctx.backend_name = trans_b, backend_name
 
 
-def _shared_backward(ctx, grad1, grad2):
-    a, b1, b2, batch_sizes = ctx.saved_tensors
-    name, trans_b = ctx.backend_name, ctx.trans_b
+def _both_grads(grad1, grad2):
+    """The two outputs' gradients, contiguous; an unused output's (None) as zeros."""
     grads = [g if g is None else g.contiguous() for g in (grad1, grad2)]
     if grads[0] is None or grads[1] is None:  # one output unused: a plain product for the other
         present = 0 if grads[1] is None else 1
         grads[1 - present] = torch.zeros_like(grads[present])
-    g1, g2 = grads
+    return grads
+
+
+def _shared_backward(ctx, grad1, grad2):
+    a, b1, b2, batch_sizes = ctx.saved_tensors
+    name, trans_b = ctx.backend_name, ctx.trans_b
+    g1, g2 = _both_grads(grad1, grad2)
     d_a = d_b1 = d_b2 = None
     if ctx.needs_input_grad[0]:
         d_a = _gmm_sum(g1, b1, g2, b2, batch_sizes, not trans_b, name)
@@ -385,11 +390,7 @@ def _(x, b1, b2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, ba
 def _shared_gathered_backward(ctx, grad1, grad2):
     x, b1, b2, batch_sizes, row_assignment, assignment_row = ctx.saved_tensors
     name, trans_b, top_k = ctx.backend_name, ctx.trans_b, ctx.top_k
-    grads = [g if g is None else g.contiguous() for g in (grad1, grad2)]
-    if grads[0] is None or grads[1] is None:  # one output unused: a plain product for the other
-        present = 0 if grads[1] is None else 1
-        grads[1 - present] = torch.zeros_like(grads[present])
-    g1, g2 = grads
+    g1, g2 = _both_grads(grad1, grad2)
     d_x = d_b1 = d_b2 = None
     if ctx.needs_input_grad[0]:
         d_rows = _gmm_sum(g1, b1, g2, b2, batch_sizes, not trans_b, name)
