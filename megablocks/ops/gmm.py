@@ -199,14 +199,7 @@ def gmm_shared_input(
     if backend is None and isinstance(a, torch.Tensor):
         backend = gmm_backend.default_backend(a)
     gmm_backend.check_gmm_args(a, b1, batch_sizes, False, trans_b, backend)
-    if not isinstance(b2, torch.Tensor):
-        raise TypeError(f"b2: expected a torch.Tensor, got {type(b2).__name__}")
-    if b2.shape != b1.shape:
-        raise ValueError(f"b2: expected the shape of b1 {tuple(b1.shape)}, got {tuple(b2.shape)}")
-    if b2.dtype != b1.dtype:
-        raise TypeError(f"b2: expected the dtype of b1 ({b1.dtype}), got {b2.dtype}")
-    if b2.device != b1.device:
-        raise ValueError(f"b2: expected a tensor on {b1.device} (the device of b1), got one on {b2.device}")
+    _check_second_weight(b1, b2)
     if values_checked(batch_sizes):
         _check_batch_sizes(batch_sizes, a.shape[0])
     return _gmm_shared_input(a, b1, b2, batch_sizes, trans_b, backend)
@@ -247,6 +240,18 @@ def gmm(
     if values_checked(batch_sizes):
         _check_batch_sizes(batch_sizes, a.shape[0])
     return _gmm(a, b, batch_sizes, False, trans_b, backend)
+
+
+def _check_second_weight(b1: torch.Tensor, b2) -> None:
+    """`b2` of a shared-input pair: a tensor of b1's shape, dtype and device."""
+    if not isinstance(b2, torch.Tensor):
+        raise TypeError(f"b2: expected a torch.Tensor, got {type(b2).__name__}")
+    if b2.shape != b1.shape:
+        raise ValueError(f"b2: expected the shape of b1 {tuple(b1.shape)}, got {tuple(b2.shape)}")
+    if b2.dtype != b1.dtype:
+        raise TypeError(f"b2: expected the dtype of b1 ({b1.dtype}), got {b2.dtype}")
+    if b2.device != b1.device:
+        raise ValueError(f"b2: expected a tensor on {b1.device} (the device of b1), got one on {b2.device}")
 
 
 def _check_batch_sizes(batch_sizes: torch.Tensor, rows: int) -> None:
@@ -486,14 +491,7 @@ def gmm_shared_input_gathered(
     if backend is None and isinstance(x, torch.Tensor):
         backend = gmm_backend.default_backend(x)
     _check_gathered(x, b1, batch_sizes, maps, trans_b, backend)
-    if not isinstance(b2, torch.Tensor):
-        raise TypeError(f"b2: expected a torch.Tensor, got {type(b2).__name__}")
-    if b2.shape != b1.shape:
-        raise ValueError(f"b2: expected the shape of b1 {tuple(b1.shape)}, got {tuple(b2.shape)}")
-    if b2.dtype != b1.dtype:
-        raise TypeError(f"b2: expected the dtype of b1 ({b1.dtype}), got {b2.dtype}")
-    if b2.device != b1.device:
-        raise ValueError(f"b2: expected a tensor on {b1.device} (the device of b1), got one on {b2.device}")
+    _check_second_weight(b1, b2)
     return _gmm_shared_input_gathered(
         x, b1, b2, batch_sizes, maps.row_assignment, maps.assignment_row, maps.top_k, trans_b, backend
     )
