@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 
 from megablocks._checks import INDEX_DTYPES, check_int32_range, check_tensor
+from megablocks.backend.activation import ACTIVATIONS as _GLU_ACTIVATIONS
+from megablocks.backend.activation import _act
 
 BACKENDS = ("triton", "torch", "gg")
 
@@ -86,13 +88,30 @@ def _swizzle(tile, num_m, num_n, GROUP_M: tl.constexpr):
     return first_m + (tile % width) % rows, (tile % width) // rows
 
 
+# One [BLOCK_K, BLOCK_N] tile of b[group] at (k, column n0): by its descriptor, or through the
+# pointers `b_ptrs` (tile columns `offs_n`, masked to the first N columns and K rows).
+@triton.jit
+def _b_tile(b_desc, b_ptrs, group, n0, k, offs_k, offs_n, K, N,
+            USE_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if USE_TMA:
+        if B_K_MAJOR:
+            b = tl.trans(b_desc.load([group, n0, k]).reshape(BLOCK_N, BLOCK_K))
+        else:
+            b = b_desc.load([group, k, n0]).reshape(BLOCK_K, BLOCK_N)
+    else:
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k) & (offs_n[None, :] < N), other=0.0)
+    return b
+
+
 # out_MN[rows of e] = a_MK[rows of e] @ b[e], b given as its logical [E, K, N] strides.
 # Row tiles are counted over all groups (a group's last tile may be partial); tiles past the
 # groups' total cover the leftover rows, which are written as zeros. Programs loop over tiles
 # with a stride of `num_programs` (one tile each when the grid covers the bound). With
 # TMA_STORE, full tiles are stored by TMA (asynchronous: the next tile's loads start at once);
 # a group's partial last tile by a masked store. With GATHER_A, row i of `a` is row a_rows[i] of
-# a [T, K] tensor, read by masked pointer loads (b keeps its TMA path).
+# a [T, K] tensor, read by masked pointer loads (b keeps its TMA path). With GLU (an activation
+# name), b holds 2N columns, the gate's then the up projection's: each tile accumulates both halves
+# of its N columns and stores GLU(gate)·up (fp32 math, rounded once), an [M, N] result.
 @triton.jit
 def _gmm_kernel(
     a_ptr, b_ptr, out_ptr, sizes_ptr, a_rows_ptr,
@@ -102,9 +121,10 @@ def _gmm_kernel(
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr,
-    GATHER_A: tl.constexpr,
+    GATHER_A: tl.constexpr, GLU: tl.constexpr,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
+    n_b = 2 * N if GLU != "none" else N  # columns of b
     rows_total = tl.max(ends, 0)
     real_m_tiles = tl.sum(tiles, 0)
     num_m_tiles = real_m_tiles + tl.cdiv(M - rows_total, BLOCK_M)
@@ -115,11 +135,11 @@ def _gmm_kernel(
             a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
         if B_K_MAJOR:
             b_desc = tl.make_tensor_descriptor(
-                b_ptr, [E, N, K], [stride_be, stride_bn, 1], [1, BLOCK_N, BLOCK_K]
+                b_ptr, [E, n_b, K], [stride_be, stride_bn, 1], [1, BLOCK_N, BLOCK_K]
             )
         else:
             b_desc = tl.make_tensor_descriptor(
-                b_ptr, [E, K, N], [stride_be, stride_bk, 1], [1, BLOCK_K, BLOCK_N]
+                b_ptr, [E, K, n_b], [stride_be, stride_bk, 1], [1, BLOCK_K, BLOCK_N]
             )
 
     if TMA_STORE:
@@ -151,7 +171,10 @@ def _gmm_kernel(
         elif not USE_TMA:
             a_row_ok = offs_m < row_end
             a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-        if not USE_TMA:
+        if USE_TMA:
+            b_ptrs = b_ptr  # unused
+        else:
+            b_desc = b_ptr  # unused
             b_ptrs = (
                 b_ptr
                 + group.to(tl.int64) * stride_be
@@ -159,24 +182,30 @@ def _gmm_kernel(
                 + offs_n[None, :].to(tl.int64) * stride_bn
             )
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GLU != "none":
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             if USE_TMA and not GATHER_A:
                 a = a_desc.load([row0, k])
             else:
                 a = tl.load(a_ptrs, mask=a_row_ok[:, None] & (offs_k[None, :] < K - k), other=0.0)
                 a_ptrs += BLOCK_K
-            if USE_TMA:
-                if B_K_MAJOR:
-                    b = tl.trans(b_desc.load([group, tile_n * BLOCK_N, k]).reshape(BLOCK_N, BLOCK_K))
-                else:
-                    b = b_desc.load([group, k, tile_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
-            else:
-                b = tl.load(b_ptrs, mask=(offs_k[:, None] < K - k) & (offs_n[None, :] < N), other=0.0)
-                b_ptrs += BLOCK_K * stride_bk
+            b = _b_tile(b_desc, b_ptrs, group, tile_n * BLOCK_N, k, offs_k, offs_n, K, N,
+                        USE_TMA, B_K_MAJOR, BLOCK_N, BLOCK_K)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            if GLU != "none":  # the up projection's columns: N further in b
+                b_up = _b_tile(b_desc, b_ptrs + N * stride_bn, group, N + tile_n * BLOCK_N, k, offs_k,
+                               offs_n, K, N, USE_TMA, B_K_MAJOR, BLOCK_N, BLOCK_K)
+                if UPCAST:
+                    b_up = b_up.to(tl.float32)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+            if not USE_TMA:
+                b_ptrs += BLOCK_K * stride_bk
+        if GLU != "none":
+            acc = _act(acc, GLU)[0] * acc_up
         # Leftover rows (past the groups' total) are zeros, whatever `a` holds there.
         acc = tl.where(real, acc, 0.0)
         if ACCUMULATE:
@@ -341,12 +370,14 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _config(a: torch.Tensor) -> dict:
+def _config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu: bool = False) -> dict:
     """Tile shape, schedule and pipelining of a launch.
 
     BLOCK_M x BLOCK_N is the output tile (for the variable-K form: a tile of K x N), BLOCK_K the
     reduction step (over K, or over a group's rows). PERSISTENT launches one program per SM
     that loops over tiles; TMA_STORE stores tiles by TMA where the output's strides allow.
+    `rows_per_group` (forward forms: M / E) picks the decode tiles; `glu` (two accumulators per
+    tile) narrows them.
     """
     if a.device.type == "cpu":  # the interpreter: small tiles keep the tests fast
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1,
@@ -354,13 +385,30 @@ def _config(a: torch.Tensor) -> dict:
     if a.dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3,
                     PERSISTENT=False, TMA_STORE=False)
+    if rows_per_group is not None and rows_per_group <= DECODE_MAX_ROWS_PER_GROUP:
+        # Decode: a few rows per expert; the time is reading each expert's weights once. Measured
+        # (H100, Triton 3.6, bf16, T = 64 tokens routed as fused_moe routes them; weight GB/s against
+        # 3.03 TB/s for a read-only torch.sum): these 16x128 tiles with 128-deep K steps, 4 stages and
+        # 4 warps against the 128x256x64 ones below: mixtral's [128 rows, 8 experts] x [4096, 28672]
+        # 0.681 -> 0.651 ms (2.89 TB/s) and x [14336, 4096] 0.349 -> 0.331 ms; qwen3moe's
+        # [512 rows, 128 experts] x [2048, 1536] 0.302 -> 0.280 ms and x [768, 2048] 0.168 -> 0.151 ms.
+        # 32- and 64-row tiles were within 1% of these; 256-wide and 64-deep ones 3-8% slower.
+        # With the GLU epilogue (two accumulators) the tile is half as wide: the same bytes a step.
+        return dict(BLOCK_M=16, BLOCK_N=64 if glu else 128, BLOCK_K=128, GROUP_M=8, num_warps=4,
+                    num_stages=4, PERSISTENT=True, TMA_STORE=False)
     # 16-bit inputs on Hopper: 128x256 tiles, 64-deep K steps, 8 warps (two warpgroups).
     # Measured (H100, Triton 3.6, bf16, the expert products of benchmarks/bench_gmm.py):
     # persistent programs beat one program per tile by 2-15% (most at small K: olmoe, qwen3moe);
     # TMA stores gain 1-4% on mixtral and are even elsewhere; 4 stages, 128x128 tiles (even at
     # 2 programs per SM), flattened loop nests and cp.async loads were no better.
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3,
-                PERSISTENT=True, TMA_STORE=True)
+    # With the GLU epilogue, 128x128: two 128x256 accumulators and their b stages would not fit.
+    return dict(BLOCK_M=128, BLOCK_N=128 if glu else 256, BLOCK_K=64, GROUP_M=8, num_warps=8,
+                num_stages=3, PERSISTENT=True, TMA_STORE=True)
+
+
+# Forward forms with at most this many rows per group (M / E) take the decode tiles of `_config`
+# (measured up to 16: mixtral and qwen3moe at T = 64).
+DECODE_MAX_ROWS_PER_GROUP = 16
 
 
 def _num_programs(a: torch.Tensor, num_tiles: int, cfg: dict) -> int:
@@ -383,6 +431,7 @@ def triton_gmm(
     accumulate_into: Optional[torch.Tensor] = None,
     a_rows: Optional[torch.Tensor] = None,
     b_rows: Optional[torch.Tensor] = None,
+    glu: Optional[str] = None,
 ) -> torch.Tensor:
     """The Triton kernels. Inputs are validated by `gmm`; see the module docstring for the forms.
 
@@ -395,7 +444,13 @@ def triton_gmm(
     (variable-K form). `b_rows`, the variable-K form only and not with `a_rows`: the same for `b`
     (`[T, N]`), whose M logical rows are then those of `a`. Entries are clamped to at most T - 1;
     negative ones (and any with T = 0) read as rows of zeros. Sizes are validated by the caller.
+    `glu` (forward forms only, an activation of `megablocks.backend.activation.ACTIVATIONS`): `b`
+    holds 2N columns, the gate's then the up projection's, and the result is the `[M, N]`
+    `act(a @ b[:, :N]) * (a @ b[:, N:])` of each group, in fp32 from the accumulators.
     """
+    if glu is not None and (glu not in _GLU_ACTIVATIONS or trans_a or accumulate_into is not None):
+        raise ValueError(f"glu: expected one of {_GLU_ACTIVATIONS} on a forward form without "
+                         f"accumulate_into, got {glu!r}")
     if a_rows is not None and b_rows is not None:
         raise ValueError("a_rows, b_rows: at most one row map per product")
     if b_rows is not None and not trans_a:
@@ -419,7 +474,7 @@ def triton_gmm(
     K = a.shape[1]
     M = a_rows.shape[0] if a_rows is not None else a.shape[0]
     T = a.shape[0]
-    cfg = dict(_config(a))
+    cfg = dict(_config(a, None if trans_a else M / max(E, 1), glu is not None))
     cfg.update(config or {})
     launch = dict(
         BLOCK_E=max(triton.next_power_of_2(E), 128),  # one compiled variant up to 128 groups
@@ -460,6 +515,10 @@ def triton_gmm(
         b_ekn = b_ekn.contiguous()
     b_k_major = b_ekn.stride(1) == 1 and b_ekn.stride(2) != 1
     N = b_ekn.shape[2]
+    if glu is not None:
+        if N % 2:
+            raise ValueError(f"b: expected an even number of columns (gate, up) with glu, got {N}")
+        N //= 2
     if accumulate_into is None:
         out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     else:
@@ -469,6 +528,8 @@ def triton_gmm(
     if use_tma is None:  # with a_rows, a is read by pointer loads whatever its strides
         b_tma = b_ekn.transpose(1, 2) if b_k_major else b_ekn
         use_tma = _tma_ok(b_tma) if a_rows is not None else _tma_ok(a, b_tma)
+        # The up projection's tiles start N columns in: along a contiguous dimension, 16-byte aligned.
+        use_tma = use_tma and (glu is None or b_k_major or (N * b.element_size()) % 16 == 0)
     num_tiles = (triton.cdiv(M, cfg["BLOCK_M"]) + E + 1) * triton.cdiv(N, cfg["BLOCK_N"])
     num_programs = _num_programs(a, num_tiles, cfg)
     _gmm_kernel[(num_programs,)](
@@ -478,7 +539,7 @@ def triton_gmm(
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         USE_TMA=use_tma, B_K_MAJOR=b_k_major,
         TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out), ACCUMULATE=accumulate_into is not None,
-        GATHER_A=a_rows is not None, **launch,
+        GATHER_A=a_rows is not None, GLU=glu or "none", **launch,
     )
     return out
 

@@ -101,3 +101,110 @@ def softmax_topk(logits_TE: torch.Tensor, topk: int, renormalize: bool):
         num_warps=_num_warps(block_e),
     )
     return weights, ids
+
+
+# ------------------------------------------------------------------------------------------------
+# The top-k and all the routing a decode step needs, in one program.
+#
+#   (weights_TK, ids) = softmax_topk(logits_TE)                  as above, chunk by chunk of rows
+#   counts_E          = #{(t, k) : ids[t, k] = e}                tokens per expert
+#   row(t, e)         = Σ_{e' < e} counts[e'] + #{t' < t : e in ids[t']}
+#                                                                its row in expert order (token
+#                                                                order within an expert: stable)
+#   row_of_assignment_N[t·K + k] = row(t, ids[t, k]),  token_of_row_N[row(t, e)] = t
+#
+# No sort: an expert's rows are a prefix count over the token axis of the [T, E] selection mask.
+# Two passes over the rows: the first counts (the row offsets need every count), the second
+# recomputes the same selection (bitwise the same: same code, same inputs) and writes the maps.
+# Tokens go BLOCK_T at a time, so registers hold a [BLOCK_T, BLOCK_E] tile whatever T is.
+
+# The most experts, and the most rows of one tile, of the one-program routing.
+ROUTE_MAX_EXPERTS = 1024
+ROUTE_TILE = 4096
+
+
+# logits chunk -> (rank_TE: the k of each selected (t, e), else -1; weight_TE: its fp32 weight).
+@triton.jit
+def _select_tile(logits_ptr, t, offs_e, T, E, K, stride_t, stride_e, RENORMALIZE: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
+    row_ok = t < T
+    valid = row_ok[:, None] & (offs_e < E)[None, :]
+    x = tl.load(logits_ptr + t.to(tl.int64)[:, None] * stride_t + offs_e.to(tl.int64)[None, :] * stride_e,
+                mask=valid, other=float("-inf")).to(tl.float32)
+    # Rows past T (all -inf) get a finite max and a unit sum: no NaN arithmetic on padding.
+    m = tl.where(row_ok, tl.max(x, axis=1), 0.0)
+    num = tl.where(valid, tl.exp(x - m[:, None]), 0.0)
+    p = num / tl.where(row_ok, tl.sum(num, axis=1), 1.0)[:, None]
+    key = tl.where(p != p, 2.0, p)
+    key = tl.where(valid, key, -1.0)
+    rank = tl.full(key.shape, -1, dtype=tl.int32)
+    for k in range(K):
+        best = tl.max(key, axis=1)
+        pick = tl.min(tl.where(key == best[:, None], offs_e[None, :], BLOCK_E), axis=1)
+        chosen = offs_e[None, :] == pick[:, None]
+        rank = tl.where(chosen, k, rank)
+        key = tl.where(chosen, -2.0, key)
+    rank = tl.where(valid, rank, -1)
+    w = p
+    if RENORMALIZE:
+        w = p / tl.where(row_ok, tl.sum(tl.where(rank >= 0, p, 0.0), axis=1), 1.0)[:, None]
+    return rank, w
+
+
+# logits_TE: any float dtype, strides (stride_t, stride_e). Out (contiguous): weights_TK fp32,
+# counts_E, row_of_assignment_N, token_of_row_N int32. One program.
+@triton.jit
+def _softmax_topk_route_kernel(
+    logits_ptr, weights_ptr, counts_ptr, row_of_assignment_ptr, token_of_row_ptr,
+    T, E, K, stride_t, stride_e,
+    RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_t = tl.arange(0, BLOCK_T)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for t0 in range(0, T, BLOCK_T):
+        rank, _ = _select_tile(logits_ptr, t0 + offs_t, offs_e, T, E, K, stride_t, stride_e,
+                               RENORMALIZE, BLOCK_E)
+        counts += tl.sum((rank >= 0).to(tl.int32), axis=0)
+    tl.store(counts_ptr + offs_e, counts, mask=offs_e < E)
+    next_row = tl.cumsum(counts, 0) - counts  # per expert: its next row in expert order
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + offs_t
+        rank, w = _select_tile(logits_ptr, t, offs_e, T, E, K, stride_t, stride_e, RENORMALIZE, BLOCK_E)
+        sel = rank >= 0
+        taken = sel.to(tl.int32)
+        row = next_row[None, :] + tl.cumsum(taken, axis=0) - taken
+        a = t[:, None] * K + rank
+        tl.store(weights_ptr + a, w, mask=sel)
+        tl.store(row_of_assignment_ptr + a, row, mask=sel)
+        tl.store(token_of_row_ptr + row, tl.broadcast_to(t[:, None], row.shape), mask=sel)
+        next_row += tl.sum(taken, axis=0)
+
+
+def route_fits(num_tokens: int, num_experts: int, topk: int) -> bool:
+    """Whether `softmax_topk_route` takes these sizes (E <= ROUTE_MAX_EXPERTS, N = T·K rows
+    within one routing tile's worth, ROUTE_TILE)."""
+    return num_experts <= ROUTE_MAX_EXPERTS and num_tokens * topk <= ROUTE_TILE
+
+
+def softmax_topk_route(logits_TE: torch.Tensor, topk: int, renormalize: bool):
+    """`(weights_TK fp32, tokens_per_expert_E, row_of_assignment_N, token_of_row_N)` (int32) in
+    one launch: the top-k of `softmax_topk` (same guarantees, ties and NaN rows included) and the
+    maps of its routing in expert order, rows of an expert in token order (see above).
+    `row_of_assignment[t·K + k]` is the expert-order row of token t's k-th choice,
+    `token_of_row[r]` the token of row r. No validation beyond what the launch needs (the caller
+    checks its inputs); the sizes must pass `route_fits` and 1 <= topk <= E."""
+    t, e = logits_TE.shape
+    assert 1 <= topk <= e and route_fits(t, e, topk), (t, e, topk)
+    device = logits_TE.device
+    weights = torch.empty((t, topk), dtype=torch.float32, device=device)
+    counts = torch.empty(e, dtype=torch.int32, device=device)
+    maps = torch.empty((2, t * topk), dtype=torch.int32, device=device)
+    block_e = max(16, triton.next_power_of_2(e))
+    block_t = max(1, min(triton.next_power_of_2(max(t, 1)), ROUTE_TILE // block_e))
+    _softmax_topk_route_kernel[(1,)](
+        logits_TE, weights, counts, maps[0], maps[1],
+        t, e, topk, logits_TE.stride(0), logits_TE.stride(1),
+        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4,
+    )
+    return weights, counts, maps[0], maps[1]

@@ -2,13 +2,19 @@
 
 Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K routed rows.
 
-    weights_TK, ids_TK = top-k of softmax(gating_output_TE)     one kernel (renormalised if asked)
-    grouped path:  meta = routing_metadata(ids_TK)               one kernel up to 4096 rows
-                   maps = route(meta)                            row maps, once for gather and scatter
-                   x_NH = gather_routed(x_TH, maps)              rows in expert order
-                   h_N2F = gmm(x_NH, w1^T)                      [gate | up] of each row
-                   y_NH = gmm(glu(gate, up), w2^T)              the fused GLU, fp32 math
-                   out_TH = scatter_routed(y_NH, maps, weights)  weighted sum over K, in fp32
+    grouped path, 'triton' backend, FUSED_FORMS, N <= 4096 and E <= 1024 (decode): four launches
+        weights, counts, maps = softmax_topk_route(gating_TE)      top-k, tokens per expert and the
+                                                                   row maps, one program
+        a_NF   = act(x[rows] @ w1_gate^T) * (x[rows] @ w1_up^T)    one grouped GEMM: token rows read
+                                                                   through the map, GLU in its epilogue
+        y_NH   = gmm(a_NF, w2^T)
+        out_TH = scatter(y_NH, maps, weights)                      weighted sum over K, in fp32
+    grouped path, otherwise:
+        weights_TK, ids_TK = top-k of softmax(gating_output_TE)   one kernel (renormalised if asked)
+        meta = routing_metadata(ids_TK); maps = route(meta)       row maps, once for gather and scatter
+        x_NH = gather_routed(x_TH, maps)                          rows in expert order
+        a_NF = the GLU grouped GEMM of x_NH and w1 ('triton', FUSED_FORMS), else gmm then the fused GLU op
+        y_NH = gmm(a_NF, w2^T); out_TH = scatter_routed(y_NH, maps, weights)
     gather path:   the N rows' expert matrices are indexed out of w1 / w2 and multiplied with
                    batched mat-vecs: no sort, histogram or permutation (few launches, for tiny T)
 
@@ -28,6 +34,8 @@ import torch.nn.functional as F
 from megablocks import _checks
 from megablocks.backend import topk as topk_kernels
 from megablocks.backend import use_triton
+from megablocks.backend.gmm import triton_gmm
+from megablocks.backend.permute import scatter_rows
 from megablocks.ops._eager import eager
 from megablocks.ops.activation import glu
 from megablocks.ops.gmm import gmm
@@ -45,6 +53,12 @@ _GATING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # CUDA graphs (qwen3moe T=1: 0.084 against 0.204 ms) and eagerly wherever 'auto' could pick gather
 # (mixtral T=1, 2 rows: 0.88 against 1.61 ms); so 'auto' takes the grouped path from 1 row on.
 GATHER_MAX_ROWS = 0
+
+# The fused forms of the grouped path with the Triton kernels: the decode form (one routing
+# program, the GLU in the first GEMM's epilogue, four launches) and, beyond its sizes, the GLU
+# epilogue alone. Off by default until benchmarked on a GPU (benchmarks/bench_fused_moe.py
+# --levers); tested both ways.
+FUSED_FORMS = False
 
 
 def softmax_topk_reference(
@@ -117,6 +131,47 @@ def _glu(h_N2F: torch.Tensor, f: int, activation: str) -> torch.Tensor:
     return glu(halves[0], halves[1], activation)
 
 
+def _glu_gemm(x_NH: torch.Tensor, w1: torch.Tensor, tokens_per_expert: torch.Tensor, f: int,
+              activation: str, backend: Optional[str]) -> torch.Tensor:
+    """`act(gate) * up` of the rows `x_NH` in expert order: with the Triton kernels one grouped GEMM
+    with the GLU in its epilogue, otherwise `gmm` and the fused GLU op."""
+    if FUSED_FORMS and backend in (None, "triton") and use_triton(x_NH):
+        return triton_gmm(x_NH, w1, tokens_per_expert, trans_b=True, glu=activation)
+    return _glu(gmm(x_NH, w1, tokens_per_expert, trans_b=True, backend=backend), f, activation)
+
+
+def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
+                     topk: int, renormalize: bool, activation: str) -> torch.Tensor:
+    """The decode form of the grouped path (module docstring): four launches, no host sync."""
+    weights_TK, counts_E, row_of_assignment_N, token_of_row_N = topk_kernels.softmax_topk_route(
+        gating_output, topk, renormalize
+    )
+    a_NF = triton_gmm(hidden_states, w1, counts_E, trans_b=True, a_rows=token_of_row_N, glu=activation)
+    y_NH = triton_gmm(a_NF, w2, counts_E, trans_b=True)
+    return scatter_rows(y_NH, row_of_assignment_N, weights_TK.view(-1), topk)
+
+
+@torch.library.custom_op("megablocks::fused_moe_routed", mutates_args=())
+def _routed_moe_op(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
+                   topk: int, renormalize: bool, activation: str) -> torch.Tensor:
+    return _routed_moe_impl(hidden_states, w1, w2, gating_output, topk, renormalize, activation)
+
+
+@_routed_moe_op.register_fake
+def _(hidden_states, w1, w2, gating_output, topk, renormalize, activation):
+    return torch.empty_like(hidden_states)
+
+
+_routed_moe_op = eager(_routed_moe_op)
+
+
+def _takes_routed_form(hidden_states: torch.Tensor, e: int, topk: int, backend: Optional[str]) -> bool:
+    """Whether the grouped path runs as `_routed_moe_impl`: the Triton kernels, and sizes one routing
+    program takes (`megablocks.backend.topk.route_fits`)."""
+    return (FUSED_FORMS and backend in (None, "triton") and use_triton(hidden_states) and hidden_states.shape[0] > 0
+            and topk_kernels.route_fits(hidden_states.shape[0], e, topk))
+
+
 def _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path) -> Tuple[int, int]:
     _checks.check_tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.check_tensor("w1", w1, ndim=3, dtypes=(hidden_states.dtype,))
@@ -139,6 +194,10 @@ def _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activat
         raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    # The grouped GEMMs' int32 offset arithmetic (as `megablocks.ops.gmm` checks it).
+    _checks.check_int32_range("w1: one expert's 2F·H", two_f * h)
+    _checks.check_int32_range("256·H", 256 * h)
+    _checks.check_int32_range("256·2F", 256 * two_f)
     return e, f
 
 
@@ -182,9 +241,11 @@ def fused_moe(
         TypeError, ValueError: wrong types, dtypes, shapes, devices, topk or choice names.
     """
     e, f = _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path)
-    weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
     t, h = hidden_states.shape
     n = t * topk
+    if path != "gather" and n > GATHER_MAX_ROWS and _takes_routed_form(hidden_states, e, topk, backend):
+        return _routed_moe_op(hidden_states, w1, w2, gating_output, topk, renormalize, activation)
+    weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
     if path == "gather" or (path == "auto" and n <= GATHER_MAX_ROWS):
         ids_N = ids_TK.reshape(-1)
         x_N1H = hidden_states.unsqueeze(1).expand(t, topk, h).reshape(n, 1, h)
@@ -196,8 +257,8 @@ def fused_moe(
     meta = routing_metadata(ids_TK, e, 1)
     maps = route(meta.indices, meta.bin_ids, meta.bins, topk)  # those of gather and scatter, once
     x_NH = gather_routed(hidden_states, maps)
-    h_N2F = gmm(x_NH, w1, meta.tokens_per_expert, trans_b=True, backend=backend)
-    y_NH = gmm(_glu(h_N2F, f, activation), w2, meta.tokens_per_expert, trans_b=True, backend=backend)
+    a_NF = _glu_gemm(x_NH, w1, meta.tokens_per_expert, f, activation, backend)
+    y_NH = gmm(a_NF, w2, meta.tokens_per_expert, trans_b=True, backend=backend)
     return scatter_routed(y_NH, maps, weights_TK.reshape(-1))
 
 

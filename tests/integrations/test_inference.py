@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megablocks.integrations import inference
 from megablocks.integrations.inference import fused_moe, fused_moe_reference, softmax_topk
 from tests.conftest import DEVICE, FLOAT_DTYPES
 from tests.utils import assert_close, assert_equal
@@ -31,11 +32,19 @@ def test_softmax_topk():
     assert_close("weights (no renormalize)", weights, top)
 
 
+@pytest.fixture(params=[False, True], ids=["unfused", "fused_forms"])
+def fused_forms(request, monkeypatch):
+    """Both settings of `inference.FUSED_FORMS` (the decode form and the GLU epilogue)."""
+    monkeypatch.setattr(inference, "FUSED_FORMS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("path", ["grouped", "gather"])
 @pytest.mark.parametrize("t,topk,renormalize", [(0, 2, True), (1, 2, True), (5, 1, False), (13, 4, True), (16, 3, False)])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_fused_moe(path, t, topk, renormalize, dtype):
-    """Under the interpreter on CPU: the grouped path runs the Triton gather/gmm/scatter kernels."""
+def test_fused_moe(path, t, topk, renormalize, dtype, fused_forms):
+    """Under the interpreter on CPU: the grouped path runs the Triton gather/gmm/scatter kernels
+    (with FUSED_FORMS: the routing program, the GLU-epilogue GEMM and the scatter)."""
     x, w1, w2, gating = make(t, dtype)
     out = fused_moe(x, w1, w2, gating, topk, renormalize, path=path)
     assert out.dtype == dtype and not out.requires_grad
@@ -92,7 +101,7 @@ def test_fused_moe_bad_input():
         fused_moe(x, w1, w2, gating, 2, True, path="dense")
 
 
-def test_fused_moe_compiles_fullgraph(monkeypatch):
+def test_fused_moe_compiles_fullgraph(monkeypatch, fused_forms):
     """The grouped path traces into one graph (custom ops, no host sync), e.g. for CUDA graphs."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, w1, w2, gating = make(7)
@@ -109,7 +118,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA
 @cuda_only
 @pytest.mark.parametrize("path", ["grouped", "gather"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_moe_no_host_sync(path, dtype):
+def test_fused_moe_no_host_sync(path, dtype, fused_forms):
     x, w1, w2, gating = make(4, dtype, e=16, h=64, f=48)
     run = lambda: fused_moe(x, w1, w2, gating, 2, True, path=path, backend="triton")  # noqa: E731
     expected = run()  # the first call compiles the kernels
@@ -125,7 +134,7 @@ def test_fused_moe_no_host_sync(path, dtype):
 @cuda_only
 @pytest.mark.parametrize("path", ["grouped", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_moe_cuda_graph_replay(path, dtype):
+def test_fused_moe_cuda_graph_replay(path, dtype, fused_forms):
     """Captured once at a decode size (T=4, E=16, top-2); each replay on new inputs copied into the
     static ones gives the eager result."""
     t, e, k, h, f = 4, 16, 2, 64, 48
@@ -150,3 +159,46 @@ def test_fused_moe_cuda_graph_replay(path, dtype):
         eager_out = fused_moe(new_x, w1, w2, new_gating, k, True, path=path, backend="triton")
         assert_equal(f"replay {step}", static_out, eager_out)
         assert_close(f"replay {step} vs reference", static_out, fused_moe_reference(new_x, w1, w2, new_gating, k, True))
+
+
+# --------------------------------------------------------------------------------------------------
+# The two forms of the grouped path: the decode form (one routing program, the GLU in the first
+# GEMM's epilogue, four launches) and the general one (beyond one routing program's sizes).
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("t,topk", [(1, 1), (13, 4), (16, 3)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_fused_moe_decode_and_general_forms(monkeypatch, dtype, t, topk, activation):
+    from megablocks.backend import topk as topk_kernels
+
+    monkeypatch.setattr(inference, "FUSED_FORMS", True)
+    calls = []
+    decode_impl = inference._routed_moe_impl
+    monkeypatch.setattr(inference, "_routed_moe_impl", lambda *a: calls.append(1) or decode_impl(*a))
+    x, w1, w2, gating = make(t, dtype)
+    expected = fused_moe_reference(x, w1, w2, gating, topk, True, activation)
+    decode = fused_moe(x, w1, w2, gating, topk, True, activation=activation, path="grouped")
+    assert calls == [1], "the decode form was not taken"
+    monkeypatch.setattr(topk_kernels, "ROUTE_TILE", t * topk - 1)  # one row too many for it
+    general = fused_moe(x, w1, w2, gating, topk, True, activation=activation, path="grouped")
+    assert calls == [1], "the decode form was taken past its sizes"
+    assert_close("decode form", decode, expected)
+    assert_close("general form", general, expected)
+
+
+def test_fused_moe_degenerate_sizes(fused_forms):
+    """F = 0 (every expert's output is zero), and every token on one expert with top-k 1."""
+    x, w1, w2, gating = make(5, f=0)
+    out = fused_moe(x, w1, w2, gating, 2, True)
+    assert_equal("out (F = 0)", out, torch.zeros_like(x))
+    x, w1, w2, gating = make(9, e=8)
+    gating[:, 5] += 50.0
+    assert_close("out (one expert)", fused_moe(x, w1, w2, gating, 1, False), fused_moe_reference(x, w1, w2, gating, 1, False))
+
+
+def test_fused_moe_routed_op_registration():
+    """The decode form's custom op (what torch.compile traces): schema, fake tensor and the
+    dispatcher agree with the implementation (the Triton kernels: on CPU under the interpreter)."""
+    x, w1, w2, gating = make(6)
+    torch.library.opcheck(torch.ops.megablocks.fused_moe_routed, (x, w1, w2, gating, 2, True, "silu"))

@@ -388,3 +388,89 @@ def test_gmm_shared_input_bad_inputs(device):
         gmm_shared_input(a, b1, b1[:, :4], batch_sizes)
     with pytest.raises(TypeError):
         gmm_shared_input(a, b1, b1.half(), batch_sizes)
+
+
+# --------------------------------------------------------------------------------------------
+# The GLU form (`triton_gmm(..., glu=)`): b holds the gate's N columns then the up projection's;
+# the result is act(a @ gate) * (a @ up) per group, from the fp32 accumulators.
+
+_GLU_REFERENCE = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "relu": torch.nn.functional.relu,
+}
+
+
+def _glu_reference(a, b, batch_sizes, trans_b, activation):
+    n = (b.shape[1] if trans_b else b.shape[2]) // 2
+    h = gmm_reference(a.double(), b.double(), batch_sizes.cpu(), trans_b=trans_b)
+    return _GLU_REFERENCE[activation](h[:, :n]) * h[:, n:]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_triton_glu_epilogue(dtype, trans_b, case, device):
+    """Every case of the plain product (N odd included: a gate tile runs into the up columns and
+    an up tile past b's end; under the interpreter an unaligned N also takes the pointer loads)."""
+    sizes, K, N = CASES[case]
+    a, b, batch_sizes = _inputs(sizes, K, 2 * N, dtype, device, trans_b)
+    for activation in ("silu", "gelu_tanh") if case != "mixed" else tuple(_GLU_REFERENCE):
+        out = gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=trans_b, glu=activation)
+        assert out.shape == (a.shape[0], N) and out.dtype == dtype
+        assert_close(f"out ({activation})", out, _glu_reference(a, b, batch_sizes, trans_b, activation), dtype)
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_triton_glu_with_row_map_and_schedules(schedule, use_tma, device):
+    """The GLU form reading its rows through a map (rows of a [T, K] tensor, in any order and
+    repeated; a negative entry reads zeros), on every load path and schedule; rows of the token
+    tensor the map never names are NaN and must not leak."""
+    sizes, K, N = CASES["mixed"]
+    M, T = sum(sizes), 50
+    x = poisoned((T + 3, K), torch.float16, device)[:T]
+    x.copy_(torch.randn(T, K, device=device))
+    rows = torch.randint(0, T, (M,), device=device, dtype=torch.int32)
+    rows[:3] = -1
+    b = (torch.randn(len(sizes), 2 * N, K, device=device) / K**0.5).half()
+    batch_sizes = torch.tensor(sizes, dtype=torch.int32, device=device)
+    out = gmm_backend.triton_gmm(x, b, batch_sizes, trans_b=True, a_rows=rows, glu="silu",
+                                 use_tma=use_tma, config=SCHEDULES[schedule])
+    gathered = torch.where((rows >= 0)[:, None], x[rows.clamp(min=0).long()], 0.0)
+    assert_close("out", out, _glu_reference(gathered, b, batch_sizes, True, "silu"), torch.float16)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the decode tiles are chosen on CUDA only")
+@pytest.mark.parametrize("rows_per_group", [1, 4, 18, 24])
+@pytest.mark.parametrize("glu", [None, "silu"])
+def test_triton_decode_tiles(rows_per_group, glu, device):
+    """Forward forms with few rows per group take the decode tiles (`_config`), the others not:
+    bf16, uneven groups around the average (some over one tile), empty ones, a K that is not a
+    multiple of the K step."""
+    E, K, N = 24, 1000, 384
+    sizes = [max(0, rows_per_group + (e % 5) - 2) if e % 7 else 0 for e in range(E)]
+    cfg = gmm_backend._config(torch.empty(1, device=device, dtype=torch.bfloat16), sum(sizes) / E, glu is not None)
+    assert (cfg["BLOCK_M"] == 16) == (sum(sizes) / E <= gmm_backend.DECODE_MAX_ROWS_PER_GROUP)
+    a, b, batch_sizes = _inputs(sizes, K, 2 * N if glu else N, torch.bfloat16, device, trans_b=True)
+    out = gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, glu=glu)
+    if glu:
+        expected = _glu_reference(a, b, batch_sizes, True, glu)
+    else:
+        expected = gmm_reference(a.double(), b.double(), batch_sizes.cpu(), trans_b=True)
+    assert_close("out", out, expected, torch.bfloat16)
+
+
+def test_triton_glu_bad_arguments(device):
+    a, b, batch_sizes = _inputs([3, 2], 16, 8, torch.float32, device, trans_b=True)
+    with pytest.raises(ValueError, match="glu: expected one of"):
+        gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, glu="tanh")
+    with pytest.raises(ValueError, match="glu: expected one of"):
+        gmm_backend.triton_gmm(a, a, batch_sizes, trans_a=True, glu="silu")
+    with pytest.raises(ValueError, match="glu: expected one of"):
+        gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, glu="silu",
+                               accumulate_into=torch.zeros(5, 4, device=device))
+    odd = torch.randn(2, 7, 16, device=device)
+    with pytest.raises(ValueError, match="even number of columns"):
+        gmm_backend.triton_gmm(a, odd, batch_sizes, trans_b=True, glu="silu")

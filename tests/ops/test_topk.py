@@ -152,3 +152,67 @@ def test_bad_input():
         softmax_topk(g, 2, 1)
     with pytest.raises(ValueError, match="topk: expected an int <= 0"):
         softmax_topk(g[:, :0], 1, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# softmax_topk_route: the top-k and the routing maps of one decode step in one program.
+
+
+def _route_check(gating, topk, renormalize):
+    """The maps against a stable sort of the ids they imply, the ids and weights as `_check`."""
+    t, e = gating.shape
+    weights, counts, row_of_assignment, token_of_row = topk_kernels.softmax_topk_route(gating, topk, renormalize)
+    n = t * topk
+    assert weights.shape == (t, topk) and weights.dtype == torch.float32
+    assert counts.shape == (e,) and row_of_assignment.shape == token_of_row.shape == (n,)
+    assert counts.dtype == row_of_assignment.dtype == token_of_row.dtype == torch.int32
+    counts, roa, tor = counts.cpu().long(), row_of_assignment.cpu().long(), token_of_row.cpu().long()
+    assert int(counts.sum()) == n and bool((counts >= 0).all())
+    # The expert of each assignment, from its row and the counts: rows [start_e, end_e) are e's.
+    ids = torch.searchsorted(counts.cumsum(0), roa, right=True).view(t, topk)
+    expected_w, expected_ids = softmax_topk(gating, topk, renormalize)
+    assert_equal("ids implied by the maps", ids, expected_ids.cpu())
+    torch.testing.assert_close(weights.cpu(), expected_w.cpu(), rtol=2e-6, atol=1e-7)
+    assert_equal("tokens per expert", counts, torch.bincount(ids.flatten(), minlength=e))
+    order = torch.sort(ids.flatten(), stable=True).indices  # expert order, token order within
+    assert_equal("row of each assignment", roa, torch.argsort(order))
+    assert_equal("token of each row", tor, order // topk)
+
+
+ROUTE_SHAPES = [(0, 8, 2), (1, 8, 2), (1, 1, 1), (5, 6, 6), (13, 20, 3), (64, 128, 8), (37, 1000, 4),
+                (512, 8, 8), (300, 16, 2)]
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("t,e,topk", ROUTE_SHAPES)
+def test_softmax_topk_route(renormalize, t, e, topk):
+    """Sizes that do not divide a tile, several tiles of tokens (300 x 16: 256 a tile), the most
+    rows (512 x 8 = 4096), E = 1000 (4 tokens a tile), top-k = E."""
+    _route_check(torch.randn(t, e, device=DEVICE) * 3, topk, renormalize)
+
+
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
+def test_softmax_topk_route_dtypes_and_strides(dtype):
+    base = (torch.randn(40, 30, device=DEVICE) * 3).to(dtype)
+    _route_check(base, 3, True)
+    _route_check(base.t().contiguous().t()[::3], 5, False)
+
+
+def test_softmax_topk_route_ties_and_nan_rows():
+    gating = torch.zeros(6, 24, device=DEVICE)
+    gating[1, [5, 9, 17]] = 2.0
+    gating[2, 3:20] = 1.0
+    gating[4, 7] = float("nan")
+    gating[5] = float("-inf")
+    weights, counts, roa, tor = topk_kernels.softmax_topk_route(gating, 4, True)
+    w, ids = softmax_topk(gating, 4, True)
+    torch.testing.assert_close(weights, w, rtol=2e-6, atol=1e-7, equal_nan=True)
+    assert_equal("rows with NaN weights", weights.isnan().any(-1).cpu(), torch.tensor([False] * 4 + [True] * 2))
+    ids_from_maps = torch.searchsorted(counts.long().cumsum(0), roa.long(), right=True).view(6, 4)
+    assert_equal("ids", ids_from_maps, ids)
+
+
+def test_softmax_topk_route_fits():
+    assert topk_kernels.route_fits(512, 128, 8) and topk_kernels.route_fits(1, 1024, 1)
+    assert not topk_kernels.route_fits(513, 128, 8)
+    assert not topk_kernels.route_fits(1, topk_kernels.ROUTE_MAX_EXPERTS + 1, 1)
