@@ -5,19 +5,31 @@
 
 For the mixtral and qwen3moe layers of common.CONFIGS (H, F, E, top-k) and T in {1, 16, 64, 256}
 tokens, times (forward only, no autograd):
-    ours_auto, ours_grouped, ours_gather   megablocks.integrations.inference.fused_moe paths
-    torch_grouped_mm                       softmax/top-k, sort, index, F.grouped_mm x2, weighted sum
+    ours_auto                  megablocks.integrations.inference.fused_moe as the library defaults
+    ours_grouped, ours_fused   the grouped path with FUSED_FORMS off and on (the decode form in
+                               four launches, the GLU in the first GEMM's epilogue)
+    ours_gather                the gather path
+    torch_grouped_mm           softmax/top-k, sort, index, F.grouped_mm x2, weighted sum
 each two ways: eager (`{method}_ms`: host time included, as a plain Python loop would see it) and
 CUDA-graph replay (`{method}_graph_ms`: the call captured once after a warm-up on a side stream,
-then the median of replays timed the same way; how serving engines run decode, host time gone).
+then the median of replays timed the same way; how serving engines run decode, host time gone);
+and `{method}_host_us`, the host time of one call (50 calls enqueued back to back, no sync).
 Reports ms, the bandwidth of reading the experts' weights the routing touches (GB/s) against
 the device copy bandwidth measured in the same run, and the speed-ups over torch_grouped_mm
-(eager against eager, graphed against graphed).
+(eager against eager, graphed against graphed). `--profile` also prints each method's kernels
+(torch.profiler, CUDA time per call).
+
+    python benchmarks/bench_fused_moe.py --out DIR --sweep-tiles   # CUDA: the decode form's GEMMs
+
+times the decode form's two grouped GEMMs (the GLU-epilogue one, through the routing's row map,
+and the down projection) under each tile of TILE_CANDIDATES against the library's choice
+(`megablocks.backend.gmm._config`), as weight GB/s: `bench_fused_moe_tiles.csv`.
 """
 
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +39,10 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CONFIGS, copy_bandwidth_gbs, environment, graphed, print_table, timed, write_csv  # noqa: E402
 
+from megablocks.backend.gmm import _config as gmm_config  # noqa: E402
+from megablocks.backend.gmm import triton_gmm  # noqa: E402
+from megablocks.backend.topk import softmax_topk_route  # noqa: E402
+from megablocks.integrations import inference  # noqa: E402
 from megablocks.integrations.inference import (  # noqa: E402
     fused_moe,
     fused_moe_reference,
@@ -36,7 +52,7 @@ from megablocks.integrations.inference import (  # noqa: E402
 
 DECODE_CONFIGS = ("mixtral", "qwen3moe")
 TOKENS = (1, 16, 64, 256)
-OURS = ("auto", "grouped", "gather")
+OURS = ("auto", "grouped", "fused", "gather")
 
 
 @torch.no_grad()
@@ -74,12 +90,56 @@ def make(t, h, f, e, dtype, device, seed=0):
 GATHER_PATH_MAX_BYTES = 8 << 30
 
 
+def _fused_forms(on, fn):
+    """`fn` run with `inference.FUSED_FORMS` set to `on` (restored after)."""
+    def run():
+        before = inference.FUSED_FORMS
+        inference.FUSED_FORMS = on
+        try:
+            return fn()
+        finally:
+            inference.FUSED_FORMS = before
+    return run
+
+
 def methods(x, w1, w2, gating, k):
     copied = x.shape[0] * k * (w1[0].numel() + w2[0].numel()) * w1.element_size()
-    paths = [p for p in OURS if p != "gather" or copied <= GATHER_PATH_MAX_BYTES]
-    fns = {f"ours_{p}": (lambda p=p: fused_moe(x, w1, w2, gating, k, True, path=p)) for p in paths}
+    call = lambda path: (lambda: fused_moe(x, w1, w2, gating, k, True, path=path))  # noqa: E731
+    fns = {"ours_auto": call("auto"), "ours_grouped": _fused_forms(False, call("grouped")),
+           "ours_fused": _fused_forms(True, call("grouped"))}
+    if copied <= GATHER_PATH_MAX_BYTES:
+        fns["ours_gather"] = call("gather")
     fns["torch_grouped_mm"] = lambda: torch_grouped_mm_moe(x, w1, w2, gating, k, True)
     return fns
+
+
+def host_us(fn, calls=50):
+    """Host microseconds per call: `calls` calls enqueued back to back, timed before the sync."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def profile(name, fn):
+    """Prints the CUDA kernels of one call of `fn` (mean over 20 calls)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    print(f"--- {name}: kernels, CUDA us per call")
+    for event in sorted(prof.key_averages(), key=lambda ev: -ev.device_time_total):
+        if event.device_time_total > 0:
+            print(f"    {event.device_time_total / 20:9.1f}  x{event.count // 20:<3d} {event.key[:90]}")
 
 
 def weight_bytes(w1, w2, gating, k):
@@ -108,7 +168,10 @@ def bench(args):
             for method, fn in methods(x, w1, w2, gating, k).items():
                 med, p20, p80 = timed(fn)
                 out = fn().float()
+                if args.profile:
+                    profile(f"{name} T={t} {method}", fn)
                 row.update({f"{method}_ms": med, f"{method}_p20_ms": p20, f"{method}_p80_ms": p80,
+                            f"{method}_host_us": host_us(fn),
                             f"{method}_GBs": nbytes / med / 1e6,
                             f"{method}_rel_err": ((out - ref).norm() / ref.norm()).item()})
                 try:
@@ -139,7 +202,64 @@ def bench(args):
     _plot(rows, os.path.join(args.out, "bench_fused_moe.png"))
     print(env)
     print_table(rows, ["config", "T", "weight_MB", "floor_ms", "torch_grouped_mm_ms", "torch_grouped_mm_graph_ms"]
-                + [f"ours_{p}_{c}" for p in OURS for c in ("ms", "graph_ms", "speedup", "graph_speedup")])
+                + [f"ours_{p}_{c}" for p in OURS for c in ("ms", "graph_ms", "speedup", "graph_speedup", "host_us")])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages) tried by --sweep-tiles (4 warps, persistent programs);
+# BLOCK_N is per half with the GLU epilogue (two accumulators).
+TILE_CANDIDATES = {
+    "glu": [(m, n, k, st) for m in (16, 32, 64)
+            for n, k, st in ((64, 128, 4), (64, 128, 5), (128, 128, 3), (64, 256, 3), (32, 256, 4))],
+    "down": [(m, n, k, st) for m in (16, 32, 64)
+             for n, k, st in ((128, 128, 4), (128, 128, 5), (256, 64, 4), (64, 256, 4), (128, 256, 3))],
+}
+
+
+def sweep_tiles(args):
+    """The decode form's GEMMs at each T under every candidate tile, against the default."""
+    env = environment()
+    rows = []
+    for name in args.configs:
+        _, h, f, e, k = CONFIGS[name]
+        for t in args.tokens:
+            x, w1, w2, gating = make(t, h, f, e, torch.bfloat16, "cuda")
+            _, counts, _, token_of_row = softmax_topk_route(gating, k, True)
+            hit = int((counts > 0).sum())
+            a_NF = torch.randn(t * k, f, dtype=x.dtype, device=x.device)
+            gemms = {
+                "glu": (lambda cfg: triton_gmm(x, w1, counts, trans_b=True, a_rows=token_of_row, glu="silu",
+                                               config=cfg), w1),
+                "down": (lambda cfg: triton_gmm(a_NF, w2, counts, trans_b=True, config=cfg), w2),
+            }
+            for gemm, (fn, w) in gemms.items():
+                nbytes = hit * w[0].numel() * w.element_size()
+                expected = fn(None).float()
+                default = gmm_config(x, t * k / e, gemm == "glu")
+                candidates = [None] + [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk, num_stages=st, num_warps=4,
+                                            PERSISTENT=True, TMA_STORE=False)
+                                       for m, n, kk, st in TILE_CANDIDATES[gemm]]
+                for cfg in candidates:
+                    try:
+                        out = fn(cfg).float()
+                        ms = timed(lambda: fn(cfg), warmup=10, rep=50)[0]
+                    except Exception as err:  # a tile that does not compile (shared memory)
+                        print(f"{name} T={t} {gemm} {cfg}: {type(err).__name__}: {str(err)[:80]}")
+                        continue
+                    tile = cfg or default
+                    rows.append({"config": name, "T": t, "gemm": gemm, "default": cfg is None,
+                                 **{key: tile[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages")},
+                                 "ms": ms, "GBs": nbytes / ms / 1e6,
+                                 "max_abs_diff": (out - expected).abs().max().item(), **env})
+                best = min((r for r in rows if (r["config"], r["T"], r["gemm"]) == (name, t, gemm)),
+                           key=lambda r: r["ms"])
+                base = next(r for r in rows if (r["config"], r["T"], r["gemm"], r["default"]) == (name, t, gemm, True))
+                print(f"{name} T={t} {gemm}: default {base['ms']:.4f} ms ({base['GBs']:.0f} GB/s), best "
+                      f"{best['ms']:.4f} ms ({best['GBs']:.0f} GB/s) at {best['BLOCK_M']}x{best['BLOCK_N']}"
+                      f"x{best['BLOCK_K']}/{best['num_stages']}", flush=True)
+            del x, w1, w2
+            torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(os.path.join(args.out, "bench_fused_moe_tiles.csv"), rows)
 
 
 def _plot(rows, path):
@@ -189,9 +309,14 @@ def main():
     p.add_argument("--configs", nargs="*", default=list(DECODE_CONFIGS), choices=list(CONFIGS))
     p.add_argument("--tokens", nargs="*", type=int, default=list(TOKENS))
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print each method's kernels (CUDA)")
+    p.add_argument("--sweep-tiles", action="store_true", help="the decode form's GEMM tiles (CUDA)")
     args = p.parse_args()
     if args.smoke or not torch.cuda.is_available():
         smoke()
+        return
+    if args.sweep_tiles:
+        sweep_tiles(args)
         return
     bench(args)
 
