@@ -392,7 +392,7 @@ def _config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu: bool =
         # 4 warps against the 128x256x64 ones below: mixtral's [128 rows, 8 experts] x [4096, 28672]
         # 0.681 -> 0.651 ms (2.89 TB/s) and x [14336, 4096] 0.349 -> 0.331 ms; qwen3moe's
         # [512 rows, 128 experts] x [2048, 1536] 0.302 -> 0.280 ms and x [768, 2048] 0.168 -> 0.151 ms.
-        # 32- and 64-row tiles were within 1% of these; 256-wide and 64-deep ones 3-8% slower.
+        # 32- and 64-row tiles were within 1% of these; 256-wide or 64-deep ones 2-7% slower.
         # With the GLU epilogue (two accumulators) the tile is half as wide: the same bytes a step.
         return dict(BLOCK_M=16, BLOCK_N=64 if glu else 128, BLOCK_K=128, GROUP_M=8, num_warps=4,
                     num_stages=4, PERSISTENT=True, TMA_STORE=False)
