@@ -124,7 +124,9 @@ def _gmm_kernel(
     GATHER_A: tl.constexpr, GLU: tl.constexpr,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
-    n_b = 2 * N if GLU != "none" else N  # columns of b
+    n_b = N  # columns of b
+    if GLU != "none":
+        n_b = 2 * N
     rows_total = tl.max(ends, 0)
     real_m_tiles = tl.sum(tiles, 0)
     num_m_tiles = real_m_tiles + tl.cdiv(M - rows_total, BLOCK_M)
@@ -205,7 +207,8 @@ def _gmm_kernel(
             if not USE_TMA:
                 b_ptrs += BLOCK_K * stride_bk
         if GLU != "none":
-            acc = _act(acc, GLU)[0] * acc_up
+            gate, _ = _act(acc, GLU)
+            acc = gate * acc_up
         # Leftover rows (past the groups' total) are zeros, whatever `a` holds there.
         acc = tl.where(real, acc, 0.0)
         if ACCUMULATE:

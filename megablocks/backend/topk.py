@@ -116,7 +116,8 @@ def softmax_topk(logits_TE: torch.Tensor, topk: int, renormalize: bool):
 # No sort: an expert's rows are a prefix count over the token axis of the [T, E] selection mask.
 # Two passes over the rows: the first counts (the row offsets need every count), the second
 # recomputes the same selection (bitwise the same: same code, same inputs) and writes the maps.
-# Tokens go BLOCK_T at a time, so registers hold a [BLOCK_T, BLOCK_E] tile whatever T is.
+# Tokens go BLOCK_T at a time, so registers hold a [BLOCK_T, BLOCK_E] tile whatever T is (4096
+# values: 16 a thread over 8 warps for each of the tile's arrays).
 
 # The most experts, and the most rows of one tile, of the one-program routing.
 ROUTE_MAX_EXPERTS = 1024
@@ -205,6 +206,6 @@ def softmax_topk_route(logits_TE: torch.Tensor, topk: int, renormalize: bool):
     _softmax_topk_route_kernel[(1,)](
         logits_TE, weights, counts, maps[0], maps[1],
         t, e, topk, logits_TE.stride(0), logits_TE.stride(1),
-        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4,
+        RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=8,
     )
     return weights, counts, maps[0], maps[1]

@@ -1,0 +1,110 @@
+"""The grouped GEMM and router kernels compile for Hopper (sm_90) and fit its shared memory, at
+every tile configuration the library picks on CUDA, without a GPU.
+
+Triton's CUDA backend compiles ahead of time for a named target with the tools its wheel ships
+(ptxas), so a CPU machine can lower each kernel variant to a cubin and read the shared memory it
+needs. That catches what the interpreter cannot: a kernel that does not lower, or tiles whose
+pipeline stages overflow the 227 KiB a Hopper block may use (e.g. the GLU epilogue's two
+accumulators on the 128x256 training tiles: 311 KB). The compile runs in a subprocess without
+TRITON_INTERPRET (under which `triton.jit` returns interpreted functions instead).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia")
+
+# Hopper's opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100).
+HOPPER_SHARED_BYTES = 232448
+
+_SCRIPT = r"""
+import inspect, json, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from megablocks.backend import gmm as G, topk as TK
+
+TARGET = GPUTarget("cuda", 90, 32)
+ELEMENT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+def compile_kernel(fn, element, consts, num_warps, num_stages):
+    names = list(inspect.signature(fn.fn).parameters)
+    signature = {}
+    for name in names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            index = any(s in name for s in ("sizes", "rows", "counts", "assignment"))
+            signature[name] = "*i64" if name == "ids_ptr" else "*i32" if index else element
+        else:
+            signature[name] = "i32"
+    src = ASTSource(fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+results = []
+
+
+def check(label, fn, element, consts, num_warps, num_stages):
+    try:
+        kernel = compile_kernel(fn, element, consts, num_warps, num_stages)
+        results.append({"label": label, "shared": kernel.metadata.shared})
+    except Exception as err:  # reported by the test
+        results.append({"label": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+
+
+meta = lambda dtype: torch.empty(0, dtype=dtype, device="meta")  # noqa: E731
+for dtype in (torch.bfloat16, torch.float32):
+    element = ELEMENT[dtype]
+    precision = G._precision(dtype)
+    for rows_per_group in (4.0, 1000.0):
+        for glu in (False, True):
+            cfg = G._config(meta(dtype), rows_per_group, glu)
+            for gather in (False, True):
+                for k_major in (True, False):
+                    label = (f"gmm {dtype} rows/group={rows_per_group} glu={glu} gather={gather} "
+                             f"k_major={k_major} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}")
+                    consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                  BLOCK_E=128, GROUP_M=cfg["GROUP_M"], USE_TMA=True, B_K_MAJOR=k_major,
+                                  UPCAST=False, PRECISION=precision, TMA_STORE=cfg["TMA_STORE"],
+                                  ACCUMULATE=False, GATHER_A=gather, GLU="silu" if glu else "none")
+                    check(label, G._gmm_kernel, element, consts, cfg["num_warps"], cfg["num_stages"])
+            if not glu:
+                consts["ACCUMULATE"], consts["GATHER_A"], consts["B_K_MAJOR"] = True, False, True
+                check(f"gmm {dtype} rows/group={rows_per_group} accumulate", G._gmm_kernel, element, consts,
+                      cfg["num_warps"], cfg["num_stages"])
+    cfg = G._config(meta(dtype))
+    for gather, trans_out in ((False, False), (True, False), (True, True)):
+        consts = dict(BLOCK_K=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"], BLOCK_E=128,
+                      GROUP_M=cfg["GROUP_M"], USE_TMA=True, TMA_STORE=cfg["TMA_STORE"], UPCAST=False,
+                      PRECISION=precision, GATHER_A=gather, TRANS_OUT=trans_out)
+        check(f"gmm variable-K {dtype} gather={gather} trans_out={trans_out}", G._gmm_var_k_kernel, element,
+              consts, cfg["num_warps"], cfg["num_stages"])
+
+for block_e in (16, 128, 1024):
+    block_t = max(1, min(256, TK.ROUTE_TILE // block_e))
+    check(f"softmax_topk_route E<={block_e}", TK._softmax_topk_route_kernel, "*fp32",
+          dict(RENORMALIZE=True, BLOCK_T=block_t, BLOCK_E=block_e), 8, 3)
+    check(f"softmax_topk E<={block_e}", TK._softmax_topk_kernel, "*fp32",
+          dict(RENORMALIZE=True, BLOCK_E=block_e), TK._num_warps(block_e), 3)
+json.dump(results, sys.stdout)
+"""
+
+
+def test_kernels_compile_for_sm90_within_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    assert len(results) >= 30
+    failed = [r for r in results if "error" in r]
+    assert not failed, "\n".join(f"{r['label']}: {r['error']}" for r in failed)
+    too_big = [r for r in results if r["shared"] > HOPPER_SHARED_BYTES]
+    assert not too_big, "\n".join(f"{r['label']}: {r['shared']} B > {HOPPER_SHARED_BYTES} B" for r in too_big)
