@@ -1,5 +1,5 @@
-"""The grouped GEMM and router kernels compile for Hopper (sm_90) and fit its shared memory, at
-every tile configuration the library picks on CUDA, without a GPU.
+"""The grouped GEMM, block-sparse and router kernels compile for Hopper (sm_90) and fit its shared
+memory, at every tile configuration the library picks on CUDA, without a GPU.
 
 Triton's CUDA backend compiles ahead of time for a named target with the tools its wheel ships
 (ptxas), so a CPU machine can lower each kernel variant to a cubin and read the shared memory it
@@ -26,7 +26,7 @@ import inspect, json, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from megablocks.backend import gmm as G, topk as TK
+from megablocks.backend import gmm as G, sparse as S, topk as TK
 
 TARGET = GPUTarget("cuda", 90, 32)
 ELEMENT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -39,7 +39,7 @@ def compile_kernel(fn, element, consts, num_warps, num_stages):
         if name in consts:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            index = any(s in name for s in ("sizes", "rows", "counts", "assignment"))
+            index = any(s in name for s in ("sizes", "rows", "counts", "assignment", "indices", "offsets", "slots"))
             signature[name] = "*i64" if name == "ids_ptr" else "*i32" if index else element
         else:
             signature[name] = "i32"
@@ -85,6 +85,30 @@ for dtype in (torch.bfloat16, torch.float32):
                       PRECISION=precision, GATHER_A=gather, TRANS_OUT=trans_out)
         check(f"gmm variable-K {dtype} gather={gather} trans_out={trans_out}", G._gmm_var_k_kernel, element,
               consts, cfg["num_warps"], cfg["num_stages"])
+
+for dtype in (torch.bfloat16, torch.float32):
+    element, precision = ELEMENT[dtype], S._precision(dtype)
+    for block in (64, 128):
+        cfg = S.default_config("sdd", block, dtype, torch.device("cuda"))
+        block_k = min(cfg.block_k, block)
+        for structured, tma, k_major in ((True, True, False), (True, True, True), (True, False, False),
+                                          (False, False, False)):
+            slots = cfg.slots if structured else 1
+            consts = dict(BLOCK=block, SLOTS=slots, BLOCK_K=block_k, GROUP_M=cfg.group_m, STRUCTURED=structured,
+                          EVEN_K=False, MASK_COLS=True, COL_ALIGN=8, PRECISION=precision, USE_TMA=tma,
+                          B_K_MAJOR=k_major)
+            check(f"sdd {dtype} B={block} structured={structured} tma={tma} k_major={k_major}", S._sdd_kernel,
+                  element, consts, cfg.num_warps, cfg.num_stages)
+        cfg = S.default_config("dsd", block, dtype, torch.device("cuda"))
+        block_k = min(cfg.block_k, block)
+        for gather, contiguous, tma, m_major, k_major in (
+                (False, True, True, False, False), (True, True, True, True, False), (True, True, True, True, True),
+                (True, False, False, True, False), (False, False, False, False, False)):
+            consts = dict(BLOCK=block, BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m, GATHER=gather,
+                          CONTIGUOUS=contiguous, MASK_OUT=True, MASK_IN=True, EVEN_N=False, IN_ALIGN=8,
+                          PRECISION=precision, USE_TMA=tma, A_M_MAJOR=m_major, B_K_MAJOR=k_major)
+            check(f"dsd {dtype} B={block} gather={gather} contiguous={contiguous} tma={tma} m_major={m_major} "
+                  f"k_major={k_major}", S._dsd_kernel, element, consts, cfg.num_warps, cfg.num_stages)
 
 for block_e in (16, 128, 1024):
     block_t = max(1, min(256, TK.ROUTE_TILE // block_e))
