@@ -92,6 +92,9 @@ def histogram(x_MN: torch.Tensor, max_val: int, *, local=None) -> torch.Tensor:
 #
 # One launch instead of the sort, histogram, cumsums and round-up of the general path (whose
 # host-side cost dominates at decode sizes). The whole block of N ids lives in one program.
+# With MAPS it also writes the plain layout's row maps for K ids per token:
+#   assignment_row_N[indices_N[r]] = r                the row of each assignment (the inverse)
+#   token_of_row_N[r] = indices_N[r] // K             the token of each row
 
 SMALL_ROUTING_MAX_ROWS = 4096
 SMALL_ROUTING_MAX_EXPERTS = 1022  # E + 2 keys fit 1024 histogram bins
@@ -101,8 +104,9 @@ _ID_BITS = 12  # log2(SMALL_ROUTING_MAX_ROWS)
 @triton.jit
 def _small_routing_kernel(
     x_ptr, indices_ptr, bin_ids_ptr, counts_ptr, bins_ptr, padded_bins_ptr,
-    num_ids, num_experts, block_size,
-    BLOCK_N: tl.constexpr, NUM_BINS: tl.constexpr, ID_BITS: tl.constexpr,
+    assignment_row_ptr, token_of_row_ptr,
+    num_ids, num_experts, block_size, top_k,
+    BLOCK_N: tl.constexpr, NUM_BINS: tl.constexpr, ID_BITS: tl.constexpr, MAPS: tl.constexpr,
 ):
     n = tl.arange(0, BLOCK_N)
     present = n < num_ids
@@ -114,6 +118,10 @@ def _small_routing_kernel(
     packed = tl.sort((key << ID_BITS) | n)
     tl.store(indices_ptr + n, packed & ((1 << ID_BITS) - 1), mask=present)
     tl.store(bin_ids_ptr + n, packed >> ID_BITS, mask=present)
+    if MAPS:
+        assignment = packed & ((1 << ID_BITS) - 1)
+        tl.store(assignment_row_ptr + assignment, n, mask=present)
+        tl.store(token_of_row_ptr + n, assignment // top_k, mask=present)
 
     counts = tl.histogram(key, NUM_BINS)  # bins num_experts, num_experts + 1 are never stored
     e = tl.arange(0, NUM_BINS)
@@ -136,9 +144,32 @@ def small_routing(x_N: torch.Tensor, num_experts: int, block_size: int):
         for t in out_e:
             t.zero_()
         return (*out_n, *out_e)
-    _small_routing_kernel[(1,)](
-        x_N, *out_n, *out_e, n, num_experts, block_size,
-        BLOCK_N=max(16, triton.next_power_of_2(n)), NUM_BINS=max(16, triton.next_power_of_2(num_experts + 2)),
-        ID_BITS=_ID_BITS, num_warps=4 if n <= 1024 else 8,
-    )
+    _launch_small_routing(x_N, out_n, out_e, num_experts, block_size, None, 1)
     return (*out_n, *out_e)
+
+
+def _launch_small_routing(x_N, out_n, out_e, num_experts, block_size, maps, top_k):
+    _small_routing_kernel[(1,)](
+        x_N, *out_n, *out_e, *(maps if maps is not None else out_n), x_N.numel(), num_experts, block_size, top_k,
+        BLOCK_N=max(16, triton.next_power_of_2(x_N.numel())),
+        NUM_BINS=max(16, triton.next_power_of_2(num_experts + 2)),
+        ID_BITS=_ID_BITS, MAPS=maps is not None, num_warps=4 if x_N.numel() <= 1024 else 8,
+    )
+
+
+def small_routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
+    """`(tokens_per_expert_E, assignment_row_N, token_of_row_N)`, int32, in one launch: the
+    expert counts of the ids and the plain layout's row maps (see above) for `top_k` ids per token
+    (`x_N` = the flattened `[T, top_k]` ids, N <= 4096, E <= 1022). Rows in expert order, an
+    expert's rows in assignment order; ids outside [0, E) take the rows after all experts'
+    (counted by no expert). Validation is the caller's."""
+    x_N = x_N.contiguous()
+    n = x_N.numel()
+    # One allocation (host time at decode sizes): indices, bin_ids, the two maps, three [E] rows.
+    buf = torch.empty(4 * n + 3 * num_experts, dtype=torch.int32, device=x_N.device)
+    out_n = [buf[i * n:(i + 1) * n] for i in range(4)]
+    out_e = [buf[4 * n + i * num_experts:4 * n + (i + 1) * num_experts] for i in range(3)]
+    if n == 0:
+        return out_e[0].zero_(), out_n[2], out_n[3]
+    _launch_small_routing(x_N, out_n[:2], out_e, num_experts, 1, out_n[2:], top_k)
+    return out_e[0], out_n[2], out_n[3]

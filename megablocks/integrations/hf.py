@@ -14,7 +14,10 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
 
    The model, its router, its parameters and its state dict are untouched; only the experts'
    computation changes: x_NH = gather(x_TH), h = gmm(x_NH, gate_up_proj^T), act(gate) * up,
-   y = gmm(h, down_proj^T), out_TH = scatter(y, weights).
+   y = gmm(h, down_proj^T), out_TH = scatter(y, weights). Without autograd (generation), with
+   `megablocks.integrations.inference.FUSED_FORMS` on, experts with transformers' default gate
+   (`act(gate) * up` on concatenated [gate; up] weights, a SiLU/GELU/ReLU activation, no biases)
+   take the decode form instead (`inference.experts_from_ids`): four launches per layer.
 
 2. `convert_model(model)` replaces each sparse-MoE block by a `MegaBlocksMoeBlock` holding a
    `megablocks.layers.dmoe.dMoE` (`.moe`): the router weight is the same Parameter as the HF
@@ -28,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from megablocks.integrations import inference
 from megablocks.integrations.checkpoint import fused_to_dmoe
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
@@ -64,6 +68,13 @@ def megablocks_experts_forward(
     top_k = top_k_index.shape[-1]
     up_weight = self.gate_up_proj if self.has_gate else self.up_proj
     x_TH = hidden_states.to(up_weight.dtype)
+    activation = _inference_activation(self)
+    if activation is not None and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x_TH, top_k_weights, up_weight, self.down_proj))):
+        out = inference.experts_from_ids(x_TH, up_weight, self.down_proj, top_k_index, top_k_weights, activation,
+                                         trans_b=not self.is_transposed)
+        if out is not None:
+            return out.to(hidden_states.dtype)
     with torch.no_grad():
         meta = routing_metadata(top_k_index, self.num_experts, 1)
     x_NH = gather(x_TH, meta.indices, meta.bin_ids, meta.bins, top_k)
@@ -79,6 +90,43 @@ def megablocks_experts_forward(
         y = self.post_expert_norm(y)
     out = scatter(y, meta.indices, meta.bin_ids, top_k_weights.reshape(-1), meta.bins, top_k)
     return out.to(hidden_states.dtype)
+
+
+# The activations the decode form's GEMM epilogue computes, by transformers' and torch's names
+# (`transformers.activations.ACT2FN`: 'silu', 'swish', 'gelu', 'gelu_pytorch_tanh', 'gelu_new', 'relu').
+_ACTIVATIONS = {
+    ("transformers.activations", "SiLUActivation"): "silu",
+    ("torch.nn.modules.activation", "SiLU"): "silu",
+    ("transformers.activations", "GELUActivation"): "gelu",
+    ("transformers.activations", "GELUTanh"): "gelu_tanh",
+    ("transformers.activations", "PytorchGELUTanh"): "gelu_tanh",
+    ("transformers.activations", "NewGELUActivation"): "gelu_tanh",
+    ("torch.nn.modules.activation", "ReLU"): "relu",
+}
+_FUNCTIONAL_ACTIVATIONS = {torch.nn.functional.silu: "silu", torch.nn.functional.gelu: "gelu",
+                           torch.nn.functional.relu: "relu"}
+
+
+def _inference_activation(experts: torch.nn.Module) -> Optional[str]:
+    """The GLU activation of an experts module the decode form computes exactly as transformers
+    does (its default `_apply_gate`: `act(gate) * up` on concatenated [gate; up] weights, no
+    biases, no post-expert norm), else None."""
+    if not experts.has_gate or experts.has_bias or getattr(experts, "has_post_expert_norm", False):
+        return None
+    if not getattr(experts, "is_concatenated", True):
+        return None
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:
+        return None
+    if getattr(type(experts), "_apply_gate", None) is not _default_apply_gate:
+        return None
+    act = experts.act_fn
+    if isinstance(act, torch.nn.GELU):
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    if isinstance(act, torch.nn.Module):
+        return _ACTIVATIONS.get((type(act).__module__, type(act).__name__))
+    return _FUNCTIONAL_ACTIVATIONS.get(act)
 
 
 def register(name: str = IMPLEMENTATION_NAME) -> None:

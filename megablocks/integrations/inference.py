@@ -36,6 +36,7 @@ from megablocks.backend import topk as topk_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.gmm import triton_gmm
 from megablocks.backend.permute import scatter_rows
+from megablocks.backend.routing import SMALL_ROUTING_MAX_EXPERTS, SMALL_ROUTING_MAX_ROWS, small_routing_maps
 from megablocks.ops._eager import eager
 from megablocks.ops.activation import glu
 from megablocks.ops.gmm import gmm
@@ -163,6 +164,58 @@ def _(hidden_states, w1, w2, gating_output, topk, renormalize, activation):
 
 
 _routed_moe_op = eager(_routed_moe_op)
+
+
+def _experts_from_ids_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
+                           weights_TK: torch.Tensor, activation: str, trans_b: bool) -> torch.Tensor:
+    """The decode form on a routing given as ids and weights (transformers' experts): one routing
+    program (`small_routing_maps`), the GLU-epilogue grouped GEMM through the row map, the down
+    GEMM, the scatter."""
+    topk = ids_TK.shape[1]
+    counts_E, assignment_row_N, token_of_row_N = small_routing_maps(ids_TK.reshape(-1), w1.shape[0], topk)
+    a_NF = triton_gmm(hidden_states, w1, counts_E, trans_b=trans_b, a_rows=token_of_row_N, glu=activation)
+    y_NH = triton_gmm(a_NF, w2, counts_E, trans_b=trans_b)
+    return scatter_rows(y_NH, assignment_row_N, weights_TK.reshape(-1), topk)
+
+
+@torch.library.custom_op("megablocks::experts_from_ids", mutates_args=())
+def _experts_from_ids_op(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
+                         weights_TK: torch.Tensor, activation: str, trans_b: bool) -> torch.Tensor:
+    return _experts_from_ids_impl(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b)
+
+
+@_experts_from_ids_op.register_fake
+def _(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b):
+    return torch.empty_like(hidden_states)
+
+
+_experts_from_ids_op = eager(_experts_from_ids_op)
+
+
+def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
+                     weights_TK: torch.Tensor, activation: str, trans_b: bool = True) -> Optional[torch.Tensor]:
+    """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` by the decode form, without autograd, or None
+    where that form does not apply (FUSED_FORMS off, the Triton kernels not in use, N = T·K or E
+    past one routing program's, T = 0); the caller then takes its general path.
+
+    Args:
+        hidden_states: [T, H] in the weights' dtype.
+        w1: [E, 2F, H] gate rows then up rows (`trans_b=True`), or [E, H, 2F] (`trans_b=False`).
+        w2: [E, H, F] (`trans_b=True`) or [E, F, H].
+        ids_TK: [T, K] integer expert ids; ids outside [0, E) add nothing (a dropped assignment).
+        weights_TK: [T, K] float routing weights.
+        activation: of the gate: 'silu', 'gelu', 'gelu_tanh' or 'relu'.
+        trans_b: the weights' orientation, as above.
+
+    Returns:
+        [T, H] in hidden_states' dtype, or None. Shapes and dtypes are the caller's to check.
+    """
+    t, topk = ids_TK.shape
+    e = w1.shape[0]
+    if not (FUSED_FORMS and use_triton(hidden_states) and t > 0 and t * topk <= SMALL_ROUTING_MAX_ROWS
+            and e <= SMALL_ROUTING_MAX_EXPERTS):
+        return None
+    return _experts_from_ids_op(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b)
 
 
 def _takes_routed_form(hidden_states: torch.Tensor, e: int, topk: int, backend: Optional[str]) -> bool:

@@ -285,3 +285,102 @@ def test_greedy_generation_matches(references):
     expected = stock.generate(prompt, **kw)
     assert expected.shape[1] == 11
     assert torch.equal(ours.generate(prompt, **kw), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# The decode form without autograd (`inference.FUSED_FORMS`): routing from the given ids in one
+# program, the GLU in the first grouped GEMM's epilogue.
+
+
+def _activation(name):
+    from transformers.activations import ACT2FN
+
+    return {"F.silu": torch.nn.functional.silu, "nn.GELU(tanh)": torch.nn.GELU(approximate="tanh"),
+            "nn.ReLU": torch.nn.ReLU()}.get(name) or ACT2FN[name]
+
+
+@pytest.fixture
+def fused_forms(monkeypatch):
+    from megablocks.integrations import inference
+
+    monkeypatch.setattr(inference, "FUSED_FORMS", True)
+    calls = []
+    impl = inference._experts_from_ids_impl
+    monkeypatch.setattr(inference, "_experts_from_ids_impl", lambda *a: calls.append(1) or impl(*a))
+    return calls
+
+
+@pytest.mark.parametrize("act", ["F.silu", "silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new",
+                                 "nn.GELU(tanh)", "nn.ReLU"])
+@pytest.mark.parametrize("is_transposed", [False, True])
+@pytest.mark.parametrize("t,k", [(1, 1), (9, 4), (11, 2)])
+def test_experts_inference_form(t, k, is_transposed, act, fused_forms):
+    """Under no_grad, against transformers' batched_mm; ids may repeat within a token."""
+    experts = _experts_module(True, False, is_transposed)
+    experts.act_fn = _activation(act)
+    x = torch.randn(t, 24, device=DEVICE)
+    ids = torch.randint(0, 4, (t, k), device=DEVICE)
+    ids[: t // 2] = torch.arange(k, device=DEVICE) % 4
+    weights = torch.rand(t, k, device=DEVICE)
+    with torch.no_grad():
+        experts.config._experts_implementation = "batched_mm"
+        ref = experts(x, ids, weights)
+        experts.config._experts_implementation = "megablocks"
+        out = experts(x, ids, weights)
+    assert fused_forms == [1], "the decode form was not taken"
+    assert_close("out", out, ref)
+
+
+def test_experts_inference_form_only_where_exact(fused_forms):
+    """Autograd, a custom gate, biases or an activation it does not compute: the general path."""
+    experts = _experts_module(True, False, False)
+    experts.config._experts_implementation = "megablocks"
+    x = torch.randn(5, 24, device=DEVICE)
+    ids = torch.randint(0, 4, (5, 2), device=DEVICE)
+    weights = torch.rand(5, 2, device=DEVICE)
+    experts(x, ids, weights)  # the parameters need a gradient
+    with torch.no_grad():
+        experts.act_fn = torch.tanh
+        experts(x, ids, weights)
+        biased = _experts_module(True, True, False)
+        biased.config._experts_implementation = "megablocks"
+        biased(x, ids, weights)
+        type(experts)._apply_gate = lambda self, h: torch.nn.functional.silu(h[..., ::2]) * h[..., 1::2]
+        experts.act_fn = torch.nn.functional.silu
+        experts(x, ids, weights)
+    assert fused_forms == []
+    with torch.no_grad():  # the same module with transformers' gate back: taken
+        del type(experts)._apply_gate
+        from transformers.integrations.moe import _default_apply_gate
+
+        type(experts)._apply_gate = _default_apply_gate
+        experts(x, ids, weights)
+    assert fused_forms == [1]
+
+
+def test_greedy_generation_matches_with_fused_forms(fused_forms):
+    stock = tiny_model("qwen3_moe").eval()
+    ours = copy.deepcopy(stock)
+    ours.set_experts_implementation("megablocks")
+    prompt = torch.randint(0, VOCAB, (2, 5), device=DEVICE)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, **kw), stock.generate(prompt, **kw))
+    assert len(fused_forms) >= 2 * 6, "the decode form was not taken while generating"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 runs on the GPU")
+def test_experts_inference_form_bf16(fused_forms):
+    experts = _experts_module(True, False, False, e=16, h=512, f=384, dtype=torch.bfloat16)
+    x = torch.randn(64, 512, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.randint(0, 16, (64, 4), device=DEVICE)
+    weights = torch.rand(64, 4, device=DEVICE)
+    experts.config._experts_implementation = "megablocks"
+    with torch.no_grad():
+        out = experts(x, ids, weights)
+    assert fused_forms == [1]
+    fp32 = _experts_module(True, False, False, e=16, h=512, f=384)
+    fp32.load_state_dict({k: v.float() for k, v in experts.state_dict().items()})
+    fp32.config._experts_implementation = "batched_mm"
+    with torch.no_grad():
+        ref = fp32(x.float(), ids, weights)
+    assert_close("out (bf16 vs fp32 batched_mm)", out, ref.to(torch.bfloat16))

@@ -202,3 +202,32 @@ def test_fused_moe_routed_op_registration():
     dispatcher agree with the implementation (the Triton kernels: on CPU under the interpreter)."""
     x, w1, w2, gating = make(6)
     torch.library.opcheck(torch.ops.megablocks.fused_moe_routed, (x, w1, w2, gating, 2, True, "silu"))
+
+
+def test_experts_from_ids(monkeypatch):
+    """The decode form on a given routing (transformers' experts): against the per-token loop of
+    the same ids and weights; ids repeat within a token and one is out of range (dropped); None
+    where the form does not apply; the custom op's registration (schema, fake tensor)."""
+    from megablocks.integrations.inference import experts_from_ids
+
+    x, w1, w2, _ = make(9)
+    ids = torch.randint(0, E, (9, 3), device=DEVICE)
+    ids[0] = 1
+    ids[1, 2] = E  # dropped
+    weights = torch.rand(9, 3, device=DEVICE)
+    assert experts_from_ids(x, w1, w2, ids, weights, "silu") is None  # FUSED_FORMS off
+    monkeypatch.setattr(inference, "FUSED_FORMS", True)
+    out = experts_from_ids(x, w1, w2, ids, weights, "silu")
+    expected = torch.zeros(9, H, dtype=torch.float64)
+    for t in range(9):
+        for k in range(3):
+            e = int(ids[t, k])
+            if e < E:
+                g, u = w1[e, :FF].double() @ x[t].double(), w1[e, FF:].double() @ x[t].double()
+                expected[t] += weights[t, k].double() * (w2[e].double() @ (F.silu(g) * u))
+    assert_close("out", out, expected.to(out.device))
+    transposed = experts_from_ids(x, w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous(), ids,
+                                  weights, "silu", trans_b=False)
+    assert_close("out (transposed weights)", transposed, expected.to(out.device))
+    assert experts_from_ids(x[:0], w1, w2, ids[:0], weights[:0], "silu") is None
+    torch.library.opcheck(torch.ops.megablocks.experts_from_ids, (x, w1, w2, ids, weights, "silu", True))

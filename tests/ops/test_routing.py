@@ -328,3 +328,23 @@ def test_small_routing_ids_out_of_range(monkeypatch):
     assert meta.indices[:4].tolist() == [2, 5, 0, 4]
     assert meta.tokens_per_expert.tolist() == [1, 1, 0, 2]
     assert meta.bins.tolist() == [1, 2, 2, 4]
+
+
+# --------------------------------------------------------------------------------------------------
+# small_routing_maps: the counts and the plain layout's row maps of K ids per token, one program.
+
+
+@pytest.mark.parametrize("t,k,e", [(0, 2, 4), (1, 1, 4), (9, 2, 5), (33, 4, 8), (7, 3, 3), (512, 8, 128),
+                                   (1, 1, 1022)])
+def test_small_routing_maps(t, k, e, device):
+    """Bitwise against a stable sort; ids repeat within a token and some are out of range (-1, E):
+    those take the rows after every expert's and are counted by none."""
+    ids = torch.randint(-1, e + 1, (t, k), device=device)
+    counts, assignment_row, token_of_row = backend_routing.small_routing_maps(ids.flatten(), e, k)
+    assert counts.dtype == assignment_row.dtype == token_of_row.dtype == torch.int32
+    flat = ids.flatten().cpu()
+    valid = (flat >= 0) & (flat < e)
+    order = torch.sort(torch.where(valid, flat, e), stable=True).indices
+    assert_equal("tokens per expert", counts.cpu().long(), torch.bincount(flat[valid], minlength=e))
+    assert_equal("row of each assignment", assignment_row.cpu().long(), torch.argsort(order))
+    assert_equal("token of each row", token_of_row.cpu().long(), order // k)

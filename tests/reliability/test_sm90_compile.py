@@ -26,7 +26,7 @@ import inspect, json, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from megablocks.backend import gmm as G, sparse as S, topk as TK
+from megablocks.backend import gmm as G, routing as R, sparse as S, topk as TK
 
 TARGET = GPUTarget("cuda", 90, 32)
 ELEMENT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -116,6 +116,9 @@ for block_e in (16, 128, 1024):
           dict(RENORMALIZE=True, BLOCK_T=block_t, BLOCK_E=block_e), 8, 3)
     check(f"softmax_topk E<={block_e}", TK._softmax_topk_kernel, "*fp32",
           dict(RENORMALIZE=True, BLOCK_E=block_e), TK._num_warps(block_e), 3)
+for maps in (False, True):
+    check(f"small_routing maps={maps}", R._small_routing_kernel, "*i32",
+          dict(BLOCK_N=4096, NUM_BINS=1024, ID_BITS=R._ID_BITS, MAPS=maps), 8, 3)
 json.dump(results, sys.stdout)
 """
 
