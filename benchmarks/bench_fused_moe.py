@@ -4,7 +4,7 @@
     python benchmarks/bench_fused_moe.py --smoke            # CPU: tiny shapes, checks only
 
 For the mixtral and qwen3moe layers of common.CONFIGS (H, F, E, top-k) and T in {1, 16, 64, 256}
-tokens, times (forward only, no autograd):
+tokens (decode) and {1024, 4096} (prefill), times (forward only, no autograd):
     ours_auto                  megablocks.integrations.inference.fused_moe as the library defaults
     ours_grouped, ours_fused   the grouped path with FUSED_FORMS off and on (the decode form in
                                four launches, the GLU in the first GEMM's epilogue)
@@ -51,7 +51,7 @@ from megablocks.integrations.inference import (  # noqa: E402
 )
 
 DECODE_CONFIGS = ("mixtral", "qwen3moe")
-TOKENS = (1, 16, 64, 256)
+TOKENS = (1, 16, 64, 256, 1024, 4096)
 OURS = ("auto", "grouped", "fused", "gather")
 
 
