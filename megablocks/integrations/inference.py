@@ -141,15 +141,23 @@ def _glu_gemm(x_NH: torch.Tensor, w1: torch.Tensor, tokens_per_expert: torch.Ten
     return _glu(gmm(x_NH, w1, tokens_per_expert, trans_b=True, backend=backend), f, activation)
 
 
+def _routed_glu_experts(x_TH, w1, w2, counts_E, token_of_row_N, row_of_assignment_N, weights_N, topk: int,
+                        activation: str, trans_b: bool) -> torch.Tensor:
+    """The decode form after its routing: the GLU-epilogue grouped GEMM reading the token rows
+    through the map, the down GEMM, the weighted scatter (three launches)."""
+    a_NF = triton_gmm(x_TH, w1, counts_E, trans_b=trans_b, a_rows=token_of_row_N, glu=activation)
+    y_NH = triton_gmm(a_NF, w2, counts_E, trans_b=trans_b)
+    return scatter_rows(y_NH, row_of_assignment_N, weights_N, topk)
+
+
 def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
                      topk: int, renormalize: bool, activation: str) -> torch.Tensor:
     """The decode form of the grouped path (module docstring): four launches, no host sync."""
     weights_TK, counts_E, row_of_assignment_N, token_of_row_N = topk_kernels.softmax_topk_route(
         gating_output, topk, renormalize
     )
-    a_NF = triton_gmm(hidden_states, w1, counts_E, trans_b=True, a_rows=token_of_row_N, glu=activation)
-    y_NH = triton_gmm(a_NF, w2, counts_E, trans_b=True)
-    return scatter_rows(y_NH, row_of_assignment_N, weights_TK.view(-1), topk)
+    return _routed_glu_experts(hidden_states, w1, w2, counts_E, token_of_row_N, row_of_assignment_N,
+                               weights_TK.view(-1), topk, activation, trans_b=True)
 
 
 @torch.library.custom_op("megablocks::fused_moe_routed", mutates_args=())
@@ -173,9 +181,8 @@ def _experts_from_ids_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: to
     GEMM, the scatter."""
     topk = ids_TK.shape[1]
     counts_E, assignment_row_N, token_of_row_N = small_routing_maps(ids_TK.reshape(-1), w1.shape[0], topk)
-    a_NF = triton_gmm(hidden_states, w1, counts_E, trans_b=trans_b, a_rows=token_of_row_N, glu=activation)
-    y_NH = triton_gmm(a_NF, w2, counts_E, trans_b=trans_b)
-    return scatter_rows(y_NH, assignment_row_N, weights_TK.reshape(-1), topk)
+    return _routed_glu_experts(hidden_states, w1, w2, counts_E, token_of_row_N, assignment_row_N,
+                               weights_TK.reshape(-1), topk, activation, trans_b)
 
 
 @torch.library.custom_op("megablocks::experts_from_ids", mutates_args=())
@@ -190,6 +197,32 @@ def _(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b):
 
 
 _experts_from_ids_op = eager(_experts_from_ids_op)
+
+
+def _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b) -> None:
+    _checks.check_tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_tensor("w1", w1, ndim=3, dtypes=(hidden_states.dtype,))
+    _checks.check_tensor("w2", w2, ndim=3, dtypes=(hidden_states.dtype,))
+    _checks.check_tensor("ids_TK", ids_TK, ndim=2, dtypes=_checks.INDEX_DTYPES)
+    _checks.check_tensor("weights_TK", weights_TK, ndim=2, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_same_device(hidden_states=hidden_states, w1=w1, w2=w2, ids_TK=ids_TK, weights_TK=weights_TK)
+    if not isinstance(trans_b, bool):
+        raise TypeError(f"trans_b: expected a bool, got {type(trans_b).__name__}")
+    t, h = hidden_states.shape
+    e = w1.shape[0]
+    two_f = w1.shape[1] if trans_b else w1.shape[2]
+    w1_h = w1.shape[2] if trans_b else w1.shape[1]
+    if w1_h != h or two_f % 2:
+        layout = "[E, 2F, H]" if trans_b else "[E, H, 2F]"
+        raise ValueError(f"w1: expected shape {layout} with H={h} and an even 2F, got {tuple(w1.shape)}")
+    expected_w2 = (e, h, two_f // 2) if trans_b else (e, two_f // 2, h)
+    if tuple(w2.shape) != expected_w2:
+        raise ValueError(f"w2: expected shape {expected_w2}, got {tuple(w2.shape)}")
+    if ids_TK.shape[0] != t or tuple(weights_TK.shape) != tuple(ids_TK.shape):
+        raise ValueError(f"ids_TK, weights_TK: expected two [T={t}, K] tensors, got {tuple(ids_TK.shape)} and "
+                         f"{tuple(weights_TK.shape)}")
+    if activation not in ("silu", "gelu", "gelu_tanh", "relu"):
+        raise ValueError(f"activation: expected 'silu', 'gelu', 'gelu_tanh' or 'relu', got {activation!r}")
 
 
 def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
@@ -208,8 +241,12 @@ def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         trans_b: the weights' orientation, as above.
 
     Returns:
-        [T, H] in hidden_states' dtype, or None. Shapes and dtypes are the caller's to check.
+        [T, H] in hidden_states' dtype, or None.
+
+    Raises:
+        TypeError, ValueError: wrong types, dtypes, shapes, devices or activation.
     """
+    _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b)
     t, topk = ids_TK.shape
     e = w1.shape[0]
     if not (FUSED_FORMS and use_triton(hidden_states) and t > 0 and t * topk <= SMALL_ROUTING_MAX_ROWS

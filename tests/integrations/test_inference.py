@@ -231,3 +231,25 @@ def test_experts_from_ids(monkeypatch):
     assert_close("out (transposed weights)", transposed, expected.to(out.device))
     assert experts_from_ids(x[:0], w1, w2, ids[:0], weights[:0], "silu") is None
     torch.library.opcheck(torch.ops.megablocks.experts_from_ids, (x, w1, w2, ids, weights, "silu", True))
+
+
+def test_experts_from_ids_bad_input():
+    from megablocks.integrations.inference import experts_from_ids
+
+    x, w1, w2, _ = make(4)
+    ids = torch.randint(0, E, (4, 2), device=DEVICE)
+    weights = torch.rand(4, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="w1: expected shape"):
+        experts_from_ids(x, w1[:, :-1], w2, ids, weights, "silu")
+    with pytest.raises(ValueError, match="w2: expected shape"):
+        experts_from_ids(x, w1, w2.transpose(1, 2), ids, weights, "silu")
+    with pytest.raises(ValueError, match="ids_TK, weights_TK"):
+        experts_from_ids(x, w1, w2, ids[:3], weights[:3], "silu")
+    with pytest.raises(TypeError, match="ids_TK"):
+        experts_from_ids(x, w1, w2, ids.float(), weights, "silu")
+    with pytest.raises(TypeError, match="w2"):
+        experts_from_ids(x, w1, w2.half(), ids, weights, "silu")
+    with pytest.raises(ValueError, match="activation"):
+        experts_from_ids(x, w1, w2, ids, weights, "tanh")
+    with pytest.raises(TypeError, match="trans_b"):
+        experts_from_ids(x, w1, w2, ids, weights, "silu", trans_b=1)
