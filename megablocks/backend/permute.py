@@ -84,7 +84,9 @@ def _expert_of(bins_ptr, i, E, SEARCH_STEPS):
 
 # indices_N, bin_ids_N: int32/int64 (bin_ids unused unless HAS_BIN_IDS); bins_E, padded_bins_E:
 # int32/int64 (padded_bins read only for the padded layout); assignment_row_N, row_assignment_R:
-# int32, -1 on entry. Program p handles sorted positions [p·BLOCK, (p+1)·BLOCK).
+# int32, -1 on entry (row_assignment_R need not be for the plain layout with R <= N: its rows are
+# the sorted positions, each written, -1 where the index is not valid). Program p handles sorted
+# positions [p·BLOCK, (p+1)·BLOCK).
 @triton.jit
 def _route_kernel(
     indices_ptr,
@@ -128,7 +130,10 @@ def _route_kernel(
         ok = ok & (j >= 0)
     ok = ok & (row >= 0) & (row < R)
     tl.store(assignment_row_ptr + a, row, mask=ok)
-    tl.store(row_assignment_ptr + row, a, mask=ok)
+    if LAYOUT == 0:
+        tl.store(row_assignment_ptr + i, tl.where(ok, a, -1), mask=in_range & (i < R))
+    else:
+        tl.store(row_assignment_ptr + row, a, mask=ok)
 
 
 # x_TH (last dim contiguous, rows stride_x apart), assignment_row_N, row_assignment_R int32,
@@ -307,7 +312,10 @@ def route(
     n, num_experts = indices_N.numel(), bins_E.numel()
     device = indices_N.device
     assignment_row = torch.full((n,), -1, dtype=torch.int32, device=device)
-    row_assignment = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
+    if layout == "plain" and 0 < num_rows <= n:  # the kernel writes every row (one launch less)
+        row_assignment = torch.empty((num_rows,), dtype=torch.int32, device=device)
+    else:
+        row_assignment = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
     if n == 0 or num_rows == 0:
         return assignment_row, row_assignment
     has_bin_ids = layout != "binned"

@@ -272,6 +272,10 @@ def test_route_masks_bad_metadata(device):
     as_int32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
     assert_equal("assignment_row", assignment_row.cpu(), as_int32([1, 5, 7, 0, -1, -1]))
     assert_equal("row_assignment", row_assignment.cpu(), as_int32([3, 0, -1, -1, -1, 1, -1, 2]))
+    # The plain layout writes every row itself (no -1 fill first): the bad indices' rows read -1.
+    assignment_row, row_assignment = kernels.route(indices, bins, layout="plain", num_rows=6)
+    assert_equal("assignment_row (plain)", assignment_row.cpu(), as_int32([1, 3, 5, 0, -1, -1]))
+    assert_equal("row_assignment (plain)", row_assignment.cpu(), as_int32([3, 0, -1, 1, -1, 2]))
     x = torch.randn(6, 3, device=device)
     out = kernels.scatter_rows(x, torch.tensor([0, 99, -5, 5], dtype=torch.int32, device=device), None, 2)
     assert_equal("scatter_rows", out.cpu(), torch.stack([x[0], x[5]]).cpu())
