@@ -303,6 +303,9 @@ def _activation(name):
 def fused_forms(monkeypatch):
     from megablocks.integrations import inference
 
+    if not hasattr(__import__("transformers.integrations.moe", fromlist=["x"]), "_default_apply_gate"):
+        pytest.skip("this transformers release has no default experts gate to recognise")
+
     monkeypatch.setattr(inference, "FUSED_FORMS", True)
     calls = []
     impl = inference._experts_from_ids_impl
