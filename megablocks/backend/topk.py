@@ -153,8 +153,10 @@ def _select_tile(logits_ptr, t, offs_e, T, E, K, stride_t, stride_e, RENORMALIZE
 
 
 # logits_TE: any float dtype, strides (stride_t, stride_e). Out (contiguous): weights_TK fp32,
-# counts_E, row_of_assignment_N, token_of_row_N int32. One program.
-@triton.jit
+# counts_E, row_of_assignment_N, token_of_row_N int32. One program. K is never specialized: Triton
+# 3.6 fails to compile the kernel with K = 1 as a constant ("operand does not dominate this use"
+# in TritonGPURemoveLayoutConversions, on sm_90).
+@triton.jit(do_not_specialize=["K"])
 def _softmax_topk_route_kernel(
     logits_ptr, weights_ptr, counts_ptr, row_of_assignment_ptr, token_of_row_ptr,
     T, E, K, stride_t, stride_e,
