@@ -122,6 +122,12 @@ def softmax_topk(logits_TE: torch.Tensor, topk: int, renormalize: bool):
 # The most experts, and the most rows of one tile, of the one-program routing.
 ROUTE_MAX_EXPERTS = 1024
 ROUTE_TILE = 4096
+# The most selection work (padded tokens x padded experts x K) it takes. One program is slow past
+# a few tiles: measured on the H100 (bench_fused_moe --profile, qwen3moe E = 128, K = 8) 23.7 µs
+# at T = 64 (65536) and 90 µs at T = 256, against 6 µs for softmax_topk and the one-program sort
+# of small_routing_maps at T = 64 (17 µs at T = 256); mixtral (E = 8, K = 2) 6.1 µs at T = 64
+# (8192). Below this bound the one launch it saves is worth more (host time) than its GPU time.
+ROUTE_MAX_WORK = 16384
 
 
 # logits chunk -> (rank_TE: the k of each selected (t, e), else -1; weight_TE: its fp32 weight).
@@ -184,10 +190,20 @@ def _softmax_topk_route_kernel(
         next_row += tl.sum(taken, axis=0)
 
 
+def _route_tiles(num_tokens: int, num_experts: int):
+    block_e = max(16, triton.next_power_of_2(num_experts))
+    block_t = max(1, min(triton.next_power_of_2(max(num_tokens, 1)), ROUTE_TILE // block_e))
+    return block_t, block_e
+
+
 def route_fits(num_tokens: int, num_experts: int, topk: int) -> bool:
-    """Whether `softmax_topk_route` takes these sizes (E <= ROUTE_MAX_EXPERTS, N = T·K rows
-    within one routing tile's worth, ROUTE_TILE)."""
-    return num_experts <= ROUTE_MAX_EXPERTS and num_tokens * topk <= ROUTE_TILE
+    """Whether `softmax_topk_route` takes these sizes and is the faster routing for them:
+    E <= ROUTE_MAX_EXPERTS, N = T·K <= ROUTE_TILE and its selection work (padded tokens x padded
+    experts x K) at most ROUTE_MAX_WORK."""
+    if num_experts > ROUTE_MAX_EXPERTS or num_tokens * topk > ROUTE_TILE:
+        return False
+    block_t, block_e = _route_tiles(num_tokens, num_experts)
+    return triton.cdiv(num_tokens, block_t) * block_t * block_e * topk <= ROUTE_MAX_WORK
 
 
 def softmax_topk_route(logits_TE: torch.Tensor, topk: int, renormalize: bool):
@@ -196,15 +212,15 @@ def softmax_topk_route(logits_TE: torch.Tensor, topk: int, renormalize: bool):
     maps of its routing in expert order, rows of an expert in token order (see above).
     `row_of_assignment[t·K + k]` is the expert-order row of token t's k-th choice,
     `token_of_row[r]` the token of row r. No validation beyond what the launch needs (the caller
-    checks its inputs); the sizes must pass `route_fits` and 1 <= topk <= E."""
+    checks its inputs); E <= ROUTE_MAX_EXPERTS, N <= ROUTE_TILE and 1 <= topk <= E (`route_fits`
+    says where it is also the faster routing)."""
     t, e = logits_TE.shape
-    assert 1 <= topk <= e and route_fits(t, e, topk), (t, e, topk)
+    assert 1 <= topk <= e <= ROUTE_MAX_EXPERTS and t * topk <= ROUTE_TILE, (t, e, topk)
     device = logits_TE.device
     weights = torch.empty((t, topk), dtype=torch.float32, device=device)
     counts = torch.empty(e, dtype=torch.int32, device=device)
     maps = torch.empty((2, t * topk), dtype=torch.int32, device=device)
-    block_e = max(16, triton.next_power_of_2(e))
-    block_t = max(1, min(triton.next_power_of_2(max(t, 1)), ROUTE_TILE // block_e))
+    block_t, block_e = _route_tiles(t, e)
     _softmax_topk_route_kernel[(1,)](
         logits_TE, weights, counts, maps[0], maps[1],
         t, e, topk, logits_TE.stride(0), logits_TE.stride(1),

@@ -152,10 +152,16 @@ def _routed_glu_experts(x_TH, w1, w2, counts_E, token_of_row_N, row_of_assignmen
 
 def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
                      topk: int, renormalize: bool, activation: str) -> torch.Tensor:
-    """The decode form of the grouped path (module docstring): four launches, no host sync."""
-    weights_TK, counts_E, row_of_assignment_N, token_of_row_N = topk_kernels.softmax_topk_route(
-        gating_output, topk, renormalize
-    )
+    """The decode form of the grouped path (module docstring): four launches (five past
+    `route_fits`: the top-k kernel, then one program for the counts and maps), no host sync."""
+    t, e = gating_output.shape
+    if topk_kernels.route_fits(t, e, topk):
+        weights_TK, counts_E, row_of_assignment_N, token_of_row_N = topk_kernels.softmax_topk_route(
+            gating_output, topk, renormalize
+        )
+    else:
+        weights_TK, ids_TK = topk_kernels.softmax_topk(gating_output, topk, renormalize)
+        counts_E, row_of_assignment_N, token_of_row_N = small_routing_maps(ids_TK.view(-1), e, topk)
     return _routed_glu_experts(hidden_states, w1, w2, counts_E, token_of_row_N, row_of_assignment_N,
                                weights_TK.view(-1), topk, activation, trans_b=True)
 
@@ -256,10 +262,11 @@ def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
 
 
 def _takes_routed_form(hidden_states: torch.Tensor, e: int, topk: int, backend: Optional[str]) -> bool:
-    """Whether the grouped path runs as `_routed_moe_impl`: the Triton kernels, and sizes one routing
-    program takes (`megablocks.backend.topk.route_fits`)."""
-    return (FUSED_FORMS and backend in (None, "triton") and use_triton(hidden_states) and hidden_states.shape[0] > 0
-            and topk_kernels.route_fits(hidden_states.shape[0], e, topk))
+    """Whether the grouped path runs as `_routed_moe_impl`: the Triton kernels, and sizes whose
+    routing one program computes (N = T·K <= 4096, E <= 1022)."""
+    t = hidden_states.shape[0]
+    return (FUSED_FORMS and backend in (None, "triton") and use_triton(hidden_states) and t > 0
+            and t * topk <= SMALL_ROUTING_MAX_ROWS and e <= min(SMALL_ROUTING_MAX_EXPERTS, topk_kernels.MAX_EXPERTS))
 
 
 def _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path) -> Tuple[int, int]:

@@ -170,20 +170,31 @@ def test_fused_moe_cuda_graph_replay(path, dtype, fused_forms):
 @pytest.mark.parametrize("t,topk", [(1, 1), (13, 4), (16, 3)])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_fused_moe_decode_and_general_forms(monkeypatch, dtype, t, topk, activation):
+    """The decode form with its one-program routing, with the top-k kernel and the one-program
+    sort (past `route_fits`), and the general form past the decode form's sizes."""
     from megablocks.backend import topk as topk_kernels
 
     monkeypatch.setattr(inference, "FUSED_FORMS", True)
     calls = []
     decode_impl = inference._routed_moe_impl
     monkeypatch.setattr(inference, "_routed_moe_impl", lambda *a: calls.append(1) or decode_impl(*a))
+    program = []
+    route = topk_kernels.softmax_topk_route
+    monkeypatch.setattr(topk_kernels, "softmax_topk_route", lambda *a: program.append(1) or route(*a))
     x, w1, w2, gating = make(t, dtype)
     expected = fused_moe_reference(x, w1, w2, gating, topk, True, activation)
-    decode = fused_moe(x, w1, w2, gating, topk, True, activation=activation, path="grouped")
-    assert calls == [1], "the decode form was not taken"
-    monkeypatch.setattr(topk_kernels, "ROUTE_TILE", t * topk - 1)  # one row too many for it
-    general = fused_moe(x, w1, w2, gating, topk, True, activation=activation, path="grouped")
-    assert calls == [1], "the decode form was taken past its sizes"
+    run = lambda: fused_moe(x, w1, w2, gating, topk, True, activation=activation, path="grouped")  # noqa: E731
+    decode = run()
+    assert calls == [1] and program == [1], "the decode form with its routing program was not taken"
+    monkeypatch.setattr(topk_kernels, "ROUTE_MAX_WORK", 0)
+    decode_sorted = run()
+    assert calls == [1, 1] and program == [1], "the decode form's two-kernel routing was not taken"
+    monkeypatch.setattr(inference, "SMALL_ROUTING_MAX_ROWS", t * topk - 1)  # one row too many for it
+    general = run()
+    assert calls == [1, 1], "the decode form was taken past its sizes"
     assert_close("decode form", decode, expected)
+    assert_close("decode form, two-kernel routing", decode_sorted, expected)
+    assert_equal("the two routings agree", decode_sorted, decode)
     assert_close("general form", general, expected)
 
 

@@ -213,6 +213,9 @@ def test_softmax_topk_route_ties_and_nan_rows():
 
 
 def test_softmax_topk_route_fits():
-    assert topk_kernels.route_fits(512, 128, 8) and topk_kernels.route_fits(1, 1024, 1)
-    assert not topk_kernels.route_fits(513, 128, 8)
+    """Within one program's sizes and its work bound (padded tokens x padded experts x K)."""
+    assert topk_kernels.route_fits(16, 128, 8) and topk_kernels.route_fits(1, 1024, 1)
+    assert topk_kernels.route_fits(64, 8, 2) and topk_kernels.route_fits(512, 8, 2)
+    assert not topk_kernels.route_fits(17, 128, 8) and not topk_kernels.route_fits(64, 128, 8)
+    assert not topk_kernels.route_fits(2049, 8, 2)
     assert not topk_kernels.route_fits(1, topk_kernels.ROUTE_MAX_EXPERTS + 1, 1)
