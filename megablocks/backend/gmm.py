@@ -11,9 +11,8 @@ The rows of `a` are split into E consecutive groups of `batch_sizes[e]` rows eac
 The last ("variable-K") form is the weight gradient of the first two.
 
 Row maps (the 'triton' backend, `triton_gmm(..., a_rows=, b_rows=)`): logical row i of `a` (or,
-in the variable-K form, of `b`) is physical row `rows[i] // rows_div` of a `[T, K]` (`[T, N]`)
-tensor, so that rows gathered into expert order are read in place instead of being copied first
-(with `rows_div` = top_k, a routing's assignment indices name their tokens directly). M is then
+in the variable-K form, of `b`) is physical row `rows[i]` of a `[T, K]` (`[T, N]`) tensor, so
+that rows gathered into expert order are read in place instead of being copied first. M is then
 the length of the map. Such an operand is read by masked pointer loads (TMA cannot gather rows);
 the other keeps its TMA path. A map on `b` runs as one on `a` of the transposed product, whose
 tiles are stored transposed. Map entries are clamped to at most T - 1, and a negative entry
@@ -72,12 +71,10 @@ def _group_table(sizes_ptr, E, M, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _mapped_rows(rows_ptr, offs, valid, T, rows_div):
-    """The physical rows of logical rows `offs` (where `valid`) through the map `rows_ptr`
-    (entry // rows_div), clamped to at most T - 1, and whether each is a real row (entry >= 0,
-    T > 0)."""
+def _mapped_rows(rows_ptr, offs, valid, T):
+    """The physical rows of logical rows `offs` (where `valid`) through the map `rows_ptr`,
+    clamped to at most T - 1, and whether each is a real row (entry >= 0, T > 0)."""
     src = tl.load(rows_ptr + offs, mask=valid, other=-1)
-    src = tl.where(src >= 0, src // rows_div, -1)
     src = tl.minimum(src, T - 1)
     return tl.maximum(src, 0), valid & (src >= 0)
 
@@ -118,7 +115,7 @@ def _b_tile(b_desc, b_ptrs, group, n0, k, offs_k, offs_n, K, N,
 @triton.jit
 def _gmm_kernel(
     a_ptr, b_ptr, out_ptr, sizes_ptr, a_rows_ptr,
-    M, N, K, E, T, rows_div, num_programs,
+    M, N, K, E, T, num_programs,
     stride_am, stride_be, stride_bk, stride_bn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
@@ -171,7 +168,7 @@ def _gmm_kernel(
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         if GATHER_A:
-            src_m, a_row_ok = _mapped_rows(a_rows_ptr, offs_m, offs_m < row_end, T, rows_div)
+            src_m, a_row_ok = _mapped_rows(a_rows_ptr, offs_m, offs_m < row_end, T)
             a_ptrs = a_ptr + src_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
         elif not USE_TMA:
             a_row_ok = offs_m < row_end
@@ -239,7 +236,7 @@ def _gmm_kernel(
 @triton.jit
 def _gmm_var_k_kernel(
     a_ptr, b_ptr, out_ptr, sizes_ptr, a_rows_ptr,
-    M, K, N, E, T, rows_div, num_programs,
+    M, K, N, E, T, num_programs,
     stride_am, stride_bm, stride_oe, stride_o1,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
@@ -286,7 +283,7 @@ def _gmm_var_k_kernel(
                 a_ptrs = a_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_am + offs_k[None, :]
             b_ptrs = b_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_bm + offs_n[None, :]
         if GATHER_A:
-            next_src, next_ok = _mapped_rows(a_rows_ptr, row0 + offs_r, offs_r < rows, T, rows_div)
+            next_src, next_ok = _mapped_rows(a_rows_ptr, row0 + offs_r, offs_r < rows, T)
 
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for r in range(0, rows, BLOCK_R):
@@ -294,7 +291,7 @@ def _gmm_var_k_kernel(
             if GATHER_A:
                 src, src_ok = next_src, next_ok
                 next_src, next_ok = _mapped_rows(
-                    a_rows_ptr, row0 + r + BLOCK_R + offs_r, offs_r < rows - r - BLOCK_R, T, rows_div
+                    a_rows_ptr, row0 + r + BLOCK_R + offs_r, offs_r < rows - r - BLOCK_R, T
                 )
                 a = tl.load(
                     a_ptr + src.to(tl.int64)[:, None] * stride_am + offs_k[None, :],
@@ -438,7 +435,6 @@ def triton_gmm(
     a_rows: Optional[torch.Tensor] = None,
     b_rows: Optional[torch.Tensor] = None,
     glu: Optional[str] = None,
-    rows_div: int = 1,
 ) -> torch.Tensor:
     """The Triton kernels. Inputs are validated by `gmm`; see the module docstring for the forms.
 
@@ -450,15 +446,11 @@ def triton_gmm(
     given `a` (`[T, K]`, any T); the result has M rows (forward forms) or sums over M rows
     (variable-K form). `b_rows`, the variable-K form only and not with `a_rows`: the same for `b`
     (`[T, N]`), whose M logical rows are then those of `a`. Entries are clamped to at most T - 1;
-    negative ones (and any with T = 0) read as rows of zeros. With `rows_div` (an int >= 1) an
-    entry names physical row `entry // rows_div` (e.g. a routing's assignment indices, divided by
-    top_k: their tokens), negative entries still zeros. Sizes are validated by the caller.
+    negative ones (and any with T = 0) read as rows of zeros. Sizes are validated by the caller.
     `glu` (forward forms only, an activation of `megablocks.backend.activation.ACTIVATIONS`): `b`
     holds 2N columns, the gate's then the up projection's, and the result is the `[M, N]`
     `act(a @ b[:, :N]) * (a @ b[:, N:])` of each group, in fp32 from the accumulators.
     """
-    if not isinstance(rows_div, int) or isinstance(rows_div, bool) or not 1 <= rows_div <= 2**31 - 1:
-        raise ValueError(f"rows_div: expected an int in [1, 2**31 - 1], got {rows_div!r}")
     if glu is not None and (glu not in _GLU_ACTIVATIONS or trans_a or accumulate_into is not None):
         raise ValueError(f"glu: expected one of {_GLU_ACTIVATIONS} on a forward form without "
                          f"accumulate_into, got {glu!r}")
@@ -513,7 +505,7 @@ def triton_gmm(
         num_programs = _num_programs(a, num_tiles, cfg)
         _gmm_var_k_kernel[(num_programs,)](
             a, b, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
-            M, K, N, E, T, rows_div, num_programs,
+            M, K, N, E, T, num_programs,
             a.stride(0), b.stride(0), out.stride(0), out.stride(1),
             BLOCK_K=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"],
             USE_TMA=use_tma, TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out),
@@ -545,7 +537,7 @@ def triton_gmm(
     num_programs = _num_programs(a, num_tiles, cfg)
     _gmm_kernel[(num_programs,)](
         a, b_ekn, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
-        M, N, K, E, T, rows_div, num_programs,
+        M, N, K, E, T, num_programs,
         a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         USE_TMA=use_tma, B_K_MAJOR=b_k_major,

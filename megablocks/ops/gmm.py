@@ -273,6 +273,13 @@ def _check_batch_sizes(batch_sizes: torch.Tensor, rows: int) -> None:
 # `RowMaps`; row r of the gathered operand is x[row_assignment[r] // top_k] (zeros where -1).
 
 
+def _token_rows(row_assignment: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The token of each routed row, int32 (-1 where the row holds no assignment)."""
+    if top_k == 1:
+        return row_assignment
+    return torch.div(row_assignment, top_k, rounding_mode="floor")
+
+
 def _in_kernel_map(x: torch.Tensor, backend_name: str) -> bool:
     return backend_name == "triton" and use_triton(x)
 
@@ -284,17 +291,16 @@ def _gather_explicit(x, row_assignment, assignment_row, top_k: int) -> torch.Ten
     return gather_rows_reference(x, row_assignment, None, top_k)
 
 
-def _gathered_product(x, b, batch_sizes, in_kernel: bool, row_assignment, assignment_row, top_k: int,
+def _gathered_product(x, b, batch_sizes, token_rows, row_assignment, assignment_row, top_k: int,
                       trans_b: bool, backend_name: str) -> torch.Tensor:
-    """`gmm(x[row_assignment // top_k], b)` (forward form): the kernel reads the rows through the map
-    (`in_kernel`, dividing each entry by top_k itself) or they are gathered first."""
-    if not in_kernel:
+    """`gmm(x[token_rows], b)` (forward form); token_rows is None unless the map is in-kernel."""
+    if token_rows is None:
         a = _gather_explicit(x, row_assignment, assignment_row, top_k)
         return _gmm_impl(a, b, batch_sizes, False, trans_b, backend_name)
     M, N = row_assignment.shape[0], b.shape[1] if trans_b else b.shape[2]
     if M * N == 0 or b.shape[0] * x.shape[1] == 0:
         return x.new_zeros((M, N))
-    return gmm_backend.triton_gmm(x, b, batch_sizes, False, trans_b, a_rows=row_assignment, rows_div=top_k)
+    return gmm_backend.triton_gmm(x, b, batch_sizes, False, trans_b, a_rows=token_rows)
 
 
 @torch.library.custom_op("megablocks::gmm_gathered", mutates_args=())
@@ -302,8 +308,8 @@ def _gmm_gathered(
     x: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, row_assignment: torch.Tensor,
     assignment_row: torch.Tensor, top_k: int, trans_b: bool, backend_name: str,
 ) -> torch.Tensor:
-    return _gathered_product(x, b, batch_sizes, _in_kernel_map(x, backend_name), row_assignment, assignment_row,
-                             top_k, trans_b, backend_name)
+    rows = _token_rows(row_assignment, top_k) if _in_kernel_map(x, backend_name) else None
+    return _gathered_product(x, b, batch_sizes, rows, row_assignment, assignment_row, top_k, trans_b, backend_name)
 
 
 @_gmm_gathered.register_fake
@@ -325,9 +331,10 @@ def _gmm_gathered_weight_grad(
     E, K, N = batch_sizes.shape[0], x.shape[1], grad.shape[1]
     if grad.shape[0] == 0 or E * K * N == 0:
         return x.new_zeros((E, N, K) if trans_b else (E, K, N))
+    rows = _token_rows(row_assignment, top_k)
     if trans_b:  # the operands in the order of the unfused product: grad^T @ x[map]
-        return gmm_backend.triton_gmm(grad, x, batch_sizes, True, False, b_rows=row_assignment, rows_div=top_k)
-    return gmm_backend.triton_gmm(x, grad, batch_sizes, True, False, a_rows=row_assignment, rows_div=top_k)
+        return gmm_backend.triton_gmm(grad, x, batch_sizes, True, False, b_rows=rows)
+    return gmm_backend.triton_gmm(x, grad, batch_sizes, True, False, a_rows=rows)
 
 
 @_gmm_gathered_weight_grad.register_fake
@@ -371,8 +378,9 @@ def _gmm_shared_input_gathered(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     args = (row_assignment, assignment_row, top_k, trans_b, backend_name)
     if _in_kernel_map(x, backend_name):
-        return (_gathered_product(x, b1, batch_sizes, True, *args),
-                _gathered_product(x, b2, batch_sizes, True, *args))
+        rows = _token_rows(row_assignment, top_k)
+        return (_gathered_product(x, b1, batch_sizes, rows, *args),
+                _gathered_product(x, b2, batch_sizes, rows, *args))
     a = _gather_explicit(x, row_assignment, assignment_row, top_k)
     return (_gmm_impl(a, b1, batch_sizes, False, trans_b, backend_name),
             _gmm_impl(a, b2, batch_sizes, False, trans_b, backend_name))

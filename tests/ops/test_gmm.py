@@ -474,29 +474,3 @@ def test_triton_glu_bad_arguments(device):
     odd = torch.randn(2, 7, 16, device=device)
     with pytest.raises(ValueError, match="even number of columns"):
         gmm_backend.triton_gmm(a, odd, batch_sizes, trans_b=True, glu="silu")
-
-
-@pytest.mark.parametrize("rows_div", [1, 3])
-def test_triton_row_map_divided_in_kernel(rows_div, device):
-    """`rows_div`: map entries are divided in the kernel (assignment indices -> tokens), negative
-    entries still read zeros; forward form and both variable-K forms, against explicit gathers."""
-    sizes, K, N = CASES["mixed"]
-    M, T = sum(sizes), 23
-    entries = torch.randint(0, T * rows_div, (M,), device=device, dtype=torch.int32)
-    entries[::7] = -1
-    x = torch.randn(T, K, device=device, dtype=torch.float16)
-    gathered = torch.where((entries >= 0)[:, None], x[(entries.clamp(min=0) // rows_div).long()], 0.0)
-    b, batch_sizes = _inputs(sizes, K, N, torch.float16, device, trans_b=True)[1:]
-    out = gmm_backend.triton_gmm(x, b, batch_sizes, trans_b=True, a_rows=entries, rows_div=rows_div)
-    assert_close("out", out, gmm_reference(gathered.double(), b.double(), batch_sizes.cpu(), trans_b=True),
-                 torch.float16)
-    g = torch.randn(M, N, device=device, dtype=torch.float16)
-    d_b = gmm_backend.triton_gmm(x, g, batch_sizes, trans_a=True, a_rows=entries, rows_div=rows_div)
-    assert_close("x[map]^T @ g", d_b, gmm_reference(gathered.double(), g.double(), batch_sizes.cpu(), trans_a=True),
-                 torch.float16)
-    d_b_t = gmm_backend.triton_gmm(g, x, batch_sizes, trans_a=True, b_rows=entries, rows_div=rows_div)
-    assert_close("g^T @ x[map]", d_b_t,
-                 gmm_reference(g.double(), gathered.double(), batch_sizes.cpu(), trans_a=True), torch.float16)
-    for bad in (0, -2, 1.5, True):
-        with pytest.raises(ValueError, match="rows_div"):
-            gmm_backend.triton_gmm(x, b, batch_sizes, trans_b=True, a_rows=entries, rows_div=bad)
