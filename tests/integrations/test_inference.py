@@ -226,7 +226,8 @@ def test_experts_from_ids(monkeypatch):
     ids[0] = 1
     ids[1, 2] = E  # dropped
     weights = torch.rand(9, 3, device=DEVICE)
-    assert experts_from_ids(x, w1, w2, ids, weights, "silu") is None  # FUSED_FORMS off
+    monkeypatch.setattr(inference, "FUSED_FORMS", False)
+    assert experts_from_ids(x, w1, w2, ids, weights, "silu") is None
     monkeypatch.setattr(inference, "FUSED_FORMS", True)
     out = experts_from_ids(x, w1, w2, ids, weights, "silu")
     expected = torch.zeros(9, H, dtype=torch.float64, device=DEVICE)
