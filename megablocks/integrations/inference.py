@@ -2,9 +2,12 @@
 
 Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K routed rows.
 
-    grouped path, 'triton' backend, FUSED_FORMS, N <= 4096 and E <= 1024 (decode): four launches
+    grouped path, 'triton' backend, FUSED_FORMS, N <= 4096 and E <= 1022 (decode): four launches
         weights, counts, maps = softmax_topk_route(gating_TE)      top-k, tokens per expert and the
-                                                                   row maps, one program
+                                                                   row maps, one program (where
+                                                                   `route_fits`; else the top-k
+                                                                   kernel, then one program that
+                                                                   sorts: small_routing_maps)
         a_NF   = act(x[rows] @ w1_gate^T) * (x[rows] @ w1_up^T)    one grouped GEMM: token rows read
                                                                    through the map, GLU in its epilogue
         y_NH   = gmm(a_NF, w2^T)
@@ -325,8 +328,9 @@ def fused_moe(
         renormalize: divide the K weights of each token by their sum.
         activation: 'silu' (default), 'gelu' (erf) or 'gelu_tanh', applied to the gate; the GLU
             `act(gate) * up` is one fused op (`megablocks.ops.glu`), fp32 math rounded once.
-        path: 'grouped' (routing metadata, gather, two grouped GEMMs, scatter; with the 'triton'
-            backend on CUDA no host sync, so it can be captured in a CUDA graph), 'gather' (index the
+        path: 'grouped' (routing, two grouped GEMMs, scatter: the decode form of the module
+            docstring with FUSED_FORMS and the 'triton' backend; no host sync with the 'triton'
+            backend on CUDA, so it can be captured in a CUDA graph), 'gather' (index the
             routed rows' expert matrices and use batched mat-vecs; for a handful of tokens) or
             'auto' ('gather' up to GATHER_MAX_ROWS routed rows, else 'grouped').
         backend: the grouped GEMM backend of the grouped path (`megablocks.ops.gmm`): None picks
