@@ -112,8 +112,10 @@ for dtype in (torch.bfloat16, torch.float32):
 
 for block_e in (16, 128, 1024):
     block_t = max(1, min(256, TK.ROUTE_TILE // block_e))
-    check(f"softmax_topk_route E<={block_e}", TK._softmax_topk_route_kernel, "*fp32",
-          dict(RENORMALIZE=True, BLOCK_T=block_t, BLOCK_E=block_e), 8, 3)
+    # Integer arguments equal to 1 are compiled as constants (Triton's specialization; K never is).
+    for ones in ({}, {"T": 1, "stride_e": 1}, {"E": 1, "stride_e": 1}):
+        check(f"softmax_topk_route E<={block_e} {ones}", TK._softmax_topk_route_kernel, "*fp32",
+              dict(RENORMALIZE=True, BLOCK_T=block_t, BLOCK_E=block_e, **ones), 8, 3)
     check(f"softmax_topk E<={block_e}", TK._softmax_topk_kernel, "*fp32",
           dict(RENORMALIZE=True, BLOCK_E=block_e), TK._num_warps(block_e), 3)
 for maps in (False, True):
