@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from megablocks import _checks
 from megablocks.backend import topk as topk_kernels
 from megablocks.backend import use_triton
+from megablocks.backend.activation import ACTIVATIONS as GLU_ACTIVATIONS
 from megablocks.backend.gmm import triton_gmm
 from megablocks.backend.permute import scatter_rows
 from megablocks.backend.routing import SMALL_ROUTING_MAX_EXPERTS, SMALL_ROUTING_MAX_ROWS, small_routing_maps
@@ -166,7 +167,7 @@ def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         )
     else:
         weights_TK, ids_TK = topk_kernels.softmax_topk(gating_output, topk, renormalize)
-        counts_E, row_of_assignment_N, token_of_row_N = small_routing_maps(ids_TK.view(-1), e, topk)
+        return _experts_from_ids_impl(hidden_states, w1, w2, ids_TK, weights_TK, activation, True)
     return _routed_glu_experts(hidden_states, w1, w2, counts_E, token_of_row_N, row_of_assignment_N,
                                weights_TK.view(-1), topk, activation, trans_b=True)
 
@@ -232,8 +233,8 @@ def _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, t
     if ids_TK.shape[0] != t or tuple(weights_TK.shape) != tuple(ids_TK.shape):
         raise ValueError(f"ids_TK, weights_TK: expected two [T={t}, K] tensors, got {tuple(ids_TK.shape)} and "
                          f"{tuple(weights_TK.shape)}")
-    if activation not in ("silu", "gelu", "gelu_tanh", "relu"):
-        raise ValueError(f"activation: expected 'silu', 'gelu', 'gelu_tanh' or 'relu', got {activation!r}")
+    if activation not in GLU_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {GLU_ACTIVATIONS}, got {activation!r}")
 
 
 def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
@@ -258,20 +259,17 @@ def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         TypeError, ValueError: wrong types, dtypes, shapes, devices or activation.
     """
     _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b)
-    t, topk = ids_TK.shape
-    e = w1.shape[0]
-    if not (FUSED_FORMS and use_triton(hidden_states) and t > 0 and t * topk <= SMALL_ROUTING_MAX_ROWS
-            and e <= SMALL_ROUTING_MAX_EXPERTS):
+    if not _decode_form_fits(hidden_states, w1.shape[0], ids_TK.shape[1]):
         return None
     return _experts_from_ids_op(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b)
 
 
-def _takes_routed_form(hidden_states: torch.Tensor, e: int, topk: int, backend: Optional[str]) -> bool:
-    """Whether the grouped path runs as `_routed_moe_impl`: the Triton kernels, and sizes whose
-    routing one program computes (N = T·K <= 4096, E <= 1022)."""
+def _decode_form_fits(hidden_states: torch.Tensor, e: int, topk: int) -> bool:
+    """Whether the decode form runs: FUSED_FORMS, the Triton kernels, and sizes whose routing one
+    program computes (T > 0, N = T·K <= 4096, E <= 1022)."""
     t = hidden_states.shape[0]
-    return (FUSED_FORMS and backend in (None, "triton") and use_triton(hidden_states) and t > 0
-            and t * topk <= SMALL_ROUTING_MAX_ROWS and e <= min(SMALL_ROUTING_MAX_EXPERTS, topk_kernels.MAX_EXPERTS))
+    return (FUSED_FORMS and use_triton(hidden_states) and 0 < t * topk <= SMALL_ROUTING_MAX_ROWS
+            and e <= SMALL_ROUTING_MAX_EXPERTS)
 
 
 def _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path) -> Tuple[int, int]:
@@ -346,7 +344,8 @@ def fused_moe(
     e, f = _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path)
     t, h = hidden_states.shape
     n = t * topk
-    if path != "gather" and n > GATHER_MAX_ROWS and _takes_routed_form(hidden_states, e, topk, backend):
+    if (path != "gather" and n > GATHER_MAX_ROWS and backend in (None, "triton")
+            and _decode_form_fits(hidden_states, e, topk)):
         return _routed_moe_op(hidden_states, w1, w2, gating_output, topk, renormalize, activation)
     weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
     if path == "gather" or (path == "auto" and n <= GATHER_MAX_ROWS):
