@@ -110,11 +110,11 @@ def _b_tile(b_desc, b_ptrs, group, n0, k, offs_k, offs_n, K, N,
 # TMA_STORE, full tiles are stored by TMA (asynchronous: the next tile's loads start at once);
 # a group's partial last tile by a masked store. With GATHER_A, row i of `a` is row a_rows[i] of
 # a [T, K] tensor, read by masked pointer loads (b keeps its TMA path). With GLU (an activation
-# name), b holds 2N columns, the gate's then the up projection's: each tile accumulates both halves
-# of its N columns and stores GLU(gate)·up (fp32 math, rounded once), an [M, N] result.
+# name), b holds the gate's N columns and bu (same strides) the up projection's: each tile
+# accumulates both and stores GLU(gate)·up (fp32 math, rounded once), an [M, N] result.
 @triton.jit
 def _gmm_kernel(
-    a_ptr, b_ptr, out_ptr, sizes_ptr, a_rows_ptr,
+    a_ptr, b_ptr, bu_ptr, out_ptr, sizes_ptr, a_rows_ptr,
     M, N, K, E, T, num_programs,
     stride_am, stride_be, stride_bk, stride_bn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -124,9 +124,6 @@ def _gmm_kernel(
     GATHER_A: tl.constexpr, GLU: tl.constexpr,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
-    n_b = N  # columns of b
-    if GLU != "none":
-        n_b = 2 * N
     rows_total = tl.max(ends, 0)
     real_m_tiles = tl.sum(tiles, 0)
     num_m_tiles = real_m_tiles + tl.cdiv(M - rows_total, BLOCK_M)
@@ -136,13 +133,17 @@ def _gmm_kernel(
         if not GATHER_A:
             a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
         if B_K_MAJOR:
-            b_desc = tl.make_tensor_descriptor(
-                b_ptr, [E, n_b, K], [stride_be, stride_bn, 1], [1, BLOCK_N, BLOCK_K]
-            )
+            b_desc = tl.make_tensor_descriptor(b_ptr, [E, N, K], [stride_be, stride_bn, 1], [1, BLOCK_N, BLOCK_K])
+            if GLU != "none":
+                bu_desc = tl.make_tensor_descriptor(
+                    bu_ptr, [E, N, K], [stride_be, stride_bn, 1], [1, BLOCK_N, BLOCK_K]
+                )
         else:
-            b_desc = tl.make_tensor_descriptor(
-                b_ptr, [E, K, n_b], [stride_be, stride_bk, 1], [1, BLOCK_K, BLOCK_N]
-            )
+            b_desc = tl.make_tensor_descriptor(b_ptr, [E, K, N], [stride_be, stride_bk, 1], [1, BLOCK_K, BLOCK_N])
+            if GLU != "none":
+                bu_desc = tl.make_tensor_descriptor(
+                    bu_ptr, [E, K, N], [stride_be, stride_bk, 1], [1, BLOCK_K, BLOCK_N]
+                )
 
     if TMA_STORE:
         out_desc = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, BLOCK_N])
@@ -175,14 +176,17 @@ def _gmm_kernel(
             a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
         if USE_TMA:
             b_ptrs = b_ptr  # unused
+            bu_ptrs = bu_ptr
         else:
             b_desc = b_ptr  # unused
-            b_ptrs = (
-                b_ptr
-                + group.to(tl.int64) * stride_be
+            bu_desc = bu_ptr
+            b_offs = (
+                group.to(tl.int64) * stride_be
                 + offs_k[:, None].to(tl.int64) * stride_bk
                 + offs_n[None, :].to(tl.int64) * stride_bn
             )
+            b_ptrs = b_ptr + b_offs
+            bu_ptrs = bu_ptr + b_offs
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GLU != "none":
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -198,14 +202,15 @@ def _gmm_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            if GLU != "none":  # the up projection's columns: N further in b
-                b_up = _b_tile(b_desc, b_ptrs + N * stride_bn, group, N + tile_n * BLOCK_N, k, offs_k,
-                               offs_n, K, N, USE_TMA, B_K_MAJOR, BLOCK_N, BLOCK_K)
+            if GLU != "none":  # the same tile of the up projection
+                b_up = _b_tile(bu_desc, bu_ptrs, group, tile_n * BLOCK_N, k, offs_k, offs_n, K, N,
+                               USE_TMA, B_K_MAJOR, BLOCK_N, BLOCK_K)
                 if UPCAST:
                     b_up = b_up.to(tl.float32)
                 acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
             if not USE_TMA:
                 b_ptrs += BLOCK_K * stride_bk
+                bu_ptrs += BLOCK_K * stride_bk
         if GLU != "none":
             gate, _ = _act(acc, GLU)
             acc = gate * acc_up
@@ -435,6 +440,7 @@ def triton_gmm(
     a_rows: Optional[torch.Tensor] = None,
     b_rows: Optional[torch.Tensor] = None,
     glu: Optional[str] = None,
+    b_up: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The Triton kernels. Inputs are validated by `gmm`; see the module docstring for the forms.
 
@@ -449,11 +455,17 @@ def triton_gmm(
     negative ones (and any with T = 0) read as rows of zeros. Sizes are validated by the caller.
     `glu` (forward forms only, an activation of `megablocks.backend.activation.ACTIVATIONS`): `b`
     holds 2N columns, the gate's then the up projection's, and the result is the `[M, N]`
-    `act(a @ b[:, :N]) * (a @ b[:, N:])` of each group, in fp32 from the accumulators.
+    `act(a @ b[:, :N]) * (a @ b[:, N:])` of each group, in fp32 from the accumulators. With
+    `b_up` (a tensor of b's shape, dtype and device, read with the same `trans_b`) `b` holds the
+    gate's N columns and `b_up` the up projection's: `act(a @ b) * (a @ b_up)`.
     """
     if glu is not None and (glu not in _GLU_ACTIVATIONS or trans_a or accumulate_into is not None):
         raise ValueError(f"glu: expected one of {_GLU_ACTIVATIONS} on a forward form without "
                          f"accumulate_into, got {glu!r}")
+    if b_up is not None and (glu is None or b_up.shape != b.shape or b_up.dtype != b.dtype
+                             or b_up.device != b.device):
+        raise ValueError(f"b_up: expected glu and a tensor of b's shape {tuple(b.shape)}, {b.dtype} on "
+                         f"{b.device}, got {tuple(b_up.shape)}, {b_up.dtype} on {b_up.device} (glu={glu!r})")
     if a_rows is not None and b_rows is not None:
         raise ValueError("a_rows, b_rows: at most one row map per product")
     if b_rows is not None and not trans_a:
@@ -514,14 +526,18 @@ def triton_gmm(
         return out
 
     b_ekn = b.transpose(1, 2) if trans_b else b
-    if b_ekn.stride(1) != 1 and b_ekn.stride(2) != 1:
+    bu_ekn = None if b_up is None else (b_up.transpose(1, 2) if trans_b else b_up)
+    if (b_ekn.stride(1) != 1 and b_ekn.stride(2) != 1) or (bu_ekn is not None and bu_ekn.stride() != b_ekn.stride()):
+        # The kernel reads both with one set of strides, one of them unit.
         b_ekn = b_ekn.contiguous()
+        bu_ekn = None if bu_ekn is None else bu_ekn.contiguous()
     b_k_major = b_ekn.stride(1) == 1 and b_ekn.stride(2) != 1
     N = b_ekn.shape[2]
-    if glu is not None:
+    if glu is not None and bu_ekn is None:
         if N % 2:
             raise ValueError(f"b: expected an even number of columns (gate, up) with glu, got {N}")
         N //= 2
+        b_ekn, bu_ekn = b_ekn[:, :, :N], b_ekn[:, :, N:]
     if accumulate_into is None:
         out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     else:
@@ -529,14 +545,12 @@ def triton_gmm(
     if a_rows is not None and T == 0:  # every mapped row reads as zeros: the product is zero
         return out if accumulate_into is not None else out.zero_()
     if use_tma is None:  # with a_rows, a is read by pointer loads whatever its strides
-        b_tma = b_ekn.transpose(1, 2) if b_k_major else b_ekn
-        use_tma = _tma_ok(b_tma) if a_rows is not None else _tma_ok(a, b_tma)
-        # The up projection's tiles start N columns in: along a contiguous dimension, 16-byte aligned.
-        use_tma = use_tma and (glu is None or b_k_major or (N * b.element_size()) % 16 == 0)
+        b_tma = [t.transpose(1, 2) if b_k_major else t for t in (b_ekn, bu_ekn) if t is not None]
+        use_tma = _tma_ok(*b_tma) if a_rows is not None else _tma_ok(a, *b_tma)
     num_tiles = (triton.cdiv(M, cfg["BLOCK_M"]) + E + 1) * triton.cdiv(N, cfg["BLOCK_N"])
     num_programs = _num_programs(a, num_tiles, cfg)
     _gmm_kernel[(num_programs,)](
-        a, b_ekn, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
+        a, b_ekn, b_ekn if bu_ekn is None else bu_ekn, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
         M, N, K, E, T, num_programs,
         a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],

@@ -442,6 +442,46 @@ def test_triton_glu_with_row_map_and_schedules(schedule, use_tma, device):
     assert_close("out", out, _glu_reference(gathered, b, batch_sizes, True, "silu"), torch.float16)
 
 
+def _cat_gate_up(b, b_up, trans_b):
+    return torch.cat([b, b_up], dim=1 if trans_b else 2)
+
+
+@pytest.mark.parametrize("case, use_tma", [("mixed", True), ("mixed", False), ("unaligned", None), ("no_rows", None)])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_triton_glu_separate_up_projection(trans_b, case, use_tma, device):
+    """`b_up`: the gate and up projections as two tensors (dMoE's w1 and v1), equal to the same
+    columns concatenated; with a row map, on both load paths (an unaligned K takes pointer loads)."""
+    sizes, K, N = CASES[case]
+    a, b, batch_sizes = _inputs(sizes, K, N, torch.float16, device, trans_b)
+    b_up = (torch.randn(b.shape, device=device) / K**0.5).half()
+    expected = _glu_reference(a, _cat_gate_up(b, b_up, trans_b), batch_sizes, trans_b, "silu")
+    out = gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=trans_b, glu="silu", b_up=b_up, use_tma=use_tma)
+    assert_close("out", out, expected, torch.float16)
+    # Through a row map: the rows of a in reverse order, read from a [T, K] tensor.
+    rows = torch.arange(a.shape[0] - 1, -1, -1, device=device, dtype=torch.int32)
+    out = gmm_backend.triton_gmm(a.flip(0).contiguous(), b, batch_sizes, trans_b=trans_b, a_rows=rows, glu="silu",
+                                 b_up=b_up, use_tma=use_tma)
+    assert_close("out (row map)", out, expected, torch.float16)
+
+
+def test_triton_glu_separate_up_layouts(device):
+    """dMoE's [E·F, H] weights viewed as [E, F, H] (read transposed), and a b_up whose strides
+    differ from b's (both are then laid out alike first)."""
+    sizes, K, N = [5, 0, 9, 3], 24, 20
+    E = len(sizes)
+    a, _, batch_sizes = _inputs(sizes, K, N, torch.float32, device, True)
+    w1 = torch.randn(E * N, K, device=device) / K**0.5
+    v1 = torch.randn(E * N, K, device=device) / K**0.5
+    b, b_up = w1.view(E, N, K), v1.view(E, N, K)
+    expected = _glu_reference(a, _cat_gate_up(b, b_up, True), batch_sizes, True, "gelu")
+    out = gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, glu="gelu", b_up=b_up)
+    assert_close("out", out, expected, torch.float32)
+    strided_up = b_up.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    assert strided_up.stride() != b.stride()
+    out = gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, glu="gelu", b_up=strided_up)
+    assert_close("out (other strides)", out, expected, torch.float32)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="the decode tiles are chosen on CUDA only")
 @pytest.mark.parametrize("rows_per_group", [1, 4, 18, 24])
 @pytest.mark.parametrize("glu", [None, "silu"])
@@ -474,3 +514,9 @@ def test_triton_glu_bad_arguments(device):
     odd = torch.randn(2, 7, 16, device=device)
     with pytest.raises(ValueError, match="even number of columns"):
         gmm_backend.triton_gmm(a, odd, batch_sizes, trans_b=True, glu="silu")
+    with pytest.raises(ValueError, match="b_up: expected glu"):
+        gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, b_up=b)
+    with pytest.raises(ValueError, match="b_up: expected glu"):
+        gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, glu="silu", b_up=b[:, :4])
+    with pytest.raises(ValueError, match="b_up: expected glu"):
+        gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, glu="silu", b_up=b.double())
