@@ -39,10 +39,10 @@ from megablocks.backend import topk as topk_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.activation import ACTIVATIONS as GLU_ACTIVATIONS
 from megablocks.backend.gmm import triton_gmm
-from megablocks.backend.permute import scatter_rows
 from megablocks.backend.routing import SMALL_ROUTING_MAX_EXPERTS, SMALL_ROUTING_MAX_ROWS, small_routing_maps
 from megablocks.ops._eager import eager
 from megablocks.ops.activation import glu
+from megablocks.ops.experts import routed_glu_experts
 from megablocks.ops.gmm import gmm
 from megablocks.ops.permute import gather_routed, route, scatter_routed
 from megablocks.ops.routing import routing_metadata
@@ -147,15 +147,6 @@ def _glu_gemm(x_NH: torch.Tensor, w1: torch.Tensor, tokens_per_expert: torch.Ten
     return _glu(gmm(x_NH, w1, tokens_per_expert, trans_b=True, backend=backend), f, activation)
 
 
-def _routed_glu_experts(x_TH, w1, w2, counts_E, token_of_row_N, row_of_assignment_N, weights_N, topk: int,
-                        activation: str, trans_b: bool) -> torch.Tensor:
-    """The decode form after its routing: the GLU-epilogue grouped GEMM reading the token rows
-    through the map, the down GEMM, the weighted scatter (three launches)."""
-    a_NF = triton_gmm(x_TH, w1, counts_E, trans_b=trans_b, a_rows=token_of_row_N, glu=activation)
-    y_NH = triton_gmm(a_NF, w2, counts_E, trans_b=trans_b)
-    return scatter_rows(y_NH, row_of_assignment_N, weights_N, topk)
-
-
 def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
                      topk: int, renormalize: bool, activation: str) -> torch.Tensor:
     """The decode form of the grouped path (module docstring): four launches (five past
@@ -168,8 +159,8 @@ def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
     else:
         weights_TK, ids_TK = topk_kernels.softmax_topk(gating_output, topk, renormalize)
         return _experts_from_ids_impl(hidden_states, w1, w2, ids_TK, weights_TK, activation, True)
-    return _routed_glu_experts(hidden_states, w1, w2, counts_E, token_of_row_N, row_of_assignment_N,
-                               weights_TK.view(-1), topk, activation, trans_b=True)
+    return routed_glu_experts(hidden_states, w1, None, w2, counts_E, token_of_row_N, row_of_assignment_N,
+                              weights_TK.view(-1), topk, activation, up_trans_b=True, down_trans_b=True)
 
 
 @torch.library.custom_op("megablocks::fused_moe_routed", mutates_args=())
@@ -193,8 +184,8 @@ def _experts_from_ids_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: to
     GEMM, the scatter."""
     topk = ids_TK.shape[1]
     counts_E, assignment_row_N, token_of_row_N = small_routing_maps(ids_TK.reshape(-1), w1.shape[0], topk)
-    return _routed_glu_experts(hidden_states, w1, w2, counts_E, token_of_row_N, assignment_row_N,
-                               weights_TK.reshape(-1), topk, activation, trans_b)
+    return routed_glu_experts(hidden_states, w1, None, w2, counts_E, token_of_row_N, assignment_row_N,
+                              weights_TK.reshape(-1), topk, activation, up_trans_b=trans_b, down_trans_b=trans_b)
 
 
 @torch.library.custom_op("megablocks::experts_from_ids", mutates_args=())

@@ -19,6 +19,11 @@ With `megablocks.layers.mlp.FUSED_GATHER` (GLU experts up to FUSED_GLU_INPUT_GRA
 first two lines are one: the up projections read x_TH through the maps
 (`gmm_shared_input_gathered(x_TH, w1^T, v1^T, maps)`), and x_NH never exists.
 
+Without autograd (no grad mode, or no input or weight needing a gradient), the grouped path
+with GLU experts and the Triton kernels takes its inference form (`INFERENCE_FORM`,
+`megablocks.ops.glu_experts`): the routing in one program at decode sizes, one grouped GEMM
+reading the token rows through the map with the GLU in its epilogue, the down GEMM, the scatter.
+
 No value is read on the host on either path (the 'gg' gmm backend, which takes its group sizes
 on the host, is the exception): a dMoE step can be captured in a CUDA graph.
 
@@ -27,14 +32,24 @@ exchanges the rows with the ranks holding their experts and runs either path abo
 E/esd local experts (weights [E/esd · F/hsd, H]); the split sizes are read on the host.
 """
 
+from typing import Optional
+
 import stk
 import torch
 
+from megablocks.backend import use_triton
 from megablocks.layers import dmlp_registry, mlp, moe, mpu
+from megablocks.layers.activation_fn import fused_name
 from megablocks.layers.arguments import Arguments
+from megablocks.ops.experts import glu_experts
 from megablocks.ops.permute import gather_routed, route, scatter_routed
 from megablocks.ops.routing import routing_metadata
 from megablocks.ops.topology import make_topology
+
+
+# Whether the grouped path's forward without autograd takes the inference form (module
+# docstring) where it applies.
+INFERENCE_FORM = True
 
 
 class ParallelDroplessMLP(moe.ParallelMLP):
@@ -95,8 +110,27 @@ class ParallelDroplessMLP(moe.ParallelMLP):
         x_TH = x.reshape(-1, x.shape[-1])
         return self.sparse_permute_and_compute(x_TH, expert_weights.flatten(), top_experts, self.num_experts, self.top_k)
 
+    def inference_activation(self, x_TH: torch.Tensor) -> Optional[str]:
+        """The GLU activation's name where this forward takes the inference form (module
+        docstring), else None: INFERENCE_FORM, the grouped path, GLU experts whose activation the
+        fused kernels implement, the Triton kernels in use for x, T > 0, and no gradient to record."""
+        experts = self.mlp
+        if not (INFERENCE_FORM and isinstance(experts, mlp.GroupedMLP) and experts._v1() is not None):
+            return None
+        if x_TH.shape[0] == 0 or mlp._gmm_backend(self.args) not in (None, "triton") or not use_triton(x_TH):
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TH, experts.w1, experts._v1(), experts.w2)):
+            return None
+        return fused_name(self.args.activation_fn)
+
     def grouped_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
         x_TH = x.reshape(-1, x.shape[-1])
+        activation = self.inference_activation(x_TH)
+        if activation is not None:
+            hidden = x_TH.shape[-1]
+            w1, v1, w2 = (w.view(self.num_experts, -1, hidden) for w in self.mlp._cast_weights(x_TH))
+            return glu_experts(x_TH, w1, v1, w2, top_experts.view(-1, self.top_k),
+                               expert_weights.view(-1, self.top_k), activation)
         return self.grouped_permute_and_compute(x_TH, expert_weights.flatten(), top_experts, self.num_experts, self.top_k)
 
     def forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):

@@ -4,6 +4,7 @@ The names and argument order follow MegaBlocks 0.10, so code written against it 
 """
 
 from megablocks.ops.activation import glu
+from megablocks.ops.experts import glu_experts
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered
 from megablocks.ops.permute import (
     binned_gather,
@@ -32,6 +33,7 @@ from megablocks.ops.topology import make_topology, topology
 __all__ = [
     "dds",
     "glu",
+    "glu_experts",
     "dsd",
     "gmm",
     "gmm_gathered",

@@ -1,0 +1,99 @@
+"""Gated experts without autograd, by the fewest launches: what inference runs.
+
+Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K routed rows.
+
+    counts_E, maps = routing of ids_TK           one program (N <= 4096, E <= 1022: small_routing_maps),
+                                                 else routing_metadata and route
+    a_NF   = act(x[rows] @ w1_e^T) * (x[rows] @ v1_e^T)   one grouped GEMM: the token rows read through
+                                                 the map, the GLU in its epilogue (fp32, rounded once)
+    y_NH   = a_NF @ w2_e                         the down grouped GEMM
+    out_TH = Σ_k weights_tk · y[row of (t, k)]   the scatter, in fp32
+
+Three or four launches after the router; no `[N, H]` gathered copy, no `[N, F]` pre-activations,
+no GLU kernel; no value read on the host. The Triton kernels only (CUDA, or the interpreter).
+`glu_experts` takes dMoE's layout (`w1`, `v1`, `w2` as [E, F, H]); `routed_glu_experts` is the
+part after the routing, which `megablocks.integrations.inference` shares with its layouts.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from megablocks.backend.gmm import triton_gmm
+from megablocks.backend.permute import scatter_rows
+from megablocks.backend.routing import SMALL_ROUTING_MAX_EXPERTS, SMALL_ROUTING_MAX_ROWS, small_routing_maps
+from megablocks.ops._eager import eager
+from megablocks.ops.permute import route
+from megablocks.ops.routing import routing_metadata
+
+
+def routed_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: Optional[torch.Tensor], w2: torch.Tensor,
+                       counts_E: torch.Tensor, token_of_row_N: torch.Tensor, assignment_row_N: torch.Tensor,
+                       weights_N: torch.Tensor, topk: int, activation: str, up_trans_b: bool,
+                       down_trans_b: bool) -> torch.Tensor:
+    """The experts after their routing: the GLU-epilogue grouped GEMM reading the token rows
+    through `token_of_row_N`, the down GEMM, the weighted scatter (three launches). `v1` None:
+    `w1` holds the gate's columns then the up projection's (`triton_gmm(..., glu=)`)."""
+    a_NF = triton_gmm(x_TH, w1, counts_E, trans_b=up_trans_b, a_rows=token_of_row_N, glu=activation, b_up=v1)
+    y_NH = triton_gmm(a_NF, w2, counts_E, trans_b=down_trans_b)
+    return scatter_rows(y_NH, assignment_row_N, weights_N, topk)
+
+
+def _glu_experts_impl(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,
+                      ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    topk = ids_TK.shape[1]
+    num_experts = w1_EFH.shape[0]
+    n = ids_TK.numel()
+    if 0 < n <= SMALL_ROUTING_MAX_ROWS and num_experts <= SMALL_ROUTING_MAX_EXPERTS:
+        counts_E, assignment_row_N, token_of_row_N = small_routing_maps(ids_TK.reshape(-1), num_experts, topk)
+    else:
+        meta = routing_metadata(ids_TK, num_experts, 1)
+        maps = route(meta.indices, meta.bin_ids, meta.bins, topk)
+        counts_E, assignment_row_N = meta.tokens_per_expert, maps.assignment_row
+        token_of_row_N = maps.row_assignment if topk == 1 else torch.div(maps.row_assignment, topk,
+                                                                          rounding_mode="floor")
+    out_TH = routed_glu_experts(x_TH, w1_EFH, v1_EFH, w2_EFH, counts_E, token_of_row_N, assignment_row_N,
+                                weights_TK.reshape(-1), topk, activation, up_trans_b=True, down_trans_b=False)
+    return out_TH, counts_E
+
+
+@torch.library.custom_op("megablocks::glu_experts", mutates_args=())
+def _glu_experts_op(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,
+                    ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _glu_experts_impl(x_TH, w1_EFH, v1_EFH, w2_EFH, ids_TK, weights_TK, activation)
+
+
+@_glu_experts_op.register_fake
+def _(x_TH, w1_EFH, v1_EFH, w2_EFH, ids_TK, weights_TK, activation):
+    return torch.empty_like(x_TH), x_TH.new_empty((w1_EFH.shape[0],), dtype=torch.int32)
+
+
+_glu_experts_op = eager(_glu_experts_op)
+
+
+def glu_experts(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,
+                ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`(out_TH, tokens_per_expert_E)`: `out[t] = Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` with
+    `expert_e(x) = (act(x w1_e^T) * (x v1_e^T)) w2_e`, by the launches of the module docstring.
+
+    No autograd, no validation (the caller's: dMoE's inference form); the Triton kernels must be
+    in use for x (`megablocks.backend.use_triton`). `w1_EFH`, `v1_EFH`, `w2_EFH`: [E, F, H] in
+    x's dtype; `ids_TK` integer ids in [0, E); `weights_TK` float; `activation` a name of
+    `megablocks.backend.activation.ACTIVATIONS`. Counts are int32. A custom op
+    (`torch.ops.megablocks.glu_experts`) for `torch.compile`.
+    """
+    return _glu_experts_op(x_TH, w1_EFH, v1_EFH, w2_EFH, ids_TK, weights_TK, activation)
+
+
+def glu_experts_reference(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,
+                          ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation) -> torch.Tensor:
+    """The per-token, per-choice loop `glu_experts` is checked against, in float64; `activation`
+    a callable."""
+    out = torch.zeros(x_TH.shape, dtype=torch.float64, device=x_TH.device)
+    for t in range(x_TH.shape[0]):
+        x = x_TH[t].double()
+        for k in range(ids_TK.shape[1]):
+            e = int(ids_TK[t, k])
+            h = activation(w1_EFH[e].double() @ x) * (v1_EFH[e].double() @ x)
+            out[t] += float(weights_TK[t, k]) * (h @ w2_EFH[e].double())
+    return out

@@ -1,0 +1,192 @@
+"""dMoE's inference form (`megablocks.layers.dmoe.INFERENCE_FORM`, `megablocks.ops.glu_experts`):
+the grouped GLU path's forward without autograd, against the naive reference and against the
+layer's own autograd forward, at hostile shapes; where it is taken and where it is not; and the
+op itself against its per-token loop.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megablocks.layers import dmoe as dmoe_module
+from megablocks.layers.dmoe import dMoE
+from megablocks.ops import experts as experts_module
+from megablocks.ops.experts import glu_experts, glu_experts_reference
+from tests.conftest import DEVICE, FLOAT_DTYPES
+from tests.layers.moe_reference import capture_routing, layer_params, make_args, randomize_bias, reference_moe, route_all_to
+from tests.utils import assert_close, assert_equal
+
+# (lead dims of x, H, F, E, K, routing)
+SHAPES = [
+    pytest.param(((8, 2), 40, 24, 4, 2, "random"), id="H,F-not-multiples-of-tiles"),
+    pytest.param(((1, 1), 48, 40, 4, 1, "random"), id="one-token-empty-experts"),
+    pytest.param(((6,), 40, 24, 3, 3, "random"), id="topk=E-2d-input"),
+    pytest.param(((2, 2, 2), 40, 24, 4, 2, "one"), id="all-on-one-expert-4d-input"),
+]
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": torch.nn.ReLU(),
+}
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the layer's calls of `glu_experts` (the inference form)."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return glu_experts(*args)
+
+    monkeypatch.setattr(dmoe_module, "glu_experts", counted)
+    return calls
+
+
+def _glu_layer(dtype=torch.float32, **kw) -> dMoE:
+    layer = dMoE(make_args("triton", dtype, mlp_type="glu", **kw))
+    randomize_bias(layer)
+    return layer
+
+
+def _reference(layer, x):
+    p = layer_params(layer)
+    args = layer.args
+    with torch.no_grad():
+        out, top_experts, counts = reference_moe(
+            x.detach().float().cpu(), p["router"], p["w1"], p["v1"], p["w2"], p["bias"], top_k=args.moe_top_k,
+            activation_fn=args.activation_fn, normalize=args.moe_normalize_expert_weights,
+        )
+    return out, top_experts, counts
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_inference_form_matches_reference(shape, activation, spy):
+    lead, H, Fs, E, K, routing = shape
+    layer = _glu_layer(hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K,
+                       activation_fn=ACTIVATIONS[activation])
+    if routing == "one":
+        route_all_to(layer, 2)
+        x = torch.rand(*lead, H, device=DEVICE) + 0.5
+    else:
+        x = torch.randn(*lead, H, device=DEVICE)
+    seen = capture_routing(layer)
+    with torch.no_grad():
+        out = layer(x)
+    assert len(spy) == 1, "the forward without autograd did not take the inference form"
+    ref, top_experts, counts = _reference(layer, x)
+    assert_equal("top_experts", seen["top_experts"].cpu(), top_experts)
+    assert_equal("tokens_per_expert", layer.experts.tokens_per_expert.cpu().long(), counts)
+    assert layer.experts.tokens_per_expert.dtype == torch.int32
+    assert_close("out", out, ref)
+    # The same layer with autograd: the training path, the same values.
+    trained = layer(x.clone().requires_grad_(True))
+    assert len(spy) == 1, "a forward that records a gradient must not take the inference form"
+    assert_close("out against the autograd forward", out, trained)
+
+
+@pytest.mark.parametrize("dtype", [d for d in FLOAT_DTYPES if d != torch.float32])
+def test_inference_form_low_precision(dtype, spy):
+    layer = _glu_layer(dtype, moe_normalize_expert_weights=1, moe_num_experts=8, moe_top_k=3)
+    x = torch.randn(9, 3, 40, device=DEVICE, dtype=dtype)
+    with torch.inference_mode():
+        out = layer(x)
+    assert len(spy) == 1 and out.dtype == dtype
+    assert_close("out", out, _reference(layer, x)[0], dtype=dtype)
+
+
+def test_inference_form_past_one_routing_program(monkeypatch, spy):
+    """Past the one-program routing's sizes: routing_metadata and route, the same result."""
+    layer = _glu_layer(moe_num_experts=5, moe_top_k=2)
+    x = torch.randn(13, 40, device=DEVICE)
+    with torch.no_grad():
+        small = layer(x)
+    monkeypatch.setattr(experts_module, "SMALL_ROUTING_MAX_ROWS", 8)
+    with torch.no_grad():
+        routed = layer(x)
+    assert len(spy) == 2
+    assert_close("out", routed, small)
+    assert_close("out against the reference", routed, _reference(layer, x)[0])
+    layer.args.moe_top_k = layer.experts.top_k = 1  # K = 1: the row map is the token map
+    with torch.no_grad():
+        out = layer(x)
+    assert_close("out (K = 1)", out, _reference(layer, x)[0])
+
+
+def test_inference_form_with_bias_options_and_shared_expert(spy):
+    for kw in (dict(return_bias=True), dict(bias=False), dict(shared_expert=True, shared_expert_hidden_size=16)):
+        layer = dMoE(make_args("triton", mlp_type="glu", **kw))
+        if layer.experts.bias is not None:
+            randomize_bias(layer)
+        x = torch.randn(5, 2, 40, device=DEVICE)
+        with torch.no_grad():
+            out = layer(x)
+        expected = layer(x.clone().requires_grad_(True))
+        if isinstance(out, tuple):
+            assert out[1] is layer.experts.bias
+            out, expected = out[0], expected[0]
+        assert_close(f"out {kw}", out, expected)
+    assert len(spy) == 3
+
+
+def test_where_the_inference_form_is_not_taken(monkeypatch, spy):
+    x = torch.randn(6, 40, device=DEVICE)
+    # Gradients to record: eval mode alone changes nothing.
+    layer = _glu_layer().eval()
+    layer(x).sum().backward()
+    assert layer.experts.mlp.w1.grad is not None
+    # An activation the fused kernels do not implement; MLP experts; the block-sparse path; the torch backend.
+    cases = [
+        _glu_layer(activation_fn=torch.tanh),
+        dMoE(make_args("triton", mlp_type="mlp")),
+        dMoE(make_args("sparse", mlp_type="glu")),
+    ]
+    if DEVICE == "cpu":
+        cases.append(dMoE(make_args("torch", mlp_type="glu")))
+    for other in cases:
+        with torch.no_grad():
+            other(x)
+    assert not spy
+    monkeypatch.setattr(dmoe_module, "INFERENCE_FORM", False)
+    with torch.no_grad():
+        off = layer(x)
+    assert not spy
+    monkeypatch.setattr(dmoe_module, "INFERENCE_FORM", True)
+    with torch.no_grad():
+        on = layer(x)
+    assert len(spy) == 1
+    assert_close("on against off", on, off)
+    # No tokens: the general path (which handles T = 0).
+    with torch.no_grad():
+        empty = layer(torch.randn(0, 2, 40, device=DEVICE))
+    assert empty.shape == (0, 2, 40) and len(spy) == 1
+
+
+def test_inference_form_compiles_fullgraph(spy):
+    layer = _glu_layer()
+    x = torch.randn(7, 40, device=DEVICE)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager, traced = layer(x), compiled(x)
+    assert_close("compiled against eager", traced, eager)
+
+
+# ------------------------------------------------------------------------------------------------
+# The op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T, H, Fs, E, K", [(1, 16, 8, 3, 1), (11, 40, 24, 6, 6), (33, 24, 40, 9, 2)])
+def test_glu_experts_against_its_loop(T, H, Fs, E, K, dtype, device):
+    x = torch.randn(T, H, device=device).to(dtype)
+    w1, v1, w2 = ((torch.randn(E, Fs, H, device=device) / H**0.5).to(dtype) for _ in range(3))
+    ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(T)])
+    weights = torch.rand(T, K, device=device)
+    out, counts = glu_experts(x, w1, v1, w2, ids, weights, "silu")
+    assert_equal("counts", counts.cpu().long(), torch.bincount(ids.flatten().cpu(), minlength=E))
+    assert_close("out", out, glu_experts_reference(x, w1, v1, w2, ids, weights, F.silu), dtype=dtype)
