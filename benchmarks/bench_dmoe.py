@@ -6,7 +6,8 @@
     python benchmarks/bench_dmoe.py --smoke --dtype float32    # CPU: tiny shapes, every contender
 Other flags: --modes fwd,fwdbwd, --rep N (CUDA: ms of timed calls per measurement; CPU: calls),
 --dtype bfloat16|float16|float32 (default bfloat16; float32 on CPU, whose interpreter mishandles bf16),
---levers small_routing=0,fused_glu_input_grad=0 (library switches: NAME turns one on, NAME=0 off).
+--levers small_routing=0,fused_glu_input_grad=0 (library switches: NAME turns one on, NAME=0 off;
+see LEVERS).
 
 Layers: the configs of `common.CONFIGS` (T tokens, hidden H, ffn F, E experts, top-k) with their
 expert MLP (`LAYER_KINDS`), and decode-sized variants (`DECODE_CONFIGS`: T=64, forward only,
@@ -601,6 +602,7 @@ LEVERS = {
     "small_routing": ("megablocks.ops.routing", "SMALL_ROUTING"),
     "fused_glu_input_grad": ("megablocks.layers.mlp", "FUSED_GLU_INPUT_GRAD"),
     "fused_gather": ("megablocks.layers.mlp", "FUSED_GATHER"),
+    "inference_form": ("megablocks.layers.dmoe", "INFERENCE_FORM"),
 }
 
 
@@ -622,7 +624,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--levers", type=_split, default=[],
                    help="comma-separated switches, NAME to turn one on, NAME=0 to turn it off: "
                         "small_routing (megablocks.ops.routing.SMALL_ROUTING), fused_glu_input_grad "
-                        "(megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD), fused_gather (megablocks.layers.mlp.FUSED_GATHER)")
+                        "(megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD), fused_gather (megablocks.layers.mlp.FUSED_GATHER), "
+                        "inference_form (megablocks.layers.dmoe.INFERENCE_FORM)")
     args = p.parse_args(argv)
     parsed = []
     for lever in args.levers:
