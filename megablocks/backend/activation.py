@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megablocks.backend import cdiv
+
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
 # Elements per program and warps. An elementwise kernel is bound by memory; 4096 elements over 8
@@ -110,7 +112,7 @@ def glu_forward(h1: torch.Tensor, h2: torch.Tensor, activation: str) -> torch.Te
     out = torch.empty(h1.shape, dtype=h1.dtype, device=h1.device)
     numel = h1.numel()
     if numel:
-        _glu_forward_kernel[(triton.cdiv(numel, BLOCK),)](
+        _glu_forward_kernel[(cdiv(numel, BLOCK),)](
             h1, h2, out, numel, ACTIVATION=activation, BLOCK=BLOCK, num_warps=NUM_WARPS
         )
     return out
@@ -124,7 +126,7 @@ def glu_backward(grad: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, activat
     grad_h2 = torch.empty(h2.shape, dtype=h2.dtype, device=h2.device)
     numel = h1.numel()
     if numel:
-        _glu_backward_kernel[(triton.cdiv(numel, BLOCK),)](
+        _glu_backward_kernel[(cdiv(numel, BLOCK),)](
             grad, h1, h2, grad_h1, grad_h2, numel, ACTIVATION=activation, BLOCK=BLOCK, num_warps=NUM_WARPS
         )
     return grad_h1, grad_h2

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from megablocks._checks import INDEX_DTYPES, check_int32_range, check_tensor
+from megablocks.backend import cdiv, next_power_of_2
 from megablocks.backend.activation import ACTIVATIONS as _GLU_ACTIVATIONS
 from megablocks.backend.activation import _act
 
@@ -492,7 +493,7 @@ def triton_gmm(
     cfg = dict(_config(a, None if trans_a else M / max(E, 1), glu is not None))
     cfg.update(config or {})
     launch = dict(
-        BLOCK_E=max(triton.next_power_of_2(E), 128),  # one compiled variant up to 128 groups
+        BLOCK_E=max(next_power_of_2(E), 128),  # one compiled variant up to 128 groups
         UPCAST=_interpreted(a) and a.dtype == torch.bfloat16,
         PRECISION=_precision(a.dtype),
         GROUP_M=cfg["GROUP_M"],
@@ -513,7 +514,7 @@ def triton_gmm(
             return out.zero_()
         if use_tma is None:  # a mapped `a` is read by pointer loads, whatever its strides
             use_tma = _tma_ok(b) if a_rows is not None else _tma_ok(a, b)
-        num_tiles = E * triton.cdiv(K, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+        num_tiles = E * cdiv(K, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
         num_programs = _num_programs(a, num_tiles, cfg)
         _gmm_var_k_kernel[(num_programs,)](
             a, b, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
@@ -547,7 +548,7 @@ def triton_gmm(
     if use_tma is None:  # with a_rows, a is read by pointer loads whatever its strides
         b_tma = [t.transpose(1, 2) if b_k_major else t for t in (b_ekn, bu_ekn) if t is not None]
         use_tma = _tma_ok(*b_tma) if a_rows is not None else _tma_ok(a, *b_tma)
-    num_tiles = (triton.cdiv(M, cfg["BLOCK_M"]) + E + 1) * triton.cdiv(N, cfg["BLOCK_N"])
+    num_tiles = (cdiv(M, cfg["BLOCK_M"]) + E + 1) * cdiv(N, cfg["BLOCK_N"])
     num_programs = _num_programs(a, num_tiles, cfg)
     _gmm_kernel[(num_programs,)](
         a, b_ekn, b_ekn if bu_ekn is None else bu_ekn, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,

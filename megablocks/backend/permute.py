@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from megablocks import _checks
+from megablocks.backend import cdiv, next_power_of_2
 
 LAYOUTS = ("plain", "padded", "binned")
 
@@ -63,7 +64,7 @@ def default_tile(hidden: int) -> Tile:
     2 rows × 1024 with 4 warps gave gather 2624 GB/s, scatter 2873 GB/s, weight_grad 2840 GB/s
     (copy 2961 GB/s), the best of twelve tiles; 2 × 2048 with 8 warps gave 2490 / 2878 / 2792.
     """
-    cols = min(triton.next_power_of_2(max(hidden, 1)), 1024)
+    cols = min(next_power_of_2(max(hidden, 1)), 1024)
     return Tile(max(1, 2048 // cols), cols, 4)
 
 
@@ -319,7 +320,7 @@ def route(
     if n == 0 or num_rows == 0:
         return assignment_row, row_assignment
     has_bin_ids = layout != "binned"
-    _route_kernel[(triton.cdiv(n, _ROUTE_BLOCK),)](
+    _route_kernel[(cdiv(n, _ROUTE_BLOCK),)](
         indices_N,
         bin_ids_N if has_bin_ids and bin_ids_N is not None else indices_N,
         bins_E,
@@ -361,7 +362,7 @@ def gather_rows(
     if out.numel() == 0:
         return out
     tile = tile or default_tile(hidden)
-    grid = (triton.cdiv(tokens, tile.rows) + triton.cdiv(num_rows, tile.rows * _ZERO_TILES),)
+    grid = (cdiv(tokens, tile.rows) + cdiv(num_rows, tile.rows * _ZERO_TILES),)
     _gather_kernel[grid](
         x_TH,
         assignment_row_N,
@@ -405,7 +406,7 @@ def scatter_rows(
     if out.numel() == 0:
         return out
     tile = tile or default_tile(hidden)
-    _scatter_kernel[(triton.cdiv(tokens, tile.rows),)](
+    _scatter_kernel[(cdiv(tokens, tile.rows),)](
         x_RH,
         assignment_row_N,
         weights_N if weights_N is not None else x_RH,
@@ -444,7 +445,7 @@ def weight_grad(
     if n == 0 or x_RH.shape[1] == 0:
         return out
     tile = tile or default_tile(x_RH.shape[1])
-    _weight_grad_kernel[(triton.cdiv(n, tile.rows),)](
+    _weight_grad_kernel[(cdiv(n, tile.rows),)](
         x_RH,
         y_TH,
         assignment_row_N,

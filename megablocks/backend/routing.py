@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megablocks.backend import cdiv, next_power_of_2
+
 # Bins per program-local histogram at most. Up to this, each program reduces its ids with
 # `tl.histogram` (log2(bins) warp ballots per id) and adds one count per bin to global memory; above
 # it, the per-thread bin work outgrows the atomics' contention, so each id gets its own atomic.
@@ -69,11 +71,11 @@ def histogram(x_MN: torch.Tensor, max_val: int, *, local=None) -> torch.Tensor:
     counts_MV = torch.zeros((num_rows, max_val), dtype=torch.int32, device=x_MN.device)
     if num_ids == 0 or num_rows == 0 or max_val == 0:
         return counts_MV
-    num_bins = triton.next_power_of_2(max_val + 1)  # one spare bin for invalid ids
+    num_bins = next_power_of_2(max_val + 1)  # one spare bin for invalid ids
     if local is None:
         local = num_bins <= LOCAL_HISTOGRAM_MAX_BINS
     block = 4096 if local else 1024
-    grid = (triton.cdiv(num_ids, block), num_rows)
+    grid = (cdiv(num_ids, block), num_rows)
     _histogram_kernel[grid](
         x_MN, counts_MV, num_ids, max_val, x_MN.stride(0),
         BLOCK=block, NUM_BINS=num_bins, LOCAL=bool(local), num_warps=4,
@@ -151,8 +153,8 @@ def small_routing(x_N: torch.Tensor, num_experts: int, block_size: int):
 def _launch_small_routing(x_N, out_n, out_e, num_experts, block_size, maps, top_k):
     _small_routing_kernel[(1,)](
         x_N, *out_n, *out_e, *(maps if maps is not None else out_n), x_N.numel(), num_experts, block_size, top_k,
-        BLOCK_N=max(16, triton.next_power_of_2(x_N.numel())),
-        NUM_BINS=max(16, triton.next_power_of_2(num_experts + 2)),
+        BLOCK_N=max(16, next_power_of_2(x_N.numel())),
+        NUM_BINS=max(16, next_power_of_2(num_experts + 2)),
         ID_BITS=_ID_BITS, MAPS=maps is not None, num_warps=4 if x_N.numel() <= 1024 else 8,
     )
 
@@ -167,8 +169,8 @@ def small_routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
     n = x_N.numel()
     # One allocation (host time at decode sizes): indices, bin_ids, the two maps, three [E] rows.
     buf = torch.empty(4 * n + 3 * num_experts, dtype=torch.int32, device=x_N.device)
-    out_n = [buf[i * n:(i + 1) * n] for i in range(4)]
-    out_e = [buf[4 * n + i * num_experts:4 * n + (i + 1) * num_experts] for i in range(3)]
+    views = buf.split([n, n, n, n, num_experts, num_experts, num_experts])
+    out_n, out_e = list(views[:4]), list(views[4:])
     if n == 0:
         return out_e[0].zero_(), out_n[2], out_n[3]
     _launch_small_routing(x_N, out_n[:2], out_e, num_experts, 1, out_n[2:], top_k)

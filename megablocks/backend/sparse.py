@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from megablocks import _checks
+from megablocks.backend import cdiv, next_power_of_2
 from megablocks.backend.gmm import _num_sms, _tma_allocator, _tma_ok
 
 
@@ -364,14 +365,14 @@ def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
     structured = row_blocks > 0
     slots = min(cfg.slots, _round_down_pow2(row_blocks)) if structured else 1
     if structured:
-        grid = num_block_rows * triton.cdiv(row_blocks, slots)
+        grid = num_block_rows * cdiv(row_blocks, slots)
     else:
         grid = nnz
     _check_launch(grid)
     num_programs = grid
     if cfg.persistent:
         num_programs = min(grid, _num_sms(a_MK.device) if a_MK.device.type == "cuda" else 2)
-    block_k = min(cfg.block_k, triton.next_power_of_2(max(K, 16)))
+    block_k = min(cfg.block_k, next_power_of_2(max(K, 16)))
     b_k_major = b_KN.stride(0) == 1 and b_KN.shape[1] > 1
     use_tma = (
         cfg.use_tma
@@ -421,8 +422,8 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
     _check_offsets_int32("b", b_KN)
     _check_offsets_int32("out", out_MN)
     cfg = config or default_config("dsd", B, data_SBB.dtype, data_SBB.device)
-    block_n = min(cfg.block_n, max(16, triton.next_power_of_2(N)))
-    grid = num_block_rows * triton.cdiv(N, block_n)
+    block_n = min(cfg.block_n, max(16, next_power_of_2(N)))
+    grid = num_block_rows * cdiv(N, block_n)
     _check_launch(grid)
     num_programs = grid
     if cfg.persistent:

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megablocks.backend import cdiv, next_power_of_2
+
 # The largest E one program handles (one block of fp32 registers per row).
 MAX_EXPERTS = 8192
 
@@ -87,7 +89,7 @@ def softmax_topk(logits_TE: torch.Tensor, topk: int, renormalize: bool):
     ids = torch.empty((t, topk), dtype=torch.int64, device=logits_TE.device)
     if t == 0:
         return weights, ids
-    block_e = max(16, triton.next_power_of_2(e))
+    block_e = max(16, next_power_of_2(e))
     _softmax_topk_kernel[(t,)](
         logits_TE,
         weights,
@@ -191,8 +193,8 @@ def _softmax_topk_route_kernel(
 
 
 def _route_tiles(num_tokens: int, num_experts: int):
-    block_e = max(16, triton.next_power_of_2(num_experts))
-    block_t = max(1, min(triton.next_power_of_2(max(num_tokens, 1)), ROUTE_TILE // block_e))
+    block_e = max(16, next_power_of_2(num_experts))
+    block_t = max(1, min(next_power_of_2(max(num_tokens, 1)), ROUTE_TILE // block_e))
     return block_t, block_e
 
 
@@ -203,7 +205,7 @@ def route_fits(num_tokens: int, num_experts: int, topk: int) -> bool:
     if num_experts > ROUTE_MAX_EXPERTS or num_tokens * topk > ROUTE_TILE:
         return False
     block_t, block_e = _route_tiles(num_tokens, num_experts)
-    return triton.cdiv(num_tokens, block_t) * block_t * block_e * topk <= ROUTE_MAX_WORK
+    return cdiv(num_tokens, block_t) * block_t * block_e * topk <= ROUTE_MAX_WORK
 
 
 def softmax_topk_route(logits_TE: torch.Tensor, topk: int, renormalize: bool):

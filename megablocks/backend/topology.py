@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from megablocks.backend import cdiv
+
 # Slots per program. The launcher needs every slot index below cdiv(slots, SLOT_TILE)·SLOT_TILE
 # to fit in int32, so the op refuses more than INT32_MAX − SLOT_TILE slots.
 SLOT_TILE = 1024
@@ -136,7 +138,7 @@ def topology(padded_bins_E: torch.Tensor, block_size: int, num_block_rows: int, 
     offsets_t = torch.empty(num_experts * block_columns + 1, dtype=torch.int32, device=device)
     block_offsets_t = torch.empty(nnz, dtype=torch.int32, device=device)
     slots = max(nnz, num_block_rows + 1, num_experts * block_columns + 1)
-    _topology_kernel[(triton.cdiv(slots, SLOT_TILE),)](
+    _topology_kernel[(cdiv(slots, SLOT_TILE),)](
         padded_bins_E.contiguous(),
         row_indices, column_indices, offsets, column_indices_t, offsets_t, block_offsets_t,
         num_experts, num_block_rows, block_columns,
