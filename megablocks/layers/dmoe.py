@@ -19,10 +19,11 @@ With `megablocks.layers.mlp.FUSED_GATHER` (GLU experts up to FUSED_GLU_INPUT_GRA
 first two lines are one: the up projections read x_TH through the maps
 (`gmm_shared_input_gathered(x_TH, w1^T, v1^T, maps)`), and x_NH never exists.
 
-Without autograd (no grad mode, or no input or weight needing a gradient), the grouped path
-with GLU experts and the Triton kernels takes its inference form (`INFERENCE_FORM`,
-`megablocks.ops.glu_experts`): the routing in one program at decode sizes, one grouped GEMM
-reading the token rows through the map with the GLU in its epilogue, the down GEMM, the scatter.
+Inference form (`INFERENCE_FORM`, `megablocks.ops.glu_experts`): without autograd (no grad
+mode, or no input or weight needing a gradient), GLU experts on the Triton kernels take, on
+either path, the routing in one program at decode sizes, one grouped GEMM reading the token rows
+through the map with the GLU in its epilogue, the down GEMM and the scatter (the block-sparse
+products, whose rows are padded to whole blocks, have nothing to add to a forward alone).
 
 No value is read on the host on either path (the 'gg' gmm backend, which takes its group sizes
 on the host, is the exception): a dMoE step can be captured in a CUDA graph.
@@ -47,8 +48,8 @@ from megablocks.ops.routing import routing_metadata
 from megablocks.ops.topology import make_topology
 
 
-# Whether the grouped path's forward without autograd takes the inference form (module
-# docstring) where it applies.
+# Whether a forward without autograd takes the inference form (module docstring) where it
+# applies. Measured on the H100 (benchmarks/RESULTS.md, "The whole layer"): see there.
 INFERENCE_FORM = True
 
 
@@ -112,10 +113,11 @@ class ParallelDroplessMLP(moe.ParallelMLP):
 
     def inference_activation(self, x_TH: torch.Tensor) -> Optional[str]:
         """The GLU activation's name where this forward takes the inference form (module
-        docstring), else None: INFERENCE_FORM, the grouped path, GLU experts whose activation the
-        fused kernels implement, the Triton kernels in use for x, T > 0, and no gradient to record."""
+        docstring), else None: INFERENCE_FORM, GLU experts (either path: the same parameters) whose
+        activation the fused kernels implement, the Triton kernels in use for x, T > 0, and no
+        gradient to record."""
         experts = self.mlp
-        if not (INFERENCE_FORM and isinstance(experts, mlp.GroupedMLP) and experts._v1() is not None):
+        if not (INFERENCE_FORM and isinstance(experts, mlp.SparseMLP) and experts._v1() is not None):
             return None
         if x_TH.shape[0] == 0 or mlp._gmm_backend(self.args) not in (None, "triton") or not use_triton(x_TH):
             return None
@@ -123,17 +125,23 @@ class ParallelDroplessMLP(moe.ParallelMLP):
             return None
         return fused_name(self.args.activation_fn)
 
+    def inference_forward_once(self, x_TH: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor,
+                               activation: str):
+        """The inference form: `(out_TH, tokens_per_expert)` by `megablocks.ops.glu_experts`."""
+        hidden = x_TH.shape[-1]
+        w1, v1, w2 = (w.view(self.num_experts, -1, hidden) for w in self.mlp._cast_weights(x_TH))
+        return glu_experts(x_TH, w1, v1, w2, top_experts.view(-1, self.top_k), expert_weights.view(-1, self.top_k),
+                           activation)
+
     def grouped_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
         x_TH = x.reshape(-1, x.shape[-1])
-        activation = self.inference_activation(x_TH)
-        if activation is not None:
-            hidden = x_TH.shape[-1]
-            w1, v1, w2 = (w.view(self.num_experts, -1, hidden) for w in self.mlp._cast_weights(x_TH))
-            return glu_experts(x_TH, w1, v1, w2, top_experts.view(-1, self.top_k),
-                               expert_weights.view(-1, self.top_k), activation)
         return self.grouped_permute_and_compute(x_TH, expert_weights.flatten(), top_experts, self.num_experts, self.top_k)
 
     def forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
+        x_TH = x.reshape(-1, x.shape[-1])
+        activation = self.inference_activation(x_TH)
+        if activation is not None:
+            return self.inference_forward_once(x_TH, expert_weights, top_experts, activation)
         if self.args.mlp_impl == "sparse":
             return self.sparse_forward_once(x, expert_weights, top_experts)
         return self.grouped_forward_once(x, expert_weights, top_experts)

@@ -47,8 +47,8 @@ def spy(monkeypatch):
     return calls
 
 
-def _glu_layer(dtype=torch.float32, **kw) -> dMoE:
-    layer = dMoE(make_args("triton", dtype, mlp_type="glu", **kw))
+def _glu_layer(dtype=torch.float32, impl="triton", **kw) -> dMoE:
+    layer = dMoE(make_args(impl, dtype, mlp_type="glu", **kw))
     randomize_bias(layer)
     return layer
 
@@ -64,11 +64,13 @@ def _reference(layer, x):
     return out, top_experts, counts
 
 
+@pytest.mark.parametrize("impl", ["triton", "sparse"])
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_inference_form_matches_reference(shape, activation, spy):
+def test_inference_form_matches_reference(shape, activation, impl, spy):
+    """Both dMoE paths (the same parameters) take the inference form without autograd."""
     lead, H, Fs, E, K, routing = shape
-    layer = _glu_layer(hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K,
+    layer = _glu_layer(impl=impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K,
                        activation_fn=ACTIVATIONS[activation])
     if routing == "one":
         route_all_to(layer, 2)
@@ -140,11 +142,12 @@ def test_where_the_inference_form_is_not_taken(monkeypatch, spy):
     layer = _glu_layer().eval()
     layer(x).sum().backward()
     assert layer.experts.mlp.w1.grad is not None
-    # An activation the fused kernels do not implement; MLP experts; the block-sparse path; the torch backend.
+    # An activation the fused kernels do not implement; MLP experts (either path); the torch backend.
     cases = [
         _glu_layer(activation_fn=torch.tanh),
+        _glu_layer(impl="sparse", activation_fn=torch.tanh),
         dMoE(make_args("triton", mlp_type="mlp")),
-        dMoE(make_args("sparse", mlp_type="glu")),
+        dMoE(make_args("sparse", mlp_type="mlp")),
     ]
     if DEVICE == "cpu":
         cases.append(dMoE(make_args("torch", mlp_type="glu")))
