@@ -8,6 +8,7 @@ megatron-core's expert-model-parallel group. The GPU script `scripts/megatron_gp
 the whole model.
 """
 
+import contextlib
 import copy
 import os
 
@@ -300,7 +301,7 @@ def test_expert_parallel_over_megatron_groups():
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_equals_megatron_core_moe_layer(top_k, monkeypatch):
+def test_equals_megatron_core_moe_layer(top_k, monkeypatch, request):
     """Given the same router and expert weights, our layer computes what megatron-core's own
     MoELayer (SequentialMLP experts, allgather dispatcher) computes: output, input gradient,
     expert gradients and the router gradient, load-balancing loss included."""
@@ -311,6 +312,11 @@ def test_equals_megatron_core_moe_layer(top_k, monkeypatch):
     # Engine's GEMM; on a CPU-only machine point both at the CPU / torch path.
     monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
     monkeypatch.setattr(moe_utils, "te_general_gemm", None, raising=False)
+    # Its router functions are compiled; torch.compile on a machine with CUDA asks for the current
+    # device's properties, which the patch above breaks: they run eagerly here (the same math).
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._dynamo.config.patch(disable=True))
+    request.addfinalizer(stack.close)
     cfg = config(top_k=top_k, coeff=10.0, add_bias_linear=False, moe_token_dispatcher_type="allgather")
     spec = get_gpt_layer_local_spec(num_experts=E).submodules.mlp
     pgs = moe_utils.get_default_pg_collection()
