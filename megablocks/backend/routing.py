@@ -175,3 +175,101 @@ def small_routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
         return out_e[0].zero_(), out_n[2], out_n[3]
     _launch_small_routing(x_N, out_n[:2], out_e, num_experts, 1, out_n[2:], top_k)
     return out_e[0], out_n[2], out_n[3]
+
+
+# ------------------------------------------------------------------------------------------------
+# The same counts and row maps for any N, in three launches (past one program's N):
+#
+#   key_N              = x_N where 0 <= x_N < E, else E     one kernel, in the narrowest key dtype
+#   keys, order_N      = stable sort of key_N               torch.sort (a radix sort on CUDA)
+#   assignment_row_N[order[r]] = r,  token_of_row_N[r] = order[r] // K
+#   counts_E[e]        = lower_bound(keys, e + 1) - lower_bound(keys, e)   a binary search per expert
+#
+# The last line and the maps are one launch: its first programs write the maps, the rest count.
+# Against the general path's sort, casts, histogram, cumsums and route (about ten launches, whose
+# host time is most of an eager prefill-sized call's), three; no zero-fill, no atomics.
+
+_MAPS_BLOCK = 1024
+_COUNTS_BLOCK = 128
+
+
+def _key_dtype(num_experts: int) -> torch.dtype:
+    # Narrow keys make torch.sort's radix sort take fewer passes (the key E must fit too).
+    if num_experts <= 255:
+        return torch.uint8
+    return torch.int16 if num_experts <= 32767 else torch.int32
+
+
+@triton.jit
+def _routing_keys_kernel(x_ptr, keys_ptr, num_ids, num_experts, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    present = offs < num_ids
+    ids = tl.load(x_ptr + offs, mask=present, other=0)
+    # Compare in the ids' own dtype before narrowing, so a wide id cannot wrap into range.
+    key = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+    tl.store(keys_ptr + offs, key.to(keys_ptr.dtype.element_ty), mask=present)
+
+
+@triton.jit
+def _lower_bound(keys_ptr, target, num_ids, SEARCH_STEPS: tl.constexpr):
+    """Per lane, the first position of the sorted keys [0, num_ids) whose key is >= target."""
+    lo = tl.zeros(target.shape, dtype=tl.int32)
+    hi = tl.zeros(target.shape, dtype=tl.int32) + num_ids
+    for _ in tl.static_range(SEARCH_STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        below = tl.load(keys_ptr + mid, mask=active, other=0).to(tl.int32) < target
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & ~below, mid, hi)
+    return lo
+
+
+@triton.jit
+def _sorted_maps_kernel(
+    keys_ptr, order_ptr, counts_ptr, assignment_row_ptr, token_of_row_ptr,
+    num_ids, num_experts, top_k, map_programs,
+    BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < map_programs:
+        r = pid * BLOCK + tl.arange(0, BLOCK)
+        present = r < num_ids
+        assignment = tl.load(order_ptr + r, mask=present, other=0).to(tl.int32)
+        tl.store(assignment_row_ptr + assignment, r, mask=present)
+        tl.store(token_of_row_ptr + r, assignment // top_k, mask=present)
+    else:
+        e = (pid - map_programs) * BLOCK_E + tl.arange(0, BLOCK_E)
+        first = _lower_bound(keys_ptr, e, num_ids, SEARCH_STEPS)
+        past = _lower_bound(keys_ptr, e + 1, num_ids, SEARCH_STEPS)
+        tl.store(counts_ptr + e, past - first, mask=e < num_experts)
+
+
+def sorted_routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
+    """`(tokens_per_expert_E, assignment_row_N, token_of_row_N)`, int32: what `small_routing_maps`
+    computes (the same values), for any N and E, in three launches (see above): a key kernel,
+    `torch.sort` and one kernel for the maps and counts. Validation is the caller's."""
+    x_N = x_N.contiguous()
+    n = x_N.numel()
+    buf = torch.empty(2 * n + num_experts, dtype=torch.int32, device=x_N.device)
+    counts_E, assignment_row_N, token_of_row_N = buf.split([num_experts, n, n])
+    if n == 0:
+        return counts_E.zero_(), assignment_row_N, token_of_row_N
+    keys_N = torch.empty(n, dtype=_key_dtype(num_experts), device=x_N.device)
+    _routing_keys_kernel[(cdiv(n, _MAPS_BLOCK),)](x_N, keys_N, n, num_experts, BLOCK=_MAPS_BLOCK, num_warps=4)
+    keys_N, order_N = torch.sort(keys_N, stable=True)
+    map_programs = cdiv(n, _MAPS_BLOCK)
+    _sorted_maps_kernel[(map_programs + cdiv(num_experts, _COUNTS_BLOCK),)](
+        keys_N, order_N, counts_E, assignment_row_N, token_of_row_N, n, num_experts, top_k, map_programs,
+        BLOCK=_MAPS_BLOCK, BLOCK_E=_COUNTS_BLOCK, SEARCH_STEPS=(n + 1).bit_length(), num_warps=4,
+    )
+    return counts_E, assignment_row_N, token_of_row_N
+
+
+def routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
+    """`(tokens_per_expert_E, assignment_row_N, token_of_row_N)`, int32, of the ids `x_N` (the
+    flattened `[T, top_k]`): one program (`small_routing_maps`) where N <= 4096 and E <= 1022,
+    else `sorted_routing_maps`. Rows in expert order, an expert's rows in assignment order; ids
+    outside [0, E) take the rows after all experts' (counted by none). Validation is the caller's."""
+    if x_N.numel() <= SMALL_ROUTING_MAX_ROWS and num_experts <= SMALL_ROUTING_MAX_EXPERTS:
+        return small_routing_maps(x_N, num_experts, top_k)
+    return sorted_routing_maps(x_N, num_experts, top_k)

@@ -2,21 +2,24 @@
 
 Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K routed rows.
 
-    grouped path, 'triton' backend, FUSED_FORMS, N <= 4096 and E <= 1022 (decode): four launches
+    grouped path, 'triton' backend, FUSED_FORMS (the routed form): four launches at decode sizes
         weights, counts, maps = softmax_topk_route(gating_TE)      top-k, tokens per expert and the
                                                                    row maps, one program (where
                                                                    `route_fits`; else the top-k
-                                                                   kernel, then one program that
-                                                                   sorts: small_routing_maps)
+                                                                   kernel, then `routing_maps`:
+                                                                   one program that sorts up to
+                                                                   4096 rows and 1022 experts,
+                                                                   else a key kernel, torch.sort
+                                                                   and one kernel for the maps)
         a_NF   = act(x[rows] @ w1_gate^T) * (x[rows] @ w1_up^T)    one grouped GEMM: token rows read
                                                                    through the map, GLU in its epilogue
         y_NH   = gmm(a_NF, w2^T)
         out_TH = scatter(y_NH, maps, weights)                      weighted sum over K, in fp32
-    grouped path, otherwise:
+    grouped path, otherwise (FUSED_FORMS off, or the 'torch' / 'gg' GEMM backends):
         weights_TK, ids_TK = top-k of softmax(gating_output_TE)   one kernel (renormalised if asked)
         meta = routing_metadata(ids_TK); maps = route(meta)       row maps, once for gather and scatter
         x_NH = gather_routed(x_TH, maps)                          rows in expert order
-        a_NF = the GLU grouped GEMM of x_NH and w1 ('triton', FUSED_FORMS), else gmm then the fused GLU op
+        a_NF = gmm(x_NH, w1^T), then the fused GLU op
         y_NH = gmm(a_NF, w2^T); out_TH = scatter_routed(y_NH, maps, weights)
     gather path:   the N rows' expert matrices are indexed out of w1 / w2 and multiplied with
                    batched mat-vecs: no sort, histogram or permutation (few launches, for tiny T)
@@ -38,8 +41,7 @@ from megablocks import _checks
 from megablocks.backend import topk as topk_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.activation import ACTIVATIONS as GLU_ACTIVATIONS
-from megablocks.backend.gmm import triton_gmm
-from megablocks.backend.routing import SMALL_ROUTING_MAX_EXPERTS, SMALL_ROUTING_MAX_ROWS, small_routing_maps
+from megablocks.backend.routing import routing_maps
 from megablocks.ops._eager import eager
 from megablocks.ops.activation import glu
 from megablocks.ops.experts import routed_glu_experts
@@ -59,12 +61,12 @@ _GATING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # (mixtral T=1, 2 rows: 0.88 against 1.61 ms); so 'auto' takes the grouped path from 1 row on.
 GATHER_MAX_ROWS = 0
 
-# The fused forms of the grouped path with the Triton kernels: the decode form (its routing in
-# one or two programs, the GLU in the first GEMM's epilogue, four or five launches) and, beyond
-# its sizes, the GLU epilogue alone. On: measured on the H100 (benchmarks/RESULTS.md, "Decode
-# inference"), as fast or faster than the unfused path at every size from T = 1 to 4096 on the
-# mixtral and qwen3moe layers, replayed from a CUDA graph (e.g. T = 64: 1.005 -> 0.974 ms and
-# 0.448 -> 0.434 ms; T = 4096: 5.50 -> 4.70 and 1.09 -> 0.92 ms). Tested both ways.
+# The routed form of the grouped path with the Triton kernels (module docstring): the routing in
+# one to three launches, the GLU in the first GEMM's epilogue, the token rows read through the row
+# map (no gather). On: measured on the H100 (benchmarks/RESULTS.md, "Decode inference"), as fast
+# or faster than the unfused path at every size from T = 1 to 4096 on the mixtral and qwen3moe
+# layers (e.g. replayed from a CUDA graph, T = 64: 1.005 -> 0.974 ms and 0.448 -> 0.434 ms).
+# Off: the general path. Tested both ways.
 FUSED_FORMS = True
 
 
@@ -138,19 +140,11 @@ def _glu(h_N2F: torch.Tensor, f: int, activation: str) -> torch.Tensor:
     return glu(halves[0], halves[1], activation)
 
 
-def _glu_gemm(x_NH: torch.Tensor, w1: torch.Tensor, tokens_per_expert: torch.Tensor, f: int,
-              activation: str, backend: Optional[str]) -> torch.Tensor:
-    """`act(gate) * up` of the rows `x_NH` in expert order: with the Triton kernels one grouped GEMM
-    with the GLU in its epilogue, otherwise `gmm` and the fused GLU op."""
-    if FUSED_FORMS and backend in (None, "triton") and use_triton(x_NH):
-        return triton_gmm(x_NH, w1, tokens_per_expert, trans_b=True, glu=activation)
-    return _glu(gmm(x_NH, w1, tokens_per_expert, trans_b=True, backend=backend), f, activation)
-
-
 def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
                      topk: int, renormalize: bool, activation: str) -> torch.Tensor:
-    """The decode form of the grouped path (module docstring): four launches (five past
-    `route_fits`: the top-k kernel, then one program for the counts and maps), no host sync."""
+    """The routed form of the grouped path (module docstring): four launches (five past
+    `route_fits`: the top-k kernel, then one program for the counts and maps; seven past
+    4096 rows), no host sync."""
     t, e = gating_output.shape
     if topk_kernels.route_fits(t, e, topk):
         weights_TK, counts_E, row_of_assignment_N, token_of_row_N = topk_kernels.softmax_topk_route(
@@ -179,11 +173,11 @@ _routed_moe_op = eager(_routed_moe_op)
 
 def _experts_from_ids_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
                            weights_TK: torch.Tensor, activation: str, trans_b: bool) -> torch.Tensor:
-    """The decode form on a routing given as ids and weights (transformers' experts): one routing
-    program (`small_routing_maps`), the GLU-epilogue grouped GEMM through the row map, the down
-    GEMM, the scatter."""
+    """The routed form on a routing given as ids and weights (transformers' experts): the routing
+    (`routing_maps`), the GLU-epilogue grouped GEMM through the row map, the down GEMM, the
+    scatter."""
     topk = ids_TK.shape[1]
-    counts_E, assignment_row_N, token_of_row_N = small_routing_maps(ids_TK.reshape(-1), w1.shape[0], topk)
+    counts_E, assignment_row_N, token_of_row_N = routing_maps(ids_TK.reshape(-1), w1.shape[0], topk)
     return routed_glu_experts(hidden_states, w1, None, w2, counts_E, token_of_row_N, assignment_row_N,
                               weights_TK.reshape(-1), topk, activation, up_trans_b=trans_b, down_trans_b=trans_b)
 
@@ -230,9 +224,9 @@ def _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, t
 
 def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
                      weights_TK: torch.Tensor, activation: str, trans_b: bool = True) -> Optional[torch.Tensor]:
-    """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` by the decode form, without autograd, or None
-    where that form does not apply (FUSED_FORMS off, the Triton kernels not in use, N = T·K or E
-    past one routing program's, T = 0); the caller then takes its general path.
+    """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` by the routed form, without autograd, or None
+    where that form does not apply (FUSED_FORMS off, the Triton kernels not in use, T = 0); the
+    caller then takes its general path.
 
     Args:
         hidden_states: [T, H] in the weights' dtype.
@@ -250,17 +244,14 @@ def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         TypeError, ValueError: wrong types, dtypes, shapes, devices or activation.
     """
     _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b)
-    if not _decode_form_fits(hidden_states, w1.shape[0], ids_TK.shape[1]):
+    if not _routed_form_fits(hidden_states):
         return None
     return _experts_from_ids_op(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b)
 
 
-def _decode_form_fits(hidden_states: torch.Tensor, e: int, topk: int) -> bool:
-    """Whether the decode form runs: FUSED_FORMS, the Triton kernels, and sizes whose routing one
-    program computes (T > 0, N = T·K <= 4096, E <= 1022)."""
-    t = hidden_states.shape[0]
-    return (FUSED_FORMS and use_triton(hidden_states) and 0 < t * topk <= SMALL_ROUTING_MAX_ROWS
-            and e <= SMALL_ROUTING_MAX_EXPERTS)
+def _routed_form_fits(hidden_states: torch.Tensor) -> bool:
+    """Whether the routed form runs: FUSED_FORMS, the Triton kernels, T > 0."""
+    return FUSED_FORMS and use_triton(hidden_states) and hidden_states.shape[0] > 0
 
 
 def _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path) -> Tuple[int, int]:
@@ -317,7 +308,7 @@ def fused_moe(
         renormalize: divide the K weights of each token by their sum.
         activation: 'silu' (default), 'gelu' (erf) or 'gelu_tanh', applied to the gate; the GLU
             `act(gate) * up` is one fused op (`megablocks.ops.glu`), fp32 math rounded once.
-        path: 'grouped' (routing, two grouped GEMMs, scatter: the decode form of the module
+        path: 'grouped' (routing, two grouped GEMMs, scatter: the routed form of the module
             docstring with FUSED_FORMS and the 'triton' backend; no host sync with the 'triton'
             backend on CUDA, so it can be captured in a CUDA graph), 'gather' (index the
             routed rows' expert matrices and use batched mat-vecs; for a handful of tokens) or
@@ -336,7 +327,7 @@ def fused_moe(
     t, h = hidden_states.shape
     n = t * topk
     if (path != "gather" and n > GATHER_MAX_ROWS and backend in (None, "triton")
-            and _decode_form_fits(hidden_states, e, topk)):
+            and _routed_form_fits(hidden_states)):
         return _routed_moe_op(hidden_states, w1, w2, gating_output, topk, renormalize, activation)
     weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
     if path == "gather" or (path == "auto" and n <= GATHER_MAX_ROWS):
@@ -350,7 +341,7 @@ def fused_moe(
     meta = routing_metadata(ids_TK, e, 1)
     maps = route(meta.indices, meta.bin_ids, meta.bins, topk)  # those of gather and scatter, once
     x_NH = gather_routed(hidden_states, maps)
-    a_NF = _glu_gemm(x_NH, w1, meta.tokens_per_expert, f, activation, backend)
+    a_NF = _glu(gmm(x_NH, w1, meta.tokens_per_expert, trans_b=True, backend=backend), f, activation)
     y_NH = gmm(a_NF, w2, meta.tokens_per_expert, trans_b=True, backend=backend)
     return scatter_routed(y_NH, maps, weights_TK.reshape(-1))
 

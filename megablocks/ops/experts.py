@@ -3,14 +3,15 @@
 Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K routed rows.
 
     counts_E, maps = routing of ids_TK           one program (N <= 4096, E <= 1022: small_routing_maps),
-                                                 else routing_metadata and route
+                                                 else a key kernel, torch.sort and one kernel
+                                                 (sorted_routing_maps)
     a_NF   = act(x[rows] @ w1_e^T) * (x[rows] @ v1_e^T)   one grouped GEMM: the token rows read through
                                                  the map, the GLU in its epilogue (fp32, rounded once)
     y_NH   = a_NF @ w2_e                         the down grouped GEMM
     out_TH = Σ_k weights_tk · y[row of (t, k)]   the scatter, in fp32
 
-Three or four launches after the router; no `[N, H]` gathered copy, no `[N, F]` pre-activations,
-no GLU kernel; no value read on the host. The Triton kernels only (CUDA, or the interpreter).
+Three launches after the routing's one (or three); no `[N, H]` gathered copy, no `[N, F]`
+pre-activations, no GLU kernel; no value read on the host. The Triton kernels only (CUDA, or the interpreter).
 `glu_experts` takes dMoE's layout (`w1`, `v1`, `w2` as [E, F, H]); `routed_glu_experts` is the
 part after the routing, which `megablocks.integrations.inference` shares with its layouts.
 """
@@ -21,10 +22,8 @@ import torch
 
 from megablocks.backend.gmm import triton_gmm
 from megablocks.backend.permute import scatter_rows
-from megablocks.backend.routing import SMALL_ROUTING_MAX_EXPERTS, SMALL_ROUTING_MAX_ROWS, small_routing_maps
+from megablocks.backend.routing import routing_maps
 from megablocks.ops._eager import eager
-from megablocks.ops.permute import route
-from megablocks.ops.routing import routing_metadata
 
 
 def routed_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: Optional[torch.Tensor], w2: torch.Tensor,
@@ -42,16 +41,7 @@ def routed_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: Optional[torch.
 def _glu_experts_impl(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,
                       ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
     topk = ids_TK.shape[1]
-    num_experts = w1_EFH.shape[0]
-    n = ids_TK.numel()
-    if 0 < n <= SMALL_ROUTING_MAX_ROWS and num_experts <= SMALL_ROUTING_MAX_EXPERTS:
-        counts_E, assignment_row_N, token_of_row_N = small_routing_maps(ids_TK.reshape(-1), num_experts, topk)
-    else:
-        meta = routing_metadata(ids_TK, num_experts, 1)
-        maps = route(meta.indices, meta.bin_ids, meta.bins, topk)
-        counts_E, assignment_row_N = meta.tokens_per_expert, maps.assignment_row
-        token_of_row_N = maps.row_assignment if topk == 1 else torch.div(maps.row_assignment, topk,
-                                                                          rounding_mode="floor")
+    counts_E, assignment_row_N, token_of_row_N = routing_maps(ids_TK.reshape(-1), w1_EFH.shape[0], topk)
     out_TH = routed_glu_experts(x_TH, w1_EFH, v1_EFH, w2_EFH, counts_E, token_of_row_N, assignment_row_N,
                                 weights_TK.reshape(-1), topk, activation, up_trans_b=True, down_trans_b=False)
     return out_TH, counts_E

@@ -170,8 +170,9 @@ def test_fused_moe_cuda_graph_replay(path, dtype, fused_forms):
 @pytest.mark.parametrize("t,topk", [(1, 1), (13, 4), (16, 3)])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_fused_moe_decode_and_general_forms(monkeypatch, dtype, t, topk, activation):
-    """The decode form with its one-program routing, with the top-k kernel and the one-program
-    sort (past `route_fits`), and the general form past the decode form's sizes."""
+    """The routed form with its one-program routing, with the top-k kernel and the one-program
+    sort (past `route_fits`), with the sorted routing (past one program's rows), and the general
+    form (FUSED_FORMS off)."""
     from megablocks.backend import topk as topk_kernels
 
     monkeypatch.setattr(inference, "FUSED_FORMS", True)
@@ -189,12 +190,18 @@ def test_fused_moe_decode_and_general_forms(monkeypatch, dtype, t, topk, activat
     monkeypatch.setattr(topk_kernels, "ROUTE_MAX_WORK", 0)
     decode_sorted = run()
     assert calls == [1, 1] and program == [1], "the decode form's two-kernel routing was not taken"
-    monkeypatch.setattr(inference, "SMALL_ROUTING_MAX_ROWS", t * topk - 1)  # one row too many for it
+    from megablocks.backend import routing as routing_kernels
+
+    monkeypatch.setattr(routing_kernels, "SMALL_ROUTING_MAX_ROWS", t * topk - 1)  # one row too many for it
+    routed_sorted = run()
+    assert calls == [1, 1, 1] and program == [1], "the routed form past one routing program was not taken"
+    monkeypatch.setattr(inference, "FUSED_FORMS", False)
     general = run()
-    assert calls == [1, 1], "the decode form was taken past its sizes"
+    assert calls == [1, 1, 1], "the routed form was taken with FUSED_FORMS off"
     assert_close("decode form", decode, expected)
     assert_close("decode form, two-kernel routing", decode_sorted, expected)
     assert_equal("the two routings agree", decode_sorted, decode)
+    assert_equal("the sorted routing agrees", routed_sorted, decode)
     assert_close("general form", general, expected)
 
 
@@ -241,6 +248,10 @@ def test_experts_from_ids(monkeypatch):
     transposed = experts_from_ids(x, w1.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous(), ids,
                                   weights, "silu", trans_b=False)
     assert_close("out (transposed weights)", transposed, expected)
+    from megablocks.backend import routing as routing_kernels
+
+    monkeypatch.setattr(routing_kernels, "SMALL_ROUTING_MAX_ROWS", 8)  # the sorted routing
+    assert_equal("out (sorted routing)", experts_from_ids(x, w1, w2, ids, weights, "silu"), out)
     assert experts_from_ids(x[:0], w1, w2, ids[:0], weights[:0], "silu") is None
     torch.library.opcheck(torch.ops.megablocks.experts_from_ids, (x, w1, w2, ids, weights, "silu", True))
 

@@ -348,3 +348,42 @@ def test_small_routing_maps(t, k, e, device):
     assert_equal("tokens per expert", counts.cpu().long(), torch.bincount(flat[valid], minlength=e))
     assert_equal("row of each assignment", assignment_row.cpu().long(), torch.argsort(order))
     assert_equal("token of each row", token_of_row.cpu().long(), order // k)
+
+
+# sorted_routing_maps: the same counts and maps for any N and E (key kernel, torch.sort, one kernel).
+
+
+@pytest.mark.parametrize("t,k,e", [(0, 2, 4), (1, 1, 4), (9, 2, 5), (600, 8, 128), (5000, 1, 3), (700, 4, 300),
+                                   (3, 2, 40000), (1100, 4, 1)])
+def test_sorted_routing_maps(t, k, e, device):
+    """Bitwise against a stable sort, with uint8, int16 and int32 keys (E up to 255, 32767, more),
+    N past one program's 4096 rows, ids repeating and out of range (-1, E: the rows after every
+    expert's, counted by none); where one program also runs, both routings agree bitwise."""
+    ids = torch.randint(-1, e + 1, (t, k), device=device)
+    ids[: t // 3] = e - 1  # a crowded expert, and many empty ones
+    got = backend_routing.sorted_routing_maps(ids.flatten(), e, k)
+    counts, assignment_row, token_of_row = got
+    assert counts.dtype == assignment_row.dtype == token_of_row.dtype == torch.int32
+    flat = ids.flatten().cpu()
+    valid = (flat >= 0) & (flat < e)
+    order = torch.sort(torch.where(valid, flat, e), stable=True).indices
+    assert_equal("tokens per expert", counts.cpu().long(), torch.bincount(flat[valid], minlength=e))
+    assert_equal("row of each assignment", assignment_row.cpu().long(), torch.argsort(order))
+    assert_equal("token of each row", token_of_row.cpu().long(), order // k)
+    if t * k <= backend_routing.SMALL_ROUTING_MAX_ROWS and e <= backend_routing.SMALL_ROUTING_MAX_EXPERTS:
+        for name, a, b in zip(("counts", "assignment_row", "token_of_row"), got,
+                              backend_routing.small_routing_maps(ids.flatten(), e, k)):
+            assert_equal(f"{name} against small_routing_maps", a, b)
+
+
+def test_routing_maps_picks_by_size(monkeypatch, device):
+    """One program up to its rows and experts, the sorted routing past either limit."""
+    taken = []
+    for name in ("small_routing_maps", "sorted_routing_maps"):
+        fn = getattr(backend_routing, name)
+        monkeypatch.setattr(backend_routing, name, lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
+    ids = torch.randint(0, 8, (4096,), device=device)
+    backend_routing.routing_maps(ids, 8, 2)
+    backend_routing.routing_maps(torch.cat([ids, ids[:1]]), 8, 2)
+    backend_routing.routing_maps(ids[:10], 1023, 2)
+    assert taken == ["small_routing_maps", "sorted_routing_maps", "sorted_routing_maps"]
