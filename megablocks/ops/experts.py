@@ -26,14 +26,33 @@ from megablocks.backend.routing import routing_maps
 from megablocks.ops._eager import eager
 
 
+# Where the first GEMM reads a gathered [N, H] copy of the token rows (one row gather, then TMA
+# loads) instead of the rows through the map (pointer loads): experts wider than
+# GATHER_MIN_FFN with at least GATHER_MIN_ROWS_PER_EXPERT routed rows per expert (N / E).
+# Measured on the H100 (fused_moe, bf16, three interleaved rounds; benchmarks/RESULTS.md, "Decode
+# inference"): mixtral (F = 14336) at 128 / 256 / 512 / 1024 rows per expert, map against copy
+# 1.26 / 1.72 / 2.82 / 5.15 ms against 1.29 / 1.71 / 2.77 / 4.90 ms (medians); qwen3moe (F = 768)
+# at 128 / 256 / 512 rows 0.652 / 0.868 / 1.489 against 0.681 / 0.939 / 1.588 ms, the map ahead at
+# every size. The same split as the training path's (`megablocks.layers.mlp.FUSED_GATHER`, taken
+# up to F = 4096); widths between 4096 and 14336 are not measured.
+GATHER_MIN_FFN = 4096
+GATHER_MIN_ROWS_PER_EXPERT = 512
+
+
 def routed_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: Optional[torch.Tensor], w2: torch.Tensor,
                        counts_E: torch.Tensor, token_of_row_N: torch.Tensor, assignment_row_N: torch.Tensor,
                        weights_N: torch.Tensor, topk: int, activation: str, up_trans_b: bool,
                        down_trans_b: bool) -> torch.Tensor:
     """The experts after their routing: the GLU-epilogue grouped GEMM reading the token rows
-    through `token_of_row_N`, the down GEMM, the weighted scatter (three launches). `v1` None:
+    through `token_of_row_N` (wide experts with many rows per expert: a gathered copy of them,
+    GATHER_MIN_FFN), the down GEMM, the weighted scatter (three or four launches). `v1` None:
     `w1` holds the gate's columns then the up projection's (`triton_gmm(..., glu=)`)."""
-    a_NF = triton_gmm(x_TH, w1, counts_E, trans_b=up_trans_b, a_rows=token_of_row_N, glu=activation, b_up=v1)
+    ffn = w2.shape[2] if down_trans_b else w2.shape[1]
+    if ffn > GATHER_MIN_FFN and token_of_row_N.numel() >= GATHER_MIN_ROWS_PER_EXPERT * counts_E.numel():
+        a_NF = triton_gmm(x_TH.index_select(0, token_of_row_N), w1, counts_E, trans_b=up_trans_b, glu=activation,
+                          b_up=v1)
+    else:
+        a_NF = triton_gmm(x_TH, w1, counts_E, trans_b=up_trans_b, a_rows=token_of_row_N, glu=activation, b_up=v1)
     y_NH = triton_gmm(a_NF, w2, counts_E, trans_b=down_trans_b)
     return scatter_rows(y_NH, assignment_row_N, weights_N, topk)
 

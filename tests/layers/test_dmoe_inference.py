@@ -194,3 +194,30 @@ def test_glu_experts_against_its_loop(T, H, Fs, E, K, dtype, device):
     out, counts = glu_experts(x, w1, v1, w2, ids, weights, "silu")
     assert_equal("counts", counts.cpu().long(), torch.bincount(ids.flatten().cpu(), minlength=E))
     assert_close("out", out, glu_experts_reference(x, w1, v1, w2, ids, weights, F.silu), dtype=dtype)
+
+
+def test_glu_experts_gathered_rows(monkeypatch, device):
+    """Wide experts with many rows per expert read a gathered copy of the token rows: the same
+    result as through the row map, with the one-program and the sorted routing."""
+    from megablocks.ops import experts as experts_module
+
+    T, H, Fs, E, K = 37, 24, 40, 5, 3
+    x = torch.randn(T, H, device=device)
+    w1, v1, w2 = (torch.randn(E, Fs, H, device=device) / H**0.5 for _ in range(3))
+    ids = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(T)])
+    weights = torch.rand(T, K, device=device)
+    through_map = glu_experts(x, w1, v1, w2, ids, weights, "gelu")[0]
+    taken = []
+    select = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda *a: taken.append(1) or select(*a))
+    monkeypatch.setattr(experts_module, "GATHER_MIN_FFN", Fs - 1)
+    monkeypatch.setattr(experts_module, "GATHER_MIN_ROWS_PER_EXPERT", T * K // E)
+    gathered = glu_experts(x, w1, v1, w2, ids, weights, "gelu")[0]
+    monkeypatch.setattr(backend_routing, "SMALL_ROUTING_MAX_ROWS", 8)
+    gathered_sorted = glu_experts(x, w1, v1, w2, ids, weights, "gelu")[0]
+    assert taken == [1, 1], "the gathered copy was not taken"
+    assert_equal("gathered rows", gathered, through_map)
+    assert_equal("gathered rows, sorted routing", gathered_sorted, through_map)
+    monkeypatch.setattr(experts_module, "GATHER_MIN_FFN", Fs)  # F not wider: through the map
+    glu_experts(x, w1, v1, w2, ids, weights, "gelu")
+    assert taken == [1, 1]
