@@ -11,7 +11,8 @@ see LEVERS).
 
 Layers: the configs of `common.CONFIGS` (T tokens, hidden H, ffn F, E experts, top-k) with their
 expert MLP (`LAYER_KINDS`), and decode-sized variants (`DECODE_CONFIGS`: T=64, forward only,
-under `torch.no_grad`, modules in eval mode).
+under `torch.no_grad`, modules in eval mode); prefill-sized ones (`PREFILL_CONFIGS`: T=4096, the
+same way) run when named in --configs.
 
 Contenders (all share one router and one set of expert weights):
     sparse            dMoE, mlp_impl='sparse' (block-sparse SDD/DSD/DDS)
@@ -36,7 +37,7 @@ Reported per (config, mode, contender):
     extra_mem_gib        peak memory of one step minus the memory allocated before it, once the
                          weights, their `.grad` and the input exist (fwdbwd: the step's backward
                          accumulates into `.grad`); nan on CPU
-    graph_ms             decode layers on CUDA: the same forward captured in a CUDA graph and
+    graph_ms             decode and prefill layers on CUDA: the same forward captured in a CUDA graph and
                          replayed (no host time; nan for a contender that syncs); graph_speedup
                          likewise against torch_grouped_mm's graph_ms
     match                'ok' when the forward output (and, with fwdbwd, every gradient) agrees
@@ -85,6 +86,9 @@ ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
 # Decode-sized layers: a common.CONFIGS layer at DECODE_TOKENS tokens, forward only.
 DECODE_TOKENS = 64
 DECODE_CONFIGS = {"mixtral_decode": "mixtral", "qwen3_decode": "qwen3moe"}
+# Prefill-sized inference layers (forward only, as the decode ones), not in the default set.
+PREFILL_TOKENS = 4096
+PREFILL_CONFIGS = {"mixtral_prefill": "mixtral", "qwen3_prefill": "qwen3moe"}
 
 # --smoke: tiny layers of both kinds (one of top-1; F not a multiple of the tiles) and a decode
 # layer; any device.
@@ -133,7 +137,7 @@ class Layer:
     k: int
     mlp_type: str
     activation: str
-    decode: bool
+    decode: bool  # an inference layer (decode or prefill): forward only, under no_grad, eval mode
 
     @property
     def flops_fwd(self) -> int:
@@ -146,14 +150,15 @@ class Layer:
 
 
 def all_layers(smoke: bool) -> Dict[str, Layer]:
-    """{name: Layer}: the smoke layers, or the CONFIGS layers and their decode variants."""
+    """{name: Layer}: the smoke layers, or the CONFIGS layers and their decode and prefill variants."""
     if smoke:
         return {name: Layer(name, *shape, mlp, act, decode)
                 for name, (shape, mlp, act, decode) in SMOKE_CONFIGS.items()}
     layers = {name: Layer(name, *shape, *LAYER_KINDS[name], False) for name, shape in CONFIGS.items()}
-    for name, base in DECODE_CONFIGS.items():
-        _, H, F_, E, k = CONFIGS[base]
-        layers[name] = Layer(name, DECODE_TOKENS, H, F_, E, k, *LAYER_KINDS[base], True)
+    for configs, tokens in ((DECODE_CONFIGS, DECODE_TOKENS), (PREFILL_CONFIGS, PREFILL_TOKENS)):
+        for name, base in configs.items():
+            _, H, F_, E, k = CONFIGS[base]
+            layers[name] = Layer(name, tokens, H, F_, E, k, *LAYER_KINDS[base], True)
     return layers
 
 
@@ -611,7 +616,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", default=".", help="directory for dmoe.csv, dmoe.png, dmoe_breakdown.csv")
     p.add_argument("--configs", type=_split, default=None,
                    help=f"comma-separated; default all of {list(CONFIGS) + list(DECODE_CONFIGS)} "
-                        f"(with --smoke: {list(SMOKE_CONFIGS)})")
+                        f"(also {list(PREFILL_CONFIGS)}; with --smoke: {list(SMOKE_CONFIGS)})")
     p.add_argument("--contenders", type=_split, default=None,
                    help=f"comma-separated; default every one of {list(CONTENDERS)} that runs here")
     p.add_argument("--modes", type=_split, default=list(MODES), help="comma-separated: fwd,fwdbwd")
@@ -636,7 +641,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.levers = parsed
 
     layers = all_layers(args.smoke)
-    args.configs = args.configs or list(layers)
+    args.configs = args.configs or [name for name in layers if name not in PREFILL_CONFIGS]
     for name in args.configs:
         if name not in layers:
             p.error(f"--configs: expected names from {list(layers)}, got {name!r}")
