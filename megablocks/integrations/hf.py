@@ -17,7 +17,8 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
    y = gmm(h, down_proj^T), out_TH = scatter(y, weights). Without autograd (generation), with
    `megablocks.integrations.inference.FUSED_FORMS` on, experts with transformers' default gate
    (`act(gate) * up` on concatenated [gate; up] weights, a SiLU/GELU/ReLU activation, no biases)
-   take the decode form instead (`inference.experts_from_ids`): four launches per layer.
+   take the routed form instead (`inference.experts_from_ids`): four launches per layer at decode
+   sizes.
 
 2. `convert_model(model)` replaces each sparse-MoE block by a `MegaBlocksMoeBlock` holding a
    `megablocks.layers.dmoe.dMoE` (`.moe`): the router weight is the same Parameter as the HF
@@ -92,7 +93,7 @@ def megablocks_experts_forward(
     return out.to(hidden_states.dtype)
 
 
-# The activations the decode form's GEMM epilogue computes, by transformers' and torch's names
+# The activations the routed form's GEMM epilogue computes, by transformers' and torch's names
 # (`transformers.activations.ACT2FN`: 'silu', 'swish', 'gelu', 'gelu_pytorch_tanh', 'gelu_new', 'relu').
 _ACTIVATIONS = {
     ("transformers.activations", "SiLUActivation"): "silu",
@@ -108,7 +109,7 @@ _FUNCTIONAL_ACTIVATIONS = {torch.nn.functional.silu: "silu", torch.nn.functional
 
 
 def _inference_activation(experts: torch.nn.Module) -> Optional[str]:
-    """The GLU activation of an experts module the decode form computes exactly as transformers
+    """The GLU activation of an experts module the routed form computes exactly as transformers
     does (its default `_apply_gate`: `act(gate) * up` on concatenated [gate; up] weights, no
     biases, no post-expert norm), else None."""
     if not experts.has_gate or experts.has_bias or getattr(experts, "has_post_expert_norm", False):

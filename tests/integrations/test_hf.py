@@ -288,8 +288,8 @@ def test_greedy_generation_matches(references):
 
 
 # --------------------------------------------------------------------------------------------------
-# The decode form without autograd (`inference.FUSED_FORMS`): routing from the given ids in one
-# program, the GLU in the first grouped GEMM's epilogue.
+# The routed form without autograd (`inference.FUSED_FORMS`): routing from the given ids
+# (`routing_maps`), the GLU in the first grouped GEMM's epilogue.
 
 
 def _activation(name):

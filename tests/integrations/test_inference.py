@@ -34,7 +34,7 @@ def test_softmax_topk():
 
 @pytest.fixture(params=[False, True], ids=["unfused", "fused_forms"])
 def fused_forms(request, monkeypatch):
-    """Both settings of `inference.FUSED_FORMS` (the decode form and the GLU epilogue)."""
+    """Both settings of `inference.FUSED_FORMS` (the routed form, and the general path)."""
     monkeypatch.setattr(inference, "FUSED_FORMS", request.param)
     return request.param
 
@@ -162,8 +162,8 @@ def test_fused_moe_cuda_graph_replay(path, dtype, fused_forms):
 
 
 # --------------------------------------------------------------------------------------------------
-# The two forms of the grouped path: the decode form (one routing program, the GLU in the first
-# GEMM's epilogue, four launches) and the general one (beyond one routing program's sizes).
+# The two forms of the grouped path: the routed form (the routing in one to three launches, the
+# GLU in the first GEMM's epilogue) and the general one (FUSED_FORMS off).
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
