@@ -387,3 +387,17 @@ def test_routing_maps_picks_by_size(monkeypatch, device):
     backend_routing.routing_maps(torch.cat([ids, ids[:1]]), 8, 2)
     backend_routing.routing_maps(ids[:10], 1023, 2)
     assert taken == ["small_routing_maps", "sorted_routing_maps", "sorted_routing_maps"]
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES)
+def test_sorted_routing_maps_id_dtypes(dtype, device):
+    """Any integer id dtype; a wide id that would wrap into range when narrowed stays out of range."""
+    ids = torch.randint(0, 300, (900, 5), device=device)
+    ids[0, 0] = -1
+    if dtype != torch.int16:
+        ids[1, 1] = 2**16 + 7  # 7 once narrowed to 16 bits
+    want = backend_routing.sorted_routing_maps(ids.flatten(), 300, 5)
+    got = backend_routing.sorted_routing_maps(ids.to(dtype).flatten(), 300, 5)
+    for name, a, b in zip(("counts", "assignment_row", "token_of_row"), got, want):
+        assert_equal(name, a, b)
+    assert got[0].sum().item() == ids.numel() - (1 if dtype == torch.int16 else 2)
