@@ -10,8 +10,9 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
     y_NH   = a_NF @ w2_e                         the down grouped GEMM
     out_TH = Σ_k weights_tk · y[row of (t, k)]   the scatter, in fp32
 
-Three launches after the routing's one (or three); no `[N, H]` gathered copy, no `[N, F]`
-pre-activations, no GLU kernel; no value read on the host. The Triton kernels only (CUDA, or the interpreter).
+Three launches after the routing's one (or three); no `[N, H]` gathered copy (but for wide
+experts with many rows each: GATHER_MIN_FFN), no `[N, F]` pre-activations, no GLU kernel; no
+value read on the host. The Triton kernels only (CUDA, or the interpreter).
 `glu_experts` takes dMoE's layout (`w1`, `v1`, `w2` as [E, F, H]); `routed_glu_experts` is the
 part after the routing, which `megablocks.integrations.inference` shares with its layouts.
 """

@@ -68,19 +68,9 @@ def sort(x: torch.Tensor, end_bit: Optional[int] = None):
     return x[order], order.to(x.dtype)
 
 
-def _key_dtype(end_bit: int) -> torch.dtype:
-    # torch.sort is a radix sort on CUDA whose passes grow with the key width. Measured on an H100,
-    # N=131072 ids < 64 (bench_topology.py): uint8 keys 27 µs, int16 38 µs, int32 58 µs.
-    if end_bit <= 8:
-        return torch.uint8
-    if end_bit <= 15:
-        return torch.int16
-    return torch.int32 if end_bit <= 31 else torch.int64
-
-
 def _stable_argsort(x: torch.Tensor, end_bit: int):
     """Sorted keys (narrowed to `end_bit` bits' dtype) and the int64 stable permutation."""
-    return torch.sort(x.to(_key_dtype(end_bit)), stable=True)
+    return torch.sort(x.to(_backend.sort_key_dtype(end_bit)), stable=True)
 
 
 def _histogram_reference(x_MN: torch.Tensor, max_val: int) -> torch.Tensor:
