@@ -363,3 +363,63 @@ def test_bad_arguments(device):
         gmm_shared_input_gathered(x, b, b.half(), counts, maps, True)
     with pytest.raises(TypeError, match="b2: expected a torch.Tensor"):
         gmm_shared_input_gathered(x, b, None, counts, maps, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# gmm_glu_shared_input: the two products and their GLU in one grouped GEMM ('triton'), with the
+# rows given or gathered through the maps; bitwise the unfused ops' values and gradients.
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["rows", "maps"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_gmm_glu_shared_input(activation, dtype, case, gathered, device):
+    from megablocks.ops.activation import glu
+    from megablocks.ops.gmm import gmm_glu_shared_input, gmm_shared_input
+
+    x, (b1, b2), counts, maps, token_of_row = _setup(case, dtype, device, True, num_b=2)
+    if not gathered:  # the rows in expert order, as given
+        x = x[token_of_row.to(device)]
+    for t in (x, b1, b2):
+        t.requires_grad_()
+    out, h1, h2 = gmm_glu_shared_input(x, b1, b2, counts, activation, trans_b=True, maps=maps if gathered else None)
+    d_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, b1, b2), d_out)
+    if gathered:
+        r1, r2 = gmm_shared_input_gathered(x, b1, b2, counts, maps, trans_b=True, backend="triton")
+    else:
+        r1, r2 = gmm_shared_input(x, b1, b2, counts, trans_b=True, backend="triton")
+    ref = glu(r1, r2, activation)
+    ref_grads = torch.autograd.grad(ref, (x, b1, b2), d_out)
+    assert not h1.requires_grad and not h2.requires_grad
+    assert_equal("h1", h1, r1)
+    assert_equal("h2", h2, r2)
+    assert_equal("out", out, ref)
+    for name, got, want in zip(("d_x", "d_b1", "d_b2"), grads, ref_grads):
+        assert_equal(name, got, want)
+    # and against the float64 loop (the unfused ops' own reference)
+    (e1, e2), _, _ = _expected(x if gathered else x.detach(), [b1, b2], counts,
+                               token_of_row if gathered else torch.arange(x.shape[0]), True,
+                               [torch.zeros_like(r1), torch.zeros_like(r2)])
+    assert_close("h1 against the loop", h1, e1, dtype)
+
+
+def test_gmm_glu_shared_input_registration_and_bad_arguments(device):
+    from megablocks.ops.gmm import gmm_glu_shared_input
+
+    x, (b1, b2), counts, maps, _ = _setup("unaligned", torch.float32, device, True, num_b=2)
+    x.requires_grad_()
+    b1.requires_grad_()
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for rows in ((maps.row_assignment, maps.assignment_row, maps.top_k), (None, None, 1)):
+        xx = x if rows[0] is not None else x.detach()[: maps.row_assignment.numel() // maps.top_k].repeat(
+            maps.top_k, 1).requires_grad_()
+        torch.library.opcheck(torch.ops.megablocks.gmm_glu_shared_input.default,
+                              (xx, b1, b2, counts, *rows, "silu", True), test_utils=checks)
+    with pytest.raises(ValueError, match="activation"):
+        gmm_glu_shared_input(x, b1, b2, counts, "tanh", trans_b=True, maps=maps)
+    with pytest.raises(ValueError, match="b2"):
+        gmm_glu_shared_input(x, b1, b2[:, :-1], counts, "silu", trans_b=True, maps=maps)
+    with pytest.raises(ValueError, match="x: expected"):
+        gmm_glu_shared_input(x[:-1], b1, b2, counts, "silu", trans_b=True, maps=maps)
