@@ -608,7 +608,6 @@ LEVERS = {
     "fused_glu_input_grad": ("megablocks.layers.mlp", "FUSED_GLU_INPUT_GRAD"),
     "fused_gather": ("megablocks.layers.mlp", "FUSED_GATHER"),
     "inference_form": ("megablocks.layers.dmoe", "INFERENCE_FORM"),
-    "fused_glu_forward": ("megablocks.layers.mlp", "FUSED_GLU_FORWARD"),
 }
 
 
@@ -631,8 +630,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="comma-separated switches, NAME to turn one on, NAME=0 to turn it off: "
                         "small_routing (megablocks.ops.routing.SMALL_ROUTING), fused_glu_input_grad "
                         "(megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD), fused_gather (megablocks.layers.mlp.FUSED_GATHER), "
-                        "inference_form (megablocks.layers.dmoe.INFERENCE_FORM), fused_glu_forward "
-                        "(megablocks.layers.mlp.FUSED_GLU_FORWARD)")
+                        "inference_form (megablocks.layers.dmoe.INFERENCE_FORM)")
     args = p.parse_args(argv)
     parsed = []
     for lever in args.levers:

@@ -112,20 +112,17 @@ def _b_tile(b_desc, b_ptrs, group, n0, k, offs_k, offs_n, K, N,
 # a group's partial last tile by a masked store. With GATHER_A, row i of `a` is row a_rows[i] of
 # a [T, K] tensor, read by masked pointer loads (b keeps its TMA path). With GLU (an activation
 # name), b holds the gate's N columns and bu (same strides) the up projection's: each tile
-# accumulates both and stores GLU(gate)·up (fp32 math, rounded once), an [M, N] result. With
-# STORE_PRE as well, the tile also stores the gate and up products themselves (to gate_ptr and
-# up_ptr, [M, N] with out's row stride) and takes the GLU of those rounded values, so that the
-# product equals the GLU op applied to them (what a backward from them differentiates).
+# accumulates both and stores GLU(gate)·up (fp32 math, rounded once), an [M, N] result.
 @triton.jit
 def _gmm_kernel(
-    a_ptr, b_ptr, bu_ptr, out_ptr, gate_ptr, up_ptr, sizes_ptr, a_rows_ptr,
+    a_ptr, b_ptr, bu_ptr, out_ptr, sizes_ptr, a_rows_ptr,
     M, N, K, E, T, num_programs,
     stride_am, stride_be, stride_bk, stride_bn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr,
-    GATHER_A: tl.constexpr, GLU: tl.constexpr, STORE_PRE: tl.constexpr,
+    GATHER_A: tl.constexpr, GLU: tl.constexpr,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
@@ -215,14 +212,6 @@ def _gmm_kernel(
             if not USE_TMA:
                 b_ptrs += BLOCK_K * stride_bk
                 bu_ptrs += BLOCK_K * stride_bk
-        if STORE_PRE:
-            pre_offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-            pre_mask = (offs_m[:, None] < row_end) & (offs_n[None, :] < N)
-            gate_pre = tl.where(real, acc, 0.0).to(gate_ptr.dtype.element_ty)
-            up_pre = tl.where(real, acc_up, 0.0).to(up_ptr.dtype.element_ty)
-            tl.store(gate_ptr + pre_offs, gate_pre, mask=pre_mask)
-            tl.store(up_ptr + pre_offs, up_pre, mask=pre_mask)
-            acc, acc_up = gate_pre.to(tl.float32), up_pre.to(tl.float32)
         if GLU != "none":
             gate, _ = _act(acc, GLU)
             acc = gate * acc_up
@@ -453,8 +442,7 @@ def triton_gmm(
     b_rows: Optional[torch.Tensor] = None,
     glu: Optional[str] = None,
     b_up: Optional[torch.Tensor] = None,
-    return_pre: bool = False,
-):
+) -> torch.Tensor:
     """The Triton kernels. Inputs are validated by `gmm`; see the module docstring for the forms.
 
     `use_tma` (default: where the strides allow) picks TMA tensor descriptors over masked
@@ -470,9 +458,7 @@ def triton_gmm(
     holds 2N columns, the gate's then the up projection's, and the result is the `[M, N]`
     `act(a @ b[:, :N]) * (a @ b[:, N:])` of each group, in fp32 from the accumulators. With
     `b_up` (a tensor of b's shape, dtype and device, read with the same `trans_b`) `b` holds the
-    gate's N columns and `b_up` the up projection's: `act(a @ b) * (a @ b_up)`. `return_pre`
-    (with `glu`): also the two products, `(act(gate) * up, pre)` with `pre` `[2, M, N]` holding
-    gate and up, the GLU then taken of the rounded products (equal to `ops.glu(pre[0], pre[1])`).
+    gate's N columns and `b_up` the up projection's: `act(a @ b) * (a @ b_up)`.
     """
     if glu is not None and (glu not in _GLU_ACTIVATIONS or trans_a or accumulate_into is not None):
         raise ValueError(f"glu: expected one of {_GLU_ACTIVATIONS} on a forward form without "
@@ -481,8 +467,6 @@ def triton_gmm(
                              or b_up.device != b.device):
         raise ValueError(f"b_up: expected glu and a tensor of b's shape {tuple(b.shape)}, {b.dtype} on "
                          f"{b.device}, got {tuple(b_up.shape)}, {b_up.dtype} on {b_up.device} (glu={glu!r})")
-    if return_pre and glu is None:
-        raise ValueError("return_pre: the products before the GLU need glu")
     if a_rows is not None and b_rows is not None:
         raise ValueError("a_rows, b_rows: at most one row map per product")
     if b_rows is not None and not trans_a:
@@ -557,13 +541,9 @@ def triton_gmm(
         b_ekn, bu_ekn = b_ekn[:, :, :N], b_ekn[:, :, N:]
     if accumulate_into is None:
         out = torch.empty((M, N), dtype=a.dtype, device=a.device)
-        if return_pre:  # one buffer for the two, which a backward keeps (apart from the product)
-            pre = torch.empty((2, M, N), dtype=a.dtype, device=a.device)
     else:
         out = accumulate_into
     if a_rows is not None and T == 0:  # every mapped row reads as zeros: the product is zero
-        if return_pre:
-            return out.zero_(), pre.zero_()
         return out if accumulate_into is not None else out.zero_()
     if use_tma is None:  # with a_rows, a is read by pointer loads whatever its strides
         b_tma = [t.transpose(1, 2) if b_k_major else t for t in (b_ekn, bu_ekn) if t is not None]
@@ -571,16 +551,15 @@ def triton_gmm(
     num_tiles = (cdiv(M, cfg["BLOCK_M"]) + E + 1) * cdiv(N, cfg["BLOCK_N"])
     num_programs = _num_programs(a, num_tiles, cfg)
     _gmm_kernel[(num_programs,)](
-        a, b_ekn, b_ekn if bu_ekn is None else bu_ekn, out, pre[0] if return_pre else out, pre[1] if return_pre else out,
-        batch_sizes, a_rows if a_rows is not None else batch_sizes,
+        a, b_ekn, b_ekn if bu_ekn is None else bu_ekn, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
         M, N, K, E, T, num_programs,
         a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         USE_TMA=use_tma, B_K_MAJOR=b_k_major,
         TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out), ACCUMULATE=accumulate_into is not None,
-        GATHER_A=a_rows is not None, GLU=glu or "none", STORE_PRE=return_pre, **launch,
+        GATHER_A=a_rows is not None, GLU=glu or "none", **launch,
     )
-    return (out, pre) if return_pre else out
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,12 +23,11 @@ from typing import Callable, List, Optional, Tuple
 import stk
 import torch
 
-from megablocks.backend.gmm import default_backend as gmm_default_backend
 from megablocks.layers import common, mpu
 from megablocks.layers.activation_fn import fused_name, with_data
 from megablocks.layers.arguments import Arguments, InitFn
 from megablocks.ops.activation import glu
-from megablocks.ops.gmm import gmm, gmm_gathered, gmm_glu_shared_input, gmm_shared_input, gmm_shared_input_gathered
+from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered
 from megablocks.ops.permute import RowMaps
 from megablocks.ops.sparse import dsd, sdd
 
@@ -129,14 +128,11 @@ def expert_ffn(
     activation_fn: Callable,
     memory_optimized: bool,
     up_pair: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None,
-    glu_pair: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """`down(act(up(x, w1)) [* up(x, v1)], w2)`: the expert MLP (v1 None) or GLU.
 
     `up_pair(x, w1, v1)`, where given, computes both GLU up projections at once (the grouped path:
     their input gradient in one accumulating pass, `megablocks.ops.gmm_shared_input`).
-    `glu_pair(x, w1, v1, activation)`, where given, also applies a fused GLU in the same grouped
-    GEMM and returns `(glu(h1, h2), h1, h2)` (`megablocks.ops.gmm.gmm_glu_shared_input`).
 
     `up` and `down` are the two projections of one implementation (bmm, block-sparse or grouped);
     `up` returns a plain tensor (the values of a block-sparse result). A GLU whose activation
@@ -145,15 +141,12 @@ def expert_ffn(
     the activation output (and the GLU product) is recomputed in the backward instead of kept.
     Under `torch.compile` the compiler plans memory itself and the plain form is traced.
     """
-    fused = None if v1 is None else fused_name(activation_fn)
-    product = None
-    if v1 is not None and fused is not None and glu_pair is not None:
-        product, h1, h2 = glu_pair(x, w1, v1, fused)
-    elif v1 is not None and up_pair is not None:
+    if v1 is not None and up_pair is not None:
         h1, h2 = up_pair(x, w1, v1)
     else:
         h1 = up(x, w1)
         h2 = None if v1 is None else up(x, v1)
+    fused = None if h2 is None else fused_name(activation_fn)
 
     def activation():
         return activation_fn(h1)
@@ -164,20 +157,15 @@ def expert_ffn(
         return activation_fn(h1) * h2
 
     if not memory_optimized or torch.compiler.is_compiling():
-        if h2 is None:
-            return down(activation(), w2)
-        return down(gated() if product is None else product, w2)
+        return down(activation() if h2 is None else gated(), w2)
 
     with _RecomputeSaved() as saved:
         if h2 is None or fused is None:
             a = activation()
             saved.recompute(a, activation)
         if h2 is not None:
-            # The fused ops keep h1 and h2 for their backward; only the product is left to drop.
-            if fused is None:
-                a = a * h2
-            else:
-                a = gated() if product is None else product
+            # The fused op keeps h1 and h2 for its backward; only the product is left to drop.
+            a = gated() if fused is not None else a * h2
             saved.recompute(a, gated)
         return down(a, w2)
 
@@ -203,13 +191,6 @@ FUSED_GLU_INPUT_GRAD_MAX_FFN = 4096
 # mixtral forward+backward 27.5 -> 31.7 ms (without the pair, for 0.13 GiB), mb_paper's MLP
 # forward 1.49 -> 2.15 ms. The tests run it either way.
 FUSED_GATHER = True
-
-# Whether the grouped GLU's shared-input pair (above) with the Triton kernels also applies the
-# fused GLU in the same grouped GEMM (`megablocks.ops.gmm.gmm_glu_shared_input`): one launch
-# stores h1, h2 and act(h1) * h2 instead of two GEMMs writing h1 and h2 and a GLU kernel reading
-# them back. The same values and gradients (bitwise); measured in benchmarks/RESULTS.md
-# ("Switches"). The tests run it either way.
-FUSED_GLU_FORWARD = True
 
 
 def _gmm_backend(args: Arguments) -> Optional[str]:
@@ -352,16 +333,9 @@ class GroupedMLP(SparseMLP):
                 return gmm_shared_input_gathered(x, w1, v1, tokens_per_expert, maps, trans_b=True, backend=backend)
             return gmm_shared_input(x, w1, v1, tokens_per_expert, trans_b=True, backend=backend)
 
-        def glu_pair(x, w1, v1, activation):
-            w1, v1 = w1.view(num_experts, -1, hidden), v1.view(num_experts, -1, hidden)
-            return gmm_glu_shared_input(x, w1, v1, tokens_per_expert, activation, trans_b=True, maps=maps)
-
-        pair = self._shared_input_pair()
-        fused_glu = pair and FUSED_GLU_FORWARD and (backend or gmm_default_backend(x)) == "triton"
         return expert_ffn(
-            x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair if pair else None,
-            glu_pair=glu_pair if fused_glu else None, activation_fn=self.args.activation_fn,
-            memory_optimized=self.args.memory_optimized_mlp,
+            x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair if self._shared_input_pair() else None,
+            activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
         )
 
 

@@ -33,8 +33,6 @@ from megablocks.backend import gmm as gmm_backend
 from megablocks.backend import permute as permute_kernels
 from megablocks.backend import use_triton
 from megablocks.ops._eager import eager
-from megablocks.ops.activation import ACTIVATIONS as GLU_ACTIVATIONS
-from megablocks.ops.activation import _glu_backward
 from megablocks.ops.permute import RowMaps, _check_rows, _scatter_rows, gather_rows_reference
 
 
@@ -164,23 +162,18 @@ def _both_grads(grad1, grad2):
     return grads
 
 
-def _shared_grads(needs, a, b1, b2, batch_sizes, g1, g2, trans_b: bool, name: str):
-    """The gradients of `(a, b1, b2)` where `needs` says, from the two products' gradients."""
-    d_a = d_b1 = d_b2 = None
-    if needs[0]:
-        d_a = _gmm_sum(g1, b1, g2, b2, batch_sizes, not trans_b, name)
-    if needs[1]:
-        d_b1 = _gmm(*((g1, a) if trans_b else (a, g1)), batch_sizes, True, False, name)
-    if needs[2]:
-        d_b2 = _gmm(*((g2, a) if trans_b else (a, g2)), batch_sizes, True, False, name)
-    return d_a, d_b1, d_b2
-
-
 def _shared_backward(ctx, grad1, grad2):
     a, b1, b2, batch_sizes = ctx.saved_tensors
+    name, trans_b = ctx.backend_name, ctx.trans_b
     g1, g2 = _both_grads(grad1, grad2)
-    return (*_shared_grads(ctx.needs_input_grad, a, b1, b2, batch_sizes, g1, g2, ctx.trans_b, ctx.backend_name),
-            None, None, None)
+    d_a = d_b1 = d_b2 = None
+    if ctx.needs_input_grad[0]:
+        d_a = _gmm_sum(g1, b1, g2, b2, batch_sizes, not trans_b, name)
+    if ctx.needs_input_grad[1]:
+        d_b1 = _gmm(*((g1, a) if trans_b else (a, g1)), batch_sizes, True, False, name)
+    if ctx.needs_input_grad[2]:
+        d_b2 = _gmm(*((g2, a) if trans_b else (a, g2)), batch_sizes, True, False, name)
+    return d_a, d_b1, d_b2, None, None, None
 
 
 _gmm_shared_input.register_autograd(_shared_backward, setup_context=_shared_setup_context)
@@ -356,10 +349,10 @@ def _gathered_setup_context(ctx, inputs, output):
     ctx.top_k, ctx.trans_b, ctx.backend_name = top_k, trans_b, backend_name
 
 
-def _input_grad(top_k: int, d_rows, row_assignment, assignment_row) -> torch.Tensor:
+def _input_grad(ctx, d_rows, row_assignment, assignment_row) -> torch.Tensor:
     """x's gradient from its gathered rows' gradient: `gather_routed`'s backward (the sum over
     each token's top_k rows in fp32, k in order)."""
-    return _scatter_rows(d_rows, assignment_row, row_assignment, None, top_k)
+    return _scatter_rows(d_rows, assignment_row, row_assignment, None, ctx.top_k)
 
 
 def _gathered_backward(ctx, grad):
@@ -369,7 +362,7 @@ def _gathered_backward(ctx, grad):
     d_x = d_b = None
     if ctx.needs_input_grad[0]:
         d_rows = _gmm(grad, b, batch_sizes, False, not trans_b, name)
-        d_x = _input_grad(ctx.top_k, d_rows, row_assignment, assignment_row)
+        d_x = _input_grad(ctx, d_rows, row_assignment, assignment_row)
     if ctx.needs_input_grad[1]:
         d_b = _gmm_gathered_weight_grad(x, grad, batch_sizes, row_assignment, assignment_row, ctx.top_k, trans_b, name)
     return d_x, d_b, None, None, None, None, None, None
@@ -399,25 +392,19 @@ def _(x, b1, b2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, ba
     return x.new_empty((row_assignment.shape[0], n)), x.new_empty((row_assignment.shape[0], n))
 
 
-def _shared_gathered_grads(needs, x, b1, b2, batch_sizes, row_assignment, assignment_row, top_k: int, g1, g2,
-                           trans_b: bool, name: str):
-    """The gradients of `(x, b1, b2)` where `needs` says, from the two gathered products' gradients."""
-    d_x = d_b1 = d_b2 = None
-    if needs[0]:
-        d_rows = _gmm_sum(g1, b1, g2, b2, batch_sizes, not trans_b, name)
-        d_x = _input_grad(top_k, d_rows, row_assignment, assignment_row)
-    if needs[1]:
-        d_b1 = _gmm_gathered_weight_grad(x, g1, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name)
-    if needs[2]:
-        d_b2 = _gmm_gathered_weight_grad(x, g2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name)
-    return d_x, d_b1, d_b2
-
-
 def _shared_gathered_backward(ctx, grad1, grad2):
+    x, b1, b2, batch_sizes, row_assignment, assignment_row = ctx.saved_tensors
+    name, trans_b, top_k = ctx.backend_name, ctx.trans_b, ctx.top_k
     g1, g2 = _both_grads(grad1, grad2)
-    return (*_shared_gathered_grads(ctx.needs_input_grad, *ctx.saved_tensors, ctx.top_k, g1, g2, ctx.trans_b,
-                                    ctx.backend_name),
-            None, None, None, None, None, None)
+    d_x = d_b1 = d_b2 = None
+    if ctx.needs_input_grad[0]:
+        d_rows = _gmm_sum(g1, b1, g2, b2, batch_sizes, not trans_b, name)
+        d_x = _input_grad(ctx, d_rows, row_assignment, assignment_row)
+    if ctx.needs_input_grad[1]:
+        d_b1 = _gmm_gathered_weight_grad(x, g1, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name)
+    if ctx.needs_input_grad[2]:
+        d_b2 = _gmm_gathered_weight_grad(x, g2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name)
+    return d_x, d_b1, d_b2, None, None, None, None, None, None
 
 
 _gmm_shared_input_gathered.register_autograd(_shared_gathered_backward, setup_context=_gathered_setup_context)
@@ -508,98 +495,3 @@ def gmm_shared_input_gathered(
     return _gmm_shared_input_gathered(
         x, b1, b2, batch_sizes, maps.row_assignment, maps.assignment_row, maps.top_k, trans_b, backend
     )
-
-
-# --------------------------------------------------------------------------------------------
-# A GLU's two up projections and the GLU itself in one grouped GEMM ('triton'): each tile
-# accumulates both products, stores them (what the GLU's backward reads) and their GLU, so the
-# products are not read back by a separate GLU kernel. Rows gathered through the maps or given.
-
-
-@torch.library.custom_op("megablocks::gmm_glu_shared_input", mutates_args=())
-def _gmm_glu_shared_input(
-    x: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor,
-    row_assignment: Optional[torch.Tensor], assignment_row: Optional[torch.Tensor], top_k: int, activation: str,
-    trans_b: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    rows = None if row_assignment is None else _token_rows(row_assignment, top_k)
-    M, N = (x.shape[0] if rows is None else rows.shape[0]), (b1.shape[1] if trans_b else b1.shape[2])
-    if M * N == 0 or b1.shape[0] * x.shape[1] == 0:  # both products are zero, and so is their GLU
-        return x.new_zeros((M, N)), x.new_zeros((2, M, N))
-    return gmm_backend.triton_gmm(x, b1, batch_sizes, False, trans_b, a_rows=rows, glu=activation, b_up=b2,
-                                  return_pre=True)
-
-
-@_gmm_glu_shared_input.register_fake
-def _(x, b1, b2, batch_sizes, row_assignment, assignment_row, top_k, activation, trans_b):
-    M, N = (x.shape[0] if row_assignment is None else row_assignment.shape[0]), (b1.shape[1] if trans_b else b1.shape[2])
-    return x.new_empty((M, N)), x.new_empty((2, M, N))
-
-
-def _glu_shared_setup_context(ctx, inputs, output):
-    x, b1, b2, batch_sizes, row_assignment, assignment_row, top_k, activation, trans_b = inputs
-    _, pre = output
-    ctx.save_for_backward(x, b1, b2, batch_sizes, row_assignment, assignment_row, pre)
-    ctx.top_k, ctx.activation, ctx.trans_b = top_k, activation, trans_b
-    ctx.mark_non_differentiable(pre)
-    ctx.set_materialize_grads(False)
-
-
-def _glu_shared_backward(ctx, grad, _grad_pre):
-    x, b1, b2, batch_sizes, row_assignment, assignment_row, pre = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
-    if grad is None or not any(needs):
-        return (None,) * 9
-    g1, g2 = _glu_backward(grad.contiguous(), pre[0], pre[1], ctx.activation)
-    if row_assignment is None:
-        grads = _shared_grads(needs, x, b1, b2, batch_sizes, g1, g2, ctx.trans_b, "triton")
-    else:
-        grads = _shared_gathered_grads(needs, x, b1, b2, batch_sizes, row_assignment, assignment_row, ctx.top_k,
-                                       g1, g2, ctx.trans_b, "triton")
-    return (*grads, None, None, None, None, None, None)
-
-
-_gmm_glu_shared_input.register_autograd(_glu_shared_backward, setup_context=_glu_shared_setup_context)
-_gmm_glu_shared_input = eager(_gmm_glu_shared_input)
-
-
-def gmm_glu_shared_input(
-    x: torch.Tensor,
-    b1: torch.Tensor,
-    b2: torch.Tensor,
-    batch_sizes: torch.Tensor,
-    activation: str,
-    trans_b: bool = False,
-    maps: Optional[RowMaps] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(glu(h1, h2, activation), h1, h2)` with `(h1, h2) = gmm_shared_input(x, b1, b2, ...)` (or
-    `gmm_shared_input_gathered(x, b1, b2, batch_sizes, maps, ...)` with `maps`), in one grouped
-    GEMM of the 'triton' backend: each tile accumulates both products, stores them rounded, and
-    stores the GLU of the rounded values, so that all three equal the unfused ops' results.
-
-    Differentiable in x, b1 and b2 through the first result: the GLU's backward from h1 and h2,
-    then `gmm_shared_input`'s (the two products' input gradient in one accumulating pass). h1 and
-    h2 are returned for a caller that recomputes the GLU (they carry no gradient). Arguments,
-    dtypes and errors as `gmm_shared_input` / `gmm_shared_input_gathered`, plus `activation`, one
-    of `megablocks.ops.activation.ACTIVATIONS`; the Triton kernels must run for x (CUDA, or the
-    interpreter).
-    """
-    if not use_triton(x):
-        raise ValueError("x: gmm_glu_shared_input runs the Triton kernels (CUDA, or TRITON_INTERPRET=1 on CPU)")
-    if activation not in GLU_ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {GLU_ACTIVATIONS}, got {activation!r}")
-    if maps is None:
-        gmm_backend.check_gmm_args(x, b1, batch_sizes, False, trans_b, "triton")
-        rows = x.shape[0]
-    else:
-        _check_gathered(x, b1, batch_sizes, maps, trans_b, "triton")
-        rows = maps.row_assignment.numel()
-    _check_second_weight(b1, b2)
-    if maps is None and values_checked(batch_sizes):
-        _check_batch_sizes(batch_sizes, rows)
-    if maps is None:
-        out, pre = _gmm_glu_shared_input(x, b1, b2, batch_sizes, None, None, 1, activation, trans_b)
-    else:
-        out, pre = _gmm_glu_shared_input(x, b1, b2, batch_sizes, maps.row_assignment, maps.assignment_row,
-                                         maps.top_k, activation, trans_b)
-    return out, pre[0], pre[1]

@@ -277,7 +277,7 @@ def test_dmoe_with_switches(impl, shape, on, monkeypatch):
     monkeypatch.setattr(routing_module, "SMALL_ROUTING", on)
     monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", on)
     calls = []
-    for name in ("gmm_shared_input", "gmm_shared_input_gathered", "gmm_glu_shared_input"):
+    for name in ("gmm_shared_input", "gmm_shared_input_gathered"):
         op = getattr(mlp_module, name)
         monkeypatch.setattr(mlp_module, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
     skip_unavailable(impl, torch.float32)
@@ -299,7 +299,7 @@ def test_fused_glu_input_grad_bound(monkeypatch):
 
     skip_unavailable("triton", torch.float32)
     calls = []
-    for name in ("gmm_shared_input", "gmm_shared_input_gathered", "gmm_glu_shared_input"):
+    for name in ("gmm_shared_input", "gmm_shared_input_gathered"):
         op = getattr(mlp_module, name)
         monkeypatch.setattr(mlp_module, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
     layer = dMoE(make_args("triton", hidden_size=16, ffn_hidden_size=24, moe_num_experts=2, moe_top_k=1, mlp_type="glu"))

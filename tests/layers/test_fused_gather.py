@@ -24,7 +24,7 @@ from tests.layers.moe_reference import (
     skip_unavailable,
 )
 from tests.layers.test_dmoe import SHAPES
-from tests.utils import assert_close, assert_equal
+from tests.utils import assert_close
 
 GROUPED_IMPLS = ["triton", "torch"]
 
@@ -33,18 +33,17 @@ def _count_calls(monkeypatch):
     """Counts the gathered products and the explicit gathers of the grouped path."""
     calls = {"gathered": 0, "gather_routed": 0}
 
-    def counted(module, name, key, when=lambda kwargs: True):
+    def counted(module, name, key):
         fn = getattr(module, name)
 
         def wrapper(*args, **kwargs):
-            calls[key] += when(kwargs)
+            calls[key] += 1
             return fn(*args, **kwargs)
 
         monkeypatch.setattr(module, name, wrapper)
 
     counted(mlp_module, "gmm_gathered", "gathered")
     counted(mlp_module, "gmm_shared_input_gathered", "gathered")
-    counted(mlp_module, "gmm_glu_shared_input", "gathered", lambda kwargs: kwargs.get("maps") is not None)
     counted(dmoe_module, "gather_routed", "gather_routed")
     return calls
 
@@ -181,50 +180,3 @@ def test_compiles_fullgraph(monkeypatch):
     for name in GRAD_NAMES:
         if eager_grads[name] is not None:
             assert_close(f"grad {name}", grads[name], eager_grads[name])
-
-
-# ------------------------------------------------------------------------------------------------
-# megablocks.layers.mlp.FUSED_GLU_FORWARD: the GLU's two up projections and the GLU in one
-# grouped GEMM (gmm_glu_shared_input), with the Triton kernels.
-
-
-@pytest.mark.parametrize("memory_optimized", [False, True], ids=["plain", "memory_optimized"])
-@pytest.mark.parametrize("fused_gather", [False, True], ids=["rows", "token_rows"])
-def test_fused_glu_forward_equals_unfused(fused_gather, memory_optimized, monkeypatch):
-    """On and off: bitwise the same output and gradients (the same products, rounded the same,
-    the same GLU and backward); taken on the Triton path only, with the maps where the layer
-    reads the token rows."""
-    calls = []
-    op = mlp_module.gmm_glu_shared_input
-    monkeypatch.setattr(mlp_module, "gmm_glu_shared_input", lambda *a, **k: calls.append(k.get("maps")) or op(*a, **k))
-    monkeypatch.setattr(mlp_module, "FUSED_GATHER", fused_gather)
-    layer = dMoE(make_args("triton", mlp_type="glu", moe_top_k=3, memory_optimized_mlp=memory_optimized))
-    randomize_bias(layer)
-    x = torch.randn(3, 5, 40, device=DEVICE)
-    grad_out = torch.randn(3, 5, 40, device=DEVICE)
-    results = {}
-    for on in (False, True):
-        monkeypatch.setattr(mlp_module, "FUSED_GLU_FORWARD", on)
-        results[on] = _run(layer, x, grad_out)
-    assert len(calls) == 1 and (calls[0] is not None) == fused_gather, calls
-    assert_equal("out", results[True][0], results[False][0])
-    for name in GRAD_NAMES:
-        if results[False][1][name] is not None:
-            assert_equal(f"grad {name}", results[True][1][name], results[False][1][name])
-
-
-def test_fused_glu_forward_where_taken(monkeypatch):
-    """Not with the 'torch' GEMM backend, not without the shared-input pair, not for the MLP."""
-    calls = []
-    op = mlp_module.gmm_glu_shared_input
-    monkeypatch.setattr(mlp_module, "gmm_glu_shared_input", lambda *a, **k: calls.append(1) or op(*a, **k))
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_FORWARD", True)
-    x = torch.randn(6, 40, device=DEVICE)
-    dMoE(make_args("triton", mlp_type="glu"))(x)
-    assert calls == [1]
-    dMoE(make_args("triton", mlp_type="mlp"))(x)
-    skip_unavailable("torch", torch.float32)
-    dMoE(make_args("torch", mlp_type="glu"))(x)
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", False)
-    dMoE(make_args("triton", mlp_type="glu"))(x)
-    assert calls == [1]

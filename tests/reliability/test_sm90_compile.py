@@ -72,12 +72,8 @@ for dtype in (torch.bfloat16, torch.float32):
                     consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                                   BLOCK_E=128, GROUP_M=cfg["GROUP_M"], USE_TMA=True, B_K_MAJOR=k_major,
                                   UPCAST=False, PRECISION=precision, TMA_STORE=cfg["TMA_STORE"],
-                                  ACCUMULATE=False, GATHER_A=gather, GLU="silu" if glu else "none",
-                                  STORE_PRE=False)
+                                  ACCUMULATE=False, GATHER_A=gather, GLU="silu" if glu else "none")
                     check(label, G._gmm_kernel, element, consts, cfg["num_warps"], cfg["num_stages"])
-                    if glu and k_major:  # the training forward: the two products stored as well
-                        check(f"{label} store_pre", G._gmm_kernel, element, dict(consts, STORE_PRE=True),
-                              cfg["num_warps"], cfg["num_stages"])
             if not glu:
                 consts["ACCUMULATE"], consts["GATHER_A"], consts["B_K_MAJOR"] = True, False, True
                 check(f"gmm {dtype} rows/group={rows_per_group} accumulate", G._gmm_kernel, element, consts,
@@ -125,9 +121,6 @@ for block_e in (16, 128, 1024):
 for maps in (False, True):
     check(f"small_routing maps={maps}", R._small_routing_kernel, "*i32",
           dict(BLOCK_N=4096, NUM_BINS=1024, ID_BITS=R._ID_BITS, MAPS=maps), 8, 3)
-check("routing keys", R._routing_keys_kernel, "*i32", dict(BLOCK=R._MAPS_BLOCK), 4, 3)
-check("sorted maps", R._sorted_maps_kernel, "*i32",
-      dict(BLOCK=R._MAPS_BLOCK, BLOCK_E=R._COUNTS_BLOCK, SEARCH_STEPS=18), 4, 3)
 json.dump(results, sys.stdout)
 """
 
