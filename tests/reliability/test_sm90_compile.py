@@ -121,6 +121,9 @@ for block_e in (16, 128, 1024):
 for maps in (False, True):
     check(f"small_routing maps={maps}", R._small_routing_kernel, "*i32",
           dict(BLOCK_N=4096, NUM_BINS=1024, ID_BITS=R._ID_BITS, MAPS=maps), 8, 3)
+check("routing keys", R._routing_keys_kernel, "*i32", dict(BLOCK=R._MAPS_BLOCK), 4, 3)
+check("sorted maps", R._sorted_maps_kernel, "*i32",
+      dict(BLOCK=R._MAPS_BLOCK, BLOCK_E=R._COUNTS_BLOCK, SEARCH_STEPS=18), 4, 3)
 json.dump(results, sys.stdout)
 """
 
