@@ -276,3 +276,12 @@ def test_experts_from_ids_bad_input():
         experts_from_ids(x, w1, w2, ids, weights, "tanh")
     with pytest.raises(TypeError, match="trans_b"):
         experts_from_ids(x, w1, w2, ids, weights, "silu", trans_b=1)
+
+
+def test_fused_moe_past_one_routing_programs_experts(fused_forms):
+    """More experts than one routing program takes (E > 1022): the sorted routing, most experts
+    empty, against the reference (and the general path with FUSED_FORMS off)."""
+    x, w1, w2, gating = make(6, e=1030, h=16, f=8)
+    gating[:3, 1029] += 30.0  # the last expert id, past 1024, taken
+    out = fused_moe(x, w1, w2, gating, 2, True)
+    assert_close("out", out, fused_moe_reference(x, w1, w2, gating, 2, True))
