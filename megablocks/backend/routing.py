@@ -259,9 +259,9 @@ def sorted_routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
     if n == 0:
         return counts_E.zero_(), assignment_row_N, token_of_row_N
     keys_N = torch.empty(n, dtype=sort_key_dtype(num_experts.bit_length()), device=x_N.device)  # keys <= E
-    _routing_keys_kernel[(cdiv(n, _MAPS_BLOCK),)](x_N, keys_N, n, num_experts, BLOCK=_MAPS_BLOCK, num_warps=4)
-    keys_N, order_N = torch.sort(keys_N, stable=True)
     map_programs = cdiv(n, _MAPS_BLOCK)
+    _routing_keys_kernel[(map_programs,)](x_N, keys_N, n, num_experts, BLOCK=_MAPS_BLOCK, num_warps=4)
+    keys_N, order_N = torch.sort(keys_N, stable=True)
     _sorted_maps_kernel[(map_programs + cdiv(num_experts, _COUNTS_BLOCK),)](
         keys_N, order_N, counts_E, assignment_row_N, token_of_row_N, n, num_experts, top_k, map_programs,
         BLOCK=_MAPS_BLOCK, BLOCK_E=_COUNTS_BLOCK, SEARCH_STEPS=(n + 1).bit_length(), num_warps=4,
