@@ -10,7 +10,8 @@ Other flags: --modes fwd,fwdbwd, --rep N (CUDA: ms of timed calls per measuremen
 see LEVERS).
 
 Layers: the configs of `common.CONFIGS` (T tokens, hidden H, ffn F, E experts, top-k) with their
-expert MLP (`LAYER_KINDS`), and decode-sized variants (`DECODE_CONFIGS`: T=64, forward only,
+expert MLP (`LAYER_KINDS`), training steps with few tokens (`SMALL_STEP_CONFIGS`: T=64, forward
+and backward), and decode-sized variants (`DECODE_CONFIGS`: T=64, forward only,
 under `torch.no_grad`, modules in eval mode); prefill-sized ones (`PREFILL_CONFIGS`: T=4096, the
 same way) run when named in --configs.
 
@@ -23,8 +24,11 @@ Contenders (all share one router and one set of expert weights):
     torch_grouped_mm  `TorchGroupedMoE`: router, argsort, gather, F.grouped_mm per projection, index_add
 
 Modes: 'fwd' (a training forward: autograd records the graph, the output is dropped) and
-'fwdbwd' (forward, then the gradients of a fixed random output gradient with respect to the input
-and every parameter, by `torch.autograd.grad`, so no gradient is accumulated into `.grad`).
+'fwdbwd' (the step training runs: every `.grad` set to None, as `optimizer.zero_grad()` leaves it,
+then `layer(x).backward(g)` with a fixed random output gradient, into the `.grad` of the input and
+of every parameter; a gradient returned in another layout than its parameter's is copied there by
+AccumulateGrad, and that copy is timed). The same step by `torch.autograd.grad`, which returns
+the gradients as computed and never pays that copy, is the extra column `autograd_grad_ms`.
 
 Reported per (config, mode, contender):
     ms, p20_ms, p80_ms   `common.timed` (CUDA events); on CPU `time.perf_counter`, few calls
@@ -34,9 +38,11 @@ Reported per (config, mode, contender):
     dense_tflops         one dense (T·k × H)·(H × F) matmul in the same run; pct_dense: tflops
                          as a percentage of it
     speedup              torch_grouped_mm ms / this contender's ms, same config and mode
-    extra_mem_gib        peak memory of one step minus the memory allocated before it, once the
-                         weights, their `.grad` and the input exist (fwdbwd: the step's backward
-                         accumulates into `.grad`); nan on CPU
+    autograd_grad_ms     fwdbwd: the same step by `torch.autograd.grad` (no `.grad` written)
+    extra_mem_gib        peak memory of one step minus the memory allocated before it (the weights
+                         and the input, every `.grad` None) and minus the `.grad` tensors the step
+                         leaves (the same for every contender): what the layer needs on top of
+                         its weights, input and gradients; nan on CPU
     graph_ms             decode and prefill layers on CUDA: the same forward captured in a CUDA graph and
                          replayed (no host time; nan for a contender that syncs); graph_speedup
                          likewise against torch_grouped_mm's graph_ms
@@ -86,6 +92,8 @@ ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
 # Decode-sized layers: a common.CONFIGS layer at DECODE_TOKENS tokens, forward only.
 DECODE_TOKENS = 64
 DECODE_CONFIGS = {"mixtral_decode": "mixtral", "qwen3_decode": "qwen3moe"}
+# Training steps with few tokens: a common.CONFIGS layer at DECODE_TOKENS tokens, forward and backward.
+SMALL_STEP_CONFIGS = {"mixtral_t64": "mixtral", "qwen3_t64": "qwen3moe"}
 # Prefill-sized inference layers (forward only, as the decode ones), not in the default set.
 PREFILL_TOKENS = 4096
 PREFILL_CONFIGS = {"mixtral_prefill": "mixtral", "qwen3_prefill": "qwen3moe"}
@@ -150,15 +158,17 @@ class Layer:
 
 
 def all_layers(smoke: bool) -> Dict[str, Layer]:
-    """{name: Layer}: the smoke layers, or the CONFIGS layers and their decode and prefill variants."""
+    """{name: Layer}: the smoke layers, or the CONFIGS layers and their small-step, decode and
+    prefill variants."""
     if smoke:
         return {name: Layer(name, *shape, mlp, act, decode)
                 for name, (shape, mlp, act, decode) in SMOKE_CONFIGS.items()}
     layers = {name: Layer(name, *shape, *LAYER_KINDS[name], False) for name, shape in CONFIGS.items()}
-    for configs, tokens in ((DECODE_CONFIGS, DECODE_TOKENS), (PREFILL_CONFIGS, PREFILL_TOKENS)):
+    for configs, tokens, decode in ((SMALL_STEP_CONFIGS, DECODE_TOKENS, False), (DECODE_CONFIGS, DECODE_TOKENS, True),
+                                    (PREFILL_CONFIGS, PREFILL_TOKENS, True)):
         for name, base in configs.items():
             _, H, F_, E, k = CONFIGS[base]
-            layers[name] = Layer(name, tokens, H, F_, E, k, *LAYER_KINDS[base], True)
+            layers[name] = Layer(name, tokens, H, F_, E, k, *LAYER_KINDS[base], decode)
     return layers
 
 
@@ -392,39 +402,51 @@ def dense_tflops(m: int, n: int, k: int, dtype: torch.dtype, device: str, rep: i
     return 2 * m * n * k / cpu_timed(lambda: a @ b, rep)[0] / 1e9
 
 
+def clear_grads(inputs: List[torch.Tensor]) -> None:
+    """Every `.grad` None, as `optimizer.zero_grad()` leaves it at the start of a step."""
+    for t in inputs:
+        t.grad = None
+
+
 def steps(module: torch.nn.Module, mode: str, decode: bool, x: torch.Tensor, grad_out: torch.Tensor,
-          inputs: List[torch.Tensor]):
-    """(timed step, memory step) of one mode. The timed fwdbwd step returns the gradients without
-    touching `.grad`; the memory step's backward accumulates into the existing `.grad`."""
+          inputs: List[torch.Tensor]) -> Tuple[Callable[[], object], Optional[Callable[[], object]]]:
+    """(the step training runs, the same step by `torch.autograd.grad` or None) of one mode.
+
+    fwdbwd: every `.grad` of `inputs` (x and the parameters) set to None, then `.backward()` into
+    them; the second form returns the gradients without touching `.grad`."""
     if decode:
         def forward():
             with torch.no_grad():
                 module(x)
-        return forward, forward
+        return forward, None
     if mode == "fwd":
         def train_forward():
             module(x)
-        return train_forward, train_forward
+        return train_forward, None
 
     def fwdbwd():
-        torch.autograd.grad(module(x), inputs, grad_out)
-
-    def fwdbwd_into_grad():
+        clear_grads(inputs)
         module(x).backward(grad_out)
 
-    return fwdbwd, fwdbwd_into_grad
+    def fwdbwd_autograd_grad():
+        torch.autograd.grad(module(x), inputs, grad_out)
+
+    return fwdbwd, fwdbwd_autograd_grad
 
 
-def extra_peak_gib(step: Callable[[], object], device: str) -> float:
-    """Peak memory during `step()` minus the memory allocated before it (GiB); nan on CPU."""
+def extra_peak_gib(step: Callable[[], object], device: str, inputs: List[torch.Tensor]) -> float:
+    """Peak memory during `step()` minus the memory allocated before it (every `.grad` of
+    `inputs` None) and minus the `.grad` tensors the step leaves (GiB); nan on CPU."""
     if device != "cuda":
         return float("nan")
+    clear_grads(inputs)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**30
+    grads = sum(t.grad.untyped_storage().nbytes() for t in inputs if t.grad is not None)
+    return (torch.cuda.max_memory_allocated() - before - grads) / 2**30
 
 
 def stage_of(kernel: str) -> str:
@@ -507,8 +529,6 @@ def bench_layer(layer: Layer, names: Sequence[str], modes: Sequence[str], dtype:
     check_grads = "fwdbwd" in modes
     errs = errors(modules, x, grad_out if check_grads else None)
     tol = TOLERANCE[dtype]
-    if check_grads:
-        modules[REFERENCE](x).backward(grad_out)  # the .grad buffers exist before any memory step
     dense = dense_tflops(layer.T * layer.k, layer.F, layer.H, dtype, device, rep)
 
     agreement = {name: _agreement(layer, name, errs[name], tol) for name in names}
@@ -525,10 +545,13 @@ def bench_layer(layer: Layer, names: Sequence[str], modes: Sequence[str], dtype:
                 if device == "cuda":  # each contender starts from the same allocator state
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
-                timed_step, memory_step = steps(modules[name], mode, layer.decode, x, grad_out, inputs)
+                timed_step, autograd_step = steps(modules[name], mode, layer.decode, x, grad_out, inputs)
                 try:
                     ms, p20, p80 = time_fn(timed_step, device, rep)
-                    mem = extra_peak_gib(memory_step, device)
+                    if autograd_step is not None:
+                        row["autograd_grad_ms"] = time_fn(autograd_step, device, rep)[0]
+                    mem = extra_peak_gib(timed_step, device, inputs)
+                    clear_grads(inputs)
                     if layer.decode and device == "cuda":
                         row["graph_ms"] = graph_time_ms(timed_step, rep)
                 except Exception as err:  # a contender that fails here is reported, not fatal
@@ -615,7 +638,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=".", help="directory for dmoe.csv, dmoe.png, dmoe_breakdown.csv")
     p.add_argument("--configs", type=_split, default=None,
-                   help=f"comma-separated; default all of {list(CONFIGS) + list(DECODE_CONFIGS)} "
+                   help=f"comma-separated; default all of {list(CONFIGS) + list(SMALL_STEP_CONFIGS) + list(DECODE_CONFIGS)} "
                         f"(also {list(PREFILL_CONFIGS)}; with --smoke: {list(SMOKE_CONFIGS)})")
     p.add_argument("--contenders", type=_split, default=None,
                    help=f"comma-separated; default every one of {list(CONTENDERS)} that runs here")
@@ -698,7 +721,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     plot(rows, os.path.join(args.out, "dmoe.png"))
     print(env)
     print_table(rows, ["config", "mode", "contender", "match", "ms", "p20_ms", "p80_ms", "tflops", "pct_dense",
-                       "speedup", "extra_mem_gib", "graph_ms", "graph_speedup"])
+                       "speedup", "autograd_grad_ms", "extra_mem_gib", "graph_ms", "graph_speedup"])
     bad = [r for r in rows if r["match"] != "ok"]
     if bad:
         print(f"!!! {len(bad)} row(s) did not match {REFERENCE} or failed: "

@@ -118,9 +118,29 @@ def test_smoke_end_to_end(tmp_path):
         if r["config"] == "smoke_glu":
             assert r["grad_err"] <= FP32_TOL, r
         assert r["ms"] > 0 and r["tflops"] > 0, r
+        if r["mode"] == "fwdbwd":
+            assert r["autograd_grad_ms"] > 0, r
         if r["contender"] == bench_dmoe.REFERENCE:
             assert r["speedup"] == 1.0
     assert (tmp_path / "dmoe.csv").exists()
+
+
+def test_fwdbwd_step_is_backward_into_grad(device):
+    """The timed step starts from `.grad` None and leaves each gradient in `.grad`, equal to the
+    one `torch.autograd.grad` returns (the extra column's form)."""
+    layer = _layer("smoke_glu")
+    modules = bench_dmoe.build_contenders(layer, ["sparse"], torch.float32, device)
+    x, grad_out = _inputs(layer, device)
+    inputs = [x, *bench_dmoe.parameters(modules).values()]
+    step, autograd_step = bench_dmoe.steps(modules["sparse"], "fwdbwd", False, x, grad_out, inputs)
+    for t in inputs:
+        t.grad = torch.full_like(t, float("nan"))  # a stale gradient the step must not add to
+    step()
+    expected = torch.autograd.grad(modules["sparse"](x), inputs, grad_out)
+    for t, g in zip(inputs, expected):
+        assert t.grad is not None and torch.allclose(t.grad, g, rtol=1e-5, atol=1e-6)
+    assert autograd_step is not None
+    assert bench_dmoe.steps(modules["sparse"], "fwd", False, x, grad_out, inputs)[1] is None
 
 
 def test_smoke_mismatch_exits_nonzero(tmp_path, monkeypatch):

@@ -52,3 +52,21 @@ def poisoned(shape, dtype, device) -> torch.Tensor:
     if dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.full(shape, -1, dtype=dtype, device=device)
+
+
+def assert_grads_in_layout(where: str, params, grads) -> None:
+    """Each gradient `torch.autograd.grad` returned has its parameter's shape and strides.
+
+    A gradient in another layout (e.g. the transposed view a product with `w.t()` gives back) is
+    copied into the parameter's layout by AccumulateGrad on `.backward()`: a strided pass over the
+    whole weight that training pays on every step. `params` is a dict {name: parameter}, `grads`
+    the gradients in the same order.
+    """
+    bad = []
+    for (name, p), g in zip(params.items(), grads):
+        if g is None:
+            bad.append(f"{name}: no gradient")
+        elif g.shape != p.shape or g.stride() != p.stride() or not g.is_contiguous():
+            bad.append(f"{name}: shape {tuple(g.shape)} strides {g.stride()}, parameter "
+                       f"{tuple(p.shape)} strides {p.stride()}")
+    assert not bad, f"{where}: gradients not in their parameters' layout: " + "; ".join(bad)

@@ -362,8 +362,18 @@ def _sdd_backward(ctx, dy):
     if ctx.needs_input_grad[0]:
         da = _dsd_op(dy, *meta, False, b.t(), *layout)
     if ctx.needs_input_grad[1]:
-        db = _dds_op(a.t(), dy, *meta, False, *layout)
+        db = _sdd_b_grad(a, b, dy, meta, layout)
     return (da, db) + (None,) * 9
+
+
+def _sdd_b_grad(a, b, dy, meta, layout):
+    """sdd's db = a^T @ dy, in b's layout: a column-major b (the layer's `w1_EFH.t()`) gets
+    `dsd(dy^T, a)^T`, whose storage is the contiguous `[N, K]` that the kernel writes row by row,
+    so the parameter's gradient reaches `.grad` without a strided copy (AccumulateGrad copies a
+    gradient whose strides differ from its parameter's)."""
+    if b.dim() == 2 and b.shape[0] > 1 and b.stride(0) == 1 and b.stride(1) == b.shape[0]:
+        return _dsd_op(dy, *meta, True, a, *layout).t()
+    return _dds_op(a.t(), dy, *meta, False, *layout)
 
 
 def _dsd_setup(ctx, inputs, output):

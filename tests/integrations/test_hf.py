@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import DEVICE
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_grads_in_layout
 
 transformers = pytest.importorskip("transformers")
 
@@ -157,6 +157,28 @@ def test_convert_model(kind, mlp_impl, references):
     if kind == "qwen2_moe":
         key = "model.layers.0.mlp.shared_expert_gate.weight"
         assert_close(key, our_grads[key], grads[key])
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"], ids=["references", "kernels"])
+@pytest.mark.parametrize("how", ["experts_implementation", "convert_model-grouped", "convert_model-sparse"])
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_gradients_in_parameter_layout(kind, how, interpret, monkeypatch):
+    """Every parameter's gradient, as `torch.autograd.grad` returns it, has its parameter's
+    strides (else `.backward()` copies it into that layout): the transformers experts path and
+    the converted dMoE blocks (with Qwen2-MoE's gated shared expert)."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    model = tiny_model(kind).train()
+    if how == "experts_implementation":
+        model.set_experts_implementation("megablocks")
+    else:
+        model = hf.convert_model(model, mlp_impl=how.split("-")[1], moe_block_size=16)
+    ids, probe = _inputs(seq=3)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad((model(ids).logits * probe).sum(), list(params.values()), allow_unused=True)
+    used = {n: p for (n, p), g in zip(params.items(), grads) if g is not None}
+    assert any("experts" in n or ".moe." in n for n in used), sorted(used)
+    assert_grads_in_layout(f"{kind} {how}", used, [g for g in grads if g is not None])
 
 
 def test_convert_model_shares_router_weight():

@@ -32,7 +32,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 from megablocks.integrations import megatron as mg  # noqa: E402
 from megablocks.layers.arguments import Arguments  # noqa: E402
 from megablocks.layers.dmoe import dMoE  # noqa: E402
-from tests.utils import assert_close, assert_equal  # noqa: E402
+from tests.utils import assert_close, assert_equal, assert_grads_in_layout  # noqa: E402
 
 H, FFN, E, LAYERS = 32, 48, 4, 2
 
@@ -106,6 +106,9 @@ def test_mlp_equals_standalone_dmoe(mlp_impl, top_k, swiglu):
     g = torch.randn(7, 3, H)
     h_ours = h.clone().requires_grad_()
     out, bias = mlp(h_ours)
+    params = dict(mlp.named_parameters())
+    layout = torch.autograd.grad((out * g + bias * g).sum(), list(params.values()), retain_graph=True)
+    assert_grads_in_layout(f"MegablocksMLP {mlp_impl}", params, layout)
     (out * g + bias * g).sum().backward()
 
     h_ref = h.clone().requires_grad_()

@@ -15,7 +15,7 @@ from megablocks.layers.all_to_all import all_to_all
 from megablocks.layers.dmoe import dMoE
 from megablocks.layers.moe import MoE
 from tests.layers.moe_reference import make_args, route_all_to
-from tests.utils import assert_close, assert_equal
+from tests.utils import assert_close, assert_equal, assert_grads_in_layout
 
 
 def _device() -> torch.device:
@@ -85,6 +85,9 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     xs, gs = _batches(world_size, tokens, hidden, dtype, positive=all_to_expert is not None)
     x = xs[rank].clone().requires_grad_(True)
     out = ep(x)
+    where = f"rank {rank} {layer} {impl} {mlp_type} E={experts} W={world_size} {dtype}"
+    params = dict(ep.named_parameters())
+    assert_grads_in_layout(where, params, torch.autograd.grad(out, list(params.values()), gs[rank], retain_graph=True))
     (out * gs[rank]).sum().backward()
 
     X = torch.cat(xs).requires_grad_(True)
@@ -99,7 +102,6 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     if all_to_expert is not None:
         _, _, top = ref.router(X.detach())
         assert bool((top[:, 0] == all_to_expert).all()), "the routing did not put every first choice on one expert"
-    where = f"rank {rank} {layer} {impl} {mlp_type} E={experts} W={world_size} {dtype}"
     assert_close(f"{where} out", out, OUT[rows])
     assert_close(f"{where} grad x", x.grad, local_grads[0][rows])
     assert_close(f"{where} grad router", ep.router.layer.weight.grad, local_grads[1])
