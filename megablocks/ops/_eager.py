@@ -29,14 +29,19 @@ class EagerOp:
         setup_context = getattr(op, "_setup_context_fn", None)
         self._function = None
         if backward is not None:
+            impl = self._impl
+
+            # The forward takes ctx and calls setup_context itself: a Function with a separate
+            # setup_context binds its arguments through inspect.signature on every apply.
+            def forward(ctx, *args):
+                output = impl(*args)
+                setup_context(ctx, args, output)
+                return output
+
             self._function = type(
                 f"{op.__name__ if hasattr(op, '__name__') else 'op'}_function",
                 (torch.autograd.Function,),
-                {
-                    "forward": staticmethod(self._impl),
-                    "setup_context": staticmethod(setup_context),
-                    "backward": staticmethod(backward),
-                },
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)},
             )
 
     def __call__(self, *args, **kwargs):
