@@ -102,7 +102,9 @@ def worker(opts) -> None:
     x = torch.randn(T, H, device=device, dtype=dtype, generator=gen).requires_grad_(True)
     grad = torch.randn(T, H, device=device, dtype=dtype, generator=gen)
 
-    def step():
+    def step():  # as training runs it: every .grad None (zero_grad), then .backward() into them
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
         layer(x).backward(grad)
 
     for _ in range(opts.warmup):

@@ -99,10 +99,57 @@ def step_report(layer, name):
             torch.cuda.synchronize()
         return statistics.median(samples)
 
+    def backward_only(accumulate):
+        samples = []
+        for _ in range(20):
+            if not accumulate:
+                bench_dmoe.clear_grads(inputs)
+            out = module(x)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out.backward(g)
+            samples.append((time.perf_counter() - start) * 1e3)
+            torch.cuda.synchronize()
+        return statistics.median(samples)
+
+    def accumulate_step():
+        module(x).backward(g)
+
+    segments = torch.cuda.memory_stats().get("segment.all.allocated", 0)
+    step_ms = host(step)
+    segments = torch.cuda.memory_stats().get("segment.all.allocated", 0) - segments
+    fwd_ms = host(lambda: module(x))
+    print(f"{layer.name} {name}: host ms: step {step_ms:.3f} (new segments {segments}), step into existing .grad "
+          f"{host(accumulate_step):.3f}, forward {fwd_ms:.3f}, backward into None {backward_only(False):.3f}, "
+          f"backward into existing {backward_only(True):.3f}; syncs in a step: {len(syncs)} {syncs[:3]}")
+    # Host time of a step issued behind ~50 ms of queued device work: where it stays the host time
+    # above, nothing in the step waits for the device; where it grows by the queued work, an
+    # operation blocks (a sync that the debug mode does not flag, e.g. an allocator call).
+    def behind_queue(fn):
+        samples = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(100_000_000)
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e3)
+            torch.cuda.synchronize()
+        return statistics.median(samples)
+
     outs = []
-    fwd_ms = host(lambda: outs.append(module(x)))
-    bwd_ms = host(lambda: outs.pop().backward(g))
-    print(f"{layer.name} {name}: host ms forward {fwd_ms:.3f}, backward {bwd_ms:.3f}; syncs in a step: {len(syncs)} {syncs[:3]}")
+    print(f"    behind queued work: step {behind_queue(step):.3f} ms, forward {behind_queue(lambda: outs.append(module(x))):.3f} ms, "
+          f"backward {behind_queue(lambda: outs.pop().backward(g)):.3f} ms")
+    if os.environ.get("HOST_PROFILE"):
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+        stats = pstats.Stats(prof).sort_stats("cumtime")
+        stats.print_stats("megablocks|autograd|jit.py|bench_dmoe", 45)
 
 
 def main():
