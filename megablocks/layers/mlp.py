@@ -24,12 +24,12 @@ import stk
 import torch
 
 from megablocks.layers import common, mpu
-from megablocks.layers.activation_fn import fused_name, with_data
+from megablocks.layers.activation_fn import fused_name
 from megablocks.layers.arguments import Arguments, InitFn
 from megablocks.ops.activation import glu
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered
 from megablocks.ops.permute import RowMaps
-from megablocks.ops.sparse import dsd, sdd
+from megablocks.ops.sparse import dsd_data, sdd_data
 
 
 def resolve_dtensor(weight: torch.Tensor) -> torch.Tensor:
@@ -279,10 +279,10 @@ class SparseMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, topo: stk.Matrix) -> torch.Tensor:
         def up(x, w):
-            return sdd(x, w.t(), topo).data
+            return sdd_data(x, w.t(), topo)
 
         def down(a, w):
-            return dsd(with_data(topo, a), w)
+            return dsd_data(a, topo, w)
 
         return expert_ffn(
             x, *self._cast_weights(x), up=up, down=down,

@@ -27,7 +27,7 @@ from megablocks.ops.routing import (
     routing_metadata,
     sort,
 )
-from megablocks.ops.sparse import dds, dsd, sdd
+from megablocks.ops.sparse import dds, dsd, dsd_data, sdd, sdd_data
 from megablocks.ops.topology import make_topology, topology
 
 __all__ = [
@@ -35,11 +35,13 @@ __all__ = [
     "glu",
     "glu_experts",
     "dsd",
+    "dsd_data",
     "gmm",
     "gmm_gathered",
     "gmm_shared_input",
     "gmm_shared_input_gathered",
     "sdd",
+    "sdd_data",
     "binned_gather",
     "binned_scatter",
     "gather",

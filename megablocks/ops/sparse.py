@@ -29,6 +29,7 @@ On CUDA (and on CPU under TRITON_INTERPRET=1) the Triton kernels of megablocks/b
 run; on CPU otherwise the dense, masked references below (`*_reference`) do.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import stk
@@ -50,11 +51,11 @@ _META_NAMES = ("row_indices", "column_indices", "offsets", "column_indices_t", "
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_index_dtype_range(name: str, t: torch.Tensor, largest: int) -> None:
-    if largest > torch.iinfo(t.dtype).max:
+def _check_index_dtype_range(name: str, dtype: torch.dtype, largest: int) -> None:
+    if largest > torch.iinfo(dtype).max:
         raise ValueError(
-            f"{name}: {str(t.dtype).replace('torch.', '')} cannot hold index {largest} of this "
-            f"topology (more than {torch.iinfo(t.dtype).max} blocks); build it with int32 indices"
+            f"{name}: {str(dtype).replace('torch.', '')} cannot hold index {largest} of this "
+            f"topology (more than {torch.iinfo(dtype).max} blocks); build it with int32 indices"
         )
 
 
@@ -65,40 +66,50 @@ def _check_values(name: str, t: torch.Tensor, upper: int) -> None:
 
 def _check_meta(block_size: int, meta, device: torch.device) -> Tuple[int, int, int]:
     """Checks the six index arrays of a topology; returns (R, Q, nnz)."""
-    _checks.check_int("block_size", block_size)
-    if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block size: expected one of {BLOCK_SIZES}, got {block_size}")
     for name, t in zip(_META_NAMES, meta):
         _checks.check_tensor(name, t, ndim=1, dtypes=_INDEX_DTYPES)
-        if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+    # Everything but the values depends on the block size, dtypes, sizes and devices only: checked
+    # once per such layout (the layer's ops check the same topology several times a step).
+    R, Q, nnz = _check_meta_layout(block_size, device,
+                                   tuple((t.dtype, t.numel(), t.device) for t in meta))
     row_indices, column_indices, offsets, column_indices_t, offsets_t, block_offsets_t = meta
-    nnz = row_indices.numel()
-    for name, t in (("column_indices", column_indices), ("column_indices_t", column_indices_t),
-                    ("block_offsets_t", block_offsets_t)):
-        if t.numel() != nnz:
-            raise ValueError(f"{name}: expected {nnz} entries (one per block, like row_indices), "
-                             f"got {t.numel()}")
-    if offsets.numel() < 1 or offsets_t.numel() < 1:
-        raise ValueError("offsets/offsets_t: expected one entry per block row/column plus one, "
-                         f"got {offsets.numel()} and {offsets_t.numel()} entries")
-    R, Q = offsets.numel() - 1, offsets_t.numel() - 1
-    _checks.check_int32_range("rows of the sparse matrix (block rows · block size)", R * block_size)
-    _checks.check_int32_range("columns of the sparse matrix (block columns · block size)",
-                              Q * block_size)
-    _checks.check_int32_range("number of blocks (nnz)", nnz)
-    _check_index_dtype_range("row_indices", row_indices, R - 1)
-    _check_index_dtype_range("column_indices", column_indices, Q - 1)
-    _check_index_dtype_range("column_indices_t", column_indices_t, R - 1)
-    _check_index_dtype_range("block_offsets_t", block_offsets_t, nnz - 1)
-    _check_index_dtype_range("offsets", offsets, nnz)
-    _check_index_dtype_range("offsets_t", offsets_t, nnz)
     _check_values("row_indices", row_indices, max(R, 1))
     _check_values("column_indices", column_indices, max(Q, 1))
     _check_values("offsets", offsets, nnz + 1)
     _check_values("column_indices_t", column_indices_t, max(R, 1))
     _check_values("offsets_t", offsets_t, nnz + 1)
     _check_values("block_offsets_t", block_offsets_t, max(nnz, 1))
+    return R, Q, nnz
+
+
+@functools.lru_cache(maxsize=256)
+def _check_meta_layout(block_size: int, device: torch.device, specs) -> Tuple[int, int, int]:
+    """The checks of `_check_meta` on (dtype, numel, device) of each index array."""
+    _checks.check_int("block_size", block_size)
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block size: expected one of {BLOCK_SIZES}, got {block_size}")
+    for name, (_, _, where) in zip(_META_NAMES, specs):
+        if where != device:
+            raise ValueError(f"{name}: expected a tensor on {device}, got one on {where}")
+    dtypes = dict(zip(_META_NAMES, (dtype for dtype, _, _ in specs)))
+    sizes = dict(zip(_META_NAMES, (numel for _, numel, _ in specs)))
+    nnz = sizes["row_indices"]
+    for name in ("column_indices", "column_indices_t", "block_offsets_t"):
+        if sizes[name] != nnz:
+            raise ValueError(f"{name}: expected {nnz} entries (one per block, like row_indices), "
+                             f"got {sizes[name]}")
+    if sizes["offsets"] < 1 or sizes["offsets_t"] < 1:
+        raise ValueError("offsets/offsets_t: expected one entry per block row/column plus one, "
+                         f"got {sizes['offsets']} and {sizes['offsets_t']} entries")
+    R, Q = sizes["offsets"] - 1, sizes["offsets_t"] - 1
+    _checks.check_int32_range("rows of the sparse matrix (block rows · block size)", R * block_size)
+    _checks.check_int32_range("columns of the sparse matrix (block columns · block size)",
+                              Q * block_size)
+    _checks.check_int32_range("number of blocks (nnz)", nnz)
+    for name, largest in (("row_indices", R - 1), ("column_indices", Q - 1),
+                          ("column_indices_t", R - 1), ("block_offsets_t", nnz - 1),
+                          ("offsets", nnz), ("offsets_t", nnz)):
+        _check_index_dtype_range(name, dtypes[name], largest)
     return R, Q, nnz
 
 
@@ -507,15 +518,36 @@ def sdd(a: torch.Tensor, b: torch.Tensor, topo: stk.Matrix) -> stk.Matrix:
         ValueError: topo transposed; mismatched shapes or devices; index dtypes too narrow for the
             topology; index values out of range (checked on CPU).
     """
+    return _like(topo, sdd_data(a, b, topo))
+
+
+def _check_topology(topo) -> None:
     _check_matrix("topo", topo)
     if not topo.is_contiguous():
         raise ValueError("topo: expected a non-transposed stk.Matrix (sdd writes the blocks in "
                          "topo's row-major order)")
+
+
+def sdd_data(a: torch.Tensor, b: torch.Tensor, topo: stk.Matrix) -> torch.Tensor:
+    """`sdd(a, b, topo).data`: the `[nnz, B, B]` blocks alone, without building an `stk.Matrix`
+    (a layer that keeps its topology passes the blocks on to `dsd_data`). Arguments, gradients and
+    errors as `sdd`."""
+    _check_topology(topo)
     _check_dense("a", a, None, None)
     _check_dense("b", b, a.dtype, a.device)
     layout = _layout_args("topo", topo, b.shape[1], "b (columns)")
-    data = _sdd_op(a, b, *_meta(topo), topo.blocking, *layout)
-    return _like(topo, data)
+    return _sdd_op(a, b, *_meta(topo), topo.blocking, *layout)
+
+
+def dsd_data(data: torch.Tensor, topo: stk.Matrix, b: torch.Tensor) -> torch.Tensor:
+    """`dsd(S, b)` for the sparse S with topo's blocks holding `data` (`[nnz, B, B]`, e.g. from
+    `sdd_data`), without building S. `topo` is not transposed; the rest as `dsd`."""
+    _check_topology(topo)
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"data: expected a torch.Tensor of blocks [nnz, B, B], got {type(data).__name__}")
+    _check_dense("b", b, data.dtype, None)
+    layout = _layout_args("topo", topo, b.shape[0], "b (rows)")
+    return _dsd_op(data, *_meta(topo), False, b, *layout)
 
 
 def dsd(a: stk.Matrix, b: torch.Tensor) -> torch.Tensor:

@@ -535,3 +535,33 @@ def test_bad_inputs(device):
         sp.dsd(wrong, w)
     with pytest.raises(ValueError, match="data: expected square blocks"):
         sp.dsd(with_data(topo, torch.randn(topo.row_indices.numel(), 16, 8, device=device)), w)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_data_level_products_equal_the_matrix_ones(dtype, device):
+    """`sdd_data` / `dsd_data` (the layer's path, no stk.Matrix built) against `sdd(...).data` and
+    `dsd(matrix, b)`: the same values and the same gradients, bitwise."""
+    tokens, B, F, H = [9, 0, 21], 16, 40, 24
+    topo = expert_topology(tokens, B, F, device)
+    E = len(tokens)
+    x = torch.randn(topo.size()[0], H, device=device, dtype=dtype, requires_grad=True)
+    w1 = torch.randn(E * F, H, device=device, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(E * F, H, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(topo.size()[0], H, device=device, dtype=dtype)
+
+    def run(data_level):
+        for t in (x, w1, w2):
+            t.grad = None
+        if data_level:
+            y = sp.dsd_data(sp.sdd_data(x, w1.t(), topo), topo, w2)
+        else:
+            y = sp.dsd(sp.sdd(x, w1.t(), topo), w2)
+        y.backward(g)
+        return y.detach(), x.grad, w1.grad, w2.grad
+
+    for name, a, b in zip(("y", "x.grad", "w1.grad", "w2.grad"), run(True), run(False)):
+        assert_equal(name, a, b)
+    with pytest.raises(TypeError, match="data"):
+        sp.dsd_data([1.0], topo, w2)
+    with pytest.raises(ValueError, match="non-transposed"):
+        sp.sdd_data(x, w1.t(), topo.t())
