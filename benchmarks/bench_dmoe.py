@@ -39,6 +39,9 @@ Reported per (config, mode, contender):
                          as a percentage of it
     speedup              torch_grouped_mm ms / this contender's ms, same config and mode
     autograd_grad_ms     fwdbwd: the same step by `torch.autograd.grad` (no `.grad` written)
+    host_ms              CUDA: median time the host takes to issue one step, from an idle device
+                         (no synchronization inside the step); where it reaches `ms`, the step
+                         is bound by the host, not by its kernels
     extra_mem_gib        peak memory of one step minus the memory allocated before it (the weights
                          and the input, every `.grad` None) and minus the `.grad` tensors the step
                          leaves (the same for every contender): what the layer needs on top of
@@ -434,6 +437,20 @@ def steps(module: torch.nn.Module, mode: str, decode: bool, x: torch.Tensor, gra
     return fwdbwd, fwdbwd_autograd_grad
 
 
+def host_ms(step: Callable[[], object], device: str, samples: int = 15) -> float:
+    """Median ms the host spends issuing `step()` from an idle device; nan on CPU."""
+    if device != "cuda":
+        return float("nan")
+    times = []
+    for _ in range(samples):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[len(times) // 2]
+
+
 def extra_peak_gib(step: Callable[[], object], device: str, inputs: List[torch.Tensor]) -> float:
     """Peak memory during `step()` minus the memory allocated before it (every `.grad` of
     `inputs` None) and minus the `.grad` tensors the step leaves (GiB); nan on CPU."""
@@ -550,6 +567,7 @@ def bench_layer(layer: Layer, names: Sequence[str], modes: Sequence[str], dtype:
                     ms, p20, p80 = time_fn(timed_step, device, rep)
                     if autograd_step is not None:
                         row["autograd_grad_ms"] = time_fn(autograd_step, device, rep)[0]
+                    row["host_ms"] = host_ms(timed_step, device)
                     mem = extra_peak_gib(timed_step, device, inputs)
                     clear_grads(inputs)
                     if layer.decode and device == "cuda":
@@ -721,7 +739,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     plot(rows, os.path.join(args.out, "dmoe.png"))
     print(env)
     print_table(rows, ["config", "mode", "contender", "match", "ms", "p20_ms", "p80_ms", "tflops", "pct_dense",
-                       "speedup", "autograd_grad_ms", "extra_mem_gib", "graph_ms", "graph_speedup"])
+                       "speedup", "autograd_grad_ms", "host_ms", "extra_mem_gib", "graph_ms", "graph_speedup"])
     bad = [r for r in rows if r["match"] != "ok"]
     if bad:
         print(f"!!! {len(bad)} row(s) did not match {REFERENCE} or failed: "
