@@ -6,8 +6,9 @@
     python benchmarks/bench_dmoe.py --smoke --dtype float32    # CPU: tiny shapes, every contender
 Other flags: --modes fwd,fwdbwd, --rep N (CUDA: ms of timed calls per measurement; CPU: calls),
 --dtype bfloat16|float16|float32 (default bfloat16; float32 on CPU, whose interpreter mishandles bf16),
---levers small_routing=0,fused_glu_input_grad=0 (library switches: NAME turns one on, NAME=0 off;
-see LEVERS).
+--levers small_routing=0,fused_gather=0,fused_glu_input_grad_max_ffn=1024 (fields of the dMoE
+layers' `megablocks.policy.KernelPolicy`: NAME turns a bool field on, NAME=0 off, NAME=N sets an
+int field).
 
 Layers: the configs of `common.CONFIGS` (T tokens, hidden H, ffn F, E experts, top-k) with their
 expert MLP (`LAYER_KINDS`), training steps with few tokens (`SMALL_STEP_CONFIGS`: T=64, forward
@@ -64,7 +65,6 @@ of each kernel is summed into stages by its name (`STAGES`), printed per contend
 
 import argparse
 import dataclasses
-import importlib
 import gc
 import os
 import sys
@@ -82,6 +82,7 @@ from common import CONFIGS, dense_gemm_tflops, environment, graphed, print_table
 
 from megablocks.layers.arguments import Arguments  # noqa: E402
 from megablocks.layers.dmoe import dMoE  # noqa: E402
+from megablocks.policy import KernelPolicy  # noqa: E402
 
 # The expert MLP of each layer of common.CONFIGS: (mlp_type, activation).
 LAYER_KINDS = {
@@ -260,7 +261,7 @@ def available_contenders(device: str) -> Tuple[str, ...]:
 
 
 def build_dmoe(layer: Layer, dtype: torch.dtype, device: str, mlp_impl: str = "sparse",
-               gmm_backend: str = "auto") -> dMoE:
+               gmm_backend: str = "auto", policy: Optional[KernelPolicy] = None) -> dMoE:
     args = Arguments(
         hidden_size=layer.H,
         ffn_hidden_size=layer.F,
@@ -275,6 +276,7 @@ def build_dmoe(layer: Layer, dtype: torch.dtype, device: str, mlp_impl: str = "s
         fp16=dtype == torch.float16,
         bf16=dtype == torch.bfloat16,
         device=device,
+        kernel_policy=policy,
     )
     return dMoE(args)
 
@@ -288,10 +290,11 @@ def share_parameters(moe: dMoE, source: dMoE) -> None:
 
 
 def build_contenders(layer: Layer, names: Sequence[str], dtype: torch.dtype, device: str,
-                     seed: int = 0) -> Dict[str, torch.nn.Module]:
-    """{name: module} for `names` plus the reference, all on one router and one set of weights."""
+                     seed: int = 0, policy: Optional[KernelPolicy] = None) -> Dict[str, torch.nn.Module]:
+    """{name: module} for `names` plus the reference, all on one router and one set of weights;
+    the dMoE contenders run with `policy` (None: the defaults)."""
     torch.manual_seed(seed)
-    source = build_dmoe(layer, dtype, device)
+    source = build_dmoe(layer, dtype, device, policy=policy)
     modules: Dict[str, torch.nn.Module] = {}
     for name in dict.fromkeys([*names, REFERENCE]):
         if name == "naive":
@@ -301,7 +304,7 @@ def build_contenders(layer: Layer, names: Sequence[str], dtype: torch.dtype, dev
         elif name == "sparse":
             modules[name] = source
         elif name.startswith("grouped_"):
-            moe = build_dmoe(layer, dtype, device, "grouped", name[len("grouped_"):])
+            moe = build_dmoe(layer, dtype, device, "grouped", name[len("grouped_"):], policy=policy)
             share_parameters(moe, source)
             modules[name] = moe
         else:
@@ -530,13 +533,13 @@ def _agreement(layer: Layer, name: str, err: Optional[Dict[str, float]], tol: fl
 
 
 def bench_layer(layer: Layer, names: Sequence[str], modes: Sequence[str], dtype: torch.dtype, device: str,
-                rep: int, env: Dict[str, str], breakdown: bool):
+                rep: int, env: Dict[str, str], breakdown: bool, policy: Optional[KernelPolicy] = None):
     """(result rows, breakdown rows) of one layer; every contender checked before it is timed."""
     modes = [m for m in layer.modes() if m in modes]
     if not modes:
         print(f"{layer.name}: none of its modes {layer.modes()} asked for; skipped")
         return [], []
-    modules = build_contenders(layer, names, dtype, device)
+    modules = build_contenders(layer, names, dtype, device, policy=policy)
     params = parameters(modules)
     torch.manual_seed(1)
     x = torch.randn(layer.T, layer.H, dtype=dtype, device=device, requires_grad=not layer.decode)
@@ -643,13 +646,28 @@ def _split(value: str) -> List[str]:
     return [v for v in value.split(",") if v]
 
 
-# Switches of the library, set by --levers (NAME turns one on, NAME=0 off): name -> (module, attribute).
-LEVERS = {
-    "small_routing": ("megablocks.ops.routing", "SMALL_ROUTING"),
-    "fused_glu_input_grad": ("megablocks.layers.mlp", "FUSED_GLU_INPUT_GRAD"),
-    "fused_gather": ("megablocks.layers.mlp", "FUSED_GATHER"),
-    "inference_form": ("megablocks.layers.dmoe", "INFERENCE_FORM"),
-}
+def parse_levers(levers: Sequence[str]) -> KernelPolicy:
+    """The policy that --levers names: NAME turns a bool field on, NAME=0 / NAME=1 sets it, NAME=N
+    sets an int field.
+
+    Raises:
+        ValueError: a name that is no field, or a value that does not fit the field.
+    """
+    fields = {f.name: f.type for f in dataclasses.fields(KernelPolicy)}
+    changes = {}
+    for lever in levers:
+        name, _, value = lever.partition("=")
+        if name not in fields:
+            raise ValueError(f"--levers: expected names from {sorted(fields)}, got {lever!r}")
+        if fields[name] is bool:
+            if value not in ("", "0", "1"):
+                raise ValueError(f"--levers: {name} is a bool field: expected {name}, {name}=0 or {name}=1, got {lever!r}")
+            changes[name] = value != "0"
+        else:
+            if not value.isdigit():
+                raise ValueError(f"--levers: {name} is an int field: expected {name}=N, got {lever!r}")
+            changes[name] = int(value)
+    return KernelPolicy(**changes)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -668,18 +686,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--breakdown", action="store_true", help="kernel time by stage (CUDA, torch.profiler)")
     p.add_argument("--smoke", action="store_true", help="tiny layers, every contender; runs on CPU")
     p.add_argument("--levers", type=_split, default=[],
-                   help="comma-separated switches, NAME to turn one on, NAME=0 to turn it off: "
-                        "small_routing (megablocks.ops.routing.SMALL_ROUTING), fused_glu_input_grad "
-                        "(megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD), fused_gather (megablocks.layers.mlp.FUSED_GATHER), "
-                        "inference_form (megablocks.layers.dmoe.INFERENCE_FORM)")
+                   help="comma-separated fields of the dMoE layers' megablocks.policy.KernelPolicy: NAME "
+                        "turns a bool field on, NAME=0 off, NAME=N sets an int field (e.g. small_routing=0, "
+                        "fused_gather=0, inference_form=0, fused_glu_input_grad_max_ffn=1024)")
     args = p.parse_args(argv)
-    parsed = []
-    for lever in args.levers:
-        name, _, value = lever.partition("=")
-        if name not in LEVERS or value not in ("", "0", "1"):
-            p.error(f"--levers: expected NAME or NAME=0/1 with NAME from {list(LEVERS)}, got {lever!r}")
-        parsed.append((name, value != "0"))
-    args.levers = parsed
+    try:
+        args.policy = parse_levers(args.levers)
+    except ValueError as err:
+        p.error(str(err))
 
     layers = all_layers(args.smoke)
     args.configs = args.configs or [name for name in layers if name not in PREFILL_CONFIGS]
@@ -701,10 +715,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     """Runs the benchmark; returns the result rows. Exits with status 1 after writing the
     outputs when a contender disagrees with the reference or fails."""
     args = parse_args(argv)
-    for lever, on in args.levers:
-        module, flag = LEVERS[lever]
-        setattr(importlib.import_module(module), flag, on)
-        print(f"lever {'on' if on else 'off'}: {module}.{flag}")
+    if args.levers:
+        print(f"kernel policy: {args.policy}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
     rep = args.rep or (500 if device == "cuda" else 2)
@@ -725,7 +737,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     layers = all_layers(args.smoke)
     rows, prof_rows = [], []
     for name in args.configs:
-        layer_rows, layer_prof = bench_layer(layers[name], names, args.modes, dtype, device, rep, env, args.breakdown)
+        layer_rows, layer_prof = bench_layer(layers[name], names, args.modes, dtype, device, rep, env, args.breakdown,
+                                             args.policy)
         rows += layer_rows
         prof_rows += layer_prof
         gc.collect()  # the layer's modules, weights and gradients are gone with bench_layer's frame

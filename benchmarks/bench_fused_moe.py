@@ -6,7 +6,7 @@
 For the mixtral and qwen3moe layers of common.CONFIGS (H, F, E, top-k) and T in {1, 16, 64, 256}
 tokens (decode) and {1024, 4096} (prefill), times (forward only, no autograd):
     ours_auto                  megablocks.integrations.inference.fused_moe as the library defaults
-    ours_grouped, ours_fused   the grouped path with FUSED_FORMS off and on (the decode form in
+    ours_grouped, ours_fused   the grouped path with the policy's fused_forms off and on (the decode form in
                                four launches, the GLU in the first GEMM's epilogue)
     ours_gather                the gather path
     torch_grouped_mm           softmax/top-k, sort, index, F.grouped_mm x2, weighted sum
@@ -42,13 +42,13 @@ from common import CONFIGS, copy_bandwidth_gbs, environment, graphed, print_tabl
 from megablocks.backend.gmm import _config as gmm_config  # noqa: E402
 from megablocks.backend.gmm import triton_gmm  # noqa: E402
 from megablocks.backend.topk import softmax_topk_route  # noqa: E402
-from megablocks.integrations import inference  # noqa: E402
 from megablocks.integrations.inference import (  # noqa: E402
     fused_moe,
     fused_moe_reference,
     softmax_topk,
     softmax_topk_reference,
 )
+from megablocks.policy import KernelPolicy  # noqa: E402
 
 DECODE_CONFIGS = ("mixtral", "qwen3moe")
 TOKENS = (1, 16, 64, 256, 1024, 4096)
@@ -90,23 +90,14 @@ def make(t, h, f, e, dtype, device, seed=0):
 GATHER_PATH_MAX_BYTES = 8 << 30
 
 
-def _fused_forms(on, fn):
-    """`fn` run with `inference.FUSED_FORMS` set to `on` (restored after)."""
-    def run():
-        before = inference.FUSED_FORMS
-        inference.FUSED_FORMS = on
-        try:
-            return fn()
-        finally:
-            inference.FUSED_FORMS = before
-    return run
-
-
 def methods(x, w1, w2, gating, k):
     copied = x.shape[0] * k * (w1[0].numel() + w2[0].numel()) * w1.element_size()
-    call = lambda path: (lambda: fused_moe(x, w1, w2, gating, k, True, path=path))  # noqa: E731
-    fns = {"ours_auto": call("auto"), "ours_grouped": _fused_forms(False, call("grouped")),
-           "ours_fused": _fused_forms(True, call("grouped"))}
+
+    def call(path, policy=None):
+        return lambda: fused_moe(x, w1, w2, gating, k, True, path=path, policy=policy)
+
+    fns = {"ours_auto": call("auto"), "ours_grouped": call("grouped", KernelPolicy(fused_forms=False)),
+           "ours_fused": call("grouped", KernelPolicy(fused_forms=True))}
     if copied <= GATHER_PATH_MAX_BYTES:
         fns["ours_gather"] = call("gather")
     fns["torch_grouped_mm"] = lambda: torch_grouped_mm_moe(x, w1, w2, gating, k, True)

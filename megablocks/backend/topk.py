@@ -124,12 +124,12 @@ def softmax_topk(logits_TE: torch.Tensor, topk: int, renormalize: bool):
 # The most experts, and the most rows of one tile, of the one-program routing.
 ROUTE_MAX_EXPERTS = 1024
 ROUTE_TILE = 4096
-# The most selection work (padded tokens x padded experts x K) it takes. One program is slow past
-# a few tiles: measured on the H100 (bench_fused_moe --profile, qwen3moe E = 128, K = 8) 23.7 µs
-# at T = 64 (65536) and 90 µs at T = 256, against 6 µs for softmax_topk and the one-program sort
-# of small_routing_maps at T = 64 (17 µs at T = 256); mixtral (E = 8, K = 2) 6.1 µs at T = 64
-# (8192). Below this bound the one launch it saves is worth more (host time) than its GPU time.
-ROUTE_MAX_WORK = 16384
+# The most selection work (padded tokens x padded experts x K) it takes is the caller's
+# (`megablocks.policy.KernelPolicy.route_max_work`, 16384 by default). One program is slow past a
+# few tiles: measured on the H100 (bench_fused_moe --profile, qwen3moe E = 128, K = 8) 23.7 µs at
+# T = 64 (65536) and 90 µs at T = 256, against 6 µs for softmax_topk and the one-program sort of
+# small_routing_maps at T = 64 (17 µs at T = 256); mixtral (E = 8, K = 2) 6.1 µs at T = 64 (8192).
+# Below that bound the one launch it saves is worth more (host time) than its GPU time.
 
 
 # logits chunk -> (rank_TE: the k of each selected (t, e), else -1; weight_TE: its fp32 weight).
@@ -198,14 +198,14 @@ def _route_tiles(num_tokens: int, num_experts: int):
     return block_t, block_e
 
 
-def route_fits(num_tokens: int, num_experts: int, topk: int) -> bool:
+def route_fits(num_tokens: int, num_experts: int, topk: int, max_work: int) -> bool:
     """Whether `softmax_topk_route` takes these sizes and is the faster routing for them:
     E <= ROUTE_MAX_EXPERTS, N = T·K <= ROUTE_TILE and its selection work (padded tokens x padded
-    experts x K) at most ROUTE_MAX_WORK."""
+    experts x K) at most `max_work`."""
     if num_experts > ROUTE_MAX_EXPERTS or num_tokens * topk > ROUTE_TILE:
         return False
     block_t, block_e = _route_tiles(num_tokens, num_experts)
-    return cdiv(num_tokens, block_t) * block_t * block_e * topk <= ROUTE_MAX_WORK
+    return cdiv(num_tokens, block_t) * block_t * block_e * topk <= max_work
 
 
 def softmax_topk_route(logits_TE: torch.Tensor, topk: int, renormalize: bool):

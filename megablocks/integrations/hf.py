@@ -15,10 +15,11 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
    The model, its router, its parameters and its state dict are untouched; only the experts'
    computation changes: x_NH = gather(x_TH), h = gmm(x_NH, gate_up_proj^T), act(gate) * up,
    y = gmm(h, down_proj^T), out_TH = scatter(y, weights). Without autograd (generation), with
-   `megablocks.integrations.inference.FUSED_FORMS` on, experts with transformers' default gate
+   the kernel policy's `fused_forms` on (the default), experts with transformers' default gate
    (`act(gate) * up` on concatenated [gate; up] weights, a SiLU/GELU/ReLU activation, no biases)
    take the routed form instead (`inference.experts_from_ids`): four launches per layer at decode
-   sizes.
+   sizes. `register(name, policy=KernelPolicy(...))` registers the same forward under another
+   name with other kernel choices (`megablocks.policy.KernelPolicy`).
 
 2. `convert_model(model)` replaces each sparse-MoE block by a `MegaBlocksMoeBlock` holding a
    `megablocks.layers.dmoe.dMoE` (`.moe`): the router weight is the same Parameter as the HF
@@ -37,6 +38,7 @@ from megablocks.integrations.checkpoint import fused_to_dmoe
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
 from megablocks.ops.gmm import gmm
+from megablocks.policy import KernelPolicy, as_policy
 from megablocks.ops.permute import gather, scatter
 from megablocks.ops.routing import routing_metadata
 
@@ -44,7 +46,8 @@ IMPLEMENTATION_NAME = "megablocks"
 
 
 def megablocks_experts_forward(
-    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    policy: Optional[KernelPolicy] = None,
 ) -> torch.Tensor:
     """The forward of a transformers experts module (`@use_experts_implementation`) on megablocks ops.
 
@@ -55,6 +58,7 @@ def megablocks_experts_forward(
         hidden_states: [T, H].
         top_k_index: [T, K] int expert ids.
         top_k_weights: [T, K] routing weights.
+        policy: the kernel choices (`megablocks.policy.KernelPolicy`); None: the defaults.
 
     Returns:
         [T, H] in hidden_states' dtype: `Σ_k weight_tk · expert_{id_tk}(x_t)`, differentiable in
@@ -66,6 +70,7 @@ def megablocks_experts_forward(
     if getattr(self, "_is_expert_parallel", False):
         raise NotImplementedError("experts_implementation='megablocks' does not take transformers' expert parallelism; "
                                   "use megablocks' own (Arguments.moe_expert_model_parallelism)")
+    policy = as_policy(policy, "policy")
     top_k = top_k_index.shape[-1]
     up_weight = self.gate_up_proj if self.has_gate else self.up_proj
     x_TH = hidden_states.to(up_weight.dtype)
@@ -73,11 +78,11 @@ def megablocks_experts_forward(
     if activation is not None and not (torch.is_grad_enabled() and any(
             t.requires_grad for t in (x_TH, top_k_weights, up_weight, self.down_proj))):
         out = inference.experts_from_ids(x_TH, up_weight, self.down_proj, top_k_index, top_k_weights, activation,
-                                         trans_b=not self.is_transposed)
+                                         trans_b=not self.is_transposed, policy=policy)
         if out is not None:
             return out.to(hidden_states.dtype)
     with torch.no_grad():
-        meta = routing_metadata(top_k_index, self.num_experts, 1)
+        meta = routing_metadata(top_k_index, self.num_experts, 1, small_routing=policy.small_routing)
     x_NH = gather(x_TH, meta.indices, meta.bin_ids, meta.bins, top_k)
     trans_b = not self.is_transposed
     h = gmm(x_NH, up_weight, meta.tokens_per_expert, trans_b=trans_b)
@@ -130,14 +135,24 @@ def _inference_activation(experts: torch.nn.Module) -> Optional[str]:
     return _FUNCTIONAL_ACTIVATIONS.get(act)
 
 
-def register(name: str = IMPLEMENTATION_NAME) -> None:
-    """Registers `megablocks_experts_forward` in transformers' experts interface under `name`.
+def register(name: str = IMPLEMENTATION_NAME, policy: Optional[KernelPolicy] = None) -> None:
+    """Registers `megablocks_experts_forward` in transformers' experts interface under `name`,
+    running with `policy` (a `megablocks.policy.KernelPolicy` or a dict of its fields; None: the
+    defaults).
 
-    Idempotent; done with the default name when this module is imported.
+    Idempotent; done with the default name and policy when this module is imported.
     """
     from transformers.integrations.moe import ExpertsInterface
 
-    ExpertsInterface.register(name, megablocks_experts_forward)
+    if policy is None:
+        ExpertsInterface.register(name, megablocks_experts_forward)
+        return
+    policy = as_policy(policy, "policy")
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return megablocks_experts_forward(self, hidden_states, top_k_index, top_k_weights, policy)
+
+    ExpertsInterface.register(name, forward)
 
 
 class MegaBlocksMoeBlock(torch.nn.Module):

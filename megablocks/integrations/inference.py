@@ -2,7 +2,7 @@
 
 Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K routed rows.
 
-    grouped path, 'triton' backend, FUSED_FORMS (the routed form): four launches at decode sizes
+    grouped path, 'triton' backend, the policy's `fused_forms` (the routed form): four launches at decode sizes
         weights, counts, maps = softmax_topk_route(gating_TE)      top-k, tokens per expert and the
                                                                    row maps, one program (where
                                                                    `route_fits`; else the top-k
@@ -15,7 +15,7 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
                                                                    through the map, GLU in its epilogue
         y_NH   = gmm(a_NF, w2^T)
         out_TH = scatter(y_NH, maps, weights)                      weighted sum over K, in fp32
-    grouped path, otherwise (FUSED_FORMS off, or the 'torch' / 'gg' GEMM backends):
+    grouped path, otherwise (`fused_forms` off, or the 'torch' / 'gg' GEMM backends):
         weights_TK, ids_TK = top-k of softmax(gating_output_TE)   one kernel (renormalised if asked)
         meta = routing_metadata(ids_TK); maps = route(meta)       row maps, once for gather and scatter
         x_NH = gather_routed(x_TH, maps)                          rows in expert order
@@ -48,6 +48,7 @@ from megablocks.ops.experts import routed_glu_experts
 from megablocks.ops.gmm import gmm
 from megablocks.ops.permute import gather_routed, route, scatter_routed
 from megablocks.ops.routing import routing_metadata
+from megablocks.policy import KernelPolicy, as_policy
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 PATHS = ("auto", "grouped", "gather")
@@ -61,13 +62,12 @@ _GATING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # (mixtral T=1, 2 rows: 0.88 against 1.61 ms); so 'auto' takes the grouped path from 1 row on.
 GATHER_MAX_ROWS = 0
 
-# The routed form of the grouped path with the Triton kernels (module docstring): the routing in
-# one to three launches, the GLU in the first GEMM's epilogue, the token rows read through the row
-# map (no gather). On: measured on the H100 (benchmarks/RESULTS.md, "Decode inference"), as fast
-# or faster than the unfused path at every size from T = 1 to 4096 on the mixtral and qwen3moe
-# layers (e.g. replayed from a CUDA graph, T = 64: 1.005 -> 0.974 ms and 0.448 -> 0.434 ms).
-# Off: the general path. Tested both ways.
-FUSED_FORMS = True
+# The routed form of the grouped path with the Triton kernels (module docstring; the policy's
+# `fused_forms`): the routing in one to three launches, the GLU in the first GEMM's epilogue, the
+# token rows read through the row map (no gather). Measured on the H100 (benchmarks/RESULTS.md,
+# "Decode inference"), as fast or faster than the unfused path at every size from T = 1 to 4096 on
+# the mixtral and qwen3moe layers (e.g. replayed from a CUDA graph, T = 64: 1.005 -> 0.974 ms and
+# 0.448 -> 0.434 ms). Off: the general path. Tested both ways.
 
 
 def softmax_topk_reference(
@@ -141,30 +141,36 @@ def _glu(h_N2F: torch.Tensor, f: int, activation: str) -> torch.Tensor:
 
 
 def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
-                     topk: int, renormalize: bool, activation: str) -> torch.Tensor:
+                     topk: int, renormalize: bool, activation: str, route_max_work: int, gather_min_ffn: int,
+                     gather_min_rows_per_expert: int) -> torch.Tensor:
     """The routed form of the grouped path (module docstring): four launches (five past
     `route_fits`: the top-k kernel, then one program for the counts and maps; seven past
-    4096 rows), no host sync."""
+    4096 rows), no host sync. The thresholds are those of `KernelPolicy`."""
     t, e = gating_output.shape
-    if topk_kernels.route_fits(t, e, topk):
+    gather = dict(gather_min_ffn=gather_min_ffn, gather_min_rows_per_expert=gather_min_rows_per_expert)
+    if topk_kernels.route_fits(t, e, topk, route_max_work):
         weights_TK, counts_E, row_of_assignment_N, token_of_row_N = topk_kernels.softmax_topk_route(
             gating_output, topk, renormalize
         )
     else:
         weights_TK, ids_TK = topk_kernels.softmax_topk(gating_output, topk, renormalize)
-        return _experts_from_ids_impl(hidden_states, w1, w2, ids_TK, weights_TK, activation, True)
+        return _experts_from_ids_impl(hidden_states, w1, w2, ids_TK, weights_TK, activation, True, gather_min_ffn,
+                                      gather_min_rows_per_expert)
     return routed_glu_experts(hidden_states, w1, None, w2, counts_E, token_of_row_N, row_of_assignment_N,
-                              weights_TK.view(-1), topk, activation, up_trans_b=True, down_trans_b=True)
+                              weights_TK.view(-1), topk, activation, up_trans_b=True, down_trans_b=True, **gather)
 
 
 @torch.library.custom_op("megablocks::fused_moe_routed", mutates_args=())
 def _routed_moe_op(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
-                   topk: int, renormalize: bool, activation: str) -> torch.Tensor:
-    return _routed_moe_impl(hidden_states, w1, w2, gating_output, topk, renormalize, activation)
+                   topk: int, renormalize: bool, activation: str, route_max_work: int, gather_min_ffn: int,
+                   gather_min_rows_per_expert: int) -> torch.Tensor:
+    return _routed_moe_impl(hidden_states, w1, w2, gating_output, topk, renormalize, activation, route_max_work,
+                            gather_min_ffn, gather_min_rows_per_expert)
 
 
 @_routed_moe_op.register_fake
-def _(hidden_states, w1, w2, gating_output, topk, renormalize, activation):
+def _(hidden_states, w1, w2, gating_output, topk, renormalize, activation, route_max_work, gather_min_ffn,
+      gather_min_rows_per_expert):
     return torch.empty_like(hidden_states)
 
 
@@ -172,24 +178,28 @@ _routed_moe_op = eager(_routed_moe_op)
 
 
 def _experts_from_ids_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
-                           weights_TK: torch.Tensor, activation: str, trans_b: bool) -> torch.Tensor:
+                           weights_TK: torch.Tensor, activation: str, trans_b: bool, gather_min_ffn: int,
+                           gather_min_rows_per_expert: int) -> torch.Tensor:
     """The routed form on a routing given as ids and weights (transformers' experts): the routing
     (`routing_maps`), the GLU-epilogue grouped GEMM through the row map, the down GEMM, the
     scatter."""
     topk = ids_TK.shape[1]
     counts_E, assignment_row_N, token_of_row_N = routing_maps(ids_TK.reshape(-1), w1.shape[0], topk)
     return routed_glu_experts(hidden_states, w1, None, w2, counts_E, token_of_row_N, assignment_row_N,
-                              weights_TK.reshape(-1), topk, activation, up_trans_b=trans_b, down_trans_b=trans_b)
+                              weights_TK.reshape(-1), topk, activation, up_trans_b=trans_b, down_trans_b=trans_b,
+                              gather_min_ffn=gather_min_ffn, gather_min_rows_per_expert=gather_min_rows_per_expert)
 
 
 @torch.library.custom_op("megablocks::experts_from_ids", mutates_args=())
 def _experts_from_ids_op(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
-                         weights_TK: torch.Tensor, activation: str, trans_b: bool) -> torch.Tensor:
-    return _experts_from_ids_impl(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b)
+                         weights_TK: torch.Tensor, activation: str, trans_b: bool, gather_min_ffn: int,
+                         gather_min_rows_per_expert: int) -> torch.Tensor:
+    return _experts_from_ids_impl(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b, gather_min_ffn,
+                                  gather_min_rows_per_expert)
 
 
 @_experts_from_ids_op.register_fake
-def _(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b):
+def _(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b, gather_min_ffn, gather_min_rows_per_expert):
     return torch.empty_like(hidden_states)
 
 
@@ -223,10 +233,11 @@ def _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, t
 
 
 def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
-                     weights_TK: torch.Tensor, activation: str, trans_b: bool = True) -> Optional[torch.Tensor]:
+                     weights_TK: torch.Tensor, activation: str, trans_b: bool = True,
+                     policy: Optional[KernelPolicy] = None) -> Optional[torch.Tensor]:
     """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` by the routed form, without autograd, or None
-    where that form does not apply (FUSED_FORMS off, the Triton kernels not in use, T = 0); the
-    caller then takes its general path.
+    where that form does not apply (the policy's `fused_forms` off, the Triton kernels not in use,
+    T = 0); the caller then takes its general path.
 
     Args:
         hidden_states: [T, H] in the weights' dtype.
@@ -236,6 +247,7 @@ def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         weights_TK: [T, K] float routing weights.
         activation: of the gate: 'silu', 'gelu', 'gelu_tanh' or 'relu'.
         trans_b: the weights' orientation, as above.
+        policy: a `megablocks.policy.KernelPolicy` (or a dict of its fields); None: the defaults.
 
     Returns:
         [T, H] in hidden_states' dtype, or None.
@@ -244,14 +256,16 @@ def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         TypeError, ValueError: wrong types, dtypes, shapes, devices or activation.
     """
     _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b)
-    if not _routed_form_fits(hidden_states):
+    policy = as_policy(policy, "policy")
+    if not _routed_form_fits(hidden_states, policy):
         return None
-    return _experts_from_ids_op(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b)
+    return _experts_from_ids_op(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b, policy.gather_min_ffn,
+                                policy.gather_min_rows_per_expert)
 
 
-def _routed_form_fits(hidden_states: torch.Tensor) -> bool:
-    """Whether the routed form runs: FUSED_FORMS, the Triton kernels, T > 0."""
-    return FUSED_FORMS and use_triton(hidden_states) and hidden_states.shape[0] > 0
+def _routed_form_fits(hidden_states: torch.Tensor, policy: KernelPolicy) -> bool:
+    """Whether the routed form runs: the policy's `fused_forms`, the Triton kernels, T > 0."""
+    return policy.fused_forms and use_triton(hidden_states) and hidden_states.shape[0] > 0
 
 
 def _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path) -> Tuple[int, int]:
@@ -295,6 +309,7 @@ def fused_moe(
     activation: str = "silu",
     path: str = "auto",
     backend: Optional[str] = None,
+    policy: Optional[KernelPolicy] = None,
 ) -> torch.Tensor:
     """The output of a gated (SwiGLU-style) MoE layer, as vLLM's `fused_moe`, without autograd.
 
@@ -309,12 +324,15 @@ def fused_moe(
         activation: 'silu' (default), 'gelu' (erf) or 'gelu_tanh', applied to the gate; the GLU
             `act(gate) * up` is one fused op (`megablocks.ops.glu`), fp32 math rounded once.
         path: 'grouped' (routing, two grouped GEMMs, scatter: the routed form of the module
-            docstring with FUSED_FORMS and the 'triton' backend; no host sync with the 'triton'
+            docstring with the policy's `fused_forms` and the 'triton' backend; no host sync with the 'triton'
             backend on CUDA, so it can be captured in a CUDA graph), 'gather' (index the
             routed rows' expert matrices and use batched mat-vecs; for a handful of tokens) or
             'auto' ('gather' up to GATHER_MAX_ROWS routed rows, else 'grouped').
         backend: the grouped GEMM backend of the grouped path (`megablocks.ops.gmm`): None picks
             'triton' on CUDA and under TRITON_INTERPRET=1, 'torch' on CPU otherwise.
+        policy: the kernel choices (`megablocks.policy.KernelPolicy`, or a dict of its fields):
+            `fused_forms`, `route_max_work`, `gather_min_ffn`, `gather_min_rows_per_expert`,
+            `small_routing`; None: the measured defaults.
 
     Returns:
         [T, H] in hidden_states' dtype: `Σ_k weight_tk · (act(x_t W_g^T) * (x_t W_u^T)) W_d^T`
@@ -324,11 +342,13 @@ def fused_moe(
         TypeError, ValueError: wrong types, dtypes, shapes, devices, topk or choice names.
     """
     e, f = _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path)
+    policy = as_policy(policy, "policy")
     t, h = hidden_states.shape
     n = t * topk
     if (path != "gather" and n > GATHER_MAX_ROWS and backend in (None, "triton")
-            and _routed_form_fits(hidden_states)):
-        return _routed_moe_op(hidden_states, w1, w2, gating_output, topk, renormalize, activation)
+            and _routed_form_fits(hidden_states, policy)):
+        return _routed_moe_op(hidden_states, w1, w2, gating_output, topk, renormalize, activation,
+                              policy.route_max_work, policy.gather_min_ffn, policy.gather_min_rows_per_expert)
     weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
     if path == "gather" or (path == "auto" and n <= GATHER_MAX_ROWS):
         ids_N = ids_TK.reshape(-1)
@@ -338,7 +358,7 @@ def fused_moe(
         y_NH = torch.bmm(a_N1F, w2.index_select(0, ids_N).transpose(1, 2)).squeeze(1)
         out = (y_NH.view(t, topk, h).float() * weights_TK.unsqueeze(-1)).sum(dim=1)
         return out.to(hidden_states.dtype)
-    meta = routing_metadata(ids_TK, e, 1)
+    meta = routing_metadata(ids_TK, e, 1, small_routing=policy.small_routing)
     maps = route(meta.indices, meta.bin_ids, meta.bins, topk)  # those of gather and scatter, once
     x_NH = gather_routed(hidden_states, maps)
     a_NF = _glu(gmm(x_NH, w1, meta.tokens_per_expert, trans_b=True, backend=backend), f, activation)

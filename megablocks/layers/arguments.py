@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megablocks.layers.losses import MoELossCollector
+from megablocks.policy import KernelPolicy, as_policy
 
 # In-place tensor initialisation function, e.g. `partial(torch.nn.init.normal_, std=0.02)`.
 InitFn = Callable[[torch.Tensor], Any]
@@ -88,6 +89,8 @@ class Arguments:
         gmm_backend: grouped GEMM backend of `mlp_impl='grouped'`: 'auto', 'triton', 'torch', 'gg'.
         loss_collector: where the layers record what the batched losses need; None uses the
             process-wide collector that MegaBlocks' global functions read.
+        kernel_policy: the fused forms and thresholds the layer runs (`megablocks.policy.KernelPolicy`,
+            measured defaults); a dict of its fields is accepted (e.g. from a configuration file).
 
     Raises:
         TypeError, ValueError: on a field of the wrong type or an invalid combination.
@@ -153,6 +156,7 @@ class Arguments:
     moe_block_size: int = 128
     gmm_backend: str = "auto"
     loss_collector: Optional[MoELossCollector] = dataclasses.field(default=None, repr=False, compare=False)
+    kernel_policy: KernelPolicy = dataclasses.field(default_factory=KernelPolicy)
 
     def __post_init__(self):
         for name in ("hidden_size", "ffn_hidden_size", "num_layers", "moe_num_experts", "moe_top_k",
@@ -212,6 +216,7 @@ class Arguments:
             raise TypeError(f"fc_kwargs: expected a dict, got {type(self.fc_kwargs).__name__}")
         if self.device is not None and not isinstance(self.device, (int, str, torch.device)):
             raise TypeError(f"device: expected None, an int, a str or a torch.device, got {type(self.device).__name__}")
+        self.kernel_policy = as_policy(self.kernel_policy)
         if self.loss_collector is not None and not isinstance(self.loss_collector, MoELossCollector):
             raise TypeError(
                 f"loss_collector: expected None or a MoELossCollector, got {type(self.loss_collector).__name__}"

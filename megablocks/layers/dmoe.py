@@ -15,11 +15,11 @@ Grouped path (`mlp_impl='grouped'`):
     x_NH = gather_routed(x_TH, route(...))                 gather: rows in expert order
     y_NH = gmm(act(gmm(x_NH, w1^T)), w2)                   one grouped GEMM per projection
     out_TH = scatter_routed(y_NH, maps, expert_weights)    scatter
-With `megablocks.layers.mlp.FUSED_GATHER` (GLU experts up to FUSED_GLU_INPUT_GRAD_MAX_FFN) the
+With the policy's `fused_gather` (GLU experts up to `fused_glu_input_grad_max_ffn`) the
 first two lines are one: the up projections read x_TH through the maps
 (`gmm_shared_input_gathered(x_TH, w1^T, v1^T, maps)`), and x_NH never exists.
 
-Inference form (`INFERENCE_FORM`, `megablocks.ops.glu_experts`): without autograd (no grad
+Inference form (the policy's `inference_form`, `megablocks.ops.glu_experts`): without autograd (no grad
 mode, or no input or weight needing a gradient), GLU experts on the Triton kernels take, on
 either path, the routing in one program at decode sizes, one grouped GEMM reading the token rows
 through the map with the GLU in its epilogue, the down GEMM and the scatter (the block-sparse
@@ -48,11 +48,6 @@ from megablocks.ops.routing import routing_metadata
 from megablocks.ops.topology import make_topology
 
 
-# Whether a forward without autograd takes the inference form (module docstring) where it
-# applies. Measured on the H100 (benchmarks/RESULTS.md, "The whole layer"): see there.
-INFERENCE_FORM = True
-
-
 class ParallelDroplessMLP(moe.ParallelMLP):
     """The experts of `dMoE`: `mlp` is `SparseMLP`/`SparseGLU` or `GroupedMLP`/`GroupedGLU`
     (parameters `mlp.w1`, `mlp.v1`, `mlp.w2` of shape [E·F, H]) and `bias` [H]."""
@@ -78,7 +73,8 @@ class ParallelDroplessMLP(moe.ParallelMLP):
 
     def sparse_permute_and_compute(self, x_TH, weights_N, top_experts, num_experts: int, top_k: int):
         with torch.no_grad():
-            meta = routing_metadata(top_experts, num_experts, self.blocking)
+            meta = routing_metadata(top_experts, num_experts, self.blocking,
+                                    small_routing=self.args.kernel_policy.small_routing)
             # The row maps of padded_gather and padded_scatter, computed once for both.
             maps = route(meta.indices, meta.bin_ids, meta.bins, top_k, meta.padded_bins, block_size=self.blocking)
         x_PH = gather_routed(x_TH, maps)
@@ -113,11 +109,11 @@ class ParallelDroplessMLP(moe.ParallelMLP):
 
     def inference_activation(self, x_TH: torch.Tensor) -> Optional[str]:
         """The GLU activation's name where this forward takes the inference form (module
-        docstring), else None: INFERENCE_FORM, GLU experts (either path: the same parameters) whose
+        docstring), else None: the policy's `inference_form`, GLU experts (either path: the same parameters) whose
         activation the fused kernels implement, the Triton kernels in use for x, T > 0, and no
         gradient to record."""
         experts = self.mlp
-        if not (INFERENCE_FORM and isinstance(experts, mlp.SparseMLP) and experts._v1() is not None):
+        if not (self.args.kernel_policy.inference_form and isinstance(experts, mlp.SparseMLP) and experts._v1() is not None):
             return None
         if x_TH.shape[0] == 0 or mlp._gmm_backend(self.args) not in (None, "triton") or not use_triton(x_TH):
             return None
@@ -130,8 +126,10 @@ class ParallelDroplessMLP(moe.ParallelMLP):
         """The inference form: `(out_TH, tokens_per_expert)` by `megablocks.ops.glu_experts`."""
         hidden = x_TH.shape[-1]
         w1, v1, w2 = (w.view(self.num_experts, -1, hidden) for w in self.mlp._cast_weights(x_TH))
+        policy = self.args.kernel_policy
         return glu_experts(x_TH, w1, v1, w2, top_experts.view(-1, self.top_k), expert_weights.view(-1, self.top_k),
-                           activation)
+                           activation, gather_min_ffn=policy.gather_min_ffn,
+                           gather_min_rows_per_expert=policy.gather_min_rows_per_expert)
 
     def grouped_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
         x_TH = x.reshape(-1, x.shape[-1])

@@ -170,29 +170,6 @@ def expert_ffn(
         return down(a, w2)
 
 
-# Whether the grouped GLU computes its two up projections with `gmm_shared_input` (their input
-# gradient in one accumulating pass, no separate add), for ffn sizes per expert up to
-# FUSED_GLU_INPUT_GRAD_MAX_FFN. Measured on the H100 (benchmarks/RESULTS.md, "Switches"):
-# forward+backward olmoe (F = 1024) 11.15 -> 10.55 ms, qwen3moe (F = 768) 9.31 -> 9.01 ms; mixtral
-# (F = 14336, where the add is small next to the GEMMs) 27.49 -> 27.61 ms in two interleaved
-# rounds, hence the bound (sizes between 1024 and 14336 are not measured). The tests run it
-# either way.
-FUSED_GLU_INPUT_GRAD = True
-FUSED_GLU_INPUT_GRAD_MAX_FFN = 4096
-
-# Whether the dMoE grouped path reads the token rows of its up projections through the routing's
-# row maps inside the grouped GEMM (`megablocks.ops.gmm_shared_input_gathered`) instead of
-# gathering them into an [N, H] copy first; the copy is then neither written nor kept for the
-# weight gradient. It applies where the GLU's shared-input pair is taken (GLU experts with F up to
-# FUSED_GLU_INPUT_GRAD_MAX_FFN; `GroupedMLP.reads_token_rows`). Measured on the H100
-# (benchmarks/RESULTS.md, "Switches"): peak memory of a step 2.32 -> 1.82 GiB on olmoe and
-# 2.19 -> 1.76 GiB on qwen3moe for ~1% of forward+backward time (forward 5% faster; the weight
-# gradients read the mapped rows with pointer loads instead of TMA). Elsewhere it was slower:
-# mixtral forward+backward 27.5 -> 31.7 ms (without the pair, for 0.13 GiB), mb_paper's MLP
-# forward 1.49 -> 2.15 ms. The tests run it either way.
-FUSED_GATHER = True
-
-
 def _gmm_backend(args: Arguments) -> Optional[str]:
     return None if args.gmm_backend == "auto" else args.gmm_backend
 
@@ -301,15 +278,19 @@ class GroupedMLP(SparseMLP):
     """
 
     def _shared_input_pair(self) -> bool:
+        """Whether the GLU's up projections are one op (`KernelPolicy.fused_glu_input_grad`, up to
+        `fused_glu_input_grad_max_ffn` features per expert and rank)."""
+        policy = self.args.kernel_policy
         return (
             self._v1() is not None
-            and FUSED_GLU_INPUT_GRAD
-            and mpu.features_per_rank(self.args) <= FUSED_GLU_INPUT_GRAD_MAX_FFN
+            and policy.fused_glu_input_grad
+            and mpu.features_per_rank(self.args) <= policy.fused_glu_input_grad_max_ffn
         )
 
     def reads_token_rows(self) -> bool:
-        """Whether `forward` should be given the token rows and the row maps (`FUSED_GATHER`)."""
-        return FUSED_GATHER and self._shared_input_pair()
+        """Whether `forward` should be given the token rows and the row maps
+        (`KernelPolicy.fused_gather`, where the shared-input pair is taken)."""
+        return self.args.kernel_policy.fused_gather and self._shared_input_pair()
 
     def forward(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor, maps: Optional[RowMaps] = None

@@ -113,7 +113,8 @@ class ParallelMLP(torch.nn.Module):
 
     def indices_and_bins(self, top_expert: torch.Tensor, num_experts: Optional[int] = None):
         """`(indices, bin_ids, bins, tokens_per_expert)` of the flattened assignments (int32)."""
-        meta = routing_metadata(top_expert, self.num_experts if num_experts is None else num_experts, 1)
+        meta = routing_metadata(top_expert, self.num_experts if num_experts is None else num_experts, 1,
+                                small_routing=self.args.kernel_policy.small_routing)
         return meta.indices, meta.bin_ids, meta.bins, meta.tokens_per_expert
 
     def permute_and_compute(

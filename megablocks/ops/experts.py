@@ -11,7 +11,7 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
     out_TH = Σ_k weights_tk · y[row of (t, k)]   the scatter, in fp32
 
 Three launches after the routing's one (or three); no `[N, H]` gathered copy (but for wide
-experts with many rows each: GATHER_MIN_FFN), no `[N, F]` pre-activations, no GLU kernel; no
+experts with many rows each: `KernelPolicy.gather_min_ffn`), no `[N, F]` pre-activations, no GLU kernel; no
 value read on the host. The Triton kernels only (CUDA, or the interpreter).
 `glu_experts` takes dMoE's layout (`w1`, `v1`, `w2` as [E, F, H]); `routed_glu_experts` is the
 part after the routing, which `megablocks.integrations.inference` shares with its layouts.
@@ -25,31 +25,33 @@ from megablocks.backend.gmm import triton_gmm
 from megablocks.backend.permute import scatter_rows
 from megablocks.backend.routing import routing_maps
 from megablocks.ops._eager import eager
+from megablocks.policy import KernelPolicy
 
 
 # Where the first GEMM reads a gathered [N, H] copy of the token rows (one row gather, then TMA
-# loads) instead of the rows through the map (pointer loads): experts wider than
-# GATHER_MIN_FFN with at least GATHER_MIN_ROWS_PER_EXPERT routed rows per expert (N / E).
-# Measured on the H100 (fused_moe, bf16, three interleaved rounds; benchmarks/RESULTS.md, "Decode
-# inference"): mixtral (F = 14336) at 128 / 256 / 512 / 1024 rows per expert, map against copy
-# 1.26 / 1.72 / 2.82 / 5.15 ms against 1.29 / 1.71 / 2.77 / 4.90 ms (medians); qwen3moe (F = 768)
-# at 128 / 256 / 512 rows 0.652 / 0.868 / 1.489 against 0.681 / 0.939 / 1.588 ms, the map ahead at
-# every size. The same split as the training path's (`megablocks.layers.mlp.FUSED_GATHER`, taken
-# up to F = 4096); widths between 4096 and 14336 are not measured.
-GATHER_MIN_FFN = 4096
-GATHER_MIN_ROWS_PER_EXPERT = 512
+# loads) instead of the rows through the map (pointer loads): experts wider than gather_min_ffn
+# with at least gather_min_rows_per_expert routed rows per expert (N / E), the fields of
+# `megablocks.policy.KernelPolicy`. Measured on the H100 (fused_moe, bf16, three interleaved
+# rounds; benchmarks/RESULTS.md, "Decode inference"): mixtral (F = 14336) at 128 / 256 / 512 / 1024
+# rows per expert, map against copy 1.26 / 1.72 / 2.82 / 5.15 ms against 1.29 / 1.71 / 2.77 /
+# 4.90 ms (medians); qwen3moe (F = 768) at 128 / 256 / 512 rows 0.652 / 0.868 / 1.489 against
+# 0.681 / 0.939 / 1.588 ms, the map ahead at every size. The same split as the training path's
+# (`KernelPolicy.fused_gather`, taken up to F = 4096); widths between 4096 and 14336 are not
+# measured.
 
 
 def routed_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: Optional[torch.Tensor], w2: torch.Tensor,
                        counts_E: torch.Tensor, token_of_row_N: torch.Tensor, assignment_row_N: torch.Tensor,
                        weights_N: torch.Tensor, topk: int, activation: str, up_trans_b: bool,
-                       down_trans_b: bool) -> torch.Tensor:
+                       down_trans_b: bool, *, gather_min_ffn: int,
+                       gather_min_rows_per_expert: int) -> torch.Tensor:
     """The experts after their routing: the GLU-epilogue grouped GEMM reading the token rows
-    through `token_of_row_N` (wide experts with many rows per expert: a gathered copy of them,
-    GATHER_MIN_FFN), the down GEMM, the weighted scatter (three or four launches). `v1` None:
-    `w1` holds the gate's columns then the up projection's (`triton_gmm(..., glu=)`)."""
+    through `token_of_row_N` (experts wider than `gather_min_ffn` with at least
+    `gather_min_rows_per_expert` rows each: a gathered copy of them), the down GEMM, the weighted
+    scatter (three or four launches). `v1` None: `w1` holds the gate's columns then the up
+    projection's (`triton_gmm(..., glu=)`)."""
     ffn = w2.shape[2] if down_trans_b else w2.shape[1]
-    if ffn > GATHER_MIN_FFN and token_of_row_N.numel() >= GATHER_MIN_ROWS_PER_EXPERT * counts_E.numel():
+    if ffn > gather_min_ffn and token_of_row_N.numel() >= gather_min_rows_per_expert * counts_E.numel():
         a_NF = triton_gmm(x_TH.index_select(0, token_of_row_N), w1, counts_E, trans_b=up_trans_b, glu=activation,
                           b_up=v1)
     else:
@@ -59,22 +61,26 @@ def routed_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: Optional[torch.
 
 
 def _glu_experts_impl(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,
-                      ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                      ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str, gather_min_ffn: int,
+                      gather_min_rows_per_expert: int) -> Tuple[torch.Tensor, torch.Tensor]:
     topk = ids_TK.shape[1]
     counts_E, assignment_row_N, token_of_row_N = routing_maps(ids_TK.reshape(-1), w1_EFH.shape[0], topk)
     out_TH = routed_glu_experts(x_TH, w1_EFH, v1_EFH, w2_EFH, counts_E, token_of_row_N, assignment_row_N,
-                                weights_TK.reshape(-1), topk, activation, up_trans_b=True, down_trans_b=False)
+                                weights_TK.reshape(-1), topk, activation, up_trans_b=True, down_trans_b=False,
+                                gather_min_ffn=gather_min_ffn, gather_min_rows_per_expert=gather_min_rows_per_expert)
     return out_TH, counts_E
 
 
 @torch.library.custom_op("megablocks::glu_experts", mutates_args=())
 def _glu_experts_op(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,
-                    ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _glu_experts_impl(x_TH, w1_EFH, v1_EFH, w2_EFH, ids_TK, weights_TK, activation)
+                    ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str, gather_min_ffn: int,
+                    gather_min_rows_per_expert: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _glu_experts_impl(x_TH, w1_EFH, v1_EFH, w2_EFH, ids_TK, weights_TK, activation, gather_min_ffn,
+                             gather_min_rows_per_expert)
 
 
 @_glu_experts_op.register_fake
-def _(x_TH, w1_EFH, v1_EFH, w2_EFH, ids_TK, weights_TK, activation):
+def _(x_TH, w1_EFH, v1_EFH, w2_EFH, ids_TK, weights_TK, activation, gather_min_ffn, gather_min_rows_per_expert):
     return torch.empty_like(x_TH), x_TH.new_empty((w1_EFH.shape[0],), dtype=torch.int32)
 
 
@@ -82,17 +88,22 @@ _glu_experts_op = eager(_glu_experts_op)
 
 
 def glu_experts(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,
-                ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str, *,
+                gather_min_ffn: int = KernelPolicy.gather_min_ffn,
+                gather_min_rows_per_expert: int = KernelPolicy.gather_min_rows_per_expert,
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """`(out_TH, tokens_per_expert_E)`: `out[t] = Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` with
     `expert_e(x) = (act(x w1_e^T) * (x v1_e^T)) w2_e`, by the launches of the module docstring.
 
     No autograd, no validation (the caller's: dMoE's inference form); the Triton kernels must be
     in use for x (`megablocks.backend.use_triton`). `w1_EFH`, `v1_EFH`, `w2_EFH`: [E, F, H] in
     x's dtype; `ids_TK` integer ids in [0, E); `weights_TK` float; `activation` a name of
-    `megablocks.backend.activation.ACTIVATIONS`. Counts are int32. A custom op
-    (`torch.ops.megablocks.glu_experts`) for `torch.compile`.
+    `megablocks.backend.activation.ACTIVATIONS`; `gather_min_ffn`, `gather_min_rows_per_expert`:
+    where the first GEMM reads a gathered copy of the token rows (`megablocks.policy.KernelPolicy`).
+    Counts are int32. A custom op (`torch.ops.megablocks.glu_experts`) for `torch.compile`.
     """
-    return _glu_experts_op(x_TH, w1_EFH, v1_EFH, w2_EFH, ids_TK, weights_TK, activation)
+    return _glu_experts_op(x_TH, w1_EFH, v1_EFH, w2_EFH, ids_TK, weights_TK, activation, gather_min_ffn,
+                           gather_min_rows_per_expert)
 
 
 def glu_experts_reference(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,

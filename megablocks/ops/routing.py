@@ -217,12 +217,6 @@ def _(x_N, num_experts, block_size):
 _small_routing_op = eager(_small_routing_op)
 
 
-# Whether `routing_metadata` takes the one-launch kernel where it applies. On: measured on the H100
-# (benchmarks/RESULTS.md, "Switches"), qwen3_decode's eager forward 2.01 -> 1.37 ms and no change
-# elsewhere. The tests run it either way.
-SMALL_ROUTING = True
-
-
 class RoutingMetadata(NamedTuple):
     """The binning of N routed rows over E experts (docs/CONTRACTS.md); every field int32."""
 
@@ -233,7 +227,8 @@ class RoutingMetadata(NamedTuple):
     padded_bins: torch.Tensor  # [E] inclusive cumsum of tokens_per_expert rounded up to B
 
 
-def routing_metadata(top_experts_TK: torch.Tensor, num_experts: int, block_size: int) -> RoutingMetadata:
+def routing_metadata(top_experts_TK: torch.Tensor, num_experts: int, block_size: int, *,
+                     small_routing: bool = True) -> RoutingMetadata:
     """Sorts, counts and bins the expert assignments, on the device and without a host sync.
 
     Args:
@@ -241,10 +236,12 @@ def routing_metadata(top_experts_TK: torch.Tensor, num_experts: int, block_size:
             each in [0, num_experts) (checked on CPU; on CUDA an id out of range is not counted).
         num_experts: E >= 1.
         block_size: B >= 1, the multiple each expert's rows are padded to.
+        small_routing: take the one-kernel form where it applies (`KernelPolicy.small_routing`;
+            measured on the H100: qwen3_decode's eager forward 2.01 -> 1.37 ms, no change elsewhere).
 
     Returns:
         `RoutingMetadata(indices, bin_ids, tokens_per_expert, bins, padded_bins)`, all int32.
-        With `SMALL_ROUTING`, up to 4096 routed rows and 1022 experts (decoding sizes) one kernel
+        With `small_routing`, up to 4096 routed rows and 1022 experts (decoding sizes) one kernel
         computes all five (`megablocks.backend.routing.small_routing`); otherwise a sort, the
         histogram and cumsums.
 
@@ -257,7 +254,7 @@ def routing_metadata(top_experts_TK: torch.Tensor, num_experts: int, block_size:
     _check_values("top_experts_TK", top_experts_TK, num_experts)
     experts_N = top_experts_TK.reshape(-1)
     if (
-        SMALL_ROUTING
+        small_routing
         and use_triton(experts_N)
         and experts_N.numel() <= _backend.SMALL_ROUTING_MAX_ROWS
         and num_experts <= _backend.SMALL_ROUTING_MAX_EXPERTS

@@ -310,7 +310,7 @@ def test_greedy_generation_matches(references):
 
 
 # --------------------------------------------------------------------------------------------------
-# The routed form without autograd (`inference.FUSED_FORMS`): routing from the given ids
+# The routed form without autograd (the kernel policy's `fused_forms`): routing from the given ids
 # (`routing_maps`), the GLU in the first grouped GEMM's epilogue.
 
 
@@ -328,7 +328,6 @@ def fused_forms(monkeypatch):
     if not hasattr(__import__("transformers.integrations.moe", fromlist=["x"]), "_default_apply_gate"):
         pytest.skip("this transformers release has no default experts gate to recognise")
 
-    monkeypatch.setattr(inference, "FUSED_FORMS", True)
     calls = []
     impl = inference._experts_from_ids_impl
     monkeypatch.setattr(inference, "_experts_from_ids_impl", lambda *a: calls.append(1) or impl(*a))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from megablocks.integrations import inference
 from megablocks.integrations.inference import fused_moe, fused_moe_reference, softmax_topk
+from megablocks.policy import KernelPolicy
 from tests.conftest import DEVICE, FLOAT_DTYPES
 from tests.utils import assert_close, assert_equal
 
@@ -33,10 +34,9 @@ def test_softmax_topk():
 
 
 @pytest.fixture(params=[False, True], ids=["unfused", "fused_forms"])
-def fused_forms(request, monkeypatch):
-    """Both settings of `inference.FUSED_FORMS` (the routed form, and the general path)."""
-    monkeypatch.setattr(inference, "FUSED_FORMS", request.param)
-    return request.param
+def fused_forms(request):
+    """Both settings of the policy's `fused_forms` (the routed form, and the general path)."""
+    return KernelPolicy(fused_forms=request.param)
 
 
 @pytest.mark.parametrize("path", ["grouped", "gather"])
@@ -44,9 +44,9 @@ def fused_forms(request, monkeypatch):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_fused_moe(path, t, topk, renormalize, dtype, fused_forms):
     """Under the interpreter on CPU: the grouped path runs the Triton gather/gmm/scatter kernels
-    (with FUSED_FORMS: the routing program, the GLU-epilogue GEMM and the scatter)."""
+    (with `fused_forms`: the routing program, the GLU-epilogue GEMM and the scatter)."""
     x, w1, w2, gating = make(t, dtype)
-    out = fused_moe(x, w1, w2, gating, topk, renormalize, path=path)
+    out = fused_moe(x, w1, w2, gating, topk, renormalize, path=path, policy=fused_forms)
     assert out.dtype == dtype and not out.requires_grad
     assert_close("out", out, fused_moe_reference(x, w1, w2, gating, topk, renormalize))
 
@@ -105,7 +105,8 @@ def test_fused_moe_compiles_fullgraph(monkeypatch, fused_forms):
     """The grouped path traces into one graph (custom ops, no host sync), e.g. for CUDA graphs."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, w1, w2, gating = make(7)
-    compiled = torch.compile(lambda *a: fused_moe(*a, 2, True, path="grouped"), backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(lambda *a: fused_moe(*a, 2, True, path="grouped", policy=fused_forms), backend="aot_eager",
+                             fullgraph=True)
     assert_close("out", compiled(x, w1, w2, gating), fused_moe_reference(x, w1, w2, gating, 2, True))
 
 
@@ -120,7 +121,7 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_moe_no_host_sync(path, dtype, fused_forms):
     x, w1, w2, gating = make(4, dtype, e=16, h=64, f=48)
-    run = lambda: fused_moe(x, w1, w2, gating, 2, True, path=path, backend="triton")  # noqa: E731
+    run = lambda: fused_moe(x, w1, w2, gating, 2, True, path=path, backend="triton", policy=fused_forms)  # noqa: E731
     expected = run()  # the first call compiles the kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -140,7 +141,8 @@ def test_fused_moe_cuda_graph_replay(path, dtype, fused_forms):
     t, e, k, h, f = 4, 16, 2, 64, 48
     x, w1, w2, gating = make(t, dtype, e=e, h=h, f=f)
     static_x, static_gating = x.clone(), gating.clone()
-    run = lambda: fused_moe(static_x, w1, w2, static_gating, k, True, path=path, backend="triton")  # noqa: E731
+    run = lambda: fused_moe(static_x, w1, w2, static_gating, k, True, path=path, backend="triton",  # noqa: E731
+                            policy=fused_forms)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up (kernel compilation, allocator) off the capture
@@ -156,14 +158,14 @@ def test_fused_moe_cuda_graph_replay(path, dtype, fused_forms):
         static_x.copy_(new_x)
         static_gating.copy_(new_gating)
         graph.replay()
-        eager_out = fused_moe(new_x, w1, w2, new_gating, k, True, path=path, backend="triton")
+        eager_out = fused_moe(new_x, w1, w2, new_gating, k, True, path=path, backend="triton", policy=fused_forms)
         assert_equal(f"replay {step}", static_out, eager_out)
         assert_close(f"replay {step} vs reference", static_out, fused_moe_reference(new_x, w1, w2, new_gating, k, True))
 
 
 # --------------------------------------------------------------------------------------------------
 # The two forms of the grouped path: the routed form (the routing in one to three launches, the
-# GLU in the first GEMM's epilogue) and the general one (FUSED_FORMS off).
+# GLU in the first GEMM's epilogue) and the general one (`fused_forms` off).
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
@@ -172,10 +174,9 @@ def test_fused_moe_cuda_graph_replay(path, dtype, fused_forms):
 def test_fused_moe_decode_and_general_forms(monkeypatch, dtype, t, topk, activation):
     """The routed form with its one-program routing, with the top-k kernel and the one-program
     sort (past `route_fits`), with the sorted routing (past one program's rows), and the general
-    form (FUSED_FORMS off)."""
+    form (`fused_forms` off)."""
     from megablocks.backend import topk as topk_kernels
 
-    monkeypatch.setattr(inference, "FUSED_FORMS", True)
     calls = []
     decode_impl = inference._routed_moe_impl
     monkeypatch.setattr(inference, "_routed_moe_impl", lambda *a: calls.append(1) or decode_impl(*a))
@@ -184,20 +185,20 @@ def test_fused_moe_decode_and_general_forms(monkeypatch, dtype, t, topk, activat
     monkeypatch.setattr(topk_kernels, "softmax_topk_route", lambda *a: program.append(1) or route(*a))
     x, w1, w2, gating = make(t, dtype)
     expected = fused_moe_reference(x, w1, w2, gating, topk, True, activation)
-    run = lambda: fused_moe(x, w1, w2, gating, topk, True, activation=activation, path="grouped")  # noqa: E731
+    def run(**policy):
+        return fused_moe(x, w1, w2, gating, topk, True, activation=activation, path="grouped", policy=policy)
+
     decode = run()
     assert calls == [1] and program == [1], "the decode form with its routing program was not taken"
-    monkeypatch.setattr(topk_kernels, "ROUTE_MAX_WORK", 0)
-    decode_sorted = run()
+    decode_sorted = run(route_max_work=0)
     assert calls == [1, 1] and program == [1], "the decode form's two-kernel routing was not taken"
     from megablocks.backend import routing as routing_kernels
 
     monkeypatch.setattr(routing_kernels, "SMALL_ROUTING_MAX_ROWS", t * topk - 1)  # one row too many for it
-    routed_sorted = run()
+    routed_sorted = run(route_max_work=0)
     assert calls == [1, 1, 1] and program == [1], "the routed form past one routing program was not taken"
-    monkeypatch.setattr(inference, "FUSED_FORMS", False)
-    general = run()
-    assert calls == [1, 1, 1], "the routed form was taken with FUSED_FORMS off"
+    general = run(fused_forms=False)
+    assert calls == [1, 1, 1], "the routed form was taken with fused_forms off"
     assert_close("decode form", decode, expected)
     assert_close("decode form, two-kernel routing", decode_sorted, expected)
     assert_equal("the two routings agree", decode_sorted, decode)
@@ -208,18 +209,22 @@ def test_fused_moe_decode_and_general_forms(monkeypatch, dtype, t, topk, activat
 def test_fused_moe_degenerate_sizes(fused_forms):
     """F = 0 (every expert's output is zero), and every token on one expert with top-k 1."""
     x, w1, w2, gating = make(5, f=0)
-    out = fused_moe(x, w1, w2, gating, 2, True)
+    out = fused_moe(x, w1, w2, gating, 2, True, policy=fused_forms)
     assert_equal("out (F = 0)", out, torch.zeros_like(x))
     x, w1, w2, gating = make(9, e=8)
     gating[:, 5] += 50.0
-    assert_close("out (one expert)", fused_moe(x, w1, w2, gating, 1, False), fused_moe_reference(x, w1, w2, gating, 1, False))
+    assert_close("out (one expert)", fused_moe(x, w1, w2, gating, 1, False, policy=fused_forms),
+                 fused_moe_reference(x, w1, w2, gating, 1, False))
 
 
 def test_fused_moe_routed_op_registration():
     """The decode form's custom op (what torch.compile traces): schema, fake tensor and the
     dispatcher agree with the implementation (the Triton kernels: on CPU under the interpreter)."""
     x, w1, w2, gating = make(6)
-    torch.library.opcheck(torch.ops.megablocks.fused_moe_routed, (x, w1, w2, gating, 2, True, "silu"))
+    policy = KernelPolicy()
+    torch.library.opcheck(torch.ops.megablocks.fused_moe_routed,
+                          (x, w1, w2, gating, 2, True, "silu", policy.route_max_work, policy.gather_min_ffn,
+                           policy.gather_min_rows_per_expert))
 
 
 def test_experts_from_ids(monkeypatch):
@@ -233,9 +238,7 @@ def test_experts_from_ids(monkeypatch):
     ids[0] = 1
     ids[1, 2] = E  # dropped
     weights = torch.rand(9, 3, device=DEVICE)
-    monkeypatch.setattr(inference, "FUSED_FORMS", False)
-    assert experts_from_ids(x, w1, w2, ids, weights, "silu") is None
-    monkeypatch.setattr(inference, "FUSED_FORMS", True)
+    assert experts_from_ids(x, w1, w2, ids, weights, "silu", policy=KernelPolicy(fused_forms=False)) is None
     out = experts_from_ids(x, w1, w2, ids, weights, "silu")
     expected = torch.zeros(9, H, dtype=torch.float64, device=DEVICE)
     for t in range(9):
@@ -253,7 +256,10 @@ def test_experts_from_ids(monkeypatch):
     monkeypatch.setattr(routing_kernels, "SMALL_ROUTING_MAX_ROWS", 8)  # the sorted routing
     assert_equal("out (sorted routing)", experts_from_ids(x, w1, w2, ids, weights, "silu"), out)
     assert experts_from_ids(x[:0], w1, w2, ids[:0], weights[:0], "silu") is None
-    torch.library.opcheck(torch.ops.megablocks.experts_from_ids, (x, w1, w2, ids, weights, "silu", True))
+    policy = KernelPolicy()
+    torch.library.opcheck(torch.ops.megablocks.experts_from_ids,
+                          (x, w1, w2, ids, weights, "silu", True, policy.gather_min_ffn,
+                           policy.gather_min_rows_per_expert))
 
 
 def test_experts_from_ids_bad_input():
@@ -280,8 +286,8 @@ def test_experts_from_ids_bad_input():
 
 def test_fused_moe_past_one_routing_programs_experts(fused_forms):
     """More experts than one routing program takes (E > 1022): the sorted routing, most experts
-    empty, against the reference (and the general path with FUSED_FORMS off)."""
+    empty, against the reference (and the general path with `fused_forms` off)."""
     x, w1, w2, gating = make(6, e=1030, h=16, f=8)
     gating[:3, 1029] += 30.0  # the last expert id, past 1024, taken
-    out = fused_moe(x, w1, w2, gating, 2, True)
+    out = fused_moe(x, w1, w2, gating, 2, True, policy=fused_forms)
     assert_close("out", out, fused_moe_reference(x, w1, w2, gating, 2, True))

@@ -262,7 +262,7 @@ def test_bad_input():
 
 
 # ------------------------------------------------------------------------------------------------
-# The switches (megablocks.ops.routing.SMALL_ROUTING, megablocks.layers.mlp.FUSED_GLU_INPUT_GRAD):
+# The kernel policy fields small_routing and fused_glu_input_grad (megablocks.policy.KernelPolicy):
 # the one-launch routing metadata and the grouped GLU's accumulating input gradient give the
 # reference's output and every gradient whether on or off.
 
@@ -270,19 +270,19 @@ def test_bad_input():
 @pytest.mark.parametrize("on", [True, False], ids=["on", "off"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("impl", [i for i in IMPLS if i in ("sparse", "triton", "torch")])
-def test_dmoe_with_switches(impl, shape, on, monkeypatch):
+def test_dmoe_with_policy_fields(impl, shape, on, monkeypatch):
+    """`small_routing` and `fused_glu_input_grad` on and off (the layer's kernel policy)."""
     from megablocks.layers import mlp as mlp_module
-    from megablocks.ops import routing as routing_module
 
-    monkeypatch.setattr(routing_module, "SMALL_ROUTING", on)
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", on)
     calls = []
     for name in ("gmm_shared_input", "gmm_shared_input_gathered"):
         op = getattr(mlp_module, name)
         monkeypatch.setattr(mlp_module, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
     skip_unavailable(impl, torch.float32)
     T, lead, H, Fs, E, K, routing = shape
-    layer = dMoE(make_args(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type="glu"))
+    policy = dict(small_routing=on, fused_glu_input_grad=on)
+    layer = dMoE(make_args(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type="glu",
+                           kernel_policy=policy))
     randomize_bias(layer)
     if routing == "one":
         route_all_to(layer, 2)
@@ -290,11 +290,11 @@ def test_dmoe_with_switches(impl, shape, on, monkeypatch):
     else:
         x = torch.randn(*lead, H, device=DEVICE, requires_grad=True)
     check_against_reference(layer, x)
-    assert bool(calls) == (on and impl != "sparse"), "the shared-input GLU taken iff the switch is on"
+    assert bool(calls) == (on and impl != "sparse"), "the shared-input GLU taken iff the policy says so"
 
 
 def test_fused_glu_input_grad_bound(monkeypatch):
-    """The accumulating GLU input gradient is taken only up to FUSED_GLU_INPUT_GRAD_MAX_FFN."""
+    """The accumulating GLU input gradient is taken only up to `fused_glu_input_grad_max_ffn`."""
     from megablocks.layers import mlp as mlp_module
 
     skip_unavailable("triton", torch.float32)
@@ -304,10 +304,10 @@ def test_fused_glu_input_grad_bound(monkeypatch):
         monkeypatch.setattr(mlp_module, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
     layer = dMoE(make_args("triton", hidden_size=16, ffn_hidden_size=24, moe_num_experts=2, moe_top_k=1, mlp_type="glu"))
     x = torch.randn(8, 16, device=DEVICE, requires_grad=True)
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD_MAX_FFN", 24)
+    layer.args.kernel_policy = layer.args.kernel_policy.replace(fused_glu_input_grad_max_ffn=24)
     layer(x)[0].sum().backward()
     assert calls, "F <= the bound: the shared-input GLU should be taken"
     calls.clear()
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD_MAX_FFN", 23)
+    layer.args.kernel_policy = layer.args.kernel_policy.replace(fused_glu_input_grad_max_ffn=23)
     layer(x)[0].sum().backward()
     assert not calls, "F > the bound: the shared-input GLU should not be taken"

@@ -1,4 +1,4 @@
-"""dMoE's inference form (`megablocks.layers.dmoe.INFERENCE_FORM`, `megablocks.ops.glu_experts`):
+"""dMoE's inference form (`KernelPolicy.inference_form`, `megablocks.ops.glu_experts`):
 the grouped GLU path's forward without autograd, against the naive reference and against the
 layer's own autograd forward, at hostile shapes; where it is taken and where it is not; and the
 op itself against its per-token loop.
@@ -39,9 +39,9 @@ def spy(monkeypatch):
     """Counts the layer's calls of `glu_experts` (the inference form)."""
     calls = []
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(args[0].shape)
-        return glu_experts(*args)
+        return glu_experts(*args, **kwargs)
 
     monkeypatch.setattr(dmoe_module, "glu_experts", counted)
     return calls
@@ -156,11 +156,12 @@ def test_where_the_inference_form_is_not_taken(monkeypatch, spy):
         with torch.no_grad():
             other(x)
     assert not spy
-    monkeypatch.setattr(dmoe_module, "INFERENCE_FORM", False)
+    policy = layer.args.kernel_policy
+    layer.args.kernel_policy = policy.replace(inference_form=False)
     with torch.no_grad():
         off = layer(x)
     assert not spy
-    monkeypatch.setattr(dmoe_module, "INFERENCE_FORM", True)
+    layer.args.kernel_policy = policy.replace(inference_form=True)
     with torch.no_grad():
         on = layer(x)
     assert len(spy) == 1
@@ -210,14 +211,13 @@ def test_glu_experts_gathered_rows(monkeypatch, device):
     taken = []
     select = torch.Tensor.index_select
     monkeypatch.setattr(torch.Tensor, "index_select", lambda *a: taken.append(1) or select(*a))
-    monkeypatch.setattr(experts_module, "GATHER_MIN_FFN", Fs - 1)
-    monkeypatch.setattr(experts_module, "GATHER_MIN_ROWS_PER_EXPERT", T * K // E)
-    gathered = glu_experts(x, w1, v1, w2, ids, weights, "gelu")[0]
+    wide = dict(gather_min_ffn=Fs - 1, gather_min_rows_per_expert=T * K // E)
+    gathered = glu_experts(x, w1, v1, w2, ids, weights, "gelu", **wide)[0]
     monkeypatch.setattr(backend_routing, "SMALL_ROUTING_MAX_ROWS", 8)
-    gathered_sorted = glu_experts(x, w1, v1, w2, ids, weights, "gelu")[0]
+    gathered_sorted = glu_experts(x, w1, v1, w2, ids, weights, "gelu", **wide)[0]
     assert taken == [1, 1], "the gathered copy was not taken"
     assert_equal("gathered rows", gathered, through_map)
     assert_equal("gathered rows, sorted routing", gathered_sorted, through_map)
-    monkeypatch.setattr(experts_module, "GATHER_MIN_FFN", Fs)  # F not wider: through the map
-    glu_experts(x, w1, v1, w2, ids, weights, "gelu")
+    glu_experts(x, w1, v1, w2, ids, weights, "gelu", gather_min_ffn=Fs,  # F not wider: through the map
+                gather_min_rows_per_expert=T * K // E)
     assert taken == [1, 1]

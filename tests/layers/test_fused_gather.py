@@ -1,10 +1,10 @@
-"""dMoE's grouped path with `megablocks.layers.mlp.FUSED_GATHER`: the up projection(s) read the
+"""dMoE's grouped path with `KernelPolicy.fused_gather`: the up projection(s) read the
 token rows through the routing's row maps instead of a gathered copy.
 
-With the switch on, the layer must give the per-expert reference's output and every gradient
+With it on, the layer must give the per-expert reference's output and every gradient
 (x, router, w1, v1, w2, bias) at the hostile shapes of tests/layers/test_dmoe.py, and the same
-values as with the switch off: MLP and GLU, with and without `memory_optimized_mlp`, with
-`FUSED_GLU_INPUT_GRAD` on and off. The gathered copy must not be made (no `gather_routed` call).
+values as with it off: MLP and GLU, with and without `memory_optimized_mlp`, with
+`fused_glu_input_grad` on and off. The gathered copy must not be made (no `gather_routed` call).
 """
 
 import pytest
@@ -13,6 +13,7 @@ import torch
 from megablocks.layers import dmoe as dmoe_module
 from megablocks.layers import mlp as mlp_module
 from megablocks.layers.dmoe import dMoE
+from megablocks.policy import KernelPolicy
 from tests.conftest import DEVICE, FLOAT_DTYPES
 from tests.layers.moe_reference import (
     GRAD_NAMES,
@@ -53,13 +54,13 @@ def _count_calls(monkeypatch):
 @pytest.mark.parametrize("mlp_type", ["mlp", "glu"])
 def test_fused_gather_matches_reference(mlp_type, impl, shape, monkeypatch):
     skip_unavailable(impl, torch.float32)
-    monkeypatch.setattr(mlp_module, "FUSED_GATHER", True)
     # The layer takes the token rows only where it pays (`reads_token_rows`); the MLP's and the
     # unpaired GLU's mapped forms are kept correct all the same.
     monkeypatch.setattr(mlp_module.GroupedMLP, "reads_token_rows", lambda self: True)
     calls = _count_calls(monkeypatch)
     T, lead, H, Fs, E, K, routing = shape
-    layer = dMoE(make_args(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type=mlp_type))
+    layer = dMoE(make_args(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type=mlp_type,
+                           kernel_policy=KernelPolicy(fused_gather=True)))
     randomize_bias(layer)
     if routing == "one":
         route_all_to(layer, 2)
@@ -81,20 +82,21 @@ def _run(layer, x, grad_out):
 @pytest.mark.parametrize("memory_optimized", [False, True], ids=["plain", "memory_optimized"])
 @pytest.mark.parametrize(
     "mlp_type, glu_input_grad",
-    [("mlp", True), ("glu", True), ("glu", False)],  # FUSED_GLU_INPUT_GRAD applies to the GLU only
+    [("mlp", True), ("glu", True), ("glu", False)],  # fused_glu_input_grad applies to the GLU only
     ids=["mlp", "glu-glu_input_grad_on", "glu-glu_input_grad_off"],
 )
 def test_fused_gather_equals_unfused(mlp_type, glu_input_grad, memory_optimized, monkeypatch):
-    """Switch on and off: the same output and gradients (one layer, the same weights and inputs)."""
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", glu_input_grad)
-    monkeypatch.setattr(mlp_module.GroupedMLP, "reads_token_rows", lambda self: mlp_module.FUSED_GATHER)
-    layer = dMoE(make_args("triton", mlp_type=mlp_type, moe_top_k=3, memory_optimized_mlp=memory_optimized))
+    """On and off: the same output and gradients (one layer, the same weights and inputs)."""
+    monkeypatch.setattr(mlp_module.GroupedMLP, "reads_token_rows", lambda self: self.args.kernel_policy.fused_gather)
+    policy = KernelPolicy(fused_glu_input_grad=glu_input_grad)
+    layer = dMoE(make_args("triton", mlp_type=mlp_type, moe_top_k=3, memory_optimized_mlp=memory_optimized,
+                           kernel_policy=policy))
     randomize_bias(layer)
     x = torch.randn(3, 5, 40, device=DEVICE)
     grad_out = torch.randn(3, 5, 40, device=DEVICE)
     results = {}
     for on in (False, True):
-        monkeypatch.setattr(mlp_module, "FUSED_GATHER", on)
+        layer.args.kernel_policy = policy.replace(fused_gather=on)
         results[on] = _run(layer, x, grad_out)
     assert_close("out", results[True][0], results[False][0])
     for name in GRAD_NAMES:
@@ -102,35 +104,31 @@ def test_fused_gather_equals_unfused(mlp_type, glu_input_grad, memory_optimized,
             assert_close(f"grad {name}", results[True][1][name], results[False][1][name])
 
 
-def test_where_the_layer_reads_token_rows(monkeypatch):
-    """By default the fused gather is taken by GLU experts on the shared-input pair (F up to
-    FUSED_GLU_INPUT_GRAD_MAX_FFN) and nowhere else."""
-    def reads(mlp_type, ffn=48):
-        return dMoE(make_args("triton", mlp_type=mlp_type, ffn_hidden_size=ffn)).experts.mlp.reads_token_rows()
+def test_where_the_layer_reads_token_rows():
+    """The fused gather is taken by GLU experts on the shared-input pair (F up to
+    `fused_glu_input_grad_max_ffn`) and nowhere else; by default up to F = 4096."""
+    def reads(mlp_type, ffn=48, **policy):
+        args = make_args("triton", mlp_type=mlp_type, ffn_hidden_size=ffn, kernel_policy=policy or None)
+        return dMoE(args).experts.mlp.reads_token_rows()
 
-    monkeypatch.setattr(mlp_module, "FUSED_GATHER", True)
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", True)
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD_MAX_FFN", 48)
-    assert reads("glu") and not reads("mlp") and not reads("glu", ffn=56)
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", False)
-    assert not reads("glu")
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", True)
-    monkeypatch.setattr(mlp_module, "FUSED_GATHER", False)
-    assert not reads("glu")
+    small = dict(fused_glu_input_grad_max_ffn=48)
+    assert reads("glu", **small) and not reads("mlp", **small) and not reads("glu", ffn=56, **small)
+    assert not reads("glu", fused_glu_input_grad=False, **small)
+    assert not reads("glu", fused_gather=False, **small)
+    assert reads("glu", ffn=4096) and not reads("glu", ffn=4097)
 
 
 @pytest.mark.parametrize("dtype", [d for d in FLOAT_DTYPES if d != torch.float32])
-def test_fused_gather_low_precision(dtype, monkeypatch):
-    monkeypatch.setattr(mlp_module, "FUSED_GATHER", True)
-    layer = dMoE(make_args("triton", dtype, mlp_type="glu", moe_normalize_expert_weights=1))
+def test_fused_gather_low_precision(dtype):
+    layer = dMoE(make_args("triton", dtype, mlp_type="glu", moe_normalize_expert_weights=1,
+                           kernel_policy=KernelPolicy(fused_gather=True)))
     randomize_bias(layer)
     x = torch.randn(8, 2, 40, device=DEVICE, dtype=dtype, requires_grad=True)
     check_against_reference(layer, x, dtype=dtype, top_experts_from_layer=True)
 
 
-def test_fused_gather_no_tokens(monkeypatch):
-    monkeypatch.setattr(mlp_module, "FUSED_GATHER", True)
-    layer = dMoE(make_args("triton", mlp_type="glu"))
+def test_fused_gather_no_tokens():
+    layer = dMoE(make_args("triton", mlp_type="glu", kernel_policy=KernelPolicy(fused_gather=True)))
     x = torch.randn(0, 3, 40, device=DEVICE, requires_grad=True)
     out = layer(x)
     assert out.shape == x.shape
@@ -142,8 +140,8 @@ def test_fused_gather_no_tokens(monkeypatch):
 @pytest.mark.parametrize("mlp_type", ["mlp", "glu"])
 def test_received_rows_path(mlp_type, monkeypatch):
     """The expert-parallel path computes received rows with top_k = 1 and no weights through
-    `permute_and_compute`: the same result with the switch on and off."""
-    monkeypatch.setattr(mlp_module.GroupedMLP, "reads_token_rows", lambda self: mlp_module.FUSED_GATHER)
+    `permute_and_compute`: the same result with the fused gather on and off."""
+    monkeypatch.setattr(mlp_module.GroupedMLP, "reads_token_rows", lambda self: self.args.kernel_policy.fused_gather)
     layer = dMoE(make_args("triton", mlp_type=mlp_type))
     experts = layer.experts
     x = torch.randn(9, 40, device=DEVICE)
@@ -151,7 +149,7 @@ def test_received_rows_path(mlp_type, monkeypatch):
     local_experts[:3] = 1
     results = {}
     for on in (False, True):
-        monkeypatch.setattr(mlp_module, "FUSED_GATHER", on)
+        layer.args.kernel_policy = KernelPolicy(fused_gather=on)
         xi = x.clone().requires_grad_(True)
         experts.zero_grad()
         out, counts = experts.permute_and_compute(xi, None, local_experts, 4, 1)
@@ -162,10 +160,10 @@ def test_received_rows_path(mlp_type, monkeypatch):
     assert torch.equal(results[True][3], results[False][3])
 
 
-def test_compiles_fullgraph(monkeypatch):
-    """The switch on under torch.compile(fullgraph=True): no graph break, eager's values."""
-    monkeypatch.setattr(mlp_module, "FUSED_GATHER", True)
-    layer = dMoE(make_args("triton", mlp_type="glu", memory_optimized_mlp=True))
+def test_compiles_fullgraph():
+    """The fused gather under torch.compile(fullgraph=True): no graph break, eager's values."""
+    layer = dMoE(make_args("triton", mlp_type="glu", memory_optimized_mlp=True,
+                           kernel_policy=KernelPolicy(fused_gather=True)))
     randomize_bias(layer)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = torch.randn(7, 40, device=DEVICE)

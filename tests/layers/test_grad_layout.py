@@ -14,9 +14,9 @@ tests/integrations.
 import pytest
 import torch
 
-from megablocks.layers import mlp as mlp_module
 from megablocks.layers.dmoe import dMoE
 from megablocks.layers.moe import MoE
+from megablocks.policy import KernelPolicy
 from tests.conftest import DEVICE, FLOAT_DTYPES
 from tests.layers.moe_reference import IMPLS, make_args, skip_unavailable
 from tests.utils import assert_close, assert_grads_in_layout
@@ -52,11 +52,10 @@ def test_dmoe(dtype, mlp_type, impl, memory_optimized):
 
 @pytest.mark.parametrize("fused_gather", [False, True])
 @pytest.mark.parametrize("fused_glu_input_grad", [False, True])
-def test_dmoe_grouped_forms(monkeypatch, fused_glu_input_grad, fused_gather):
+def test_dmoe_grouped_forms(fused_glu_input_grad, fused_gather):
     """The grouped GLU with and without the shared-input pair and the in-kernel row gather."""
-    monkeypatch.setattr(mlp_module, "FUSED_GLU_INPUT_GRAD", fused_glu_input_grad)
-    monkeypatch.setattr(mlp_module, "FUSED_GATHER", fused_gather)
-    layer = dMoE(make_args("triton", mlp_type="glu", **SHAPE))
+    policy = KernelPolicy(fused_glu_input_grad=fused_glu_input_grad, fused_gather=fused_gather)
+    layer = dMoE(make_args("triton", mlp_type="glu", kernel_policy=policy, **SHAPE))
     _check("dMoE grouped glu", layer, torch.randn(18, 40, device=DEVICE, requires_grad=True))
 
 

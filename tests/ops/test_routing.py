@@ -225,12 +225,11 @@ ROUTINGS = {
 
 @pytest.mark.parametrize("small", [False, True])
 @pytest.mark.parametrize("case", list(ROUTINGS))
-def test_routing_metadata(case, small, device, monkeypatch):
-    monkeypatch.setattr(routing, "SMALL_ROUTING", small)
+def test_routing_metadata(case, small, device):
     top_experts = ROUTINGS[case]().to(device)
     num_experts = 8 if case != "one_expert_e1" else 1
     num_experts = 4 if case == "topk_eq_e" else num_experts
-    got = routing_metadata(top_experts, num_experts, 16)
+    got = routing_metadata(top_experts, num_experts, 16, small_routing=small)
     want = loop_metadata(top_experts.cpu(), num_experts, 16)
     for name, g, w in zip(routing.RoutingMetadata._fields, got, want):
         assert_equal(name, g.cpu(), w)
@@ -296,16 +295,15 @@ def test_compiled_histogram_when_built(n, e):
 
 @pytest.mark.parametrize("n,e,block", [(1, 1, 1), (7, 3, 128), (511, 128, 16), (4096, 64, 128),
                                        (4097, 64, 128), (600, 1022, 64), (300, 1023, 16)])
-def test_small_and_general_paths_agree(n, e, block, device, monkeypatch):
-    """With SMALL_ROUTING, up to 4096 rows and 1022 experts one kernel computes the metadata;
+def test_small_and_general_paths_agree(n, e, block, device):
+    """With small_routing, up to 4096 rows and 1022 experts one kernel computes the metadata;
     above, the general path runs. Both equal the per-row loop (a stable sort by expert), on either side of each limit."""
     from megablocks.backend import routing as kernels
 
     g = torch.Generator().manual_seed(n + e)
     top = torch.randint(0, e, (n,), generator=g)
     top[: n // 3] = e - 1  # a crowded expert, and (for large E) many empty ones
-    monkeypatch.setattr(routing, "SMALL_ROUTING", True)
-    got = routing_metadata(top.to(device), e, block)
+    got = routing_metadata(top.to(device), e, block, small_routing=True)
     want = loop_metadata(top, e, block)
     for name, a, b in zip(routing.RoutingMetadata._fields, got, want):
         assert_equal(name, a.cpu(), b)
@@ -318,12 +316,11 @@ def test_small_and_general_paths_agree(n, e, block, device, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="ids out of range raise on CPU")
-def test_small_routing_ids_out_of_range(monkeypatch):
+def test_small_routing_ids_out_of_range():
     """On CUDA an id outside [0, E) is not counted and sorts after the valid ones; indices stay a
     permutation, so nothing downstream reads out of bounds."""
-    monkeypatch.setattr(routing, "SMALL_ROUTING", True)
     top = torch.tensor([3, -1, 0, 9, 3, 1], device="cuda")
-    meta = routing_metadata(top, 4, 16)
+    meta = routing_metadata(top, 4, 16, small_routing=True)
     assert sorted(meta.indices.tolist()) == list(range(6))
     assert meta.indices[:4].tolist() == [2, 5, 0, 4]
     assert meta.tokens_per_expert.tolist() == [1, 1, 0, 2]

@@ -11,6 +11,7 @@ import torch
 
 from megablocks.backend import topk as topk_kernels
 from megablocks.integrations.inference import softmax_topk, softmax_topk_reference
+from megablocks.policy import KernelPolicy
 from tests.conftest import DEVICE
 from tests.utils import assert_equal
 
@@ -213,9 +214,13 @@ def test_softmax_topk_route_ties_and_nan_rows():
 
 
 def test_softmax_topk_route_fits():
-    """Within one program's sizes and its work bound (padded tokens x padded experts x K)."""
-    assert topk_kernels.route_fits(16, 128, 8) and topk_kernels.route_fits(1, 1024, 1)
-    assert topk_kernels.route_fits(64, 8, 2) and topk_kernels.route_fits(512, 8, 2)
-    assert not topk_kernels.route_fits(17, 128, 8) and not topk_kernels.route_fits(64, 128, 8)
-    assert not topk_kernels.route_fits(2049, 8, 2)
-    assert not topk_kernels.route_fits(1, topk_kernels.ROUTE_MAX_EXPERTS + 1, 1)
+    """Within one program's sizes and its work bound (padded tokens x padded experts x K), the
+    bound the caller's policy gives (`KernelPolicy.route_max_work`)."""
+    fits = topk_kernels.route_fits
+    w = KernelPolicy().route_max_work
+    assert fits(16, 128, 8, w) and fits(1, 1024, 1, w)
+    assert fits(64, 8, 2, w) and fits(512, 8, 2, w)
+    assert not fits(17, 128, 8, w) and not fits(64, 128, 8, w)
+    assert not fits(2049, 8, 2, w)
+    assert not fits(1, topk_kernels.ROUTE_MAX_EXPERTS + 1, 1, w)
+    assert fits(64, 128, 8, 65536) and not fits(1, 8, 1, 0)

@@ -1,0 +1,112 @@
+"""`KernelPolicy`: which fused forms and thresholds the layers and ops run, in one place.
+
+Every kernel choice that is not forced by correctness is a field here, with its measured default
+and the reason for it (benchmarks/RESULTS.md holds the measurements). A layer carries its policy in
+`Arguments.kernel_policy` (saved with the layer's configuration, overridable per layer); the ops
+that make a choice take the fields they need as explicit arguments; `fused_moe` and transformers'
+experts path take a policy. Nothing reads a process-wide switch: a reader sees in the policy what a
+layer runs, and an A/B measurement builds two policies (`benchmarks/bench_dmoe.py --levers`).
+
+    from megablocks.policy import KernelPolicy
+    args = Arguments(..., kernel_policy=KernelPolicy(fused_gather=False))
+    args = Arguments(..., kernel_policy={"fused_gather": False})      # the same, from a config file
+"""
+
+import dataclasses
+from typing import Any, Dict, Mapping, Union
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    """The kernel choices of a layer. Defaults are the measured fastest (H100, bf16, Triton 3.6).
+
+    Attributes:
+        fused_glu_input_grad: the grouped GLU computes its two up projections as one op whose
+            input gradient accumulates both products in one pass (`megablocks.ops.gmm_shared_input`).
+            Forward+backward olmoe 11.15 -> 10.55 ms, qwen3moe 9.31 -> 9.01 ms; mixtral even.
+        fused_glu_input_grad_max_ffn: ... for ffn sizes per expert up to this (mixtral, F = 14336,
+            where the add is small next to the GEMMs, measured 27.49 -> 27.61 ms; sizes between
+            1024 and 14336 not measured).
+        fused_gather: where the shared-input pair is taken, the grouped GEMMs read the token rows
+            through the routing's row maps instead of a gathered `[N, H]` copy. Peak memory olmoe
+            2.32 -> 1.82 GiB, qwen3moe 2.19 -> 1.76 GiB for ~1% of the step's time; slower on
+            mixtral (27.5 -> 31.7 ms) and mb_paper's MLP forward (1.49 -> 2.15 ms), where it is
+            not taken.
+        small_routing: routing metadata in one kernel for up to 4096 routed rows and 1022 experts
+            (decode sizes): about -0.25 ms of host time per decode forward.
+        inference_form: without autograd, dMoE's GLU experts run the routed form (routing, the
+            GLU-epilogue GEMM through the row map, the down GEMM, the scatter): decode forward
+            1.15 -> 0.99 ms (mixtral, T = 64), prefill qwen3moe 1.68 -> 0.94 ms.
+        fused_forms: `fused_moe` and transformers' experts path run that routed form (with the
+            Triton kernels); off: gather, grouped GEMMs, GLU, scatter as separate ops. Faster or
+            even at every size measured (T = 1 to 4096).
+        gather_min_ffn, gather_min_rows_per_expert: in the routed form, experts wider than
+            `gather_min_ffn` with at least `gather_min_rows_per_expert` rows each read an
+            `index_select` copy of the token rows instead of the row map (mixtral T = 4096
+            5.15 -> 4.90 ms; qwen3moe keeps the map at every size).
+        route_max_work: the routed form's one-program routing (softmax, top-k, counts and both
+            row maps with no sort) is taken while (tokens rounded to its tile) x experts x top-k
+            stays within this; past it, the top-k kernel and a one-program sort.
+
+    Raises:
+        TypeError: a field of the wrong type.
+        ValueError: a negative threshold.
+    """
+
+    fused_glu_input_grad: bool = True
+    fused_glu_input_grad_max_ffn: int = 4096
+    fused_gather: bool = True
+    small_routing: bool = True
+    inference_form: bool = True
+    fused_forms: bool = True
+    gather_min_ffn: int = 4096
+    gather_min_rows_per_expert: int = 512
+    route_max_work: int = 16384
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type in (bool, "bool"):
+                if not isinstance(value, bool):
+                    raise TypeError(f"kernel_policy.{field.name}: expected a bool, got {type(value).__name__}")
+            else:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError(f"kernel_policy.{field.name}: expected an int, got {type(value).__name__}")
+                if value < 0:
+                    raise ValueError(f"kernel_policy.{field.name}: expected an int >= 0, got {value}")
+
+    def replace(self, **changes: Any) -> "KernelPolicy":
+        """A copy with `changes` (field names of this class) applied."""
+        return KernelPolicy.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields as a plain dict (for a configuration file)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: Mapping[str, Any]) -> "KernelPolicy":
+        """A policy from a mapping of field names (missing ones keep their defaults).
+
+        Raises:
+            ValueError: a name that is not a field.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise ValueError(f"kernel_policy: unknown fields {unknown}; expected names from {sorted(names)}")
+        return cls(**fields)
+
+
+def as_policy(value: Union[None, KernelPolicy, Mapping[str, Any]], name: str = "kernel_policy") -> KernelPolicy:
+    """`value` as a `KernelPolicy`: None gives the defaults, a mapping its fields.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if value is None:
+        return KernelPolicy()
+    if isinstance(value, KernelPolicy):
+        return value
+    if isinstance(value, Mapping):
+        return KernelPolicy.from_dict(value)
+    raise TypeError(f"{name}: expected a KernelPolicy, a dict of its fields or None, got {type(value).__name__}")
