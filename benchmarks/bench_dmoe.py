@@ -69,7 +69,6 @@ import gc
 import os
 import sys
 import time
-from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -82,6 +81,7 @@ from common import CONFIGS, dense_gemm_tflops, environment, graphed, print_table
 
 from megablocks.layers.arguments import Arguments  # noqa: E402
 from megablocks.layers.dmoe import dMoE  # noqa: E402
+from megablocks.ops.activation import ACTIVATION_FUNCTIONS  # noqa: E402
 from megablocks.policy import KernelPolicy  # noqa: E402
 
 # The expert MLP of each layer of common.CONFIGS: (mlp_type, activation).
@@ -91,7 +91,7 @@ LAYER_KINDS = {
     "qwen3moe": ("glu", "silu"),
     "mb_paper": ("mlp", "gelu_tanh"),
 }
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": partial(F.gelu, approximate="tanh")}
+ACTIVATIONS = ACTIVATION_FUNCTIONS
 
 # Decode-sized layers: a common.CONFIGS layer at DECODE_TOKENS tokens, forward only.
 DECODE_TOKENS = 64

@@ -41,6 +41,10 @@ from megablocks import _checks
 from megablocks.backend import cdiv, next_power_of_2
 from megablocks.backend.gmm import _num_sms, _tma_allocator, _tma_ok
 
+# The block sizes B of the block-sparse layout (the topology, the products, `Arguments.moe_block_size`):
+# the kernels' tiles are B x B blocks, built and tested for these.
+BLOCK_SIZES = (16, 32, 64, 128)
+
 
 @dataclass(frozen=True)
 class Config:

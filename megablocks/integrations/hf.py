@@ -37,6 +37,7 @@ from megablocks.integrations import inference
 from megablocks.integrations.checkpoint import fused_to_dmoe
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
+from megablocks.ops.activation import GELU_APPROXIMATIONS
 from megablocks.ops.gmm import gmm
 from megablocks.policy import KernelPolicy, as_policy
 from megablocks.ops.permute import gather, scatter
@@ -129,7 +130,7 @@ def _inference_activation(experts: torch.nn.Module) -> Optional[str]:
         return None
     act = experts.act_fn
     if isinstance(act, torch.nn.GELU):
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+        return GELU_APPROXIMATIONS.get(act.approximate)
     if isinstance(act, torch.nn.Module):
         return _ACTIVATIONS.get((type(act).__module__, type(act).__name__))
     return _FUNCTIONAL_ACTIVATIONS.get(act)

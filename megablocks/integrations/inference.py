@@ -35,7 +35,6 @@ gone) and traced by `torch.compile(fullgraph=True)`.
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from megablocks import _checks
 from megablocks.backend import topk as topk_kernels
@@ -43,14 +42,15 @@ from megablocks.backend import use_triton
 from megablocks.backend.activation import ACTIVATIONS as GLU_ACTIVATIONS
 from megablocks.backend.routing import routing_maps
 from megablocks.ops._eager import eager
-from megablocks.ops.activation import glu
+from megablocks.ops.activation import ACTIVATION_FUNCTIONS, glu
 from megablocks.ops.experts import routed_glu_experts
 from megablocks.ops.gmm import gmm
 from megablocks.ops.permute import gather_routed, route, scatter_routed
 from megablocks.ops.routing import routing_metadata
 from megablocks.policy import KernelPolicy, as_policy
 
-ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+# fused_moe's activations: the one table's (`megablocks.ops.activation.ACTIVATION_FUNCTIONS`).
+ACTIVATIONS = ACTIVATION_FUNCTIONS
 PATHS = ("auto", "grouped", "gather")
 _GATING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -321,7 +321,7 @@ def fused_moe(
             top-k is `softmax_topk`, one kernel on CUDA).
         topk: experts per token K, 1 <= K <= E.
         renormalize: divide the K weights of each token by their sum.
-        activation: 'silu' (default), 'gelu' (erf) or 'gelu_tanh', applied to the gate; the GLU
+        activation: 'silu' (default), 'gelu' (erf), 'gelu_tanh' or 'relu', applied to the gate; the GLU
             `act(gate) * up` is one fused op (`megablocks.ops.glu`), fp32 math rounded once.
         path: 'grouped' (routing, two grouped GEMMs, scatter: the routed form of the module
             docstring with the policy's `fused_forms` and the 'triton' backend; no host sync with the 'triton'

@@ -8,6 +8,8 @@ import stk
 import torch
 import torch.nn.functional as F
 
+from megablocks.ops.activation import GELU_APPROXIMATIONS
+
 
 def with_data(like: stk.Matrix, data: torch.Tensor) -> stk.Matrix:
     """An `stk.Matrix` with `like`'s topology (and its expert attributes) holding `data`."""
@@ -40,7 +42,6 @@ def act_fn(x: stk.Matrix, function: Callable, **kwargs) -> stk.Matrix:
 
 # Activation callables the fused GLU op implements, by identity.
 _FUSED_FUNCTIONS = ((F.silu, "silu"), (F.relu, "relu"), (torch.relu, "relu"), (F.gelu, "gelu"))
-_GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
 def fused_name(fn: Callable) -> Optional[str]:
@@ -58,7 +59,7 @@ def fused_name(fn: Callable) -> Optional[str]:
     if isinstance(fn, functools.partial) and fn.func is F.gelu and not fn.args:
         approximate = fn.keywords.get("approximate", "none")
         if set(fn.keywords) <= {"approximate"} and isinstance(approximate, str):
-            return _GELU_APPROXIMATIONS.get(approximate)
+            return GELU_APPROXIMATIONS.get(approximate)
         return None
     if isinstance(fn, torch.nn.Module) and (fn._forward_hooks or fn._forward_pre_hooks):
         return None  # the fused op would skip the hooks
@@ -67,5 +68,5 @@ def fused_name(fn: Callable) -> Optional[str]:
     if type(fn) is torch.nn.ReLU:
         return "relu"
     if type(fn) is torch.nn.GELU:
-        return _GELU_APPROXIMATIONS.get(fn.approximate)
+        return GELU_APPROXIMATIONS.get(fn.approximate)
     return None

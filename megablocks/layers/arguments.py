@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megablocks.layers.losses import MoELossCollector
+from megablocks.ops import sparse as ops_sparse
 from megablocks.policy import KernelPolicy, as_policy
 
 # In-place tensor initialisation function, e.g. `partial(torch.nn.init.normal_, std=0.02)`.
@@ -34,7 +35,7 @@ MLP_IMPLS = ("sparse", "grouped")
 AUTO_MLP_IMPL = "grouped"
 GMM_BACKENDS = ("auto", "triton", "torch", "gg")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
-BLOCK_SIZES = (16, 32, 64, 128)
+BLOCK_SIZES = ops_sparse.BLOCK_SIZES
 
 
 @dataclasses.dataclass

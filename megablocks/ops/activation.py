@@ -12,6 +12,7 @@ The kernels run on CUDA tensors and on CPU tensors under TRITON_INTERPRET=1; oth
 plain-torch reference in this file (`glu_reference`).
 """
 
+import functools
 from typing import Tuple
 
 import torch
@@ -23,7 +24,19 @@ from megablocks.backend import use_triton
 from megablocks.backend.activation import ACTIVATIONS
 from megablocks.ops._eager import eager
 
-__all__ = ["ACTIVATIONS", "glu", "glu_reference"]
+__all__ = ["ACTIVATIONS", "ACTIVATION_FUNCTIONS", "GELU_APPROXIMATIONS", "glu", "glu_reference"]
+
+# The one table of activations by name: what torch computes for each name the fused kernels take
+# (`ACTIVATIONS`, in the same order). The references, `fused_moe` and the benchmarks read it.
+ACTIVATION_FUNCTIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+assert tuple(ACTIVATION_FUNCTIONS) == ACTIVATIONS
+# The name of torch's GELU (`F.gelu`, `torch.nn.GELU`) for each of its `approximate` settings.
+GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -31,13 +44,7 @@ __all__ = ["ACTIVATIONS", "glu", "glu_reference"]
 
 
 def _act_reference(x: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return F.silu(x)
-    if activation == "gelu":
-        return F.gelu(x)
-    if activation == "gelu_tanh":
-        return F.gelu(x, approximate="tanh")
-    return F.relu(x)
+    return ACTIVATION_FUNCTIONS[activation](x)
 
 
 def _act_backward_reference(grad: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:

@@ -40,7 +40,7 @@ from megablocks.backend import sparse as _backend
 from megablocks.backend import use_triton
 from megablocks.ops._eager import eager
 
-BLOCK_SIZES = (16, 32, 64, 128)
+BLOCK_SIZES = _backend.BLOCK_SIZES
 _INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 _META_NAMES = ("row_indices", "column_indices", "offsets", "column_indices_t", "offsets_t",
                "block_offsets_t")

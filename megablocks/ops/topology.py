@@ -13,13 +13,14 @@ import stk
 import torch
 
 from megablocks import _checks
+from megablocks.backend import sparse as sparse_kernels
 from megablocks.backend import topology as _backend
 from megablocks.backend import use_triton
 from megablocks.ops._eager import eager
 
 # Block sizes the sparse kernels tile with: `tl.dot` needs at least 16, and a block of at most
 # 128×128 keeps a tile of each operand on chip.
-BLOCK_SIZES = (16, 32, 64, 128)
+BLOCK_SIZES = sparse_kernels.BLOCK_SIZES
 
 
 def topology_reference(padded_bins_E: torch.Tensor, block_size: int, num_block_rows: int,

@@ -200,8 +200,6 @@ def test_glu_experts_against_its_loop(T, H, Fs, E, K, dtype, device):
 def test_glu_experts_gathered_rows(monkeypatch, device):
     """Wide experts with many rows per expert read a gathered copy of the token rows: the same
     result as through the row map, with the one-program and the sorted routing."""
-    from megablocks.ops import experts as experts_module
-
     T, H, Fs, E, K = 37, 24, 40, 5, 3
     x = torch.randn(T, H, device=device)
     w1, v1, w2 = (torch.randn(E, Fs, H, device=device) / H**0.5 for _ in range(3))
