@@ -644,12 +644,12 @@ def gmm_sum(
     """
     if backend is None:
         backend = default_backend(a1)
-    out = gmm(a1, b1, batch_sizes, False, trans_b, backend)
+    out = run_gmm(a1, b1, batch_sizes, False, trans_b, backend)
     if _empty_result(a2, b2, batch_sizes, False, trans_b) is not None:
         return out  # the second product is zero
     if backend == "triton" and out.is_contiguous() and (a2.device.type == "cuda" or _interpreted(a2)):
         return triton_gmm(a2, b2, batch_sizes, False, trans_b, accumulate_into=out)
-    return out.add_(gmm(a2, b2, batch_sizes, False, trans_b, backend))
+    return out.add_(run_gmm(a2, b2, batch_sizes, False, trans_b, backend))
 
 
 
@@ -755,6 +755,13 @@ def gmm(
             f"a: backend='triton' runs on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1; "
             f"got a tensor on {a.device}"
         )
+    return run_gmm(a, b, batch_sizes, trans_a, trans_b, backend)
+
+
+def run_gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_a: bool, trans_b: bool,
+            backend: str) -> torch.Tensor:
+    """`gmm` on arguments its caller has validated (`check_gmm_args`; the autograd ops check once,
+    where a product enters, not again at each level below): the empty cases, then the backend."""
     empty = _empty_result(a, b, batch_sizes, trans_a, trans_b)
     if empty is not None:
         return empty

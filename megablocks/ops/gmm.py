@@ -63,7 +63,7 @@ def gmm_reference(
 def _gmm_impl(a, b, batch_sizes, trans_a: bool, trans_b: bool, backend_name: str) -> torch.Tensor:
     if backend_name == "triton" and not use_triton(a):
         return gmm_reference(a, b, batch_sizes, trans_a, trans_b)
-    return gmm_backend.gmm(a, b, batch_sizes, trans_a, trans_b, backend_name)
+    return gmm_backend.run_gmm(a, b, batch_sizes, trans_a, trans_b, backend_name)
 
 
 @torch.library.custom_op("megablocks::gmm", mutates_args=())
