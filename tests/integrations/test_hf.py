@@ -408,3 +408,25 @@ def test_experts_inference_form_bf16(fused_forms):
     with torch.no_grad():
         ref = fp32(x.float(), ids, weights)
     assert_close("out (bf16 vs fp32 batched_mm)", out, ref.to(torch.bfloat16))
+
+
+def test_register_with_a_policy(fused_forms):
+    """`register(name, policy=...)`: the same forward under another name with its own kernel
+    choices; with `fused_forms` off the routed form is not taken, the values are the same."""
+    from megablocks.policy import KernelPolicy
+
+    hf.register("megablocks_unfused", policy=KernelPolicy(fused_forms=False))
+    experts = _experts_module(True, False, False)
+    x = torch.randn(7, 24, device=DEVICE)
+    ids = torch.randint(0, 4, (7, 2), device=DEVICE)
+    weights = torch.rand(7, 2, device=DEVICE)
+    with torch.no_grad():
+        experts.config._experts_implementation = "megablocks"
+        fused = experts(x, ids, weights)
+        assert fused_forms == [1]
+        experts.config._experts_implementation = "megablocks_unfused"
+        unfused = experts(x, ids, weights)
+    assert fused_forms == [1], "the routed form was taken with fused_forms off"
+    assert_close("out", unfused, fused)
+    with pytest.raises(TypeError, match="policy"):
+        hf.register("megablocks_bad", policy="fast")
