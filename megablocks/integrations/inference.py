@@ -41,7 +41,7 @@ from megablocks.backend import topk as topk_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.activation import ACTIVATIONS as GLU_ACTIVATIONS
 from megablocks.backend.routing import routing_maps
-from megablocks.ops._eager import eager
+from megablocks.ops._eager import custom_op
 from megablocks.ops.activation import ACTIVATION_FUNCTIONS, glu
 from megablocks.ops.experts import routed_glu_experts
 from megablocks.ops.gmm import gmm
@@ -82,7 +82,7 @@ def softmax_topk_reference(
     return weights, ids
 
 
-@torch.library.custom_op("megablocks::softmax_topk", mutates_args=())
+@custom_op("softmax_topk")
 def _softmax_topk_op(gating_output: torch.Tensor, topk: int, renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     if use_triton(gating_output) and gating_output.shape[1] <= topk_kernels.MAX_EXPERTS:
         return topk_kernels.softmax_topk(gating_output, topk, renormalize)
@@ -94,10 +94,6 @@ def _(gating_output, topk, renormalize):
     t = gating_output.shape[0]
     return (gating_output.new_empty((t, topk), dtype=torch.float32),
             gating_output.new_empty((t, topk), dtype=torch.int64))
-
-
-# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
-_softmax_topk_op = eager(_softmax_topk_op)
 
 
 def softmax_topk(gating_output: torch.Tensor, topk: int, renormalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +156,7 @@ def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
                               weights_TK.view(-1), topk, activation, up_trans_b=True, down_trans_b=True, **gather)
 
 
-@torch.library.custom_op("megablocks::fused_moe_routed", mutates_args=())
+@custom_op("fused_moe_routed")
 def _routed_moe_op(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
                    topk: int, renormalize: bool, activation: str, route_max_work: int, gather_min_ffn: int,
                    gather_min_rows_per_expert: int) -> torch.Tensor:
@@ -172,9 +168,6 @@ def _routed_moe_op(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tens
 def _(hidden_states, w1, w2, gating_output, topk, renormalize, activation, route_max_work, gather_min_ffn,
       gather_min_rows_per_expert):
     return torch.empty_like(hidden_states)
-
-
-_routed_moe_op = eager(_routed_moe_op)
 
 
 def _experts_from_ids_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
@@ -190,7 +183,7 @@ def _experts_from_ids_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: to
                               gather_min_ffn=gather_min_ffn, gather_min_rows_per_expert=gather_min_rows_per_expert)
 
 
-@torch.library.custom_op("megablocks::experts_from_ids", mutates_args=())
+@custom_op("experts_from_ids")
 def _experts_from_ids_op(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids_TK: torch.Tensor,
                          weights_TK: torch.Tensor, activation: str, trans_b: bool, gather_min_ffn: int,
                          gather_min_rows_per_expert: int) -> torch.Tensor:
@@ -201,9 +194,6 @@ def _experts_from_ids_op(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torc
 @_experts_from_ids_op.register_fake
 def _(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b, gather_min_ffn, gather_min_rows_per_expert):
     return torch.empty_like(hidden_states)
-
-
-_experts_from_ids_op = eager(_experts_from_ids_op)
 
 
 def _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b) -> None:

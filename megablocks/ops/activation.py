@@ -22,7 +22,7 @@ from megablocks import _checks
 from megablocks.backend import activation as kernels
 from megablocks.backend import use_triton
 from megablocks.backend.activation import ACTIVATIONS
-from megablocks.ops._eager import eager
+from megablocks.ops._eager import custom_op
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_FUNCTIONS", "GELU_APPROXIMATIONS", "glu", "glu_reference"]
 
@@ -77,7 +77,7 @@ def glu_backward_reference(
 # Custom ops: forward, and backward returning both gradients.
 
 
-@torch.library.custom_op("megablocks::glu", mutates_args=())
+@custom_op("glu")
 def _glu(h1: torch.Tensor, h2: torch.Tensor, activation: str) -> torch.Tensor:
     if use_triton(h1):
         return kernels.glu_forward(h1, h2, activation)
@@ -89,7 +89,7 @@ def _(h1, h2, activation):
     return h1.new_empty(h1.shape)
 
 
-@torch.library.custom_op("megablocks::glu_backward", mutates_args=())
+@custom_op("glu_backward")
 def _glu_backward(
     grad: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, activation: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -116,9 +116,6 @@ def _backward(ctx, grad):
 
 
 _glu.register_autograd(_backward, setup_context=_setup_context)
-
-# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
-_glu, _glu_backward = eager(_glu), eager(_glu_backward)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 from megablocks.backend.gmm import triton_gmm
 from megablocks.backend.permute import scatter_rows
 from megablocks.backend.routing import routing_maps
-from megablocks.ops._eager import eager
+from megablocks.ops._eager import custom_op
 from megablocks.policy import KernelPolicy
 
 
@@ -71,7 +71,7 @@ def _glu_experts_impl(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Te
     return out_TH, counts_E
 
 
-@torch.library.custom_op("megablocks::glu_experts", mutates_args=())
+@custom_op("glu_experts")
 def _glu_experts_op(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,
                     ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str, gather_min_ffn: int,
                     gather_min_rows_per_expert: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +82,6 @@ def _glu_experts_op(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tens
 @_glu_experts_op.register_fake
 def _(x_TH, w1_EFH, v1_EFH, w2_EFH, ids_TK, weights_TK, activation, gather_min_ffn, gather_min_rows_per_expert):
     return torch.empty_like(x_TH), x_TH.new_empty((w1_EFH.shape[0],), dtype=torch.int32)
-
-
-_glu_experts_op = eager(_glu_experts_op)
 
 
 def glu_experts(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,

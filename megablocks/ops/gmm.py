@@ -32,7 +32,7 @@ from megablocks._checks import values_checked
 from megablocks.backend import gmm as gmm_backend
 from megablocks.backend import permute as permute_kernels
 from megablocks.backend import use_triton
-from megablocks.ops._eager import eager
+from megablocks.ops._eager import custom_op
 from megablocks.ops.permute import RowMaps, _check_rows, _scatter_rows, gather_rows_reference
 
 
@@ -66,7 +66,7 @@ def _gmm_impl(a, b, batch_sizes, trans_a: bool, trans_b: bool, backend_name: str
     return gmm_backend.run_gmm(a, b, batch_sizes, trans_a, trans_b, backend_name)
 
 
-@torch.library.custom_op("megablocks::gmm", mutates_args=())
+@custom_op("gmm")
 def _gmm(
     a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_a: bool, trans_b: bool, backend_name: str
 ) -> torch.Tensor:
@@ -109,15 +109,12 @@ def _backward(ctx, grad):
 
 _gmm.register_autograd(_backward, setup_context=_setup_context)
 
-# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
-_gmm = eager(_gmm)
-
 
 # --------------------------------------------------------------------------------------------
 # Two products of one input (the GLU's up projections): its gradient in one accumulating pass.
 
 
-@torch.library.custom_op("megablocks::gmm_sum", mutates_args=())
+@custom_op("gmm_sum")
 def _gmm_sum(
     a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor,
     trans_b: bool, backend_name: str,
@@ -132,7 +129,7 @@ def _(a1, b1, a2, b2, batch_sizes, trans_b, backend_name):
     return a1.new_empty((a1.shape[0], b1.shape[1] if trans_b else b1.shape[2]))
 
 
-@torch.library.custom_op("megablocks::gmm_shared_input", mutates_args=())
+@custom_op("gmm_shared_input")
 def _gmm_shared_input(
     a: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool,
     backend_name: str,
@@ -177,7 +174,6 @@ def _shared_backward(ctx, grad1, grad2):
 
 
 _gmm_shared_input.register_autograd(_shared_backward, setup_context=_shared_setup_context)
-_gmm_sum, _gmm_shared_input = eager(_gmm_sum), eager(_gmm_shared_input)
 
 
 def gmm_shared_input(
@@ -303,7 +299,7 @@ def _gathered_product(x, b, batch_sizes, token_rows, row_assignment, assignment_
     return gmm_backend.triton_gmm(x, b, batch_sizes, False, trans_b, a_rows=token_rows)
 
 
-@torch.library.custom_op("megablocks::gmm_gathered", mutates_args=())
+@custom_op("gmm_gathered")
 def _gmm_gathered(
     x: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, row_assignment: torch.Tensor,
     assignment_row: torch.Tensor, top_k: int, trans_b: bool, backend_name: str,
@@ -317,7 +313,7 @@ def _(x, b, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend
     return x.new_empty((row_assignment.shape[0], b.shape[1] if trans_b else b.shape[2]))
 
 
-@torch.library.custom_op("megablocks::gmm_gathered_weight_grad", mutates_args=())
+@custom_op("gmm_gathered_weight_grad")
 def _gmm_gathered_weight_grad(
     x: torch.Tensor, grad: torch.Tensor, batch_sizes: torch.Tensor, row_assignment: torch.Tensor,
     assignment_row: torch.Tensor, top_k: int, trans_b: bool, backend_name: str,
@@ -371,7 +367,7 @@ def _gathered_backward(ctx, grad):
 _gmm_gathered.register_autograd(_gathered_backward, setup_context=_gathered_setup_context)
 
 
-@torch.library.custom_op("megablocks::gmm_shared_input_gathered", mutates_args=())
+@custom_op("gmm_shared_input_gathered")
 def _gmm_shared_input_gathered(
     x: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor, row_assignment: torch.Tensor,
     assignment_row: torch.Tensor, top_k: int, trans_b: bool, backend_name: str,
@@ -408,10 +404,6 @@ def _shared_gathered_backward(ctx, grad1, grad2):
 
 
 _gmm_shared_input_gathered.register_autograd(_shared_gathered_backward, setup_context=_gathered_setup_context)
-
-# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
-_gmm_gathered, _gmm_gathered_weight_grad, _gmm_shared_input_gathered = (
-    eager(_gmm_gathered), eager(_gmm_gathered_weight_grad), eager(_gmm_shared_input_gathered))
 
 
 def _check_gathered(x, b, batch_sizes, maps, trans_b, backend) -> None:

@@ -27,7 +27,7 @@ import torch
 from megablocks import _checks
 from megablocks.backend import permute as kernels
 from megablocks.backend import use_triton
-from megablocks.ops._eager import eager
+from megablocks.ops._eager import custom_op
 from megablocks.ops.routing import padded_rows_bound
 
 __all__ = [
@@ -131,7 +131,7 @@ def weight_grad_reference(
 # Custom ops: route (no gradient), gather rows, scatter rows, weight gradient.
 
 
-@torch.library.custom_op("megablocks::permute_route", mutates_args=())
+@custom_op("permute_route")
 def _route(
     indices: torch.Tensor,
     bin_ids: Optional[torch.Tensor],
@@ -155,7 +155,7 @@ def _(indices, bin_ids, bins, padded_bins, layout, num_rows, bin_size):
     )
 
 
-@torch.library.custom_op("megablocks::permute_gather", mutates_args=())
+@custom_op("permute_gather")
 def _gather_rows(
     x: torch.Tensor,
     row_assignment: torch.Tensor,
@@ -173,7 +173,7 @@ def _(x, row_assignment, assignment_row, weights, top_k):
     return x.new_empty(row_assignment.shape[0], x.shape[1])
 
 
-@torch.library.custom_op("megablocks::permute_scatter", mutates_args=())
+@custom_op("permute_scatter")
 def _scatter_rows(
     x: torch.Tensor,
     assignment_row: torch.Tensor,
@@ -191,7 +191,7 @@ def _(x, assignment_row, row_assignment, weights, top_k):
     return x.new_empty(assignment_row.shape[0] // top_k, x.shape[1])
 
 
-@torch.library.custom_op("megablocks::permute_weight_grad", mutates_args=())
+@custom_op("permute_weight_grad")
 def _weight_grad(x: torch.Tensor, y: torch.Tensor, assignment_row: torch.Tensor, top_k: int) -> torch.Tensor:
     if use_triton(x):
         return kernels.weight_grad(x, y, assignment_row, top_k)
@@ -233,10 +233,6 @@ def _scatter_backward(ctx, grad):
 
 _gather_rows.register_autograd(_gather_backward, setup_context=_setup_context)
 _scatter_rows.register_autograd(_scatter_backward, setup_context=_setup_context)
-
-# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
-_route, _gather_rows, _scatter_rows, _weight_grad = (
-    eager(_route), eager(_gather_rows), eager(_scatter_rows), eager(_weight_grad))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Its gradient sums each bin's columns back into one. Plain torch (`searchsorted`,
 import torch
 
 from megablocks import _checks
-from megablocks.ops._eager import eager
+from megablocks.ops._eager import custom_op
 
 
 def _column_inputs(bins_E: torch.Tensor, num_outputs: int):
@@ -21,7 +21,7 @@ def _column_inputs(bins_E: torch.Tensor, num_outputs: int):
     return src, cols < bins_E[-1]
 
 
-@torch.library.custom_op("megablocks::replicate", mutates_args=())
+@custom_op("replicate")
 def _replicate_op(x_RE: torch.Tensor, bins_E: torch.Tensor, num_outputs: int) -> torch.Tensor:
     src, in_bin = _column_inputs(bins_E, num_outputs)
     zero = torch.zeros((), dtype=x_RE.dtype, device=x_RE.device)
@@ -33,7 +33,7 @@ def _(x_RE, bins_E, num_outputs):
     return x_RE.new_empty((x_RE.shape[0], num_outputs))
 
 
-@torch.library.custom_op("megablocks::replicate_backward", mutates_args=())
+@custom_op("replicate_backward")
 def _replicate_backward_op(grad_RO: torch.Tensor, bins_E: torch.Tensor) -> torch.Tensor:
     src, in_bin = _column_inputs(bins_E, grad_RO.shape[1])
     # Half-precision sums over a bin accumulate in fp32.
@@ -58,9 +58,6 @@ def _backward(ctx, grad_RO):
 
 
 _replicate_op.register_autograd(_backward, setup_context=_setup_context)
-
-# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
-_replicate_op, _replicate_backward_op = eager(_replicate_op), eager(_replicate_backward_op)
 
 
 def replicate(x: torch.Tensor, bins: torch.Tensor, num_outputs: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from megablocks import _checks
 from megablocks.backend import routing as _backend
 from megablocks.backend import csrc, use_triton
-from megablocks.ops._eager import eager
+from megablocks.ops._eager import custom_op
 
 _INT_DTYPES = (torch.int16, torch.int32, torch.int64)
 _BITS = {torch.int16: 16, torch.int32: 32, torch.int64: 64}
@@ -96,7 +96,7 @@ def _compiled_histogram(x_MN: torch.Tensor, max_val: int):
     return csrc.load()
 
 
-@torch.library.custom_op("megablocks::histogram", mutates_args=())
+@custom_op("histogram")
 def _histogram_op(x_MN: torch.Tensor, max_val: int) -> torch.Tensor:
     compiled = _compiled_histogram(x_MN, max_val)
     if compiled is not None:
@@ -109,9 +109,6 @@ def _histogram_op(x_MN: torch.Tensor, max_val: int) -> torch.Tensor:
 @_histogram_op.register_fake
 def _(x_MN, max_val):
     return x_MN.new_empty((x_MN.shape[0], max_val), dtype=torch.int32)
-
-# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
-_histogram_op = eager(_histogram_op)
 
 
 def histogram(x: torch.Tensor, max_val: int) -> torch.Tensor:
@@ -200,7 +197,7 @@ def padded_rows_bound(num_rows: int, num_experts: int, block_size: int) -> int:
     return (num_rows + num_experts * (block_size - 1)) // block_size * block_size
 
 
-@torch.library.custom_op("megablocks::small_routing", mutates_args=())
+@custom_op("small_routing")
 def _small_routing_op(
     x_N: torch.Tensor, num_experts: int, block_size: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,10 +208,6 @@ def _small_routing_op(
 def _(x_N, num_experts, block_size):
     n, e = x_N.shape[0], num_experts
     return tuple(x_N.new_empty(size, dtype=torch.int32) for size in (n, n, e, e, e))
-
-
-# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
-_small_routing_op = eager(_small_routing_op)
 
 
 class RoutingMetadata(NamedTuple):

@@ -38,7 +38,7 @@ import torch
 from megablocks import _checks
 from megablocks.backend import sparse as _backend
 from megablocks.backend import use_triton
-from megablocks.ops._eager import eager
+from megablocks.ops._eager import custom_op
 
 BLOCK_SIZES = _backend.BLOCK_SIZES
 _INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
@@ -254,7 +254,7 @@ def _dds_ref(a_MK, data_SBB, meta, transposed, num_experts, ffn_hidden_size):
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("megablocks::sdd", mutates_args=())
+@custom_op("sdd")
 def _sdd_op(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor,
             column_indices: torch.Tensor, offsets: torch.Tensor, column_indices_t: torch.Tensor,
             offsets_t: torch.Tensor, block_offsets_t: torch.Tensor, block_size: int,
@@ -284,7 +284,7 @@ def _dsd_out_rows(R, Q, B, transposed, num_experts, ffn_hidden_size) -> int:
     return _side(num_experts, ffn_hidden_size, B, Q) if transposed else R * B
 
 
-@torch.library.custom_op("megablocks::dsd", mutates_args=())
+@custom_op("dsd")
 def _dsd_op(data: torch.Tensor, row_indices: torch.Tensor, column_indices: torch.Tensor,
             offsets: torch.Tensor, column_indices_t: torch.Tensor, offsets_t: torch.Tensor,
             block_offsets_t: torch.Tensor, transposed: bool, b: torch.Tensor, num_experts: int,
@@ -317,7 +317,7 @@ def _(data, row_indices, column_indices, offsets, column_indices_t, offsets_t, b
                         b.shape[1]))
 
 
-@torch.library.custom_op("megablocks::dds", mutates_args=())
+@custom_op("dds")
 def _dds_op(a: torch.Tensor, data: torch.Tensor, row_indices: torch.Tensor,
             column_indices: torch.Tensor, offsets: torch.Tensor, column_indices_t: torch.Tensor,
             offsets_t: torch.Tensor, block_offsets_t: torch.Tensor, transposed: bool,
@@ -428,9 +428,6 @@ def _dds_backward(ctx, dy):
 _sdd_op.register_autograd(_sdd_backward, setup_context=_sdd_setup)
 _dsd_op.register_autograd(_dsd_backward, setup_context=_dsd_setup)
 _dds_op.register_autograd(_dds_backward, setup_context=_dds_setup)
-
-# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
-_sdd_op, _dsd_op, _dds_op = eager(_sdd_op), eager(_dsd_op), eager(_dds_op)
 
 
 # ---------------------------------------------------------------------------------------------

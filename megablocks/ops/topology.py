@@ -16,7 +16,7 @@ from megablocks import _checks
 from megablocks.backend import sparse as sparse_kernels
 from megablocks.backend import topology as _backend
 from megablocks.backend import use_triton
-from megablocks.ops._eager import eager
+from megablocks.ops._eager import custom_op
 
 # Block sizes the sparse kernels tile with: `tl.dot` needs at least 16, and a block of at most
 # 128×128 keeps a tile of each operand on chip.
@@ -57,7 +57,7 @@ def topology_reference(padded_bins_E: torch.Tensor, block_size: int, num_block_r
     return tuple(t.to(torch.int32) for t in out)
 
 
-@torch.library.custom_op("megablocks::topology", mutates_args=())
+@custom_op("topology")
 def _topology_op(
     padded_bins: torch.Tensor, block_size: int, num_block_rows: int, block_columns: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,10 +76,6 @@ def _(padded_bins, block_size, num_block_rows, block_columns):
 
     return (empty(nnz), empty(nnz), empty(num_block_rows + 1), empty(nnz),
             empty(num_experts * block_columns + 1), empty(nnz))
-
-
-# Eager calls skip the custom-op dispatcher (megablocks/ops/_eager.py).
-_topology_op = eager(_topology_op)
 
 
 def _check_padded_bins_values(padded_bins: torch.Tensor, block_size: int, num_block_rows: int) -> None:
