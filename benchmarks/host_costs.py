@@ -1,11 +1,22 @@
-"""Host-side costs on this machine (CUDA): what one launch, one allocation and one autograd
-Function call cost the host, and whether a dMoE training step syncs with the device.
+"""Where a dMoE training step's wall time goes beyond its kernels (CUDA): the host's side.
 
     python benchmarks/host_costs.py --configs qwen3_t64,mb_paper --contenders grouped_triton,sparse
+    python benchmarks/host_costs.py --configs mixtral --profile     # also kernel gaps and cProfile
+
+First what one Triton launch, one allocation, one torch launch and one autograd Function call cost
+the host. Then, for each (config, contender) of bench_dmoe, the fwdbwd step (`.grad` None,
+`.backward()`): the host time to issue it (from an idle device, into None or existing `.grad`,
+forward and backward apart), whether it syncs with the device (sync debug mode; host time with
+the device held busy by queued work; new allocator segments). With `--profile` (or
+HOST_PROFILE=1): the step's wall and kernel time, the largest idle gaps between kernels with
+the kernels on either side, and the host functions with the most time of their own (cProfile).
 """
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -71,7 +82,22 @@ def micro():
     print(f"Function.apply, ctx forward:  {per_call_us(lambda: _Old.apply(a, b)):.1f} us")
 
 
-def step_report(layer, name):
+def kernel_profile(step, repeats: int = 3):
+    """(kernel ms per step, the 8 largest idle gaps between consecutive kernels)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+    gaps = sorted(((b.time_range.start - a.time_range.end, a.name[:50], b.name[:50])
+                   for a, b in zip(events, events[1:]) if b.time_range.start > a.time_range.end), reverse=True)
+    return sum(e.time_range.elapsed_us() for e in events) / repeats / 1e3, gaps[:8]
+
+
+def step_report(layer, name, profile: bool):
     modules = bench_dmoe.build_contenders(layer, [name], torch.bfloat16, "cuda")
     params = bench_dmoe.parameters(modules)
     x = torch.randn(layer.T, layer.H, dtype=torch.bfloat16, device="cuda", requires_grad=True)
@@ -89,15 +115,8 @@ def step_report(layer, name):
     torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message)[:100] for w in caught if "synchron" in str(w.message).lower()]
 
-    def host(fn, n=20):
-        samples = []
-        for _ in range(n):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-            torch.cuda.synchronize()
-        return statistics.median(samples)
+    def host(fn):
+        return bench_dmoe.host_ms(fn, "cuda", samples=20)
 
     def backward_only(accumulate):
         samples = []
@@ -139,29 +158,40 @@ def step_report(layer, name):
     outs = []
     print(f"    behind queued work: step {behind_queue(step):.3f} ms, forward {behind_queue(lambda: outs.append(module(x))):.3f} ms, "
           f"backward {behind_queue(lambda: outs.pop().backward(g)):.3f} ms")
-    if os.environ.get("HOST_PROFILE"):
-        import cProfile
-        import pstats
+    if profile:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 100
+        gpu, gaps = kernel_profile(step)
+        print(f"    wall {wall:.3f} ms, kernels {gpu:.3f} ms per step")
+        for gap, before, after in gaps:
+            print(f"    gap {gap:8.1f} us  after {before}  before {after}")
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(20):
             step()
         torch.cuda.synchronize()
         prof.disable()
-        stats = pstats.Stats(prof).sort_stats("cumtime")
-        stats.print_stats("megablocks|autograd|jit.py|bench_dmoe", 45)
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+        print(out.getvalue())
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--configs", default="qwen3_t64,mb_paper")
     p.add_argument("--contenders", default="grouped_triton,sparse,torch_grouped_mm")
+    p.add_argument("--profile", action="store_true", default=bool(os.environ.get("HOST_PROFILE")),
+                   help="also the kernel gaps and a cProfile of each step")
     args = p.parse_args()
     micro()
     layers = bench_dmoe.all_layers(False)
     for config in args.configs.split(","):
         for name in args.contenders.split(","):
-            step_report(layers[config], name)
+            step_report(layers[config], name, args.profile)
 
 
 if __name__ == "__main__":
