@@ -66,6 +66,7 @@ def _check_values(name: str, t: torch.Tensor, upper: int) -> None:
 
 def _check_meta(block_size: int, meta, device: torch.device) -> Tuple[int, int, int]:
     """Checks the six index arrays of a topology; returns (R, Q, nnz)."""
+    _checks.check_int("block_size", block_size)
     for name, t in zip(_META_NAMES, meta):
         _checks.check_tensor(name, t, ndim=1, dtypes=_INDEX_DTYPES)
     # Everything but the values depends on the block size, dtypes, sizes and devices only: checked
