@@ -151,7 +151,7 @@ def _arguments_fields():
     from megablocks.layers.arguments import Arguments
 
     hints = typing.get_type_hints(Arguments)
-    skip = set(SHARED_FIELDS) | set(MODEL_SET_FIELDS) | {"expert_parallel_group", "fc_cls", "fc_kwargs"}
+    skip = set(SHARED_FIELDS) | set(MODEL_SET_FIELDS) | {"expert_parallel_group", "fc_cls", "fc_kwargs", "kernel_policy"}
     return [(f, hints[f.name]) for f in dataclasses.fields(Arguments) if f.name not in skip]
 
 
@@ -222,7 +222,9 @@ def build_parser():
     moe_names = _add_dataclass_args(g_moe, _arguments_fields())
     g_moe.add_argument("--fc-cls", dest="fc_cls", default=None, help="dotted path of the shared expert's linear class")
     g_moe.add_argument("--fc-kwargs", dest="fc_kwargs", type=json.loads, default=None, help="JSON dict")
-    moe_names += ["fc_cls", "fc_kwargs"]
+    g_moe.add_argument("--kernel-policy", dest="kernel_policy", type=json.loads, default=None,
+                       help='JSON dict of megablocks.policy.KernelPolicy fields, e.g. \'{"fused_gather": false}\'')
+    moe_names += ["fc_cls", "fc_kwargs", "kernel_policy"]
     return p, {"train": train_names, "model": model_names, "moe": moe_names}
 
 

@@ -160,6 +160,7 @@ def test_every_arguments_field_is_an_option():
         "--moe-zloss-weight", "0.001", "--moe-lbl-in-fp32", "--mlp-impl", "grouped", "--memory-optimized-mlp",
         "--shared-expert", "--shared-expert-hidden-size", "24", "--fc-cls", "torch.nn.Linear", "--fc-kwargs", "{}",
         "--moe-router-score-function", "sigmoid", "--moe-block-size", "64", "--return-bias",
+        "--kernel-policy", '{"fused_gather": false}',
     ])
     args = moe_arguments(mcfg)
     assert (args.moe_num_experts, args.moe_top_k, args.moe_capacity_factor) == (6, 2, 1.5)
@@ -170,6 +171,7 @@ def test_every_arguments_field_is_an_option():
     assert args.moe_router_score_function == "sigmoid" and args.moe_block_size == 64
     assert args.activation_fn(torch.tensor([1.0])).item() == pytest.approx(torch.nn.functional.silu(torch.tensor(1.0)).item())
     assert not args.fp16 and not args.bf16 and args.num_layers == mcfg.num_layers
+    assert args.kernel_policy.fused_gather is False and args.kernel_policy.fused_forms is True
 
 
 def test_config_file_then_command_line(tmp_path):
