@@ -22,25 +22,26 @@ from common import CONFIGS, environment, print_table, write_csv  # noqa: E402
 
 from megablocks.backend import gmm as gb  # noqa: E402
 
-CONFIGS_TRIED = {
-    "default": None,
-    "t128x256_r64_w8_s3_pers": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3,
-                                    PERSISTENT=True, TMA_STORE=True),
-    "t128x128_r32_w4_s2": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=2,
-                               PERSISTENT=False, TMA_STORE=True),
-    "t128x128_r16_w4_s2": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=2,
-                               PERSISTENT=False, TMA_STORE=True),
-    "t128x128_r16_w4_s1": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=1,
-                               PERSISTENT=False, TMA_STORE=True),
-    "t64x128_r16_w4_s2": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=2,
-                              PERSISTENT=False, TMA_STORE=True),
-    "t128x256_r16_w8_s2": dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=16, num_warps=8, num_stages=2,
-                               PERSISTENT=False, TMA_STORE=True),
-    "t128x128_r32_w4_s2_nostore": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=2,
-                                       PERSISTENT=False, TMA_STORE=False),
-    "t128x128_r16_w4_s2_pers": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, num_warps=4, num_stages=2,
-                                    PERSISTENT=True, TMA_STORE=True),
-}
+
+def _variant(tile_k, tile_n, rows, warps, stages, persistent=False, tma_store=True):
+    """(name, config) of one variant: a tile_k x tile_n output tile, `rows` rows a step."""
+    name = f"t{tile_k}x{tile_n}_r{rows}_w{warps}_s{stages}" + ("_pers" if persistent else "")
+    name += "" if tma_store else "_nostore"
+    return name, dict(BLOCK_M=tile_k, BLOCK_N=tile_n, BLOCK_K=rows, num_warps=warps, num_stages=stages,
+                      PERSISTENT=persistent, TMA_STORE=tma_store)
+
+
+# The default, then smaller tiles, fewer stages, one program per tile, 16- and 32-row steps.
+CONFIGS_TRIED = {"default": None, **dict(_variant(*v[:5], **v[5]) for v in [
+    (128, 256, 64, 8, 3, dict(persistent=True)),
+    (128, 128, 32, 4, 2, {}),
+    (128, 128, 16, 4, 2, {}),
+    (128, 128, 16, 4, 1, {}),
+    (64, 128, 16, 4, 2, {}),
+    (128, 256, 16, 8, 2, {}),
+    (128, 128, 32, 4, 2, dict(tma_store=False)),
+    (128, 128, 16, 4, 2, dict(persistent=True)),
+])}
 
 
 def main():

@@ -124,12 +124,8 @@ def softmax_topk(logits_TE: torch.Tensor, topk: int, renormalize: bool):
 # The most experts, and the most rows of one tile, of the one-program routing.
 ROUTE_MAX_EXPERTS = 1024
 ROUTE_TILE = 4096
-# The most selection work (padded tokens x padded experts x K) it takes is the caller's
-# (`megablocks.policy.KernelPolicy.route_max_work`, 16384 by default). One program is slow past a
-# few tiles: measured on the H100 (bench_fused_moe --profile, qwen3moe E = 128, K = 8) 23.7 µs at
-# T = 64 (65536) and 90 µs at T = 256, against 6 µs for softmax_topk and the one-program sort of
-# small_routing_maps at T = 64 (17 µs at T = 256); mixtral (E = 8, K = 2) 6.1 µs at T = 64 (8192).
-# Below that bound the one launch it saves is worth more (host time) than its GPU time.
+# The most selection work it takes is the caller's (`route_fits`' max_work:
+# `megablocks.policy.KernelPolicy.route_max_work`, where its measurement is).
 
 
 # logits chunk -> (rank_TE: the k of each selected (t, e), else -1; weight_TE: its fp32 weight).

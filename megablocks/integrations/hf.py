@@ -39,9 +39,9 @@ from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
 from megablocks.ops.activation import GELU_APPROXIMATIONS
 from megablocks.ops.gmm import gmm
-from megablocks.policy import KernelPolicy, as_policy
 from megablocks.ops.permute import gather, scatter
 from megablocks.ops.routing import routing_metadata
+from megablocks.policy import KernelPolicy, as_policy
 
 IMPLEMENTATION_NAME = "megablocks"
 

@@ -62,13 +62,6 @@ _GATING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # (mixtral T=1, 2 rows: 0.88 against 1.61 ms); so 'auto' takes the grouped path from 1 row on.
 GATHER_MAX_ROWS = 0
 
-# The routed form of the grouped path with the Triton kernels (module docstring; the policy's
-# `fused_forms`): the routing in one to three launches, the GLU in the first GEMM's epilogue, the
-# token rows read through the row map (no gather). Measured on the H100 (benchmarks/RESULTS.md,
-# "Decode inference"), as fast or faster than the unfused path at every size from T = 1 to 4096 on
-# the mixtral and qwen3moe layers (e.g. replayed from a CUDA graph, T = 64: 1.005 -> 0.974 ms and
-# 0.448 -> 0.434 ms). Off: the general path. Tested both ways.
-
 
 def softmax_topk_reference(
     gating_output: torch.Tensor, topk: int, renormalize: bool

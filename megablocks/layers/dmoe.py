@@ -113,7 +113,8 @@ class ParallelDroplessMLP(moe.ParallelMLP):
         activation the fused kernels implement, the Triton kernels in use for x, T > 0, and no
         gradient to record."""
         experts = self.mlp
-        if not (self.args.kernel_policy.inference_form and isinstance(experts, mlp.SparseMLP) and experts._v1() is not None):
+        if not (self.args.kernel_policy.inference_form and isinstance(experts, mlp.SparseMLP)
+                and experts._v1() is not None):
             return None
         if x_TH.shape[0] == 0 or mlp._gmm_backend(self.args) not in (None, "triton") or not use_triton(x_TH):
             return None
