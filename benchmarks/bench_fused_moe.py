@@ -214,12 +214,12 @@ def sweep_tiles(args):
         _, h, f, e, k = CONFIGS[name]
         for t in args.tokens:
             x, w1, w2, gating = make(t, h, f, e, torch.bfloat16, "cuda")
-            _, counts, _, token_of_row = softmax_topk_route(gating, k, True)
+            _, counts, _, row_assignment = softmax_topk_route(gating, k, True)
             hit = int((counts > 0).sum())
             a_NF = torch.randn(t * k, f, dtype=x.dtype, device=x.device)
             gemms = {
-                "glu": (lambda cfg: triton_gmm(x, w1, counts, trans_b=True, a_rows=token_of_row, glu="silu",
-                                               config=cfg), w1),
+                "glu": (lambda cfg: triton_gmm(x, w1, counts, trans_b=True, a_rows=row_assignment, rows_top_k=k,
+                                               glu="silu", config=cfg), w1),
                 "down": (lambda cfg: triton_gmm(a_NF, w2, counts, trans_b=True, config=cfg), w2),
             }
             for gemm, (fn, w) in gemms.items():

@@ -11,8 +11,9 @@ The rows of `a` are split into E consecutive groups of `batch_sizes[e]` rows eac
 The last ("variable-K") form is the weight gradient of the first two.
 
 Row maps (the 'triton' backend, `triton_gmm(..., a_rows=, b_rows=)`): logical row i of `a` (or,
-in the variable-K form, of `b`) is physical row `rows[i]` of a `[T, K]` (`[T, N]`) tensor, so
-that rows gathered into expert order are read in place instead of being copied first. M is then
+in the variable-K form, of `b`) is physical row `rows[i] // rows_top_k` of a `[T, K]` (`[T, N]`)
+tensor, so that rows gathered into expert order are read in place instead of being copied first
+(a map of routed assignments, `rows_top_k` = top_k: the row of their token). M is then
 the length of the map. Such an operand is read by masked pointer loads (TMA cannot gather rows);
 the other keeps its TMA path. A map on `b` runs as one on `a` of the transposed product, whose
 tiles are stored transposed. Map entries are clamped to at most T - 1, and a negative entry
@@ -72,10 +73,12 @@ def _group_table(sizes_ptr, E, M, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
-def _mapped_rows(rows_ptr, offs, valid, T):
-    """The physical rows of logical rows `offs` (where `valid`) through the map `rows_ptr`,
-    clamped to at most T - 1, and whether each is a real row (entry >= 0, T > 0)."""
+def _mapped_rows(rows_ptr, offs, valid, T, rows_top_k):
+    """The physical rows of logical rows `offs` (where `valid`) through the map `rows_ptr`
+    (entry // rows_top_k), clamped to at most T - 1, and whether each is a real row (entry >= 0,
+    T > 0)."""
     src = tl.load(rows_ptr + offs, mask=valid, other=-1)
+    src = tl.where(src >= 0, src // rows_top_k, -1)
     src = tl.minimum(src, T - 1)
     return tl.maximum(src, 0), valid & (src >= 0)
 
@@ -116,7 +119,7 @@ def _b_tile(b_desc, b_ptrs, group, n0, k, offs_k, offs_n, K, N,
 @triton.jit
 def _gmm_kernel(
     a_ptr, b_ptr, bu_ptr, out_ptr, sizes_ptr, a_rows_ptr,
-    M, N, K, E, T, num_programs,
+    M, N, K, E, T, rows_top_k, num_programs,
     stride_am, stride_be, stride_bk, stride_bn, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
@@ -170,7 +173,7 @@ def _gmm_kernel(
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         if GATHER_A:
-            src_m, a_row_ok = _mapped_rows(a_rows_ptr, offs_m, offs_m < row_end, T)
+            src_m, a_row_ok = _mapped_rows(a_rows_ptr, offs_m, offs_m < row_end, T, rows_top_k)
             a_ptrs = a_ptr + src_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
         elif not USE_TMA:
             a_row_ok = offs_m < row_end
@@ -242,7 +245,7 @@ def _gmm_kernel(
 @triton.jit
 def _gmm_var_k_kernel(
     a_ptr, b_ptr, out_ptr, sizes_ptr, a_rows_ptr,
-    M, K, N, E, T, num_programs,
+    M, K, N, E, T, rows_top_k, num_programs,
     stride_am, stride_bm, stride_oe, stride_o1,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
@@ -289,7 +292,7 @@ def _gmm_var_k_kernel(
                 a_ptrs = a_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_am + offs_k[None, :]
             b_ptrs = b_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_bm + offs_n[None, :]
         if GATHER_A:
-            next_src, next_ok = _mapped_rows(a_rows_ptr, row0 + offs_r, offs_r < rows, T)
+            next_src, next_ok = _mapped_rows(a_rows_ptr, row0 + offs_r, offs_r < rows, T, rows_top_k)
 
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for r in range(0, rows, BLOCK_R):
@@ -297,7 +300,7 @@ def _gmm_var_k_kernel(
             if GATHER_A:
                 src, src_ok = next_src, next_ok
                 next_src, next_ok = _mapped_rows(
-                    a_rows_ptr, row0 + r + BLOCK_R + offs_r, offs_r < rows - r - BLOCK_R, T
+                    a_rows_ptr, row0 + r + BLOCK_R + offs_r, offs_r < rows - r - BLOCK_R, T, rows_top_k
                 )
                 a = tl.load(
                     a_ptr + src.to(tl.int64)[:, None] * stride_am + offs_k[None, :],
@@ -440,6 +443,7 @@ def triton_gmm(
     accumulate_into: Optional[torch.Tensor] = None,
     a_rows: Optional[torch.Tensor] = None,
     b_rows: Optional[torch.Tensor] = None,
+    rows_top_k: int = 1,
     glu: Optional[str] = None,
     b_up: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
@@ -453,7 +457,9 @@ def triton_gmm(
     given `a` (`[T, K]`, any T); the result has M rows (forward forms) or sums over M rows
     (variable-K form). `b_rows`, the variable-K form only and not with `a_rows`: the same for `b`
     (`[T, N]`), whose M logical rows are then those of `a`. Entries are clamped to at most T - 1;
-    negative ones (and any with T = 0) read as rows of zeros. Sizes are validated by the caller.
+    negative ones (and any with T = 0) read as rows of zeros. With `rows_top_k` > 1 the map's
+    entries are routed assignments (token · top_k + choice, `RowMaps.row_assignment`) and the
+    physical row is `entry // rows_top_k`. Sizes are validated by the caller.
     `glu` (forward forms only, an activation of `megablocks.backend.activation.ACTIVATIONS`): `b`
     holds 2N columns, the gate's then the up projection's, and the result is the `[M, N]`
     `act(a @ b[:, :N]) * (a @ b[:, N:])` of each group, in fp32 from the accumulators. With
@@ -477,6 +483,8 @@ def triton_gmm(
                 f"{name}: expected a 1-D int32 tensor on {a.device}, got {rows.dtype} "
                 f"{tuple(rows.shape)} on {rows.device}"
             )
+    if not isinstance(rows_top_k, int) or rows_top_k < 1:
+        raise ValueError(f"rows_top_k: expected an int >= 1, got {rows_top_k!r}")
     trans_out = b_rows is not None
     if trans_out:
         # a^T @ b[map] = (b[map]^T @ a)^T: the kernel reads the mapped operand as its `a` and
@@ -518,7 +526,7 @@ def triton_gmm(
         num_programs = _num_programs(a, num_tiles, cfg)
         _gmm_var_k_kernel[(num_programs,)](
             a, b, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
-            M, K, N, E, T, num_programs,
+            M, K, N, E, T, rows_top_k, num_programs,
             a.stride(0), b.stride(0), out.stride(0), out.stride(1),
             BLOCK_K=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"],
             USE_TMA=use_tma, TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out),
@@ -552,7 +560,7 @@ def triton_gmm(
     num_programs = _num_programs(a, num_tiles, cfg)
     _gmm_kernel[(num_programs,)](
         a, b_ekn, b_ekn if bu_ekn is None else bu_ekn, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
-        M, N, K, E, T, num_programs,
+        M, N, K, E, T, rows_top_k, num_programs,
         a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         USE_TMA=use_tma, B_K_MAJOR=b_k_major,

@@ -96,7 +96,7 @@ def histogram(x_MN: torch.Tensor, max_val: int, *, local=None) -> torch.Tensor:
 # host-side cost dominates at decode sizes). The whole block of N ids lives in one program.
 # With MAPS it also writes the plain layout's row maps for K ids per token:
 #   assignment_row_N[indices_N[r]] = r                the row of each assignment (the inverse)
-#   token_of_row_N[r] = indices_N[r] // K             the token of each row
+#   row_assignment_N[r] = indices_N[r]                the assignment of each row (token // K)
 
 SMALL_ROUTING_MAX_ROWS = 4096
 SMALL_ROUTING_MAX_EXPERTS = 1022  # E + 2 keys fit 1024 histogram bins
@@ -106,8 +106,8 @@ _ID_BITS = 12  # log2(SMALL_ROUTING_MAX_ROWS)
 @triton.jit
 def _small_routing_kernel(
     x_ptr, indices_ptr, bin_ids_ptr, counts_ptr, bins_ptr, padded_bins_ptr,
-    assignment_row_ptr, token_of_row_ptr,
-    num_ids, num_experts, block_size, top_k,
+    assignment_row_ptr, row_assignment_ptr,
+    num_ids, num_experts, block_size,
     BLOCK_N: tl.constexpr, NUM_BINS: tl.constexpr, ID_BITS: tl.constexpr, MAPS: tl.constexpr,
 ):
     n = tl.arange(0, BLOCK_N)
@@ -123,7 +123,7 @@ def _small_routing_kernel(
     if MAPS:
         assignment = packed & ((1 << ID_BITS) - 1)
         tl.store(assignment_row_ptr + assignment, n, mask=present)
-        tl.store(token_of_row_ptr + n, assignment // top_k, mask=present)
+        tl.store(row_assignment_ptr + n, assignment, mask=present)
 
     counts = tl.histogram(key, NUM_BINS)  # bins num_experts, num_experts + 1 are never stored
     e = tl.arange(0, NUM_BINS)
@@ -146,23 +146,23 @@ def small_routing(x_N: torch.Tensor, num_experts: int, block_size: int):
         for t in out_e:
             t.zero_()
         return (*out_n, *out_e)
-    _launch_small_routing(x_N, out_n, out_e, num_experts, block_size, None, 1)
+    _launch_small_routing(x_N, out_n, out_e, num_experts, block_size, None)
     return (*out_n, *out_e)
 
 
-def _launch_small_routing(x_N, out_n, out_e, num_experts, block_size, maps, top_k):
+def _launch_small_routing(x_N, out_n, out_e, num_experts, block_size, maps):
     _small_routing_kernel[(1,)](
-        x_N, *out_n, *out_e, *(maps if maps is not None else out_n), x_N.numel(), num_experts, block_size, top_k,
+        x_N, *out_n, *out_e, *(maps if maps is not None else out_n), x_N.numel(), num_experts, block_size,
         BLOCK_N=max(16, next_power_of_2(x_N.numel())),
         NUM_BINS=max(16, next_power_of_2(num_experts + 2)),
         ID_BITS=_ID_BITS, MAPS=maps is not None, num_warps=4 if x_N.numel() <= 1024 else 8,
     )
 
 
-def small_routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
-    """`(tokens_per_expert_E, assignment_row_N, token_of_row_N)`, int32, in one launch: the
-    expert counts of the ids and the plain layout's row maps (see above) for `top_k` ids per token
-    (`x_N` = the flattened `[T, top_k]` ids, N <= 4096, E <= 1022). Rows in expert order, an
+def small_routing_maps(x_N: torch.Tensor, num_experts: int):
+    """`(tokens_per_expert_E, assignment_row_N, row_assignment_N)`, int32, in one launch: the
+    expert counts of the ids and the plain layout's row maps (see above; `x_N` the flattened
+    `[T, top_k]` ids, N <= 4096, E <= 1022). Rows in expert order, an
     expert's rows in assignment order; ids outside [0, E) take the rows after all experts'
     (counted by no expert). Validation is the caller's."""
     x_N = x_N.contiguous()
@@ -173,7 +173,7 @@ def small_routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
     out_n, out_e = list(views[:4]), list(views[4:])
     if n == 0:
         return out_e[0].zero_(), out_n[2], out_n[3]
-    _launch_small_routing(x_N, out_n[:2], out_e, num_experts, 1, out_n[2:], top_k)
+    _launch_small_routing(x_N, out_n[:2], out_e, num_experts, 1, out_n[2:])
     return out_e[0], out_n[2], out_n[3]
 
 
@@ -182,7 +182,7 @@ def small_routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
 #
 #   key_N              = x_N where 0 <= x_N < E, else E     one kernel, in the narrowest key dtype
 #   keys, order_N      = stable sort of key_N               torch.sort (a radix sort on CUDA)
-#   assignment_row_N[order[r]] = r,  token_of_row_N[r] = order[r] // K
+#   assignment_row_N[order[r]] = r,  row_assignment_N[r] = order[r]
 #   counts_E[e]        = lower_bound(keys, e + 1) - lower_bound(keys, e)   a binary search per expert
 #
 # The last line and the maps are one launch: its first programs write the maps, the rest count.
@@ -230,8 +230,8 @@ def _lower_bound(keys_ptr, target, num_ids, SEARCH_STEPS: tl.constexpr):
 
 @triton.jit
 def _sorted_maps_kernel(
-    keys_ptr, order_ptr, counts_ptr, assignment_row_ptr, token_of_row_ptr,
-    num_ids, num_experts, top_k, map_programs,
+    keys_ptr, order_ptr, counts_ptr, assignment_row_ptr, row_assignment_ptr,
+    num_ids, num_experts, map_programs,
     BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, SEARCH_STEPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -240,7 +240,7 @@ def _sorted_maps_kernel(
         present = r < num_ids
         assignment = tl.load(order_ptr + r, mask=present, other=0).to(tl.int32)
         tl.store(assignment_row_ptr + assignment, r, mask=present)
-        tl.store(token_of_row_ptr + r, assignment // top_k, mask=present)
+        tl.store(row_assignment_ptr + r, assignment, mask=present)
     else:
         e = (pid - map_programs) * BLOCK_E + tl.arange(0, BLOCK_E)
         first = _lower_bound(keys_ptr, e, num_ids, SEARCH_STEPS)
@@ -248,32 +248,32 @@ def _sorted_maps_kernel(
         tl.store(counts_ptr + e, past - first, mask=e < num_experts)
 
 
-def sorted_routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
-    """`(tokens_per_expert_E, assignment_row_N, token_of_row_N)`, int32: what `small_routing_maps`
+def sorted_routing_maps(x_N: torch.Tensor, num_experts: int):
+    """`(tokens_per_expert_E, assignment_row_N, row_assignment_N)`, int32: what `small_routing_maps`
     computes (the same values), for any N and E, in three launches (see above): a key kernel,
     `torch.sort` and one kernel for the maps and counts. Validation is the caller's."""
     x_N = x_N.contiguous()
     n = x_N.numel()
     buf = torch.empty(2 * n + num_experts, dtype=torch.int32, device=x_N.device)
-    counts_E, assignment_row_N, token_of_row_N = buf.split([num_experts, n, n])
+    counts_E, assignment_row_N, row_assignment_N = buf.split([num_experts, n, n])
     if n == 0:
-        return counts_E.zero_(), assignment_row_N, token_of_row_N
+        return counts_E.zero_(), assignment_row_N, row_assignment_N
     keys_N = torch.empty(n, dtype=sort_key_dtype(num_experts.bit_length()), device=x_N.device)  # keys <= E
     map_programs = cdiv(n, _MAPS_BLOCK)
     _routing_keys_kernel[(map_programs,)](x_N, keys_N, n, num_experts, BLOCK=_MAPS_BLOCK, num_warps=4)
     keys_N, order_N = torch.sort(keys_N, stable=True)
     _sorted_maps_kernel[(map_programs + cdiv(num_experts, _COUNTS_BLOCK),)](
-        keys_N, order_N, counts_E, assignment_row_N, token_of_row_N, n, num_experts, top_k, map_programs,
+        keys_N, order_N, counts_E, assignment_row_N, row_assignment_N, n, num_experts, map_programs,
         BLOCK=_MAPS_BLOCK, BLOCK_E=_COUNTS_BLOCK, SEARCH_STEPS=(n + 1).bit_length(), num_warps=4,
     )
-    return counts_E, assignment_row_N, token_of_row_N
+    return counts_E, assignment_row_N, row_assignment_N
 
 
-def routing_maps(x_N: torch.Tensor, num_experts: int, top_k: int):
-    """`(tokens_per_expert_E, assignment_row_N, token_of_row_N)`, int32, of the ids `x_N` (the
+def routing_maps(x_N: torch.Tensor, num_experts: int):
+    """`(tokens_per_expert_E, assignment_row_N, row_assignment_N)`, int32, of the ids `x_N` (the
     flattened `[T, top_k]`): one program (`small_routing_maps`) where N <= 4096 and E <= 1022,
     else `sorted_routing_maps`. Rows in expert order, an expert's rows in assignment order; ids
     outside [0, E) take the rows after all experts' (counted by none). Validation is the caller's."""
     if x_N.numel() <= SMALL_ROUTING_MAX_ROWS and num_experts <= SMALL_ROUTING_MAX_EXPERTS:
-        return small_routing_maps(x_N, num_experts, top_k)
-    return sorted_routing_maps(x_N, num_experts, top_k)
+        return small_routing_maps(x_N, num_experts)
+    return sorted_routing_maps(x_N, num_experts)

@@ -113,7 +113,7 @@ def softmax_topk(logits_TE: torch.Tensor, topk: int, renormalize: bool):
 #   row(t, e)         = Σ_{e' < e} counts[e'] + #{t' < t : e in ids[t']}
 #                                                                its row in expert order (token
 #                                                                order within an expert: stable)
-#   row_of_assignment_N[t·K + k] = row(t, ids[t, k]),  token_of_row_N[row(t, e)] = t
+#   row_of_assignment_N[t·K + k] = row(t, ids[t, k]),  row_assignment_N[row(t, ids[t, k])] = t·K + k
 #
 # No sort: an expert's rows are a prefix count over the token axis of the [T, E] selection mask.
 # Two passes over the rows: the first counts (the row offsets need every count), the second
@@ -157,12 +157,12 @@ def _select_tile(logits_ptr, t, offs_e, T, E, K, stride_t, stride_e, RENORMALIZE
 
 
 # logits_TE: any float dtype, strides (stride_t, stride_e). Out (contiguous): weights_TK fp32,
-# counts_E, row_of_assignment_N, token_of_row_N int32. One program. K is never specialized: Triton
+# counts_E, row_of_assignment_N, row_assignment_N int32. One program. K is never specialized: Triton
 # 3.6 fails to compile the kernel with K = 1 as a constant ("operand does not dominate this use"
 # in TritonGPURemoveLayoutConversions, on sm_90).
 @triton.jit(do_not_specialize=["K"])
 def _softmax_topk_route_kernel(
-    logits_ptr, weights_ptr, counts_ptr, row_of_assignment_ptr, token_of_row_ptr,
+    logits_ptr, weights_ptr, counts_ptr, row_of_assignment_ptr, row_assignment_ptr,
     T, E, K, stride_t, stride_e,
     RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
@@ -184,7 +184,7 @@ def _softmax_topk_route_kernel(
         a = t[:, None] * K + rank
         tl.store(weights_ptr + a, w, mask=sel)
         tl.store(row_of_assignment_ptr + a, row, mask=sel)
-        tl.store(token_of_row_ptr + row, tl.broadcast_to(t[:, None], row.shape), mask=sel)
+        tl.store(row_assignment_ptr + row, a, mask=sel)
         next_row += tl.sum(taken, axis=0)
 
 
@@ -205,11 +205,11 @@ def route_fits(num_tokens: int, num_experts: int, topk: int, max_work: int) -> b
 
 
 def softmax_topk_route(logits_TE: torch.Tensor, topk: int, renormalize: bool):
-    """`(weights_TK fp32, tokens_per_expert_E, row_of_assignment_N, token_of_row_N)` (int32) in
+    """`(weights_TK fp32, tokens_per_expert_E, row_of_assignment_N, row_assignment_N)` (int32) in
     one launch: the top-k of `softmax_topk` (same guarantees, ties and NaN rows included) and the
     maps of its routing in expert order, rows of an expert in token order (see above).
     `row_of_assignment[t·K + k]` is the expert-order row of token t's k-th choice,
-    `token_of_row[r]` the token of row r. No validation beyond what the launch needs (the caller
+    `row_assignment[r]` the assignment of row r (its token: `// topk`). No validation beyond what the launch needs (the caller
     checks its inputs); E <= ROUTE_MAX_EXPERTS, N <= ROUTE_TILE and 1 <= topk <= E (`route_fits`
     says where it is also the faster routing)."""
     t, e = logits_TE.shape

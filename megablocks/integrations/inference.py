@@ -6,7 +6,7 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
         weights, counts, maps = softmax_topk_route(gating_TE)      top-k, tokens per expert and the
                                                                    row maps, one program (where
                                                                    `route_fits`; else the top-k
-                                                                   kernel, then `routing_maps`:
+                                                                   kernel, then `row_maps`:    
                                                                    one program that sorts up to
                                                                    4096 rows and 1022 experts,
                                                                    else a key kernel, torch.sort
@@ -40,13 +40,12 @@ from megablocks import _checks
 from megablocks.backend import topk as topk_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.activation import ACTIVATIONS as GLU_ACTIVATIONS
-from megablocks.backend.routing import routing_maps
 from megablocks.ops._eager import custom_op
 from megablocks.ops.activation import ACTIVATION_FUNCTIONS, glu
 from megablocks.ops.experts import routed_glu_experts
 from megablocks.ops.gmm import gmm
 from megablocks.ops.permute import gather_routed, route, scatter_routed
-from megablocks.ops.routing import routing_metadata
+from megablocks.ops.routing import RowMaps, row_maps, routing_metadata
 from megablocks.policy import KernelPolicy, as_policy
 
 # fused_moe's activations: the one table's (`megablocks.ops.activation.ACTIVATION_FUNCTIONS`).
@@ -138,15 +137,16 @@ def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
     t, e = gating_output.shape
     gather = dict(gather_min_ffn=gather_min_ffn, gather_min_rows_per_expert=gather_min_rows_per_expert)
     if topk_kernels.route_fits(t, e, topk, route_max_work):
-        weights_TK, counts_E, row_of_assignment_N, token_of_row_N = topk_kernels.softmax_topk_route(
+        weights_TK, counts_E, assignment_row_N, row_assignment_N = topk_kernels.softmax_topk_route(
             gating_output, topk, renormalize
         )
     else:
         weights_TK, ids_TK = topk_kernels.softmax_topk(gating_output, topk, renormalize)
         return _experts_from_ids_impl(hidden_states, w1, w2, ids_TK, weights_TK, activation, True, gather_min_ffn,
                                       gather_min_rows_per_expert)
-    return routed_glu_experts(hidden_states, w1, None, w2, counts_E, token_of_row_N, row_of_assignment_N,
-                              weights_TK.view(-1), topk, activation, up_trans_b=True, down_trans_b=True, **gather)
+    maps = RowMaps(assignment_row_N, row_assignment_N, topk)
+    return routed_glu_experts(hidden_states, w1, None, w2, counts_E, maps, weights_TK.view(-1), activation,
+                              up_trans_b=True, down_trans_b=True, **gather)
 
 
 @custom_op("fused_moe_routed")
@@ -167,13 +167,12 @@ def _experts_from_ids_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: to
                            weights_TK: torch.Tensor, activation: str, trans_b: bool, gather_min_ffn: int,
                            gather_min_rows_per_expert: int) -> torch.Tensor:
     """The routed form on a routing given as ids and weights (transformers' experts): the routing
-    (`routing_maps`), the GLU-epilogue grouped GEMM through the row map, the down GEMM, the
+    (`row_maps`), the GLU-epilogue grouped GEMM through the row map, the down GEMM, the
     scatter."""
-    topk = ids_TK.shape[1]
-    counts_E, assignment_row_N, token_of_row_N = routing_maps(ids_TK.reshape(-1), w1.shape[0], topk)
-    return routed_glu_experts(hidden_states, w1, None, w2, counts_E, token_of_row_N, assignment_row_N,
-                              weights_TK.reshape(-1), topk, activation, up_trans_b=trans_b, down_trans_b=trans_b,
-                              gather_min_ffn=gather_min_ffn, gather_min_rows_per_expert=gather_min_rows_per_expert)
+    counts_E, maps = row_maps(ids_TK, w1.shape[0])
+    return routed_glu_experts(hidden_states, w1, None, w2, counts_E, maps, weights_TK.reshape(-1), activation,
+                              up_trans_b=trans_b, down_trans_b=trans_b, gather_min_ffn=gather_min_ffn,
+                              gather_min_rows_per_expert=gather_min_rows_per_expert)
 
 
 @custom_op("experts_from_ids")

@@ -21,7 +21,7 @@ implementation and backward. The `EagerOp` keeps the function, fake and autograd
 (no torch internals are read back from the custom op), and the name is bound once.
 """
 
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, List, Optional
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
@@ -39,6 +39,7 @@ class EagerOp:
         self._name = name
         self._impl = impl
         self._function: Optional[type] = None
+        self._list_output = getattr(impl, "__annotations__", {}).get("return") == List[torch.Tensor]
 
     def register_fake(self, fake: Callable) -> Callable:
         """Registers the op's fake (meta) implementation; usable as a decorator."""
@@ -57,12 +58,18 @@ class EagerOp:
         def forward(ctx, *args):
             output = impl(*args)
             setup_context(ctx, args, output)
-            return output
+            # A Function returns tensors or a tuple: a list output travels as a tuple, and its
+            # gradients reach the backward as one list, as the custom op passes them.
+            ctx.list_output = isinstance(output, list)
+            return tuple(output) if ctx.list_output else output
+
+        def function_backward(ctx, *grads):
+            return backward(ctx, list(grads)) if ctx.list_output else backward(ctx, *grads)
 
         self._function = type(
             f"{self._name}_function",
             (torch.autograd.Function,),
-            {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+            {"forward": staticmethod(forward), "backward": staticmethod(function_backward)},
         )
 
     def __call__(self, *args, **kwargs):
@@ -71,7 +78,8 @@ class EagerOp:
         if self._function is not None and torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in args
         ):
-            return self._function.apply(*args)
+            output = self._function.apply(*args)
+            return list(output) if isinstance(output, tuple) and self._list_output else output
         return self._impl(*args)
 
 

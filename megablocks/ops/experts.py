@@ -22,9 +22,9 @@ from typing import Optional, Tuple
 import torch
 
 from megablocks.backend.gmm import triton_gmm
-from megablocks.backend.permute import scatter_rows
-from megablocks.backend.routing import routing_maps
+from megablocks.backend.permute import gather_rows, scatter_rows
 from megablocks.ops._eager import custom_op
+from megablocks.ops.routing import RowMaps, row_maps
 from megablocks.policy import KernelPolicy
 
 
@@ -41,33 +41,33 @@ from megablocks.policy import KernelPolicy
 
 
 def routed_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: Optional[torch.Tensor], w2: torch.Tensor,
-                       counts_E: torch.Tensor, token_of_row_N: torch.Tensor, assignment_row_N: torch.Tensor,
-                       weights_N: torch.Tensor, topk: int, activation: str, up_trans_b: bool,
-                       down_trans_b: bool, *, gather_min_ffn: int,
+                       counts_E: torch.Tensor, maps: RowMaps, weights_N: torch.Tensor, activation: str,
+                       up_trans_b: bool, down_trans_b: bool, *, gather_min_ffn: int,
                        gather_min_rows_per_expert: int) -> torch.Tensor:
     """The experts after their routing: the GLU-epilogue grouped GEMM reading the token rows
-    through `token_of_row_N` (experts wider than `gather_min_ffn` with at least
-    `gather_min_rows_per_expert` rows each: a gathered copy of them), the down GEMM, the weighted
-    scatter (three or four launches). `v1` None: `w1` holds the gate's columns then the up
-    projection's (`triton_gmm(..., glu=)`)."""
+    through `maps` (experts wider than `gather_min_ffn` with at least `gather_min_rows_per_expert`
+    rows each: a gathered copy of them), the down GEMM, the weighted scatter (three or four
+    launches). `v1` None: `w1` holds the gate's columns then the up projection's
+    (`triton_gmm(..., glu=)`)."""
     ffn = w2.shape[2] if down_trans_b else w2.shape[1]
-    if ffn > gather_min_ffn and token_of_row_N.numel() >= gather_min_rows_per_expert * counts_E.numel():
-        a_NF = triton_gmm(x_TH.index_select(0, token_of_row_N), w1, counts_E, trans_b=up_trans_b, glu=activation,
-                          b_up=v1)
+    rows = maps.row_assignment
+    if ffn > gather_min_ffn and rows.numel() >= gather_min_rows_per_expert * counts_E.numel():
+        x_NH = gather_rows(x_TH, maps.assignment_row, rows, None, maps.top_k)
+        a_NF = triton_gmm(x_NH, w1, counts_E, trans_b=up_trans_b, glu=activation, b_up=v1)
     else:
-        a_NF = triton_gmm(x_TH, w1, counts_E, trans_b=up_trans_b, a_rows=token_of_row_N, glu=activation, b_up=v1)
+        a_NF = triton_gmm(x_TH, w1, counts_E, trans_b=up_trans_b, a_rows=rows, rows_top_k=maps.top_k,
+                          glu=activation, b_up=v1)
     y_NH = triton_gmm(a_NF, w2, counts_E, trans_b=down_trans_b)
-    return scatter_rows(y_NH, assignment_row_N, weights_N, topk)
+    return scatter_rows(y_NH, maps.assignment_row, weights_N, maps.top_k)
 
 
 def _glu_experts_impl(x_TH: torch.Tensor, w1_EFH: torch.Tensor, v1_EFH: torch.Tensor, w2_EFH: torch.Tensor,
                       ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str, gather_min_ffn: int,
                       gather_min_rows_per_expert: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    topk = ids_TK.shape[1]
-    counts_E, assignment_row_N, token_of_row_N = routing_maps(ids_TK.reshape(-1), w1_EFH.shape[0], topk)
-    out_TH = routed_glu_experts(x_TH, w1_EFH, v1_EFH, w2_EFH, counts_E, token_of_row_N, assignment_row_N,
-                                weights_TK.reshape(-1), topk, activation, up_trans_b=True, down_trans_b=False,
-                                gather_min_ffn=gather_min_ffn, gather_min_rows_per_expert=gather_min_rows_per_expert)
+    counts_E, maps = row_maps(ids_TK, w1_EFH.shape[0])
+    out_TH = routed_glu_experts(x_TH, w1_EFH, v1_EFH, w2_EFH, counts_E, maps, weights_TK.reshape(-1), activation,
+                                up_trans_b=True, down_trans_b=False, gather_min_ffn=gather_min_ffn,
+                                gather_min_rows_per_expert=gather_min_rows_per_expert)
     return out_TH, counts_E
 
 

@@ -11,7 +11,7 @@ Gradients: d_a = gmm(d_out, b, trans_b=not trans_b); d_b is the variable-K produ
 (`trans_a=True`: per group a^T @ d_out, or d_out^T @ a with trans_b), summed over each group's rows.
 
 Products of gathered token rows (legend: T tokens, H = K, N routed rows, `maps` a `RowMaps` of
-`megablocks.ops.permute.route`):
+`megablocks.ops.route`):
 
     gmm_gathered(x_TH, b, batch_sizes, maps)                  == gmm(gather_routed(x_TH, maps), b, ...)
     gmm_shared_input_gathered(x_TH, b1, b2, batch_sizes, maps) == gmm_shared_input(gather_routed(...), ...)
@@ -21,9 +21,13 @@ weight gradient, so the gathered `[N, H]` rows are neither written nor kept for 
 gradient of x is `gather_routed`'s: the gradient of the gathered rows (a grouped GEMM), summed
 over each token's top_k rows in fp32, k in order (deterministic). The other backends gather
 explicitly and call the plain products (same results).
+
+All four public functions are one op, `torch.ops.megablocks.gmm` (optional token-row maps,
+optional second weight for the GLU pair), with one backward; the products the forward and the
+backward run are one more op without autograd, `torch.ops.megablocks.gmm_product` (see below).
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -33,7 +37,8 @@ from megablocks.backend import gmm as gmm_backend
 from megablocks.backend import permute as permute_kernels
 from megablocks.backend import use_triton
 from megablocks.ops._eager import custom_op
-from megablocks.ops.permute import RowMaps, _check_rows, _scatter_rows, gather_rows_reference
+from megablocks.ops.permute import _check_rows, _scatter_rows, gather_rows_reference
+from megablocks.ops.routing import RowMaps
 
 
 def gmm_reference(
@@ -60,120 +65,166 @@ def gmm_reference(
     return out.to(a.dtype)
 
 
-def _gmm_impl(a, b, batch_sizes, trans_a: bool, trans_b: bool, backend_name: str) -> torch.Tensor:
+# --------------------------------------------------------------------------------------------
+# One grouped-GEMM op with one backward, over one product op without autograd.
+#
+#   _grouped_mm(a, b, b2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend)
+#       -> [a' @ b] or [a' @ b, a' @ b2]       (b^T with trans_b), a' = a, or with row maps the
+#                                              token rows a[row_assignment // top_k] (zeros at -1)
+#   _product(...)   every form the forward and the backward take (see `_product_impl`)
+#
+# The backward: the rows' gradient g1 @ b^T (+ g2 @ b2^T in the same accumulating pass), summed
+# over each token's top_k rows with maps (`gather_routed`'s backward); each weight's gradient the
+# variable-K product of its input rows (read through the maps in the kernel) and its output's
+# gradient, computed in the weight's own layout.
+
+
+def _explicit_rows(x, row_assignment, assignment_row, top_k: int) -> torch.Tensor:
+    """x's rows through the maps, copied (`gather_routed`'s forward, no autograd): for the
+    backends without an in-kernel row map."""
+    if use_triton(x):
+        return permute_kernels.gather_rows(x, assignment_row, row_assignment, None, top_k)
+    return gather_rows_reference(x, row_assignment, None, top_k)
+
+
+def _in_kernel_map(x: torch.Tensor, backend_name: str) -> bool:
+    return backend_name == "triton" and use_triton(x)
+
+
+def _plain_product(a, b, batch_sizes, trans_a: bool, trans_b: bool, backend_name: str) -> torch.Tensor:
     if backend_name == "triton" and not use_triton(a):
         return gmm_reference(a, b, batch_sizes, trans_a, trans_b)
     return gmm_backend.run_gmm(a, b, batch_sizes, trans_a, trans_b, backend_name)
 
 
-@custom_op("gmm")
-def _gmm(
-    a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_a: bool, trans_b: bool, backend_name: str
+def _product_impl(a, b, batch_sizes, a2, b2, row_assignment, assignment_row, top_k: int, rows_of_b: bool,
+                  trans_a: bool, trans_b: bool, backend_name: str) -> torch.Tensor:
+    """The product forms (arguments checked by the caller):
+
+        no maps, no a2:   gmm(a, b)                       forward forms, or variable-K with trans_a
+        a2, b2:           gmm(a, b) + gmm(a2, b2)         forward forms (the second added in the
+                                                          first's epilogue with 'triton')
+        maps, forward:    gmm(a[map], b)                  a the [T, K] token rows
+        maps, trans_a:    gmm(a[map], b, trans_a)         or, with rows_of_b, gmm(a, b[map], trans_a)
+
+    where `x[map]` is `gather_routed(x, RowMaps(assignment_row, row_assignment, top_k))`, read
+    through the map inside the kernels with 'triton' (no gathered copy).
+    """
+    if row_assignment is None:
+        if a2 is None:
+            return _plain_product(a, b, batch_sizes, trans_a, trans_b, backend_name)
+        if backend_name == "triton" and not use_triton(a):
+            return (gmm_reference(a, b, batch_sizes, False, trans_b)
+                    + gmm_reference(a2, b2, batch_sizes, False, trans_b))
+        return gmm_backend.gmm_sum(a, b, a2, b2, batch_sizes, trans_b, backend_name)
+    mapped = b if rows_of_b else a
+    if not _in_kernel_map(mapped, backend_name):
+        rows = _explicit_rows(mapped, row_assignment, assignment_row, top_k)
+        a, b = (a, rows) if rows_of_b else (rows, b)
+        return _plain_product(a, b, batch_sizes, trans_a, trans_b, backend_name)
+    M = row_assignment.shape[0]
+    if trans_a:
+        E, K, N = batch_sizes.shape[0], a.shape[1], b.shape[1]
+        if M == 0 or E * K * N == 0:
+            return a.new_zeros((E, K, N))
+    else:
+        N = b.shape[1] if trans_b else b.shape[2]
+        if M * N == 0 or b.shape[0] * a.shape[1] == 0:
+            return a.new_zeros((M, N))
+    maps = dict(b_rows=row_assignment) if rows_of_b else dict(a_rows=row_assignment)
+    return gmm_backend.triton_gmm(a, b, batch_sizes, trans_a, trans_b, rows_top_k=top_k, **maps)
+
+
+@custom_op("gmm_product")
+def _product(
+    a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, a2: Optional[torch.Tensor],
+    b2: Optional[torch.Tensor], row_assignment: Optional[torch.Tensor], assignment_row: Optional[torch.Tensor],
+    top_k: int, rows_of_b: bool, trans_a: bool, trans_b: bool, backend_name: str,
 ) -> torch.Tensor:
-    return _gmm_impl(a, b, batch_sizes, trans_a, trans_b, backend_name)
+    return _product_impl(a, b, batch_sizes, a2, b2, row_assignment, assignment_row, top_k, rows_of_b,
+                         trans_a, trans_b, backend_name)
 
 
-@_gmm.register_fake
-def _(a, b, batch_sizes, trans_a, trans_b, backend_name):
+@_product.register_fake
+def _(a, b, batch_sizes, a2, b2, row_assignment, assignment_row, top_k, rows_of_b, trans_a, trans_b, backend_name):
     if trans_a:
         return a.new_empty((batch_sizes.shape[0], a.shape[1], b.shape[1]))
-    return a.new_empty((a.shape[0], b.shape[1] if trans_b else b.shape[2]))
+    rows = a.shape[0] if row_assignment is None else row_assignment.shape[0]
+    return a.new_empty((rows, b.shape[1] if trans_b else b.shape[2]))
+
+
+def _grouped_mm_impl(a, b, b2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name):
+    args = (batch_sizes, None, None, row_assignment, assignment_row, top_k, False, False, trans_b, backend_name)
+    if row_assignment is not None and b2 is not None and not _in_kernel_map(a, backend_name):
+        a = _explicit_rows(a, row_assignment, assignment_row, top_k)  # gathered once for both
+        args = (batch_sizes, None, None, None, None, 1, False, False, trans_b, backend_name)
+    outs = [_product_impl(a, b, *args)]
+    if b2 is not None:
+        outs.append(_product_impl(a, b2, *args))
+    return outs
+
+
+@custom_op("gmm")
+def _grouped_mm(
+    a: torch.Tensor, b: torch.Tensor, b2: Optional[torch.Tensor], batch_sizes: torch.Tensor,
+    row_assignment: Optional[torch.Tensor], assignment_row: Optional[torch.Tensor], top_k: int, trans_b: bool,
+    backend_name: str,
+) -> List[torch.Tensor]:
+    return _grouped_mm_impl(a, b, b2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name)
+
+
+@_grouped_mm.register_fake
+def _(a, b, b2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name):
+    rows = a.shape[0] if row_assignment is None else row_assignment.shape[0]
+    n = b.shape[1] if trans_b else b.shape[2]
+    return [a.new_empty((rows, n)) for _ in range(1 if b2 is None else 2)]
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, batch_sizes, trans_a, trans_b, backend_name = inputs
-    ctx.save_for_backward(a, b, batch_sizes)
-    ctx.trans_a, ctx.trans_b, ctx.backend_name = trans_a, trans_b, backend_name
+    a, b, b2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name = inputs
+    ctx.save_for_backward(a, b, b2, batch_sizes, row_assignment, assignment_row)
+    ctx.top_k, ctx.trans_b, ctx.backend_name = top_k, trans_b, backend_name
 
 
-def _backward(ctx, grad):
-    a, b, batch_sizes = ctx.saved_tensors
-    # A broadcast gradient (e.g. of `out.sum()`) has zero strides, which grouped_mm rejects.
-    grad = grad.contiguous()
-    name = ctx.backend_name
-    d_a = d_b = None
-    if ctx.trans_a:
-        # out[e] = a_e^T b_e: d_a_e = b_e grad[e]^T, d_b_e = a_e grad[e].
-        if ctx.needs_input_grad[0]:
-            d_a = _gmm(b, grad, batch_sizes, False, True, name)
-        if ctx.needs_input_grad[1]:
-            d_b = _gmm(a, grad, batch_sizes, False, False, name)
-    else:
-        if ctx.needs_input_grad[0]:
-            d_a = _gmm(grad, b, batch_sizes, False, not ctx.trans_b, name)
-        if ctx.needs_input_grad[1]:
-            lhs, rhs = (grad, a) if ctx.trans_b else (a, grad)
-            d_b = _gmm(lhs, rhs, batch_sizes, True, False, name)
-    return d_a, d_b, None, None, None, None
-
-
-_gmm.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --------------------------------------------------------------------------------------------
-# Two products of one input (the GLU's up projections): its gradient in one accumulating pass.
-
-
-@custom_op("gmm_sum")
-def _gmm_sum(
-    a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor,
-    trans_b: bool, backend_name: str,
-) -> torch.Tensor:
-    if backend_name == "triton" and not use_triton(a1):
-        return gmm_reference(a1, b1, batch_sizes, False, trans_b) + gmm_reference(a2, b2, batch_sizes, False, trans_b)
-    return gmm_backend.gmm_sum(a1, b1, a2, b2, batch_sizes, trans_b, backend_name)
-
-
-@_gmm_sum.register_fake
-def _(a1, b1, a2, b2, batch_sizes, trans_b, backend_name):
-    return a1.new_empty((a1.shape[0], b1.shape[1] if trans_b else b1.shape[2]))
-
-
-@custom_op("gmm_shared_input")
-def _gmm_shared_input(
-    a: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool,
-    backend_name: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return (_gmm_impl(a, b1, batch_sizes, False, trans_b, backend_name),
-            _gmm_impl(a, b2, batch_sizes, False, trans_b, backend_name))
-
-
-@_gmm_shared_input.register_fake
-def _(a, b1, b2, batch_sizes, trans_b, backend_name):
-    n = b1.shape[1] if trans_b else b1.shape[2]
-    return a.new_empty((a.shape[0], n)), a.new_empty((a.shape[0], n))
-
-
-def _shared_setup_context(ctx, inputs, output):
-    a, b1, b2, batch_sizes, trans_b, backend_name = inputs
-    ctx.save_for_backward(a, b1, b2, batch_sizes)
-    ctx.trans_b, ctx.backend_name = trans_b, backend_name
-
-
-def _both_grads(grad1, grad2):
-    """The two outputs' gradients, contiguous; an unused output's (None) as zeros."""
-    grads = [g if g is None else g.contiguous() for g in (grad1, grad2)]
-    if grads[0] is None or grads[1] is None:  # one output unused: a plain product for the other
+def _output_grads(grads, pair: bool):
+    """The outputs' gradients, contiguous (a broadcast one, e.g. of `out.sum()`, has zero strides,
+    which grouped_mm rejects); with a pair, an unused output's (None) as zeros."""
+    grads = [g if g is None else g.contiguous() for g in grads]
+    if pair and (grads[0] is None or grads[1] is None):
         present = 0 if grads[1] is None else 1
         grads[1 - present] = torch.zeros_like(grads[present])
     return grads
 
 
-def _shared_backward(ctx, grad1, grad2):
-    a, b1, b2, batch_sizes = ctx.saved_tensors
-    name, trans_b = ctx.backend_name, ctx.trans_b
-    g1, g2 = _both_grads(grad1, grad2)
-    d_a = d_b1 = d_b2 = None
+def _weight_grad(a, grad, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name):
+    """The gradient of b in `gmm(a', b, trans_b)` from the output's gradient, in b's layout:
+    per group `a'_e^T @ grad_e` ([E, K, N]) or, with trans_b, `grad_e^T @ a'_e` ([E, N, K])."""
+    lhs, rhs = (grad, a) if trans_b else (a, grad)
+    return _product(lhs, rhs, batch_sizes, None, None, row_assignment, assignment_row, top_k, trans_b, True,
+                    False, name)
+
+
+def _backward(ctx, grads):
+    a, b, b2, batch_sizes, row_assignment, assignment_row = ctx.saved_tensors
+    name, trans_b, top_k = ctx.backend_name, ctx.trans_b, ctx.top_k
+    pair = b2 is not None
+    grads = _output_grads(grads, pair)
+    d_a = d_b = d_b2 = None
     if ctx.needs_input_grad[0]:
-        d_a = _gmm_sum(g1, b1, g2, b2, batch_sizes, not trans_b, name)
+        g2, w2 = (grads[1], b2) if pair else (None, None)
+        d_rows = _product(grads[0], b, batch_sizes, g2, w2, None, None, 1, False, False, not trans_b, name)
+        if row_assignment is None:
+            d_a = d_rows
+        else:  # gather_routed's backward: each token's top_k rows summed in fp32, k in order
+            d_a = _scatter_rows(d_rows, assignment_row, row_assignment, None, top_k)
     if ctx.needs_input_grad[1]:
-        d_b1 = _gmm(*((g1, a) if trans_b else (a, g1)), batch_sizes, True, False, name)
-    if ctx.needs_input_grad[2]:
-        d_b2 = _gmm(*((g2, a) if trans_b else (a, g2)), batch_sizes, True, False, name)
-    return d_a, d_b1, d_b2, None, None, None
+        d_b = _weight_grad(a, grads[0], batch_sizes, row_assignment, assignment_row, top_k, trans_b, name)
+    if pair and ctx.needs_input_grad[2]:
+        d_b2 = _weight_grad(a, grads[1], batch_sizes, row_assignment, assignment_row, top_k, trans_b, name)
+    return d_a, d_b, d_b2, None, None, None, None, None, None
 
 
-_gmm_shared_input.register_autograd(_shared_backward, setup_context=_shared_setup_context)
+_grouped_mm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def gmm_shared_input(
@@ -198,7 +249,8 @@ def gmm_shared_input(
     _check_second_weight(b1, b2)
     if values_checked(batch_sizes):
         _check_batch_sizes(batch_sizes, a.shape[0])
-    return _gmm_shared_input(a, b1, b2, batch_sizes, trans_b, backend)
+    out1, out2 = _grouped_mm(a, b1, b2, batch_sizes, None, None, 1, trans_b, backend)
+    return out1, out2
 
 
 def gmm(
@@ -235,7 +287,7 @@ def gmm(
     gmm_backend.check_gmm_args(a, b, batch_sizes, False, trans_b, backend)
     if values_checked(batch_sizes):
         _check_batch_sizes(batch_sizes, a.shape[0])
-    return _gmm(a, b, batch_sizes, False, trans_b, backend)
+    return _grouped_mm(a, b, None, batch_sizes, None, None, 1, trans_b, backend)[0]
 
 
 def _check_second_weight(b1: torch.Tensor, b2) -> None:
@@ -261,149 +313,6 @@ def _check_batch_sizes(batch_sizes: torch.Tensor, rows: int) -> None:
             f"batch_sizes: expected non-negative sizes summing to {rows} (the rows of a), "
             f"got min {lo}, sum {total}"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Products of token rows gathered through the routing's row maps (see the module docstring).
-# Arguments of the ops: x [T, K]; row_assignment [N] and assignment_row [N] int32 and top_k of a
-# `RowMaps`; row r of the gathered operand is x[row_assignment[r] // top_k] (zeros where -1).
-
-
-def _token_rows(row_assignment: torch.Tensor, top_k: int) -> torch.Tensor:
-    """The token of each routed row, int32 (-1 where the row holds no assignment)."""
-    if top_k == 1:
-        return row_assignment
-    return torch.div(row_assignment, top_k, rounding_mode="floor")
-
-
-def _in_kernel_map(x: torch.Tensor, backend_name: str) -> bool:
-    return backend_name == "triton" and use_triton(x)
-
-
-def _gather_explicit(x, row_assignment, assignment_row, top_k: int) -> torch.Tensor:
-    """`gather_routed`'s forward (no autograd): the backends without an in-kernel row map."""
-    if use_triton(x):
-        return permute_kernels.gather_rows(x, assignment_row, row_assignment, None, top_k)
-    return gather_rows_reference(x, row_assignment, None, top_k)
-
-
-def _gathered_product(x, b, batch_sizes, token_rows, row_assignment, assignment_row, top_k: int,
-                      trans_b: bool, backend_name: str) -> torch.Tensor:
-    """`gmm(x[token_rows], b)` (forward form); token_rows is None unless the map is in-kernel."""
-    if token_rows is None:
-        a = _gather_explicit(x, row_assignment, assignment_row, top_k)
-        return _gmm_impl(a, b, batch_sizes, False, trans_b, backend_name)
-    M, N = row_assignment.shape[0], b.shape[1] if trans_b else b.shape[2]
-    if M * N == 0 or b.shape[0] * x.shape[1] == 0:
-        return x.new_zeros((M, N))
-    return gmm_backend.triton_gmm(x, b, batch_sizes, False, trans_b, a_rows=token_rows)
-
-
-@custom_op("gmm_gathered")
-def _gmm_gathered(
-    x: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, row_assignment: torch.Tensor,
-    assignment_row: torch.Tensor, top_k: int, trans_b: bool, backend_name: str,
-) -> torch.Tensor:
-    rows = _token_rows(row_assignment, top_k) if _in_kernel_map(x, backend_name) else None
-    return _gathered_product(x, b, batch_sizes, rows, row_assignment, assignment_row, top_k, trans_b, backend_name)
-
-
-@_gmm_gathered.register_fake
-def _(x, b, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name):
-    return x.new_empty((row_assignment.shape[0], b.shape[1] if trans_b else b.shape[2]))
-
-
-@custom_op("gmm_gathered_weight_grad")
-def _gmm_gathered_weight_grad(
-    x: torch.Tensor, grad: torch.Tensor, batch_sizes: torch.Tensor, row_assignment: torch.Tensor,
-    assignment_row: torch.Tensor, top_k: int, trans_b: bool, backend_name: str,
-) -> torch.Tensor:
-    """The gradient of `b` in `gmm(x[map], b, trans_b)` given the output's gradient `grad` [N, N']:
-    per group `x_e^T @ grad_e` ([E, K, N']) or, with trans_b, `grad_e^T @ x_e` ([E, N', K])."""
-    if not _in_kernel_map(x, backend_name):
-        a = _gather_explicit(x, row_assignment, assignment_row, top_k)
-        lhs, rhs = (grad, a) if trans_b else (a, grad)
-        return _gmm_impl(lhs, rhs, batch_sizes, True, False, backend_name)
-    E, K, N = batch_sizes.shape[0], x.shape[1], grad.shape[1]
-    if grad.shape[0] == 0 or E * K * N == 0:
-        return x.new_zeros((E, N, K) if trans_b else (E, K, N))
-    rows = _token_rows(row_assignment, top_k)
-    if trans_b:  # the operands in the order of the unfused product: grad^T @ x[map]
-        return gmm_backend.triton_gmm(grad, x, batch_sizes, True, False, b_rows=rows)
-    return gmm_backend.triton_gmm(x, grad, batch_sizes, True, False, a_rows=rows)
-
-
-@_gmm_gathered_weight_grad.register_fake
-def _(x, grad, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name):
-    E, K, N = batch_sizes.shape[0], x.shape[1], grad.shape[1]
-    return x.new_empty((E, N, K) if trans_b else (E, K, N))
-
-
-def _gathered_setup_context(ctx, inputs, output):
-    x, *bs, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name = inputs
-    ctx.save_for_backward(x, *bs, batch_sizes, row_assignment, assignment_row)
-    ctx.top_k, ctx.trans_b, ctx.backend_name = top_k, trans_b, backend_name
-
-
-def _input_grad(ctx, d_rows, row_assignment, assignment_row) -> torch.Tensor:
-    """x's gradient from its gathered rows' gradient: `gather_routed`'s backward (the sum over
-    each token's top_k rows in fp32, k in order)."""
-    return _scatter_rows(d_rows, assignment_row, row_assignment, None, ctx.top_k)
-
-
-def _gathered_backward(ctx, grad):
-    x, b, batch_sizes, row_assignment, assignment_row = ctx.saved_tensors
-    grad = grad.contiguous()
-    name, trans_b = ctx.backend_name, ctx.trans_b
-    d_x = d_b = None
-    if ctx.needs_input_grad[0]:
-        d_rows = _gmm(grad, b, batch_sizes, False, not trans_b, name)
-        d_x = _input_grad(ctx, d_rows, row_assignment, assignment_row)
-    if ctx.needs_input_grad[1]:
-        d_b = _gmm_gathered_weight_grad(x, grad, batch_sizes, row_assignment, assignment_row, ctx.top_k, trans_b, name)
-    return d_x, d_b, None, None, None, None, None, None
-
-
-_gmm_gathered.register_autograd(_gathered_backward, setup_context=_gathered_setup_context)
-
-
-@custom_op("gmm_shared_input_gathered")
-def _gmm_shared_input_gathered(
-    x: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, batch_sizes: torch.Tensor, row_assignment: torch.Tensor,
-    assignment_row: torch.Tensor, top_k: int, trans_b: bool, backend_name: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    args = (row_assignment, assignment_row, top_k, trans_b, backend_name)
-    if _in_kernel_map(x, backend_name):
-        rows = _token_rows(row_assignment, top_k)
-        return (_gathered_product(x, b1, batch_sizes, rows, *args),
-                _gathered_product(x, b2, batch_sizes, rows, *args))
-    a = _gather_explicit(x, row_assignment, assignment_row, top_k)
-    return (_gmm_impl(a, b1, batch_sizes, False, trans_b, backend_name),
-            _gmm_impl(a, b2, batch_sizes, False, trans_b, backend_name))
-
-
-@_gmm_shared_input_gathered.register_fake
-def _(x, b1, b2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name):
-    n = b1.shape[1] if trans_b else b1.shape[2]
-    return x.new_empty((row_assignment.shape[0], n)), x.new_empty((row_assignment.shape[0], n))
-
-
-def _shared_gathered_backward(ctx, grad1, grad2):
-    x, b1, b2, batch_sizes, row_assignment, assignment_row = ctx.saved_tensors
-    name, trans_b, top_k = ctx.backend_name, ctx.trans_b, ctx.top_k
-    g1, g2 = _both_grads(grad1, grad2)
-    d_x = d_b1 = d_b2 = None
-    if ctx.needs_input_grad[0]:
-        d_rows = _gmm_sum(g1, b1, g2, b2, batch_sizes, not trans_b, name)
-        d_x = _input_grad(ctx, d_rows, row_assignment, assignment_row)
-    if ctx.needs_input_grad[1]:
-        d_b1 = _gmm_gathered_weight_grad(x, g1, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name)
-    if ctx.needs_input_grad[2]:
-        d_b2 = _gmm_gathered_weight_grad(x, g2, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name)
-    return d_x, d_b1, d_b2, None, None, None, None, None, None
-
-
-_gmm_shared_input_gathered.register_autograd(_shared_gathered_backward, setup_context=_gathered_setup_context)
 
 
 def _check_gathered(x, b, batch_sizes, maps, trans_b, backend) -> None:
@@ -461,7 +370,8 @@ def gmm_gathered(
     if backend is None and isinstance(x, torch.Tensor):
         backend = gmm_backend.default_backend(x)
     _check_gathered(x, b, batch_sizes, maps, trans_b, backend)
-    return _gmm_gathered(x, b, batch_sizes, maps.row_assignment, maps.assignment_row, maps.top_k, trans_b, backend)
+    return _grouped_mm(x, b, None, batch_sizes, maps.row_assignment, maps.assignment_row, maps.top_k, trans_b,
+                       backend)[0]
 
 
 def gmm_shared_input_gathered(
@@ -484,6 +394,6 @@ def gmm_shared_input_gathered(
         backend = gmm_backend.default_backend(x)
     _check_gathered(x, b1, batch_sizes, maps, trans_b, backend)
     _check_second_weight(b1, b2)
-    return _gmm_shared_input_gathered(
-        x, b1, b2, batch_sizes, maps.row_assignment, maps.assignment_row, maps.top_k, trans_b, backend
-    )
+    out1, out2 = _grouped_mm(x, b1, b2, batch_sizes, maps.row_assignment, maps.assignment_row, maps.top_k,
+                             trans_b, backend)
+    return out1, out2

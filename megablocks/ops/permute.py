@@ -20,7 +20,7 @@ Each op runs a Triton kernel (megablocks/backend/permute.py) on CUDA tensors and
 under TRITON_INTERPRET=1; otherwise the plain-torch reference in this file.
 """
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -28,7 +28,7 @@ from megablocks import _checks
 from megablocks.backend import permute as kernels
 from megablocks.backend import use_triton
 from megablocks.ops._eager import custom_op
-from megablocks.ops.routing import padded_rows_bound
+from megablocks.ops.routing import RowMaps, padded_rows_bound
 
 __all__ = [
     "binned_gather",
@@ -428,15 +428,6 @@ def padded_scatter(
     _checks.check_index_values("padded_bins", padded_bins, x.shape[0] + 1)
     assignment_row, row_assignment = _route(indices, bin_ids, bins, padded_bins, "padded", x.shape[0], 0)
     return _scatter_rows(x, assignment_row, row_assignment, weights, top_k)
-
-
-class RowMaps(NamedTuple):
-    """Where each routed assignment's row lives, both ways (`route`); reused by a gather and the
-    scatter that undoes it, so the routing is computed once per layer instead of per op."""
-
-    assignment_row: torch.Tensor  # [N] int32: the row of assignment a (-1: none)
-    row_assignment: torch.Tensor  # [R] int32: the assignment in row r (-1: a padding row)
-    top_k: int
 
 
 def route(

@@ -210,6 +210,18 @@ def _(x_N, num_experts, block_size):
     return tuple(x_N.new_empty(size, dtype=torch.int32) for size in (n, n, e, e, e))
 
 
+class RowMaps(NamedTuple):
+    """Where each routed assignment's row lives, both ways: the one routing-map type of training
+    (`megablocks.ops.route`), dMoE's inference form, `fused_moe` and the transformers experts
+    path (`row_maps`). Reused by a gather, the grouped GEMMs that read token rows through it and
+    the scatter that undoes it, so the routing is computed once per layer instead of per op.
+    An assignment `a` is token `a // top_k`'s choice `a % top_k`."""
+
+    assignment_row: torch.Tensor  # [N] int32: the row of assignment a (-1: none)
+    row_assignment: torch.Tensor  # [R] int32: the assignment in row r (-1: a padding row)
+    top_k: int
+
+
 class RoutingMetadata(NamedTuple):
     """The binning of N routed rows over E experts (docs/CONTRACTS.md); every field int32."""
 
@@ -261,3 +273,15 @@ def routing_metadata(top_experts_TK: torch.Tensor, num_experts: int, block_size:
     bins = inclusive_cumsum(tokens_per_expert, 0)
     padded_bins = inclusive_cumsum(round_up(tokens_per_expert, block_size), 0)
     return RoutingMetadata(indices, bin_ids, tokens_per_expert, bins, padded_bins)
+
+
+def row_maps(top_experts_TK: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, RowMaps]:
+    """`(tokens_per_expert_E, RowMaps)` of the plain layout, by the fewest launches (what the
+    inference paths run): one program up to 4096 routed rows and 1022 experts, else three
+    (`megablocks.backend.routing.routing_maps`). Rows in expert order, an expert's rows in
+    assignment order (as `route` lays them out); ids outside [0, E) take the rows after all
+    experts' (counted by none). `top_experts_TK`: `[T, top_k]` integer ids on a device the
+    Triton kernels run on; no validation (the caller's)."""
+    top_k = top_experts_TK.shape[1] if top_experts_TK.dim() == 2 else 1
+    counts_E, assignment_row_N, row_assignment_N = _backend.routing_maps(top_experts_TK.reshape(-1), num_experts)
+    return counts_E, RowMaps(assignment_row_N, row_assignment_N, top_k)

@@ -252,6 +252,18 @@ def test_triton_row_maps_stay_in_bounds(device):
     out = gmm_backend.triton_gmm(poison, b, counts, a_rows=torch.full((M,), -1, dtype=torch.int32, device=device))
     assert out.abs().max() == 0, "negative map entries must read zeros, never the tensor"
 
+    # Entries as routed assignments (rows_top_k = 3): the row is entry // 3; -1 still reads zeros
+    # (not row 0, as truncating division would give), and past 3T - 1 the last row.
+    assignments = torch.randint(0, 3 * T, (M,), dtype=torch.int32, device=device)
+    assignments[0], assignments[1], assignments[4] = -1, -2, 3 * T + 50
+    tokens = torch.where(assignments < 0, T, (assignments // 3).clamp(max=T - 1)).long().cpu()
+    out = gmm_backend.triton_gmm(x, b, counts, a_rows=assignments, rows_top_k=3)
+    assert_close("out (rows_top_k=3)", out, gmm_reference(source[tokens].double(), b.double().cpu(), counts.cpu()),
+                 torch.float32)
+    d_b = gmm_backend.triton_gmm(g, x, counts, trans_a=True, b_rows=assignments, rows_top_k=3)
+    assert_close("d_b (rows_top_k=3, map on b)", d_b,
+                 gmm_reference(g.double().cpu(), source[tokens].double(), counts.cpu(), trans_a=True), torch.float32)
+
 
 def test_triton_row_map_arguments(device):
     x = torch.randn(4, 8, device=device)
@@ -264,6 +276,8 @@ def test_triton_row_map_arguments(device):
         gmm_backend.triton_gmm(x, x, counts, trans_a=True, a_rows=rows, b_rows=rows)
     with pytest.raises(ValueError, match="expected a 1-D int32 tensor"):
         gmm_backend.triton_gmm(x, b, counts, a_rows=rows.long())
+    with pytest.raises(ValueError, match="rows_top_k: expected an int >= 1"):
+        gmm_backend.triton_gmm(x, b, counts, a_rows=rows, rows_top_k=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,10 +291,13 @@ def test_opcheck(device):
     b1.requires_grad_()
     tail = (counts, maps.row_assignment, maps.assignment_row, maps.top_k, True, "triton")
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.megablocks.gmm_gathered.default, (x, b1, *tail), test_utils=checks)
-    torch.library.opcheck(torch.ops.megablocks.gmm_shared_input_gathered.default, (x, b1, b2, *tail), test_utils=checks)
+    torch.library.opcheck(torch.ops.megablocks.gmm.default, (x, b1, None, *tail), test_utils=checks)
+    torch.library.opcheck(torch.ops.megablocks.gmm.default, (x, b1, b2, *tail), test_utils=checks)
     g = torch.randn(maps.row_assignment.numel(), b1.shape[1], device=device)
-    torch.library.opcheck(torch.ops.megablocks.gmm_gathered_weight_grad.default, (x, g, *tail), test_utils=checks)
+    # The weight gradient of the gathered product: grad^T @ x[map], the map on the second operand.
+    product = (g, x, counts, None, None, maps.row_assignment, maps.assignment_row, maps.top_k, True, True, False,
+               "triton")
+    torch.library.opcheck(torch.ops.megablocks.gmm_product.default, product, test_utils=checks)
 
 
 def test_eager_path_equals_the_custom_op(device):
@@ -291,20 +308,23 @@ def test_eager_path_equals_the_custom_op(device):
 
     gmm_ops = importlib.import_module("megablocks.ops.gmm")  # the module, not the function
 
-    for op, has_backward in ((gmm_ops._gmm_gathered, True), (gmm_ops._gmm_shared_input_gathered, True),
-                             (gmm_ops._gmm_gathered_weight_grad, False)):
+    for op, has_backward in ((gmm_ops._grouped_mm, True), (gmm_ops._product, False)):
         assert isinstance(op, EagerOp) and op._impl is not None
         assert (op._function is not None) == has_backward
-    x, (b,), counts, maps, _ = _setup("unaligned", torch.float32, device, True)
+    x, (b, b2), counts, maps, _ = _setup("unaligned", torch.float32, device, True, num_b=2)
     tail = (counts, maps.row_assignment, maps.assignment_row, maps.top_k, True, "triton")
-    results = []
-    for call in (gmm_ops._gmm_gathered, torch.ops.megablocks.gmm_gathered):
-        xi, bi = x.clone().requires_grad_(), b.clone().requires_grad_()
-        out = call(xi, bi, *tail)
-        out.backward(torch.ones_like(out))
-        results.append((out, xi.grad, bi.grad))
-    for name, eager_value, op_value in zip(("out", "d_x", "d_b"), *results):
-        assert_equal(name, eager_value, op_value)
+    for second in (None, b2):
+        results = []
+        for call in (gmm_ops._grouped_mm, torch.ops.megablocks.gmm):
+            xi, bi = x.clone().requires_grad_(), b.clone().requires_grad_()
+            b2i = None if second is None else second.clone().requires_grad_()
+            outs = call(xi, bi, b2i, *tail)
+            assert isinstance(outs, list) and len(outs) == (1 if second is None else 2)
+            sum(o.sum() for o in outs).backward()
+            results.append((*outs, xi.grad, bi.grad) + (() if second is None else (b2i.grad,)))
+        names = ("out", "d_x", "d_b") if second is None else ("out1", "out2", "d_x", "d_b1", "d_b2")
+        for name, eager_value, op_value in zip(names, *results):
+            assert_equal(name, eager_value, op_value)
 
 
 def test_compiles_in_one_graph(device):

@@ -337,20 +337,20 @@ def test_small_routing_maps(t, k, e, device):
     """Bitwise against a stable sort; ids repeat within a token and some are out of range (-1, E):
     those take the rows after every expert's and are counted by none."""
     ids = torch.randint(-1, e + 1, (t, k), device=device)
-    check_routing_maps(ids, e, k, backend_routing.small_routing_maps(ids.flatten(), e, k))
+    check_routing_maps(ids, e, backend_routing.small_routing_maps(ids.flatten(), e))
 
 
-def check_routing_maps(ids, e, k, maps):
-    """`(counts, assignment_row, token_of_row)` bitwise against a stable sort of the ids, where
+def check_routing_maps(ids, e, maps):
+    """`(counts, assignment_row, row_assignment)` bitwise against a stable sort of the ids, where
     ids outside [0, E) sort after every expert's and are counted by none."""
-    counts, assignment_row, token_of_row = maps
-    assert counts.dtype == assignment_row.dtype == token_of_row.dtype == torch.int32
+    counts, assignment_row, row_assignment = maps
+    assert counts.dtype == assignment_row.dtype == row_assignment.dtype == torch.int32
     flat = ids.flatten().cpu()
     valid = (flat >= 0) & (flat < e)
     order = torch.sort(torch.where(valid, flat, e), stable=True).indices
     assert_equal("tokens per expert", counts.cpu().long(), torch.bincount(flat[valid], minlength=e))
     assert_equal("row of each assignment", assignment_row.cpu().long(), torch.argsort(order))
-    assert_equal("token of each row", token_of_row.cpu().long(), order // k)
+    assert_equal("assignment of each row", row_assignment.cpu().long(), order)
 
 
 # sorted_routing_maps: the same counts and maps for any N and E (key kernel, torch.sort, one kernel).
@@ -364,11 +364,11 @@ def test_sorted_routing_maps(t, k, e, device):
     expert's, counted by none); where one program also runs, both routings agree bitwise."""
     ids = torch.randint(-1, e + 1, (t, k), device=device)
     ids[: t // 3] = e - 1  # a crowded expert, and many empty ones
-    got = backend_routing.sorted_routing_maps(ids.flatten(), e, k)
-    check_routing_maps(ids, e, k, got)
+    got = backend_routing.sorted_routing_maps(ids.flatten(), e)
+    check_routing_maps(ids, e, got)
     if t * k <= backend_routing.SMALL_ROUTING_MAX_ROWS and e <= backend_routing.SMALL_ROUTING_MAX_EXPERTS:
-        for name, a, b in zip(("counts", "assignment_row", "token_of_row"), got,
-                              backend_routing.small_routing_maps(ids.flatten(), e, k)):
+        for name, a, b in zip(("counts", "assignment_row", "row_assignment"), got,
+                              backend_routing.small_routing_maps(ids.flatten(), e)):
             assert_equal(f"{name} against small_routing_maps", a, b)
 
 
@@ -379,9 +379,9 @@ def test_routing_maps_picks_by_size(monkeypatch, device):
         fn = getattr(backend_routing, name)
         monkeypatch.setattr(backend_routing, name, lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
     ids = torch.randint(0, 8, (4096,), device=device)
-    backend_routing.routing_maps(ids, 8, 2)
-    backend_routing.routing_maps(torch.cat([ids, ids[:1]]), 8, 2)
-    backend_routing.routing_maps(ids[:10], 1023, 2)
+    backend_routing.routing_maps(ids, 8)
+    backend_routing.routing_maps(torch.cat([ids, ids[:1]]), 8)
+    backend_routing.routing_maps(ids[:10], 1023)
     assert taken == ["small_routing_maps", "sorted_routing_maps", "sorted_routing_maps"]
 
 
@@ -392,8 +392,8 @@ def test_sorted_routing_maps_id_dtypes(dtype, device):
     ids[0, 0] = -1
     if dtype != torch.int16:
         ids[1, 1] = 2**16 + 7  # 7 once narrowed to 16 bits
-    want = backend_routing.sorted_routing_maps(ids.flatten(), 300, 5)
-    got = backend_routing.sorted_routing_maps(ids.to(dtype).flatten(), 300, 5)
-    for name, a, b in zip(("counts", "assignment_row", "token_of_row"), got, want):
+    want = backend_routing.sorted_routing_maps(ids.flatten(), 300)
+    got = backend_routing.sorted_routing_maps(ids.to(dtype).flatten(), 300)
+    for name, a, b in zip(("counts", "assignment_row", "row_assignment"), got, want):
         assert_equal(name, a, b)
     assert got[0].sum().item() == ids.numel() - (1 if dtype == torch.int16 else 2)

@@ -162,12 +162,12 @@ def test_bad_input():
 def _route_check(gating, topk, renormalize):
     """The maps against a stable sort of the ids they imply, the ids and weights as `_check`."""
     t, e = gating.shape
-    weights, counts, row_of_assignment, token_of_row = topk_kernels.softmax_topk_route(gating, topk, renormalize)
+    weights, counts, row_of_assignment, row_assignment = topk_kernels.softmax_topk_route(gating, topk, renormalize)
     n = t * topk
     assert weights.shape == (t, topk) and weights.dtype == torch.float32
-    assert counts.shape == (e,) and row_of_assignment.shape == token_of_row.shape == (n,)
-    assert counts.dtype == row_of_assignment.dtype == token_of_row.dtype == torch.int32
-    counts, roa, tor = counts.cpu().long(), row_of_assignment.cpu().long(), token_of_row.cpu().long()
+    assert counts.shape == (e,) and row_of_assignment.shape == row_assignment.shape == (n,)
+    assert counts.dtype == row_of_assignment.dtype == row_assignment.dtype == torch.int32
+    counts, roa, rsa = counts.cpu().long(), row_of_assignment.cpu().long(), row_assignment.cpu().long()
     assert int(counts.sum()) == n and bool((counts >= 0).all())
     # The expert of each assignment, from its row and the counts: rows [start_e, end_e) are e's.
     ids = torch.searchsorted(counts.cumsum(0), roa, right=True).view(t, topk)
@@ -177,7 +177,7 @@ def _route_check(gating, topk, renormalize):
     assert_equal("tokens per expert", counts, torch.bincount(ids.flatten(), minlength=e))
     order = torch.sort(ids.flatten(), stable=True).indices  # expert order, token order within
     assert_equal("row of each assignment", roa, torch.argsort(order))
-    assert_equal("token of each row", tor, order // topk)
+    assert_equal("assignment of each row", rsa, order)
 
 
 ROUTE_SHAPES = [(0, 8, 2), (1, 8, 2), (1, 1, 1), (5, 6, 6), (13, 20, 3), (64, 128, 8), (37, 1000, 4),
@@ -205,7 +205,7 @@ def test_softmax_topk_route_ties_and_nan_rows():
     gating[2, 3:20] = 1.0
     gating[4, 7] = float("nan")
     gating[5] = float("-inf")
-    weights, counts, roa, tor = topk_kernels.softmax_topk_route(gating, 4, True)
+    weights, counts, roa, _ = topk_kernels.softmax_topk_route(gating, 4, True)
     w, ids = softmax_topk(gating, 4, True)
     torch.testing.assert_close(weights, w, rtol=2e-6, atol=1e-7, equal_nan=True)
     assert_equal("rows with NaN weights", weights.isnan().any(-1).cpu(), torch.tensor([False] * 4 + [True] * 2))
