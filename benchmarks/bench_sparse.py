@@ -34,8 +34,7 @@ BLOCK = 128
 
 def _layer(name, dtype=torch.bfloat16, device="cuda"):
     """Random routing, topology and operands of one config; returns a namespace dict."""
-    import stk
-    from megablocks.ops.topology import make_topology
+    from megablocks.ops.topology import ExpertTopology, make_topology
 
     T, H, F, E, k = CONFIGS[name]
     g = torch.Generator(device=device).manual_seed(0)
@@ -52,11 +51,9 @@ def _layer(name, dtype=torch.bfloat16, device="cuda"):
     def randn(*shape):
         return torch.randn(*shape, dtype=dtype, device=device, generator=g) / 8
 
-    h = stk.Matrix(topo.size(), randn(nnz, BLOCK, BLOCK), topo.row_indices, topo.column_indices,
-                   topo.offsets, topo.column_indices_t, topo.offsets_t, topo.block_offsets_t)
-    h.num_experts, h.ffn_hidden_size = E, F
-    # `h.t()` drops Python attributes; the ops then read the expert layout from `offsets`.
-    topo.offsets.num_experts, topo.offsets.ffn_hidden_size = E, F
+    h = ExpertTopology(topo.size(), randn(nnz, BLOCK, BLOCK), topo.row_indices, topo.column_indices,
+                       topo.offsets, topo.column_indices_t, topo.offsets_t, topo.block_offsets_t,
+                       num_experts=E, ffn_hidden_size=F)  # keeps its expert layout through h.t()
     return dict(T=T, H=H, F=F, E=E, k=k, topo=topo, h=h, real_rows=real_rows,
                 x=randn(P, H), w1=randn(E * F, H))
 

@@ -18,9 +18,8 @@ operand along that side may then have E·F entries (e.g. `w1_EFH.t()` as sdd's b
 b), or Q·B entries (plain stk semantics); outputs along that side (dsd of `S.t()`, dds of `S`)
 have E·F. Sparse entries in the columns past F of an expert's last block are read as zero, and
 sdd writes zeros there. Without those attributes, dense sizes are multiples of B as in stk.
-`m.t()` and an `stk.Matrix` rebuilt from the same index tensors drop Python attributes, so the
-ops also read `num_experts` / `ffn_hidden_size` from the `m.offsets` tensor when the matrix itself
-has none: a topology that sets them on both keeps its layout through `.t()` and rebuilds.
+`make_topology`'s `ExpertTopology` keeps the layout through `.t()` and `.clone()` (a plain
+`stk.Matrix` drops Python attributes there); the ops return their sparse results as one too.
 
 Unused slots. On the dMoE topology the slots at or past `offsets[-1]` (a device value) are
 unused: sdd writes zeros there, dsd and dds never read them (no host sync either way).
@@ -39,6 +38,7 @@ from megablocks import _checks
 from megablocks.backend import sparse as _backend
 from megablocks.backend import use_triton
 from megablocks.ops._eager import custom_op
+from megablocks.ops.topology import ExpertTopology
 
 BLOCK_SIZES = _backend.BLOCK_SIZES
 _INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
@@ -448,13 +448,11 @@ def _meta(m: stk.Matrix):
 
 
 def _expert_layout(m: stk.Matrix) -> Optional[Tuple[int, int]]:
-    """(num_experts, ffn_hidden_size) carried by `m` (or recorded on `m.offsets`), else None."""
-    for owner in (m, m.offsets):
-        E, F = getattr(owner, "num_experts", None), getattr(owner, "ffn_hidden_size", None)
-        if E is not None and F is not None:
-            return _checks.check_int("num_experts", E, min_value=1), _checks.check_int(
-                "ffn_hidden_size", F, min_value=1)
-    return None
+    """(num_experts, ffn_hidden_size) carried by `m`, else None."""
+    E, F = getattr(m, "num_experts", None), getattr(m, "ffn_hidden_size", None)
+    if E is None or F is None:
+        return None
+    return _checks.check_int("num_experts", E, min_value=1), _checks.check_int("ffn_hidden_size", F, min_value=1)
 
 
 def _stored_shape(m: stk.Matrix) -> Tuple[int, int]:
@@ -489,11 +487,10 @@ def _layout_args(name: str, m: stk.Matrix, dense_size: Optional[int], what: str)
 
 
 def _like(topo: stk.Matrix, data: torch.Tensor) -> stk.Matrix:
-    out = stk.Matrix(topo.size(), data, *_meta(topo))
     layout = _expert_layout(topo)
-    if layout is not None:
-        out.num_experts, out.ffn_hidden_size = layout
-    return out
+    if layout is None:
+        return stk.Matrix(topo.size(), data, *_meta(topo))
+    return ExpertTopology(topo.size(), data, *_meta(topo), num_experts=layout[0], ffn_hidden_size=layout[1])
 
 
 def sdd(a: torch.Tensor, b: torch.Tensor, topo: stk.Matrix) -> stk.Matrix:

@@ -155,9 +155,10 @@ def make_topology(padded_bins: torch.Tensor, *, block_size: int, num_block_rows:
             there if it differs).
 
     Returns:
-        `stk.Matrix` with `data = torch.empty((R_max·C, B, B), dtype=dtype, device='meta')`,
-        int32 `row_indices`, `column_indices`, `offsets`, `column_indices_t`, `offsets_t`,
-        `block_offsets_t`, and attributes `num_experts = E`, `ffn_hidden_size = F`. Slots at or
+        an `ExpertTopology` (an `stk.Matrix`) with `data = torch.empty((R_max·C, B, B),
+        dtype=dtype, device='meta')`, int32 `row_indices`, `column_indices`, `offsets`,
+        `column_indices_t`, `offsets_t`, `block_offsets_t`, and the expert layout
+        `num_experts = E`, `ffn_hidden_size = F` (kept by `.t()` and `.clone()`). Slots at or
         past `offsets[-1]` (a device value) are unused; their indices are in range.
 
     Raises:
@@ -180,15 +181,30 @@ def make_topology(padded_bins: torch.Tensor, *, block_size: int, num_block_rows:
     nnz = num_block_rows * block_columns
     data = torch.empty((nnz, block_size, block_size), dtype=dtype, device="meta")
     shape = torch.Size((num_block_rows * block_size, num_experts * block_columns * block_size))
-    topo = stk.Matrix(shape, data, row_indices, column_indices, offsets,
-                      column_indices_t, offsets_t, block_offsets_t)
-    topo.num_experts = num_experts
-    topo.ffn_hidden_size = ffn_hidden_size
-    if not torch.compiler.is_compiling():
-        # The layout also rides on the shared `offsets` tensor in eager mode, so that `topo.t()`
-        # and other Matrix views (which copy no Python attributes) keep it for direct calls of
-        # the sparse products. Traced graphs cannot carry tensor attributes; the layers pass the
-        # layout inside the ops instead.
-        offsets.num_experts = num_experts
-        offsets.ffn_hidden_size = ffn_hidden_size
-    return topo
+    return ExpertTopology(shape, data, row_indices, column_indices, offsets, column_indices_t, offsets_t,
+                          block_offsets_t, num_experts=num_experts, ffn_hidden_size=ffn_hidden_size)
+
+
+class ExpertTopology(stk.Matrix):
+    """An `stk.Matrix` that carries dMoE's expert layout, `num_experts = E` and
+    `ffn_hidden_size = F` (`megablocks.ops.sparse` reads them), and keeps it through `.t()` and
+    `.clone()`, which on a plain `stk.Matrix` drop Python attributes. A plain `stk.Matrix` with
+    both attributes set has the same layout until it is transposed or cloned."""
+
+    def __init__(self, size, data, row_indices, column_indices, offsets, column_indices_t=None, offsets_t=None,
+                 block_offsets_t=None, *, num_experts: int, ffn_hidden_size: int):
+        super().__init__(size, data, row_indices, column_indices, offsets, column_indices_t, offsets_t,
+                         block_offsets_t)
+        self.num_experts = num_experts
+        self.ffn_hidden_size = ffn_hidden_size
+
+    def _with_layout(self, m: stk.Matrix) -> "ExpertTopology":
+        m.__class__ = ExpertTopology
+        m.num_experts, m.ffn_hidden_size = self.num_experts, self.ffn_hidden_size
+        return m
+
+    def t(self) -> "ExpertTopology":
+        return self._with_layout(super().t())
+
+    def clone(self) -> "ExpertTopology":
+        return self._with_layout(super().clone())

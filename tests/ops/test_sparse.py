@@ -15,6 +15,7 @@ import stk
 import torch
 
 from megablocks.ops import sparse as sp
+from megablocks.ops.topology import ExpertTopology
 from tests.conftest import DEVICE, FLOAT_DTYPES
 from tests.utils import assert_close, assert_equal
 
@@ -25,7 +26,7 @@ from tests.utils import assert_close, assert_equal
 
 
 def expert_topology(tokens_per_expert, block_size, ffn_hidden_size, device, *,
-                    index_dtype=torch.int32, layout_on_offsets=True):
+                    index_dtype=torch.int32, keeps_layout=True):
     """The dMoE topology of docs/CONTRACTS.md for these token counts, with the static bound
     P = ((N + E·(B−1)) // B)·B on the rows."""
     B, F, E = block_size, ffn_hidden_size, len(tokens_per_expert)
@@ -55,18 +56,25 @@ def expert_topology(tokens_per_expert, block_size, ffn_hidden_size, device, *,
         return torch.tensor(x, dtype=dtype, device=device)
 
     shape = torch.Size((num_block_rows * B, E * C * B))
-    m = stk.Matrix(shape, torch.empty((nnz, B, B), device="meta"), ints(row), ints(col),
-                   ints(offsets, torch.int32), ints(col_t), ints(offsets_t, torch.int32),
-                   ints(block_t, torch.int32))
+    meta = (ints(row), ints(col), ints(offsets, torch.int32), ints(col_t), ints(offsets_t, torch.int32),
+            ints(block_t, torch.int32))
+    data = torch.empty((nnz, B, B), device="meta")
+    if keeps_layout:  # as make_topology builds it: the layout survives .t()
+        return ExpertTopology(shape, data, *meta, num_experts=E, ffn_hidden_size=F)
+    m = stk.Matrix(shape, data, *meta)
     m.num_experts, m.ffn_hidden_size = E, F
-    if layout_on_offsets:
-        m.offsets.num_experts, m.offsets.ffn_hidden_size = E, F
     return m
 
 
+META_NAMES = ("row_indices", "column_indices", "offsets", "column_indices_t", "offsets_t", "block_offsets_t")
+
+
 def with_data(topo, data):
-    m = stk.Matrix(topo.size(), data, topo.row_indices, topo.column_indices, topo.offsets,
-                   topo.column_indices_t, topo.offsets_t, topo.block_offsets_t)
+    meta = [getattr(topo, n) for n in META_NAMES]
+    if isinstance(topo, ExpertTopology):
+        return ExpertTopology(topo.size(), data, *meta, num_experts=topo.num_experts,
+                              ffn_hidden_size=topo.ffn_hidden_size)
+    m = stk.Matrix(topo.size(), data, *meta)
     if hasattr(topo, "num_experts"):
         m.num_experts, m.ffn_hidden_size = topo.num_experts, topo.ffn_hidden_size
     return m
@@ -484,14 +492,22 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.megablocks.dds, (w.t(), h, *meta, True, 3, 40))
 
 
-def test_layout_survives_transpose_only_through_offsets(device):
-    """`m.t()` drops Python attributes: the layout comes from `m.offsets` when set there."""
-    topo = expert_topology([5, 0, 20], 16, 40, device, layout_on_offsets=False)
-    h = with_data(topo, torch.randn(topo.row_indices.numel(), 16, 16, device=device))
+def test_expert_topology_keeps_its_layout(device):
+    """`make_topology`'s ExpertTopology keeps the expert layout through `.t()` and `.clone()`; a
+    plain `stk.Matrix` with the attributes loses them on `.t()` (stk semantics: E·C·B rows)."""
+    topo = expert_topology([5, 0, 20], 16, 40, device, keeps_layout=False)
+    data = torch.randn(topo.row_indices.numel(), 16, 16, device=device)
+    h = with_data(topo, data)
     dy = torch.randn(topo.size()[0], 8, device=device)
     assert sp.dsd(h.t(), dy).shape == (3 * 48, 8)  # plain stk semantics: E·C·B rows
-    topo.offsets.num_experts, topo.offsets.ffn_hidden_size = 3, 40
-    assert sp.dsd(h.t(), dy).shape == (3 * 40, 8)
+    kept = ExpertTopology(topo.size(), data, *(getattr(topo, n) for n in META_NAMES), num_experts=3,
+                          ffn_hidden_size=40)
+    for view in (kept.t(), kept.clone().t(), kept.t().t().t()):
+        assert isinstance(view, ExpertTopology)
+        assert (view.num_experts, view.ffn_hidden_size) == (3, 40)
+        assert sp.dsd(view, dy).shape == (3 * 40, 8)
+    assert isinstance(sp.sdd(torch.randn(topo.size()[0], 8, device=device), torch.randn(8, 120, device=device),
+                             kept), ExpertTopology)
 
 
 def test_bad_inputs(device):

@@ -231,11 +231,13 @@ def test_no_host_sync_cuda():
 
 
 def test_transposed_view_keeps_expert_layout(device):
-    # The sparse products read the per-expert layout from the Matrix or, for views such as
-    # `topo.t()` that drop Python attributes, from the shared offsets tensor.
+    # The sparse products read the per-expert layout from the Matrix; make_topology's
+    # ExpertTopology keeps it through `.t()` and `.clone()` (no attribute on any tensor).
     pb = torch.tensor([64, 64, 192], dtype=torch.int32, device=device)
     topo = make_topology(pb, block_size=64, num_block_rows=4, ffn_hidden_size=100, dtype=torch.float32)
     assert (topo.num_experts, topo.ffn_hidden_size) == (3, 100)
-    view = topo.t()
-    assert (view.offsets.num_experts, view.offsets.ffn_hidden_size) == (3, 100)
+    for view in (topo.t(), topo.clone(), topo.t().t()):
+        assert (view.num_experts, view.ffn_hidden_size) == (3, 100)
+    assert topo.t().is_contiguous() is False and topo.t().t().is_contiguous() is True
+    assert not hasattr(topo.offsets, "num_experts")
     assert topo.shape == (256, 3 * 2 * 64)
