@@ -39,7 +39,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import CONFIGS, copy_bandwidth_gbs, environment, graphed, print_table, timed, write_csv  # noqa: E402
 
-from megablocks.backend.gmm import _config as gmm_config  # noqa: E402
+from megablocks.backend.gmm import default_config as gmm_config  # noqa: E402
+from megablocks.backend.launch import with_overrides  # noqa: E402
 from megablocks.backend.gmm import triton_gmm  # noqa: E402
 from megablocks.backend.topk import softmax_topk_route  # noqa: E402
 from megablocks.integrations.inference import (  # noqa: E402
@@ -226,8 +227,8 @@ def sweep_tiles(args):
                 nbytes = hit * w[0].numel() * w.element_size()
                 expected = fn(None).float()
                 default = gmm_config(x, t * k / e, gemm == "glu")
-                candidates = [None] + [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=kk, num_stages=st, num_warps=4,
-                                            PERSISTENT=True, TMA_STORE=False)
+                candidates = [None] + [dict(block_m=m, block_n=n, block_k=kk, num_stages=st, num_warps=4,
+                                            persistent=True, tma_store=False)
                                        for m, n, kk, st in TILE_CANDIDATES[gemm]]
                 for cfg in candidates:
                     try:
@@ -236,17 +237,17 @@ def sweep_tiles(args):
                     except Exception as err:  # a tile that does not compile (shared memory)
                         print(f"{name} T={t} {gemm} {cfg}: {type(err).__name__}: {str(err)[:80]}")
                         continue
-                    tile = cfg or default
+                    tile = with_overrides(default, cfg)
                     rows.append({"config": name, "T": t, "gemm": gemm, "default": cfg is None,
-                                 **{key: tile[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages")},
+                                 **{key: getattr(tile, key) for key in ("block_m", "block_n", "block_k", "num_stages")},
                                  "ms": ms, "GBs": nbytes / ms / 1e6,
                                  "max_abs_diff": (out - expected).abs().max().item(), **env})
                 best = min((r for r in rows if (r["config"], r["T"], r["gemm"]) == (name, t, gemm)),
                            key=lambda r: r["ms"])
                 base = next(r for r in rows if (r["config"], r["T"], r["gemm"], r["default"]) == (name, t, gemm, True))
                 print(f"{name} T={t} {gemm}: default {base['ms']:.4f} ms ({base['GBs']:.0f} GB/s), best "
-                      f"{best['ms']:.4f} ms ({best['GBs']:.0f} GB/s) at {best['BLOCK_M']}x{best['BLOCK_N']}"
-                      f"x{best['BLOCK_K']}/{best['num_stages']}", flush=True)
+                      f"{best['ms']:.4f} ms ({best['GBs']:.0f} GB/s) at {best['block_m']}x{best['block_n']}"
+                      f"x{best['block_k']}/{best['num_stages']}", flush=True)
             del x, w1, w2
             torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)

@@ -30,16 +30,16 @@ from megablocks.ops.gmm import gmm_reference  # noqa: E402
 
 # Launch configs tried by --sweep (16-bit inputs on the H100): keys of backend.gmm._config,
 # plus `use_tma`; each is compared with the default config in the same run.
-_T256 = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+_T256 = dict(block_m=128, block_n=256, block_k=64, group_m=8, num_warps=8, num_stages=3)
 SWEEP_FIXED_K = {
-    "pers_no_tma_store": dict(_T256, PERSISTENT=True, TMA_STORE=False),
-    "tile_each_no_tma_store": dict(_T256, PERSISTENT=False, TMA_STORE=False),
-    "pers_s4_no_tma_store": dict(_T256, PERSISTENT=True, TMA_STORE=False, num_stages=4),
+    "pers_no_tma_store": dict(_T256, persistent=True, tma_store=False),
+    "tile_each_no_tma_store": dict(_T256, persistent=False, tma_store=False),
+    "pers_s4_no_tma_store": dict(_T256, persistent=True, tma_store=False, num_stages=4),
 }
 SWEEP_VAR_K = {
-    "pers_no_tma_store": dict(_T256, PERSISTENT=True, TMA_STORE=False),
-    "tile_each": dict(_T256, PERSISTENT=False, TMA_STORE=True),
-    "tile_each_no_tma_store": dict(_T256, PERSISTENT=False, TMA_STORE=False),
+    "pers_no_tma_store": dict(_T256, persistent=True, tma_store=False),
+    "tile_each": dict(_T256, persistent=False, tma_store=True),
+    "tile_each_no_tma_store": dict(_T256, persistent=False, tma_store=False),
 }
 
 

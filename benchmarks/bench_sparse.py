@@ -59,7 +59,7 @@ def _layer(name, dtype=torch.bfloat16, device="cuda"):
 
 
 def _products(L):
-    """name → (public-op callable, launcher-level callable taking a Config, dense (M, N, K))."""
+    """name → (public-op callable, launcher-level callable taking a SparseConfig, dense (M, N, K))."""
     from megablocks.backend import sparse as backend
     from megablocks.ops import sparse as sp
 
@@ -104,13 +104,13 @@ def _products(L):
 
 def _candidates(op):
     """Tilings compared by --sweep (the first is `default_config`'s on an H100, 16-bit inputs)."""
-    from megablocks.backend.sparse import Config
+    from megablocks.backend.sparse import SparseConfig
 
     if op == "sdd":
-        return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, slots=2, use_tma=t, persistent=p)
+        return [SparseConfig(block_k=64, num_warps=8, num_stages=s, group_m=g, slots=2, use_tma=t, persistent=p)
                 for s, g, t, p in [(4, 4, True, True), (4, 4, True, False), (3, 4, True, True),
                                    (3, 8, True, True), (4, 8, True, True), (4, 4, False, True)]]
-    return [Config(block_k=64, num_warps=8, num_stages=s, group_m=g, block_n=256, use_tma=t, persistent=p)
+    return [SparseConfig(block_k=64, num_warps=8, num_stages=s, group_m=g, block_n=256, use_tma=t, persistent=p)
             for s, g, t, p in [(3, 8, True, False), (3, 8, True, True), (4, 8, True, True),
                                (3, 8, False, True), (3, 8, False, False)]]
 

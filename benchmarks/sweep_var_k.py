@@ -27,8 +27,8 @@ def _variant(tile_k, tile_n, rows, warps, stages, persistent=False, tma_store=Tr
     """(name, config) of one variant: a tile_k x tile_n output tile, `rows` rows a step."""
     name = f"t{tile_k}x{tile_n}_r{rows}_w{warps}_s{stages}" + ("_pers" if persistent else "")
     name += "" if tma_store else "_nostore"
-    return name, dict(BLOCK_M=tile_k, BLOCK_N=tile_n, BLOCK_K=rows, num_warps=warps, num_stages=stages,
-                      PERSISTENT=persistent, TMA_STORE=tma_store)
+    return name, dict(block_m=tile_k, block_n=tile_n, block_k=rows, num_warps=warps, num_stages=stages,
+                      persistent=persistent, tma_store=tma_store)
 
 
 # The default, then smaller tiles, fewer stages, one program per tile, 16- and 32-row steps.

@@ -34,9 +34,8 @@ count as 0, groups are clipped at row M, and rows past the groups' total are wri
 (forward form) or not read (variable-K form).
 """
 
-import functools
-import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import triton
@@ -46,6 +45,14 @@ from megablocks._checks import INDEX_DTYPES, check_int32_range, check_tensor
 from megablocks.backend import cdiv, next_power_of_2
 from megablocks.backend.activation import ACTIVATIONS as _GLU_ACTIVATIONS
 from megablocks.backend.activation import _act
+from megablocks.backend.launch import (
+    dot_precision,
+    interpreted,
+    persistent_programs,
+    prepare_tma,
+    tma_ok,
+    with_overrides,
+)
 
 BACKENDS = ("triton", "torch", "gg")
 
@@ -346,89 +353,57 @@ def _gmm_var_k_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _interpreted(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+@dataclass(frozen=True)
+class GmmConfig:
+    """The settings of one grouped-GEMM launch (`default_config` picks them; `triton_gmm`'s
+    `config=` overrides them, see `megablocks.backend.launch`).
 
-
-def _num_sms(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count(index)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _tma_allocator(size: int, alignment: int, stream) -> torch.Tensor:
-    # Global scratch where the kernels write their device-side TMA descriptors (Triton asks for
-    # it at launch; set before every launch, so a caller's own allocator elsewhere is no issue).
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 products follow torch's matmul setting: tf32 only where torch allows it.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _tma_ok(*tensors: torch.Tensor) -> bool:
-    """TMA descriptors need 16-byte aligned bases and row strides, and unit inner strides."""
-    for t in tensors:
-        es = t.element_size()
-        if t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]) or t.stride(-1) != 1:
-            return False
-    return True
-
-
-def _config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu: bool = False) -> dict:
-    """Tile shape, schedule and pipelining of a launch.
-
-    BLOCK_M x BLOCK_N is the output tile (for the variable-K form: a tile of K x N), BLOCK_K the
-    reduction step (over K, or over a group's rows). PERSISTENT launches one program per SM
-    that loops over tiles; TMA_STORE stores tiles by TMA where the output's strides allow.
-    `rows_per_group` (forward forms: M / E) picks the decode tiles; `glu` (two accumulators per
-    tile) narrows them.
+    `block_m` x `block_n` is the output tile (for the variable-K form: a tile of K x N),
+    `block_k` the reduction step (over K, or over a group's rows), `group_m` the row tiles per
+    swizzle group (L2 reuse). `persistent` launches one program per SM that loops over tiles;
+    `tma_store` stores tiles by TMA where the output's strides allow.
     """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    persistent: bool
+    tma_store: bool
+
+
+def default_config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu: bool = False) -> GmmConfig:
+    """The launch settings for operand `a` (its device and dtype). `rows_per_group` (forward
+    forms: M / E) picks the decode tiles; `glu` (two accumulators per tile) narrows them."""
     if a.device.type == "cpu":  # the interpreter: small tiles keep the tests fast
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1,
-                    PERSISTENT=False, TMA_STORE=False)
+        return GmmConfig(32, 32, 32, group_m=4, num_warps=4, num_stages=1, persistent=False, tma_store=False)
     if a.dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3,
-                    PERSISTENT=False, TMA_STORE=False)
+        return GmmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=3, persistent=False, tma_store=False)
     if rows_per_group is not None and rows_per_group <= DECODE_MAX_ROWS_PER_GROUP:
-        # Decode: a few rows per expert; the time is reading each expert's weights once. Measured
-        # (H100, Triton 3.6, bf16, T = 64 tokens routed as fused_moe routes them; weight GB/s against
-        # 3.03 TB/s for a read-only torch.sum): these 16x128 tiles with 128-deep K steps, 4 stages and
-        # 4 warps against the 128x256x64 ones below: mixtral's [128 rows, 8 experts] x [4096, 28672]
-        # 0.681 -> 0.651 ms (2.89 TB/s) and x [14336, 4096] 0.349 -> 0.331 ms; qwen3moe's
-        # [512 rows, 128 experts] x [2048, 1536] 0.302 -> 0.280 ms and x [768, 2048] 0.168 -> 0.151 ms.
-        # 32- and 64-row tiles were within 1% of these; 256-wide or 64-deep ones 2-7% slower.
-        # With the GLU epilogue (two accumulators) the tile is half as wide: the same bytes a step.
-        return dict(BLOCK_M=16, BLOCK_N=64 if glu else 128, BLOCK_K=128, GROUP_M=8, num_warps=4,
-                    num_stages=4, PERSISTENT=True, TMA_STORE=False)
-    # 16-bit inputs on Hopper: 128x256 tiles, 64-deep K steps, 8 warps (two warpgroups).
-    # Measured (H100, Triton 3.6, bf16, the expert products of benchmarks/bench_gmm.py):
-    # persistent programs beat one program per tile by 2-15% (most at small K: olmoe, qwen3moe);
-    # TMA stores gain 1-4% on mixtral and are even elsewhere; 4 stages, 128x128 tiles (even at
-    # 2 programs per SM), flattened loop nests and cp.async loads were no better.
-    # With the GLU epilogue, 128x128: two 128x256 accumulators and their b stages would not fit.
-    return dict(BLOCK_M=128, BLOCK_N=128 if glu else 256, BLOCK_K=64, GROUP_M=8, num_warps=8,
-                num_stages=3, PERSISTENT=True, TMA_STORE=True)
+        # Decode: a few rows per expert; the time is reading each expert's weights once. 16-row
+        # tiles, 128-deep K steps, 4 stages, 4 warps: 4-10% faster than the tiles below at T = 64
+        # (benchmarks/RESULTS.md, "Decode inference"). With the GLU epilogue (two accumulators)
+        # the tile is half as wide: the same bytes a step.
+        return GmmConfig(16, 64 if glu else 128, 128, group_m=8, num_warps=4, num_stages=4, persistent=True,
+                         tma_store=False)
+    # 16-bit inputs on Hopper: 128x256 tiles, 64-deep K steps, 8 warps (two warpgroups),
+    # persistent programs and TMA stores: the fastest of the tiles benchmarks/bench_gmm.py
+    # sweeps (benchmarks/RESULTS.md, "Grouped GEMM"). With the GLU epilogue, 128x128: two
+    # 128x256 accumulators and their b stages would not fit.
+    return GmmConfig(128, 128 if glu else 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True,
+                     tma_store=True)
 
 
-# Forward forms with at most this many rows per group (M / E) take the decode tiles of `_config`
-# (measured up to 16: mixtral and qwen3moe at T = 64).
+# Forward forms with at most this many rows per group (M / E) take the decode tiles of
+# `default_config` (measured up to 16: mixtral and qwen3moe at T = 64).
 DECODE_MAX_ROWS_PER_GROUP = 16
 
 
-def _num_programs(a: torch.Tensor, num_tiles: int, cfg: dict) -> int:
-    """A program per tile, or with PERSISTENT one per SM (under the interpreter: 2, so that the
-    tests see programs loop over several tiles)."""
-    if not cfg["PERSISTENT"]:
-        return num_tiles
-    return max(1, min(num_tiles, _num_sms(a.device) if a.device.type == "cuda" else 2))
+def _num_programs(a: torch.Tensor, num_tiles: int, cfg: GmmConfig) -> int:
+    """A program per tile, or with `persistent` one per SM."""
+    return persistent_programs(a.device, num_tiles) if cfg.persistent else num_tiles
 
 
 def triton_gmm(
@@ -439,7 +414,7 @@ def triton_gmm(
     trans_b: bool = False,
     *,
     use_tma: Optional[bool] = None,
-    config: Optional[dict] = None,
+    config: Optional[Union[GmmConfig, dict]] = None,
     accumulate_into: Optional[torch.Tensor] = None,
     a_rows: Optional[torch.Tensor] = None,
     b_rows: Optional[torch.Tensor] = None,
@@ -450,7 +425,8 @@ def triton_gmm(
     """The Triton kernels. Inputs are validated by `gmm`; see the module docstring for the forms.
 
     `use_tma` (default: where the strides allow) picks TMA tensor descriptors over masked
-    pointer loads; `config` overrides keys of `_config`. Both are for tuning and tests.
+    pointer loads; `config` (a `GmmConfig`, or a dict of its fields) overrides
+    `default_config`. Both are for tuning and tests.
     `accumulate_into` (forward forms only: a contiguous `[M, N]` tensor of a's dtype) makes the
     kernel add its product to that tensor's values in its epilogue and return it.
     `a_rows` (`[M]` int32 on a's device): logical row i of `a` is physical row `a_rows[i]` of the
@@ -498,20 +474,18 @@ def triton_gmm(
     K = a.shape[1]
     M = a_rows.shape[0] if a_rows is not None else a.shape[0]
     T = a.shape[0]
-    cfg = dict(_config(a, None if trans_a else M / max(E, 1), glu is not None))
-    cfg.update(config or {})
+    cfg = with_overrides(default_config(a, None if trans_a else M / max(E, 1), glu is not None), config)
     launch = dict(
         BLOCK_E=max(next_power_of_2(E), 128),  # one compiled variant up to 128 groups
-        UPCAST=_interpreted(a) and a.dtype == torch.bfloat16,
-        PRECISION=_precision(a.dtype),
-        GROUP_M=cfg["GROUP_M"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        UPCAST=interpreted(a) and a.dtype == torch.bfloat16,
+        PRECISION=dot_precision(a.dtype),
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     if a.stride(1) != 1:
         a = a.contiguous()
-    if a.device.type == "cuda":
-        triton.set_allocator(_tma_allocator)
+    prepare_tma(a.device)
 
     if trans_a:
         N = b.shape[1]
@@ -521,15 +495,15 @@ def triton_gmm(
         if a_rows is not None and T == 0:  # every mapped row reads as zeros
             return out.zero_()
         if use_tma is None:  # a mapped `a` is read by pointer loads, whatever its strides
-            use_tma = _tma_ok(b) if a_rows is not None else _tma_ok(a, b)
-        num_tiles = E * cdiv(K, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+            use_tma = tma_ok(b) if a_rows is not None else tma_ok(a, b)
+        num_tiles = E * cdiv(K, cfg.block_m) * cdiv(N, cfg.block_n)
         num_programs = _num_programs(a, num_tiles, cfg)
         _gmm_var_k_kernel[(num_programs,)](
             a, b, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
             M, K, N, E, T, rows_top_k, num_programs,
             a.stride(0), b.stride(0), out.stride(0), out.stride(1),
-            BLOCK_K=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"],
-            USE_TMA=use_tma, TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out),
+            BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k,
+            USE_TMA=use_tma, TMA_STORE=cfg.tma_store and use_tma and tma_ok(out),
             GATHER_A=a_rows is not None, TRANS_OUT=trans_out, **launch,
         )
         return out
@@ -555,16 +529,16 @@ def triton_gmm(
         return out if accumulate_into is not None else out.zero_()
     if use_tma is None:  # with a_rows, a is read by pointer loads whatever its strides
         b_tma = [t.transpose(1, 2) if b_k_major else t for t in (b_ekn, bu_ekn) if t is not None]
-        use_tma = _tma_ok(*b_tma) if a_rows is not None else _tma_ok(a, *b_tma)
-    num_tiles = (cdiv(M, cfg["BLOCK_M"]) + E + 1) * cdiv(N, cfg["BLOCK_N"])
+        use_tma = tma_ok(*b_tma) if a_rows is not None else tma_ok(a, *b_tma)
+    num_tiles = (cdiv(M, cfg.block_m) + E + 1) * cdiv(N, cfg.block_n)
     num_programs = _num_programs(a, num_tiles, cfg)
     _gmm_kernel[(num_programs,)](
         a, b_ekn, b_ekn if bu_ekn is None else bu_ekn, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
         M, N, K, E, T, rows_top_k, num_programs,
         a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_TMA=use_tma, B_K_MAJOR=b_k_major,
-        TMA_STORE=cfg["TMA_STORE"] and use_tma and _tma_ok(out), ACCUMULATE=accumulate_into is not None,
+        TMA_STORE=cfg.tma_store and use_tma and tma_ok(out), ACCUMULATE=accumulate_into is not None,
         GATHER_A=a_rows is not None, GLU=glu or "none", **launch,
     )
     return out
@@ -655,7 +629,7 @@ def gmm_sum(
     out = run_gmm(a1, b1, batch_sizes, False, trans_b, backend)
     if _empty_result(a2, b2, batch_sizes, False, trans_b) is not None:
         return out  # the second product is zero
-    if backend == "triton" and out.is_contiguous() and (a2.device.type == "cuda" or _interpreted(a2)):
+    if backend == "triton" and out.is_contiguous() and (a2.device.type == "cuda" or interpreted(a2)):
         return triton_gmm(a2, b2, batch_sizes, False, trans_b, accumulate_into=out)
     return out.add_(run_gmm(a2, b2, batch_sizes, False, trans_b, backend))
 
@@ -665,7 +639,7 @@ def default_backend(a: torch.Tensor) -> str:
     """'triton' where the kernels run (CUDA, or the interpreter on CPU), else 'torch'."""
     if a.device.type == "cuda":
         return "triton"
-    return "triton" if _interpreted(a) else "torch"
+    return "triton" if interpreted(a) else "torch"
 
 
 def check_gmm_args(a, b, batch_sizes, trans_a: bool, trans_b: bool, backend: str) -> None:
@@ -758,7 +732,7 @@ def gmm(
     if backend is None and isinstance(a, torch.Tensor):
         backend = default_backend(a)
     check_gmm_args(a, b, batch_sizes, trans_a, trans_b, backend)
-    if backend == "triton" and a.device.type != "cuda" and not _interpreted(a):
+    if backend == "triton" and a.device.type != "cuda" and not interpreted(a):
         raise ValueError(
             f"a: backend='triton' runs on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1; "
             f"got a tensor on {a.device}"

@@ -30,7 +30,7 @@ Every index read from memory is bounds-checked before it is used as an address.
 """
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -38,6 +38,7 @@ import triton.language as tl
 
 from megablocks import _checks
 from megablocks.backend import cdiv, next_power_of_2
+from megablocks.backend.launch import with_overrides
 
 LAYOUTS = ("plain", "padded", "binned")
 
@@ -49,7 +50,9 @@ _ZERO_TILES = 16
 
 @dataclass(frozen=True)
 class Tile:
-    """Launch shape of a row kernel: `rows` rows × `cols` hidden elements per step, `num_warps`."""
+    """The settings of one row-kernel launch: `rows` rows × `cols` hidden elements per step,
+    `num_warps` (`default_tile` picks them; the launchers' `tile=` overrides them, see
+    `megablocks.backend.launch`)."""
 
     rows: int
     cols: int
@@ -58,12 +61,8 @@ class Tile:
 
 def default_tile(hidden: int) -> Tile:
     """The tile the row kernels use for hidden size `hidden`: about 2048 elements per step
-    (up to 1024 of a row, the rest as more rows), 4 warps.
-
-    Measured on an H100 (T=16384, K=8, E=64, H=2048, bf16; benchmarks/bench_permute.py --sweep):
-    2 rows × 1024 with 4 warps gave gather 2624 GB/s, scatter 2873 GB/s, weight_grad 2840 GB/s
-    (copy 2961 GB/s), the best of twelve tiles; 2 × 2048 with 8 warps gave 2490 / 2878 / 2792.
-    """
+    (up to 1024 of a row, the rest as more rows), 4 warps: the best of the tiles
+    `benchmarks/bench_permute.py --sweep` tried (benchmarks/RESULTS.md, "Permutation kernels")."""
     cols = min(next_power_of_2(max(hidden, 1)), 1024)
     return Tile(max(1, 2048 // cols), cols, 4)
 
@@ -347,7 +346,7 @@ def gather_rows(
     weights_N: Optional[torch.Tensor],
     top_k: int,
     *,
-    tile: Optional[Tile] = None,
+    tile: Optional[Union[Tile, dict]] = None,
 ) -> torch.Tensor:
     """`out_RH[assignment_row_N[a]] = weights[a] · x_TH[a // top_k]`; rows that hold no assignment
     (row_assignment_R[r] = -1) are zero. `weights_N=None` means 1. R = row_assignment_R.numel()."""
@@ -361,7 +360,7 @@ def gather_rows(
     out = torch.empty(num_rows, hidden, dtype=x_TH.dtype, device=x_TH.device)
     if out.numel() == 0:
         return out
-    tile = tile or default_tile(hidden)
+    tile = with_overrides(default_tile(hidden), tile)
     grid = (cdiv(tokens, tile.rows) + cdiv(num_rows, tile.rows * _ZERO_TILES),)
     _gather_kernel[grid](
         x_TH,
@@ -391,7 +390,7 @@ def scatter_rows(
     weights_N: Optional[torch.Tensor],
     top_k: int,
     *,
-    tile: Optional[Tile] = None,
+    tile: Optional[Union[Tile, dict]] = None,
 ) -> torch.Tensor:
     """`out_TH[t] = Σ_k weights[a] · x_RH[assignment_row_N[a]]`, a = t·top_k + k (fp32, k in order).
 
@@ -405,7 +404,7 @@ def scatter_rows(
     out = torch.empty(tokens, hidden, dtype=x_RH.dtype, device=x_RH.device)
     if out.numel() == 0:
         return out
-    tile = tile or default_tile(hidden)
+    tile = with_overrides(default_tile(hidden), tile)
     _scatter_kernel[(cdiv(tokens, tile.rows),)](
         x_RH,
         assignment_row_N,
@@ -432,7 +431,7 @@ def weight_grad(
     assignment_row_N: torch.Tensor,
     top_k: int,
     *,
-    tile: Optional[Tile] = None,
+    tile: Optional[Union[Tile, dict]] = None,
 ) -> torch.Tensor:
     """`out_N[a] = <x_RH[assignment_row_N[a]], y_TH[a // top_k]>` in fp32 (0 for dropped a)."""
     x_RH = _rows_contiguous("x", x_RH)
@@ -444,7 +443,7 @@ def weight_grad(
     out = torch.zeros(n, dtype=torch.float32, device=x_RH.device)
     if n == 0 or x_RH.shape[1] == 0:
         return out
-    tile = tile or default_tile(x_RH.shape[1])
+    tile = with_overrides(default_tile(x_RH.shape[1]), tile)
     _weight_grad_kernel[(cdiv(n, tile.rows),)](
         x_RH,
         y_TH,

@@ -31,7 +31,7 @@ except `slot * stride` into `data`, which is int64.
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import triton
@@ -39,7 +39,7 @@ import triton.language as tl
 
 from megablocks import _checks
 from megablocks.backend import cdiv, next_power_of_2
-from megablocks.backend.gmm import _num_sms, _tma_allocator, _tma_ok
+from megablocks.backend.launch import dot_precision, persistent_programs, prepare_tma, tma_ok, with_overrides
 
 # The block sizes B of the block-sparse layout (the topology, the products, `Arguments.moe_block_size`):
 # the kernels' tiles are B x B blocks, built and tested for these.
@@ -47,8 +47,9 @@ BLOCK_SIZES = (16, 32, 64, 128)
 
 
 @dataclass(frozen=True)
-class Config:
-    """Tiling of one launch.
+class SparseConfig:
+    """The settings of one sdd or dsd launch (`default_config` picks them; the launchers'
+    `config=` overrides them, see `megablocks.backend.launch`).
 
     `slots` (sdd only): adjacent blocks of one block row computed by one program (its tile is
     B × slots·B); used on expert topologies, 1 elsewhere. `use_tma` (sdd only): on expert
@@ -74,41 +75,33 @@ def _round_down_pow2(x: int) -> int:
     return 1 << (max(x, 1).bit_length() - 1)
 
 
-def default_config(op: str, block_size: int, dtype: torch.dtype, device: torch.device) -> Config:
-    """The tiling used for `op` ('sdd' or 'dsd'), block size and dtype on `device`.
+def default_config(op: str, block_size: int, dtype: torch.dtype, device: torch.device) -> SparseConfig:
+    """The settings for `op` ('sdd' or 'dsd'), block size and dtype on `device`.
 
     On the GPU, 16-bit inputs: a B × 256 output tile (two blocks of one row for sdd), 64-deep
-    steps, 8 warps, persistent; sdd 4 stages, groups of 4 block rows; dsd 3 stages, groups of 8.
-    Measured on an H100 (Triton 3.6, bf16, the four layer configs of benchmarks/bench_sparse.py
-    --sweep, 2026-11-23, benchmarks/RESULTS.md): TMA descriptor loads raised mixtral's dsd from
-    0.71 to 0.90-0.93 of a dense GEMM of its FLOPs and its weight-gradient products from 0.74 to
-    0.82-0.84, sdd from 0.71 to 0.74-0.75; for the transposed sparse operand with few blocks per
-    row (mb_paper, 4.5) pointer loads were faster (0.64 vs 0.58), hence
-    TMA_MIN_TRANSPOSED_STEPS. 3 stages beat 4 for dsd with TMA by 1-4 points on every config.
-    Earlier sweeps: 128-wide tiles with 4 warps and 128-deep steps were 5-30% slower; sdd groups
-    of 8 slower than 4. Persistent programs: sdd mixtral 0.87 -> 0.93; dsd's weight-gradient
-    products mixtral 0.84-0.85 -> 0.91, mb_paper 0.63-0.66 -> 0.64-0.69, its forward mb_paper
-    0.80 -> 0.85 and mixtral 0.95 -> 0.92. Run-to-run spread is up to ~15% for one kernel.
-    fp32 inputs take 32-deep steps, 2 stages and 128-wide tiles to fit shared memory.
-    In Triton's interpreter (CPU) 32-deep steps, 2 slots and 2 persistent programs, so the tests
-    walk the GPU's code paths (several steps per block, paired slots, programs looping over
-    tiles) at small shapes.
+    steps, 8 warps, persistent, TMA loads; sdd 4 stages, groups of 4 block rows; dsd 3 stages,
+    groups of 8: the fastest tilings `benchmarks/bench_sparse.py --sweep` found
+    (benchmarks/RESULTS.md, "Block-sparse products"). fp32 inputs take 32-deep steps, 2 stages
+    and 128-wide tiles to fit shared memory. In Triton's interpreter (CPU): 32-deep steps,
+    2 slots and 2 persistent programs, so the tests walk the GPU's code paths (several steps per
+    block, paired slots, programs looping over tiles) at small shapes.
     """
     if device.type != "cuda":
-        return Config(block_k=min(block_size, 32), num_warps=4, num_stages=1, slots=2,
+        return SparseConfig(block_k=min(block_size, 32), num_warps=4, num_stages=1, slots=2,
                       block_n=min(2 * block_size, 128), persistent=True)
     if dtype == torch.float32:
-        return Config(block_k=min(block_size, 32), num_warps=8, num_stages=2, slots=1,
+        return SparseConfig(block_k=min(block_size, 32), num_warps=8, num_stages=2, slots=1,
                       block_n=128)
     block_k = min(block_size, 64)
     if op == "sdd":
-        return Config(block_k=block_k, num_warps=8, num_stages=4, group_m=4,
+        return SparseConfig(block_k=block_k, num_warps=8, num_stages=4, group_m=4,
                       slots=max(1, 256 // block_size), persistent=True)
-    return Config(block_k=block_k, num_warps=8, num_stages=3, group_m=8, block_n=256, persistent=True)
+    return SparseConfig(block_k=block_k, num_warps=8, num_stages=3, group_m=8, block_n=256, persistent=True)
 
 
 # The transposed sparse operand (weight-gradient products) loads through TMA descriptors only when
-# its rows hold at least this many blocks on average (see `default_config`).
+# its rows hold at least this many blocks on average: with fewer, pointer loads were faster
+# (benchmarks/RESULTS.md, "Block-sparse products").
 TMA_MIN_TRANSPOSED_STEPS = 8
 
 
@@ -322,13 +315,6 @@ def _dsd_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot precision for fp32 inputs, following torch's setting for fp32 matmuls."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _check_offsets_int32(name: str, t: torch.Tensor) -> None:
     """Refuses a tensor whose largest element offset does not fit int32 (kernel addressing)."""
     span = sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
@@ -347,7 +333,7 @@ def _check_launch(num_programs: int) -> None:
 def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
         column_indices: torch.Tensor, offsets: torch.Tensor, *, block_size: int,
         num_block_cols: int, group_blocks: int, group_size: int, row_blocks: int,
-        config: Optional[Config] = None) -> torch.Tensor:
+        config: Optional[Union[SparseConfig, dict]] = None) -> torch.Tensor:
     """out_SBB[s] = block s of a_MK @ b_KN (zeros for slots at or past offsets[-1]).
 
     Shapes are checked by the caller (megablocks/ops/sparse.py): M = R·B; N = Q·B with
@@ -365,7 +351,7 @@ def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
         return out
     _check_offsets_int32("a", a_MK)
     _check_offsets_int32("b", b_KN)
-    cfg = config or default_config("sdd", B, a_MK.dtype, a_MK.device)
+    cfg = with_overrides(default_config("sdd", B, a_MK.dtype, a_MK.device), config)
     structured = row_blocks > 0
     slots = min(cfg.slots, _round_down_pow2(row_blocks)) if structured else 1
     if structured:
@@ -375,7 +361,7 @@ def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
     _check_launch(grid)
     num_programs = grid
     if cfg.persistent:
-        num_programs = min(grid, _num_sms(a_MK.device) if a_MK.device.type == "cuda" else 2)
+        num_programs = persistent_programs(a_MK.device, grid)
     block_k = min(cfg.block_k, next_power_of_2(max(K, 16)))
     b_k_major = b_KN.stride(0) == 1 and b_KN.shape[1] > 1
     use_tma = (
@@ -383,10 +369,10 @@ def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
         and structured
         and row_blocks % slots == 0  # every program's SLOTS blocks lie in one row
         and group_size % B == 0  # and their dense columns are contiguous
-        and _tma_ok(a_MK, b_KN.t() if b_k_major else b_KN)
+        and tma_ok(a_MK, b_KN.t() if b_k_major else b_KN)
     )
-    if use_tma and a_MK.device.type == "cuda":
-        triton.set_allocator(_tma_allocator)
+    if use_tma:
+        prepare_tma(a_MK.device)
     _sdd_kernel[(num_programs,)](
         a_MK, b_KN, out, row_indices, column_indices, offsets,
         K, N, num_block_rows, num_block_cols, nnz, row_blocks, group_blocks, group_size,
@@ -394,7 +380,7 @@ def sdd(a_MK: torch.Tensor, b_KN: torch.Tensor, row_indices: torch.Tensor,
         out.stride(0), out.stride(1), out.stride(2),
         BLOCK=B, SLOTS=slots, BLOCK_K=block_k, GROUP_M=cfg.group_m, STRUCTURED=structured,
         EVEN_K=K % block_k == 0, MASK_COLS=group_size % B != 0,
-        COL_ALIGN=math.gcd(group_size, B), PRECISION=_precision(a_MK.dtype),
+        COL_ALIGN=math.gcd(group_size, B), PRECISION=dot_precision(a_MK.dtype),
         USE_TMA=use_tma, B_K_MAJOR=b_k_major, M=M, num_tiles=grid, num_programs=num_programs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -405,7 +391,7 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
         slots: Optional[torch.Tensor], b_KN: torch.Tensor, out_MN: torch.Tensor, *,
         transposed: bool, num_block_cols: int, out_map: Tuple[int, int],
         in_map: Tuple[int, int], slot_step: int = 0,
-        config: Optional[Config] = None) -> torch.Tensor:
+        config: Optional[Union[SparseConfig, dict]] = None) -> torch.Tensor:
     """out_MN = S @ b_KN, S read row by row through (offsets, indices[, slots]); fills out_MN.
 
     `transposed`: S is the transpose of the stored matrix (its data blocks are read transposed;
@@ -425,13 +411,13 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
         return out_MN
     _check_offsets_int32("b", b_KN)
     _check_offsets_int32("out", out_MN)
-    cfg = config or default_config("dsd", B, data_SBB.dtype, data_SBB.device)
+    cfg = with_overrides(default_config("dsd", B, data_SBB.dtype, data_SBB.device), config)
     block_n = min(cfg.block_n, max(16, next_power_of_2(N)))
     grid = num_block_rows * cdiv(N, block_n)
     _check_launch(grid)
     num_programs = grid
     if cfg.persistent:
-        num_programs = min(grid, _num_sms(data_SBB.device) if data_SBB.device.type == "cuda" else 2)
+        num_programs = persistent_programs(data_SBB.device, grid)
     stride_ds, stride_dm, stride_dk = data_SBB.stride()
     if transposed:
         stride_dm, stride_dk = stride_dk, stride_dm
@@ -443,11 +429,11 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
         and in_map[1] % B == 0  # b's rows of a block column are whole blocks
         and (not transposed or nnz >= TMA_MIN_TRANSPOSED_STEPS * num_block_rows)
         and (stride_dm == 1 or stride_dk == 1)
-        and _tma_ok(data_SBB if data_SBB.stride(2) == 1 else data_SBB.transpose(1, 2),
-                    b_KN.t() if b_k_major else b_KN)
+        and tma_ok(data_SBB if data_SBB.stride(2) == 1 else data_SBB.transpose(1, 2),
+                   b_KN.t() if b_k_major else b_KN)
     )
-    if use_tma and data_SBB.device.type == "cuda":
-        triton.set_allocator(_tma_allocator)
+    if use_tma:
+        prepare_tma(data_SBB.device)
     _dsd_kernel[(num_programs,)](
         data_SBB, b_KN, out_MN, offsets, indices, slots if slots is not None else indices,
         N, num_block_rows, num_block_cols, nnz, out_map[0], out_map[1], in_map[0], in_map[1],
@@ -456,7 +442,7 @@ def dsd(data_SBB: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
         BLOCK=B, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m, GATHER=slots is not None,
         CONTIGUOUS=slot_step > 0, MASK_OUT=out_map[1] % B != 0, MASK_IN=in_map[1] % B != 0,
         EVEN_N=N % block_n == 0,
-        IN_ALIGN=math.gcd(in_map[1], block_k), PRECISION=_precision(data_SBB.dtype),
+        IN_ALIGN=math.gcd(in_map[1], block_k), PRECISION=dot_precision(data_SBB.dtype),
         USE_TMA=use_tma, A_M_MAJOR=a_m_major, B_K_MAJOR=b_k_major, K_ROWS=b_KN.shape[0],
         num_tiles=grid, num_programs=num_programs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

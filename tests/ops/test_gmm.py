@@ -110,9 +110,9 @@ def test_gmm_variable_k_product(backend, dtype, device):
 
 
 SCHEDULES = {
-    "one_tile_each": dict(PERSISTENT=False, TMA_STORE=False),
-    "persistent": dict(PERSISTENT=True, TMA_STORE=False),
-    "persistent_tma_store": dict(PERSISTENT=True, TMA_STORE=True),
+    "one_tile_each": dict(persistent=False, tma_store=False),
+    "persistent": dict(persistent=True, tma_store=False),
+    "persistent_tma_store": dict(persistent=True, tma_store=True),
 }
 
 
@@ -487,8 +487,9 @@ def test_triton_decode_tiles(rows_per_group, glu, device):
     multiple of the K step."""
     E, K, N = 24, 1000, 384
     sizes = [max(0, rows_per_group + (e % 5) - 2) if e % 7 else 0 for e in range(E)]
-    cfg = gmm_backend._config(torch.empty(1, device=device, dtype=torch.bfloat16), sum(sizes) / E, glu is not None)
-    assert (cfg["BLOCK_M"] == 16) == (sum(sizes) / E <= gmm_backend.DECODE_MAX_ROWS_PER_GROUP)
+    cfg = gmm_backend.default_config(torch.empty(1, device=device, dtype=torch.bfloat16), sum(sizes) / E,
+                                     glu is not None)
+    assert (cfg.block_m == 16) == (sum(sizes) / E <= gmm_backend.DECODE_MAX_ROWS_PER_GROUP)
     a, b, batch_sizes = _inputs(sizes, K, 2 * N if glu else N, torch.bfloat16, device, trans_b=True)
     out = gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, glu=glu)
     if glu:

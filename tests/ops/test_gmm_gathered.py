@@ -191,8 +191,8 @@ def test_noncontiguous_x(backend, layout, device):
 # The kernels' row maps (megablocks.backend.gmm.triton_gmm a_rows / b_rows)
 
 SCHEDULES = {
-    "one_tile_each": dict(PERSISTENT=False, TMA_STORE=False),
-    "persistent_tma_store": dict(PERSISTENT=True, TMA_STORE=True),
+    "one_tile_each": dict(persistent=False, tma_store=False),
+    "persistent_tma_store": dict(persistent=True, tma_store=True),
 }
 
 

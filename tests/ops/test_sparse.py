@@ -304,8 +304,8 @@ def test_tensor_descriptor_loads(product, dtype, device, monkeypatch):
     # these small topologies do not reach)
     monkeypatch.setattr(backend, "TMA_MIN_TRANSPOSED_STEPS", 1)
     taken = []
-    tma_ok = backend._tma_ok
-    monkeypatch.setattr(backend, "_tma_ok", lambda *t: taken.append(tma_ok(*t)) or taken[-1])
+    tma_ok = backend.tma_ok
+    monkeypatch.setattr(backend, "tma_ok", lambda *t: taken.append(tma_ok(*t)) or taken[-1])
     with_tma = op(**inputs)
     assert taken and all(taken), f"{product} did not take the tensor-descriptor loads"
     acc = torch.float64 if dtype == torch.float64 else torch.float32

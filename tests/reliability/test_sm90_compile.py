@@ -26,7 +26,7 @@ import inspect, json, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from megablocks.backend import gmm as G, routing as R, sparse as S, topk as TK
+from megablocks.backend import gmm as G, launch as L, routing as R, sparse as S, topk as TK
 
 TARGET = GPUTarget("cuda", 90, 32)
 ELEMENT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -61,33 +61,33 @@ def check(label, fn, element, consts, num_warps, num_stages):
 meta = lambda dtype: torch.empty(0, dtype=dtype, device="meta")  # noqa: E731
 for dtype in (torch.bfloat16, torch.float32):
     element = ELEMENT[dtype]
-    precision = G._precision(dtype)
+    precision = L.dot_precision(dtype)
     for rows_per_group in (4.0, 1000.0):
         for glu in (False, True):
-            cfg = G._config(meta(dtype), rows_per_group, glu)
+            cfg = G.default_config(meta(dtype), rows_per_group, glu)
             for gather in (False, True):
                 for k_major in (True, False):
                     label = (f"gmm {dtype} rows/group={rows_per_group} glu={glu} gather={gather} "
-                             f"k_major={k_major} {cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}")
-                    consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                  BLOCK_E=128, GROUP_M=cfg["GROUP_M"], USE_TMA=True, B_K_MAJOR=k_major,
-                                  UPCAST=False, PRECISION=precision, TMA_STORE=cfg["TMA_STORE"],
+                             f"k_major={k_major} {cfg.block_m}x{cfg.block_n}x{cfg.block_k}")
+                    consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                  BLOCK_E=128, GROUP_M=cfg.group_m, USE_TMA=True, B_K_MAJOR=k_major,
+                                  UPCAST=False, PRECISION=precision, TMA_STORE=cfg.tma_store,
                                   ACCUMULATE=False, GATHER_A=gather, GLU="silu" if glu else "none")
-                    check(label, G._gmm_kernel, element, consts, cfg["num_warps"], cfg["num_stages"])
+                    check(label, G._gmm_kernel, element, consts, cfg.num_warps, cfg.num_stages)
             if not glu:
                 consts["ACCUMULATE"], consts["GATHER_A"], consts["B_K_MAJOR"] = True, False, True
                 check(f"gmm {dtype} rows/group={rows_per_group} accumulate", G._gmm_kernel, element, consts,
-                      cfg["num_warps"], cfg["num_stages"])
-    cfg = G._config(meta(dtype))
+                      cfg.num_warps, cfg.num_stages)
+    cfg = G.default_config(meta(dtype))
     for gather, trans_out in ((False, False), (True, False), (True, True)):
-        consts = dict(BLOCK_K=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_K"], BLOCK_E=128,
-                      GROUP_M=cfg["GROUP_M"], USE_TMA=True, TMA_STORE=cfg["TMA_STORE"], UPCAST=False,
+        consts = dict(BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, BLOCK_E=128,
+                      GROUP_M=cfg.group_m, USE_TMA=True, TMA_STORE=cfg.tma_store, UPCAST=False,
                       PRECISION=precision, GATHER_A=gather, TRANS_OUT=trans_out)
         check(f"gmm variable-K {dtype} gather={gather} trans_out={trans_out}", G._gmm_var_k_kernel, element,
-              consts, cfg["num_warps"], cfg["num_stages"])
+              consts, cfg.num_warps, cfg.num_stages)
 
 for dtype in (torch.bfloat16, torch.float32):
-    element, precision = ELEMENT[dtype], S._precision(dtype)
+    element, precision = ELEMENT[dtype], L.dot_precision(dtype)
     for block in (64, 128):
         cfg = S.default_config("sdd", block, dtype, torch.device("cuda"))
         block_k = min(cfg.block_k, block)

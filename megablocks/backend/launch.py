@@ -1,0 +1,86 @@
+"""Launch settings, one style for every kernel family, and the device facts launches need.
+
+Each kernel family describes a launch by one frozen dataclass of its settings (`GmmConfig` in
+`megablocks.backend.gmm`, `SparseConfig` in `megablocks.backend.sparse`, `Tile` in
+`megablocks.backend.permute`), picked by a `default_*` function that documents the measurements
+behind it. A launcher's `config=` argument overrides that default: an instance of the dataclass
+replaces it, a dict replaces the fields it names (`with_overrides`), for tuning and tests.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Optional, TypeVar, Union
+
+import torch
+import triton
+
+Settings = TypeVar("Settings")
+
+
+def with_overrides(default: Settings, override: Optional[Union[Settings, dict]]) -> Settings:
+    """`default`, or `override` when it is a settings instance, or `default` with the fields a dict
+    names replaced; an unknown field is a ValueError that lists the known ones."""
+    if override is None:
+        return default
+    if isinstance(override, type(default)):
+        return override
+    if not isinstance(override, dict):
+        raise TypeError(f"config: expected a {type(default).__name__} or a dict of its fields, "
+                        f"got {type(override).__name__}")
+    fields = {f.name for f in dataclasses.fields(default)}
+    unknown = sorted(set(override) - fields)
+    if unknown:
+        raise ValueError(f"config: unknown fields {unknown}; {type(default).__name__} has {sorted(fields)}")
+    return dataclasses.replace(default, **override)
+
+
+def interpreted(t: torch.Tensor) -> bool:
+    """Whether Triton kernels on `t` run in the interpreter (CPU tensors, TRITON_INTERPRET=1)."""
+    return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached per device)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def persistent_programs(device: torch.device, num_tiles: int) -> int:
+    """One program per SM, at most one per tile (under the interpreter: 2, so that the tests see
+    programs loop over several tiles)."""
+    return max(1, min(num_tiles, num_sms(device) if device.type == "cuda" else 2))
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    # Global scratch where the kernels write their device-side TMA descriptors.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def prepare_tma(device: torch.device) -> None:
+    """Sets the scratch allocator Triton asks for when a kernel builds TMA descriptors on the
+    device; called before every such launch, so a caller's own allocator elsewhere is no issue."""
+    if device.type == "cuda":
+        triton.set_allocator(_tma_scratch)
+
+
+def tma_ok(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need 16-byte aligned bases and row strides, and unit inner strides."""
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((s * es) % 16 for s in t.stride()[:-1]) or t.stride(-1) != 1:
+            return False
+    return True
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot`'s input precision: fp32 products follow torch's matmul setting ('highest': full
+    fp32; 'high' or 'medium': TF32), 16-bit inputs are exact either way."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
