@@ -246,8 +246,8 @@ def _gmm_kernel(
 # (none: it writes zeros). With TMA, each tile's descriptors end at its group's last row, so a
 # neighbouring group's rows are never read; without, loads are masked. With GATHER_A, row i of
 # `a` is row a_rows[i] of a [T, K] tensor, read by masked pointer loads through the map, whose
-# next BLOCK_R entries are read a step ahead (so that no load waits on the result of another in
-# the same step: measured on the H100, 1.3-1.7x faster than reading them in the step). With
+# next BLOCK_R entries are read a step ahead, so that no load waits on the result of another in
+# the same step (benchmarks/RESULTS.md, "Measurements behind the kernels' defaults"). With
 # TRANS_OUT the result is stored transposed, into an [E, N, K] tensor.
 @triton.jit
 def _gmm_var_k_kernel(
@@ -464,8 +464,8 @@ def triton_gmm(
     trans_out = b_rows is not None
     if trans_out:
         # a^T @ b[map] = (b[map]^T @ a)^T: the kernel reads the mapped operand as its `a` and
-        # stores the tile transposed. Measured on the H100 (olmoe, qwen3moe, mixtral shapes),
-        # that beats a map on its `b`, whose tile is the wider one (read twice as often), by 15-20%.
+        # stores the tile transposed: faster than a map on its `b`, whose tile is the wider one
+        # (benchmarks/RESULTS.md, "Measurements behind the kernels' defaults").
         a, b, a_rows, b_rows = b, a, b_rows, None
     if a_rows is not None:
         a_rows = a_rows.contiguous()

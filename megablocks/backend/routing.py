@@ -20,9 +20,8 @@ from megablocks.backend import cdiv, next_power_of_2
 
 # Bins per program-local histogram at most. Up to this, each program reduces its ids with
 # `tl.histogram` (log2(bins) warp ballots per id) and adds one count per bin to global memory; above
-# it, the per-thread bin work outgrows the atomics' contention, so each id gets its own atomic.
-# Measured on an H100, N=131072 (bench_topology.py), local vs per-id atomics: E=64 (128 bins)
-# 11.3 vs 44.4 µs; E=256 (512 bins) 12.9 vs 22.7 µs; E=1024 (2048 bins) 24.1 vs 17.9 µs.
+# it, the per-thread bin work outgrows the atomics' contention, so each id gets its own atomic
+# (benchmarks/RESULTS.md, "Measurements behind the kernels' defaults").
 LOCAL_HISTOGRAM_MAX_BINS = 512
 
 
@@ -195,8 +194,8 @@ _COUNTS_BLOCK = 128
 
 def sort_key_dtype(end_bit: int) -> torch.dtype:
     """The narrowest dtype holding non-negative keys below 2**end_bit. torch.sort is a radix sort
-    on CUDA whose passes grow with the key width. Measured on an H100, N=131072 ids < 64
-    (bench_topology.py): uint8 keys 27 µs, int16 38 µs, int32 58 µs."""
+    on CUDA whose passes grow with the key width (benchmarks/RESULTS.md, "Measurements behind
+    the kernels' defaults")."""
     if end_bit <= 8:
         return torch.uint8
     if end_bit <= 15:

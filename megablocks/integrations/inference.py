@@ -53,12 +53,8 @@ ACTIVATIONS = ACTIVATION_FUNCTIONS
 PATHS = ("auto", "grouped", "gather")
 _GATING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-# 'auto' takes the gather path up to this many routed rows (T·K). The gather path reads each
-# selected expert's weights once per routed row and copies them; the grouped path reads each
-# selected expert once but launches the routing ops. Measured on the H100
-# (benchmarks/bench_fused_moe.py, bf16): the grouped path was faster at every measured size under
-# CUDA graphs (qwen3moe T=1: 0.084 against 0.204 ms) and eagerly wherever 'auto' could pick gather
-# (mixtral T=1, 2 rows: 0.88 against 1.61 ms); so 'auto' takes the grouped path from 1 row on.
+# 'auto' takes the gather path up to this many routed rows (T·K): none, as the grouped path was
+# faster at every measured size (benchmarks/RESULTS.md, "Measurements behind the kernels' defaults").
 GATHER_MAX_ROWS = 0
 
 

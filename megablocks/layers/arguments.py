@@ -28,10 +28,8 @@ DEFAULT_ACTIVATION_FN = partial(F.gelu, approximate="tanh")
 
 MLP_TYPES = ("mlp", "glu")
 MLP_IMPLS = ("sparse", "grouped")
-# What `mlp_impl='auto'` resolves to: the path measured fastest (benchmarks/bench_dmoe.py, H100,
-# bf16) on every config measured, forward and forward+backward (Mixtral, OLMoE, Qwen3-MoE and the
-# MegaBlocks paper's layer: grouped 1.11-1.52x torch grouped_mm, sparse 0.86-1.35x); with
-# gmm_backend='auto' it runs the Triton grouped GEMM on CUDA.
+# What `mlp_impl='auto'` resolves to: the path measured fastest on every config (benchmarks/
+# RESULTS.md, "The training step as training runs it"); with gmm_backend='auto', Triton on CUDA.
 AUTO_MLP_IMPL = "grouped"
 GMM_BACKENDS = ("auto", "triton", "torch", "gg")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")

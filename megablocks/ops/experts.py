@@ -28,16 +28,9 @@ from megablocks.ops.routing import RowMaps, row_maps
 from megablocks.policy import KernelPolicy
 
 
-# Where the first GEMM reads a gathered [N, H] copy of the token rows (one row gather, then TMA
-# loads) instead of the rows through the map (pointer loads): experts wider than gather_min_ffn
-# with at least gather_min_rows_per_expert routed rows per expert (N / E), the fields of
-# `megablocks.policy.KernelPolicy`. Measured on the H100 (fused_moe, bf16, three interleaved
-# rounds; benchmarks/RESULTS.md, "Decode inference"): mixtral (F = 14336) at 128 / 256 / 512 / 1024
-# rows per expert, map against copy 1.26 / 1.72 / 2.82 / 5.15 ms against 1.29 / 1.71 / 2.77 /
-# 4.90 ms (medians); qwen3moe (F = 768) at 128 / 256 / 512 rows 0.652 / 0.868 / 1.489 against
-# 0.681 / 0.939 / 1.588 ms, the map ahead at every size. The same split as the training path's
-# (`KernelPolicy.fused_gather`, taken up to F = 4096); widths between 4096 and 14336 are not
-# measured.
+# The first GEMM reads a gathered copy of the token rows (TMA loads) instead of the rows through
+# the map only for wide experts with many rows each (`KernelPolicy.gather_min_*`): the map is
+# ahead elsewhere (benchmarks/RESULTS.md, "The routed form at every size").
 
 
 def routed_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: Optional[torch.Tensor], w2: torch.Tensor,

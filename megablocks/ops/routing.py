@@ -88,8 +88,8 @@ def _compiled_histogram(x_MN: torch.Tensor, max_val: int):
     """The compiled module (csrc/histogram.cu) where it takes this call, else None.
 
     When built (`MEGABLOCKS_BUILD_CUDA=1`), it replaces the Triton kernel for one row of int32/int64
-    ids on CUDA and up to 12288 bins: same counts (ids out of range ignored, integer atomics), and
-    on an H100 7–12 µs a call against 25 µs (benchmarks/bench_csrc.py; both launch-bound).
+    ids on CUDA and up to 12288 bins: same counts (ids out of range ignored, integer atomics), 2-3.5x
+    faster (benchmarks/RESULTS.md, "Optional compiled op").
     """
     if not x_MN.is_cuda or x_MN.shape[0] != 1 or max_val > 12288 or x_MN.dtype not in (torch.int32, torch.int64):
         return None

@@ -224,7 +224,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _sdd_ref(a_MK, b_KN, meta, block_size, num_experts, ffn_hidden_size):
+def _sdd_data_reference(a_MK, b_KN, meta, block_size, num_experts, ffn_hidden_size):
     R, Q = meta[2].numel() - 1, meta[4].numel() - 1
     expert_map, _ = _maps(num_experts, ffn_hidden_size, block_size, Q)
     acc = _acc_dtype(a_MK.dtype)
@@ -232,7 +232,7 @@ def _sdd_ref(a_MK, b_KN, meta, block_size, num_experts, ffn_hidden_size):
     return _from_dense(dense, meta, R, Q, block_size).to(a_MK.dtype)
 
 
-def _dsd_ref(data_SBB, meta, transposed, b_KN, num_experts, ffn_hidden_size):
+def _dsd_data_reference(data_SBB, meta, transposed, b_KN, num_experts, ffn_hidden_size):
     R, Q = meta[2].numel() - 1, meta[4].numel() - 1
     B = data_SBB.shape[-1]
     expert_map, _ = _maps(num_experts, ffn_hidden_size, B, Q)
@@ -241,7 +241,7 @@ def _dsd_ref(data_SBB, meta, transposed, b_KN, num_experts, ffn_hidden_size):
     return ((dense.t() if transposed else dense) @ b_KN.to(acc)).to(b_KN.dtype)
 
 
-def _dds_ref(a_MK, data_SBB, meta, transposed, num_experts, ffn_hidden_size):
+def _dds_data_reference(a_MK, data_SBB, meta, transposed, num_experts, ffn_hidden_size):
     R, Q = meta[2].numel() - 1, meta[4].numel() - 1
     B = data_SBB.shape[-1]
     expert_map, _ = _maps(num_experts, ffn_hidden_size, B, Q)
@@ -269,7 +269,7 @@ def _sdd_op(a: torch.Tensor, b: torch.Tensor, row_indices: torch.Tensor,
     _expect("b", "rows (a's columns)", b.shape[0], a.shape[1])
     _expect("b", "columns", b.shape[1], _side(num_experts, ffn_hidden_size, block_size, Q))
     if not use_triton(a):
-        return _sdd_ref(a, b, meta, block_size, num_experts, ffn_hidden_size)
+        return _sdd_data_reference(a, b, meta, block_size, num_experts, ffn_hidden_size)
     return _backend.sdd(a, b, row_indices, column_indices, offsets, block_size=block_size,
                         num_block_cols=Q, group_blocks=expert_map[0], group_size=expert_map[1],
                         row_blocks=row_blocks if nnz == R * row_blocks else 0)
@@ -298,7 +298,7 @@ def _dsd_op(data: torch.Tensor, row_indices: torch.Tensor, column_indices: torch
     side = _side(num_experts, ffn_hidden_size, B, Q)
     _expect("b", "rows (the sparse operand's columns)", b.shape[0], R * B if transposed else side)
     if not use_triton(b):
-        return _dsd_ref(data, meta, transposed, b, num_experts, ffn_hidden_size)
+        return _dsd_data_reference(data, meta, transposed, b, num_experts, ffn_hidden_size)
     out = b.new_empty((_dsd_out_rows(R, Q, B, transposed, num_experts, ffn_hidden_size),
                        b.shape[1]))
     if transposed:
@@ -331,7 +331,7 @@ def _dds_op(a: torch.Tensor, data: torch.Tensor, row_indices: torch.Tensor,
     side = _side(num_experts, ffn_hidden_size, B, Q)
     _expect("a", "columns (the sparse operand's rows)", a.shape[1], side if transposed else R * B)
     if not use_triton(a):
-        return _dds_ref(a, data, meta, transposed, num_experts, ffn_hidden_size)
+        return _dds_data_reference(a, data, meta, transposed, num_experts, ffn_hidden_size)
     out = a.new_empty((a.shape[0], R * B if transposed else side))
     # (a @ S)^T = S^T @ a^T: the dsd kernel with S^T, a^T and out^T as strided views.
     if transposed:
@@ -589,25 +589,25 @@ def dds(a: torch.Tensor, b: stk.Matrix) -> torch.Tensor:
     return _dds_op(a, b.data, *_meta(b), transposed, *layout)
 
 
-def _ref_layout(m: stk.Matrix, dense_size: Optional[int]):
+def _reference_layout(m: stk.Matrix, dense_size: Optional[int]):
     return _layout_args("matrix", m, dense_size, "dense operand")
 
 
 def sdd_reference(a: torch.Tensor, b: torch.Tensor, topo: stk.Matrix) -> stk.Matrix:
     """Dense, masked reference of `sdd` (plain torch, differentiable, any float dtype, fp32+)."""
-    data = _sdd_ref(a, b, _meta(topo), topo.blocking, *_ref_layout(topo, b.shape[1]))
+    data = _sdd_data_reference(a, b, _meta(topo), topo.blocking, *_reference_layout(topo, b.shape[1]))
     return _like(topo, data)
 
 
 def dsd_reference(a: stk.Matrix, b: torch.Tensor) -> torch.Tensor:
     """Dense, masked reference of `dsd` (plain torch, differentiable, any float dtype, fp32+)."""
     transposed = not a.is_contiguous()
-    layout = _ref_layout(a, None if transposed else b.shape[0])
-    return _dsd_ref(a.data, _meta(a), transposed, b, *layout)
+    layout = _reference_layout(a, None if transposed else b.shape[0])
+    return _dsd_data_reference(a.data, _meta(a), transposed, b, *layout)
 
 
 def dds_reference(a: torch.Tensor, b: stk.Matrix) -> torch.Tensor:
     """Dense, masked reference of `dds` (plain torch, differentiable, any float dtype, fp32+)."""
     transposed = not b.is_contiguous()
-    layout = _ref_layout(b, a.shape[1] if transposed else None)
-    return _dds_ref(a, b.data, _meta(b), transposed, *layout)
+    layout = _reference_layout(b, a.shape[1] if transposed else None)
+    return _dds_data_reference(a, b.data, _meta(b), transposed, *layout)
