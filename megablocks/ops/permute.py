@@ -360,7 +360,7 @@ def padded_gather(
     padded_bins: torch.Tensor,
     top_k: int,
     *,
-    block_size: int = 128,
+    block_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Token rows in expert order, each expert's rows starting at its padded bin.
 
@@ -370,13 +370,14 @@ def padded_gather(
     Args:
         x, indices, bin_ids, bins, top_k: as in `gather`.
         padded_bins: `[E]` int32/int64 inclusive cumulative row counts, each expert's count rounded
-            up to a multiple of `block_size`.
-        block_size: the rounding of `padded_bins` (any int >= 1; 128 and 64 are the usual ones).
+            up to a multiple of the block size.
+        block_size: None (MegaBlocks' result): `padded_bins[-1]` rows, read on the host (a
+            host-device sync on CUDA). An int (the rounding of `padded_bins`, >= 1): the static
+            P = `padded_rows_bound(N, E, block_size)` >= padded_bins[-1] rows, rows from
+            padded_bins[-1] on zero, no sync (what the layers use).
 
     Returns:
-        `[P, H]` in x's dtype with the static P = `padded_rows_bound(N, E, block_size)` >=
-        padded_bins[-1] (rows from padded_bins[-1] on are zero; no host sync needed to size it).
-        Differentiable in x.
+        `[padded_bins[-1], H]` (or `[P, H]`) in x's dtype. Differentiable in x.
 
     Raises:
         TypeError / ValueError: as in `gather`, plus padded_bins values above P.
@@ -385,7 +386,15 @@ def padded_gather(
         x, 2, indices, bins, top_k, bin_ids=bin_ids, padded_bins=padded_bins, has_padded_bins=True
     )
     _check_rows("x", x.shape[0], n // top_k, "T = indices.numel() // top_k")
-    assignment_row, row_assignment = _padded_route(indices, bin_ids, bins, padded_bins, n, num_experts, block_size)
+    if block_size is None:
+        num_rows = int(padded_bins[-1]) if num_experts else 0  # MegaBlocks' size: a host read
+        _checks.check_int32_range("padded rows", num_rows)
+        _checks.check_index_values("padded_bins", padded_bins, num_rows + 1)
+        assignment_row, row_assignment = _route(indices, bin_ids, bins, padded_bins, "padded", max(num_rows, 0), 0)
+    else:
+        _checks.check_int("block_size", block_size, min_value=1)
+        assignment_row, row_assignment = _padded_route(indices, bin_ids, bins, padded_bins, n, num_experts,
+                                                       block_size)
     return _gather_rows(x, row_assignment, assignment_row, None, top_k)
 
 
@@ -548,8 +557,11 @@ def scatter_reference(x, indices, bin_ids, weights, bins, top_k):
     return scatter_rows_reference(x, assignment_row, weights, top_k)
 
 
-def padded_gather_reference(x, indices, bin_ids, bins, padded_bins, top_k, *, block_size=128):
-    num_rows = padded_rows_bound(indices.numel(), bins.numel(), block_size)
+def padded_gather_reference(x, indices, bin_ids, bins, padded_bins, top_k, *, block_size=None):
+    if block_size is None:  # MegaBlocks' size
+        num_rows = int(padded_bins[-1]) if padded_bins.numel() else 0
+    else:
+        num_rows = padded_rows_bound(indices.numel(), bins.numel(), block_size)
     _, row_assignment = route_reference(
         indices, bins, layout="padded", num_rows=num_rows, bin_ids_N=bin_ids, padded_bins_E=padded_bins
     )

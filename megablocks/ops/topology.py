@@ -130,15 +130,18 @@ def topology(padded_bins: torch.Tensor, block_size: int, output_block_rows: int,
         output_block_columns: C, block columns per expert.
 
     Returns:
-        int32 `[R_max·C]`: slot `r·C + j` holds `e(r)·C + j`, e(r) the expert whose padded bin
-        holds block row r (E−1 on padding rows).
+        `[R_max·C]`: slot `r·C + j` holds `e(r)·C + j`, e(r) the expert whose padded bin holds
+        block row r (E−1 on padding rows). int16, as MegaBlocks returns it, where the E·C block
+        columns fit int16; int32 past that (where MegaBlocks' int16 would wrap).
 
     Raises:
         TypeError / ValueError: bad dtypes, ranks or sizes; sizes beyond int32; on CPU, padded_bins
         not non-decreasing multiples of B within R_max·B.
     """
     _validate(padded_bins, block_size, output_block_rows, output_block_columns, "output_block_columns")
-    return _topology_op(padded_bins, block_size, output_block_rows, output_block_columns)[1]
+    column_indices = _topology_op(padded_bins, block_size, output_block_rows, output_block_columns)[1]
+    fits_int16 = padded_bins.numel() * output_block_columns <= torch.iinfo(torch.int16).max + 1
+    return column_indices.to(torch.int16) if fits_int16 else column_indices
 
 
 def make_topology(padded_bins: torch.Tensor, *, block_size: int, num_block_rows: int,

@@ -171,6 +171,15 @@ def test_padded_gather_scatter(case, dtype, device):
     y.backward(g)
     assert_equal("padded_gather x.grad", x.grad, naive_scatter(g, r, rows, top_k).to(device))
 
+    # MegaBlocks' result by default: exactly padded_bins[-1] rows (read on the host).
+    used = int(r["padded_bins"][-1])
+    x2 = x.detach().clone().requires_grad_()
+    y2 = P.padded_gather(x2, *args)
+    assert_equal("padded_gather out (MegaBlocks' rows)", y2, naive_gather(x, r, rows, used, top_k).to(device))
+    g2 = torch.randn_like(y2)
+    y2.backward(g2)
+    assert_equal("padded_gather x.grad (MegaBlocks' rows)", x2.grad, naive_scatter(g2, r, rows, top_k).to(device))
+
     # The input of padded_scatter: real rows random, padding rows NaN.
     real = torch.zeros(num_rows, dtype=torch.bool)
     real[rows] = True
@@ -372,7 +381,8 @@ BAD_INPUTS = [
     ("scatter", {"weights": lambda w: w.long()}, TypeError, "weights: expected dtype"),
     ("padded_gather", {"padded_bins": lambda b: b[:2]}, ValueError, "padded_bins: expected 4"),
     ("padded_gather", {"block_size": 0}, ValueError, "block_size"),
-    ("padded_gather", {"padded_bins": lambda b: b * 9}, ValueError, "padded_bins: expected values"),
+    ("padded_gather", {"padded_bins": lambda b: b * 9, "block_size": 128}, ValueError, "padded_bins: expected values"),
+    ("padded_gather", {"padded_bins": lambda b: b - b[-1] - 1}, ValueError, "padded"),
     ("padded_scatter", {"x": lambda x: x[:10]}, ValueError, "padded_bins: expected values"),
     ("binned_gather", {"bin_size": -1}, ValueError, "bin_size"),
     ("binned_scatter", {"x": lambda x: x[:3]}, ValueError, "x: expected 4 rows"),
