@@ -27,3 +27,14 @@ def device():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _exact_fp32_matmuls():
+    """fp32 matmuls at full precision (no TF32) for the whole run: the float32 references are
+    then exact to fp32 rounding, and the kernels' fp32 products (which follow this setting) are
+    held to the fp32 limits of tests/utils.py. A test that checks TF32 sets it for itself."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)

@@ -10,6 +10,7 @@ the whole model.
 
 import contextlib
 import copy
+import dataclasses
 import os
 
 import pytest
@@ -176,6 +177,35 @@ def test_transformer_layer_mlp_block():
     assert x.grad.abs().max() > 0
     assert layer.mlp.moe.experts.mlp.w2.grad.abs().max() > 0
     assert layer.pre_mlp_layernorm.weight.grad.abs().max() > 0
+    _check_mlp_block_grads(layer, x, lambda out: out.square().sum())
+
+
+def _check_mlp_block_grads(layer, x, loss_of):
+    """The gradients `loss_of(layer._forward_mlp(x)).backward()` left (x, the norm, every MoE
+    parameter) against plain autograd on `x + moe(norm(x)) + bias` built from copies: the norm
+    copied, the MoE rebuilt as a standalone dMoE from the layer's own Arguments and weights, and
+    megatron-core's aux-loss gradients (load balancing, coefficient per layer; z-loss) added as the
+    losses they stand for."""
+    norm = copy.deepcopy(layer.pre_mlp_layernorm)
+    ref = dMoE(dataclasses.replace(layer.mlp.args, loss_collector=None))
+    ref.load_state_dict(layer.mlp.moe.state_dict())
+    ref.train()
+    x_ref = x.detach().clone().requires_grad_()
+    y, b = ref(norm(x_ref))
+    loss = loss_of(x_ref + y + b)
+    if ref.load_balancing_loss is not None:
+        loss = loss + ref.load_balancing_loss * layer.mlp.args.num_layers
+    if ref.router_zloss is not None:
+        loss = loss + ref.router_zloss
+    loss.backward()
+    assert_close("x.grad", x.grad, x_ref.grad, family="layer")
+    for name, p in norm.named_parameters():
+        assert_close(f"pre_mlp_layernorm.{name}.grad", getattr(layer.pre_mlp_layernorm, name).grad, p.grad,
+                     family="layer")
+    ours, theirs = grads(layer.mlp.moe), grads(ref)
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert_close(f"moe.{name}.grad", ours[name], theirs[name], family="layer")
 
 
 def test_moefy_megatron_replaces_dense_mlps():
@@ -193,6 +223,7 @@ def test_moefy_megatron_replaces_dense_mlps():
     out = layers[0]._forward_mlp(x)
     (out[0] if isinstance(out, tuple) else out).sum().backward()
     assert layers[0].mlp.moe.router.layer.weight.grad.abs().max() > 0
+    _check_mlp_block_grads(layers[0], x, lambda out: out.sum())
 
 
 def test_arguments_from_config_mapping():

@@ -186,12 +186,12 @@ def check_against_reference(layer, x, *, capacity=None, dtype=torch.float32, top
     (ref * grad_out.float().cpu()).sum().backward()
     assert_equal("top_experts", seen["top_experts"].cpu(), top_experts)
     assert_equal("tokens_per_expert", layer.experts.tokens_per_expert.cpu().long(), counts)
-    assert_close("out", out, ref, dtype=dtype)
+    assert_close("out", out, ref, dtype=dtype, family="layer")
     grads = layer_grads(layer, x)
     expected = {"x": xr.grad, **{k: None if p[k] is None else p[k].grad for k in GRAD_NAMES if k != "x"}}
     for name in GRAD_NAMES:
         if expected[name] is None:
             assert grads[name] is None, f"{name}: the layer has a parameter the reference lacks"
         else:
-            assert_close(f"grad {name}", grads[name], expected[name], dtype=dtype)
+            assert_close(f"grad {name}", grads[name], expected[name], dtype=dtype, family="layer")
     return top_experts

@@ -89,13 +89,14 @@ def _check_step_against_reference(layer, x, grad_out, out, top_experts, dtype):
     lbl = LOSS_WEIGHT * E / (T * K) * torch.dot(counts.float(), scores.mean(dim=0))
     ((ref * grad_out.float().cpu()).sum() + lbl).backward()
     assert_equal("tokens_per_expert", layer.experts.tokens_per_expert.cpu().long(), counts)
-    assert_close("out", out, ref, dtype=dtype)
-    assert_close("load_balancing_loss", layer.load_balancing_loss.reshape(1), lbl.reshape(1), dtype=dtype)
+    assert_close("out", out, ref, dtype=dtype, family="layer")
+    assert_close("load_balancing_loss", layer.load_balancing_loss.reshape(1), lbl.reshape(1), dtype=dtype,
+                 family="layer")
     grads = layer_grads(layer, x)
     expected = {"x": xr.grad, **{k: None if p[k] is None else p[k].grad for k in GRAD_NAMES if k != "x"}}
     for name in GRAD_NAMES:
         if expected[name] is not None:
-            assert_close(f"grad {name}", grads[name], expected[name], dtype=dtype)
+            assert_close(f"grad {name}", grads[name], expected[name], dtype=dtype, family="layer")
     return counts
 
 
@@ -177,7 +178,7 @@ def _assert_same(name, actual, expected, dtype):
         scale = expected.double().abs().max().item() or 1.0
         assert err <= 1e-5 * scale, f"{name}: max abs err {err:.3e} (scale {scale:.3e})"
     else:
-        assert_close(name, actual, expected, dtype=dtype)
+        assert_close(name, actual, expected, dtype=dtype, family="layer")
 
 
 @pytest.mark.gpu
@@ -297,10 +298,10 @@ def test_compile_fullgraph_matches_eager(impl, mlp_type, top_k):
             with torch._dynamo.config.patch(error_on_recompile=i > 0):
                 got = run(compiled, x, grad_out)
             assert_equal("tokens_per_expert", model.moe.experts.tokens_per_expert, eager_counts)
-            assert_close("out", got[0], expected[0], dtype=dtype)
-            assert_close("load_balancing_loss", got[1].reshape(1), expected[1].reshape(1), dtype=dtype)
+            assert_close("out", got[0], expected[0], dtype=dtype, family="layer")
+            assert_close("load_balancing_loss", got[1].reshape(1), expected[1].reshape(1), dtype=dtype, family="layer")
             for name, g in expected[2].items():
-                assert_close(f"grad {name}", got[2][name], g, dtype=dtype)
+                assert_close(f"grad {name}", got[2][name], g, dtype=dtype, family="layer")
             if i == 0:
                 # Second call: a routing that leaves most experts empty, same shapes (no recompile).
                 with torch.no_grad():

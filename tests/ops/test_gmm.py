@@ -236,11 +236,16 @@ def test_compiles_in_one_graph(device):
     sizes, K, N = CASES["mixed"]
     a, b, batch_sizes = _inputs(sizes, K, N, torch.float32, device, trans_b=True)
     a.requires_grad_()
+    b.requires_grad_()
     fn = torch.compile(lambda a, b, s: gmm(a, b, s, trans_b=True, backend="triton"), backend="aot_eager", fullgraph=True)
     out = fn(a, b, batch_sizes)
-    out.backward(torch.ones_like(out))
-    assert_close("out", out, gmm_reference(a.double(), b.double(), batch_sizes.cpu(), trans_b=True), torch.float32)
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+    ref, d_a, d_b = _reference_with_grads(a, b, batch_sizes, True, d_out)
+    assert_close("out", out, ref, torch.float32)
     assert a.grad is not None and a.grad.shape == a.shape
+    assert_close("d_a", a.grad, d_a, torch.float32)
+    assert_close("d_b", b.grad, d_b, torch.float32)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="host-device syncs exist only with a GPU")

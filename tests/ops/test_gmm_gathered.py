@@ -329,7 +329,8 @@ def test_eager_path_equals_the_custom_op(device):
 
 def test_compiles_in_one_graph(device):
     x, (b1, b2), counts, maps, token_of_row = _setup("unaligned", torch.float32, device, True, num_b=2)
-    x.requires_grad_()
+    for t in (x, b1, b2):
+        t.requires_grad_()
 
     def fn(x, b1, b2, counts, row_assignment, assignment_row):
         m = RowMaps(assignment_row, row_assignment, maps.top_k)
@@ -338,12 +339,20 @@ def test_compiles_in_one_graph(device):
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     out = compiled(x, b1, b2, counts, maps.row_assignment, maps.assignment_row)
-    out.backward(torch.ones_like(out))
-    x64 = x.detach().double()[token_of_row]
-    h1 = gmm_reference(x64, b1.double(), counts.cpu(), trans_b=True)
-    h2 = gmm_reference(x64, b2.double(), counts.cpu(), trans_b=True)
-    assert_close("out", out, h1 + h1 * h2, torch.float32)
+    d_out = torch.randn_like(out)
+    out.backward(d_out)
+    # The reference: the explicit gather and the per-group products, by autograd in float64.
+    x64, b164, b264 = (t.detach().double().requires_grad_() for t in (x, b1, b2))
+    rows = x64[token_of_row.cpu()]
+    h1 = gmm_reference(rows, b164, counts.cpu(), trans_b=True)
+    h2 = gmm_reference(rows, b264, counts.cpu(), trans_b=True)
+    ref = h1 + h1 * h2
+    ref.backward(d_out.double().cpu())
+    assert_close("out", out, ref, torch.float32)
     assert x.grad is not None and x.grad.shape == x.shape
+    assert_close("d_x", x.grad, x64.grad, torch.float32)
+    assert_close("d_b1", b1.grad, b164.grad, torch.float32)
+    assert_close("d_b2", b2.grad, b264.grad, torch.float32)
 
 
 def test_bad_arguments(device):

@@ -1,6 +1,5 @@
 """replicate (forward and gradient) against a loop; MegaBlocks' repeat and sum helpers."""
 
-import time
 
 import pytest
 import torch
@@ -96,13 +95,7 @@ def test_replicate_bad_inputs():
 def test_replicate_compile_fullgraph():
     bins = torch.tensor([3, 3, 9, 10, 17])
     x = torch.randn(4, 5, requires_grad=True)
-    start = time.time()
-    try:
-        out = torch.compile(lambda x, b: replicate(x, b, 17), fullgraph=True, backend="aot_eager")(x, bins)
-    except Exception:
-        if time.time() - start > 30:
-            pytest.skip("torch.compile took more than 30 s")
-        raise
+    out = torch.compile(lambda x, b: replicate(x, b, 17), fullgraph=True, backend="aot_eager")(x, bins)
     assert_equal("out", out.detach(), loop_replicate(x.detach(), bins, 17))
     out.backward(torch.ones_like(out))
     assert_equal("x.grad", x.grad, loop_replicate_grad(torch.ones(4, 17), bins).float())

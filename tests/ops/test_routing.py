@@ -1,7 +1,6 @@
 """Routing metadata ops (sort, histogram, cumsums, round_up, routing_metadata), bitwise."""
 
 import os
-import time
 
 import pytest
 import torch
@@ -248,13 +247,7 @@ def test_routing_metadata_bad_inputs():
 def test_routing_metadata_compile_fullgraph():
     """The whole metadata step traces into one graph (the histogram kernel is a custom op)."""
     top_experts = torch.randint(0, 8, (100, 2))
-    start = time.time()
-    try:
-        got = torch.compile(routing_metadata, fullgraph=True)(top_experts, 8, 16)
-    except Exception:
-        if time.time() - start > 30:
-            pytest.skip("torch.compile took more than 30 s")
-        raise
+    got = torch.compile(routing_metadata, fullgraph=True)(top_experts, 8, 16)
     for name, g, w in zip(routing.RoutingMetadata._fields, got, loop_metadata(top_experts, 8, 16)):
         assert_equal(name, g, w)
 

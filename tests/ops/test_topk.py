@@ -13,7 +13,7 @@ from megablocks.backend import topk as topk_kernels
 from megablocks.integrations.inference import softmax_topk, softmax_topk_reference
 from megablocks.policy import KernelPolicy
 from tests.conftest import DEVICE
-from tests.utils import assert_equal
+from tests.utils import assert_close, assert_equal
 
 # Probabilities closer than this may be ordered either way by two softmax implementations.
 _GAP = 1e-6
@@ -128,11 +128,24 @@ def test_large_e():
     assert_equal("weights", weights, ref_w)
 
 
-def test_gradient_takes_the_reference():
-    gating = torch.randn(4, 8, device=DEVICE, requires_grad=True)
-    weights, _ = softmax_topk(gating, 2, True)
-    weights[:, 0].sum().backward()
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("t,e,topk", [(4, 8, 2), (13, 20, 3), (5, 6, 6), (7, 1, 1)])
+def test_gradient_takes_the_reference(renormalize, t, e, topk):
+    """With a gradient wanted, the weights and the logits' gradient equal those of the softmax
+    and top-k written out in float64 (on the ids returned), for a random output gradient."""
+    gating = (torch.randn(t, e, device=DEVICE) * 3).requires_grad_()
+    weights, ids = softmax_topk(gating, topk, renormalize)
+    d_weights = torch.randn_like(weights)
+    weights.backward(d_weights)
     assert gating.grad is not None and gating.grad.shape == gating.shape
+
+    gating64 = gating.detach().double().requires_grad_()
+    ref = gating64.softmax(-1).gather(1, ids)
+    if renormalize:
+        ref = ref / ref.sum(-1, keepdim=True)
+    ref.backward(d_weights.double())
+    assert_close("weights", weights, ref, torch.float32)
+    assert_close("gating.grad", gating.grad, gating64.grad, torch.float32)
 
 
 def test_bad_input():

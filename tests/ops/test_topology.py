@@ -208,13 +208,7 @@ def test_compile_fullgraph():
     def build(pb):
         return _topology_op(pb, 16, 5, 2)
 
-    start = time.time()
-    try:
-        got = torch.compile(build, fullgraph=True)(pb)
-    except Exception:
-        if time.time() - start > 30:
-            pytest.skip("torch.compile took more than 30 s")
-        raise
+    got = torch.compile(build, fullgraph=True)(pb)
     for name, g, w in zip(NAMES, got, dense_reference([5, 0, 33], 16, 5, 2)):
         assert_equal(name, g, w)
 

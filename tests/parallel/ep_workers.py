@@ -102,13 +102,14 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     if all_to_expert is not None:
         _, _, top = ref.router(X.detach())
         assert bool((top[:, 0] == all_to_expert).all()), "the routing did not put every first choice on one expert"
-    assert_close(f"{where} out", out, OUT[rows])
-    assert_close(f"{where} grad x", x.grad, local_grads[0][rows])
-    assert_close(f"{where} grad router", ep.router.layer.weight.grad, local_grads[1])
-    assert_close(f"{where} grad bias", ep.experts.bias.grad, local_grads[2])
+    assert_close(f"{where} out", out, OUT[rows], family="layer")
+    assert_close(f"{where} grad x", x.grad, local_grads[0][rows], family="layer")
+    assert_close(f"{where} grad router", ep.router.layer.weight.grad, local_grads[1], family="layer")
+    assert_close(f"{where} grad bias", ep.experts.bias.grad, local_grads[2], family="layer")
     ep_params = dict(ep.named_parameters())
     for name, g in zip(names, expert_grads):
-        assert_close(f"{where} grad {name}", ep_params[name].grad, _shard(ep.args, name, g / world_size, moe_layout))
+        assert_close(f"{where} grad {name}", ep_params[name].grad, _shard(ep.args, name, g / world_size, moe_layout),
+                     family="layer")
 
 
 def layer_cases(rank, world_size, cases):
@@ -183,7 +184,7 @@ def dp_step(rank, world_size, ep_size, use_ddp, max_norm=0.05):
     _loss(forward, x, t).backward()
     helper.allreduce_gradients()
     norm = helper.clip_grad_norm_(max_norm)
-    assert_close(f"rank {rank} ddp={use_ddp} gradient norm", norm, ref_norm)
+    assert_close(f"rank {rank} ddp={use_ddp} gradient norm", norm, ref_norm, family="layer")
     opt.step()
 
     names = _expert_names(model)
@@ -191,7 +192,7 @@ def dp_step(rank, world_size, ep_size, use_ddp, max_norm=0.05):
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         expected = _shard(model.moe.args, name, ref_params[name], False) if name in names else ref_params[name]
-        assert_close(f"rank {rank} ddp={use_ddp} weight {name} after one step", p, expected)
+        assert_close(f"rank {rank} ddp={use_ddp} weight {name} after one step", p, expected, family="layer")
 
 
 def _expect_error(what, fn, match):

@@ -1,0 +1,107 @@
+"""The limits of `tests.utils.assert_close` against the errors they must tell apart.
+
+A correct fp32 product (fp32 inputs, fp32 accumulation) passes; the same product from inputs
+rounded to TF32 (mantissa cut to 10 bits) or accumulated in fp16 fails, at the K of the CPU
+tests (40) and of the GPU tests (1024). For fp16 inputs, a product accumulated in fp32 and
+rounded once passes and one accumulated in fp16 fails from K = 40 (at K = 16 the two differ by
+about one rounding and cannot be told apart: see tests/utils.py).
+"""
+
+import pytest
+import torch
+
+from tests.conftest import DEVICE
+from tests.utils import assert_close, relative_errors, tolerance
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 with the low 13 of its 23 mantissa bits cleared: TF32 inputs, truncated."""
+    return (x.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def _fp16_accumulated(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with the running sum rounded to fp16 after every one of the K steps."""
+    acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float16)
+    for k in range(a.shape[1]):
+        acc = (acc.float() + a[:, k : k + 1].float() * b[k : k + 1].float()).half()
+    return acc
+
+
+def _operands(K, dtype=torch.float32):
+    g = torch.Generator().manual_seed(K)
+    a = torch.randn(64, K, generator=g).to(dtype)
+    b = (torch.randn(K, 48, generator=g) / K**0.5).to(dtype)
+    return a, b
+
+
+def _rejects(name, actual, expected, dtype):
+    with pytest.raises(AssertionError, match=name):
+        assert_close(name, actual, expected, dtype)
+
+
+@pytest.mark.parametrize("K", [40, 1024])
+def test_fp32_limit_rejects_tf32_and_fp16_accumulation(K):
+    a, b = _operands(K)
+    ref = a.double() @ b.double()
+    assert_close("fp32", a @ b, ref, torch.float32)
+    _rejects("tf32 inputs", _tf32(a) @ _tf32(b), ref, torch.float32)
+    _rejects("fp16 accumulation", _fp16_accumulated(a, b).float(), ref, torch.float32)
+    # Not only rejected: far outside (at least 20 times the rms limit).
+    assert relative_errors(_tf32(a) @ _tf32(b), ref)[1] > 20 * tolerance(torch.float32)[1]
+
+
+@pytest.mark.parametrize("K", [40, 1024])
+def test_fp16_limit_rejects_fp16_accumulation(K):
+    a, b = _operands(K, torch.float16)
+    ref = a.double() @ b.double()
+    assert_close("fp32 accumulation", (a.float() @ b.float()).half(), ref, torch.float16)
+    _rejects("fp16 accumulation", _fp16_accumulated(a, b), ref, torch.float16)
+
+
+def test_fp16_accumulation_at_k16_is_within_one_rounding():
+    """Documents the limit of the fp16 check: at K = 16 fp16 accumulation errs about as much as
+    one rounding of the output, so no limit that passes correct kernels can reject it."""
+    a, b = _operands(16, torch.float16)
+    ref = a.double() @ b.double()
+    correct = relative_errors((a.float() @ b.float()).half(), ref)
+    accumulated = relative_errors(_fp16_accumulated(a, b), ref)
+    assert accumulated[1] < 3 * correct[1]
+
+
+def test_layer_limits_are_looser_and_unknown_family_refused():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        op, layer = tolerance(dtype), tolerance(dtype, "layer")
+        assert op[0] <= layer[0] and op[1] <= layer[1]
+    with pytest.raises(ValueError, match="family: expected one of"):
+        tolerance(torch.float32, "matmul")
+    a, b = _operands(1024)
+    ref = a.double() @ b.double()
+    with pytest.raises(AssertionError, match="layer"):
+        assert_close("tf32 inputs", _tf32(a) @ _tf32(b), ref, torch.float32, family="layer")
+
+
+def test_fp32_matmul_precision_is_pinned_to_highest():
+    assert torch.get_float32_matmul_precision() == "highest"
+    if DEVICE == "cuda":
+        assert not torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="TF32 exists on CUDA only")
+def test_fp32_limit_catches_tf32_in_the_kernels(monkeypatch):
+    """With TF32 allowed, the fp32 gmm and sdd run their products in TF32; the fp32 limit must
+    catch it (and pass them at 'highest', the suite's setting)."""
+    from megablocks.ops.gmm import gmm, gmm_reference
+
+    K = 1024
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(512, K, generator=g).cuda()
+    b = (torch.randn(4, K, 256, generator=g) / K**0.5).cuda()
+    sizes = torch.tensor([100, 0, 300, 112])
+    ref = gmm_reference(a.double(), b.double(), sizes)
+    assert_close("gmm fp32", gmm(a, b, sizes.cuda(), backend="triton"), ref, torch.float32)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    try:
+        out = gmm(a, b, sizes.cuda(), backend="triton")
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    _rejects("gmm tf32", out, ref, torch.float32)
