@@ -33,6 +33,7 @@ MLP_IMPLS = ("sparse", "grouped")
 AUTO_MLP_IMPL = "grouped"
 GMM_BACKENDS = ("auto", "triton", "torch", "gg")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 BLOCK_SIZES = ops_sparse.BLOCK_SIZES
 
 
@@ -152,6 +153,18 @@ class Arguments:
     moe_router_sinkhorn_iterations: int = 20
     moe_router_enable_expert_bias: bool = False
     moe_router_bias_update_rate: float = 1e-3
+    # DeepSeek-V3's routing (Megatron-Core's names): experts in `moe_router_num_groups` groups, a
+    # token's top-k taken within its `moe_router_group_topk` best groups; the chosen experts'
+    # weights multiplied by `moe_router_topk_scaling_factor` (the routed scaling factor).
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
+    # The load-balancing loss: MegaBlocks' per-batch 'aux_loss', the per-sequence 'seq_aux_loss'
+    # (sequences along `moe_router_seq_dim` of a 3-D input) or 'global_aux_loss' (expert counts
+    # summed over `moe_aux_loss_group`, default the whole world when torch.distributed runs).
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_router_seq_dim: int = 0
+    moe_aux_loss_group: Optional[Any] = dataclasses.field(default=None, repr=False, compare=False)
     moe_block_size: int = 128
     gmm_backend: str = "auto"
     loss_collector: Optional[MoELossCollector] = dataclasses.field(default=None, repr=False, compare=False)
@@ -202,6 +215,12 @@ class Arguments:
         _check_int("moe_block_size", self.moe_block_size, 1)
         if self.moe_block_size not in BLOCK_SIZES:
             raise ValueError(f"moe_block_size: expected one of {BLOCK_SIZES}, got {self.moe_block_size}")
+        _check_choice("moe_router_load_balancing_type", self.moe_router_load_balancing_type,
+                      LOAD_BALANCING_TYPES)
+        _check_choice("moe_router_seq_dim", self.moe_router_seq_dim, (0, 1))
+        self._check_group_routing()
+        if self.moe_router_topk_scaling_factor is not None:
+            _check_number("moe_router_topk_scaling_factor", self.moe_router_topk_scaling_factor, min_value=0.0)
         if self.moe_router_sinkhorn and self.moe_router_enable_expert_bias:
             raise ValueError(
                 "moe_router_sinkhorn, moe_router_enable_expert_bias: expected at most one balancing "
@@ -221,6 +240,26 @@ class Arguments:
                 f"loss_collector: expected None or a MoELossCollector, got {type(self.loss_collector).__name__}"
             )
 
+    def _check_group_routing(self) -> None:
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if groups is None and group_topk is None:
+            return
+        if groups is None or group_topk is None:
+            raise ValueError("moe_router_num_groups, moe_router_group_topk: expected both set or neither, "
+                             f"got {groups} and {group_topk}")
+        _check_int("moe_router_num_groups", groups, 1)
+        _check_int("moe_router_group_topk", group_topk, 1)
+        experts = self.moe_num_experts
+        if experts % groups:
+            raise ValueError(f"moe_router_num_groups: expected a divisor of moe_num_experts={experts}, got {groups}")
+        if group_topk > groups:
+            raise ValueError(f"moe_router_group_topk: expected at most moe_router_num_groups={groups}, got {group_topk}")
+        if self.moe_top_k > group_topk * (experts // groups):
+            raise ValueError(f"moe_top_k={self.moe_top_k}: expected at most the {group_topk * (experts // groups)} "
+                             "experts of the chosen groups")
+        if self.moe_router_sinkhorn:
+            raise ValueError("moe_router_num_groups: group-limited routing does not combine with moe_router_sinkhorn")
+
     @classmethod
     def from_megatron(cls, megatron_args: Any, **overrides) -> "Arguments":
         """Builds `Arguments` from a Megatron args namespace or `TransformerConfig`.
@@ -231,13 +270,15 @@ class Arguments:
         expert_model_parallel_size (> 1 turns on expert parallelism), moe_ffn_hidden_size,
         moe_expert_capacity_factor (None: dropless), add_bias_linear, gated_linear_unit / swiglu
         (mlp_type='glu', SiLU for swiglu), activation_func, moe_router_score_function,
-        moe_router_dtype='fp32', moe_router_load_balancing_type ('sinkhorn', 'none'),
+        moe_router_dtype='fp32', moe_router_load_balancing_type ('aux_loss', 'seq_aux_loss',
+        'global_aux_loss'; 'sinkhorn' and 'none' turn the loss off), moe_router_num_groups,
+        moe_router_group_topk, moe_router_topk_scaling_factor,
         moe_router_enable_expert_bias, moe_router_bias_update_rate,
         moe_shared_expert_intermediate_size, and moe_router_pre_softmax (Megatron's default of a
         softmax over the chosen k equals L1-renormalised softmax weights, so k > 1 without
         pre-softmax sets moe_normalize_expert_weights=1), use_cpu_initialization (device='cpu').
         Attributes that are None are skipped.
-        `overrides` are applied last. Megatron's moe_router_topk_scaling_factor is not mapped.
+        `overrides` are applied last.
 
         Raises:
             TypeError, ValueError: when the resulting fields are invalid.
@@ -287,11 +328,10 @@ class Arguments:
         if get("moe_router_dtype") == "fp32":
             kwargs["moe_router_fp32"] = True
         balancing = get("moe_router_load_balancing_type")
-        if balancing == "sinkhorn":
-            kwargs["moe_router_sinkhorn"] = True
+        if balancing in ("sinkhorn", "none"):
+            kwargs["moe_router_load_balancing_type"] = "aux_loss"
             kwargs["moe_loss_weight"] = 0.0
-        elif balancing == "none":
-            kwargs["moe_loss_weight"] = 0.0
+            kwargs["moe_router_sinkhorn"] = balancing == "sinkhorn"
         if get("moe_shared_expert_intermediate_size"):
             kwargs["shared_expert"] = True
             kwargs["shared_expert_hidden_size"] = get("moe_shared_expert_intermediate_size")

@@ -29,6 +29,7 @@ import torch
 from megablocks.layers import common, expert_parallel, glu, mlp, mpu, router, sharedexpert_registry
 from megablocks.layers.arguments import MLP_IMPLS, MLP_TYPES, Arguments
 from megablocks.layers.losses import collector_for, default_collector
+from megablocks.layers.losses import global_load_balancing_loss, sequence_load_balancing_loss
 from megablocks.layers.losses import load_balancing_loss as _load_balancing_loss
 from megablocks.ops.permute import binned_gather, binned_scatter, gather, scatter
 from megablocks.ops.routing import routing_metadata
@@ -225,7 +226,8 @@ class MoE(torch.nn.Module):
     def router_zloss(self) -> Optional[torch.Tensor]:
         return self.router.zloss
 
-    def _record_load_balancing_loss(self, scores_TE: torch.Tensor) -> None:
+    def _record_load_balancing_loss(self, scores_TE: torch.Tensor, top_experts_TK: torch.Tensor,
+                                    x_shape: torch.Size) -> None:
         args = self.args
         self.load_balancing_loss = None
         if not (self.training and args.moe_loss_weight > 0):
@@ -233,18 +235,30 @@ class MoE(torch.nn.Module):
         if args.moe_router_score_function == "sigmoid":
             scores_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         tokens_per_expert = self.experts.tokens_per_expert
-        collector_for(args).save_load_balancing_loss((tokens_per_expert, scores_TE))
+        collector = collector_for(args)
+        collector.save_load_balancing_loss((tokens_per_expert, scores_TE))
         if args.moe_lbl_in_fp32:
             scores_TE = scores_TE.float()
-        loss = _load_balancing_loss(tokens_per_expert, scores_TE, args.moe_top_k)
+        kind = args.moe_router_load_balancing_type
+        if kind == "seq_aux_loss":
+            # Sequences along moe_router_seq_dim of a 3-D input ([S, B, H] or [B, S, H]); else one.
+            num_sequences = x_shape[1 - args.moe_router_seq_dim] if len(x_shape) == 3 else 1
+            loss = sequence_load_balancing_loss(top_experts_TK.reshape(-1, args.moe_top_k), scores_TE,
+                                                num_sequences, args.moe_router_seq_dim if len(x_shape) == 3 else 0)
+        elif kind == "global_aux_loss":
+            loss = global_load_balancing_loss(tokens_per_expert, scores_TE, args.moe_top_k, args.moe_aux_loss_group)
+        else:
+            loss = _load_balancing_loss(tokens_per_expert, scores_TE, args.moe_top_k)
         self.load_balancing_loss = (args.moe_loss_weight / args.num_layers) * loss
+        if kind != "aux_loss":
+            collector.save_layer_loss(self.load_balancing_loss)
 
     def forward(self, x: torch.Tensor):
         common.check_input("x", x, self.args.hidden_size, self.router.layer.weight)
         x = common.cast_if_autocast_enabled(x)
         scores, expert_weights, top_experts = self.router(x)
         out = self.experts(x, scores, expert_weights, top_experts)
-        self._record_load_balancing_loss(scores)
+        self._record_load_balancing_loss(scores, top_experts, x.shape)
         if self.shared_expert is None:
             return out
         shared_out = self.shared_expert(x)

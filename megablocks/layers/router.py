@@ -4,8 +4,10 @@ Legend: T tokens, H hidden, E experts, K top-k.
 
     logits_TE = x_TH @ W_EH^T                 (`router.layer`, a bias-free Linear [E, H])
     scores_TE = softmax(logits_TE)            (or sigmoid)
-    top_experts_TK = top-k of scores_TE       (+ expert_bias, or Sinkhorn-balanced, for choosing only)
-    expert_weights_TK = scores_TE at those experts, divided by their p-norm if asked
+    top_experts_TK = top-k of scores_TE       (+ expert_bias, or Sinkhorn-balanced, for choosing only;
+                                              within each token's best expert groups if asked)
+    expert_weights_TK = scores_TE at those experts, divided by their p-norm if asked, times the
+                        routed scaling factor if set
 """
 
 from typing import Optional
@@ -48,6 +50,34 @@ def sinkhorn(logits_TE: torch.Tensor, iterations: int) -> torch.Tensor:
         log_p = log_p - torch.logsumexp(log_p, dim=0, keepdim=True)
         log_p = log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
     return log_p.exp()
+
+
+def group_limited_choice(choice_TE: torch.Tensor, num_groups: int, group_topk: int, top_k: int) -> torch.Tensor:
+    """DeepSeek-V3's group-limited routing: the choice scores with every expert outside each
+    token's `group_topk` best groups set to -inf, so that its top-k falls within those groups.
+
+    The E experts form `num_groups` consecutive groups; a group's score is the sum of its best
+    max(1, top_k // group_topk) choice scores (the best two for DeepSeek-V3: top-8 in 4 of 8 groups),
+    ties broken toward the lower group index as `torch.topk` breaks them. Returns [T, E] float32.
+    """
+    tokens, experts = choice_TE.shape
+    per_group = max(1, top_k // group_topk)
+    grouped = choice_TE.float().view(tokens, num_groups, experts // num_groups)
+    group_scores = grouped.topk(per_group, dim=-1).values.sum(dim=-1)
+    best_groups = group_scores.topk(group_topk, dim=-1).indices
+    keep = torch.zeros(tokens, num_groups, dtype=torch.bool, device=choice_TE.device)
+    keep.scatter_(1, best_groups, True)
+    return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(tokens, experts)
+
+
+def update_expert_biases(model: torch.nn.Module, group=None) -> int:
+    """The one hook a trainer calls after each optimizer step for aux-loss-free balancing:
+    `update_expert_bias(group)` on every router of `model` built with
+    `moe_router_enable_expert_bias` (the exp/ trainer calls it). Returns how many it updated."""
+    routers = [m for m in model.modules() if isinstance(m, LearnedRouter) and m.args.moe_router_enable_expert_bias]
+    for router in routers:
+        router.update_expert_bias(group)
+    return len(routers)
 
 
 class LearnedRouter(torch.nn.Module):
@@ -129,12 +159,17 @@ class LearnedRouter(torch.nn.Module):
                 choice_TE = scores_TE.float() + self.expert_bias
             else:
                 choice_TE = scores_TE
+            if args.moe_router_num_groups is not None:
+                choice_TE = group_limited_choice(choice_TE, args.moe_router_num_groups, args.moe_router_group_topk,
+                                                 args.moe_top_k)
             top_experts_TK = torch.topk(choice_TE, args.moe_top_k, dim=-1).indices
         expert_weights_TK = scores_TE.gather(1, top_experts_TK)
         if args.moe_normalize_expert_weights:
             expert_weights_TK = expert_weights_TK / torch.norm(
                 expert_weights_TK, p=args.moe_normalize_expert_weights, dim=-1, keepdim=True
             )
+        if args.moe_router_topk_scaling_factor is not None:
+            expert_weights_TK = expert_weights_TK * args.moe_router_topk_scaling_factor
         if args.uniform_expert_assignment:
             assignments = torch.arange(top_experts_TK.numel(), device=x.device, dtype=top_experts_TK.dtype)
             top_experts_TK = torch.remainder(assignments, args.moe_num_experts).view(top_experts_TK.shape)

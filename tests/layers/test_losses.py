@@ -170,3 +170,93 @@ def test_megablocks_global_functions():
     router_module.clear_router_zloss()
     with pytest.raises(ValueError, match="no router logits"):
         router_module.batched_router_zloss(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-sequence and global-batch load-balancing losses.
+
+
+def sequence_loss_reference(top_TK, scores_TE, num_sequences, seq_dim):
+    """Per sequence in Python: E/(S·K) · Σ_e count_e · mean score_e, averaged over sequences."""
+    tokens, experts = scores_TE.shape
+    k = top_TK.shape[1]
+    seq_len = tokens // num_sequences
+    total = 0.0
+    for b in range(num_sequences):
+        rows = [t for t in range(tokens) if (t % num_sequences if seq_dim == 0 else t // seq_len) == b]
+        counts = torch.bincount(top_TK[rows].flatten().cpu(), minlength=experts).double()
+        mean = scores_TE[rows].double().cpu().mean(0)
+        total = total + experts / (seq_len * k) * torch.dot(counts, mean)
+    return total / num_sequences
+
+
+@pytest.mark.parametrize("seq_dim", [0, 1])
+def test_sequence_load_balancing_loss_in_the_layer(seq_dim):
+    from megablocks.layers.losses import sequence_load_balancing_loss
+
+    torch.manual_seed(3)
+    args = make_args(moe_loss_weight=0.3, num_layers=2, moe_capacity_factor=0,
+                     moe_router_load_balancing_type="seq_aux_loss", moe_router_seq_dim=seq_dim,
+                     loss_collector=MoELossCollector())
+    layer = MoE(args)
+    layer.train()
+    x = torch.randn(5, 3, H, device=DEVICE, requires_grad=True)  # [S, B, H] or [B, S, H]
+    seen = {}
+    layer.router.register_forward_hook(lambda m, i, o: seen.update(scores=o[0], top=o[2]))
+    layer(x)
+    num_sequences = x.shape[1 - seq_dim]
+    want = 0.3 / 2 * sequence_loss_reference(seen["top"], seen["scores"], num_sequences, seq_dim)
+    assert_close("seq_aux_loss", layer.load_balancing_loss, want, torch.float32)
+    # Gradient by value, through the scores: autograd on the reference formula in float64.
+    s64 = seen["scores"].detach().double().requires_grad_()
+    ref = 0.3 / 2 * sequence_load_balancing_loss(seen["top"].reshape(-1, args.moe_top_k), s64, num_sequences, seq_dim)
+    assert_close("seq_aux_loss (float64 formula)", layer.load_balancing_loss, ref, torch.float32)
+    (g_layer,) = torch.autograd.grad(layer.load_balancing_loss, seen["scores"], retain_graph=True)
+    (g_ref,) = torch.autograd.grad(ref, s64)
+    assert_close("d scores", g_layer, g_ref, torch.float32)
+    # The batched function sums the layers' losses of this type (two layers recorded).
+    layer(x)
+    assert_close("batched = sum of the layers", moe_module.batched_load_balancing_loss(args),
+                 torch.stack(args.loss_collector.layer_losses).sum(), torch.float32)
+
+
+def test_sequence_loss_is_one_at_uniform_routing():
+    from megablocks.layers.losses import sequence_load_balancing_loss
+
+    experts, k, seq_len, seqs = 4, 2, 8, 3
+    top = torch.tensor([[(t + j) % experts for j in range(k)] for t in range(seq_len)] * seqs)
+    top = top.view(seqs, seq_len, k).transpose(0, 1).reshape(-1, k)  # [S, B] layout
+    scores = torch.full((seq_len * seqs, experts), 1.0 / experts, dtype=torch.float64)
+    assert abs(float(sequence_load_balancing_loss(top, scores, seqs, 0)) - 1.0) < 1e-12
+
+
+def test_global_load_balancing_loss_single_process_and_world_of_one(tmp_path):
+    from megablocks.layers.losses import global_load_balancing_loss
+
+    torch.manual_seed(1)
+    scores = torch.rand(10, E, dtype=torch.float64).softmax(-1)
+    counts = torch.tensor([7, 3, 6, 4])
+    local = load_balancing_loss(counts, scores, K)
+    assert_close("no process group: the local loss", global_load_balancing_loss(counts, scores, K), local,
+                 torch.float64)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        assert_close("a world of one", global_load_balancing_loss(counts, scores, K), local, torch.float64)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_loss_type_in_the_layer():
+    args = make_args(moe_loss_weight=0.2, num_layers=1, moe_capacity_factor=0,
+                     moe_router_load_balancing_type="global_aux_loss", loss_collector=MoELossCollector())
+    layer = MoE(args)
+    layer.train()
+    x = torch.randn(12, H, device=DEVICE)
+    seen = {}
+    layer.router.register_forward_hook(lambda m, i, o: seen.update(scores=o[0], top=o[2]))
+    layer(x)
+    counts = torch.bincount(seen["top"].flatten().cpu(), minlength=E)
+    want = 0.2 * load_balancing_loss(counts.double(), seen["scores"].detach().double().cpu(), K)
+    assert_close("global_aux_loss without a process group", layer.load_balancing_loss, want, torch.float32)

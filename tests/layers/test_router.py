@@ -139,3 +139,87 @@ def test_router_zloss_recorded_in_training():
     router.eval()
     router(x)
     assert router.zloss is None
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSeek-V3's routing: group-limited top-k, the routed scaling factor, the expert-bias hook.
+
+
+def group_limited_reference(choice_TE, num_groups, group_topk, top_k):
+    """Per token, in Python: each group's score is the sum of its best max(1, k // group_topk)
+    choice scores; only the best `group_topk` groups' experts may be chosen."""
+    tokens, experts = choice_TE.shape
+    size = experts // num_groups
+    per_group = max(1, top_k // group_topk)
+    out = []
+    for t in range(tokens):
+        row = choice_TE[t].double().tolist()
+        group_scores = [sum(sorted(row[g * size:(g + 1) * size], reverse=True)[:per_group]) for g in range(num_groups)]
+        best = sorted(range(num_groups), key=lambda g: (-group_scores[g], g))[:group_topk]
+        allowed = [e for e in range(experts) if e // size in best]
+        out.append(sorted(sorted(allowed, key=lambda e: (-row[e], e))[:top_k]))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("experts, groups, group_topk, top_k", [(8, 4, 2, 4), (8, 8, 3, 2), (6, 3, 1, 2),
+                                                                 (12, 4, 2, 3), (16, 8, 4, 8)])
+def test_group_limited_top_k_and_scaling(score, experts, groups, group_topk, top_k):
+    torch.manual_seed(experts * 7 + groups)
+    router = make_router(moe_num_experts=experts, moe_top_k=top_k, moe_router_score_function=score,
+                         moe_router_num_groups=groups, moe_router_group_topk=group_topk,
+                         moe_normalize_expert_weights=1, moe_router_topk_scaling_factor=2.5)
+    x = torch.randn(37, H, device=DEVICE, requires_grad=True)
+    scores, weights, top = router(x)
+    logits = x.detach().double() @ router.layer.weight.detach().double().t()
+    want_scores = torch.sigmoid(logits) if score == "sigmoid" else logits.softmax(-1)
+    want_top = group_limited_reference(want_scores.cpu(), groups, group_topk, top_k)
+    assert_equal("chosen experts (sorted)", top.sort(dim=-1).values.cpu(), want_top)
+    size = experts // groups
+    assert all(len({int(e) // size for e in row}) <= group_topk for row in top.cpu()), "outside the best groups"
+    want_weights = want_scores.gather(1, top.to(want_scores.device).long())
+    want_weights = 2.5 * want_weights / want_weights.sum(-1, keepdim=True)
+    assert_close("weights (normalised, scaled by 2.5)", weights, want_weights, torch.float32)
+    # Gradient by value: through the chosen experts' scores into x and the router weight.
+    g = torch.randn_like(weights)
+    weights.backward(g)
+    x64 = x.detach().double().requires_grad_()
+    w64 = router.layer.weight.detach().double().requires_grad_()
+    lg = x64 @ w64.t()
+    sc = torch.sigmoid(lg) if score == "sigmoid" else lg.softmax(-1)
+    ref = sc.gather(1, top.to(sc.device).long())
+    (2.5 * ref / ref.sum(-1, keepdim=True)).backward(g.double())
+    assert_close("d x", x.grad, x64.grad, torch.float32)
+    assert_close("d router weight", router.layer.weight.grad, w64.grad, torch.float32)
+
+
+def test_group_limited_routing_arguments():
+    with pytest.raises(ValueError, match="both set or neither"):
+        make_router(moe_num_experts=8, moe_router_num_groups=4)
+    with pytest.raises(ValueError, match="a divisor of moe_num_experts"):
+        make_router(moe_num_experts=8, moe_router_num_groups=3, moe_router_group_topk=1)
+    with pytest.raises(ValueError, match="at most moe_router_num_groups"):
+        make_router(moe_num_experts=8, moe_router_num_groups=2, moe_router_group_topk=3)
+    with pytest.raises(ValueError, match="experts of the chosen groups"):
+        make_router(moe_num_experts=8, moe_top_k=3, moe_router_num_groups=4, moe_router_group_topk=1)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        make_router(moe_router_topk_scaling_factor=-1.0)
+
+
+def test_update_expert_biases_hook_updates_every_router():
+    from megablocks.layers.router import update_expert_biases
+
+    model = torch.nn.ModuleList([make_router(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.5),
+                                 make_router(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=0.5),
+                                 make_router()])
+    model.train()
+    x = torch.randn(30, H, device=DEVICE)
+    expected = []
+    for router in model[:2]:
+        _, _, top = router(x)
+        counts = torch.bincount(top.flatten().cpu(), minlength=E).double()
+        expected.append(0.5 * torch.sign(counts.mean() - counts))
+    assert update_expert_biases(model) == 2
+    for router, want in zip(model[:2], expected):
+        assert_equal("expert_bias", router.expert_bias.cpu().double(), want)
+        assert router.local_tokens_per_expert.abs().sum() == 0, "counts reset after the update"
