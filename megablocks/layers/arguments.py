@@ -141,6 +141,8 @@ class Arguments:
     remat_act_fn: bool = True
     shared_expert_hidden_size: Optional[int] = None
     shared_expert_weighted_sum: bool = False
+    shared_expert_glu: bool = False
+    shared_expert_gate: bool = False
 
     # Router z-loss arguments.
     moe_zloss_weight: float = 0
@@ -186,7 +188,8 @@ class Arguments:
 
         for name in ("bias", "return_bias", "moe_lbl_in_fp32", "moe_expert_model_parallelism",
                      "memory_optimized_mlp", "fp16", "bf16", "uniform_expert_assignment", "shared_expert",
-                     "remat_act_fn", "shared_expert_weighted_sum", "moe_zloss_in_fp32", "moe_router_fp32",
+                     "remat_act_fn", "shared_expert_weighted_sum", "shared_expert_glu", "shared_expert_gate",
+                     "moe_zloss_in_fp32", "moe_router_fp32",
                      "moe_router_sinkhorn", "moe_router_enable_expert_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
@@ -274,7 +277,8 @@ class Arguments:
         'global_aux_loss'; 'sinkhorn' and 'none' turn the loss off), moe_router_num_groups,
         moe_router_group_topk, moe_router_topk_scaling_factor,
         moe_router_enable_expert_bias, moe_router_bias_update_rate,
-        moe_shared_expert_intermediate_size, and moe_router_pre_softmax (Megatron's default of a
+        moe_shared_expert_intermediate_size (a GLU shared expert with gated_linear_unit / swiglu;
+        moe_shared_expert_gate: its sigmoid gate), and moe_router_pre_softmax (Megatron's default of a
         softmax over the chosen k equals L1-renormalised softmax weights, so k > 1 without
         pre-softmax sets moe_normalize_expert_weights=1), use_cpu_initialization (device='cpu').
         Attributes that are None are skipped.
@@ -335,6 +339,8 @@ class Arguments:
         if get("moe_shared_expert_intermediate_size"):
             kwargs["shared_expert"] = True
             kwargs["shared_expert_hidden_size"] = get("moe_shared_expert_intermediate_size")
+            kwargs["shared_expert_glu"] = bool(get("gated_linear_unit") or get("swiglu"))
+            kwargs["shared_expert_gate"] = bool(get("moe_shared_expert_gate"))
         top_k = kwargs.get("moe_top_k", 1)
         if get("moe_router_topk") is not None and top_k > 1 and not kwargs.get("moe_router_sinkhorn", False):
             sigmoid = kwargs.get("moe_router_score_function") == "sigmoid"

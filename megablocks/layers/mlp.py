@@ -326,6 +326,11 @@ class SharedMLP(torch.nn.Module):
     Keys as MegaBlocks: `up_proj` [S, H], `down_proj` [H, S] (S = shared_expert_hidden_size),
     with biases when `args.bias`. `fc_kwargs` are passed to `fc_cls` (they override `bias` and
     `device`); a `torch.nn.Linear` also gets the parameter dtype of `args`.
+
+    With `shared_expert_glu` (DeepSeek-V3, Qwen2-MoE) a `gate_proj` [S, H] too:
+    `down_proj(act(gate_proj(x)) * up_proj(x))`. With `shared_expert_gate` (Qwen2-MoE,
+    Megatron-Core's `moe_shared_expert_gate`) the output is scaled per token by
+    `sigmoid(gate(x))`, `gate` a bias-free [1, H] Linear.
     """
 
     def __init__(self, args: Arguments):
@@ -339,6 +344,13 @@ class SharedMLP(torch.nn.Module):
         self.act = args.activation_fn
         self.down_proj = args.fc_cls(args.shared_expert_hidden_size, args.hidden_size, **self.fc_kwargs)
         self.down_proj._is_residual = True
+        self.gate_proj = None
+        if args.shared_expert_glu:
+            self.gate_proj = args.fc_cls(args.hidden_size, args.shared_expert_hidden_size, **self.fc_kwargs)
+        self.gate = None
+        if args.shared_expert_gate:
+            self.gate = torch.nn.Linear(args.hidden_size, 1, bias=False, device=common.device(args),
+                                        dtype=common.dtype(args))
 
     def add_experts_sharedexpert(self, shared_expert_out: torch.Tensor, expert_out: torch.Tensor) -> torch.Tensor:
         """`shared + experts`, or with `shared_expert_weighted_sum` `(shared + K·experts) / (K+1)`."""
@@ -348,4 +360,10 @@ class SharedMLP(torch.nn.Module):
         return shared_expert_out + expert_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
+        if self.gate_proj is None:
+            out = self.down_proj(self.act(self.up_proj(x)))
+        else:
+            out = self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(x)) * out
+        return out

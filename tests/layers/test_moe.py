@@ -162,3 +162,35 @@ def test_moe_bad_input():
         layer(torch.randn(3, 4, device=DEVICE))
     with pytest.raises(TypeError, match="x: expected dtype torch.float32"):
         layer(torch.randn(3, 40, device=DEVICE, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("glu, gate", [(True, False), (False, True), (True, True)])
+def test_gated_and_glu_shared_expert(glu, gate):
+    """The GLU shared expert (`shared_expert_glu`) and its sigmoid gate (`shared_expert_gate`)
+    against the formula, forward and every gradient, inside the layer's output."""
+    torch.manual_seed(11)
+    args = make_args(shared_expert=True, shared_expert_hidden_size=20, shared_expert_glu=glu,
+                     shared_expert_gate=gate, moe_capacity_factor=0, bias=False)
+    layer = MoE(args)
+    x = torch.randn(9, args.hidden_size, device=DEVICE, requires_grad=True)
+    out = layer(x)
+    shared = layer.shared_expert
+    layer.shared_expert = None
+    experts_only = layer(x)
+    layer.shared_expert = shared
+
+    x64 = x.detach().double().requires_grad_()
+    p64 = {n: p.detach().double().requires_grad_() for n, p in shared.named_parameters()}
+    up = x64 @ p64["up_proj.weight"].t()
+    h = args.activation_fn(x64 @ p64["gate_proj.weight"].t()) * up if glu else args.activation_fn(up)
+    want = h @ p64["down_proj.weight"].t()
+    if gate:
+        want = torch.sigmoid(x64 @ p64["gate.weight"].t()) * want
+    assert_close("shared expert output", out - experts_only, want, torch.float32)
+    g = torch.randn_like(out)
+    (out - experts_only).backward(g)
+    want.backward(g.double())
+    assert_close("d x (shared part)", x.grad, x64.grad, torch.float32)
+    for name, p in shared.named_parameters():
+        assert_close(f"d {name}", p.grad, p64[name].grad, torch.float32)
+    assert (shared.gate_proj is not None) == glu and (shared.gate is not None) == gate
