@@ -96,8 +96,9 @@ def run(out: str, iters: int = None, device: str = "auto", progress: bool = True
     """Builds the data, trains both models, writes the plot; returns the results."""
     import shutil
 
+    from exp.config import configs_from_dict
+    from exp.loop import train
     from exp.plot import plot_runs
-    from exp.train import configs_from_dict, train
 
     t0 = time.time()
     prefix = os.path.join(out, "data", "stdlib_text_document")

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Dict, List, Optional
 
-from exp.train import read_csv
+from exp.log import read_csv
 
 
 def _smooth(values: List[float], alpha: float = 0.9) -> List[float]:

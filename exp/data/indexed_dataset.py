@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 import numpy as np
+
+if TYPE_CHECKING:  # only for the annotation; reading data needs no torch
+    import torch
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -48,7 +51,7 @@ DTYPE_CODES = {
 }
 _CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 
-ArrayLike = Union[np.ndarray, Sequence[int], "torch.Tensor"]  # noqa: F821
+ArrayLike = Union[np.ndarray, Sequence[int], "torch.Tensor"]
 
 
 class DataFormatError(ValueError):

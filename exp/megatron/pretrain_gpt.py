@@ -1,7 +1,10 @@
 """Pretrain a megatron-core GPT whose MLPs are megablocks dMoE layers (or megatron-core's own MoE).
 
-    torchrun --nproc_per_node 8 exp/megatron/pretrain_gpt.py --config exp/megatron/configs/dmoe_46m.json \\
+    torchrun --nproc_per_node 8 exp/megatron/pretrain_gpt.py --config dmoe_46m \\
         --data-path data/pile_text_document --save runs/mcore_dmoe_46m
+
+`--config` takes a JSON file or the name of one in `exp/megatron/configs/`; a config's `bf16`
+key sets the precision unless `--bf16` / `--no-bf16` is given.
 
 Everything but the MLP is megatron-core: GPTModel on the local layer spec (no Transformer
 Engine needed), its GPTDataset over Megatron-format `.bin/.idx` data (`python -m
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+CONFIG_DIR = os.path.join(HERE, "configs")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
@@ -51,7 +55,8 @@ DEFAULTS = {
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="JSON of defaults (the keys below, with underscores); flags win")
+    p.add_argument("--config", help="JSON of defaults (the keys below, with underscores, and bf16), or the name "
+                                    f"of one in {CONFIG_DIR}; flags win")
     p.add_argument("--data-path", help="prefix of the .bin/.idx pair (omit with --mock-data)")
     p.add_argument("--mock-data", action="store_true", help="megatron-core's MockGPTDataset (benchmarks)")
     p.add_argument("--save", default=None)
@@ -59,7 +64,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--mlp-impl", choices=["sparse", "grouped"], default="sparse", help="megablocks dMoE path")
     p.add_argument("--moe-grouped-gemm", action="store_true", help="megatron-core MoE: grouped GEMM experts")
     p.add_argument("--expert-model-parallel-size", type=int, default=1)
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 parameters and compute (default: the config's bf16, else fp32)")
     p.add_argument("--swiglu", action="store_true")
     p.add_argument("--cache-dir", default=None, help="where GPTDataset caches its indices")
     for key, value in DEFAULTS.items():
@@ -67,9 +73,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.add_argument("--" + key.replace("_", "-"), type=kind, default=None)
     args = p.parse_args(argv)
     merged = dict(DEFAULTS)
+    from_file = {}
     if args.config:
-        with open(args.config) as f:
-            merged.update({k: v for k, v in json.load(f).items() if k in DEFAULTS})
+        from exp.config import config_path
+
+        with open(config_path(args.config, CONFIG_DIR)) as f:
+            from_file = json.load(f)
+        merged.update({k: v for k, v in from_file.items() if k in DEFAULTS})
+    if args.bf16 is None:
+        args.bf16 = bool(from_file.get("bf16", False))
     for key in DEFAULTS:
         if getattr(args, key) is not None:
             merged[key] = getattr(args, key)

@@ -1,10 +1,9 @@
-"""The trainer: exact resume, MoE losses in the loss, DDP, options and configs.
+"""The trainer: exact resume, MoE losses in the loss, DDP, the shipped configs.
 
 The MoE layers run their torch references here (TRITON_INTERPRET=0 around each run): these
 tests check the trainer, not the kernels, and the interpreter would make them slow.
 """
 
-import dataclasses
 import glob
 import importlib
 import json
@@ -19,9 +18,11 @@ import torch
 
 import megablocks
 
+from exp.config import configs_from_dict
 from exp.data.indexed_dataset import write_documents
-from exp.model import GPT, MODEL_SET_FIELDS, SHARED_FIELDS, moe_arguments
-from exp.train import build_parser, configs_from_dict, lr_at, main, parse_config, read_csv, train
+from exp.log import read_csv
+from exp.loop import lr_at, train
+from exp.model import GPT
 
 
 def _import_all_kernels():
@@ -140,50 +141,6 @@ def test_ddp_matches_one_process(tmp_path, data, torch_references):
             assert math.isclose(a[k], b[k], rel_tol=2e-5, abs_tol=1e-7), (k, a, b)
     v2 = read_csv(str(tmp_path / "two" / "valid.csv"))
     assert math.isclose(single["valid"][-1]["valid_loss"], v2[-1]["valid_loss"], rel_tol=2e-5)
-
-
-def test_every_arguments_field_is_an_option():
-    from megablocks.layers.arguments import Arguments
-
-    parser, groups = build_parser()
-    dests = {a.dest for a in parser._actions}
-    fields = {f.name for f in dataclasses.fields(Arguments)}
-    set_elsewhere = set(SHARED_FIELDS) | set(MODEL_SET_FIELDS) | {"expert_parallel_group"}
-    missing = sorted(fields - set_elsewhere - dests)
-    assert not missing, f"Arguments fields without an option: {missing}"
-    assert set(SHARED_FIELDS) <= dests  # the model's options carry them
-
-    tcfg, mcfg = parse_config([
-        "--data-path", "x", "--vocab-size", "64", "--mlp", "moe", "--mlp-type", "glu", "--no-bias",
-        "--activation-fn", "silu", "--moe-num-experts", "6", "--moe-top-k", "2", "--moe-capacity-factor", "1.5",
-        "--moe-normalize-expert-weights", "1", "--moe-jitter-eps", "0.01", "--moe-loss-weight", "0.2",
-        "--moe-zloss-weight", "0.001", "--moe-lbl-in-fp32", "--mlp-impl", "grouped", "--memory-optimized-mlp",
-        "--shared-expert", "--shared-expert-hidden-size", "24", "--fc-cls", "torch.nn.Linear", "--fc-kwargs", "{}",
-        "--moe-router-score-function", "sigmoid", "--moe-block-size", "64", "--return-bias",
-        "--kernel-policy", '{"fused_gather": false}',
-    ])
-    args = moe_arguments(mcfg)
-    assert (args.moe_num_experts, args.moe_top_k, args.moe_capacity_factor) == (6, 2, 1.5)
-    assert args.moe_normalize_expert_weights == 1 and args.moe_jitter_eps == 0.01 and args.moe_loss_weight == 0.2
-    assert args.moe_lbl_in_fp32 and args.memory_optimized_mlp and args.shared_expert and args.return_bias
-    assert args.mlp_type == "glu" and args.mlp_impl == "grouped" and args.bias is False
-    assert args.shared_expert_hidden_size == 24 and args.fc_cls is torch.nn.Linear
-    assert args.moe_router_score_function == "sigmoid" and args.moe_block_size == 64
-    assert args.activation_fn(torch.tensor([1.0])).item() == pytest.approx(torch.nn.functional.silu(torch.tensor(1.0)).item())
-    assert not args.fp16 and not args.bf16 and args.num_layers == mcfg.num_layers
-    assert args.kernel_policy.fused_gather is False and args.kernel_policy.fused_forms is True
-
-
-def test_config_file_then_command_line(tmp_path):
-    path = tmp_path / "small.json"
-    path.write_text(json.dumps({"hidden_size": 48, "num_attention_heads": 4, "mlp": "dmoe", "moe_num_experts": 4}))
-    tcfg, mcfg = parse_config(["--config", str(path), "--hidden-size", "64", "--data-path", "d"])
-    assert mcfg.hidden_size == 64 and mcfg.moe == {"moe_num_experts": 4} and tcfg.name == "small"
-    assert mcfg.vocab_size == 384  # the byte tokenizer's 257 ids padded to a multiple of 128
-    path.write_text(json.dumps({"hidden_sise": 48}))
-    with pytest.raises(ValueError, match=r"small\.json: unknown options \['hidden_sise'\]"):
-        parse_config(["--config", str(path)])
-    assert main(["--config", str(path)]) == 2
 
 
 SIZES = {"46m": 46e6, "125m": 125e6, "356m": 356e6, "760m": 760e6, "1315m": 1315e6}

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from exp.checkpoint import consolidated_state_dict
+from exp.config import configs_from_dict
 from exp.data.indexed_dataset import write_documents
+from exp.log import read_csv
+from exp.loop import train
 from exp.model import GPT
-from exp.train import configs_from_dict, consolidated_state_dict, read_csv, train
 from tests.parallel.launcher import run
 from tests.utils import assert_close
 
