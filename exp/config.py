@@ -39,7 +39,11 @@ class TrainConfig:
     iterations (and at the end). exit_iteration: stop (with a checkpoint) after this iteration,
     keeping the schedule of train_iters. precision: 'auto' (bf16 autocast on GPU, fp32 on CPU),
     'bf16' or 'fp32'. device: 'auto', 'cpu' or 'cuda'. expert_parallel_size: ranks that split the
-    experts of every MoE layer among them (1: none; see `exp.parallel`).
+    experts of every MoE layer among them (1: none; see `exp.parallel`). Every train.csv row
+    carries the step's ms, tokens/s, model TFLOP/s per GPU and MFU (`exp.throughput`);
+    phase_times adds the forward, backward, clipping and optimizer ms (synchronizing the device
+    at each boundary). peak_tflops: the GPU's dense bf16 peak for MFU where its name does not
+    give it.
     """
 
     data_path: Optional[str] = None
@@ -76,6 +80,8 @@ class TrainConfig:
     plot: bool = True
     name: Optional[str] = None
     expert_parallel_size: int = 1
+    phase_times: bool = False
+    peak_tflops: Optional[float] = None
 
     def __post_init__(self):
         if isinstance(self.expert_parallel_size, bool) or not isinstance(self.expert_parallel_size, int):

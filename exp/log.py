@@ -12,7 +12,13 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
-TRAIN_COLUMNS = ["iteration", "consumed_samples", "lr", "loss", "lm_loss", "lbl_loss", "zloss", "grad_norm", "elapsed_s"]
+TRAIN_COLUMNS = ["iteration", "consumed_samples", "lr", "loss", "lm_loss", "lbl_loss", "zloss", "grad_norm", "elapsed_s",
+                 "step_ms", "tokens_per_s", "tflops_per_gpu", "mfu", "fwd_ms", "bwd_ms", "clip_ms", "optim_ms"]
+# The columns that measure time (they differ from run to run; the others are determined by the seed).
+TIMING_COLUMNS = ("elapsed_s", "step_ms", "tokens_per_s", "tflops_per_gpu", "mfu", "fwd_ms", "bwd_ms", "clip_ms",
+                  "optim_ms")
+_SCALARS = ("loss", "lm_loss", "lbl_loss", "zloss", "lr", "grad_norm", "step_ms", "tokens_per_s", "tflops_per_gpu",
+            "mfu", "fwd_ms", "bwd_ms", "clip_ms", "optim_ms")
 VALID_COLUMNS = ["iteration", "consumed_samples", "valid_loss", "valid_ppl"]
 
 
@@ -55,6 +61,20 @@ def _tensorboard(save: str):
     except ImportError:
         return None
     return SummaryWriter(os.path.join(save, "tensorboard"))
+
+
+def _speed(row: Dict[str, Any]) -> Dict[str, str]:
+    """The throughput fields of a row, formatted for the progress bar and the log line."""
+    out = {}
+    if row.get("tokens_per_s") is not None:
+        out["tok/s"] = f"{row['tokens_per_s']:.4g}"
+    if row.get("step_ms") is not None:
+        out["ms"] = f"{row['step_ms']:.1f}"
+    if row.get("tflops_per_gpu") is not None:
+        out["TFLOP/s"] = f"{row['tflops_per_gpu']:.3g}"
+    if row.get("mfu") is not None:
+        out["MFU"] = f"{100 * row['mfu']:.1f}%"
+    return out
 
 
 class RunLog:
@@ -100,16 +120,19 @@ class RunLog:
         done = row["iteration"]
         self.train_csv.write(row)
         if self.tb is not None:
-            for k in ("loss", "lm_loss", "lbl_loss", "zloss", "lr", "grad_norm"):
-                self.tb.add_scalar(f"train/{k}", row[k], done)
+            for k in _SCALARS:
+                if row.get(k) is not None:
+                    self.tb.add_scalar(f"train/{k}", row[k], done)
+        speed = _speed(row)
         if self.bar is not None:
             self.bar.update(1)
             if done % self.log_interval == 0:
                 valid = f"{self.valid_loss:.4f}" if self.valid_loss else "-"
-                self.bar.set_postfix(loss=f"{row['lm_loss']:.4f}", lr=f"{row['lr']:.2e}", valid=valid)
+                self.bar.set_postfix(loss=f"{row['lm_loss']:.4f}", lr=f"{row['lr']:.2e}", valid=valid, **speed)
         elif done % self.log_interval == 0:
+            extra = "".join(f" {k} {v}" for k, v in speed.items())
             self.message(f"iteration {done}/{self.train_iters} lm_loss {row['lm_loss']:.4f} lbl {row['lbl_loss']:.4f} "
-                         f"lr {row['lr']:.3e} grad_norm {row['grad_norm']:.3f}")
+                         f"lr {row['lr']:.3e} grad_norm {row['grad_norm']:.3f}{extra}")
 
     def validation(self, iteration: int, consumed_samples: int, valid_loss: float) -> None:
         """Records one evaluation's mean validation loss."""

@@ -29,6 +29,7 @@ from exp.log import RunLog, read_csv
 from exp.model import GPT, GPTConfig
 from exp.parallel import Dist, num_parameters, resolve_device, setup_expert_parallel, wrap_data_parallel
 from exp.plot import plot_runs
+from exp.throughput import PhaseTimer, flops_per_token, peak_tflops, throughput
 
 LOSSES = ("loss", "lm_loss", "lbl_loss", "zloss")
 
@@ -123,6 +124,9 @@ class Run:
     accum: int
     use_bf16: bool
     log: RunLog
+    flops_per_token: float = 0.0
+    peak_tflops: Optional[float] = None
+    timer: Optional[PhaseTimer] = None
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -175,6 +179,11 @@ def setup(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: Dist) -> 
     use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
     run = Run(tcfg, mcfg, device, d, model, ddp, experts, optimizer, train_ds, valid_ds, save, start, last, gbs,
               accum, use_bf16, log)
+    position = model.pos.weight.numel() if hasattr(model, "pos") else 0
+    run.flops_per_token = flops_per_token(num_parameters(model, d, active=True), position, mcfg.num_layers,
+                                          mcfg.hidden_size, mcfg.seq_length)
+    run.peak_tflops = peak_tflops(device, tcfg.peak_tflops)
+    run.timer = PhaseTimer(device, tcfg.phase_times)
     _announce(run)
     return run
 
@@ -191,6 +200,8 @@ def _announce(run: Run) -> None:
         f"({run.accum} accumulation step(s)), {len(run.train_ds)} train samples of {run.mcfg.seq_length} tokens"
         + (f", resuming at iteration {run.start}" if run.start else "")
     )
+    peak = f", peak {run.peak_tflops:g} TFLOP/s for MFU" if run.peak_tflops else ", no peak known (MFU blank)"
+    run.log.message(f"model FLOPs per token {run.flops_per_token / 1e9:.4g} GFLOP (6·N active + 12·L·H·S){peak}")
     if run.valid_ds is None and tcfg.eval_iters:
         run.log.message(f"no validation: the split {tcfg.split!r} leaves no validation documents")
 
@@ -213,6 +224,8 @@ def train_step(run: Run, it: int) -> Dict[str, float]:
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
+    timer = run.timer or PhaseTimer(run.device, False)
+    timer.start()
     sums = torch.zeros(len(LOSSES), dtype=torch.float64, device=run.device)
     per_rank = run.global_batch // d.world
     for m in range(run.accum):
@@ -222,7 +235,9 @@ def train_step(run: Run, it: int) -> Dict[str, float]:
         with contextlib.nullcontext() if sync else run.ddp.no_sync():
             with run.autocast():
                 out = run.ddp(tokens, labels)
+            timer.lap("fwd")
             (out["loss"] / run.accum).backward()
+            timer.lap("bwd")
         sums += torch.stack([out[k].detach().double() for k in LOSSES])
     max_norm = tcfg.clip_grad if tcfg.clip_grad > 0 else float("inf")
     if run.experts is not None:
@@ -230,24 +245,30 @@ def train_step(run: Run, it: int) -> Dict[str, float]:
         grad_norm = run.experts.clip_grad_norm_(max_norm)  # the norm of the whole, sharded model
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
+    timer.lap("clip")
     run.optimizer.step()
+    timer.lap("optim")
     losses = dict(zip(LOSSES, (float(x) for x in d.mean(sums / run.accum))))
     if not math.isfinite(losses["loss"]):
         raise FloatingPointError(
             f"iteration {it + 1}: loss is {losses['loss']}; lower the learning rate or check the data"
         )
-    return dict(lr=lr, **losses, grad_norm=float(grad_norm))
+    return dict(lr=lr, **losses, grad_norm=float(grad_norm), **timer.columns())
 
 
 def _loop(run: Run) -> None:
     tcfg, gbs = run.tcfg, run.global_batch
     t0 = time.time()
     run.ddp.train()
+    tokens_per_step = gbs * run.mcfg.seq_length
     for it in range(run.start, run.last_iteration):
-        stats = train_step(run, it)
+        step_t0 = time.perf_counter()
+        stats = train_step(run, it)  # ends on host reads of the losses: the step's work is done
+        speed = throughput(time.perf_counter() - step_t0, tokens_per_step, run.flops_per_token, run.d.world,
+                           run.peak_tflops)
         done = it + 1
         run.log.train_step(dict(iteration=done, consumed_samples=done * gbs, **stats,
-                                elapsed_s=round(time.time() - t0, 3)))
+                                elapsed_s=round(time.time() - t0, 3), **speed))
         if run.valid_ds is not None and (done % tcfg.eval_interval == 0 or done == tcfg.train_iters):
             valid_loss = evaluate(run.ddp, run.valid_ds, tcfg, run.d, run.device, run.autocast)
             run.log.validation(done, done * gbs, valid_loss)

@@ -20,7 +20,7 @@ import megablocks
 
 from exp.config import configs_from_dict
 from exp.data.indexed_dataset import write_documents
-from exp.log import read_csv
+from exp.log import TIMING_COLUMNS, read_csv
 from exp.loop import lr_at, train
 from exp.model import GPT
 
@@ -79,7 +79,7 @@ def _run(data, save, **overrides):
 
 
 def _curve(rows):
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
 
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "dmoe"])
@@ -189,3 +189,40 @@ def test_bad_training_options(tmp_path, data):
         _run(data, tmp_path / "c", hidden_size=64, eval_iters=0)
     with pytest.raises(ValueError, match=r"sample \d+ of train holds token ids .* outside the model's vocabulary \[0, 100\)"):
         _run(data, tmp_path / "v", vocab_size=100)
+
+
+def test_throughput_in_every_row(tmp_path, data, torch_references):
+    """tokens/s, ms per step and model TFLOP/s in every train.csv row (MFU blank on CPU: no peak
+    known), consistent with each other and with the documented FLOP count; the phase times on
+    request, adding up to about the step."""
+    from exp.throughput import flops_per_token
+
+    out = _run(data, tmp_path / "r", train_iters=3, eval_iters=0, phase_times=True, **DMOE)
+    tokens = TINY["global_batch_size"] * TINY["seq_length"]
+    cfg = configs_from_dict({**TINY, **DMOE, "data_path": data})[1]
+    model = GPT(cfg)
+    fpt = flops_per_token(model.num_parameters(active=True), model.pos.weight.numel(), cfg.num_layers,
+                          cfg.hidden_size, cfg.seq_length)
+    # 6·N + 12·L·H·S by hand: N = active parameters without the position embedding.
+    assert fpt == 6 * (out["active_parameters"] - cfg.seq_length * cfg.hidden_size) + 12 * 2 * 32 * 16
+    for row in out["train"]:
+        assert row["step_ms"] > 0 and "mfu" not in row
+        assert math.isclose(row["tokens_per_s"], tokens / (row["step_ms"] / 1e3), rel_tol=1e-3)
+        assert math.isclose(row["tflops_per_gpu"], fpt * tokens / (row["step_ms"] / 1e3) / 1e12, rel_tol=1e-2,
+                            abs_tol=1e-3)
+        phases = sum(row[f"{p}_ms"] for p in ("fwd", "bwd", "clip", "optim"))
+        assert 0 < phases <= row["step_ms"] * 1.05 + 1.0
+    plain = _run(data, tmp_path / "p", train_iters=1, eval_iters=0)
+    assert "fwd_ms" not in plain["train"][0] and plain["train"][0]["tokens_per_s"] > 0
+
+
+def test_peak_and_mfu():
+    from exp.throughput import peak_tflops, throughput
+
+    assert peak_tflops(torch.device("cpu")) is None
+    assert peak_tflops(torch.device("cpu"), 100.0) == 100.0
+    row = throughput(0.5, 1000, 6e9, 2, 989.4)
+    assert row["tokens_per_s"] == 2000.0 and row["step_ms"] == 500.0
+    assert math.isclose(row["tflops_per_gpu"], 6e9 * 1000 / 2 / 0.5 / 1e12, rel_tol=1e-3)
+    assert math.isclose(row["mfu"], row["tflops_per_gpu"] / 989.4, rel_tol=1e-3)
+
