@@ -103,30 +103,92 @@ def _meta(iteration: int, model, tcfg: TrainConfig, mcfg: GPTConfig, d: Dist) ->
     return meta
 
 
-def save_checkpoint(root, iteration, model, optimizer, tcfg, mcfg, device, d: Dist) -> str:
-    """Writes this rank's part of the checkpoint of `iteration`; rank 0 then marks it the latest.
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the latest complete one stays the one a resume picks."""
 
-    Every rank calls it (it holds barriers). Returns the checkpoint's directory.
+
+def _write(path: str, write) -> None:
+    """`write(tmp)` then an atomic rename to `path`: a file under its final name is complete.
+
+    Raises:
+        CheckpointError: naming `path` and the cause (an OSError, or the RuntimeError torch.save
+            raises when its writer fails, e.g. on a full disk).
     """
-    path = iteration_dir(root, iteration)
-    os.makedirs(path, exist_ok=True)
-    torch.save(_rng_state(device), os.path.join(path, f"rng_rank{d.rank}.pt"))
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        cause = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: {cause}") from err
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _write(path, write)
+
+
+def _write_json(path: str, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    _write(path, write)
+
+
+def _write_rank_files(path, iteration, model, optimizer, tcfg, mcfg, device, d: Dist) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"{path}: {err.strerror or err}") from err
+    _write(os.path.join(path, f"rng_rank{d.rank}.pt"), lambda tmp: torch.save(_rng_state(device), tmp))
     # Rank k < N holds expert shard k (the other expert-parallel groups hold copies of the same).
     if d.rank < d.ep_size:
         model_file, optimizer_file = _model_files(d)
-        torch.save(model.state_dict(), os.path.join(path, model_file))
-        torch.save({"optimizer": optimizer.state_dict(), "iteration": iteration}, os.path.join(path, optimizer_file))
+        _write(os.path.join(path, model_file), lambda tmp: torch.save(model.state_dict(), tmp))
+        state = {"optimizer": optimizer.state_dict(), "iteration": iteration}
+        _write(os.path.join(path, optimizer_file), lambda tmp: torch.save(state, tmp))
     if d.rank == 0:
-        with open(os.path.join(path, "meta.json"), "w") as f:
-            json.dump(_meta(iteration, model, tcfg, mcfg, d), f, indent=2)
-    d.barrier()
+        _write_json(os.path.join(path, "meta.json"), _meta(iteration, model, tcfg, mcfg, d))
+
+
+def save_checkpoint(root, iteration, model, optimizer, tcfg, mcfg, device, d: Dist) -> str:
+    """Writes this rank's part of the checkpoint of `iteration`; rank 0 then marks it the latest.
+
+    Every rank calls it (it holds barriers). Each file is written under a temporary name and
+    renamed when complete, and `latest_checkpointed_iteration.txt` is rewritten (atomically) only
+    after every rank has written its part, so a resume never picks a half-written checkpoint.
+    Returns the checkpoint's directory.
+
+    Raises:
+        CheckpointError: a write failed on any rank (a full disk, say): the message names the
+            path and the cause; the previous checkpoint stays the latest.
+    """
+    path = iteration_dir(root, iteration)
+    error = None
+    try:
+        _write_rank_files(path, iteration, model, optimizer, tcfg, mcfg, device, d)
+    except CheckpointError as err:
+        error = err
+    if d.any_true(error is not None):  # every rank learns of a failure, none waits on a barrier
+        where = f"rank {d.rank}, {error}" if error is not None else "a write failed on another rank"
+        raise CheckpointError(
+            f"checkpoint of iteration {iteration} not written ({where}); {_latest_text(root)}"
+        ) from error
     if d.rank == 0:
-        tmp = os.path.join(root, LATEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tmp, os.path.join(root, LATEST))
+        _write_text(os.path.join(root, LATEST), str(iteration))
     d.barrier()
     return path
+
+
+def _latest_text(root: str) -> str:
+    latest = latest_iteration(root)
+    return "no complete checkpoint yet" if latest is None else f"the latest complete checkpoint is iteration {latest}"
 
 
 def load_checkpoint(root, iteration, model, optimizer, tcfg, device, d: Dist) -> Dict[str, Any]:

@@ -30,6 +30,7 @@ from exp.model import GPT, GPTConfig
 from exp.parallel import Dist, num_parameters, resolve_device, setup_expert_parallel, wrap_data_parallel
 from exp.plot import plot_runs
 from exp.throughput import PhaseTimer, flops_per_token, peak_tflops, throughput
+from megablocks.layers.router import update_expert_biases
 
 LOSSES = ("loss", "lm_loss", "lbl_loss", "zloss")
 
@@ -247,6 +248,8 @@ def train_step(run: Run, it: int) -> Dict[str, float]:
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
     timer.lap("clip")
     run.optimizer.step()
+    # Aux-loss-free balancing: each router's expert bias from this step's counts over all ranks.
+    update_expert_biases(run.model, group=dist.group.WORLD if d.enabled else None)
     timer.lap("optim")
     losses = dict(zip(LOSSES, (float(x) for x in d.mean(sums / run.accum))))
     if not math.isfinite(losses["loss"]):

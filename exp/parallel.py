@@ -58,6 +58,15 @@ class Dist:
             values = values / self.world
         return values
 
+    def any_true(self, flag: bool) -> bool:
+        """Whether `flag` is True on any rank (an all-reduce; every rank must call it)."""
+        if not self.enabled:
+            return flag
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def close(self):
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -226,3 +226,49 @@ def test_peak_and_mfu():
     assert math.isclose(row["tflops_per_gpu"], 6e9 * 1000 / 2 / 0.5 / 1e12, rel_tol=1e-3)
     assert math.isclose(row["mfu"], row["tflops_per_gpu"] / 989.4, rel_tol=1e-3)
 
+
+
+def test_a_failed_checkpoint_write_stops_cleanly(tmp_path, data, torch_references, monkeypatch):
+    """A write that fails (a full disk) stops the run with the path and the cause; no file of the
+    failed checkpoint is left under its final name, `latest` still names the last complete one,
+    and a resume continues from it."""
+    from exp import checkpoint as ckpt
+
+    first = _run(data, tmp_path / "r", train_iters=4, eval_iters=0, save_interval=2, exit_iteration=2)
+    assert first["iterations"] == 2
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        if str(f).endswith("optimizer.pt.tmp"):
+            with open(f, "wb") as out:
+                out.write(b"partial")  # half a file, then the disk is full
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed "
+                               "writing file data/3: file write failed")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(ckpt.CheckpointError) as err:
+        _run(data, tmp_path / "r", train_iters=4, eval_iters=0, save_interval=2)
+    msg = str(err.value)
+    assert "iter_0000004" in msg and "optimizer.pt" in msg and "file write failed" in msg, msg
+    assert "latest complete checkpoint is iteration 2" in msg, msg
+    assert (tmp_path / "r" / "latest_checkpointed_iteration.txt").read_text() == "2"
+    leftovers = sorted(p.name for p in (tmp_path / "r" / "iter_0000004").iterdir())
+    assert "optimizer.pt" not in leftovers and not any(n.endswith(".tmp") for n in leftovers), leftovers
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    resumed = _run(data, tmp_path / "r", train_iters=4, eval_iters=0, save_interval=2)
+    assert resumed["start_iteration"] == 2 and resumed["iterations"] == 4
+    assert (tmp_path / "r" / "latest_checkpointed_iteration.txt").read_text() == "4"
+
+
+def test_expert_bias_updated_after_every_step(tmp_path, data, torch_references):
+    """With `moe_router_enable_expert_bias` the trainer applies the bias update after each
+    optimizer step (the routers' counts are reset by it): the biases move off zero."""
+    out = _run(data, tmp_path / "r", train_iters=3, eval_iters=0,
+               **{**DMOE, "moe_router_enable_expert_bias": True, "moe_router_bias_update_rate": 0.01})
+    state = torch.load(tmp_path / "r" / "iter_0000003" / "model.pt", weights_only=True)
+    biases = [v for k, v in state.items() if k.endswith("router.expert_bias")]
+    assert len(biases) == TINY["num_layers"] and out["iterations"] == 3
+    for b in biases:
+        # Each step moves every entry by ±rate or 0: after 3 steps a multiple of 0.01, not all zero.
+        assert b.abs().max() > 0 and torch.allclose(b * 100, (b * 100).round(), atol=1e-4)
