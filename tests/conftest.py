@@ -38,3 +38,32 @@ def _exact_fp32_matmuls():
     torch.set_float32_matmul_precision("highest")
     yield
     torch.set_float32_matmul_precision(previous)
+
+
+def _commit_seed() -> int:
+    """The property tests' seed: $HYPOTHESIS_SEED, else one drawn from the commit being tested
+    (so every commit explores new examples, and a failure reproduces from the commit), else 0."""
+    if os.environ.get("HYPOTHESIS_SEED"):
+        return int(os.environ["HYPOTHESIS_SEED"])
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        head = ""
+    return int(head[:8], 16) if head else 0
+
+
+def pytest_configure(config):
+    # Hypothesis draws from this seed unless --hypothesis-seed is given.
+    if getattr(config.option, "hypothesis_seed", None) is None and hasattr(config.option, "hypothesis_seed"):
+        config.option.hypothesis_seed = _commit_seed()
+
+
+def pytest_report_header(config):
+    seed = getattr(config.option, "hypothesis_seed", None)
+    if seed is not None:
+        return [f"property tests: hypothesis seed {seed} (reproduce with --hypothesis-seed={seed} or "
+                f"HYPOTHESIS_SEED={seed})"]
+    return []
