@@ -3,8 +3,8 @@
 The model computes with bf16 (or fp16) parameters; the optimizer keeps an fp32 copy of each
 ("main" weights) and the two fp32 Adam moments, updates them by torch.optim.AdamW's rule in one
 fused pass per tensor (`megablocks.backend.optim`), and writes the parameter back rounded from
-the new main weights. fp32 parameters are updated in place: their main weights are the parameters
-themselves, no copy.
+the new main weights. Contiguous fp32 parameters are updated in place: their main weights are the
+parameters themselves, no copy.
 
     opt = MainWeightsAdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     loss.backward()
@@ -140,38 +140,43 @@ class MainWeightsAdamW(torch.optim.Optimizer):
         if grad_scale is not None:
             grad_scale = grad_scale.reshape(())
             scale = grad_scale if scale is None else scale * grad_scale.to(scale.device)
-        scale_on: Dict[torch.device, torch.Tensor] = {}
+        # Every gradient is checked before any parameter moves: a refused step changes nothing.
+        work = []
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise TypeError("grad: sparse gradients are not supported")
-                _checks.check_tensor("grad", grad, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
-                state = self.state[p]
-                if "main" not in state:
-                    self._init_state(p)
-                state["step"] += 1
-                main = state["main"]
-                if scale is not None and p.device not in scale_on:
-                    scale_on[p.device] = scale.to(p.device)
-                update = adamw_step if use_triton(main) else adamw_step_reference
-                update(
-                    None if _is_param(main, p) else p.detach(),
-                    grad,
-                    main,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                    step=state["step"].item(),
-                    grad_scale=scale_on.get(p.device),
-                )
+                _checks.check_tensor("grad", p.grad, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
+                if p.grad.shape != p.shape:
+                    raise ValueError(f"grad: expected the parameter's shape {tuple(p.shape)}, "
+                                     f"got {tuple(p.grad.shape)}")
+                work.append((group, p))
+        scale_on: Dict[torch.device, torch.Tensor] = {}
+        for group, p in work:
+            state = self.state[p]
+            if "main" not in state:
+                self._init_state(p)
+            state["step"] += 1
+            main = state["main"]
+            if scale is not None and p.device not in scale_on:
+                scale_on[p.device] = scale.to(p.device)
+            update = adamw_step if use_triton(main) else adamw_step_reference
+            update(
+                None if _is_param(main, p) else p.detach(),
+                p.grad,
+                main,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                lr=group["lr"],
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                step=state["step"].item(),
+                grad_scale=scale_on.get(p.device),
+            )
         return loss
 
     @torch.no_grad()

@@ -128,6 +128,26 @@ def test_low_precision_params_follow_fp32_reference(dtype):
             assert not torch.equal(state["main"], _params(shapes, dtype, DEVICE)[i].float())
 
 
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=str)
+def test_fp32_grads_of_low_precision_params(dtype):
+    shapes = [(1025,), (3, 341), ()]
+    params = _params(shapes, dtype, DEVICE)
+    for p in params:
+        p.grad_dtype = torch.float32
+    opt = MainWeightsAdamW(params, lr=1e-2, weight_decay=0.1)
+    grads = _grads(shapes, torch.float32, DEVICE, 2)
+    expected = _reference_run(params, grads, len(shapes))
+    for g in grads:
+        _set_grads(params, g)
+        opt.step()
+    for i, (p, (main, m, v)) in enumerate(zip(params, expected)):
+        assert p.grad.dtype == torch.float32
+        assert_equal(f"exp_avg {i}", opt.state[p]["exp_avg"], m)
+        assert_equal(f"exp_avg_sq {i}", opt.state[p]["exp_avg_sq"], v)
+        assert_close(f"main {i}", opt.state[p]["main"], main)
+        assert_equal(f"param {i}", p.detach(), opt.state[p]["main"].to(dtype))
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_non_contiguous_params_and_grads(dtype):
     # A transposed parameter, and one that views every other column of a larger tensor: the
@@ -349,7 +369,16 @@ def test_bad_grad_scale_and_max_norm():
         opt.step(grad_scale=torch.ones(2, device=DEVICE))
     with pytest.raises(ValueError, match="max_norm"):
         opt.clip_grad_norm_(0.0)
-    assert not opt.state[p], "a refused step must not have changed the state"
+    # A bad gradient anywhere refuses the whole step before any parameter moves.
+    q = torch.nn.Parameter(torch.randn(3, device=DEVICE))
+    q.grad_dtype = None  # let the gradient's dtype differ from the parameter's
+    q.grad = torch.randn(3, device=DEVICE).to(torch.float64)
+    opt.add_param_group(dict(params=[q]))
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match="grad"):
+        opt.step()
+    assert not opt.state[p] and not opt.state[q], "a refused step must not have changed the state"
+    assert_equal("param after a refused step", p.detach(), before)
 
 
 def test_launcher_checks():

@@ -16,7 +16,7 @@ For a parameter `param_n` (fp32, fp16 or bf16) whose fp32 main copy is `main_n`,
 The step-dependent scalars (bias corrections, step size, decay factor) come from the host, where
 the step count lives; only `grad_scale` is read on the device, so a step never waits for the GPU.
 The kernel reads the gradient, main and both moments once and writes main, both moments and the
-parameter once: 16 bytes read and 14 written per element for a bf16 parameter and gradient.
+parameter once: 14 bytes read and 14 written per element for a bf16 parameter and gradient.
 When `main` is the fp32 parameter itself, the parameter is not written separately.
 """
 
