@@ -25,6 +25,9 @@ from exp.model import MODEL_SET_FIELDS, SHARED_FIELDS, GPTConfig
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
+PRECISIONS = ("auto", "bf16", "bf16-params", "fp32")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """What to train on, how long, and where to write.
@@ -38,7 +41,10 @@ class TrainConfig:
     many iterations on eval_iters global batches. save_interval: checkpoint every so many
     iterations (and at the end). exit_iteration: stop (with a checkpoint) after this iteration,
     keeping the schedule of train_iters. precision: 'auto' (bf16 autocast on GPU, fp32 on CPU),
-    'bf16' or 'fp32'. device: 'auto', 'cpu' or 'cuda'. expert_parallel_size: ranks that split the
+    'bf16' (autocast: fp32 parameters cast to bf16 in every forward), 'bf16-params' (bf16
+    parameters for compute, fp32 main weights and Adam states in `megablocks.optim.MainWeightsAdamW`,
+    gradient accumulation over micro-batches in fp32: Megatron's scheme, no cast of the weights per
+    forward) or 'fp32'. device: 'auto', 'cpu' or 'cuda'. expert_parallel_size: ranks that split the
     experts of every MoE layer among them (1: none; see `exp.parallel`). Every train.csv row
     carries the step's ms, tokens/s, model TFLOP/s per GPU and MFU (`exp.throughput`);
     phase_times adds the forward, backward, clipping and optimizer ms (synchronizing the device
@@ -94,8 +100,8 @@ class TrainConfig:
             raise ValueError(f"eval_iters: expected >= 0, got {self.eval_iters}")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ValueError(f"lr_decay_style: expected 'cosine', 'linear' or 'constant', got {self.lr_decay_style!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision: expected 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if not 0 <= self.min_lr <= self.lr:

@@ -31,6 +31,7 @@ from exp.parallel import Dist, num_parameters, resolve_device, setup_expert_para
 from exp.plot import plot_runs
 from exp.throughput import PhaseTimer, flops_per_token, peak_tflops, throughput
 from megablocks.layers.router import update_expert_biases
+from megablocks.optim import MainWeightsAdamW
 
 LOSSES = ("loss", "lm_loss", "lbl_loss", "zloss")
 
@@ -54,15 +55,19 @@ def lr_at(cfg: TrainConfig, iteration: int) -> float:
     return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (biases and norms excluded, as Megatron)."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (biases and norms excluded, as Megatron): torch's
+    (fused on CUDA), or with precision 'bf16-params' `MainWeightsAdamW` (fp32 main weights)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    hyper = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    if cfg.precision == "bf16-params":
+        return MainWeightsAdamW(groups, **hyper)
     kwargs = {"fused": True} if fused else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, **kwargs)
+    return torch.optim.AdamW(groups, **hyper, **kwargs)
 
 
 def _batch(dataset, indices, device):
@@ -167,6 +172,8 @@ def setup(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: Dist) -> 
     model_cfg = setup_expert_parallel(tcfg, mcfg, d)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank (expert shards: their slice)
     model = GPT(model_cfg, device=device)
+    if tcfg.precision == "bf16-params":
+        model.to(torch.bfloat16)  # the fp32 initial values become the optimizer's main weights
     optimizer = build_optimizer(model, tcfg, fused=device.type == "cuda")
     train_ds, valid_ds, _ = build_datasets(
         tcfg.data_path, mcfg.seq_length, tcfg.split, (tcfg.train_iters * gbs, tcfg.eval_iters * gbs, 0),
@@ -177,6 +184,7 @@ def setup(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: Dist) -> 
     log = RunLog(save, tcfg.train_iters, tcfg.log_interval, start, name=tcfg.name, progress=tcfg.progress,
                  tensorboard=tcfg.tensorboard, enabled=d.rank == 0)
     last = tcfg.train_iters if tcfg.exit_iteration is None else min(tcfg.train_iters, tcfg.exit_iteration)
+    # Autocast for 'bf16' (and 'auto' on GPU); 'bf16-params' computes in its bf16 parameters.
     use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
     run = Run(tcfg, mcfg, device, d, model, ddp, experts, optimizer, train_ds, valid_ds, save, start, last, gbs,
               accum, use_bf16, log)
@@ -189,6 +197,12 @@ def setup(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: Dist) -> 
     return run
 
 
+def _precision_text(run: Run) -> str:
+    if run.tcfg.precision == "bf16-params":
+        return "bf16 parameters with fp32 main weights"
+    return "bf16 autocast" if run.use_bf16 else "fp32"
+
+
 def _announce(run: Run) -> None:
     if not run.log.enabled:
         return
@@ -197,7 +211,7 @@ def _announce(run: Run) -> None:
     ep = f" (expert parallel {d.ep_size})" if d.ep_size > 1 else ""
     run.log.message(
         f"{run.mcfg.mlp} GPT: {n / 1e6:.2f}M parameters ({na / 1e6:.2f}M active), {d.world} process(es){ep} on "
-        f"{run.device.type}, {'bf16 autocast' if run.use_bf16 else 'fp32'}, global batch {run.global_batch} "
+        f"{run.device.type}, {_precision_text(run)}, global batch {run.global_batch} "
         f"({run.accum} accumulation step(s)), {len(run.train_ds)} train samples of {run.mcfg.seq_length} tokens"
         + (f", resuming at iteration {run.start}" if run.start else "")
     )
@@ -225,6 +239,9 @@ def train_step(run: Run, it: int) -> Dict[str, float]:
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
+    # fp32 accumulation over micro-batches in one process; with DDP the bf16 .grad accumulates
+    # (its reducer all-reduces the .grad it holds at the last micro-batch).
+    main_grads = isinstance(run.optimizer, MainWeightsAdamW) and run.accum > 1 and not d.enabled
     timer = run.timer or PhaseTimer(run.device, False)
     timer.start()
     sums = torch.zeros(len(LOSSES), dtype=torch.float64, device=run.device)
@@ -238,12 +255,16 @@ def train_step(run: Run, it: int) -> Dict[str, float]:
                 out = run.ddp(tokens, labels)
             timer.lap("fwd")
             (out["loss"] / run.accum).backward()
+            if main_grads:
+                run.optimizer.accumulate_grads()
             timer.lap("bwd")
         sums += torch.stack([out[k].detach().double() for k in LOSSES])
     max_norm = tcfg.clip_grad if tcfg.clip_grad > 0 else float("inf")
     if run.experts is not None:
         run.experts.allreduce_gradients()
         grad_norm = run.experts.clip_grad_norm_(max_norm)  # the norm of the whole, sharded model
+    elif isinstance(run.optimizer, MainWeightsAdamW):
+        grad_norm = run.optimizer.clip_grad_norm_(max_norm)  # applied inside the step: one read
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)
     timer.lap("clip")

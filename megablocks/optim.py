@@ -144,17 +144,18 @@ class MainWeightsAdamW(torch.optim.Optimizer):
         work = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
+                grad = self._gradient(p)
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise TypeError("grad: sparse gradients are not supported")
-                _checks.check_tensor("grad", p.grad, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
-                if p.grad.shape != p.shape:
+                _checks.check_tensor("grad", grad, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
+                if grad.shape != p.shape:
                     raise ValueError(f"grad: expected the parameter's shape {tuple(p.shape)}, "
-                                     f"got {tuple(p.grad.shape)}")
-                work.append((group, p))
+                                     f"got {tuple(grad.shape)}")
+                work.append((group, p, grad))
         scale_on: Dict[torch.device, torch.Tensor] = {}
-        for group, p in work:
+        for group, p, grad in work:
             state = self.state[p]
             if "main" not in state:
                 self._init_state(p)
@@ -165,7 +166,7 @@ class MainWeightsAdamW(torch.optim.Optimizer):
             update = adamw_step if use_triton(main) else adamw_step_reference
             update(
                 None if _is_param(main, p) else p.detach(),
-                p.grad,
+                grad,
                 main,
                 state["exp_avg"],
                 state["exp_avg_sq"],
@@ -177,7 +178,36 @@ class MainWeightsAdamW(torch.optim.Optimizer):
                 step=state["step"].item(),
                 grad_scale=scale_on.get(p.device),
             )
+            state.pop("grad_acc", None)
         return loss
+
+    @torch.no_grad()
+    def accumulate_grads(self) -> None:
+        """Gradient accumulation in fp32, kept by the optimizer: adds each parameter's `.grad`
+        (bf16 say, one micro-batch's) into an fp32 buffer in its state and frees the `.grad`.
+        Call it after each micro-batch's backward; `clip_grad_norm_` and `step` then take the
+        buffer (plus any `.grad` left) as the gradient, and the step frees the buffer."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "grad_acc" in state:
+                    state["grad_acc"].add_(p.grad)
+                else:
+                    state["grad_acc"] = p.grad.to(torch.float32, copy=True)
+                p.grad = None
+
+    def _gradient(self, p: torch.Tensor) -> Optional[torch.Tensor]:
+        """The gradient a step takes: the fp32 accumulation buffer (with any `.grad` added), or
+        the `.grad`."""
+        acc = self.state[p].get("grad_acc") if p in self.state else None
+        if acc is None:
+            return p.grad
+        if p.grad is not None:
+            acc.add_(p.grad)
+            p.grad = None
+        return acc
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -205,7 +235,7 @@ class MainWeightsAdamW(torch.optim.Optimizer):
         if not max_norm > 0:
             raise ValueError(f"max_norm: expected a float > 0, got {max_norm}")
         params = [p for group in self.param_groups for p in group["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [g for g in (self._gradient(p) for p in params) if g is not None]
         if not grads:
             device = params[0].device if params else torch.device("cpu")
             total = torch.zeros((), dtype=torch.float32, device=device)

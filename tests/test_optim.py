@@ -393,3 +393,29 @@ def test_launcher_checks():
         adamw_step(None, g, main, m, v, step=0, **hyper)
     with pytest.raises(TypeError, match="grad"):
         adamw_step(None, g.to(torch.int32), main, m, v, step=1, **hyper)
+
+
+def test_accumulate_grads_in_fp32():
+    """Micro-batch gradients of fp16 parameters accumulated in the optimizer's fp32 buffers: the
+    step (and the clip norm) equal one step on the fp32 sum, and the buffers are freed."""
+    torch.manual_seed(5)
+    init = torch.randn(3, 70, device=DEVICE)
+    parts = [torch.randn(3, 70, device=DEVICE).half() for _ in range(3)]
+    p = init.half().clone().requires_grad_()
+    opt = MainWeightsAdamW([p], lr=1e-2, weight_decay=0.1)
+    for g in parts:
+        p.grad = g.clone()
+        opt.accumulate_grads()
+        assert p.grad is None
+    norm = opt.clip_grad_norm_(0.5)
+    opt.step()
+    q = init.half().clone().requires_grad_()
+    ref = MainWeightsAdamW([q], lr=1e-2, weight_decay=0.1)
+    q.grad_dtype = torch.float32
+    q.grad = sum(g.float() for g in parts)  # fp32 gradient of an fp16 parameter
+    ref_norm = ref.clip_grad_norm_(0.5)
+    ref.step()
+    assert_close("norm", norm, ref_norm, torch.float32)
+    assert_equal("main weights", opt.state[p]["main"], ref.state[q]["main"])
+    assert_equal("parameter", p.detach(), q.detach())
+    assert "grad_acc" not in opt.state[p], "the buffer is freed by the step"

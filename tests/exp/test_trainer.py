@@ -272,3 +272,30 @@ def test_expert_bias_updated_after_every_step(tmp_path, data, torch_references):
     for b in biases:
         # Each step moves every entry by ±rate or 0: after 3 steps a multiple of 0.01, not all zero.
         assert b.abs().max() > 0 and torch.allclose(b * 100, (b * 100).round(), atol=1e-4)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_bf16_params_follow_the_autocast_loss_curve(tmp_path, data, torch_references, accum):
+    """precision 'bf16-params' (bf16 parameters, fp32 main weights in MainWeightsAdamW, fp32
+    accumulation over micro-batches) and 'bf16' (autocast over fp32 parameters) draw the same loss
+    curve within bf16 noise, and both follow fp32; the checkpoint keeps bf16 weights and fp32 main
+    weights, and a resume continues the curve."""
+    common = dict(train_iters=8, eval_iters=0, lr=5e-3, global_batch_size=8, micro_batch_size=8 // accum,
+                  dropout=0.0, **{**DMOE, "moe_jitter_eps": None})
+    runs = {p: _run(data, tmp_path / p, precision=p, **common) for p in ("fp32", "bf16", "bf16-params")}
+    curves = {p: [r["lm_loss"] for r in out["train"]] for p, out in runs.items()}
+    for p in ("bf16", "bf16-params"):
+        for step, (a, b) in enumerate(zip(curves[p], curves["fp32"])):
+            assert abs(a - b) < 0.03 * b, (p, step, curves)
+    for a, b in zip(curves["bf16-params"], curves["bf16"]):
+        assert abs(a - b) < 0.03 * b, curves
+    assert curves["bf16-params"][-1] < curves["bf16-params"][0], "it trained"
+    state = torch.load(tmp_path / "bf16-params" / "iter_0000008" / "model.pt", weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for k, v in state.items() if v.is_floating_point()), "bf16 weights"
+    opt = torch.load(tmp_path / "bf16-params" / "iter_0000008" / "optimizer.pt", weights_only=True)["optimizer"]
+    mains = [s["main"] for s in opt["state"].values()]
+    assert mains and all(m.dtype == torch.float32 for m in mains), "fp32 main weights in the optimizer"
+    part = _run(data, tmp_path / "part", precision="bf16-params", exit_iteration=4, **common)
+    rest = _run(data, tmp_path / "part", precision="bf16-params", **common)
+    assert part["iterations"] == 4 and rest["start_iteration"] == 4
+    assert _curve(rest["train"]) == _curve(runs["bf16-params"]["train"])
