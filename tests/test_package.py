@@ -49,3 +49,14 @@ def test_check_int_rejects_non_ints(bad):
 
     with pytest.raises(TypeError, match="top_k: expected an int"):
         check_int("top_k", bad)
+
+
+def test_test_file_names_are_unique():
+    """pytest imports test files by their base name (the test folders are not packages): two
+    files of one name in different folders stop the collection of the second."""
+    import collections
+    import pathlib
+
+    root = pathlib.Path(__file__).parent
+    names = collections.Counter(p.name for p in root.rglob("test_*.py"))
+    assert not [n for n, c in names.items() if c > 1], names
