@@ -24,7 +24,11 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
 2. `convert_model(model)` replaces each sparse-MoE block by a `MegaBlocksMoeBlock` holding a
    `megablocks.layers.dmoe.dMoE` (`.moe`): the router weight is the same Parameter as the HF
    router's, the expert weights are converted to the dMoE layout [E·F, H] (a copy; the HF experts
-   are dropped). Qwen2-MoE's gated shared expert is kept as it was. The model then trains with
+   are dropped). Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 and GLM-4.5 (sigmoid scores,
+   the expert-score bias as dMoE's `expert_bias`, group-limited top-k, the routed scaling factor);
+   the shared experts (Qwen2-MoE's gated one, DeepSeek-V3's) are kept as they were. A model whose
+   blocks need what dMoE lacks (gpt-oss: expert biases, the clamped SwiGLU) gets an error that
+   names it. The model then trains with
    dMoE's kernels and losses (`dMoE.load_balancing_loss` when `moe_loss_weight > 0`). The router
    logits are no longer recorded for `output_router_logits`; use the dMoE losses instead.
 """
@@ -166,16 +170,20 @@ class MegaBlocksMoeBlock(torch.nn.Module):
     """
 
     def __init__(self, moe: dMoE, shared_expert: Optional[torch.nn.Module] = None,
-                 shared_expert_gate: Optional[torch.nn.Module] = None):
+                 shared_expert_gate: Optional[torch.nn.Module] = None, shared_name: str = "shared_expert"):
         super().__init__()
         self.moe = moe
-        self.shared_expert = shared_expert
+        # The shared expert keeps its model's attribute name (Qwen2-MoE's `shared_expert`,
+        # DeepSeek-V3's and GLM-4.5's `shared_experts`), so its state-dict keys stay the model's.
+        self._shared_name = shared_name
+        setattr(self, shared_name, shared_expert)
         self.shared_expert_gate = shared_expert_gate
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = self.moe(hidden_states)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(hidden_states)
+        shared_expert = getattr(self, self._shared_name)
+        if shared_expert is not None:
+            shared = shared_expert(hidden_states)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
             out = out + shared
@@ -192,14 +200,17 @@ def _normalizes_top_k(block: torch.nn.Module) -> bool:
 
 
 # Routers whose semantics dMoE's router reproduces: softmax over the logits, top-k, optionally
-# renormalised. Others (sigmoid scores, expert-score biases, group-limited routing) are refused.
-SUPPORTED_ROUTERS = ("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "OlmoeTopKRouter")
+# renormalised; and DeepSeek-V3's (GLM-4.5's the same): sigmoid scores, the expert-score bias for
+# choosing, group-limited top-k, renormalised, times the routed scaling factor.
+SOFTMAX_ROUTERS = ("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "OlmoeTopKRouter")
+GROUPED_SIGMOID_ROUTERS = ("DeepseekV3TopkRouter", "Glm4MoeTopkRouter")
+SUPPORTED_ROUTERS = SOFTMAX_ROUTERS + GROUPED_SIGMOID_ROUTERS
 
 
 def is_sparse_moe_block(module: torch.nn.Module) -> bool:
     """Whether `module` is a block `convert_model` converts: a router `gate` of SUPPORTED_ROUTERS
-    (softmax top-k, `weight` [E, H]) and gated, bias-free, non-transposed fused experts
-    (`gate_up_proj`, `down_proj`)."""
+    (`weight` [E, H]) and gated, bias-free, non-transposed fused experts (`gate_up_proj`,
+    `down_proj`)."""
     gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
     return (
         type(gate).__name__ in SUPPORTED_ROUTERS
@@ -212,6 +223,28 @@ def is_sparse_moe_block(module: torch.nn.Module) -> bool:
         and not getattr(experts, "is_transposed", False)
         and not getattr(experts, "has_post_expert_norm", False)
     )
+
+
+def unsupported_reason(module: torch.nn.Module) -> Optional[str]:
+    """Why a transformers MoE block (a router and fused experts) is not one `convert_model`
+    converts, naming the missing feature; None for a convertible block or any other module."""
+    experts = getattr(module, "experts", None)
+    router = getattr(module, "gate", None) or getattr(module, "router", None)
+    if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor) or not hasattr(router, "top_k"):
+        return None
+    if is_sparse_moe_block(module):
+        return None
+    kind = type(module).__name__
+    if getattr(experts, "has_bias", False) or isinstance(getattr(experts, "gate_up_proj_bias", None), torch.Tensor):
+        return (f"{kind}: per-expert biases and the clamped SwiGLU (gpt-oss) are not supported by dMoE, "
+                "nor a router bias")
+    if getattr(experts, "is_transposed", False):
+        return f"{kind}: transposed expert weights are not supported"
+    if not getattr(experts, "has_gate", True):
+        return f"{kind}: ungated experts are not supported"
+    if getattr(experts, "has_post_expert_norm", False):
+        return f"{kind}: a norm after the experts is not supported"
+    return f"{kind}: its router {type(router).__name__} is not one dMoE reproduces ({', '.join(SUPPORTED_ROUTERS)})"
 
 
 def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
@@ -253,18 +286,40 @@ def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
         init_method=_keep,
         output_layer_init_method=_keep,
     )
+    if type(block.gate).__name__ in GROUPED_SIGMOID_ROUTERS:
+        kwargs.update(_grouped_sigmoid_routing(block.gate))
     if weight.dtype not in (torch.float16, torch.bfloat16, torch.get_default_dtype()):
         raise ValueError(f"block: expected expert weights in float16, bfloat16 or the default dtype, got {weight.dtype}")
     kwargs.update(overrides)
     args = Arguments(**kwargs)
     moe = dMoE(args)
     moe.router.layer.weight = block.gate.weight
+    if args.moe_router_enable_expert_bias:  # the same buffer: the model's state dict keeps it
+        moe.router.expert_bias = block.gate.e_score_correction_bias
     w1, v1, w2 = fused_to_dmoe(block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
     with torch.no_grad():
         moe.experts.mlp.w1.copy_(w1)
         moe.experts.mlp.v1.copy_(v1)
         moe.experts.mlp.w2.copy_(w2)
-    return MegaBlocksMoeBlock(moe, getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None))
+    name = "shared_experts" if getattr(block, "shared_experts", None) is not None else "shared_expert"
+    return MegaBlocksMoeBlock(moe, getattr(block, name, None), getattr(block, "shared_expert_gate", None), name)
+
+
+def _grouped_sigmoid_routing(gate: torch.nn.Module) -> dict:
+    """The `Arguments` of DeepSeek-V3's router (and GLM-4.5's): sigmoid scores, the expert-score
+    correction bias to choose (updated by `megablocks.layers.router.update_expert_biases`),
+    group-limited top-k over groups scored by their best two, renormalised weights times the
+    routed scaling factor."""
+    groups = gate.num_group
+    return dict(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_num_groups=groups,
+        moe_router_group_topk=gate.topk_group,
+        moe_router_group_score_topk=min(2, gate.num_experts // groups),
+        moe_normalize_expert_weights=1 if gate.norm_topk_prob else None,
+        moe_router_topk_scaling_factor=float(gate.routed_scaling_factor),
+    )
 
 
 def convert_model(model: torch.nn.Module, **overrides) -> torch.nn.Module:
@@ -284,6 +339,9 @@ def convert_model(model: torch.nn.Module, **overrides) -> torch.nn.Module:
     """
     targets = [(name, module) for name, module in model.named_modules() if is_sparse_moe_block(module)]
     if not targets:
+        reasons = sorted({r for r in (unsupported_reason(m) for m in model.modules()) if r})
+        if reasons:
+            raise ValueError(f"model: its MoE blocks cannot be converted to dMoE: {'; '.join(reasons)}")
         raise ValueError(f"model: expected transformers sparse-MoE blocks, found none in {type(model).__name__}")
     for name, block in targets:
         parent_name, _, attr = name.rpartition(".")

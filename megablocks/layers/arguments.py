@@ -160,6 +160,7 @@ class Arguments:
     # weights multiplied by `moe_router_topk_scaling_factor` (the routed scaling factor).
     moe_router_num_groups: Optional[int] = None
     moe_router_group_topk: Optional[int] = None
+    moe_router_group_score_topk: Optional[int] = None  # experts summed per group; None: top_k // group_topk
     moe_router_topk_scaling_factor: Optional[float] = None
     # The load-balancing loss: MegaBlocks' per-batch 'aux_loss', the per-sequence 'seq_aux_loss'
     # (sequences along `moe_router_seq_dim` of a 3-D input) or 'global_aux_loss' (expert counts
@@ -262,6 +263,11 @@ class Arguments:
                              "experts of the chosen groups")
         if self.moe_router_sinkhorn:
             raise ValueError("moe_router_num_groups: group-limited routing does not combine with moe_router_sinkhorn")
+        if self.moe_router_group_score_topk is not None:
+            _check_int("moe_router_group_score_topk", self.moe_router_group_score_topk, 1)
+            if self.moe_router_group_score_topk > experts // groups:
+                raise ValueError(f"moe_router_group_score_topk: expected at most the {experts // groups} experts of a "
+                                 f"group, got {self.moe_router_group_score_topk}")
 
     @classmethod
     def from_megatron(cls, megatron_args: Any, **overrides) -> "Arguments":

@@ -52,16 +52,18 @@ def sinkhorn(logits_TE: torch.Tensor, iterations: int) -> torch.Tensor:
     return log_p.exp()
 
 
-def group_limited_choice(choice_TE: torch.Tensor, num_groups: int, group_topk: int, top_k: int) -> torch.Tensor:
+def group_limited_choice(choice_TE: torch.Tensor, num_groups: int, group_topk: int, top_k: int,
+                         group_score_topk: Optional[int] = None) -> torch.Tensor:
     """DeepSeek-V3's group-limited routing: the choice scores with every expert outside each
     token's `group_topk` best groups set to -inf, so that its top-k falls within those groups.
 
     The E experts form `num_groups` consecutive groups; a group's score is the sum of its best
-    max(1, top_k // group_topk) choice scores (the best two for DeepSeek-V3: top-8 in 4 of 8 groups),
-    ties broken toward the lower group index as `torch.topk` breaks them. Returns [T, E] float32.
+    `group_score_topk` choice scores (None: max(1, top_k // group_topk), Megatron-Core's rule; the
+    best two for DeepSeek-V3 either way: top-8 in 4 of 8 groups), ties broken toward the lower
+    group index as `torch.topk` breaks them. Returns [T, E] float32.
     """
     tokens, experts = choice_TE.shape
-    per_group = max(1, top_k // group_topk)
+    per_group = group_score_topk or max(1, top_k // group_topk)
     grouped = choice_TE.float().view(tokens, num_groups, experts // num_groups)
     group_scores = grouped.topk(per_group, dim=-1).values.sum(dim=-1)
     best_groups = group_scores.topk(group_topk, dim=-1).indices
@@ -161,7 +163,7 @@ class LearnedRouter(torch.nn.Module):
                 choice_TE = scores_TE
             if args.moe_router_num_groups is not None:
                 choice_TE = group_limited_choice(choice_TE, args.moe_router_num_groups, args.moe_router_group_topk,
-                                                 args.moe_top_k)
+                                                 args.moe_top_k, args.moe_router_group_score_topk)
             top_experts_TK = torch.topk(choice_TE, args.moe_top_k, dim=-1).indices
         expert_weights_TK = scores_TE.gather(1, top_experts_TK)
         if args.moe_normalize_expert_weights:

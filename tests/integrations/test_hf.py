@@ -36,6 +36,24 @@ def tiny_model(kind: str, dtype=torch.float32):
         cfg = transformers.Qwen3MoeConfig(intermediate_size=40, moe_intermediate_size=24, num_experts=4,
                                           norm_topk_prob=True, head_dim=8, **common)
         cls = transformers.Qwen3MoeForCausalLM
+    elif kind == "deepseek_v3":
+        # 8 experts in 4 groups, top-2 within the best 2 groups, a dense first layer, one shared expert.
+        cfg = transformers.DeepseekV3Config(
+            intermediate_size=40, moe_intermediate_size=24, n_routed_experts=8, n_group=4, topk_group=2,
+            n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            **{**common, "num_hidden_layers": 3, "num_key_value_heads": 4})
+        cls = transformers.DeepseekV3ForCausalLM
+    elif kind == "glm4_moe":
+        cfg = transformers.Glm4MoeConfig(intermediate_size=40, moe_intermediate_size=24, n_routed_experts=4,
+                                         n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=1,
+                                         routed_scaling_factor=1.5, norm_topk_prob=True, head_dim=8,
+                                         **{**common, "num_hidden_layers": 3})
+        cls = transformers.Glm4MoeForCausalLM
+    elif kind == "gpt_oss":
+        cfg = transformers.GptOssConfig(intermediate_size=24, num_local_experts=4, head_dim=8,
+                                        layer_types=["full_attention"] * 2, **common)
+        cls = transformers.GptOssForCausalLM
     else:
         cfg = transformers.OlmoeConfig(intermediate_size=24, num_experts=4, norm_topk_prob=False, **common)
         cls = transformers.OlmoeForCausalLM
@@ -44,6 +62,9 @@ def tiny_model(kind: str, dtype=torch.float32):
         for name, p in model.named_parameters():
             if name.endswith("gate.weight"):
                 p.normal_(0.0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a trained bias: it changes the choice
+                b.normal_(0.0, 0.1)
     return model
 
 
@@ -430,3 +451,43 @@ def test_register_with_a_policy(fused_forms):
     assert_close("out", unfused, fused)
     with pytest.raises(TypeError, match="policy"):
         hf.register("megablocks_bad", policy="fast")
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "glm4_moe"])
+@pytest.mark.parametrize("mlp_impl", ["grouped", "sparse"])
+def test_convert_deepseek_v3_and_glm45(kind, mlp_impl, references):
+    """DeepSeek-V3 and GLM-4.5 convert to dMoE (sigmoid scores, the expert-score bias, group-limited
+    top-k, the routed scaling factor, their dense first layer and shared experts kept) with the
+    stock model's logits and every gradient."""
+    stock = tiny_model(kind).train()
+    ours = hf.convert_model(copy.deepcopy(stock), mlp_impl=mlp_impl, moe_block_size=16)
+    blocks = [n for n, m in ours.named_modules() if isinstance(m, hf.MegaBlocksMoeBlock)]
+    assert blocks == ["model.layers.1.mlp", "model.layers.2.mlp"], blocks  # layer 0 stays dense
+    moe = ours.get_submodule(blocks[0]).moe
+    gate = stock.get_submodule(blocks[0]).gate
+    assert moe.router.expert_bias is not None and torch.equal(moe.router.expert_bias, gate.e_score_correction_bias)
+    assert moe.args.moe_router_topk_scaling_factor == gate.routed_scaling_factor
+    ids, probe = _inputs()
+    logits, grads = run(stock, ids, probe)
+    our_logits, our_grads = run(ours, ids, probe)
+    assert_close("logits", our_logits, logits, family="layer")
+    for block in blocks:
+        for name, exp in zip(("w1", "v1", "w2"), experts_grads(grads, block + ".")):
+            key = f"{block}.moe.experts.mlp.{name}"
+            assert_close(key, our_grads[key], exp, family="layer")
+        assert_close("router", our_grads[f"{block}.moe.router.layer.weight"], grads[f"{block}.gate.weight"],
+                     family="layer")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            key = f"{block}.shared_experts.{name}.weight"
+            assert_close(key, our_grads[key], grads[key], family="layer")
+    dense = "model.layers.0.mlp.gate_proj.weight"
+    assert_close(dense, our_grads[dense], grads[dense], family="layer")
+    # The state dict keeps the model's own names for what was not converted.
+    assert "model.layers.1.mlp.shared_experts.up_proj.weight" in ours.state_dict()
+
+
+def test_convert_gpt_oss_names_what_is_missing():
+    model = tiny_model("gpt_oss")
+    with pytest.raises(ValueError, match="per-expert biases and the clamped SwiGLU"):
+        hf.convert_model(model)
+
