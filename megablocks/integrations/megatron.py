@@ -226,21 +226,26 @@ def megablocks_layer_spec(base_spec: Optional[ModuleSpec] = None, **overrides) -
     return spec
 
 
-def moefy_megatron(model: torch.nn.Module, **overrides) -> torch.nn.Module:
+def moefy_megatron(model: torch.nn.Module, first_k_dense: int = 0, **overrides) -> torch.nn.Module:
     """Replaces the `mlp` of every megatron-core TransformerLayer in `model` by `MegablocksMLP`.
 
     The new layers are freshly initialised (nothing is copied from the replaced MLPs), built from
     each layer's own `config` and numbered like the layer. Returns `model` (changed in place).
-    Build the model with a separate pre-MLP norm (the local spec, or any MoE spec).
+    Build the model with a separate pre-MLP norm (the local spec, or any MoE spec). Layers numbered
+    up to `first_k_dense` keep their dense MLP (DeepSeek-V3's and GLM-4.5's dense first layers).
 
     Raises:
-        ValueError: no TransformerLayer found, or one whose pre-MLP norm is fused into its MLP.
+        ValueError: no TransformerLayer found, or one whose pre-MLP norm is fused into its MLP;
+            first_k_dense not an int in [0, number of layers).
     """
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
     if not layers:
         raise ValueError("model: expected a megatron-core model with TransformerLayer modules, found none")
+    if isinstance(first_k_dense, bool) or not isinstance(first_k_dense, int) or not 0 <= first_k_dense < len(layers):
+        raise ValueError(f"first_k_dense: expected an int in [0, {len(layers)}), got {first_k_dense!r}")
+    layers = [layer for layer in layers if layer.layer_number > first_k_dense]
     for layer in layers:
         if type(layer.pre_mlp_layernorm).__name__ == "IdentityOp":
             raise ValueError(

@@ -161,7 +161,7 @@ def upcycle(dense: DenseMLPWeights, num_experts: int, top_k: int, num_layers: in
 
 
 def moefy(model: torch.nn.Module, num_experts: int, top_k: int = 2, *, router_init_std: float = 0.02,
-          **overrides) -> torch.nn.Module:
+          first_k_dense: int = 0, **overrides) -> torch.nn.Module:
     """Replaces, in place, every recognised dense MLP of `model` by an upcycled `MoefiedMLP`.
 
     Args:
@@ -169,6 +169,8 @@ def moefy(model: torch.nn.Module, num_experts: int, top_k: int = 2, *, router_in
         num_experts: E >= 1 experts per layer, each a copy of the dense MLP.
         top_k: K experts per token (1 <= K <= E); the K weights are renormalised to sum to one.
         router_init_std: std of the routers' normal initialisation.
+        first_k_dense: leave the first k dense MLPs (in module order: the first layers) dense, as
+            DeepSeek-V3 and GLM-4.5 do (`first_k_dense_replace`).
         overrides: other `Arguments` fields (e.g. mlp_impl='sparse', moe_loss_weight=0.0,
             moe_zloss_weight=1e-3, gmm_backend='torch'). Defaults: mlp_impl='grouped',
             moe_loss_weight=0.01, the dense MLP's activation, dtype and device.
@@ -194,6 +196,10 @@ def moefy(model: torch.nn.Module, num_experts: int, top_k: int = 2, *, router_in
             skip.append(name)
     if not found:
         raise ValueError(f"model: expected dense MLPs to convert, found none in {type(model).__name__}")
+    if isinstance(first_k_dense, bool) or not isinstance(first_k_dense, int) or not 0 <= first_k_dense < len(found):
+        raise ValueError(f"first_k_dense: expected an int in [0, {len(found)}) (the model has {len(found)} dense "
+                         f"MLPs), got {first_k_dense!r}")
+    found = found[first_k_dense:]
     collector = MoELossCollector()
     for name, dense in found:
         layer = upcycle(dense, num_experts, top_k, len(found), collector, router_init_std, **overrides)

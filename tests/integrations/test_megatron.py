@@ -226,6 +226,18 @@ def test_moefy_megatron_replaces_dense_mlps():
     _check_mlp_block_grads(layers[0], x, lambda out: out.sum())
 
 
+def test_moefy_megatron_keeps_the_first_layers_dense():
+    cfg = TransformerConfig(num_layers=LAYERS, hidden_size=H, num_attention_heads=4, ffn_hidden_size=FFN,
+                            use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
+    model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=64,
+                     max_sequence_length=16)
+    dense_type = type(model.decoder.layers[0].mlp)
+    mg.moefy_megatron(model, first_k_dense=1, moe_num_experts=E, moe_top_k=1, mlp_impl="grouped")
+    assert [type(l.mlp) for l in model.decoder.layers] == [dense_type, mg.MegablocksMLP]
+    with pytest.raises(ValueError, match="first_k_dense"):
+        mg.moefy_megatron(model, first_k_dense=LAYERS, moe_num_experts=E)
+
+
 def test_arguments_from_config_mapping():
     cfg = config(top_k=2, swiglu=True, moe_z_loss_coeff=1e-3, moe_grouped_gemm=False)
     args = mg.arguments_from_config(cfg, moe_block_size=32)

@@ -15,7 +15,8 @@ VOCAB = 61
 
 
 def llama(**kw):
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+    kw = {"num_hidden_layers": 2, **kw}
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=40,
                                    num_attention_heads=4, num_key_value_heads=2, **kw)
     return transformers.LlamaForCausalLM(cfg).to(DEVICE)
 
@@ -128,3 +129,16 @@ def test_moefy_twice_converts_nothing_new(references):
     model = mf.moefy(llama(), num_experts=2)
     with pytest.raises(ValueError, match="dense MLPs"):
         mf.moefy(model, num_experts=2)
+
+
+def test_first_k_layers_stay_dense(references):
+    """`first_k_dense=1` leaves the first layer's MLP dense (DeepSeek-V3's `first_k_dense_replace`),
+    converts the rest, and the model still equals the dense one at step 0."""
+    dense = llama(num_hidden_layers=3).eval()
+    moe = mf.moefy(copy.deepcopy(dense), num_experts=4, top_k=2, first_k_dense=1)
+    kinds = [type(layer.mlp).__name__ for layer in moe.model.layers]
+    assert kinds[0] == type(dense.model.layers[0].mlp).__name__ and kinds[1:] == ["MoefiedMLP"] * 2, kinds
+    ids = torch.randint(0, VOCAB, (2, 9), device=DEVICE)
+    assert_close("logits", logits_of(moe, ids), logits_of(dense, ids))
+    with pytest.raises(ValueError, match="first_k_dense: expected an int in"):
+        mf.moefy(copy.deepcopy(dense), num_experts=4, first_k_dense=3)
