@@ -160,7 +160,8 @@ def _arguments_fields():
     from megablocks.layers.arguments import Arguments
 
     hints = typing.get_type_hints(Arguments)
-    skip = set(SHARED_FIELDS) | set(MODEL_SET_FIELDS) | {"expert_parallel_group", "fc_cls", "fc_kwargs", "kernel_policy"}
+    skip = set(SHARED_FIELDS) | set(MODEL_SET_FIELDS) | {"expert_parallel_group", "moe_aux_loss_group", "fc_cls",
+                                                         "fc_kwargs", "kernel_policy"}
     return [(f, hints[f.name]) for f in dataclasses.fields(Arguments) if f.name not in skip]
 
 

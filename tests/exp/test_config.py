@@ -21,7 +21,8 @@ def test_every_arguments_field_is_an_option():
     parser, groups = build_parser()
     dests = {a.dest for a in parser._actions}
     fields = {f.name for f in dataclasses.fields(Arguments)}
-    set_elsewhere = set(SHARED_FIELDS) | set(MODEL_SET_FIELDS) | {"expert_parallel_group"}
+    # Process groups are not options (the default of moe_aux_loss_group, the world, is the trainer's).
+    set_elsewhere = set(SHARED_FIELDS) | set(MODEL_SET_FIELDS) | {"expert_parallel_group", "moe_aux_loss_group"}
     missing = sorted(fields - set_elsewhere - dests)
     assert not missing, f"Arguments fields without an option: {missing}"
     assert set(SHARED_FIELDS) <= dests  # the model's options carry them

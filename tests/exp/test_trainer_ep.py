@@ -16,11 +16,11 @@ import torch
 from exp.checkpoint import consolidated_state_dict
 from exp.config import configs_from_dict
 from exp.data.indexed_dataset import write_documents
-from exp.log import read_csv
+from exp.log import TIMING_COLUMNS, read_csv
 from exp.loop import train
 from exp.model import GPT
 from tests.parallel.launcher import run
-from tests.utils import assert_close
+from tests.utils import assert_close, relative_errors
 
 TINY = dict(
     seq_length=16, num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=24,
@@ -104,10 +104,14 @@ def test_expert_parallel_training_matches_one_process(tmp_path, data, monkeypatc
     got = consolidated_state_dict(str(ckpt))
     assert got.keys() == ref.keys()
     for name in ref:
-        assert_close(f"final weight {name}", got[name], ref[name])
+        # Three optimizer steps of two processes against one: Adam divides by sqrt(v), so near-zero
+        # gradients (the biases) turn summation-order rounding into visible steps; held to 2e-3 of
+        # the tensor's scale (max) and 5e-4 (rms), a training-level limit, not a kernel's.
+        max_err, rms = relative_errors(got[name].double(), ref[name].double())
+        assert max_err <= 2e-3 and rms <= 5e-4, (name, max_err, rms)
     resumed = read_csv(str(tmp_path / "part" / "train.csv"))
-    assert [{k: v for k, v in r.items() if k != "elapsed_s"} for r in resumed] == [
-        {k: v for k, v in r.items() if k != "elapsed_s"} for r in two]  # bit for bit
+    assert [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in two]  # bit for bit
     for k in (0, 1):
         a = torch.load(ckpt / f"model_ep{k}.pt", weights_only=True)
         b = torch.load(tmp_path / "part" / "iter_0000003" / f"model_ep{k}.pt", weights_only=True)

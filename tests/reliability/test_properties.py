@@ -17,10 +17,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from megablocks import ops
+from megablocks.integrations.inference import fused_moe, fused_moe_reference, softmax_topk, softmax_topk_reference
 from megablocks.layers.dmoe import dMoE
+from megablocks.layers.moe import MoE
+from megablocks.ops.activation import glu_reference
 from megablocks.ops import permute as P
 from megablocks.ops.gmm import gmm_reference
-from megablocks.ops.sparse import dsd_reference, sdd_reference
+from megablocks.ops.sparse import dds_reference, dsd_reference, sdd_reference
 from megablocks.ops.topology import topology_reference
 from tests.conftest import DEVICE
 from tests.layers.moe_reference import check_against_reference, make_args, randomize_bias, route_all_to
@@ -127,7 +130,8 @@ def _REF(fn, *inputs):
     carries no rounding of its own beyond the final one."""
     out, _ = _grads(fn, *inputs, reference=True)
     wide = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
-    _, grads = _grads(fn, *wide, reference=True, grad_dtype=out.dtype)
+    # The output gradient rounded as the op's (whose output has its first input's dtype).
+    _, grads = _grads(fn, *wide, reference=True, grad_dtype=inputs[0].dtype)
     return out, [None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
 
 
@@ -295,3 +299,134 @@ def test_dmoe_layer(case, impl, mlp_type, hidden, ffn):
         with torch.no_grad():
             layer.router.layer.weight[1::2] = -1.0
     check_against_reference(layer, x.requires_grad_(True), top_experts_from_layer=routing == "ties")
+
+
+# --------------------------------------------------------------------------------------------------
+# The other op families: dds, the gathered and shared-input GEMMs, glu, softmax_topk, fused_moe and
+# the capacity MoE, each against its plain reference.
+
+
+@_examples(20)
+@given(routings(max_tokens=8, max_experts=4), st.integers(1, 40), st.integers(1, 24), st.sampled_from(FLOATS))
+def test_dds(case, ffn, hidden, dtype):
+    """a @ S and a @ S^T on dMoE topologies (the weight gradients of the sparse path)."""
+    T, E, K, routing, seed = case
+    block = 16
+    top = _top_experts(routing, T, E, K, seed)
+    meta = ops.routing_metadata(top, E, block)
+    rows = ops.padded_rows_bound(T * K, E, block)
+    g = torch.Generator().manual_seed(seed)
+    topo = ops.make_topology(meta.padded_bins, block_size=block, num_block_rows=rows // block,
+                             ffn_hidden_size=ffn, dtype=dtype)
+    x = torch.randn(rows, hidden, generator=g).to(dtype).to(DEVICE)
+    w1 = torch.randn(E * ffn, hidden, generator=g).to(dtype).to(DEVICE)
+    h = ops.sdd(x, w1.t(), topo)  # a sparse operand with the topology's real blocks
+    a = torch.randn(hidden, rows, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    a_t = torch.randn(hidden, E * ffn, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    _compare("close", "dds", _grads(lambda a_: ops.dds(a_, h), a), _REF(lambda a_: dds_reference(a_, h), a))
+    _compare("close", "dds (S^T)", _grads(lambda a_: ops.dds(a_, h.t()), a_t),
+             _REF(lambda a_: dds_reference(a_, h.t()), a_t))
+
+
+@_examples(30)
+@given(routings(max_tokens=12, max_experts=5), st.integers(1, 24), st.integers(1, 24), st.sampled_from(FLOATS),
+       st.booleans(), st.booleans())
+def test_gathered_and_shared_input_gmm(case, hidden, ffn, dtype, trans_b, pair):
+    """gmm_gathered / gmm_shared_input_gathered (token rows read through the row maps) against the
+    reference product of the gathered rows, forward and every gradient."""
+    T, E, K, routing, seed = case
+    top = _top_experts(routing, T, E, K, seed)
+    meta = ops.routing_metadata(top, E, 16)
+    maps = ops.route(meta.indices, meta.bin_ids, meta.bins, K)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, hidden, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    shape = (E, ffn, hidden) if trans_b else (E, hidden, ffn)
+    b1 = torch.randn(*shape, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    b2 = torch.randn(*shape, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    counts = meta.tokens_per_expert
+    token_of_row = (meta.indices.long() // K).to(DEVICE)
+
+    if pair:
+        def ours(x_, b1_, b2_):
+            h1, h2 = ops.gmm_shared_input_gathered(x_, b1_, b2_, counts, maps, trans_b=trans_b, backend="triton")
+            return torch.cat([h1, h2], dim=1)
+
+        def ref(x_, b1_, b2_):
+            rows = x_[token_of_row]
+            return torch.cat([gmm_reference(rows, b, counts.cpu(), trans_b=trans_b) for b in (b1_, b2_)], dim=1)
+
+        _compare("close", "gmm_shared_input_gathered", _grads(ours, x, b1, b2), _REF(ref, x, b1, b2))
+    else:
+        _compare("close", "gmm_gathered",
+                 _grads(lambda x_, b_: ops.gmm_gathered(x_, b_, counts, maps, trans_b=trans_b, backend="triton"),
+                        x, b1),
+                 _REF(lambda x_, b_: gmm_reference(x_[token_of_row], b_, counts.cpu(), trans_b=trans_b), x, b1))
+
+
+@_examples(30)
+@given(st.integers(0, 50), st.integers(1, 40), st.sampled_from(FLOATS),
+       st.sampled_from(["silu", "gelu", "gelu_tanh", "relu"]), st.integers(0, 2**16))
+def test_glu(rows, cols, dtype, activation, seed):
+    g = torch.Generator().manual_seed(seed)
+    h1 = (torch.randn(rows, cols, generator=g) * 3).to(dtype).to(DEVICE).requires_grad_(True)
+    h2 = torch.randn(rows, cols, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    _compare("close", f"glu {activation}", _grads(lambda a, b: ops.glu(a, b, activation), h1, h2),
+             _REF(lambda a, b: glu_reference(a, b, activation), h1, h2))
+
+
+@_examples(30)
+@given(st.integers(0, 40), st.integers(1, 40), st.data(), st.booleans(), st.sampled_from(FLOATS),
+       st.sampled_from(["random", "ties"]), st.integers(0, 2**16))
+def test_softmax_topk(tokens, experts, data, renormalize, dtype, kind, seed):
+    topk = data.draw(st.integers(1, experts))
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=g) * 3
+    if kind == "ties":  # equal scores where torch.topk picks
+        logits = logits.round()
+    logits = logits.to(dtype).to(DEVICE)
+    weights, ids = softmax_topk(logits, topk, renormalize)
+    want_w, want_ids = softmax_topk_reference(logits, topk, renormalize)
+    if kind == "ties":
+        # Among equal scores either pick is a top-k: the chosen scores must be the K largest, each
+        # expert at most once per token (which of the tied ones is the kernel's documented rule).
+        scores = logits.float().softmax(-1).cpu()
+        chosen = scores.gather(1, ids.cpu().long()).sort(dim=-1, descending=True).values
+        assert_equal("chosen scores", chosen, scores.topk(topk, dim=-1).values)
+        assert all(len(set(row)) == topk for row in ids.cpu().tolist()), "an expert chosen twice"
+    else:
+        assert_equal("ids", ids.cpu(), want_ids.cpu())
+    assert_close("weights", weights, want_w, torch.float32)
+
+
+@_examples(20)
+@given(st.integers(0, 12), st.integers(1, 24), st.integers(1, 20), st.integers(1, 6), st.data(),
+       st.booleans(), st.sampled_from(["silu", "gelu", "relu"]), st.integers(0, 2**16))
+def test_fused_moe(tokens, hidden, ffn, experts, data, renormalize, activation, seed):
+    """vLLM's fused_moe (the default path and the grouped path) against the per-token loop."""
+    topk = data.draw(st.integers(1, experts))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=g).to(DEVICE)
+    w1 = (torch.randn(experts, 2 * ffn, hidden, generator=g) / hidden**0.5).to(DEVICE)
+    w2 = (torch.randn(experts, hidden, ffn, generator=g) / ffn**0.5).to(DEVICE)
+    gating = torch.randn(tokens, experts, generator=g).to(DEVICE)
+    want = fused_moe_reference(x, w1, w2, gating, topk, renormalize, activation)
+    for path in ("auto", "grouped"):
+        got = fused_moe(x, w1, w2, gating, topk, renormalize, activation=activation, path=path)
+        assert_close(f"fused_moe ({path})", got, want, torch.float32, family="layer")
+
+
+@_examples(20)
+@given(routings(max_tokens=8, max_experts=4), st.sampled_from(["mlp", "glu"]), st.sampled_from([0.5, 1.0, 2.0]))
+def test_capacity_moe(case, mlp_type, factor):
+    """The MoE with a capacity factor (assignments past an expert's capacity dropped, in token
+    order) against the naive loop with the same drop rule, forward and every gradient."""
+    T, E, K, routing, seed = case
+    torch.manual_seed(seed)
+    layer = MoE(make_args(hidden_size=12, ffn_hidden_size=10, moe_num_experts=E, moe_top_k=K,
+                          mlp_type=mlp_type, moe_capacity_factor=factor))
+    randomize_bias(layer)
+    if routing == "one":
+        route_all_to(layer, E // 2)
+    x = (torch.rand(max(T, 1), 12, device=DEVICE) + 0.5).requires_grad_(True)
+    # A capacity that rounds to 0 means the largest expert's count (MegaBlocks' rule): no drop.
+    check_against_reference(layer, x, capacity=layer.experts.expert_capacity(x.shape[0]) or None)
