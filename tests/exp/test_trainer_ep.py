@@ -20,7 +20,7 @@ from exp.log import TIMING_COLUMNS, read_csv
 from exp.loop import train
 from exp.model import GPT
 from tests.parallel.launcher import run
-from tests.utils import assert_close, relative_errors
+from tests.utils import relative_errors
 
 TINY = dict(
     seq_length=16, num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=24,
