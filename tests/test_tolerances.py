@@ -105,3 +105,18 @@ def test_fp32_limit_catches_tf32_in_the_kernels(monkeypatch):
     finally:
         torch.set_float32_matmul_precision("highest")
     _rejects("gmm tf32", out, ref, torch.float32)
+
+
+def test_one_unit_in_the_last_place_of_a_tiny_16_bit_result_passes():
+    """Two correctly rounded fp16 values of nearly the same number may sit one unit apart; on a
+    one-element tensor that is ~1e-3 relative, above the rms limit, and must still pass. Two
+    units apart must not."""
+    from tests.utils import assert_close
+
+    e = torch.tensor([0.972656], dtype=torch.float16)
+    unit = 2.0**-11  # fp16's spacing in [0.5, 1)
+    one, two = (e.double() + unit).half(), (e.double() + 2 * unit).half()
+    assert (one.double() - e.double()).item() == unit and (two.double() - e.double()).item() == 2 * unit
+    assert_close("one unit", one, e)
+    with pytest.raises(AssertionError):
+        assert_close("two units", two, e)
