@@ -390,15 +390,15 @@ def test_softmax_topk(tokens, experts, data, renormalize, dtype, kind, seed):
     logits = logits.to(dtype).to(DEVICE)
     weights, ids = softmax_topk(logits, topk, renormalize)
     want_w, want_ids = softmax_topk_reference(logits, topk, renormalize)
-    if kind == "ties":
-        # Among equal scores either pick is a top-k: the chosen scores must be the K largest, each
-        # expert at most once per token (which of the tied ones is the kernel's documented rule).
-        scores = logits.float().softmax(-1).cpu()
-        chosen = scores.gather(1, ids.cpu().long()).sort(dim=-1, descending=True).values
-        assert_equal("chosen scores", chosen, scores.topk(topk, dim=-1).values)
-        assert all(len(set(row)) == topk for row in ids.cpu().tolist()), "an expert chosen twice"
-    else:
-        assert_equal("ids", ids.cpu(), want_ids.cpu())
+    # Ties are common (rounded logits, and 16-bit ones): among equal scores either pick is a top-k.
+    # The chosen scores must be the K largest in descending order, each expert once per token
+    # (which tied one is the kernel's documented rule, tested in tests/ops/test_topk.py).
+    scores = logits.float().softmax(-1).cpu()
+    chosen = scores.gather(1, ids.cpu().long())
+    assert_equal("chosen scores", chosen, scores.topk(topk, dim=-1).values)
+    assert all(len(set(row)) == topk for row in ids.cpu().tolist()), "an expert chosen twice"
+    untied = [t for t in range(tokens) if len(set(scores[t].tolist())) == experts]
+    assert_equal("ids of tokens without ties", ids.cpu()[untied], want_ids.cpu()[untied])
     assert_close("weights", weights, want_w, torch.float32)
 
 
