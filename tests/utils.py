@@ -31,7 +31,7 @@ def assert_equal(name: str, actual: torch.Tensor, expected: torch.Tensor) -> Non
 #   op      fp32   9.8e-7 / 6.7e-7            1.6e-6 / 8.8e-7            4e-6 / 2e-6
 #   op      fp16   7.8e-4 / 3.9e-4            7.8e-4 / 3.8e-4            1.2e-3 / 6e-4
 #   op      bf16   -                          5.8e-3 / 3.1e-3            1e-2 / 5e-3
-#   layer   fp32   1.7e-6 / 1.9e-6            3.5e-6 / 3.5e-6            1e-5 / 8e-6
+#   layer   fp32   1.7e-5 / 1.6e-5            3.5e-6 / 3.5e-6            1e-4 / 5e-5
 #   layer   fp16   1.4e-3 / 1.1e-3            1.0e-3 / 9.3e-4            3e-3 / 2e-3
 #   layer   bf16   -                          1.0e-2 / 6.9e-3            2e-2 / 1e-2
 #
@@ -41,7 +41,10 @@ def assert_equal(name: str, actual: torch.Tensor, expected: torch.Tensor) -> Non
 # 3.9e-3 in bf16), and for fp32 the accumulation error, about 2**-24 * sqrt(K) (3e-7 at K = 40,
 # 1.6e-6 at K = 1024). "layer": a whole dMoE/MoE layer's output and gradients, where each
 # product's rounded output feeds the next (router, two or three products, activation, weighted
-# scatter), so two to three roundings compound. The margin is 1.4 to 3 times the largest measured.
+# scatter), so two to three roundings compound; a gradient that is a small difference of larger
+# terms (the router's through the softmax, every token on one expert) measured 1.7e-5 / 1.6e-5 of
+# its own scale in fp32. The margin is 1.4 to 6 times the largest measured; the fp32 layer limit
+# still rejects TF32 inputs (below).
 #
 # The fp32 limits reject a product whose inputs were rounded to TF32 (10-bit mantissa: 3e-4 to
 # 8e-4 relative, whatever K) and one accumulated in fp16 (1e-3 at K = 40); the fp16 limits reject
@@ -56,7 +59,7 @@ _TOL = {
     },
     "layer": {
         torch.float64: (1e-9, 1e-10),
-        torch.float32: (1e-5, 8e-6),
+        torch.float32: (1e-4, 5e-5),
         torch.float16: (3e-3, 2e-3),
         torch.bfloat16: (2e-2, 1e-2),
     },
