@@ -110,3 +110,51 @@ def test_benchmark_util(capsys):
     benchmark_util.log_benchmark("gmm", {"E": 8}, 1.5, 0.25)
     printed = capsys.readouterr().out
     assert "gmm Benchmark" in printed and "E = 8" in printed and "mean time = 1.500ms, std time = 0.250ms" in printed
+
+
+def test_megablocks_ops_extension_module(device):
+    """`megablocks_ops` (MegaBlocks 0.10's compiled module, by name) writes MegaBlocks' results into
+    the tensors it is handed."""
+    import megablocks_ops as mo
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 50, (3, 7), generator=g, dtype=torch.int32).to(device)
+    out = torch.empty_like(x)
+    mo.exclusive_cumsum(x, 1, out)
+    assert_equal("exclusive", out, torch.cumsum(x, 1).to(torch.int32) - x)
+    mo.inclusive_cumsum(x, 0, out)
+    assert_equal("inclusive", out, torch.cumsum(x, 0).to(torch.int32))
+
+    ids = torch.randint(0, 6, (2, 40), generator=g, dtype=torch.int32).to(device)
+    counts = mo.histogram(ids, 6)
+    want = torch.stack([torch.bincount(r.long(), minlength=6) for r in ids.cpu()]).to(torch.int32)
+    assert counts.dtype == torch.int32
+    assert_equal("histogram", counts.cpu(), want)
+
+    flat = ids[0].clone()
+    vals, order = torch.empty_like(flat), torch.empty_like(flat)
+    mo.sort(flat, 3, vals, order)
+    want_vals, want_order = torch.sort(flat.cpu().long(), stable=True)
+    assert_equal("sort values", vals.cpu(), want_vals.to(torch.int32))
+    assert_equal("sort order", order.cpu(), want_order.to(torch.int32))
+
+    bins = torch.tensor([2, 2, 5, 9], dtype=torch.int32, device=device)  # expert 1 empty
+    xr = torch.randn(4, 4, generator=g).to(device)
+    rep = torch.empty(4, 9, device=device)
+    mo.replicate_forward(xr, bins, rep)
+    src = torch.tensor([0, 0, 2, 2, 2, 3, 3, 3, 3])
+    assert_equal("replicate_forward", rep.cpu(), xr.cpu()[:, src])
+    grad = torch.randn(4, 9, generator=g).to(device)
+    back = torch.empty(4, 4, device=device)
+    mo.replicate_backward(grad, bins, back)
+    want_back = torch.zeros(4, 4).index_add_(1, src, grad.cpu())
+    assert_close("replicate_backward", back.cpu(), want_back, torch.float32)
+
+    padded_bins = torch.tensor([128, 128, 384], dtype=torch.int32, device=device)
+    cols = torch.empty(4 * 2, dtype=torch.int16, device=device)
+    mo.indices(padded_bins, 128, 4, 2, cols)
+    # Block rows 0 (expert 0), 1-2 (expert 2), 3 (padding: the last expert); 2 columns each.
+    assert cols.cpu().tolist() == [0, 1, 4, 5, 4, 5, 4, 5]
+
+    with pytest.raises(ValueError, match="expected an output of"):
+        mo.exclusive_cumsum(x, 1, torch.empty(5, device=device, dtype=torch.int32))

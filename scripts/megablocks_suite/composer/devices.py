@@ -1,0 +1,6 @@
+class DeviceCPU:
+    pass
+
+
+class DeviceGPU:
+    pass

@@ -1,0 +1,1 @@
+from . import dist, reproducibility  # noqa: F401
