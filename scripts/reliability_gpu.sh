@@ -5,7 +5,16 @@
 #
 # ITEMs (default: all, in this order):
 #   extreme      tests past 32767 block rows (B = 16 and 128) and the bitwise determinism test
+#   tf32         the fp32 op and layer tests again with TF32 matmuls on (the normal run has them
+#                off), held to the TF32 limits of tests/utils.py
+#   tiles        every tile configuration the library can pick, at shapes of several tiles
+#                (tests/reliability/test_tile_configs.py), and the property tests drawn 8x larger
+#                with bf16 among the dtypes (MEGABLOCKS_PROPERTY_REACH=8)
+#   graphs       the no-host-sync, torch.compile fullgraph and CUDA-graph capture tests
 #   memcheck     compute-sanitizer --tool memcheck over the op and layer suites (0 errors wanted)
+#   racecheck    compute-sanitizer --tool racecheck (shared-memory hazards) over the kernel tests
+#                named by RACECHECK_K (default: bf16 gmm, GLU-epilogue and sparse products, the
+#                padded gather/scatter and the topology tests)
 #   long         10,000 dMoE forward+backward steps, sparse and grouped (triton), allocated
 #                memory flat after warm-up
 # Environment: STEPS (default 10000), MEMCHECK_PATHS (default "tests/ops tests/layers"),
@@ -18,7 +27,9 @@ cd "$(dirname "$0")/.."
 LOG_DIR=${1:?usage: scripts/reliability_gpu.sh LOG_DIR [extreme|memcheck|long ...]}
 shift
 ITEMS=("$@")
-[ ${#ITEMS[@]} -eq 0 ] && ITEMS=(extreme memcheck long)
+[ ${#ITEMS[@]} -eq 0 ] && ITEMS=(extreme tf32 tiles graphs memcheck racecheck long)
+WORKERS=()  # pytest-xdist, where installed ($PYTEST_WORKERS, default 8)
+python3 -c "import xdist" 2>/dev/null && WORKERS=(-n "${PYTEST_WORKERS:-8}")
 mkdir -p "$LOG_DIR"
 source scripts/device_env.sh
 python3 -c "import torch, triton; print('gpu:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| triton', triton.__version__)" | tee "$LOG_DIR/env.txt"
@@ -35,6 +46,38 @@ for item in "${ITEMS[@]}"; do
       CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 -m pytest -q -ra tests/reliability/test_extreme_and_determinism.py \
         2>&1 | tee "$LOG_DIR/extreme.log"
       record extreme "${PIPESTATUS[0]}" ":: $(tail -n 1 "$LOG_DIR/extreme.log")"
+      ;;
+    tf32)
+      MEGABLOCKS_TEST_TF32=1 python3 -m pytest -q -ra "${WORKERS[@]}" tests/ops tests/layers \
+        tests/reliability/test_tile_configs.py -k "float32 or fp32" 2>&1 | tee "$LOG_DIR/tf32.log"
+      record tf32 "${PIPESTATUS[0]}" ":: $(tail -n 1 "$LOG_DIR/tf32.log")"
+      ;;
+    tiles)
+      MEGABLOCKS_PROPERTY_REACH=8 python3 -m pytest -q -ra "${WORKERS[@]}" tests/reliability/test_tile_configs.py \
+        tests/reliability/test_properties.py tests/ops/test_sparse.py -k "not test_sparse or real_shapes" \
+        2>&1 | tee "$LOG_DIR/tiles.log"
+      record tiles "${PIPESTATUS[0]}" ":: $(tail -n 1 "$LOG_DIR/tiles.log")"
+      ;;
+    graphs)
+      python3 -m pytest -q -ra "${WORKERS[@]}" tests -k "sync or graph or fullgraph" 2>&1 | tee "$LOG_DIR/graphs.log"
+      record graphs "${PIPESTATUS[0]}" ":: $(tail -n 1 "$LOG_DIR/graphs.log")"
+      ;;
+    racecheck)
+      if ! command -v compute-sanitizer >/dev/null; then
+        record racecheck 127 ":: compute-sanitizer not on PATH"
+        continue
+      fi
+      # racecheck reports shared-memory hazards between the threads of a block (the kernels'
+      # software pipelines and reductions); it is slow, so it runs over a selection.
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${RACECHECK_TIMEOUT:-0}" \
+        compute-sanitizer --tool racecheck --racecheck-report all --error-exitcode 99 --print-limit 50 \
+        --log-file "$LOG_DIR/racecheck_sanitizer.log" \
+        python3 -m pytest -q -p no:cacheprovider tests/ops \
+        -k "(${RACECHECK_K:-(test_gmm_forward_and_grads and bfloat16) or (test_triton_glu_epilogue and bfloat16) or (test_expert_mlp_products and bfloat16) or test_padded_gather_scatter or test_topology_hostile}) and not cuda_graph and not gg" \
+        >"$LOG_DIR/racecheck_pytest.log" 2>&1
+      rc=$?
+      hazards=$(grep -c "^========= .*\(Race\|Hazard\|hazard\)" "$LOG_DIR/racecheck_sanitizer.log" || true)
+      record racecheck "$rc" ":: $hazards hazard reports; $(grep -h "RACECHECK SUMMARY\|ERROR SUMMARY" "$LOG_DIR/racecheck_sanitizer.log" | tr '\n' ' '); $(tail -n 1 "$LOG_DIR/racecheck_pytest.log")"
       ;;
     memcheck)
       if ! command -v compute-sanitizer >/dev/null; then
@@ -81,7 +124,7 @@ for item in "${ITEMS[@]}"; do
         record "long run ($impl)" "${PIPESTATUS[0]}" ":: $(tail -n 1 "$LOG_DIR/long_run_$impl.log")"
       done
       ;;
-    *) echo "unknown item $item (extreme, memcheck, long)" >&2; exit 2 ;;
+    *) echo "unknown item $item (extreme, tf32, tiles, graphs, memcheck, racecheck, long)" >&2; exit 2 ;;
   esac
 done
 

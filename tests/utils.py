@@ -1,5 +1,7 @@
 """Helpers shared by the tests: one `assert_close` that reports where, and poisoned buffers."""
 
+import os
+
 import torch
 
 
@@ -66,10 +68,22 @@ _TOL = {
 }
 
 
+# With MEGABLOCKS_TEST_TF32=1 (the GPU reliability script's `tf32` item) the suite runs with fp32
+# matmuls at 'high' precision (TF32 tensor cores, in torch and in the kernels alike, see
+# tests/conftest.py) and the fp32 limits become these: TF32 rounds each input to a 10-bit mantissa
+# (2**-11 relative), so a product is 3e-4 to 8e-4 off in rms whatever K (tests/test_tolerances.py
+# measures it) and a float64 reference sees all of it; 2.5x that, and the layer limits as the
+# 16-bit ones, where two to three such products compound.
+TF32 = os.environ.get("MEGABLOCKS_TEST_TF32") == "1"
+_TOL_TF32 = {"op": (4e-3, 2e-3), "layer": (1e-2, 5e-3)}
+
+
 def tolerance(dtype: torch.dtype, family: str = "op"):
     """(max, rms) relative error limits of `assert_close` for `dtype` and op `family`."""
     if family not in _TOL:
         raise ValueError(f"family: expected one of {sorted(_TOL)}, got {family!r}")
+    if TF32 and dtype == torch.float32:
+        return _TOL_TF32[family]
     return _TOL[family][dtype]
 
 

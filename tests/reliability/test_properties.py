@@ -46,7 +46,15 @@ _PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "megablocks-ci")
 settings.load_profile(_PROFILE)
 # The number of examples each test draws in CI (sum: 320, plus the explicit examples); the explore profile draws 4x as many.
 _SCALE = 4 if _PROFILE == "megablocks-explore" else 1
-FLOATS = [torch.float32, torch.float16]
+# MEGABLOCKS_PROPERTY_REACH=N (the GPU script sets 8) multiplies every drawn size bound by N, so
+# that on a GPU the examples span several tiles of each kernel; on a GPU bf16 is drawn as well.
+_REACH = int(os.environ.get("MEGABLOCKS_PROPERTY_REACH", "1"))
+FLOATS = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _size(lo: int, hi: int):
+    """A size in [lo, hi·reach]."""
+    return st.integers(lo, hi * _REACH)
 _META = ("row_indices", "column_indices", "offsets", "column_indices_t", "offsets_t", "block_offsets_t")
 ROUTINGS = ["random", "one", "empty", "ties"]
 
@@ -72,7 +80,7 @@ def _top_experts(routing: str, T: int, E: int, K: int, seed: int) -> torch.Tenso
 def routings(draw, max_tokens=10, max_experts=6):
     E = draw(st.integers(1, max_experts))
     K = draw(st.integers(1, min(E, 3)))
-    T = draw(st.integers(0, max_tokens))
+    T = draw(_size(0, max_tokens))
     routing = draw(st.sampled_from(ROUTINGS))
     seed = draw(st.integers(0, 2**16))
     return T, E, K, routing, seed
@@ -149,7 +157,7 @@ def _compare(kind, name, actual, expected, family="op"):
 
 
 @_examples(60)
-@given(routings(), st.integers(1, 20), st.sampled_from(FLOATS), st.sampled_from([2, 4, 16]),
+@given(routings(), _size(1, 20), st.sampled_from(FLOATS), st.sampled_from([2, 4, 16]),
        st.integers(0, 6), st.booleans())
 @example(case=(0, 3, 2, "random", 0), hidden=5, dtype=torch.float32, block=4, bin_size=0, weighted=True)
 @example(case=(7, 4, 4, "ties", 3), hidden=3, dtype=torch.float16, block=2, bin_size=1, weighted=True)
@@ -202,7 +210,7 @@ def test_permute_family(case, hidden, dtype, block, bin_size, weighted):
 
 
 @_examples(80)
-@given(routings(max_tokens=40, max_experts=8), st.sampled_from([16, 32, 64]), st.integers(1, 150))
+@given(routings(max_tokens=40, max_experts=8), st.sampled_from([16, 32, 64]), _size(1, 150))
 def test_topology(case, block, ffn):
     T, E, K, routing, seed = case
     top = _top_experts(routing, T, E, K, seed)
@@ -230,7 +238,7 @@ def test_topology(case, block, ffn):
 
 
 @_examples(40)
-@given(st.lists(st.integers(0, 9), min_size=1, max_size=5), st.integers(1, 24), st.integers(1, 24),
+@given(st.lists(_size(0, 9), min_size=1, max_size=5), _size(1, 24), _size(1, 24),
        st.booleans(), st.sampled_from(FLOATS), st.sampled_from(["spread", "one"]), st.integers(0, 2**16))
 def test_gmm(sizes, k, n, trans_b, dtype, shape, seed):
     if shape == "one":  # every row in one group, the others empty
@@ -249,7 +257,7 @@ def test_gmm(sizes, k, n, trans_b, dtype, shape, seed):
 
 
 @_examples(30)
-@given(routings(max_tokens=8, max_experts=4), st.integers(1, 40), st.integers(1, 24), st.sampled_from(FLOATS))
+@given(routings(max_tokens=8, max_experts=4), _size(1, 40), _size(1, 24), st.sampled_from(FLOATS))
 def test_sdd_dsd(case, ffn, hidden, dtype):
     T, E, K, routing, seed = case
     block = 16
@@ -286,7 +294,7 @@ def test_sdd_dsd(case, ffn, hidden, dtype):
 
 @_examples(50)
 @given(routings(max_tokens=6, max_experts=4), st.sampled_from(["sparse", "triton", "torch"]),
-       st.sampled_from(["mlp", "glu"]), st.integers(1, 20), st.integers(1, 20))
+       st.sampled_from(["mlp", "glu"]), _size(1, 20), _size(1, 20))
 def test_dmoe_layer(case, impl, mlp_type, hidden, ffn):
     T, E, K, routing, seed = case
     torch.manual_seed(seed)
@@ -311,7 +319,7 @@ def test_dmoe_layer(case, impl, mlp_type, hidden, ffn):
 
 
 @_examples(20)
-@given(routings(max_tokens=8, max_experts=4), st.integers(1, 40), st.integers(1, 24), st.sampled_from(FLOATS))
+@given(routings(max_tokens=8, max_experts=4), _size(1, 40), _size(1, 24), st.sampled_from(FLOATS))
 def test_dds(case, ffn, hidden, dtype):
     """a @ S and a @ S^T on dMoE topologies (the weight gradients of the sparse path)."""
     T, E, K, routing, seed = case
@@ -333,7 +341,7 @@ def test_dds(case, ffn, hidden, dtype):
 
 
 @_examples(30)
-@given(routings(max_tokens=12, max_experts=5), st.integers(1, 24), st.integers(1, 24), st.sampled_from(FLOATS),
+@given(routings(max_tokens=12, max_experts=5), _size(1, 24), _size(1, 24), st.sampled_from(FLOATS),
        st.booleans(), st.booleans())
 def test_gathered_and_shared_input_gmm(case, hidden, ffn, dtype, trans_b, pair):
     """gmm_gathered / gmm_shared_input_gathered (token rows read through the row maps) against the
@@ -370,7 +378,7 @@ def test_gathered_and_shared_input_gmm(case, hidden, ffn, dtype, trans_b, pair):
 
 
 @_examples(30)
-@given(st.integers(0, 50), st.integers(1, 40), st.sampled_from(FLOATS),
+@given(_size(0, 50), _size(1, 40), st.sampled_from(FLOATS),
        st.sampled_from(["silu", "gelu", "gelu_tanh", "relu"]), st.integers(0, 2**16))
 def test_glu(rows, cols, dtype, activation, seed):
     g = torch.Generator().manual_seed(seed)
@@ -381,7 +389,7 @@ def test_glu(rows, cols, dtype, activation, seed):
 
 
 @_examples(30)
-@given(st.integers(0, 40), st.integers(1, 40), st.data(), st.booleans(), st.sampled_from(FLOATS),
+@given(_size(0, 40), st.integers(1, 40), st.data(), st.booleans(), st.sampled_from(FLOATS),
        st.sampled_from(["random", "ties"]), st.integers(0, 2**16))
 def test_softmax_topk(tokens, experts, data, renormalize, dtype, kind, seed):
     topk = data.draw(st.integers(1, experts))
@@ -405,7 +413,7 @@ def test_softmax_topk(tokens, experts, data, renormalize, dtype, kind, seed):
 
 
 @_examples(20)
-@given(st.integers(0, 12), st.integers(1, 24), st.integers(1, 20), st.integers(1, 6), st.data(),
+@given(_size(0, 12), _size(1, 24), _size(1, 20), st.integers(1, 6), st.data(),
        st.booleans(), st.sampled_from(["silu", "gelu", "relu"]), st.integers(0, 2**16))
 def test_fused_moe(tokens, hidden, ffn, experts, data, renormalize, activation, seed):
     """vLLM's fused_moe (the default path and the grouped path) against the per-token loop."""
