@@ -23,7 +23,7 @@ test: $(STAMP)
 	@set -e; \
 	if ! $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		export TRITON_INTERPRET=1; fi; \
-	rc=0; $(PY) -m pytest -q tests || rc=$$?; \
+	rc=0; $(PY) -m pytest -q --durations=25 tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 

@@ -209,6 +209,7 @@ def _scatter_kernel(
     stride_out,
     TOP_K: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
+    ROUND_TERMS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -229,6 +230,8 @@ def _scatter_kernel(
             if HAS_WEIGHTS:
                 w = tl.load(weights_ptr + a, mask=present, other=0.0).to(tl.float32)
                 v = v * w[:, None]
+            if ROUND_TERMS:  # each weighted row rounded to the output dtype first
+                v = v.to(out_ptr.dtype.element_ty).to(tl.float32)
             acc = acc + v
         out = acc.to(out_ptr.dtype.element_ty)
         tl.store(dst + cols[None, :], out, mask=in_range[:, None] & in_cols[None, :])
@@ -390,11 +393,13 @@ def scatter_rows(
     weights_N: Optional[torch.Tensor],
     top_k: int,
     *,
+    round_terms: bool = False,
     tile: Optional[Union[Tile, dict]] = None,
 ) -> torch.Tensor:
     """`out_TH[t] = Σ_k weights[a] · x_RH[assignment_row_N[a]]`, a = t·top_k + k (fp32, k in order).
 
     Dropped assignments (row -1) add nothing; `weights_N=None` means 1. T = N // top_k.
+    `round_terms`: each weighted row is rounded to x's dtype before the sum (MegaBlocks' results).
     """
     x_RH = _rows_contiguous("x", x_RH)
     n = assignment_row_N.numel()
@@ -417,6 +422,7 @@ def scatter_rows(
         out.stride(0),
         TOP_K=top_k,
         HAS_WEIGHTS=weights_N is not None,
+        ROUND_TERMS=round_terms,
         BLOCK_T=tile.rows,
         BLOCK_H=tile.cols,
         num_warps=tile.num_warps,

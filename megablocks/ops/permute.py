@@ -97,9 +97,11 @@ def gather_rows_reference(
 
 
 def scatter_rows_reference(
-    x_RH: torch.Tensor, assignment_row_N: torch.Tensor, weights_N: Optional[torch.Tensor], top_k: int
+    x_RH: torch.Tensor, assignment_row_N: torch.Tensor, weights_N: Optional[torch.Tensor], top_k: int,
+    round_terms: bool = False,
 ) -> torch.Tensor:
-    """`out[t] = Σ_k weights[a] · x[assignment_row[a]]`, a = t·top_k + k, summed in fp32, k in order."""
+    """`out[t] = Σ_k weights[a] · x[assignment_row[a]]`, a = t·top_k + k, summed in fp32, k in order
+    (with `round_terms`, each weighted row rounded to x's dtype first)."""
     tokens = assignment_row_N.numel() // top_k
     rows_TK = assignment_row_N.long().view(tokens, top_k)
     acc = torch.zeros(tokens, x_RH.shape[1], dtype=torch.float32, device=x_RH.device)
@@ -110,6 +112,8 @@ def scatter_rows_reference(
         v = x_RH[rows_TK[:, k].clamp(min=0)].float()
         if weights_N is not None:
             v = v * weights_N.view(tokens, top_k)[:, k, None].float()
+        if round_terms:
+            v = v.to(x_RH.dtype).float()
         acc = acc + v.masked_fill(~present[:, None], 0)
     return acc.to(x_RH.dtype)
 
@@ -180,14 +184,15 @@ def _scatter_rows(
     row_assignment: torch.Tensor,
     weights: Optional[torch.Tensor],
     top_k: int,
+    round_terms: bool = False,
 ) -> torch.Tensor:
     if use_triton(x):
-        return kernels.scatter_rows(x, assignment_row, weights, top_k)
-    return scatter_rows_reference(x, assignment_row, weights, top_k)
+        return kernels.scatter_rows(x, assignment_row, weights, top_k, round_terms=round_terms)
+    return scatter_rows_reference(x, assignment_row, weights, top_k, round_terms)
 
 
 @_scatter_rows.register_fake
-def _(x, assignment_row, row_assignment, weights, top_k):
+def _(x, assignment_row, row_assignment, weights, top_k, round_terms=False):
     return x.new_empty(assignment_row.shape[0] // top_k, x.shape[1])
 
 
@@ -205,7 +210,7 @@ def _(x, y, assignment_row, top_k):
 
 def _setup_context(ctx, inputs, output):
     # Same input order for both row ops: (x, map, other map, weights, top_k).
-    x, map_a, map_b, weights, top_k = inputs
+    x, map_a, map_b, weights, top_k = inputs[:5]
     ctx.top_k = top_k
     wants_weight_grad = weights is not None and weights.requires_grad
     ctx.save_for_backward(x if wants_weight_grad else None, map_a, map_b, weights)
@@ -228,7 +233,7 @@ def _scatter_backward(ctx, grad):
         grad_x = _gather_rows(grad, row_assignment, assignment_row, weights, ctx.top_k)
     if weights is not None and ctx.needs_input_grad[3]:
         grad_weights = _weight_grad(x, grad, assignment_row, ctx.top_k).to(weights.dtype)
-    return grad_x, None, None, grad_weights, None
+    return grad_x, None, None, grad_weights, None, None
 
 
 _gather_rows.register_autograd(_gather_backward, setup_context=_setup_context)
@@ -331,8 +336,11 @@ def scatter(
 ) -> torch.Tensor:
     """Sorted rows back to token order, weighted and summed over each token's K choices.
 
-    `out[t] = Σ_k weights[t·K + k] · x[pos(t·K + k)]`, where `pos` inverts `indices`; summed in
-    fp32 with k in order, rounded once to x's dtype.
+    `out[t] = Σ_k weights[t·K + k] · x[pos(t·K + k)]`, where `pos` inverts `indices`. MegaBlocks'
+    results: each weighted row is rounded to x's dtype (as MegaBlocks' kernel stores it), then
+    the K of a token are summed in fp32, k in order, and rounded to x's dtype (as its sum does).
+    `padded_scatter` and `binned_scatter` sum the same way; the dMoE layers' own scatter
+    (`scatter_routed`) skips the first rounding.
 
     Args:
         x: `[N, H]` float32/float16/bfloat16 rows in sorted order.
@@ -349,7 +357,7 @@ def scatter(
     n, _ = _check_routing(x, 2, indices, bins, top_k, bin_ids=bin_ids, weights=weights)
     _check_rows("x", x.shape[0], n, "N = indices.numel()")
     assignment_row, row_assignment = _route(indices, bin_ids, bins, None, "plain", n, 0)
-    return _scatter_rows(x, assignment_row, row_assignment, weights, top_k)
+    return _scatter_rows(x, assignment_row, row_assignment, weights, top_k, True)
 
 
 def padded_gather(
@@ -436,7 +444,7 @@ def padded_scatter(
     )
     _checks.check_index_values("padded_bins", padded_bins, x.shape[0] + 1)
     assignment_row, row_assignment = _route(indices, bin_ids, bins, padded_bins, "padded", x.shape[0], 0)
-    return _scatter_rows(x, assignment_row, row_assignment, weights, top_k)
+    return _scatter_rows(x, assignment_row, row_assignment, weights, top_k, True)
 
 
 def route(
@@ -540,7 +548,7 @@ def binned_scatter(
     _checks.check_int32_range("number of experts × bin_size", num_experts * bin_size)
     num_rows = num_experts * bin_size
     assignment_row, row_assignment = _route(indices, None, bins, None, "binned", num_rows, bin_size)
-    return _scatter_rows(x.reshape(num_rows, x.shape[2]), assignment_row, row_assignment, weights, top_k)
+    return _scatter_rows(x.reshape(num_rows, x.shape[2]), assignment_row, row_assignment, weights, top_k, True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -554,7 +562,7 @@ def gather_reference(x, indices, bin_ids, bins, top_k):
 
 def scatter_reference(x, indices, bin_ids, weights, bins, top_k):
     assignment_row, _ = route_reference(indices, bins, layout="plain", num_rows=indices.numel())
-    return scatter_rows_reference(x, assignment_row, weights, top_k)
+    return scatter_rows_reference(x, assignment_row, weights, top_k, round_terms=True)
 
 
 def padded_gather_reference(x, indices, bin_ids, bins, padded_bins, top_k, *, block_size=None):
@@ -572,7 +580,7 @@ def padded_scatter_reference(x, indices, bin_ids, weights, bins, padded_bins, to
     assignment_row, _ = route_reference(
         indices, bins, layout="padded", num_rows=x.shape[0], bin_ids_N=bin_ids, padded_bins_E=padded_bins
     )
-    return scatter_rows_reference(x, assignment_row, weights, top_k)
+    return scatter_rows_reference(x, assignment_row, weights, top_k, round_terms=True)
 
 
 def binned_gather_reference(x, indices, bins, bin_size, top_k):
@@ -588,4 +596,4 @@ def binned_scatter_reference(x, indices, weights, bins, top_k):
     assignment_row, _ = route_reference(
         indices, bins, layout="binned", num_rows=num_experts * bin_size, bin_size=bin_size
     )
-    return scatter_rows_reference(x.reshape(-1, hidden), assignment_row, weights, top_k)
+    return scatter_rows_reference(x.reshape(-1, hidden), assignment_row, weights, top_k, round_terms=True)

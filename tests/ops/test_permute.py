@@ -97,8 +97,8 @@ def naive_scatter(x, r, rows, top_k, weights=None):
             if row is None:
                 continue
             v = x[row].float()
-            if weights is not None:
-                v = v * weights[a].float()
+            if weights is not None:  # MegaBlocks' results: each weighted row rounded first
+                v = (v * weights[a].float()).to(x.dtype).float()
             acc = acc + v
         out[t] = acc.to(x.dtype)
     return out
