@@ -68,3 +68,14 @@ def pytest_report_header(config):
         return [f"property tests: hypothesis seed {seed} (reproduce with --hypothesis-seed={seed} or "
                 f"HYPOTHESIS_SEED={seed})"]
     return []
+
+
+def pytest_collection_finish(session):
+    # The sm_90 compile sweep runs in a subprocess: start it as soon as it is known to be
+    # collected, so it overlaps the rest of the suite (tests/reliability/test_sm90_compile.py).
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # workers already share the cores
+        return
+    for item in session.items:
+        if item.name == "test_kernels_compile_for_sm90_within_shared_memory":
+            item.module.start_sweep()
+            break
