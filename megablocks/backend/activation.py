@@ -1,8 +1,10 @@
 """Fused gated activation of the GLU experts: one pass over memory forward, one backward.
 
-    out   = act(h1) * h2
-    grad_h1 = grad_out * h2 * act'(h1)
-    grad_h2 = grad_out * act(h1)
+    out   = act(h1) * up(h2)
+    grad_h1 = grad_out * up(h2) * act'(h1)
+    grad_h2 = grad_out * act(h1) * up'(h2)
+
+`up` is the identity but for gpt-oss's clamped SwiGLU.
 
 Elementwise over any shape (the expert GLU's `h1_NF`, `h2_NF`; N routed rows, F ffn), flattened to
 M = numel elements. Math in fp32, results rounded once to the input dtype. The backward recomputes
@@ -10,7 +12,11 @@ M = numel elements. Math in fp32, results rounded once to the input dtype. The b
 `act(h1)`), and the whole step reads and writes each [N, F] tensor once per direction.
 
 Activations (`ACTIVATIONS`): 'silu' `x·σ(x)`, 'gelu' `x·Φ(x)` (erf), 'gelu_tanh'
-`½x(1 + tanh(√(2/π)(x + 0.044715x³)))`, 'relu' `max(x, 0)` (derivative 0 at x = 0, as torch).
+`½x(1 + tanh(√(2/π)(x + 0.044715x³)))`, 'relu' `max(x, 0)` (derivative 0 at x = 0, as torch), and
+'clamped_swiglu', gpt-oss's: `act(x) = c·σ(α·c)` with `c = min(x, limit)` and
+`up(h2) = clamp(h2, -limit, limit) + 1`, limit = SWIGLU_LIMIT = 7 and α = SWIGLU_ALPHA = 1.702
+(fixed with the name: gpt-oss's values). Its derivatives are zero where a clamp is active (torch's
+clamp: the gradient passes at the limits themselves).
 """
 
 import math
@@ -21,7 +27,11 @@ import triton.language as tl
 
 from megablocks.backend import cdiv
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu")
+
+# gpt-oss's clamped SwiGLU ('clamped_swiglu'): the clamp of both branches and the sigmoid's gain.
+SWIGLU_LIMIT = 7.0
+SWIGLU_ALPHA = 1.702
 
 # Elements per program and warps. An elementwise kernel is bound by memory; 4096 elements over 8
 # warps gives each thread 16 elements (bf16: two 16-byte vectors per tensor). Not swept yet:
@@ -33,6 +43,8 @@ _SQRT_HALF = tl.constexpr(math.sqrt(0.5))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 _SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
 _GELU_TANH_C = tl.constexpr(0.044715)
+_SWIGLU_LIMIT = tl.constexpr(SWIGLU_LIMIT)
+_SWIGLU_ALPHA = tl.constexpr(SWIGLU_ALPHA)
 
 
 # x: fp32. Returns (act(x), act'(x)) in fp32 (the forward discards the derivative; the compiler
@@ -54,10 +66,31 @@ def _act(x, ACTIVATION: tl.constexpr):
         y = 0.5 * x * (1.0 + t)
         du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * x * x)
         dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+    elif ACTIVATION == "clamped_swiglu":
+        clamped = x > _SWIGLU_LIMIT
+        c = tl.where(clamped, _SWIGLU_LIMIT, x)  # a NaN stays NaN, as torch's clamp keeps it
+        # tensor * constexpr, not the reverse: the interpreter keeps a constexpr-wrapped tensor.
+        s = tl.sigmoid(c * _SWIGLU_ALPHA)
+        y = c * s
+        dy = tl.where(clamped, 0.0, s * (1.0 + c * _SWIGLU_ALPHA * (1.0 - s)))
     else:  # relu
         y = tl.maximum(x, 0.0)
         dy = tl.where(x > 0.0, 1.0, 0.0)
     return y, dy
+
+
+# x: fp32, the linear branch of the GLU. Returns (up(x), up'(x)) in fp32: the identity (derivative
+# 1), but for 'clamped_swiglu' `clamp(x, -limit, limit) + 1`.
+@triton.jit
+def _up(x, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "clamped_swiglu":
+        clamped = (x > _SWIGLU_LIMIT) | (x < -_SWIGLU_LIMIT)
+        u = tl.where(x > _SWIGLU_LIMIT, _SWIGLU_LIMIT, tl.where(x < -_SWIGLU_LIMIT, -_SWIGLU_LIMIT, x)) + 1.0
+        du = tl.where(clamped, 0.0, 1.0)
+    else:
+        u = x
+        du = 1.0
+    return u, du
 
 
 # h1_M, h2_M, out_M: contiguous, any float dtype each (loaded, then cast to fp32 before math).
@@ -76,7 +109,8 @@ def _glu_forward_kernel(
     h1 = tl.load(h1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h2 = tl.load(h2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a, _ = _act(h1, ACTIVATION)
-    tl.store(out_ptr + offs, (a * h2).to(out_ptr.dtype.element_ty), mask=mask)
+    u, _ = _up(h2, ACTIVATION)
+    tl.store(out_ptr + offs, (a * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # grad_M, h1_M, h2_M in; grad_h1_M, grad_h2_M out; all contiguous. Tiling as the forward.
@@ -97,12 +131,13 @@ def _glu_backward_kernel(
     h1 = tl.load(h1_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h2 = tl.load(h2_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a, da = _act(h1, ACTIVATION)
-    tl.store(grad_h1_ptr + offs, (g * h2 * da).to(grad_h1_ptr.dtype.element_ty), mask=mask)
-    tl.store(grad_h2_ptr + offs, (g * a).to(grad_h2_ptr.dtype.element_ty), mask=mask)
+    u, du = _up(h2, ACTIVATION)
+    tl.store(grad_h1_ptr + offs, (g * u * da).to(grad_h1_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_h2_ptr + offs, (g * a * du).to(grad_h2_ptr.dtype.element_ty), mask=mask)
 
 
 def glu_forward(h1: torch.Tensor, h2: torch.Tensor, activation: str) -> torch.Tensor:
-    """`act(h1) * h2`, contiguous, in h1's dtype and shape.
+    """`act(h1) * up(h2)`, contiguous, in h1's dtype and shape.
 
     No autograd and no validation beyond what the launch needs (`megablocks.ops.activation.glu`
     checks its inputs); non-contiguous inputs are copied to contiguous ones first.
@@ -119,7 +154,7 @@ def glu_forward(h1: torch.Tensor, h2: torch.Tensor, activation: str) -> torch.Te
 
 
 def glu_backward(grad: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, activation: str):
-    """`(grad * h2 * act'(h1), grad * act(h1))`, each contiguous in h1's dtype and shape."""
+    """`(grad * up(h2) * act'(h1), grad * act(h1) * up'(h2))`, each contiguous in h1's dtype and shape."""
     assert activation in ACTIVATIONS, activation
     grad, h1, h2 = grad.contiguous(), h1.contiguous(), h2.contiguous()
     grad_h1 = torch.empty(h1.shape, dtype=h1.dtype, device=h1.device)

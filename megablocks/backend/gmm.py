@@ -44,7 +44,7 @@ import triton.language as tl
 from megablocks._checks import INDEX_DTYPES, check_int32_range, check_tensor
 from megablocks.backend import cdiv, next_power_of_2
 from megablocks.backend.activation import ACTIVATIONS as _GLU_ACTIVATIONS
-from megablocks.backend.activation import _act
+from megablocks.backend.activation import _act, _up
 from megablocks.backend.launch import (
     dot_precision,
     interpreted,
@@ -122,17 +122,19 @@ def _b_tile(b_desc, b_ptrs, group, n0, k, offs_k, offs_n, K, N,
 # a group's partial last tile by a masked store. With GATHER_A, row i of `a` is row a_rows[i] of
 # a [T, K] tensor, read by masked pointer loads (b keeps its TMA path). With GLU (an activation
 # name), b holds the gate's N columns and bu (same strides) the up projection's: each tile
-# accumulates both and stores GLU(gate)·up (fp32 math, rounded once), an [M, N] result.
+# accumulates both and stores GLU(gate)·up (fp32 math, rounded once), an [M, N] result. With
+# HAS_BIAS, row e of bias [E, N] (and of bias_up, the same strides, with GLU) is added to the
+# accumulator of group e's rows first (the experts' biases; fp32 math).
 @triton.jit
 def _gmm_kernel(
-    a_ptr, b_ptr, bu_ptr, out_ptr, sizes_ptr, a_rows_ptr,
+    a_ptr, b_ptr, bu_ptr, out_ptr, sizes_ptr, a_rows_ptr, bias_ptr, bias_up_ptr,
     M, N, K, E, T, rows_top_k, num_programs,
-    stride_am, stride_be, stride_bk, stride_bn, stride_om,
+    stride_am, stride_be, stride_bk, stride_bn, stride_om, stride_bias_e,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr,
-    GATHER_A: tl.constexpr, GLU: tl.constexpr,
+    GATHER_A: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
@@ -222,9 +224,15 @@ def _gmm_kernel(
             if not USE_TMA:
                 b_ptrs += BLOCK_K * stride_bk
                 bu_ptrs += BLOCK_K * stride_bk
+        if HAS_BIAS:
+            bias_offs = group.to(tl.int64) * stride_bias_e + offs_n
+            acc += tl.load(bias_ptr + bias_offs, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            if GLU != "none":
+                acc_up += tl.load(bias_up_ptr + bias_offs, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if GLU != "none":
             gate, _ = _act(acc, GLU)
-            acc = gate * acc_up
+            up, _ = _up(acc_up, GLU)
+            acc = gate * up
         # Leftover rows (past the groups' total) are zeros, whatever `a` holds there.
         acc = tl.where(real, acc, 0.0)
         if ACCUMULATE:
@@ -421,6 +429,8 @@ def triton_gmm(
     rows_top_k: int = 1,
     glu: Optional[str] = None,
     b_up: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    bias_up: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The Triton kernels. Inputs are validated by `gmm`; see the module docstring for the forms.
 
@@ -440,7 +450,12 @@ def triton_gmm(
     holds 2N columns, the gate's then the up projection's, and the result is the `[M, N]`
     `act(a @ b[:, :N]) * (a @ b[:, N:])` of each group, in fp32 from the accumulators. With
     `b_up` (a tensor of b's shape, dtype and device, read with the same `trans_b`) `b` holds the
-    gate's N columns and `b_up` the up projection's: `act(a @ b) * (a @ b_up)`.
+    gate's N columns and `b_up` the up projection's: `act(a @ b) * (a @ b_up)` (with
+    'clamped_swiglu' the up branch is clamped and shifted as `megablocks.backend.activation` says).
+    `bias` (forward forms only, without `accumulate_into`: `[E, N]`, any float dtype, on a's
+    device; `[E, 2N]`, the gate's then the up projection's, with `glu` and no `b_up`): row e is
+    added to the product of group e's rows in the fp32 accumulator, before the GLU; `bias_up`
+    (with `b_up` and `bias`: `[E, N]`) is the up projection's.
     """
     if glu is not None and (glu not in _GLU_ACTIVATIONS or trans_a or accumulate_into is not None):
         raise ValueError(f"glu: expected one of {_GLU_ACTIVATIONS} on a forward form without "
@@ -449,6 +464,15 @@ def triton_gmm(
                              or b_up.device != b.device):
         raise ValueError(f"b_up: expected glu and a tensor of b's shape {tuple(b.shape)}, {b.dtype} on "
                          f"{b.device}, got {tuple(b_up.shape)}, {b_up.dtype} on {b_up.device} (glu={glu!r})")
+    if bias is not None and (trans_a or accumulate_into is not None or bias.dim() != 2
+                             or not bias.is_floating_point() or bias.device != b.device):
+        raise ValueError(f"bias: expected a 2-D float tensor on {b.device} on a forward form without "
+                         f"accumulate_into, got {tuple(bias.shape)}, {bias.dtype} on {bias.device}")
+    if (bias_up is not None) != (b_up is not None and bias is not None) or (
+            bias_up is not None and (bias_up.shape != bias.shape or bias_up.device != bias.device)):
+        raise ValueError("bias_up: expected a tensor of bias's shape exactly where b_up and bias are given, got "
+                         f"{None if bias_up is None else tuple(bias_up.shape)} (b_up given: {b_up is not None}, "
+                         f"bias given: {bias is not None})")
     if a_rows is not None and b_rows is not None:
         raise ValueError("a_rows, b_rows: at most one row map per product")
     if b_rows is not None and not trans_a:
@@ -516,30 +540,40 @@ def triton_gmm(
         bu_ekn = None if bu_ekn is None else bu_ekn.contiguous()
     b_k_major = b_ekn.stride(1) == 1 and b_ekn.stride(2) != 1
     N = b_ekn.shape[2]
+    if bias is not None and tuple(bias.shape) != (E, N):
+        raise ValueError(f"bias: expected shape {(E, N)} (E, the product's columns), got {tuple(bias.shape)}")
     if glu is not None and bu_ekn is None:
         if N % 2:
             raise ValueError(f"b: expected an even number of columns (gate, up) with glu, got {N}")
         N //= 2
         b_ekn, bu_ekn = b_ekn[:, :, :N], b_ekn[:, :, N:]
+        if bias is not None:
+            bias, bias_up = bias[:, :N], bias[:, N:]
+    if bias is not None and (bias.stride(1) != 1 or bias_up is not None and bias_up.stride() != bias.stride()):
+        # The kernel reads both with one row stride and unit column strides.
+        bias = bias.contiguous()
+        bias_up = None if bias_up is None else bias_up.contiguous()
     if accumulate_into is None:
         out = torch.empty((M, N), dtype=a.dtype, device=a.device)
     else:
         out = accumulate_into
-    if a_rows is not None and T == 0:  # every mapped row reads as zeros: the product is zero
+    if a_rows is not None and T == 0 and bias is None:  # every mapped row reads as zeros: the product is zero
         return out if accumulate_into is not None else out.zero_()
     if use_tma is None:  # with a_rows, a is read by pointer loads whatever its strides
         b_tma = [t.transpose(1, 2) if b_k_major else t for t in (b_ekn, bu_ekn) if t is not None]
         use_tma = tma_ok(*b_tma) if a_rows is not None else tma_ok(a, *b_tma)
     num_tiles = (cdiv(M, cfg.block_m) + E + 1) * cdiv(N, cfg.block_n)
     num_programs = _num_programs(a, num_tiles, cfg)
+    bias_args = (b_ekn, b_ekn, 0) if bias is None else (bias, bias if bias_up is None else bias_up, bias.stride(0))
     _gmm_kernel[(num_programs,)](
         a, b_ekn, b_ekn if bu_ekn is None else bu_ekn, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
+        *bias_args[:2],
         M, N, K, E, T, rows_top_k, num_programs,
-        a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0),
+        a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0), bias_args[2],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_TMA=use_tma, B_K_MAJOR=b_k_major,
         TMA_STORE=cfg.tma_store and use_tma and tma_ok(out), ACCUMULATE=accumulate_into is not None,
-        GATHER_A=a_rows is not None, GLU=glu or "none", **launch,
+        GATHER_A=a_rows is not None, GLU=glu or "none", HAS_BIAS=bias is not None, **launch,
     )
     return out
 

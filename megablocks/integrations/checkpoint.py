@@ -7,6 +7,9 @@ Legend: E experts, F ffn per expert, H hidden.
     MoE  (MegaBlocks and ours)   w1, v1 [E, H, F], w2 [E, F, H]  (capacity-bounded layer)
     transformers >= 5 (fused)    gate_up_proj [E, 2F, H]  gate rows first, then up rows
                                  down_proj    [E, H, F]          (also vLLM's w1 / w2)
+    gpt-oss (transformers)       gate_up_proj [E, H, 2F]  gate and up columns interleaved
+                                 (gate = [..., ::2], up = [..., 1::2]), gate_up_proj_bias [E, 2F]
+                                 likewise; down_proj [E, F, H], down_proj_bias [E, H]
     per-expert Linear weights    gate [F, H], up [F, H], down [H, F] for each expert
                                  Mixtral:      block_sparse_moe.experts.{i}.w1 / w3 / w2
                                  Qwen, OLMoE:  mlp.experts.{i}.gate_proj / up_proj / down_proj
@@ -73,6 +76,61 @@ def dmoe_to_fused(w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor, num_expe
     gate_up = torch.cat([w1.view(num_experts, f, h), v1.view(num_experts, f, h)], dim=1).contiguous()
     down = w2.view(num_experts, f, h).transpose(1, 2).contiguous()
     return gate_up, down
+
+
+def gpt_oss_to_dmoe(gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor, down_proj: torch.Tensor,
+                    down_proj_bias: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """gpt-oss's experts -> dMoE `(w1, v1, w2 [E·F, H], w1_bias, v1_bias [E, F], w2_bias [E, H])`
+    (`moe_expert_bias`): the interleaved gate and up columns de-interleaved.
+
+    Args:
+        gate_up_proj: [E, H, 2F], column 2f of expert e the gate's feature f, column 2f + 1 the
+            up projection's.
+        gate_up_proj_bias: [E, 2F], interleaved likewise.
+        down_proj: [E, F, H].
+        down_proj_bias: [E, H].
+
+    Raises:
+        TypeError, ValueError: not tensors, or shapes that do not fit together.
+    """
+    _check_weight("gate_up_proj", gate_up_proj, 3)
+    _check_weight("gate_up_proj_bias", gate_up_proj_bias, 2)
+    _check_weight("down_proj", down_proj, 3)
+    _check_weight("down_proj_bias", down_proj_bias, 2)
+    e, h, two_f = gate_up_proj.shape
+    if two_f % 2:
+        raise ValueError(f"gate_up_proj: expected an even last dimension (2F), got shape {tuple(gate_up_proj.shape)}")
+    f = two_f // 2
+    for name, t, shape in (("gate_up_proj_bias", gate_up_proj_bias, (e, two_f)), ("down_proj", down_proj, (e, f, h)),
+                           ("down_proj_bias", down_proj_bias, (e, h))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape} (from gate_up_proj {tuple(gate_up_proj.shape)}), "
+                             f"got {tuple(t.shape)}")
+    w1 = gate_up_proj[..., ::2].transpose(1, 2).reshape(e * f, h).clone()
+    v1 = gate_up_proj[..., 1::2].transpose(1, 2).reshape(e * f, h).clone()
+    w2 = down_proj.reshape(e * f, h).clone()
+    return (w1, v1, w2, gate_up_proj_bias[:, ::2].clone(), gate_up_proj_bias[:, 1::2].clone(),
+            down_proj_bias.clone())
+
+
+def dmoe_to_gpt_oss(w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor, w1_bias: torch.Tensor,
+                    v1_bias: torch.Tensor, w2_bias: torch.Tensor, num_experts: int) -> Tuple[torch.Tensor, ...]:
+    """The inverse of `gpt_oss_to_dmoe`: `(gate_up_proj, gate_up_proj_bias, down_proj,
+    down_proj_bias)`.
+
+    Raises:
+        TypeError, ValueError: not tensors, mismatched shapes, or rows not divisible by num_experts.
+    """
+    f, h = _dmoe_shape(num_experts, w1=w1, v1=v1, w2=w2)
+    for name, t, shape in (("w1_bias", w1_bias, (num_experts, f)), ("v1_bias", v1_bias, (num_experts, f)),
+                           ("w2_bias", w2_bias, (num_experts, h))):
+        _check_weight(name, t, 2)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    gate_up = torch.stack([w1.view(num_experts, f, h), v1.view(num_experts, f, h)], dim=2)  # [E, F, 2, H]
+    gate_up = gate_up.reshape(num_experts, 2 * f, h).transpose(1, 2).contiguous()
+    gate_up_bias = torch.stack([w1_bias, v1_bias], dim=2).reshape(num_experts, 2 * f).contiguous()
+    return gate_up, gate_up_bias, w2.view(num_experts, f, h).clone(), w2_bias.clone()
 
 
 def _dmoe_shape(num_experts: int, **weights: Optional[torch.Tensor]) -> Tuple[int, int]:

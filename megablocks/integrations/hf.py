@@ -26,9 +26,14 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
    router's, the expert weights are converted to the dMoE layout [E·F, H] (a copy; the HF experts
    are dropped). Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 and GLM-4.5 (sigmoid scores,
    the expert-score bias as dMoE's `expert_bias`, group-limited top-k, the routed scaling factor);
-   the shared experts (Qwen2-MoE's gated one, DeepSeek-V3's) are kept as they were. A model whose
-   blocks need what dMoE lacks (gpt-oss: expert biases, the clamped SwiGLU) gets an error that
-   names it. The model then trains with
+   the shared experts (Qwen2-MoE's gated one, DeepSeek-V3's) are kept as they were. gpt-oss
+   (`GptOssMLP`): the router's weight and bias are the same Parameters (`moe_router_bias`; its
+   softmax over the k chosen logits is dMoE's renormalised softmax), the down projection's bias
+   is the same Parameter as `w2_bias` and its weight shares storage with `w2` ([E, F, H] is the
+   dMoE layout), the interleaved gate/up weight and bias are de-interleaved into `w1`, `v1`,
+   `w1_bias`, `v1_bias` (copies; `moe_expert_bias`), the activation is `clamped_swiglu` (gpt-oss's
+   limit 7 and alpha 1.702; other values are refused). A block dMoE cannot reproduce gets an
+   error that names what it lacks. The model then trains with
    dMoE's kernels and losses (`dMoE.load_balancing_loss` when `moe_loss_weight > 0`). The router
    logits are no longer recorded for `output_router_logits`; use the dMoE losses instead.
 """
@@ -38,10 +43,11 @@ from typing import Optional
 import torch
 
 from megablocks.integrations import inference
-from megablocks.integrations.checkpoint import fused_to_dmoe
+from megablocks.integrations.checkpoint import fused_to_dmoe, gpt_oss_to_dmoe
+from megablocks.layers import mpu
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
-from megablocks.ops.activation import GELU_APPROXIMATIONS
+from megablocks.ops.activation import GELU_APPROXIMATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, clamped_swiglu
 from megablocks.ops.gmm import gmm
 from megablocks.ops.permute import gather, scatter
 from megablocks.ops.routing import routing_metadata
@@ -165,12 +171,15 @@ class MegaBlocksMoeBlock(torch.nn.Module):
 
     `forward(hidden_states [..., H])` returns the same shape:
     `dMoE(x) + sigmoid(shared_expert_gate(x)) * shared_expert(x)` (the shared term only when the
-    original block had one). State-dict keys: `moe.router.layer.weight`, `moe.experts.mlp.{w1,v1,w2}`,
-    and the original `shared_expert.*`, `shared_expert_gate.weight`.
+    original block had one); with `returns_pair` (gpt-oss's `GptOssMLP`, whose decoder layer
+    unpacks two values) the pair `(output, None)`: the router scores are not returned. State-dict
+    keys: `moe.router.layer.weight` (and `.bias`), `moe.experts.mlp.{w1,v1,w2}` (and their
+    `*_bias`), and the original `shared_expert.*`, `shared_expert_gate.weight`.
     """
 
     def __init__(self, moe: dMoE, shared_expert: Optional[torch.nn.Module] = None,
-                 shared_expert_gate: Optional[torch.nn.Module] = None, shared_name: str = "shared_expert"):
+                 shared_expert_gate: Optional[torch.nn.Module] = None, shared_name: str = "shared_expert",
+                 returns_pair: bool = False):
         super().__init__()
         self.moe = moe
         # The shared expert keeps its model's attribute name (Qwen2-MoE's `shared_expert`,
@@ -178,8 +187,9 @@ class MegaBlocksMoeBlock(torch.nn.Module):
         self._shared_name = shared_name
         setattr(self, shared_name, shared_expert)
         self.shared_expert_gate = shared_expert_gate
+        self.returns_pair = returns_pair
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor):
         out = self.moe(hidden_states)
         shared_expert = getattr(self, self._shared_name)
         if shared_expert is not None:
@@ -187,7 +197,7 @@ class MegaBlocksMoeBlock(torch.nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
             out = out + shared
-        return out
+        return (out, None) if self.returns_pair else out
 
 
 def _keep(t: torch.Tensor) -> torch.Tensor:
@@ -204,16 +214,38 @@ def _normalizes_top_k(block: torch.nn.Module) -> bool:
 # choosing, group-limited top-k, renormalised, times the routed scaling factor.
 SOFTMAX_ROUTERS = ("MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter", "OlmoeTopKRouter")
 GROUPED_SIGMOID_ROUTERS = ("DeepseekV3TopkRouter", "Glm4MoeTopkRouter")
-SUPPORTED_ROUTERS = SOFTMAX_ROUTERS + GROUPED_SIGMOID_ROUTERS
+# gpt-oss's: a Linear with a bias, top-k of the logits, softmax over the k chosen.
+GPT_OSS_ROUTERS = ("GptOssTopKRouter",)
+SUPPORTED_ROUTERS = SOFTMAX_ROUTERS + GROUPED_SIGMOID_ROUTERS + GPT_OSS_ROUTERS
+_GPT_OSS_EXPERT_PARAMS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+
+def is_gpt_oss_block(module: torch.nn.Module) -> bool:
+    """Whether `module` is a gpt-oss MoE block `convert_model` converts: a `router` of
+    GPT_OSS_ROUTERS (`weight` [E, H], `bias` [E]) and experts with gpt-oss's parameters
+    (`gate_up_proj` [E, H, 2F] interleaved, `gate_up_proj_bias`, `down_proj` [E, F, H],
+    `down_proj_bias`) and its clamped SwiGLU's limit 7 and alpha 1.702."""
+    router, experts = getattr(module, "router", None), getattr(module, "experts", None)
+    return (
+        type(router).__name__ in GPT_OSS_ROUTERS
+        and isinstance(getattr(router, "weight", None), torch.Tensor)
+        and isinstance(getattr(router, "bias", None), torch.Tensor)
+        and hasattr(router, "top_k")
+        and all(isinstance(getattr(experts, name, None), torch.Tensor) for name in _GPT_OSS_EXPERT_PARAMS)
+        and getattr(experts, "limit", None) == SWIGLU_LIMIT
+        and getattr(experts, "alpha", None) == SWIGLU_ALPHA
+    )
 
 
 def is_sparse_moe_block(module: torch.nn.Module) -> bool:
     """Whether `module` is a block `convert_model` converts: a router `gate` of SUPPORTED_ROUTERS
     (`weight` [E, H]) and gated, bias-free, non-transposed fused experts (`gate_up_proj`,
-    `down_proj`)."""
+    `down_proj`), or a gpt-oss block (`is_gpt_oss_block`)."""
+    if is_gpt_oss_block(module):
+        return True
     gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
     return (
-        type(gate).__name__ in SUPPORTED_ROUTERS
+        type(gate).__name__ in SOFTMAX_ROUTERS + GROUPED_SIGMOID_ROUTERS
         and isinstance(getattr(gate, "weight", None), torch.Tensor)
         and hasattr(gate, "top_k")
         and isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
@@ -235,9 +267,15 @@ def unsupported_reason(module: torch.nn.Module) -> Optional[str]:
     if is_sparse_moe_block(module):
         return None
     kind = type(module).__name__
+    if type(router).__name__ in GPT_OSS_ROUTERS:
+        limit, alpha = getattr(experts, "limit", None), getattr(experts, "alpha", None)
+        if (limit, alpha) != (SWIGLU_LIMIT, SWIGLU_ALPHA):
+            return (f"{kind}: a clamped SwiGLU with swiglu_limit={limit}, swiglu_alpha={alpha}; dMoE's "
+                    f"'clamped_swiglu' is gpt-oss's, limit {SWIGLU_LIMIT} and alpha {SWIGLU_ALPHA}")
+        return f"{kind}: expected gpt-oss's parameters ({', '.join(_GPT_OSS_EXPERT_PARAMS)}, a router bias)"
     if getattr(experts, "has_bias", False) or isinstance(getattr(experts, "gate_up_proj_bias", None), torch.Tensor):
-        return (f"{kind}: per-expert biases and the clamped SwiGLU (gpt-oss) are not supported by dMoE, "
-                "nor a router bias")
+        return (f"{kind}: per-expert biases are converted in gpt-oss's layout only (router "
+                f"{', '.join(GPT_OSS_ROUTERS)}, interleaved gate/up), got router {type(router).__name__}")
     if getattr(experts, "is_transposed", False):
         return f"{kind}: transposed expert weights are not supported"
     if not getattr(experts, "has_gate", True):
@@ -251,7 +289,8 @@ def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
     """A `MegaBlocksMoeBlock` computing what the transformers sparse-MoE `block` computes.
 
     Args:
-        block: a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE sparse-MoE block (see `is_sparse_moe_block`).
+        block: a Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE / DeepSeek-V3 / GLM-4.5 / gpt-oss
+            sparse-MoE block (see `is_sparse_moe_block`).
         overrides: `Arguments` fields to set (e.g. mlp_impl='sparse', moe_loss_weight=0.01,
             gmm_backend='torch'); defaults: mlp_impl='grouped', moe_loss_weight=0, no bias.
 
@@ -264,32 +303,18 @@ def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
     """
     if not is_sparse_moe_block(block):
         raise TypeError(f"block: expected a transformers sparse-MoE block, got {type(block).__name__}")
+    if is_gpt_oss_block(block):
+        return _dmoe_from_gpt_oss_block(block, **overrides)
     weight = block.experts.gate_up_proj
     num_experts, two_f, hidden = weight.shape
-    kwargs = dict(
-        hidden_size=hidden,
-        ffn_hidden_size=two_f // 2,
-        moe_num_experts=num_experts,
-        moe_top_k=block.gate.top_k,
+    kwargs = _common_arguments(weight, hidden, two_f // 2, num_experts, block.gate.top_k)
+    kwargs.update(
         moe_normalize_expert_weights=1 if _normalizes_top_k(block) else None,
         moe_jitter_eps=getattr(block, "jitter_noise", 0.0) or None,
-        moe_loss_weight=0.0,
-        moe_router_fp32=True,
-        mlp_type="glu",
-        mlp_impl="grouped",
         activation_fn=block.experts.act_fn,
-        bias=False,
-        return_bias=False,
-        fp16=weight.dtype == torch.float16,
-        bf16=weight.dtype == torch.bfloat16,
-        device=weight.device,
-        init_method=_keep,
-        output_layer_init_method=_keep,
     )
     if type(block.gate).__name__ in GROUPED_SIGMOID_ROUTERS:
         kwargs.update(_grouped_sigmoid_routing(block.gate))
-    if weight.dtype not in (torch.float16, torch.bfloat16, torch.get_default_dtype()):
-        raise ValueError(f"block: expected expert weights in float16, bfloat16 or the default dtype, got {weight.dtype}")
     kwargs.update(overrides)
     args = Arguments(**kwargs)
     moe = dMoE(args)
@@ -303,6 +328,75 @@ def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
         moe.experts.mlp.w2.copy_(w2)
     name = "shared_experts" if getattr(block, "shared_experts", None) is not None else "shared_expert"
     return MegaBlocksMoeBlock(moe, getattr(block, name, None), getattr(block, "shared_expert_gate", None), name)
+
+
+def _common_arguments(weight: torch.Tensor, hidden: int, ffn: int, num_experts: int, top_k: int) -> dict:
+    """The `Arguments` every conversion starts from: GLU experts on the grouped path, the expert
+    weights' dtype and device, the weights kept as converted (no initialisation), fp32 router
+    math, no load-balancing loss and no output bias.
+
+    Raises:
+        ValueError: expert weights of a dtype other than float16, bfloat16 or the default one.
+    """
+    if weight.dtype not in (torch.float16, torch.bfloat16, torch.get_default_dtype()):
+        raise ValueError(f"block: expected expert weights in float16, bfloat16 or the default dtype, got {weight.dtype}")
+    return dict(
+        hidden_size=hidden,
+        ffn_hidden_size=ffn,
+        moe_num_experts=num_experts,
+        moe_top_k=top_k,
+        moe_loss_weight=0.0,
+        moe_router_fp32=True,
+        mlp_type="glu",
+        mlp_impl="grouped",
+        bias=False,
+        return_bias=False,
+        fp16=weight.dtype == torch.float16,
+        bf16=weight.dtype == torch.bfloat16,
+        device=weight.device,
+        init_method=_keep,
+        output_layer_init_method=_keep,
+    )
+
+
+def _dmoe_from_gpt_oss_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
+    """gpt-oss's `GptOssMLP` as a dMoE: `moe_router_bias` (the router's weight and bias are the
+    same Parameters), softmax weights renormalised over the top-k (= its softmax over the k
+    chosen logits), `moe_expert_bias` with the clamped SwiGLU. `w2_bias` is the same Parameter
+    as `down_proj_bias` and `w2` shares `down_proj`'s storage ([E, F, H] viewed as [E·F, H]); the
+    interleaved `gate_up_proj` and its bias are de-interleaved into copies (`gpt_oss_to_dmoe`).
+    The block returns `(output, None)`, as the decoder layer unpacks two values."""
+    router, experts = block.router, block.experts
+    num_experts, hidden, two_f = experts.gate_up_proj.shape
+    kwargs = _common_arguments(experts.gate_up_proj, hidden, two_f // 2, num_experts, router.top_k)
+    kwargs.update(moe_normalize_expert_weights=1, moe_router_bias=True, moe_expert_bias=True,
+                  activation_fn=clamped_swiglu)
+    kwargs.update(overrides)
+    args = Arguments(**kwargs)
+    moe = dMoE(args)
+    moe.router.layer.weight = router.weight
+    moe.router.layer.bias = router.bias
+    mlp = moe.experts.mlp
+    w1, v1, _, w1_bias, v1_bias, _ = gpt_oss_to_dmoe(*(getattr(experts, n).detach() for n in _GPT_OSS_EXPERT_PARAMS))
+    with torch.no_grad():
+        for name, value in (("w1", w1), ("v1", v1), ("w1_bias", w1_bias), ("v1_bias", v1_bias)):
+            getattr(mlp, name).copy_(value)
+    down = experts.down_proj
+    if tuple(mlp.w2.shape) == (down.shape[0] * down.shape[1], down.shape[2]) and mlp.w2.dtype == down.dtype:
+        w2 = torch.nn.Parameter(down.detach().view(mlp.w2.shape), requires_grad=down.requires_grad)
+        mpu.copy_expert_model_parallel_attributes(w2, mlp.w2)
+        mlp.w2 = w2
+    else:  # another dtype or layout asked for by the overrides
+        with torch.no_grad():
+            mlp.w2.copy_(down.reshape(mlp.w2.shape))
+    bias = experts.down_proj_bias
+    if tuple(mlp.w2_bias.shape) == tuple(bias.shape) and mlp.w2_bias.dtype == bias.dtype:
+        mpu.set_expert_model_parallel_attributes(bias, args.moe_expert_model_parallelism)
+        mlp.w2_bias = bias
+    else:
+        with torch.no_grad():
+            mlp.w2_bias.copy_(bias)
+    return MegaBlocksMoeBlock(moe, returns_pair=True)
 
 
 def _grouped_sigmoid_routing(gate: torch.nn.Module) -> dict:
@@ -326,8 +420,9 @@ def convert_model(model: torch.nn.Module, **overrides) -> torch.nn.Module:
     """Replaces, in place, every sparse-MoE block of a transformers model by a `MegaBlocksMoeBlock`.
 
     Args:
-        model: e.g. a `MixtralForCausalLM`, `Qwen2MoeForCausalLM`, `Qwen3MoeForCausalLM` or
-            `OlmoeForCausalLM` (dense layers of mixed models are left alone).
+        model: e.g. a `MixtralForCausalLM`, `Qwen2MoeForCausalLM`, `Qwen3MoeForCausalLM`,
+            `OlmoeForCausalLM`, `DeepseekV3ForCausalLM`, `Glm4MoeForCausalLM` or
+            `GptOssForCausalLM` (dense layers of mixed models are left alone).
         overrides: `Arguments` fields for every dMoE, as in `dmoe_from_block`.
 
     Returns:

@@ -41,7 +41,7 @@ from megablocks.backend import topk as topk_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.activation import ACTIVATIONS as GLU_ACTIVATIONS
 from megablocks.ops._eager import custom_op
-from megablocks.ops.activation import ACTIVATION_FUNCTIONS, glu
+from megablocks.ops.activation import ACTIVATION_FUNCTIONS, gated_product, glu
 from megablocks.ops.experts import routed_glu_experts
 from megablocks.ops.gmm import gmm
 from megablocks.ops.permute import gather_routed, route, scatter_routed
@@ -223,7 +223,7 @@ def experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Te
         w2: [E, H, F] (`trans_b=True`) or [E, F, H].
         ids_TK: [T, K] integer expert ids; ids outside [0, E) add nothing (a dropped assignment).
         weights_TK: [T, K] float routing weights.
-        activation: of the gate: 'silu', 'gelu', 'gelu_tanh' or 'relu'.
+        activation: of the gate: 'silu', 'gelu', 'gelu_tanh' or 'relu', or 'clamped_swiglu'.
         trans_b: the weights' orientation, as above.
         policy: a `megablocks.policy.KernelPolicy` (or a dict of its fields); None: the defaults.
 
@@ -299,7 +299,9 @@ def fused_moe(
             top-k is `softmax_topk`, one kernel on CUDA).
         topk: experts per token K, 1 <= K <= E.
         renormalize: divide the K weights of each token by their sum.
-        activation: 'silu' (default), 'gelu' (erf), 'gelu_tanh' or 'relu', applied to the gate; the GLU
+        activation: 'silu' (default), 'gelu' (erf), 'gelu_tanh' or 'relu', applied to the gate, or
+            'clamped_swiglu' (gpt-oss's, of both halves; transformers' gpt-oss checkpoints interleave
+            gate and up columns: de-interleave them into this layout first); the GLU
             `act(gate) * up` is one fused op (`megablocks.ops.glu`), fp32 math rounded once.
         path: 'grouped' (routing, two grouped GEMMs, scatter: the routed form of the module
             docstring with the policy's `fused_forms` and the 'triton' backend; no host sync with the 'triton'
@@ -364,5 +366,5 @@ def fused_moe_reference(
         for k in range(topk):
             e = int(ids_TK[t, k])
             g, u = w1[e, :f].to(acc) @ x, w1[e, f:].to(acc) @ x
-            out[t] += weights_TK[t, k].to(acc) * (w2[e].to(acc) @ (act(g) * u))
+            out[t] += weights_TK[t, k].to(acc) * (w2[e].to(acc) @ gated_product(act, g, u))
     return out.to(hidden_states.dtype)

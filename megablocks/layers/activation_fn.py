@@ -1,5 +1,10 @@
 """Elementwise activations of the expert MLPs: on block-sparse activations, and recognising the
-activations that the fused GLU op (`megablocks.ops.glu`) implements."""
+activations that the fused GLU op (`megablocks.ops.glu`) implements.
+
+A GLU activation (`megablocks.ops.activation.clamped_swiglu`, gpt-oss's clamped SwiGLU) takes the
+gate and the linear branch together, `fn(gate, up)`; the others take the gate, `fn(gate) * up`
+(`gated_product` computes either).
+"""
 
 import functools
 from typing import Callable, Optional
@@ -8,7 +13,9 @@ import stk
 import torch
 import torch.nn.functional as F
 
-from megablocks.ops.activation import GELU_APPROXIMATIONS
+from megablocks.ops.activation import GELU_APPROXIMATIONS, clamped_swiglu, gated_product, is_gated
+
+__all__ = ["act_fn", "fused_name", "gated_product", "is_gated", "with_data"]
 
 
 def with_data(like: stk.Matrix, data: torch.Tensor) -> stk.Matrix:
@@ -41,14 +48,16 @@ def act_fn(x: stk.Matrix, function: Callable, **kwargs) -> stk.Matrix:
 
 
 # Activation callables the fused GLU op implements, by identity.
-_FUSED_FUNCTIONS = ((F.silu, "silu"), (F.relu, "relu"), (torch.relu, "relu"), (F.gelu, "gelu"))
+_FUSED_FUNCTIONS = ((F.silu, "silu"), (F.relu, "relu"), (torch.relu, "relu"), (F.gelu, "gelu"),
+                    (clamped_swiglu, "clamped_swiglu"))
 
 
 def fused_name(fn: Callable) -> Optional[str]:
     """The `megablocks.ops.glu` activation name computing what `fn` computes, else None.
 
     Recognised: `F.silu`, `F.relu`, `torch.relu`, `F.gelu`, `functools.partial(F.gelu,
-    approximate='none'|'tanh')` (the default `Arguments.activation_fn`), and modules
+    approximate='none'|'tanh')` (the default `Arguments.activation_fn`),
+    `megablocks.ops.activation.clamped_swiglu` ('clamped_swiglu', a GLU activation), and modules
     `torch.nn.SiLU()`, `torch.nn.ReLU()`, `torch.nn.GELU(approximate=...)`. Anything else (other
     partials, lambdas, subclasses, modules with forward hooks) is None: the caller keeps its torch
     path.

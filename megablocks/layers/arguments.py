@@ -1,9 +1,9 @@
 """`Arguments`: the configuration of the MoE layers, with MegaBlocks' field names and meanings.
 
 Every field of MegaBlocks 0.10's `Arguments` is here with its default and meaning, so existing
-configurations move over unchanged. Additions (router score function, Sinkhorn balancing, an
-expert bias for aux-loss-free balancing, the block size and the grouped GEMM backend) are grouped
-at the end and default to MegaBlocks' behaviour.
+configurations move over unchanged. Additions (gpt-oss's per-expert and router biases, router
+score function, Sinkhorn balancing, an expert bias for aux-loss-free balancing, the block size and
+the grouped GEMM backend) are grouped at the end and default to MegaBlocks' behaviour.
 
 Building an `Arguments` never touches CUDA: `device=None` means "the current CUDA device when
 there is one, else the CPU", resolved when a layer is built (`megablocks.layers.common.device`).
@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from megablocks.layers.activation_fn import is_gated
 from megablocks.layers.losses import MoELossCollector
 from megablocks.ops import sparse as ops_sparse
 from megablocks.policy import KernelPolicy, as_policy
@@ -46,7 +47,10 @@ class Arguments:
         num_layers: number of MoE layers in the model (scales the batched load-balancing loss).
         bias: add a learned output bias `experts.bias` [H] (zero-initialised).
         return_bias: return `(out, bias)` instead of adding the bias.
-        activation_fn: elementwise activation of the expert MLPs (tanh-approximate GELU).
+        activation_fn: elementwise activation of the expert MLPs (tanh-approximate GELU); a GLU
+            activation of the gate and the linear branch, `megablocks.ops.activation.clamped_swiglu`
+            (gpt-oss's clamped SwiGLU, limit 7 and alpha 1.702 fixed), needs mlp_type='glu' (the
+            shared expert, if any, is then gated too).
         moe_num_experts, moe_top_k: E experts, each token routed to its top-k.
         moe_capacity_factor: `MoE` only; an expert takes at most
             `int(moe_capacity_factor * top_k * tokens / E)` rows; 0 means no dropping.
@@ -76,6 +80,13 @@ class Arguments:
         moe_zloss_weight, moe_zloss_in_fp32: router z-loss weight (0 disables it) and precision.
 
     Additions:
+        moe_expert_bias: a bias per expert on each projection, added to that expert's rows on
+            every path: `experts.mlp.w1_bias` (and `v1_bias` for a GLU) [E, F] after the up
+            projection(s), `experts.mlp.w2_bias` [E, H] after the down projection (gpt-oss).
+            Zero-initialised expert parameters, sharded over experts like w1 / w2 with expert
+            parallelism (not with the FFN split over ranks, W > E: a ValueError).
+        moe_router_bias: a learned bias [E] on the router's logits (`router.layer.bias`,
+            zero-initialised; gpt-oss).
         moe_router_score_function: 'softmax' (MegaBlocks) or 'sigmoid' scores.
         moe_router_fp32: compute the router logits, scores and weights in float32.
         moe_router_sinkhorn: in training, choose experts by a Sinkhorn-balanced assignment
@@ -148,7 +159,9 @@ class Arguments:
     moe_zloss_weight: float = 0
     moe_zloss_in_fp32: bool = False
 
-    # Additions: router, sparse blocking, grouped GEMM backend, loss bookkeeping.
+    # Additions: expert and router biases, router, sparse blocking, grouped GEMM backend, loss bookkeeping.
+    moe_expert_bias: bool = False
+    moe_router_bias: bool = False
     moe_router_score_function: str = "softmax"
     moe_router_fp32: bool = False
     moe_router_sinkhorn: bool = False
@@ -190,7 +203,7 @@ class Arguments:
         for name in ("bias", "return_bias", "moe_lbl_in_fp32", "moe_expert_model_parallelism",
                      "memory_optimized_mlp", "fp16", "bf16", "uniform_expert_assignment", "shared_expert",
                      "remat_act_fn", "shared_expert_weighted_sum", "shared_expert_glu", "shared_expert_gate",
-                     "moe_zloss_in_fp32", "moe_router_fp32",
+                     "moe_zloss_in_fp32", "moe_router_fp32", "moe_expert_bias", "moe_router_bias",
                      "moe_router_sinkhorn", "moe_router_enable_expert_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {type(getattr(self, name)).__name__}")
@@ -234,6 +247,9 @@ class Arguments:
         for name in ("activation_fn", "init_method", "output_layer_init_method", "fc_cls"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"{name}: expected a callable, got {type(getattr(self, name)).__name__}")
+        if is_gated(self.activation_fn) and self.mlp_type != "glu":
+            raise ValueError(f"activation_fn: {getattr(self.activation_fn, '__name__', 'it')} is a GLU activation of "
+                             f"the gate and the linear branch: expected mlp_type='glu', got {self.mlp_type!r}")
         if not isinstance(self.fc_kwargs, dict):
             raise TypeError(f"fc_kwargs: expected a dict, got {type(self.fc_kwargs).__name__}")
         if self.device is not None and not isinstance(self.device, (int, str, torch.device)):

@@ -23,7 +23,9 @@ Inference form (the policy's `inference_form`, `megablocks.ops.glu_experts`): wi
 mode, or no input or weight needing a gradient), GLU experts on the Triton kernels take, on
 either path, the routing in one program at decode sizes, one grouped GEMM reading the token rows
 through the map with the GLU in its epilogue, the down GEMM and the scatter (the block-sparse
-products, whose rows are padded to whole blocks, have nothing to add to a forward alone).
+products, whose rows are padded to whole blocks, have nothing to add to a forward alone). The
+experts' biases (`moe_expert_bias`) are added in the GEMMs' epilogues there; gpt-oss's clamped
+SwiGLU is one of the epilogue's activations.
 
 No value is read on the host on either path (the 'gg' gmm backend, which takes its group sizes
 on the host, is the exception): a dMoE step can be captured in a CUDA graph.
@@ -50,7 +52,8 @@ from megablocks.ops.topology import make_topology
 
 class ParallelDroplessMLP(moe.ParallelMLP):
     """The experts of `dMoE`: `mlp` is `SparseMLP`/`SparseGLU` or `GroupedMLP`/`GroupedGLU`
-    (parameters `mlp.w1`, `mlp.v1`, `mlp.w2` of shape [E·F, H]) and `bias` [H]."""
+    (parameters `mlp.w1`, `mlp.v1`, `mlp.w2` of shape [E·F, H]; with `moe_expert_bias`
+    `mlp.w1_bias`, `mlp.v1_bias` [E, F] and `mlp.w2_bias` [E, H]) and `bias` [H]."""
 
     def __init__(self, args: Arguments):
         super().__init__(args)
@@ -118,7 +121,8 @@ class ParallelDroplessMLP(moe.ParallelMLP):
             return None
         if x_TH.shape[0] == 0 or mlp._gmm_backend(self.args) not in (None, "triton") or not use_triton(x_TH):
             return None
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TH, experts.w1, experts._v1(), experts.w2)):
+        params = (experts.w1, experts._v1(), experts.w2, experts.w1_bias, experts._v1_bias(), experts.w2_bias)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x_TH,) + params):
             return None
         return fused_name(self.args.activation_fn)
 
@@ -130,7 +134,8 @@ class ParallelDroplessMLP(moe.ParallelMLP):
         policy = self.args.kernel_policy
         return glu_experts(x_TH, w1, v1, w2, top_experts.view(-1, self.top_k), expert_weights.view(-1, self.top_k),
                            activation, gather_min_ffn=policy.gather_min_ffn,
-                           gather_min_rows_per_expert=policy.gather_min_rows_per_expert)
+                           gather_min_rows_per_expert=policy.gather_min_rows_per_expert,
+                           biases=self.mlp._cast_biases(x_TH))
 
     def grouped_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
         x_TH = x.reshape(-1, x.shape[-1])
@@ -151,7 +156,9 @@ class dMoE(moe.MoE):
 
     Parameters and state_dict keys as MegaBlocks: `router.layer.weight` [E, H],
     `experts.mlp.w1`, `experts.mlp.v1` (GLU), `experts.mlp.w2` [E·F, H], `experts.bias` [H],
-    and the shared expert's `shared_expert.{up_proj,gate_proj,down_proj}`.
+    and the shared expert's `shared_expert.{up_proj,gate_proj,down_proj}`; with the additions
+    `router.layer.bias` [E] (`moe_router_bias`) and `experts.mlp.w1_bias`, `experts.mlp.v1_bias`
+    (GLU) [E, F], `experts.mlp.w2_bias` [E, H] (`moe_expert_bias`).
     """
 
     def _init_experts_mlp(self, args: Arguments) -> torch.nn.Module:

@@ -1,13 +1,15 @@
 """Gated expert MLPs `(act(x W1) * (x V1)) W2` and the gated shared expert.
 
 `v1` has `w1`'s layout: [E·F, H] on the dMoE paths (MegaBlocks' `SparseGLU`, `GroupedGLU`) and
-[E, H, F] for `MoE` (`GLU`). `memory_optimized_mlp` recomputes both the activation and the gated
-product in the backward (see `megablocks.layers.mlp`).
+[E, H, F] for `MoE` (`GLU`); with `moe_expert_bias`, `v1_bias` has `w1_bias`'s ([E, F]).
+`memory_optimized_mlp` recomputes both the activation and the gated product in the backward (see
+`megablocks.layers.mlp`).
 """
 
 import torch
 
 from megablocks.layers import common, mpu
+from megablocks.layers.activation_fn import gated_product
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.mlp import (
     MLP,
@@ -16,6 +18,7 @@ from megablocks.layers.mlp import (
     SparseMLP,
     create_dmoe_expert_weights,
     create_moe_expert_weights,
+    register_expert_biases,
 )
 
 
@@ -29,9 +32,13 @@ class GLU(MLP):
         with torch.no_grad():
             v1 = create_moe_expert_weights(args, args.moe_num_experts, args.ffn_hidden_size, args.hidden_size, args.init_method)
             self.v1.copy_(v1.transpose(1, 2))
+        register_expert_biases(self, args, "v1_bias")
 
     def _v1(self) -> torch.Tensor:
         return self.v1
+
+    def _v1_bias(self):
+        return self.v1_bias
 
 
 class SparseGLU(SparseMLP):
@@ -47,9 +54,13 @@ class SparseGLU(SparseMLP):
                 create_dmoe_expert_weights(args, args.moe_num_experts, args.ffn_hidden_size, args.hidden_size, args.init_method)
             )
         mpu.set_expert_model_parallel_attributes(self.v1, self._should_set_parallelism_attribute)
+        register_expert_biases(self, args, "v1_bias")
 
     def _v1(self) -> torch.Tensor:
         return self.v1
+
+    def _v1_bias(self):
+        return self.v1_bias
 
 
 class GroupedGLU(GroupedMLP, SparseGLU):
@@ -64,4 +75,4 @@ class SharedGLU(SharedMLP):
         self.gate_proj = args.fc_cls(args.hidden_size, args.shared_expert_hidden_size, **self.fc_kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_product(self.act, self.gate_proj(x), self.up_proj(x)))

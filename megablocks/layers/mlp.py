@@ -9,6 +9,14 @@ N = T·K routed rows.
                                                                   (or x [T, H] + counts + row maps)
 
 Row `e·F + f` of a dMoE weight is row f of expert e: `h = x @ w1_e^T`, `y = act(h) @ w2_e`.
+
+With `moe_expert_bias` (gpt-oss) each expert also has biases `w1_bias` [E, F] (and `v1_bias` for
+a GLU) and `w2_bias` [E, H]: `y = act(h + b1_e) @ w2_e + b2_e`, added by
+`megablocks.ops.expert_bias.add_expert_bias` to the rows of each expert on every path: by the
+rows' experts from the counts (grouped), by the block columns and block rows of the topology
+(block-sparse: padding rows and unused slots get a bias too, and nothing reads them), by expert
+(`MLP`'s [E, C, ·]). Expert parallelism shards them over experts like w1 and w2.
+
 With `memory_optimized_mlp` the activation output is not kept for the backward: it is recomputed
 from the (kept) pre-activation when the backward needs it, so the gradients are bitwise the same
 and each layer keeps one activation-sized tensor less (two for a GLU on the unfused path; one for
@@ -24,9 +32,10 @@ import stk
 import torch
 
 from megablocks.layers import common, mpu
-from megablocks.layers.activation_fn import fused_name
+from megablocks.layers.activation_fn import fused_name, gated_product
 from megablocks.layers.arguments import Arguments, InitFn
 from megablocks.ops.activation import glu
+from megablocks.ops.expert_bias import add_expert_bias, block_column_bias, block_row_experts, row_experts
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered
 from megablocks.ops.permute import RowMaps
 from megablocks.ops.sparse import dsd_data, sdd_data
@@ -57,6 +66,42 @@ def create_dmoe_expert_weights(
 ) -> torch.Tensor:
     """`create_moe_expert_weights` in the dMoE layout `[E_local·rows_local, columns]`."""
     return create_moe_expert_weights(args, num_experts, rows, columns, init_method).reshape(-1, columns)
+
+
+def register_expert_biases(module: torch.nn.Module, args: Arguments, *names: str) -> None:
+    """Registers the experts' biases `names` on `module` with `moe_expert_bias` (else as None):
+    'w1_bias' and 'v1_bias' `[E_local, F_local]`, 'w2_bias' `[E_local, H]`, zero-initialised,
+    expert parameters like the weights.
+
+    Raises:
+        ValueError: with `moe_expert_bias`, experts whose FFN is split over ranks (expert
+            parallelism with more ranks than experts): each rank would add the down projection's
+            bias to its partial output.
+    """
+    if not args.moe_expert_bias:
+        for name in names:
+            module.register_parameter(name, None)
+        return
+    if mpu.hidden_sharding_degree(args) > 1:
+        raise ValueError(
+            "moe_expert_bias: expected each expert on one rank, got the FFN of each expert split "
+            f"{mpu.hidden_sharding_degree(args)} ways (expert parallelism over more ranks than the "
+            f"{args.moe_num_experts} experts): per-expert biases do not support that split"
+        )
+    num_experts = mpu.experts_per_rank(args)
+    kw = dict(device=common.device(args), dtype=common.dtype(args))
+    for name in names:
+        columns = args.hidden_size if name == "w2_bias" else mpu.features_per_rank(args)
+        bias = torch.nn.Parameter(torch.zeros(num_experts, columns, **kw))
+        mpu.set_expert_model_parallel_attributes(bias, args.moe_expert_model_parallelism)
+        module.register_parameter(name, bias)
+
+
+def _cast(args: Arguments, x: torch.Tensor, params) -> list:
+    """The parameters in x's dtype, their gradients scaled by 1 / W with expert parallelism
+    (`mpu.expert_gradient_scale`); None stays None."""
+    scale = mpu.expert_gradient_scale(args)
+    return [None if w is None else mpu.scale_gradient(resolve_dtensor(w), scale).to(x.dtype) for w in params]
 
 
 class _RecomputeSaved:
@@ -128,11 +173,17 @@ def expert_ffn(
     activation_fn: Callable,
     memory_optimized: bool,
     up_pair: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None,
+    biases: Optional[Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]] = None,
+    up_bias: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    down_bias: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """`down(act(up(x, w1)) [* up(x, v1)], w2)`: the expert MLP (v1 None) or GLU.
 
     `up_pair(x, w1, v1)`, where given, computes both GLU up projections at once (the grouped path:
     their input gradient in one accumulating pass, `megablocks.ops.gmm_shared_input`).
+    `biases` `(b1, bv1, b2)` (bv1 None for the MLP), where given, are the experts' biases:
+    `up_bias(h, b)` adds b1 (bv1) to the result of the up projection(s) and `down_bias(y, b2)` b2
+    to the down projection's, each to the rows of their experts.
 
     `up` and `down` are the two projections of one implementation (bmm, block-sparse or grouped);
     `up` returns a plain tensor (the values of a block-sparse result). A GLU whose activation
@@ -146,6 +197,9 @@ def expert_ffn(
     else:
         h1 = up(x, w1)
         h2 = None if v1 is None else up(x, v1)
+    if biases is not None:
+        h1 = up_bias(h1, biases[0])
+        h2 = None if h2 is None else up_bias(h2, biases[1])
     fused = None if h2 is None else fused_name(activation_fn)
 
     def activation():
@@ -154,20 +208,21 @@ def expert_ffn(
     def gated():
         if fused is not None:
             return glu(h1, h2, fused)
-        return activation_fn(h1) * h2
+        return gated_product(activation_fn, h1, h2)
 
     if not memory_optimized or torch.compiler.is_compiling():
-        return down(activation() if h2 is None else gated(), w2)
-
-    with _RecomputeSaved() as saved:
-        if h2 is None or fused is None:
-            a = activation()
-            saved.recompute(a, activation)
-        if h2 is not None:
-            # The fused op keeps h1 and h2 for its backward; only the product is left to drop.
-            a = gated() if fused is not None else a * h2
-            saved.recompute(a, gated)
-        return down(a, w2)
+        y = down(activation() if h2 is None else gated(), w2)
+    else:
+        with _RecomputeSaved() as saved:
+            if h2 is None or fused is None:
+                a = activation()
+                saved.recompute(a, activation)
+            if h2 is not None:
+                # The fused op keeps h1 and h2 for its backward; only the product is left to drop.
+                a = gated() if fused is not None else a * h2
+                saved.recompute(a, gated)
+            y = down(a, w2)
+    return y if biases is None else down_bias(y, biases[2])
 
 
 def _gmm_backend(args: Arguments) -> Optional[str]:
@@ -190,6 +245,7 @@ class MLP(torch.nn.Module):
         self.w2 = torch.nn.Parameter(torch.empty(num_experts, ffn, args.hidden_size, **kw))
         mpu.set_expert_model_parallel_attributes(self.w1, args.moe_expert_model_parallelism)
         mpu.set_expert_model_parallel_attributes(self.w2, args.moe_expert_model_parallelism)
+        register_expert_biases(self, args, "w1_bias", "w2_bias")
         with torch.no_grad():
             w1 = create_moe_expert_weights(args, args.moe_num_experts, args.ffn_hidden_size, args.hidden_size, args.init_method)
             self.w1.copy_(w1.transpose(1, 2))
@@ -202,15 +258,23 @@ class MLP(torch.nn.Module):
     def _v1(self) -> Optional[torch.Tensor]:
         return None
 
+    def _v1_bias(self) -> Optional[torch.Tensor]:
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = mpu.expert_gradient_scale(self.args)
-        cast = [
-            None if w is None else mpu.scale_gradient(resolve_dtensor(w), scale).to(x.dtype)
-            for w in (self.w1, self._v1(), self.w2)
-        ]
+        cast = _cast(self.args, x, (self.w1, self._v1(), self.w2))
+        biases = experts = None
+        if self.w1_bias is not None:
+            biases = _cast(self.args, x, (self.w1_bias, self._v1_bias(), self.w2_bias))
+            experts = torch.arange(x.shape[0], device=x.device)
+
+        def add_bias(h, b):  # h [E, C, ·]: expert e's rows are h[e]
+            return add_expert_bias(h, b, experts)
+
         return expert_ffn(
             x, *cast, up=torch.bmm, down=torch.bmm,
             activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
+            biases=biases, up_bias=add_bias, down_bias=add_bias,
         )
 
 
@@ -241,18 +305,25 @@ class SparseMLP(torch.nn.Module):
         self._should_set_parallelism_attribute = args.moe_expert_model_parallelism
         mpu.set_expert_model_parallel_attributes(self.w1, self._should_set_parallelism_attribute)
         mpu.set_expert_model_parallel_attributes(self.w2, self._should_set_parallelism_attribute)
+        register_expert_biases(self, args, "w1_bias", "w2_bias")
 
     def _v1(self) -> Optional[torch.Tensor]:
+        return None
+
+    def _v1_bias(self) -> Optional[torch.Tensor]:
         return None
 
     def _cast_weights(self, x: torch.Tensor):
         """The weights in x's dtype; with expert parallelism their gradients are scaled by 1 / W
         (`mpu.expert_gradient_scale`)."""
-        scale = mpu.expert_gradient_scale(self.args)
-        return [
-            None if w is None else mpu.scale_gradient(resolve_dtensor(w), scale).to(x.dtype)
-            for w in (self.w1, self._v1(), self.w2)
-        ]
+        return _cast(self.args, x, (self.w1, self._v1(), self.w2))
+
+    def _cast_biases(self, x: torch.Tensor):
+        """`(b1, bv1, b2)` as `_cast_weights` gives the weights (bv1 None for the MLP), or None
+        without `moe_expert_bias`."""
+        if self.w1_bias is None:
+            return None
+        return _cast(self.args, x, (self.w1_bias, self._v1_bias(), self.w2_bias))
 
     def forward(self, x: torch.Tensor, topo: stk.Matrix) -> torch.Tensor:
         def up(x, w):
@@ -261,9 +332,18 @@ class SparseMLP(torch.nn.Module):
         def down(a, w):
             return dsd_data(a, topo, w)
 
+        def up_bias(data, b):  # block values [nnz, B, B]: slot s holds block column column_indices[s]
+            return add_expert_bias(data, block_column_bias(b, topo.blocking), topo.column_indices)
+
+        def down_bias(y, b):  # padded rows [P, H] in block rows of B rows, each of one expert
+            block = topo.blocking
+            experts = block_row_experts(topo.column_indices, -(-mpu.features_per_rank(self.args) // block))
+            return add_expert_bias(y.view(y.shape[0] // block, block, -1), b, experts).view(y.shape)
+
         return expert_ffn(
             x, *self._cast_weights(x), up=up, down=down,
             activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
+            biases=self._cast_biases(x), up_bias=up_bias, down_bias=down_bias,
         )
 
 
@@ -314,9 +394,20 @@ class GroupedMLP(SparseMLP):
                 return gmm_shared_input_gathered(x, w1, v1, tokens_per_expert, maps, trans_b=True, backend=backend)
             return gmm_shared_input(x, w1, v1, tokens_per_expert, trans_b=True, backend=backend)
 
+        biases = self._cast_biases(x)
+        experts = None
+        if biases is not None:
+            # The expert of each of the N routed rows (in expert order), from the counts.
+            rows = x.shape[0] if maps is None else maps.row_assignment.shape[0]
+            experts = row_experts(tokens_per_expert.to(x.device), rows)
+
+        def add_bias(h, b):
+            return add_expert_bias(h, b, experts)
+
         return expert_ffn(
             x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair if self._shared_input_pair() else None,
             activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
+            biases=biases, up_bias=add_bias, down_bias=add_bias,
         )
 
 
@@ -363,7 +454,7 @@ class SharedMLP(torch.nn.Module):
         if self.gate_proj is None:
             out = self.down_proj(self.act(self.up_proj(x)))
         else:
-            out = self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            out = self.down_proj(gated_product(self.act, self.gate_proj(x), self.up_proj(x)))
         if self.gate is not None:
             out = torch.sigmoid(self.gate(x)) * out
         return out

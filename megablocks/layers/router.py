@@ -2,12 +2,16 @@
 
 Legend: T tokens, H hidden, E experts, K top-k.
 
-    logits_TE = x_TH @ W_EH^T                 (`router.layer`, a bias-free Linear [E, H])
+    logits_TE = x_TH @ W_EH^T [+ b_E]         (`router.layer`, a Linear [E, H], its bias [E] with
+                                              `moe_router_bias`)
     scores_TE = softmax(logits_TE)            (or sigmoid)
     top_experts_TK = top-k of scores_TE       (+ expert_bias, or Sinkhorn-balanced, for choosing only;
                                               within each token's best expert groups if asked)
     expert_weights_TK = scores_TE at those experts, divided by their p-norm if asked, times the
                         routed scaling factor if set
+
+A softmax over all experts renormalised over the chosen k (`moe_normalize_expert_weights=1`) is
+the softmax over the k chosen logits (gpt-oss's, Mixtral's routers): the common factor cancels.
 """
 
 from typing import Optional
@@ -83,7 +87,8 @@ def update_expert_biases(model: torch.nn.Module, group=None) -> int:
 
 
 class LearnedRouter(torch.nn.Module):
-    """MegaBlocks' learned router: a bias-free Linear [E, H] scoring each token for each expert.
+    """MegaBlocks' learned router: a Linear [E, H] scoring each token for each expert, bias-free
+    (MegaBlocks) or with a zero-initialised bias [E] (`moe_router_bias`, gpt-oss).
 
     `forward(x)` takes x [..., H] and returns `(scores_TE, expert_weights_TK, top_experts_TK)`
     with T the product of the leading dimensions. Scores are softmax (default) or sigmoid of the
@@ -107,11 +112,14 @@ class LearnedRouter(torch.nn.Module):
         self.layer = torch.nn.Linear(
             args.hidden_size,
             args.moe_num_experts,
-            bias=False,
+            bias=args.moe_router_bias,
             dtype=common.dtype(args),
             device=common.device(args),
         )
         args.init_method(self.layer.weight)
+        if self.layer.bias is not None:
+            with torch.no_grad():
+                self.layer.bias.zero_()
         self.zloss: Optional[torch.Tensor] = None
         if args.moe_router_enable_expert_bias:
             device = self.layer.weight.device
@@ -132,8 +140,9 @@ class LearnedRouter(torch.nn.Module):
     def _logits(self, x_TH: torch.Tensor) -> torch.Tensor:
         if not self.args.moe_router_fp32:
             return self.layer(x_TH)
+        bias = self.layer.bias
         with torch.autocast(x_TH.device.type, enabled=False):
-            return F.linear(x_TH.float(), self.layer.weight.float())
+            return F.linear(x_TH.float(), self.layer.weight.float(), None if bias is None else bias.float())
 
     def _scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         if self.args.moe_router_score_function == "sigmoid":

@@ -4,6 +4,7 @@ The names and argument order follow MegaBlocks 0.10, so code written against it 
 """
 
 from megablocks.ops.activation import glu
+from megablocks.ops.expert_bias import add_expert_bias
 from megablocks.ops.experts import glu_experts
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered
 from megablocks.ops.permute import gather_routed, route, scatter_routed
@@ -30,6 +31,7 @@ from megablocks.ops.sum import sum  # noqa: E402
 from megablocks.ops.topology import topology  # noqa: E402
 
 __all__ = [
+    "add_expert_bias",
     "dds",
     "glu",
     "glu_experts",

@@ -38,6 +38,36 @@ def test_fused_dmoe_meaning_and_round_trip():
     assert_equal("gate_up_proj untouched", ckpt.dmoe_to_fused(*ckpt.fused_to_dmoe(gate_up, down), E)[0], gate_up)
 
 
+def test_gpt_oss_dmoe_meaning_and_round_trip():
+    """gpt-oss's experts (gate/up interleaved in [E, H, 2F] and [E, 2F], down [E, F, H] with a
+    bias [E, H]) against dMoE's w1, v1, w2 and their biases: the same expert outputs by
+    transformers' formula, and back bitwise."""
+    gate_up, gate_up_bias = torch.randn(E, H, 2 * FF), 4 * torch.randn(E, 2 * FF)
+    down, down_bias = torch.randn(E, FF, H), torch.randn(E, H)
+    w1, v1, w2, w1_bias, v1_bias, w2_bias = ckpt.gpt_oss_to_dmoe(gate_up, gate_up_bias, down, down_bias)
+    assert w1.shape == v1.shape == w2.shape == (E * FF, H)
+    assert w1_bias.shape == v1_bias.shape == (E, FF) and w2_bias.shape == (E, H)
+    x = torch.randn(5, H)
+    for e in range(E):
+        h = x @ gate_up[e] + gate_up_bias[e]
+        gate, up = h[:, ::2].clamp(max=7.0), h[:, 1::2].clamp(-7.0, 7.0)
+        expected = ((up + 1) * gate * torch.sigmoid(1.702 * gate)) @ down[e] + down_bias[e]
+        rows = slice(e * FF, (e + 1) * FF)
+        gate, up = (x @ w1[rows].t() + w1_bias[e]).clamp(max=7.0), (x @ v1[rows].t() + v1_bias[e]).clamp(-7.0, 7.0)
+        got = ((up + 1) * gate * torch.sigmoid(1.702 * gate)) @ w2[rows] + w2_bias[e]
+        assert_close(f"expert {e}", got, expected)
+    back = ckpt.dmoe_to_gpt_oss(w1, v1, w2, w1_bias, v1_bias, w2_bias, E)
+    for name, got, want in zip(("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"), back,
+                               (gate_up, gate_up_bias, down, down_bias)):
+        assert_equal(name, got, want)
+    with pytest.raises(ValueError, match=r"down_proj: expected shape \(3, 6, 10\)"):
+        ckpt.gpt_oss_to_dmoe(gate_up, gate_up_bias, down.transpose(1, 2), down_bias)
+    with pytest.raises(ValueError, match="even last dimension"):
+        ckpt.gpt_oss_to_dmoe(gate_up[..., 1:], gate_up_bias, down, down_bias)
+    with pytest.raises(ValueError, match=r"w2_bias: expected shape \(3, 10\)"):
+        ckpt.dmoe_to_gpt_oss(w1, v1, w2, w1_bias, v1_bias, w2_bias[:, 1:], E)
+
+
 @pytest.mark.parametrize("gated", [True, False])
 def test_per_expert_round_trip(gated):
     gate = [torch.randn(FF, H) for _ in range(E)]

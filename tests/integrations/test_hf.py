@@ -1,8 +1,9 @@
 """The "megablocks" experts implementation and `convert_model` against stock transformers models.
 
 Tiny random models built from configs (no download): Mixtral, Qwen2-MoE (shared expert, one
-dense layer), Qwen3-MoE and OLMoE. Logits, the input-embedding gradient and the gradients of the
-expert and router weights are compared with the stock model's (eager experts).
+dense layer), Qwen3-MoE, OLMoE, DeepSeek-V3, GLM-4.5 and gpt-oss (router and expert biases, the
+clamped SwiGLU). Logits, the input-embedding gradient and the gradients of the expert and router
+weights (and biases) are compared with the stock model's (eager experts).
 """
 
 import copy
@@ -486,8 +487,97 @@ def test_convert_deepseek_v3_and_glm45(kind, mlp_impl, references):
     assert "model.layers.1.mlp.shared_experts.up_proj.weight" in ours.state_dict()
 
 
+def tiny_gpt_oss(**config):
+    """A tiny gpt-oss with random router and expert biases (the model zero-initialises the expert
+    biases): std 4 puts some gate and up values past the clamped SwiGLU's limits of ±7."""
+    model = tiny_model("gpt_oss") if not config else _gpt_oss_model(**config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate_up_proj_bias", "down_proj_bias")):
+                p.normal_(0.0, 4.0)
+            elif name.endswith("router.bias"):
+                p.normal_(0.0, 1.0)
+            elif name.endswith("router.weight"):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def _gpt_oss_model(**config):
+    cfg = transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2, num_experts_per_tok=2, intermediate_size=24,
+                                    num_local_experts=4, head_dim=8, layer_types=["full_attention"], **config)
+    return transformers.GptOssForCausalLM(cfg).to(DEVICE)
+
+
+@pytest.mark.parametrize("interpret", ["0", "1"], ids=["references", "kernels"])
+@pytest.mark.parametrize("mlp_impl", ["grouped", "sparse"])
+def test_convert_gpt_oss(mlp_impl, interpret, monkeypatch):
+    """gpt-oss converts to dMoE (router bias, per-expert biases, the clamped SwiGLU, gate/up
+    de-interleaved) with the stock model's logits and the gradients of every converted parameter:
+    the router's weight and bias, w1, v1, w2 and their biases (the stock gradients converted to
+    the dMoE layout), and the embeddings'; with the ops' torch references and with the kernels."""
+    from megablocks.integrations.checkpoint import gpt_oss_to_dmoe
+
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    elif interpret == "0":
+        pytest.skip("the references are the CPU path")
+    stock = tiny_gpt_oss().train()
+    ours = hf.convert_model(copy.deepcopy(stock), mlp_impl=mlp_impl, moe_block_size=16)
+    blocks = [n for n, m in ours.named_modules() if isinstance(m, hf.MegaBlocksMoeBlock)]
+    assert blocks == ["model.layers.0.mlp", "model.layers.1.mlp"], blocks
+    moe = ours.get_submodule(blocks[0]).moe
+    assert moe.args.activation_fn is hf.clamped_swiglu and moe.args.moe_expert_bias and moe.args.moe_router_bias
+    ids, probe = _inputs(seq=7 if interpret == "0" else 3)
+    logits, grads = run(stock, ids, probe)
+    our_logits, our_grads = run(ours, ids, probe)
+    assert_close("logits", our_logits, logits, family="layer")
+    assert_close("embed_tokens.weight", our_grads["model.embed_tokens.weight"], grads["model.embed_tokens.weight"],
+                 family="layer")
+    for block in blocks:
+        prefix = block + ".experts."
+        expected = gpt_oss_to_dmoe(*(grads[prefix + n] for n in ("gate_up_proj", "gate_up_proj_bias", "down_proj",
+                                                                 "down_proj_bias")))
+        for name, exp in zip(("w1", "v1", "w2", "w1_bias", "v1_bias", "w2_bias"), expected):
+            key = f"{block}.moe.experts.mlp.{name}"
+            assert_close(key, our_grads[key], exp, family="layer")
+        for name in ("weight", "bias"):
+            assert_close(f"router {name}", our_grads[f"{block}.moe.router.layer.{name}"],
+                         grads[f"{block}.router.{name}"], family="layer")
+    # Some of the stock experts' inputs pass the clamps (their gradient is zero there).
+    experts = stock.model.layers[0].mlp.experts
+    h = stock.model.layers[0].post_attention_layernorm(torch.randn(64, 32, device=DEVICE))
+    gate_up = torch.einsum("th,ehf->etf", h, experts.gate_up_proj) + experts.gate_up_proj_bias[:, None]
+    assert bool((gate_up[..., ::2] > 7).any()) and bool((gate_up[..., 1::2].abs() > 7).any())
+
+
+def test_convert_gpt_oss_shares_what_the_layout_allows():
+    """The router's weight and bias and the down projection's bias are the model's Parameters;
+    w2 views the down projection's storage; gate/up are copies. The converted state dict loads
+    back and the block keeps the decoder layer's two-value output."""
+    model = tiny_gpt_oss()
+    block = model.model.layers[0].mlp
+    router, experts = block.router, block.experts
+    down_ptr = experts.down_proj.data_ptr()
+    hf.convert_model(model)
+    moe = model.model.layers[0].mlp.moe
+    assert moe.router.layer.weight is router.weight and moe.router.layer.bias is router.bias
+    assert moe.experts.mlp.w2_bias is experts.down_proj_bias
+    assert moe.experts.mlp.w2.data_ptr() == down_ptr
+    assert moe.experts.mlp.w1.data_ptr() != experts.gate_up_proj.data_ptr()
+    out = model.model.layers[0].mlp(torch.randn(2, 3, 32, device=DEVICE))
+    assert isinstance(out, tuple) and out[0].shape == (2, 3, 32) and out[1] is None
+    keys = [k for k in model.state_dict() if k.startswith("model.layers.0.mlp.")]
+    assert sorted(keys) == sorted(f"model.layers.0.mlp.moe.{k}" for k in (
+        "router.layer.weight", "router.layer.bias", "experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2",
+        "experts.mlp.w1_bias", "experts.mlp.v1_bias", "experts.mlp.w2_bias")), keys
+    model.load_state_dict(model.state_dict(), strict=True)
+
+
 def test_convert_gpt_oss_names_what_is_missing():
-    model = tiny_model("gpt_oss")
-    with pytest.raises(ValueError, match="per-expert biases and the clamped SwiGLU"):
+    """A clamped SwiGLU of other limits than gpt-oss's is refused with its values named."""
+    model = tiny_gpt_oss(swiglu_limit=5.0)
+    with pytest.raises(ValueError, match="swiglu_limit=5.0, swiglu_alpha=1.702"):
         hf.convert_model(model)
+    assert hf.unsupported_reason(tiny_gpt_oss().model.layers[0].mlp) is None
 

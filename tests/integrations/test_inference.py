@@ -75,6 +75,19 @@ def test_fused_moe_every_token_on_one_expert_and_gelu(monkeypatch):
                      family="layer")
 
 
+@pytest.mark.parametrize("path", ["grouped", "gather"])
+def test_fused_moe_clamped_swiglu(path, fused_forms):
+    """gpt-oss's clamped SwiGLU (gate and up halves of w1, concatenated): the routed form's GEMM
+    epilogue and the general path's fused GLU op, with inputs large enough to reach the clamps."""
+    x, w1, w2, gating = make(13)
+    x = 8 * x
+    gate_up = torch.einsum("th,efh->tef", x, w1)
+    assert bool((gate_up[..., :FF] > 7).any()) and bool((gate_up[..., FF:].abs() > 7).any())
+    out = fused_moe(x, w1, w2, gating, 2, True, activation="clamped_swiglu", path=path, policy=fused_forms)
+    expected = fused_moe_reference(x, w1, w2, gating, 2, True, "clamped_swiglu")
+    assert_close("out", out, expected, family="layer")
+
+
 def test_fused_moe_no_autograd():
     x, w1, w2, gating = make(3)
     w1.requires_grad_(True)

@@ -6,7 +6,9 @@ The reference routes with the layer's formulas (softmax or sigmoid scores, top-k
 renormalisation), then loops over experts: the rows of expert e are the (token, k) pairs that
 chose it, in flattened-assignment order, cut to `capacity` when given (MoE's drop rule), each
 through `act(x W1_e^T) [* x V1_e^T] W2_e`, weighted and summed into their token's output.
-Weights are taken in the per-expert layout [E, F, H] for w1, v1 and w2.
+Weights are taken in the per-expert layout [E, F, H] for w1, v1 and w2. With per-expert biases
+(gpt-oss): `act(x W1_e^T + b1_e) [* (x V1_e^T + bv1_e)] W2_e + b2_e`, a GLU activation (the
+clamped SwiGLU) taking both branches; a router bias is added to the logits.
 """
 
 from functools import partial
@@ -14,20 +16,26 @@ from functools import partial
 import pytest
 import torch
 
+from megablocks.layers.activation_fn import gated_product
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
 from tests.conftest import DEVICE
 from tests.utils import assert_close, assert_equal
 
 GRAD_NAMES = ("x", "router", "w1", "v1", "w2", "bias")
+# The biases of gpt-oss's experts (`moe_router_bias`, `moe_expert_bias`): None where the layer has none.
+BIAS_GRAD_NAMES = ("router_bias", "w1_bias", "v1_bias", "w2_bias")
 
 
 def reference_moe(x, router_w, w1_EFH, v1_EFH, w2_EFH, bias, *, top_k, activation_fn,
-                  normalize=None, score_function="softmax", capacity=None, top_experts=None):
+                  normalize=None, score_function="softmax", capacity=None, top_experts=None,
+                  router_bias=None, w1_bias=None, v1_bias=None, w2_bias=None):
     """Returns (out shaped like x, top_experts_TK, tokens_per_expert_E)."""
     hidden = x.shape[-1]
     x_TH = x.reshape(-1, hidden)
     logits = x_TH @ router_w.t()
+    if router_bias is not None:
+        logits = logits + router_bias
     scores = torch.sigmoid(logits) if score_function == "sigmoid" else logits.softmax(dim=-1)
     if top_experts is None:
         top_experts = torch.topk(scores, top_k, dim=-1).indices
@@ -43,10 +51,19 @@ def reference_moe(x, router_w, w1_EFH, v1_EFH, w2_EFH, bias, *, top_k, activatio
         if capacity is not None:
             t_idx, k_idx = t_idx[:capacity], k_idx[:capacity]
         xs = x_TH[t_idx]
-        h = activation_fn(xs @ w1_EFH[e].t())
+        h = xs @ w1_EFH[e].t()
+        if w1_bias is not None:
+            h = h + w1_bias[e]
         if v1_EFH is not None:
-            h = h * (xs @ v1_EFH[e].t())
+            u = xs @ v1_EFH[e].t()
+            if v1_bias is not None:
+                u = u + v1_bias[e]
+            h = gated_product(activation_fn, h, u)
+        else:
+            h = activation_fn(h)
         y = h @ w2_EFH[e]
+        if w2_bias is not None:
+            y = y + w2_bias[e]
         out = out.index_add(0, t_idx, y * weights[t_idx, k_idx, None])
     out = out.view(x.shape)
     if bias is not None:
@@ -68,12 +85,17 @@ def layer_params(layer):
         w = w.view(E, -1, H) if dropless else (w.transpose(1, 2) if transposed else w)
         return w.clone().requires_grad_(True)
 
+    def leaf(t):
+        return None if t is None else t.detach().float().cpu().clone().requires_grad_(True)
+
     return {
-        "router": layer.router.layer.weight.detach().float().cpu().clone().requires_grad_(True),
+        "router": leaf(layer.router.layer.weight),
         "w1": per_expert(mlp.w1, True),
         "v1": per_expert(getattr(mlp, "v1", None), True),
         "w2": per_expert(mlp.w2, False),
-        "bias": None if layer.experts.bias is None else layer.experts.bias.detach().float().cpu().clone().requires_grad_(True),
+        "bias": leaf(layer.experts.bias),
+        "router_bias": leaf(layer.router.layer.bias),
+        **{name: leaf(getattr(mlp, name, None)) for name in ("w1_bias", "v1_bias", "w2_bias")},
     }
 
 
@@ -90,13 +112,18 @@ def layer_grads(layer, x):
         g = w.grad.float()
         return g.view(E, -1, H) if dropless else (g.transpose(1, 2) if transposed else g)
 
+    def grad(t):
+        return None if t is None else t.grad.float()
+
     return {
         "x": x.grad.float(),
         "router": layer.router.layer.weight.grad.float(),
         "w1": per_expert(mlp.w1, True),
         "v1": per_expert(getattr(mlp, "v1", None), True),
         "w2": per_expert(mlp.w2, False),
-        "bias": None if layer.experts.bias is None else layer.experts.bias.grad.float(),
+        "bias": grad(layer.experts.bias),
+        "router_bias": grad(layer.router.layer.bias),
+        **{name: grad(getattr(mlp, name, None)) for name in ("w1_bias", "v1_bias", "w2_bias")},
     }
 
 
@@ -154,6 +181,27 @@ def randomize_bias(layer) -> None:
         layer.experts.bias.normal_()
 
 
+def randomize_expert_biases(layer) -> None:
+    """Random router and per-expert biases (zero-initialised in the layer).
+
+    The up projections' biases are small (|b| <= 3) but every fifth, which is ±12: with the
+    products of these tests (|x w| of 2 at most) the clamped SwiGLU's inputs are clamped where
+    the bias is large (gate above 7, up beyond ±7) and stay 2 or more away from its limits
+    everywhere, so that 16-bit rounding never moves an input across a limit, where the gradient
+    jumps.
+    """
+    mlp = layer.experts.mlp
+    with torch.no_grad():
+        if layer.router.layer.bias is not None:
+            layer.router.layer.bias.normal_(0.0, 1.0)
+        mlp.w2_bias.normal_(0.0, 1.0)
+        for t in (mlp.w1_bias, getattr(mlp, "v1_bias", None)):
+            if t is not None:
+                t.normal_(0.0, 1.0).clamp_(-3.0, 3.0)
+                large = t.view(-1)[::5]
+                large.copy_(torch.where(large >= 0, 12.0, -12.0))
+
+
 def route_all_to(layer, expert: int) -> None:
     """Makes `expert` every token's first choice for inputs in [0.5, 1.5] (router logit gap ~4)."""
     with torch.no_grad():
@@ -181,15 +229,17 @@ def check_against_reference(layer, x, *, capacity=None, dtype=torch.float32, top
     ref, top_experts, counts = reference_moe(
         xr, p["router"], p["w1"], p["v1"], p["w2"], p["bias"],
         top_k=args.moe_top_k, activation_fn=args.activation_fn, normalize=args.moe_normalize_expert_weights,
-        capacity=capacity, top_experts=forced,
+        capacity=capacity, top_experts=forced, router_bias=p["router_bias"], w1_bias=p["w1_bias"],
+        v1_bias=p["v1_bias"], w2_bias=p["w2_bias"],
     )
     (ref * grad_out.float().cpu()).sum().backward()
     assert_equal("top_experts", seen["top_experts"].cpu(), top_experts)
     assert_equal("tokens_per_expert", layer.experts.tokens_per_expert.cpu().long(), counts)
     assert_close("out", out, ref, dtype=dtype, family="layer")
     grads = layer_grads(layer, x)
-    expected = {"x": xr.grad, **{k: None if p[k] is None else p[k].grad for k in GRAD_NAMES if k != "x"}}
-    for name in GRAD_NAMES:
+    names = GRAD_NAMES + BIAS_GRAD_NAMES
+    expected = {"x": xr.grad, **{k: None if p[k] is None else p[k].grad for k in names if k != "x"}}
+    for name in names:
         if expected[name] is None:
             assert grads[name] is None, f"{name}: the layer has a parameter the reference lacks"
         else:

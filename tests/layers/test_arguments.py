@@ -106,6 +106,8 @@ BAD = [
     ("loss_collector", [], TypeError, "loss_collector: expected None or a MoELossCollector"),
     ("num_layers_per_virtual_pipeline_stage", 0, ValueError, "num_layers_per_virtual_pipeline_stage"),
     ("moe_router_sinkhorn_iterations", 0, ValueError, "moe_router_sinkhorn_iterations"),
+    ("moe_expert_bias", 1, TypeError, "moe_expert_bias: expected a bool, got int"),
+    ("moe_router_bias", "yes", TypeError, "moe_router_bias: expected a bool, got str"),
 ]
 
 
@@ -118,6 +120,27 @@ def test_invalid_fields(field, value, exc, match):
 def test_invalid_combination_of_balancing_schemes():
     with pytest.raises(ValueError, match="moe_router_sinkhorn, moe_router_enable_expert_bias"):
         Arguments(moe_router_sinkhorn=True, moe_router_enable_expert_bias=True)
+
+
+def test_clamped_swiglu_needs_glu_experts():
+    """gpt-oss's clamped SwiGLU takes the gate and the linear branch: GLU experts only (their
+    shared expert is gated too, and computes it); the per-expert and router biases default off."""
+    from megablocks.layers.moe import MoE as Layer
+    from megablocks.ops.activation import clamped_swiglu
+
+    with pytest.raises(ValueError, match="activation_fn: clamped_swiglu is a GLU activation.*got 'mlp'"):
+        Arguments(moe_num_experts=2, activation_fn=clamped_swiglu)
+    with pytest.raises(ValueError, match="activation_fn: clamped_swiglu is a GLU activation.*got 'mlp'"):
+        Arguments(moe_num_experts=2, activation_fn=clamped_swiglu, shared_expert=True, shared_expert_glu=True)
+    args = Arguments(hidden_size=8, ffn_hidden_size=6, moe_num_experts=2, activation_fn=clamped_swiglu, mlp_type="glu",
+                     shared_expert=True, shared_expert_hidden_size=6, moe_expert_bias=True, moe_router_bias=True,
+                     fp16=False, device="cpu", bias=False)
+    assert args.moe_expert_bias and args.moe_router_bias
+    assert not Arguments().moe_expert_bias and not Arguments().moe_router_bias
+    shared = Layer(args).shared_expert
+    x = 4 * torch.randn(3, 8)
+    expected = shared.down_proj(clamped_swiglu(shared.gate_proj(x), shared.up_proj(x)))
+    assert torch.equal(shared(x), expected)
 
 
 def test_valid_edge_values():

@@ -14,18 +14,20 @@ import torch.nn.functional as F
 
 from megablocks.layers import mlp as mlp_module
 from megablocks.layers.activation_fn import fused_name
-from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
 from megablocks.layers.losses import MoELossCollector
 from megablocks.layers.moe import MoE
+from megablocks.ops.activation import clamped_swiglu
 from tests.conftest import DEVICE, FLOAT_DTYPES
 from tests.layers.moe_reference import (
+    BIAS_GRAD_NAMES,
     GRAD_NAMES,
     IMPLS,
     check_against_reference,
     layer_grads,
     make_args,
     randomize_bias,
+    randomize_expert_biases,
     route_all_to,
     skip_unavailable,
 )
@@ -141,12 +143,17 @@ def test_autocast_with_fp32_parameters(impl):
     assert layer.experts.mlp.w1.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("impl, mlp_type", [("sparse", "mlp"), ("triton", "glu")])
-def test_compiles_fullgraph(impl, mlp_type):
-    # No graph break anywhere in the layer, losses included (aot_eager: no C compiler needed).
+@pytest.mark.parametrize("impl, mlp_type, gpt_oss", [("sparse", "mlp", False), ("triton", "glu", False),
+                                                     ("triton", "glu", True)])
+def test_compiles_fullgraph(impl, mlp_type, gpt_oss):
+    # No graph break anywhere in the layer, losses included (aot_eager: no C compiler needed);
+    # gpt-oss's experts (biases, the clamped SwiGLU, a router bias) too.
+    kw = dict(moe_expert_bias=True, moe_router_bias=True, activation_fn=clamped_swiglu) if gpt_oss else {}
     args = make_args(impl, mlp_type=mlp_type, moe_loss_weight=0.1, moe_zloss_weight=0.01,
-                     loss_collector=MoELossCollector(), memory_optimized_mlp=True)
+                     loss_collector=MoELossCollector(), memory_optimized_mlp=True, **kw)
     layer = dMoE(args)
+    if gpt_oss:
+        randomize_expert_biases(layer)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = torch.randn(7, 40, device=DEVICE)
     results = []
@@ -157,7 +164,7 @@ def test_compiles_fullgraph(impl, mlp_type):
         (out.sum() + layer.load_balancing_loss + layer.router_zloss).backward()
         results.append((out, layer_grads(layer, xi)))
     assert_close("out", results[1][0], results[0][0])
-    for name in GRAD_NAMES:
+    for name in GRAD_NAMES + BIAS_GRAD_NAMES:
         if results[0][1][name] is not None:
             assert_close(f"grad {name}", results[1][1][name], results[0][1][name])
     assert len(args.loss_collector.load_balancing) == 2
@@ -241,6 +248,133 @@ def test_memory_optimized_mlp_lowers_peak_memory(impl):
           f"kept after forward {kept[False] / 2**20:.1f} MiB -> {kept[True] / 2**20:.1f} MiB")
     assert kept[True] < kept[False]
     assert peaks[True] < peaks[False]
+
+
+# ------------------------------------------------------------------------------------------------
+# gpt-oss's experts: per-expert biases (moe_expert_bias), the clamped SwiGLU, a router bias. The
+# reference adds the biases and computes transformers' clamped SwiGLU per expert; the biases are
+# random (std 4), so that some gate and up values pass the clamps' limits of ±7.
+
+# (activation, mlp_type): the default GELU MLP and GLU, and gpt-oss's clamped SwiGLU.
+BIAS_EXPERTS = [
+    pytest.param(F.gelu, "mlp", id="mlp"),
+    pytest.param(F.silu, "glu", id="glu-silu"),
+    pytest.param(clamped_swiglu, "glu", id="glu-clamped_swiglu"),
+]
+
+
+def _bias_layer(impl, dtype=torch.float32, cls=dMoE, **kw):
+    layer = cls(make_args(impl, dtype, moe_expert_bias=True, moe_router_bias=True, **kw))
+    randomize_bias(layer)
+    randomize_expert_biases(layer)
+    return layer
+
+
+def _clamps_active(layer, x):
+    """Whether some of the routed rows' gate (above 7) and up (outside ±7) values are clamped."""
+    mlp = layer.experts.mlp
+    E, H = layer.args.moe_num_experts, layer.args.hidden_size
+    x_TH = x.detach().reshape(-1, H).float()
+    gate = torch.einsum("th,efh->tef", x_TH, mlp.w1.detach().float().view(E, -1, H)) + mlp.w1_bias.detach().float()
+    up = torch.einsum("th,efh->tef", x_TH, mlp.v1.detach().float().view(E, -1, H)) + mlp.v1_bias.detach().float()
+    return bool((gate > 7).any()) and bool((up.abs() > 7).any())
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]])
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i in ("sparse", "triton", "torch")])
+@pytest.mark.parametrize("activation, mlp_type", BIAS_EXPERTS)
+def test_dmoe_expert_biases_match_reference(activation, mlp_type, impl, shape):
+    """Every path (block-sparse; grouped, GLU reading the token rows through the maps) with the
+    experts' and router's biases: output and the gradients of x, router weight and bias, w1, v1,
+    w2, their biases and the output bias, at hostile shapes."""
+    skip_unavailable(impl, torch.float32)
+    T, lead, H, Fs, E, K, routing = shape
+    layer = _bias_layer(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type=mlp_type,
+                        activation_fn=activation, moe_normalize_expert_weights=1 if K > 1 else None)
+    if routing == "one":
+        route_all_to(layer, 2)
+        with torch.no_grad():
+            layer.router.layer.bias.zero_()
+        x = (torch.rand(*lead, H, device=DEVICE) + 0.5).requires_grad_(True)
+    else:
+        x = torch.randn(*lead, H, device=DEVICE, requires_grad=True)
+    check_against_reference(layer, x)
+    if activation is clamped_swiglu and T > 1:
+        assert _clamps_active(layer, x), "the test should reach the clamped SwiGLU's limits"
+
+
+@pytest.mark.parametrize("impl", ["sparse", "triton"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dmoe_expert_biases_dtypes_and_unfused_paths(dtype, impl):
+    """The clamped SwiGLU with biases in every float dtype; the grouped GLU also without the
+    policy's fused gather and shared-input products (x gathered first, two up products)."""
+    skip_unavailable(impl, dtype)
+    for policy in ({}, dict(fused_gather=False, fused_glu_input_grad=False)):
+        if impl == "sparse" and policy:
+            continue
+        layer = _bias_layer(impl, dtype, mlp_type="glu", activation_fn=clamped_swiglu, moe_normalize_expert_weights=1,
+                            kernel_policy=policy)
+        x = torch.randn(9, 40, device=DEVICE, dtype=dtype, requires_grad=True)
+        check_against_reference(layer, x, dtype=dtype, top_experts_from_layer=dtype != torch.float32)
+
+
+@pytest.mark.parametrize("impl, mlp_type", [("sparse", "glu"), ("triton", "glu"), ("triton", "mlp")])
+def test_dmoe_expert_biases_memory_optimized(impl, mlp_type):
+    """memory_optimized_mlp with the experts' biases (and the clamped SwiGLU): bitwise the
+    gradients of the plain layer."""
+    kw = dict(mlp_type=mlp_type, activation_fn=clamped_swiglu if mlp_type == "glu" else F.gelu)
+    plain = _bias_layer(impl, **kw)
+    optimized = dMoE(make_args(impl, moe_expert_bias=True, moe_router_bias=True, memory_optimized_mlp=True, **kw))
+    optimized.load_state_dict(plain.state_dict())
+    x = torch.randn(10, 40, device=DEVICE)
+    results = []
+    for layer in (plain, optimized):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        out.backward(torch.randn(out.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1)))
+        results.append((out, layer_grads(layer, xi)))
+    assert_equal("out", results[1][0], results[0][0])
+    for name in GRAD_NAMES + BIAS_GRAD_NAMES:
+        if results[0][1][name] is not None:
+            assert_equal(f"grad {name}", results[1][1][name], results[0][1][name])
+    optimized.zero_grad()
+    check_against_reference(optimized, x.clone().requires_grad_(True))
+
+
+@pytest.mark.parametrize("mlp_type", ["mlp", "glu"])
+def test_moe_expert_biases_with_drops(mlp_type):
+    """MoE (capacity) with the experts' biases: dropped assignments add nothing, kept ones their
+    expert's biases."""
+    activation = clamped_swiglu if mlp_type == "glu" else F.gelu
+    layer = _bias_layer("torch", cls=MoE, mlp_type=mlp_type, activation_fn=activation, moe_capacity_factor=0.5)
+    x = torch.randn(12, 40, device=DEVICE, requires_grad=True)
+    capacity = int(0.5 * layer.args.moe_top_k * 12 / layer.args.moe_num_experts)
+    check_against_reference(layer, x, capacity=capacity)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # GELU's saturated tanh
+def test_expert_biases_parameters_and_state_dict():
+    """The biases' shapes, zero initialisation and state-dict keys on every expert MLP; the same
+    values move between the sparse and grouped layers, which then compute the same."""
+    sparse = dMoE(make_args("sparse", mlp_type="glu", moe_expert_bias=True, moe_router_bias=True))
+    shapes = {n: tuple(p.shape) for n, p in sparse.named_parameters() if n.endswith("bias")}
+    assert shapes == {"router.layer.bias": (4,), "experts.bias": (40,), "experts.mlp.w1_bias": (4, 24),
+                      "experts.mlp.v1_bias": (4, 24), "experts.mlp.w2_bias": (4, 40)}, shapes
+    for name in shapes:
+        if name != "experts.bias":
+            assert not sparse.get_parameter(name).any(), f"{name}: expected zeros at initialisation"
+    assert not hasattr(sparse.experts.mlp.w1_bias, "allreduce"), "not sharded without expert parallelism"
+    plain = dMoE(make_args("sparse", mlp_type="glu"))
+    assert plain.experts.mlp.w1_bias is None and plain.router.layer.bias is None
+    assert not any(k.endswith(("w1_bias", "v1_bias", "w2_bias", "layer.bias")) for k in plain.state_dict())
+    randomize_bias(sparse)
+    randomize_expert_biases(sparse)
+    grouped = dMoE(make_args("triton", mlp_type="glu", moe_expert_bias=True, moe_router_bias=True))
+    grouped.load_state_dict(sparse.state_dict())
+    x = torch.randn(7, 40, device=DEVICE)
+    assert_close("grouped vs sparse", grouped(x), sparse(x), family="layer")
+    mlp = MoE(make_args("torch", moe_expert_bias=True)).experts.mlp
+    assert tuple(mlp.w1_bias.shape) == (4, 24) and tuple(mlp.w2_bias.shape) == (4, 40) and mlp._v1_bias() is None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,9 +14,18 @@ from megablocks.backend import routing as backend_routing
 from megablocks.layers import dmoe as dmoe_module
 from megablocks.layers.dmoe import dMoE
 from megablocks.ops import experts as experts_module
+from megablocks.ops.activation import clamped_swiglu
 from megablocks.ops.experts import glu_experts, glu_experts_reference
 from tests.conftest import DEVICE, FLOAT_DTYPES
-from tests.layers.moe_reference import capture_routing, layer_params, make_args, randomize_bias, reference_moe, route_all_to
+from tests.layers.moe_reference import (
+    capture_routing,
+    layer_params,
+    make_args,
+    randomize_bias,
+    randomize_expert_biases,
+    reference_moe,
+    route_all_to,
+)
 from tests.utils import assert_close, assert_equal
 
 # (lead dims of x, H, F, E, K, routing)
@@ -61,6 +70,7 @@ def _reference(layer, x):
         out, top_experts, counts = reference_moe(
             x.detach().float().cpu(), p["router"], p["w1"], p["v1"], p["w2"], p["bias"], top_k=args.moe_top_k,
             activation_fn=args.activation_fn, normalize=args.moe_normalize_expert_weights,
+            router_bias=p["router_bias"], w1_bias=p["w1_bias"], v1_bias=p["v1_bias"], w2_bias=p["w2_bias"],
         )
     return out, top_experts, counts
 
@@ -171,6 +181,52 @@ def test_where_the_inference_form_is_not_taken(monkeypatch, spy):
     with torch.no_grad():
         empty = layer(torch.randn(0, 2, 40, device=DEVICE))
     assert empty.shape == (0, 2, 40) and len(spy) == 1
+
+
+@pytest.mark.parametrize("impl", ["triton", "sparse"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]])
+def test_inference_form_with_expert_biases(shape, impl, spy):
+    """gpt-oss's experts in the inference form: the experts' biases added in the GEMMs'
+    epilogues, the clamped SwiGLU in the first one's (clamps active), a router bias; against the
+    reference and the layer's autograd forward (the training path)."""
+    lead, H, Fs, E, K, routing = shape
+    layer = _glu_layer(impl=impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K,
+                       activation_fn=clamped_swiglu, moe_expert_bias=True, moe_router_bias=True,
+                       moe_normalize_expert_weights=1)
+    randomize_expert_biases(layer)
+    if routing == "one":
+        route_all_to(layer, 2)
+        with torch.no_grad():
+            layer.router.layer.bias.zero_()
+        x = torch.rand(*lead, H, device=DEVICE) + 0.5
+    else:
+        x = torch.randn(*lead, H, device=DEVICE)
+    with torch.no_grad():
+        out = layer(x)
+    assert len(spy) == 1, "the forward without autograd did not take the inference form"
+    ref, _, counts = _reference(layer, x)
+    assert_equal("tokens_per_expert", layer.experts.tokens_per_expert.cpu().long(), counts)
+    assert_close("out", out, ref, family="layer")
+    trained = layer(x.clone().requires_grad_(True))
+    assert len(spy) == 1, "a forward that records a gradient must not take the inference form"
+    assert_close("out against the autograd forward", out, trained, family="layer")
+    for name, p in layer.named_parameters():  # a bias alone that needs a gradient keeps autograd
+        p.requires_grad_(name == "experts.mlp.w1_bias")
+    layer(x)
+    assert len(spy) == 1, "a bias needing a gradient must keep the training path"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_glu_experts_with_biases_against_its_loop(dtype, device):
+    T, H, Fs, E, K = 11, 40, 24, 6, 3
+    x = torch.randn(T, H, device=device).to(dtype)
+    w1, v1, w2 = ((torch.randn(E, Fs, H, device=device) / H**0.5).to(dtype) for _ in range(3))
+    biases = tuple((4 * torch.randn(E, n, device=device)).to(dtype) for n in (Fs, Fs, H))
+    ids = torch.stack([torch.randperm(E - 1, device=device)[:K] for _ in range(T)])  # the last expert empty
+    weights = torch.rand(T, K, device=device)
+    out, _ = glu_experts(x, w1, v1, w2, ids, weights, "clamped_swiglu", biases=biases)
+    expected = glu_experts_reference(x, w1, v1, w2, ids, weights, clamped_swiglu, biases)
+    assert_close("out", out, expected, dtype=dtype, family="layer")
 
 
 def test_inference_form_compiles_fullgraph(spy):

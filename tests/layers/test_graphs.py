@@ -25,13 +25,16 @@ import torch
 from megablocks.layers.dmoe import dMoE
 from megablocks.layers.losses import MoELossCollector
 from tests.conftest import DEVICE
+from megablocks.ops.activation import clamped_swiglu
 from tests.layers.moe_reference import (
+    BIAS_GRAD_NAMES,
     GRAD_NAMES,
     capture_routing,
     layer_grads,
     layer_params,
     make_args,
     randomize_bias,
+    randomize_expert_biases,
     reference_moe,
     route_all_to,
     skip_unavailable,
@@ -82,9 +85,11 @@ def _check_step_against_reference(layer, x, grad_out, out, top_experts, dtype):
     xr = x.detach().float().cpu().requires_grad_(True)
     ref, _, counts = reference_moe(
         xr, p["router"], p["w1"], p["v1"], p["w2"], p["bias"], top_k=layer.args.moe_top_k,
-        activation_fn=layer.args.activation_fn, top_experts=top_experts.cpu(),
+        activation_fn=layer.args.activation_fn, top_experts=top_experts.cpu(), router_bias=p["router_bias"],
+        w1_bias=p["w1_bias"], v1_bias=p["v1_bias"], w2_bias=p["w2_bias"],
     )
-    scores = (xr @ p["router"].t()).softmax(dim=-1)
+    logits = xr @ p["router"].t()
+    scores = (logits if p["router_bias"] is None else logits + p["router_bias"]).softmax(dim=-1)
     T, K = xr.shape[0], layer.args.moe_top_k
     lbl = LOSS_WEIGHT * E / (T * K) * torch.dot(counts.float(), scores.mean(dim=0))
     ((ref * grad_out.float().cpu()).sum() + lbl).backward()
@@ -93,8 +98,9 @@ def _check_step_against_reference(layer, x, grad_out, out, top_experts, dtype):
     assert_close("load_balancing_loss", layer.load_balancing_loss.reshape(1), lbl.reshape(1), dtype=dtype,
                  family="layer")
     grads = layer_grads(layer, x)
-    expected = {"x": xr.grad, **{k: None if p[k] is None else p[k].grad for k in GRAD_NAMES if k != "x"}}
-    for name in GRAD_NAMES:
+    names = GRAD_NAMES + BIAS_GRAD_NAMES
+    expected = {"x": xr.grad, **{k: None if p[k] is None else p[k].grad for k in names if k != "x"}}
+    for name in names:
         if expected[name] is not None:
             assert_close(f"grad {name}", grads[name], expected[name], dtype=dtype, family="layer")
     return counts
@@ -144,6 +150,23 @@ def test_memory_optimized_step_has_no_host_sync(impl, dtype, monkeypatch):
     # The saved-tensor hooks that recompute the activation in the backward.
     monkeypatch.delenv("MEGABLOCKS_CHECK_VALUES", raising=False)
     layer = _layer(impl, dtype, "glu", 2, memory_optimized_mlp=True)
+    _check_step_has_no_host_sync(layer, dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("memory_optimized", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["sparse", "triton"])
+def test_gpt_oss_experts_step_has_no_host_sync(impl, dtype, memory_optimized, monkeypatch):
+    # gpt-oss's experts: per-expert biases (indexed by the rows' experts on the device), the
+    # clamped SwiGLU, a router bias (zero here: the skewed routing is the router weight's).
+    monkeypatch.delenv("MEGABLOCKS_CHECK_VALUES", raising=False)
+    layer = _layer(impl, dtype, "glu", 2, moe_expert_bias=True, moe_router_bias=True, activation_fn=clamped_swiglu,
+                   memory_optimized_mlp=memory_optimized)
+    randomize_expert_biases(layer)
+    with torch.no_grad():
+        layer.router.layer.bias.zero_()
     _check_step_has_no_host_sync(layer, dtype)
 
 

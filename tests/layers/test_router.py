@@ -73,6 +73,32 @@ def test_fp32_router_math():
     assert plain(x)[0].dtype == torch.float16
 
 
+@pytest.mark.parametrize("fp32", [False, True])
+def test_router_bias(fp32):
+    """`moe_router_bias`: a zero-initialised bias [E] on the logits (fp32 math included), with its
+    gradient; with renormalised softmax weights the router is gpt-oss's (top-k of the logits,
+    softmax over the k chosen)."""
+    router = make_router(moe_router_bias=True, moe_top_k=3, moe_normalize_expert_weights=1, moe_router_fp32=fp32)
+    bias = router.layer.bias
+    assert bias is not None and bias.shape == (E,) and not bias.any()
+    assert make_router().layer.bias is None
+    with torch.no_grad():
+        bias.normal_(0.0, 1.0)
+    x = torch.randn(11, H, device=DEVICE, requires_grad=True)
+    scores, weights, top = router(x)
+    logits = x.detach().double() @ router.layer.weight.detach().double().t() + bias.detach().double()
+    assert_close("scores", scores, logits.softmax(-1).float())
+    chosen = torch.topk(logits, 3, dim=-1)  # gpt-oss's GptOssTopKRouter
+    assert_equal("top_experts", top.cpu(), chosen.indices.cpu())
+    assert_close("expert_weights", weights, chosen.values.softmax(-1).float())
+    probe = torch.randn(11, 3, device=DEVICE)
+    (weights * probe).sum().backward()
+    bias_ref = bias.detach().double().requires_grad_(True)
+    ref_logits = x.detach().double() @ router.layer.weight.detach().double().t() + bias_ref
+    (ref_logits.gather(1, chosen.indices).softmax(-1) * probe.double()).sum().backward()
+    assert_close("grad bias", bias.grad, bias_ref.grad.float())
+
+
 def test_sinkhorn_balances():
     logits = torch.randn(64, E, device=DEVICE) * 3
     logits[:, 0] += 4  # a router that prefers expert 0 for everyone

@@ -1,8 +1,9 @@
 """glu (fused `act(h1) * h2`): forward and both gradients against fp64 autograd of plain torch.
 
-The expected values are `act(h1) * h2` and its autograd gradients computed in float64 by torch's
-own activations, from the same inputs; the kernels (CUDA, or CPU through the interpreter) and the
-library's torch reference are both compared with them.
+The expected values are `act(h1) * h2` (gpt-oss's clamped SwiGLU: its formula written out here,
+clamps included) and its autograd gradients computed in float64 by torch's own activations, from
+the same inputs; the kernels (CUDA, or CPU through the interpreter) and the library's torch
+reference are both compared with them.
 """
 
 import functools
@@ -12,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from megablocks.layers import mlp as mlp_module
-from megablocks.layers.activation_fn import fused_name
+from megablocks.layers.activation_fn import fused_name, gated_product
 from megablocks.layers.arguments import DEFAULT_ACTIVATION_FN
 from megablocks.ops import glu
-from megablocks.ops.activation import ACTIVATIONS, glu_backward_reference, glu_reference
+from megablocks.ops.activation import ACTIVATIONS, clamped_swiglu, glu_backward_reference, glu_reference
 from tests.conftest import DEVICE, FLOAT_DTYPES
 from tests.utils import assert_close, assert_equal
 
@@ -25,6 +26,20 @@ TORCH_ACTS = {
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
 }
+GATE_ACTIVATIONS = tuple(TORCH_ACTS)  # the activations of the gate alone
+
+
+def gpt_oss_glu(gate, up, limit=7.0, alpha=1.702):
+    """transformers' `GptOssExperts._apply_gate` on separate gate and up tensors."""
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def torch_glu(h1, h2, activation):
+    if activation == "clamped_swiglu":
+        return gpt_oss_glu(h1, h2)
+    return TORCH_ACTS[activation](h1) * h2
 
 # Triton's interpreter warns when exp overflows to inf in a saturated sigmoid; the result is exact.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -43,7 +58,7 @@ def expected(h1, h2, grad, activation):
     """(out, grad_h1, grad_h2) by float64 autograd of torch's activation times h2."""
     h1d = h1.detach().double().requires_grad_(True)
     h2d = h2.detach().double().requires_grad_(True)
-    out = TORCH_ACTS[activation](h1d) * h2d
+    out = torch_glu(h1d, h2d, activation)
     grad_h1, grad_h2 = torch.autograd.grad(out, (h1d, h2d), grad.double()) if out.numel() else (h1d, h2d)
     return out.detach(), grad_h1, grad_h2
 
@@ -91,16 +106,34 @@ def test_cpu_without_interpreter_runs_reference(activation, monkeypatch):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_extreme_values(activation):
-    # Saturated sigmoid / erf / tanh tails, exact zeros (relu's derivative there is 0, as torch's).
-    values = [-100.0, -30.0, -8.0, -1e-3, -0.0, 0.0, 1e-3, 8.0, 30.0, 100.0]
+    # Saturated sigmoid / erf / tanh tails, exact zeros (relu's derivative there is 0, as torch's),
+    # the clamped SwiGLU's limits and both sides of them.
+    values = [-100.0, -30.0, -8.0, -7.0, -1e-3, -0.0, 0.0, 1e-3, 6.999, 7.0, 7.001, 8.0, 30.0, 100.0]
     h1 = torch.tensor(values, device=DEVICE)
-    h2 = torch.linspace(-2, 2, len(values), device=DEVICE)
-    grad = torch.linspace(1, 3, len(values), device=DEVICE)
-    out, grad_h1, grad_h2 = run_glu(h1, h2, grad, activation)
-    want = expected(h1, h2, grad, activation)
-    for name, got, ref in zip(("out", "grad_h1", "grad_h2"), (out, grad_h1, grad_h2), want):
-        assert torch.isfinite(got).all(), f"{name}: {got}"
-        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    for h2 in (torch.linspace(-2, 2, len(values), device=DEVICE), h1.flip(0)):  # h2 past the limits too
+        grad = torch.linspace(1, 3, len(values), device=DEVICE)
+        out, grad_h1, grad_h2 = run_glu(h1, h2, grad, activation)
+        want = expected(h1, h2, grad, activation)
+        for name, got, ref in zip(("out", "grad_h1", "grad_h2"), (out, grad_h1, grad_h2), want):
+            assert torch.isfinite(got).all(), f"{name}: {got}"
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_clamped_swiglu_clamps():
+    """gpt-oss's clamped SwiGLU: the gate clamped above at 7, the linear branch at ±7 and shifted
+    by one; no gradient where a clamp is active, the gradient at the limits themselves (torch's
+    clamp), and the library's torch function is transformers' formula."""
+    gate = torch.tensor([-9.0, -7.0, 0.5, 6.5, 7.0, 7.5, 20.0], device=DEVICE)
+    up = torch.tensor([-20.0, -7.0, -7.5, 0.5, 7.0, 7.5, 3.0], device=DEVICE)
+    grad = torch.ones_like(gate)
+    out, grad_gate, grad_up = run_glu(gate, up, grad, "clamped_swiglu")
+    g = gate.clamp(max=7.0)
+    assert_close("out", out, (up.clamp(-7.0, 7.0) + 1) * g * torch.sigmoid(1.702 * g))
+    assert_equal("grad_gate where clamped", grad_gate[5:], torch.zeros(2, device=DEVICE))
+    assert bool((grad_gate[:5] != 0).all()), grad_gate
+    assert_equal("grad_up where clamped", grad_up[[0, 2, 5]], torch.zeros(3, device=DEVICE))
+    assert bool((grad_up[[1, 3, 4, 6]] != 0).all()), grad_up
+    assert_equal("clamped_swiglu", clamped_swiglu(gate, up), gpt_oss_glu(gate, up))
 
 
 def test_non_contiguous_inputs():
@@ -146,7 +179,8 @@ def test_bad_input():
         ((h, h.half(), "silu"), TypeError, "h2: expected the dtype of h1"),
         ((h.int(), h.int(), "silu"), TypeError, r"h1: expected dtype in \(float32, float16, bfloat16\), got int32"),
         ((h.tolist(), h, "silu"), TypeError, "h1: expected a torch.Tensor, got list"),
-        ((h, h, "swish"), ValueError, r"activation: expected one of \('silu', 'gelu', 'gelu_tanh', 'relu'\), got 'sw"),
+        ((h, h, "swish"), ValueError,
+         r"activation: expected one of \('silu', 'gelu', 'gelu_tanh', 'relu', 'clamped_swiglu'\), got 'sw"),
         ((h, h, F.silu), TypeError, "activation: expected a str, got function"),
     ]
     for args, error, match in cases:
@@ -172,6 +206,7 @@ RECOGNISED = [
     (torch.nn.ReLU(), "relu"),
     (torch.nn.GELU(), "gelu"),
     (torch.nn.GELU(approximate="tanh"), "gelu_tanh"),
+    (clamped_swiglu, "clamped_swiglu"),
 ]
 UNRECOGNISED = [
     torch.tanh,
@@ -179,6 +214,7 @@ UNRECOGNISED = [
     functools.partial(F.gelu, approximate="bogus"),
     functools.partial(F.silu, inplace=False),
     torch.nn.Tanh(),
+    lambda gate, up: clamped_swiglu(gate, up),
 ]
 
 
@@ -186,7 +222,7 @@ UNRECOGNISED = [
 def test_fused_name_recognises(fn, name):
     assert fused_name(fn) == name
     h1, h2, _ = make_inputs((8, 12), torch.float32, DEVICE)
-    assert_close(f"glu {name} vs {fn}", glu(h1, h2, name), fn(h1) * h2)
+    assert_close(f"glu {name} vs {fn}", glu(h1, h2, name), gated_product(fn, h1, h2))
 
 
 def test_fused_name_refuses_others():
@@ -198,7 +234,7 @@ def test_fused_name_refuses_others():
 
 
 @pytest.mark.parametrize("memory_optimized", [False, True])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation", GATE_ACTIVATIONS)
 def test_expert_ffn_fused_matches_unfused(activation, memory_optimized, monkeypatch):
     calls = []
     monkeypatch.setattr(mlp_module, "glu", lambda *a: calls.append(a[2]) or glu(*a))
@@ -215,3 +251,29 @@ def test_expert_ffn_fused_matches_unfused(activation, memory_optimized, monkeypa
     assert calls and set(calls) == {activation}, calls
     for name, fused, unfused in zip(("out", "grad x", "grad w1", "grad v1", "grad w2"), *results):
         assert_close(name, fused, unfused)
+
+
+@pytest.mark.parametrize("memory_optimized", [False, True])
+def test_expert_ffn_clamped_swiglu(memory_optimized, monkeypatch):
+    """The clamped SwiGLU (a GLU activation, fused only) in the expert MLP, with biases added to
+    both up projections and the down projection, against the plain product in float64: forward
+    and every gradient."""
+    calls = []
+    monkeypatch.setattr(mlp_module, "glu", lambda *a: calls.append(a[2]) or glu(*a))
+    x, w1, v1, w2 = (torch.randn(n, 16, device=DEVICE) for n in (10, 24, 24, 24))
+    b1, bv1, b2 = (4 * torch.randn(n, device=DEVICE) for n in (24, 24, 16))  # clamps active
+    leaves = [t.clone().requires_grad_(True) for t in (x, w1, v1, w2, b1, bv1, b2)]
+    out = mlp_module.expert_ffn(
+        *leaves[:4], up=lambda a, w: a @ w.t(), down=lambda a, w: a @ w, activation_fn=clamped_swiglu,
+        memory_optimized=memory_optimized, biases=leaves[4:], up_bias=lambda h, b: h + b, down_bias=lambda y, b: y + b,
+    )
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert calls and set(calls) == {"clamped_swiglu"}, calls  # the fused op (recomputed when memory-optimized)
+    ref_leaves = [t.double().requires_grad_(True) for t in (x, w1, v1, w2, b1, bv1, b2)]
+    rx, rw1, rv1, rw2, rb1, rbv1, rb2 = ref_leaves
+    ref = gpt_oss_glu(rx @ rw1.t() + rb1, rx @ rv1.t() + rbv1) @ rw2 + rb2
+    ref.backward(grad.double())
+    assert_close("out", out, ref)
+    for name, leaf, ref_leaf in zip(("x", "w1", "v1", "w2", "b1", "bv1", "b2"), leaves, ref_leaves):
+        assert_close(f"grad {name}", leaf.grad, ref_leaf.grad)

@@ -395,18 +395,27 @@ def test_gmm_shared_input_bad_inputs(device):
 # The GLU form (`triton_gmm(..., glu=)`): b holds the gate's N columns then the up projection's;
 # the result is act(a @ gate) * (a @ up) per group, from the fp32 accumulators.
 
+def _clamped_swiglu(gate, up):  # gpt-oss's, as transformers' GptOssExperts computes it
+    gate, up = gate.clamp(max=7.0), up.clamp(-7.0, 7.0)
+    return (up + 1) * gate * torch.sigmoid(1.702 * gate)
+
+
 _GLU_REFERENCE = {
-    "silu": torch.nn.functional.silu,
-    "gelu": torch.nn.functional.gelu,
-    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
-    "relu": torch.nn.functional.relu,
+    "silu": lambda g, u: torch.nn.functional.silu(g) * u,
+    "gelu": lambda g, u: torch.nn.functional.gelu(g) * u,
+    "gelu_tanh": lambda g, u: torch.nn.functional.gelu(g, approximate="tanh") * u,
+    "relu": lambda g, u: torch.nn.functional.relu(g) * u,
+    "clamped_swiglu": _clamped_swiglu,
 }
 
 
-def _glu_reference(a, b, batch_sizes, trans_b, activation):
+def _glu_reference(a, b, batch_sizes, trans_b, activation, bias=None):
+    """act(gate) * up per group in float64; `bias` [E, 2N] (gate's, then up's) added per group first."""
     n = (b.shape[1] if trans_b else b.shape[2]) // 2
     h = gmm_reference(a.double(), b.double(), batch_sizes.cpu(), trans_b=trans_b)
-    return _GLU_REFERENCE[activation](h[:, :n]) * h[:, n:]
+    if bias is not None:
+        h = h + bias.double().cpu().repeat_interleave(batch_sizes.cpu().long(), dim=0).to(h.device)
+    return _GLU_REFERENCE[activation](h[:, :n], h[:, n:])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -502,6 +511,60 @@ def test_triton_decode_tiles(rows_per_group, glu, device):
     else:
         expected = gmm_reference(a.double(), b.double(), batch_sizes.cpu(), trans_b=True)
     assert_close("out", out, expected, torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", ["mixed", "unaligned", "no_rows"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_triton_bias_epilogue(dtype, case, device):
+    """The experts' biases (`bias=`, row e added to group e's rows in the accumulator): the plain
+    product, the GLU on concatenated gate/up columns (bias [E, 2N]), the GLU with b_up and
+    bias_up, through a row map; with the clamped SwiGLU (large biases: its clamps active)."""
+    sizes, K, N = CASES[case]
+    E = len(sizes)
+    a, b, batch_sizes = _inputs(sizes, K, 2 * N, dtype, device, True)
+    bias = (8 * torch.randn(E, 2 * N, device=device)).to(dtype)
+    rows_of = batch_sizes.cpu().long()
+
+    out = gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, bias=bias)
+    expected = gmm_reference(a.double(), b.double(), batch_sizes.cpu(), trans_b=True)
+    expected = expected + bias.double().cpu().repeat_interleave(rows_of, dim=0).to(expected.device)
+    assert_close("out (plain)", out, expected, dtype)
+    for activation in ("silu", "clamped_swiglu"):
+        expected = _glu_reference(a, b, batch_sizes, True, activation, bias)
+        out = gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, glu=activation, bias=bias)
+        assert_close(f"out ({activation}, concatenated)", out, expected, dtype)
+        rows = torch.arange(a.shape[0] - 1, -1, -1, device=device, dtype=torch.int32)
+        out = gmm_backend.triton_gmm(a.flip(0).contiguous(), b[:, :N], batch_sizes, trans_b=True, a_rows=rows,
+                                     glu=activation, b_up=b[:, N:], bias=bias[:, :N], bias_up=bias[:, N:])
+        assert_close(f"out ({activation}, b_up, row map)", out, expected, dtype)
+
+
+def test_triton_bias_with_no_token_rows(device):
+    """A row map over no token rows reads zeros: the result is each group's bias (through the GLU)."""
+    sizes, K, N = [2, 0, 3], 16, 8
+    batch_sizes = torch.tensor(sizes, dtype=torch.int32, device=device)
+    b = torch.randn(3, 2 * N, K, device=device)
+    bias = 8 * torch.randn(3, 2 * N, device=device)
+    rows = torch.zeros(5, dtype=torch.int32, device=device)
+    out = gmm_backend.triton_gmm(torch.empty(0, K, device=device), b, batch_sizes, trans_b=True, a_rows=rows,
+                                 glu="clamped_swiglu", bias=bias)
+    expected = _GLU_REFERENCE["clamped_swiglu"](bias[:, :N], bias[:, N:]).repeat_interleave(batch_sizes.long(), dim=0)
+    assert_close("out", out, expected)
+
+
+def test_triton_bias_bad_arguments(device):
+    a, b, batch_sizes = _inputs([3, 2], 16, 8, torch.float32, device, trans_b=True)
+    bias = torch.zeros(2, 8, device=device)
+    with pytest.raises(ValueError, match=r"bias: expected shape \(2, 8\)"):
+        gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, bias=bias[:, :4])
+    with pytest.raises(ValueError, match="bias: expected a 2-D float tensor"):
+        gmm_backend.triton_gmm(a, a, batch_sizes, trans_a=True, bias=bias)
+    with pytest.raises(ValueError, match="bias: expected a 2-D float tensor"):
+        gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, bias=bias.long())
+    with pytest.raises(ValueError, match="bias_up: expected"):
+        gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, glu="silu", b_up=b, bias=bias)
+    with pytest.raises(ValueError, match="bias_up: expected"):
+        gmm_backend.triton_gmm(a, b, batch_sizes, trans_b=True, bias=bias, bias_up=bias)
 
 
 def test_triton_glu_bad_arguments(device):

@@ -14,7 +14,8 @@ from megablocks.layers import data_parallel, mpu
 from megablocks.layers.all_to_all import all_to_all
 from megablocks.layers.dmoe import dMoE
 from megablocks.layers.moe import MoE
-from tests.layers.moe_reference import make_args, route_all_to
+from megablocks.ops.activation import clamped_swiglu
+from tests.layers.moe_reference import make_args, randomize_expert_biases, route_all_to
 from tests.utils import assert_close, assert_equal, assert_grads_in_layout
 
 
@@ -35,6 +36,10 @@ def _expert_names(layer):
 def _shard(ep_args, name: str, full: torch.Tensor, moe_layout: bool) -> torch.Tensor:
     """This rank's slice of a single-process expert parameter (or gradient)."""
     E, F, H = ep_args.moe_num_experts, ep_args.ffn_hidden_size, ep_args.hidden_size
+    if name.endswith("_bias"):  # the experts' biases [E, ·]: sharded over experts only (hsd = 1)
+        per_rank = mpu.experts_per_rank(ep_args)
+        first = mpu.expert_shard_index(ep_args) * per_rank
+        return full[first:first + per_rank]
     if moe_layout and not name.endswith("w2"):  # MoE's w1 / v1: [E, H, F]
         return mpu.expert_shard(ep_args, full.transpose(1, 2)).transpose(1, 2)
     shard = mpu.expert_shard(ep_args, full.reshape(E, F, H))
@@ -53,17 +58,22 @@ def _batches(world_size, tokens, hidden, dtype, positive):
 
 
 def check_layer(rank, world_size, *, layer="dmoe", impl="torch", mlp_type="mlp", experts=4, top_k=2,
-                hidden=24, ffn=16, tokens=(6, 5), capacity_factor=0, group=None, all_to_expert=None):
+                hidden=24, ffn=16, tokens=(6, 5), capacity_factor=0, group=None, all_to_expert=None,
+                expert_bias=False):
     for dtype in _dtypes():
         _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden, ffn, tokens,
-                     capacity_factor, group, all_to_expert, dtype)
+                     capacity_factor, group, all_to_expert, dtype, expert_bias)
 
 
 def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden, ffn, tokens, capacity_factor,
-                 group, all_to_expert, dtype):
+                 group, all_to_expert, dtype, expert_bias=False):
     cls = dMoE if layer == "dmoe" else MoE
     kw = dict(hidden_size=hidden, ffn_hidden_size=ffn, moe_num_experts=experts, moe_top_k=top_k,
               mlp_type=mlp_type, moe_capacity_factor=capacity_factor, device=_device())
+    if expert_bias:  # gpt-oss's experts: per-expert biases (sharded like the weights), the clamped SwiGLU
+        kw.update(moe_expert_bias=True, moe_router_bias=True)
+        if mlp_type == "glu":
+            kw.update(activation_fn=clamped_swiglu)
     torch.manual_seed(7)
     ref = cls(make_args(impl, dtype, **kw))
     torch.manual_seed(7)
@@ -74,9 +84,19 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
         if all_to_expert is not None:
             route_all_to(ref, all_to_expert)
             ep.router.layer.weight.copy_(ref.router.layer.weight)
+        if expert_bias:
+            torch.manual_seed(5)
+            randomize_expert_biases(ref)
+            ep.router.layer.bias.copy_(ref.router.layer.bias)
+            for name, p in ep.experts.mlp.named_parameters():
+                if name.endswith("_bias"):
+                    p.copy_(_shard(ep.args, name, ref.experts.mlp.get_parameter(name), layer == "moe"))
     moe_layout = layer == "moe"
     names = _expert_names(ep)
-    assert sorted(names) == sorted(["experts.mlp.w1", "experts.mlp.w2"] + (["experts.mlp.v1"] if mlp_type == "glu" else []))
+    expected_names = ["w1", "w2"] + (["v1"] if mlp_type == "glu" else [])
+    if expert_bias:
+        expected_names += [f"{n}_bias" for n in expected_names]
+    assert sorted(names) == sorted(f"experts.mlp.{n}" for n in expected_names), names
     ref_params = dict(ref.named_parameters())
     for name, p in ep.named_parameters():
         expected = _shard(ep.args, name, ref_params[name], moe_layout) if name in names else ref_params[name]
@@ -97,6 +117,8 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     expert_params = [ref_params[n] for n in names]
     expert_grads = torch.autograd.grad((OUT * torch.cat(gs)).sum(), expert_params, retain_graph=True)
     local = [X, ref.router.layer.weight, ref.experts.bias]
+    if expert_bias:
+        local.append(ref.router.layer.bias)
     local_grads = torch.autograd.grad((OUT[rows] * gs[rank]).sum(), local)
 
     if all_to_expert is not None:
@@ -106,6 +128,8 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     assert_close(f"{where} grad x", x.grad, local_grads[0][rows], family="layer")
     assert_close(f"{where} grad router", ep.router.layer.weight.grad, local_grads[1], family="layer")
     assert_close(f"{where} grad bias", ep.experts.bias.grad, local_grads[2], family="layer")
+    if expert_bias:
+        assert_close(f"{where} grad router bias", ep.router.layer.bias.grad, local_grads[3], family="layer")
     ep_params = dict(ep.named_parameters())
     for name, g in zip(names, expert_grads):
         assert_close(f"{where} grad {name}", ep_params[name].grad, _shard(ep.args, name, g / world_size, moe_layout),
@@ -215,6 +239,9 @@ def bad_setups(rank, world_size):
 
     # Experts that cannot be split over the group: every rank raises when building.
     _expect_error("E=3 over 2 ranks", lambda: build(moe_num_experts=3, moe_top_k=1), "moe_num_experts")
+    # Per-expert biases with each expert's FFN split over the ranks (E=1 over 2 ranks).
+    _expect_error("biases with the FFN split", lambda: build(moe_num_experts=1, moe_top_k=1, moe_expert_bias=True),
+                  "moe_expert_bias: expected each expert on one rank")
 
     # Ranks that disagree on the layer's sizes: every rank raises before any all_to_all.
     layer = build(ffn_hidden_size=8 if rank == 0 else 4)

@@ -57,6 +57,19 @@ def test_sparse_under_triton_interpreter():
     run(f"{W}:layer_cases", 2, [case], interpret="1")
 
 
+def test_2_ranks_expert_biases():
+    """gpt-oss's experts over 2 ranks: the per-expert biases sharded over experts like the
+    weights (their gradients scaled alike), the router bias replicated; block-sparse and grouped,
+    dMoE and MoE."""
+    cases = [
+        dict(layer="dmoe", impl="torch", mlp_type="glu", experts=4, top_k=2, tokens=(6, 5), expert_bias=True),
+        dict(layer="dmoe", impl="sparse", mlp_type="mlp", experts=2, top_k=2, tokens=(7, 0), expert_bias=True),
+        dict(layer="moe", impl="torch", mlp_type="glu", experts=2, top_k=1, tokens=(5, 6), capacity_factor=0,
+             expert_bias=True),
+    ]
+    run(f"{W}:layer_cases", 2, cases)
+
+
 def test_bad_setups_fail_on_every_rank():
     run(f"{W}:bad_setups", 2)
 

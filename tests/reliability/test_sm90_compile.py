@@ -73,10 +73,15 @@ for dtype in (torch.bfloat16, torch.float32):
                     consts = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                   BLOCK_E=128, GROUP_M=cfg.group_m, USE_TMA=True, B_K_MAJOR=k_major,
                                   UPCAST=False, PRECISION=precision, TMA_STORE=cfg.tma_store,
-                                  ACCUMULATE=False, GATHER_A=gather, GLU="silu" if glu else "none")
+                                  ACCUMULATE=False, GATHER_A=gather, GLU="silu" if glu else "none",
+                                  HAS_BIAS=False)
                     check(label, G._gmm_kernel, element, consts, cfg.num_warps, cfg.num_stages)
+            # The experts' biases in the epilogue, with gpt-oss's clamped SwiGLU where there is a GLU.
+            consts.update(HAS_BIAS=True, GLU="clamped_swiglu" if glu else "none")
+            check(f"gmm {dtype} rows/group={rows_per_group} glu={glu} bias", G._gmm_kernel, element, consts,
+                  cfg.num_warps, cfg.num_stages)
             if not glu:
-                consts["ACCUMULATE"], consts["GATHER_A"], consts["B_K_MAJOR"] = True, False, True
+                consts.update(ACCUMULATE=True, GATHER_A=False, B_K_MAJOR=True, HAS_BIAS=False)
                 check(f"gmm {dtype} rows/group={rows_per_group} accumulate", G._gmm_kernel, element, consts,
                       cfg.num_warps, cfg.num_stages)
     cfg = G.default_config(meta(dtype))
