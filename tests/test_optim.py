@@ -315,7 +315,9 @@ def test_empty_and_scalar_params_step():
         _set_grads(params, [torch.randn(p.shape).to(dtype=p.dtype, device=p.device) for p in params])
         opt.step()
     assert all(opt.state[p]["step"].item() == 2 for p in params)
-    assert params[1].detach().float() != _params([(0,), (), (0, 3)], FLOAT_DTYPES[-1], DEVICE)[1].float()
+    # The fp32 main weight moved (two steps of lr 1e-3 may round back to the same bf16 value).
+    start = _params([(0,), (), (0, 3)], FLOAT_DTYPES[-1], DEVICE)[1].float()
+    assert opt.state[params[1]]["main"].float() != start
 
 
 def test_closure_returns_loss():

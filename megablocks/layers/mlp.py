@@ -269,7 +269,7 @@ class MLP(torch.nn.Module):
             experts = torch.arange(x.shape[0], device=x.device)
 
         def add_bias(h, b):  # h [E, C, ·]: expert e's rows are h[e]
-            return add_expert_bias(h, b, experts)
+            return add_expert_bias(h, b, experts, index_sorted=True)
 
         return expert_ffn(
             x, *cast, up=torch.bmm, down=torch.bmm,
@@ -338,7 +338,8 @@ class SparseMLP(torch.nn.Module):
         def down_bias(y, b):  # padded rows [P, H] in block rows of B rows, each of one expert
             block = topo.blocking
             experts = block_row_experts(topo.column_indices, -(-mpu.features_per_rank(self.args) // block))
-            return add_expert_bias(y.view(y.shape[0] // block, block, -1), b, experts).view(y.shape)
+            return add_expert_bias(y.view(y.shape[0] // block, block, -1), b, experts,
+                                   index_sorted=True).view(y.shape)
 
         return expert_ffn(
             x, *self._cast_weights(x), up=up, down=down,
@@ -402,7 +403,7 @@ class GroupedMLP(SparseMLP):
             experts = row_experts(tokens_per_expert.to(x.device), rows)
 
         def add_bias(h, b):
-            return add_expert_bias(h, b, experts)
+            return add_expert_bias(h, b, experts, index_sorted=True)
 
         return expert_ffn(
             x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair if self._shared_input_pair() else None,

@@ -16,7 +16,8 @@ path's `[nnz, B, B]` block values of its `[R·B, E·C·B]` activation).
 
 The add is plain torch (one gather and one add forward); its backward passes the output gradient
 through to h unchanged and sums it into the bias in float32, rounded once to the bias' dtype
-(16-bit gradients summed over thousands of rows would otherwise lose their low bits). Nothing is
+(16-bit gradients summed over thousands of rows would otherwise lose their low bits), by a
+segmented reduction in row order: no float atomics, so the gradients are bitwise reproducible. Nothing is
 read on the host: indices come from device-side counts and the topology, shapes from shapes.
 """
 
@@ -27,8 +28,9 @@ from megablocks import _checks
 
 class _AddExpertBias(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, bias, index):
+    def forward(ctx, h, bias, index, index_sorted):
         ctx.save_for_backward(index)
+        ctx.index_sorted = index_sorted
         ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
         rows = bias.index_select(0, index)
         rows = rows.view(rows.shape[0], *([1] * (h.dim() - 2)), rows.shape[1])
@@ -42,13 +44,24 @@ class _AddExpertBias(torch.autograd.Function):
             summed = grad.float()
             if summed.dim() > 2:
                 summed = summed.sum(dim=tuple(range(1, summed.dim() - 1)))
-            grad_bias = torch.zeros(ctx.bias_shape, dtype=torch.float32, device=grad.device)
-            grad_bias.index_add_(0, index, summed)
-            grad_bias = grad_bias.to(ctx.bias_dtype)
-        return grad, grad_bias, None
+            grad_bias = _segment_sums(summed, index, ctx.bias_shape[0], ctx.index_sorted).to(ctx.bias_dtype)
+        return grad, grad_bias, None, None
 
 
-def add_expert_bias(h: torch.Tensor, bias: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _segment_sums(rows_MD: torch.Tensor, index_M: torch.Tensor, num_segments: int, index_sorted: bool) -> torch.Tensor:
+    """`out[s] = Σ rows[m] over index[m] = s` (float32 `[S, D]`), deterministic: each segment is
+    summed in row order by one reduction (no float atomics), the rows put in index order first
+    unless they are already."""
+    if not index_sorted:
+        order = torch.argsort(index_M, stable=True)
+        rows_MD, index_M = rows_MD.index_select(0, order), index_M.index_select(0, order)
+    counts = torch.zeros(num_segments, dtype=torch.int64, device=index_M.device)
+    counts.index_add_(0, index_M.long(), torch.ones_like(index_M, dtype=torch.int64))  # exact
+    return torch.segment_reduce(rows_MD, "sum", lengths=counts, axis=0)
+
+
+def add_expert_bias(h: torch.Tensor, bias: torch.Tensor, index: torch.Tensor, *,
+                    index_sorted: bool = False) -> torch.Tensor:
     """`h + bias[index]`, broadcast over h's middle dimensions: `out[m, ..., d] = h[m, ..., d] +
     bias[index[m], d]`.
 
@@ -57,6 +70,8 @@ def add_expert_bias(h: torch.Tensor, bias: torch.Tensor, index: torch.Tensor) ->
             order, `[nnz, B, B]` block values, `[E, C, F]` of `MoE`).
         bias: `[S, D]` float, on h's device (cast to h's dtype for the add).
         index: `[M]` int32/int64 rows of bias, in [0, S) (not checked on the device).
+        index_sorted: the caller's promise that `index` is non-decreasing (rows grouped by expert
+            in expert order), which saves the backward a sort.
 
     Returns:
         A new tensor of h's shape and dtype. Differentiable in h (the gradient passes through) and
@@ -73,7 +88,7 @@ def add_expert_bias(h: torch.Tensor, bias: torch.Tensor, index: torch.Tensor) ->
     if h.dim() < 2 or h.shape[0] != index.shape[0] or h.shape[-1] != bias.shape[1]:
         raise ValueError(f"h, bias, index: expected h [M, ..., D] with M = index's {index.shape[0]} rows and "
                          f"D = bias' {bias.shape[1]} columns, got h {tuple(h.shape)}, bias {tuple(bias.shape)}")
-    return _AddExpertBias.apply(h, bias, index)
+    return _AddExpertBias.apply(h, bias, index, index_sorted)
 
 
 def row_experts(tokens_per_expert: torch.Tensor, num_rows: int) -> torch.Tensor:

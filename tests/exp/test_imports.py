@@ -126,7 +126,8 @@ def test_each_part_imports_first_in_a_fresh_interpreter():
         "    importlib.import_module(name)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    # The root first, and whatever the suite's own path holds (site folders of installed wheels).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 

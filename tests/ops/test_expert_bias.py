@@ -110,3 +110,24 @@ def test_block_layout_of_the_topology(ffn, device):
     padded_bins = meta.padded_bins.cpu().long()
     expected = torch.searchsorted(padded_bins // block, torch.arange(rows_bound // block), right=True).clamp(max=experts - 1)
     assert_equal("block row experts", block_row_experts(topo.column_indices, C).cpu(), expected)
+
+
+@pytest.mark.parametrize("index_sorted", [False, True])
+def test_add_expert_bias_gradient_is_reproducible(index_sorted, device):
+    """The bias gradient is a segmented sum in row order (no float atomics): bitwise the same on
+    every run, with the caller's sorted index or without it, and equal to the float64 sum."""
+    g = torch.Generator().manual_seed(3)
+    index = torch.randint(0, 5, (3000,), generator=g)
+    index = index.sort().values if index_sorted else index
+    index[index == 2] = 3  # an expert without rows
+    h = torch.randn(3000, 33, generator=g).to(device)
+    grad = torch.randn(3000, 33, generator=g).to(device)
+    bias = torch.zeros(5, 33, device=device, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        bias.grad = None
+        add_expert_bias(h, bias, index.to(device), index_sorted=index_sorted).backward(grad)
+        runs.append(bias.grad.clone())
+    assert_equal("bias.grad, run 2 vs run 1", runs[1], runs[0])
+    want = torch.zeros(5, 33, dtype=torch.float64).index_add_(0, index, grad.cpu().double())
+    assert_close("bias.grad", runs[0], want.float())
