@@ -16,8 +16,8 @@ path's `[nnz, B, B]` block values of its `[R·B, E·C·B]` activation).
 
 The add is plain torch (one gather and one add forward); its backward passes the output gradient
 through to h unchanged and sums it into the bias in float32, rounded once to the bias' dtype
-(16-bit gradients summed over thousands of rows would otherwise lose their low bits), by a
-segmented reduction in row order: no float atomics, so the gradients are bitwise reproducible. Nothing is
+(16-bit gradients summed over thousands of rows would otherwise lose their low bits), without
+float atomics or host reads (`_segment_sums`), so the gradients are bitwise reproducible. Nothing is
 read on the host: indices come from device-side counts and the topology, shapes from shapes.
 """
 
@@ -49,15 +49,29 @@ class _AddExpertBias(torch.autograd.Function):
 
 
 def _segment_sums(rows_MD: torch.Tensor, index_M: torch.Tensor, num_segments: int, index_sorted: bool) -> torch.Tensor:
-    """`out[s] = Σ rows[m] over index[m] = s` (float32 `[S, D]`), deterministic: each segment is
-    summed in row order by one reduction (no float atomics), the rows put in index order first
-    unless they are already."""
+    """`out[s] = Σ rows[m] over index[m] = s` (float32 `[S, D]`), deterministic and sync-free (no
+    float atomics, nothing read on the host). Rows grouped by segment (`index_sorted`): the grouped
+    GEMM's variable-K product `ones^T @ rows` per segment, which sums each segment in a fixed
+    order in fp32. Otherwise (the sparse path's block columns, `[nnz, B]` rows: small) the rows are
+    put in index order by a stable sort and each segment is the difference of two entries of
+    their float64 running sum."""
+    counts = torch.zeros(num_segments, dtype=torch.int64, device=index_M.device)
+    counts.index_add_(0, index_M.long(), torch.ones_like(index_M, dtype=torch.int64))  # integers: exact
+    if index_sorted and num_segments <= 4096:
+        from megablocks.backend.gmm import default_backend
+        from megablocks.ops.gmm import _product  # the grouped GEMM's product op (torch.compile-opaque)
+
+        ones = torch.ones(rows_MD.shape[0], 1, dtype=torch.float32, device=rows_MD.device)
+        out = _product(ones, rows_MD.float().contiguous(), counts.to(torch.int32), None, None, None, None, 1, False,
+                       True, False, default_backend(ones))
+        return out[:, 0]
     if not index_sorted:
         order = torch.argsort(index_M, stable=True)
-        rows_MD, index_M = rows_MD.index_select(0, order), index_M.index_select(0, order)
-    counts = torch.zeros(num_segments, dtype=torch.int64, device=index_M.device)
-    counts.index_add_(0, index_M.long(), torch.ones_like(index_M, dtype=torch.int64))  # exact
-    return torch.segment_reduce(rows_MD, "sum", lengths=counts, axis=0)
+        rows_MD = rows_MD.index_select(0, order)
+    running = torch.cumsum(rows_MD.double(), dim=0)
+    running = torch.cat([running.new_zeros(1, rows_MD.shape[1]), running])
+    ends = counts.cumsum(0)
+    return (running.index_select(0, ends) - running.index_select(0, ends - counts)).float()
 
 
 def add_expert_bias(h: torch.Tensor, bias: torch.Tensor, index: torch.Tensor, *,

@@ -296,12 +296,14 @@ def test_experts_forward_layouts(has_gate, has_bias, is_transposed, t, k, refere
         (out * probe).sum().backward()
         results[impl] = (out.detach(), x.grad, weights.grad, {n: p.grad for n, p in experts.named_parameters()})
     (out, dx, dw, grads), (ref, ref_dx, ref_dw, ref_grads) = results["megablocks"], results["batched_mm"]
-    assert_close("out", out, ref)
+    # Two whole expert layers (gather, two products, activation, weighted sum), each with its own
+    # fp32 rounding, the reference too (transformers' fp32 batched_mm): the layer limits.
+    assert_close("out", out, ref, family="layer")
     if t:
-        assert_close("hidden_states.grad", dx, ref_dx)
-        assert_close("top_k_weights.grad", dw, ref_dw)
+        assert_close("hidden_states.grad", dx, ref_dx, family="layer")
+        assert_close("top_k_weights.grad", dw, ref_dw, family="layer")
         for name in ref_grads:
-            assert_close(f"{name}.grad", grads[name], ref_grads[name])
+            assert_close(f"{name}.grad", grads[name], ref_grads[name], family="layer")
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 runs on the GPU")
@@ -576,7 +578,11 @@ def test_convert_gpt_oss_shares_what_the_layout_allows():
 
 def test_convert_gpt_oss_names_what_is_missing():
     """A clamped SwiGLU of other limits than gpt-oss's is refused with its values named."""
-    model = tiny_gpt_oss(swiglu_limit=5.0)
+    model = tiny_gpt_oss()
+    # Set on the experts themselves: some transformers releases fix the limit in the module
+    # whatever the config says, and the conversion reads what the module computes with.
+    for layer in model.model.layers:
+        layer.mlp.experts.limit = 5.0
     with pytest.raises(ValueError, match="swiglu_limit=5.0, swiglu_alpha=1.702"):
         hf.convert_model(model)
     assert hf.unsupported_reason(tiny_gpt_oss().model.layers[0].mlp) is None

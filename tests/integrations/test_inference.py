@@ -217,7 +217,9 @@ def test_fused_moe_decode_and_general_forms(monkeypatch, dtype, t, topk, activat
     assert_close("decode form, two-kernel routing", decode_sorted, expected)
     assert_equal("the two routings agree", decode_sorted, decode)
     assert_equal("the sorted routing agrees", routed_sorted, decode)
-    assert_close("general form", general, expected)
+    # The general form rounds each product and the GLU to the dtype (three roundings in a row): the
+    # whole-layer limits, where the fused forms above round once.
+    assert_close("general form", general, expected, family="layer")
 
 
 def test_fused_moe_degenerate_sizes(fused_forms):
