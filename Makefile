@@ -25,7 +25,7 @@ test: $(STAMP)
 	@set -e; \
 	if ! $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		export TRITON_INTERPRET=1; fi; \
-	workers=""; if $(PY) -c "import xdist" 2>/dev/null; then workers="-n auto"; export OMP_NUM_THREADS=1; fi; \
+	workers=""; if $(PY) -c "import xdist" 2>/dev/null; then workers="-n auto --dist worksteal"; export OMP_NUM_THREADS=1; fi; \
 	rc=0; $(PY) -m pytest -q --durations=25 $$workers tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc

@@ -79,3 +79,22 @@ def pytest_collection_finish(session):
         if item.name == "test_kernels_compile_for_sm90_within_shared_memory":
             item.module.start_sweep()
             break
+
+
+# With pytest-xdist workers (`make test`), the longest tests go first so that the last minutes
+# are not one worker finishing a long test while the others idle: the sm_90 compile sweep (about
+# three minutes of ptxas), then the property tests and the multi-process ones. The order of the
+# rest is kept. Without workers the order is left alone (the sweep then overlaps from the start).
+_LONG_FIRST = ("tests/reliability/test_sm90_compile.py", "tests/reliability/test_properties.py",
+               "tests/parallel/", "tests/ops/test_routing.py", "tests/integrations/test_inference.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return next((i for i, p in enumerate(_LONG_FIRST) if path.startswith(p)), len(_LONG_FIRST))
+
+    items.sort(key=rank)  # stable: the order within each rank is kept
