@@ -8,7 +8,9 @@ tensor's shape; new code should call `megablocks.ops` instead.
 
 import torch
 
+from megablocks import _checks
 from megablocks import ops as _ops
+from megablocks.ops.replicate import _replicate_backward_op
 
 __all__ = [
     "exclusive_cumsum",
@@ -56,14 +58,11 @@ def replicate_forward(x: torch.Tensor, bins: torch.Tensor, out: torch.Tensor) ->
 
 
 def replicate_backward(grad: torch.Tensor, bins: torch.Tensor, out: torch.Tensor) -> None:
-    """`out[:, e] = sum of grad[:, i] over bin e's columns` (`out` is `[R, E]`)."""
-    if not isinstance(grad, torch.Tensor) or grad.ndim != 2:
-        raise ValueError("replicate_backward: expected a 2-D gradient tensor")
-    x = torch.zeros((grad.shape[0], bins.numel()), dtype=grad.dtype, device=grad.device, requires_grad=True)
-    with torch.enable_grad():
-        y = _ops.replicate(x, bins, grad.shape[1])
-        (g,) = torch.autograd.grad(y, x, grad)
-    _write("replicate_backward", out, g)
+    """`out[:, e] = sum of grad[:, i] over bin e's columns` (`out` is `[R, E]`): the backward op
+    of `megablocks.ops.replicate`."""
+    _checks.check_tensor("grad", grad, ndim=2)
+    _checks.check_tensor("bins", bins, ndim=1, dtypes=_checks.INDEX_DTYPES)
+    _write("replicate_backward", out, _replicate_backward_op(grad.contiguous(), bins.contiguous()))
 
 
 def sort(x: torch.Tensor, end_bit: int, x_out: torch.Tensor, iota_out: torch.Tensor) -> None:
