@@ -39,8 +39,12 @@ class TrainConfig:
     train_iters), lr_decay_style 'cosine' | 'linear' | 'constant', down to min_lr.
     clip_grad: max global grad norm (0: no clipping). eval_interval / eval_iters: validate every so
     many iterations on eval_iters global batches. save_interval: checkpoint every so many
-    iterations (and at the end). exit_iteration: stop (with a checkpoint) after this iteration,
-    keeping the schedule of train_iters. precision: 'auto' (bf16 autocast on GPU, fp32 on CPU),
+    iterations (and at the end); checkpoint False writes none at all (runs that only measure). exit_iteration: stop (with a checkpoint) after this iteration,
+    keeping the schedule of train_iters. exit_duration_s: stop (with a validation and a checkpoint)
+    after the first step that ends past this many seconds of training time (the `train_s` column:
+    the steps' wall time in this process, evaluations and checkpoints left out), keeping the
+    schedule of train_iters; runs compared at equal training time use it with
+    lr_decay_style 'constant'. precision: 'auto' (bf16 autocast on GPU, fp32 on CPU),
     'bf16' (autocast: fp32 parameters cast to bf16 in every forward), 'bf16-params' (bf16
     parameters for compute, fp32 main weights and Adam states in `megablocks.optim.MainWeightsAdamW`,
     gradient accumulation over micro-batches in fp32: Megatron's scheme, no cast of the weights per
@@ -76,9 +80,11 @@ class TrainConfig:
     eval_iters: int = 10
     log_interval: int = 10
     save_interval: Optional[int] = None
+    checkpoint: bool = True
     save: Optional[str] = None
     load: Optional[str] = None
     exit_iteration: Optional[int] = None
+    exit_duration_s: Optional[float] = None
     precision: str = "auto"
     device: str = "auto"
     progress: bool = True
@@ -96,6 +102,8 @@ class TrainConfig:
                   "expert_parallel_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k}: expected >= 1, got {getattr(self, k)}")
+        if self.exit_duration_s is not None and not self.exit_duration_s > 0:
+            raise ValueError(f"exit_duration_s: expected seconds > 0, got {self.exit_duration_s}")
         if self.eval_iters < 0:
             raise ValueError(f"eval_iters: expected >= 0, got {self.eval_iters}")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):

@@ -25,10 +25,8 @@ import sysconfig
 import time
 from typing import Dict, List, Tuple
 
-import numpy as np
 
-from exp.data.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
-from exp.data.preprocess import ByteTokenizer
+from exp.data.pycorpus import write_byte_corpus
 
 CORPUS_SEED = 20240101
 
@@ -66,17 +64,7 @@ def stdlib_blocks() -> Tuple[List[str], str]:
 def build_corpus(out_prefix: str) -> Dict[str, object]:
     """Writes the demo dataset `out_prefix`.{bin,idx}; returns its statistics."""
     blocks, sha = stdlib_blocks()
-    order = np.random.RandomState(CORPUS_SEED).permutation(len(blocks))
-    tok = ByteTokenizer()
-    os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
-    tokens = 0
-    with IndexedDatasetBuilder(data_file_path(out_prefix), dtype=np.uint16) as b:
-        for i in order:
-            ids = np.frombuffer(blocks[i].encode("utf-8"), dtype=np.uint8).astype(np.uint16)
-            b.add_item(np.append(ids, np.uint16(tok.eod)))
-            b.end_document()
-            tokens += ids.size + 1
-        b.finalize(index_file_path(out_prefix))
+    tokens = write_byte_corpus(out_prefix, [b.encode("utf-8") for b in blocks], CORPUS_SEED)
     return {"documents": len(blocks), "tokens": tokens, "sha256": sha}
 
 

@@ -13,13 +13,13 @@ import os
 from typing import Any, Dict, List, Optional
 
 TRAIN_COLUMNS = ["iteration", "consumed_samples", "lr", "loss", "lm_loss", "lbl_loss", "zloss", "grad_norm", "elapsed_s",
-                 "step_ms", "tokens_per_s", "tflops_per_gpu", "mfu", "fwd_ms", "bwd_ms", "clip_ms", "optim_ms"]
+                 "train_s", "step_ms", "tokens_per_s", "tflops_per_gpu", "mfu", "fwd_ms", "bwd_ms", "clip_ms", "optim_ms"]
 # The columns that measure time (they differ from run to run; the others are determined by the seed).
-TIMING_COLUMNS = ("elapsed_s", "step_ms", "tokens_per_s", "tflops_per_gpu", "mfu", "fwd_ms", "bwd_ms", "clip_ms",
+TIMING_COLUMNS = ("elapsed_s", "train_s", "step_ms", "tokens_per_s", "tflops_per_gpu", "mfu", "fwd_ms", "bwd_ms", "clip_ms",
                   "optim_ms")
 _SCALARS = ("loss", "lm_loss", "lbl_loss", "zloss", "lr", "grad_norm", "step_ms", "tokens_per_s", "tflops_per_gpu",
             "mfu", "fwd_ms", "bwd_ms", "clip_ms", "optim_ms")
-VALID_COLUMNS = ["iteration", "consumed_samples", "valid_loss", "valid_ppl"]
+VALID_COLUMNS = ["iteration", "consumed_samples", "valid_loss", "valid_ppl", "train_s"]
 
 
 class CSVLog:
@@ -31,6 +31,7 @@ class CSVLog:
         if resume_iteration is not None and os.path.isfile(path):
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_iteration]
+        self.kept = rows
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, columns)
             w.writeheader()
@@ -95,11 +96,14 @@ class RunLog:
         self.enabled = enabled
         self.train_iters, self.log_interval = train_iters, log_interval
         self.valid_loss: Optional[float] = None
+        self.resumed_train_s = 0.0  # the training seconds a resumed run had behind it (rank 0)
         self.train_csv = self.valid_csv = self.tb = self.bar = None
         if not enabled:
             return
         resumed = start if start else None
         self.train_csv = CSVLog(os.path.join(save, "train.csv"), TRAIN_COLUMNS, resumed)
+        kept = [r["train_s"] for r in self.train_csv.kept if r.get("train_s")]
+        self.resumed_train_s = float(kept[-1]) if kept else 0.0
         self.valid_csv = CSVLog(os.path.join(save, "valid.csv"), VALID_COLUMNS, resumed)
         self.tb = _tensorboard(save) if tensorboard else None
         self.bar = _progress(train_iters, start, name) if progress else None
@@ -134,13 +138,14 @@ class RunLog:
             self.message(f"iteration {done}/{self.train_iters} lm_loss {row['lm_loss']:.4f} lbl {row['lbl_loss']:.4f} "
                          f"lr {row['lr']:.3e} grad_norm {row['grad_norm']:.3f}{extra}")
 
-    def validation(self, iteration: int, consumed_samples: int, valid_loss: float) -> None:
-        """Records one evaluation's mean validation loss."""
+    def validation(self, iteration: int, consumed_samples: int, valid_loss: float,
+                   train_s: Optional[float] = None) -> None:
+        """Records one evaluation's mean validation loss (and the training seconds behind it)."""
         self.valid_loss = valid_loss
         if not self.enabled:
             return
         self.valid_csv.write(dict(iteration=iteration, consumed_samples=consumed_samples, valid_loss=valid_loss,
-                                  valid_ppl=math.exp(min(valid_loss, 50.0))))
+                                  valid_ppl=math.exp(min(valid_loss, 50.0)), train_s=train_s))
         if self.tb is not None:
             self.tb.add_scalar("valid/loss", valid_loss, iteration)
         self.message(f"iteration {iteration}: validation loss {valid_loss:.4f}")

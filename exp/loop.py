@@ -283,21 +283,31 @@ def train_step(run: Run, it: int) -> Dict[str, float]:
 def _loop(run: Run) -> None:
     tcfg, gbs = run.tcfg, run.global_batch
     t0 = time.time()
+    train_s = run.log.resumed_train_s  # the steps' wall time: evaluations and checkpoints left out
     run.ddp.train()
     tokens_per_step = gbs * run.mcfg.seq_length
     for it in range(run.start, run.last_iteration):
         step_t0 = time.perf_counter()
         stats = train_step(run, it)  # ends on host reads of the losses: the step's work is done
-        speed = throughput(time.perf_counter() - step_t0, tokens_per_step, run.flops_per_token, run.d.world,
-                           run.peak_tflops)
+        step_s = time.perf_counter() - step_t0
+        train_s += step_s
+        speed = throughput(step_s, tokens_per_step, run.flops_per_token, run.d.world, run.peak_tflops)
         done = it + 1
         run.log.train_step(dict(iteration=done, consumed_samples=done * gbs, **stats,
-                                elapsed_s=round(time.time() - t0, 3), **speed))
-        if run.valid_ds is not None and (done % tcfg.eval_interval == 0 or done == tcfg.train_iters):
+                                elapsed_s=round(time.time() - t0, 3), train_s=round(train_s, 3), **speed))
+        out_of_time = tcfg.exit_duration_s is not None and run.d.any_true(train_s >= tcfg.exit_duration_s)
+        if out_of_time and done < run.last_iteration:
+            run.log.message(f"iteration {done}: {train_s:.1f} s of training reached exit_duration_s "
+                            f"{tcfg.exit_duration_s:g}; stopping")
+            run.last_iteration = done
+        if run.valid_ds is not None and (done % tcfg.eval_interval == 0 or done == tcfg.train_iters
+                                         or (out_of_time and done == run.last_iteration)):
             valid_loss = evaluate(run.ddp, run.valid_ds, tcfg, run.d, run.device, run.autocast)
-            run.log.validation(done, done * gbs, valid_loss)
-        if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == run.last_iteration:
+            run.log.validation(done, done * gbs, valid_loss, train_s=round(train_s, 3))
+        if tcfg.checkpoint and ((tcfg.save_interval and done % tcfg.save_interval == 0) or done == run.last_iteration):
             save_checkpoint(run.save, done, run.model, run.optimizer, tcfg, run.mcfg, run.device, run.d)
+        if done == run.last_iteration:
+            break
 
 
 def _result(run: Run) -> Dict[str, Any]:

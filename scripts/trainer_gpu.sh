@@ -16,7 +16,7 @@ CONFIGS=("$@")
 [ ${#CONFIGS[@]} -eq 0 ] && CONFIGS=(gpt2_125m dmoe_125m moe_125m)
 mkdir -p "$LOG_DIR"
 source scripts/device_env.sh
-DATA="$LOG_DIR/data/stdlib_text_document"
+DATA="${DATA_DIR:-/tmp/trainer-gpu-data}/stdlib_text_document"
 python3 -c "from exp.demo import build_corpus; print(build_corpus('$DATA'))"
 ITERS=${ITERS:-30}; LOG=${LOG_INTERVAL:-5}; MB=${MICRO_BATCH:-16}
 for precision in ${PRECISIONS:-bf16 bf16-params}; do
@@ -26,7 +26,7 @@ for precision in ${PRECISIONS:-bf16 bf16-params}; do
     python3 -m exp.train --config "$config" --data-path "$DATA" --save "$run" --precision "$precision" \
       --train-iters "$ITERS" --lr-decay-iters "$ITERS" --log-interval "$LOG" --eval-interval 100000 \
       --eval-iters 1 --save-interval 100000 --micro-batch-size "$MB" --global-batch-size "$MB" \
-      --no-progress ${EXTRA:-} >"$LOG_DIR/${config}_$precision.log" 2>&1
+      --no-progress --no-checkpoint ${EXTRA:-} >"$LOG_DIR/${config}_$precision.log" 2>&1
     echo "$config $precision rc=$? $(python3 - "$run/train.csv" "$LOG" <<'PY'
 import csv, statistics, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if int(r["iteration"]) > int(sys.argv[2])]

@@ -78,7 +78,7 @@ def _run(data, save, **overrides):
     return train(tcfg, mcfg)
 
 
-def _curve(rows):
+def _curve(rows):  # a run's rows without the columns that measure time
     return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in rows]
 
 
@@ -92,7 +92,11 @@ def test_resume_continues_the_same_loss_curve(tmp_path, data, moe, torch_referen
     assert rest["start_iteration"] == 3
     assert len(full["train"]) == 6
     assert _curve(rest["train"]) == _curve(full["train"])  # every logged value, bit for bit
-    assert rest["valid"] == full["valid"] and len(full["valid"]) == 3
+    assert _curve(rest["valid"]) == _curve(full["valid"]) and len(full["valid"]) == 3
+    # The training clock goes on from the checkpoint: the resumed rows count the first part's seconds.
+    first_part = part["train"][-1]["train_s"]
+    assert all(r["train_s"] > first_part for r in rest["train"][3:])
+    assert [r["train_s"] for r in rest["train"]] == sorted(r["train_s"] for r in rest["train"])
     a = torch.load(tmp_path / "full" / "iter_0000006" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "iter_0000006" / "model.pt", weights_only=True)
     assert a.keys() == b.keys()
@@ -100,6 +104,32 @@ def test_resume_continues_the_same_loss_curve(tmp_path, data, moe, torch_referen
         assert torch.equal(a[k], b[k]), k
     # Losses moved: the run trained.
     assert full["train"][-1]["lm_loss"] < full["train"][0]["lm_loss"]
+
+
+def test_exit_duration_stops_on_training_time_with_a_validation_and_a_checkpoint(tmp_path, data, monkeypatch,
+                                                                               torch_references):
+    import types
+
+    import exp.loop
+
+    ticks = iter(range(10_000))  # every read of the step clock moves it by 0.5 s: a step takes 0.5 s
+    clock = types.SimpleNamespace(perf_counter=lambda: 0.5 * next(ticks), time=__import__("time").time)
+    monkeypatch.setattr(exp.loop, "time", clock)
+    out = _run(data, tmp_path / "r", exit_duration_s=1.2, **DMOE)
+    assert out["iterations"] == 3  # 0.5, 1.0, 1.5 s: the third step ends past 1.2 s
+    assert [r["train_s"] for r in out["train"]] == [0.5, 1.0, 1.5]
+    # Validated at the interval (2) and where it stopped (3), each row with its training seconds.
+    assert [(r["iteration"], r["train_s"]) for r in out["valid"]] == [(2, 1.0), (3, 1.5)]
+    assert (tmp_path / "r" / "latest_checkpointed_iteration.txt").read_text() == "3"
+    # The schedule stays that of train_iters = 6.
+    tcfg, _ = configs_from_dict({**TINY, "data_path": data})
+    assert [r["lr"] for r in out["train"]] == pytest.approx([lr_at(tcfg, i) for i in range(3)])
+    with pytest.raises(ValueError, match="exit_duration_s"):
+        configs_from_dict({**TINY, "data_path": data, "exit_duration_s": 0})
+    # Runs that only measure write their logs and no checkpoint.
+    quiet = _run(data, tmp_path / "q", train_iters=2, eval_iters=0, save_interval=1, checkpoint=False)
+    assert len(quiet["train"]) == 2 and not glob.glob(str(tmp_path / "q" / "iter_*"))
+    assert not (tmp_path / "q" / "latest_checkpointed_iteration.txt").exists()
 
 
 def test_moe_losses_are_added_to_the_loss(tmp_path, data, torch_references):
