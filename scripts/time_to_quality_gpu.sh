@@ -8,7 +8,7 @@
 #   scripts/time_to_quality_gpu.sh LOG_DIR [CONFIG...]     (default: gpt2_125m dmoe_125m)
 #
 # Environment: DATA_DIR (default /tmp/time-to-quality-data), SECONDS_EACH (default 600), PRECISION (default bf16-params), MICRO_BATCH (16, one
-# micro-batch a step), EVAL_INTERVAL (200), EVAL_ITERS (8), LR (6e-4), WARMUP (100), EXTRA.
+# micro-batch a step), TRAIN_ITERS (20000: the schedule and the data index; the clock stops first), EVAL_INTERVAL (200), EVAL_ITERS (8), LR (6e-4), WARMUP (100), EXTRA.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:?usage: scripts/time_to_quality_gpu.sh LOG_DIR [CONFIG...]}
@@ -25,7 +25,7 @@ for config in "${CONFIGS[@]}"; do
   run="$LOG_DIR/runs/$config"
   rm -rf "$run"
   python3 -m exp.train --config "$config" --data-path "$DATA" --save "$run" --precision "${PRECISION:-bf16-params}" \
-    --train-iters 1000000 --exit-duration-s "${SECONDS_EACH:-600}" --lr "${LR:-6e-4}" --lr-warmup-iters "${WARMUP:-100}" \
+    --train-iters "${TRAIN_ITERS:-20000}" --exit-duration-s "${SECONDS_EACH:-600}" --lr "${LR:-6e-4}" --lr-warmup-iters "${WARMUP:-100}" \
     --lr-decay-style constant --eval-interval "${EVAL_INTERVAL:-200}" --eval-iters "${EVAL_ITERS:-8}" \
     --log-interval 50 --save-interval 100000000 --micro-batch-size "$MB" --global-batch-size "$MB" --no-progress --no-checkpoint \
     --no-plot ${EXTRA:-} >"$LOG_DIR/$config.log" 2>&1
