@@ -39,12 +39,13 @@ class TrainConfig:
     train_iters), lr_decay_style 'cosine' | 'linear' | 'constant', down to min_lr.
     clip_grad: max global grad norm (0: no clipping). eval_interval / eval_iters: validate every so
     many iterations on eval_iters global batches. save_interval: checkpoint every so many
-    iterations (and at the end); checkpoint False writes none at all (runs that only measure). exit_iteration: stop (with a checkpoint) after this iteration,
-    keeping the schedule of train_iters. exit_duration_s: stop (with a validation and a checkpoint)
+    iterations (and at the end); checkpoint False writes none at all (runs that only measure).
+    exit_iteration: stop (with a checkpoint) after this iteration, keeping the schedule of train_iters. exit_duration_s: stop (with a validation and a checkpoint)
     after the first step that ends past this many seconds of training time (the `train_s` column:
     the steps' wall time in this process, evaluations and checkpoints left out), keeping the
     schedule of train_iters; runs compared at equal training time use it with
-    lr_decay_style 'constant'. precision: 'auto' (bf16 autocast on GPU, fp32 on CPU),
+    lr_decay_style 'constant'. precision: 'auto' ('bf16-params' in one GPU process,
+    measured the faster with the same loss curve; 'bf16' with several processes; fp32 on CPU),
     'bf16' (autocast: fp32 parameters cast to bf16 in every forward), 'bf16-params' (bf16
     parameters for compute, fp32 main weights and Adam states in `megablocks.optim.MainWeightsAdamW`,
     gradient accumulation over micro-batches in fp32: Megatron's scheme, no cast of the weights per
@@ -114,6 +115,18 @@ class TrainConfig:
             raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr: expected a value in [0, lr={self.lr}], got {self.min_lr}")
+
+
+def resolve_precision(precision: str, device_type: str, world: int) -> str:
+    """What 'auto' means on this device ('cuda' or 'cpu') with `world` processes; other values
+    as they are. One GPU process: 'bf16-params' (benchmarks/RESULTS.md, "The exp/ trainer": 9-47%
+    more tokens/s than autocast, the same loss curve); several: 'bf16' autocast (its fp32
+    gradients are what data and expert parallelism reduce); CPU: 'fp32'."""
+    if precision != "auto":
+        return precision
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16-params" if world == 1 else "bf16"
 
 
 def global_batch_size(cfg: TrainConfig, world: int) -> int:

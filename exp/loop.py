@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from exp.checkpoint import latest_iteration, load_checkpoint, save_checkpoint
-from exp.config import TrainConfig, global_batch_size
+from exp.config import TrainConfig, global_batch_size, resolve_precision
 from exp.data.gpt_dataset import build_datasets
 from exp.log import RunLog, read_csv
 from exp.model import GPT, GPTConfig
@@ -164,6 +164,7 @@ def _resume_or_seed(load: str, model, optimizer, tcfg: TrainConfig, device, d: D
 
 def setup(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: Dist) -> Run:
     """Builds the model, optimizer, data, parallel wrappers and outputs; resumes from a checkpoint."""
+    tcfg = dataclasses.replace(tcfg, precision=resolve_precision(tcfg.precision, device.type, d.world))
     gbs, accum = _batch_sizes(tcfg, d)
     save = tcfg.save or os.path.join("runs", tcfg.name or mcfg.mlp)
     if d.rank == 0:
@@ -184,8 +185,8 @@ def setup(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: Dist) -> 
     log = RunLog(save, tcfg.train_iters, tcfg.log_interval, start, name=tcfg.name, progress=tcfg.progress,
                  tensorboard=tcfg.tensorboard, enabled=d.rank == 0)
     last = tcfg.train_iters if tcfg.exit_iteration is None else min(tcfg.train_iters, tcfg.exit_iteration)
-    # Autocast for 'bf16' (and 'auto' on GPU); 'bf16-params' computes in its bf16 parameters.
-    use_bf16 = tcfg.precision == "bf16" or (tcfg.precision == "auto" and device.type == "cuda")
+    # Autocast for 'bf16'; 'bf16-params' computes in its bf16 parameters ('auto' is one of them by now).
+    use_bf16 = tcfg.precision == "bf16"
     run = Run(tcfg, mcfg, device, d, model, ddp, experts, optimizer, train_ds, valid_ds, save, start, last, gbs,
               accum, use_bf16, log)
     position = model.pos.weight.numel() if hasattr(model, "pos") else 0

@@ -98,3 +98,13 @@ def test_pretrain_gpt_takes_a_name_and_the_configs_precision():
     assert pretrain.parse_args(["--mock-data"]).bf16 is False
     with pytest.raises(FileNotFoundError, match=r"tiny_dmoe\), got 'dmoe_46'"):
         pretrain.parse_args(["--config", "dmoe_46", "--mock-data"])
+
+
+def test_auto_precision_is_bf16_params_on_one_gpu():
+    from exp.config import resolve_precision
+
+    assert resolve_precision("auto", "cuda", 1) == "bf16-params"
+    assert resolve_precision("auto", "cuda", 8) == "bf16"
+    assert resolve_precision("auto", "cpu", 1) == "fp32"
+    for p in ("bf16", "bf16-params", "fp32"):
+        assert resolve_precision(p, "cuda", 1) == p and resolve_precision(p, "cpu", 4) == p
