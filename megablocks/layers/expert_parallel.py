@@ -32,7 +32,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _SETUP_FIELDS = (
     "hidden_size", "ffn_hidden_size", "moe_num_experts", "moe_top_k", "mlp_type", "mlp_impl",
-    "moe_block_size", "moe_capacity_factor (x1e6)", "memory_optimized_mlp",
+    "moe_block_size", "moe_capacity_factor (x1e6)", "memory_optimized_mlp", "moe_expert_bias",
     "expert-parallel world size", "expert-parallel group members (hash)",
 )
 

@@ -100,7 +100,7 @@ class ParallelMLP(torch.nn.Module):
         return (
             args.hidden_size, args.ffn_hidden_size, args.moe_num_experts, args.moe_top_k,
             MLP_TYPES.index(args.mlp_type), MLP_IMPLS.index(args.mlp_impl), args.moe_block_size,
-            int(args.moe_capacity_factor * 1_000_000), int(args.memory_optimized_mlp),
+            int(args.moe_capacity_factor * 1_000_000), int(args.memory_optimized_mlp), int(args.moe_expert_bias),
         )
 
     def expert_capacity(self, tokens: int) -> int:

@@ -246,6 +246,9 @@ def bad_setups(rank, world_size):
     # Ranks that disagree on the layer's sizes: every rank raises before any all_to_all.
     layer = build(ffn_hidden_size=8 if rank == 0 else 4)
     _expect_error("ffn sizes differ", lambda: layer(torch.randn(3, 16, device=dev)), "disagree on ffn_hidden_size")
+    # Ranks that disagree on whether the experts have biases.
+    layer = build(moe_expert_bias=rank == 0)
+    _expect_error("biases differ", lambda: layer(torch.randn(3, 16, device=dev)), "disagree on moe_expert_bias")
 
     # Ranks that disagree on the input dtype: every rank raises.
     dtype = torch.float32 if rank == 0 else torch.float16
