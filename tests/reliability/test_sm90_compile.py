@@ -27,17 +27,19 @@ import inspect, json, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from megablocks.backend import gmm as G, launch as L, routing as R, sparse as S, topk as TK
+from megablocks.backend import fp8 as F8, gmm as G, launch as L, routing as R, sparse as S, topk as TK
 
 TARGET = GPUTarget("cuda", 90, 32)
 ELEMENT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
-def compile_kernel(fn, element, consts, num_warps, num_stages):
+def compile_kernel(fn, element, consts, num_warps, num_stages, types=None):
     names = list(inspect.signature(fn.fn).parameters)
     signature = {}
     for name in names:
-        if name in consts:
+        if types and name in types:
+            signature[name] = types[name]
+        elif name in consts:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
             index = any(s in name for s in ("sizes", "rows", "counts", "assignment", "indices", "offsets", "slots"))
@@ -51,9 +53,9 @@ def compile_kernel(fn, element, consts, num_warps, num_stages):
 results = []
 
 
-def check(label, fn, element, consts, num_warps, num_stages):
+def check(label, fn, element, consts, num_warps, num_stages, types=None):
     try:
-        kernel = compile_kernel(fn, element, consts, num_warps, num_stages)
+        kernel = compile_kernel(fn, element, consts, num_warps, num_stages, types)
         results.append({"label": label, "shared": kernel.metadata.shared})
     except Exception as err:  # reported by the test
         results.append({"label": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
@@ -130,6 +132,13 @@ for maps in (False, True):
 check("routing keys", R._routing_keys_kernel, "*i32", dict(BLOCK=R._MAPS_BLOCK), 4, 3)
 check("sorted maps", R._sorted_maps_kernel, "*i32",
       dict(BLOCK=R._MAPS_BLOCK, BLOCK_E=R._COUNTS_BLOCK, SEARCH_STEPS=18), 4, 3)
+# FP8: the quantizer from each 16-bit dtype, and the grouped GEMM's Hopper tiles into bf16 / fp32.
+for dtype in (torch.bfloat16, torch.float32):
+    check(f"fp8 quantize_rows from {dtype}", F8._quantize_rows_kernel, ELEMENT[dtype], dict(BLOCK_M=32, QB=F8.Q), 4, 3,
+          types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+    check(f"fp8 gmm into {dtype}", F8._gmm_fp8_kernel, ELEMENT[dtype],
+          dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8), 8, 4,
+          types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
 json.dump(results, sys.stdout)
 """
 

@@ -1,0 +1,316 @@
+"""FP8 (e4m3) block quantization and the FP8 grouped GEMM: Triton kernels, launchers and their
+plain-torch references (no autograd here; see `megablocks.ops.fp8`).
+
+Legend: M rows (routed tokens in expert order), K inner size, N output size, E groups (experts),
+Q = 128 the quantization block; KB = ceil(K / Q), NB = ceil(N / Q).
+
+The layout is DeepSeek-V3's: activations in 1 x Q tiles (one scale per row and Q columns),
+weights in Q x Q blocks (one scale per block of a [N, K] matrix, out x in), e4m3 values, fp32
+accumulation promoted to fp32 once per Q-deep step:
+
+    quantize_rows(x_MK)       -> (x_q_MK e4m3, x_s_MKB fp32)     x ~ x_q * x_s (per 1 x Q tile)
+    quantize_blocks(w_ENK)    -> (w_q_ENK e4m3, w_s_ENBKB fp32)  w ~ w_q * w_s (per Q x Q block)
+    gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes_E) -> out_MN          out[rows of e] = x[rows of e] @ w[e]^T
+
+Scales. Any fp32 scales are read by `gmm_fp8` (checkpoints ship them as `weight_scale_inv`).
+The quantizers here produce powers of two: the smallest 2^k with amax(tile) / 2^k <= 448 (the
+largest e4m3 value). Dividing by a power of two is exact, so the kernels, the references and any
+GPU agree bit for bit (no division or reciprocal whose rounding differs between them), at the
+cost of at most one bit of the e4m3 range (DeepSeek-V3.1's UE8M0 scales make the same choice).
+Values are rounded to nearest, ties to even; tiles of zeros get the scale 2^-126; a tile with an
+inf or NaN gets the scale NaN, so that it dequantizes (and multiplies) to NaN rather than to a
+finite wrong value (values are not checked on the host: that would synchronize).
+
+Contract of `gmm_fp8`: as `megablocks.backend.gmm` (sum(batch_sizes) == M; the kernel stays in
+bounds for any sizes: negative sizes count as 0, groups are clipped at row M, rows past the
+groups' total are written as zeros).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from megablocks._checks import INDEX_DTYPES, check_tensor
+from megablocks.backend import cdiv, next_power_of_2
+from megablocks.backend.gmm import _group_table, _swizzle
+from megablocks.backend.launch import interpreted
+
+Q = 128  # the quantization block (DeepSeek-V3: 1 x 128 activation tiles, 128 x 128 weight blocks)
+E4M3_MAX = 448.0
+FP8_DTYPE = torch.float8_e4m3fn
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pow2_scale(amax):
+    """(2^k, 2^-k) for the smallest k with amax / 2^k <= 448, from amax's bits (exact); amax 0
+    gives 2^-126, a non-finite amax the scale NaN (the tile dequantizes to NaN). 448 = 1.75 * 2^8:
+    k is amax's exponent - 8, one more when its mantissa > 1.75."""
+    bits = amax.to(tl.int32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF) - 127
+    k = exp - 8 + ((bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    k = tl.minimum(tl.maximum(k, -126), 126)
+    scale = ((k + 127) << 23).to(tl.float32, bitcast=True)
+    scale = tl.where(exp == 128, float("nan"), scale)
+    inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    return scale, inv
+
+
+@triton.jit
+def _round_e4m3(v):
+    """v (fp32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32: the cast
+    to e4m3 that follows is then exact everywhere. Normal e4m3 values keep 3 mantissa bits (drop
+    20 of fp32's, with the carry into the exponent); below 2^-6 the spacing is 2^-9."""
+    bits = v.to(tl.int32, bitcast=True)
+    sign = bits & -2147483648
+    mag_bits = bits & 0x7FFFFFFF
+    lsb = (mag_bits >> 20) & 1
+    normal = ((mag_bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
+    mag = mag_bits.to(tl.float32, bitcast=True)
+    sub = ((mag * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # 1.5 * 2^23 rounds to an integer
+    r = tl.minimum(tl.where(mag < 0.015625, sub, normal), 448.0)
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+# x_MK (any float dtype, last dim contiguous) -> q_MK e4m3, s_MKB fp32. Program (i, j) quantizes
+# rows [i*BLOCK_M, (i+1)*BLOCK_M) of the j-th Q columns.
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, s_ptr,
+    M, K,
+    stride_xm, stride_qm, stride_sm,
+    BLOCK_M: tl.constexpr, QB: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * QB + tl.arange(0, QB)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=1))
+    scale = tl.where(tl.max((x != x).to(tl.int32), axis=1) > 0, float("nan"), scale)  # max() skips NaN
+    q = _round_e4m3(x * inv[:, None])
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rows.to(tl.int64) * stride_sm + tl.program_id(1), scale, mask=rows < M)
+
+
+# out_MN[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T; x_q [M, K], x_s [M, KB],
+# w_q [E, N, K], w_s [E, NB, KB]. Row tiles over all groups as in `gmm._gmm_kernel` (leftover
+# rows written as zeros); programs loop over tiles with a stride of `num_programs`. Each
+# BLOCK_K-deep step (BLOCK_K divides Q) is one FP8 product into a fresh fp32 tile, scaled by the
+# rows' and the block's scales and added to the fp32 accumulator: no FP8 accumulation spans
+# more than BLOCK_K (DeepSeek-V3's promotion). BLOCK_N divides Q: a tile's columns share a block.
+@triton.jit
+def _gmm_fp8_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, sizes_ptr,
+    M, N, K, E, num_programs,
+    stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
+    rows_total = tl.max(ends, 0)
+    real_m_tiles = tl.sum(tiles, 0)
+    num_m_tiles = real_m_tiles + tl.cdiv(M - rows_total, BLOCK_M)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
+        tile_m, tile_n = _swizzle(tile, num_m_tiles, num_n_tiles, GROUP_M)
+        mine = (tile_starts <= tile_m) & (tile_m < tile_starts + tiles)
+        first = starts + (tile_m - tile_starts) * BLOCK_M
+        packed = (
+            (e.to(tl.int64) << 40) | (first.to(tl.int64) << 9)
+            | tl.minimum(ends - first, BLOCK_M).to(tl.int64)
+        )
+        info = tl.sum(tl.where(mine, packed, 0), 0)
+        real = tile_m < real_m_tiles
+        rest_row0 = rows_total + (tile_m - real_m_tiles) * BLOCK_M
+        group = (info >> 40).to(tl.int32)
+        row0 = tl.where(real, ((info >> 9) & 0x7FFFFFFF).to(tl.int32), rest_row0)
+        row_end = row0 + tl.where(real, (info & 0x1FF).to(tl.int32), tl.minimum(M - rest_row0, BLOCK_M))
+
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        n0 = tile_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ok = offs_m < row_end
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + group.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        xs_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xsm
+        ws_ptr_n = ws_ptr + group.to(tl.int64) * stride_wse + (n0 // QB) * stride_wsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k
+            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n < N)[None, :], other=0.0)
+            part = tl.dot(a, b, out_dtype=tl.float32)
+            sa = tl.load(xs_ptrs + k // QB, mask=row_ok, other=0.0)
+            sb = tl.load(ws_ptr_n + k // QB)
+            acc += part * (sa[:, None] * sb)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        acc = tl.where(real, acc, 0.0)
+        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_rows(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """1 x Q tiles of a [M, K] float tensor (last dim contiguous) -> (q [M, K] e4m3,
+    s [M, KB] fp32 powers of two), x ~ q * s tile by tile. Triton on CUDA (and under the
+    interpreter), else `quantize_rows_reference`."""
+    check_tensor("x", x_MK, ndim=2, dtypes=_IN_DTYPES)
+    if x_MK.stride(-1) != 1 and x_MK.numel():
+        raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_MK.stride())}")
+    M, K = x_MK.shape
+    if x_MK.device.type != "cuda" and not interpreted(x_MK):
+        return quantize_rows_reference(x_MK)
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x_MK.device)
+    s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=x_MK.device)
+    if M and K:
+        block_m = 16 if interpreted(x_MK) else 32
+        _quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
+            x_MK, q, s, M, K, x_MK.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, QB=Q, num_warps=4,
+        )
+    return q, s
+
+
+def _pow2_scales(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The torch form of `_pow2_scale`: (2^k, 2^-k) per amax (fp32)."""
+    bits = amax.float().contiguous().view(torch.int32)
+    exp = ((bits >> 23) & 0xFF) - 127
+    k = (exp - 8 + ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)).clamp(-126, 126)
+    scale = ((k + 127) << 23).view(torch.float32).masked_fill(exp == 128, float("nan"))
+    return scale, ((127 - k) << 23).view(torch.float32)
+
+
+def _to_e4m3(v: torch.Tensor) -> torch.Tensor:
+    """torch's cast, round to nearest even, of values already within +-448."""
+    return v.clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+
+
+def quantize_rows_reference(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch `quantize_rows` (the same powers of two and rounding: equal bit for bit)."""
+    M, K = x_MK.shape
+    KB = cdiv(K, Q)
+    x = torch.nn.functional.pad(x_MK.float(), (0, KB * Q - K)).view(M, KB, Q)
+    scale, inv = _pow2_scales(x.abs().amax(dim=2))
+    q = _to_e4m3(x * inv[:, :, None]).view(M, KB * Q)[:, :K].contiguous()
+    return q, scale
+
+
+def quantize_blocks(w_ENK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Q x Q blocks of [E, N, K] weights (out x in, each expert's as a checkpoint stores it) ->
+    (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block. A torch
+    pass over the weights (they are quantized once per optimizer step)."""
+    check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
+    E, N, K = w_ENK.shape
+    NB, KB = cdiv(N, Q), cdiv(K, Q)
+    w = torch.nn.functional.pad(w_ENK.float(), (0, KB * Q - K, 0, NB * Q - N)).view(E, NB, Q, KB, Q)
+    scale, inv = _pow2_scales(w.abs().amax(dim=(2, 4)))
+    q = _to_e4m3(w * inv[:, :, None, :, None]).view(E, NB * Q, KB * Q)[:, :N, :K].contiguous()
+    return q, scale
+
+
+def dequantize_rows(q_MK: torch.Tensor, s_MKB: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, K]: q * s tile by tile (the reference's view of quantized activations)."""
+    M, K = q_MK.shape
+    return q_MK.float() * s_MKB.float().repeat_interleave(Q, dim=1)[:, :K]
+
+
+def dequantize_blocks(q_ENK: torch.Tensor, s_ENBKB: torch.Tensor) -> torch.Tensor:
+    """fp32 [E, N, K]: q * s block by block."""
+    E, N, K = q_ENK.shape
+    s = s_ENBKB.float().repeat_interleave(Q, dim=1).repeat_interleave(Q, dim=2)[:, :N, :K]
+    return q_ENK.float() * s
+
+
+def gmm_fp8_reference(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
+                      batch_sizes: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Plain torch `gmm_fp8`: dequantize both operands, multiply each group in fp32."""
+    x, w = dequantize_rows(x_q, x_s), dequantize_blocks(w_q, w_s)
+    out = torch.zeros((x.shape[0], w.shape[1]), dtype=torch.float32, device=x.device)
+    start = 0
+    for e, m in enumerate(batch_sizes.tolist()):
+        out[start:start + m] = x[start:start + m] @ w[e].t()
+        start += m
+    return out.to(out_dtype)
+
+
+def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype) -> None:
+    """Shapes, dtypes and devices of `gmm_fp8`'s arguments (ValueError / TypeError)."""
+    check_tensor("x_q", x_q, ndim=2, dtypes=(FP8_DTYPE,))
+    check_tensor("w_q", w_q, ndim=3, dtypes=(FP8_DTYPE,))
+    check_tensor("x_s", x_s, ndim=2, dtypes=(torch.float32,))
+    check_tensor("w_s", w_s, ndim=3, dtypes=(torch.float32,))
+    check_tensor("batch_sizes", batch_sizes, ndim=1, dtypes=INDEX_DTYPES)
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of {_OUT_DTYPES}, got {out_dtype}")
+    M, K = x_q.shape
+    E, N, Kw = w_q.shape
+    if Kw != K:
+        raise ValueError(f"w_q: expected [E, N, K={K}] (out x in, K as x_q's), got {tuple(w_q.shape)}")
+    if tuple(x_s.shape) != (M, cdiv(K, Q)):
+        raise ValueError(f"x_s: expected [M, ceil(K/{Q})] = {(M, cdiv(K, Q))} scales, got {tuple(x_s.shape)}")
+    if tuple(w_s.shape) != (E, cdiv(N, Q), cdiv(K, Q)):
+        raise ValueError(f"w_s: expected [E, ceil(N/{Q}), ceil(K/{Q})] = {(E, cdiv(N, Q), cdiv(K, Q))} scales, "
+                         f"got {tuple(w_s.shape)}")
+    if batch_sizes.numel() != E:
+        raise ValueError(f"batch_sizes: expected {E} entries (one per expert of w_q), got {batch_sizes.numel()}")
+    devices = {t.device for t in (x_q, x_s, w_q, w_s)}
+    if len(devices) != 1:
+        raise ValueError(f"x_q, x_s, w_q, w_s: expected one device, got {sorted(map(str, devices))}")
+    for name, t in (("x_q", x_q), ("w_q", w_q)):
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
+
+
+def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
+            batch_sizes: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+            config: Optional[dict] = None) -> torch.Tensor:
+    """The FP8 grouped GEMM (see the module docstring); `config` ({'block_m', 'block_n',
+    'block_k', 'num_warps', 'num_stages'}) overrides the tiles, for tuning and tests."""
+    check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype)
+    M, K = x_q.shape
+    E, N, _ = w_q.shape
+    if x_q.device.type != "cuda" and not interpreted(x_q):
+        return gmm_fp8_reference(x_q, x_s, w_q, w_s, batch_sizes.cpu(), out_dtype)
+    out = torch.empty((M, N), dtype=out_dtype, device=x_q.device)
+    if M == 0 or N == 0:
+        return out
+    if K == 0 or E == 0:
+        return out.zero_()
+    sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
+    if interpreted(x_q):
+        cfg = dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1)
+    else:
+        # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each).
+        cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)
+    cfg.update(config or {})
+    if Q % cfg["block_n"] or Q % cfg["block_k"]:
+        raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")
+    num_tiles = (cdiv(M, cfg["block_m"]) + E) * cdiv(N, cfg["block_n"])
+    _gmm_fp8_kernel[(num_tiles,)](
+        x_q, x_s, w_q, w_s, out, sizes,
+        M, N, K, E, num_tiles,
+        x_q.stride(0), x_s.stride(0), w_q.stride(0), w_q.stride(1), w_s.stride(0), w_s.stride(1), out.stride(0),
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
+        BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+__all__ = [
+    "E4M3_MAX", "FP8_DTYPE", "Q", "check_gmm_fp8_args", "dequantize_blocks", "dequantize_rows", "gmm_fp8",
+    "gmm_fp8_reference", "quantize_blocks", "quantize_rows", "quantize_rows_reference",
+]

@@ -1,0 +1,201 @@
+"""megablocks.ops.fp8: the blockwise e4m3 quantizers and the FP8 grouped GEMM.
+
+The quantizers are checked bit for bit against torch's own round-to-nearest-even cast of the same
+scaled values, and their scales against a per-tile loop; the GEMM against the plain definition
+(dequantize, multiply in float64) at sizes that do not divide the 128-wide blocks or the tiles,
+with empty experts and rows past the groups' total. The interpreter runs FP8 products exactly
+(checked below); its own fp32 -> fp8 cast is not used by the kernels (they round first), so the
+CPU run checks the same arithmetic as the GPU's.
+"""
+
+import pytest
+import torch
+
+from megablocks.ops import fp8
+from tests.conftest import DEVICE
+from tests.utils import assert_close
+
+Q = fp8.Q
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _hostile(M, K, dtype, seed):
+    """Normal values, an outlier tile, a tile of zeros, values in e4m3's subnormal range of
+    their tile, and exact ties of the rounding."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * 3
+    if M > 2 and K > 0:
+        x[1, : min(K, Q)] *= 100  # one tile of outliers: only its own scale moves
+        x[2, : min(K, Q)] = 0.0
+    if M > 3 and K > 2:
+        x[3, 0] = 448.0
+        x[3, 1] = 1e-3  # e4m3 subnormal at this tile's scale
+        x[3, 2] = -(1.0 + 2**-4)  # a tie of the 3-bit mantissa: to even
+    return x.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M, K", [(6, 300), (1, 128), (17, 1), (0, 10), (5, 0)])
+def test_quantize_rows(M, K, dtype):
+    x = _hostile(M, K, dtype, seed=M * 1000 + K)
+    q, s = fp8.quantize_rows(x)
+    assert q.dtype == fp8.FP8_DTYPE and s.dtype == torch.float32 and q.shape == (M, K)
+    assert s.shape == (M, -(-K // Q))
+    # Per tile: the smallest power of two that fits the tile's amax into +-448 (a loop).
+    xf = x.float().cpu()
+    for i in range(M):
+        for j in range(s.shape[1]):
+            amax = xf[i, j * Q:(j + 1) * Q].abs().max().item()
+            want = 2.0 ** -126 if amax == 0 else 2.0 ** max(-126, torch.tensor(amax / 448.0).log2().ceil().item())
+            assert s[i, j].item() == want, (i, j, amax, s[i, j].item())
+    # The values: torch's round-to-nearest-even cast of x / s (exact: s is a power of two).
+    expect = (xf / s.cpu().repeat_interleave(Q, dim=1)[:, :K]).clamp(-448, 448).to(fp8.FP8_DTYPE)
+    assert torch.equal(q.cpu().view(torch.uint8), expect.view(torch.uint8))
+    ref_q, ref_s = fp8.quantize_rows_reference(x)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+    if M > 3 and K > 2:
+        assert q[3, 0].float().item() * s[3, 0].item() == 448.0
+    # Each element within half a unit of e4m3's last place (3 mantissa bits; subnormal spacing 2^-9).
+    err = (fp8.dequantize_rows(q, s).cpu() - xf).abs()
+    bound = xf.abs() * 2.0**-4 + s.cpu().repeat_interleave(Q, dim=1)[:, :K] * 2.0**-10
+    assert (err <= bound).all()
+
+
+def test_rounding_ties_to_even_and_signed_zero():
+    x = torch.tensor([[448.0, 1.0 + 2**-4, 1.0 + 3 * 2**-4, -(1.0 + 2**-4), -1e-9, 2**-10, 3 * 2**-10, 0.0]], device=DEVICE)
+    x = torch.nn.functional.pad(x, (0, Q - x.shape[1]))
+    q, s = fp8.quantize_rows(x)
+    assert s.item() == 1.0  # amax 448 fits exactly
+    assert q.float().cpu()[0, :8].tolist() == [448.0, 1.0, 1.25, -1.0, -0.0, 0.0, 2.0**-8, 0.0]
+    assert torch.signbit(q.float()[0, 4]).item()  # -1e-9 rounds to -0, as torch's cast
+
+
+def test_non_finite_tiles_get_a_nan_scale():
+    x = torch.randn(2, 2 * Q, device=DEVICE)
+    x[0, 5] = float("inf")
+    x[1, Q + 3] = float("nan")
+    _, s = fp8.quantize_rows(x)
+    assert s.isnan().cpu().tolist() == [[True, False], [False, True]]
+    _, s = fp8.quantize_blocks(x.view(1, 2, 2 * Q))
+    assert s.isnan().all()
+
+
+def test_quantize_blocks():
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(3, 130, 200, generator=g) * 0.05).to(DEVICE)
+    w[1, :128, 128:] *= 1e3  # one block of outliers
+    w[2] = 0.0  # an expert of zeros
+    q, s = fp8.quantize_blocks(w)
+    assert q.shape == w.shape and s.shape == (3, 2, 2) and q.dtype == fp8.FP8_DTYPE
+    wf = w.cpu().double()
+    for e in range(3):
+        for nb in range(2):
+            for kb in range(2):
+                blk = wf[e, nb * Q:(nb + 1) * Q, kb * Q:(kb + 1) * Q]
+                amax = blk.abs().max().item()
+                want = 2.0 ** -126 if amax == 0 else 2.0 ** max(-126, torch.tensor(amax / 448.0).log2().ceil().item())
+                assert s[e, nb, kb].item() == want
+                got = q[e, nb * Q:(nb + 1) * Q, kb * Q:(kb + 1) * Q].cpu()
+                expect = (blk / want).float().clamp(-448, 448).to(fp8.FP8_DTYPE)
+                assert torch.equal(got.view(torch.uint8), expect.view(torch.uint8))
+    # Within half a unit of e4m3's last place (3 mantissa bits; the subnormal spacing 2^-9 of each
+    # block's scale for its values far below the block's amax, the outlier block's).
+    err = (fp8.dequantize_blocks(q, s).cpu() - w.cpu()).abs()
+    spacing = s.cpu().repeat_interleave(Q, dim=1).repeat_interleave(Q, dim=2)[:, :130, :200]
+    assert (err <= w.cpu().abs() * 2.0**-4 + spacing * 2.0**-10).all()
+
+
+if DEVICE == "cuda":
+    GMM_CASES = {
+        "mixed": ([300, 0, 1, 517, 1024, 0, 129, 700], 1024, 768),
+        "unaligned": ([130, 0, 257, 64, 1, 511], 1000, 520),
+        "decode": ([8, 0, 3, 1, 0, 4, 16, 0], 4096, 1408),
+    }
+else:
+    GMM_CASES = {
+        "mixed": ([5, 0, 1, 40, 0, 17], 200, 70),
+        "one_expert": ([33], 130, 40),
+        "all_on_one": ([0, 0, 21, 0], 64, 32),
+    }
+
+
+def _operands(sizes, K, N, extra_rows=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    M = sum(sizes) + extra_rows
+    x = torch.randn(M, K, generator=g).to(DEVICE)
+    w = (torch.randn(len(sizes), N, K, generator=g) / K**0.5).to(DEVICE)
+    return x, w, torch.tensor(sizes, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("case", list(GMM_CASES))
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gmm_fp8_against_definition(case, out_dtype):
+    sizes, K, N = GMM_CASES[case]
+    x, w, batch_sizes = _operands(sizes, K, N, extra_rows=3)
+    x_q, x_s = fp8.quantize_rows(x)
+    w_q, w_s = fp8.quantize_blocks(w)
+    out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (x.shape[0], N)
+    xd, wd = fp8.dequantize_rows(x_q, x_s).double().cpu(), fp8.dequantize_blocks(w_q, w_s).double().cpu()
+    ref = torch.zeros(x.shape[0], N, dtype=torch.float64)
+    start = 0
+    for e, m in enumerate(sizes):
+        ref[start:start + m] = xd[start:start + m] @ wd[e].t()
+        start += m
+    # fp32 accumulation of exact FP8 products: an fp32 kernel's error; bf16 out: one rounding.
+    assert_close("gmm_fp8", out, ref, dtype=out_dtype)
+    assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
+    assert_close("reference", fp8.gmm_fp8_reference(x_q, x_s, w_q, w_s, batch_sizes.cpu(), torch.float32), ref,
+                 dtype=torch.float32)
+
+
+def test_gmm_fp8_accuracy_against_unquantized():
+    """The whole FP8 path against the fp32 product of the unquantized operands: e4m3's 3-bit
+    mantissa gives each input ~2.3% rms relative error (uniform rounding over a binade); products
+    of K terms average them. Measured at these shapes: 3.8% mean and 4.7% max relative error per output row."""
+    sizes, K, N = [40, 0, 25], 256, 96
+    x, w, batch_sizes = _operands(sizes, K, N, seed=3)
+    x[7] *= 1e3  # an outlier row: its own tiles' scales absorb it
+    out = fp8.gmm_fp8(*fp8.quantize_rows(x), *fp8.quantize_blocks(w), batch_sizes, out_dtype=torch.float32).cpu()
+    ref = torch.cat([x[:40].cpu() @ w[0].cpu().t(), x[40:].cpu() @ w[2].cpu().t()])
+    rel = ((out - ref).norm(dim=1) / ref.norm(dim=1))
+    assert rel.max() < 0.06 and rel.mean() < 0.05, rel
+
+
+def test_fp8_products_are_exact_in_the_kernels_arithmetic():
+    """Two e4m3 operands whose product needs every bit of fp32's accumulator tile: the kernel
+    agrees with float64 to fp32 rounding (the interpreter's FP8 dot is exact; the GPU's, with a
+    fresh accumulator every 32-128 deep step, keeps fp32 precision there)."""
+    x = torch.full((16, Q), 1.0 + 2**-3, device=DEVICE)
+    x[:, ::2] = -(1.0 + 2**-2)
+    w = torch.full((1, 32, Q), 1.0 + 2**-3, device=DEVICE)
+    out = fp8.gmm_fp8(*fp8.quantize_rows(x), *fp8.quantize_blocks(w), torch.tensor([16], device=DEVICE),
+                      out_dtype=torch.float32)
+    exact = (64 * (1.125 * 1.125) - 64 * (1.25 * 1.125))
+    assert torch.all(out.cpu() == exact), out[0, :4]
+
+
+def test_gmm_fp8_validates():
+    x, w, batch_sizes = _operands([3, 2], 64, 32)
+    x_q, x_s = fp8.quantize_rows(x)
+    w_q, w_s = fp8.quantize_blocks(w)
+    with pytest.raises(TypeError, match="x_q"):
+        fp8.gmm_fp8(x, x_s, w_q, w_s, batch_sizes)
+    with pytest.raises(ValueError, match="w_q: expected \\[E, N, K=64\\]"):
+        fp8.gmm_fp8(x_q, x_s, w_q[:, :, :32].contiguous(), w_s, batch_sizes)
+    with pytest.raises(ValueError, match="x_s"):
+        fp8.gmm_fp8(x_q, x_s[:4], w_q, w_s, batch_sizes)
+    with pytest.raises(ValueError, match="w_s"):
+        fp8.gmm_fp8(x_q, x_s, w_q, w_s[:, :, :0], batch_sizes)
+    with pytest.raises(ValueError, match="batch_sizes"):
+        fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes[:1])
+    with pytest.raises(TypeError, match="out_dtype"):
+        fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="must divide"):
+        fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, config=dict(block_n=48))
+    with pytest.raises(TypeError, match="x"):
+        fp8.quantize_rows(x.to(torch.int32))
+    with pytest.raises(ValueError, match="x"):
+        fp8.quantize_rows(x[0])
+    with pytest.raises(ValueError, match="contiguous"):
+        fp8.quantize_rows(x.t())
