@@ -1,0 +1,12 @@
+"""benchmarks/bench_fp8.py: the products it times compute the bf16 product's function within
+FP8's error (its smoke run, on the device the suite runs on)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_fp8  # noqa: E402
+
+
+def test_smoke_agrees_with_the_bf16_product():
+    bench_fp8.smoke()
