@@ -102,7 +102,8 @@ def _quantize_rows_kernel(
 
 
 # out_MN[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T; x_q [M, K], x_s [M, KB],
-# w_q [E, N, K], w_s [E, NB, KB]. Row tiles over all groups as in `gmm._gmm_kernel` (leftover
+# w_q as its logical [E, N, K] strides (any layout: [E, K, N] storage is the trans_b=False form),
+# w_s as its logical [E, NB, KB] strides. Row tiles over all groups as in `gmm._gmm_kernel` (leftover
 # rows written as zeros); programs loop over tiles with a stride of `num_programs`. Each
 # BLOCK_K-deep step (BLOCK_K divides Q) is one FP8 product into a fresh fp32 tile, scaled by the
 # rows' and the block's scales and added to the fp32 accumulator: no FP8 accumulation spans
@@ -111,7 +112,7 @@ def _quantize_rows_kernel(
 def _gmm_fp8_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, sizes_ptr,
     M, N, K, E, num_programs,
-    stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_om,
+    stride_xm, stride_xsm, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -141,7 +142,8 @@ def _gmm_fp8_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         row_ok = offs_m < row_end
         x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        w_ptrs = w_ptr + group.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
+        w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
+                  + offs_k[:, None].to(tl.int64) * stride_wk)
         xs_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xsm
         ws_ptr_n = ws_ptr + group.to(tl.int64) * stride_wse + (n0 // QB) * stride_wsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -151,10 +153,10 @@ def _gmm_fp8_kernel(
             b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n < N)[None, :], other=0.0)
             part = tl.dot(a, b, out_dtype=tl.float32)
             sa = tl.load(xs_ptrs + k // QB, mask=row_ok, other=0.0)
-            sb = tl.load(ws_ptr_n + k // QB)
+            sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
             acc += part * (sa[:, None] * sb)
             x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
         acc = tl.where(real, acc, 0.0)
         out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
@@ -247,7 +249,7 @@ def gmm_fp8_reference(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w
     return out.to(out_dtype)
 
 
-def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype) -> None:
+def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b: bool = True) -> None:
     """Shapes, dtypes and devices of `gmm_fp8`'s arguments (ValueError / TypeError)."""
     check_tensor("x_q", x_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("w_q", w_q, ndim=3, dtypes=(FP8_DTYPE,))
@@ -257,30 +259,43 @@ def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype) -> None:
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {_OUT_DTYPES}, got {out_dtype}")
     M, K = x_q.shape
-    E, N, Kw = w_q.shape
-    if Kw != K:
-        raise ValueError(f"w_q: expected [E, N, K={K}] (out x in, K as x_q's), got {tuple(w_q.shape)}")
+    if trans_b:
+        E, N, Kw = w_q.shape
+        if Kw != K:
+            raise ValueError(f"w_q: expected [E, N, K={K}] (out x in, K as x_q's), got {tuple(w_q.shape)}")
+        blocks = (E, cdiv(N, Q), cdiv(K, Q))
+        if tuple(w_s.shape) != blocks:
+            raise ValueError(f"w_s: expected [E, ceil(N/{Q}), ceil(K/{Q})] = {blocks} scales, got {tuple(w_s.shape)}")
+    else:
+        E, Kw, N = w_q.shape
+        if Kw != K:
+            raise ValueError(f"w_q: expected [E, K={K}, N] (trans_b=False: in x out), got {tuple(w_q.shape)}")
+        blocks = (E, cdiv(K, Q), cdiv(N, Q))
+        if tuple(w_s.shape) != blocks:
+            raise ValueError(f"w_s: expected [E, ceil(K/{Q}), ceil(N/{Q})] = {blocks} scales (trans_b=False), "
+                             f"got {tuple(w_s.shape)}")
     if tuple(x_s.shape) != (M, cdiv(K, Q)):
         raise ValueError(f"x_s: expected [M, ceil(K/{Q})] = {(M, cdiv(K, Q))} scales, got {tuple(x_s.shape)}")
-    if tuple(w_s.shape) != (E, cdiv(N, Q), cdiv(K, Q)):
-        raise ValueError(f"w_s: expected [E, ceil(N/{Q}), ceil(K/{Q})] = {(E, cdiv(N, Q), cdiv(K, Q))} scales, "
-                         f"got {tuple(w_s.shape)}")
     if batch_sizes.numel() != E:
         raise ValueError(f"batch_sizes: expected {E} entries (one per expert of w_q), got {batch_sizes.numel()}")
     devices = {t.device for t in (x_q, x_s, w_q, w_s)}
     if len(devices) != 1:
         raise ValueError(f"x_q, x_s, w_q, w_s: expected one device, got {sorted(map(str, devices))}")
-    for name, t in (("x_q", x_q), ("w_q", w_q)):
-        if t.numel() and t.stride(-1) != 1:
-            raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
+    if x_q.numel() and x_q.stride(-1) != 1:
+        raise ValueError(f"x_q: expected a contiguous last dim, got strides {tuple(x_q.stride())}")
 
 
 def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
-            batch_sizes: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+            batch_sizes: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, trans_b: bool = True,
             config: Optional[dict] = None) -> torch.Tensor:
-    """The FP8 grouped GEMM (see the module docstring); `config` ({'block_m', 'block_n',
-    'block_k', 'num_warps', 'num_stages'}) overrides the tiles, for tuning and tests."""
-    check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype)
+    """The FP8 grouped GEMM (see the module docstring). With `trans_b` (default) `w_q` is
+    `[E, N, K]` (out x in) with `[E, NB, KB]` scales and out = x @ w[e]^T; with trans_b=False it
+    is `[E, K, N]` with `[E, KB, NB]` scales and out = x @ w[e] (the same quantized weight serves
+    a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
+    'num_warps', 'num_stages'}) overrides the tiles, for tuning and tests."""
+    check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
+    if not trans_b:  # the kernel reads any strides: the logical [E, N, K] view of the same storage
+        w_q, w_s = w_q.transpose(1, 2), w_s.transpose(1, 2)
     M, K = x_q.shape
     E, N, _ = w_q.shape
     if x_q.device.type != "cuda" and not interpreted(x_q):
@@ -303,7 +318,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     _gmm_fp8_kernel[(num_tiles,)](
         x_q, x_s, w_q, w_s, out, sizes,
         M, N, K, E, num_tiles,
-        x_q.stride(0), x_s.stride(0), w_q.stride(0), w_q.stride(1), w_s.stride(0), w_s.stride(1), out.stride(0),
+        x_q.stride(0), x_s.stride(0), w_q.stride(0), w_q.stride(1), w_q.stride(2), w_s.stride(0), w_s.stride(1),
+        w_s.stride(2), out.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
         BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

@@ -129,14 +129,20 @@ def _operands(sizes, K, N, extra_rows=0, seed=0):
 
 @pytest.mark.parametrize("case", list(GMM_CASES))
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gmm_fp8_against_definition(case, out_dtype):
+@pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
+def test_gmm_fp8_against_definition(case, out_dtype, trans_b):
     sizes, K, N = GMM_CASES[case]
     x, w, batch_sizes = _operands(sizes, K, N, extra_rows=3)
     x_q, x_s = fp8.quantize_rows(x)
-    w_q, w_s = fp8.quantize_blocks(w)
-    out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=out_dtype)
+    if trans_b:
+        w_q, w_s = fp8.quantize_blocks(w)
+    else:  # the same weights stored [E, K, N], quantized in that layout
+        w_q, w_s = fp8.quantize_blocks(w.transpose(1, 2).contiguous())
+    out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=out_dtype, trans_b=trans_b)
     assert out.dtype == out_dtype and out.shape == (x.shape[0], N)
-    xd, wd = fp8.dequantize_rows(x_q, x_s).double().cpu(), fp8.dequantize_blocks(w_q, w_s).double().cpu()
+    wd = fp8.dequantize_blocks(w_q, w_s).double().cpu()
+    wd = wd if trans_b else wd.transpose(1, 2)
+    xd = fp8.dequantize_rows(x_q, x_s).double().cpu()
     ref = torch.zeros(x.shape[0], N, dtype=torch.float64)
     start = 0
     for e, m in enumerate(sizes):
@@ -145,8 +151,9 @@ def test_gmm_fp8_against_definition(case, out_dtype):
     # fp32 accumulation of exact FP8 products: an fp32 kernel's error; bf16 out: one rounding.
     assert_close("gmm_fp8", out, ref, dtype=out_dtype)
     assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
-    assert_close("reference", fp8.gmm_fp8_reference(x_q, x_s, w_q, w_s, batch_sizes.cpu(), torch.float32), ref,
-                 dtype=torch.float32)
+    if trans_b:
+        assert_close("reference", fp8.gmm_fp8_reference(x_q, x_s, w_q, w_s, batch_sizes.cpu(), torch.float32), ref,
+                     dtype=torch.float32)
 
 
 def test_gmm_fp8_accuracy_against_unquantized():
@@ -187,6 +194,8 @@ def test_gmm_fp8_validates():
         fp8.gmm_fp8(x_q, x_s[:4], w_q, w_s, batch_sizes)
     with pytest.raises(ValueError, match="w_s"):
         fp8.gmm_fp8(x_q, x_s, w_q, w_s[:, :, :0], batch_sizes)
+    with pytest.raises(ValueError, match="trans_b=False"):
+        fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, trans_b=False)  # [E, N=32, K=64] read as [E, K, N]
     with pytest.raises(ValueError, match="batch_sizes"):
         fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes[:1])
     with pytest.raises(TypeError, match="out_dtype"):
