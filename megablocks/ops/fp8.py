@@ -4,11 +4,25 @@
     w_q, w_s = quantize_blocks(w_ENK)               # 128 x 128 blocks of [E, N, K] (out x in)
     out_MN = gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes_E)   # bf16 out, fp32 accumulation
 
+    y_MN = fp8_gmm(x_MK, w_ENK, batch_sizes_E, weights=cache(w_ENK))   # differentiable
+
 `gmm_fp8_reference` is the plain-torch definition (dequantize both operands, multiply in fp32).
-The kernels and the layout are in `megablocks.backend.fp8`; this is the forward product (the
-serving and inference form). The training products (the two backward forms) and the dMoE
-recipe option are not here yet.
+The kernels and the layout are in `megablocks.backend.fp8`.
+
+`fp8_gmm` is the training form: the forward product and the input gradient run in FP8 (the
+output gradient quantized in 1 x 128 tiles, the same quantized weight read in the other layout);
+the weight gradient is the variable-K grouped GEMM of the unquantized operands (bf16 on a GPU),
+not FP8 yet. `Fp8WeightCache` quantizes a weight once per optimizer step: again only when the
+weight's storage or version (bumped by every in-place update) changed, so micro-batches of one
+step share one quantization. The dMoE recipe option is not here yet.
 """
+
+import weakref
+from typing import Optional, Tuple
+
+import torch
+
+from megablocks.backend import gmm as _gmm
 
 from megablocks.backend.fp8 import (
     E4M3_MAX,
@@ -23,7 +37,73 @@ from megablocks.backend.fp8 import (
     quantize_rows_reference,
 )
 
+
+
+class Fp8WeightCache:
+    """Blockwise FP8 copies of weights, made again only when a weight changed (its storage or
+    its version, which every in-place update such as an optimizer step bumps)."""
+
+    def __init__(self):
+        self._entries = {}
+
+    def __call__(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`quantize_blocks(w)`, from the cache when `w` has not changed since."""
+        key = id(w)
+        stamp = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+        hit = self._entries.get(key)
+        if hit is None or hit[0]() is not w or hit[1] != stamp:  # a new tensor may reuse an id
+            with torch.no_grad():
+                hit = (weakref.ref(w), stamp, quantize_blocks(w.detach()))
+            self._entries[key] = hit
+        return hit[2]
+
+
+class _Fp8Gmm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, batch_sizes, trans_b, w_q, w_s):
+        x_q, x_s = quantize_rows(x)
+        ctx.save_for_backward(x, w_q, w_s, batch_sizes)
+        ctx.trans_b = trans_b
+        return gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=x.dtype, trans_b=trans_b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_q, w_s, batch_sizes = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            g_q, g_s = quantize_rows(grad)
+            grad_x = gmm_fp8(g_q, g_s, w_q, w_s, batch_sizes, out_dtype=x.dtype, trans_b=not ctx.trans_b)
+        if ctx.needs_input_grad[1]:
+            a, b = (grad, x) if ctx.trans_b else (x, grad)
+            grad_w = _gmm.gmm(a, b, batch_sizes, trans_a=True)
+        return grad_x, grad_w, None, None, None, None
+
+
+def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = True,
+            weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Differentiable grouped GEMM with FP8 operands: out[rows of e] = x[rows of e] @ w[e]^T
+    (`trans_b`, w `[E, N, K]`) or @ w[e] (w `[E, K, N]`), in x's dtype.
+
+    Args:
+        x_MK: `[M, K]` float32/float16/bfloat16, rows grouped by `batch_sizes`, last dim
+            contiguous; quantized in 1 x 128 tiles in the forward.
+        w: the weights (x's dtype); their gradient is computed unquantized.
+        batch_sizes: `[E]` int32/int64 rows per group on x's device, summing to M.
+        weights: `quantize_blocks(w)` when the caller keeps it (`Fp8WeightCache`); else the
+            weights are quantized in this call.
+
+    Raises:
+        ValueError, TypeError: as `quantize_rows` and `gmm_fp8`, or `w` of another dtype than x.
+    """
+    if not isinstance(w, torch.Tensor) or w.dtype != x_MK.dtype:
+        raise TypeError(f"w: expected a tensor of x's dtype {x_MK.dtype}, got "
+                        f"{getattr(w, 'dtype', type(w).__name__)}")
+    w_q, w_s = weights if weights is not None else quantize_blocks(w.detach())
+    return _Fp8Gmm.apply(x_MK, w, batch_sizes, trans_b, w_q, w_s)
+
+
 __all__ = [
-    "E4M3_MAX", "FP8_DTYPE", "Q", "dequantize_blocks", "dequantize_rows", "gmm_fp8", "gmm_fp8_reference",
-    "quantize_blocks", "quantize_rows", "quantize_rows_reference",
+    "E4M3_MAX", "FP8_DTYPE", "Fp8WeightCache", "Q", "dequantize_blocks", "dequantize_rows", "fp8_gmm", "gmm_fp8",
+    "gmm_fp8_reference", "quantize_blocks", "quantize_rows", "quantize_rows_reference",
 ]
