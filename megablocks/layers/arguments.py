@@ -33,6 +33,7 @@ MLP_IMPLS = ("sparse", "grouped")
 # RESULTS.md, "The training step as training runs it"); with gmm_backend='auto', Triton on CUDA.
 AUTO_MLP_IMPL = "grouped"
 GMM_BACKENDS = ("auto", "triton", "torch", "gg")
+FP8_RECIPES = (None, "blockwise")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
 BLOCK_SIZES = ops_sparse.BLOCK_SIZES
@@ -98,6 +99,11 @@ class Arguments:
         moe_router_bias_update_rate: step of that update.
         moe_block_size: block size of the sparse path (MegaBlocks uses 128).
         gmm_backend: grouped GEMM backend of `mlp_impl='grouped'`: 'auto', 'triton', 'torch', 'gg'.
+        fp8: None, or 'blockwise': the grouped path's expert products in FP8 (DeepSeek-V3's layout:
+            e4m3, 1 x 128 activation tiles, 128 x 128 weight blocks; `megablocks.ops.fp8.fp8_gmm`):
+            the forward products and the input gradients in FP8, the weight gradients from the
+            unquantized operands; each weight quantized once per optimizer step. Needs
+            mlp_impl='grouped'; the fused gather and the inference form are not taken.
         loss_collector: where the layers record what the batched losses need; None uses the
             process-wide collector that MegaBlocks' global functions read.
         kernel_policy: the fused forms and thresholds the layer runs (`megablocks.policy.KernelPolicy`,
@@ -183,6 +189,7 @@ class Arguments:
     moe_aux_loss_group: Optional[Any] = dataclasses.field(default=None, repr=False, compare=False)
     moe_block_size: int = 128
     gmm_backend: str = "auto"
+    fp8: Optional[str] = None
     loss_collector: Optional[MoELossCollector] = dataclasses.field(default=None, repr=False, compare=False)
     kernel_policy: KernelPolicy = dataclasses.field(default_factory=KernelPolicy)
 
@@ -228,6 +235,9 @@ class Arguments:
         if self.mlp_impl == "auto":
             self.mlp_impl = AUTO_MLP_IMPL
         _check_choice("gmm_backend", self.gmm_backend, GMM_BACKENDS)
+        _check_choice("fp8", self.fp8, FP8_RECIPES)
+        if self.fp8 is not None and self.mlp_impl != "grouped":
+            raise ValueError(f"fp8: the {self.fp8!r} recipe runs on mlp_impl='grouped', got mlp_impl={self.mlp_impl!r}")
         _check_choice("moe_router_score_function", self.moe_router_score_function, ROUTER_SCORE_FUNCTIONS)
         _check_int("moe_block_size", self.moe_block_size, 1)
         if self.moe_block_size not in BLOCK_SIZES:

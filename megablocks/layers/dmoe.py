@@ -117,7 +117,7 @@ class ParallelDroplessMLP(moe.ParallelMLP):
         gradient to record."""
         experts = self.mlp
         if not (self.args.kernel_policy.inference_form and isinstance(experts, mlp.SparseMLP)
-                and experts._v1() is not None):
+                and experts._v1() is not None and self.args.fp8 is None):
             return None
         if x_TH.shape[0] == 0 or mlp._gmm_backend(self.args) not in (None, "triton") or not use_triton(x_TH):
             return None

@@ -36,6 +36,7 @@ from megablocks.layers.activation_fn import fused_name, gated_product
 from megablocks.layers.arguments import Arguments, InitFn
 from megablocks.ops.activation import glu
 from megablocks.ops.expert_bias import add_expert_bias, block_column_bias, block_row_experts, row_experts
+from megablocks.ops.fp8 import Fp8WeightCache, fp8_gmm
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered
 from megablocks.ops.permute import RowMaps
 from megablocks.ops.sparse import dsd_data, sdd_data
@@ -360,10 +361,11 @@ class GroupedMLP(SparseMLP):
 
     def _shared_input_pair(self) -> bool:
         """Whether the GLU's up projections are one op (`KernelPolicy.fused_glu_input_grad`, up to
-        `fused_glu_input_grad_max_ffn` features per expert and rank)."""
+        `fused_glu_input_grad_max_ffn` features per expert and rank; not in FP8)."""
         policy = self.args.kernel_policy
         return (
             self._v1() is not None
+            and self.args.fp8 is None
             and policy.fused_glu_input_grad
             and mpu.features_per_rank(self.args) <= policy.fused_glu_input_grad_max_ffn
         )
@@ -395,6 +397,11 @@ class GroupedMLP(SparseMLP):
                 return gmm_shared_input_gathered(x, w1, v1, tokens_per_expert, maps, trans_b=True, backend=backend)
             return gmm_shared_input(x, w1, v1, tokens_per_expert, trans_b=True, backend=backend)
 
+        weights = self._cast_weights(x)
+        projections = (up, down)
+        if self.args.fp8 is not None:
+            projections = self._fp8_projections(weights, tokens_per_expert, num_experts, hidden)
+
         biases = self._cast_biases(x)
         experts = None
         if biases is not None:
@@ -406,10 +413,29 @@ class GroupedMLP(SparseMLP):
             return add_expert_bias(h, b, experts, index_sorted=True)
 
         return expert_ffn(
-            x, *self._cast_weights(x), up=up, down=down, up_pair=up_pair if self._shared_input_pair() else None,
+            x, *weights, up=projections[0], down=projections[1],
+            up_pair=up_pair if self._shared_input_pair() else None,
             activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
             biases=biases, up_bias=add_bias, down_bias=add_bias,
         )
+
+    def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int):
+        """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this
+        forward: each is quantized from its parameter (not from the per-forward cast) once per
+        optimizer step, in the module's cache."""
+        cache = self.__dict__.setdefault("_fp8_weights", Fp8WeightCache())
+        source = {id(c): p for c, p in zip(weights, (self.w1, self._v1(), self.w2)) if c is not None}
+        shape = (num_experts, -1, hidden)
+
+        def up(x, w):
+            return fp8_gmm(x.contiguous(), w.view(shape), tokens_per_expert, trans_b=True,
+                           weights=cache(source[id(w)], shape))
+
+        def down(a, w):
+            return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=False,
+                           weights=cache(source[id(w)], shape))
+
+        return up, down
 
 
 class SharedMLP(torch.nn.Module):

@@ -46,16 +46,21 @@ class Fp8WeightCache:
     def __init__(self):
         self._entries = {}
 
-    def __call__(self, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """`quantize_blocks(w)`, from the cache when `w` has not changed since."""
-        key = id(w)
+    def __call__(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`quantize_blocks(w.view(shape))` (shape default: w's own, 3-D), from the cache when
+        `w` has not changed since."""
+        key = (id(w), shape)
         stamp = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
         hit = self._entries.get(key)
         if hit is None or hit[0]() is not w or hit[1] != stamp:  # a new tensor may reuse an id
             with torch.no_grad():
-                hit = (weakref.ref(w), stamp, quantize_blocks(w.detach()))
+                v = w.detach() if shape is None else w.detach().view(shape)
+                hit = (weakref.ref(w), stamp, quantize_blocks(v))
             self._entries[key] = hit
         return hit[2]
+
+    def __getstate__(self):  # copies and pickles of a module start with an empty cache
+        return {"_entries": {}}
 
 
 class _Fp8Gmm(torch.autograd.Function):
