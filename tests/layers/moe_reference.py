@@ -224,21 +224,32 @@ def check_against_reference(layer, x, *, capacity=None, dtype=torch.float32, top
     (out * grad_out).sum().backward()
 
     p = layer_params(layer)
-    xr = x.detach().float().cpu().requires_grad_(True)
     forced = seen["top_experts"].cpu() if top_experts_from_layer else None
-    ref, top_experts, counts = reference_moe(
-        xr, p["router"], p["w1"], p["v1"], p["w2"], p["bias"],
-        top_k=args.moe_top_k, activation_fn=args.activation_fn, normalize=args.moe_normalize_expert_weights,
-        capacity=capacity, top_experts=forced, router_bias=p["router_bias"], w1_bias=p["w1_bias"],
-        v1_bias=p["v1_bias"], w2_bias=p["w2_bias"],
-    )
-    (ref * grad_out.float().cpu()).sum().backward()
+    kw = dict(top_k=args.moe_top_k, activation_fn=args.activation_fn, normalize=args.moe_normalize_expert_weights,
+              capacity=capacity)
+    names = ("router", "w1", "v1", "w2", "bias", "router_bias", "w1_bias", "v1_bias", "w2_bias")
+
+    def reference(xr, q, top):
+        return reference_moe(xr, q["router"], q["w1"], q["v1"], q["w2"], q["bias"], top_experts=top,
+                             router_bias=q["router_bias"], w1_bias=q["w1_bias"], v1_bias=q["v1_bias"],
+                             w2_bias=q["w2_bias"], **kw)
+
+    # The routing in fp32, as the layer computes it (the choices are checked below); the values
+    # and gradients along that routing in float64, so that the comparison measures the layer's
+    # rounding alone (a sum that cancels, e.g. one token through one FFN column, would otherwise
+    # carry the fp32 reference's own error into it).
+    with torch.no_grad():
+        _, top_experts, counts = reference(x.detach().float().cpu(), p, forced)
+    q = {k: None if p[k] is None else p[k].detach().double().requires_grad_(True) for k in names}
+    xr = x.detach().double().cpu().requires_grad_(True)
+    ref, _, _ = reference(xr, q, top_experts)
+    (ref * grad_out.double().cpu()).sum().backward()
     assert_equal("top_experts", seen["top_experts"].cpu(), top_experts)
     assert_equal("tokens_per_expert", layer.experts.tokens_per_expert.cpu().long(), counts)
     assert_close("out", out, ref, dtype=dtype, family="layer")
     grads = layer_grads(layer, x)
     names = GRAD_NAMES + BIAS_GRAD_NAMES
-    expected = {"x": xr.grad, **{k: None if p[k] is None else p[k].grad for k in names if k != "x"}}
+    expected = {"x": xr.grad, **{k: None if q[k] is None else q[k].grad for k in names if k != "x"}}
     for name in names:
         if expected[name] is None:
             assert grads[name] is None, f"{name}: the layer has a parameter the reference lacks"
