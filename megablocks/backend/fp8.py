@@ -34,7 +34,7 @@ import triton.language as tl
 
 from megablocks._checks import INDEX_DTYPES, check_tensor
 from megablocks.backend import cdiv, next_power_of_2
-from megablocks.backend.gmm import _group_table, _swizzle
+from megablocks.backend.gmm import _group_table, _row_tile, _swizzle
 from megablocks.backend.launch import interpreted
 
 Q = 128  # the quantization block (DeepSeek-V3: 1 x 128 activation tiles, 128 x 128 weight blocks)
@@ -123,18 +123,8 @@ def _gmm_fp8_kernel(
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
         tile_m, tile_n = _swizzle(tile, num_m_tiles, num_n_tiles, GROUP_M)
-        mine = (tile_starts <= tile_m) & (tile_m < tile_starts + tiles)
-        first = starts + (tile_m - tile_starts) * BLOCK_M
-        packed = (
-            (e.to(tl.int64) << 40) | (first.to(tl.int64) << 9)
-            | tl.minimum(ends - first, BLOCK_M).to(tl.int64)
-        )
-        info = tl.sum(tl.where(mine, packed, 0), 0)
-        real = tile_m < real_m_tiles
-        rest_row0 = rows_total + (tile_m - real_m_tiles) * BLOCK_M
-        group = (info >> 40).to(tl.int32)
-        row0 = tl.where(real, ((info >> 9) & 0x7FFFFFFF).to(tl.int32), rest_row0)
-        row_end = row0 + tl.where(real, (info & 0x1FF).to(tl.int32), tl.minimum(M - rest_row0, BLOCK_M))
+        group, row0, row_end, real = _row_tile(tile_m, e, starts, ends, tile_starts, tiles, real_m_tiles,
+                                               rows_total, M, BLOCK_M)
 
         offs_m = row0 + tl.arange(0, BLOCK_M)
         n0 = tile_n * BLOCK_N

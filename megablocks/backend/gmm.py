@@ -80,6 +80,28 @@ def _group_table(sizes_ptr, E, M, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(tile_m, e, starts, ends, tile_starts, tiles, real_m_tiles, rows_total, M, BLOCK_M: tl.constexpr):
+    """Row tile `tile_m` of the `_group_table` vectors: (its group, first row, end row, whether it
+    is a group's tile). Tiles past the groups' `real_m_tiles` cover the leftover rows after
+    `rows_total` (group 0, `real` False)."""
+    mine = (tile_starts <= tile_m) & (tile_m < tile_starts + tiles)
+    # Per group, were the tile its own: group << 40 | first row << 9 | rows in the tile
+    # (<= 256); one reduction over the tile's group finds all three.
+    first = starts + (tile_m - tile_starts) * BLOCK_M
+    packed = (
+        (e.to(tl.int64) << 40) | (first.to(tl.int64) << 9)
+        | tl.minimum(ends - first, BLOCK_M).to(tl.int64)
+    )
+    info = tl.sum(tl.where(mine, packed, 0), 0)
+    real = tile_m < real_m_tiles
+    rest_row0 = rows_total + (tile_m - real_m_tiles) * BLOCK_M
+    group = (info >> 40).to(tl.int32)
+    row0 = tl.where(real, ((info >> 9) & 0x7FFFFFFF).to(tl.int32), rest_row0)
+    row_end = row0 + tl.where(real, (info & 0x1FF).to(tl.int32), tl.minimum(M - rest_row0, BLOCK_M))
+    return group, row0, row_end, real
+
+
+@triton.jit
 def _mapped_rows(rows_ptr, offs, valid, T, rows_top_k):
     """The physical rows of logical rows `offs` (where `valid`) through the map `rows_ptr`
     (entry // rows_top_k), clamped to at most T - 1, and whether each is a real row (entry >= 0,
@@ -163,20 +185,8 @@ def _gmm_kernel(
 
     for tile in range(tl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
         tile_m, tile_n = _swizzle(tile, num_m_tiles, num_n_tiles, GROUP_M)
-        mine = (tile_starts <= tile_m) & (tile_m < tile_starts + tiles)
-        # Per group, were the tile its own: group << 40 | first row << 9 | rows in the tile
-        # (<= 256); one reduction over the tile's group finds all three.
-        first = starts + (tile_m - tile_starts) * BLOCK_M
-        packed = (
-            (e.to(tl.int64) << 40) | (first.to(tl.int64) << 9)
-            | tl.minimum(ends - first, BLOCK_M).to(tl.int64)
-        )
-        info = tl.sum(tl.where(mine, packed, 0), 0)
-        real = tile_m < real_m_tiles
-        rest_row0 = rows_total + (tile_m - real_m_tiles) * BLOCK_M
-        group = (info >> 40).to(tl.int32)
-        row0 = tl.where(real, ((info >> 9) & 0x7FFFFFFF).to(tl.int32), rest_row0)
-        row_end = row0 + tl.where(real, (info & 0x1FF).to(tl.int32), tl.minimum(M - rest_row0, BLOCK_M))
+        group, row0, row_end, real = _row_tile(tile_m, e, starts, ends, tile_starts, tiles, real_m_tiles,
+                                               rows_total, M, BLOCK_M)
 
         offs_m = row0 + tl.arange(0, BLOCK_M)
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
