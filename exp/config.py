@@ -40,8 +40,9 @@ class TrainConfig:
     clip_grad: max global grad norm (0: no clipping). eval_interval / eval_iters: validate every so
     many iterations on eval_iters global batches. save_interval: checkpoint every so many
     iterations (and at the end); checkpoint False writes none at all (runs that only measure).
-    exit_iteration: stop (with a checkpoint) after this iteration, keeping the schedule of train_iters. exit_duration_s: stop (with a validation and a checkpoint)
-    after the first step that ends past this many seconds of training time (the `train_s` column:
+    exit_iteration: stop (with a checkpoint) after this iteration, keeping the schedule of
+    train_iters. exit_duration_s: stop (with a validation and a checkpoint) after the first step
+    that ends past this many seconds of training time (the `train_s` column:
     the steps' wall time in this process, evaluations and checkpoints left out), keeping the
     schedule of train_iters; runs compared at equal training time use it with
     lr_decay_style 'constant'. precision: 'auto' ('bf16-params' in one GPU process,

@@ -423,7 +423,9 @@ class GroupedMLP(SparseMLP):
         """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this
         forward: each is quantized from its parameter (not from the per-forward cast) once per
         optimizer step, in the module's cache."""
-        cache = self.__dict__.setdefault("_fp8_weights", Fp8WeightCache())
+        if "_fp8_weights" not in self.__dict__:
+            self._fp8_weights = Fp8WeightCache()  # a plain attribute: not state, not copied
+        cache = self._fp8_weights
         source = {id(c): p for c, p in zip(weights, (self.w1, self._v1(), self.w2)) if c is not None}
         shape = (num_experts, -1, hidden)
 

@@ -14,7 +14,7 @@ output gradient quantized in 1 x 128 tiles, the same quantized weight read in th
 the weight gradient is the variable-K grouped GEMM of the unquantized operands (bf16 on a GPU),
 not FP8 yet. `Fp8WeightCache` quantizes a weight once per optimizer step: again only when the
 weight's storage or version (bumped by every in-place update) changed, so micro-batches of one
-step share one quantization. The dMoE recipe option is not here yet.
+step share one quantization. dMoE runs its grouped path this way with `Arguments(fp8='blockwise')`.
 """
 
 import weakref
@@ -23,7 +23,6 @@ from typing import Optional, Tuple
 import torch
 
 from megablocks.backend import gmm as _gmm
-
 from megablocks.backend.fp8 import (
     E4M3_MAX,
     FP8_DTYPE,
@@ -36,7 +35,6 @@ from megablocks.backend.fp8 import (
     quantize_rows,
     quantize_rows_reference,
 )
-
 
 
 class Fp8WeightCache:
