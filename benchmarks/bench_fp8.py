@@ -9,11 +9,18 @@ router's counts; the two forward products of an expert MLP, `x_MH · w1[e]^T` (H
 `h_MF · w2[e]^T` (F -> H, w2 in the checkpoints' [E, H, F] layout here), in bf16 (`gmm`, the
 'triton' backend) and in FP8 (`gmm_fp8`, operands quantized beforehand: weights once per step,
 activations by the layer); `quantize_rows` is timed on the same activations, against the copy
-bandwidth measured in the same run. The target (issue "FP8 experts on Hopper"): FP8 >= 1.6x bf16
-on the mixtral products.
+bandwidth measured in the same run. The target: FP8 >= 1.6x bf16 on the mixtral products.
+
+`--layers` (default mixtral, olmoe) also times the dMoE layer as training runs it (forward, then
+`.backward()` into `.grad` that is None at the start of each step; bench_dmoe's method): the grouped
+path in bf16 against the same layer with `fp8='blockwise'`, on one router and one set of weights.
+The FP8 step's headline quantizes the weights in every step (one micro-batch per optimizer step,
+the costliest case); `fp8_cached_ms` is a later micro-batch of the same step (weights cached). The
+extra peak memory is bench_dmoe's (peak minus what was allocated before, less the gradients).
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -24,6 +31,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gmm import routed_counts  # noqa: E402
 from common import CONFIGS, copy_bandwidth_gbs, environment, print_table, timed, write_csv  # noqa: E402
+
+import bench_dmoe  # noqa: E402
 
 from megablocks.backend import gmm as gb  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
@@ -68,6 +77,58 @@ def bench(args):
                        "quantize_ms", "quantize_gbs", "copy_gbs", "rel_rms_vs_bf16"])
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "bench_fp8.csv"), rows)
+    layer_rows = [layer_step(name, "cuda") for name in args.layers]
+    if layer_rows:
+        print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
+                                 "bf16_extra_gib", "fp8_extra_gib", "out_rel_rms", "x_grad_rel_rms"])
+        write_csv(os.path.join(args.out, "bench_fp8_layer.csv"), [{**r, **env} for r in layer_rows])
+
+
+def build_pair(name, device, dtype=torch.bfloat16):
+    """(the bf16 grouped dMoE, the same layer with fp8='blockwise') of bench_dmoe's layer `name`,
+    on one router and one set of weights."""
+    layer = bench_dmoe.all_layers(device != "cuda")[name]
+    torch.manual_seed(0)
+    bf16 = bench_dmoe.build_dmoe(layer, dtype, device, "grouped", "triton")
+    args = dataclasses.replace(bf16.args, fp8="blockwise")
+    fp8_layer = type(bf16)(args)
+    bench_dmoe.share_parameters(fp8_layer, bf16)
+    return layer, bf16.train(), fp8_layer.train()
+
+
+def layer_step(name, device, dtype=torch.bfloat16):
+    """One row: the bf16 and FP8 layers' training steps (ms, median), extra peak memory and the
+    FP8 layer's relative rms error against the bf16 layer (output and input gradient)."""
+    layer, bf16, fp8_layer = build_pair(name, device, dtype)
+    torch.manual_seed(1)
+    x = torch.randn(layer.T, layer.H, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(layer.T, layer.H, device=device, dtype=dtype)
+    inputs = [x, *bf16.parameters()]
+    row = {"config": name}
+    results = {}
+    for label, module in (("bf16", bf16), ("fp8", fp8_layer)):
+        step, _ = bench_dmoe.steps(module, "fwdbwd", False, x, g, inputs)
+        if label == "fp8":
+            cache_step = step
+            cache = lambda: module.experts.mlp.__dict__.get("_fp8_weights")  # noqa: E731
+
+            def step():  # every step quantizes the weights again, as after an optimizer step
+                if cache() is not None:
+                    cache()._entries.clear()
+                cache_step()
+            row["fp8_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
+        row[f"{label}_ms"] = timed(step)[0] if device == "cuda" else float("nan")
+        row[f"{label}_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
+        bench_dmoe.clear_grads(inputs)
+        out = module(x)
+        out.backward(g)
+        results[label] = (out.detach().float(), x.grad.float())
+    row["speedup"] = row["bf16_ms"] / row["fp8_ms"]
+    row["speedup_cached"] = row["bf16_ms"] / row["fp8_cached_ms"]
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    row["out_rel_rms"] = rel(results["fp8"][0], results["bf16"][0])
+    row["x_grad_rel_rms"] = rel(results["fp8"][1], results["bf16"][1])
+    return row
 
 
 def smoke():
@@ -80,6 +141,9 @@ def smoke():
         ref = gb.gmm(x, w, bs, trans_b=True, backend="torch")
         errors[proj] = ((out - ref).norm() / ref.norm()).item()
         assert errors[proj] < 0.06, (proj, errors[proj])
+    layer_row = layer_step("smoke_glu", "cpu", torch.float32)
+    assert layer_row["out_rel_rms"] < 0.08 and layer_row["x_grad_rel_rms"] < 0.08, layer_row
+    errors["layer_out"], errors["layer_x_grad"] = layer_row["out_rel_rms"], layer_row["x_grad_rel_rms"]
     print("bench_fp8 smoke: ok", errors)
     return errors
 
@@ -88,6 +152,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--layers", nargs="*", default=["mixtral", "olmoe"],
+                   help="bench_dmoe layers timed as a training step, bf16 against fp8 (none: skip)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke or not torch.cuda.is_available():

@@ -254,20 +254,23 @@ def _weight_grad_kernel(
     BLOCK_A: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    in_range = a < N
-    row = tl.load(assignment_row_ptr + a, mask=in_range, other=-1)
-    present = in_range & (row >= 0) & (row < R)
-    x_rows = x_ptr + tl.where(present, row, 0).to(tl.int64)[:, None] * stride_x
-    y_rows = y_ptr + (tl.where(present, a, 0) // TOP_K).to(tl.int64)[:, None] * stride_y
-    acc = tl.zeros((BLOCK_A,), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        cols = h0 + tl.arange(0, BLOCK_H)
-        mask = present[:, None] & (cols < H)[None, :]
-        xv = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        yv = tl.load(y_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(xv * yv, axis=1)
-    tl.store(out_ptr + a, acc, mask=in_range)
+    # One assignment at a time, its sum a scalar: a vector of sums would reach the store through a
+    # layout conversion in shared memory whose replicated writes racecheck reports as hazards.
+    # `out_ptr` is zero-filled, so dropped assignments are skipped.
+    for r in tl.static_range(BLOCK_A):
+        a = tl.program_id(0) * BLOCK_A + r
+        if a < N:
+            row = tl.load(assignment_row_ptr + a)
+            if (row >= 0) & (row < R):
+                x_row = x_ptr + row.to(tl.int64) * stride_x
+                y_row = y_ptr + (a // TOP_K).to(tl.int64) * stride_y
+                acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+                for h0 in range(0, H, BLOCK_H):
+                    cols = h0 + tl.arange(0, BLOCK_H)
+                    xv = tl.load(x_row + cols, mask=cols < H, other=0.0).to(tl.float32)
+                    yv = tl.load(y_row + cols, mask=cols < H, other=0.0).to(tl.float32)
+                    acc += xv * yv
+                tl.store(out_ptr + a, tl.sum(acc, axis=0))
 
 
 def _rows_contiguous(name: str, t: torch.Tensor) -> torch.Tensor:
