@@ -141,17 +141,35 @@ def _write_json(path: str, obj) -> None:
     _write(path, write)
 
 
+def _states(model, optimizer, tcfg: TrainConfig, d: Dist):
+    """(model, optimizer) state dicts of this rank's checkpoint part, or (None, None) where this
+    rank writes none. Under FSDP every rank takes part: the shards are gathered (over the mesh of
+    each parameter) into the unsharded layout, the model's the same as without FSDP, the
+    optimizer's keyed by parameter name (torch.distributed.checkpoint.state_dict)."""
+    if tcfg.fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True)
+        states = get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optimizer, options=full)
+        return states if d.rank < d.ep_size else (None, None)
+    if d.rank < d.ep_size:
+        return model.state_dict(), optimizer.state_dict()
+    return None, None
+
+
 def _write_rank_files(path, iteration, model, optimizer, tcfg, mcfg, device, d: Dist) -> None:
+    model_state, optimizer_state = _states(model, optimizer, tcfg, d)  # collectives first, before any write
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
         raise CheckpointError(f"{path}: {err.strerror or err}") from err
     _write(os.path.join(path, f"rng_rank{d.rank}.pt"), lambda tmp: torch.save(_rng_state(device), tmp))
     # Rank k < N holds expert shard k (the other expert-parallel groups hold copies of the same).
-    if d.rank < d.ep_size:
+    if model_state is not None:
         model_file, optimizer_file = _model_files(d)
-        _write(os.path.join(path, model_file), lambda tmp: torch.save(model.state_dict(), tmp))
-        state = {"optimizer": optimizer.state_dict(), "iteration": iteration}
+        _write(os.path.join(path, model_file), lambda tmp: torch.save(model_state, tmp))
+        state = {"optimizer": optimizer_state, "iteration": iteration}
         _write(os.path.join(path, optimizer_file), lambda tmp: torch.save(state, tmp))
     if d.rank == 0:
         _write_json(os.path.join(path, "meta.json"), _meta(iteration, model, tcfg, mcfg, d))
@@ -220,13 +238,30 @@ def load_checkpoint(root, iteration, model, optimizer, tcfg, device, d: Dist) ->
             f"{path}: saved with expert_parallel_size {saved_ep}, resumed with {d.ep_size}; the expert shards "
             "are stored per expert-parallel rank"
         )
+    saved_fsdp = bool(meta.get("train", {}).get("fsdp", False))
+    if saved_fsdp != tcfg.fsdp:
+        raise ValueError(
+            f"{path}: saved with fsdp={saved_fsdp}, resumed with fsdp={tcfg.fsdp}; the optimizer state is stored "
+            "by parameter name under FSDP and by position without it"
+        )
     model_file, optimizer_file = _model_files(d)
-    try:
-        model.load_state_dict(torch.load(os.path.join(path, model_file), map_location=device, weights_only=True))
-    except RuntimeError as e:
-        raise ValueError(f"{path}/{model_file} does not fit the configured model: {e}") from None
+    model_state = torch.load(os.path.join(path, model_file), map_location=device, weights_only=True)
     opt = torch.load(os.path.join(path, optimizer_file), map_location=device, weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
+    try:
+        if tcfg.fsdp:  # every rank loads the unsharded part of its expert-parallel rank and keeps its shard
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, model_state, options=full)
+        else:
+            model.load_state_dict(model_state)
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"{path}/{model_file} does not fit the configured model: {e}") from None
+    if tcfg.fsdp:
+        set_optimizer_state_dict(model, optimizer, opt["optimizer"], options=full)
+    else:
+        optimizer.load_state_dict(opt["optimizer"])
     _set_rng_state(torch.load(os.path.join(path, f"rng_rank{d.rank}.pt"), weights_only=False), device)
     return meta
 

@@ -51,7 +51,10 @@ class TrainConfig:
     parameters for compute, fp32 main weights and Adam states in `megablocks.optim.MainWeightsAdamW`,
     gradient accumulation over micro-batches in fp32: Megatron's scheme, no cast of the weights per
     forward) or 'fp32'. device: 'auto', 'cpu' or 'cuda'. expert_parallel_size: ranks that split the
-    experts of every MoE layer among them (1: none; see `exp.parallel`). Every train.csv row
+    experts of every MoE layer among them (1: none; see `exp.parallel`). fsdp: shard the
+    parameters with torch's FSDP2 (`fully_shard`) instead of replicating them in DDP: shared
+    parameters over all processes, expert shards over their expert-data-parallel ranks
+    (`exp.parallel.apply_fsdp`; precision 'bf16' or 'fp32'). Every train.csv row
     carries the step's ms, tokens/s, model TFLOP/s per GPU and MFU (`exp.throughput`);
     phase_times adds the forward, backward, clipping and optimizer ms (synchronizing the device
     at each boundary). peak_tflops: the GPU's dense bf16 peak for MFU where its name does not
@@ -94,6 +97,7 @@ class TrainConfig:
     plot: bool = True
     name: Optional[str] = None
     expert_parallel_size: int = 1
+    fsdp: bool = False
     phase_times: bool = False
     peak_tflops: Optional[float] = None
 
@@ -114,20 +118,23 @@ class TrainConfig:
             raise ValueError(f"precision: expected one of {PRECISIONS}, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.fsdp and self.precision == "bf16-params":
+            raise ValueError("precision: 'bf16-params' keeps its fp32 main weights outside the parameters, which "
+                             "FSDP shards; with fsdp use 'bf16' (autocast) or 'fp32'")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr: expected a value in [0, lr={self.lr}], got {self.min_lr}")
 
 
-def resolve_precision(precision: str, device_type: str, world: int) -> str:
+def resolve_precision(precision: str, device_type: str, world: int, fsdp: bool = False) -> str:
     """What 'auto' means on this device ('cuda' or 'cpu') with `world` processes; other values
     as they are. One GPU process: 'bf16-params' (benchmarks/RESULTS.md, "The exp/ trainer": 9-47%
     more tokens/s than autocast, the same loss curve); several: 'bf16' autocast (its fp32
-    gradients are what data and expert parallelism reduce); CPU: 'fp32'."""
+    gradients are what data and expert parallelism reduce), and with `fsdp`; CPU: 'fp32'."""
     if precision != "auto":
         return precision
     if device_type != "cuda":
         return "fp32"
-    return "bf16-params" if world == 1 else "bf16"
+    return "bf16-params" if world == 1 and not fsdp else "bf16"
 
 
 def global_batch_size(cfg: TrainConfig, world: int) -> int:

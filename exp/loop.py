@@ -27,7 +27,8 @@ from exp.config import TrainConfig, global_batch_size, resolve_precision
 from exp.data.gpt_dataset import build_datasets
 from exp.log import RunLog, read_csv
 from exp.model import GPT, GPTConfig
-from exp.parallel import Dist, num_parameters, resolve_device, setup_expert_parallel, wrap_data_parallel
+from exp.parallel import (Dist, apply_fsdp, clip_sharded_grad_norm_, num_parameters, resolve_device,
+                          setup_expert_parallel, wrap_data_parallel)
 from exp.plot import plot_runs
 from exp.throughput import PhaseTimer, flops_per_token, peak_tflops, throughput
 from megablocks.layers.router import update_expert_biases
@@ -133,6 +134,7 @@ class Run:
     flops_per_token: float = 0.0
     peak_tflops: Optional[float] = None
     timer: Optional[PhaseTimer] = None
+    num_parameters: Tuple[int, int] = (0, 0)  # (all, active), counted before any sharding
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
@@ -164,7 +166,7 @@ def _resume_or_seed(load: str, model, optimizer, tcfg: TrainConfig, device, d: D
 
 def setup(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: Dist) -> Run:
     """Builds the model, optimizer, data, parallel wrappers and outputs; resumes from a checkpoint."""
-    tcfg = dataclasses.replace(tcfg, precision=resolve_precision(tcfg.precision, device.type, d.world))
+    tcfg = dataclasses.replace(tcfg, precision=resolve_precision(tcfg.precision, device.type, d.world, tcfg.fsdp))
     gbs, accum = _batch_sizes(tcfg, d)
     save = tcfg.save or os.path.join("runs", tcfg.name or mcfg.mlp)
     if d.rank == 0:
@@ -175,23 +177,25 @@ def setup(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: Dist) -> 
     model = GPT(model_cfg, device=device)
     if tcfg.precision == "bf16-params":
         model.to(torch.bfloat16)  # the fp32 initial values become the optimizer's main weights
+    counts = (num_parameters(model, d), num_parameters(model, d, active=True))  # before sharding
+    if tcfg.fsdp:
+        apply_fsdp(model, d, device)  # the optimizer holds the sharded parameters
     optimizer = build_optimizer(model, tcfg, fused=device.type == "cuda")
     train_ds, valid_ds, _ = build_datasets(
         tcfg.data_path, mcfg.seq_length, tcfg.split, (tcfg.train_iters * gbs, tcfg.eval_iters * gbs, 0),
         tcfg.seed, mcfg.vocab_size,
     )
     start = _resume_or_seed(tcfg.load or save, model, optimizer, tcfg, device, d)
-    ddp, experts = wrap_data_parallel(model, d, device)
+    ddp, experts = (model, None) if tcfg.fsdp else wrap_data_parallel(model, d, device)
     log = RunLog(save, tcfg.train_iters, tcfg.log_interval, start, name=tcfg.name, progress=tcfg.progress,
                  tensorboard=tcfg.tensorboard, enabled=d.rank == 0)
     last = tcfg.train_iters if tcfg.exit_iteration is None else min(tcfg.train_iters, tcfg.exit_iteration)
     # Autocast for 'bf16'; 'bf16-params' computes in its bf16 parameters ('auto' is one of them by now).
     use_bf16 = tcfg.precision == "bf16"
     run = Run(tcfg, mcfg, device, d, model, ddp, experts, optimizer, train_ds, valid_ds, save, start, last, gbs,
-              accum, use_bf16, log)
-    position = model.pos.weight.numel() if hasattr(model, "pos") else 0
-    run.flops_per_token = flops_per_token(num_parameters(model, d, active=True), position, mcfg.num_layers,
-                                          mcfg.hidden_size, mcfg.seq_length)
+              accum, use_bf16, log, num_parameters=counts)
+    position = model.pos.weight.numel() if hasattr(model, "pos") else 0  # global size under FSDP too
+    run.flops_per_token = flops_per_token(counts[1], position, mcfg.num_layers, mcfg.hidden_size, mcfg.seq_length)
     run.peak_tflops = peak_tflops(device, tcfg.peak_tflops)
     run.timer = PhaseTimer(device, tcfg.phase_times)
     _announce(run)
@@ -208,8 +212,9 @@ def _announce(run: Run) -> None:
     if not run.log.enabled:
         return
     tcfg, d = run.tcfg, run.d
-    n, na = num_parameters(run.model, d), num_parameters(run.model, d, active=True)
+    n, na = run.num_parameters
     ep = f" (expert parallel {d.ep_size})" if d.ep_size > 1 else ""
+    ep += ", FSDP" if tcfg.fsdp else ""
     run.log.message(
         f"{run.mcfg.mlp} GPT: {n / 1e6:.2f}M parameters ({na / 1e6:.2f}M active), {d.world} process(es){ep} on "
         f"{run.device.type}, {_precision_text(run)}, global batch {run.global_batch} "
@@ -251,7 +256,9 @@ def train_step(run: Run, it: int) -> Dict[str, float]:
         base = it * run.global_batch + d.rank * per_rank + m * tcfg.micro_batch_size
         tokens, labels = _batch(run.train_ds, range(base, base + tcfg.micro_batch_size), run.device)
         sync = m == run.accum - 1 or not d.enabled
-        with contextlib.nullcontext() if sync else run.ddp.no_sync():
+        if tcfg.fsdp:  # reduce-scatter the gradients at the last micro-batch only
+            run.model.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or tcfg.fsdp else run.ddp.no_sync():
             with run.autocast():
                 out = run.ddp(tokens, labels)
             timer.lap("fwd")
@@ -261,7 +268,9 @@ def train_step(run: Run, it: int) -> Dict[str, float]:
             timer.lap("bwd")
         sums += torch.stack([out[k].detach().double() for k in LOSSES])
     max_norm = tcfg.clip_grad if tcfg.clip_grad > 0 else float("inf")
-    if run.experts is not None:
+    if tcfg.fsdp:
+        grad_norm = clip_sharded_grad_norm_(run.model.parameters(), max_norm, d)
+    elif run.experts is not None:
         run.experts.allreduce_gradients()
         grad_norm = run.experts.clip_grad_norm_(max_norm)  # the norm of the whole, sharded model
     elif isinstance(run.optimizer, MainWeightsAdamW):

@@ -14,6 +14,15 @@ the whole model. N must divide W and either divide E or be a multiple of it; N =
 plain data parallelism. For a dMoE, a step equals a single-process step on the union of the
 ranks' batches (each rank's batch one micro-batch of it): same losses, gradients and weights.
 Initial weights do not depend on N: each rank holds the slice of the single-process weights.
+
+FSDP (`--fsdp`): instead of DDP's replicas, torch's FSDP2 (`fully_shard`) shards every shared
+parameter over all W ranks and every expert shard over its W / N expert-data-parallel ranks
+(torchtitan's layout: the expert modules on the expert-data-parallel mesh, each transformer block
+and the root on the data-parallel mesh). FSDP2 averages each gradient over its mesh; with the
+expert layers' 1 / N scaling that is again the gradient of the mean of the W ranks' losses, so a
+step equals the DDP step and the single-process step on the union of the batches. The gradient
+norm sums the squares of every rank's gradient shards over all W ranks (each rank holds a
+distinct piece of the whole model).
 """
 
 from __future__ import annotations
@@ -126,6 +135,73 @@ def setup_expert_parallel(tcfg: TrainConfig, mcfg: GPTConfig, d: Dist) -> GPTCon
     d.ep_size, d.ep_rank = n, dist.get_rank(d.ep_group)
     moe = {**mcfg.moe, "moe_expert_model_parallelism": True, "expert_parallel_group": d.ep_group}
     return dataclasses.replace(mcfg, moe=moe)
+
+
+def _expert_modules(model: torch.nn.Module):
+    """The modules whose own parameters are expert shards (all of them: a module mixing expert and
+    shared parameters cannot live on one mesh and raises ValueError)."""
+    from megablocks.layers import mpu
+
+    found = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        marks = [mpu.param_is_expert_model_parallel(p) for p in own]
+        if any(marks) and not all(marks):
+            raise ValueError(f"fsdp: module {name!r} holds both expert-parallel and shared parameters")
+        if own and all(marks):
+            found.append(module)
+    return found
+
+
+def apply_fsdp(model: GPT, d: Dist, device: torch.device) -> None:
+    """Shards `model` in place with FSDP2: expert modules over the expert-data-parallel ranks,
+    then each transformer block and the root over all ranks (see the module docstring). Every
+    rank calls it; the optimizer is built afterwards, on the sharded parameters."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    kind = device.type
+    if d.enabled:
+        dp_mesh = init_device_mesh(kind, (d.world,))
+    else:  # one process: a mesh of the default group of one
+        if not dist.is_initialized():
+            raise ValueError("fsdp: expected a process group (torchrun, or one set up by the caller)")
+        dp_mesh = init_device_mesh(kind, (1,))
+    from megablocks.layers import mpu
+
+    edp_mesh = DeviceMesh.from_group(d.edp_group, kind) if d.ep_size > 1 else None
+    experts = _expert_modules(model) if edp_mesh is not None else []
+    # fully_shard makes new Parameters: the expert marks are carried over by name (checkpoints and
+    # parameter counts read them).
+    marks = {n: mpu.param_is_expert_model_parallel(p) for n, p in model.named_parameters() if mpu.is_moe_param(p)}
+    for module in experts:
+        fully_shard(module, mesh=edp_mesh)
+    for block in model.blocks:
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(model, mesh=dp_mesh)
+    for name, p in model.named_parameters():
+        if name in marks:
+            mpu.set_expert_model_parallel_attributes(p, marks[name])
+
+
+@torch.no_grad()
+def clip_sharded_grad_norm_(parameters, max_norm: float, d: Dist) -> torch.Tensor:
+    """`clip_grad_norm_` for FSDP-sharded parameters: the 2-norm of the whole model's gradient
+    (each rank's local shards squared, summed over all ranks), every shard scaled by
+    min(1, max_norm / (norm + 1e-6)). Returns the norm before clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    device = local[0].device if local else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for g in local:
+        total += g.detach().float().pow(2).sum()
+    if d.enabled:
+        dist.all_reduce(total)
+    norm = total.sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if local:
+        torch._foreach_mul_(local, coef.to(local[0].dtype))
+    return norm
 
 
 def wrap_data_parallel(model: GPT, d: Dist, device: torch.device) -> Tuple[torch.nn.Module, Optional[object]]:

@@ -106,5 +106,6 @@ def test_auto_precision_is_bf16_params_on_one_gpu():
     assert resolve_precision("auto", "cuda", 1) == "bf16-params"
     assert resolve_precision("auto", "cuda", 8) == "bf16"
     assert resolve_precision("auto", "cpu", 1) == "fp32"
+    assert resolve_precision("auto", "cuda", 1, fsdp=True) == "bf16"  # FSDP shards bf16-params' main weights
     for p in ("bf16", "bf16-params", "fp32"):
         assert resolve_precision(p, "cuda", 1) == p and resolve_precision(p, "cpu", 4) == p

@@ -12,6 +12,7 @@ and resumed from its sharded checkpoint continues the same curve, bit for bit.
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from exp.checkpoint import consolidated_state_dict
 from exp.config import configs_from_dict
@@ -50,6 +51,31 @@ def train_runs(rank, world_size, runs):
     """A rank's body: trains with each dict of options in turn (the launcher set up the process group)."""
     for values in runs:
         train(*configs_from_dict(values))
+
+
+def fsdp_layout(rank, world_size, values):
+    """A rank's body: builds the FSDP run of `values` and checks where each parameter lives: expert
+    shards on the expert-data-parallel mesh (world / N ranks), everything else on all ranks, each
+    rank holding its dim-0 piece."""
+    from exp.loop import setup
+    from exp.parallel import Dist
+    from megablocks.layers import mpu
+
+    tcfg, mcfg = configs_from_dict(values)
+    d = Dist("cpu")
+    run = setup(tcfg, mcfg, torch.device("cpu"), d)
+    n = tcfg.expert_parallel_size
+    experts = 0
+    for name, p in run.model.named_parameters():
+        expert = mpu.param_is_expert_model_parallel(p)
+        experts += expert
+        ranks = world_size // n if expert else world_size
+        assert p.device_mesh.size() == ranks, (name, p.device_mesh.size(), ranks)
+        rows = -(-p.shape[0] // ranks)  # FSDP2's dim-0 chunks: the last ones shorter or empty
+        start = rows * dist.get_rank(p.device_mesh.get_group())
+        assert p.to_local().shape[0] == max(0, min(rows, p.shape[0] - start)), (name, p.to_local().shape)
+    assert experts == (6 if n > 1 else 0), experts  # w1, v1, w2 of 2 layers
+    d.close()
 
 
 def bad_setups(rank, world_size, values):
@@ -125,3 +151,52 @@ def test_expert_parallel_training_matches_one_process(tmp_path, data, monkeypatc
 def test_bad_expert_parallel_setups_fail_on_every_rank(tmp_path, data):
     values = {**TINY, "data_path": data, "save": str(tmp_path / "bad"), "expert_parallel_size": 2}
     run(f"{TARGET}:bad_setups", 2, values, timeout=60, cpu_only=True)
+
+
+@pytest.mark.parametrize("ep", [2, 1], ids=["ep2", "ep1"])
+def test_fsdp_training_matches_one_process(tmp_path, data, monkeypatch, ep):
+    """FSDP2 on 4 gloo processes (expert parallelism 2: shared parameters sharded 4 ways, expert
+    shards 2 ways over their expert-data-parallel ranks; or plain FSDP) against one process
+    accumulating the same 4 micro-batches: the same losses, gradient norms and final weights, and
+    a run stopped after 2 iterations and resumed from its checkpoint continues bit for bit."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    common = {**TINY, "data_path": data, "micro_batch_size": 2, "global_batch_size": 8}
+    one = train(*configs_from_dict({**common, "save": str(tmp_path / "one")}))
+    assert one["train"][-1]["grad_norm"] > TINY["clip_grad"]  # the steps clip
+
+    sharded = {**common, "expert_parallel_size": ep, "fsdp": True}
+    run(f"{TARGET}:fsdp_layout", 4, {**sharded, "save": str(tmp_path / "layout")}, cpu_only=True, timeout=120)
+    part = {**sharded, "save": str(tmp_path / "part")}
+    run(f"{TARGET}:train_runs", 4, [{**sharded, "save": str(tmp_path / "fsdp")}, {**part, "exit_iteration": 2}, part],
+        cpu_only=True, timeout=240)
+
+    got_rows = read_csv(str(tmp_path / "fsdp" / "train.csv"))
+    assert len(got_rows) == 3
+    for a, b in zip(one["train"], got_rows):
+        for k in ("loss", "lm_loss", "lbl_loss", "zloss", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-7), (k, a, b)
+    valid = read_csv(str(tmp_path / "fsdp" / "valid.csv"))
+    assert valid[-1]["valid_loss"] == pytest.approx(one["valid"][-1]["valid_loss"], rel=2e-5)
+
+    ckpt = tmp_path / "fsdp" / "iter_0000003"
+    ref = torch.load(tmp_path / "one" / "iter_0000003" / "model.pt", weights_only=True)
+    got = consolidated_state_dict(str(ckpt))
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name  # unsharded, whatever FSDP held
+        max_err, rms = relative_errors(got[name].double(), ref[name].double())  # the limit of the test above
+        assert max_err <= 2e-3 and rms <= 5e-4, (name, max_err, rms)
+    resumed = read_csv(str(tmp_path / "part" / "train.csv"))
+    assert [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in got_rows]  # bit for bit
+    resumed_state = consolidated_state_dict(str(tmp_path / "part" / "iter_0000003"))
+    assert all(torch.equal(got[n], resumed_state[n]) for n in got), "weights after resuming"
+    w1 = "blocks.0.mlp.moe.experts.mlp.w1"
+    torch.manual_seed(1234)  # TrainConfig.seed
+    initial = GPT(configs_from_dict(common)[1]).state_dict()
+    assert (got[w1] - initial[w1]).abs().max() > 1e-3
+
+
+def test_fsdp_rejects_bf16_params():
+    with pytest.raises(ValueError, match="with fsdp use 'bf16'"):
+        configs_from_dict({**TINY, "fsdp": True, "precision": "bf16-params"})
