@@ -11,6 +11,9 @@ router's counts; the two forward products of an expert MLP, `x_MH · w1[e]^T` (H
 activations by the layer); `quantize_rows` is timed on the same activations, against the copy
 bandwidth measured in the same run. The target: FP8 >= 1.6x bf16 on the mixtral products.
 
+`--serving` (default mixtral, qwen3moe) times `fused_moe` at decode (T = 64) and prefill (T = 4096)
+sizes on bf16 experts and on their FP8 block-quantized copy (targets: 1.7x and 1.4x).
+
 `--layers` (default mixtral, olmoe) also times the dMoE layer as training runs it (forward, then
 `.backward()` into `.grad` that is None at the start of each step; bench_dmoe's method): the grouped
 path in bf16 against the same layer with `fp8='blockwise'`, on one router and one set of weights.
@@ -77,11 +80,40 @@ def bench(args):
                        "quantize_ms", "quantize_gbs", "copy_gbs", "rel_rms_vs_bf16"])
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "bench_fp8.csv"), rows)
+    serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
+    if serve_rows:
+        print_table(serve_rows, ["config", "T", "bf16_ms", "fp8_ms", "speedup", "fp8_weight_gbs", "copy_gbs",
+                                 "rel_rms_vs_bf16"])
+        write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
     layer_rows = [layer_step(name, "cuda") for name in args.layers]
     if layer_rows:
         print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
                                  "bf16_extra_gib", "fp8_extra_gib", "out_rel_rms", "x_grad_rel_rms"])
         write_csv(os.path.join(args.out, "bench_fp8_layer.csv"), [{**r, **env} for r in layer_rows])
+
+
+def serving_row(name, T, device, shape=None):
+    """`fused_moe` at T tokens of config `name`: bf16 experts against their FP8 block-quantized
+    copy (eager, no autograd); the FP8 call's expert-weight bytes over its time."""
+    from megablocks.integrations.inference import fused_moe
+
+    _, H, F, E, k = shape or CONFIGS[name]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    x = torch.randn(T, H, device=device, dtype=dtype)
+    w1 = (torch.randn(E, 2 * F, H, device=device) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, F, device=device) / F**0.5).to(dtype)
+    gating = torch.randn(T, E, device=device)
+    q1, s1 = fp8.quantize_blocks(w1)
+    q2, s2 = fp8.quantize_blocks(w2)
+    bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
+    f8 = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
+    ms_bf16, ms_fp8 = (timed(bf16)[0], timed(f8)[0]) if device == "cuda" else (float("nan"), float("nan"))
+    ref, out = bf16().float(), f8().float()
+    hit = torch.topk(gating, k, dim=1).indices.unique().numel()  # experts whose weights are read
+    return dict(config=name, T=T, bf16_ms=ms_bf16, fp8_ms=ms_fp8, speedup=ms_bf16 / ms_fp8,
+                fp8_weight_gbs=hit * 3 * H * F / ms_fp8 / 1e6,
+                rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item())
 
 
 def build_pair(name, device, dtype=torch.bfloat16):
@@ -141,6 +173,9 @@ def smoke():
         ref = gb.gmm(x, w, bs, trans_b=True, backend="torch")
         errors[proj] = ((out - ref).norm() / ref.norm()).item()
         assert errors[proj] < 0.06, (proj, errors[proj])
+    serve = serving_row("smoke", 8, "cpu", shape=(8, 64, 96, 4, 2))
+    assert 1e-3 < serve["rel_rms_vs_bf16"] < 0.08, serve
+    errors["serving"] = serve["rel_rms_vs_bf16"]
     layer_row = layer_step("smoke_glu", "cpu", torch.float32)
     assert layer_row["out_rel_rms"] < 0.08 and layer_row["x_grad_rel_rms"] < 0.08, layer_row
     errors["layer_out"], errors["layer_x_grad"] = layer_row["out_rel_rms"], layer_row["x_grad_rel_rms"]
@@ -154,6 +189,8 @@ def main():
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--layers", nargs="*", default=["mixtral", "olmoe"],
                    help="bench_dmoe layers timed as a training step, bf16 against fp8 (none: skip)")
+    p.add_argument("--serving", nargs="*", default=["mixtral", "qwen3moe"],
+                   help="configs whose fused_moe is timed at T = 64 and 4096, bf16 against fp8 (none: skip)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke or not torch.cuda.is_available():

@@ -16,17 +16,24 @@ Legend: E experts, F ffn per expert, H hidden.
 
 `w1` is the gate (the projection that goes through the activation), `v1` the up projection.
 Every function returns new contiguous tensors (no views of its inputs) and is exact: a round
-trip returns bitwise the same values.
+trip returns bitwise the same values (`fp8_per_expert_to_fused` with F not a multiple of 128
+rounds once more, as it says).
 
 State-dict helpers convert the expert keys of a whole model between the transformers layout and
 the one `megablocks.integrations.hf.convert_model` produces (`<block>.moe.router.layer.weight`,
 `<block>.moe.experts.mlp.{w1,v1,w2}`); other keys pass through unchanged.
+
+FP8 checkpoints (DeepSeek-V3's layout: e4m3 weights with a `weight_scale_inv` per 128 x 128
+block): `fp8_per_expert_to_fused` builds the FP8 operands of `fused_moe`, `dequantize_fp8` the
+higher-precision weights (to train from them, or for the layouts above).
 """
 
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from megablocks.backend import fp8
 
 # Per-expert key names: style -> (gate, up, down).
 PER_EXPERT_NAMES = {
@@ -181,6 +188,80 @@ def dmoe_to_per_expert(
     up = None if v1 is None else [w.clone() for w in v1.view(num_experts, f, h)]
     down = [w.t().contiguous() for w in w2.view(num_experts, f, h)]
     return gate, up, down
+
+
+def dequantize_fp8(weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """An FP8 block-quantized weight as `dtype`: `weight` [..., N, K] float8_e4m3fn times its
+    `weight_scale_inv` [..., ceil(N/128), ceil(K/128)] block by block (DeepSeek-V3's layout).
+
+    Raises:
+        TypeError, ValueError: not an e4m3 weight with fp32 scales of its 128 x 128 blocks.
+    """
+    _check_fp8(weight, weight_scale_inv, "weight")
+    lead = weight.shape[:-2]
+    flat = weight.reshape(-1, *weight.shape[-2:])
+    scales = weight_scale_inv.reshape(-1, *weight_scale_inv.shape[-2:])
+    return fp8.dequantize_blocks(flat, scales).to(dtype).reshape(*lead, *weight.shape[-2:])
+
+
+def _check_fp8(weight, scale_inv, name: str) -> None:
+    if not isinstance(weight, torch.Tensor) or not isinstance(scale_inv, torch.Tensor):
+        raise TypeError(f"{name}, {name}_scale_inv: expected torch.Tensors")
+    if weight.dtype != fp8.FP8_DTYPE:
+        raise TypeError(f"{name}: expected float8_e4m3fn values, got {weight.dtype}")
+    if scale_inv.dtype != torch.float32:
+        raise TypeError(f"{name}_scale_inv: expected float32 scales, got {scale_inv.dtype}")
+    if weight.dim() < 2:
+        raise ValueError(f"{name}: expected at least 2 dimensions, got shape {tuple(weight.shape)}")
+    blocks = (*weight.shape[:-2], fp8.cdiv(weight.shape[-2], fp8.Q), fp8.cdiv(weight.shape[-1], fp8.Q))
+    if tuple(scale_inv.shape) != blocks:
+        raise ValueError(f"{name}_scale_inv: expected shape {blocks} (one scale per {fp8.Q} x {fp8.Q} block of "
+                         f"{tuple(weight.shape)}), got {tuple(scale_inv.shape)}")
+
+
+def fp8_per_expert_to_fused(
+    gate: Sequence[torch.Tensor], gate_scale_inv: Sequence[torch.Tensor],
+    up: Sequence[torch.Tensor], up_scale_inv: Sequence[torch.Tensor],
+    down: Sequence[torch.Tensor], down_scale_inv: Sequence[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FP8 per-expert checkpoint weights (DeepSeek-V3, Qwen3 FP8: `experts.{i}.gate_proj.weight`
+    e4m3 [F, H] with `weight_scale_inv` [ceil(F/128), ceil(H/128)], likewise `up_proj`, and
+    `down_proj` [H, F]) -> `(w1 [E, 2F, H], w1_scale, w2 [E, H, F], w2_scale)`, the FP8 layout
+    `fused_moe(..., w1_scale=, w2_scale=)` takes.
+
+    Exact (the values and scales copied) when F is a multiple of 128. Otherwise the gate's last
+    block row and the up projection's first share a block of the fused [2F, H] matrix: both are
+    dequantized and the fused matrix quantized again (`megablocks.backend.fp8.quantize_blocks`,
+    power-of-two scales; one more e4m3 rounding of w1). w2 is always exact.
+
+    Raises:
+        TypeError, ValueError: lists of different lengths, not e4m3 with fp32 block scales, or
+            shapes that do not fit together.
+    """
+    lists = dict(gate=gate, up=up, down=down, gate_scale_inv=gate_scale_inv, up_scale_inv=up_scale_inv,
+                 down_scale_inv=down_scale_inv)
+    if len({len(v) for v in lists.values()}) != 1 or len(gate) == 0:
+        raise ValueError(f"expected the same positive number of experts in every list, got "
+                         f"{ {k: len(v) for k, v in lists.items()} }")
+    for name, ws, ss in (("gate", gate, gate_scale_inv), ("up", up, up_scale_inv), ("down", down, down_scale_inv)):
+        for i, (w, s_) in enumerate(zip(ws, ss)):
+            _check_fp8(w, s_, f"{name}[{i}]")
+    f, h = gate[0].shape
+    for name, ws, shape in (("gate", gate, (f, h)), ("up", up, (f, h)), ("down", down, (h, f))):
+        for i, w in enumerate(ws):
+            if tuple(w.shape) != shape:
+                raise ValueError(f"{name}[{i}]: expected shape {shape}, got {tuple(w.shape)}")
+    w2 = torch.stack(list(down)).contiguous()
+    w2_scale = torch.stack(list(down_scale_inv)).contiguous()
+    if f % fp8.Q == 0:
+        w1 = torch.cat([torch.stack(list(gate)), torch.stack(list(up))], dim=1).contiguous()
+        w1_scale = torch.cat([torch.stack(list(gate_scale_inv)), torch.stack(list(up_scale_inv))], dim=1).contiguous()
+        return w1, w1_scale, w2, w2_scale
+    full = torch.cat([fp8.dequantize_blocks(torch.stack(list(gate)), torch.stack(list(gate_scale_inv))),
+                      fp8.dequantize_blocks(torch.stack(list(up)), torch.stack(list(up_scale_inv)))], dim=1)
+    w1, w1_scale = fp8.quantize_blocks(full)
+    return w1, w1_scale, w2, w2_scale
 
 
 def moe_to_dmoe(w1: torch.Tensor, w2: torch.Tensor, v1: Optional[torch.Tensor] = None):

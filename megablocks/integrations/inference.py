@@ -37,6 +37,7 @@ from typing import Optional, Tuple
 import torch
 
 from megablocks import _checks
+from megablocks.backend import fp8
 from megablocks.backend import topk as topk_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.activation import ACTIVATIONS as GLU_ACTIVATIONS
@@ -288,6 +289,8 @@ def fused_moe(
     path: str = "auto",
     backend: Optional[str] = None,
     policy: Optional[KernelPolicy] = None,
+    w1_scale: Optional[torch.Tensor] = None,
+    w2_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The output of a gated (SwiGLU-style) MoE layer, as vLLM's `fused_moe`, without autograd.
 
@@ -313,6 +316,14 @@ def fused_moe(
         policy: the kernel choices (`megablocks.policy.KernelPolicy`, or a dict of its fields):
             `fused_forms`, `route_max_work`, `gather_min_ffn`, `gather_min_rows_per_expert`,
             `small_routing`; None: the measured defaults.
+        w1_scale, w2_scale: FP8 block-quantized experts (both or neither): `w1` / `w2` then hold
+            float8_e4m3fn values in the layout above and these their fp32 inverse scales per
+            128 x 128 block, [E, ceil(2F/128), ceil(H/128)] and [E, ceil(H/128), ceil(F/128)]
+            (DeepSeek-V3's `weight_scale_inv`, vLLM's `w1_scale` / `w2_scale` with block shape
+            [128, 128]: weight = value * scale). The routed rows are quantized per 1 x 128 tile
+            (`megablocks.backend.fp8.quantize_rows`) and multiplied by the FP8 grouped GEMM
+            (`gmm_fp8`, fp32 accumulation), the GLU between them in hidden_states' dtype
+            (bfloat16, float16 or float32); `path` and `backend` do not apply.
 
     Returns:
         [T, H] in hidden_states' dtype: `Σ_k weight_tk · (act(x_t W_g^T) * (x_t W_u^T)) W_d^T`
@@ -321,6 +332,9 @@ def fused_moe(
     Raises:
         TypeError, ValueError: wrong types, dtypes, shapes, devices, topk or choice names.
     """
+    if w1_scale is not None or w2_scale is not None:
+        return _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path,
+                              as_policy(policy, "policy"), w1_scale, w2_scale)
     e, f = _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path)
     policy = as_policy(policy, "policy")
     t, h = hidden_states.shape
@@ -344,6 +358,70 @@ def fused_moe(
     a_NF = _glu(gmm(x_NH, w1, meta.tokens_per_expert, trans_b=True, backend=backend), f, activation)
     y_NH = gmm(a_NF, w2, meta.tokens_per_expert, trans_b=True, backend=backend)
     return scatter_routed(y_NH, maps, weights_TK.reshape(-1))
+
+
+def _check_fp8_weights(hidden_states, w1, w2, w1_scale, w2_scale) -> None:
+    if w1_scale is None or w2_scale is None:
+        raise ValueError("w1_scale, w2_scale: FP8 experts need both scales (got one)")
+    _checks.check_tensor("hidden_states", hidden_states, ndim=2, dtypes=(torch.bfloat16, torch.float16, torch.float32))
+    _checks.check_tensor("w1", w1, ndim=3, dtypes=(fp8.FP8_DTYPE,))
+    _checks.check_tensor("w2", w2, ndim=3, dtypes=(fp8.FP8_DTYPE,))
+    _checks.check_tensor("w1_scale", w1_scale, ndim=3, dtypes=(torch.float32,))
+    _checks.check_tensor("w2_scale", w2_scale, ndim=3, dtypes=(torch.float32,))
+    _checks.check_same_device(hidden_states=hidden_states, w1=w1, w2=w2, w1_scale=w1_scale, w2_scale=w2_scale)
+    e, two_f, h = w1.shape
+    blocks = (e, fp8.cdiv(two_f, fp8.Q), fp8.cdiv(h, fp8.Q))
+    if tuple(w1_scale.shape) != blocks:
+        raise ValueError(f"w1_scale: expected [E, ceil(2F/{fp8.Q}), ceil(H/{fp8.Q})] = {blocks} (128 x 128 blocks of "
+                         f"w1 {tuple(w1.shape)}), got {tuple(w1_scale.shape)}")
+    blocks = (e, fp8.cdiv(h, fp8.Q), fp8.cdiv(two_f // 2, fp8.Q))
+    if tuple(w2_scale.shape) == blocks or two_f % 2 or tuple(w2.shape) != (e, h, two_f // 2):
+        return  # the shapes of w1 and w2 themselves are _check_args's
+    raise ValueError(f"w2_scale: expected [E, ceil(H/{fp8.Q}), ceil(F/{fp8.Q})] = {blocks} (128 x 128 blocks of "
+                     f"w2 {tuple(w2.shape)}), got {tuple(w2_scale.shape)}")
+
+
+def _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path, policy,
+                   w1_scale, w2_scale) -> torch.Tensor:
+    """`fused_moe` on FP8 block-quantized experts: route, gather, quantize the rows, FP8 grouped
+    GEMM, GLU, quantize, FP8 grouped GEMM, weighted scatter."""
+    _check_fp8_weights(hidden_states, w1, w2, w1_scale, w2_scale)
+    # The shape, routing and choice checks of the unquantized call, on meta stand-ins of the weights.
+    meta_w = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731
+    e, f = _check_args(hidden_states.to("meta"), meta_w(w1), meta_w(w2), gating_output.to("meta"), topk,
+                       renormalize, activation, path)
+    dtype = hidden_states.dtype
+    weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
+    meta = routing_metadata(ids_TK, e, 1, small_routing=policy.small_routing)
+    maps = route(meta.indices, meta.bin_ids, meta.bins, topk)
+    x_NH = gather_routed(hidden_states, maps)
+    h_N2F = fp8.gmm_fp8(*fp8.quantize_rows(x_NH), w1, w1_scale, meta.tokens_per_expert, out_dtype=dtype)
+    a_NF = _glu(h_N2F, f, activation)
+    y_NH = fp8.gmm_fp8(*fp8.quantize_rows(a_NF), w2, w2_scale, meta.tokens_per_expert, out_dtype=dtype)
+    return scatter_routed(y_NH, maps, weights_TK.reshape(-1))
+
+
+def fused_moe_fp8_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
+                            topk: int, renormalize: bool, w1_scale: torch.Tensor, w2_scale: torch.Tensor,
+                            activation: str = "silu") -> torch.Tensor:
+    """Plain torch `fused_moe` on FP8 experts, token by token in float32: the weights dequantized
+    block by block, each routed row quantized per 1 x 128 tile and dequantized (the same rounding
+    as the kernels'), the GLU output rounded to hidden_states' dtype and quantized likewise."""
+    act = ACTIVATIONS[activation]
+    weights_TK, ids_TK = softmax_topk_reference(gating_output, topk, renormalize)
+    w1f, w2f = fp8.dequantize_blocks(w1, w1_scale), fp8.dequantize_blocks(w2, w2_scale)
+    f = w1.shape[1] // 2
+    dtype = hidden_states.dtype
+    through = lambda v: fp8.dequantize_rows(*fp8.quantize_rows_reference(v.to(dtype)[None]))[0]  # noqa: E731
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    for t in range(hidden_states.shape[0]):
+        x = through(hidden_states[t])
+        for k in range(topk):
+            e = int(ids_TK[t, k])
+            h = (w1f[e] @ x).to(dtype).float()
+            a = through(gated_product(act, h[:f], h[f:]))
+            out[t] += weights_TK[t, k] * (w2f[e] @ a).to(dtype).float()
+    return out.to(dtype)
 
 
 def fused_moe_reference(

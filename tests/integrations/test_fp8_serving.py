@@ -1,0 +1,123 @@
+"""FP8 block-quantized experts for serving: `fused_moe(..., w1_scale=, w2_scale=)` against its
+plain-torch definition (`fused_moe_fp8_reference`: the weights dequantized, every routed row
+quantized per 1 x 128 tile as the kernels do, float32 products) and against the unquantized
+layer within e4m3's error, at sizes that do not divide the 128-wide blocks, with empty experts;
+and the checkpoint conversion from DeepSeek-V3's per-expert `weight_scale_inv` layout.
+"""
+
+import pytest
+import torch
+
+from megablocks.backend import fp8
+from megablocks.integrations.checkpoint import dequantize_fp8, fp8_per_expert_to_fused
+from megablocks.integrations.inference import fused_moe, fused_moe_fp8_reference, fused_moe_reference
+from tests.conftest import DEVICE
+from tests.utils import relative_errors
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _layer(t, h, f, e, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).to(dtype).to(DEVICE)
+    w1 = (torch.randn(e, 2 * f, h, generator=g) / h**0.5).to(DEVICE)
+    w2 = (torch.randn(e, h, f, generator=g) / f**0.5).to(DEVICE)
+    gating = torch.randn(t, e, generator=g).to(DEVICE)
+    if e > 2:
+        gating[:, -1] = -1e4  # the last expert gets no token
+    return x, w1, w2, gating
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("t, h, f, e, k", [
+    (13, 200, 136, 5, 2),  # H, F not multiples of 128; an empty expert
+    (1, 128, 128, 4, 4),   # one token, top-k = E
+    (40, 72, 40, 3, 1),    # smaller than one block
+])
+def test_fused_moe_fp8(t, h, f, e, k, dtype):
+    x, w1, w2, gating = _layer(t, h, f, e, dtype, seed=t * 7 + h)
+    q1, s1 = fp8.quantize_blocks(w1)
+    q2, s2 = fp8.quantize_blocks(w2)
+    out = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)
+    assert out.dtype == dtype and out.shape == (t, h)
+    ref = fused_moe_fp8_reference(x, q1, q2, gating, k, True, s1, s2)
+    # The same quantized operands and roundings: the output dtype's rounding, the fp32 sums' order,
+    # and (rarely) an e4m3 rounding of the GLU output flipped by that: held to 16-bit-level limits.
+    max_err, rms = relative_errors(out.double(), ref.double())
+    assert max_err <= (1e-5 if dtype == torch.float32 else 4e-2) and rms <= (1e-6 if dtype == torch.float32 else 8e-3), (
+        max_err, rms)
+    # Against the unquantized layer: e4m3's error (3 mantissa bits, two operands per product).
+    full = fused_moe_reference(x.float(), w1, w2, gating, k, True)
+    _, rms = relative_errors(out.double(), full.double())
+    assert 1e-3 < rms < 0.1, rms
+
+
+def test_fused_moe_fp8_empty_and_checks():
+    x, w1, w2, gating = _layer(0, 64, 32, 4, torch.float32, seed=1)
+    q1, s1 = fp8.quantize_blocks(w1)
+    q2, s2 = fp8.quantize_blocks(w2)
+    assert fused_moe(x, q1, q2, gating, 2, True, w1_scale=s1, w2_scale=s2).shape == (0, 64)
+    x, w1, w2, gating = _layer(3, 64, 32, 4, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="need both scales"):
+        fused_moe(x, q1, q2, gating, 2, True, w1_scale=s1)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        fused_moe(x, w1, w2, gating, 2, True, w1_scale=s1, w2_scale=s2)
+    with pytest.raises(ValueError, match="w1_scale: expected"):
+        fused_moe(x, q1, q2, gating, 2, True, w1_scale=s1[:2], w2_scale=s2)
+    with pytest.raises(ValueError, match="w2_scale: expected"):
+        fused_moe(x, q1, q2, gating, 2, True, w1_scale=s1, w2_scale=s2[:2])
+    with pytest.raises(TypeError, match="float32"):
+        fused_moe(x, q1, q2, gating, 2, True, w1_scale=s1.double(), w2_scale=s2)
+    with pytest.raises(ValueError, match="topk"):
+        fused_moe(x, q1, q2, gating, 5, True, w1_scale=s1, w2_scale=s2)
+
+
+def _checkpoint_experts(e, f, h, seed):
+    """Per-expert FP8 weights with arbitrary (not power-of-two) inverse scales, as checkpoints hold."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one(n, k):
+        q = (torch.randn(n, k, generator=g) * 100).clamp(-448, 448).to(fp8.FP8_DTYPE)
+        s = torch.rand(fp8.cdiv(n, fp8.Q), fp8.cdiv(k, fp8.Q), generator=g) * 1e-3 + 1e-4
+        return q, s
+
+    parts = {name: [one(*shape) for _ in range(e)] for name, shape in
+             (("gate", (f, h)), ("up", (f, h)), ("down", (h, f)))}
+    return {name: ([q for q, _ in v], [s for _, s in v]) for name, v in parts.items()}
+
+
+@pytest.mark.parametrize("f", [256, 200], ids=["F%128=0", "F%128!=0"])
+def test_fp8_per_expert_to_fused(f):
+    e, h = 3, 160
+    p = _checkpoint_experts(e, f, h, seed=f)
+    w1, w1_scale, w2, w2_scale = fp8_per_expert_to_fused(*p["gate"], *p["up"], *p["down"])
+    assert w1.shape == (e, 2 * f, h) and w2.shape == (e, h, f) and w1.dtype == w2.dtype == fp8.FP8_DTYPE
+    assert w1_scale.shape == (e, fp8.cdiv(2 * f, 128), fp8.cdiv(h, 128)) and w2_scale.shape == (e, 2, fp8.cdiv(f, 128))
+    want_gate = torch.stack([dequantize_fp8(q, s, torch.float32) for q, s in zip(*p["gate"])])
+    want_up = torch.stack([dequantize_fp8(q, s, torch.float32) for q, s in zip(*p["up"])])
+    want_down = torch.stack([dequantize_fp8(q, s, torch.float32) for q, s in zip(*p["down"])])
+    got1 = fp8.dequantize_blocks(w1, w1_scale)
+    assert torch.equal(fp8.dequantize_blocks(w2, w2_scale), want_down)  # always exact
+    if f % 128 == 0:
+        assert torch.equal(got1, torch.cat([want_gate, want_up], dim=1))
+    else:  # re-quantized once: within half an e4m3 unit of each value (relative 2^-4; below e4m3's
+        # normal range at its block's scale, half the subnormal spacing 2^-9 of that scale)
+        want = torch.cat([want_gate, want_up], dim=1)
+        scale = w1_scale.repeat_interleave(128, 1).repeat_interleave(128, 2)[:, :2 * f, :h]
+        assert ((got1 - want).abs() <= want.abs() * 2.0**-4 + scale * 2.0**-10).all()
+        assert not torch.equal(got1, want)
+
+
+def test_dequantize_fp8_and_checks():
+    q = torch.tensor([[1.0, -2.0], [0.5, 448.0]]).to(fp8.FP8_DTYPE)
+    s = torch.tensor([[0.25]])
+    assert torch.equal(dequantize_fp8(q, s, torch.float32), torch.tensor([[0.25, -0.5], [0.125, 112.0]]))
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        dequantize_fp8(q.float(), s)
+    with pytest.raises(ValueError, match="one scale per 128 x 128 block"):
+        dequantize_fp8(q, torch.ones(2, 1))
+    p = _checkpoint_experts(2, 128, 128, seed=3)
+    with pytest.raises(ValueError, match="same positive number of experts"):
+        fp8_per_expert_to_fused(p["gate"][0][:1], p["gate"][1], *p["up"], *p["down"])
+    with pytest.raises(ValueError, match=r"down\[0\]: expected shape"):
+        fp8_per_expert_to_fused(*p["gate"], *p["up"], [d[:64] for d in p["down"][0]], p["down"][1])
