@@ -62,6 +62,11 @@ class Arguments:
             during training.
         moe_lbl_in_fp32: compute the load-balancing loss in float32.
         moe_expert_model_parallelism, expert_parallel_group: expert parallelism (see `mpu`).
+        moe_expert_parallel_chunks: with expert parallelism, the local experts in this many
+            chunks, each chunk's all_to_all overlapped with another chunk's expert compute,
+            forward and backward (`megablocks.layers.expert_parallel`); 1 (default): one
+            exchange each way. At most the local expert count is used; with experts split over
+            ranks by their FFN (more ranks than experts) the exchange is not chunked.
         pipeline_model_parallel_size, num_layers_per_virtual_pipeline_stage: how many MoE layers
             one pipeline stage holds (the batched loss expects that many).
         memory_optimized_mlp: recompute the activation in the backward instead of keeping it.
@@ -133,6 +138,7 @@ class Arguments:
     # Parallelism arguments.
     moe_expert_model_parallelism: bool = False
     expert_parallel_group: Optional[Any] = None
+    moe_expert_parallel_chunks: int = 1
     pipeline_model_parallel_size: int = 1
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
 
@@ -206,6 +212,7 @@ class Arguments:
         if self.shared_expert_hidden_size is None:
             self.shared_expert_hidden_size = self.ffn_hidden_size
         _check_int("shared_expert_hidden_size", self.shared_expert_hidden_size, 1)
+        _check_int("moe_expert_parallel_chunks", self.moe_expert_parallel_chunks, 1)
 
         for name in ("bias", "return_bias", "moe_lbl_in_fp32", "moe_expert_model_parallelism",
                      "memory_optimized_mlp", "fp16", "bf16", "uniform_expert_assignment", "shared_expert",

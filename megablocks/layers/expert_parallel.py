@@ -13,6 +13,15 @@ order, R rows this rank's experts receive.
                                  shard d % esd (each rank's rows are tiled hsd times): [R, H],
                                  ordered by source rank, then local expert
     combine(y_RH)                the reverse exchange, the hsd partial FFN outputs summed: [N, H]
+    pipeline(x_NH, compute)      dispatch, compute and combine in C chunks of the local experts
+                                 (`moe_expert_parallel_chunks`), each chunk's exchanges in flight
+                                 while another chunk computes: [N, H]
+
+The chunked pipeline needs the rows in (chunk, destination rank, expert) order: `reorder` maps
+expert ids to that order before the local permutation (the counts are mapped back before they
+are exchanged, so the split sizes are computed from the counts in expert order, once per forward).
+All C dispatches are started at once; chunk c's experts run as soon as its rows have arrived, and
+its combine is started before chunk c + 1 runs. The backward mirrors it (`start_all_to_all`).
 
 Before the first exchange, the ranks all-gather a fixed-size signature of their setup (sizes,
 expert layout, the group's members) and every rank raises the same `ValueError` when they
@@ -26,13 +35,14 @@ import torch
 import torch.distributed as dist
 
 from megablocks.layers import mpu
-from megablocks.layers.all_to_all import all_to_all
+from megablocks.layers.all_to_all import all_to_all, start_all_to_all, wait_all_to_all
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _SETUP_FIELDS = (
     "hidden_size", "ffn_hidden_size", "moe_num_experts", "moe_top_k", "mlp_type", "mlp_impl",
     "moe_block_size", "moe_capacity_factor (x1e6)", "memory_optimized_mlp", "moe_expert_bias",
+    "moe_expert_parallel_chunks",
     "expert-parallel world size", "expert-parallel group members (hash)",
 )
 
@@ -80,6 +90,32 @@ class TokenExchange:
         if len(self.signature) != len(_SETUP_FIELDS):
             raise ValueError(f"signature: expected {len(_SETUP_FIELDS) - 2} fields, got {len(signature)}")
         self._verified = False
+        # Chunks of the local experts: [lo, hi) per chunk (local ids), and the order of the expert
+        # ids that lays the rows out by (chunk, destination rank, expert).
+        self.chunks = min(args.moe_expert_parallel_chunks, self.experts_per_rank) if self.hsd == 1 else 1
+        L, C = self.experts_per_rank, self.chunks
+        self.chunk_bounds = [(c * L // C, (c + 1) * L // C) for c in range(C)]
+        order = [d * L + e for lo, hi in self.chunk_bounds for d in range(self.esd) for e in range(lo, hi)]
+        position = [0] * self.num_experts
+        for p, e in enumerate(order):
+            position[e] = p
+        self._position = torch.tensor(position, dtype=torch.int64)  # expert id -> its place in that order
+        self._devices = {}
+
+    def reorder(self, top_experts: torch.Tensor) -> torch.Tensor:
+        """Expert ids mapped to their place in the chunked order (the ids themselves when C = 1)."""
+        if self.chunks == 1:
+            return top_experts
+        table = self._devices.get(top_experts.device)
+        if table is None:
+            table = self._devices[top_experts.device] = self._position.to(top_experts.device)
+        return table[top_experts.long()].to(top_experts.dtype)
+
+    def counts_in_expert_order(self, counts_in_order: torch.Tensor) -> torch.Tensor:
+        """[E] counts of the reordered ids -> [E] counts by expert id."""
+        if self.chunks == 1:
+            return counts_in_order
+        return counts_in_order[self._devices[counts_in_order.device]]
 
     def verify_setup(self, device: torch.device) -> None:
         """All-gathers the setup signature and raises `ValueError` on every rank on a mismatch."""
@@ -120,6 +156,7 @@ class ExchangePlan:
 
     def __init__(self, ex: TokenExchange, counts_WE: torch.Tensor, host_counts_WE: torch.Tensor, global_tokens: int):
         self.ex = ex
+        self._counts_WE, self._host_counts_WE = counts_WE, host_counts_WE
         self.experts_per_rank = ex.experts_per_rank
         self.global_tokens = global_tokens
         lo, hi = ex.first_expert, ex.first_expert + ex.experts_per_rank
@@ -129,6 +166,29 @@ class ExchangePlan:
         received = sum(self.recv_sizes)
         local_ids = torch.arange(ex.experts_per_rank, device=counts_WE.device, dtype=torch.int32).repeat(ex.world_size)
         self.local_experts_R = torch.repeat_interleave(local_ids, counts_WE[:, lo:hi].reshape(-1), output_size=received)
+
+    def pipeline(self, x_NH: torch.Tensor, compute) -> torch.Tensor:
+        """`combine(compute(dispatch(x), local_experts_R))` in the exchange's C chunks, for rows
+        laid out by `TokenExchange.reorder` (hsd = 1): chunk c's received rows, ordered by source
+        rank then local expert, go to `compute(x_RH, local_experts_R)` (local expert ids in
+        chunk c's range); its output rows come back to their ranks. [N, H]."""
+        ex, host = self.ex, self._host_counts_WE
+        mine = host[ex.rank]
+        L, first = ex.experts_per_rank, ex.first_expert
+        sends, recvs = [], []
+        for lo, hi in ex.chunk_bounds:
+            sends.append([int(mine[d * L + lo:d * L + hi].sum()) for d in range(ex.world_size)])
+            recvs.append([int(v) for v in host[:, first + lo:first + hi].sum(dim=1).tolist()])
+        starts = [start_all_to_all(part, recvs[c], sends[c], ex.group)
+                  for c, part in enumerate(x_NH.split([sum(s) for s in sends]))]
+        returns = []
+        for c, (lo, hi) in enumerate(ex.chunk_bounds):
+            x_RH = wait_all_to_all(starts[c])
+            ids = torch.arange(lo, hi, device=self._counts_WE.device, dtype=torch.int32).repeat(ex.world_size)
+            local_R = torch.repeat_interleave(ids, self._counts_WE[:, first + lo:first + hi].reshape(-1),
+                                              output_size=x_RH.shape[0])
+            returns.append(start_all_to_all(compute(x_RH, local_R), sends[c], recvs[c], ex.group))
+        return torch.cat([wait_all_to_all(r) for r in returns])
 
     def dispatch(self, x_NH: torch.Tensor) -> torch.Tensor:
         """Sends each local assignment row to the ranks holding its expert: [R, H]."""

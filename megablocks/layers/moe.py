@@ -101,6 +101,7 @@ class ParallelMLP(torch.nn.Module):
             args.hidden_size, args.ffn_hidden_size, args.moe_num_experts, args.moe_top_k,
             MLP_TYPES.index(args.mlp_type), MLP_IMPLS.index(args.mlp_impl), args.moe_block_size,
             int(args.moe_capacity_factor * 1_000_000), int(args.memory_optimized_mlp), int(args.moe_expert_bias),
+            args.moe_expert_parallel_chunks,
         )
 
     def expert_capacity(self, tokens: int) -> int:
@@ -162,18 +163,24 @@ class ParallelMLP(torch.nn.Module):
         Reads the exchanged counts on the host once (the split sizes of the all_to_all).
         """
         x_TH = x.reshape(-1, x.shape[-1])
+        exchange = self._exchange
         with torch.no_grad():
-            indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts)
-        pending = self._exchange.start(tokens_per_expert, x_TH)
+            # With chunks (`moe_expert_parallel_chunks`) the rows are sorted in the exchange's chunked order.
+            indices, bin_ids, bins, counts = self.indices_and_bins(exchange.reorder(top_experts))
+            tokens_per_expert = exchange.counts_in_expert_order(counts)
+        pending = exchange.start(tokens_per_expert, x_TH)
         x_NH = gather(x_TH, indices, bin_ids, bins, self.top_k)
         plan = pending.wait()
-        x_RH = plan.dispatch(x_NH)
         # The capacity of the union of the ranks' batches, as one process would compute it.
         capacity = int(self.args.moe_capacity_factor * self.top_k * plan.global_tokens / self.num_experts) or None
-        y_RH, _ = self.permute_and_compute(
-            x_RH, None, plan.local_experts_R, plan.experts_per_rank, 1, capacity
-        )
-        y_NH = plan.combine(y_RH)
+
+        def experts(x_RH, local_experts_R):
+            return self.permute_and_compute(x_RH, None, local_experts_R, plan.experts_per_rank, 1, capacity)[0]
+
+        if exchange.chunks > 1:
+            y_NH = plan.pipeline(x_NH, experts)
+        else:
+            y_NH = plan.combine(experts(plan.dispatch(x_NH), plan.local_experts_R))
         out_TH = scatter(y_NH, indices, bin_ids, expert_weights.flatten(), bins, self.top_k)
         return out_TH, tokens_per_expert
 

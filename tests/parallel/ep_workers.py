@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megablocks.layers import data_parallel, mpu
-from megablocks.layers.all_to_all import all_to_all
+from megablocks.layers.all_to_all import all_to_all, start_all_to_all, wait_all_to_all
 from megablocks.layers.dmoe import dMoE
 from megablocks.layers.moe import MoE
 from megablocks.ops.activation import clamped_swiglu
@@ -59,14 +59,14 @@ def _batches(world_size, tokens, hidden, dtype, positive):
 
 def check_layer(rank, world_size, *, layer="dmoe", impl="torch", mlp_type="mlp", experts=4, top_k=2,
                 hidden=24, ffn=16, tokens=(6, 5), capacity_factor=0, group=None, all_to_expert=None,
-                expert_bias=False):
+                expert_bias=False, chunks=1):
     for dtype in _dtypes():
         _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden, ffn, tokens,
-                     capacity_factor, group, all_to_expert, dtype, expert_bias)
+                     capacity_factor, group, all_to_expert, dtype, expert_bias, chunks)
 
 
 def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden, ffn, tokens, capacity_factor,
-                 group, all_to_expert, dtype, expert_bias=False):
+                 group, all_to_expert, dtype, expert_bias=False, chunks=1):
     cls = dMoE if layer == "dmoe" else MoE
     kw = dict(hidden_size=hidden, ffn_hidden_size=ffn, moe_num_experts=experts, moe_top_k=top_k,
               mlp_type=mlp_type, moe_capacity_factor=capacity_factor, device=_device())
@@ -77,7 +77,10 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     torch.manual_seed(7)
     ref = cls(make_args(impl, dtype, **kw))
     torch.manual_seed(7)
-    ep = cls(make_args(impl, dtype, moe_expert_model_parallelism=True, expert_parallel_group=group, **kw))
+    ep = cls(make_args(impl, dtype, moe_expert_model_parallelism=True, expert_parallel_group=group,
+                       moe_expert_parallel_chunks=chunks, **kw))
+    ep_size = world_size if group is None else dist.get_world_size(group)
+    assert ep.experts._exchange.chunks == (min(chunks, experts // ep_size) if experts >= ep_size else 1)
     with torch.no_grad():
         ref.experts.bias.copy_(torch.randn(hidden, generator=torch.Generator().manual_seed(3)))
         ep.experts.bias.copy_(ref.experts.bias)
@@ -105,7 +108,7 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     xs, gs = _batches(world_size, tokens, hidden, dtype, positive=all_to_expert is not None)
     x = xs[rank].clone().requires_grad_(True)
     out = ep(x)
-    where = f"rank {rank} {layer} {impl} {mlp_type} E={experts} W={world_size} {dtype}"
+    where = f"rank {rank} {layer} {impl} {mlp_type} E={experts} W={world_size} chunks={chunks} {dtype}"
     params = dict(ep.named_parameters())
     assert_grads_in_layout(where, params, torch.autograd.grad(out, list(params.values()), gs[rank], retain_graph=True))
     (out * gs[rank]).sum().backward()
@@ -249,6 +252,9 @@ def bad_setups(rank, world_size):
     # Ranks that disagree on whether the experts have biases.
     layer = build(moe_expert_bias=rank == 0)
     _expect_error("biases differ", lambda: layer(torch.randn(3, 16, device=dev)), "disagree on moe_expert_bias")
+    # Ranks that disagree on the exchange's chunks (their all_to_alls would not pair up).
+    layer = build(moe_expert_parallel_chunks=1 + rank)
+    _expect_error("chunks differ", lambda: layer(torch.randn(3, 16, device=dev)), "disagree on moe_expert_parallel_chunks")
 
     # Ranks that disagree on the input dtype: every rank raises.
     dtype = torch.float32 if rank == 0 else torch.float16
@@ -273,7 +279,15 @@ def bad_setups(rank, world_size):
     y.backward(gs[rank])
     expected_grad = gs[0][:3] if rank == 0 else torch.cat([gs[0][3:], gs[1]])
     assert_equal(f"rank {rank} all_to_all grad", x.grad, expected_grad)
+    # The same exchange started, other work done, then waited for: forward and backward alike.
+    x.grad = None
+    handle = start_all_to_all(x, recv, send)
+    y2 = wait_all_to_all(handle)
+    assert_equal(f"rank {rank} start/wait all_to_all", y2, y)
+    y2.backward(gs[rank])
+    assert_equal(f"rank {rank} start/wait all_to_all grad", x.grad, expected_grad)
     _expect_error("split sum", lambda: all_to_all(x, recv, [1, 1]), "input_split_sizes")
+    _expect_error("split sum, started", lambda: start_all_to_all(x, recv, [1, 1]), "input_split_sizes")
     _expect_error("split count", lambda: all_to_all(x, recv, [3]), "input_split_sizes")
 
 

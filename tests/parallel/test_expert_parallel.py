@@ -70,6 +70,28 @@ def test_2_ranks_expert_biases():
     run(f"{W}:layer_cases", 2, cases)
 
 
+CHUNKED_2 = [  # the exchange in chunks of the local experts, overlapped with their compute
+    dict(layer="dmoe", impl="torch", mlp_type="glu", experts=8, top_k=2, tokens=(9, 6), chunks=2),
+    dict(layer="dmoe", impl="torch", mlp_type="mlp", experts=8, top_k=3, tokens=(7, 0), chunks=3),  # uneven, no tokens
+    dict(layer="dmoe", impl="sparse", mlp_type="glu", experts=4, top_k=2, tokens=(6, 5), chunks=8),  # capped at 2
+    dict(layer="moe", impl="torch", mlp_type="mlp", experts=4, top_k=2, tokens=(8, 5), capacity_factor=0.5,
+         chunks=2),  # drops
+]
+
+CHUNKED_4 = [
+    dict(layer="dmoe", impl="torch", mlp_type="glu", experts=8, top_k=2, tokens=(5, 3, 6, 4), chunks=2),
+    dict(layer="dmoe", impl="torch", mlp_type="mlp", experts=2, top_k=1, tokens=(4, 4, 2, 7), chunks=2),  # F split: 1
+]
+
+
+def test_chunked_exchange_overlapped_with_the_experts():
+    """`moe_expert_parallel_chunks`: the same outputs and every gradient as one process, on 2 and
+    4 ranks (uneven chunks, a rank without tokens, a chunk count above the local experts, token
+    dropping, experts split by their FFN where chunks do not apply)."""
+    run(f"{W}:layer_cases", 2, CHUNKED_2)
+    run(f"{W}:layer_cases", 4, CHUNKED_4)
+
+
 def test_bad_setups_fail_on_every_rank():
     run(f"{W}:bad_setups", 2)
 
