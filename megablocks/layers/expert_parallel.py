@@ -167,11 +167,12 @@ class ExchangePlan:
         local_ids = torch.arange(ex.experts_per_rank, device=counts_WE.device, dtype=torch.int32).repeat(ex.world_size)
         self.local_experts_R = torch.repeat_interleave(local_ids, counts_WE[:, lo:hi].reshape(-1), output_size=received)
 
-    def pipeline(self, x_NH: torch.Tensor, compute) -> torch.Tensor:
+    def pipeline(self, x_NH: torch.Tensor, compute, during=None):
         """`combine(compute(dispatch(x), local_experts_R))` in the exchange's C chunks, for rows
         laid out by `TokenExchange.reorder` (hsd = 1): chunk c's received rows, ordered by source
         rank then local expert, go to `compute(x_RH, local_experts_R)` (local expert ids in
-        chunk c's range); its output rows come back to their ranks. [N, H]."""
+        chunk c's range); its output rows come back to their ranks. `during` (a callable or None)
+        runs once every dispatch has started. Returns ([N, H], during's result or None)."""
         ex, host = self.ex, self._host_counts_WE
         mine = host[ex.rank]
         L, first = ex.experts_per_rank, ex.first_expert
@@ -181,6 +182,7 @@ class ExchangePlan:
             recvs.append([int(v) for v in host[:, first + lo:first + hi].sum(dim=1).tolist()])
         starts = [start_all_to_all(part, recvs[c], sends[c], ex.group)
                   for c, part in enumerate(x_NH.split([sum(s) for s in sends]))]
+        side = during() if during is not None else None
         returns = []
         for c, (lo, hi) in enumerate(ex.chunk_bounds):
             x_RH = wait_all_to_all(starts[c])
@@ -188,7 +190,7 @@ class ExchangePlan:
             local_R = torch.repeat_interleave(ids, self._counts_WE[:, first + lo:first + hi].reshape(-1),
                                               output_size=x_RH.shape[0])
             returns.append(start_all_to_all(compute(x_RH, local_R), sends[c], recvs[c], ex.group))
-        return torch.cat([wait_all_to_all(r) for r in returns])
+        return torch.cat([wait_all_to_all(r) for r in returns]), side
 
     def dispatch(self, x_NH: torch.Tensor) -> torch.Tensor:
         """Sends each local assignment row to the ranks holding its expert: [R, H]."""

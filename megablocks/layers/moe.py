@@ -150,7 +150,8 @@ class ParallelMLP(torch.nn.Module):
             x_TH, expert_weights.flatten(), top_experts, self.num_experts, self.top_k, capacity
         )
 
-    def parallel_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
+    def parallel_forward_once(self, x: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor,
+                              during_exchange=None):
         """The expert-parallel forward (legend: N = T·K local assignments, R rows received).
 
             counts exchanged (all ranks' [E] counts, with a signature of the setup)
@@ -161,6 +162,9 @@ class ParallelMLP(torch.nn.Module):
             out_TH = scatter(y_NH, expert_weights)
 
         Reads the exchanged counts on the host once (the split sizes of the all_to_all).
+        `during_exchange` (a callable, e.g. the shared expert) runs while the rows travel: after
+        the chunked pipeline has started its dispatches, or between the counts' exchange and its
+        wait without chunks. Returns `(out_TH, tokens_per_expert, its result or None)`.
         """
         x_TH = x.reshape(-1, x.shape[-1])
         exchange = self._exchange
@@ -170,6 +174,9 @@ class ParallelMLP(torch.nn.Module):
             tokens_per_expert = exchange.counts_in_expert_order(counts)
         pending = exchange.start(tokens_per_expert, x_TH)
         x_NH = gather(x_TH, indices, bin_ids, bins, self.top_k)
+        side = None
+        if during_exchange is not None and exchange.chunks == 1:
+            side = during_exchange()
         plan = pending.wait()
         # The capacity of the union of the ranks' batches, as one process would compute it.
         capacity = int(self.args.moe_capacity_factor * self.top_k * plan.global_tokens / self.num_experts) or None
@@ -178,17 +185,23 @@ class ParallelMLP(torch.nn.Module):
             return self.permute_and_compute(x_RH, None, local_experts_R, plan.experts_per_rank, 1, capacity)[0]
 
         if exchange.chunks > 1:
-            y_NH = plan.pipeline(x_NH, experts)
+            y_NH, side = plan.pipeline(x_NH, experts, during_exchange)
         else:
             y_NH = plan.combine(experts(plan.dispatch(x_NH), plan.local_experts_R))
         out_TH = scatter(y_NH, indices, bin_ids, expert_weights.flatten(), bins, self.top_k)
-        return out_TH, tokens_per_expert
+        return out_TH, tokens_per_expert, side
 
-    def forward(self, x: torch.Tensor, scores: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor):
+    def forward(self, x: torch.Tensor, scores: torch.Tensor, expert_weights: torch.Tensor, top_experts: torch.Tensor,
+                during_exchange=None):
+        """`during_exchange`: a callable run while expert parallelism's rows travel (before the
+        experts without it); its result is kept in `self.during_exchange_result`."""
         if self._exchange is not None:
-            out, self.tokens_per_expert = self.parallel_forward_once(x, expert_weights, top_experts)
+            out, self.tokens_per_expert, side = self.parallel_forward_once(x, expert_weights, top_experts,
+                                                                           during_exchange)
         else:
+            side = during_exchange() if during_exchange is not None else None
             out, self.tokens_per_expert = self.forward_once(x, expert_weights, top_experts)
+        self.during_exchange_result = side
         out = out.view(x.shape)
         if self.bias is None:
             return out
@@ -264,11 +277,14 @@ class MoE(torch.nn.Module):
         common.check_input("x", x, self.args.hidden_size, self.router.layer.weight)
         x = common.cast_if_autocast_enabled(x)
         scores, expert_weights, top_experts = self.router(x)
-        out = self.experts(x, scores, expert_weights, top_experts)
-        self._record_load_balancing_loss(scores, top_experts, x.shape)
         if self.shared_expert is None:
+            out = self.experts(x, scores, expert_weights, top_experts)
+            self._record_load_balancing_loss(scores, top_experts, x.shape)
             return out
-        shared_out = self.shared_expert(x)
+        # The shared expert runs while expert parallelism's rows travel.
+        out = self.experts(x, scores, expert_weights, top_experts, during_exchange=lambda: self.shared_expert(x))
+        shared_out, self.experts.during_exchange_result = self.experts.during_exchange_result, None
+        self._record_load_balancing_loss(scores, top_experts, x.shape)
         if isinstance(out, tuple):
             return self.shared_expert.add_experts_sharedexpert(shared_out, out[0]), out[1]
         return self.shared_expert.add_experts_sharedexpert(shared_out, out)

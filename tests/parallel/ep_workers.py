@@ -59,17 +59,19 @@ def _batches(world_size, tokens, hidden, dtype, positive):
 
 def check_layer(rank, world_size, *, layer="dmoe", impl="torch", mlp_type="mlp", experts=4, top_k=2,
                 hidden=24, ffn=16, tokens=(6, 5), capacity_factor=0, group=None, all_to_expert=None,
-                expert_bias=False, chunks=1):
+                expert_bias=False, chunks=1, shared_expert=False):
     for dtype in _dtypes():
         _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden, ffn, tokens,
-                     capacity_factor, group, all_to_expert, dtype, expert_bias, chunks)
+                     capacity_factor, group, all_to_expert, dtype, expert_bias, chunks, shared_expert)
 
 
 def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden, ffn, tokens, capacity_factor,
-                 group, all_to_expert, dtype, expert_bias=False, chunks=1):
+                 group, all_to_expert, dtype, expert_bias=False, chunks=1, shared_expert=False):
     cls = dMoE if layer == "dmoe" else MoE
     kw = dict(hidden_size=hidden, ffn_hidden_size=ffn, moe_num_experts=experts, moe_top_k=top_k,
               mlp_type=mlp_type, moe_capacity_factor=capacity_factor, device=_device())
+    if shared_expert:  # run while the rows travel (`during_exchange`)
+        kw.update(shared_expert=True, shared_expert_hidden_size=ffn + 4)
     if expert_bias:  # gpt-oss's experts: per-expert biases (sharded like the weights), the clamped SwiGLU
         kw.update(moe_expert_bias=True, moe_router_bias=True)
         if mlp_type == "glu":
@@ -122,6 +124,9 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     local = [X, ref.router.layer.weight, ref.experts.bias]
     if expert_bias:
         local.append(ref.router.layer.bias)
+    shared_names = [n for n in ref_params if n.startswith("shared_expert.")]
+    assert bool(shared_names) == shared_expert, shared_names
+    local += [ref_params[n] for n in shared_names]
     local_grads = torch.autograd.grad((OUT[rows] * gs[rank]).sum(), local)
 
     if all_to_expert is not None:
@@ -134,6 +139,8 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     if expert_bias:
         assert_close(f"{where} grad router bias", ep.router.layer.bias.grad, local_grads[3], family="layer")
     ep_params = dict(ep.named_parameters())
+    for name, g in zip(shared_names, local_grads[len(local_grads) - len(shared_names):]):
+        assert_close(f"{where} grad {name}", ep_params[name].grad, g, family="layer")
     for name, g in zip(names, expert_grads):
         assert_close(f"{where} grad {name}", ep_params[name].grad, _shard(ep.args, name, g / world_size, moe_layout),
                      family="layer")

@@ -76,6 +76,9 @@ CHUNKED_2 = [  # the exchange in chunks of the local experts, overlapped with th
     dict(layer="dmoe", impl="sparse", mlp_type="glu", experts=4, top_k=2, tokens=(6, 5), chunks=8),  # capped at 2
     dict(layer="moe", impl="torch", mlp_type="mlp", experts=4, top_k=2, tokens=(8, 5), capacity_factor=0.5,
          chunks=2),  # drops
+    dict(layer="dmoe", impl="torch", mlp_type="glu", experts=4, top_k=2, tokens=(6, 5), chunks=2,
+         shared_expert=True),  # the shared expert while the rows travel
+    dict(layer="dmoe", impl="torch", mlp_type="mlp", experts=4, top_k=2, tokens=(4, 7), shared_expert=True),
 ]
 
 CHUNKED_4 = [
@@ -87,7 +90,8 @@ CHUNKED_4 = [
 def test_chunked_exchange_overlapped_with_the_experts():
     """`moe_expert_parallel_chunks`: the same outputs and every gradient as one process, on 2 and
     4 ranks (uneven chunks, a rank without tokens, a chunk count above the local experts, token
-    dropping, experts split by their FFN where chunks do not apply)."""
+    dropping, experts split by their FFN where chunks do not apply), and the shared expert run
+    during the exchange, with and without chunks."""
     run(f"{W}:layer_cases", 2, CHUNKED_2)
     run(f"{W}:layer_cases", 4, CHUNKED_4)
 
