@@ -4,7 +4,12 @@ Each rank runs the same per-rank batch (T tokens of the chosen config, default o
 a dMoE whose E experts are split over the W ranks (W = 1: the layer without expert
 parallelism, the baseline). One step is forward + backward; the time in all_to_all is measured
 around every exchange (forward and backward, waiting for peers included). Target: at W = 4 the
-per-GPU throughput is at least 80% of W = 1's.
+per-GPU throughput is at least 85% of W = 1's.
+
+`--chunks 1,2,4` runs every W > 1 with each count of `moe_expert_parallel_chunks` (the exchange in
+chunks of the local experts, overlapped with their compute): the step time with and without the
+overlap. The all_to_all column times the unchunked (blocking) exchanges only; with chunks the
+exchanges run asynchronously beside the experts and the step time is the measure.
 
     # driver: one torchrun per world size, a CSV and a PNG under benchmarks/results/
     python benchmarks/bench_expert_parallel.py --worlds 1,2,4,8
@@ -95,6 +100,7 @@ def worker(opts) -> None:
         hidden_size=H, ffn_hidden_size=F, moe_num_experts=E, moe_top_k=K, mlp_type="glu", mlp_impl=opts.impl,
         activation_fn=torch.nn.functional.silu, bias=False, return_bias=False, moe_loss_weight=0.0,
         fp16=False, bf16=dtype == torch.bfloat16, device=device, moe_expert_model_parallelism=world > 1,
+        moe_expert_parallel_chunks=int(opts.chunks),
     )
     torch.manual_seed(0)
     layer = dMoE(args)
@@ -126,8 +132,10 @@ def worker(opts) -> None:
     if rank == 0:
         row = {
             "config": "smoke" if opts.smoke else opts.config, "impl": opts.impl, "world": world,
+            "chunks": layer.experts._exchange.chunks if world > 1 else 1,
             "tokens_per_rank": T, "experts_per_rank": E // min(world, E), "step_ms": step_ms,
-            "all_to_all_ms": a2a_ms, "tokens_per_s_per_gpu": T / step_ms * 1e3, **environment(),
+            "all_to_all_ms": a2a_ms if world == 1 or layer.experts._exchange.chunks == 1 else float("nan"),
+            "tokens_per_s_per_gpu": T / step_ms * 1e3, **environment(),
         }
         write_csv(opts.row_out, [row])
     dist.destroy_process_group()
@@ -139,14 +147,17 @@ def driver(opts) -> None:
     os.makedirs(opts.out_dir, exist_ok=True)
     tag = "smoke" if opts.smoke else opts.config
     rows = []
-    for world in worlds:
+    chunk_counts = [int(c) for c in opts.chunks.split(",")]
+    runs = [(w, c) for w in worlds for c in (chunk_counts if w > 1 else [1])]
+    for world, chunks in runs:
         if visible is not None and world > visible:
             print(f"skipping world size {world}: {visible} GPUs visible")
             continue
-        row_out = os.path.join(opts.out_dir, f"expert_parallel_{tag}_{opts.impl}_w{world}.csv")
+        row_out = os.path.join(opts.out_dir, f"expert_parallel_{tag}_{opts.impl}_w{world}_c{chunks}.csv")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                os.path.abspath(__file__), "--worker", "--config", opts.config, "--impl", opts.impl,
-               "--warmup", str(opts.warmup), "--iters", str(opts.iters), "--row-out", row_out]
+               "--warmup", str(opts.warmup), "--iters", str(opts.iters), "--row-out", row_out,
+               "--chunks", str(chunks)]
         if opts.smoke:
             cmd.append("--smoke")
         env = {**os.environ, **_ENV, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -159,12 +170,12 @@ def driver(opts) -> None:
         return
     base = float(rows[0]["tokens_per_s_per_gpu"]) if rows[0]["world"] == "1" else None
     for r in rows:
-        for key in ("step_ms", "all_to_all_ms", "tokens_per_s_per_gpu"):
+        for key in ("step_ms", "all_to_all_ms", "tokens_per_s_per_gpu", "chunks"):
             r[key] = float(r[key])
         r["efficiency_vs_1"] = r["tokens_per_s_per_gpu"] / base if base else float("nan")
     path = os.path.join(opts.out_dir, f"expert_parallel_{tag}_{opts.impl}.csv")
     write_csv(path, rows)
-    print_table(rows, ["world", "experts_per_rank", "step_ms", "all_to_all_ms", "tokens_per_s_per_gpu",
+    print_table(rows, ["world", "chunks", "experts_per_rank", "step_ms", "all_to_all_ms", "tokens_per_s_per_gpu",
                        "efficiency_vs_1", "gpu"])
     try:
         import matplotlib
@@ -173,7 +184,11 @@ def driver(opts) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([int(r["world"]) for r in rows], [r["tokens_per_s_per_gpu"] for r in rows], marker="o")
+        for chunks in sorted({r["chunks"] for r in rows}):
+            mine = [r for r in rows if r["chunks"] == chunks or r["world"] == "1"]
+            ax.plot([int(r["world"]) for r in mine], [r["tokens_per_s_per_gpu"] for r in mine], marker="o",
+                    label=f"{int(chunks)} chunk(s)")
+        ax.legend()
         ax.set_xlabel("GPUs (experts split across them)")
         ax.set_ylabel("tokens/s per GPU")
         ax.set_title(f"dMoE {tag} ({opts.impl}) weak scaling")
@@ -190,6 +205,7 @@ def main() -> None:
     p.add_argument("--worlds", default="1,2,4,8", help="world sizes the driver launches")
     p.add_argument("--config", default="olmoe", choices=sorted(CONFIGS))
     p.add_argument("--impl", default="grouped", choices=["grouped", "sparse"])
+    p.add_argument("--chunks", default="1", help="moe_expert_parallel_chunks values (worker: one int)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, gloo on CPU")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
