@@ -21,6 +21,11 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
    sizes. `register(name, policy=KernelPolicy(...))` registers the same forward under another
    name with other kernel choices (`megablocks.policy.KernelPolicy`).
 
+   FP8 checkpoints (transformers' fine-grained FP8: `FP8Experts` with e4m3 `gate_up_proj` /
+   `down_proj` and fp32 `*_scale_inv` per 128 x 128 block) get `megablocks_fp8_experts_forward`
+   under the same name in transformers' `FP8ExpertsInterface`: the routed rows quantized per
+   1 x 128 tile and multiplied by megablocks' FP8 grouped GEMM (`inference.fp8_experts_from_ids`).
+
 2. `convert_model(model)` replaces each sparse-MoE block by a `MegaBlocksMoeBlock` holding a
    `megablocks.layers.dmoe.dMoE` (`.moe`): the router weight is the same Parameter as the HF
    router's, the expert weights are converted to the dMoE layout [E·F, H] (a copy; the HF experts
@@ -138,7 +143,11 @@ def _inference_activation(experts: torch.nn.Module) -> Optional[str]:
         return None
     if getattr(type(experts), "_apply_gate", None) is not _default_apply_gate:
         return None
-    act = experts.act_fn
+    return _activation_name(experts.act_fn)
+
+
+def _activation_name(act) -> Optional[str]:
+    """Our name of a transformers / torch activation module or function, None where unknown."""
     if isinstance(act, torch.nn.GELU):
         return GELU_APPROXIMATIONS.get(act.approximate)
     if isinstance(act, torch.nn.Module):
@@ -155,15 +164,71 @@ def register(name: str = IMPLEMENTATION_NAME, policy: Optional[KernelPolicy] = N
     """
     from transformers.integrations.moe import ExpertsInterface
 
+    try:  # transformers' fine-grained FP8 experts (FP8 checkpoints) have their own interface
+        from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
+    except ImportError:
+        FP8ExpertsInterface = None
     if policy is None:
         ExpertsInterface.register(name, megablocks_experts_forward)
+        if FP8ExpertsInterface is not None:
+            FP8ExpertsInterface.register(name, megablocks_fp8_experts_forward)
         return
     policy = as_policy(policy, "policy")
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         return megablocks_experts_forward(self, hidden_states, top_k_index, top_k_weights, policy)
 
+    def fp8_forward(self, hidden_states, top_k_index, top_k_weights):
+        return megablocks_fp8_experts_forward(self, hidden_states, top_k_index, top_k_weights, policy)
+
     ExpertsInterface.register(name, forward)
+    if FP8ExpertsInterface is not None:
+        FP8ExpertsInterface.register(name, fp8_forward)
+
+
+def fp8_unsupported_reason(experts: torch.nn.Module) -> Optional[str]:
+    """Why `megablocks_fp8_experts_forward` cannot run a transformers `FP8Experts` module (None: it can)."""
+    if getattr(experts, "_is_expert_parallel", False):
+        return "transformers' expert parallelism"
+    if not getattr(experts, "has_gate", False) or getattr(experts, "has_bias", False):
+        return "experts without a gate or with biases"
+    if tuple(getattr(experts, "block_size", None) or ()) != (128, 128):
+        return f"block size {getattr(experts, 'block_size', None)} (128 x 128 is supported)"
+    if getattr(experts, "activation_scheme", "dynamic") != "dynamic":
+        return "static activation scales"
+    if experts.gate_up_proj.dtype != torch.float8_e4m3fn or experts.down_proj.dtype != torch.float8_e4m3fn:
+        return f"weights in {experts.gate_up_proj.dtype} (float8_e4m3fn is supported)"
+    if experts.gate_up_proj_scale_inv.dtype != torch.float32 or experts.down_proj_scale_inv.dtype != torch.float32:
+        return "scales not in float32"
+    if any(getattr(experts, a, None) is not None for a in ("swiglu_alpha", "limit", "gate_softcap", "up_softcap")):
+        return "a clamped or softcapped gate"
+    if _activation_name(experts.act_fn) is None:
+        return f"the activation {experts.act_fn!r}"
+    return None
+
+
+def megablocks_fp8_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    policy: Optional[KernelPolicy] = None,
+) -> torch.Tensor:
+    """The forward of transformers' fine-grained FP8 experts (`FP8Experts`: `gate_up_proj`
+    [E, 2F, H] and `down_proj` [E, H, F] in float8_e4m3fn with `*_scale_inv` per 128 x 128
+    block, dynamic activation scales) on megablocks' FP8 grouped GEMM
+    (`inference.fp8_experts_from_ids`), registered as "megablocks" in transformers'
+    `FP8ExpertsInterface`. Without gradients (FP8 checkpoints serve). A module it does not cover
+    (`fp8_unsupported_reason`: other block sizes, static scales, clamped gates, ...) runs
+    transformers' own eager FP8 forward.
+    """
+    policy = as_policy(policy, "policy")
+    needs_grad = torch.is_grad_enabled() and (hidden_states.requires_grad or top_k_weights.requires_grad)
+    if fp8_unsupported_reason(self) is None and not needs_grad:
+        out = inference.fp8_experts_from_ids(hidden_states, self.gate_up_proj, self.gate_up_proj_scale_inv,
+                                             self.down_proj, self.down_proj_scale_inv, top_k_index, top_k_weights,
+                                             _activation_name(self.act_fn), policy)
+        return out.to(hidden_states.dtype)
+    import inspect
+
+    return inspect.unwrap(type(self).forward)(self, hidden_states, top_k_index, top_k_weights)
 
 
 class MegaBlocksMoeBlock(torch.nn.Module):

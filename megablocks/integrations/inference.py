@@ -390,15 +390,42 @@ def _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, acti
     meta_w = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731
     e, f = _check_args(hidden_states.to("meta"), meta_w(w1), meta_w(w2), gating_output.to("meta"), topk,
                        renormalize, activation, path)
-    dtype = hidden_states.dtype
     weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation, policy)
+
+
+def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation, policy) -> torch.Tensor:
+    """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` on checked FP8 experts: route, gather,
+    quantize the rows, FP8 grouped GEMM, GLU, quantize, FP8 grouped GEMM, weighted scatter."""
+    e, f = w1.shape[0], w1.shape[1] // 2
+    dtype = hidden_states.dtype
+    topk = ids_TK.shape[1]
     meta = routing_metadata(ids_TK, e, 1, small_routing=policy.small_routing)
     maps = route(meta.indices, meta.bin_ids, meta.bins, topk)
     x_NH = gather_routed(hidden_states, maps)
     h_N2F = fp8.gmm_fp8(*fp8.quantize_rows(x_NH), w1, w1_scale, meta.tokens_per_expert, out_dtype=dtype)
     a_NF = _glu(h_N2F, f, activation)
     y_NH = fp8.gmm_fp8(*fp8.quantize_rows(a_NF), w2, w2_scale, meta.tokens_per_expert, out_dtype=dtype)
-    return scatter_routed(y_NH, maps, weights_TK.reshape(-1))
+    return scatter_routed(y_NH, maps, weights_TK.reshape(-1).float())
+
+
+@torch.no_grad()
+def fp8_experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale: torch.Tensor, w2: torch.Tensor,
+                         w2_scale: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                         activation: str = "silu", policy: Optional[KernelPolicy] = None) -> torch.Tensor:
+    """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` on FP8 block-quantized experts (the routing
+    given), without autograd: `fused_moe`'s FP8 form after its top-k. Weights and scales as
+    `fused_moe` documents them; ids_TK [T, K] integer expert ids in [0, E), weights_TK [T, K].
+
+    Raises:
+        TypeError, ValueError: wrong types, dtypes, shapes, devices, scales or activation.
+    """
+    _check_fp8_weights(hidden_states, w1, w2, w1_scale, w2_scale)
+    meta_w = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731
+    _check_experts_args(hidden_states.to("meta"), meta_w(w1), meta_w(w2), ids_TK.to("meta"), weights_TK.to("meta"),
+                        activation, True)
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation,
+                        as_policy(policy, "policy"))
 
 
 def fused_moe_fp8_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
@@ -407,8 +434,16 @@ def fused_moe_fp8_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w2: t
     """Plain torch `fused_moe` on FP8 experts, token by token in float32: the weights dequantized
     block by block, each routed row quantized per 1 x 128 tile and dequantized (the same rounding
     as the kernels'), the GLU output rounded to hidden_states' dtype and quantized likewise."""
-    act = ACTIVATIONS[activation]
     weights_TK, ids_TK = softmax_topk_reference(gating_output, topk, renormalize)
+    return fp8_experts_reference(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation)
+
+
+def fp8_experts_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale: torch.Tensor, w2: torch.Tensor,
+                          w2_scale: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                          activation: str = "silu") -> torch.Tensor:
+    """Plain torch `fp8_experts_from_ids` (see `fused_moe_fp8_reference`)."""
+    act = ACTIVATIONS[activation]
+    topk = ids_TK.shape[1]
     w1f, w2f = fp8.dequantize_blocks(w1, w1_scale), fp8.dequantize_blocks(w2, w2_scale)
     f = w1.shape[1] // 2
     dtype = hidden_states.dtype
@@ -420,7 +455,7 @@ def fused_moe_fp8_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w2: t
             e = int(ids_TK[t, k])
             h = (w1f[e] @ x).to(dtype).float()
             a = through(gated_product(act, h[:f], h[f:]))
-            out[t] += weights_TK[t, k] * (w2f[e] @ a).to(dtype).float()
+            out[t] += weights_TK[t, k].float() * (w2f[e] @ a).to(dtype).float()
     return out.to(dtype)
 
 

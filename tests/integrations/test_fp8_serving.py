@@ -121,3 +121,74 @@ def test_dequantize_fp8_and_checks():
         fp8_per_expert_to_fused(p["gate"][0][:1], p["gate"][1], *p["up"], *p["down"])
     with pytest.raises(ValueError, match=r"down\[0\]: expected shape"):
         fp8_per_expert_to_fused(*p["gate"], *p["up"], [d[:64] for d in p["down"][0]], p["down"][1])
+
+
+def _fp8_experts_module(dtype_act="silu", **config_overrides):
+    """transformers' fine-grained FP8 experts (`FP8Experts`, as its FP8 quantizer builds them for a
+    Qwen3-MoE block) with random e4m3 weights and per-block scales; "megablocks" selected."""
+    transformers = pytest.importorskip("transformers")
+    fg = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    from transformers.integrations.moe import use_experts_implementation
+
+    import megablocks.integrations.hf  # noqa: F401  (registers "megablocks")
+
+    cfg = transformers.Qwen3MoeConfig(hidden_size=160, moe_intermediate_size=136, num_experts=5, num_experts_per_tok=2,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                      vocab_size=64, hidden_act=dtype_act, **config_overrides)
+    cfg._experts_implementation = "megablocks"
+    cls = use_experts_implementation(experts_class=fg.FP8Experts, experts_interface=fg.ALL_FP8_EXPERTS_FUNCTIONS)
+    module = cls(cfg, block_size=(128, 128)).to(DEVICE)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(module, name)
+            w.copy_((torch.randn(w.shape, generator=g) * 64).clamp(-448, 448).to(w.dtype).to(DEVICE))
+            s = getattr(module, f"{name}_scale_inv")
+            s.copy_((torch.rand(s.shape, generator=g) * 2e-4 + 1e-4).to(DEVICE))
+    return module
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transformers_fp8_experts(dtype):
+    """experts_implementation='megablocks' on transformers' FP8Experts: our FP8 grouped GEMMs on its
+    own e4m3 weights and scales, against the plain FP8 definition."""
+    from megablocks.integrations import hf
+    from megablocks.integrations.inference import fp8_experts_reference
+
+    module = _fp8_experts_module()
+    assert hf.fp8_unsupported_reason(module) is None
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(9, 160, generator=g).to(dtype).to(DEVICE)
+    ids = torch.randint(0, 5, (9, 2), generator=g).to(DEVICE)
+    weights = torch.rand(9, 2, generator=g).to(DEVICE)
+    with torch.no_grad():
+        out = module(x, ids, weights)
+    ref = fp8_experts_reference(x, module.gate_up_proj, module.gate_up_proj_scale_inv, module.down_proj,
+                                module.down_proj_scale_inv, ids, weights)
+    assert out.dtype == dtype and out.shape == x.shape
+    max_err, rms = relative_errors(out.double(), ref.double())
+    assert max_err <= (1e-5 if dtype == torch.float32 else 4e-2) and rms <= (1e-6 if dtype == torch.float32 else 8e-3), (
+        max_err, rms)
+
+
+def test_transformers_fp8_experts_unsupported_falls_back():
+    """A module the FP8 path does not cover (a clamped gate here) runs transformers' own forward."""
+    from megablocks.integrations import hf
+
+    module = _fp8_experts_module()
+    module.limit = 7.0
+    assert "clamped" in hf.fp8_unsupported_reason(module)
+    calls = []
+    original = hf.inference.fp8_experts_from_ids
+    try:
+        hf.inference.fp8_experts_from_ids = lambda *a, **k: calls.append(1)
+        fallback = type(module).forward.__wrapped__
+        seen = []
+        type(module).forward.__wrapped__ = lambda self, *a: seen.append(a) or a[0]
+        x = torch.randn(3, 160, device=DEVICE)
+        with torch.no_grad():
+            out = module(x, torch.zeros(3, 2, dtype=torch.long, device=DEVICE), torch.ones(3, 2, device=DEVICE))
+        assert not calls and len(seen) == 1 and out is x
+    finally:
+        hf.inference.fp8_experts_from_ids = original
+        type(module).forward.__wrapped__ = fallback
