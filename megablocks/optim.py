@@ -2,8 +2,8 @@
 
 The model computes with bf16 (or fp16) parameters; the optimizer keeps an fp32 copy of each
 ("main" weights) and the two fp32 Adam moments, updates them by torch.optim.AdamW's rule in one
-fused pass per tensor (`megablocks.backend.optim`), and writes the parameter back rounded from
-the new main weights. Contiguous fp32 parameters are updated in place: their main weights are the
+fused pass (one launch for all the tensors of a param group, `megablocks.backend.optim`), and
+writes the parameter back rounded from the new main weights. Contiguous fp32 parameters are updated in place: their main weights are the
 parameters themselves, no copy.
 
     opt = MainWeightsAdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
@@ -21,7 +21,7 @@ import torch
 
 from megablocks import _checks
 from megablocks.backend import use_triton
-from megablocks.backend.optim import adamw_step, adamw_step_reference
+from megablocks.backend.optim import adamw_multi_step, adamw_step_reference
 
 __all__ = ["MainWeightsAdamW"]
 
@@ -68,7 +68,7 @@ class MainWeightsAdamW(torch.optim.Optimizer):
 
     The update is torch.optim.AdamW's (non-amsgrad, non-maximize), every operation in fp32, with
     the parameter then set to `main` rounded to its dtype (to nearest even). It runs as one Triton
-    launch per tensor on CUDA, and on CPU when `TRITON_INTERPRET=1`; other CPU tensors take the
+    launch per param group and dtype pair on CUDA (`adamw_multi_step`: every tensor of the group in one grid), and on CPU when `TRITON_INTERPRET=1`; other CPU tensors take the
     same operations in torch (`megablocks.backend.optim.adamw_step_reference`). Non-contiguous
     parameters and gradients work through contiguous copies (one extra pass each).
 
@@ -155,6 +155,9 @@ class MainWeightsAdamW(torch.optim.Optimizer):
                                      f"got {tuple(grad.shape)}")
                 work.append((group, p, grad))
         scale_on: Dict[torch.device, torch.Tensor] = {}
+        # Tensors that share a group, a step count and a device go through one multi-tensor
+        # launch per dtype pair (`adamw_multi_step`): one launch's host cost, not one per tensor.
+        batches: Dict[tuple, list] = {}
         for group, p, grad in work:
             state = self.state[p]
             if "main" not in state:
@@ -163,22 +166,19 @@ class MainWeightsAdamW(torch.optim.Optimizer):
             main = state["main"]
             if scale is not None and p.device not in scale_on:
                 scale_on[p.device] = scale.to(p.device)
-            update = adamw_step if use_triton(main) else adamw_step_reference
-            update(
-                None if _is_param(main, p) else p.detach(),
-                grad,
-                main,
-                state["exp_avg"],
-                state["exp_avg_sq"],
-                lr=group["lr"],
-                beta1=group["betas"][0],
-                beta2=group["betas"][1],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                step=state["step"].item(),
-                grad_scale=scale_on.get(p.device),
-            )
-            state.pop("grad_acc", None)
+            args = (None if _is_param(main, p) else p.detach(), grad, main, state["exp_avg"], state["exp_avg_sq"])
+            key = (id(group), state["step"].item(), p.device, use_triton(main))
+            batches.setdefault(key, [group, []])[1].append(args)
+        for (_, step, device, triton_kernels), (group, rows) in batches.items():
+            hyper = dict(lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                         weight_decay=group["weight_decay"], step=step, grad_scale=scale_on.get(device))
+            if triton_kernels:
+                adamw_multi_step(*(list(column) for column in zip(*rows)), **hyper)
+            else:
+                for row in rows:
+                    adamw_step_reference(*row, **hyper)
+        for _, p, _ in work:
+            self.state[p].pop("grad_acc", None)
         return loss
 
     @torch.no_grad()

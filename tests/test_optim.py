@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from megablocks.backend.optim import adamw_step, adamw_step_reference
+from megablocks.backend.optim import adamw_multi_step, adamw_step, adamw_step_reference
 from megablocks.optim import MainWeightsAdamW
 from tests.conftest import DEVICE, FLOAT_DTYPES
 from tests.utils import assert_close, assert_equal
@@ -428,3 +428,40 @@ def test_accumulate_grads_in_fp32():
     assert_equal("main weights", opt.state[p]["main"], ref.state[q]["main"])
     assert_equal("parameter", p.detach(), q.detach())
     assert "grad_acc" not in opt.state[p], "the buffer is freed by the step"
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16, None], ids=["fp32", "fp16", "in-place fp32"])
+def test_multi_tensor_step_equals_one_launch_per_tensor(param_dtype):
+    """`adamw_multi_step` (every tensor of a group in one grid, each program finding its tensor in
+    an address table) writes bit for bit what `adamw_step` writes tensor by tensor: sizes from one
+    element to several programs, a scalar, an empty tensor, a non-contiguous parameter and grad."""
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 5), (1000,), (7,), (2049,), (), (0,), (64, 33)]
+
+    def tensors():
+        out = []
+        for i, shape in enumerate(shapes):
+            main = torch.randn(shape, generator=g)
+            grad = torch.randn(shape, generator=g).to(param_dtype or torch.float32)
+            if i == 6:
+                grad = torch.randn(33, 64, generator=g).to(grad.dtype).t()  # non-contiguous
+            param = None if param_dtype is None else main.to(param_dtype)
+            if param is not None and i == 6:
+                param = main.to(param_dtype).t().contiguous().t()  # non-contiguous
+            out.append([t if t is None else t.to(DEVICE) for t in (param, grad, main, torch.randn(shape, generator=g),
+                                                                      torch.rand(shape, generator=g))])
+        return out
+
+    rows = tensors()
+    copy = [[None if t is None else t.clone() for t in row] for row in rows]
+    hyper = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=7.0,
+                 grad_scale=torch.tensor(0.25, device=DEVICE))
+    adamw_multi_step(*(list(c) for c in zip(*rows)), **hyper)
+    for row in copy:
+        adamw_step(*row, **hyper)
+    for i, (a, b) in enumerate(zip(rows, copy)):
+        for name, x, y in zip(("param", "grad", "main", "exp_avg", "exp_avg_sq"), a, b):
+            if x is not None:
+                assert torch.equal(x, y), (i, name)
+    with pytest.raises(ValueError, match="lists of one length"):
+        adamw_multi_step([None], [], [], [], [], **hyper)

@@ -22,7 +22,7 @@ When `main` is the fp32 parameter itself, the parameter is not written separatel
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 import torch
 import triton
@@ -210,6 +210,148 @@ def adamw_step(
     )
     if param_out is not None and param_out is not param:
         param.copy_(param_out)
+
+
+# The multi-tensor form: tensor i's addresses in row i of table_T6 (int64: param, grad, main,
+# exp_avg, exp_avg_sq, numel), its first program in block_start_T1[i] (int32, T + 1 entries, the
+# last the grid size). The element types come from the `*_like` pointers (one dtype per launch).
+@triton.jit
+def _adamw_multi_kernel(
+    table_ptr,
+    block_start_ptr,
+    num_tensors,
+    param_like_ptr,
+    grad_like_ptr,
+    grad_scale_ptr,
+    decay,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    neg_step_size,
+    bias_correction2_sqrt,
+    eps,
+    SEARCH_STEPS: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    WRITE_PARAM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    lo = 0
+    hi = num_tensors
+    for _ in range(SEARCH_STEPS):  # the last tensor i with block_start[i] <= pid
+        active = lo < hi
+        mid = (lo + hi) // 2
+        go_right = tl.load(block_start_ptr + mid) <= pid
+        lo = tl.where(active & go_right, mid + 1, lo)
+        hi = tl.where(active & ~go_right, mid, hi)
+    i = (lo - 1).to(tl.int64)
+    row = table_ptr + i * 6
+    n = tl.load(row + 5)
+    offs = (pid - tl.load(block_start_ptr + i)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    grad_ptr = tl.load(row + 1).to(tl.pointer_type(grad_like_ptr.dtype.element_ty))
+    main_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+    exp_avg_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = g * tl.load(grad_scale_ptr).to(tl.float32)
+    w = tl.load(main_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = w * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    w = w + tl.div_rn(neg_step_size * m, denom)
+    tl.store(main_ptr + offs, w, mask=mask)
+    tl.store(exp_avg_ptr + offs, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    if WRITE_PARAM:
+        param_ptr = tl.load(row).to(tl.pointer_type(param_like_ptr.dtype.element_ty))
+        tl.store(param_ptr + offs, w.to(param_like_ptr.dtype.element_ty), mask=mask)
+
+
+def adamw_multi_step(
+    params: List[Optional[torch.Tensor]],
+    grads: List[torch.Tensor],
+    mains: List[torch.Tensor],
+    exp_avgs: List[torch.Tensor],
+    exp_avg_sqs: List[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: float,
+    grad_scale: Optional[torch.Tensor] = None,
+    config: Optional[Union[AdamWConfig, dict]] = None,
+) -> None:
+    """`adamw_step` over many tensors with the same hyperparameters and step count, in one
+    launch per (parameter dtype, gradient dtype) pair: the programs of all tensors in one grid,
+    each finding its tensor in a table of addresses (the host cost of one launch instead of one
+    per tensor). The same arithmetic as `adamw_step`, element for element. Arguments as
+    `adamw_step`'s, one list entry per tensor (params[i] None: mains[i] is the fp32 parameter).
+
+    Raises TypeError / ValueError as `adamw_step`, and ValueError for lists of unequal lengths.
+    """
+    lists = (params, grads, mains, exp_avgs, exp_avg_sqs)
+    if len({len(x) for x in lists}) != 1:
+        raise ValueError(f"params, grads, mains, exp_avgs, exp_avg_sqs: expected lists of one length, got "
+                         f"{[len(x) for x in lists]}")
+    buckets = {}
+    copies = []
+    for param, grad, main, exp_avg, exp_avg_sq in zip(*lists):
+        _check_step_args(param, grad, main, exp_avg, exp_avg_sq, grad_scale, step)
+        if grad.numel() == 0:
+            continue
+        grad = grad.contiguous()
+        out = param
+        if param is not None and not param.is_contiguous():
+            out = torch.empty_like(param, memory_format=torch.contiguous_format)
+            copies.append((param, out))
+        key = (None if param is None else param.dtype, grad.dtype, main.device)
+        buckets.setdefault(key, []).append((out, grad, main, exp_avg, exp_avg_sq))
+    if not buckets:
+        return
+    s = _scalars(lr, beta1, beta2, eps, weight_decay, step)
+    for (param_dtype, _, device), rows in buckets.items():
+        cfg = with_overrides(default_adamw_config(max(r[1].numel() for r in rows)), config)
+        table, starts, total = [], [0], 0
+        for out, grad, main, exp_avg, exp_avg_sq in rows:
+            n = grad.numel()
+            table.append([out.data_ptr() if out is not None else 0, grad.data_ptr(), main.data_ptr(),
+                          exp_avg.data_ptr(), exp_avg_sq.data_ptr(), n])
+            total += cdiv(n, cfg.block)
+            starts.append(total)
+        _checks.check_int32_range("programs of one multi-tensor launch", total)
+        table_t = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+        starts_t = torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True)
+        first = rows[0]
+        _adamw_multi_kernel[(total,)](
+            table_t,
+            starts_t,
+            len(rows),
+            first[0] if first[0] is not None else first[2],
+            first[1],
+            grad_scale if grad_scale is not None else first[2],
+            s.decay,
+            s.one_minus_beta1,
+            s.beta2,
+            s.one_minus_beta2,
+            s.neg_step_size,
+            s.bias_correction2_sqrt,
+            s.eps,
+            SEARCH_STEPS=max(1, len(rows)).bit_length(),
+            HAS_GRAD_SCALE=grad_scale is not None,
+            WRITE_PARAM=param_dtype is not None,
+            BLOCK=cfg.block,
+            num_warps=cfg.num_warps,
+            enable_fp_fusion=False,
+        )
+    for param, out in copies:
+        param.copy_(out)
 
 
 def adamw_step_reference(
