@@ -139,6 +139,14 @@ for dtype in (torch.bfloat16, torch.float32):
     check(f"fp8 gmm into {dtype}", F8._gmm_fp8_kernel, ELEMENT[dtype],
           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8), 8, 4,
           types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
+# The multi-tensor AdamW: addresses read from a table and cast to typed pointers.
+from megablocks.backend import optim as O
+FLOATS = ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "neg_step_size", "bias_correction2_sqrt", "eps")
+for dtype in (torch.bfloat16, torch.float32):
+    check(f"adamw multi-tensor params {dtype}", O._adamw_multi_kernel, ELEMENT[dtype],
+          dict(SEARCH_STEPS=8, HAS_GRAD_SCALE=True, WRITE_PARAM=True, BLOCK=1024), 4, 3,
+          types={"table_ptr": "*i64", "block_start_ptr": "*i32", "grad_scale_ptr": "*fp32",
+                 **{name: "fp32" for name in FLOATS}})
 json.dump(results, sys.stdout)
 """
 
