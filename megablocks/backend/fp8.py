@@ -152,6 +152,77 @@ def _gmm_fp8_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
 
 
+# x_MK -> q_MK e4m3, s_SK fp32 (S = ceil(M/Q) + E): 128 x 1 tiles down the columns, each group's
+# rows in blocks of Q from the group's first row (block b of the whole is block b - tile_start[e]
+# of its group e). Program (b, j) quantizes block b in columns [j*BLOCK_K, (j+1)*BLOCK_K);
+# blocks past the groups' total do nothing.
+@triton.jit
+def _quantize_cols_grouped_kernel(
+    x_ptr, q_ptr, s_ptr, sizes_ptr,
+    M, K, E,
+    stride_xm, stride_qm, stride_sb,
+    QB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    b = tl.program_id(0)
+    e, starts, ends, block_starts, blocks = _group_table(sizes_ptr, E, M, QB, BLOCK_E)
+    mine = (block_starts <= b) & (b < block_starts + blocks)
+    if tl.sum(mine.to(tl.int32), 0) == 0:
+        return
+    row0 = tl.sum(tl.where(mine, starts + (b - block_starts) * QB, 0), 0)
+    row_end = tl.sum(tl.where(mine, ends, 0), 0)
+    rows = row0 + tl.arange(0, QB)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < row_end)[:, None] & (cols < K)[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=0))
+    scale = tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), scale)
+    q = _round_e4m3(x * inv[None, :])
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + b.to(tl.int64) * stride_sb + cols, scale, mask=cols < K)
+
+
+# out_ENK[e] = Σ over group e's Q-row blocks of (a_q * a_s)[blk]^T (b_q * b_s)[blk]: the weight
+# gradient (variable K = the group's rows) in FP8, each block's product promoted to fp32 and scaled
+# by the outer product of the two operands' column scales. Program (e, tile) owns one
+# BLOCK_N x BLOCK_K tile of expert e's gradient; an empty group writes zeros.
+@triton.jit
+def _gmm_fp8_wgrad_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, sizes_ptr,
+    M, N, K, E,
+    stride_am, stride_asb, stride_bm, stride_bsb, stride_oe, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    g = tl.program_id(0)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    n0 = (tl.program_id(1) // tiles_k) * BLOCK_N
+    k0 = (tl.program_id(1) % tiles_k) * BLOCK_K
+    e, starts, ends, block_starts, blocks = _group_table(sizes_ptr, E, M, QB, BLOCK_E)
+    mine = e == g
+    row0 = tl.sum(tl.where(mine, starts, 0), 0)
+    row_end = tl.sum(tl.where(mine, ends, 0), 0)
+    blk0 = tl.sum(tl.where(mine, block_starts, 0), 0)
+    nblocks = tl.sum(tl.where(mine, blocks, 0), 0)
+    offs_r = tl.arange(0, QB)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for j in range(0, nblocks):
+        rows = row0 + j * QB + offs_r
+        row_ok = rows < row_end
+        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_am + offs_n[None, :],
+                    mask=row_ok[:, None] & (offs_n < N)[None, :], other=0.0)
+        b = tl.load(b_ptr + rows[:, None].to(tl.int64) * stride_bm + offs_k[None, :],
+                    mask=row_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+        part = tl.dot(tl.trans(a), b, out_dtype=tl.float32)
+        blk = (blk0 + j).to(tl.int64)
+        sa = tl.load(as_ptr + blk * stride_asb + offs_n, mask=offs_n < N, other=0.0)
+        sb = tl.load(bs_ptr + blk * stride_bsb + offs_k, mask=offs_k < K, other=0.0)
+        acc += part * (sa[:, None] * sb[None, :])
+    out_ptrs = out_ptr + g.to(tl.int64) * stride_oe + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -316,7 +387,126 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     return out
 
 
+def _check_sizes(batch_sizes: torch.Tensor, device) -> torch.Tensor:
+    check_tensor("batch_sizes", batch_sizes, ndim=1, dtypes=INDEX_DTYPES)
+    return batch_sizes.to(device=device, dtype=torch.int32)
+
+
+def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Q x 1 tiles down the columns of each group of rows (group e: the next `batch_sizes[e]`
+    rows; blocks of Q rows from the group's first row, the last one shorter) -> (q [M, K] e4m3,
+    s [ceil(M/Q) + E, K] fp32 powers of two): block j of group e has scale row
+    Σ_{f<e} ceil(size_f / Q) + j. The operands of the FP8 weight gradient (`gmm_fp8_wgrad`),
+    whose reduction runs down the rows. Rows past the groups' total, and scale rows past their
+    blocks, are left unset. Triton on CUDA and under the interpreter, else the torch form."""
+    check_tensor("x", x_MK, ndim=2, dtypes=_IN_DTYPES)
+    if x_MK.stride(-1) != 1 and x_MK.numel():
+        raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_MK.stride())}")
+    M, K = x_MK.shape
+    sizes = _check_sizes(batch_sizes, x_MK.device)
+    E = sizes.numel()
+    if x_MK.device.type != "cuda" and not interpreted(x_MK):
+        return quantize_cols_grouped_reference(x_MK, sizes)
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x_MK.device)
+    s = torch.empty((cdiv(M, Q) + E, K), dtype=torch.float32, device=x_MK.device)
+    if M and K and E:
+        block_k = 32 if interpreted(x_MK) else 64
+        _quantize_cols_grouped_kernel[(s.shape[0], cdiv(K, block_k))](
+            x_MK, q, s, sizes, M, K, E, x_MK.stride(0), q.stride(0), s.stride(0),
+            QB=Q, BLOCK_K=block_k, BLOCK_E=max(2, next_power_of_2(E)), num_warps=4,
+        )
+    return q, s
+
+
+def _group_blocks(sizes: torch.Tensor, M: int):
+    """Per group (host lists): first row, rows, first scale row, as `_group_table` clips them."""
+    sizes = sizes.clamp(0, M).tolist()
+    first, block = 0, 0
+    out = []
+    for n in sizes:
+        n = min(n, M - first)
+        out.append((first, n, block))
+        first += n
+        block += cdiv(n, Q)
+    return out
+
+
+def quantize_cols_grouped_reference(x_MK: torch.Tensor, batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch `quantize_cols_grouped` (unset rows and scale rows zero here)."""
+    M, K = x_MK.shape
+    q = torch.zeros((M, K), dtype=FP8_DTYPE, device=x_MK.device)
+    s = torch.zeros((cdiv(M, Q) + batch_sizes.numel(), K), dtype=torch.float32, device=x_MK.device)
+    for first, n, block in _group_blocks(batch_sizes.cpu(), M):
+        for j in range(cdiv(n, Q)):
+            rows = slice(first + j * Q, first + min(n, (j + 1) * Q))
+            scale, inv = _pow2_scales(x_MK[rows].float().abs().amax(dim=0))
+            q[rows] = _to_e4m3(x_MK[rows].float() * inv)
+            s[block + j] = scale
+    return q, s
+
+
+def dequantize_cols_grouped(q_MK: torch.Tensor, s_SK: torch.Tensor, batch_sizes: torch.Tensor) -> torch.Tensor:
+    """fp32 [M, K]: q * s block by block (rows past the groups' total: 0)."""
+    M, _ = q_MK.shape
+    out = torch.zeros(q_MK.shape, dtype=torch.float32, device=q_MK.device)
+    for first, n, block in _group_blocks(batch_sizes.cpu(), M):
+        for j in range(cdiv(n, Q)):
+            rows = slice(first + j * Q, first + min(n, (j + 1) * Q))
+            out[rows] = q_MK[rows].float() * s_SK[block + j].float()
+    return out
+
+
+def gmm_fp8_wgrad_reference(a_q, a_s, b_q, b_s, batch_sizes, out_dtype=torch.float32) -> torch.Tensor:
+    """Plain torch `gmm_fp8_wgrad`: dequantize both operands, a[g]^T b[g] per group in fp32."""
+    a = dequantize_cols_grouped(a_q, a_s, batch_sizes)
+    b = dequantize_cols_grouped(b_q, b_s, batch_sizes)
+    out = torch.zeros((batch_sizes.numel(), a.shape[1], b.shape[1]), dtype=torch.float32, device=a.device)
+    for e, (first, n, _) in enumerate(_group_blocks(batch_sizes.cpu(), a.shape[0])):
+        out[e] = a[first:first + n].t() @ b[first:first + n]
+    return out.to(out_dtype)
+
+
+def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
+                  batch_sizes: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The FP8 weight gradient: `out[e] = a[g_e]^T b[g_e]` [E, N, K] over each group's rows, the
+    operands from `quantize_cols_grouped` (a [M, N], b [M, K], their scales [ceil(M/Q) + E, ·]);
+    each Q-row block's FP8 product is promoted to fp32 and scaled before it is added."""
+    check_tensor("a_q", a_q, ndim=2, dtypes=(FP8_DTYPE,))
+    check_tensor("b_q", b_q, ndim=2, dtypes=(FP8_DTYPE,))
+    check_tensor("a_s", a_s, ndim=2, dtypes=(torch.float32,))
+    check_tensor("b_s", b_s, ndim=2, dtypes=(torch.float32,))
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of {_OUT_DTYPES}, got {out_dtype}")
+    M, N = a_q.shape
+    K = b_q.shape[1]
+    sizes = _check_sizes(batch_sizes, a_q.device)
+    E = sizes.numel()
+    if b_q.shape[0] != M:
+        raise ValueError(f"b_q: expected {M} rows (a_q's), got {tuple(b_q.shape)}")
+    for name, t, cols in (("a_s", a_s, N), ("b_s", b_s, K)):
+        if tuple(t.shape) != (cdiv(M, Q) + E, cols):
+            raise ValueError(f"{name}: expected [ceil(M/{Q}) + E, {cols}] = {(cdiv(M, Q) + E, cols)} scales, "
+                             f"got {tuple(t.shape)}")
+    for name, t in (("a_q", a_q), ("b_q", b_q), ("a_s", a_s), ("b_s", b_s)):
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
+    if a_q.device.type != "cuda" and not interpreted(a_q):
+        return gmm_fp8_wgrad_reference(a_q, a_s, b_q, b_s, sizes.cpu(), out_dtype)
+    out = torch.empty((E, N, K), dtype=out_dtype, device=a_q.device)
+    if out.numel() == 0:
+        return out
+    block = 32 if interpreted(a_q) else 128
+    _gmm_fp8_wgrad_kernel[(E, cdiv(N, block) * cdiv(K, block))](
+        a_q, a_s, b_q, b_s, out, sizes, M, N, K, E,
+        a_q.stride(0), a_s.stride(0), b_q.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
+        BLOCK_N=block, BLOCK_K=block, QB=Q, BLOCK_E=max(2, next_power_of_2(E)),
+        num_warps=8 if block == 128 else 4, num_stages=3,
+    )
+    return out
+
+
 __all__ = [
-    "E4M3_MAX", "FP8_DTYPE", "Q", "check_gmm_fp8_args", "dequantize_blocks", "dequantize_rows", "gmm_fp8",
-    "gmm_fp8_reference", "quantize_blocks", "quantize_rows", "quantize_rows_reference",
+    "E4M3_MAX", "FP8_DTYPE", "Q", "check_gmm_fp8_args", "dequantize_blocks", "dequantize_cols_grouped",
+    "dequantize_rows", "gmm_fp8", "gmm_fp8_reference", "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks",
+    "quantize_cols_grouped", "quantize_cols_grouped_reference", "quantize_rows", "quantize_rows_reference",
 ]

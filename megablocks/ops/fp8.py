@@ -9,10 +9,13 @@
 `gmm_fp8_reference` is the plain-torch definition (dequantize both operands, multiply in fp32).
 The kernels and the layout are in `megablocks.backend.fp8`.
 
-`fp8_gmm` is the training form: the forward product and the input gradient run in FP8 (the
-output gradient quantized in 1 x 128 tiles, the same quantized weight read in the other layout);
-the weight gradient is the variable-K grouped GEMM of the unquantized operands (bf16 on a GPU),
-not FP8 yet. `Fp8WeightCache` quantizes a weight once per optimizer step: again only when the
+`fp8_gmm` is the training form: all three products run in FP8. The forward product and the
+input gradient take the rows in 1 x 128 tiles (the output gradient quantized like the input, the
+same quantized weight read in the other layout); the weight gradient, whose reduction runs down
+each expert's rows, takes both operands in 128 x 1 tiles that start at each expert's first row
+(`quantize_cols_grouped`, `gmm_fp8_wgrad`), DeepSeek-V3's layout for that product.
+`fp8_wgrad=False` keeps the weight gradient unquantized (the variable-K grouped GEMM, bf16 on a
+GPU). `Fp8WeightCache` quantizes a weight once per optimizer step: again only when the
 weight's storage or version (bumped by every in-place update) changed, so micro-batches of one
 step share one quantization. dMoE runs its grouped path this way with `Arguments(fp8='blockwise')`.
 """
@@ -28,10 +31,15 @@ from megablocks.backend.fp8 import (
     FP8_DTYPE,
     Q,
     dequantize_blocks,
+    dequantize_cols_grouped,
     dequantize_rows,
     gmm_fp8,
     gmm_fp8_reference,
+    gmm_fp8_wgrad,
+    gmm_fp8_wgrad_reference,
     quantize_blocks,
+    quantize_cols_grouped,
+    quantize_cols_grouped_reference,
     quantize_rows,
     quantize_rows_reference,
 )
@@ -63,10 +71,10 @@ class Fp8WeightCache:
 
 class _Fp8Gmm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, batch_sizes, trans_b, w_q, w_s):
+    def forward(ctx, x, w, batch_sizes, trans_b, w_q, w_s, fp8_wgrad):
         x_q, x_s = quantize_rows(x)
         ctx.save_for_backward(x, w_q, w_s, batch_sizes)
-        ctx.trans_b = trans_b
+        ctx.trans_b, ctx.fp8_wgrad, ctx.w_dtype = trans_b, fp8_wgrad, w.dtype
         return gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=x.dtype, trans_b=trans_b)
 
     @staticmethod
@@ -79,22 +87,27 @@ class _Fp8Gmm(torch.autograd.Function):
             grad_x = gmm_fp8(g_q, g_s, w_q, w_s, batch_sizes, out_dtype=x.dtype, trans_b=not ctx.trans_b)
         if ctx.needs_input_grad[1]:
             a, b = (grad, x) if ctx.trans_b else (x, grad)
-            grad_w = _gmm.gmm(a, b, batch_sizes, trans_a=True)
-        return grad_x, grad_w, None, None, None, None
+            if ctx.fp8_wgrad:
+                grad_w = gmm_fp8_wgrad(*quantize_cols_grouped(a, batch_sizes), *quantize_cols_grouped(b, batch_sizes),
+                                       batch_sizes, out_dtype=ctx.w_dtype)
+            else:
+                grad_w = _gmm.gmm(a, b, batch_sizes, trans_a=True)
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = True,
-            weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+            weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, fp8_wgrad: bool = True) -> torch.Tensor:
     """Differentiable grouped GEMM with FP8 operands: out[rows of e] = x[rows of e] @ w[e]^T
     (`trans_b`, w `[E, N, K]`) or @ w[e] (w `[E, K, N]`), in x's dtype.
 
     Args:
         x_MK: `[M, K]` float32/float16/bfloat16, rows grouped by `batch_sizes`, last dim
             contiguous; quantized in 1 x 128 tiles in the forward.
-        w: the weights (x's dtype); their gradient is computed unquantized.
+        w: the weights (x's dtype).
         batch_sizes: `[E]` int32/int64 rows per group on x's device, summing to M.
         weights: `quantize_blocks(w)` when the caller keeps it (`Fp8WeightCache`); else the
             weights are quantized in this call.
+        fp8_wgrad: the weight gradient in FP8 (default; `gmm_fp8_wgrad`) or unquantized.
 
     Raises:
         ValueError, TypeError: as `quantize_rows` and `gmm_fp8`, or `w` of another dtype than x.
@@ -103,10 +116,13 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
         raise TypeError(f"w: expected a tensor of x's dtype {x_MK.dtype}, got "
                         f"{getattr(w, 'dtype', type(w).__name__)}")
     w_q, w_s = weights if weights is not None else quantize_blocks(w.detach())
-    return _Fp8Gmm.apply(x_MK, w, batch_sizes, trans_b, w_q, w_s)
+    if not isinstance(fp8_wgrad, bool):
+        raise TypeError(f"fp8_wgrad: expected a bool, got {type(fp8_wgrad).__name__}")
+    return _Fp8Gmm.apply(x_MK, w, batch_sizes, trans_b, w_q, w_s, fp8_wgrad)
 
 
 __all__ = [
-    "E4M3_MAX", "FP8_DTYPE", "Fp8WeightCache", "Q", "dequantize_blocks", "dequantize_rows", "fp8_gmm", "gmm_fp8",
-    "gmm_fp8_reference", "quantize_blocks", "quantize_rows", "quantize_rows_reference",
+    "E4M3_MAX", "FP8_DTYPE", "Fp8WeightCache", "Q", "dequantize_blocks", "dequantize_cols_grouped", "dequantize_rows",
+    "fp8_gmm", "gmm_fp8", "gmm_fp8_reference", "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks",
+    "quantize_cols_grouped", "quantize_cols_grouped_reference", "quantize_rows", "quantize_rows_reference",
 ]

@@ -210,14 +210,15 @@ def test_gmm_fp8_validates():
         fp8.quantize_rows(x.t())
 
 
+@pytest.mark.parametrize("fp8_wgrad", [True, False], ids=["fp8-wgrad", "unquantized-wgrad"])
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
-def test_fp8_gmm_forward_and_gradients(trans_b):
+def test_fp8_gmm_forward_and_gradients(trans_b, fp8_wgrad):
     sizes, K, N = [9, 0, 30, 1], 150, 40
     x, w, batch_sizes = _operands(sizes, K, N, seed=5)
     w = w if trans_b else w.transpose(1, 2).contiguous()
     x.requires_grad_(True)
     w.requires_grad_(True)
-    out = fp8.fp8_gmm(x, w, batch_sizes, trans_b=trans_b)
+    out = fp8.fp8_gmm(x, w, batch_sizes, trans_b=trans_b, fp8_wgrad=fp8_wgrad)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     out.backward(grad)
     # The definition, in float64: the quantized operands of each product.
@@ -227,7 +228,12 @@ def test_fp8_gmm_forward_and_gradients(trans_b):
     xd, gd = fp8.dequantize_rows(x_q, x_s).double().cpu(), fp8.dequantize_rows(g_q, g_s).double().cpu()
     wd = fp8.dequantize_blocks(w_q, w_s).double().cpu()
     w_nk = wd if trans_b else wd.transpose(1, 2)  # [E, N, K]
-    xf, gf = x.detach().double().cpu(), grad.double().cpu()
+    if fp8_wgrad:  # both operands in 128 x 1 tiles down each group's rows
+        xf = fp8.dequantize_cols_grouped(*fp8.quantize_cols_grouped(x.detach(), batch_sizes), batch_sizes)
+        gf = fp8.dequantize_cols_grouped(*fp8.quantize_cols_grouped(grad, batch_sizes), batch_sizes)
+        xf, gf = xf.double().cpu(), gf.double().cpu()
+    else:
+        xf, gf = x.detach().double().cpu(), grad.double().cpu()
     ref_out, ref_dx = torch.zeros(sum(sizes), N, dtype=torch.float64), torch.zeros(sum(sizes), K, dtype=torch.float64)
     ref_dw = torch.zeros(len(sizes), N, K, dtype=torch.float64)
     start = 0
@@ -235,13 +241,62 @@ def test_fp8_gmm_forward_and_gradients(trans_b):
         rows = slice(start, start + m)
         ref_out[rows] = xd[rows] @ w_nk[e].t()
         ref_dx[rows] = gd[rows] @ w_nk[e]
-        ref_dw[e] = gf[rows].t() @ xf[rows]  # the weight gradient: unquantized operands
+        ref_dw[e] = gf[rows].t() @ xf[rows]
         start += m
     assert_close("out", out, ref_out, dtype=torch.float32)
     assert_close("grad x", x.grad, ref_dx, dtype=torch.float32)
     assert_close("grad w", w.grad, ref_dw if trans_b else ref_dw.transpose(1, 2), dtype=torch.float32)
     with pytest.raises(TypeError, match="w: expected a tensor of x's dtype"):
         fp8.fp8_gmm(x, w.detach().half(), batch_sizes, trans_b=trans_b)
+
+
+@pytest.mark.parametrize("sizes, N, K", [
+    ([130, 0, 256, 1], 72, 200),  # groups over and under 128 rows, an empty one; sizes off the blocks
+    ([3, 2], 40, 33),
+    ([0, 0], 16, 16),            # no rows at all: zeros
+], ids=["hostile", "small", "empty"])
+def test_gmm_fp8_wgrad_against_definition(sizes, N, K):
+    """The FP8 weight gradient: `quantize_cols_grouped` bit for bit against its torch form (scales:
+    one per column of each 128-row block that starts at a group's first row), and `gmm_fp8_wgrad`
+    against a[g]^T b[g] of the dequantized operands in float64; outliers in one block of rows."""
+    g = torch.Generator().manual_seed(sum(sizes) + N)
+    M = sum(sizes)
+    a = torch.randn(M, N, generator=g)
+    b = torch.randn(M, K, generator=g)
+    if M > 140:
+        a[135:140] *= 300  # outliers: only their own block's scales move
+    a, b = a.to(DEVICE), b.to(DEVICE)
+    bs = torch.tensor(sizes, device=DEVICE)
+    a_q, a_s = fp8.quantize_cols_grouped(a, bs)
+    b_q, b_s = fp8.quantize_cols_grouped(b, bs)
+    ref_q, ref_s = fp8.quantize_cols_grouped_reference(a, bs)
+    blocks = sum(-(-n // Q) for n in sizes)
+    assert a_s.shape == (-(-M // Q) + len(sizes), N)
+    assert torch.equal(a_q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(a_s[:blocks], ref_s[:blocks])
+    out = fp8.gmm_fp8_wgrad(a_q, a_s, b_q, b_s, bs)
+    assert out.shape == (len(sizes), N, K) and out.dtype == torch.float32
+    ad = fp8.dequantize_cols_grouped(a_q, a_s, bs).double().cpu()
+    bd = fp8.dequantize_cols_grouped(b_q, b_s, bs).double().cpu()
+    want = torch.zeros(len(sizes), N, K, dtype=torch.float64)
+    start = 0
+    for e, m in enumerate(sizes):
+        want[e] = ad[start:start + m].t() @ bd[start:start + m]
+        start += m
+    if M:
+        assert_close("gmm_fp8_wgrad", out, want, dtype=torch.float32)
+        # FP8's error against the unquantized product: e4m3 rounding of both operands.
+        exact = torch.stack([a[s:s + m].double().cpu().t() @ b[s:s + m].double().cpu() for s, m in
+                             zip([0, *torch.tensor(sizes).cumsum(0)[:-1].tolist()], sizes)])
+        rel = ((out.double().cpu() - exact).norm() / exact.norm()).item()
+        assert 1e-3 < rel < 0.06, rel
+    else:
+        assert torch.equal(out.cpu(), want.float())
+    with pytest.raises(ValueError, match="a_s: expected"):
+        fp8.gmm_fp8_wgrad(a_q, a_s[:1], b_q, b_s, bs)
+    with pytest.raises(TypeError, match="a_q"):
+        fp8.gmm_fp8_wgrad(a_q.float(), a_s, b_q, b_s, bs)
+    with pytest.raises(ValueError, match="contiguous"):
+        fp8.quantize_cols_grouped(torch.randn(N, 3, device=DEVICE).t(), bs)
 
 
 def test_weight_cache_quantizes_once_per_step(monkeypatch):

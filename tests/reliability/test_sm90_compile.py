@@ -139,6 +139,11 @@ for dtype in (torch.bfloat16, torch.float32):
     check(f"fp8 gmm into {dtype}", F8._gmm_fp8_kernel, ELEMENT[dtype],
           dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8), 8, 4,
           types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
+    check(f"fp8 quantize_cols_grouped from {dtype}", F8._quantize_cols_grouped_kernel, ELEMENT[dtype],
+          dict(QB=F8.Q, BLOCK_K=64, BLOCK_E=128), 4, 3, types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+    check(f"fp8 weight gradient into {dtype}", F8._gmm_fp8_wgrad_kernel, ELEMENT[dtype],
+          dict(BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128), 8, 3,
+          types={"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "as_ptr": "*fp32", "bs_ptr": "*fp32"})
 # The multi-tensor AdamW: addresses read from a table and cast to typed pointers.
 from megablocks.backend import optim as O
 FLOATS = ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "neg_step_size", "bias_correction2_sqrt", "eps")
