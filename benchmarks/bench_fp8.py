@@ -76,6 +76,7 @@ def bench(args):
                 quantize_ms=ms_q, quantize_gbs=(M * K * 2 + M * K + M * K // 32) / ms_q / 1e6, copy_gbs=bw,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env,
             ))
+        rows.append(wgrad_row(name, T * k, H, F, E, env, bw))
     print_table(rows, ["config", "product", "M", "K", "N", "bf16_ms", "fp8_ms", "speedup", "fp8_tflops",
                        "quantize_ms", "quantize_gbs", "copy_gbs", "rel_rms_vs_bf16"])
     os.makedirs(args.out, exist_ok=True)
@@ -90,6 +91,31 @@ def bench(args):
         print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
                                  "bf16_extra_gib", "fp8_extra_gib", "out_rel_rms", "x_grad_rel_rms"])
         write_csv(os.path.join(args.out, "bench_fp8_layer.csv"), [{**r, **env} for r in layer_rows])
+
+
+def wgrad_row(name, M, H, F, E, env, bw):
+    """The up projection's weight gradient dW[e] = g[e]^T x[e] ([E, F, H], reduction over each
+    expert's M_e rows): bf16 variable-K grouped GEMM against the FP8 one; `fp8_ms` includes the
+    two column quantizations (`quantize_ms` of them), as the backward runs them."""
+    bs = routed_counts(M, E, "cuda")
+    torch.manual_seed(0)
+    g = torch.randn(M, F, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(M, H, dtype=torch.bfloat16, device="cuda")
+
+    def fp8_wgrad():
+        return fp8.gmm_fp8_wgrad(*fp8.quantize_cols_grouped(g, bs), *fp8.quantize_cols_grouped(x, bs), bs,
+                                 out_dtype=torch.bfloat16)
+
+    ms_bf16 = timed(lambda: gb.gmm(g, x, bs, trans_a=True, backend="triton"))[0]
+    ms_fp8 = timed(fp8_wgrad)[0]
+    ms_q = timed(lambda: (fp8.quantize_cols_grouped(g, bs), fp8.quantize_cols_grouped(x, bs)))[0]
+    ref = gb.gmm(g, x, bs, trans_a=True, backend="triton").float()
+    out = fp8_wgrad().float()
+    flops = 2 * M * H * F
+    return dict(config=name, product="wgrad_up", M=M, K=H, N=F, bf16_ms=ms_bf16, fp8_ms=ms_fp8,
+                speedup=ms_bf16 / ms_fp8, bf16_tflops=flops / ms_bf16 / 1e9, fp8_tflops=flops / ms_fp8 / 1e9,
+                quantize_ms=ms_q, quantize_gbs=(M * (F + H) * 3) / ms_q / 1e6, copy_gbs=bw,
+                rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env)
 
 
 def serving_row(name, T, device, shape=None):
