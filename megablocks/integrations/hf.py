@@ -37,7 +37,11 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
    is the same Parameter as `w2_bias` and its weight shares storage with `w2` ([E, F, H] is the
    dMoE layout), the interleaved gate/up weight and bias are de-interleaved into `w1`, `v1`,
    `w1_bias`, `v1_bias` (copies; `moe_expert_bias`), the activation is `clamped_swiglu` (gpt-oss's
-   limit 7 and alpha 1.702; other values are refused). A block dMoE cannot reproduce gets an
+   limit 7 and alpha 1.702; other values are refused). FP8 experts (transformers' `FP8Experts`)
+   become a dMoE with `fp8='blockwise'`: its parameters the dequantized checkpoint (bf16), its
+   FP8 weight cache seeded with the checkpoint's own values and scales (exact where the expert
+   FFN is a multiple of 128; else the gate and up halves are quantized again), so it serves the
+   checkpoint's FP8 products until the weights change. A block dMoE cannot reproduce gets an
    error that names what it lacks. The model then trains with
    dMoE's kernels and losses (`dMoE.load_balancing_loss` when `moe_loss_weight > 0`). The router
    logits are no longer recorded for `output_router_logits`; use the dMoE losses instead.
@@ -48,7 +52,7 @@ from typing import Optional
 import torch
 
 from megablocks.integrations import inference
-from megablocks.integrations.checkpoint import fused_to_dmoe, gpt_oss_to_dmoe
+from megablocks.integrations.checkpoint import dequantize_fp8, fused_to_dmoe, gpt_oss_to_dmoe
 from megablocks.layers import mpu
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
@@ -372,7 +376,17 @@ def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
         return _dmoe_from_gpt_oss_block(block, **overrides)
     weight = block.experts.gate_up_proj
     num_experts, two_f, hidden = weight.shape
+    fp8_experts = weight.dtype == torch.float8_e4m3fn
+    if fp8_experts:  # transformers' fine-grained FP8 experts: computed in FP8 by the dMoE too
+        reason = fp8_unsupported_reason(block.experts)
+        if reason is not None:
+            raise ValueError(f"{type(block).__name__}: FP8 experts with {reason} cannot be converted")
+        gate_up = dequantize_fp8(weight.detach(), block.experts.gate_up_proj_scale_inv.detach())
+        down = dequantize_fp8(block.experts.down_proj.detach(), block.experts.down_proj_scale_inv.detach())
+        weight = gate_up
     kwargs = _common_arguments(weight, hidden, two_f // 2, num_experts, block.gate.top_k)
+    if fp8_experts:
+        kwargs["fp8"] = "blockwise"
     kwargs.update(
         moe_normalize_expert_weights=1 if _normalizes_top_k(block) else None,
         moe_jitter_eps=getattr(block, "jitter_noise", 0.0) or None,
@@ -386,13 +400,35 @@ def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
     moe.router.layer.weight = block.gate.weight
     if args.moe_router_enable_expert_bias:  # the same buffer: the model's state dict keeps it
         moe.router.expert_bias = block.gate.e_score_correction_bias
-    w1, v1, w2 = fused_to_dmoe(block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
+    if fp8_experts:
+        w1, v1, w2 = fused_to_dmoe(gate_up, down)
+    else:
+        w1, v1, w2 = fused_to_dmoe(block.experts.gate_up_proj.detach(), block.experts.down_proj.detach())
     with torch.no_grad():
         moe.experts.mlp.w1.copy_(w1)
         moe.experts.mlp.v1.copy_(v1)
         moe.experts.mlp.w2.copy_(w2)
+    if fp8_experts and args.fp8 == "blockwise" and args.mlp_impl == "grouped":
+        _seed_fp8_cache(moe.experts.mlp, block.experts, num_experts, two_f // 2, hidden)
     name = "shared_experts" if getattr(block, "shared_experts", None) is not None else "shared_expert"
     return MegaBlocksMoeBlock(moe, getattr(block, name, None), getattr(block, "shared_expert_gate", None), name)
+
+
+def _seed_fp8_cache(mlp: torch.nn.Module, experts: torch.nn.Module, num_experts: int, ffn: int, hidden: int) -> None:
+    """The dMoE's FP8 weight cache starts from the checkpoint's own values and scales, so that
+    serving multiplies exactly the checkpoint's FP8 experts: the down projection always (its
+    128 x 128 blocks, transposed), the gate and up halves where F is a multiple of 128 (else a
+    block spans both halves, and they are quantized again from the dequantized values)."""
+    from megablocks.ops.fp8 import Fp8WeightCache
+
+    cache = mlp.__dict__.setdefault("_fp8_weights", Fp8WeightCache())
+    shape = (num_experts, -1, hidden)
+    q, s = experts.down_proj.detach(), experts.down_proj_scale_inv.detach()
+    cache.seed(mlp.w2, (q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()), shape)
+    if ffn % 128 == 0:
+        q, s = experts.gate_up_proj.detach(), experts.gate_up_proj_scale_inv.detach()
+        cache.seed(mlp.w1, (q[:, :ffn].contiguous(), s[:, :ffn // 128].contiguous()), shape)
+        cache.seed(mlp.v1, (q[:, ffn:].contiguous(), s[:, ffn // 128:].contiguous()), shape)
 
 
 def _common_arguments(weight: torch.Tensor, hidden: int, ffn: int, num_experts: int, top_k: int) -> dict:

@@ -65,6 +65,19 @@ class Fp8WeightCache:
             self._entries[key] = hit
         return hit[2]
 
+    def seed(self, w: torch.Tensor, quantized: Tuple[torch.Tensor, torch.Tensor],
+             shape: Optional[Tuple[int, ...]] = None) -> None:
+        """Makes `(q, s)` the cached quantization of `w` (viewed as `shape`) until `w` changes: a
+        checkpoint's own FP8 values and scales, used as they are instead of quantized again."""
+        q, s = quantized
+        view = w.shape if shape is None else w.detach().view(shape).shape
+        blocks = (view[0], -(-view[1] // Q), -(-view[2] // Q))
+        if q.dtype != FP8_DTYPE or tuple(q.shape) != tuple(view) or tuple(s.shape) != blocks or s.dtype != torch.float32:
+            raise ValueError(f"quantized: expected e4m3 values {tuple(view)} and fp32 scales {blocks}, got "
+                             f"{q.dtype} {tuple(q.shape)} and {s.dtype} {tuple(s.shape)}")
+        stamp = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+        self._entries[(id(w), shape)] = (weakref.ref(w), stamp, (q, s))
+
     def __getstate__(self):  # copies and pickles of a module start with an empty cache
         return {"_entries": {}}
 

@@ -192,3 +192,51 @@ def test_transformers_fp8_experts_unsupported_falls_back():
     finally:
         hf.inference.fp8_experts_from_ids = original
         type(module).forward.__wrapped__ = fallback
+
+
+@pytest.mark.parametrize("ffn", [128, 72], ids=["F%128=0", "F%128!=0"])
+def test_convert_model_of_fp8_experts(ffn):
+    """`convert_model` on a block whose experts are transformers' FP8Experts: a dMoE with
+    fp8='blockwise' whose bf16/fp32 parameters are the dequantized checkpoint and whose FP8 cache
+    starts from the checkpoint's own values and scales (exactly, where F is a multiple of 128):
+    the converted block computes what the FP8 block computes on megablocks' FP8 path."""
+    transformers = pytest.importorskip("transformers")
+    fg = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    from transformers.integrations.moe import use_experts_implementation
+
+    from megablocks.integrations import hf
+
+    cfg = transformers.Qwen3MoeConfig(hidden_size=160, moe_intermediate_size=ffn, num_experts=4, num_experts_per_tok=2,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                      vocab_size=64, norm_topk_prob=True)
+    cfg._experts_implementation = "megablocks"
+    block = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock(cfg).to(DEVICE)
+    with torch.no_grad():
+        block.gate.weight.normal_(0.0, 0.5)
+    cls = use_experts_implementation(experts_class=fg.FP8Experts, experts_interface=fg.ALL_FP8_EXPERTS_FUNCTIONS)
+    experts = cls(cfg, block_size=(128, 128)).to(DEVICE)
+    g = torch.Generator().manual_seed(ffn)
+    with torch.no_grad():
+        for name, shape in (("gate_up_proj", (4, 2 * ffn, 160)), ("down_proj", (4, 160, ffn))):
+            q, s = fp8.quantize_blocks(torch.randn(shape, generator=g).to(DEVICE) * 0.05)
+            getattr(experts, name).data = q
+            getattr(experts, f"{name}_scale_inv").data = s
+    block.experts = experts
+    x = torch.randn(2, 5, 160, generator=g).to(DEVICE)
+    converted = hf.dmoe_from_block(block).eval()
+    mlp = converted.moe.experts.mlp
+    assert converted.moe.args.fp8 == "blockwise"
+    assert torch.equal(mlp.w2.view(4, ffn, 160).transpose(1, 2).float(),
+                       dequantize_fp8(experts.down_proj, experts.down_proj_scale_inv, torch.float32))
+    seeded = {id(ref()) for ref, _, _ in mlp._fp8_weights._entries.values()}
+    assert (id(mlp.w1) in seeded) == (ffn % 128 == 0) and id(mlp.w2) in seeded
+    with torch.no_grad():
+        want = block(x)
+        want = want[0] if isinstance(want, tuple) else want
+        got = converted(x)
+        got = got[0] if isinstance(got, tuple) else got
+    max_err, rms = relative_errors(got.double(), want.double())
+    if ffn % 128 == 0:  # the same FP8 operands: fp32 rounding only
+        assert max_err <= 1e-5 and rms <= 1e-6, (max_err, rms)
+    else:  # the gate and up halves quantized again: one more e4m3 rounding of w1
+        assert rms <= 0.08, rms
