@@ -56,6 +56,29 @@ def default_adamw_config(numel: int) -> AdamWConfig:
     return AdamWConfig(block=1024, num_warps=4)
 
 
+# The update of `adamw_step` over the elements `offs` (masked): loads, fp32 math, stores of main
+# and both moments; returns the new main values (for the parameter's copy).
+@triton.jit
+def _adamw_update(grad_ptr, main_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, offs, mask, decay,
+                  one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
+                  HAS_GRAD_SCALE: tl.constexpr):
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        g = g * tl.load(grad_scale_ptr).to(tl.float32)
+    w = tl.load(main_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = w * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    w = w + tl.div_rn(neg_step_size * m, denom)
+    tl.store(main_ptr + offs, w, mask=mask)
+    tl.store(exp_avg_ptr + offs, m, mask=mask)
+    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    return w
+
+
 # param_n (fp32/fp16/bf16; written only if WRITE_PARAM), grad_n (fp32/fp16/bf16), main_n,
 # exp_avg_n, exp_avg_sq_n (fp32), grad_scale (0-d fp32; read only if HAS_GRAD_SCALE): all
 # contiguous. Program p updates elements [p·BLOCK, (p+1)·BLOCK). Every loaded value is turned into
@@ -82,20 +105,9 @@ def _adamw_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        g = g * tl.load(grad_scale_ptr).to(tl.float32)
-    w = tl.load(main_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = w * decay
-    m = m + one_minus_beta1 * (g - m)
-    v = v * beta2 + one_minus_beta2 * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    w = w + tl.div_rn(neg_step_size * m, denom)
-    tl.store(main_ptr + offs, w, mask=mask)
-    tl.store(exp_avg_ptr + offs, m, mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    w = _adamw_update(grad_ptr, main_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, offs, mask, decay,
+                      one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
+                      HAS_GRAD_SCALE)
     if WRITE_PARAM:
         tl.store(param_ptr + offs, w.to(param_ptr.dtype.element_ty), mask=mask)
 
@@ -253,20 +265,9 @@ def _adamw_multi_kernel(
     main_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     exp_avg_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        g = g * tl.load(grad_scale_ptr).to(tl.float32)
-    w = tl.load(main_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = w * decay
-    m = m + one_minus_beta1 * (g - m)
-    v = v * beta2 + one_minus_beta2 * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    w = w + tl.div_rn(neg_step_size * m, denom)
-    tl.store(main_ptr + offs, w, mask=mask)
-    tl.store(exp_avg_ptr + offs, m, mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+    w = _adamw_update(grad_ptr, main_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, offs, mask, decay,
+                      one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
+                      HAS_GRAD_SCALE)
     if WRITE_PARAM:
         param_ptr = tl.load(row).to(tl.pointer_type(param_like_ptr.dtype.element_ty))
         tl.store(param_ptr + offs, w.to(param_like_ptr.dtype.element_ty), mask=mask)
