@@ -17,6 +17,18 @@ from tests.utils import relative_errors
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 
+def _layer_limits(dtype):
+    """(max, rms) relative limits of an FP8 layer against its reference from the same quantized
+    operands. fp32 under the interpreter (exact FP8 dots): fp32 sums' order only. Otherwise each
+    product's own error (an output rounding, or on Hopper the tensor cores' ~14-bit accumulation
+    inside a 128-deep block, tests/utils.py) can flip an e4m3 rounding of the GLU output, one e4m3
+    step (up to 12.5%) of that element: 16-bit-level limits (measured on an H200 in fp32:
+    6.8e-3 / 1.8e-3)."""
+    if dtype == torch.float32 and DEVICE != "cuda":
+        return 1e-5, 1e-6
+    return 4e-2, 8e-3
+
+
 def _layer(t, h, f, e, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(t, h, generator=g).to(dtype).to(DEVICE)
@@ -41,11 +53,10 @@ def test_fused_moe_fp8(t, h, f, e, k, dtype):
     out = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)
     assert out.dtype == dtype and out.shape == (t, h)
     ref = fused_moe_fp8_reference(x, q1, q2, gating, k, True, s1, s2)
-    # The same quantized operands and roundings: the output dtype's rounding, the fp32 sums' order,
-    # and (rarely) an e4m3 rounding of the GLU output flipped by that: held to 16-bit-level limits.
+    # The same quantized operands and roundings (see _layer_limits).
     max_err, rms = relative_errors(out.double(), ref.double())
-    assert max_err <= (1e-5 if dtype == torch.float32 else 4e-2) and rms <= (1e-6 if dtype == torch.float32 else 8e-3), (
-        max_err, rms)
+    max_tol, rms_tol = _layer_limits(dtype)
+    assert max_err <= max_tol and rms <= rms_tol, (max_err, rms)
     # Against the unquantized layer: e4m3's error (3 mantissa bits, two operands per product).
     full = fused_moe_reference(x.float(), w1, w2, gating, k, True)
     _, rms = relative_errors(out.double(), full.double())
@@ -167,8 +178,8 @@ def test_transformers_fp8_experts(dtype):
                                 module.down_proj_scale_inv, ids, weights)
     assert out.dtype == dtype and out.shape == x.shape
     max_err, rms = relative_errors(out.double(), ref.double())
-    assert max_err <= (1e-5 if dtype == torch.float32 else 4e-2) and rms <= (1e-6 if dtype == torch.float32 else 8e-3), (
-        max_err, rms)
+    max_tol, rms_tol = _layer_limits(dtype)
+    assert max_err <= max_tol and rms <= rms_tol, (max_err, rms)
 
 
 def test_transformers_fp8_experts_unsupported_falls_back():
