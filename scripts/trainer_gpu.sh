@@ -6,8 +6,9 @@
 #   scripts/trainer_gpu.sh LOG_DIR [CONFIG...]        (default: gpt2_125m dmoe_125m moe_125m)
 #
 # Environment: PRECISIONS (default "bf16 bf16-params"), ITERS (default 30), LOG_INTERVAL (5),
-# MICRO_BATCH (16: micro-batch 16 x 1024 tokens, one micro-batch a step), EXTRA (more
-# exp.train options, e.g. --phase-times).
+# MICRO_BATCH (16: micro-batch 16 x 1024 tokens), GLOBAL_BATCH (default MICRO_BATCH: one
+# micro-batch a step; a multiple of it accumulates gradients over several), EXTRA (more exp.train
+# options, e.g. --phase-times).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:?usage: scripts/trainer_gpu.sh LOG_DIR [CONFIG...]}
@@ -25,7 +26,7 @@ for precision in ${PRECISIONS:-bf16 bf16-params}; do
     rm -rf "$run"
     python3 -m exp.train --config "$config" --data-path "$DATA" --save "$run" --precision "$precision" \
       --train-iters "$ITERS" --lr-decay-iters "$ITERS" --log-interval "$LOG" --eval-interval 100000 \
-      --eval-iters 1 --save-interval 100000 --micro-batch-size "$MB" --global-batch-size "$MB" \
+      --eval-iters 1 --save-interval 100000 --micro-batch-size "$MB" --global-batch-size "${GLOBAL_BATCH:-$MB}" \
       --no-progress --no-checkpoint ${EXTRA:-} >"$LOG_DIR/${config}_$precision.log" 2>&1
     echo "$config $precision rc=$? $(python3 - "$run/train.csv" "$LOG" <<'PY'
 import csv, statistics, sys

@@ -434,9 +434,11 @@ def test_accumulate_grads_in_fp32():
 def test_multi_tensor_step_equals_one_launch_per_tensor(param_dtype):
     """`adamw_multi_step` (every tensor of a group in one grid, each program finding its tensor in
     an address table) writes bit for bit what `adamw_step` writes tensor by tensor: sizes from one
-    element to several programs, a scalar, an empty tensor, a non-contiguous parameter and grad."""
+    element to several programs, a scalar, an empty tensor, a non-contiguous parameter and grad,
+    and tensors in both of its launches (16-byte aligned with numel a multiple of 16, and not:
+    sizes off 16, and a view one element into its storage)."""
     g = torch.Generator().manual_seed(5)
-    shapes = [(3, 5), (1000,), (7,), (2049,), (), (0,), (64, 33)]
+    shapes = [(3, 5), (1000,), (7,), (2049,), (), (0,), (64, 33), (4096,), (16, 48), (32,)]
 
     def tensors():
         out = []
@@ -448,6 +450,8 @@ def test_multi_tensor_step_equals_one_launch_per_tensor(param_dtype):
             param = None if param_dtype is None else main.to(param_dtype)
             if param is not None and i == 6:
                 param = main.to(param_dtype).t().contiguous().t()  # non-contiguous
+            if i == 9:  # one element into their storage: not 16-byte aligned
+                main, grad = torch.cat([main[:1], main])[1:], torch.cat([grad[:1], grad])[1:]
             out.append([t if t is None else t.to(DEVICE) for t in (param, grad, main, torch.randn(shape, generator=g),
                                                                       torch.rand(shape, generator=g))])
         return out

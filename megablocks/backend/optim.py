@@ -227,6 +227,11 @@ def adamw_step(
 # The multi-tensor form: tensor i's addresses in row i of table_T6 (int64: param, grad, main,
 # exp_avg, exp_avg_sq, numel), its first program in block_start_T1[i] (int32, T + 1 entries, the
 # last the grid size). The element types come from the `*_like` pointers (one dtype per launch).
+# ALIGNED: every address is a multiple of 16 bytes and every numel of 16 (the host sorts the tensors
+# that are not into a launch of their own), said to the compiler, which cannot know it of values
+# loaded from memory; without it each thread moves one element at a time instead of 16 bytes
+# (the per-tensor kernel gets this from its arguments' specialization). Measured on an H200 in the
+# dmoe_125m trainer: 28.5 ms a step without, against 26.2 ms for one launch per tensor.
 @triton.jit
 def _adamw_multi_kernel(
     table_ptr,
@@ -246,6 +251,7 @@ def _adamw_multi_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     WRITE_PARAM: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     lo = 0
@@ -259,17 +265,26 @@ def _adamw_multi_kernel(
     i = (lo - 1).to(tl.int64)
     row = table_ptr + i * 6
     n = tl.load(row + 5)
+    if ALIGNED:
+        n = tl.multiple_of(n, 16)
     offs = (pid - tl.load(block_start_ptr + i)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(grad_like_ptr.dtype.element_ty))
     main_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
     exp_avg_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
     exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    if ALIGNED:
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        main_ptr = tl.multiple_of(main_ptr, 16)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
     w = _adamw_update(grad_ptr, main_ptr, exp_avg_ptr, exp_avg_sq_ptr, grad_scale_ptr, offs, mask, decay,
                       one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bias_correction2_sqrt, eps,
                       HAS_GRAD_SCALE)
     if WRITE_PARAM:
         param_ptr = tl.load(row).to(tl.pointer_type(param_like_ptr.dtype.element_ty))
+        if ALIGNED:
+            param_ptr = tl.multiple_of(param_ptr, 16)
         tl.store(param_ptr + offs, w.to(param_like_ptr.dtype.element_ty), mask=mask)
 
 
@@ -290,7 +305,8 @@ def adamw_multi_step(
     config: Optional[Union[AdamWConfig, dict]] = None,
 ) -> None:
     """`adamw_step` over many tensors with the same hyperparameters and step count, in one
-    launch per (parameter dtype, gradient dtype) pair: the programs of all tensors in one grid,
+    launch per (parameter dtype, gradient dtype) pair (two where some tensors are not 16-byte
+    aligned or sized): the programs of all tensors in one grid,
     each finding its tensor in a table of addresses (the host cost of one launch instead of one
     per tensor). The same arithmetic as `adamw_step`, element for element. Arguments as
     `adamw_step`'s, one list entry per tensor (params[i] None: mains[i] is the fp32 parameter).
@@ -312,12 +328,14 @@ def adamw_multi_step(
         if param is not None and not param.is_contiguous():
             out = torch.empty_like(param, memory_format=torch.contiguous_format)
             copies.append((param, out))
-        key = (None if param is None else param.dtype, grad.dtype, main.device)
-        buckets.setdefault(key, []).append((out, grad, main, exp_avg, exp_avg_sq))
+        tensors = (out, grad, main, exp_avg, exp_avg_sq)
+        aligned = grad.numel() % 16 == 0 and all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+        key = (None if param is None else param.dtype, grad.dtype, main.device, aligned)
+        buckets.setdefault(key, []).append(tensors)
     if not buckets:
         return
     s = _scalars(lr, beta1, beta2, eps, weight_decay, step)
-    for (param_dtype, _, device), rows in buckets.items():
+    for (param_dtype, _, device, aligned), rows in buckets.items():
         cfg = with_overrides(default_adamw_config(max(r[1].numel() for r in rows)), config)
         table, starts, total = [], [0], 0
         for out, grad, main, exp_avg, exp_avg_sq in rows:
@@ -348,6 +366,7 @@ def adamw_multi_step(
             HAS_GRAD_SCALE=grad_scale is not None,
             WRITE_PARAM=param_dtype is not None,
             BLOCK=cfg.block,
+            ALIGNED=aligned,
             num_warps=cfg.num_warps,
             enable_fp_fusion=False,
         )

@@ -149,7 +149,7 @@ from megablocks.backend import optim as O
 FLOATS = ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "neg_step_size", "bias_correction2_sqrt", "eps")
 for dtype in (torch.bfloat16, torch.float32):
     check(f"adamw multi-tensor params {dtype}", O._adamw_multi_kernel, ELEMENT[dtype],
-          dict(SEARCH_STEPS=8, HAS_GRAD_SCALE=True, WRITE_PARAM=True, BLOCK=1024), 4, 3,
+          dict(SEARCH_STEPS=8, HAS_GRAD_SCALE=True, WRITE_PARAM=True, BLOCK=1024, ALIGNED=True), 4, 3,
           types={"table_ptr": "*i64", "block_start_ptr": "*i32", "grad_scale_ptr": "*fp32",
                  **{name: "fp32" for name in FLOATS}})
 json.dump(results, sys.stdout)
