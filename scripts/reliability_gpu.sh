@@ -115,9 +115,9 @@ for item in "${ITEMS[@]}"; do
       rc=0; for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
       errors=$(cat "$LOG_DIR"/memcheck_sanitizer_*.log | grep -c "^========= Invalid\|^========= Program hit" || true)
       passed=$(cat "$LOG_DIR"/memcheck_pytest_*.log | grep -c " PASSED" || true)
-      failed=$(cat "$LOG_DIR"/memcheck_pytest_*.log | grep -c " FAILED" || true)
+      nfailed=$(cat "$LOG_DIR"/memcheck_pytest_*.log | grep -c " FAILED" || true)
       summary=$(grep -h "ERROR SUMMARY" "$LOG_DIR"/memcheck_sanitizer_*.log | tr '\n' ' ')
-      record memcheck "$rc" ":: $errors sanitizer reports; ${summary:-no summary}; tests passed $passed, failed $failed"
+      record memcheck "$rc" ":: $errors sanitizer reports; ${summary:-no summary}; tests passed $passed, failed $nfailed"
       ;;
     long)
       for impl in sparse triton; do
