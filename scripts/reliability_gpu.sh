@@ -19,7 +19,8 @@
 #                memory flat after warm-up
 # Environment: STEPS (default 10000), MEMCHECK_PATHS (default "tests/ops tests/layers"),
 # MEMCHECK_K (a pytest -k selection for memcheck, default none), MEMCHECK_SHARDS (default 4),
-# MEMCHECK_TIMEOUT (seconds per shard, default none). Wheels as in gpu_check.sh.
+# MEMCHECK_TIMEOUT (seconds per shard, default none), REVERSE=1 (tf32 and memcheck run their tests
+# last first, to complete a run that a time limit cut). Wheels as in gpu_check.sh.
 # Every item writes its log to LOG_DIR; the summary is printed last; the exit status is non-zero
 # if any item failed.
 set -uo pipefail
@@ -50,8 +51,11 @@ for item in "${ITEMS[@]}"; do
     tf32)
       # The whole op and layer suites: fp32 cases are named by their dtype in several ways
       # (torch.float32, fp32, dtype0), so none is selected by name; the 16-bit cases rerun as they are.
-      MEGABLOCKS_TEST_TF32=1 python3 -m pytest -q -ra "${WORKERS[@]}" tests/ops tests/layers \
-        tests/reliability/test_tile_configs.py 2>&1 | tee "$LOG_DIR/tf32.log"
+      TF32_PATHS=(tests/ops tests/layers tests/reliability/test_tile_configs.py)
+      if [ "${REVERSE:-0}" = 1 ]; then  # last tests first, to finish a run that an earlier time limit cut
+        mapfile -t TF32_PATHS < <(MEGABLOCKS_TEST_TF32=1 python3 -m pytest --collect-only -q -p no:cacheprovider "${TF32_PATHS[@]}" 2>/dev/null | grep "::" | tac)
+      fi
+      MEGABLOCKS_TEST_TF32=1 python3 -m pytest -q -ra "${WORKERS[@]}" "${TF32_PATHS[@]}" 2>&1 | tee "$LOG_DIR/tf32.log"
       record tf32 "${PIPESTATUS[0]}" ":: $(tail -n 1 "$LOG_DIR/tf32.log")"
       ;;
     tiles)
@@ -98,7 +102,7 @@ for item in "${ITEMS[@]}"; do
       # (docs/RELIABILITY.md), so its cases are left out too unless MEMCHECK_GG=1.
       K="not cuda_graph"; [ "${MEMCHECK_GG:-0}" = 1 ] || K="$K and not gg"
       [ -n "${MEMCHECK_K:-}" ] && K="($MEMCHECK_K) and $K"
-      mapfile -t IDS < <(python3 -m pytest --collect-only -q -p no:cacheprovider ${MEMCHECK_PATHS:-tests/ops tests/layers} -k "$K" 2>/dev/null | grep "::")
+      mapfile -t IDS < <(python3 -m pytest --collect-only -q -p no:cacheprovider ${MEMCHECK_PATHS:-tests/ops tests/layers} -k "$K" 2>/dev/null | grep "::" | if [ "${REVERSE:-0}" = 1 ]; then tac; else cat; fi)
       echo "memcheck: ${#IDS[@]} tests" | tee "$LOG_DIR/memcheck_ids.txt"
       printf '%s\n' "${IDS[@]}" >>"$LOG_DIR/memcheck_ids.txt"
       SHARDS=${MEMCHECK_SHARDS:-4}; pids=()
