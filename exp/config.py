@@ -50,7 +50,9 @@ class TrainConfig:
     'bf16' (autocast: fp32 parameters cast to bf16 in every forward), 'bf16-params' (bf16
     parameters for compute, fp32 main weights and Adam states in `megablocks.optim.MainWeightsAdamW`,
     gradient accumulation over micro-batches in fp32: Megatron's scheme, no cast of the weights per
-    forward) or 'fp32'. device: 'auto', 'cpu' or 'cuda'. expert_parallel_size: ranks that split the
+    forward) or 'fp32'; with several micro-batches a step in one process, grad_accumulation_fusion
+    has the grouped experts' kernels add their weight gradients straight into the fp32
+    accumulators (`MainWeightsAdamW.fuse_grad_accumulation`). device: 'auto', 'cpu' or 'cuda'. expert_parallel_size: ranks that split the
     experts of every MoE layer among them (1: none; see `exp.parallel`). fsdp: shard the
     parameters with torch's FSDP2 (`fully_shard`) instead of replicating them in DDP: shared
     parameters over all processes, expert shards over their expert-data-parallel ranks
@@ -100,6 +102,7 @@ class TrainConfig:
     fsdp: bool = False
     phase_times: bool = False
     peak_tflops: Optional[float] = None
+    grad_accumulation_fusion: bool = True
 
     def __post_init__(self):
         if isinstance(self.expert_parallel_size, bool) or not isinstance(self.expert_parallel_size, int):

@@ -198,6 +198,8 @@ def setup(tcfg: TrainConfig, mcfg: GPTConfig, device: torch.device, d: Dist) -> 
     run.flops_per_token = flops_per_token(counts[1], position, mcfg.num_layers, mcfg.hidden_size, mcfg.seq_length)
     run.peak_tflops = peak_tflops(device, tcfg.peak_tflops)
     run.timer = PhaseTimer(device, tcfg.phase_times)
+    if tcfg.grad_accumulation_fusion and _fp32_accumulation(run):
+        optimizer.fuse_grad_accumulation()
     _announce(run)
     return run
 
@@ -231,6 +233,12 @@ def _announce(run: Run) -> None:
 # Steps
 
 
+def _fp32_accumulation(run: Run) -> bool:
+    """Whether micro-batches' gradients are summed in fp32 by the optimizer (one process,
+    `MainWeightsAdamW`, several micro-batches a step)."""
+    return isinstance(run.optimizer, MainWeightsAdamW) and run.accum > 1 and not run.d.enabled
+
+
 def train_step(run: Run, it: int) -> Dict[str, float]:
     """One optimizer step of (0-based) iteration `it` over this rank's part of the global batch.
 
@@ -247,7 +255,7 @@ def train_step(run: Run, it: int) -> Dict[str, float]:
     run.optimizer.zero_grad(set_to_none=True)
     # fp32 accumulation over micro-batches in one process; with DDP the bf16 .grad accumulates
     # (its reducer all-reduces the .grad it holds at the last micro-batch).
-    main_grads = isinstance(run.optimizer, MainWeightsAdamW) and run.accum > 1 and not d.enabled
+    main_grads = _fp32_accumulation(run)
     timer = run.timer or PhaseTimer(run.device, False)
     timer.start()
     sums = torch.zeros(len(LOSSES), dtype=torch.float64, device=run.device)

@@ -83,6 +83,7 @@ class MainWeightsAdamW(torch.optim.Optimizer):
         _check_hyperparameters(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self._clip_coef: Optional[torch.Tensor] = None
+        self._main_grads: Dict[torch.Tensor, torch.Tensor] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -182,14 +183,57 @@ class MainWeightsAdamW(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
+    def fuse_grad_accumulation(self, enabled: bool = True) -> None:
+        """Gradient-accumulation fusion (Megatron's): gives each parameter that is not fp32 a
+        persistent fp32 gradient buffer, set as its `main_grad` attribute, that `zero_grad` zeroes.
+
+        Layers that can (the grouped-GEMM experts, `megablocks.layers.mlp.GroupedMLP`, with the
+        'triton' backend) add their weight gradients into `main_grad` in the kernels' epilogue
+        instead of returning them as `.grad`; other parameters' `.grad` is added to it by
+        `accumulate_grads` as before. Over micro-batches that is 8 bytes an element a micro-batch
+        (the buffer read and written) for the fused weights, against 12 (the 16-bit gradient
+        written, then read with the buffer and the buffer written). `clip_grad_norm_` and `step`
+        take the buffer as the gradient; a parameter with a buffer is stepped every step (with
+        zeros if nothing was added, as after `zero_grad(set_to_none=False)`). The buffers are not
+        part of `state_dict`. `enabled=False` removes them.
+        """
+        for p in list(self._main_grads):
+            if hasattr(p, "main_grad"):
+                del p.main_grad
+        self._main_grads = {}
+        if not enabled:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dtype == torch.float32 or p in self._main_grads:
+                    continue
+                buf = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                if p.grad is not None:
+                    buf.add_(p.grad)
+                    p.grad = None
+                self._main_grads[p] = buf
+                p.main_grad = buf
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's `zero_grad`, and the fp32 buffers of `fuse_grad_accumulation` set to zeros."""
+        super().zero_grad(set_to_none=set_to_none)
+        if self._main_grads:
+            torch._foreach_zero_(list(self._main_grads.values()))
+
+    @torch.no_grad()
     def accumulate_grads(self) -> None:
         """Gradient accumulation in fp32, kept by the optimizer: adds each parameter's `.grad`
         (bf16 say, one micro-batch's) into an fp32 buffer in its state and frees the `.grad`.
         Call it after each micro-batch's backward; `clip_grad_norm_` and `step` then take the
-        buffer (plus any `.grad` left) as the gradient, and the step frees the buffer."""
+        buffer (plus any `.grad` left) as the gradient, and the step frees the buffer. With
+        `fuse_grad_accumulation` the buffer is the parameter's `main_grad` (kept)."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
+                    continue
+                if p in self._main_grads:
+                    self._main_grads[p].add_(p.grad)
+                    p.grad = None
                     continue
                 state = self.state[p]
                 if "grad_acc" in state:
@@ -201,7 +245,9 @@ class MainWeightsAdamW(torch.optim.Optimizer):
     def _gradient(self, p: torch.Tensor) -> Optional[torch.Tensor]:
         """The gradient a step takes: the fp32 accumulation buffer (with any `.grad` added), or
         the `.grad`."""
-        acc = self.state[p].get("grad_acc") if p in self.state else None
+        acc = self._main_grads.get(p)
+        if acc is None and p in self.state:
+            acc = self.state[p].get("grad_acc")
         if acc is None:
             return p.grad
         if p.grad is not None:

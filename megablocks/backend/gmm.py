@@ -275,7 +275,7 @@ def _gmm_var_k_kernel(
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    GATHER_A: tl.constexpr, TRANS_OUT: tl.constexpr,
+    GATHER_A: tl.constexpr, TRANS_OUT: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     num_k_tiles = tl.cdiv(K, BLOCK_K)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -346,6 +346,21 @@ def _gmm_var_k_kernel(
                 b = b.to(tl.float32)
             acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
 
+        if TRANS_OUT:
+            out_ptrs = (
+                out_ptr + group.to(tl.int64) * stride_oe
+                + offs_n[None, :].to(tl.int64) * stride_o1 + offs_k[:, None]
+            )
+        else:
+            out_ptrs = (
+                out_ptr + group.to(tl.int64) * stride_oe
+                + offs_k[:, None].to(tl.int64) * stride_o1 + offs_n[None, :]
+            )
+        out_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+        if ACCUMULATE:
+            # out += the product (a weight gradient added to its fp32 accumulator): the tile's
+            # current values are read first; a group without rows leaves them as they are.
+            acc += tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         out = acc.to(out_ptr.dtype.element_ty)
         if TMA_STORE:
             if TRANS_OUT:
@@ -353,17 +368,7 @@ def _gmm_var_k_kernel(
             else:
                 out_desc.store([group, tile_k * BLOCK_K, tile_n * BLOCK_N], out.reshape(1, BLOCK_K, BLOCK_N))
         else:
-            if TRANS_OUT:
-                out_ptrs = (
-                    out_ptr + group.to(tl.int64) * stride_oe
-                    + offs_n[None, :].to(tl.int64) * stride_o1 + offs_k[:, None]
-                )
-            else:
-                out_ptrs = (
-                    out_ptr + group.to(tl.int64) * stride_oe
-                    + offs_k[:, None].to(tl.int64) * stride_o1 + offs_n[None, :]
-                )
-            tl.store(out_ptrs, out, mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+            tl.store(out_ptrs, out, mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,8 +452,10 @@ def triton_gmm(
     `use_tma` (default: where the strides allow) picks TMA tensor descriptors over masked
     pointer loads; `config` (a `GmmConfig`, or a dict of its fields) overrides
     `default_config`. Both are for tuning and tests.
-    `accumulate_into` (forward forms only: a contiguous `[M, N]` tensor of a's dtype) makes the
-    kernel add its product to that tensor's values in its epilogue and return it.
+    `accumulate_into` makes the kernel add its product to that tensor's values in its epilogue
+    (in fp32) and return it: for the forward forms a contiguous `[M, N]` tensor of a's dtype; for
+    the variable-K form a contiguous `[E, K, N]` tensor (`[E, N, K]` with `b_rows`) of a's dtype
+    or float32, e.g. an fp32 weight-gradient accumulator.
     `a_rows` (`[M]` int32 on a's device): logical row i of `a` is physical row `a_rows[i]` of the
     given `a` (`[T, K]`, any T); the result has M rows (forward forms) or sums over M rows
     (variable-K form). `b_rows`, the variable-K form only and not with `a_rows`: the same for `b`
@@ -525,9 +532,14 @@ def triton_gmm(
         N = b.shape[1]
         if b.stride(1) != 1:
             b = b.contiguous()
-        out = torch.empty((E, N, K) if trans_out else (E, K, N), dtype=a.dtype, device=a.device)
+        shape = (E, N, K) if trans_out else (E, K, N)
+        if accumulate_into is None:
+            out = torch.empty(shape, dtype=a.dtype, device=a.device)
+        else:
+            _check_accumulator(accumulate_into, shape, a)
+            out = accumulate_into
         if a_rows is not None and T == 0:  # every mapped row reads as zeros
-            return out.zero_()
+            return out if accumulate_into is not None else out.zero_()
         if use_tma is None:  # a mapped `a` is read by pointer loads, whatever its strides
             use_tma = tma_ok(b) if a_rows is not None else tma_ok(a, b)
         num_tiles = E * cdiv(K, cfg.block_m) * cdiv(N, cfg.block_n)
@@ -537,8 +549,11 @@ def triton_gmm(
             M, K, N, E, T, rows_top_k, num_programs,
             a.stride(0), b.stride(0), out.stride(0), out.stride(1),
             BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k,
-            USE_TMA=use_tma, TMA_STORE=cfg.tma_store and use_tma and tma_ok(out),
-            GATHER_A=a_rows is not None, TRANS_OUT=trans_out, **launch,
+            USE_TMA=use_tma,
+            # An fp32 accumulator's tile staged for a TMA store would not fit beside the 16-bit
+            # pipeline stages of the 128x256 tiles (278 KB of shared memory): stored by pointers.
+            TMA_STORE=cfg.tma_store and use_tma and tma_ok(out) and out.dtype == a.dtype,
+            GATHER_A=a_rows is not None, TRANS_OUT=trans_out, ACCUMULATE=accumulate_into is not None, **launch,
         )
         return out
 
@@ -586,6 +601,17 @@ def triton_gmm(
         GATHER_A=a_rows is not None, GLU=glu or "none", HAS_BIAS=bias is not None, **launch,
     )
     return out
+
+
+def _check_accumulator(acc: torch.Tensor, shape: tuple, a: torch.Tensor) -> None:
+    """`accumulate_into` of the variable-K form: contiguous, of the product's shape, a's dtype or
+    float32, on a's device."""
+    if (not isinstance(acc, torch.Tensor) or tuple(acc.shape) != tuple(shape) or not acc.is_contiguous()
+            or acc.dtype not in (a.dtype, torch.float32) or acc.device != a.device):
+        got = (f"{tuple(acc.shape)} {acc.dtype} on {acc.device}, contiguous={acc.is_contiguous()}"
+               if isinstance(acc, torch.Tensor) else type(acc).__name__)
+        raise ValueError(f"accumulate_into: expected a contiguous {tuple(shape)} tensor of {a.dtype} or float32 "
+                         f"on {a.device}, got {got}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from megablocks.layers.arguments import Arguments, InitFn
 from megablocks.ops.activation import glu
 from megablocks.ops.expert_bias import add_expert_bias, block_column_bias, block_row_experts, row_experts
 from megablocks.ops.fp8 import Fp8WeightCache, fp8_gmm
-from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered
+from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered, weight_grad_into
 from megablocks.ops.permute import RowMaps
 from megablocks.ops.sparse import dsd_data, sdd_data
 
@@ -370,6 +370,24 @@ class GroupedMLP(SparseMLP):
             and mpu.features_per_rank(self.args) <= policy.fused_glu_input_grad_max_ffn
         )
 
+    def _grad_accumulators(self, weights) -> dict:
+        """Gradient-accumulation fusion: `{id(w): acc}` for each weight of this forward that is its
+        parameter itself (no cast, no gradient scale) and whose parameter has an fp32 `main_grad`
+        (`megablocks.optim.MainWeightsAdamW.fuse_grad_accumulation`): the weight gradients of
+        those are added to `main_grad` by the kernels instead of coming back as `.grad`. Off under
+        torch.compile, without autograd, and in FP8."""
+        if self.args.fp8 is not None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return {}
+        accs = {}
+        for w, p in zip(weights, (self.w1, self._v1(), self.w2)):
+            acc = getattr(p, "main_grad", None)
+            if p is not None and w is p and p.requires_grad and isinstance(acc, torch.Tensor):
+                if acc.dtype != torch.float32 or acc.shape != p.shape or not acc.is_contiguous():
+                    raise ValueError(f"main_grad: expected a contiguous float32 tensor of the parameter's shape "
+                                     f"{tuple(p.shape)}, got {tuple(acc.shape)} {acc.dtype}")
+                accs[id(w)] = acc
+        return accs
+
     def reads_token_rows(self) -> bool:
         """Whether `forward` should be given the token rows and the row maps
         (`KernelPolicy.fused_gather`, where the shared-input pair is taken)."""
@@ -382,22 +400,38 @@ class GroupedMLP(SparseMLP):
         hidden = self.args.hidden_size
         backend = _gmm_backend(self.args)
 
+        weights = self._cast_weights(x)
+        accs = self._grad_accumulators(weights)
+        shape = (num_experts, -1, hidden)
+
+        def operand(w):  # detached where its gradient goes to main_grad through `fused`
+            return (w.detach() if id(w) in accs else w).view(shape)
+
+        def fused(out, a, w, trans_b, row_maps=None):
+            if id(w) not in accs:
+                return out
+            return weight_grad_into(out, a, w.view(shape), accs[id(w)].view(w.view(shape).shape),
+                                    tokens_per_expert, row_maps, trans_b=trans_b, backend=backend)
+
         def up(x, w):
-            w = w.view(num_experts, -1, hidden)
             if maps is not None:
-                return gmm_gathered(x, w, tokens_per_expert, maps, trans_b=True, backend=backend)
-            return gmm(x, w, tokens_per_expert, trans_b=True, backend=backend)
+                out = gmm_gathered(x, operand(w), tokens_per_expert, maps, trans_b=True, backend=backend)
+            else:
+                out = gmm(x, operand(w), tokens_per_expert, trans_b=True, backend=backend)
+            return fused(out, x, w, True, maps)
 
         def down(a, w):
-            return gmm(a, w.view(num_experts, -1, hidden), tokens_per_expert, backend=backend)
+            return fused(gmm(a, operand(w), tokens_per_expert, backend=backend), a, w, False)
 
         def up_pair(x, w1, v1):
-            w1, v1 = w1.view(num_experts, -1, hidden), v1.view(num_experts, -1, hidden)
             if maps is not None:
-                return gmm_shared_input_gathered(x, w1, v1, tokens_per_expert, maps, trans_b=True, backend=backend)
-            return gmm_shared_input(x, w1, v1, tokens_per_expert, trans_b=True, backend=backend)
+                h1, h2 = gmm_shared_input_gathered(x, operand(w1), operand(v1), tokens_per_expert, maps,
+                                                   trans_b=True, backend=backend)
+            else:
+                h1, h2 = gmm_shared_input(x, operand(w1), operand(v1), tokens_per_expert, trans_b=True,
+                                          backend=backend)
+            return fused(h1, x, w1, True, maps), fused(h2, x, v1, True, maps)
 
-        weights = self._cast_weights(x)
         projections = (up, down)
         if self.args.fp8 is not None:
             projections = self._fp8_projections(weights, tokens_per_expert, num_experts, hidden)

@@ -204,6 +204,110 @@ def _weight_grad(a, grad, batch_sizes, row_assignment, assignment_row, top_k, tr
                     False, name)
 
 
+def _add_weight_grad(acc, a, grad, batch_sizes, row_assignment, assignment_row, top_k: int, trans_b: bool,
+                     name: str) -> None:
+    """`acc += _weight_grad(...)`, acc a contiguous fp32 tensor of b's shape: with 'triton', added
+    in the variable-K kernel's epilogue (the weight gradient is never written in a's dtype)."""
+    lhs, rhs = (grad, a) if trans_b else (a, grad)
+    mapped = rhs if trans_b else lhs
+    if row_assignment is None:
+        in_kernel = name == "triton" and use_triton(lhs)
+    else:
+        in_kernel = _in_kernel_map(mapped, name)
+    if not in_kernel:
+        acc.add_(_weight_grad(a, grad, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name))
+        return
+    rows = lhs.shape[0] if row_assignment is None else row_assignment.shape[0]
+    if rows == 0 or acc.numel() == 0:
+        return
+    maps = {}
+    if row_assignment is not None:
+        maps = dict(b_rows=row_assignment) if trans_b else dict(a_rows=row_assignment)
+    gmm_backend.triton_gmm(lhs, rhs, batch_sizes, True, False, rows_top_k=top_k, accumulate_into=acc, **maps)
+
+
+class _WeightGradInto(torch.autograd.Function):
+    """`out` unchanged; the backward adds the gradient of the weight of the product that made
+    `out` into `acc` (see `weight_grad_into`) and passes `out`'s gradient on."""
+
+    @staticmethod
+    def forward(ctx, out, a, b, acc, batch_sizes, row_assignment, assignment_row, top_k, trans_b, backend_name):
+        ctx.save_for_backward(a, batch_sizes, row_assignment, assignment_row)
+        # The accumulator is not saved: its values change between this forward and the backward
+        # (other micro-batches' gradients), which is what it is for.
+        ctx.acc, ctx.top_k, ctx.trans_b, ctx.backend_name = acc, top_k, trans_b, backend_name
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, batch_sizes, row_assignment, assignment_row = ctx.saved_tensors
+        _add_weight_grad(ctx.acc, a, grad.contiguous(), batch_sizes, row_assignment, assignment_row, ctx.top_k,
+                         ctx.trans_b, ctx.backend_name)
+        return grad, None, None, None, None, None, None, None, None, None
+
+
+def weight_grad_into(
+    out: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    acc: torch.Tensor,
+    batch_sizes: torch.Tensor,
+    maps: Optional[RowMaps] = None,
+    trans_b: bool = False,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Gradient-accumulation fusion: `out` (= `gmm(a, b.detach(), ...)`, or `gmm_gathered` with
+    `maps`) returned unchanged, and in the backward the gradient of `b` added into `acc` (b's
+    own `.grad` is left alone: b is an input only so that `out` requires grad where b does).
+
+    For a weight `b` whose gradient is summed over micro-batches in fp32 (`main_grad`, as
+    `megablocks.optim.MainWeightsAdamW.fuse_grad_accumulation` keeps it), the product is taken with
+    `b.detach()` and its result passed through here: the 'triton' backend then adds each
+    micro-batch's weight gradient to the fp32 accumulator in the kernel's epilogue (8 bytes an
+    element read and written) instead of writing it in b's dtype for a later pass to add (12).
+    Other backends compute the gradient and add it (the same values; no bytes saved).
+
+    Args:
+        out: the product's result `[M, N]` (requires grad through `a`, or not at all).
+        a, b, batch_sizes, maps, trans_b, backend: the product's arguments, as given to `gmm` /
+            `gmm_gathered` (`a` is the token rows `[T, K]` with `maps`; `b` not detached).
+        acc: float32, contiguous, of b's shape (`[E, K, N]`, or `[E, N, K]` with `trans_b`), on a's
+            device.
+
+    Returns:
+        `out`'s values (a view) whose backward adds `b`'s gradient to `acc`.
+
+    Raises:
+        TypeError / ValueError: an `acc` that is not such a tensor, or shapes that do not fit.
+    """
+    if backend is None and isinstance(a, torch.Tensor):
+        backend = gmm_backend.default_backend(a)
+    _checks.check_tensor("acc", acc, dtypes=(torch.float32,), numel_int32=False)
+    _checks.check_tensor("out", out, ndim=2, dtypes=_checks.FLOAT_DTYPES, numel_int32=False)
+    _checks.check_tensor("a", a, ndim=2, dtypes=(out.dtype,), numel_int32=False)
+    _checks.check_tensor("b", b, ndim=3, dtypes=(out.dtype,), numel_int32=False)
+    want = (b.shape[0], out.shape[1], a.shape[1]) if trans_b else (b.shape[0], a.shape[1], out.shape[1])
+    if tuple(b.shape) != want:
+        raise ValueError(f"b: expected shape {want} (from a and out, trans_b={trans_b}), got {tuple(b.shape)}")
+    if tuple(acc.shape) != want or not acc.is_contiguous() or acc.device != a.device:
+        raise ValueError(f"acc: expected a contiguous float32 tensor of b's shape {want} on {a.device}, got "
+                         f"{tuple(acc.shape)} on {acc.device} (contiguous={acc.is_contiguous()})")
+    rows = out.shape[0]
+    if maps is None:
+        _check_rows("a", a.shape[0], rows, "the rows of out")
+        row_assignment = assignment_row = None
+        top_k = 1
+    else:
+        if not isinstance(maps, RowMaps):
+            raise TypeError(f"maps: expected a RowMaps (megablocks.ops.permute.route), got {type(maps).__name__}")
+        _check_rows("maps.row_assignment", maps.row_assignment.shape[0], rows, "the rows of out")
+        row_assignment, assignment_row, top_k = maps.row_assignment, maps.assignment_row, maps.top_k
+    if not torch.is_grad_enabled():
+        return out
+    return _WeightGradInto.apply(out, a, b, acc, batch_sizes, row_assignment, assignment_row, top_k, trans_b,
+                                 backend)
+
+
 def _backward(ctx, grads):
     a, b, b2, batch_sizes, row_assignment, assignment_row = ctx.saved_tensors
     name, trans_b, top_k = ctx.backend_name, ctx.trans_b, ctx.top_k

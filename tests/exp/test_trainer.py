@@ -24,6 +24,9 @@ from exp.log import TIMING_COLUMNS, read_csv
 from exp.loop import lr_at, train
 from exp.model import GPT
 
+gmm_ops = importlib.import_module("megablocks.ops.gmm")  # the module (megablocks.ops.gmm is also a function)
+_ADD_WEIGHT_GRAD = gmm_ops._add_weight_grad
+
 
 def _import_all_kernels():
     """Defines every kernel now, as the test session set TRITON_INTERPRET (interpreted on CPU).
@@ -305,14 +308,18 @@ def test_expert_bias_updated_after_every_step(tmp_path, data, torch_references):
 
 
 @pytest.mark.parametrize("accum", [1, 2])
-def test_bf16_params_follow_the_autocast_loss_curve(tmp_path, data, torch_references, accum):
+def test_bf16_params_follow_the_autocast_loss_curve(tmp_path, data, torch_references, accum, monkeypatch):
     """precision 'bf16-params' (bf16 parameters, fp32 main weights in MainWeightsAdamW, fp32
     accumulation over micro-batches) and 'bf16' (autocast over fp32 parameters) draw the same loss
     curve within bf16 noise, and both follow fp32; the checkpoint keeps bf16 weights and fp32 main
     weights, and a resume continues the curve."""
     common = dict(train_iters=8, eval_iters=0, lr=5e-3, global_batch_size=8, micro_batch_size=8 // accum,
                   dropout=0.0, **{**DMOE, "moe_jitter_eps": None})
+    fused = []  # the weight gradients added into fp32 accumulators by the products' backward
+    monkeypatch.setattr(gmm_ops, "_add_weight_grad", lambda *a: fused.append(1) or _ADD_WEIGHT_GRAD(*a))
     runs = {p: _run(data, tmp_path / p, precision=p, **common) for p in ("fp32", "bf16", "bf16-params")}
+    # 2 layers x 2 expert weights x 2 micro-batches x 8 steps with accumulation; none without.
+    assert len(fused) == (64 if accum > 1 else 0)
     curves = {p: [r["lm_loss"] for r in out["train"]] for p, out in runs.items()}
     for p in ("bf16", "bf16-params"):
         for step, (a, b) in enumerate(zip(curves[p], curves["fp32"])):
@@ -320,6 +327,11 @@ def test_bf16_params_follow_the_autocast_loss_curve(tmp_path, data, torch_refere
     for a, b in zip(curves["bf16-params"], curves["bf16"]):
         assert abs(a - b) < 0.03 * b, curves
     assert curves["bf16-params"][-1] < curves["bf16-params"][0], "it trained"
+    if accum > 1:  # by default the experts' weight gradients go straight into the fp32 accumulators
+        plain = _run(data, tmp_path / "unfused", precision="bf16-params", grad_accumulation_fusion=False, **common)
+        assert len(fused) == 64, "no fusion when it is turned off"
+        for a, b in zip(curves["bf16-params"], [r["lm_loss"] for r in plain["train"]]):
+            assert abs(a - b) < 0.01 * b, (curves["bf16-params"], [r["lm_loss"] for r in plain["train"]])
     state = torch.load(tmp_path / "bf16-params" / "iter_0000008" / "model.pt", weights_only=True)
     assert all(v.dtype == torch.bfloat16 for k, v in state.items() if v.is_floating_point()), "bf16 weights"
     opt = torch.load(tmp_path / "bf16-params" / "iter_0000008" / "optimizer.pt", weights_only=True)["optimizer"]
