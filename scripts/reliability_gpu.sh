@@ -55,7 +55,8 @@ for item in "${ITEMS[@]}"; do
       if [ "${REVERSE:-0}" = 1 ]; then  # last tests first, to finish a run that an earlier time limit cut
         mapfile -t TF32_PATHS < <(MEGABLOCKS_TEST_TF32=1 python3 -m pytest --collect-only -q -p no:cacheprovider "${TF32_PATHS[@]}" 2>/dev/null | grep "::" | tac)
       fi
-      MEGABLOCKS_TEST_TF32=1 python3 -m pytest -q -ra "${WORKERS[@]}" "${TF32_PATHS[@]}" 2>&1 | tee "$LOG_DIR/tf32.log"
+      # -v: every result by name as it comes, so a run cut by a time limit still names its failures.
+      MEGABLOCKS_TEST_TF32=1 python3 -m pytest -v -ra --tb=short "${WORKERS[@]}" "${TF32_PATHS[@]}" 2>&1 | tee "$LOG_DIR/tf32.log"
       record tf32 "${PIPESTATUS[0]}" ":: $(tail -n 1 "$LOG_DIR/tf32.log")"
       ;;
     tiles)
