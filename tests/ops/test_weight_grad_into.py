@@ -113,7 +113,7 @@ def test_variable_k_accumulate_into_kernel(device):
     start = torch.randn(len(sizes), K, N, device=device)
     acc = start.clone()
     assert gmm_backend.triton_gmm(a, g, counts, trans_a=True, accumulate_into=acc) is acc
-    want = start.double().cpu() + gmm_reference(a.double(), g.double(), counts.cpu(), trans_a=True)
+    want = start.double().cpu() + gmm_reference(a.double().cpu(), g.double().cpu(), counts.cpu(), trans_a=True)
     assert_close("acc", acc, want, torch.float32)
     assert torch.equal(acc[1], start[1]), "a group without rows adds nothing"
 
