@@ -405,10 +405,12 @@ class GroupedMLP(SparseMLP):
         shape = (num_experts, -1, hidden)
 
         def operand(w):  # detached where its gradient goes to main_grad through `fused`
-            return (w.detach() if id(w) in accs else w).view(shape)
+            if accs and id(w) in accs:  # (no id() while compiling: accs is empty then)
+                w = w.detach()
+            return w.view(shape)
 
         def fused(out, a, w, trans_b, row_maps=None):
-            if id(w) not in accs:
+            if not accs or id(w) not in accs:
                 return out
             return weight_grad_into(out, a, w.view(shape), accs[id(w)].view(w.view(shape).shape),
                                     tokens_per_expert, row_maps, trans_b=trans_b, backend=backend)

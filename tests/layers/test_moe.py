@@ -49,9 +49,10 @@ def test_moe_without_drops_equals_dmoe(capacity_factor):
         out = layer(xi)
         out.backward(torch.ones_like(out))
         results.append((out, layer_grads(layer, xi)))
-    assert_close("out", results[1][0], results[0][0])
+    # Two whole layers (router, two products, activation, weighted scatter each): the layer limits.
+    assert_close("out", results[1][0], results[0][0], family="layer")
     for name in GRAD_NAMES:
-        assert_close(f"grad {name}", results[1][1][name], results[0][1][name])
+        assert_close(f"grad {name}", results[1][1][name], results[0][1][name], family="layer")
     # With ample capacity the reference without a capacity holds too.
     moe.zero_grad()
     check_against_reference(moe, x.clone().requires_grad_(True))

@@ -15,6 +15,7 @@ from megablocks.ops.routing import (
     padded_rows_bound,
     round_up,
     routing_metadata,
+    row_maps,
     sort,
 )
 from tests.utils import assert_equal
@@ -390,3 +391,19 @@ def test_sorted_routing_maps_id_dtypes(dtype, device):
     for name, a, b in zip(("counts", "assignment_row", "row_assignment"), got, want):
         assert_equal(name, a, b)
     assert got[0].sum().item() == ids.numel() - (1 if dtype == torch.int16 else 2)
+
+
+@pytest.mark.parametrize("t,k,e", [(0, 2, 4), (100, 3, 6), (3000, 2, 8), (5000, 1, 64)])
+def test_row_maps_equal_route_of_the_metadata(t, k, e, device):
+    """The grouped dMoE's routing (`row_maps`, three launches) gives bitwise the counts and maps of
+    `routing_metadata` then `route` (its form under torch.compile and without the kernels)."""
+    from megablocks.ops.permute import route
+
+    ids = torch.randint(0, e, (t, k), device=device, dtype=torch.int32)
+    meta = routing_metadata(ids, e, 1, small_routing=False)
+    want = route(meta.indices, meta.bin_ids, meta.bins, k)
+    counts, got = row_maps(ids, e)
+    assert_equal("tokens per expert", counts, meta.tokens_per_expert)
+    assert_equal("row of each assignment", got.assignment_row, want.assignment_row)
+    assert_equal("assignment of each row", got.row_assignment, want.row_assignment)
+    assert got.top_k == want.top_k == k
