@@ -26,13 +26,14 @@ from typing import Optional, Tuple
 
 import torch
 
+from megablocks.backend import use_triton
 from megablocks.layers import common, expert_parallel, glu, mlp, mpu, router, sharedexpert_registry
 from megablocks.layers.arguments import MLP_IMPLS, MLP_TYPES, Arguments
 from megablocks.layers.losses import collector_for, default_collector
 from megablocks.layers.losses import global_load_balancing_loss, sequence_load_balancing_loss
 from megablocks.layers.losses import load_balancing_loss as _load_balancing_loss
 from megablocks.ops.permute import binned_gather, binned_scatter, gather, scatter
-from megablocks.ops.routing import routing_metadata
+from megablocks.ops.routing import inclusive_cumsum, routing_metadata, row_maps
 
 
 def save_load_balancing_loss(loss: Tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -134,7 +135,13 @@ class ParallelMLP(torch.nn.Module):
         `capacity` rows per expert (None: the largest expert's count, read on the host).
         """
         with torch.no_grad():
-            indices, _, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
+            if use_triton(top_experts) and not torch.compiler.is_compiling():
+                # The expert-sorted assignments from `row_maps` (three launches; its rows' assignments
+                # are `indices`) and one cumsum, instead of the metadata's sort, histogram and cumsums.
+                tokens_per_expert, maps = row_maps(top_experts.reshape(-1, 1), num_experts)
+                indices, bins = maps.row_assignment, inclusive_cumsum(tokens_per_expert, 0)
+            else:
+                indices, _, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
             if capacity is None:
                 # The one host read of the capacity path: the largest expert's count.
                 capacity = int(tokens_per_expert.max()) if tokens_per_expert.numel() else 0

@@ -64,7 +64,7 @@ def test_a_name_is_the_config_of_that_name(tmp_path, monkeypatch):
     by_path = parse_config(["--config", os.path.join(CONFIG_DIR, "dmoe_125m.json"), "--data-path", "d"])
     by_name = parse_config(["--config", "dmoe_125m", "--data-path", "d"])
     assert by_name == by_path and by_name[0].name == "dmoe_125m"
-    assert by_name[1].moe == {"moe_num_experts": 64, "moe_top_k": 1, "moe_loss_weight": 0.1}
+    assert by_name[1].moe == {"moe_num_experts": 64, "moe_top_k": 1, "moe_loss_weight": 0.1, "mlp_impl": "auto"}
     assert parse_config(["--config", "dmoe_125m.json", "--data-path", "d"]) == by_path
     # A file at the given path wins over the name, from any working directory.
     monkeypatch.chdir(tmp_path)
