@@ -20,7 +20,7 @@ from megablocks.layers.activation_fn import gated_product
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
 from tests.conftest import DEVICE
-from tests.utils import assert_close, assert_equal, relative_errors, tolerance
+from tests.utils import TF32, assert_close, assert_equal, relative_errors, tolerance
 
 GRAD_NAMES = ("x", "router", "w1", "v1", "w2", "bias")
 # The biases of gpt-oss's experts (`moe_router_bias`, `moe_expert_bias`): None where the layer has none.
@@ -247,11 +247,20 @@ def check_against_reference(layer, x, *, capacity=None, dtype=torch.float32, top
     (ref * grad_out.double().cpu()).sum().backward()
     assert_equal("top_experts", seen["top_experts"].cpu(), top_experts)
     assert_equal("tokens_per_expert", layer.experts.tokens_per_expert.cpu().long(), counts)
-    assert_close("out", out, ref, dtype=dtype, family="layer", plain=ref32)
+    plain_out, plain_params, xp = ref32, p, xr32
+    if TF32 and x.is_cuda and dtype == torch.float32:
+        # Under MEGABLOCKS_TEST_TF32 the layer's products round their inputs to TF32, so the plain
+        # computation that measures how ill-conditioned a result is runs at that precision too:
+        # the reference in fp32 on the GPU (its matmuls take TF32 there), along the same routing.
+        plain_params = {k: None if p[k] is None else p[k].detach().to(x.device).requires_grad_(True) for k in names}
+        xp = x.detach().float().requires_grad_(True)
+        plain_out, _, _ = reference(xp, plain_params, top_experts.to(x.device))
+        (plain_out * grad_out.float()).sum().backward()
+    assert_close("out", out, ref, dtype=dtype, family="layer", plain=plain_out)
     grads = layer_grads(layer, x)
     names = GRAD_NAMES + BIAS_GRAD_NAMES
     expected = {"x": xr.grad, **{k: None if q[k] is None else q[k].grad for k in names if k != "x"}}
-    plain = {"x": xr32.grad, **{k: None if p[k] is None else p[k].grad for k in names if k != "x"}}
+    plain = {"x": xp.grad, **{k: None if plain_params[k] is None else plain_params[k].grad for k in names if k != "x"}}
     for name in names:
         if expected[name] is None:
             assert grads[name] is None, f"{name}: the layer has a parameter the reference lacks"
