@@ -184,8 +184,8 @@ class MainWeightsAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def fuse_grad_accumulation(self, enabled: bool = True) -> None:
-        """Gradient-accumulation fusion (Megatron's): gives each parameter that is not fp32 a
-        persistent fp32 gradient buffer, set as its `main_grad` attribute, that `zero_grad` zeroes.
+        """Gradient-accumulation fusion (Megatron's): gives each parameter that is not fp32 (and
+        requires grad) a persistent fp32 gradient buffer, set as its `main_grad` attribute, that `zero_grad` zeroes.
 
         Layers that can (the grouped-GEMM experts, `megablocks.layers.mlp.GroupedMLP`, with the
         'triton' backend) add their weight gradients into `main_grad` in the kernels' epilogue
@@ -205,7 +205,7 @@ class MainWeightsAdamW(torch.optim.Optimizer):
             return
         for group in self.param_groups:
             for p in group["params"]:
-                if p.dtype == torch.float32 or p in self._main_grads:
+                if p.dtype == torch.float32 or not p.requires_grad or p in self._main_grads:
                     continue
                 buf = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 if p.grad is not None:

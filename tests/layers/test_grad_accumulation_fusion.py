@@ -110,18 +110,20 @@ def test_optimizer_steps_with_and_without_fusion():
     """Steps of two micro-batches: the gradients the optimizer takes equal the unfused ones within
     the 16-bit rounding those take; given the same gradients, the step is bitwise the unfused one;
     later steps' gradient norms agree; the buffers are not state and are zeroed by zero_grad; fp32
-    parameters get none; `fuse_grad_accumulation(False)` removes them."""
+    and frozen parameters get none; `fuse_grad_accumulation(False)` removes them."""
     torch.manual_seed(1)
     layer = dMoE(make_args("triton", DTYPE, mlp_type="glu", **SHAPE))
     other = copy.deepcopy(layer)
     fp32 = torch.nn.Parameter(torch.zeros(3, device=DEVICE))  # an fp32 parameter among 16-bit ones
-    opt = MainWeightsAdamW(list(layer.parameters()) + [fp32], lr=1e-2, weight_decay=0.1)
+    frozen = torch.nn.Parameter(torch.zeros(3, device=DEVICE, dtype=DTYPE), requires_grad=False)
+    opt = MainWeightsAdamW(list(layer.parameters()) + [fp32, frozen], lr=1e-2, weight_decay=0.1)
     opt.fuse_grad_accumulation()
     ref = MainWeightsAdamW(other.parameters(), lr=1e-2, weight_decay=0.1)
     pairs = list(zip(layer.parameters(), other.parameters()))
     fused = [p for p in layer.parameters() if hasattr(p, "main_grad")]
     assert fused and all(p.dtype == DTYPE for p in fused)
     assert not hasattr(fp32, "main_grad"), "fp32 parameters keep .grad"
+    assert not hasattr(frozen, "main_grad"), "nor is a frozen parameter given a buffer (it would be stepped)"
     for step in range(3):
         batches = [(torch.randn(18, 40, device=DEVICE, dtype=DTYPE), torch.randn(18, 40, device=DEVICE, dtype=DTYPE))
                    for _ in range(2)]
