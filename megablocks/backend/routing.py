@@ -268,6 +268,78 @@ def sorted_routing_maps(x_N: torch.Tensor, num_experts: int):
     return counts_E, assignment_row_N, row_assignment_N
 
 
+# ------------------------------------------------------------------------------------------------
+# The padded layout's counts, bins and row maps (the block-sparse path's routing) past one
+# program's N, in five launches: the key kernel and the stable sort as above, then
+#
+#   counts_E, padded_bins_E   one program: each expert's count by binary search, rounded up to the
+#                             block, and their inclusive cumsum; offset_E = padded start - start
+#   row_assignment_P = -1     (a fill: padding rows)
+#   row r (sorted) of expert e = keys[r]:  padded row r + offset[e]; both maps written from it
+#
+# against the general path's sort, casts, histogram, round-up and cumsums and `route` (about
+# twelve launches). Ids outside [0, E) are counted by none and routed nowhere (assignment_row -1).
+
+PADDED_MAPS_MAX_EXPERTS = 1024  # the experts one program counts
+
+
+@triton.jit
+def _padded_counts_kernel(keys_ptr, counts_ptr, padded_bins_ptr, offsets_ptr, num_ids, num_experts, block_size,
+                          BLOCK_E: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    e = tl.arange(0, BLOCK_E)
+    valid = e < num_experts
+    first = _lower_bound(keys_ptr, e, num_ids, SEARCH_STEPS)
+    past = _lower_bound(keys_ptr, e + 1, num_ids, SEARCH_STEPS)
+    counts = tl.where(valid, past - first, 0)
+    padded = (counts + block_size - 1) // block_size * block_size
+    padded_end = tl.cumsum(padded, 0)
+    tl.store(counts_ptr + e, counts, mask=valid)
+    tl.store(padded_bins_ptr + e, padded_end, mask=valid)
+    tl.store(offsets_ptr + e, padded_end - padded - first, mask=valid)
+
+
+@triton.jit
+def _padded_maps_kernel(keys_ptr, order_ptr, offsets_ptr, assignment_row_ptr, row_assignment_ptr, num_ids,
+                        num_experts, BLOCK: tl.constexpr):
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    present = r < num_ids
+    key = tl.load(keys_ptr + r, mask=present, other=0).to(tl.int32)
+    assignment = tl.load(order_ptr + r, mask=present, other=0).to(tl.int32)
+    routed = present & (key < num_experts)
+    row = r + tl.load(offsets_ptr + key, mask=routed, other=0)
+    tl.store(assignment_row_ptr + assignment, tl.where(routed, row, -1), mask=present)
+    tl.store(row_assignment_ptr + row, assignment, mask=routed)
+
+
+def padded_routing_maps(x_N: torch.Tensor, num_experts: int, block_size: int):
+    """`(tokens_per_expert_E, padded_bins_E, assignment_row_N, row_assignment_P)`, int32, of the ids
+    `x_N` (the flattened `[T, top_k]`) in the padded layout of `block_size`-row blocks: P =
+    `padded_rows_bound(N, E, block_size)` rows, expert e's rows from `padded_bins[e-1]` on, in
+    assignment order, padding rows -1 in `row_assignment`. Ids outside [0, E) are counted by none
+    and take no row (assignment_row -1). E <= PADDED_MAPS_MAX_EXPERTS. Validation is the caller's."""
+    x_N = x_N.contiguous()
+    n = x_N.numel()
+    num_rows = (n + num_experts * (block_size - 1)) // block_size * block_size
+    buf = torch.empty(3 * num_experts + n, dtype=torch.int32, device=x_N.device)
+    counts_E, padded_bins_E, offsets_E, assignment_row_N = buf.split([num_experts, num_experts, num_experts, n])
+    row_assignment_P = torch.full((num_rows,), -1, dtype=torch.int32, device=x_N.device)
+    if n == 0:
+        return counts_E.zero_(), padded_bins_E.zero_(), assignment_row_N, row_assignment_P
+    keys_N = torch.empty(n, dtype=sort_key_dtype(num_experts.bit_length()), device=x_N.device)  # keys <= E
+    programs = cdiv(n, _MAPS_BLOCK)
+    _routing_keys_kernel[(programs,)](x_N, keys_N, n, num_experts, BLOCK=_MAPS_BLOCK, num_warps=4)
+    keys_N, order_N = torch.sort(keys_N, stable=True)
+    _padded_counts_kernel[(1,)](
+        keys_N, counts_E, padded_bins_E, offsets_E, n, num_experts, block_size,
+        BLOCK_E=max(16, next_power_of_2(num_experts)), SEARCH_STEPS=(n + 1).bit_length(), num_warps=4,
+    )
+    _padded_maps_kernel[(programs,)](
+        keys_N, order_N, offsets_E, assignment_row_N, row_assignment_P, n, num_experts, BLOCK=_MAPS_BLOCK,
+        num_warps=4,
+    )
+    return counts_E, padded_bins_E, assignment_row_N, row_assignment_P
+
+
 def routing_maps(x_N: torch.Tensor, num_experts: int):
     """`(tokens_per_expert_E, assignment_row_N, row_assignment_N)`, int32, of the ids `x_N` (the
     flattened `[T, top_k]`): one program (`small_routing_maps`) where N <= 4096 and E <= 1022,

@@ -285,3 +285,17 @@ def row_maps(top_experts_TK: torch.Tensor, num_experts: int) -> Tuple[torch.Tens
     top_k = top_experts_TK.shape[1] if top_experts_TK.dim() == 2 else 1
     counts_E, assignment_row_N, row_assignment_N = _backend.routing_maps(top_experts_TK.reshape(-1), num_experts)
     return counts_E, RowMaps(assignment_row_N, row_assignment_N, top_k)
+
+
+def padded_row_maps(top_experts_TK: torch.Tensor, num_experts: int,
+                    block_size: int) -> Tuple[torch.Tensor, torch.Tensor, RowMaps]:
+    """`(tokens_per_expert_E, padded_bins_E, RowMaps)` of the padded layout (`block_size`-row
+    blocks, `padded_rows_bound(N, E, block_size)` rows): what `routing_metadata` then `route` with
+    its padded bins give (bitwise, for ids in range), in five launches
+    (`megablocks.backend.routing.padded_routing_maps`; E up to `PADDED_MAPS_MAX_EXPERTS`).
+    `top_experts_TK`: `[T, top_k]` integer ids on a device the Triton kernels run on; no
+    validation (the caller's); ids outside [0, E) are counted by none and take no row."""
+    top_k = top_experts_TK.shape[1] if top_experts_TK.dim() == 2 else 1
+    counts_E, padded_bins_E, assignment_row_N, row_assignment_P = _backend.padded_routing_maps(
+        top_experts_TK.reshape(-1), num_experts, block_size)
+    return counts_E, padded_bins_E, RowMaps(assignment_row_N, row_assignment_P, top_k)

@@ -445,3 +445,38 @@ def test_fused_glu_input_grad_bound(monkeypatch):
     layer.args.kernel_policy = layer.args.kernel_policy.replace(fused_glu_input_grad_max_ffn=23)
     layer(x)[0].sum().backward()
     assert not calls, "F > the bound: the shared-input GLU should not be taken"
+
+
+@pytest.mark.parametrize("impl", ["sparse", "triton"])
+def test_routing_past_one_program_equals_the_general_path(impl, monkeypatch):
+    """Past one routing program's rows (4096; lowered to 16 here, to stay small under the
+    interpreter) the layer routes by `padded_row_maps` (sparse) or `row_maps` (grouped): output,
+    loss counts and every gradient bitwise those of the metadata-and-`route` path. (The routings
+    themselves are compared past 4096 rows in tests/ops/test_routing.py.)"""
+    import megablocks.layers.dmoe as dmoe_module
+
+    monkeypatch.setattr(dmoe_module, "SMALL_ROUTING_MAX_ROWS", 16)
+    taken = []
+    for name in ("padded_row_maps", "row_maps"):
+        fn = getattr(dmoe_module, name)
+        monkeypatch.setattr(dmoe_module, name, lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
+    T, K = 40, 2  # 80 routed rows
+    layer = dMoE(make_args(impl, hidden_size=8, ffn_hidden_size=16, moe_num_experts=4, moe_top_k=K))
+    x = torch.randn(T, 8, device=DEVICE)
+    runs = []
+    for general in (False, True):
+        if general:  # the layer's other branch: as under torch.compile
+            monkeypatch.setattr(dmoe_module, "use_triton", lambda t: False)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(torch.ones_like(out))
+        runs.append((out, layer.experts.tokens_per_expert.clone(), layer_grads(layer, xi)))
+    assert taken == ["padded_row_maps" if impl == "sparse" else "row_maps"], taken
+    (out, counts, grads), (want, want_counts, want_grads) = runs
+    assert_equal("out", out, want)
+    assert_equal("tokens_per_expert", counts, want_counts)
+    for name in grads:
+        if grads[name] is not None:
+            assert_equal(f"grad {name}", grads[name], want_grads[name])

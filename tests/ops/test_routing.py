@@ -12,6 +12,7 @@ from megablocks.ops.routing import (
     exclusive_cumsum,
     histogram,
     inclusive_cumsum,
+    padded_row_maps,
     padded_rows_bound,
     round_up,
     routing_metadata,
@@ -407,3 +408,39 @@ def test_row_maps_equal_route_of_the_metadata(t, k, e, device):
     assert_equal("row of each assignment", got.assignment_row, want.assignment_row)
     assert_equal("assignment of each row", got.row_assignment, want.row_assignment)
     assert got.top_k == want.top_k == k
+
+
+@pytest.mark.parametrize("t,k,e,b", [(0, 2, 4, 16), (50, 2, 7, 16), (4100, 1, 64, 128), (3000, 3, 3, 64),
+                                     (2300, 2, 300, 16), (5000, 1, 1, 128)])
+def test_padded_row_maps_equal_route_of_the_metadata(t, k, e, b, device):
+    """The block-sparse dMoE's routing past one program's rows (`padded_row_maps`, five launches):
+    bitwise the counts, padded bins and padded-layout maps of `routing_metadata` then `route`, with
+    a crowded expert and empty ones."""
+    from megablocks.ops.permute import route
+
+    ids = torch.randint(0, e, (t, k), device=device, dtype=torch.int32)
+    ids[: t // 3] = e - 1
+    meta = routing_metadata(ids, e, b, small_routing=False)
+    want = route(meta.indices, meta.bin_ids, meta.bins, k, meta.padded_bins, block_size=b)
+    counts, padded_bins, got = padded_row_maps(ids, e, b)
+    assert_equal("tokens per expert", counts, meta.tokens_per_expert)
+    assert_equal("padded bins", padded_bins, meta.padded_bins)
+    assert_equal("row of each assignment", got.assignment_row, want.assignment_row)
+    assert_equal("assignment of each row", got.row_assignment, want.row_assignment)
+    assert got.top_k == want.top_k == k
+
+
+def test_padded_row_maps_route_ids_out_of_range_nowhere(device):
+    """Ids outside [0, E) are counted by no expert and take no row; the others keep theirs."""
+    e, b = 5, 16
+    ids = torch.randint(0, e, (300,), device=device, dtype=torch.int32)
+    bad = torch.tensor([0, 7, 100, 299])
+    ids[bad[:2]], ids[bad[2:]] = -1, e
+    counts, padded_bins, maps = padded_row_maps(ids, e, b)
+    good = torch.ones(300, dtype=torch.bool)
+    good[bad] = False
+    assert_equal("counts", counts.cpu().long(), torch.bincount(ids.cpu()[good].long(), minlength=e))
+    assert (maps.assignment_row.cpu()[bad] == -1).all()
+    rows = maps.assignment_row.cpu()[good].long()
+    assert_equal("rows of the routed ones", maps.row_assignment.cpu()[rows].long(), torch.nonzero(good).flatten())
+    assert int((maps.row_assignment >= 0).sum()) == int(good.sum()), "no row for an id out of range"

@@ -135,6 +135,10 @@ for maps in (False, True):
 check("routing keys", R._routing_keys_kernel, "*i32", dict(BLOCK=R._MAPS_BLOCK), 4, 3)
 check("sorted maps", R._sorted_maps_kernel, "*i32",
       dict(BLOCK=R._MAPS_BLOCK, BLOCK_E=R._COUNTS_BLOCK, SEARCH_STEPS=18), 4, 3)
+check("padded counts", R._padded_counts_kernel, "*i32",
+      dict(BLOCK_E=R.PADDED_MAPS_MAX_EXPERTS, SEARCH_STEPS=18), 4, 3, types={"keys_ptr": "*u8"})
+check("padded maps", R._padded_maps_kernel, "*i32", dict(BLOCK=R._MAPS_BLOCK), 4, 3,
+      types={"keys_ptr": "*u8", "order_ptr": "*i64"})
 # FP8: the quantizer from each 16-bit dtype, and the grouped GEMM's Hopper tiles into bf16 / fp32.
 for dtype in (torch.bfloat16, torch.float32):
     check(f"fp8 quantize_rows from {dtype}", F8._quantize_rows_kernel, ELEMENT[dtype], dict(BLOCK_M=32, QB=F8.Q), 4, 3,
