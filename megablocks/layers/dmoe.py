@@ -49,7 +49,7 @@ from megablocks.layers.activation_fn import fused_name
 from megablocks.layers.arguments import Arguments
 from megablocks.ops.experts import glu_experts
 from megablocks.ops.permute import gather_routed, route, scatter_routed
-from megablocks.ops.routing import padded_row_maps, routing_metadata, row_maps
+from megablocks.ops.routing import padded_row_maps, routing_metadata
 from megablocks.ops.topology import make_topology
 
 
@@ -101,15 +101,7 @@ class ParallelDroplessMLP(moe.ParallelMLP):
 
     def grouped_permute_and_compute(self, x_TH, weights_N, top_experts, num_experts: int, top_k: int):
         with torch.no_grad():
-            if use_triton(top_experts) and not torch.compiler.is_compiling():
-                # The row maps and counts in three launches (a key kernel, the stable sort, one
-                # kernel for both maps and the counts) instead of the metadata's sort, histogram
-                # and cumsums and then `route`: the same maps (rows in expert order, an expert's
-                # rows in assignment order), a third of the launches and of their host time.
-                tokens_per_expert, maps = row_maps(top_experts.reshape(-1, top_k), num_experts)
-            else:
-                indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
-                maps = route(indices, bin_ids, bins, top_k)  # those of gather and scatter, once
+            tokens_per_expert, maps = self.routed_rows(top_experts, num_experts, top_k)  # gather's and scatter's
         if isinstance(self.mlp, mlp.GroupedMLP) and self.mlp.reads_token_rows():
             # The up projection(s) read x_TH's rows through the maps: no gathered copy.
             y_NH = self.mlp(x_TH, tokens_per_expert, maps)

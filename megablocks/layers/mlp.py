@@ -412,8 +412,9 @@ class GroupedMLP(SparseMLP):
         def fused(out, a, w, trans_b, row_maps=None):
             if not accs or id(w) not in accs:
                 return out
-            return weight_grad_into(out, a, w.view(shape), accs[id(w)].view(w.view(shape).shape),
-                                    tokens_per_expert, row_maps, trans_b=trans_b, backend=backend)
+            b = w.view(shape)
+            return weight_grad_into(out, a, b, accs[id(w)].view(b.shape), tokens_per_expert, row_maps,
+                                    trans_b=trans_b, backend=backend)
 
         def up(x, w):
             if maps is not None:

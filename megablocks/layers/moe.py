@@ -32,7 +32,7 @@ from megablocks.layers.arguments import MLP_IMPLS, MLP_TYPES, Arguments
 from megablocks.layers.losses import collector_for, default_collector
 from megablocks.layers.losses import global_load_balancing_loss, sequence_load_balancing_loss
 from megablocks.layers.losses import load_balancing_loss as _load_balancing_loss
-from megablocks.ops.permute import binned_gather, binned_scatter, gather, scatter
+from megablocks.ops.permute import binned_gather, binned_scatter, gather, route, scatter
 from megablocks.ops.routing import inclusive_cumsum, routing_metadata, row_maps
 
 
@@ -120,6 +120,17 @@ class ParallelMLP(torch.nn.Module):
                                 small_routing=self.args.kernel_policy.small_routing)
         return meta.indices, meta.bin_ids, meta.bins, meta.tokens_per_expert
 
+    def routed_rows(self, top_experts: torch.Tensor, num_experts: int, top_k: int):
+        """`(tokens_per_expert_E, RowMaps)` of the plain layout (rows in expert order, an expert's
+        rows in assignment order): on the kernels by `row_maps` (one program up to 4096 routed
+        rows, else three launches: a key kernel, the stable sort, one kernel for both maps and the
+        counts), instead of the metadata's sort, histogram and cumsums and then `route`, which
+        remain the form under torch.compile and for the torch references (the same maps)."""
+        if use_triton(top_experts) and not torch.compiler.is_compiling():
+            return row_maps(top_experts.reshape(-1, top_k), num_experts)
+        indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
+        return tokens_per_expert, route(indices, bin_ids, bins, top_k)
+
     def permute_and_compute(
         self,
         x_TH: torch.Tensor,
@@ -135,13 +146,9 @@ class ParallelMLP(torch.nn.Module):
         `capacity` rows per expert (None: the largest expert's count, read on the host).
         """
         with torch.no_grad():
-            if use_triton(top_experts) and not torch.compiler.is_compiling():
-                # The expert-sorted assignments from `row_maps` (three launches; its rows' assignments
-                # are `indices`) and one cumsum, instead of the metadata's sort, histogram and cumsums.
-                tokens_per_expert, maps = row_maps(top_experts.reshape(-1, 1), num_experts)
-                indices, bins = maps.row_assignment, inclusive_cumsum(tokens_per_expert, 0)
-            else:
-                indices, _, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
+            # The expert-sorted assignments are the plain layout's rows' assignments.
+            tokens_per_expert, maps = self.routed_rows(top_experts, num_experts, 1)
+            indices, bins = maps.row_assignment, inclusive_cumsum(tokens_per_expert, 0)
             if capacity is None:
                 # The one host read of the capacity path: the largest expert's count.
                 capacity = int(tokens_per_expert.max()) if tokens_per_expert.numel() else 0

@@ -209,12 +209,7 @@ def _add_weight_grad(acc, a, grad, batch_sizes, row_assignment, assignment_row, 
     """`acc += _weight_grad(...)`, acc a contiguous fp32 tensor of b's shape: with 'triton', added
     in the variable-K kernel's epilogue (the weight gradient is never written in a's dtype)."""
     lhs, rhs = (grad, a) if trans_b else (a, grad)
-    mapped = rhs if trans_b else lhs
-    if row_assignment is None:
-        in_kernel = name == "triton" and use_triton(lhs)
-    else:
-        in_kernel = _in_kernel_map(mapped, name)
-    if not in_kernel:
+    if not _in_kernel_map(lhs, name):  # (both operands on one device)
         acc.add_(_weight_grad(a, grad, batch_sizes, row_assignment, assignment_row, top_k, trans_b, name))
         return
     rows = lhs.shape[0] if row_assignment is None else row_assignment.shape[0]

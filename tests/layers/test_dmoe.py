@@ -454,19 +454,21 @@ def test_routing_past_one_program_equals_the_general_path(impl, monkeypatch):
     loss counts and every gradient bitwise those of the metadata-and-`route` path. (The routings
     themselves are compared past 4096 rows in tests/ops/test_routing.py.)"""
     import megablocks.layers.dmoe as dmoe_module
+    import megablocks.layers.moe as moe_module  # `routed_rows`, the grouped path's routing
 
     monkeypatch.setattr(dmoe_module, "SMALL_ROUTING_MAX_ROWS", 16)
     taken = []
-    for name in ("padded_row_maps", "row_maps"):
-        fn = getattr(dmoe_module, name)
-        monkeypatch.setattr(dmoe_module, name, lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
+    for module, name in ((dmoe_module, "padded_row_maps"), (moe_module, "row_maps")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
     T, K = 40, 2  # 80 routed rows
     layer = dMoE(make_args(impl, hidden_size=8, ffn_hidden_size=16, moe_num_experts=4, moe_top_k=K))
     x = torch.randn(T, 8, device=DEVICE)
     runs = []
     for general in (False, True):
         if general:  # the layer's other branch: as under torch.compile
-            monkeypatch.setattr(dmoe_module, "use_triton", lambda t: False)
+            for module in (dmoe_module, moe_module):
+                monkeypatch.setattr(module, "use_triton", lambda t: False)
         layer.zero_grad()
         xi = x.clone().requires_grad_(True)
         out = layer(xi)
