@@ -7,8 +7,10 @@ Builds the config's model in bf16 (the trainer's 'bf16-params' compute), and for
 (`--micro-batch-size`, default 16 x seq_length tokens) measures: the wall time of the forward and of
 the backward (device synchronized), the host time to issue each (from an idle device), the device
 time of their kernels and their number (torch.profiler), and the host functions with the most time
-of their own in the forward (cProfile). A forward whose host time is near its wall time, and whose
-kernels take much less, is bound by the host. Other `exp.train` options pass through.
+of their own in the forward (cProfile), and the host-device synchronizations of one forward and
+backward (`torch.cuda.set_sync_debug_mode`: each one stops the host from running ahead). A forward
+whose host time is near its wall time, and whose kernels take much less, is bound by the host.
+Other `exp.train` options pass through.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import pstats
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -97,10 +100,27 @@ def main(argv=None) -> int:
             for q in model.parameters():
                 q.grad = None
 
+    syncs = {}
+    for phase, fn in (("forward", forward), ("backward", backward)):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs[phase] = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    for q in model.parameters():
+        q.grad = None
+
     print(f"config: {' '.join(rest)}  micro-batch {shape[0]} x {shape[1]} tokens  {torch.cuda.get_device_name()}")
     for phase, (wall, host) in (("forward", fwd), ("backward", bwd)):
         n, dev = kernels[phase]
-        print(f"{phase:9s} wall {wall:7.2f} ms  host to issue {host:7.2f} ms  kernels {n:5d}, device {dev:7.2f} ms")
+        print(f"{phase:9s} wall {wall:7.2f} ms  host to issue {host:7.2f} ms  kernels {n:5d}, device {dev:7.2f} ms"
+              f"  host syncs {len(syncs[phase])}")
+        for msg in sorted(set(syncs[phase])):
+            print(f"    sync x{syncs[phase].count(msg)}: {msg}")
 
     profiler = cProfile.Profile()
     torch.cuda.synchronize()
