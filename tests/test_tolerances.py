@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import DEVICE
-from tests.utils import assert_close, fp8_tolerance, relative_errors, tolerance
+from tests.utils import TF32Products, assert_close, fp8_tolerance, relative_errors, round_to_tf32, tolerance
 
 
 def _tf32(x: torch.Tensor) -> torch.Tensor:
@@ -105,6 +105,52 @@ def test_fp32_limit_catches_tf32_in_the_kernels(monkeypatch):
     finally:
         torch.set_float32_matmul_precision("highest")
     _rejects("gmm tf32", out, ref, torch.float32)
+
+
+def test_round_to_tf32_rounds_to_nearest_even_and_passes_gradients():
+    """TF32 keeps 10 of fp32's 23 mantissa bits; `round_to_tf32` rounds the other 13 away to the
+    nearest value, ties to even, keeps infinities and NaN, and lets the gradient through."""
+    u = 2.0**-10  # TF32's unit in the last place at 1
+    x = torch.tensor([1.0, 1 + u / 2, 1 + u / 2 + 2**-20, 1 + 3 * u / 2, -(1 + 3 * u / 2), 1 + u / 4,
+                      float("inf"), float("-inf"), 0.0], requires_grad=True)
+    expected = [1.0, 1.0, 1 + u, 1 + 2 * u, -(1 + 2 * u), 1.0, float("inf"), float("-inf"), 0.0]
+    r = round_to_tf32(x)
+    assert r.tolist() == expected
+    assert round_to_tf32(torch.tensor([float("nan")])).isnan().all()
+    r.sum().backward()
+    assert x.grad.tolist() == [1.0] * x.numel()
+
+
+def test_tf32_products_model_tf32_error_and_the_layer_allowance():
+    """Inside `TF32Products` a product's error is TF32's (the fp32 limit rejects it; the TF32 limit
+    passes it); outside, the same product is plain fp32 again."""
+    a, b = _operands(1024)
+    ref = a.double() @ b.double()
+    with TF32Products():
+        rounded = a @ b
+        linear = torch.nn.functional.linear(a, b.t())
+    assert torch.equal(rounded, round_to_tf32(a) @ round_to_tf32(b))
+    assert torch.equal(linear, rounded)
+    _rejects("tf32 products", rounded, ref, torch.float32)
+    assert relative_errors(rounded, ref)[1] < 2e-3  # the TF32 'op' rms limit of tests/utils.py
+    assert_close("fp32", a @ b, ref, torch.float32)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="TF32 exists on CUDA only")
+def test_tf32_products_match_the_tensor_cores():
+    """A cuBLAS TF32 product equals the fp32 product of the rounded operands within fp32's own
+    summation error (the tensor cores read TF32 and accumulate in fp32)."""
+    a, b = _operands(1024)
+    a, b = a.cuda(), b.cuda()
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        tensor_cores = a @ b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    model = (round_to_tf32(a).double() @ round_to_tf32(b).double())
+    assert relative_errors(tensor_cores, model)[1] < 1e-5
+    assert relative_errors(a @ b, model)[1] > 1e-4  # and plain fp32 is not that
 
 
 def test_one_unit_in_the_last_place_of_a_tiny_16_bit_result_passes():

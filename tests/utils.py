@@ -120,6 +120,31 @@ def relative_errors(actual: torch.Tensor, expected: torch.Tensor):
     return max_err, rms
 
 
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 `t` with each mantissa rounded to TF32's 10 bits (to nearest, ties to even), the value
+    a tensor core reads under TF32; the gradient passes through unchanged."""
+    bits = t.detach().contiguous().view(torch.int32)
+    rounded = ((bits + 0xFFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32).view_as(t)
+    return t + torch.where(torch.isfinite(t), rounded - t.detach(), 0.0)
+
+
+class TF32Products(torch.overrides.TorchFunctionMode):
+    """Inside it, the matrix products of plain torch code round their fp32 operands to TF32 first
+    (`round_to_tf32`) and accumulate in fp32, as a tensor core does: the plain computation of a
+    result at TF32's precision whatever kernel torch would pick (cuBLAS computes a product with one
+    row, e.g. one token, in fp32 without tensor cores, so the GPU's own 'high' precision does not
+    model a Triton kernel's `tl.dot` there). The backward's products are not rounded."""
+
+    _PRODUCTS = {torch.matmul, torch.mm, torch.bmm, torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.bmm,
+                 torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.nn.functional.linear}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._PRODUCTS:
+            args = tuple(round_to_tf32(a) if i < 2 and isinstance(a, torch.Tensor) and a.dtype == torch.float32
+                         else a for i, a in enumerate(args))
+        return func(*args, **(kwargs or {}))
+
+
 # How far past the plain fp32 computation's own error a result may be (`assert_close`'s `plain`).
 CONDITION_FACTOR = 8
 

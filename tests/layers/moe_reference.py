@@ -20,7 +20,7 @@ from megablocks.layers.activation_fn import gated_product
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
 from tests.conftest import DEVICE
-from tests.utils import TF32, assert_close, assert_equal, relative_errors, tolerance
+from tests.utils import TF32, TF32Products, assert_close, assert_equal, relative_errors, tolerance
 
 GRAD_NAMES = ("x", "router", "w1", "v1", "w2", "bias")
 # The biases of gpt-oss's experts (`moe_router_bias`, `moe_expert_bias`): None where the layer has none.
@@ -248,14 +248,15 @@ def check_against_reference(layer, x, *, capacity=None, dtype=torch.float32, top
     assert_equal("top_experts", seen["top_experts"].cpu(), top_experts)
     assert_equal("tokens_per_expert", layer.experts.tokens_per_expert.cpu().long(), counts)
     plain_out, plain_params, xp = ref32, p, xr32
-    if TF32 and x.is_cuda and dtype == torch.float32:
+    if TF32 and dtype == torch.float32:
         # Under MEGABLOCKS_TEST_TF32 the layer's products round their inputs to TF32, so the plain
-        # computation that measures how ill-conditioned a result is runs at that precision too:
-        # the reference in fp32 on the GPU (its matmuls take TF32 there), along the same routing.
-        plain_params = {k: None if p[k] is None else p[k].detach().to(x.device).requires_grad_(True) for k in names}
-        xp = x.detach().float().requires_grad_(True)
-        plain_out, _, _ = reference(xp, plain_params, top_experts.to(x.device))
-        (plain_out * grad_out.float()).sum().backward()
+        # computation that measures how ill-conditioned a result is rounds them too (`TF32Products`:
+        # the reference in fp32 with every product's operands rounded to TF32), along the same routing.
+        plain_params = {k: None if p[k] is None else p[k].detach().float().cpu().requires_grad_(True) for k in names}
+        xp = x.detach().float().cpu().requires_grad_(True)
+        with TF32Products():
+            plain_out, _, _ = reference(xp, plain_params, top_experts)
+        (plain_out * grad_out.float().cpu()).sum().backward()
     assert_close("out", out, ref, dtype=dtype, family="layer", plain=plain_out)
     grads = layer_grads(layer, x)
     names = GRAD_NAMES + BIAS_GRAD_NAMES

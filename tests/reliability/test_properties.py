@@ -59,7 +59,12 @@ _META = ("row_indices", "column_indices", "offsets", "column_indices_t", "offset
 ROUTINGS = ["random", "one", "empty", "ties"]
 
 
-def _examples(n: int):
+def _examples(n: int, at_reach: int = None):
+    """n examples (4n in the explore profile); `at_reach`: the number under MEGABLOCKS_PROPERTY_REACH
+    > 1, for the two tests that did not finish in 440 s at reach 8 on the H200 (docs/RELIABILITY.md),
+    so that the GPU script's run ends in minutes."""
+    if _REACH > 1 and at_reach is not None:
+        n = at_reach
     return settings(max_examples=n * _SCALE)
 
 
@@ -164,7 +169,7 @@ def _compare(kind, name, actual, expected, family="op"):
             assert_close(f"{name} grad {i}", g, r, family=family, plain=p if g.dtype == torch.float32 else None)
 
 
-@_examples(60)
+@_examples(60, at_reach=15)
 @given(routings(), _size(1, 20), st.sampled_from(FLOATS), st.sampled_from([2, 4, 16]),
        st.integers(0, 6), st.booleans())
 @example(case=(0, 3, 2, "random", 0), hidden=5, dtype=torch.float32, block=4, bin_size=0, weighted=True)
@@ -300,7 +305,7 @@ def test_sdd_dsd(case, ffn, hidden, dtype):
 # The dMoE layer against the naive per-expert loop.
 
 
-@_examples(50)
+@_examples(50, at_reach=12)
 @given(routings(max_tokens=6, max_experts=4), st.sampled_from(["sparse", "triton", "torch"]),
        st.sampled_from(["mlp", "glu"]), _size(1, 20), _size(1, 20))
 def test_dmoe_layer(case, impl, mlp_type, hidden, ffn):
