@@ -11,7 +11,7 @@ import torch
 
 from megablocks.backend import permute as kernels
 from megablocks.ops import permute as P
-from tests.conftest import FLOAT_DTYPES
+from tests.conftest import DEVICE, FLOAT_DTYPES
 from tests.utils import assert_close, assert_equal, poisoned
 
 # (T, H, E, K, routing): every T in {0, 1, 7, 33}, H in {1, 5, 96, 130}, E in {1, 4, 9} and
@@ -449,3 +449,33 @@ def test_routed_ops_bad_input(device):
         P.gather_routed(torch.ones(7, 5, dtype=torch.int32, device=device), maps)
     with pytest.raises(ValueError, match="top_k"):
         P.route(r["indices"], r["bin_ids"], r["bins"], 0)
+
+
+def test_weight_grad_tile_caps_the_unrolled_rows():
+    """The weight-gradient kernel unrolls its loop over a program's rows, so its tile takes at most
+    WEIGHT_GRAD_MAX_ROWS of them at every hidden size (the permutation tile gives 512 at hidden 3),
+    and an override above it is capped too."""
+    for hidden in (1, 3, 5, 16, 64, 1000, 4096):
+        tile = kernels.weight_grad_tile(hidden)
+        assert tile.rows == min(kernels.default_tile(hidden).rows, kernels.WEIGHT_GRAD_MAX_ROWS)
+        assert tile.cols == kernels.default_tile(hidden).cols
+    assert kernels.weight_grad_tile(3, {"rows": 512}).rows == kernels.WEIGHT_GRAD_MAX_ROWS
+    assert kernels.weight_grad_tile(3, {"rows": 2}).rows == 2
+
+
+@pytest.mark.parametrize("hidden", [1, 3])
+def test_weight_grad_at_tiny_hidden_over_several_programs(hidden):
+    """Hidden sizes whose permutation tile is hundreds of rows: the weight gradient over 70
+    assignments (five programs of 16), dropped ones among them, against the plain sum."""
+    g = torch.Generator().manual_seed(hidden)
+    top_k, tokens, rows = 2, 35, 50
+    x = torch.randn(rows, hidden, generator=g).to(DEVICE)
+    y = torch.randn(tokens, hidden, generator=g).to(DEVICE)
+    r = torch.randint(-1, rows, (tokens * top_k,), generator=g).to(torch.int32).to(DEVICE)
+    out = kernels.weight_grad(x, y, r, top_k)
+    keep = (r >= 0).cpu()
+    expected = torch.zeros(tokens * top_k, dtype=torch.float64)
+    xr = x.double().cpu()[r.long().cpu().clamp_min(0)]
+    yr = y.double().cpu().repeat_interleave(top_k, 0)
+    expected[keep] = (xr * yr).sum(1)[keep]
+    assert_close("weight_grad", out, expected, torch.float32)

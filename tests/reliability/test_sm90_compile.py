@@ -21,13 +21,15 @@ pytest.importorskip("triton.backends.nvidia")
 
 # Hopper's opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin on an H100).
 HOPPER_SHARED_BYTES = 232448
+# The longest a kernel variant may take to compile here (seconds; each takes 1-20 s on one core).
+COMPILE_SECONDS_MAX = 120
 
 _SCRIPT = r"""
-import inspect, json, sys
+import inspect, json, sys, time
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from megablocks.backend import fp8 as F8, gmm as G, launch as L, routing as R, sparse as S, topk as TK
+from megablocks.backend import fp8 as F8, gmm as G, launch as L, permute as P, routing as R, sparse as S, topk as TK
 
 TARGET = GPUTarget("cuda", 90, 32)
 ELEMENT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -55,8 +57,9 @@ results = []
 
 def check(label, fn, element, consts, num_warps, num_stages, types=None):
     try:
+        start = time.perf_counter()
         kernel = compile_kernel(fn, element, consts, num_warps, num_stages, types)
-        results.append({"label": label, "shared": kernel.metadata.shared})
+        results.append({"label": label, "shared": kernel.metadata.shared, "seconds": time.perf_counter() - start})
     except Exception as err:  # reported by the test
         results.append({"label": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
 
@@ -139,6 +142,12 @@ check("padded counts", R._padded_counts_kernel, "*i32",
       dict(BLOCK_E=R.PADDED_MAPS_MAX_EXPERTS, SEARCH_STEPS=18), 4, 3, types={"keys_ptr": "*u8"})
 check("padded maps", R._padded_maps_kernel, "*i32", dict(BLOCK=R._MAPS_BLOCK), 4, 3,
       types={"keys_ptr": "*u8", "order_ptr": "*i64"})
+# The permutation's weight gradient at the smallest hidden size's tile (the most rows a program
+# takes; its loop over them is unrolled).
+for dtype in (torch.bfloat16, torch.float32):
+    tile = P.weight_grad_tile(1)
+    check(f"permute weight_grad {dtype} {tile.rows}x{tile.cols}", P._weight_grad_kernel, ELEMENT[dtype],
+          dict(TOP_K=4, BLOCK_A=tile.rows, BLOCK_H=tile.cols), tile.num_warps, 3, types={"out_ptr": "*fp32"})
 # FP8: the quantizer from each 16-bit dtype, and the grouped GEMM's Hopper tiles into bf16 / fp32.
 for dtype in (torch.bfloat16, torch.float32):
     check(f"fp8 quantize_rows from {dtype}", F8._quantize_rows_kernel, ELEMENT[dtype], dict(BLOCK_M=32, QB=F8.Q), 4, 3,
@@ -194,5 +203,9 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     assert len(results) >= 30
     failed = [r for r in results if "error" in r]
     assert not failed, "\n".join(f"{r['label']}: {r['error']}" for r in failed)
+    # A kernel that takes minutes to compile is a hang to its user (the permutation's weight gradient
+    # once unrolled 512 copies of its body for hidden sizes below 4): none may take 2 minutes.
+    slow = [r for r in results if r["seconds"] > COMPILE_SECONDS_MAX]
+    assert not slow, "\n".join(f"{r['label']}: compiled in {r['seconds']:.0f} s" for r in slow)
     too_big = [r for r in results if r["shared"] > HOPPER_SHARED_BYTES]
     assert not too_big, "\n".join(f"{r['label']}: {r['shared']} B > {HOPPER_SHARED_BYTES} B" for r in too_big)
