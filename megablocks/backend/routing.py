@@ -311,15 +311,14 @@ def _padded_maps_kernel(keys_ptr, order_ptr, offsets_ptr, assignment_row_ptr, ro
     tl.store(row_assignment_ptr + row, assignment, mask=routed)
 
 
-def padded_routing_maps(x_N: torch.Tensor, num_experts: int, block_size: int):
+def padded_routing_maps(x_N: torch.Tensor, num_experts: int, block_size: int, num_rows: int):
     """`(tokens_per_expert_E, padded_bins_E, assignment_row_N, row_assignment_P)`, int32, of the ids
     `x_N` (the flattened `[T, top_k]`) in the padded layout of `block_size`-row blocks: P =
-    `padded_rows_bound(N, E, block_size)` rows, expert e's rows from `padded_bins[e-1]` on, in
+    `num_rows` rows (the caller's `padded_rows_bound(N, E, block_size)`), expert e's rows from `padded_bins[e-1]` on, in
     assignment order, padding rows -1 in `row_assignment`. Ids outside [0, E) are counted by none
     and take no row (assignment_row -1). E <= PADDED_MAPS_MAX_EXPERTS. Validation is the caller's."""
     x_N = x_N.contiguous()
     n = x_N.numel()
-    num_rows = (n + num_experts * (block_size - 1)) // block_size * block_size
     buf = torch.empty(3 * num_experts + n, dtype=torch.int32, device=x_N.device)
     counts_E, padded_bins_E, offsets_E, assignment_row_N = buf.split([num_experts, num_experts, num_experts, n])
     row_assignment_P = torch.full((num_rows,), -1, dtype=torch.int32, device=x_N.device)

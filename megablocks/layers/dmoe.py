@@ -4,11 +4,11 @@ Legend: T tokens, H hidden, E experts, F ffn per expert, K top-k, N = T·K route
 B block size (`moe_block_size`), P = padded_rows_bound(N, E, B) padded rows (a static bound).
 
 Sparse path (`mlp_impl='sparse'`):
-    meta = routing_metadata(top_experts_TK, E, B)          sort, count, bin: on the device
-    maps = route(..., padded_bins)                         row maps, once for gather and scatter
-    (past 4096 routed rows both at once: padded_row_maps, five launches)
+    counts, padded_bins, maps = padded_routed_rows(...)    counts, bins, row maps (once for gather
+                                                           and scatter): up to 4096 routed rows the
+                                                           metadata then `route`, past it five launches
     x_PH = gather_routed(x_TH, maps)                       padded_gather: rows padded to blocks
-    topo = make_topology(meta.padded_bins, ...)            the blocks of the [P, E·F] activation
+    topo = make_topology(padded_bins, ...)                 the blocks of the [P, E·F] activation
     y_PH = dsd(act(sdd(x_PH, w1^T, topo)), w2)             (GLU: act(..w1..) * sdd(x_PH, v1^T))
     out_TH = scatter_routed(y_PH, maps, expert_weights)    padded_scatter: weighted sum over K
 
@@ -43,13 +43,11 @@ import stk
 import torch
 
 from megablocks.backend import use_triton
-from megablocks.backend.routing import PADDED_MAPS_MAX_EXPERTS, SMALL_ROUTING_MAX_ROWS
 from megablocks.layers import dmlp_registry, mlp, moe, mpu
 from megablocks.layers.activation_fn import fused_name
 from megablocks.layers.arguments import Arguments
 from megablocks.ops.experts import glu_experts
-from megablocks.ops.permute import gather_routed, route, scatter_routed
-from megablocks.ops.routing import padded_row_maps, routing_metadata
+from megablocks.ops.permute import gather_routed, scatter_routed
 from megablocks.ops.topology import make_topology
 
 
@@ -79,19 +77,8 @@ class ParallelDroplessMLP(moe.ParallelMLP):
 
     def sparse_permute_and_compute(self, x_TH, weights_N, top_experts, num_experts: int, top_k: int):
         with torch.no_grad():
-            if (use_triton(top_experts) and not torch.compiler.is_compiling()
-                    and top_experts.numel() > SMALL_ROUTING_MAX_ROWS and num_experts <= PADDED_MAPS_MAX_EXPERTS):
-                # Past the one-program routing's rows: counts, padded bins and both row maps in five
-                # launches (`padded_row_maps`) instead of the metadata's and `route`'s dozen.
-                tokens_per_expert, padded_bins, maps = padded_row_maps(
-                    top_experts.reshape(-1, top_k), num_experts, self.blocking)
-            else:
-                meta = routing_metadata(top_experts, num_experts, self.blocking,
-                                        small_routing=self.args.kernel_policy.small_routing)
-                # The row maps of padded_gather and padded_scatter, computed once for both.
-                maps = route(meta.indices, meta.bin_ids, meta.bins, top_k, meta.padded_bins,
-                             block_size=self.blocking)
-                tokens_per_expert, padded_bins = meta.tokens_per_expert, meta.padded_bins
+            tokens_per_expert, padded_bins, maps = self.padded_routed_rows(top_experts, num_experts, top_k,
+                                                                           self.blocking)
         x_PH = gather_routed(x_TH, maps)
         with torch.no_grad():
             topo = self.topology(x_PH, padded_bins)

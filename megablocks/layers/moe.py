@@ -27,13 +27,14 @@ from typing import Optional, Tuple
 import torch
 
 from megablocks.backend import use_triton
+from megablocks.backend.routing import PADDED_MAPS_MAX_EXPERTS, SMALL_ROUTING_MAX_ROWS
 from megablocks.layers import common, expert_parallel, glu, mlp, mpu, router, sharedexpert_registry
 from megablocks.layers.arguments import MLP_IMPLS, MLP_TYPES, Arguments
 from megablocks.layers.losses import collector_for, default_collector
 from megablocks.layers.losses import global_load_balancing_loss, sequence_load_balancing_loss
 from megablocks.layers.losses import load_balancing_loss as _load_balancing_loss
 from megablocks.ops.permute import binned_gather, binned_scatter, gather, route, scatter
-from megablocks.ops.routing import inclusive_cumsum, routing_metadata, row_maps
+from megablocks.ops.routing import inclusive_cumsum, padded_row_maps, routing_metadata, row_maps
 
 
 def save_load_balancing_loss(loss: Tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -130,6 +131,20 @@ class ParallelMLP(torch.nn.Module):
             return row_maps(top_experts.reshape(-1, top_k), num_experts)
         indices, bin_ids, bins, tokens_per_expert = self.indices_and_bins(top_experts, num_experts)
         return tokens_per_expert, route(indices, bin_ids, bins, top_k)
+
+    def padded_routed_rows(self, top_experts: torch.Tensor, num_experts: int, top_k: int, block_size: int):
+        """`(tokens_per_expert_E, padded_bins_E, RowMaps)` of the padded layout (each expert's rows
+        padded to a multiple of `block_size`, `padded_rows_bound(N, E, block_size)` rows): past one
+        routing program's rows (`SMALL_ROUTING_MAX_ROWS`) on the kernels by `padded_row_maps` (five
+        launches), else (and under torch.compile, for the torch references, past
+        `PADDED_MAPS_MAX_EXPERTS`) the metadata's sort, histogram and cumsums, then `route`."""
+        if (use_triton(top_experts) and not torch.compiler.is_compiling()
+                and top_experts.numel() > SMALL_ROUTING_MAX_ROWS and num_experts <= PADDED_MAPS_MAX_EXPERTS):
+            return padded_row_maps(top_experts.reshape(-1, top_k), num_experts, block_size)
+        meta = routing_metadata(top_experts, num_experts, block_size,
+                                small_routing=self.args.kernel_policy.small_routing)
+        maps = route(meta.indices, meta.bin_ids, meta.bins, top_k, meta.padded_bins, block_size=block_size)
+        return meta.tokens_per_expert, meta.padded_bins, maps
 
     def permute_and_compute(
         self,

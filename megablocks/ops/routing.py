@@ -296,6 +296,7 @@ def padded_row_maps(top_experts_TK: torch.Tensor, num_experts: int,
     `top_experts_TK`: `[T, top_k]` integer ids on a device the Triton kernels run on; no
     validation (the caller's); ids outside [0, E) are counted by none and take no row."""
     top_k = top_experts_TK.shape[1] if top_experts_TK.dim() == 2 else 1
+    num_rows = padded_rows_bound(top_experts_TK.numel(), num_experts, block_size)
     counts_E, padded_bins_E, assignment_row_N, row_assignment_P = _backend.padded_routing_maps(
-        top_experts_TK.reshape(-1), num_experts, block_size)
+        top_experts_TK.reshape(-1), num_experts, block_size, num_rows)
     return counts_E, padded_bins_E, RowMaps(assignment_row_N, row_assignment_P, top_k)

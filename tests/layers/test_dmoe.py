@@ -454,11 +454,11 @@ def test_routing_past_one_program_equals_the_general_path(impl, monkeypatch):
     loss counts and every gradient bitwise those of the metadata-and-`route` path. (The routings
     themselves are compared past 4096 rows in tests/ops/test_routing.py.)"""
     import megablocks.layers.dmoe as dmoe_module
-    import megablocks.layers.moe as moe_module  # `routed_rows`, the grouped path's routing
+    import megablocks.layers.moe as moe_module  # `routed_rows` and `padded_routed_rows`: the routings
 
-    monkeypatch.setattr(dmoe_module, "SMALL_ROUTING_MAX_ROWS", 16)
+    monkeypatch.setattr(moe_module, "SMALL_ROUTING_MAX_ROWS", 16)
     taken = []
-    for module, name in ((dmoe_module, "padded_row_maps"), (moe_module, "row_maps")):
+    for module, name in ((moe_module, "padded_row_maps"), (moe_module, "row_maps")):
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
     T, K = 40, 2  # 80 routed rows
