@@ -175,9 +175,10 @@ def step_report(layer, name, profile: bool):
             step()
         torch.cuda.synchronize()
         prof.disable()
-        out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
-        print(out.getvalue())
+        for order in ("tottime", "cumulative"):  # own time first, then the call tree's heavy branches
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats(order).print_stats(40)
+            print(out.getvalue())
 
 
 def main():
