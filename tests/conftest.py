@@ -14,6 +14,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # The interpreter patches triton.language once per launch, not again at every helper call
+    # (tests/interpreter_patching.py: the same kernels, the same results, a third less time).
+    from tests.interpreter_patching import install as _install_patch_once  # noqa: E402
+
+    _install_patch_once()
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 is broken in Triton's interpreter (arithmetic and tl.dot on bf16 loads); it is tested on GPU.
 FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
