@@ -173,6 +173,27 @@ def test_one_unit_in_the_last_place_of_a_tiny_16_bit_result_passes():
         assert_close("two units", two, e)
 
 
+def test_a_tiny_fp32_result_is_held_to_the_max_limit_and_tf32_still_fails():
+    """On a result of at most RMS_MIN_ELEMENTS elements the rms is the max: a one-element fp32
+    dot product that cancels, some units in the last place off, passes at the max limit; the same
+    product from TF32-rounded inputs fails. Over more elements the rms limit holds as before."""
+    from tests.utils import RMS_MIN_ELEMENTS
+
+    max_tol, rms_tol = tolerance(torch.float32)
+    assert rms_tol < max_tol
+    e = torch.tensor([0.00745278], dtype=torch.float64)
+    off = (e * (1 + 0.75 * max_tol)).float()  # between the rms and the max limit
+    assert rms_tol < relative_errors(off, e)[1] < max_tol
+    assert_close("one element", off, e, torch.float32)
+    with pytest.raises(AssertionError):
+        assert_close("many elements", off.expand(RMS_MIN_ELEMENTS + 1), e.expand(RMS_MIN_ELEMENTS + 1),
+                     torch.float32)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(1, 6, generator=g), torch.randn(6, 1, generator=g)
+    ref = (a.double() @ b.double()).flatten()
+    _rejects("tf32 one element", (_tf32(a) @ _tf32(b)).flatten(), ref, torch.float32)
+
+
 def _hopper_fp8_accumulated(a: torch.Tensor, b: torch.Tensor, promote: int) -> torch.Tensor:
     """a @ b of e4m3 values as Hopper's FP8 tensor cores accumulate it: each 32-deep step's sum added
     to a chain whose mantissa is truncated to 14 bits; every `promote` terms (0: never) the chain is

@@ -147,6 +147,12 @@ class TF32Products(torch.overrides.TorchFunctionMode):
 
 # How far past the plain fp32 computation's own error a result may be (`assert_close`'s `plain`).
 CONDITION_FACTOR = 8
+# On an fp32 result of this many elements or fewer the rms limit is the max limit: the rms of one error
+# is that error (it averages nothing), and its limit, set to catch a drift spread over many
+# elements, would hold one element of an fp32 sum that cancels to a few units in the last place
+# (seen: a 6-term scatter weight gradient 3.0e-6 off, against rms 2e-6 and max 4e-6). TF32 and
+# fp16 accumulation stay ~100x over the max limit (tests/test_tolerances.py).
+RMS_MIN_ELEMENTS = 4
 
 
 def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype=None, family: str = "op",
@@ -172,6 +178,8 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype=
     if plain is not None:
         plain_max, plain_rms = relative_errors(plain, e)
         max_tol, rms_tol = max(max_tol, CONDITION_FACTOR * plain_max), max(rms_tol, CONDITION_FACTOR * plain_rms)
+    if a.numel() <= RMS_MIN_ELEMENTS and (dtype or actual.dtype) == torch.float32:
+        rms_tol = max(rms_tol, max_tol)  # 16-bit: `_within_one_ulp` below
     max_err, rms = relative_errors(a, e)
     if not (max_err <= max_tol and rms <= rms_tol) and not _within_one_ulp(a, e, actual.dtype):
         worst = int((a - e).abs().argmax())
