@@ -153,7 +153,10 @@ def _REF(fn, *inputs):
     return out, [None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)], exact, plain_grads
 
 
-def _compare(kind, name, actual, expected, family="op"):
+def _compare(kind, name, actual, expected, family="op", plain_16bit=False):
+    """`plain_16bit`: the 16-bit gradients too are allowed a little more than the plain run's own
+    error in the dtype (`assert_close`'s `plain=`), for ops whose design rounds partial results to
+    the dtype as the plain torch computation does (a sum of two products that cancels)."""
     out, grads = actual
     ref, ref_grads, exact, plain_grads = expected
     fp32 = out.dtype == torch.float32
@@ -167,7 +170,8 @@ def _compare(kind, name, actual, expected, family="op"):
         if r is None:
             assert g is None, f"{name}: grad {i} present, reference has none"
         else:
-            assert_close(f"{name} grad {i}", g, r, family=family, plain=p if g.dtype == torch.float32 else None)
+            assert_close(f"{name} grad {i}", g, r, family=family,
+                         plain=p if g.dtype == torch.float32 or plain_16bit else None)
 
 
 @_examples(60, at_reach=15)
@@ -381,8 +385,12 @@ def test_gathered_and_shared_input_gmm(case, hidden, ffn, dtype, trans_b, pair):
             rows = x_[token_of_row]
             return torch.cat([gmm_reference(rows, b, counts.cpu(), trans_b=trans_b) for b in (b1_, b2_)], dim=1)
 
-        # x's gradient is a product rounded to the dtype, then summed over each token's rows: two roundings.
-        _compare("close", "gmm_shared_input_gathered", _grads(ours, x, b1, b2), _REF(ref, x, b1, b2), family="layer")
+        # x's gradient is a product rounded to the dtype, then summed over each token's rows: two
+        # roundings. The pair's is the first product rounded to the dtype and the second added to it,
+        # as the plain torch backward rounds each product: where the two cancel, both are off by a
+        # rounding at the products' scale (seen: one token, hidden 1, fp16, 3.6e-3 against 3e-3).
+        _compare("close", "gmm_shared_input_gathered", _grads(ours, x, b1, b2), _REF(ref, x, b1, b2), family="layer",
+                 plain_16bit=True)
     else:
         _compare("close", "gmm_gathered",
                  _grads(lambda x_, b_: ops.gmm_gathered(x_, b_, counts, maps, trans_b=trans_b, backend="triton"),
