@@ -150,11 +150,11 @@ CONDITION_FACTOR = 8
 # The same for a 16-bit `plain` (the plain run in the dtype, whose error on a well-conditioned
 # result is about one rounding, under the limits): twice its error, where that exceeds them.
 CONDITION_FACTOR_16BIT = 2
-# On an fp32 result of this many elements or fewer the rms limit is the max limit: the rms of one error
-# is that error (it averages nothing), and its limit, set to catch a drift spread over many
-# elements, would hold one element of an fp32 sum that cancels to a few units in the last place
-# (seen: a 6-term scatter weight gradient 3.0e-6 off, against rms 2e-6 and max 4e-6). TF32 and
-# fp16 accumulation stay ~100x over the max limit (tests/test_tolerances.py).
+# On an fp32 result of this many elements or fewer the rms limit is the max limit: the rms of
+# one error is that error (it averages nothing), and its limit, set to catch a drift spread over
+# many elements, would hold one element of an fp32 sum that cancels to a few units in the last
+# place (seen: a 6-term scatter weight gradient 3.0e-6 off, against rms 2e-6 and max 4e-6). TF32
+# and fp16 accumulation stay ~100x over the max limit (tests/test_tolerances.py).
 RMS_MIN_ELEMENTS = 4
 
 
@@ -169,7 +169,9 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype=
     backward) fp32 itself is far off the exact value relative to the result's scale, and the
     limits grow to CONDITION_FACTOR times the plain computation's error; on well-conditioned
     inputs that error is ~1e-7 and the limits stay as they are (TF32 and fp16 accumulation are
-    1000x worse than plain fp32 and still fail).
+    1000x worse than plain fp32 and still fail). A 16-bit `plain` (the plain run in the dtype)
+    widens them to CONDITION_FACTOR_16BIT times its error. An fp32 result of at most
+    RMS_MIN_ELEMENTS elements is held to the max limit for both.
     """
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().double().cpu()
@@ -177,12 +179,13 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype=
     assert not a.isnan().any() or e.isnan().any(), f"{name}: NaN in result"
     if a.numel() == 0:
         return
+    fp32 = (dtype or actual.dtype) == torch.float32
     max_tol, rms_tol = tolerance(dtype or actual.dtype, family, actual.device)
     if plain is not None:
         plain_max, plain_rms = relative_errors(plain, e)
-        factor = CONDITION_FACTOR if (dtype or actual.dtype) == torch.float32 else CONDITION_FACTOR_16BIT
+        factor = CONDITION_FACTOR if fp32 else CONDITION_FACTOR_16BIT
         max_tol, rms_tol = max(max_tol, factor * plain_max), max(rms_tol, factor * plain_rms)
-    if a.numel() <= RMS_MIN_ELEMENTS and (dtype or actual.dtype) == torch.float32:
+    if fp32 and a.numel() <= RMS_MIN_ELEMENTS:
         rms_tol = max(rms_tol, max_tol)  # 16-bit: `_within_one_ulp` below
     max_err, rms = relative_errors(a, e)
     if not (max_err <= max_tol and rms <= rms_tol) and not _within_one_ulp(a, e, actual.dtype):

@@ -314,9 +314,10 @@ def _padded_maps_kernel(keys_ptr, order_ptr, offsets_ptr, assignment_row_ptr, ro
 def padded_routing_maps(x_N: torch.Tensor, num_experts: int, block_size: int, num_rows: int):
     """`(tokens_per_expert_E, padded_bins_E, assignment_row_N, row_assignment_P)`, int32, of the ids
     `x_N` (the flattened `[T, top_k]`) in the padded layout of `block_size`-row blocks: P =
-    `num_rows` rows (the caller's `padded_rows_bound(N, E, block_size)`), expert e's rows from `padded_bins[e-1]` on, in
-    assignment order, padding rows -1 in `row_assignment`. Ids outside [0, E) are counted by none
-    and take no row (assignment_row -1). E <= PADDED_MAPS_MAX_EXPERTS. Validation is the caller's."""
+    `num_rows` rows (the caller's `padded_rows_bound(N, E, block_size)`), expert e's rows from
+    `padded_bins[e-1]` on, in assignment order, padding rows -1 in `row_assignment`. Ids outside
+    [0, E) are counted by none and take no row (assignment_row -1). E <= PADDED_MAPS_MAX_EXPERTS.
+    Validation is the caller's."""
     x_N = x_N.contiguous()
     n = x_N.numel()
     buf = torch.empty(3 * num_experts + n, dtype=torch.int32, device=x_N.device)

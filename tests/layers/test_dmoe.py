@@ -458,9 +458,9 @@ def test_routing_past_one_program_equals_the_general_path(impl, monkeypatch):
 
     monkeypatch.setattr(moe_module, "SMALL_ROUTING_MAX_ROWS", 16)
     taken = []
-    for module, name in ((moe_module, "padded_row_maps"), (moe_module, "row_maps")):
-        fn = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
+    for name in ("padded_row_maps", "row_maps"):
+        fn = getattr(moe_module, name)
+        monkeypatch.setattr(moe_module, name, lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
     T, K = 40, 2  # 80 routed rows
     layer = dMoE(make_args(impl, hidden_size=8, ffn_hidden_size=16, moe_num_experts=4, moe_top_k=K))
     x = torch.randn(T, 8, device=DEVICE)
