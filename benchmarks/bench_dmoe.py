@@ -49,7 +49,10 @@ Reported per (config, mode, contender):
                          its weights, input and gradients; nan on CPU
     graph_ms             decode and prefill layers on CUDA: the same forward captured in a CUDA graph and
                          replayed (no host time; nan for a contender that syncs); graph_speedup
-                         likewise against torch_grouped_mm's graph_ms
+                         likewise against torch_grouped_mm's graph_ms. With `--graph-steps` also
+                         the fwdbwd step (every `.grad` None at capture, then `.backward()`: the
+                         replay writes the same `.grad` tensors), as a trainer that captures its
+                         steps runs it (e.g. Megatron's CUDA graphs)
     match                'ok' when the forward output (and, with fwdbwd, every gradient) agrees
                          with torch_grouped_mm's within `TOLERANCE` of the reference's largest
                          magnitude; 'MISMATCH' otherwise (the row is still timed, and the script
@@ -533,8 +536,10 @@ def _agreement(layer: Layer, name: str, err: Optional[Dict[str, float]], tol: fl
 
 
 def bench_layer(layer: Layer, names: Sequence[str], modes: Sequence[str], dtype: torch.dtype, device: str,
-                rep: int, env: Dict[str, str], breakdown: bool, policy: Optional[KernelPolicy] = None):
-    """(result rows, breakdown rows) of one layer; every contender checked before it is timed."""
+                rep: int, env: Dict[str, str], breakdown: bool, policy: Optional[KernelPolicy] = None,
+                graph_steps: bool = False):
+    """(result rows, breakdown rows) of one layer; every contender checked before it is timed;
+    `graph_steps`: the fwdbwd step's `graph_ms` too (CUDA)."""
     modes = [m for m in layer.modes() if m in modes]
     if not modes:
         print(f"{layer.name}: none of its modes {layer.modes()} asked for; skipped")
@@ -573,8 +578,9 @@ def bench_layer(layer: Layer, names: Sequence[str], modes: Sequence[str], dtype:
                     row["host_ms"] = host_ms(timed_step, device)
                     mem = extra_peak_gib(timed_step, device, inputs)
                     clear_grads(inputs)
-                    if layer.decode and device == "cuda":
+                    if device == "cuda" and (layer.decode or (graph_steps and mode == "fwdbwd")):
                         row["graph_ms"] = graph_time_ms(timed_step, rep)
+                        clear_grads(inputs)
                 except Exception as err:  # a contender that fails here is reported, not fatal
                     print(f"!!! {layer.name} {mode} {name}: failed: {type(err).__name__}: {str(err)[:200]}",
                           flush=True)
@@ -685,6 +691,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     p.add_argument("--breakdown", action="store_true", help="kernel time by stage (CUDA, torch.profiler)")
     p.add_argument("--smoke", action="store_true", help="tiny layers, every contender; runs on CPU")
+    p.add_argument("--graph-steps", action="store_true",
+                   help="CUDA: also the fwdbwd step captured in a CUDA graph and replayed (graph_ms)")
     p.add_argument("--levers", type=_split, default=[],
                    help="comma-separated fields of the dMoE layers' megablocks.policy.KernelPolicy: NAME "
                         "turns a bool field on, NAME=0 off, NAME=N sets an int field (e.g. small_routing=0, "
@@ -738,7 +746,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     rows, prof_rows = [], []
     for name in args.configs:
         layer_rows, layer_prof = bench_layer(layers[name], names, args.modes, dtype, device, rep, env, args.breakdown,
-                                             args.policy)
+                                             args.policy, args.graph_steps)
         rows += layer_rows
         prof_rows += layer_prof
         gc.collect()  # the layer's modules, weights and gradients are gone with bench_layer's frame
