@@ -38,6 +38,7 @@ from megablocks.ops.activation import glu
 from megablocks.ops.expert_bias import add_expert_bias, block_column_bias, block_row_experts, row_experts
 from megablocks.ops.fp8 import Fp8WeightCache, fp8_gmm
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered, weight_grad_into
+from megablocks.ops.grouped_glu import grouped_glu_experts, one_node_applies
 from megablocks.ops.permute import RowMaps
 from megablocks.ops.sparse import dsd_data, sdd_data
 
@@ -393,6 +394,20 @@ class GroupedMLP(SparseMLP):
         (`KernelPolicy.fused_gather`, where the shared-input pair is taken)."""
         return self.args.kernel_policy.fused_gather and self._shared_input_pair()
 
+    def _one_node_activation(self, x: torch.Tensor, weights, accs: dict) -> Optional[str]:
+        """The fused activation's name where this forward's GLU experts run as one autograd node
+        (`KernelPolicy.one_node_experts`, `megablocks.ops.grouped_glu`): token rows read through
+        the maps, the Triton kernels, a fused activation, no biases, no fused gradient
+        accumulation, a gradient to record in plain eager mode. Else None: the composed ops."""
+        args = self.args
+        if not (args.kernel_policy.one_node_experts and self.reads_token_rows() and self._shared_input_pair()
+                and self.w1_bias is None and not accs and _gmm_backend(args) in (None, "triton")):
+            return None
+        activation = fused_name(args.activation_fn)
+        if activation is None or not one_node_applies(x, *weights):
+            return None
+        return activation
+
     def forward(
         self, x: torch.Tensor, tokens_per_expert: torch.Tensor, maps: Optional[RowMaps] = None
     ) -> torch.Tensor:
@@ -402,6 +417,11 @@ class GroupedMLP(SparseMLP):
 
         weights = self._cast_weights(x)
         accs = self._grad_accumulators(weights)
+        if maps is not None:
+            activation = self._one_node_activation(x, weights, accs)
+            if activation is not None:
+                return grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
+                                           keep_product=not self.args.memory_optimized_mlp)
         shape = (num_experts, -1, hidden)
 
         def operand(w):  # detached where its gradient goes to main_grad through `fused`

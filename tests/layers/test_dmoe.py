@@ -414,7 +414,8 @@ def test_dmoe_with_policy_fields(impl, shape, on, monkeypatch):
         monkeypatch.setattr(mlp_module, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
     skip_unavailable(impl, torch.float32)
     T, lead, H, Fs, E, K, routing = shape
-    policy = dict(small_routing=on, fused_glu_input_grad=on)
+    # The composed ops' choice (the one-node experts, bitwise the same: test_one_node_experts.py).
+    policy = dict(small_routing=on, fused_glu_input_grad=on, one_node_experts=False)
     layer = dMoE(make_args(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type="glu",
                            kernel_policy=policy))
     randomize_bias(layer)
@@ -438,7 +439,9 @@ def test_fused_glu_input_grad_bound(monkeypatch):
         monkeypatch.setattr(mlp_module, name, lambda *a, _op=op, **k: calls.append(1) or _op(*a, **k))
     layer = dMoE(make_args("triton", hidden_size=16, ffn_hidden_size=24, moe_num_experts=2, moe_top_k=1, mlp_type="glu"))
     x = torch.randn(8, 16, device=DEVICE, requires_grad=True)
-    layer.args.kernel_policy = layer.args.kernel_policy.replace(fused_glu_input_grad_max_ffn=24)
+    # The composed ops' choice (the one-node experts, bitwise the same: test_one_node_experts.py).
+    layer.args.kernel_policy = layer.args.kernel_policy.replace(fused_glu_input_grad_max_ffn=24,
+                                                                one_node_experts=False)
     layer(x)[0].sum().backward()
     assert calls, "F <= the bound: the shared-input GLU should be taken"
     calls.clear()

@@ -59,8 +59,9 @@ def test_fused_gather_matches_reference(mlp_type, impl, shape, monkeypatch):
     monkeypatch.setattr(mlp_module.GroupedMLP, "reads_token_rows", lambda self: True)
     calls = _count_calls(monkeypatch)
     T, lead, H, Fs, E, K, routing = shape
+    # The composed ops (the one-node experts, bitwise the same: test_one_node_experts.py).
     layer = dMoE(make_args(impl, hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E, moe_top_k=K, mlp_type=mlp_type,
-                           kernel_policy=KernelPolicy(fused_gather=True)))
+                           kernel_policy=KernelPolicy(fused_gather=True, one_node_experts=False)))
     randomize_bias(layer)
     if routing == "one":
         route_all_to(layer, 2)
