@@ -36,9 +36,14 @@ class KernelPolicy:
             (decode sizes): about -0.25 ms of host time per decode forward.
         one_node_experts: in training, where the grouped GLU experts read the token rows through
             the maps (the two fields above) with a fused activation, the Triton kernels, no biases,
-            no FP8 and no fused gradient accumulation, the up pair, the GLU, the down GEMM and the
-            scatter run as one autograd node (`megablocks.ops.grouped_glu`): the same kernels and
-            results, less host time a step.
+            no FP8 and no fused gradient accumulation, the up pair, the GLU and the down GEMM run
+            as one autograd node (`megablocks.ops.grouped_glu`): the same kernels and results,
+            less host time a step (H200, qwen3moe at T = 64: 3.13 / 3.48 -> 3.02 / 3.26 ms in two
+            interleaved runs).
+        one_node_experts_max_rows: ... up to this many routed rows (T·K). The node's backward
+            keeps its saved h1, h2 (and the product) until it ends, where the composed ops free
+            each after its own backward: olmoe at T = 16384 (131072 rows) peaked 1.25 GiB higher,
+            for no change in time (its step is bound by the GPU, not the host).
         inference_form: without autograd, dMoE's GLU experts run the routed form (routing, the
             GLU-epilogue GEMM through the row map, the down GEMM, the scatter): decode forward
             1.15 -> 0.99 ms (mixtral, T = 64), prefill qwen3moe 1.68 -> 0.94 ms.
@@ -66,6 +71,7 @@ class KernelPolicy:
     fused_glu_input_grad_max_ffn: int = 4096
     fused_gather: bool = True
     one_node_experts: bool = True
+    one_node_experts_max_rows: int = 4096
     small_routing: bool = True
     inference_form: bool = True
     fused_forms: bool = True

@@ -394,14 +394,16 @@ class GroupedMLP(SparseMLP):
         (`KernelPolicy.fused_gather`, where the shared-input pair is taken)."""
         return self.args.kernel_policy.fused_gather and self._shared_input_pair()
 
-    def _one_node_activation(self, x: torch.Tensor, weights, accs: dict) -> Optional[str]:
+    def _one_node_activation(self, x: torch.Tensor, weights, accs: dict, maps: RowMaps) -> Optional[str]:
         """The fused activation's name where this forward's GLU experts run as one autograd node
-        (`KernelPolicy.one_node_experts`, `megablocks.ops.grouped_glu`): token rows read through
-        the maps, the Triton kernels, a fused activation, no biases, no fused gradient
-        accumulation, a gradient to record in plain eager mode. Else None: the composed ops."""
-        args = self.args
-        if not (args.kernel_policy.one_node_experts and self.reads_token_rows() and self._shared_input_pair()
-                and self.w1_bias is None and not accs and _gmm_backend(args) in (None, "triton")):
+        (`KernelPolicy.one_node_experts`, up to `one_node_experts_max_rows` routed rows;
+        `megablocks.ops.grouped_glu`): token rows read through the maps, the Triton kernels, a
+        fused activation, no biases, no fused gradient accumulation, a gradient to record in
+        plain eager mode. Else None: the composed ops."""
+        args, policy = self.args, self.args.kernel_policy
+        if not (policy.one_node_experts and maps.row_assignment.shape[0] <= policy.one_node_experts_max_rows
+                and self.reads_token_rows() and self._shared_input_pair() and self.w1_bias is None and not accs
+                and _gmm_backend(args) in (None, "triton")):
             return None
         activation = fused_name(args.activation_fn)
         if activation is None or not one_node_applies(x, *weights):
@@ -418,7 +420,7 @@ class GroupedMLP(SparseMLP):
         weights = self._cast_weights(x)
         accs = self._grad_accumulators(weights)
         if maps is not None:
-            activation = self._one_node_activation(x, weights, accs)
+            activation = self._one_node_activation(x, weights, accs, maps)
             if activation is not None:
                 return grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
                                            keep_product=not self.args.memory_optimized_mlp)

@@ -149,6 +149,9 @@ def test_where_the_one_node_is_taken(monkeypatch):
     for p in frozen.parameters():
         p.requires_grad_(False)
     assert not _takes_one_node(frozen, x.detach(), monkeypatch)
+    # Up to `one_node_experts_max_rows` routed rows (T·K: here 8 tokens, top-2, 16 rows).
+    assert _takes_one_node(_layer(kernel_policy=KernelPolicy(one_node_experts_max_rows=16)), x, monkeypatch)
+    assert not _takes_one_node(_layer(kernel_policy=KernelPolicy(one_node_experts_max_rows=15)), x, monkeypatch)
 
 
 def test_one_node_leaves_gradients_in_their_parameters_layout(monkeypatch):
