@@ -23,16 +23,19 @@ from common import CONFIGS, environment, print_table, write_csv  # noqa: E402
 from megablocks.backend import gmm as gb  # noqa: E402
 
 
-def _variant(tile_k, tile_n, rows, warps, stages, persistent=False, tma_store=True):
-    """(name, config) of one variant: a tile_k x tile_n output tile, `rows` rows a step."""
+def _variant(tile_k, tile_n, rows, warps, stages, persistent=False, tma_store=True, tma_loads=True):
+    """(name, (config, triton_gmm's use_tma)) of one variant: a tile_k x tile_n output tile, `rows`
+    rows a step; `tma_loads` False reads the inputs by pointer loads (no descriptor per tile)."""
     name = f"t{tile_k}x{tile_n}_r{rows}_w{warps}_s{stages}" + ("_pers" if persistent else "")
-    name += "" if tma_store else "_nostore"
-    return name, dict(block_m=tile_k, block_n=tile_n, block_k=rows, num_warps=warps, num_stages=stages,
-                      persistent=persistent, tma_store=tma_store)
+    name += ("" if tma_store else "_nostore") + ("" if tma_loads else "_ptrloads")
+    return name, (dict(block_m=tile_k, block_n=tile_n, block_k=rows, num_warps=warps, num_stages=stages,
+                       persistent=persistent, tma_store=tma_store), None if tma_loads else False)
 
 
-# The default, then smaller tiles, fewer stages, one program per tile, 16- and 32-row steps.
-CONFIGS_TRIED = {"default": None, **dict(_variant(*v[:5], **v[5]) for v in [
+# The default, then smaller tiles, fewer stages, one program per tile, 16- and 32-row steps; then
+# the default tile with one or two stages, a 256x128 tile, and pointer loads instead of the two
+# TMA descriptors each tile builds on the device.
+CONFIGS_TRIED = {"default": (None, None), **dict(_variant(*v[:5], **v[5]) for v in [
     (128, 256, 64, 8, 3, dict(persistent=True)),
     (128, 128, 32, 4, 2, {}),
     (128, 128, 16, 4, 2, {}),
@@ -41,6 +44,13 @@ CONFIGS_TRIED = {"default": None, **dict(_variant(*v[:5], **v[5]) for v in [
     (128, 256, 16, 8, 2, {}),
     (128, 128, 32, 4, 2, dict(tma_store=False)),
     (128, 128, 16, 4, 2, dict(persistent=True)),
+    (128, 256, 64, 8, 1, dict(persistent=True)),
+    (128, 256, 64, 8, 2, dict(persistent=True)),
+    (256, 128, 64, 8, 2, dict(persistent=True)),
+    (128, 256, 64, 8, 3, dict(persistent=True, tma_loads=False)),
+    (128, 256, 16, 8, 2, dict(persistent=True, tma_loads=False)),
+    (128, 128, 16, 4, 2, dict(persistent=True, tma_loads=False)),
+    (128, 128, 16, 4, 2, dict(tma_loads=False)),
 ])}
 
 
@@ -69,8 +79,10 @@ def main():
             expected = gb.triton_gmm(a, b, bs, True, False)
             out_bytes = expected.numel() * expected.element_size()
             floor_ms = out_bytes / (copy_gbs / 2) / 1e6  # writes only: half a copy's traffic
-            for cname, cfg in CONFIGS_TRIED.items():
-                fn = lambda: gb.triton_gmm(a, b, bs, True, False, config=cfg)  # noqa: E731
+            scratch = torch.empty_like(expected)
+            fill_ms = triton.testing.do_bench(lambda: scratch.fill_(1.0), rep=200)  # a write-only kernel
+            for cname, (cfg, use_tma) in CONFIGS_TRIED.items():
+                fn = lambda: gb.triton_gmm(a, b, bs, True, False, config=cfg, use_tma=use_tma)  # noqa: E731
                 try:
                     got = fn()
                     ok = torch.equal(got, expected) or (got.float() - expected.float()).abs().max().item() < 1e-2
@@ -80,12 +92,13 @@ def main():
                     continue
                 rows.append({"config": name, "proj": proj, "M": M, "K": a.shape[1], "N": b.shape[1], "E": E,
                              "variant": cname, "ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms,
+                             "fill_ms": fill_ms, "x_fill": ms / fill_ms,
                              "match": "ok" if ok else "MISMATCH", **env})
                 print(f"{name} {proj} {cname}: {ms:.3f} ms ({ms / floor_ms:.2f}x floor {floor_ms:.3f}) {rows[-1]['match']}",
                       flush=True)
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "sweep_var_k.csv"), rows)
-    print_table(rows, ["config", "proj", "variant", "ms", "floor_ms", "x_floor", "match"])
+    print_table(rows, ["config", "proj", "variant", "ms", "floor_ms", "x_floor", "fill_ms", "x_fill", "match"])
 
 
 if __name__ == "__main__":
