@@ -384,7 +384,8 @@ class GmmConfig:
     `block_m` x `block_n` is the output tile (for the variable-K form: a tile of K x N),
     `block_k` the reduction step (over K, or over a group's rows), `group_m` the row tiles per
     swizzle group (L2 reuse). `persistent` launches one program per SM that loops over tiles;
-    `tma_store` stores tiles by TMA where the output's strides allow.
+    `tma_store` stores tiles by TMA where the output's strides allow (and the inputs are read by
+    TMA); `tma_loads` False reads the inputs by masked pointer loads whatever their strides.
     """
 
     block_m: int
@@ -395,15 +396,28 @@ class GmmConfig:
     num_stages: int
     persistent: bool
     tma_store: bool
+    tma_loads: bool = True
 
 
-def default_config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu: bool = False) -> GmmConfig:
-    """The launch settings for operand `a` (its device and dtype). `rows_per_group` (forward
-    forms: M / E) picks the decode tiles; `glu` (two accumulators per tile) narrows them."""
+def default_config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu: bool = False,
+                   weight_grad: bool = False) -> GmmConfig:
+    """The launch settings for operand `a` (its device and dtype). `rows_per_group` (M / E) picks
+    the decode tiles of the forward forms and, with `weight_grad` (the variable-K form), the
+    small-K tiles; `glu` (two accumulators per tile) narrows them."""
     if a.device.type == "cpu":  # the interpreter: small tiles keep the tests fast
         return GmmConfig(32, 32, 32, group_m=4, num_warps=4, num_stages=1, persistent=False, tma_store=False)
     if a.dtype == torch.float32:
         return GmmConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=3, persistent=False, tma_store=False)
+    if weight_grad:
+        if rows_per_group is not None and rows_per_group <= WEIGHT_GRAD_SMALL_MAX_ROWS_PER_GROUP:
+            # A handful of rows per group (T = 64): the product writes E·K·N outputs from a few
+            # rows, one step per tile, and building a tile's two TMA descriptors on the device
+            # cost more than its loads. 16-row steps by masked pointer loads, pointer stores:
+            # 0.479 -> 0.348 ms on mixtral's, 0.220 -> 0.161 ms on qwen3moe's (H200,
+            # benchmarks/sweep_var_k.py; a fill of the output takes 0.280 / 0.123).
+            return GmmConfig(128, 256, 16, group_m=8, num_warps=8, num_stages=2, persistent=True,
+                             tma_store=False, tma_loads=False)
+        rows_per_group = None  # the main tiles below
     if rows_per_group is not None and rows_per_group <= DECODE_MAX_ROWS_PER_GROUP:
         # Decode: a few rows per expert; the time is reading each expert's weights once. 16-row
         # tiles, 128-deep K steps, 4 stages, 4 warps: 4-10% faster than the tiles below at T = 64
@@ -422,6 +436,9 @@ def default_config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu:
 # Forward forms with at most this many rows per group (M / E) take the decode tiles of
 # `default_config` (measured up to 16: mixtral and qwen3moe at T = 64).
 DECODE_MAX_ROWS_PER_GROUP = 16
+# Weight gradients (the variable-K form) with at most this many rows per group take its small-K
+# tiles (measured at 4 and 16: qwen3moe and mixtral at T = 64).
+WEIGHT_GRAD_SMALL_MAX_ROWS_PER_GROUP = 16
 
 
 def _num_programs(a: torch.Tensor, num_tiles: int, cfg: GmmConfig) -> int:
@@ -515,7 +532,7 @@ def triton_gmm(
     K = a.shape[1]
     M = a_rows.shape[0] if a_rows is not None else a.shape[0]
     T = a.shape[0]
-    cfg = with_overrides(default_config(a, None if trans_a else M / max(E, 1), glu is not None), config)
+    cfg = with_overrides(default_config(a, M / max(E, 1), glu is not None, weight_grad=trans_a), config)
     launch = dict(
         BLOCK_E=max(next_power_of_2(E), 128),  # one compiled variant up to 128 groups
         UPCAST=interpreted(a) and a.dtype == torch.bfloat16,
@@ -541,7 +558,7 @@ def triton_gmm(
         if a_rows is not None and T == 0:  # every mapped row reads as zeros
             return out if accumulate_into is not None else out.zero_()
         if use_tma is None:  # a mapped `a` is read by pointer loads, whatever its strides
-            use_tma = tma_ok(b) if a_rows is not None else tma_ok(a, b)
+            use_tma = cfg.tma_loads and (tma_ok(b) if a_rows is not None else tma_ok(a, b))
         num_tiles = E * cdiv(K, cfg.block_m) * cdiv(N, cfg.block_n)
         num_programs = _num_programs(a, num_tiles, cfg)
         _gmm_var_k_kernel[(num_programs,)](
@@ -586,7 +603,7 @@ def triton_gmm(
         return out if accumulate_into is not None else out.zero_()
     if use_tma is None:  # with a_rows, a is read by pointer loads whatever its strides
         b_tma = [t.transpose(1, 2) if b_k_major else t for t in (b_ekn, bu_ekn) if t is not None]
-        use_tma = tma_ok(*b_tma) if a_rows is not None else tma_ok(a, *b_tma)
+        use_tma = cfg.tma_loads and (tma_ok(*b_tma) if a_rows is not None else tma_ok(a, *b_tma))
     num_tiles = (cdiv(M, cfg.block_m) + E + 1) * cdiv(N, cfg.block_n)
     num_programs = _num_programs(a, num_tiles, cfg)
     bias_args = (b_ekn, b_ekn, 0) if bias is None else (bias, bias if bias_up is None else bias_up, bias.stride(0))

@@ -513,6 +513,43 @@ def test_triton_decode_tiles(rows_per_group, glu, device):
     assert_close("out", out, expected, torch.bfloat16)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the small-K weight-gradient tiles are chosen on CUDA only")
+@pytest.mark.parametrize("rows_per_group", [1, 4, 16, 17, 40])
+def test_triton_weight_grad_small_k_tiles(rows_per_group, device):
+    """The weight gradient (variable-K form) with few rows per group takes the small-K tiles and
+    pointer loads, the others the main tiles: bf16, uneven groups (some past one 16-row step),
+    empty ones, K and N not multiples of the tile; plain, into an fp32 accumulator, and through a
+    row map (the up projections' gradient reading the token rows)."""
+    E, K, N = 24, 1000, 600
+    sizes = [max(0, rows_per_group + (e % 5) - 2) if e % 7 else 0 for e in range(E)]
+    cfg = gmm_backend.default_config(torch.empty(1, device=device, dtype=torch.bfloat16), sum(sizes) / E,
+                                     weight_grad=True)
+    small = sum(sizes) / E <= gmm_backend.WEIGHT_GRAD_SMALL_MAX_ROWS_PER_GROUP
+    assert (cfg.block_k == 16 and not cfg.tma_loads) == small, cfg
+    g = torch.Generator().manual_seed(rows_per_group)
+    M = sum(sizes)
+    a = torch.randn(M, K, generator=g).to(device, torch.bfloat16)
+    dy = torch.randn(M, N, generator=g).to(device, torch.bfloat16)
+    batch_sizes = torch.tensor(sizes, dtype=torch.int32, device=device)
+    expected = gmm_reference(a.double(), dy.double(), batch_sizes.cpu(), trans_a=True)
+    assert_close("a^T dy", gmm_backend.triton_gmm(a, dy, batch_sizes, trans_a=True), expected, torch.bfloat16)
+    acc = torch.randn(E, K, N, generator=g).to(device)
+    want = acc.double() + expected.double()
+    gmm_backend.triton_gmm(a, dy, batch_sizes, trans_a=True, accumulate_into=acc)
+    assert_close("acc += a^T dy", acc, want, torch.float32)
+    # Through a row map: row i of the product's `a` is token row rows[i] // top_k of x.
+    top_k, T = 2, (M + 1) // 2
+    x = torch.randn(T, K, generator=g).to(device, torch.bfloat16)
+    rows = torch.randperm(T * top_k, generator=g)[:M].to(device, torch.int32)
+    gathered = x[(rows // top_k).long()]
+    expected = gmm_reference(gathered.double(), dy.double(), batch_sizes.cpu(), trans_a=True)
+    got = gmm_backend.triton_gmm(x, dy, batch_sizes, trans_a=True, a_rows=rows, rows_top_k=top_k)
+    assert_close("x[map]^T dy", got, expected, torch.bfloat16)
+    expected_t = gmm_reference(dy.double(), gathered.double(), batch_sizes.cpu(), trans_a=True)
+    got_t = gmm_backend.triton_gmm(dy, x, batch_sizes, trans_a=True, b_rows=rows, rows_top_k=top_k)
+    assert_close("dy^T x[map]", got_t, expected_t, torch.bfloat16)
+
+
 @pytest.mark.parametrize("case", ["mixed", "unaligned", "no_rows"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_triton_bias_epilogue(dtype, case, device):

@@ -89,16 +89,20 @@ for dtype in (torch.bfloat16, torch.float32):
                 consts.update(ACCUMULATE=True, GATHER_A=False, B_K_MAJOR=True, HAS_BIAS=False)
                 check(f"gmm {dtype} rows/group={rows_per_group} accumulate", G._gmm_kernel, element, consts,
                       cfg.num_warps, cfg.num_stages)
-    cfg = G.default_config(meta(dtype))
-    # The weight gradients, also added into an fp32 accumulator (gradient-accumulation fusion).
-    for gather, trans_out, accumulate in ((False, False, False), (True, False, False), (True, True, False),
-                                          (False, False, True), (True, True, True)):
-        consts = dict(BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, BLOCK_E=128,
-                      GROUP_M=cfg.group_m, USE_TMA=True, TMA_STORE=cfg.tma_store and not accumulate, UPCAST=False,
-                      PRECISION=precision, GATHER_A=gather, TRANS_OUT=trans_out, ACCUMULATE=accumulate)
-        check(f"gmm variable-K {dtype} gather={gather} trans_out={trans_out} accumulate={accumulate}",
-              G._gmm_var_k_kernel, element, consts, cfg.num_warps, cfg.num_stages,
-              types={"out_ptr": "*fp32"} if accumulate else None)
+    # The weight gradients, also added into an fp32 accumulator (gradient-accumulation fusion), at
+    # the main tiles and (16-bit) the small-K tiles of a few rows per group.
+    for rows_per_group in (None, 4.0) if dtype != torch.float32 else (None,):
+        cfg = G.default_config(meta(dtype), rows_per_group, weight_grad=True)
+        for gather, trans_out, accumulate in ((False, False, False), (True, False, False), (True, True, False),
+                                              (False, False, True), (True, True, True)):
+            consts = dict(BLOCK_K=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=cfg.block_k, BLOCK_E=128,
+                          GROUP_M=cfg.group_m, USE_TMA=cfg.tma_loads,
+                          TMA_STORE=cfg.tma_loads and cfg.tma_store and not accumulate, UPCAST=False,
+                          PRECISION=precision, GATHER_A=gather, TRANS_OUT=trans_out, ACCUMULATE=accumulate)
+            check(f"gmm variable-K {dtype} rows/group={rows_per_group} gather={gather} trans_out={trans_out} "
+                  f"accumulate={accumulate} {cfg.block_m}x{cfg.block_n}x{cfg.block_k}",
+                  G._gmm_var_k_kernel, element, consts, cfg.num_warps, cfg.num_stages,
+                  types={"out_ptr": "*fp32"} if accumulate else None)
 
 for dtype in (torch.bfloat16, torch.float32):
     element, precision = ELEMENT[dtype], L.dot_precision(dtype)

@@ -1,7 +1,8 @@
 """Every tile configuration the library can pick, at shapes that span several tiles of it.
 
-The grouped GEMM picks one of five GPU configurations (`megablocks.backend.gmm.default_config`:
-fp32; decode, plain and GLU; the 16-bit main tiles, plain and GLU); the block-sparse products
+The grouped GEMM picks one of six GPU configurations (`megablocks.backend.gmm.default_config`:
+fp32; decode, plain and GLU; the 16-bit main tiles, plain and GLU; the weight gradients' small-K
+tiles with pointer loads); the block-sparse products
 pick one per (product, block size, dtype) (`megablocks.backend.sparse.default_config`). The
 op tests run at shapes of one or two tiles; here each configuration runs at a shape of several
 tiles in both dimensions, with partial tiles at the edges, ragged groups and an empty one,
@@ -27,8 +28,9 @@ from tests.utils import assert_close
 def _gmm_configs():
     """{name: (config, dtypes it is picked for, rows per group that picks it, glu)}: every
     configuration `default_config` returns for a CUDA operand."""
-    def pick(dtype, rows_per_group, glu):
-        return gmm_backend.default_config(torch.empty(1, dtype=dtype, device="meta"), rows_per_group, glu)
+    def pick(dtype, rows_per_group, glu, weight_grad=False):
+        return gmm_backend.default_config(torch.empty(1, dtype=dtype, device="meta"), rows_per_group, glu,
+                                          weight_grad=weight_grad)
 
     half = [d for d in FLOAT_DTYPES if d != torch.float32]
     return {
@@ -37,6 +39,7 @@ def _gmm_configs():
         "decode_glu": (pick(torch.float16, 4, True), half, 4, True),
         "main": (pick(torch.float16, None, False), half, None, False),
         "main_glu": (pick(torch.float16, None, True), half, None, True),
+        "weight_grad_small": (pick(torch.float16, 4, False, weight_grad=True), half, 4, False),
     }
 
 
@@ -44,7 +47,7 @@ GMM_CONFIGS = _gmm_configs()
 
 
 def test_the_sweep_covers_every_gmm_configuration():
-    """The five names above are five different configurations (a new pick shows up here)."""
+    """The names above are as many different configurations (a new pick shows up here)."""
     assert len({c for c, *_ in GMM_CONFIGS.values()}) == len(GMM_CONFIGS)
 
 
