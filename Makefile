@@ -11,13 +11,10 @@ STAMP := $(VENV)/.megablocks-installed
 
 setup: $(STAMP)
 
-# --no-compile: no bytecode for every file of every package at install (transformers, torch and
-# megatron-core hold thousands); Python writes it for the modules that are imported, on first use
-# (about a minute less to set up on a 2-core machine).
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-compile "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
 # Runs the whole suite with Triton kernels under the interpreter when there is no GPU, one
