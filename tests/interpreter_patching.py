@@ -134,12 +134,12 @@ def install_dtype_table() -> bool:
     import triton.language as tl
     table = {}
 
+    pointer = shipped(tl.pointer_type(tl.int32))  # every pointer (and block of them): uint64, as shipped
+
     def get_np_dtype(tt_dtype):
-        if isinstance(tt_dtype, tl.pointer_type):
-            return shipped(tt_dtype)
-        if isinstance(tt_dtype, tl.block_type) and isinstance(tt_dtype.element_ty, tl.pointer_type):
-            return shipped(tt_dtype)
         key = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+        if isinstance(key, tl.pointer_type):
+            return pointer
         found = table.get(key)
         if found is None:
             found = table[key] = shipped(key)

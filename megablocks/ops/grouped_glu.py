@@ -12,7 +12,7 @@ weights (their `[E·F, H]` parameters as `[E, F, H]`), each with its Python on t
 node in the backward: at small steps, where the host issues the step slower than the GPU runs
 it, that is time the step waits for. `grouped_glu_experts` runs the same kernels, in the same
 order, with the same arguments, as one `autograd.Function`: its results and every gradient are
-bitwise those of the composed ops (tests/ops/test_grouped_glu.py), and the backward computes each
+bitwise those of the composed ops (tests/layers/test_one_node_experts.py), and the backward computes each
 weight's gradient in its parameter's layout, as they do.
 
 `GroupedMLP.forward` takes it (the module is still called, so its hooks, e.g. FSDP's, run) in plain
@@ -101,10 +101,9 @@ def grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, 
     """`gmm(glu(*gmm_shared_input_gathered(x_TH, w1_e^T, v1_e^T, counts_E, maps), activation), w2_e,
     counts_E)`, the expert-ordered rows `[N, H]`, as one autograd node (module docstring).
 
-    No validation: the caller's (`megablocks.layers.dmoe`, whose arguments the composed ops have
-    checked on the same path before). `w1`, `v1`, `w2`: `[E·F, H]` in x's dtype (dMoE's layout);
-    `counts_E` the rows of each expert (on x's device); `maps` the `RowMaps` of the routing;
-    `activation` a name of
+    No validation: the caller's (`GroupedMLP.forward`, whose arguments the layer builds itself).
+    `w1`, `v1`, `w2`: `[E·F, H]` in x's dtype (dMoE's layout); `counts_E` the rows of each expert
+    (on x's device); `maps` the `RowMaps` of the routing; `activation` a name of
     `megablocks.backend.activation.ACTIVATIONS`; `keep_product` False keeps h1 and h2 only for
     the backward and recomputes the GLU product there (`memory_optimized_mlp`).
     """
