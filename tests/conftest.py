@@ -17,14 +17,17 @@ import pytest  # noqa: E402
 if os.environ.get("TRITON_INTERPRET") == "1":
     # The interpreter patches triton.language once per launch, not again at every helper call,
     # reduces integers by xor and or with numpy, builds its dtype table once and computes integer
-    # overflow conditions only where debug mode asserts them (tests/interpreter_patching.py: the
-    # same kernels, the same results, less time).
+    # overflow conditions only where debug mode asserts them, builds each block type and tensor
+    # shape once per shape and broadcasts operands of one shape at once (tests/interpreter_patching.py:
+    # the same kernels, the same results, less time).
     from tests import interpreter_patching  # noqa: E402
 
     interpreter_patching.install()
     interpreter_patching.install_reductions()
     interpreter_patching.install_dtype_table()
     interpreter_patching.install_overflow_shortcut()
+    interpreter_patching.install_type_cache()
+    interpreter_patching.install_broadcast_shortcut()
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 is broken in Triton's interpreter (arithmetic and tl.dot on bf16 loads); it is tested on GPU.

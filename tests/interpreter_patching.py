@@ -72,7 +72,11 @@ def install() -> bool:
 
     def helper(self, *args, **kwargs):
         patched = getattr(_state, "patched", None)
-        langs = _langs(self.fn, tl)
+        # A helper's module imports `triton.language` once: its modules are looked up at its
+        # first call, not at every one (a scan of the module's globals each time).
+        langs = self.__dict__.get("_langs")
+        if langs is None:
+            langs = self.__dict__["_langs"] = _langs(self.fn, tl)
         if patched is None or not langs <= patched:
             interpreter._patch_lang(self.fn)
             if patched is not None:
@@ -176,4 +180,132 @@ def install_overflow_shortcut() -> bool:
         return shipped(semantic, lhs, rhs, binary_op)
 
     semantic.binary_op_sanitize_overflow_impl = binary_op_sanitize_overflow_impl
+    return True
+
+
+def install_type_cache() -> bool:
+    """Block types and tensors' shape fields built once per (element type, shape); True when
+    installed.
+
+    Every value the interpreter makes is a `tl.tensor` with a `tl.block_type`, built afresh for each
+    operation: the block type unwraps and validates its shape and formats its name, the tensor wraps
+    each dimension in a `constexpr` and builds a Triton tuple (and its tuple type) of them. Over a
+    dMoE test that was about a third of the interpreted time, for the same few dozen shapes. Here
+    each distinct (element type, shape) pays that once: a new block type copies the cached fields
+    (keeping its own element type object), a new tensor gets a fresh Triton tuple of the cached
+    `constexpr` dimensions with the cached tuple type. The objects hold the same values as shipped.
+    """
+    try:
+        from triton.language import core
+    except ImportError:
+        return False
+    block_type, tensor = getattr(core, "block_type", None), getattr(core, "tensor", None)
+    if block_type is None or tensor is None or getattr(block_type.__init__, "_cached", False):
+        return False
+    try:
+        block_source, tensor_source = inspect.getsource(block_type.__init__), inspect.getsource(tensor.__init__)
+    except (OSError, TypeError):
+        return False
+    # The shipped constructors set exactly these fields; anything else and nothing is installed.
+    if ("self.name = f'<{self.shape}, {self.element_ty}>'" not in block_source
+            or "self.shape = tuple([constexpr(s) for s in self.shape])" not in tensor_source):
+        return False
+    shipped_block, shipped_tensor = block_type.__init__, tensor.__init__
+    plain = (core.dtype, core.pointer_type)
+    blocks, shapes = {}, {}
+
+    def _element_key(ty):
+        # dtypes and pointer types compare by these fields (pointer types are not hashable).
+        if type(ty) is core.dtype:
+            return ty.name
+        if type(ty) is core.pointer_type and type(ty.element_ty) in plain:
+            return ("ptr", _element_key(ty.element_ty), ty.address_space, ty.const)
+        return None
+
+    def block_init(self, element_ty, shape):
+        # The shipped constructor takes a list or a Triton tuple (a tensor's shape, of constexprs).
+        element = _element_key(element_ty)
+        values = shape.values if isinstance(shape, core.tuple) else shape if isinstance(shape, list) else None
+        if element is None or values is None:
+            return shipped_block(self, element_ty, shape)
+        dims = builtins_tuple(s.value if isinstance(s, core.constexpr) else s for s in values)
+        key = (element, dims)
+        cached = blocks.get(key)
+        if cached is None:
+            shipped_block(self, element_ty, shape)  # validates (and raises) as shipped
+            if set(self.__dict__) == {"element_ty", "shape", "numel", "name"}:
+                blocks[key] = (list(self.shape.values), self.shape.type, self.numel, self.name)
+            return
+        shape_values, shape_type, numel, name = cached
+        self.element_ty = element_ty
+        self.shape = core.tuple(shape_values, shape_type)  # a Triton tuple of its own, as shipped
+        self.numel = numel
+        self.name = name
+
+    def tensor_init(self, handle, type):
+        # Keyed by the dimensions (a block type's shape is a Triton tuple of ints; a scalar's is ()).
+        if type.__class__ is block_type:
+            key = builtins_tuple(type.shape.values)
+        elif type.__class__ in plain:
+            key = ()
+        else:
+            return shipped_tensor(self, handle, type)
+        cached = shapes.get(key)
+        if cached is None:
+            shipped_tensor(self, handle, type)
+            shapes[key] = (self.numel, list(self.shape.values), self.shape.type)
+            return
+        numel, dims, shape_type = cached
+        self.handle = handle
+        self.numel = numel
+        self.type = type
+        self.dtype = type.scalar
+        self.shape = core.tuple(dims, shape_type)
+
+    import builtins
+    builtins_tuple = builtins.tuple
+    block_init._cached = True
+    block_init._shipped = shipped_block
+    tensor_init._shipped = shipped_tensor
+    block_type.__init__ = block_init
+    tensor.__init__ = tensor_init
+    return True
+
+
+def install_broadcast_shortcut() -> bool:
+    """The interpreter's broadcast of two operands of one shape returns them at once; True when
+    installed.
+
+    Every binary operation broadcasts its operands first. For two blocks of the same shape (most of
+    them) the shipped code compares the shapes dimension by dimension as constexprs, builds the
+    common shape and compares it with each operand's as Triton tuples, to return both unchanged.
+    Here equal dimensions return them unchanged at once; any other pair takes the shipped code.
+    """
+    try:
+        from triton.language import core
+        from triton.language.semantic import TritonSemantic
+        from triton.runtime import interpreter
+    except ImportError:
+        return False
+    semantic = getattr(interpreter, "interpreter_semantic", None)
+    shipped = getattr(TritonSemantic, "broadcast_impl_value", None)
+    if semantic is None or shipped is None or "broadcast_impl_value" in vars(semantic):
+        return False
+    try:
+        source = inspect.getsource(shipped)
+    except (OSError, TypeError):
+        return False
+    if "# (scalar, scalar) => returns original blocks" not in source or "return lhs, rhs" not in source:
+        return False
+    block_type = core.block_type
+
+    def broadcast_impl_value(lhs, rhs):
+        lhs_ty, rhs_ty = lhs.type, rhs.type
+        if (lhs_ty.__class__ is block_type and rhs_ty.__class__ is block_type
+                and lhs_ty.shape.values == rhs_ty.shape.values):
+            return lhs, rhs
+        return shipped(semantic, lhs, rhs)
+
+    broadcast_impl_value._shipped = shipped
+    semantic.broadcast_impl_value = broadcast_impl_value
     return True

@@ -111,3 +111,78 @@ def test_overflow_condition_only_where_debug_mode_asserts_it(monkeypatch):
     ok = torch.tensor([5, 6, 7, 8], dtype=torch.int32)
     _int_add_kernel[(1,)](ok, ok, out, N=4)
     assert out.tolist() == [10, 12, 14, 16]
+
+
+@triton.jit
+def _outer_kernel(a_ptr, b_ptr, out_ptr, idx_ptr, R: tl.constexpr, C: tl.constexpr):
+    rows = tl.arange(0, R)
+    cols = tl.arange(0, C)
+    a = tl.load(a_ptr + rows)  # [R] fp32
+    b = tl.load(b_ptr + cols).to(tl.float32)  # [C] fp16 -> fp32
+    grid = a[:, None] * b[None, :] + 1.0  # broadcasts [R, 1] x [1, C], then a scalar
+    grid = grid + tl.full((R, C), 2, tl.int32)  # equal shapes, mixed types
+    flat = tl.reshape(grid, (R * C,))
+    tl.store(out_ptr + tl.arange(0, R * C), flat)
+    tl.store(idx_ptr + rows[:, None] * C + cols[None, :], rows[:, None] * C + cols[None, :])
+
+
+def _type_fields(ty):
+    return ty.element_ty, list(ty.shape.values), ty.shape.type, ty.numel, ty.name
+
+
+def test_block_types_and_tensor_shapes_once_per_shape_as_shipped():
+    from triton.language import core
+
+    init = core.block_type.__init__
+    assert getattr(init, "_cached", False), "conftest installs the type cache on this Triton"
+    for R, C in ((4, 8), (4, 8), (1, 16)):  # the second launch reads the cache
+        a, b = torch.randn(R), torch.randn(C, dtype=torch.float16)
+        out, idx = torch.empty(R * C), torch.empty(R, C, dtype=torch.int32)
+        _outer_kernel[(1,)](a, b, out, idx, R=R, C=C)
+        torch.testing.assert_close(out, (a[:, None] * b.float()[None, :] + 3.0).flatten(), rtol=1e-6, atol=1e-6)
+        assert torch.equal(idx, torch.arange(R * C, dtype=torch.int32).view(R, C))
+    # Every field as the shipped constructors make it, cached or not, for dtypes, pointers, lists
+    # and Triton tuples of constexprs; each object with its own shape tuple.
+    shapes = ([8], [4, 16], core.tuple([core.constexpr(2), core.constexpr(32)]))
+    for element in (tl.float32, tl.int1, tl.pointer_type(tl.float16), tl.pointer_type(tl.int64, const=True)):
+        for shape in shapes:
+            for _ in range(2):
+                got = core.block_type(element, shape)
+                want = object.__new__(core.block_type)
+                init._shipped(want, element, shape)
+                assert _type_fields(got) == _type_fields(want) and got == want
+                assert got.element_ty is element and got.shape is not want.shape
+                t, u = core.tensor(None, got), object.__new__(core.tensor)
+                core.tensor.__init__._shipped(u, None, want)
+                assert (t.numel, list(t.shape.values), t.shape.type, t.dtype) == (
+                    u.numel, list(u.shape.values), u.shape.type, u.dtype)
+                assert t.shape is not core.tensor(None, got).shape
+    scalar = core.tensor(None, tl.float32)
+    assert scalar.shape.values == [] and scalar.numel == 1 and scalar.dtype == tl.float32
+    # Shapes the shipped constructor refuses are refused still (nothing cached for them).
+    with pytest.raises(TypeError, match="0d block_type"):
+        core.block_type(tl.float32, [])
+    for _ in range(2):
+        with pytest.raises(ValueError, match="power of 2"):
+            core.block_type(tl.float32, [3, 4])
+    with pytest.raises(AssertionError):
+        core.block_type(tl.float32, (4,))  # a Python tuple: the shipped constructor asserts
+
+
+def test_broadcast_of_one_shape_returns_the_operands_and_others_as_shipped():
+    from triton.language import core
+    from triton.runtime import interpreter
+
+    semantic = interpreter.interpreter_semantic
+    fast = vars(semantic).get("broadcast_impl_value")
+    assert fast is not None, "conftest installs the broadcast shortcut on this Triton"
+    ty = core.block_type(tl.float32, [4, 8])
+    lhs, rhs = core.tensor(None, ty), core.tensor(None, core.block_type(tl.int32, [4, 8]))
+    assert fast(lhs, rhs) == (lhs, rhs)  # the same objects, unchanged
+    shipped = fast._shipped(semantic, lhs, rhs)
+    assert shipped[0] is lhs and shipped[1] is rhs  # as shipped
+    # Different shapes go to the shipped code (run inside a launch by _outer_kernel above).
+    a, b = torch.randn(2), torch.randn(4, dtype=torch.float16)
+    out, idx = torch.empty(8), torch.empty(2, 4, dtype=torch.int32)
+    _outer_kernel[(1,)](a, b, out, idx, R=2, C=4)
+    torch.testing.assert_close(out, (a[:, None] * b.float()[None, :] + 3.0).flatten(), rtol=1e-6, atol=1e-6)
