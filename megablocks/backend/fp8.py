@@ -35,7 +35,7 @@ import triton.language as tl
 from megablocks._checks import INDEX_DTYPES, check_tensor
 from megablocks.backend import cdiv, next_power_of_2
 from megablocks.backend.gmm import _group_table, _row_tile, _swizzle
-from megablocks.backend.launch import interpreted
+from megablocks.backend.launch import interpreted, persistent_programs, prepare_tma, tma_ok
 
 Q = 128  # the quantization block (DeepSeek-V3: 1 x 128 activation tiles, 128 x 128 weight blocks)
 E4M3_MAX = 448.0
@@ -108,19 +108,28 @@ def _quantize_rows_kernel(
 # BLOCK_K-deep step (BLOCK_K divides Q) is one FP8 product into a fresh fp32 tile, scaled by the
 # rows' and the block's scales and added to the fp32 accumulator: no FP8 accumulation spans
 # more than BLOCK_K (DeepSeek-V3's promotion). BLOCK_N divides Q: a tile's columns share a block.
+# With USE_TMA the operands are read by TMA through descriptors built once per program (x as
+# [M, K]: a tile's rows past its group are read but never stored; w per expert as [E, N, K]
+# (W_K_MAJOR, unit K stride) or [E, K, N], so that no step reads another expert's weights).
 @triton.jit
 def _gmm_fp8_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, sizes_ptr,
     M, N, K, E, num_programs,
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
-    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False, W_K_MAJOR: tl.constexpr = True,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
     real_m_tiles = tl.sum(tiles, 0)
     num_m_tiles = real_m_tiles + tl.cdiv(M - rows_total, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
+    if USE_TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+        if W_K_MAJOR:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [E, N, K], [stride_we, stride_wn, 1], [1, BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [E, K, N], [stride_we, stride_wk, 1], [1, BLOCK_K, BLOCK_N])
     for tile in range(tl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
         tile_m, tile_n = _swizzle(tile, num_m_tiles, num_n_tiles, GROUP_M)
         group, row0, row_end, real = _row_tile(tile_m, e, starts, ends, tile_starts, tiles, real_m_tiles,
@@ -138,9 +147,16 @@ def _gmm_fp8_kernel(
         ws_ptr_n = ws_ptr + group.to(tl.int64) * stride_wse + (n0 // QB) * stride_wsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n < N)[None, :], other=0.0)
+            if USE_TMA:
+                a = x_desc.load([row0, k])
+                if W_K_MAJOR:
+                    b = tl.trans(w_desc.load([group, n0, k]).reshape(BLOCK_N, BLOCK_K))
+                else:
+                    b = w_desc.load([group, k, n0]).reshape(BLOCK_K, BLOCK_N)
+            else:
+                k_ok = offs_k < K - k
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n < N)[None, :], other=0.0)
             part = tl.dot(a, b, out_dtype=tl.float32)
             sa = tl.load(xs_ptrs + k // QB, mask=row_ok, other=0.0)
             sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
@@ -353,7 +369,9 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     `[E, N, K]` (out x in) with `[E, NB, KB]` scales and out = x @ w[e]^T; with trans_b=False it
     is `[E, K, N]` with `[E, KB, NB]` scales and out = x @ w[e] (the same quantized weight serves
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
-    'num_warps', 'num_stages'}) overrides the tiles, for tuning and tests."""
+    'num_warps', 'num_stages', 'tma', 'persistent'}) overrides the tiles, for tuning and tests:
+    `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
+    per SM that loops over tiles."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
     if not trans_b:  # the kernel reads any strides: the logical [E, N, K] view of the same storage
         w_q, w_s = w_q.transpose(1, 2), w_s.transpose(1, 2)
@@ -368,21 +386,27 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         return out.zero_()
     sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
     if interpreted(x_q):
-        cfg = dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1)
+        cfg = dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
     else:
         # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each).
-        cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4)
+        cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False)
     cfg.update(config or {})
     if Q % cfg["block_n"] or Q % cfg["block_k"]:
         raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")
+    w_k_major = w_q.stride(2) == 1
+    use_tma = bool(cfg["tma"]) and tma_ok(x_q, w_q if w_k_major else w_q.transpose(1, 2))
+    if use_tma:
+        prepare_tma(x_q.device)
     num_tiles = (cdiv(M, cfg["block_m"]) + E) * cdiv(N, cfg["block_n"])
-    _gmm_fp8_kernel[(num_tiles,)](
+    programs = persistent_programs(x_q.device, num_tiles) if cfg["persistent"] else num_tiles
+    _gmm_fp8_kernel[(programs,)](
         x_q, x_s, w_q, w_s, out, sizes,
-        M, N, K, E, num_tiles,
+        M, N, K, E, programs,
         x_q.stride(0), x_s.stride(0), w_q.stride(0), w_q.stride(1), w_q.stride(2), w_s.stride(0), w_s.stride(1),
         w_s.stride(2), out.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
-        BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, USE_TMA=use_tma, W_K_MAJOR=w_k_major,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 

@@ -156,6 +156,35 @@ def test_gmm_fp8_against_definition(case, out_dtype, trans_b):
                      dtype=torch.float32)
 
 
+TMA_CASES = dict(GMM_CASES, k_aligned=([5, 0, 40, 17], 96, 70))
+
+
+@pytest.mark.parametrize("case", list(TMA_CASES))
+@pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
+def test_gmm_fp8_tma_loads_and_persistent_programs_equal_pointer_loads(case, trans_b, monkeypatch):
+    """TMA loads (descriptors built once per program) and one program per SM compute the same
+    products in the same order as masked pointer loads: equal bit for bit. Where an operand's
+    strides are not 16-byte aligned (K or N not a multiple of 16 bytes of e4m3) the launch falls
+    back to pointer loads."""
+    from megablocks.backend import fp8 as backend
+
+    sizes, K, N = TMA_CASES[case]
+    x, w, batch_sizes = _operands(sizes, K, N, extra_rows=3, seed=5)
+    x_q, x_s = fp8.quantize_rows(x)
+    w_q, w_s = fp8.quantize_blocks(w if trans_b else w.transpose(1, 2).contiguous())
+    plain = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
+                        config=dict(tma=False, persistent=False))
+    descriptors = []
+    prepare = backend.prepare_tma
+    monkeypatch.setattr(backend, "prepare_tma", lambda device: descriptors.append(device) or prepare(device))
+    for persistent in (False, True):
+        out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
+                          config=dict(tma=True, persistent=persistent))
+        assert torch.equal(out, plain), (case, trans_b, persistent)
+    aligned = K % 16 == 0 and (trans_b or N % 16 == 0)
+    assert len(descriptors) == (2 if aligned else 0), (case, trans_b, descriptors)
+
+
 def test_gmm_fp8_accuracy_against_unquantized():
     """The whole FP8 path against the fp32 product of the unquantized operands: e4m3's 3-bit
     mantissa gives each input ~2.3% rms relative error (uniform rounding over a binade); products

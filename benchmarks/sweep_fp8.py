@@ -1,0 +1,94 @@
+"""The FP8 grouped GEMM's launch configs against the bf16 grouped GEMM (CUDA).
+
+    python benchmarks/sweep_fp8.py --out DIR [--configs mixtral olmoe]
+
+Per config, three products of the expert MLP in the layer's forms: `up` (x · w1[e]^T, weights
+[E, F, H] read K-major), `down` (h · w2[e]^T, [E, H, F]) and `dgrad` (the up projection's input
+gradient dy · w1[e], the same [E, F, H] weights read N-major: `trans_b=False`). Each is timed in
+bf16 (`gmm`, the 'triton' backend, its default tiles) and in FP8 (`gmm_fp8`, operands quantized
+beforehand) at every variant of `VARIANTS`, and each FP8 result is checked against the first
+variant's (the same products in the same order: equal bit for bit).
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gmm import routed_counts  # noqa: E402
+from common import CONFIGS, environment, print_table, timed, write_csv  # noqa: E402
+
+from megablocks.backend import gmm as gb  # noqa: E402
+from megablocks.ops import fp8  # noqa: E402
+
+
+def _variant(m, n, k, warps, stages, tma=False, persistent=False):
+    name = f"{m}x{n}x{k}_w{warps}_s{stages}" + ("_tma" if tma else "") + ("_pers" if persistent else "")
+    return name, dict(block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages, tma=tma,
+                      persistent=persistent)
+
+
+# Pointer loads (the default until measured otherwise), then TMA loads at several depths, one
+# program per SM, and 64-row tiles.
+VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
+    (128, 128, 128, 8, 4, {}),
+    (128, 128, 128, 8, 4, dict(tma=True)),
+    (128, 128, 128, 8, 3, dict(tma=True)),
+    (128, 128, 128, 8, 5, dict(tma=True)),
+    (128, 128, 128, 8, 4, dict(tma=True, persistent=True)),
+    (128, 128, 128, 8, 3, dict(tma=True, persistent=True)),
+    (64, 128, 128, 4, 4, dict(tma=True)),
+    (64, 128, 128, 4, 6, dict(tma=True)),
+    (128, 64, 128, 4, 4, dict(tma=True)),
+    (128, 128, 64, 8, 6, dict(tma=True)),
+])
+
+
+def products(T, H, F, E, k):
+    """(name, x [M, K] bf16, w bf16, trans_b, batch_sizes) of the three products."""
+    M = T * k
+    bs = routed_counts(M, E, "cuda")
+    torch.manual_seed(0)
+    x = torch.randn(M, H, dtype=torch.bfloat16, device="cuda")
+    h = torch.randn(M, F, dtype=torch.bfloat16, device="cuda")
+    w1 = (torch.randn(E, F, H, device="cuda") / H**0.5).to(torch.bfloat16)
+    w2 = (torch.randn(E, H, F, device="cuda") / F**0.5).to(torch.bfloat16)
+    return [("up", x, w1, True, bs), ("down", h, w2, True, bs), ("dgrad", h, w1, False, bs)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=".")
+    p.add_argument("--configs", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS))
+    args = p.parse_args()
+    env = environment()
+    rows = []
+    for name in args.configs:
+        T, H, F, E, k = CONFIGS[name]
+        for proj, x, w, trans_b, bs in products(T, H, F, E, k):
+            x_q, x_s = fp8.quantize_rows(x)
+            # 128 x 128 blocks: the same values and scales serve either form (trans_b=False reads
+            # w1's [E, F, H] storage as [E, K, N]).
+            w_q, w_s = fp8.quantize_blocks(w)
+            M, K = x.shape
+            N = w.shape[1] if trans_b else w.shape[2]
+            ms_bf16 = timed(lambda: gb.gmm(x, w, bs, trans_b=trans_b, backend="triton"))[0]
+            first = None
+            for variant, cfg in VARIANTS.items():
+                out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, bs, trans_b=trans_b, config=cfg)
+                if first is None:
+                    first = out
+                ms = timed(lambda: fp8.gmm_fp8(x_q, x_s, w_q, w_s, bs, trans_b=trans_b, config=cfg))[0]
+                rows.append(dict(config=name, product=proj, M=M, K=K, N=N, variant=variant, bf16_ms=ms_bf16,
+                                 fp8_ms=ms, speedup=ms_bf16 / ms, fp8_tflops=2 * M * K * N / ms / 1e9,
+                                 equal_to_first=bool(torch.equal(out, first)), **env))
+    print_table(rows, ["config", "product", "variant", "bf16_ms", "fp8_ms", "speedup", "fp8_tflops",
+                       "equal_to_first"])
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(os.path.join(args.out, "sweep_fp8.csv"), rows)
+
+
+if __name__ == "__main__":
+    main()
