@@ -101,6 +101,29 @@ def _quantize_rows_kernel(
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + tl.program_id(1), scale, mask=rows < M)
 
 
+# w_ENK (any float dtype, last dim contiguous) -> q_ENK e4m3, s [E, NB, KB] fp32. Program
+# (nb, kb, e) quantizes block (nb, kb) of expert e: Q x Q values, one scale.
+@triton.jit
+def _quantize_blocks_kernel(
+    w_ptr, q_ptr, s_ptr,
+    N, K,
+    stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn,
+    QB: tl.constexpr,
+):
+    e = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * QB + tl.arange(0, QB)
+    cols = tl.program_id(1) * QB + tl.arange(0, QB)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    w = tl.load(w_ptr + e * stride_we + rows[:, None].to(tl.int64) * stride_wn + cols[None, :], mask=mask, other=0.0)
+    w = w.to(tl.float32)
+    scale, inv = _pow2_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
+    scale = tl.where(tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0, float("nan"), scale)
+    q = _round_e4m3(w * inv)
+    tl.store(q_ptr + e * stride_qe + rows[:, None].to(tl.int64) * stride_qn + cols[None, :],
+             q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
+
+
 # out_MN[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T; x_q [M, K], x_s [M, KB],
 # w_q as its logical [E, N, K] strides (any layout: [E, K, N] storage is the trans_b=False form),
 # w_s as its logical [E, NB, KB] strides. Row tiles over all groups as in `gmm._gmm_kernel` (leftover
@@ -290,8 +313,27 @@ def quantize_rows_reference(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
 
 def quantize_blocks(w_ENK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Q x Q blocks of [E, N, K] weights (out x in, each expert's as a checkpoint stores it) ->
-    (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block. A torch
-    pass over the weights (they are quantized once per optimizer step)."""
+    (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block. One Triton
+    pass over the weights on CUDA (and under the interpreter), else `quantize_blocks_reference`
+    (the same values bit for bit)."""
+    check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
+    if w_ENK.device.type != "cuda" and not interpreted(w_ENK):
+        return quantize_blocks_reference(w_ENK)
+    E, N, K = w_ENK.shape
+    if w_ENK.numel() and w_ENK.stride(2) != 1:
+        w_ENK = w_ENK.contiguous()
+    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
+    s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
+    if w_ENK.numel():
+        _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
+            w_ENK, q, s, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
+            QB=Q, num_warps=8,
+        )
+    return q, s
+
+
+def quantize_blocks_reference(w_ENK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch `quantize_blocks` (the same powers of two and rounding: equal bit for bit)."""
     check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
     E, N, K = w_ENK.shape
     NB, KB = cdiv(N, Q), cdiv(K, Q)
@@ -371,7 +413,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
     'num_warps', 'num_stages', 'tma', 'persistent'}) overrides the tiles, for tuning and tests:
     `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
-    per SM that loops over tiles."""
+    per SM that loops over tiles, `copy_n_major` (default True) copies a weight whose K stride is
+    not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
     if not trans_b:  # the kernel reads any strides: the logical [E, N, K] view of the same storage
         w_q, w_s = w_q.transpose(1, 2), w_s.transpose(1, 2)
@@ -386,13 +429,24 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         return out.zero_()
     sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
     if interpreted(x_q):
-        cfg = dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
+        cfg = dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False,
+                   copy_n_major=True)
     else:
-        # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each).
-        cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False)
+        # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each), operands by
+        # TMA, one program per SM, 3 stages: the fastest of benchmarks/sweep_fp8.py's variants
+        # over mixtral's and olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two,
+        # these 4.94 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
+        cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3, tma=True, persistent=True,
+                   copy_n_major=True)
     cfg.update(config or {})
     if Q % cfg["block_n"] or Q % cfg["block_k"]:
         raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")
+    if cfg["copy_n_major"] and w_q.stride(2) != 1 and w_q.numel():
+        # The tensor cores' FP8 products read their second operand K-major; read N-major in
+        # place, the product ran at a quarter of the K-major rate (mixtral's input gradient
+        # 11.5 ms against 2.5; H200, sweep_fp8.py). A K-major copy costs one pass over the e4m3
+        # weight.
+        w_q = w_q.contiguous()
     w_k_major = w_q.stride(2) == 1
     use_tma = bool(cfg["tma"]) and tma_ok(x_q, w_q if w_k_major else w_q.transpose(1, 2))
     if use_tma:

@@ -488,13 +488,17 @@ class GroupedMLP(SparseMLP):
         source = {id(c): p for c, p in zip(weights, (self.w1, self._v1(), self.w2)) if c is not None}
         shape = (num_experts, -1, hidden)
 
+        # Each weight also stored the other way (once per step): the up projections' input
+        # gradients and the down projection's forward read it K-major, as FP8 products need.
         def up(x, w):
+            p = source[id(w)]
             return fp8_gmm(x.contiguous(), w.view(shape), tokens_per_expert, trans_b=True,
-                           weights=cache(source[id(w)], shape))
+                           weights=cache(p, shape), weights_t=cache.transposed(p, shape))
 
         def down(a, w):
+            p = source[id(w)]
             return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=False,
-                           weights=cache(source[id(w)], shape))
+                           weights=cache(p, shape), weights_t=cache.transposed(p, shape))
 
         return up, down
 

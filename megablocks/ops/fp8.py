@@ -38,6 +38,7 @@ from megablocks.backend.fp8 import (
     gmm_fp8_wgrad,
     gmm_fp8_wgrad_reference,
     quantize_blocks,
+    quantize_blocks_reference,
     quantize_cols_grouped,
     quantize_cols_grouped_reference,
     quantize_rows,
@@ -65,6 +66,19 @@ class Fp8WeightCache:
             self._entries[key] = hit
         return hit[2]
 
+    def transposed(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`(q.transpose(1, 2).contiguous(), s.transpose(1, 2))` of `self(w, shape)`: the same
+        quantized weight stored the other way, made once per quantization. FP8 tensor-core
+        products read the weight K-major; a product that would read `q` N-major (the
+        trans_b=False form of `[E, K, N]` storage, or an input gradient) reads this instead."""
+        q, s = self(w, shape)
+        entry = self._entries[(id(w), shape)]
+        if len(entry) < 4:
+            with torch.no_grad():
+                entry = entry + ((q.transpose(1, 2).contiguous(), s.transpose(1, 2)),)
+            self._entries[(id(w), shape)] = entry
+        return entry[3]
+
     def seed(self, w: torch.Tensor, quantized: Tuple[torch.Tensor, torch.Tensor],
              shape: Optional[Tuple[int, ...]] = None) -> None:
         """Makes `(q, s)` the cached quantization of `w` (viewed as `shape`) until `w` changes: a
@@ -82,22 +96,35 @@ class Fp8WeightCache:
         return {"_entries": {}}
 
 
+def _k_major(w_q, w_s, t, trans_b):
+    """(values, scales, trans_b) of the product `trans_b` over (w_q, w_s) that reads the weight
+    K-major: as given, or through `t` = (w_q^T, w_s^T) stored the other way (the same product
+    with trans_b flipped), where w_q would be read N-major."""
+    logical = w_q if trans_b else w_q.transpose(1, 2)  # [E, N, K] as gmm_fp8 reads it
+    if t is None or logical.stride(2) == 1:
+        return w_q, w_s, trans_b
+    return t[0], t[1], not trans_b
+
+
 class _Fp8Gmm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, batch_sizes, trans_b, w_q, w_s, fp8_wgrad):
+    def forward(ctx, x, w, batch_sizes, trans_b, w_q, w_s, t_q, t_s, fp8_wgrad):
         x_q, x_s = quantize_rows(x)
-        ctx.save_for_backward(x, w_q, w_s, batch_sizes)
+        t = None if t_q is None else (t_q, t_s)
+        ctx.save_for_backward(x, w_q, w_s, t_q, t_s, batch_sizes)
         ctx.trans_b, ctx.fp8_wgrad, ctx.w_dtype = trans_b, fp8_wgrad, w.dtype
-        return gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=x.dtype, trans_b=trans_b)
+        q, s, tb = _k_major(w_q, w_s, t, trans_b)
+        return gmm_fp8(x_q, x_s, q, s, batch_sizes, out_dtype=x.dtype, trans_b=tb)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w_q, w_s, batch_sizes = ctx.saved_tensors
+        x, w_q, w_s, t_q, t_s, batch_sizes = ctx.saved_tensors
         grad = grad.contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             g_q, g_s = quantize_rows(grad)
-            grad_x = gmm_fp8(g_q, g_s, w_q, w_s, batch_sizes, out_dtype=x.dtype, trans_b=not ctx.trans_b)
+            q, s, tb = _k_major(w_q, w_s, None if t_q is None else (t_q, t_s), not ctx.trans_b)
+            grad_x = gmm_fp8(g_q, g_s, q, s, batch_sizes, out_dtype=x.dtype, trans_b=tb)
         if ctx.needs_input_grad[1]:
             a, b = (grad, x) if ctx.trans_b else (x, grad)
             if ctx.fp8_wgrad:
@@ -105,11 +132,12 @@ class _Fp8Gmm(torch.autograd.Function):
                                        batch_sizes, out_dtype=ctx.w_dtype)
             else:
                 grad_w = _gmm.gmm(a, b, batch_sizes, trans_a=True)
-        return grad_x, grad_w, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None
 
 
 def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = True,
-            weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, fp8_wgrad: bool = False) -> torch.Tensor:
+            weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, fp8_wgrad: bool = False,
+            weights_t: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Differentiable grouped GEMM with FP8 operands: out[rows of e] = x[rows of e] @ w[e]^T
     (`trans_b`, w `[E, N, K]`) or @ w[e] (w `[E, K, N]`), in x's dtype.
 
@@ -122,6 +150,9 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
             weights are quantized in this call.
         fp8_wgrad: the weight gradient in FP8 (`gmm_fp8_wgrad`) or, by default, unquantized: on an
             H200 the FP8 one is 7x slower than the bf16 variable-K GEMM (benchmarks/RESULTS.md).
+        weights_t: `weights` stored the other way (`Fp8WeightCache.transposed`), read by the
+            products (forward or input gradient) that would read `weights` N-major; without it
+            `gmm_fp8` copies the weight K-major for each such product.
 
     Raises:
         ValueError, TypeError: as `quantize_rows` and `gmm_fp8`, or `w` of another dtype than x.
@@ -132,11 +163,13 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
     w_q, w_s = weights if weights is not None else quantize_blocks(w.detach())
     if not isinstance(fp8_wgrad, bool):
         raise TypeError(f"fp8_wgrad: expected a bool, got {type(fp8_wgrad).__name__}")
-    return _Fp8Gmm.apply(x_MK, w, batch_sizes, trans_b, w_q, w_s, fp8_wgrad)
+    t_q, t_s = weights_t if weights_t is not None else (None, None)
+    return _Fp8Gmm.apply(x_MK, w, batch_sizes, trans_b, w_q, w_s, t_q, t_s, fp8_wgrad)
 
 
 __all__ = [
     "E4M3_MAX", "FP8_DTYPE", "Fp8WeightCache", "Q", "dequantize_blocks", "dequantize_cols_grouped", "dequantize_rows",
     "fp8_gmm", "gmm_fp8", "gmm_fp8_reference", "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks",
+    "quantize_blocks_reference",
     "quantize_cols_grouped", "quantize_cols_grouped_reference", "quantize_rows", "quantize_rows_reference",
 ]

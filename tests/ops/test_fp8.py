@@ -105,6 +105,28 @@ def test_quantize_blocks():
     assert (err <= w.cpu().abs() * 2.0**-4 + spacing * 2.0**-10).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 130, 200), (1, 128, 128), (2, 1, 300), (0, 4, 4), (2, 5, 0)], ids=str)
+def test_quantize_blocks_kernel_against_its_torch_form(shape, dtype):
+    """The block quantizer's kernel against its torch form, bit for bit (values and scales), with
+    outliers, an all-zero block, a NaN in one block (its scale NaN), and a weight read through
+    strides (a transposed view)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    w = torch.randn(shape, generator=g) * 0.05
+    if w.numel() and shape[1] > 1:
+        w[0, :1, :7] *= 1e3
+        w[-1, -1:, :] = 0.0
+        w[0, -1, -1] = float("nan")
+    w = w.to(DEVICE, dtype)
+    for x in (w, w.transpose(1, 2).contiguous().transpose(1, 2)):
+        q, s = fp8.quantize_blocks(x)
+        q_ref, s_ref = fp8.quantize_blocks_reference(x)
+        assert q.shape == q_ref.shape and s.shape == s_ref.shape
+        assert torch.equal(s.isnan(), s_ref.isnan()) and torch.equal(s.nan_to_num(), s_ref.nan_to_num())
+        finite = s_ref.isfinite().repeat_interleave(Q, 1).repeat_interleave(Q, 2)[:, :shape[1], :shape[2]]
+        assert torch.equal(q.view(torch.uint8)[finite], q_ref.view(torch.uint8)[finite])
+
+
 if DEVICE == "cuda":
     GMM_CASES = {
         "mixed": ([300, 0, 1, 517, 1024, 0, 129, 700], 1024, 768),
@@ -162,10 +184,10 @@ TMA_CASES = dict(GMM_CASES, k_aligned=([5, 0, 40, 17], 96, 70))
 @pytest.mark.parametrize("case", list(TMA_CASES))
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
 def test_gmm_fp8_tma_loads_and_persistent_programs_equal_pointer_loads(case, trans_b, monkeypatch):
-    """TMA loads (descriptors built once per program) and one program per SM compute the same
-    products in the same order as masked pointer loads: equal bit for bit. Where an operand's
-    strides are not 16-byte aligned (K or N not a multiple of 16 bytes of e4m3) the launch falls
-    back to pointer loads."""
+    """TMA loads (descriptors built once per program), one program per SM and the K-major copy of
+    an [E, K, N] weight compute the same products in the same order as masked pointer loads:
+    equal bit for bit. Where an operand's strides are not 16-byte aligned (K or N not a multiple
+    of 16 bytes of e4m3) the launch falls back to pointer loads."""
     from megablocks.backend import fp8 as backend
 
     sizes, K, N = TMA_CASES[case]
@@ -173,16 +195,18 @@ def test_gmm_fp8_tma_loads_and_persistent_programs_equal_pointer_loads(case, tra
     x_q, x_s = fp8.quantize_rows(x)
     w_q, w_s = fp8.quantize_blocks(w if trans_b else w.transpose(1, 2).contiguous())
     plain = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
-                        config=dict(tma=False, persistent=False))
+                        config=dict(tma=False, persistent=False, copy_n_major=False))
     descriptors = []
     prepare = backend.prepare_tma
     monkeypatch.setattr(backend, "prepare_tma", lambda device: descriptors.append(device) or prepare(device))
-    for persistent in (False, True):
-        out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
-                          config=dict(tma=True, persistent=persistent))
-        assert torch.equal(out, plain), (case, trans_b, persistent)
-    aligned = K % 16 == 0 and (trans_b or N % 16 == 0)
-    assert len(descriptors) == (2 if aligned else 0), (case, trans_b, descriptors)
+    expected = 0
+    for copy in (False, True):  # trans_b=False: [E, K, N] weights read in place, or copied K-major
+        for persistent in (False, True):
+            out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
+                              config=dict(tma=True, persistent=persistent, copy_n_major=copy))
+            assert torch.equal(out, plain), (case, trans_b, copy, persistent)
+            expected += K % 16 == 0 and (trans_b or copy or N % 16 == 0)
+    assert len(descriptors) == expected, (case, trans_b, descriptors)
 
 
 def test_gmm_fp8_accuracy_against_unquantized():
@@ -277,6 +301,14 @@ def test_fp8_gmm_forward_and_gradients(trans_b, fp8_wgrad):
     assert_close("grad w", w.grad, ref_dw if trans_b else ref_dw.transpose(1, 2), dtype=torch.float32, family="fp8")
     with pytest.raises(TypeError, match="w: expected a tensor of x's dtype"):
         fp8.fp8_gmm(x, w.detach().half(), batch_sizes, trans_b=trans_b)
+    # The weight also given stored the other way (`weights_t`): the products that would read it
+    # N-major read that instead, with the same values in the same order: equal bit for bit.
+    cache = fp8.Fp8WeightCache()
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    out2 = fp8.fp8_gmm(x2, w2, batch_sizes, trans_b=trans_b, fp8_wgrad=fp8_wgrad, weights=cache(w2),
+                       weights_t=cache.transposed(w2))
+    out2.backward(grad)
+    assert torch.equal(out2, out) and torch.equal(x2.grad, x.grad) and torch.equal(w2.grad, w.grad)
 
 
 @pytest.mark.parametrize("sizes, N, K", [
@@ -348,6 +380,16 @@ def test_weight_cache_quantizes_once_per_step(monkeypatch):
     other = torch.nn.Parameter(w.detach().clone())  # another tensor: its own entry
     cache(other)
     assert len(calls) == 3
+    # The copy stored the other way: made from the cached quantization, once per quantization.
+    q, s = cache(w)
+    t_q, t_s = cache.transposed(w)
+    assert t_q.is_contiguous() and torch.equal(t_q.view(torch.uint8), q.transpose(1, 2).contiguous().view(torch.uint8))
+    assert torch.equal(t_s, s.transpose(1, 2)) and cache.transposed(w)[0] is t_q and len(calls) == 3
+    with torch.no_grad():
+        w.mul_(2)  # changed: quantized again, and its transposed copy made again
+    t2 = cache.transposed(w)
+    assert len(calls) == 4 and t2[0] is not t_q
+    assert torch.equal(t2[0].view(torch.uint8), cache(w)[0].transpose(1, 2).contiguous().view(torch.uint8))
 
 
 def test_fp8_gmm_trains():
