@@ -103,12 +103,13 @@ def _quantize_rows_kernel(
 
 # w_ENK (any float dtype, last dim contiguous) -> q_ENK e4m3, s [E, NB, KB] fp32. Program
 # (nb, kb, e) quantizes block (nb, kb) of expert e: Q x Q values, one scale.
+# With TRANSPOSED the block is also stored transposed into qt [E, K, N].
 @triton.jit
 def _quantize_blocks_kernel(
-    w_ptr, q_ptr, s_ptr,
+    w_ptr, q_ptr, s_ptr, qt_ptr,
     N, K,
-    stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn,
-    QB: tl.constexpr,
+    stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn, stride_qte, stride_qtk,
+    QB: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     e = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * QB + tl.arange(0, QB)
@@ -119,8 +120,11 @@ def _quantize_blocks_kernel(
     scale, inv = _pow2_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
     scale = tl.where(tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0, float("nan"), scale)
     q = _round_e4m3(w * inv)
-    tl.store(q_ptr + e * stride_qe + rows[:, None].to(tl.int64) * stride_qn + cols[None, :],
-             q.to(q_ptr.dtype.element_ty), mask=mask)
+    q = q.to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + e * stride_qe + rows[:, None].to(tl.int64) * stride_qn + cols[None, :], q, mask=mask)
+    if TRANSPOSED:
+        tl.store(qt_ptr + e * stride_qte + cols[:, None].to(tl.int64) * stride_qtk + rows[None, :], tl.trans(q),
+                 mask=(cols < K)[:, None] & (rows < N)[None, :])
     tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
 
 
@@ -311,25 +315,29 @@ def quantize_rows_reference(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     return q, scale
 
 
-def quantize_blocks(w_ENK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False):
     """Q x Q blocks of [E, N, K] weights (out x in, each expert's as a checkpoint stores it) ->
-    (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block. One Triton
+    (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block; with
+    `transposed` also q stored the other way, `q.transpose(1, 2).contiguous()` (the K-major
+    operand of the products that read w as [E, K, N]), written by the same pass. One Triton
     pass over the weights on CUDA (and under the interpreter), else `quantize_blocks_reference`
     (the same values bit for bit)."""
     check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
     if w_ENK.device.type != "cuda" and not interpreted(w_ENK):
-        return quantize_blocks_reference(w_ENK)
+        q, s = quantize_blocks_reference(w_ENK)
+        return (q, s, q.transpose(1, 2).contiguous()) if transposed else (q, s)
     E, N, K = w_ENK.shape
     if w_ENK.numel() and w_ENK.stride(2) != 1:
         w_ENK = w_ENK.contiguous()
     q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
     s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
+    qt = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w_ENK.device) if transposed else q
     if w_ENK.numel():
         _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
-            w_ENK, q, s, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
-            QB=Q, num_warps=8,
+            w_ENK, q, s, qt, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
+            s.stride(1), qt.stride(0), qt.stride(1), QB=Q, TRANSPOSED=transposed, num_warps=8,
         )
-    return q, s
+    return (q, s, qt) if transposed else (q, s)
 
 
 def quantize_blocks_reference(w_ENK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -404,6 +412,11 @@ def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b: bool
         raise ValueError(f"x_q: expected a contiguous last dim, got strides {tuple(x_q.stride())}")
 
 
+# Products with at most this many rows per expert (M / E) take the pointer-load launch of
+# `gmm_fp8` (measured at 16: decode; the TMA form at 1024 and 2048).
+FP8_POINTER_MAX_ROWS_PER_GROUP = 128
+
+
 def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
             batch_sizes: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, trans_b: bool = True,
             config: Optional[dict] = None) -> torch.Tensor:
@@ -430,6 +443,12 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
     if interpreted(x_q):
         cfg = dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False,
+                   copy_n_major=True)
+    elif M <= FP8_POINTER_MAX_ROWS_PER_GROUP * E:
+        # A row tile or less per expert (decode): one program per tile, masked pointer loads,
+        # 4 stages. Measured at T = 64 (mixtral's fused_moe): 0.52 ms, against 0.99 with the
+        # persistent TMA form below (benchmarks/RESULTS.md, "FP8 on the H200").
+        cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False,
                    copy_n_major=True)
     else:
         # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each), operands by

@@ -421,7 +421,7 @@ def _seed_fp8_cache(mlp: torch.nn.Module, experts: torch.nn.Module, num_experts:
     block spans both halves, and they are quantized again from the dequantized values)."""
     from megablocks.ops.fp8 import Fp8WeightCache
 
-    cache = mlp.__dict__.setdefault("_fp8_weights", Fp8WeightCache())
+    cache = mlp.__dict__.setdefault("_fp8_weights", Fp8WeightCache(transposed=True))
     shape = (num_experts, -1, hidden)
     q, s = experts.down_proj.detach(), experts.down_proj_scale_inv.detach()
     cache.seed(mlp.w2, (q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()), shape)

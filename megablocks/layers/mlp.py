@@ -483,7 +483,9 @@ class GroupedMLP(SparseMLP):
         forward: each is quantized from its parameter (not from the per-forward cast) once per
         optimizer step, in the module's cache."""
         if "_fp8_weights" not in self.__dict__:
-            self._fp8_weights = Fp8WeightCache()  # a plain attribute: not state, not copied
+            # A plain attribute: not state, not copied. Each quantization also writes the weight
+            # stored the other way, which the N-major products below read.
+            self._fp8_weights = Fp8WeightCache(transposed=True)
         cache = self._fp8_weights
         source = {id(c): p for c, p in zip(weights, (self.w1, self._v1(), self.w2)) if c is not None}
         shape = (num_experts, -1, hidden)

@@ -48,10 +48,13 @@ from megablocks.backend.fp8 import (
 
 class Fp8WeightCache:
     """Blockwise FP8 copies of weights, made again only when a weight changed (its storage or
-    its version, which every in-place update such as an optimizer step bumps)."""
+    its version, which every in-place update such as an optimizer step bumps). With
+    `transposed`, each quantization also writes the values stored the other way (`transposed()`)
+    in the same pass."""
 
-    def __init__(self):
+    def __init__(self, transposed: bool = False):
         self._entries = {}
+        self._transposed = transposed
 
     def __call__(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """`quantize_blocks(w.view(shape))` (shape default: w's own, 3-D), from the cache when
@@ -62,15 +65,20 @@ class Fp8WeightCache:
         if hit is None or hit[0]() is not w or hit[1] != stamp:  # a new tensor may reuse an id
             with torch.no_grad():
                 v = w.detach() if shape is None else w.detach().view(shape)
-                hit = (weakref.ref(w), stamp, quantize_blocks(v))
+                if self._transposed:
+                    q, s, t = quantize_blocks(v, transposed=True)
+                    hit = (weakref.ref(w), stamp, (q, s), (t, s.transpose(1, 2)))
+                else:
+                    hit = (weakref.ref(w), stamp, quantize_blocks(v))
             self._entries[key] = hit
         return hit[2]
 
     def transposed(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """`(q.transpose(1, 2).contiguous(), s.transpose(1, 2))` of `self(w, shape)`: the same
-        quantized weight stored the other way, made once per quantization. FP8 tensor-core
-        products read the weight K-major; a product that would read `q` N-major (the
-        trans_b=False form of `[E, K, N]` storage, or an input gradient) reads this instead."""
+        quantized weight stored the other way, made once per quantization (by the quantizer's
+        own pass with `transposed`, else copied from q). FP8 tensor-core products read the
+        weight K-major; a product that would read `q` N-major (the trans_b=False form of
+        `[E, K, N]` storage, or an input gradient) reads this instead."""
         q, s = self(w, shape)
         entry = self._entries[(id(w), shape)]
         if len(entry) < 4:

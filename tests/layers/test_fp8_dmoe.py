@@ -67,7 +67,7 @@ def test_fp8_dmoe_against_the_unquantized_layer(mlp_type, extra, dtype):
 def test_weights_quantized_once_per_step(monkeypatch):
     calls = []
     real = fp8.quantize_blocks
-    monkeypatch.setattr(fp8, "quantize_blocks", lambda w: calls.append(tuple(w.shape)) or real(w))
+    monkeypatch.setattr(fp8, "quantize_blocks", lambda w, **kw: calls.append(tuple(w.shape)) or real(w, **kw))
     # A small layer: what is counted does not depend on its size (the products' values are
     # checked above).
     _, layer = _pair("glu", torch.float32, hidden_size=48, ffn_hidden_size=40)
