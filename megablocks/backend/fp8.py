@@ -119,12 +119,14 @@ def _quantize_blocks_kernel(
     w = w.to(tl.float32)
     scale, inv = _pow2_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
     scale = tl.where(tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0, float("nan"), scale)
-    q = _round_e4m3(w * inv)
-    q = q.to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + e * stride_qe + rows[:, None].to(tl.int64) * stride_qn + cols[None, :], q, mask=mask)
+    q = _round_e4m3(w * inv)  # e4m3 values, exact in fp32
+    tl.store(q_ptr + e * stride_qe + rows[:, None].to(tl.int64) * stride_qn + cols[None, :],
+             q.to(q_ptr.dtype.element_ty), mask=mask)
     if TRANSPOSED:
-        tl.store(qt_ptr + e * stride_qte + cols[:, None].to(tl.int64) * stride_qtk + rows[None, :], tl.trans(q),
-                 mask=(cols < K)[:, None] & (rows < N)[None, :])
+        # The same tile stored at transposed addresses (qt[e, col, row]): `tl.trans` of an e4m3
+        # tile stored wrong values on an H200 (Triton 3.6).
+        tl.store(qt_ptr + e * stride_qte + cols[None, :].to(tl.int64) * stride_qtk + rows[:, None],
+                 q.to(qt_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
 
 
