@@ -77,10 +77,11 @@ def bench(args):
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env,
             ))
         rows.append(wgrad_row(name, T * k, H, F, E, env, bw))
-    print_table(rows, ["config", "product", "M", "K", "N", "bf16_ms", "fp8_ms", "speedup", "fp8_tflops",
-                       "quantize_ms", "quantize_gbs", "copy_gbs", "rel_rms_vs_bf16"])
     os.makedirs(args.out, exist_ok=True)
-    write_csv(os.path.join(args.out, "bench_fp8.csv"), rows)
+    if rows:  # none with an empty --configs
+        print_table(rows, ["config", "product", "M", "K", "N", "bf16_ms", "fp8_ms", "speedup", "fp8_tflops",
+                           "quantize_ms", "quantize_gbs", "copy_gbs", "rel_rms_vs_bf16"])
+        write_csv(os.path.join(args.out, "bench_fp8.csv"), rows)
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     if serve_rows:
         print_table(serve_rows, ["config", "T", "bf16_ms", "fp8_ms", "speedup", "fp8_weight_gbs", "copy_gbs",
