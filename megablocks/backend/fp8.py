@@ -103,13 +103,12 @@ def _quantize_rows_kernel(
 
 # w_ENK (any float dtype, last dim contiguous) -> q_ENK e4m3, s [E, NB, KB] fp32. Program
 # (nb, kb, e) quantizes block (nb, kb) of expert e: Q x Q values, one scale.
-# With TRANSPOSED the block is also stored transposed into qt [E, K, N].
 @triton.jit
 def _quantize_blocks_kernel(
-    w_ptr, q_ptr, s_ptr, qt_ptr,
+    w_ptr, q_ptr, s_ptr,
     N, K,
-    stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn, stride_qte, stride_qtk,
-    QB: tl.constexpr, TRANSPOSED: tl.constexpr,
+    stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn,
+    QB: tl.constexpr,
 ):
     e = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * QB + tl.arange(0, QB)
@@ -122,11 +121,6 @@ def _quantize_blocks_kernel(
     q = _round_e4m3(w * inv)  # e4m3 values, exact in fp32
     tl.store(q_ptr + e * stride_qe + rows[:, None].to(tl.int64) * stride_qn + cols[None, :],
              q.to(q_ptr.dtype.element_ty), mask=mask)
-    if TRANSPOSED:
-        # The same tile stored at transposed addresses (qt[e, col, row]): `tl.trans` of an e4m3
-        # tile stored wrong values on an H200 (Triton 3.6).
-        tl.store(qt_ptr + e * stride_qte + cols[None, :].to(tl.int64) * stride_qtk + rows[:, None],
-                 q.to(qt_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
 
 
@@ -321,25 +315,25 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False):
     """Q x Q blocks of [E, N, K] weights (out x in, each expert's as a checkpoint stores it) ->
     (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block; with
     `transposed` also q stored the other way, `q.transpose(1, 2).contiguous()` (the K-major
-    operand of the products that read w as [E, K, N]), written by the same pass. One Triton
-    pass over the weights on CUDA (and under the interpreter), else `quantize_blocks_reference`
-    (the same values bit for bit)."""
+    operand of the products that read w as [E, K, N]). One Triton pass over the weights on CUDA
+    (and under the interpreter), else `quantize_blocks_reference` (the same values bit for bit).
+    The transposed copy is torch's: an e4m3 tile stored transposed by a Triton kernel (by
+    `tl.trans` or at transposed addresses) came out wrong on an H200 with Triton 3.6."""
     check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
     if w_ENK.device.type != "cuda" and not interpreted(w_ENK):
         q, s = quantize_blocks_reference(w_ENK)
-        return (q, s, q.transpose(1, 2).contiguous()) if transposed else (q, s)
-    E, N, K = w_ENK.shape
-    if w_ENK.numel() and w_ENK.stride(2) != 1:
-        w_ENK = w_ENK.contiguous()
-    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
-    s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
-    qt = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w_ENK.device) if transposed else q
-    if w_ENK.numel():
-        _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
-            w_ENK, q, s, qt, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
-            s.stride(1), qt.stride(0), qt.stride(1), QB=Q, TRANSPOSED=transposed, num_warps=8,
-        )
-    return (q, s, qt) if transposed else (q, s)
+    else:
+        E, N, K = w_ENK.shape
+        if w_ENK.numel() and w_ENK.stride(2) != 1:
+            w_ENK = w_ENK.contiguous()
+        q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
+        s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
+        if w_ENK.numel():
+            _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
+                w_ENK, q, s, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
+                s.stride(1), QB=Q, num_warps=8,
+            )
+    return (q, s, q.transpose(1, 2).contiguous()) if transposed else (q, s)
 
 
 def quantize_blocks_reference(w_ENK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -483,7 +483,7 @@ class GroupedMLP(SparseMLP):
         forward: each is quantized from its parameter (not from the per-forward cast) once per
         optimizer step, in the module's cache."""
         if "_fp8_weights" not in self.__dict__:
-            # A plain attribute: not state, not copied. Each quantization also writes the weight
+            # A plain attribute: not state, not copied. Each quantization also makes the weight
             # stored the other way, which the N-major products below read.
             self._fp8_weights = Fp8WeightCache(transposed=True)
         cache = self._fp8_weights

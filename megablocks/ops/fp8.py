@@ -49,8 +49,7 @@ from megablocks.backend.fp8 import (
 class Fp8WeightCache:
     """Blockwise FP8 copies of weights, made again only when a weight changed (its storage or
     its version, which every in-place update such as an optimizer step bumps). With
-    `transposed`, each quantization also writes the values stored the other way (`transposed()`)
-    in the same pass."""
+    `transposed`, each quantization also makes the values stored the other way (`transposed()`)."""
 
     def __init__(self, transposed: bool = False):
         self._entries = {}
@@ -75,8 +74,8 @@ class Fp8WeightCache:
 
     def transposed(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """`(q.transpose(1, 2).contiguous(), s.transpose(1, 2))` of `self(w, shape)`: the same
-        quantized weight stored the other way, made once per quantization (by the quantizer's
-        own pass with `transposed`, else copied from q). FP8 tensor-core products read the
+        quantized weight stored the other way, made once per quantization (with the quantization
+        when the cache was made with `transposed`, else copied from q later). FP8 tensor-core products read the
         weight K-major; a product that would read `q` N-major (the trans_b=False form of
         `[E, K, N]` storage, or an input gradient) reads this instead."""
         q, s = self(w, shape)

@@ -125,7 +125,7 @@ def test_quantize_blocks_kernel_against_its_torch_form(shape, dtype):
         assert torch.equal(s.isnan(), s_ref.isnan()) and torch.equal(s.nan_to_num(), s_ref.nan_to_num())
         finite = s_ref.isfinite().repeat_interleave(Q, 1).repeat_interleave(Q, 2)[:, :shape[1], :shape[2]]
         assert torch.equal(q.view(torch.uint8)[finite], q_ref.view(torch.uint8)[finite])
-        # The same pass also storing the values the other way.
+        # With the values also stored the other way.
         q2, s2, t = fp8.quantize_blocks(x, transposed=True)
         assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2.nan_to_num(), s.nan_to_num())
         assert t.shape == (shape[0], shape[2], shape[1]) and t.is_contiguous()
@@ -395,7 +395,7 @@ def test_weight_cache_quantizes_once_per_step(monkeypatch):
     t2 = cache.transposed(w)
     assert len(calls) == 4 and t2[0] is not t_q
     assert torch.equal(t2[0].view(torch.uint8), cache(w)[0].transpose(1, 2).contiguous().view(torch.uint8))
-    # A cache made with `transposed` writes both in the quantizer's one pass: the same values.
+    # A cache made with `transposed` makes both with each quantization: the same values.
     both = fp8.Fp8WeightCache(transposed=True)
     t3 = both.transposed(w)
     assert len(calls) == 5 and torch.equal(t3[0].view(torch.uint8), t2[0].view(torch.uint8))
