@@ -106,7 +106,8 @@ def test_quantize_blocks():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(3, 130, 200), (1, 128, 128), (2, 1, 300), (0, 4, 4), (2, 5, 0)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 130, 200), (1, 128, 128), (2, 1, 300), (2, 257, 64), (2, 256, 130), (0, 4, 4),
+                                   (2, 5, 0)], ids=str)
 def test_quantize_blocks_kernel_against_its_torch_form(shape, dtype):
     """The block quantizer's kernel against its torch form, bit for bit (values and scales), with
     outliers, an all-zero block, a NaN in one block (its scale NaN), and a weight read through
