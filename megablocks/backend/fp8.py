@@ -124,42 +124,6 @@ def _quantize_blocks_kernel(
     tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
 
 
-# As `_quantize_blocks_kernel`, also storing the block transposed into qt [E, K, N] (N even),
-# given as its int16 view [E, K, N / 2]: rows 2j and 2j + 1 are loaded apart and their e4m3 bytes
-# packed into one 16-bit word per column, stored at qt's transposed addresses. No 8-bit tile is
-# transposed (a transposed e4m3 store wrote wrong values on an H200 with Triton 3.6).
-@triton.jit
-def _quantize_blocks_pairs_kernel(
-    w_ptr, q_ptr, s_ptr, qt_ptr,
-    N, K,
-    stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn, stride_te, stride_tk,
-    QB: tl.constexpr,
-):
-    HALF: tl.constexpr = QB // 2
-    e = tl.program_id(2).to(tl.int64)
-    pairs = tl.program_id(0) * HALF + tl.arange(0, HALF)
-    cols = tl.program_id(1) * QB + tl.arange(0, QB)
-    ok = (2 * pairs < N)[:, None] & (cols < K)[None, :]  # N even: both rows of a pair or neither
-    even = (2 * pairs)[:, None].to(tl.int64)
-    src = w_ptr + e * stride_we + cols[None, :]
-    w0 = tl.load(src + even * stride_wn, mask=ok, other=0.0).to(tl.float32)
-    w1 = tl.load(src + (even + 1) * stride_wn, mask=ok, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.max(tl.abs(w0), axis=1), axis=0), tl.max(tl.max(tl.abs(w1), axis=1), axis=0))
-    scale, inv = _pow2_scale(amax)
-    nans = tl.max(tl.max((w0 != w0).to(tl.int32) + (w1 != w1).to(tl.int32), axis=1), axis=0)
-    scale = tl.where(nans > 0, float("nan"), scale)
-    q0 = _round_e4m3(w0 * inv).to(q_ptr.dtype.element_ty)
-    q1 = _round_e4m3(w1 * inv).to(q_ptr.dtype.element_ty)
-    dst = q_ptr + e * stride_qe + cols[None, :]
-    tl.store(dst + even * stride_qn, q0, mask=ok)
-    tl.store(dst + (even + 1) * stride_qn, q1, mask=ok)
-    lo = q0.to(tl.uint8, bitcast=True).to(tl.int32)
-    hi = q1.to(tl.uint8, bitcast=True).to(tl.int32)
-    packed = (lo | (hi << 8)).to(tl.int16)  # little-endian: row 2j at the lower address
-    tl.store(qt_ptr + e * stride_te + cols[None, :].to(tl.int64) * stride_tk + pairs[:, None], packed, mask=ok)
-    tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
-
-
 # out_MN[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T; x_q [M, K], x_s [M, KB],
 # w_q as its logical [E, N, K] strides (any layout: [E, K, N] storage is the trans_b=False form),
 # w_s as its logical [E, NB, KB] strides. Row tiles over all groups as in `gmm._gmm_kernel` (leftover
@@ -353,34 +317,23 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False):
     `transposed` also q stored the other way, `q.transpose(1, 2).contiguous()` (the K-major
     operand of the products that read w as [E, K, N]). One Triton pass over the weights on CUDA
     (and under the interpreter), else `quantize_blocks_reference` (the same values bit for bit).
-    With an even N the kernel writes the transposed copy in its own pass, two e4m3 values to a
-    16-bit word (an e4m3 tile stored transposed, by `tl.trans` or at transposed addresses, came
-    out wrong on an H200 with Triton 3.6); else torch copies it."""
+    The transposed copy is torch's: an e4m3 tile stored transposed by a Triton kernel (by
+    `tl.trans` or at transposed addresses) came out wrong on an H200 with Triton 3.6."""
     check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
     if w_ENK.device.type != "cuda" and not interpreted(w_ENK):
         q, s = quantize_blocks_reference(w_ENK)
-        return (q, s, q.transpose(1, 2).contiguous()) if transposed else (q, s)
-    E, N, K = w_ENK.shape
-    if w_ENK.numel() and w_ENK.stride(2) != 1:
-        w_ENK = w_ENK.contiguous()
-    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
-    s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
-    pairs = transposed and N % 2 == 0
-    qt = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w_ENK.device) if pairs else None
-    if w_ENK.numel() and pairs:
-        t16 = qt.view(torch.int16)
-        _quantize_blocks_pairs_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
-            w_ENK, q, s, t16, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
-            s.stride(1), t16.stride(0), t16.stride(1), QB=Q, num_warps=8,
-        )
-    elif w_ENK.numel():
-        _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
-            w_ENK, q, s, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
-            s.stride(1), QB=Q, num_warps=8,
-        )
-    if not transposed:
-        return q, s
-    return q, s, qt if pairs else q.transpose(1, 2).contiguous()
+    else:
+        E, N, K = w_ENK.shape
+        if w_ENK.numel() and w_ENK.stride(2) != 1:
+            w_ENK = w_ENK.contiguous()
+        q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
+        s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
+        if w_ENK.numel():
+            _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
+                w_ENK, q, s, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
+                s.stride(1), QB=Q, num_warps=8,
+            )
+    return (q, s, q.transpose(1, 2).contiguous()) if transposed else (q, s)
 
 
 def quantize_blocks_reference(w_ENK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

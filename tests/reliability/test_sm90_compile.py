@@ -164,8 +164,6 @@ for dtype in (torch.bfloat16, torch.float32):
               types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
     check(f"fp8 quantize_blocks from {dtype}", F8._quantize_blocks_kernel, ELEMENT[dtype], dict(QB=F8.Q), 8, 3,
           types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
-    check(f"fp8 quantize_blocks with the transposed copy from {dtype}", F8._quantize_blocks_pairs_kernel,
-          ELEMENT[dtype], dict(QB=F8.Q), 8, 3, types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "qt_ptr": "*i16"})
     check(f"fp8 quantize_cols_grouped from {dtype}", F8._quantize_cols_grouped_kernel, ELEMENT[dtype],
           dict(QB=F8.Q, BLOCK_K=64, BLOCK_E=128), 4, 3, types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
     check(f"fp8 weight gradient into {dtype}", F8._gmm_fp8_wgrad_kernel, ELEMENT[dtype],
