@@ -317,8 +317,9 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False):
     `transposed` also q stored the other way, `q.transpose(1, 2).contiguous()` (the K-major
     operand of the products that read w as [E, K, N]). One Triton pass over the weights on CUDA
     (and under the interpreter), else `quantize_blocks_reference` (the same values bit for bit).
-    The transposed copy is torch's: an e4m3 tile stored transposed by a Triton kernel (by
-    `tl.trans` or at transposed addresses) came out wrong on an H200 with Triton 3.6."""
+    The transposed copy is torch's: e4m3 tiles stored transposed by a Triton kernel (by
+    `tl.trans`, at transposed addresses, or packed two to a 16-bit word) came out wrong on an
+    H200 with Triton 3.6 (benchmarks/RESULTS.md, "FP8 on the H200")."""
     check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
     if w_ENK.device.type != "cuda" and not interpreted(w_ENK):
         q, s = quantize_blocks_reference(w_ENK)
@@ -420,7 +421,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     `[E, N, K]` (out x in) with `[E, NB, KB]` scales and out = x @ w[e]^T; with trans_b=False it
     is `[E, K, N]` with `[E, KB, NB]` scales and out = x @ w[e] (the same quantized weight serves
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
-    'num_warps', 'num_stages', 'tma', 'persistent'}) overrides the tiles, for tuning and tests:
+    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major'}) overrides the launch, for
+    tuning and tests:
     `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
     per SM that loops over tiles, `copy_n_major` (default True) copies a weight whose K stride is
     not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product."""

@@ -74,10 +74,10 @@ class Fp8WeightCache:
 
     def transposed(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """`(q.transpose(1, 2).contiguous(), s.transpose(1, 2))` of `self(w, shape)`: the same
-        quantized weight stored the other way, made once per quantization (with the quantization
-        when the cache was made with `transposed`, else copied from q later). FP8 tensor-core products read the
-        weight K-major; a product that would read `q` N-major (the trans_b=False form of
-        `[E, K, N]` storage, or an input gradient) reads this instead."""
+        quantized weight stored the other way, made once per quantization (with it when the
+        cache was made with `transposed`, else from q at the first call). FP8 tensor-core
+        products read the weight K-major; a product that would read `q` N-major (the
+        trans_b=False form of `[E, K, N]` storage, or an input gradient) reads this instead."""
         q, s = self(w, shape)
         entry = self._entries[(id(w), shape)]
         if len(entry) < 4:
