@@ -17,7 +17,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_gmm import routed_counts  # noqa: E402
+import bench_fp8  # noqa: E402
 from common import CONFIGS, environment, print_table, timed, write_csv  # noqa: E402
 
 from megablocks.backend import gmm as gb  # noqa: E402
@@ -47,14 +47,9 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
 
 
 def products(T, H, F, E, k):
-    """(name, x [M, K] bf16, w bf16, trans_b, batch_sizes) of the three products."""
-    M = T * k
-    bs = routed_counts(M, E, "cuda")
-    torch.manual_seed(0)
-    x = torch.randn(M, H, dtype=torch.bfloat16, device="cuda")
-    h = torch.randn(M, F, dtype=torch.bfloat16, device="cuda")
-    w1 = (torch.randn(E, F, H, device="cuda") / H**0.5).to(torch.bfloat16)
-    w2 = (torch.randn(E, H, F, device="cuda") / F**0.5).to(torch.bfloat16)
+    """(name, x [M, K] bf16, w bf16, trans_b, batch_sizes) of the three products: bench_fp8's two
+    forward products, and the up projection's input gradient over the same weights."""
+    (_, x, w1, bs), (_, h, w2, _) = bench_fp8.products(T, H, F, E, k, "cuda")
     return [("up", x, w1, True, bs), ("down", h, w2, True, bs), ("dgrad", h, w1, False, bs)]
 
 

@@ -29,6 +29,7 @@ mode (the interpreter's default: not). A third of an interpreted dMoE property t
 condition is now computed only where it will be asserted (debug mode), as shipped.
 """
 
+import builtins  # triton.language.core defines its own `tuple`
 import inspect
 import threading
 
@@ -228,7 +229,7 @@ def install_type_cache() -> bool:
         values = shape.values if isinstance(shape, core.tuple) else shape if isinstance(shape, list) else None
         if element is None or values is None:
             return shipped_block(self, element_ty, shape)
-        dims = builtins_tuple(s.value if isinstance(s, core.constexpr) else s for s in values)
+        dims = builtins.tuple(s.value if isinstance(s, core.constexpr) else s for s in values)
         key = (element, dims)
         cached = blocks.get(key)
         if cached is None:
@@ -245,7 +246,7 @@ def install_type_cache() -> bool:
     def tensor_init(self, handle, type):
         # Keyed by the dimensions (a block type's shape is a Triton tuple of ints; a scalar's is ()).
         if type.__class__ is block_type:
-            key = builtins_tuple(type.shape.values)
+            key = builtins.tuple(type.shape.values)
         elif type.__class__ in plain:
             key = ()
         else:
@@ -262,8 +263,6 @@ def install_type_cache() -> bool:
         self.dtype = type.scalar
         self.shape = core.tuple(dims, shape_type)
 
-    import builtins
-    builtins_tuple = builtins.tuple
     block_init._cached = True
     block_init._shipped = shipped_block
     tensor_init._shipped = shipped_tensor
