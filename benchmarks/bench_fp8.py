@@ -14,6 +14,11 @@ bandwidth measured in the same run. The target: FP8 >= 1.6x bf16 on the mixtral 
 `--serving` (default mixtral, qwen3moe) times `fused_moe` at decode (T = 64) and prefill (T = 4096)
 sizes on bf16 experts and on their FP8 block-quantized copy (targets: 1.7x and 1.4x).
 
+`--weights` (default mixtral, olmoe) times the weights' block quantization, once per optimizer
+step in training: `quantize_blocks(w)` alone, then with the K-major copy the N-major products read
+(`transposed=True`: written by the quantizer's own pass) against the same copy made by torch
+(`q.transpose(1, 2).contiguous()`) after it, and checks the two copies equal byte for byte.
+
 `--layers` (default mixtral, olmoe) also times the dMoE layer as training runs it (forward, then
 `.backward()` into `.grad` that is None at the start of each step; bench_dmoe's method): the grouped
 path in bf16 against the same layer with `fp8='blockwise'`, on one router and one set of weights.
@@ -87,11 +92,35 @@ def bench(args):
         print_table(serve_rows, ["config", "T", "bf16_ms", "fp8_ms", "speedup", "fp8_weight_gbs", "copy_gbs",
                                  "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
+    weight_rows = [weights_row(name, proj, w) for name in args.weights
+                   for proj, _, w, _ in products(*CONFIGS[name], "cuda")]
+    if weight_rows:
+        print_table(weight_rows, ["config", "weight", "E", "N", "K", "quantize_ms", "torch_copy_ms", "one_pass_ms",
+                                  "one_pass_gbs", "copies_equal"])
+        write_csv(os.path.join(args.out, "bench_fp8_weights.csv"), [{**r, **env, "copy_gbs": bw} for r in weight_rows])
     layer_rows = [layer_step(name, "cuda") for name in args.layers]
     if layer_rows:
         print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
                                  "bf16_extra_gib", "fp8_extra_gib", "out_rel_rms", "x_grad_rel_rms"])
         write_csv(os.path.join(args.out, "bench_fp8_layer.csv"), [{**r, **env} for r in layer_rows])
+
+
+def weights_row(name, proj, w):
+    """One weight's block quantization (ms): alone, then with its K-major copy by torch after it
+    and written by the quantizer's pass; `one_pass_gbs` the bytes that pass moves (w read, q and
+    its copy written) over its time."""
+    def torch_copy():
+        q, s = fp8.quantize_blocks(w)
+        return q, s, q.transpose(1, 2).contiguous()
+
+    ms_q = timed(lambda: fp8.quantize_blocks(w))[0]
+    ms_torch = timed(torch_copy)[0]
+    ms_one = timed(lambda: fp8.quantize_blocks(w, transposed=True))[0]
+    a, b = torch_copy(), fp8.quantize_blocks(w, transposed=True)
+    equal = all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in ((a[0], b[0]), (a[2], b[2])))
+    E, N, K = w.shape
+    return dict(config=name, weight=proj, E=E, N=N, K=K, quantize_ms=ms_q, torch_copy_ms=ms_torch, one_pass_ms=ms_one,
+                one_pass_gbs=w.numel() * (w.element_size() + 2) / ms_one / 1e6, copies_equal=equal)
 
 
 def wgrad_row(name, M, H, F, E, env, bw):
@@ -218,6 +247,8 @@ def main():
                    help="bench_dmoe layers timed as a training step, bf16 against fp8 (none: skip)")
     p.add_argument("--serving", nargs="*", default=["mixtral", "qwen3moe"],
                    help="configs whose fused_moe is timed at T = 64 and 4096, bf16 against fp8 (none: skip)")
+    p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),
+                   help="configs whose expert weights' block quantization is timed (none: skip)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.smoke or not torch.cuda.is_available():

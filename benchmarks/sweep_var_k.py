@@ -1,6 +1,9 @@
 """The weight-gradient (variable-K) grouped GEMM at few rows per expert: launch configs (CUDA).
 
     python benchmarks/sweep_var_k.py --out DIR
+    python benchmarks/sweep_var_k.py --out DIR --tokens 0 --configs mixtral olmoe qwen3moe mb_paper \
+        --variants default hoisted hoisted_s4
+
 
 At T = 64 each expert's weight gradient sums a handful of rows: the product writes E·F·H
 outputs from a few bytes of input, so its floor is writing the output's bytes. Times each variant
@@ -54,12 +57,18 @@ CONFIGS_TRIED = {"default": (None, None), **dict(_variant(*v[:5], **v[5]) for v 
     (128, 128, 16, 4, 2, dict(persistent=True, tma_loads=False)),
     (128, 128, 16, 4, 2, dict(tma_loads=False)),
 ])}
+# The default tiles with the TMA descriptors built once per program instead of once per tile
+# (`GmmConfig.hoist_descriptors`), with 3 and 4 stages.
+CONFIGS_TRIED["hoisted"] = (dict(hoist_descriptors=True), None)
+CONFIGS_TRIED["hoisted_s4"] = (dict(hoist_descriptors=True, num_stages=4), None)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=".")
-    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=64, help="tokens per step; 0: each config's own")
+    p.add_argument("--configs", nargs="+", default=["mixtral", "qwen3moe"], choices=list(CONFIGS))
+    p.add_argument("--variants", nargs="+", default=list(CONFIGS_TRIED), choices=list(CONFIGS_TRIED))
     args = p.parse_args()
     env = environment()
     copy_src = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda")
@@ -68,9 +77,9 @@ def main():
     copy_gbs = 2 * copy_src.numel() * 2 / copy_ms / 1e6
     print(f"device copy: {copy_gbs:.0f} GB/s")
     rows = []
-    for name in ("mixtral", "qwen3moe"):
-        _, H, F, E, k = CONFIGS[name]
-        M = args.tokens * k
+    for name in args.configs:
+        T, H, F, E, k = CONFIGS[name]
+        M = (args.tokens or T) * k
         bs = routed_counts(M, E, "cuda")
         torch.manual_seed(0)
         x = torch.randn(M, H, dtype=torch.bfloat16, device="cuda")
@@ -83,7 +92,8 @@ def main():
             floor_ms = out_bytes / (copy_gbs / 2) / 1e6  # writes only: half a copy's traffic
             scratch = torch.empty_like(expected)
             fill_ms = triton.testing.do_bench(lambda: scratch.fill_(1.0), rep=200)  # a write-only kernel
-            for cname, (cfg, use_tma) in CONFIGS_TRIED.items():
+            for cname in args.variants:
+                cfg, use_tma = CONFIGS_TRIED[cname]
                 fn = lambda: gb.triton_gmm(a, b, bs, True, False, config=cfg, use_tma=use_tma)  # noqa: E731
                 try:
                     got = fn()

@@ -101,14 +101,33 @@ def _quantize_rows_kernel(
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + tl.program_id(1), scale, mask=rows < M)
 
 
+@triton.jit
+def _e4m3_bits(r):
+    """The e4m3 byte (as int32, 0..255) of r, an fp32 value that e4m3 holds exactly (`_round_e4m3`'s
+    results), by integer arithmetic on r's bits: no e4m3 value is ever held in registers. Normal
+    values keep their exponent (re-biased by 127 - 7) and the top 3 mantissa bits; below 2^-6 the
+    byte is the multiple of 2^-9; NaN gives 0x7F (the sign bit kept, as the cast does)."""
+    bits = r.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag_bits = bits & 0x7FFFFFFF
+    normal = (((mag_bits >> 23) - 120) << 3) | ((mag_bits >> 20) & 7)
+    small = mag_bits < 0x3C800000  # below 2^-6
+    sub = (tl.where(small, mag_bits, 0).to(tl.float32, bitcast=True) * 512.0).to(tl.int32)
+    byte = tl.where(small, sub, normal)
+    return tl.where(mag_bits > 0x7F800000, 0x7F, byte) | sign
+
+
 # w_ENK (any float dtype, last dim contiguous) -> q_ENK e4m3, s [E, NB, KB] fp32. Program
-# (nb, kb, e) quantizes block (nb, kb) of expert e: Q x Q values, one scale.
+# (nb, kb, e) quantizes block (nb, kb) of expert e: Q x Q values, one scale. With TRANSPOSED the
+# values are also stored the other way, into t_EKN, and both stores write the bytes that
+# `_e4m3_bits` assembles into uint8 views: Triton 3.6 on the H200 stored wrong values whenever
+# the e4m3 cast's results fed a tile of another layout (benchmarks/RESULTS.md, "FP8 on the H200").
 @triton.jit
 def _quantize_blocks_kernel(
-    w_ptr, q_ptr, s_ptr,
+    w_ptr, q_ptr, s_ptr, t_ptr,
     N, K,
-    stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn,
-    QB: tl.constexpr,
+    stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn, stride_te, stride_tk,
+    QB: tl.constexpr, TRANSPOSED: tl.constexpr, TRANS_FORM: tl.constexpr = 0,
 ):
     e = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * QB + tl.arange(0, QB)
@@ -119,8 +138,18 @@ def _quantize_blocks_kernel(
     scale, inv = _pow2_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
     scale = tl.where(tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0, float("nan"), scale)
     q = _round_e4m3(w * inv)  # e4m3 values, exact in fp32
-    tl.store(q_ptr + e * stride_qe + rows[:, None].to(tl.int64) * stride_qn + cols[None, :],
-             q.to(q_ptr.dtype.element_ty), mask=mask)
+    q_ptrs = q_ptr + e * stride_qe + rows[:, None].to(tl.int64) * stride_qn + cols[None, :]
+    if TRANSPOSED:
+        b = _e4m3_bits(q)
+        tl.store(q_ptrs, b.to(tl.uint8), mask=mask)
+        if TRANS_FORM == 0:  # the bytes at transposed addresses
+            tl.store(t_ptr + e * stride_te + cols[None, :].to(tl.int64) * stride_tk + rows[:, None],
+                     b.to(tl.uint8), mask=mask)
+        else:  # the int32 tile transposed, then stored row by row
+            tl.store(t_ptr + e * stride_te + cols[:, None].to(tl.int64) * stride_tk + rows[None, :],
+                     tl.trans(b).to(tl.uint8), mask=(cols < K)[:, None] & (rows < N)[None, :])
+    else:
+        tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
 
 
@@ -311,30 +340,31 @@ def quantize_rows_reference(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     return q, scale
 
 
-def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False):
+def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, _trans_form: int = 0):
     """Q x Q blocks of [E, N, K] weights (out x in, each expert's as a checkpoint stores it) ->
     (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block; with
-    `transposed` also q stored the other way, `q.transpose(1, 2).contiguous()` (the K-major
-    operand of the products that read w as [E, K, N]). One Triton pass over the weights on CUDA
-    (and under the interpreter), else `quantize_blocks_reference` (the same values bit for bit).
-    The transposed copy is torch's: e4m3 tiles stored transposed by a Triton kernel (by
-    `tl.trans`, at transposed addresses, or packed two to a 16-bit word) came out wrong on an
-    H200 with Triton 3.6 (benchmarks/RESULTS.md, "FP8 on the H200")."""
+    `transposed` also t = q stored the other way ([E, K, N] contiguous, equal to
+    `q.transpose(1, 2).contiguous()`: the K-major operand of the products that read w as
+    [E, K, N]), written by the same pass. One Triton pass over the weights on CUDA (and under the
+    interpreter), else `quantize_blocks_reference` (the same values bit for bit)."""
     check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
     if w_ENK.device.type != "cuda" and not interpreted(w_ENK):
         q, s = quantize_blocks_reference(w_ENK)
-    else:
-        E, N, K = w_ENK.shape
-        if w_ENK.numel() and w_ENK.stride(2) != 1:
-            w_ENK = w_ENK.contiguous()
-        q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
-        s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
-        if w_ENK.numel():
-            _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
-                w_ENK, q, s, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
-                s.stride(1), QB=Q, num_warps=8,
-            )
-    return (q, s, q.transpose(1, 2).contiguous()) if transposed else (q, s)
+        return (q, s, q.transpose(1, 2).contiguous()) if transposed else (q, s)
+    E, N, K = w_ENK.shape
+    if w_ENK.numel() and w_ENK.stride(2) != 1:
+        w_ENK = w_ENK.contiguous()
+    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
+    s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
+    t = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w_ENK.device) if transposed else q
+    if w_ENK.numel():
+        q_out, t_out = (q.view(torch.uint8), t.view(torch.uint8)) if transposed else (q, q)
+        _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
+            w_ENK, q_out, s, t_out, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
+            s.stride(1), t.stride(0), t.stride(1), QB=Q, TRANSPOSED=transposed, TRANS_FORM=_trans_form,
+            num_warps=8,
+        )
+    return (q, s, t) if transposed else (q, s)
 
 
 def quantize_blocks_reference(w_ENK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,10 @@ CPU run checks the same arithmetic as the GPU's.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from megablocks.backend.fp8 import _e4m3_bits
 from megablocks.ops import fp8
 from tests.conftest import DEVICE
 from tests.utils import assert_close
@@ -131,6 +134,26 @@ def test_quantize_blocks_kernel_against_its_torch_form(shape, dtype):
         assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2.nan_to_num(), s.nan_to_num())
         assert t.shape == (shape[0], shape[2], shape[1]) and t.is_contiguous()
         assert torch.equal(t.view(torch.uint8), q.transpose(1, 2).contiguous().view(torch.uint8))
+
+
+@triton.jit
+def _e4m3_bits_probe(v_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, _e4m3_bits(tl.load(v_ptr + offs)).to(tl.uint8))
+
+
+def test_e4m3_bits_are_the_casts_bytes():
+    """The integer assembly of an e4m3 byte (the quantizer's transposed store) against torch's own
+    bytes for every one of the 256 e4m3 values, both zeros and subnormals among them; NaN -> 0x7F
+    with its sign."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    values = codes.view(fp8.FP8_DTYPE).float().to(DEVICE)
+    out = torch.empty(256, dtype=torch.uint8, device=DEVICE)
+    _e4m3_bits_probe[(1,)](values, out, BLOCK=256)
+    nan = values.isnan().cpu()
+    assert nan.sum().item() == 2
+    assert torch.equal(out.cpu()[~nan], codes[~nan])
+    assert out.cpu()[nan].tolist() == [0x7F | (c & 0x80) for c in codes[nan].tolist()]
 
 
 if DEVICE == "cuda":
