@@ -145,9 +145,15 @@ def _quantize_blocks_kernel(
         if TRANS_FORM == 0:  # the bytes at transposed addresses
             tl.store(t_ptr + e * stride_te + cols[None, :].to(tl.int64) * stride_tk + rows[:, None],
                      b.to(tl.uint8), mask=mask)
-        else:  # the int32 tile transposed, then stored row by row
+        elif TRANS_FORM == 1:  # the int32 tile transposed, then stored row by row
             tl.store(t_ptr + e * stride_te + cols[:, None].to(tl.int64) * stride_tk + rows[None, :],
                      tl.trans(b).to(tl.uint8), mask=(cols < K)[:, None] & (rows < N)[None, :])
+        else:  # four rows' bytes packed into one int32 word, the word tile transposed
+            shifts = tl.arange(0, 4) * 8
+            words = tl.sum(tl.reshape(b, (QB // 4, 4, QB)) << shifts[None, :, None], axis=1)
+            wcols = tl.program_id(0) * (QB // 4) + tl.arange(0, QB // 4)
+            tl.store(t_ptr + e * stride_te + cols[:, None].to(tl.int64) * stride_tk + wcols[None, :],
+                     tl.trans(words), mask=(cols < K)[:, None] & (wcols < N // 4)[None, :])
     else:
         tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
@@ -340,7 +346,7 @@ def quantize_rows_reference(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     return q, scale
 
 
-def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, _trans_form: int = 0):
+def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, _trans_form: Optional[int] = None):
     """Q x Q blocks of [E, N, K] weights (out x in, each expert's as a checkpoint stores it) ->
     (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block; with
     `transposed` also t = q stored the other way ([E, K, N] contiguous, equal to
@@ -359,9 +365,13 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, _trans_form: 
     t = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w_ENK.device) if transposed else q
     if w_ENK.numel():
         q_out, t_out = (q.view(torch.uint8), t.view(torch.uint8)) if transposed else (q, q)
+        if _trans_form is None:
+            _trans_form = 2 if N % 4 == 0 else 1
+        if transposed and _trans_form == 2:
+            t_out = t.view(torch.int32)
         _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
             w_ENK, q_out, s, t_out, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
-            s.stride(1), t.stride(0), t.stride(1), QB=Q, TRANSPOSED=transposed, TRANS_FORM=_trans_form,
+            s.stride(1), t_out.stride(0), t_out.stride(1), QB=Q, TRANSPOSED=transposed, TRANS_FORM=_trans_form,
             num_warps=8,
         )
     return (q, s, t) if transposed else (q, s)
