@@ -24,14 +24,16 @@ from megablocks.backend import gmm as gb  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
 
 
-def _variant(m, n, k, warps, stages, tma=False, persistent=False):
+def _variant(m, n, k, warps, stages, tma=False, persistent=False, pair_steps=False):
     name = f"{m}x{n}x{k}_w{warps}_s{stages}" + ("_tma" if tma else "") + ("_pers" if persistent else "")
+    name += "_pair" if pair_steps else ""
     return name, dict(block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages, tma=tma,
-                      persistent=persistent)
+                      persistent=persistent, pair_steps=pair_steps)
 
 
 # Pointer loads (the default until measured otherwise), then TMA loads at several depths, one
-# program per SM, and 64-row tiles.
+# program per SM, and 64-row tiles; then two K steps an iteration (`pair_steps`: the second
+# product issued before the first is promoted).
 VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (128, 128, 128, 8, 4, {}),
     (128, 128, 128, 8, 4, dict(tma=True)),
@@ -43,6 +45,10 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (64, 128, 128, 4, 6, dict(tma=True)),
     (128, 64, 128, 4, 4, dict(tma=True)),
     (128, 128, 64, 8, 6, dict(tma=True)),
+    (128, 128, 128, 8, 3, dict(tma=True, persistent=True, pair_steps=True)),
+    (128, 128, 128, 8, 4, dict(tma=True, persistent=True, pair_steps=True)),
+    (128, 128, 128, 8, 2, dict(tma=True, persistent=True, pair_steps=True)),
+    (128, 128, 128, 8, 3, dict(pair_steps=True)),
 ])
 
 
@@ -57,6 +63,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=".")
     p.add_argument("--configs", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="the first is the one the others are checked against")
     args = p.parse_args()
     env = environment()
     rows = []
@@ -71,7 +79,8 @@ def main():
             N = w.shape[1] if trans_b else w.shape[2]
             ms_bf16 = timed(lambda: gb.gmm(x, w, bs, trans_b=trans_b, backend="triton"))[0]
             first = None
-            for variant, cfg in VARIANTS.items():
+            for variant in args.variants:
+                cfg = VARIANTS[variant]
                 out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, bs, trans_b=trans_b, config=cfg)
                 if first is None:
                     first = out

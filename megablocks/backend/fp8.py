@@ -176,6 +176,7 @@ def _gmm_fp8_kernel(
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False, W_K_MAJOR: tl.constexpr = True,
+    PAIR_STEPS: tl.constexpr = False,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
@@ -204,7 +205,39 @@ def _gmm_fp8_kernel(
         xs_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xsm
         ws_ptr_n = ws_ptr + group.to(tl.int64) * stride_wse + (n0 // QB) * stride_wsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
+        k_single = 0
+        if PAIR_STEPS:
+            # Two steps an iteration: both products issued before either is promoted, so that
+            # the second runs on the tensor cores while the first is scaled and added (the same
+            # additions in the same order as one step at a time).
+            k_single = K - K % (2 * BLOCK_K)
+            for k in range(0, k_single, 2 * BLOCK_K):
+                if USE_TMA:
+                    a0 = x_desc.load([row0, k])
+                    a1 = x_desc.load([row0, k + BLOCK_K])
+                    if W_K_MAJOR:
+                        b0 = tl.trans(w_desc.load([group, n0, k]).reshape(BLOCK_N, BLOCK_K))
+                        b1 = tl.trans(w_desc.load([group, n0, k + BLOCK_K]).reshape(BLOCK_N, BLOCK_K))
+                    else:
+                        b0 = w_desc.load([group, k, n0]).reshape(BLOCK_K, BLOCK_N)
+                        b1 = w_desc.load([group, k + BLOCK_K, n0]).reshape(BLOCK_K, BLOCK_N)
+                else:
+                    n_ok = (offs_n < N)[None, :]
+                    a0 = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                    a1 = tl.load(x_ptrs + BLOCK_K, mask=row_ok[:, None], other=0.0)
+                    b0 = tl.load(w_ptrs, mask=n_ok, other=0.0)
+                    b1 = tl.load(w_ptrs + BLOCK_K * stride_wk, mask=n_ok, other=0.0)
+                part0 = tl.dot(a0, b0, out_dtype=tl.float32)
+                part1 = tl.dot(a1, b1, out_dtype=tl.float32)
+                sa0 = tl.load(xs_ptrs + k // QB, mask=row_ok, other=0.0)
+                sb0 = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
+                sa1 = tl.load(xs_ptrs + (k + BLOCK_K) // QB, mask=row_ok, other=0.0)
+                sb1 = tl.load(ws_ptr_n + ((k + BLOCK_K) // QB) * stride_wsk)
+                acc += part0 * (sa0[:, None] * sb0)
+                acc += part1 * (sa1[:, None] * sb1)
+                x_ptrs += 2 * BLOCK_K
+                w_ptrs += 2 * BLOCK_K * stride_wk
+        for k in range(k_single, K, BLOCK_K):
             if USE_TMA:
                 a = x_desc.load([row0, k])
                 if W_K_MAJOR:
@@ -517,7 +550,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         w_s.stride(2), out.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
         BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, USE_TMA=use_tma, W_K_MAJOR=w_k_major,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PAIR_STEPS=bool(cfg.get("pair_steps", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
