@@ -45,10 +45,10 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (64, 128, 128, 4, 6, dict(tma=True)),
     (128, 64, 128, 4, 4, dict(tma=True)),
     (128, 128, 64, 8, 6, dict(tma=True)),
-    (128, 128, 128, 8, 3, dict(tma=True, persistent=True, pair_steps=True)),
-    (128, 128, 128, 8, 4, dict(tma=True, persistent=True, pair_steps=True)),
     (128, 128, 128, 8, 2, dict(tma=True, persistent=True, pair_steps=True)),
-    (128, 128, 128, 8, 3, dict(pair_steps=True)),
+    (128, 128, 128, 8, 1, dict(tma=True, persistent=True, pair_steps=True)),
+    (128, 128, 128, 8, 2, dict(tma=True, pair_steps=True)),
+    (128, 128, 128, 8, 2, dict(pair_steps=True)),
 ])
 
 
