@@ -2,8 +2,7 @@
 
     python benchmarks/sweep_var_k.py --out DIR
     python benchmarks/sweep_var_k.py --out DIR --tokens 0 --configs mixtral olmoe qwen3moe mb_paper \
-        --variants default hoisted hoisted_s4
-
+        --variants default t128x256_r64_w8_s3_pers_ptrloads
 
 At T = 64 each expert's weight gradient sums a handful of rows: the product writes E·F·H
 outputs from a few bytes of input, so its floor is writing the output's bytes. Times each variant
@@ -57,10 +56,6 @@ CONFIGS_TRIED = {"default": (None, None), **dict(_variant(*v[:5], **v[5]) for v 
     (128, 128, 16, 4, 2, dict(persistent=True, tma_loads=False)),
     (128, 128, 16, 4, 2, dict(tma_loads=False)),
 ])}
-# The default tiles with the TMA descriptors built once per program instead of once per tile
-# (`GmmConfig.hoist_descriptors`), with 3 and 4 stages.
-CONFIGS_TRIED["hoisted"] = (dict(hoist_descriptors=True), None)
-CONFIGS_TRIED["hoisted_s4"] = (dict(hoist_descriptors=True, num_stages=4), None)
 
 
 def main():

@@ -122,12 +122,15 @@ def _e4m3_bits(r):
 # values are also stored the other way, into t_EKN, and both stores write the bytes that
 # `_e4m3_bits` assembles into uint8 views: Triton 3.6 on the H200 stored wrong values whenever
 # the e4m3 cast's results fed a tile of another layout (benchmarks/RESULTS.md, "FP8 on the H200").
+# With PACKED (N a multiple of 4) the bytes of four consecutive rows are packed into one int32
+# word and the word tile is transposed and stored into t's int32 view ([E, K, N / 4]); else the
+# int32 byte tile is transposed and stored byte by byte (1.7x the time on mixtral's weights).
 @triton.jit
 def _quantize_blocks_kernel(
     w_ptr, q_ptr, s_ptr, t_ptr,
     N, K,
     stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn, stride_te, stride_tk,
-    QB: tl.constexpr, TRANSPOSED: tl.constexpr, TRANS_FORM: tl.constexpr = 0,
+    QB: tl.constexpr, TRANSPOSED: tl.constexpr, PACKED: tl.constexpr,
 ):
     e = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * QB + tl.arange(0, QB)
@@ -142,18 +145,15 @@ def _quantize_blocks_kernel(
     if TRANSPOSED:
         b = _e4m3_bits(q)
         tl.store(q_ptrs, b.to(tl.uint8), mask=mask)
-        if TRANS_FORM == 0:  # the bytes at transposed addresses
-            tl.store(t_ptr + e * stride_te + cols[None, :].to(tl.int64) * stride_tk + rows[:, None],
-                     b.to(tl.uint8), mask=mask)
-        elif TRANS_FORM == 1:  # the int32 tile transposed, then stored row by row
-            tl.store(t_ptr + e * stride_te + cols[:, None].to(tl.int64) * stride_tk + rows[None, :],
-                     tl.trans(b).to(tl.uint8), mask=(cols < K)[:, None] & (rows < N)[None, :])
-        else:  # four rows' bytes packed into one int32 word, the word tile transposed
+        if PACKED:  # little-endian: row 4i + j is byte j of word i
             shifts = tl.arange(0, 4) * 8
             words = tl.sum(tl.reshape(b, (QB // 4, 4, QB)) << shifts[None, :, None], axis=1)
             wcols = tl.program_id(0) * (QB // 4) + tl.arange(0, QB // 4)
             tl.store(t_ptr + e * stride_te + cols[:, None].to(tl.int64) * stride_tk + wcols[None, :],
                      tl.trans(words), mask=(cols < K)[:, None] & (wcols < N // 4)[None, :])
+        else:
+            tl.store(t_ptr + e * stride_te + cols[:, None].to(tl.int64) * stride_tk + rows[None, :],
+                     tl.trans(b).to(tl.uint8), mask=(cols < K)[:, None] & (rows < N)[None, :])
     else:
         tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
@@ -176,7 +176,7 @@ def _gmm_fp8_kernel(
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False, W_K_MAJOR: tl.constexpr = True,
-    PAIR_STEPS: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
@@ -205,39 +205,7 @@ def _gmm_fp8_kernel(
         xs_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xsm
         ws_ptr_n = ws_ptr + group.to(tl.int64) * stride_wse + (n0 // QB) * stride_wsn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_single = 0
-        if PAIR_STEPS:
-            # Two steps an iteration: both products issued before either is promoted, so that
-            # the second runs on the tensor cores while the first is scaled and added (the same
-            # additions in the same order as one step at a time).
-            k_single = K - K % (2 * BLOCK_K)
-            for k in range(0, k_single, 2 * BLOCK_K):
-                if USE_TMA:
-                    a0 = x_desc.load([row0, k])
-                    a1 = x_desc.load([row0, k + BLOCK_K])
-                    if W_K_MAJOR:
-                        b0 = tl.trans(w_desc.load([group, n0, k]).reshape(BLOCK_N, BLOCK_K))
-                        b1 = tl.trans(w_desc.load([group, n0, k + BLOCK_K]).reshape(BLOCK_N, BLOCK_K))
-                    else:
-                        b0 = w_desc.load([group, k, n0]).reshape(BLOCK_K, BLOCK_N)
-                        b1 = w_desc.load([group, k + BLOCK_K, n0]).reshape(BLOCK_K, BLOCK_N)
-                else:
-                    n_ok = (offs_n < N)[None, :]
-                    a0 = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-                    a1 = tl.load(x_ptrs + BLOCK_K, mask=row_ok[:, None], other=0.0)
-                    b0 = tl.load(w_ptrs, mask=n_ok, other=0.0)
-                    b1 = tl.load(w_ptrs + BLOCK_K * stride_wk, mask=n_ok, other=0.0)
-                part0 = tl.dot(a0, b0, out_dtype=tl.float32)
-                part1 = tl.dot(a1, b1, out_dtype=tl.float32)
-                sa0 = tl.load(xs_ptrs + k // QB, mask=row_ok, other=0.0)
-                sb0 = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
-                sa1 = tl.load(xs_ptrs + (k + BLOCK_K) // QB, mask=row_ok, other=0.0)
-                sb1 = tl.load(ws_ptr_n + ((k + BLOCK_K) // QB) * stride_wsk)
-                acc += part0 * (sa0[:, None] * sb0)
-                acc += part1 * (sa1[:, None] * sb1)
-                x_ptrs += 2 * BLOCK_K
-                w_ptrs += 2 * BLOCK_K * stride_wk
-        for k in range(k_single, K, BLOCK_K):
+        for k in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
             if USE_TMA:
                 a = x_desc.load([row0, k])
                 if W_K_MAJOR:
@@ -379,13 +347,14 @@ def quantize_rows_reference(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     return q, scale
 
 
-def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, _trans_form: Optional[int] = None):
+def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False):
     """Q x Q blocks of [E, N, K] weights (out x in, each expert's as a checkpoint stores it) ->
     (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block; with
     `transposed` also t = q stored the other way ([E, K, N] contiguous, equal to
-    `q.transpose(1, 2).contiguous()`: the K-major operand of the products that read w as
-    [E, K, N]), written by the same pass. One Triton pass over the weights on CUDA (and under the
-    interpreter), else `quantize_blocks_reference` (the same values bit for bit)."""
+    `q.transpose(1, 2).contiguous()` byte for byte: the K-major operand of the products that read
+    w as [E, K, N]), written by the same pass (3.6x faster than torch's copy after it on
+    mixtral's weights). One Triton pass over the weights on CUDA (and under the interpreter),
+    else `quantize_blocks_reference` (the same values bit for bit)."""
     check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
     if w_ENK.device.type != "cuda" and not interpreted(w_ENK):
         q, s = quantize_blocks_reference(w_ENK)
@@ -396,16 +365,14 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, _trans_form: 
     q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
     s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
     t = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w_ENK.device) if transposed else q
+    packed = transposed and N % 4 == 0
     if w_ENK.numel():
-        q_out, t_out = (q.view(torch.uint8), t.view(torch.uint8)) if transposed else (q, q)
-        if _trans_form is None:
-            _trans_form = 2 if N % 4 == 0 else 1
-        if transposed and _trans_form == 2:
-            t_out = t.view(torch.int32)
+        # With `transposed` both stores take integer bytes (uint8 views; t's as int32 words when packed).
+        q_out = q.view(torch.uint8) if transposed else q
+        t_out = t.view(torch.int32) if packed else t.view(torch.uint8) if transposed else q
         _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
             w_ENK, q_out, s, t_out, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
-            s.stride(1), t_out.stride(0), t_out.stride(1), QB=Q, TRANSPOSED=transposed, TRANS_FORM=_trans_form,
-            num_warps=8,
+            s.stride(1), t_out.stride(0), t_out.stride(1), QB=Q, TRANSPOSED=transposed, PACKED=packed, num_warps=8,
         )
     return (q, s, t) if transposed else (q, s)
 
@@ -550,7 +517,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         w_s.stride(2), out.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
         BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, USE_TMA=use_tma, W_K_MAJOR=w_k_major,
-        PAIR_STEPS=bool(cfg.get("pair_steps", False)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 

@@ -266,10 +266,7 @@ def _gmm_kernel(
 # `a` is row a_rows[i] of a [T, K] tensor, read by masked pointer loads through the map, whose
 # next BLOCK_R entries are read a step ahead, so that no load waits on the result of another in
 # the same step (benchmarks/RESULTS.md, "Measurements behind the kernels' defaults"). With
-# TRANS_OUT the result is stored transposed, into an [E, N, K] tensor. With HOIST_DESC the TMA
-# descriptors span all M rows and are built once per program, not per tile: a tile's steps that
-# end inside its group read no other group's rows, and its last, partial step (if any) has the
-# rows past its group zeroed after the load, which is what a per-group descriptor's bounds give.
+# TRANS_OUT the result is stored transposed, into an [E, N, K] tensor.
 @triton.jit
 def _gmm_var_k_kernel(
     a_ptr, b_ptr, out_ptr, sizes_ptr, a_rows_ptr,
@@ -278,7 +275,7 @@ def _gmm_var_k_kernel(
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, TMA_STORE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    GATHER_A: tl.constexpr, TRANS_OUT: tl.constexpr, ACCUMULATE: tl.constexpr, HOIST_DESC: tl.constexpr = False,
+    GATHER_A: tl.constexpr, TRANS_OUT: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     num_k_tiles = tl.cdiv(K, BLOCK_K)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
@@ -296,10 +293,6 @@ def _gmm_var_k_kernel(
             out_desc = tl.make_tensor_descriptor(
                 out_ptr, [E, K, N], [stride_oe, stride_o1, 1], [1, BLOCK_K, BLOCK_N]
             )
-    if USE_TMA and HOIST_DESC:
-        if not GATHER_A:
-            a_desc = tl.make_tensor_descriptor(a_ptr, [tl.maximum(M, 1), K], [stride_am, 1], [BLOCK_R, BLOCK_K])
-        b_desc = tl.make_tensor_descriptor(b_ptr, [tl.maximum(M, 1), N], [stride_bm, 1], [BLOCK_R, BLOCK_N])
 
     for tile in range(tl.program_id(0), E * tiles_per_group, num_programs):
         group = tile // tiles_per_group
@@ -309,7 +302,7 @@ def _gmm_var_k_kernel(
         rows = (info & 0xFFFFFFFF).to(tl.int32)
         offs_k = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if USE_TMA and not HOIST_DESC:
+        if USE_TMA:
             if not GATHER_A:
                 a_desc = tl.make_tensor_descriptor(
                     a_ptr + row0.to(tl.int64) * stride_am, [tl.maximum(rows, 1), K], [stride_am, 1],
@@ -319,22 +312,15 @@ def _gmm_var_k_kernel(
                 b_ptr + row0.to(tl.int64) * stride_bm, [tl.maximum(rows, 1), N], [stride_bm, 1],
                 [BLOCK_R, BLOCK_N],
             )
-        elif not USE_TMA:
+        else:
             if not GATHER_A:
                 a_ptrs = a_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_am + offs_k[None, :]
             b_ptrs = b_ptr + (row0 + offs_r)[:, None].to(tl.int64) * stride_bm + offs_n[None, :]
         if GATHER_A:
             next_src, next_ok = _mapped_rows(a_rows_ptr, row0 + offs_r, offs_r < rows, T, rows_top_k)
 
-        # Hoisted descriptors: the rows in the group's whole steps are loaded here, a last,
-        # partial step after the loop.
-        desc_row0 = 0
-        r_stop = rows
-        if USE_TMA and HOIST_DESC:
-            desc_row0 = row0
-            r_stop = rows - rows % BLOCK_R
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for r in range(0, r_stop, BLOCK_R):
+        for r in range(0, rows, BLOCK_R):
             r_mask = offs_r < rows - r
             if GATHER_A:
                 src, src_ok = next_src, next_ok
@@ -346,12 +332,12 @@ def _gmm_var_k_kernel(
                     mask=src_ok[:, None] & (offs_k[None, :] < K), other=0.0,
                 )
             elif USE_TMA:
-                a = a_desc.load([desc_row0 + r, tile_k * BLOCK_K])
+                a = a_desc.load([r, tile_k * BLOCK_K])
             else:
                 a = tl.load(a_ptrs, mask=r_mask[:, None] & (offs_k[None, :] < K), other=0.0)
                 a_ptrs += BLOCK_R * stride_am
             if USE_TMA:
-                b = b_desc.load([desc_row0 + r, tile_n * BLOCK_N])
+                b = b_desc.load([r, tile_n * BLOCK_N])
             else:
                 b = tl.load(b_ptrs, mask=r_mask[:, None] & (offs_n[None, :] < N), other=0.0)
                 b_ptrs += BLOCK_R * stride_bm
@@ -359,21 +345,6 @@ def _gmm_var_k_kernel(
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
-        if USE_TMA and HOIST_DESC:
-            if r_stop < rows:
-                r_mask = offs_r < rows - r_stop
-                if GATHER_A:
-                    a = tl.load(
-                        a_ptr + next_src.to(tl.int64)[:, None] * stride_am + offs_k[None, :],
-                        mask=next_ok[:, None] & (offs_k[None, :] < K), other=0.0,
-                    )
-                else:
-                    a = tl.where(r_mask[:, None], a_desc.load([row0 + r_stop, tile_k * BLOCK_K]), 0.0)
-                b = tl.where(r_mask[:, None], b_desc.load([row0 + r_stop, tile_n * BLOCK_N]), 0.0)
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
 
         if TRANS_OUT:
             out_ptrs = (
@@ -426,7 +397,6 @@ class GmmConfig:
     persistent: bool
     tma_store: bool
     tma_loads: bool = True
-    hoist_descriptors: bool = False
 
 
 def default_config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu: bool = False,
@@ -600,8 +570,7 @@ def triton_gmm(
             # An fp32 accumulator's tile staged for a TMA store would not fit beside the 16-bit
             # pipeline stages of the 128x256 tiles (278 KB of shared memory): stored by pointers.
             TMA_STORE=cfg.tma_store and use_tma and tma_ok(out) and out.dtype == a.dtype,
-            GATHER_A=a_rows is not None, TRANS_OUT=trans_out, ACCUMULATE=accumulate_into is not None,
-            HOIST_DESC=cfg.hoist_descriptors, **launch,
+            GATHER_A=a_rows is not None, TRANS_OUT=trans_out, ACCUMULATE=accumulate_into is not None, **launch,
         )
         return out
 

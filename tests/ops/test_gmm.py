@@ -134,42 +134,6 @@ def test_triton_load_paths_and_schedules(use_tma, schedule, device):
     assert_close("d_b", d_b, expected, torch.float16)
 
 
-@pytest.mark.parametrize("schedule", ["one_tile_each", "persistent"])
-def test_triton_weight_grad_hoisted_descriptors(schedule, device):
-    """The variable-K form with its TMA descriptors built once per program over all rows
-    (`hoist_descriptors`): bit for bit the per-tile descriptors' result, plain, into an fp32
-    accumulator, through a row map of a and of b. Groups end inside a row step, and rows past the
-    groups' total are NaN: a tile's last step must zero its neighbour's rows, not multiply them."""
-    sizes, K, N = CASES["mixed"]
-    g = torch.Generator().manual_seed(7)
-    M, E = sum(sizes), len(sizes)
-    a, dy = poisoned((M + 5, K), torch.float16, device), poisoned((M + 5, N), torch.float16, device)
-    a[:M], dy[:M] = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
-    batch_sizes = torch.tensor(sizes, dtype=torch.int32, device=device)
-    per_tile = dict(SCHEDULES[schedule], tma_loads=True)
-    hoisted = dict(per_tile, hoist_descriptors=True)
-    expected = gmm_reference(a[:M].double(), dy[:M].double(), batch_sizes.cpu(), trans_a=True)
-    outs = [gmm_backend.triton_gmm(a, dy, batch_sizes, trans_a=True, use_tma=True, config=c) for c in (per_tile, hoisted)]
-    assert torch.equal(outs[1], outs[0])
-    assert_close("a^T dy", outs[1], expected, torch.float16)
-    accs = [torch.randn(E, K, N, generator=g).to(device) for _ in range(2)]
-    accs[1].copy_(accs[0])
-    for acc, c in zip(accs, (per_tile, hoisted)):
-        gmm_backend.triton_gmm(a, dy, batch_sizes, trans_a=True, use_tma=True, config=c, accumulate_into=acc)
-    assert torch.equal(accs[1], accs[0])
-    top_k, T = 2, (M + 1) // 2
-    x = torch.randn(T, K, generator=g).to(device, torch.float16)
-    rows = torch.randperm(T * top_k, generator=g)[:M].to(device, torch.int32)
-    gathered = x[(rows // top_k).long()].double()
-    for kw, ref in ((dict(a_rows=rows), gmm_reference(gathered, dy[:M].double(), batch_sizes.cpu(), trans_a=True)),
-                    (dict(b_rows=rows), gmm_reference(dy[:M].double(), gathered, batch_sizes.cpu(), trans_a=True))):
-        first, second = (x, dy) if "a_rows" in kw else (dy, x)
-        got = [gmm_backend.triton_gmm(first, second, batch_sizes, trans_a=True, use_tma=True, config=c,
-                                      rows_top_k=top_k, **kw) for c in (per_tile, hoisted)]
-        assert torch.equal(got[1], got[0]), kw.keys()
-        assert_close(f"mapped {list(kw)}", got[1], ref, torch.float16)
-
-
 def test_triton_rows_outside_the_groups(device):
     """The kernels stay in bounds for any sizes: rows past the groups' total are written as zeros
     and never read (NaN-poisoned here), and groups are clipped at M."""
