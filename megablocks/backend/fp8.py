@@ -461,11 +461,12 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     `[E, N, K]` (out x in) with `[E, NB, KB]` scales and out = x @ w[e]^T; with trans_b=False it
     is `[E, K, N]` with `[E, KB, NB]` scales and out = x @ w[e] (the same quantized weight serves
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
-    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major'}) overrides the launch, for
-    tuning and tests:
+    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize'}) overrides
+    the launch, for tuning and tests:
     `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
     per SM that loops over tiles, `copy_n_major` (default True) copies a weight whose K stride is
-    not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product."""
+    not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product,
+    `warp_specialize` (with TMA loads) runs the K loop's loads and products in separate warps."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
     if not trans_b:  # the kernel reads any strides: the logical [E, N, K] view of the same storage
         w_q, w_s = w_q.transpose(1, 2), w_s.transpose(1, 2)
@@ -481,20 +482,21 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
     if interpreted(x_q):
         cfg = dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False,
-                   copy_n_major=True)
+                   copy_n_major=True, warp_specialize=False)
     elif M <= FP8_POINTER_MAX_ROWS_PER_GROUP * E:
         # A row tile or less per expert (decode): one program per tile, masked pointer loads,
         # 4 stages. Measured at T = 64 (mixtral's fused_moe): 0.52 ms, against 0.99 with the
         # persistent TMA form below (benchmarks/RESULTS.md, "FP8 on the H200").
         cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False,
-                   copy_n_major=True)
+                   copy_n_major=True, warp_specialize=False)
     else:
         # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each), operands by
-        # TMA, one program per SM, 3 stages: the fastest of benchmarks/sweep_fp8.py's variants
-        # over mixtral's and olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two,
-        # these 4.94 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
-        cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3, tma=True, persistent=True,
-                   copy_n_major=True)
+        # TMA, one program per SM, the K loop warp-specialized (loads and products in separate
+        # warps), 4 stages: the fastest of benchmarks/sweep_fp8.py's variants over mixtral's and
+        # olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two, TMA and 3 stages
+        # 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
+        cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
+                   copy_n_major=True, warp_specialize=True)
     cfg.update(config or {})
     if Q % cfg["block_n"] or Q % cfg["block_k"]:
         raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")
@@ -517,7 +519,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         w_s.stride(2), out.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
         BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, USE_TMA=use_tma, W_K_MAJOR=w_k_major,
-        WARP_SPECIALIZE=bool(cfg.get("warp_specialize", False)), num_warps=cfg["num_warps"],
+        WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and use_tma, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
     return out

@@ -156,14 +156,20 @@ for dtype in (torch.bfloat16, torch.float32):
 for dtype in (torch.bfloat16, torch.float32):
     check(f"fp8 quantize_rows from {dtype}", F8._quantize_rows_kernel, ELEMENT[dtype], dict(BLOCK_M=32, QB=F8.Q), 4, 3,
           types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
-    # Pointer loads (decode), and TMA loads of K-major and N-major weights (3 stages, the default).
-    for tma, k_major, stages in ((False, True, 4), (True, True, 3), (True, False, 3)):
-        check(f"fp8 gmm into {dtype} tma={tma} k_major={k_major}", F8._gmm_fp8_kernel, ELEMENT[dtype],
-              dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8, USE_TMA=tma,
-                   W_K_MAJOR=k_major), 8, stages,
+    # Pointer loads (decode), and TMA loads of K-major and N-major weights, warp-specialized with 4
+    # stages (the default) and not with 3.
+    for tma, k_major, stages, ws in ((False, True, 4, False), (True, True, 4, True), (True, False, 4, True),
+                                     (True, True, 3, False)):
+        check(f"fp8 gmm into {dtype} tma={tma} k_major={k_major} warp_specialize={ws}", F8._gmm_fp8_kernel,
+              ELEMENT[dtype], dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8,
+                                   USE_TMA=tma, W_K_MAJOR=k_major, WARP_SPECIALIZE=ws), 8, stages,
               types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
-    check(f"fp8 quantize_blocks from {dtype}", F8._quantize_blocks_kernel, ELEMENT[dtype], dict(QB=F8.Q), 8, 3,
-          types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+    # Alone, and with the transposed copy (integer bytes; four to an int32 word, or one by one).
+    for transposed, packed in ((False, False), (True, True), (True, False)):
+        check(f"fp8 quantize_blocks from {dtype} transposed={transposed} packed={packed}", F8._quantize_blocks_kernel,
+              ELEMENT[dtype], dict(QB=F8.Q, TRANSPOSED=transposed, PACKED=packed), 8, 3,
+              types={"q_ptr": "*u8" if transposed else "*fp8e4nv", "s_ptr": "*fp32",
+                     "t_ptr": "*i32" if packed else "*u8"})
     check(f"fp8 quantize_cols_grouped from {dtype}", F8._quantize_cols_grouped_kernel, ELEMENT[dtype],
           dict(QB=F8.Q, BLOCK_K=64, BLOCK_E=128), 4, 3, types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
     check(f"fp8 weight gradient into {dtype}", F8._gmm_fp8_wgrad_kernel, ELEMENT[dtype],
