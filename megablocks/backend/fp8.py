@@ -372,7 +372,10 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False):
         t_out = t.view(torch.int32) if packed else t.view(torch.uint8) if transposed else q
         _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
             w_ENK, q_out, s, t_out, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
-            s.stride(1), t_out.stride(0), t_out.stride(1), QB=Q, TRANSPOSED=transposed, PACKED=packed, num_warps=8,
+            s.stride(1), t_out.stride(0), t_out.stride(1), QB=Q, TRANSPOSED=transposed, PACKED=packed,
+            # 8 warps, 16 with the transposed copy: mixtral's weight 0.489 / 0.869 ms, against
+            # 0.578 / 1.194 with 4 warps and 0.501 / 0.902 with the other (H200).
+            num_warps=16 if transposed else 8,
         )
     return (q, s, t) if transposed else (q, s)
 
