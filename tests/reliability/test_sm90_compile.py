@@ -167,7 +167,7 @@ for dtype in (torch.bfloat16, torch.float32):
     # Alone, and with the transposed copy (integer bytes; four to an int32 word, or one by one).
     for transposed, packed in ((False, False), (True, True), (True, False)):
         check(f"fp8 quantize_blocks from {dtype} transposed={transposed} packed={packed}", F8._quantize_blocks_kernel,
-              ELEMENT[dtype], dict(QB=F8.Q, TRANSPOSED=transposed, PACKED=packed), 8, 3,
+              ELEMENT[dtype], dict(QB=F8.Q, TRANSPOSED=transposed, PACKED=packed), 16 if transposed else 8, 3,
               types={"q_ptr": "*u8" if transposed else "*fp8e4nv", "s_ptr": "*fp32",
                      "t_ptr": "*i32" if packed else "*u8"})
     check(f"fp8 quantize_cols_grouped from {dtype}", F8._quantize_cols_grouped_kernel, ELEMENT[dtype],
