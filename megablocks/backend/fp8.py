@@ -356,6 +356,8 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False):
     mixtral's weights). One Triton pass over the weights on CUDA (and under the interpreter),
     else `quantize_blocks_reference` (the same values bit for bit)."""
     check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
+    if not isinstance(transposed, bool):
+        raise TypeError(f"transposed: expected a bool, got {type(transposed).__name__}")
     if w_ENK.device.type != "cuda" and not interpreted(w_ENK):
         q, s = quantize_blocks_reference(w_ENK)
         return (q, s, q.transpose(1, 2).contiguous()) if transposed else (q, s)
@@ -457,6 +459,10 @@ def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b: bool
 FP8_POINTER_MAX_ROWS_PER_GROUP = 128
 
 
+_GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
+                        "warp_specialize")
+
+
 def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
             batch_sizes: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16, trans_b: bool = True,
             config: Optional[dict] = None) -> torch.Tensor:
@@ -471,6 +477,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product,
     `warp_specialize` (with TMA loads) runs the K loop's loads and products in separate warps."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
+    if config is not None and (not isinstance(config, dict) or set(config) - set(_GMM_FP8_CONFIG_KEYS)):
+        raise ValueError(f"config: expected a dict with keys among {_GMM_FP8_CONFIG_KEYS}, got {config!r}")
     if not trans_b:  # the kernel reads any strides: the logical [E, N, K] view of the same storage
         w_q, w_s = w_q.transpose(1, 2), w_s.transpose(1, 2)
     M, K = x_q.shape

@@ -285,6 +285,10 @@ def test_gmm_fp8_validates():
         fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.int8)
     with pytest.raises(ValueError, match="must divide"):
         fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, config=dict(block_n=48))
+    with pytest.raises(ValueError, match="config: expected a dict with keys among"):
+        fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, config=dict(warp_specialise=True))  # a misspelt key
+    with pytest.raises(TypeError, match="transposed: expected a bool"):
+        fp8.quantize_blocks(w, transposed="yes")
     with pytest.raises(TypeError, match="x"):
         fp8.quantize_rows(x.to(torch.int32))
     with pytest.raises(ValueError, match="x"):
