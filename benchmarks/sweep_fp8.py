@@ -1,13 +1,17 @@
 """The FP8 grouped GEMM's launch configs against the bf16 grouped GEMM (CUDA).
 
     python benchmarks/sweep_fp8.py --out DIR [--configs mixtral olmoe]
+    python benchmarks/sweep_fp8.py --out DIR --tokens 64 --variants 128x128x128_w8_s4 \
+        16x128x128_w4_s4_swap 32x128x128_w4_s4_swap 64x128x128_w4_s4_swap    # decode tiles
 
 Per config, three products of the expert MLP in the layer's forms: `up` (x · w1[e]^T, weights
 [E, F, H] read K-major), `down` (h · w2[e]^T, [E, H, F]) and `dgrad` (the up projection's input
 gradient dy · w1[e], the same [E, F, H] weights read N-major: `trans_b=False`). Each is timed in
 bf16 (`gmm`, the 'triton' backend, its default tiles) and in FP8 (`gmm_fp8`, operands quantized
 beforehand) at every variant of `VARIANTS`, and each FP8 result is checked against the first
-variant's (the same products in the same order: equal bit for bit).
+variant's: equal bit for bit where both compute the same products in the same order
+(`equal_to_first`); `max_rel_to_first` (the largest difference over the largest value) for the
+`swap_ab` variants, whose tensor-core products sum in another order.
 """
 
 import argparse
@@ -24,11 +28,11 @@ from megablocks.backend import gmm as gb  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
 
 
-def _variant(m, n, k, warps, stages, tma=False, persistent=False, warp_specialize=False):
+def _variant(m, n, k, warps, stages, tma=False, persistent=False, warp_specialize=False, swap_ab=False):
     name = f"{m}x{n}x{k}_w{warps}_s{stages}" + ("_tma" if tma else "") + ("_pers" if persistent else "")
-    name += "_ws" if warp_specialize else ""
+    name += ("_ws" if warp_specialize else "") + ("_swap" if swap_ab else "")
     return name, dict(block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages, tma=tma,
-                      persistent=persistent, warp_specialize=warp_specialize)
+                      persistent=persistent, warp_specialize=warp_specialize, swap_ab=swap_ab)
 
 
 # Pointer loads (the default until measured otherwise), then TMA loads at several depths, one
@@ -48,6 +52,9 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (128, 128, 128, 8, 4, dict(tma=True, persistent=True, warp_specialize=True)),
     (128, 128, 128, 8, 3, dict(tma=True, warp_specialize=True)),
     (128, 128, 128, 4, 4, dict(tma=True, warp_specialize=True)),
+    (16, 128, 128, 4, 4, dict(swap_ab=True)),
+    (32, 128, 128, 4, 4, dict(swap_ab=True)),
+    (64, 128, 128, 4, 4, dict(swap_ab=True)),
 ])
 
 
@@ -62,6 +69,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=".")
     p.add_argument("--configs", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS))
+    p.add_argument("--tokens", type=int, default=0, help="tokens per step (e.g. 64: decode); 0: each config's own")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                    help="the first is the one the others are checked against")
     args = p.parse_args()
@@ -69,7 +77,7 @@ def main():
     rows = []
     for name in args.configs:
         T, H, F, E, k = CONFIGS[name]
-        for proj, x, w, trans_b, bs in products(T, H, F, E, k):
+        for proj, x, w, trans_b, bs in products(args.tokens or T, H, F, E, k):
             x_q, x_s = fp8.quantize_rows(x)
             # 128 x 128 blocks: the same values and scales serve either form (trans_b=False reads
             # w1's [E, F, H] storage as [E, K, N]).
@@ -90,9 +98,11 @@ def main():
                     first = out
                 rows.append(dict(config=name, product=proj, M=M, K=K, N=N, variant=variant, bf16_ms=ms_bf16,
                                  fp8_ms=ms, speedup=ms_bf16 / ms, fp8_tflops=2 * M * K * N / ms / 1e9,
-                                 equal_to_first=bool(torch.equal(out, first)), **env))
+                                 equal_to_first=bool(torch.equal(out, first)),
+                                 max_rel_to_first=((out.float() - first.float()).abs().max()
+                                                   / first.float().abs().max().clamp_min(1e-30)).item(), **env))
     print_table(rows, ["config", "product", "variant", "bf16_ms", "fp8_ms", "speedup", "fp8_tflops",
-                       "equal_to_first"])
+                       "equal_to_first", "max_rel_to_first"])
     os.makedirs(args.out, exist_ok=True)
     write_csv(os.path.join(args.out, "sweep_fp8.csv"), rows)
 

@@ -169,6 +169,8 @@ def _quantize_blocks_kernel(
 # With USE_TMA the operands are read by TMA through descriptors built once per program (x as
 # [M, K]: a tile's rows past its group are read but never stored; w per expert as [E, N, K]
 # (W_K_MAJOR, unit K stride) or [E, K, N], so that no step reads another expert's weights).
+# With SWAP_AB (pointer loads) each step computes the transposed tile, w_tile @ x_tile^T: the
+# weight's BLOCK_N columns fill the tensor cores' wide side and a few rows (decode) the narrow one.
 @triton.jit
 def _gmm_fp8_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, sizes_ptr,
@@ -176,7 +178,7 @@ def _gmm_fp8_kernel(
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False, W_K_MAJOR: tl.constexpr = True,
-    WARP_SPECIALIZE: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
@@ -200,31 +202,50 @@ def _gmm_fp8_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         row_ok = offs_m < row_end
         x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
-                  + offs_k[:, None].to(tl.int64) * stride_wk)
         xs_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xsm
         ws_ptr_n = ws_ptr + group.to(tl.int64) * stride_wse + (n0 // QB) * stride_wsn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
-            if USE_TMA:
-                a = x_desc.load([row0, k])
-                if W_K_MAJOR:
-                    b = tl.trans(w_desc.load([group, n0, k]).reshape(BLOCK_N, BLOCK_K))
-                else:
-                    b = w_desc.load([group, k, n0]).reshape(BLOCK_K, BLOCK_N)
-            else:
+        if SWAP_AB:  # w tiles [BLOCK_N, BLOCK_K], the accumulator transposed: [BLOCK_N, BLOCK_M]
+            w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+                      + offs_k[None, :].to(tl.int64) * stride_wk)
+            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
                 k_ok = offs_k < K - k
                 a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n < N)[None, :], other=0.0)
-            part = tl.dot(a, b, out_dtype=tl.float32)
-            sa = tl.load(xs_ptrs + k // QB, mask=row_ok, other=0.0)
-            sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
-            acc += part * (sa[:, None] * sb)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
-        acc = tl.where(real, acc, 0.0)
-        out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
+                b_t = tl.load(w_ptrs, mask=(offs_n < N)[:, None] & k_ok[None, :], other=0.0)
+                part_t = tl.dot(b_t, tl.trans(a), out_dtype=tl.float32)
+                sa = tl.load(xs_ptrs + k // QB, mask=row_ok, other=0.0)
+                sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
+                acc_t += part_t * (sa[None, :] * sb)
+                x_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_wk
+            acc_t = tl.where(real, acc_t, 0.0)
+            out_ptrs_t = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+            tl.store(out_ptrs_t, acc_t.to(out_ptr.dtype.element_ty),
+                     mask=(offs_m[None, :] < row_end) & (offs_n[:, None] < N))
+        else:
+            w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
+                      + offs_k[:, None].to(tl.int64) * stride_wk)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+                if USE_TMA:
+                    a = x_desc.load([row0, k])
+                    if W_K_MAJOR:
+                        b = tl.trans(w_desc.load([group, n0, k]).reshape(BLOCK_N, BLOCK_K))
+                    else:
+                        b = w_desc.load([group, k, n0]).reshape(BLOCK_K, BLOCK_N)
+                else:
+                    k_ok = offs_k < K - k
+                    a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n < N)[None, :], other=0.0)
+                part = tl.dot(a, b, out_dtype=tl.float32)
+                sa = tl.load(xs_ptrs + k // QB, mask=row_ok, other=0.0)
+                sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
+                acc += part * (sa[:, None] * sb)
+                x_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K * stride_wk
+            acc = tl.where(real, acc, 0.0)
+            out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
 
 
 # x_MK -> q_MK e4m3, s_SK fp32 (S = ceil(M/Q) + E): 128 x 1 tiles down the columns, each group's
@@ -460,7 +481,7 @@ FP8_POINTER_MAX_ROWS_PER_GROUP = 128
 
 
 _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
-                        "warp_specialize")
+                        "warp_specialize", "swap_ab")
 
 
 def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
@@ -470,12 +491,14 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     `[E, N, K]` (out x in) with `[E, NB, KB]` scales and out = x @ w[e]^T; with trans_b=False it
     is `[E, K, N]` with `[E, KB, NB]` scales and out = x @ w[e] (the same quantized weight serves
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
-    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize'}) overrides
-    the launch, for tuning and tests:
+    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab'})
+    overrides the launch, for tuning and tests:
     `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
     per SM that loops over tiles, `copy_n_major` (default True) copies a weight whose K stride is
     not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product,
-    `warp_specialize` (with TMA loads) runs the K loop's loads and products in separate warps."""
+    `warp_specialize` (with TMA loads) runs the K loop's loads and products in separate warps,
+    `swap_ab` (pointer loads) computes each tile transposed, weights times rows (for a few rows per
+    expert: `block_m` as small as 16 then fills the tensor cores' narrow side)."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
     if config is not None and (not isinstance(config, dict) or set(config) - set(_GMM_FP8_CONFIG_KEYS)):
         raise ValueError(f"config: expected a dict with keys among {_GMM_FP8_CONFIG_KEYS}, got {config!r}")
@@ -493,13 +516,13 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
     if interpreted(x_q):
         cfg = dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False,
-                   copy_n_major=True, warp_specialize=False)
+                   copy_n_major=True, warp_specialize=False, swap_ab=False)
     elif M <= FP8_POINTER_MAX_ROWS_PER_GROUP * E:
         # A row tile or less per expert (decode): one program per tile, masked pointer loads,
         # 4 stages. Measured at T = 64 (mixtral's fused_moe): 0.52 ms, against 0.99 with the
         # persistent TMA form below (benchmarks/RESULTS.md, "FP8 on the H200").
         cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False,
-                   copy_n_major=True, warp_specialize=False)
+                   copy_n_major=True, warp_specialize=False, swap_ab=False)
     else:
         # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each), operands by
         # TMA, one program per SM, the K loop warp-specialized (loads and products in separate
@@ -507,7 +530,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         # olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two, TMA and 3 stages
         # 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
         cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
-                   copy_n_major=True, warp_specialize=True)
+                   copy_n_major=True, warp_specialize=True, swap_ab=False)
     cfg.update(config or {})
     if Q % cfg["block_n"] or Q % cfg["block_k"]:
         raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")
@@ -518,7 +541,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         # weight.
         w_q = w_q.contiguous()
     w_k_major = w_q.stride(2) == 1
-    use_tma = bool(cfg["tma"]) and tma_ok(x_q, w_q if w_k_major else w_q.transpose(1, 2))
+    use_tma = bool(cfg["tma"]) and not cfg["swap_ab"] and tma_ok(x_q, w_q if w_k_major else w_q.transpose(1, 2))
     if use_tma:
         prepare_tma(x_q.device)
     num_tiles = (cdiv(M, cfg["block_m"]) + E) * cdiv(N, cfg["block_n"])
@@ -530,8 +553,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         w_s.stride(2), out.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
         BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, USE_TMA=use_tma, W_K_MAJOR=w_k_major,
-        WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and use_tma, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
+        WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and use_tma, SWAP_AB=bool(cfg["swap_ab"]),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 

@@ -239,6 +239,30 @@ def test_gmm_fp8_tma_loads_and_persistent_programs_equal_pointer_loads(case, tra
     assert len(descriptors) == expected, (case, trans_b, descriptors)
 
 
+@pytest.mark.parametrize("case", list(GMM_CASES))
+@pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
+def test_gmm_fp8_swap_ab_tiles(case, trans_b):
+    """`swap_ab` (each tile computed transposed, weights times rows, 16-row tiles) against the plain
+    definition at the FP8 product's tolerance: uneven and empty groups, rows past the groups'
+    total (zeros), K and N not multiples of the tiles, [E, K, N] weights copied K-major."""
+    sizes, K, N = GMM_CASES[case]
+    x, w, batch_sizes = _operands(sizes, K, N, extra_rows=3, seed=11)
+    x_q, x_s = fp8.quantize_rows(x)
+    w_q, w_s = fp8.quantize_blocks(w if trans_b else w.transpose(1, 2).contiguous())
+    cfg = dict(swap_ab=True, block_m=16, num_warps=4) if DEVICE == "cuda" else dict(swap_ab=True, block_m=16)
+    out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b, config=cfg)
+    wd = fp8.dequantize_blocks(w_q, w_s).double().cpu()
+    wd = wd if trans_b else wd.transpose(1, 2)
+    xd = fp8.dequantize_rows(x_q, x_s).double().cpu()
+    ref = torch.zeros(x.shape[0], N, dtype=torch.float64)
+    start = 0
+    for e, m in enumerate(sizes):
+        ref[start:start + m] = xd[start:start + m] @ wd[e].t()
+        start += m
+    assert_close("gmm_fp8 swap_ab", out, ref, dtype=torch.float32, family="fp8")
+    assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
+
+
 def test_gmm_fp8_accuracy_against_unquantized():
     """The whole FP8 path against the fp32 product of the unquantized operands: e4m3's 3-bit
     mantissa gives each input ~2.3% rms relative error (uniform rounding over a binade); products

@@ -164,6 +164,12 @@ for dtype in (torch.bfloat16, torch.float32):
               ELEMENT[dtype], dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8,
                                    USE_TMA=tma, W_K_MAJOR=k_major, WARP_SPECIALIZE=ws), 8, stages,
               types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
+    # Each tile transposed (weights times rows) with few-row tiles, for decode (`swap_ab`).
+    for block_m in (16, 64):
+        check(f"fp8 gmm into {dtype} swap_ab block_m={block_m}", F8._gmm_fp8_kernel, ELEMENT[dtype],
+              dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8, USE_TMA=False,
+                   W_K_MAJOR=True, WARP_SPECIALIZE=False, SWAP_AB=True), 4, 4,
+              types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
     # Alone, and with the transposed copy (integer bytes; four to an int32 word, or one by one).
     for transposed, packed in ((False, False), (True, True), (True, False)):
         check(f"fp8 quantize_blocks from {dtype} transposed={transposed} packed={packed}", F8._quantize_blocks_kernel,
