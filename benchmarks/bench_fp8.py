@@ -89,8 +89,8 @@ def bench(args):
         write_csv(os.path.join(args.out, "bench_fp8.csv"), rows)
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     if serve_rows:
-        print_table(serve_rows, ["config", "T", "bf16_ms", "fp8_ms", "speedup", "fp8_weight_gbs", "copy_gbs",
-                                 "rel_rms_vs_bf16"])
+        print_table(serve_rows, ["config", "T", "bf16_ms", "fp8_ms", "speedup", "bf16_graph_ms", "fp8_graph_ms",
+                                 "speedup_graph", "fp8_weight_gbs", "copy_gbs", "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
     weight_rows = [weights_row(name, proj, w) for name in args.weights
                    for proj, _, w, _ in products(*CONFIGS[name], "cuda")]
@@ -150,7 +150,9 @@ def wgrad_row(name, M, H, F, E, env, bw):
 
 def serving_row(name, T, device, shape=None):
     """`fused_moe` at T tokens of config `name`: bf16 experts against their FP8 block-quantized
-    copy (eager, no autograd); the FP8 call's expert-weight bytes over its time."""
+    copy (eager, no autograd; and on CUDA replayed from a CUDA graph, `*_graph_ms`, without the
+    host's time, as a serving engine that captures its steps runs them); the FP8 call's
+    expert-weight bytes over its eager time."""
     from megablocks.integrations.inference import fused_moe
 
     _, H, F, E, k = shape or CONFIGS[name]
@@ -164,10 +166,14 @@ def serving_row(name, T, device, shape=None):
     q2, s2 = fp8.quantize_blocks(w2)
     bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
     f8 = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
-    ms_bf16, ms_fp8 = (timed(bf16)[0], timed(f8)[0]) if device == "cuda" else (float("nan"), float("nan"))
+    nan = float("nan")
+    ms_bf16, ms_fp8 = (timed(bf16)[0], timed(f8)[0]) if device == "cuda" else (nan, nan)
+    graph_bf16, graph_fp8 = ((bench_dmoe.graph_time_ms(bf16, 100), bench_dmoe.graph_time_ms(f8, 100))
+                             if device == "cuda" else (nan, nan))
     ref, out = bf16().float(), f8().float()
     hit = torch.topk(gating, k, dim=1).indices.unique().numel()  # experts whose weights are read
     return dict(config=name, T=T, bf16_ms=ms_bf16, fp8_ms=ms_fp8, speedup=ms_bf16 / ms_fp8,
+                bf16_graph_ms=graph_bf16, fp8_graph_ms=graph_fp8, speedup_graph=graph_bf16 / graph_fp8,
                 fp8_weight_gbs=hit * 3 * H * F / ms_fp8 / 1e6,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item())
 
