@@ -514,23 +514,22 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     if K == 0 or E == 0:
         return out.zero_()
     sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
+    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False)
     if interpreted(x_q):
-        cfg = dict(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False,
-                   copy_n_major=True, warp_specialize=False, swap_ab=False)
+        cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
     elif M <= FP8_POINTER_MAX_ROWS_PER_GROUP * E:
         # A row tile or less per expert (decode): one program per tile, masked pointer loads,
         # 4 stages. Measured at T = 64 (mixtral's fused_moe): 0.52 ms, against 0.99 with the
         # persistent TMA form below (benchmarks/RESULTS.md, "FP8 on the H200").
-        cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False,
-                   copy_n_major=True, warp_specialize=False, swap_ab=False)
+        cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False)
     else:
         # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each), operands by
         # TMA, one program per SM, the K loop warp-specialized (loads and products in separate
         # warps), 4 stages: the fastest of benchmarks/sweep_fp8.py's variants over mixtral's and
         # olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two, TMA and 3 stages
         # 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
-        cfg = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
-                   copy_n_major=True, warp_specialize=True, swap_ab=False)
+        cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
+                   warp_specialize=True)
     cfg.update(config or {})
     if Q % cfg["block_n"] or Q % cfg["block_k"]:
         raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")

@@ -179,6 +179,20 @@ def _operands(sizes, K, N, extra_rows=0, seed=0):
     return x, w, torch.tensor(sizes, dtype=torch.int32, device=DEVICE)
 
 
+def _definition(x_q, x_s, w_q, w_s, sizes, trans_b):
+    """float64 [M, N] of the dequantized operands, group by group (rows past the groups: zeros);
+    w_q as stored, [E, N, K] with trans_b, else [E, K, N]."""
+    wd = fp8.dequantize_blocks(w_q, w_s).double().cpu()
+    wd = wd if trans_b else wd.transpose(1, 2)
+    xd = fp8.dequantize_rows(x_q, x_s).double().cpu()
+    ref = torch.zeros(xd.shape[0], wd.shape[1], dtype=torch.float64)
+    start = 0
+    for e, m in enumerate(sizes):
+        ref[start:start + m] = xd[start:start + m] @ wd[e].t()
+        start += m
+    return ref
+
+
 @pytest.mark.parametrize("case", list(GMM_CASES))
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
@@ -192,14 +206,7 @@ def test_gmm_fp8_against_definition(case, out_dtype, trans_b):
         w_q, w_s = fp8.quantize_blocks(w.transpose(1, 2).contiguous())
     out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=out_dtype, trans_b=trans_b)
     assert out.dtype == out_dtype and out.shape == (x.shape[0], N)
-    wd = fp8.dequantize_blocks(w_q, w_s).double().cpu()
-    wd = wd if trans_b else wd.transpose(1, 2)
-    xd = fp8.dequantize_rows(x_q, x_s).double().cpu()
-    ref = torch.zeros(x.shape[0], N, dtype=torch.float64)
-    start = 0
-    for e, m in enumerate(sizes):
-        ref[start:start + m] = xd[start:start + m] @ wd[e].t()
-        start += m
+    ref = _definition(x_q, x_s, w_q, w_s, sizes, trans_b)
     # FP8 products into fp32: exact in the interpreter, Hopper's accumulation on the GPU (fp8_tolerance).
     assert_close("gmm_fp8", out, ref, dtype=out_dtype, family="fp8")
     assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
@@ -251,14 +258,7 @@ def test_gmm_fp8_swap_ab_tiles(case, trans_b):
     w_q, w_s = fp8.quantize_blocks(w if trans_b else w.transpose(1, 2).contiguous())
     cfg = dict(swap_ab=True, block_m=16, num_warps=4) if DEVICE == "cuda" else dict(swap_ab=True, block_m=16)
     out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b, config=cfg)
-    wd = fp8.dequantize_blocks(w_q, w_s).double().cpu()
-    wd = wd if trans_b else wd.transpose(1, 2)
-    xd = fp8.dequantize_rows(x_q, x_s).double().cpu()
-    ref = torch.zeros(x.shape[0], N, dtype=torch.float64)
-    start = 0
-    for e, m in enumerate(sizes):
-        ref[start:start + m] = xd[start:start + m] @ wd[e].t()
-        start += m
+    ref = _definition(x_q, x_s, w_q, w_s, sizes, trans_b)
     assert_close("gmm_fp8 swap_ab", out, ref, dtype=torch.float32, family="fp8")
     assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
 
