@@ -14,6 +14,9 @@ bandwidth measured in the same run. The target: FP8 >= 1.6x bf16 on the mixtral 
 `--serving` (default mixtral, qwen3moe) times `fused_moe` at decode (T = 64) and prefill (T = 4096)
 sizes on bf16 experts and on their FP8 block-quantized copy (targets: 1.7x and 1.4x).
 
+`--decode-variants` times the decode rows again with each of `sweep_fp8.VARIANTS` as the FP8
+decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIG`), e.g. the `swap_ab` tiles.
+
 `--weights` (default mixtral, olmoe) times the weights' block quantization, once per optimizer
 step in training: `quantize_blocks(w)` alone, then with the K-major copy the N-major products read
 (`transposed=True`: written by the quantizer's own pass) against the same copy made by torch
@@ -42,6 +45,7 @@ from common import CONFIGS, copy_bandwidth_gbs, environment, print_table, timed,
 
 import bench_dmoe  # noqa: E402
 
+from megablocks.backend import fp8 as fp8_backend  # noqa: E402
 from megablocks.backend import gmm as gb  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
 
@@ -88,9 +92,10 @@ def bench(args):
                            "quantize_ms", "quantize_gbs", "copy_gbs", "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8.csv"), rows)
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
+    serve_rows += decode_variant_rows(args.serving, args.decode_variants)
     if serve_rows:
-        print_table(serve_rows, ["config", "T", "bf16_ms", "fp8_ms", "speedup", "bf16_graph_ms", "fp8_graph_ms",
-                                 "speedup_graph", "fp8_weight_gbs", "copy_gbs", "rel_rms_vs_bf16"])
+        print_table(serve_rows, ["config", "T", "decode_variant", "bf16_ms", "fp8_ms", "speedup", "bf16_graph_ms",
+                                 "fp8_graph_ms", "speedup_graph", "fp8_weight_gbs", "copy_gbs", "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
     weight_rows = [weights_row(name, proj, w) for name in args.weights
                    for proj, _, w, _ in products(*CONFIGS[name], "cuda")]
@@ -146,6 +151,24 @@ def wgrad_row(name, M, H, F, E, env, bw):
                 speedup=ms_bf16 / ms_fp8, bf16_tflops=flops / ms_bf16 / 1e9, fp8_tflops=flops / ms_fp8 / 1e9,
                 quantize_ms=ms_q, quantize_gbs=(M * (F + H) * 3) / ms_q / 1e6, copy_gbs=bw,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env)
+
+
+def decode_variant_rows(names, variants):
+    """`serving_row` at T = 64 again under each of sweep_fp8's `variants` as the decode launch
+    (`FP8_DECODE_CONFIG`), which is restored afterwards."""
+    from sweep_fp8 import VARIANTS
+
+    saved = dict(fp8_backend.FP8_DECODE_CONFIG)
+    rows = []
+    try:
+        for variant in variants:
+            fp8_backend.FP8_DECODE_CONFIG.clear()
+            fp8_backend.FP8_DECODE_CONFIG.update(VARIANTS[variant])
+            rows += [{**serving_row(name, 64, "cuda"), "decode_variant": variant} for name in names]
+    finally:
+        fp8_backend.FP8_DECODE_CONFIG.clear()
+        fp8_backend.FP8_DECODE_CONFIG.update(saved)
+    return rows
 
 
 def serving_row(name, T, device, shape=None):
@@ -253,6 +276,8 @@ def main():
                    help="bench_dmoe layers timed as a training step, bf16 against fp8 (none: skip)")
     p.add_argument("--serving", nargs="*", default=["mixtral", "qwen3moe"],
                    help="configs whose fused_moe is timed at T = 64 and 4096, bf16 against fp8 (none: skip)")
+    p.add_argument("--decode-variants", nargs="*", default=[],
+                   help="sweep_fp8 variants under which the --serving configs' decode (T = 64) is timed again")
     p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),
                    help="configs whose expert weights' block quantization is timed (none: skip)")
     p.add_argument("--smoke", action="store_true")

@@ -480,6 +480,12 @@ def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b: bool
 FP8_POINTER_MAX_ROWS_PER_GROUP = 128
 
 
+# The launch of those products (decode): one program per tile, masked pointer loads, 4 stages.
+# Measured at T = 64 (mixtral's fused_moe): 0.52 ms, against 0.99 with the persistent TMA form of
+# larger products (benchmarks/RESULTS.md, "FP8 on the H200").
+FP8_DECODE_CONFIG = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False)
+
+
 _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
                         "warp_specialize", "swap_ab")
 
@@ -518,10 +524,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     if interpreted(x_q):
         cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
     elif M <= FP8_POINTER_MAX_ROWS_PER_GROUP * E:
-        # A row tile or less per expert (decode): one program per tile, masked pointer loads,
-        # 4 stages. Measured at T = 64 (mixtral's fused_moe): 0.52 ms, against 0.99 with the
-        # persistent TMA form below (benchmarks/RESULTS.md, "FP8 on the H200").
-        cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False)
+        cfg.update(FP8_DECODE_CONFIG)
     else:
         # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each), operands by
         # TMA, one program per SM, the K loop warp-specialized (loads and products in separate
