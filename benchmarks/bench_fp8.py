@@ -15,7 +15,10 @@ bandwidth measured in the same run. The target: FP8 >= 1.6x bf16 on the mixtral 
 sizes on bf16 experts and on their FP8 block-quantized copy (targets: 1.7x and 1.4x).
 
 `--decode-variants` times the decode rows again with each of `sweep_fp8.VARIANTS` as the FP8
-decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIG`), e.g. the `swap_ab` tiles.
+decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIGS`), e.g. the `swap_ab` tiles.
+
+`--serving-breakdown` (none by default) lists the device time of every kernel of those calls
+(torch.profiler), bf16 and FP8.
 
 `--weights` (default mixtral, olmoe) times the weights' block quantization, once per optimizer
 step in training: `quantize_blocks(w)` alone, then with the K-major copy the N-major products read
@@ -47,6 +50,7 @@ import bench_dmoe  # noqa: E402
 
 from megablocks.backend import fp8 as fp8_backend  # noqa: E402
 from megablocks.backend import gmm as gb  # noqa: E402
+from megablocks.integrations.inference import fused_moe  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
 
 
@@ -97,6 +101,10 @@ def bench(args):
         print_table(serve_rows, ["config", "T", "decode_variant", "bf16_ms", "fp8_ms", "speedup", "bf16_graph_ms",
                                  "fp8_graph_ms", "speedup_graph", "fp8_weight_gbs", "copy_gbs", "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
+    kernel_rows = [row for name in args.serving_breakdown for T in (64, 4096) for row in serving_kernels(name, T)]
+    if kernel_rows:
+        print_table(kernel_rows, ["config", "T", "experts", "kernel", "us"])
+        write_csv(os.path.join(args.out, "bench_fp8_serving_kernels.csv"), [{**r, **env} for r in kernel_rows])
     weight_rows = [weights_row(name, proj, w) for name in args.weights
                    for proj, _, w, _ in products(*CONFIGS[name], "cuda")]
     if weight_rows:
@@ -154,21 +162,47 @@ def wgrad_row(name, M, H, F, E, env, bw):
 
 
 def decode_variant_rows(names, variants):
-    """`serving_row` at T = 64 again under each of sweep_fp8's `variants` as the decode launch
-    (`FP8_DECODE_CONFIG`), which is restored afterwards."""
+    """`serving_row` at T = 64 again with each of sweep_fp8's `variants` as the only decode launch
+    (`FP8_DECODE_CONFIGS`), which is restored afterwards."""
     from sweep_fp8 import VARIANTS
 
-    saved = dict(fp8_backend.FP8_DECODE_CONFIG)
+    saved = list(fp8_backend.FP8_DECODE_CONFIGS)
+    bound = saved[-1][0]
     rows = []
     try:
         for variant in variants:
-            fp8_backend.FP8_DECODE_CONFIG.clear()
-            fp8_backend.FP8_DECODE_CONFIG.update(VARIANTS[variant])
+            fp8_backend.FP8_DECODE_CONFIGS[:] = [(bound, VARIANTS[variant])]
             rows += [{**serving_row(name, 64, "cuda"), "decode_variant": variant} for name in names]
     finally:
-        fp8_backend.FP8_DECODE_CONFIG.clear()
-        fp8_backend.FP8_DECODE_CONFIG.update(saved)
+        fp8_backend.FP8_DECODE_CONFIGS[:] = saved
     return rows
+
+
+def serving_kernels(name, T):
+    """Rows (config, T, experts, kernel, us): the device time of each kernel of one `fused_moe`
+    call at T tokens of config `name`, bf16 experts and their FP8 copy (torch.profiler)."""
+    _, H, F, E, k = CONFIGS[name]
+    x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, "cuda", torch.bfloat16)
+    calls = dict(bf16=lambda: fused_moe(x, w1, w2, gating, k, True),
+                 fp8=lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2))
+    rows = []
+    for experts, call in calls.items():
+        times = bench_dmoe.kernel_times_us(call, 20)
+        rows += [dict(config=name, T=T, experts=experts, kernel=kernel[:90], us=us)
+                 for kernel, us in sorted(times.items(), key=lambda kv: -kv[1])]
+        rows.append(dict(config=name, T=T, experts=experts, kernel="(all kernels)", us=sum(times.values())))
+    return rows
+
+
+def serving_inputs(H, F, E, T, device, dtype):
+    """x [T, H], w1 [E, 2F, H], w2 [E, H, F], gating [T, E] (seed 0), and the FP8 copies of the
+    weights with their block scales."""
+    torch.manual_seed(0)
+    x = torch.randn(T, H, device=device, dtype=dtype)
+    w1 = (torch.randn(E, 2 * F, H, device=device) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, F, device=device) / F**0.5).to(dtype)
+    gating = torch.randn(T, E, device=device)
+    return (x, w1, w2, gating, *fp8.quantize_blocks(w1), *fp8.quantize_blocks(w2))
 
 
 def serving_row(name, T, device, shape=None):
@@ -176,17 +210,9 @@ def serving_row(name, T, device, shape=None):
     copy (eager, no autograd; and on CUDA replayed from a CUDA graph, `*_graph_ms`, without the
     host's time, as a serving engine that captures its steps runs them); the FP8 call's
     expert-weight bytes over its eager time."""
-    from megablocks.integrations.inference import fused_moe
-
     _, H, F, E, k = shape or CONFIGS[name]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    x = torch.randn(T, H, device=device, dtype=dtype)
-    w1 = (torch.randn(E, 2 * F, H, device=device) / H**0.5).to(dtype)
-    w2 = (torch.randn(E, H, F, device=device) / F**0.5).to(dtype)
-    gating = torch.randn(T, E, device=device)
-    q1, s1 = fp8.quantize_blocks(w1)
-    q2, s2 = fp8.quantize_blocks(w2)
+    x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, device, dtype)
     bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
     f8 = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
     nan = float("nan")
@@ -276,6 +302,8 @@ def main():
                    help="bench_dmoe layers timed as a training step, bf16 against fp8 (none: skip)")
     p.add_argument("--serving", nargs="*", default=["mixtral", "qwen3moe"],
                    help="configs whose fused_moe is timed at T = 64 and 4096, bf16 against fp8 (none: skip)")
+    p.add_argument("--serving-breakdown", nargs="*", default=[], choices=list(CONFIGS),
+                   help="configs whose fused_moe calls (T = 64 and 4096) are split into kernel times")
     p.add_argument("--decode-variants", nargs="*", default=[],
                    help="sweep_fp8 variants under which the --serving configs' decode (T = 64) is timed again")
     p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),

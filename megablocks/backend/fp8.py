@@ -475,19 +475,45 @@ def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b: bool
         raise ValueError(f"x_q: expected a contiguous last dim, got strides {tuple(x_q.stride())}")
 
 
-# Products with at most this many rows per expert (M / E) take the pointer-load launch of
-# `gmm_fp8` (measured at 16: decode; the TMA form at 1024 and 2048).
-FP8_POINTER_MAX_ROWS_PER_GROUP = 128
-
-
-# The launch of those products (decode): one program per tile, masked pointer loads, 4 stages.
-# Measured at T = 64 (mixtral's fused_moe): 0.52 ms, against 0.99 with the persistent TMA form of
-# larger products (benchmarks/RESULTS.md, "FP8 on the H200").
-FP8_DECODE_CONFIG = dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False)
+# The launches of products with few rows per expert (decode): (at most this many rows per expert
+# on average, M / E; launch), the first that holds; past the last, the persistent TMA form. One
+# program per tile, masked pointer loads, 4 stages; up to 32 rows per expert each tile is computed
+# transposed (`swap_ab`: the weight's 128 columns on the tensor cores' wide side) over 16- or
+# 32-row tiles. Measured at T = 64 (H200, sweep_fp8.py --tokens 64; benchmarks/RESULTS.md, "The
+# decode tiles"), ms for the up / down products against 128-row tiles: qwen3moe (4 rows per
+# expert) 0.064 / 0.064 at 16 rows against 0.088 / 0.114; olmoe (8) 0.049 / 0.048 against
+# 0.062 / 0.072; mixtral (16) 0.134 / 0.128 at 32 rows against 0.167 / 0.159. 128-row tiles
+# there: 0.52 ms for mixtral's fused_moe against 0.99 with the persistent TMA form ("FP8 on the
+# H200").
+FP8_DECODE_CONFIGS = [
+    (8, dict(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4, tma=False, persistent=False,
+             swap_ab=True)),
+    (32, dict(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=4, tma=False, persistent=False,
+              swap_ab=True)),
+    (128, dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=False, persistent=False)),
+]
 
 
 _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
                         "warp_specialize", "swap_ab")
+
+
+def gmm_fp8_launch(M: int, E: int, interpret: bool = False) -> dict:
+    """`gmm_fp8`'s default launch settings for M rows over E experts (every key of `config`)."""
+    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False)
+    if interpret:
+        cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
+    elif M <= FP8_DECODE_CONFIGS[-1][0] * E:
+        cfg.update(next(launch for rows, launch in FP8_DECODE_CONFIGS if M <= rows * E))
+    else:
+        # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each), operands by
+        # TMA, one program per SM, the K loop warp-specialized (loads and products in separate
+        # warps), 4 stages: the fastest of benchmarks/sweep_fp8.py's variants over mixtral's and
+        # olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two, TMA and 3 stages
+        # 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
+        cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
+                   warp_specialize=True)
+    return cfg
 
 
 def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
@@ -520,19 +546,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     if K == 0 or E == 0:
         return out.zero_()
     sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
-    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False)
-    if interpreted(x_q):
-        cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
-    elif M <= FP8_POINTER_MAX_ROWS_PER_GROUP * E:
-        cfg.update(FP8_DECODE_CONFIG)
-    else:
-        # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each), operands by
-        # TMA, one program per SM, the K loop warp-specialized (loads and products in separate
-        # warps), 4 stages: the fastest of benchmarks/sweep_fp8.py's variants over mixtral's and
-        # olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two, TMA and 3 stages
-        # 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
-        cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
-                   warp_specialize=True)
+    cfg = gmm_fp8_launch(M, E, interpreted(x_q))
     cfg.update(config or {})
     if Q % cfg["block_n"] or Q % cfg["block_k"]:
         raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")

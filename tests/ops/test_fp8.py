@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from megablocks.backend import fp8 as fp8_backend
 from megablocks.backend.fp8 import _e4m3_bits
 from megablocks.ops import fp8
 from tests.conftest import DEVICE
@@ -161,7 +162,8 @@ if DEVICE == "cuda":
     GMM_CASES = {
         "mixed": ([300, 0, 1, 517, 1024, 0, 129, 700], 1024, 768),
         "unaligned": ([130, 0, 257, 64, 1, 511], 1000, 520),
-        "decode": ([8, 0, 3, 1, 0, 4, 16, 0], 4096, 1408),
+        "decode": ([8, 0, 3, 1, 0, 4, 16, 0], 4096, 1408),  # 16-row swap_ab tiles by default
+        "decode_32": ([40, 0, 17, 31, 60, 5, 33, 2], 1000, 1536),  # 32-row swap_ab tiles by default
     }
 else:
     GMM_CASES = {
@@ -244,6 +246,19 @@ def test_gmm_fp8_tma_loads_and_persistent_programs_equal_pointer_loads(case, tra
             assert torch.equal(out, plain), (case, trans_b, copy, persistent)
             expected += K % 16 == 0 and (trans_b or copy or N % 16 == 0)
     assert len(descriptors) == expected, (case, trans_b, descriptors)
+
+
+def test_gmm_fp8_default_launches():
+    """The default launch by rows per expert: 16- then 32-row swap_ab tiles, 128-row pointer-load
+    tiles, then the persistent TMA form; the interpreter's small tiles."""
+    E = 8
+    expected = [(8 * E, 16, True, False), (8 * E + 1, 32, True, False), (32 * E, 32, True, False),
+                (32 * E + 1, 128, False, False), (128 * E, 128, False, False), (128 * E + 1, 128, False, True)]
+    for M, block_m, swap_ab, tma in expected:
+        cfg = fp8_backend.gmm_fp8_launch(M, E)
+        assert (cfg["block_m"], cfg["swap_ab"], cfg["tma"], cfg["persistent"]) == (block_m, swap_ab, tma, tma), M
+        assert set(cfg) == set(fp8_backend._GMM_FP8_CONFIG_KEYS), M
+    assert fp8_backend.gmm_fp8_launch(16, E, interpret=True)["block_m"] == 32
 
 
 @pytest.mark.parametrize("case", list(GMM_CASES))
