@@ -3,6 +3,8 @@
     python benchmarks/sweep_fp8.py --out DIR [--configs mixtral olmoe]
     python benchmarks/sweep_fp8.py --out DIR --tokens 64 --variants 128x128x128_w8_s4 \
         16x128x128_w4_s4_swap 32x128x128_w4_s4_swap 64x128x128_w4_s4_swap    # decode tiles
+    python benchmarks/sweep_fp8.py --out DIR --variants 128x128x128_w8_s4_tma_pers_ws \
+        128x128x128_w8_s4_wgmma 128x128x128_w8_s5_wgmma                        # the Gluon form
 
 Per config, three products of the expert MLP in the layer's forms: `up` (x · w1[e]^T, weights
 [E, F, H] read K-major), `down` (h · w2[e]^T, [E, H, F]) and `dgrad` (the up projection's input
@@ -28,15 +30,15 @@ from megablocks.backend import gmm as gb  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
 
 
-def _variant(m, n, k, warps, stages, tma=False, persistent=False, warp_specialize=False, swap_ab=False):
+def _variant(m, n, k, warps, stages, tma=False, persistent=False, warp_specialize=False, swap_ab=False, wgmma=False):
     name = f"{m}x{n}x{k}_w{warps}_s{stages}" + ("_tma" if tma else "") + ("_pers" if persistent else "")
-    name += ("_ws" if warp_specialize else "") + ("_swap" if swap_ab else "")
+    name += ("_ws" if warp_specialize else "") + ("_swap" if swap_ab else "") + ("_wgmma" if wgmma else "")
     return name, dict(block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages, tma=tma,
-                      persistent=persistent, warp_specialize=warp_specialize, swap_ab=swap_ab)
+                      persistent=persistent, warp_specialize=warp_specialize, swap_ab=swap_ab, wgmma=wgmma)
 
 
 # Pointer loads (the default until measured otherwise), then TMA loads at several depths, one
-# program per SM, and 64-row tiles.
+# program per SM, and 64-row tiles; the decode tiles (swap_ab) and the Gluon form (wgmma).
 VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (128, 128, 128, 8, 4, {}),
     (128, 128, 128, 8, 4, dict(tma=True)),
@@ -55,6 +57,9 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (16, 128, 128, 4, 4, dict(swap_ab=True)),
     (32, 128, 128, 4, 4, dict(swap_ab=True)),
     (64, 128, 128, 4, 4, dict(swap_ab=True)),
+    (128, 128, 128, 8, 4, dict(wgmma=True)),
+    (128, 128, 128, 8, 5, dict(wgmma=True)),
+    (128, 128, 128, 8, 6, dict(wgmma=True)),
 ])
 
 

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from megablocks._checks import INDEX_DTYPES, check_tensor
-from megablocks.backend import cdiv, next_power_of_2
+from megablocks.backend import cdiv, fp8_wgmma, next_power_of_2
 from megablocks.backend.gmm import _group_table, _row_tile, _swizzle
 from megablocks.backend.launch import interpreted, persistent_programs, prepare_tma, tma_ok
 
@@ -495,12 +495,12 @@ FP8_DECODE_CONFIGS = [
 
 
 _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
-                        "warp_specialize", "swap_ab")
+                        "warp_specialize", "swap_ab", "wgmma")
 
 
 def gmm_fp8_launch(M: int, E: int, interpret: bool = False) -> dict:
     """`gmm_fp8`'s default launch settings for M rows over E experts (every key of `config`)."""
-    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False)
+    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False, wgmma=False)
     if interpret:
         cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
     elif M <= FP8_DECODE_CONFIGS[-1][0] * E:
@@ -530,7 +530,9 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product,
     `warp_specialize` (with TMA loads) runs the K loop's loads and products in separate warps,
     `swap_ab` (pointer loads) computes each tile transposed, weights times rows (for a few rows per
-    expert: `block_m` as small as 16 then fills the tensor cores' narrow side)."""
+    expert: `block_m` as small as 16 then fills the tensor cores' narrow side), `wgmma` takes the
+    Gluon form (`fp8_wgmma`: 128 x 128 x 128 tiles, each step's product in flight while the one
+    before it is promoted; `num_stages`, `num_warps`) on sm_90 where its operands allow TMA."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
     if config is not None and (not isinstance(config, dict) or set(config) - set(_GMM_FP8_CONFIG_KEYS)):
         raise ValueError(f"config: expected a dict with keys among {_GMM_FP8_CONFIG_KEYS}, got {config!r}")
@@ -556,6 +558,14 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         # 11.5 ms against 2.5; H200, sweep_fp8.py). A K-major copy costs one pass over the e4m3
         # weight.
         w_q = w_q.contiguous()
+    if cfg["wgmma"]:
+        tiles = {key: (config or {})[key] for key in ("block_m", "block_n", "block_k") if key in (config or {})}
+        if set(tiles.values()) - {fp8_wgmma.BLOCK} or cfg["swap_ab"]:
+            raise ValueError(f"config: wgmma takes {fp8_wgmma.BLOCK}-wide tiles and no swap_ab, got {config}")
+        if fp8_wgmma.usable(x_q, w_q):
+            num_tiles = (cdiv(M, fp8_wgmma.BLOCK) + E) * cdiv(N, fp8_wgmma.BLOCK)
+            return fp8_wgmma.gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, persistent_programs(x_q.device, num_tiles),
+                                           stages=cfg["num_stages"], num_warps=cfg["num_warps"])
     w_k_major = w_q.stride(2) == 1
     use_tma = bool(cfg["tma"]) and not cfg["swap_ab"] and tma_ok(x_q, w_q if w_k_major else w_q.transpose(1, 2))
     if use_tma:

@@ -278,6 +278,43 @@ def test_gmm_fp8_swap_ab_tiles(case, trans_b):
     assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
 
 
+@pytest.mark.parametrize("case", list(TMA_CASES))
+@pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
+def test_gmm_fp8_wgmma_form(case, trans_b):
+    """The Gluon form (`wgmma`: each step's product in flight while the one before it is promoted)
+    against the definition at the FP8 product's tolerance and against the Triton kernel's TMA
+    form (the same products promoted in the same order: equal bit for bit). On CPU, and where
+    the operands do not allow TMA (K not a multiple of 16), the call takes the Triton kernel."""
+    from megablocks.backend import fp8_wgmma
+
+    sizes, K, N = TMA_CASES[case]
+    x, w, batch_sizes = _operands(sizes, K, N, extra_rows=130, seed=13)
+    x_q, x_s = fp8.quantize_rows(x)
+    w_q, w_s = fp8.quantize_blocks(w if trans_b else w.transpose(1, 2).contiguous())
+    out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
+                      config=dict(wgmma=True))
+    assert_close("gmm_fp8 wgmma", out, _definition(x_q, x_s, w_q, w_s, sizes, trans_b), dtype=torch.float32,
+                 family="fp8")
+    assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
+    if DEVICE == "cuda" and fp8_wgmma.usable(x_q, w_q if trans_b else w_q.transpose(1, 2).contiguous()):
+        tma_form = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
+                               config=dict(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4,
+                                           tma=True, persistent=True))
+        assert torch.equal(out, tma_form), (case, trans_b)
+    bf16 = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.bfloat16, trans_b=trans_b,
+                       config=dict(wgmma=True))
+    assert_close("gmm_fp8 wgmma bf16", bf16, out, dtype=torch.bfloat16)
+
+
+def test_gmm_fp8_wgmma_validates():
+    x_q, x_s = fp8.quantize_rows(torch.randn(8, 128, device=DEVICE))
+    w_q, w_s = fp8.quantize_blocks(torch.randn(2, 128, 128, device=DEVICE))
+    sizes = torch.tensor([3, 5], dtype=torch.int32, device=DEVICE)
+    for bad in (dict(wgmma=True, block_m=64), dict(wgmma=True, swap_ab=True)):
+        with pytest.raises(ValueError, match="wgmma takes 128-wide tiles"):
+            fp8.gmm_fp8(x_q, x_s, w_q, w_s, sizes, config=bad)
+
+
 def test_gmm_fp8_accuracy_against_unquantized():
     """The whole FP8 path against the fp32 product of the unquantized operands: e4m3's 3-bit
     mantissa gives each input ~2.3% rms relative error (uniform rounding over a binade); products

@@ -1,0 +1,178 @@
+"""The FP8 grouped GEMM's Hopper form with two products in flight, written in Gluon.
+
+`gmm_fp8`'s Triton kernel promotes each 128-deep FP8 product (scaled by the rows' and the block's
+scales and added to the fp32 accumulator) before the next product starts: Triton waits for a
+product where its result is used. Here the schedule is explicit (Triton's Gluon dialect): step
+k's product is issued asynchronously (wgmma), then step k-1's is waited for (one product left in
+flight), its stage's buffers refilled by TMA and its result promoted while step k's runs on the
+tensor cores. Same arithmetic as the Triton kernel (one fresh fp32 product per 128-deep step,
+scaled and added in step order). Operands by TMA (x [M, K], the weight K-major as [E * N, K]),
+one program per SM looping over 128 x 128 output tiles, the row tiles' groups read from a table
+built on the device by `_row_tiles_kernel` (no host sync).
+
+Available where Triton ships Gluon's Hopper language (`AVAILABLE`); `gmm_fp8(config={'wgmma': True})`
+takes this form on sm_90 when the operands allow TMA, else its Triton kernel.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .gmm import _group_table, _row_tile
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    # The TMA load's name: `async_load` from Triton 3.7 on, `async_copy_global_to_shared` before.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    AVAILABLE = True
+except ImportError:  # a Triton without Gluon's Hopper language
+    AVAILABLE = False
+
+# Output tile and K step (one scale block per step).
+BLOCK = 128
+
+
+# Row tile t of the groups (`_row_tile`) -> table[t] = (group, first row, end row, flags): flags bit 0
+# a group's tile, bit 1 a tile at all (t below the row-tile count); other entries (0, 0, 0, 0).
+@triton.jit
+def _row_tiles_kernel(sizes_ptr, table_ptr, M, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    t = tl.program_id(0)
+    e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
+    rows_total = tl.max(ends, 0)
+    real_m_tiles = tl.sum(tiles, 0)
+    num_m_tiles = real_m_tiles + tl.cdiv(M - rows_total, BLOCK_M)
+    group, row0, row_end, real = _row_tile(t, e, starts, ends, tile_starts, tiles, real_m_tiles, rows_total, M,
+                                           BLOCK_M)
+    valid = t < num_m_tiles
+    tl.store(table_ptr + 4 * t, tl.where(valid, group, 0))
+    tl.store(table_ptr + 4 * t + 1, tl.where(valid, row0, 0))
+    tl.store(table_ptr + 4 * t + 2, tl.where(valid, row_end, 0))
+    tl.store(table_ptr + 4 * t + 3, tl.where(valid, 2 + real.to(tl.int32), 0))
+
+
+if AVAILABLE:
+
+    @gluon.jit
+    def _load_step(x_desc, w_desc, a_bufs, b_bufs, bars, g, row0, w_row, k, pred, STAGES: gl.constexpr):
+        """Loads of this program's step `g` (x rows from row0, weight rows from w_row, at k) into
+        stage g % STAGES, counted on its barrier; nothing where `pred` is false."""
+        s = g % STAGES
+        bar = bars.index(s)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
+        _tma_load(x_desc, [row0, k], bar, a_bufs.index(s), pred=pred)
+        _tma_load(w_desc, [w_row, k], bar, b_bufs.index(s), pred=pred)
+
+    @gluon.jit
+    def _product(a_bufs, b_bufs, bars, g, zero, STAGES: gl.constexpr):
+        """Step g's FP8 product into a fresh fp32 tile, issued asynchronously once its loads landed."""
+        s = g % STAGES
+        mbarrier.wait(bars.index(s), (g // STAGES) & 1)
+        return warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _scales(xs_rows, row_ok, ws_tile, kb, stride_wsk):
+        """[BLOCK_M] scales of step kb: the rows' times the weight block's."""
+        return gl.load(xs_rows + kb, mask=row_ok, other=0.0) * gl.load(ws_tile + kb * stride_wsk)
+
+    @gluon.jit
+    def _gmm_fp8_wgmma_kernel(
+        x_desc, w_desc, xs_ptr, ws_ptr, out_ptr, table_ptr,
+        N, K, num_m_tiles, num_programs,
+        stride_xsm, stride_wse, stride_wsn, stride_wsk, stride_om,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
+        STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                             instr_shape=[16, BLOCK_N, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(bars.index(s), count=1)
+        fence_async_shared()
+        zero = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, mma_layout)
+        num_n_tiles = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        c0 = 0  # this program's steps so far: step g uses stage g % STAGES, barrier phase (g // STAGES) & 1
+        for tile in range(gl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
+            width = GROUP_M * num_n_tiles
+            first_m = (tile // width) * GROUP_M
+            rows = gl.minimum(num_m_tiles - first_m, GROUP_M)
+            tile_m = first_m + (tile % width) % rows
+            n0 = ((tile % width) // rows) * BLOCK_N
+            group = gl.load(table_ptr + 4 * tile_m)
+            row0 = gl.load(table_ptr + 4 * tile_m + 1)
+            row_end = gl.load(table_ptr + 4 * tile_m + 2)
+            flags = gl.load(table_ptr + 4 * tile_m + 3)
+            offs_m = row0 + gl.arange(0, BLOCK_M, layout=rows_layout)
+            offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols_layout)
+            row_ok = offs_m < row_end
+            acc = gl.zeros((BLOCK_M, BLOCK_N), gl.float32, mma_layout)
+            if (flags & 1) != 0:
+                w_row = group * N + n0
+                xs_rows = xs_ptr + offs_m.to(gl.int64) * stride_xsm
+                ws_tile = ws_ptr + group.to(gl.int64) * stride_wse + (n0 // QB) * stride_wsn
+                for i in gl.static_range(STAGES - 1):
+                    _load_step(x_desc, w_desc, a_bufs, b_bufs, bars, c0 + i, row0, w_row, i * BLOCK_K, i < k_steps,
+                               STAGES)
+                prev = _product(a_bufs, b_bufs, bars, c0, zero, STAGES)
+                # Stage (c0 - 1) % STAGES: its last product finished with the previous tile.
+                _load_step(x_desc, w_desc, a_bufs, b_bufs, bars, c0 + STAGES - 1, row0, w_row,
+                           (STAGES - 1) * BLOCK_K, STAGES - 1 < k_steps, STAGES)
+                for ks in range(1, k_steps):
+                    cur = _product(a_bufs, b_bufs, bars, c0 + ks, zero, STAGES)
+                    scale = _scales(xs_rows, row_ok, ws_tile, ks - 1, stride_wsk)
+                    done = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))
+                    # Step ks - 1's stage is free: refill it with step ks + STAGES - 1.
+                    _load_step(x_desc, w_desc, a_bufs, b_bufs, bars, c0 + ks + STAGES - 1, row0, w_row,
+                               (ks + STAGES - 1) * BLOCK_K, ks + STAGES - 1 < k_steps, STAGES)
+                    acc += done * scale[:, None]
+                    prev = cur
+                scale = _scales(xs_rows, row_ok, ws_tile, k_steps - 1, stride_wsk)
+                done = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
+                acc += done * scale[:, None]
+                c0 += k_steps
+            out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
+            gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+        for s in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(s))
+
+
+def usable(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """Whether this form can take the operands: Gluon present, an sm_90 GPU, x and the [E, N, K]
+    weight laid out for TMA (unit K stride, 16-byte aligned rows and bases, the weight contiguous)."""
+    if not AVAILABLE or x_q.device.type != "cuda" or torch.cuda.get_device_capability(x_q.device) != (9, 0):
+        return False
+    E, N, K = w_q.shape
+    return (K % 16 == 0 and x_q.stride(1) == 1 and x_q.stride(0) % 16 == 0 and w_q.is_contiguous()
+            and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0)
+
+
+def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int = 4, num_warps: int = 8,
+                  group_m: int = 8) -> torch.Tensor:
+    """out[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T for `usable` operands: x_q
+    [M, K] e4m3, x_s [M, KB], w_q [E, N, K] e4m3 contiguous, w_s as its logical [E, NB, KB] strides,
+    sizes int32 [E] on the device, out [M, N] (rows past the groups' total written as zeros)."""
+    M, K = x_q.shape
+    E, N, _ = w_q.shape
+    max_m_tiles = triton.cdiv(M, BLOCK) + E
+    table = torch.empty((max_m_tiles, 4), dtype=torch.int32, device=x_q.device)
+    _row_tiles_kernel[(max_m_tiles,)](sizes, table, M, E, BLOCK_M=BLOCK, BLOCK_E=max(2, triton.next_power_of_2(E)))
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl.float8e4nv)
+    x_desc = TensorDescriptor(x_q, [M, K], [x_q.stride(0), 1], [BLOCK, BLOCK], layout)
+    w_desc = TensorDescriptor(w_q.view(E * N, K), [E * N, K], [K, 1], [BLOCK, BLOCK], layout)
+    programs = max(1, min(num_programs, max_m_tiles * triton.cdiv(N, BLOCK)))
+    _gmm_fp8_wgmma_kernel[(programs,)](
+        x_desc, w_desc, x_s, w_s, out, table,
+        N, K, max_m_tiles, programs,
+        x_s.stride(0), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
+        BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
+        num_warps=num_warps,
+    )
+    return out
