@@ -308,8 +308,11 @@ def main():
                    help="sweep_fp8 variants under which the --serving configs' decode (T = 64) is timed again")
     p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),
                    help="configs whose expert weights' block quantization is timed (none: skip)")
+    p.add_argument("--wgmma", action="store_true",
+                   help="products past the decode sizes in the Gluon form (megablocks.backend.fp8.FP8_WGMMA)")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
+    fp8_backend.FP8_WGMMA = args.wgmma
     if args.smoke or not torch.cuda.is_available():
         smoke()
         return

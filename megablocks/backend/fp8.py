@@ -494,6 +494,10 @@ FP8_DECODE_CONFIGS = [
 ]
 
 
+# Whether products past the decode sizes take the Gluon form (`wgmma`) by default.
+FP8_WGMMA = False
+
+
 _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
                         "warp_specialize", "swap_ab", "wgmma")
 
@@ -512,7 +516,7 @@ def gmm_fp8_launch(M: int, E: int, interpret: bool = False) -> dict:
         # olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two, TMA and 3 stages
         # 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
         cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
-                   warp_specialize=True)
+                   warp_specialize=True, wgmma=FP8_WGMMA)
     return cfg
 
 
