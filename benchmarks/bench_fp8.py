@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import time
 
 import torch
 
@@ -191,7 +192,19 @@ def serving_kernels(name, T):
         rows += [dict(config=name, T=T, experts=experts, kernel=kernel[:90], us=us)
                  for kernel, us in sorted(times.items(), key=lambda kv: -kv[1])]
         rows.append(dict(config=name, T=T, experts=experts, kernel="(all kernels)", us=sum(times.values())))
+        rows.append(dict(config=name, T=T, experts=experts, kernel="(host, per call)", us=host_us(call)))
     return rows
+
+
+def host_us(call, n=50):
+    """µs of host time per call: n calls issued back to back, timed to the last one's return
+    (the device keeps up where the host is slower than the kernels)."""
+    call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        call()
+    return (time.perf_counter() - start) / n * 1e6
 
 
 def serving_inputs(H, F, E, T, device, dtype):
