@@ -76,7 +76,7 @@ def _act(x, ACTIVATION: tl.constexpr):
         y = c * s
         dy = tl.where(clamped, 0.0, s * (1.0 + c * _SWIGLU_ALPHA * (1.0 - s)))
     else:  # relu
-        y = tl.maximum(x, 0.0)
+        y = tl.where(x < 0.0, 0.0, x)  # as torch's relu: NaN stays NaN (tl.maximum gave 0), -0 stays -0
         dy = tl.where(x > 0.0, 1.0, 0.0)
     return y, dy
 

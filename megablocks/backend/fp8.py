@@ -34,6 +34,7 @@ import triton.language as tl
 
 from megablocks._checks import INDEX_DTYPES, check_tensor
 from megablocks.backend import cdiv, fp8_wgmma, next_power_of_2
+from megablocks.backend.activation import ACTIVATIONS, _act, _up
 from megablocks.backend.gmm import _group_table, _row_tile, _swizzle
 from megablocks.backend.launch import interpreted, persistent_programs, prepare_tma, tma_ok
 
@@ -93,12 +94,39 @@ def _quantize_rows_kernel(
     cols = tl.program_id(1) * QB + tl.arange(0, QB)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
+    _store_row_tiles(x.to(tl.float32), rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm)
+
+
+# x: a [BLOCK_M, QB] fp32 tile (0 where masked) of rows `rows` and the program_id(1)-th Q columns
+# `cols`: its e4m3 values and one power-of-two scale per row.
+@triton.jit
+def _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm):
     scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=1))
     scale = tl.where(tl.max((x != x).to(tl.int32), axis=1) > 0, float("nan"), scale)  # max() skips NaN
     q = _round_e4m3(x * inv[:, None])
     tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + tl.program_id(1), scale, mask=rows < M)
+
+
+# The GLU between the expert products, quantized as it is made: h1_MK, h2_MK (the gate and up
+# halves, any row strides, last dim contiguous) -> q_MK, s_MKB of `act(h1) * up(h2)` rounded to
+# h1's dtype first (equal to `glu` then `quantize_rows`, without writing or reading the GLU).
+@triton.jit
+def _glu_quantize_rows_kernel(
+    h1_ptr, h2_ptr, q_ptr, s_ptr,
+    M, K,
+    stride_h1, stride_h2, stride_qm, stride_sm,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * QB + tl.arange(0, QB)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    h1 = tl.load(h1_ptr + rows[:, None].to(tl.int64) * stride_h1 + cols[None, :], mask=mask, other=0.0)
+    h2 = tl.load(h2_ptr + rows[:, None].to(tl.int64) * stride_h2 + cols[None, :], mask=mask, other=0.0)
+    a, _ = _act(h1.to(tl.float32), ACTIVATION)
+    u, _ = _up(h2.to(tl.float32), ACTIVATION)
+    x = tl.where(mask, (a * u).to(h1_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm)
 
 
 @triton.jit
@@ -344,6 +372,38 @@ def quantize_rows(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows(glu(h1, h2, activation))` in one pass: the gated activation of the GLU
+    experts (`megablocks.ops.activation.glu`: fp32 math, rounded to h1's dtype) quantized in 1 x Q
+    tiles as it is made, neither it nor contiguous halves written. h1, h2: `[M, K]` of one float
+    dtype, any row strides (e.g. the two halves of the up projection's `[M, 2K]` output), last dim
+    contiguous. Equal bit for bit to the two passes."""
+    check_tensor("h1", h1_MK, ndim=2, dtypes=_IN_DTYPES)
+    check_tensor("h2", h2_MK, ndim=2, dtypes=_IN_DTYPES)
+    if h2_MK.dtype != h1_MK.dtype or h2_MK.shape != h1_MK.shape or h2_MK.device != h1_MK.device:
+        raise ValueError(f"h2: expected h1's shape, dtype and device {tuple(h1_MK.shape)} {h1_MK.dtype} "
+                         f"{h1_MK.device}, got {tuple(h2_MK.shape)} {h2_MK.dtype} {h2_MK.device}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    for name, h in (("h1", h1_MK), ("h2", h2_MK)):
+        if h.stride(-1) != 1 and h.numel():
+            raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(h.stride())}")
+    M, K = h1_MK.shape
+    if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
+        from megablocks.ops.activation import glu_reference
+
+        return quantize_rows_reference(glu_reference(h1_MK, h2_MK, activation))
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=h1_MK.device)
+    s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=h1_MK.device)
+    if M and K:
+        block_m = 16 if interpreted(h1_MK) else 32
+        _glu_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
+            h1_MK, h2_MK, q, s, M, K, h1_MK.stride(0), h2_MK.stride(0), q.stride(0), s.stride(0),
+            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=4,
+        )
+    return q, s
+
+
 def _pow2_scales(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The torch form of `_pow2_scale`: (2^k, 2^-k) per amax (fp32)."""
     bits = amax.float().contiguous().view(torch.int32)
@@ -502,12 +562,13 @@ _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stage
                         "warp_specialize", "swap_ab", "wgmma")
 
 
-def gmm_fp8_launch(M: int, E: int, interpret: bool = False) -> dict:
-    """`gmm_fp8`'s default launch settings for M rows over E experts (every key of `config`)."""
+def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True) -> dict:
+    """`gmm_fp8`'s default launch settings for M rows over E experts (every key of `config`);
+    `decode=False` leaves out the few-rows-per-expert tiles (`FP8_DECODE_CONFIGS`)."""
     cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False, wgmma=False)
     if interpret:
         cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
-    elif M <= FP8_DECODE_CONFIGS[-1][0] * E:
+    elif decode and M <= FP8_DECODE_CONFIGS[-1][0] * E:
         cfg.update(next(launch for rows, launch in FP8_DECODE_CONFIGS if M <= rows * E))
     else:
         # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each), operands by
@@ -527,8 +588,9 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     `[E, N, K]` (out x in) with `[E, NB, KB]` scales and out = x @ w[e]^T; with trans_b=False it
     is `[E, K, N]` with `[E, KB, NB]` scales and out = x @ w[e] (the same quantized weight serves
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
-    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab'})
-    overrides the launch, for tuning and tests:
+    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab', 'wgmma'})
+    overrides the launch, for tuning and tests (keys left out take `gmm_fp8_launch`'s defaults,
+    those for many rows per expert unless `config` names `swap_ab`):
     `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
     per SM that loops over tiles, `copy_n_major` (default True) copies a weight whose K stride is
     not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product,
@@ -552,7 +614,9 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     if K == 0 or E == 0:
         return out.zero_()
     sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
-    cfg = gmm_fp8_launch(M, E, interpreted(x_q))
+    # A config that does not name swap_ab overrides the full-size launch: its keys (tma, wgmma,
+    # tiles) are not silently dropped by a decode tile that computes the product transposed.
+    cfg = gmm_fp8_launch(M, E, interpreted(x_q), decode=config is None or "swap_ab" in config)
     cfg.update(config or {})
     if Q % cfg["block_n"] or Q % cfg["block_k"]:
         raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")

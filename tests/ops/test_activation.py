@@ -119,6 +119,17 @@ def test_extreme_values(activation):
             torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_nan_propagates_as_torch(activation):
+    """A NaN in either branch gives NaN out, as torch's own functions (relu's max once dropped it)."""
+    nan = float("nan")
+    h1 = torch.tensor([nan, 1.0, -1.0, 2.0], device=DEVICE)
+    h2 = torch.tensor([1.0, nan, 1.0, 0.5], device=DEVICE)
+    out = glu(h1, h2, activation)
+    torch.testing.assert_close(out, glu_reference(h1, h2, activation), equal_nan=True)
+    assert out[:2].isnan().all() and not out[2:].isnan().any()
+
+
 def test_clamped_swiglu_clamps():
     """gpt-oss's clamped SwiGLU: the gate clamped above at 7, the linear branch at ±7 and shifted
     by one; no gradient where a clamp is active, the gradient at the limits themselves (torch's

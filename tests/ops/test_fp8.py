@@ -65,6 +65,48 @@ def test_quantize_rows(M, K, dtype):
     assert (err <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu"])
+@pytest.mark.parametrize("M, K", [(6, 300), (1, 128), (17, 1), (0, 10), (5, 0)])
+def test_glu_quantize_rows_equals_the_two_passes(M, K, activation, dtype):
+    """The GLU quantized as it is made, read from the two halves of one `[M, 2K]` tensor in
+    place, equals `glu` then `quantize_rows` bit for bit (values and scales), with outlier,
+    zero and NaN tiles; its dequantized values are the GLU's within e4m3's half unit."""
+    from megablocks.ops.activation import glu
+
+    h = torch.cat([_hostile(M, K, dtype, seed=M + K), _hostile(M, K, dtype, seed=M + K + 1) / 3], dim=1)
+    if M > 4 and K > 5:
+        h[4, K + 5] = float("nan")  # in the up half: NaN through every activation
+    h1, h2 = h[:, :K], h[:, K:]
+    q, s = fp8.glu_quantize_rows(h1, h2, activation)
+    a = glu(h1, h2, activation)
+    ref_q, ref_s = fp8.quantize_rows(a)
+    assert q.shape == (M, K) and s.shape == (M, -(-K // Q))
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(s.isnan(), ref_s.isnan()) and torch.equal(s.nan_to_num(), ref_s.nan_to_num())
+    if M > 4 and K > 5:
+        assert s[4, 0].isnan()  # the NaN makes its tile NaN
+    finite = ~s.isnan().repeat_interleave(Q, dim=1)[:, :K]
+    af = a.float()
+    err = (fp8.dequantize_rows(q, s) - af).abs()[finite]
+    bound = (af.abs() * 2.0**-4 + s.repeat_interleave(Q, dim=1)[:, :K] * 2.0**-10)[finite]
+    assert (err <= bound).all()
+
+
+def test_glu_quantize_rows_validates():
+    h = torch.randn(4, 256, device=DEVICE)
+    with pytest.raises(ValueError, match="h2: expected h1's shape"):
+        fp8.glu_quantize_rows(h[:, :128], h[:3, 128:], "silu")
+    with pytest.raises(ValueError, match="h2: expected h1's shape"):
+        fp8.glu_quantize_rows(h[:, :128], h[:, 128:].half(), "silu")
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        fp8.glu_quantize_rows(h[:, :128], h[:, 128:], "swish")
+    with pytest.raises(ValueError, match="h1: expected a contiguous last dim"):
+        fp8.glu_quantize_rows(h[:, ::2], h[:, 1::2], "silu")
+    with pytest.raises(TypeError):
+        fp8.glu_quantize_rows(h[:, :128].long(), h[:, 128:].long(), "silu")
+
+
 def test_rounding_ties_to_even_and_signed_zero():
     x = torch.tensor([[448.0, 1.0 + 2**-4, 1.0 + 3 * 2**-4, -(1.0 + 2**-4), -1e-9, 2**-10, 3 * 2**-10, 0.0]], device=DEVICE)
     x = torch.nn.functional.pad(x, (0, Q - x.shape[1]))
@@ -259,6 +301,8 @@ def test_gmm_fp8_default_launches():
         assert (cfg["block_m"], cfg["swap_ab"], cfg["tma"], cfg["persistent"]) == (block_m, swap_ab, tma, tma), M
         assert set(cfg) == set(fp8_backend._GMM_FP8_CONFIG_KEYS), M
     assert fp8_backend.gmm_fp8_launch(16, E, interpret=True)["block_m"] == 32
+    full = fp8_backend.gmm_fp8_launch(8 * E, E, decode=False)
+    assert (full["block_m"], full["swap_ab"], full["tma"]) == (128, False, True)
 
 
 @pytest.mark.parametrize("case", list(GMM_CASES))
