@@ -97,15 +97,48 @@ def _quantize_rows_kernel(
     _store_row_tiles(x.to(tl.float32), rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm)
 
 
-# x: a [BLOCK_M, QB] fp32 tile (0 where masked) of rows `rows` and the program_id(1)-th Q columns
-# `cols`: its e4m3 values and one power-of-two scale per row.
+# x: a [BLOCK_M, QB] fp32 tile (0 where masked), 1 x QB tiles of its rows -> (values rounded to
+# e4m3 as fp32, one power-of-two scale per row).
 @triton.jit
-def _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm):
+def _row_tiles(x):
     scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=1))
     scale = tl.where(tl.max((x != x).to(tl.int32), axis=1) > 0, float("nan"), scale)  # max() skips NaN
-    q = _round_e4m3(x * inv[:, None])
+    return _round_e4m3(x * inv[:, None]), scale
+
+
+# x as `_row_tiles`, of rows `rows` and the program_id(1)-th Q columns `cols`: stored.
+@triton.jit
+def _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm):
+    q, scale = _row_tiles(x)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + tl.program_id(1), scale, mask=rows < M)
+
+
+# The gather of the routed rows, quantized as it is made: token t's tiles of x_TK (last dim
+# contiguous) are quantized once and written to the rows assignment_row[t*TOP_K + k] of q_RK and
+# s_RKB (rows outside [0, R) are skipped). Program (i, j): tokens [i*BLOCK_T, (i+1)*BLOCK_T), the
+# j-th Q columns.
+@triton.jit
+def _gather_quantize_rows_kernel(
+    x_ptr, assignment_row_ptr, q_ptr, s_ptr,
+    T, R, K,
+    stride_x, stride_qm, stride_sm,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, QB: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * QB + tl.arange(0, QB)
+    in_range = tokens < T
+    in_cols = cols < K
+    x = tl.load(x_ptr + tokens[:, None].to(tl.int64) * stride_x + cols[None, :],
+                mask=in_range[:, None] & in_cols[None, :], other=0.0)
+    q, scale = _row_tiles(x.to(tl.float32))
+    q = q.to(q_ptr.dtype.element_ty)
+    for k in tl.static_range(TOP_K):
+        row = tl.load(assignment_row_ptr + tokens * TOP_K + k, mask=in_range, other=-1)
+        present = in_range & (row >= 0) & (row < R)
+        row = tl.where(present, row, 0).to(tl.int64)
+        tl.store(q_ptr + row[:, None] * stride_qm + cols[None, :], q, mask=present[:, None] & in_cols[None, :])
+        tl.store(s_ptr + row * stride_sm + tl.program_id(1), scale, mask=present)
 
 
 # The GLU between the expert products, quantized as it is made: h1_MK, h2_MK (the gate and up
@@ -401,6 +434,55 @@ def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str)
             h1_MK, h2_MK, q, s, M, K, h1_MK.stride(0), h2_MK.stride(0), q.stride(0), s.stride(0),
             ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=4,
         )
+    return q, s
+
+
+def gather_quantize_rows(x_TK: torch.Tensor, assignment_row_N: torch.Tensor,
+                         top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` of the routed rows in one pass: row `assignment_row[t * top_k + k]` of the
+    result is token t's row of `x_TK`, quantized in 1 x Q tiles (each token's tiles once, written
+    to its top_k rows; the e4m3 bytes then move instead of x's). The plain layout
+    (`megablocks.ops.permute.route`, `megablocks.ops.routing.row_maps`) names every one of the
+    N = T * top_k rows once: equal bit for bit to `quantize_rows(gather_routed(x, maps))`.
+
+    Args:
+        x_TK: [T, K] float32/float16/bfloat16, last dim contiguous.
+        assignment_row_N: [T * top_k] integer, the row of each assignment, a permutation of
+            [0, N) (rows outside it are skipped, and a row no assignment names is left unwritten).
+        top_k: the assignments per token.
+
+    Returns:
+        (q [N, K] e4m3, s [N, ceil(K / Q)] fp32 powers of two).
+    """
+    check_tensor("x", x_TK, ndim=2, dtypes=_IN_DTYPES)
+    check_tensor("assignment_row_N", assignment_row_N, ndim=1, dtypes=INDEX_DTYPES)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
+    T, K = x_TK.shape
+    n = assignment_row_N.numel()
+    if n != T * top_k:
+        raise ValueError(f"assignment_row_N: expected T * top_k = {T * top_k} elements, got {n}")
+    if assignment_row_N.device != x_TK.device:
+        raise ValueError(f"assignment_row_N: expected x's device {x_TK.device}, got {assignment_row_N.device}")
+    if x_TK.stride(-1) != 1 and x_TK.numel():
+        raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_TK.stride())}")
+    q = torch.empty((n, K), dtype=FP8_DTYPE, device=x_TK.device)
+    s = torch.empty((n, cdiv(K, Q)), dtype=torch.float32, device=x_TK.device)
+    if not (n and K):
+        return q, s
+    if x_TK.device.type != "cuda" and not interpreted(x_TK):
+        q_T, s_T = quantize_rows_reference(x_TK)
+        rows = assignment_row_N.long()
+        keep = (rows >= 0) & (rows < n)
+        tokens = torch.arange(n, device=x_TK.device) // top_k
+        q.view(torch.uint8)[rows[keep]] = q_T.view(torch.uint8)[tokens[keep]]
+        s[rows[keep]] = s_T[tokens[keep]]
+        return q, s
+    block_t = 16 if interpreted(x_TK) else 32
+    _gather_quantize_rows_kernel[(cdiv(T, block_t), cdiv(K, Q))](
+        x_TK, assignment_row_N, q, s, T, n, K, x_TK.stride(0), q.stride(0), s.stride(0),
+        TOP_K=top_k, BLOCK_T=block_t, QB=Q, num_warps=4,
+    )
     return q, s
 
 

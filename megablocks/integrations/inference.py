@@ -383,32 +383,50 @@ def _check_fp8_weights(hidden_states, w1, w2, w1_scale, w2_scale) -> None:
 
 def _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path, policy,
                    w1_scale, w2_scale) -> torch.Tensor:
-    """`fused_moe` on FP8 block-quantized experts: route, gather, quantize the rows, FP8 grouped
-    GEMM, GLU, quantize, FP8 grouped GEMM, weighted scatter."""
+    """`fused_moe` on FP8 block-quantized experts: route, quantize the rows as they are gathered,
+    FP8 grouped GEMM, GLU quantized as it is made, FP8 grouped GEMM, weighted scatter."""
     _check_fp8_weights(hidden_states, w1, w2, w1_scale, w2_scale)
     # The shape, routing and choice checks of the unquantized call, on meta stand-ins of the weights.
     meta_w = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731
     e, f = _check_args(hidden_states.to("meta"), meta_w(w1), meta_w(w2), gating_output.to("meta"), topk,
                        renormalize, activation, path)
-    weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
-    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation, policy)
+    t = hidden_states.shape[0]
+    if _routed_form_fits(hidden_states, policy) and topk_kernels.route_fits(t, e, topk, policy.route_max_work):
+        # The top-k and the maps in one launch, as the unquantized routed form.
+        weights_TK, counts_E, assignment_row_N, row_assignment_N = topk_kernels.softmax_topk_route(
+            gating_output, topk, renormalize)
+        routing = counts_E, RowMaps(assignment_row_N, row_assignment_N, topk)
+    else:
+        weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
+        routing = _fp8_routing(hidden_states, ids_TK, e, policy)
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation)
 
 
-def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation, policy) -> torch.Tensor:
-    """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` on checked FP8 experts: route, gather,
-    quantize the rows, FP8 grouped GEMM, GLU, quantize, FP8 grouped GEMM, weighted scatter."""
-    e, f = w1.shape[0], w1.shape[1] // 2
-    dtype = hidden_states.dtype
-    topk = ids_TK.shape[1]
+def _fp8_routing(hidden_states, ids_TK, e, policy) -> Tuple[torch.Tensor, RowMaps]:
+    """(tokens_per_expert_E, the plain layout's maps) of a routing given as ids: the routed form's
+    maps (`row_maps`, one program up to 4096 rows) where it runs, else `routing_metadata` and
+    `route`."""
+    if _routed_form_fits(hidden_states, policy):
+        return row_maps(ids_TK, e)
     meta = routing_metadata(ids_TK, e, 1, small_routing=policy.small_routing)
-    maps = route(meta.indices, meta.bin_ids, meta.bins, topk)
-    x_NH = gather_routed(hidden_states, maps)
-    h_N2F = fp8.gmm_fp8(*fp8.quantize_rows(x_NH), w1, w1_scale, meta.tokens_per_expert, out_dtype=dtype)
+    return meta.tokens_per_expert, route(meta.indices, meta.bin_ids, meta.bins, ids_TK.shape[1])
+
+
+def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation) -> torch.Tensor:
+    """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` on checked FP8 experts and a routing
+    (tokens_per_expert_E, maps): the rows quantized as they are gathered (each token's tiles once;
+    the e4m3 bytes move, not the rows'), FP8 grouped GEMM, the GLU quantized as it is made, FP8
+    grouped GEMM, weighted scatter."""
+    tokens_per_expert, maps = routing
+    f = w1.shape[1] // 2
+    dtype = hidden_states.dtype
+    x_q, x_s = fp8.gather_quantize_rows(hidden_states, maps.assignment_row, maps.top_k)
+    h_N2F = fp8.gmm_fp8(x_q, x_s, w1, w1_scale, tokens_per_expert, out_dtype=dtype)
     # The GLU quantized as it is made, from the two halves in place (a copy to contiguous halves,
     # the GLU's write and the quantizer's read of it were 0.93 of 4.87 ms of mixtral's T = 4096
     # forward; H200, bench_fp8.py --serving-breakdown).
     a_q, a_s = fp8.glu_quantize_rows(h_N2F[:, :f], h_N2F[:, f:], activation)
-    y_NH = fp8.gmm_fp8(a_q, a_s, w2, w2_scale, meta.tokens_per_expert, out_dtype=dtype)
+    y_NH = fp8.gmm_fp8(a_q, a_s, w2, w2_scale, tokens_per_expert, out_dtype=dtype)
     return scatter_routed(y_NH, maps, weights_TK.reshape(-1).float())
 
 
@@ -427,8 +445,8 @@ def fp8_experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale
     meta_w = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731
     _check_experts_args(hidden_states.to("meta"), meta_w(w1), meta_w(w2), ids_TK.to("meta"), weights_TK.to("meta"),
                         activation, True)
-    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation,
-                        as_policy(policy, "policy"))
+    routing = _fp8_routing(hidden_states, ids_TK, w1.shape[0], as_policy(policy, "policy"))
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation)
 
 
 def fused_moe_fp8_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,

@@ -93,6 +93,74 @@ def test_glu_quantize_rows_equals_the_two_passes(M, K, activation, dtype):
     assert (err <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, K, E, top_k", [(7, 300, 5, 2), (1, 128, 4, 4), (33, 130, 3, 1), (0, 64, 2, 2), (9, 1, 3, 3)])
+def test_gather_quantize_rows_equals_gather_then_quantize(T, K, E, top_k, dtype):
+    """The routed rows quantized as they are gathered equal `quantize_rows(gather_routed(x))` bit
+    for bit, through the maps of `route` and of `row_maps` (an empty expert, an id out of range,
+    an outlier and a NaN tile)."""
+    from megablocks.ops.permute import gather_routed, route
+    from megablocks.ops.routing import routing_metadata
+
+    x = _hostile(T, K, dtype, seed=T * 7 + K)
+    if T > 4 and K > 1:
+        x[4, 1] = float("nan")
+    g = torch.Generator().manual_seed(T + K + E)
+    ids = torch.randint(0, E - 1, (T, top_k), generator=g).to(DEVICE)  # expert E - 1 gets no row
+    meta = routing_metadata(ids, E, 1)
+    maps = route(meta.indices, meta.bin_ids, meta.bins, top_k)
+    q, s = fp8.gather_quantize_rows(x, maps.assignment_row, top_k)
+    ref_q, ref_s = fp8.quantize_rows(gather_routed(x, maps))
+    assert q.shape == (T * top_k, K) and s.shape == (T * top_k, -(-K // Q))
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(s.isnan(), ref_s.isnan()) and torch.equal(s.nan_to_num(), ref_s.nan_to_num())
+    if T > 4 and K > 1:
+        assert s.isnan().sum() == top_k  # the NaN tile, on each of its token's rows
+    if DEVICE == "cuda" and T:
+        from megablocks.ops.routing import row_maps
+
+        ids[0, 0] = E + 3  # out of range: a row after all experts'
+        _, maps = row_maps(ids, E)
+        q, s = fp8.gather_quantize_rows(x, maps.assignment_row, top_k)
+        ref_q, ref_s = fp8.quantize_rows(gather_routed(x, maps))
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+        assert torch.equal(s.nan_to_num(), ref_s.nan_to_num())
+
+
+def test_fused_quantizers_on_cpu_without_interpreter(monkeypatch):
+    """Off the interpreter a CPU tensor takes the torch forms: equal to the kernels' results."""
+    from megablocks.ops.permute import gather_routed, route
+    from megablocks.ops.routing import routing_metadata
+
+    x = _hostile(9, 300, torch.float32, seed=3).cpu()
+    h = _hostile(9, 600, torch.float32, seed=4).cpu()
+    ids = torch.randint(0, 4, (9, 2), generator=torch.Generator().manual_seed(0))
+    meta = routing_metadata(ids, 5, 1)
+    maps = route(meta.indices, meta.bin_ids, meta.bins, 2)
+    kernel = fp8.gather_quantize_rows(x, maps.assignment_row, 2), fp8.glu_quantize_rows(h[:, :300], h[:, 300:], "silu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch_form = fp8.gather_quantize_rows(x, maps.assignment_row, 2), fp8.glu_quantize_rows(h[:, :300], h[:, 300:], "silu")
+    for (q, s), (q_ref, s_ref) in zip(torch_form, kernel):
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+    assert torch.equal(torch_form[0][0].view(torch.uint8),
+                       fp8.quantize_rows_reference(gather_routed(x, maps))[0].view(torch.uint8))
+
+
+def test_gather_quantize_rows_validates():
+    x = torch.randn(4, 128, device=DEVICE)
+    rows = torch.arange(8, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="expected T \\* top_k = 12 elements"):
+        fp8.gather_quantize_rows(x, rows, 3)
+    with pytest.raises(ValueError, match="top_k: expected an int"):
+        fp8.gather_quantize_rows(x, rows, 0)
+    with pytest.raises(ValueError, match="x: expected a contiguous last dim"):
+        fp8.gather_quantize_rows(torch.randn(4, 256, device=DEVICE)[:, ::2], rows, 2)
+    with pytest.raises(TypeError):
+        fp8.gather_quantize_rows(x, rows.float(), 2)
+    with pytest.raises(TypeError):
+        fp8.gather_quantize_rows(x.long(), rows, 2)
+
+
 def test_glu_quantize_rows_validates():
     h = torch.randn(4, 256, device=DEVICE)
     with pytest.raises(ValueError, match="h2: expected h1's shape"):
