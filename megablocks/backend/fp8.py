@@ -12,6 +12,10 @@ accumulation promoted to fp32 once per Q-deep step:
     quantize_blocks(w_ENK)    -> (w_q_ENK e4m3, w_s_ENBKB fp32)  w ~ w_q * w_s (per Q x Q block)
     gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes_E) -> out_MN          out[rows of e] = x[rows of e] @ w[e]^T
 
+and, for the serving path, the quantizer fused with the pass before it: `gather_quantize_rows`
+(the routed rows, each token's tiles quantized once) and `glu_quantize_rows` (the GLU between the
+expert products, from the up projection's two halves in place).
+
 Scales. Any fp32 scales are read by `gmm_fp8` (checkpoints ship them as `weight_scale_inv`).
 The quantizers here produce powers of two: the smallest 2^k with amax(tile) / 2^k <= 448 (the
 largest e4m3 value). Dividing by a power of two is exact, so the kernels, the references and any
@@ -636,7 +640,9 @@ FP8_DECODE_CONFIGS = [
 ]
 
 
-# Whether products past the decode sizes take the Gluon form (`wgmma`) by default.
+# Whether products past the decode sizes take the Gluon form (`wgmma`) by default: no, it measured
+# 15-25% slower than the warp-specialized Triton kernel on every product of mixtral, olmoe and
+# qwen3moe (H200; benchmarks/RESULTS.md, "`fused_moe` on FP8 experts").
 FP8_WGMMA = False
 
 
