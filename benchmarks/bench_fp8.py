@@ -172,7 +172,7 @@ def decode_variant_rows(names, variants):
     rows = []
     try:
         for variant in variants:
-            fp8_backend.FP8_DECODE_CONFIGS[:] = [(bound, VARIANTS[variant])]
+            fp8_backend.FP8_DECODE_CONFIGS[:] = [(bound, {k: v for k, v in VARIANTS[variant].items() if k != "xs_t"})]
             rows += [{**serving_row(name, 64, "cuda"), "decode_variant": variant} for name in names]
     finally:
         fp8_backend.FP8_DECODE_CONFIGS[:] = saved

@@ -30,11 +30,16 @@ from megablocks.backend import gmm as gb  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
 
 
-def _variant(m, n, k, warps, stages, tma=False, persistent=False, warp_specialize=False, swap_ab=False, wgmma=False):
+def _variant(m, n, k, warps, stages, tma=False, persistent=False, warp_specialize=False, swap_ab=False, wgmma=False,
+             xs_t=False):
+    """(name, gmm_fp8 config); `xs_t` (not a config key: the sweep's own) stores the rows' scales
+    column by column ([KB, M] storage of the [M, KB] scales, each step's scales contiguous)."""
     name = f"{m}x{n}x{k}_w{warps}_s{stages}" + ("_tma" if tma else "") + ("_pers" if persistent else "")
     name += ("_ws" if warp_specialize else "") + ("_swap" if swap_ab else "") + ("_wgmma" if wgmma else "")
+    name += "_xsT" if xs_t else ""
     return name, dict(block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages, tma=tma,
-                      persistent=persistent, warp_specialize=warp_specialize, swap_ab=swap_ab, wgmma=wgmma)
+                      persistent=persistent, warp_specialize=warp_specialize, swap_ab=swap_ab, wgmma=wgmma,
+                      xs_t=xs_t)
 
 
 # Pointer loads (the default until measured otherwise), then TMA loads at several depths, one
@@ -60,6 +65,10 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (128, 128, 128, 8, 4, dict(wgmma=True)),
     (128, 128, 128, 8, 5, dict(wgmma=True)),
     (128, 128, 128, 8, 6, dict(wgmma=True)),
+    (128, 128, 128, 8, 4, dict(tma=True, persistent=True, warp_specialize=True, xs_t=True)),
+    (128, 128, 128, 8, 3, dict(tma=True, persistent=True, warp_specialize=True, xs_t=True)),
+    (128, 128, 128, 8, 4, dict(wgmma=True, xs_t=True)),
+    (128, 128, 128, 8, 4, dict(xs_t=True)),
 ])
 
 
@@ -92,10 +101,11 @@ def main():
             ms_bf16 = timed(lambda: gb.gmm(x, w, bs, trans_b=trans_b, backend="triton"))[0]
             first = None
             for variant in args.variants:
-                cfg = VARIANTS[variant]
+                cfg = dict(VARIANTS[variant])
+                xs = x_s.t().contiguous().t() if cfg.pop("xs_t") else x_s
                 try:
-                    out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, bs, trans_b=trans_b, config=cfg)
-                    ms = timed(lambda: fp8.gmm_fp8(x_q, x_s, w_q, w_s, bs, trans_b=trans_b, config=cfg))[0]
+                    out = fp8.gmm_fp8(x_q, xs, w_q, w_s, bs, trans_b=trans_b, config=cfg)
+                    ms = timed(lambda: fp8.gmm_fp8(x_q, xs, w_q, w_s, bs, trans_b=trans_b, config=cfg))[0]
                 except Exception as err:  # a variant that does not compile or fit on this GPU
                     print(f"{name} {proj} {variant}: failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
                     continue

@@ -240,7 +240,8 @@ def _quantize_blocks_kernel(
 def _gmm_fp8_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, sizes_ptr,
     M, N, K, E, num_programs,
-    stride_xm, stride_xsm, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk, stride_om,
+    stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
+    stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False, W_K_MAJOR: tl.constexpr = True,
     WARP_SPECIALIZE: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
@@ -278,7 +279,7 @@ def _gmm_fp8_kernel(
                 a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b_t = tl.load(w_ptrs, mask=(offs_n < N)[:, None] & k_ok[None, :], other=0.0)
                 part_t = tl.dot(b_t, tl.trans(a), out_dtype=tl.float32)
-                sa = tl.load(xs_ptrs + k // QB, mask=row_ok, other=0.0)
+                sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
                 sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
                 acc_t += part_t * (sa[None, :] * sb)
                 x_ptrs += BLOCK_K
@@ -303,7 +304,7 @@ def _gmm_fp8_kernel(
                     a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n < N)[None, :], other=0.0)
                 part = tl.dot(a, b, out_dtype=tl.float32)
-                sa = tl.load(xs_ptrs + k // QB, mask=row_ok, other=0.0)
+                sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
                 sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
                 acc += part * (sa[:, None] * sb)
                 x_ptrs += BLOCK_K
@@ -731,8 +732,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     _gmm_fp8_kernel[(programs,)](
         x_q, x_s, w_q, w_s, out, sizes,
         M, N, K, E, programs,
-        x_q.stride(0), x_s.stride(0), w_q.stride(0), w_q.stride(1), w_q.stride(2), w_s.stride(0), w_s.stride(1),
-        w_s.stride(2), out.stride(0),
+        x_q.stride(0), x_s.stride(0), x_s.stride(1), w_q.stride(0), w_q.stride(1), w_q.stride(2), w_s.stride(0),
+        w_s.stride(1), w_s.stride(2), out.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
         BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, USE_TMA=use_tma, W_K_MAJOR=w_k_major,
         WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and use_tma, SWAP_AB=bool(cfg["swap_ab"]),

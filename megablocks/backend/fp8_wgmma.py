@@ -74,15 +74,15 @@ if AVAILABLE:
         return warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _scales(xs_rows, row_ok, ws_tile, kb, stride_wsk):
+    def _scales(xs_rows, row_ok, ws_tile, kb, stride_xsk, stride_wsk):
         """[BLOCK_M] scales of step kb: the rows' times the weight block's."""
-        return gl.load(xs_rows + kb, mask=row_ok, other=0.0) * gl.load(ws_tile + kb * stride_wsk)
+        return gl.load(xs_rows + kb * stride_xsk, mask=row_ok, other=0.0) * gl.load(ws_tile + kb * stride_wsk)
 
     @gluon.jit
     def _gmm_fp8_wgmma_kernel(
         x_desc, w_desc, xs_ptr, ws_ptr, out_ptr, table_ptr,
         N, K, num_m_tiles, num_programs,
-        stride_xsm, stride_wse, stride_wsn, stride_wsk, stride_om,
+        stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
         STAGES: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr,
     ):
@@ -127,14 +127,14 @@ if AVAILABLE:
                            (STAGES - 1) * BLOCK_K, STAGES - 1 < k_steps, STAGES)
                 for ks in range(1, k_steps):
                     cur = _product(a_bufs, b_bufs, bars, c0 + ks, zero, STAGES)
-                    scale = _scales(xs_rows, row_ok, ws_tile, ks - 1, stride_wsk)
+                    scale = _scales(xs_rows, row_ok, ws_tile, ks - 1, stride_xsk, stride_wsk)
                     done = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))
                     # Step ks - 1's stage is free: refill it with step ks + STAGES - 1.
                     _load_step(x_desc, w_desc, a_bufs, b_bufs, bars, c0 + ks + STAGES - 1, row0, w_row,
                                (ks + STAGES - 1) * BLOCK_K, ks + STAGES - 1 < k_steps, STAGES)
                     acc += done * scale[:, None]
                     prev = cur
-                scale = _scales(xs_rows, row_ok, ws_tile, k_steps - 1, stride_wsk)
+                scale = _scales(xs_rows, row_ok, ws_tile, k_steps - 1, stride_xsk, stride_wsk)
                 done = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
                 acc += done * scale[:, None]
                 c0 += k_steps
@@ -157,7 +157,7 @@ def usable(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
 def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int = 4, num_warps: int = 8,
                   group_m: int = 8) -> torch.Tensor:
     """out[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T for `usable` operands: x_q
-    [M, K] e4m3, x_s [M, KB], w_q [E, N, K] e4m3 contiguous, w_s as its logical [E, NB, KB] strides,
+    [M, K] e4m3, x_s [M, KB] (any strides), w_q [E, N, K] e4m3 contiguous, w_s as its logical [E, NB, KB] strides,
     sizes int32 [E] on the device, out [M, N] (rows past the groups' total written as zeros)."""
     M, K = x_q.shape
     E, N, _ = w_q.shape
@@ -171,7 +171,7 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
     _gmm_fp8_wgmma_kernel[(programs,)](
         x_desc, w_desc, x_s, w_s, out, table,
         N, K, max_m_tiles, programs,
-        x_s.stride(0), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
+        x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
         BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
         num_warps=num_warps,
     )

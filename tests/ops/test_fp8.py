@@ -330,6 +330,26 @@ def test_gmm_fp8_against_definition(case, out_dtype, trans_b):
 TMA_CASES = dict(GMM_CASES, k_aligned=([5, 0, 40, 17], 96, 70))
 
 
+@pytest.mark.parametrize("config", [None, dict(swap_ab=True, block_m=16, num_warps=4), dict(wgmma=True)],
+                         ids=["default", "swap_ab", "wgmma"])
+def test_gmm_fp8_reads_the_scales_strides(config):
+    """The rows' scales stored column by column ([KB, M] storage; each step's scales contiguous)
+    give the same product, bit for bit, as row by row (the kernels once read them as unit-stride
+    along K whatever their strides); so do the weight scales stored transposed."""
+    sizes, K, N = [37, 0, 200, 19], 300, 140
+    x, w, batch_sizes = _operands(sizes, K, N, extra_rows=5, seed=21)
+    x_q, x_s = fp8.quantize_rows(x)
+    w_q, w_s = fp8.quantize_blocks(w)
+    out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, config=config)
+    x_s_cols = x_s.t().contiguous().t()
+    w_s_t = w_s.transpose(1, 2).contiguous().transpose(1, 2)
+    assert x_s_cols.stride() == (1, x_s.shape[0]) and not torch.equal(torch.tensor(x_s_cols.stride()),
+                                                                        torch.tensor(x_s.stride()))
+    moved = fp8.gmm_fp8(x_q, x_s_cols, w_q, w_s_t, batch_sizes, out_dtype=torch.float32, config=config)
+    assert torch.equal(out, moved)
+    assert_close("gmm_fp8", out, _definition(x_q, x_s, w_q, w_s, sizes, True), dtype=torch.float32, family="fp8")
+
+
 @pytest.mark.parametrize("case", list(TMA_CASES))
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
 def test_gmm_fp8_tma_loads_and_persistent_programs_equal_pointer_loads(case, trans_b, monkeypatch):
