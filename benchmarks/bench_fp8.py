@@ -307,6 +307,20 @@ def smoke():
     return errors
 
 
+def _launch_gluon(warp_specialize: bool) -> None:
+    """Make `gmm_fp8`'s default launch past the decode sizes the Gluon form (an A/B of this
+    process only: the library's default stays as measured)."""
+    launch = fp8_backend.gmm_fp8_launch
+
+    def patched(M, E, interpret=False, decode=True):
+        cfg = launch(M, E, interpret, decode)
+        if cfg["tma"] and not cfg["swap_ab"]:
+            cfg.update(wgmma=True, warp_specialize=warp_specialize)
+        return cfg
+
+    fp8_backend.gmm_fp8_launch = patched
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=".")
@@ -321,11 +335,13 @@ def main():
                    help="sweep_fp8 variants under which the --serving configs' decode (T = 64) is timed again")
     p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),
                    help="configs whose expert weights' block quantization is timed (none: skip)")
-    p.add_argument("--wgmma", action="store_true",
-                   help="products past the decode sizes in the Gluon form (megablocks.backend.fp8.FP8_WGMMA)")
+    p.add_argument("--wgmma", choices=["one-group", "warp-specialized"],
+                   help="products past the decode sizes in a Gluon form (gmm_fp8's config 'wgmma', with or "
+                        "without 'warp_specialize'), by a patched default launch")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
-    fp8_backend.FP8_WGMMA = args.wgmma
+    if args.wgmma:
+        _launch_gluon(args.wgmma == "warp-specialized")
     if args.smoke or not torch.cuda.is_available():
         smoke()
         return

@@ -69,6 +69,9 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (128, 128, 128, 8, 3, dict(tma=True, persistent=True, warp_specialize=True, xs_t=True)),
     (128, 128, 128, 8, 4, dict(wgmma=True, xs_t=True)),
     (128, 128, 128, 8, 4, dict(xs_t=True)),
+    (128, 128, 128, 8, 4, dict(warp_specialize=True, wgmma=True)),
+    (128, 128, 128, 8, 5, dict(warp_specialize=True, wgmma=True)),
+    (128, 128, 128, 8, 6, dict(warp_specialize=True, wgmma=True)),
 ])
 
 

@@ -641,10 +641,6 @@ FP8_DECODE_CONFIGS = [
 ]
 
 
-# Whether products past the decode sizes take the Gluon form (`wgmma`) by default: no, it measured
-# 15-25% slower than the warp-specialized Triton kernel on every product of mixtral, olmoe and
-# qwen3moe (H200; benchmarks/RESULTS.md, "`fused_moe` on FP8 experts").
-FP8_WGMMA = False
 
 
 _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
@@ -666,7 +662,9 @@ def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True)
         # olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two, TMA and 3 stages
         # 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
         cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
-                   warp_specialize=True, wgmma=FP8_WGMMA)
+                   warp_specialize=True)
+        # Not the Gluon form (`wgmma`): it measured 15-25% slower on every product of mixtral,
+        # olmoe and qwen3moe (benchmarks/RESULTS.md, "`fused_moe` on FP8 experts").
     return cfg
 
 
@@ -687,7 +685,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     `swap_ab` (pointer loads) computes each tile transposed, weights times rows (for a few rows per
     expert: `block_m` as small as 16 then fills the tensor cores' narrow side), `wgmma` takes the
     Gluon form (`fp8_wgmma`: 128 x 128 x 128 tiles, each step's product in flight while the one
-    before it is promoted; `num_stages`, `num_warps`) on sm_90 where its operands allow TMA."""
+    before it is promoted; `num_stages`, `num_warps`; with `warp_specialize` a loader warp and two
+    consumer warpgroups of 64 rows each) on sm_90 where its operands allow TMA."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
     if config is not None and (not isinstance(config, dict) or set(config) - set(_GMM_FP8_CONFIG_KEYS)):
         raise ValueError(f"config: expected a dict with keys among {_GMM_FP8_CONFIG_KEYS}, got {config!r}")
@@ -722,7 +721,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         if fp8_wgmma.usable(x_q, w_q):
             num_tiles = (cdiv(M, fp8_wgmma.BLOCK) + E) * cdiv(N, fp8_wgmma.BLOCK)
             return fp8_wgmma.gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, persistent_programs(x_q.device, num_tiles),
-                                           stages=cfg["num_stages"], num_warps=cfg["num_warps"])
+                                           stages=cfg["num_stages"], num_warps=cfg["num_warps"],
+                                           warp_specialize=bool(cfg["warp_specialize"]))
     w_k_major = w_q.stride(2) == 1
     use_tma = bool(cfg["tma"]) and not cfg["swap_ab"] and tma_ok(x_q, w_q if w_k_major else w_q.transpose(1, 2))
     if use_tma:

@@ -10,7 +10,7 @@ scaled and added in step order). Operands by TMA (x [M, K], the weight K-major a
 one program per SM looping over 128 x 128 output tiles, the row tiles' groups read from a table
 built on the device by `_row_tiles_kernel` (no host sync).
 
-Available where Triton ships Gluon's Hopper language (`AVAILABLE`); `gmm_fp8(config={'wgmma': True})`
+Available where Triton ships Gluon's Hopper language (`available()`); `gmm_fp8(config={'wgmma': True})`
 takes this form on sm_90 when the operands allow TMA, else its Triton kernel.
 """
 
@@ -28,12 +28,15 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     # The TMA load's name: `async_load` from Triton 3.7 on, `async_copy_global_to_shared` before.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    AVAILABLE = True
+    _gluon = True
 except ImportError:  # a Triton without Gluon's Hopper language
-    AVAILABLE = False
+    _gluon = False
 
 # Output tile and K step (one scale block per step).
 BLOCK = 128
+# The warp-specialized form's register limit at launch: 168 x 384 threads fit the 64K registers,
+# which the partitions then share out as 240 / 240 / 24 (see `_gmm_fp8_ws_kernel`).
+WS_MAXNREG = 168
 
 
 # Row tile t of the groups (`_row_tile`) -> table[t] = (group, first row, end row, flags): flags bit 0
@@ -54,7 +57,7 @@ def _row_tiles_kernel(sizes_ptr, table_ptr, M, E, BLOCK_M: tl.constexpr, BLOCK_E
     tl.store(table_ptr + 4 * t + 3, tl.where(valid, 2 + real.to(tl.int32), 0))
 
 
-if AVAILABLE:
+if _gluon:
 
     @gluon.jit
     def _load_step(x_desc, w_desc, a_bufs, b_bufs, bars, g, row0, w_row, k, pred, STAGES: gl.constexpr):
@@ -144,10 +147,131 @@ if AVAILABLE:
             mbarrier.invalidate(bars.index(s))
 
 
+if _gluon:
+    # The warp-specialized form: a one-warp partition issues every TMA load into a ring of STAGES
+    # buffers (`ready` barriers count the bytes in, `empty` barriers the two consumers' releases);
+    # two consumer warpgroups each take 64 rows of the 128 x 128 output tile and run their own
+    # chain (step k issued, step k-1 waited for, its buffers released, its result promoted), so
+    # that one group's promotion runs beside the other's products and neither waits on a load it
+    # did not issue. Registers: 4 + 4 + 1 warps (three warpgroups) under `maxnreg` 168 give the
+    # loader 24 and each consumer 240 (two 64-register products in flight and the accumulator).
+
+    @gluon.jit
+    def _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        """(group, first row, end row, flags, first column) of this program's tile `tile`."""
+        width = GROUP_M * num_n_tiles
+        first_m = (tile // width) * GROUP_M
+        rows = gl.minimum(num_m_tiles - first_m, GROUP_M)
+        tile_m = first_m + (tile % width) % rows
+        n0 = ((tile % width) // rows) * BLOCK_N
+        return (gl.load(table_ptr + 4 * tile_m), gl.load(table_ptr + 4 * tile_m + 1),
+                gl.load(table_ptr + 4 * tile_m + 2), gl.load(table_ptr + 4 * tile_m + 3), n0)
+
+    @gluon.jit
+    def _ws_loader(x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles, num_programs,
+                   BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        num_n_tiles = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        g = 0
+        for tile in range(gl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
+            group, row0, row_end, flags, n0 = _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, BLOCK_N, GROUP_M)
+            if (flags & 1) != 0:
+                w_row = group * N + n0
+                for ks in range(k_steps):
+                    s = g % STAGES
+                    # A fresh barrier counts as released once (phase 1 complete): the first pass waits on nothing.
+                    mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
+                    bar = ready.index(s)
+                    mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                    _tma_load(x_desc, [row0, ks * BLOCK_K], bar, a_bufs.index(s))
+                    _tma_load(w_desc, [w_row, ks * BLOCK_K], bar, b_bufs.index(s))
+                    g += 1
+
+    @gluon.jit
+    def _ws_consumer(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
+                     num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
+                     HALF: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
+                     STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+        """Rows [HALF * 64, HALF * 64 + 64) of each of this program's tiles."""
+        ROWS: gl.constexpr = 64
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        zero = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
+        num_n_tiles = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        g = 0
+        for tile in range(gl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
+            group, row0, row_end, flags, n0 = _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, BLOCK_N, GROUP_M)
+            offs_m = row0 + HALF * ROWS + gl.arange(0, ROWS, layout=rows_layout)
+            offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols_layout)
+            row_ok = offs_m < row_end
+            acc = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
+            if (flags & 1) != 0:
+                xs_rows = xs_ptr + offs_m.to(gl.int64) * stride_xsm
+                ws_tile = ws_ptr + group.to(gl.int64) * stride_wse + (n0 // QB) * stride_wsn
+                s = g % STAGES
+                mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+                prev = warpgroup_mma(a_bufs.index(s).slice(HALF * ROWS, ROWS), b_bufs.index(s).permute((1, 0)), zero,
+                                     use_acc=False, is_async=True)
+                for ks in range(1, k_steps):
+                    s = (g + ks) % STAGES
+                    mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
+                    cur = warpgroup_mma(a_bufs.index(s).slice(HALF * ROWS, ROWS), b_bufs.index(s).permute((1, 0)),
+                                        zero, use_acc=False, is_async=True)
+                    scale = _scales(xs_rows, row_ok, ws_tile, ks - 1, stride_xsk, stride_wsk)
+                    done = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))
+                    mbarrier.arrive(empty.index((g + ks - 1) % STAGES), count=1)
+                    acc += done * scale[:, None]
+                    prev = cur
+                scale = _scales(xs_rows, row_ok, ws_tile, k_steps - 1, stride_xsk, stride_wsk)
+                done = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
+                mbarrier.arrive(empty.index((g + k_steps - 1) % STAGES), count=1)
+                acc += done * scale[:, None]
+                g += k_steps
+            out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
+            gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+
+    @gluon.jit
+    def _gmm_fp8_ws_kernel(
+        x_desc, w_desc, xs_ptr, ws_ptr, out_ptr, table_ptr,
+        N, K, num_m_tiles, num_programs,
+        stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
+        STAGES: gl.constexpr, GROUP_M: gl.constexpr,
+    ):
+        a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
+        b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)  # both consumers release a stage
+        fence_async_shared()
+        FIRST: gl.constexpr = 0
+        SECOND: gl.constexpr = 1
+        gl.warp_specialize([
+            (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
+                            num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
+                            FIRST, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M)),
+            (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
+                            num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
+                            SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M)),
+            (_ws_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles, num_programs,
+                          BLOCK_N, BLOCK_K, STAGES, GROUP_M)),
+        ], [4, 1], [240, 24])
+
+
+def available() -> bool:
+    """Whether this Triton ships Gluon's Hopper language (the forms here compile)."""
+    return _gluon
+
+
 def usable(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
     """Whether this form can take the operands: Gluon present, an sm_90 GPU, x and the [E, N, K]
     weight laid out for TMA (unit K stride, 16-byte aligned rows and bases, the weight contiguous)."""
-    if not AVAILABLE or x_q.device.type != "cuda" or torch.cuda.get_device_capability(x_q.device) != (9, 0):
+    if not _gluon or x_q.device.type != "cuda" or torch.cuda.get_device_capability(x_q.device) != (9, 0):
         return False
     E, N, K = w_q.shape
     return (K % 16 == 0 and x_q.stride(1) == 1 and x_q.stride(0) % 16 == 0 and w_q.is_contiguous()
@@ -155,7 +279,7 @@ def usable(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int = 4, num_warps: int = 8,
-                  group_m: int = 8) -> torch.Tensor:
+                  group_m: int = 8, warp_specialize: bool = False) -> torch.Tensor:
     """out[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T for `usable` operands: x_q
     [M, K] e4m3, x_s [M, KB] (any strides), w_q [E, N, K] e4m3 contiguous, w_s as its logical [E, NB, KB] strides,
     sizes int32 [E] on the device, out [M, N] (rows past the groups' total written as zeros)."""
@@ -168,6 +292,15 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
     x_desc = TensorDescriptor(x_q, [M, K], [x_q.stride(0), 1], [BLOCK, BLOCK], layout)
     w_desc = TensorDescriptor(w_q.view(E * N, K), [E * N, K], [K, 1], [BLOCK, BLOCK], layout)
     programs = max(1, min(num_programs, max_m_tiles * triton.cdiv(N, BLOCK)))
+    if warp_specialize:  # a loader warp and two consumer warpgroups (`_gmm_fp8_ws_kernel`)
+        _gmm_fp8_ws_kernel[(programs,)](
+            x_desc, w_desc, x_s, w_s, out, table,
+            N, K, max_m_tiles, programs,
+            x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
+            BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
+            num_warps=4, maxnreg=WS_MAXNREG,
+        )
+        return out
     _gmm_fp8_wgmma_kernel[(programs,)](
         x_desc, w_desc, x_s, w_s, out, table,
         N, K, max_m_tiles, programs,

@@ -330,8 +330,9 @@ def test_gmm_fp8_against_definition(case, out_dtype, trans_b):
 TMA_CASES = dict(GMM_CASES, k_aligned=([5, 0, 40, 17], 96, 70))
 
 
-@pytest.mark.parametrize("config", [None, dict(swap_ab=True, block_m=16, num_warps=4), dict(wgmma=True)],
-                         ids=["default", "swap_ab", "wgmma"])
+@pytest.mark.parametrize("config", [None, dict(swap_ab=True, block_m=16, num_warps=4), dict(wgmma=True),
+                                    dict(wgmma=True, warp_specialize=False)],
+                         ids=["default", "swap_ab", "wgmma-warp-specialized", "wgmma-one-group"])
 def test_gmm_fp8_reads_the_scales_strides(config):
     """The rows' scales stored column by column ([KB, M] storage; each step's scales contiguous)
     give the same product, bit for bit, as row by row (the kernels once read them as unit-stride
@@ -412,11 +413,14 @@ def test_gmm_fp8_swap_ab_tiles(case, trans_b):
 
 @pytest.mark.parametrize("case", list(TMA_CASES))
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
-def test_gmm_fp8_wgmma_form(case, trans_b):
+@pytest.mark.parametrize("warp_specialize", [False, True], ids=["one-group", "warp-specialized"])
+def test_gmm_fp8_wgmma_form(case, trans_b, warp_specialize):
     """The Gluon form (`wgmma`: each step's product in flight while the one before it is promoted)
     against the definition at the FP8 product's tolerance and against the Triton kernel's TMA
-    form (the same products promoted in the same order: equal bit for bit). On CPU, and where
-    the operands do not allow TMA (K not a multiple of 16), the call takes the Triton kernel."""
+    form (the same products promoted in the same order: equal bit for bit); both its forms, the
+    one group of warps and the loader warp with two consumer warpgroups (`warp_specialize`). On
+    CPU, and where the operands do not allow TMA (K not a multiple of 16), the call takes the
+    Triton kernel."""
     from megablocks.backend import fp8_wgmma
 
     sizes, K, N = TMA_CASES[case]
@@ -424,7 +428,7 @@ def test_gmm_fp8_wgmma_form(case, trans_b):
     x_q, x_s = fp8.quantize_rows(x)
     w_q, w_s = fp8.quantize_blocks(w if trans_b else w.transpose(1, 2).contiguous())
     out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
-                      config=dict(wgmma=True))
+                      config=dict(wgmma=True, warp_specialize=warp_specialize))
     assert_close("gmm_fp8 wgmma", out, _definition(x_q, x_s, w_q, w_s, sizes, trans_b), dtype=torch.float32,
                  family="fp8")
     assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
@@ -434,7 +438,7 @@ def test_gmm_fp8_wgmma_form(case, trans_b):
                                            tma=True, persistent=True))
         assert torch.equal(out, tma_form), (case, trans_b)
     bf16 = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.bfloat16, trans_b=trans_b,
-                       config=dict(wgmma=True))
+                       config=dict(wgmma=True, warp_specialize=warp_specialize))
     assert_close("gmm_fp8 wgmma bf16", bf16, out, dtype=torch.bfloat16)
 
 

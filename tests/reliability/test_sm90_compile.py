@@ -35,7 +35,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 ELEMENT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
-def compile_kernel(fn, element, consts, num_warps, num_stages, types=None, source=ASTSource):
+def compile_kernel(fn, element, consts, num_warps, num_stages, types=None, source=ASTSource, options=None):
     names = list(inspect.signature(fn.fn).parameters)
     signature = {}
     for name in names:
@@ -49,16 +49,16 @@ def compile_kernel(fn, element, consts, num_warps, num_stages, types=None, sourc
         else:
             signature[name] = "i32"
     src = source(fn, signature=signature, constexprs={(names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages, **(options or {})})
 
 
 results = []
 
 
-def check(label, fn, element, consts, num_warps, num_stages, types=None, source=ASTSource):
+def check(label, fn, element, consts, num_warps, num_stages, types=None, source=ASTSource, options=None):
     try:
         start = time.perf_counter()
-        kernel = compile_kernel(fn, element, consts, num_warps, num_stages, types, source)
+        kernel = compile_kernel(fn, element, consts, num_warps, num_stages, types, source, options)
         results.append({"label": label, "shared": kernel.metadata.shared, "seconds": time.perf_counter() - start})
     except Exception as err:  # reported by the test
         results.append({"label": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
@@ -192,7 +192,7 @@ for dtype in (torch.bfloat16, torch.float32):
 # Hopper language, and the table of its row tiles.
 from megablocks.backend import fp8_wgmma as FW
 check("fp8 wgmma row tiles", FW._row_tiles_kernel, "*i32", dict(BLOCK_M=128, BLOCK_E=128), 4, 3)
-if FW.AVAILABLE:
+if FW.available():
     from triton.experimental.gluon._runtime import GluonASTSource
     DESC = "tensordesc<fp8e4nv[128, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([128, 128], FW.gl.float8e4nv)
     for dtype in (torch.bfloat16, torch.float32):
@@ -201,6 +201,11 @@ if FW.AVAILABLE:
                   dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, STAGES=stages, GROUP_M=8, num_warps=8), 8,
                   stages, types={"x_desc": DESC, "w_desc": DESC, "xs_ptr": "*fp32", "ws_ptr": "*fp32",
                                  "table_ptr": "*i32"}, source=GluonASTSource)
+            # The warp-specialized form: a loader warp and two consumer warpgroups under its register limit.
+            check(f"fp8 gmm wgmma warp-specialized into {dtype} stages={stages}", FW._gmm_fp8_ws_kernel,
+                  ELEMENT[dtype], dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, STAGES=stages, GROUP_M=8), 4,
+                  stages, types={"x_desc": DESC, "w_desc": DESC, "xs_ptr": "*fp32", "ws_ptr": "*fp32",
+                                 "table_ptr": "*i32"}, source=GluonASTSource, options={"maxnreg": FW.WS_MAXNREG})
 # The multi-tensor AdamW: addresses read from a table and cast to typed pointers.
 from megablocks.backend import optim as O
 FLOATS = ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "neg_step_size", "bias_correction2_sqrt", "eps")
