@@ -211,6 +211,11 @@ if _gluon:
             if (flags & 1) != 0:
                 xs_rows = xs_ptr + offs_m.to(gl.int64) * stride_xsm
                 ws_tile = ws_ptr + group.to(gl.int64) * stride_wse + (n0 // QB) * stride_wsn
+                # Each step's scales are read two steps ahead of their use (a global load's latency
+                # is longer than a step's products): scale_prev for the step being promoted,
+                # scale_cur for the one in flight.
+                scale_prev = _scales(xs_rows, row_ok, ws_tile, 0, stride_xsk, stride_wsk)
+                scale_cur = _scales(xs_rows, row_ok, ws_tile, gl.minimum(1, k_steps - 1), stride_xsk, stride_wsk)
                 s = g % STAGES
                 mbarrier.wait(ready.index(s), (g // STAGES) & 1)
                 prev = warpgroup_mma(a_bufs.index(s).slice(HALF * ROWS, ROWS), b_bufs.index(s).permute((1, 0)), zero,
@@ -220,15 +225,17 @@ if _gluon:
                     mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
                     cur = warpgroup_mma(a_bufs.index(s).slice(HALF * ROWS, ROWS), b_bufs.index(s).permute((1, 0)),
                                         zero, use_acc=False, is_async=True)
-                    scale = _scales(xs_rows, row_ok, ws_tile, ks - 1, stride_xsk, stride_wsk)
+                    scale_next = _scales(xs_rows, row_ok, ws_tile, gl.minimum(ks + 1, k_steps - 1), stride_xsk,
+                                         stride_wsk)
                     done = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))
                     mbarrier.arrive(empty.index((g + ks - 1) % STAGES), count=1)
-                    acc += done * scale[:, None]
+                    acc += done * scale_prev[:, None]
                     prev = cur
-                scale = _scales(xs_rows, row_ok, ws_tile, k_steps - 1, stride_xsk, stride_wsk)
+                    scale_prev = scale_cur
+                    scale_cur = scale_next
                 done = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
                 mbarrier.arrive(empty.index((g + k_steps - 1) % STAGES), count=1)
-                acc += done * scale[:, None]
+                acc += done * scale_prev[:, None]
                 g += k_steps
             out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
             gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
