@@ -31,15 +31,15 @@ from megablocks.ops import fp8  # noqa: E402
 
 
 def _variant(m, n, k, warps, stages, tma=False, persistent=False, warp_specialize=False, swap_ab=False, wgmma=False,
-             xs_t=False, prefetch_scales=False):
+             xs_t=False):
     """(name, gmm_fp8 config); `xs_t` (not a config key: the sweep's own) stores the rows' scales
     column by column ([KB, M] storage of the [M, KB] scales, each step's scales contiguous)."""
     name = f"{m}x{n}x{k}_w{warps}_s{stages}" + ("_tma" if tma else "") + ("_pers" if persistent else "")
     name += ("_ws" if warp_specialize else "") + ("_swap" if swap_ab else "") + ("_wgmma" if wgmma else "")
-    name += ("_xsT" if xs_t else "") + ("_pf" if prefetch_scales else "")
+    name += "_xsT" if xs_t else ""
     return name, dict(block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages, tma=tma,
                       persistent=persistent, warp_specialize=warp_specialize, swap_ab=swap_ab, wgmma=wgmma,
-                      xs_t=xs_t, prefetch_scales=prefetch_scales)
+                      xs_t=xs_t)
 
 
 # Pointer loads (the default until measured otherwise), then TMA loads at several depths, one
@@ -72,8 +72,6 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (128, 128, 128, 8, 4, dict(warp_specialize=True, wgmma=True)),
     (128, 128, 128, 8, 5, dict(warp_specialize=True, wgmma=True)),
     (128, 128, 128, 8, 6, dict(warp_specialize=True, wgmma=True)),
-    (128, 128, 128, 8, 4, dict(tma=True, persistent=True, warp_specialize=True, prefetch_scales=True)),
-    (128, 128, 128, 8, 4, dict(tma=True, persistent=True, prefetch_scales=True)),
 ])
 
 

@@ -244,7 +244,7 @@ def _gmm_fp8_kernel(
     stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False, W_K_MAJOR: tl.constexpr = True,
-    WARP_SPECIALIZE: tl.constexpr = False, SWAP_AB: tl.constexpr = False, PREFETCH_SCALES: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
@@ -292,10 +292,6 @@ def _gmm_fp8_kernel(
             w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
                       + offs_k[:, None].to(tl.int64) * stride_wk)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            # PREFETCH_SCALES: each step's scales read one step ahead of their use.
-            if PREFETCH_SCALES:
-                sa = tl.load(xs_ptrs, mask=row_ok, other=0.0)
-                sb = tl.load(ws_ptr_n)
             for k in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
                 if USE_TMA:
                     a = x_desc.load([row0, k])
@@ -308,17 +304,9 @@ def _gmm_fp8_kernel(
                     a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                     b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n < N)[None, :], other=0.0)
                 part = tl.dot(a, b, out_dtype=tl.float32)
-                if PREFETCH_SCALES:
-                    kb_next = tl.minimum((k + BLOCK_K) // QB, (K - 1) // QB)  # the last step reads its own again
-                    sa_next = tl.load(xs_ptrs + kb_next * stride_xsk, mask=row_ok, other=0.0)
-                    sb_next = tl.load(ws_ptr_n + kb_next * stride_wsk)
-                    acc += part * (sa[:, None] * sb)
-                    sa = sa_next
-                    sb = sb_next
-                else:
-                    sa_k = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
-                    sb_k = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
-                    acc += part * (sa_k[:, None] * sb_k)
+                sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
+                sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
+                acc += part * (sa[:, None] * sb)
                 x_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K * stride_wk
             acc = tl.where(real, acc, 0.0)
@@ -656,13 +644,13 @@ FP8_DECODE_CONFIGS = [
 
 
 _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
-                        "warp_specialize", "swap_ab", "wgmma", "prefetch_scales")
+                        "warp_specialize", "swap_ab", "wgmma")
 
 
 def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True) -> dict:
     """`gmm_fp8`'s default launch settings for M rows over E experts (every key of `config`);
     `decode=False` leaves out the few-rows-per-expert tiles (`FP8_DECODE_CONFIGS`)."""
-    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False, wgmma=False, prefetch_scales=False)
+    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False, wgmma=False)
     if interpret:
         cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
     elif decode and M <= FP8_DECODE_CONFIGS[-1][0] * E:
@@ -675,8 +663,9 @@ def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True)
         # 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
         cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
                    warp_specialize=True)
-        # Not the Gluon form (`wgmma`): it measured 15-25% slower on every product of mixtral,
-        # olmoe and qwen3moe (benchmarks/RESULTS.md, "`fused_moe` on FP8 experts").
+        # Not the Gluon forms (`wgmma`): on mixtral's, olmoe's and qwen3moe's products the one
+        # group of warps measured 15-25% slower, the warp-specialized form from 9% slower to 6%
+        # faster, slower on four of six (benchmarks/RESULTS.md, "`fused_moe` on FP8 experts").
     return cfg
 
 
@@ -687,8 +676,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     `[E, N, K]` (out x in) with `[E, NB, KB]` scales and out = x @ w[e]^T; with trans_b=False it
     is `[E, K, N]` with `[E, KB, NB]` scales and out = x @ w[e] (the same quantized weight serves
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
-    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab', 'wgmma',
-    'prefetch_scales'})
+    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab', 'wgmma'})
     overrides the launch, for tuning and tests (keys left out take `gmm_fp8_launch`'s defaults,
     those for many rows per expert unless `config` names `swap_ab`):
     `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
@@ -699,8 +687,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     expert: `block_m` as small as 16 then fills the tensor cores' narrow side), `wgmma` takes the
     Gluon form (`fp8_wgmma`: 128 x 128 x 128 tiles, each step's product in flight while the one
     before it is promoted; `num_stages`, `num_warps`; with `warp_specialize` a loader warp and two
-    consumer warpgroups of 64 rows each) on sm_90 where its operands allow TMA, `prefetch_scales`
-    (the Triton kernel's 128-row form) reads each step's scales one step ahead of their use."""
+    consumer warpgroups of 64 rows each) on sm_90 where its operands allow TMA."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
     if config is not None and (not isinstance(config, dict) or set(config) - set(_GMM_FP8_CONFIG_KEYS)):
         raise ValueError(f"config: expected a dict with keys among {_GMM_FP8_CONFIG_KEYS}, got {config!r}")
@@ -751,7 +738,6 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
         BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, USE_TMA=use_tma, W_K_MAJOR=w_k_major,
         WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and use_tma, SWAP_AB=bool(cfg["swap_ab"]),
-        PREFETCH_SCALES=bool(cfg["prefetch_scales"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
