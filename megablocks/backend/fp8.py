@@ -664,8 +664,8 @@ def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True)
         cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
                    warp_specialize=True)
         # Not the Gluon forms (`wgmma`): on mixtral's, olmoe's and qwen3moe's products the one
-        # group of warps measured 15-25% slower, the warp-specialized form from 9% slower to 6%
-        # faster, slower on four of six (benchmarks/RESULTS.md, "`fused_moe` on FP8 experts").
+        # group of warps measured 15-25% slower, the warp-specialized form from 10% slower to 6%
+        # faster, slower on five of six (benchmarks/RESULTS.md, "`fused_moe` on FP8 experts").
     return cfg
 
 
