@@ -686,8 +686,9 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     `swap_ab` (pointer loads) computes each tile transposed, weights times rows (for a few rows per
     expert: `block_m` as small as 16 then fills the tensor cores' narrow side), `wgmma` takes the
     Gluon form (`fp8_wgmma`: 128 x 128 x 128 tiles, each step's product in flight while the one
-    before it is promoted; `num_stages`, `num_warps`; with `warp_specialize` a loader warp and two
-    consumer warpgroups of 64 rows each) on sm_90 where its operands allow TMA."""
+    before it is promoted; `num_stages`, `num_warps`; with `warp_specialize` a loader warp and
+    consumer warpgroups of 64 rows each over `fp8_wgmma.WS_TILES`: 128 x 128, 192 x 128 or
+    128 x 256) on sm_90 where its operands allow TMA."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
     if config is not None and (not isinstance(config, dict) or set(config) - set(_GMM_FP8_CONFIG_KEYS)):
         raise ValueError(f"config: expected a dict with keys among {_GMM_FP8_CONFIG_KEYS}, got {config!r}")
@@ -707,7 +708,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     # tiles) are not silently dropped by a decode tile that computes the product transposed.
     cfg = gmm_fp8_launch(M, E, interpreted(x_q), decode=config is None or "swap_ab" in config)
     cfg.update(config or {})
-    if Q % cfg["block_n"] or Q % cfg["block_k"]:
+    if (Q % cfg["block_n"] or Q % cfg["block_k"]) and not cfg["wgmma"]:  # the Gluon forms' tiles: below
         raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")
     if cfg["copy_n_major"] and w_q.stride(2) != 1 and w_q.numel():
         # The tensor cores' FP8 products read their second operand K-major; read N-major in
@@ -716,14 +717,20 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         # weight.
         w_q = w_q.contiguous()
     if cfg["wgmma"]:
-        tiles = {key: (config or {})[key] for key in ("block_m", "block_n", "block_k") if key in (config or {})}
-        if set(tiles.values()) - {fp8_wgmma.BLOCK} or cfg["swap_ab"]:
-            raise ValueError(f"config: wgmma takes {fp8_wgmma.BLOCK}-wide tiles and no swap_ab, got {config}")
+        given = config or {}
+        tile = (given.get("block_m", fp8_wgmma.BLOCK), given.get("block_n", fp8_wgmma.BLOCK))
+        tiles = fp8_wgmma.WS_TILES if cfg["warp_specialize"] else {(fp8_wgmma.BLOCK, fp8_wgmma.BLOCK): None}
+        if tile not in tiles or given.get("block_k", fp8_wgmma.BLOCK) != fp8_wgmma.BLOCK or cfg["swap_ab"]:
+            raise ValueError(f"config: wgmma takes (block_m, block_n) among {tuple(tiles)}, block_k "
+                             f"{fp8_wgmma.BLOCK} and no swap_ab, got {config}")
         if fp8_wgmma.usable(x_q, w_q):
-            num_tiles = (cdiv(M, fp8_wgmma.BLOCK) + E) * cdiv(N, fp8_wgmma.BLOCK)
+            num_tiles = (cdiv(M, tile[0]) + E) * cdiv(N, tile[1])
             return fp8_wgmma.gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, persistent_programs(x_q.device, num_tiles),
                                            stages=cfg["num_stages"], num_warps=cfg["num_warps"],
-                                           warp_specialize=bool(cfg["warp_specialize"]))
+                                           warp_specialize=bool(cfg["warp_specialize"]), block_m=tile[0],
+                                           block_n=tile[1])
+        # The Triton kernel's 128 x 128 tiles where this form does not apply.
+        cfg.update(block_m=fp8_wgmma.BLOCK, block_n=fp8_wgmma.BLOCK)
     w_k_major = w_q.stride(2) == 1
     use_tma = bool(cfg["tma"]) and not cfg["swap_ab"] and tma_ok(x_q, w_q if w_k_major else w_q.transpose(1, 2))
     if use_tma:

@@ -413,14 +413,16 @@ def test_gmm_fp8_swap_ab_tiles(case, trans_b):
 
 @pytest.mark.parametrize("case", list(TMA_CASES))
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
-@pytest.mark.parametrize("warp_specialize", [False, True], ids=["one-group", "warp-specialized"])
-def test_gmm_fp8_wgmma_form(case, trans_b, warp_specialize):
+@pytest.mark.parametrize("form", [dict(warp_specialize=False), dict(warp_specialize=True),
+                                  dict(warp_specialize=True, block_m=192), dict(warp_specialize=True, block_n=256)],
+                         ids=["one-group", "warp-specialized", "warp-specialized-192x128", "warp-specialized-128x256"])
+def test_gmm_fp8_wgmma_form(case, trans_b, form):
     """The Gluon form (`wgmma`: each step's product in flight while the one before it is promoted)
     against the definition at the FP8 product's tolerance and against the Triton kernel's TMA
-    form (the same products promoted in the same order: equal bit for bit); both its forms, the
-    one group of warps and the loader warp with two consumer warpgroups (`warp_specialize`). On
-    CPU, and where the operands do not allow TMA (K not a multiple of 16), the call takes the
-    Triton kernel."""
+    form (the same products promoted in the same order: equal bit for bit); all its forms, the
+    one group of warps and the loader warp with two or three consumer warpgroups
+    (`warp_specialize`) over 128 x 128, 192 x 128 and 128 x 256 tiles. On CPU, and where the
+    operands do not allow TMA (K not a multiple of 16), the call takes the Triton kernel."""
     from megablocks.backend import fp8_wgmma
 
     sizes, K, N = TMA_CASES[case]
@@ -428,7 +430,7 @@ def test_gmm_fp8_wgmma_form(case, trans_b, warp_specialize):
     x_q, x_s = fp8.quantize_rows(x)
     w_q, w_s = fp8.quantize_blocks(w if trans_b else w.transpose(1, 2).contiguous())
     out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
-                      config=dict(wgmma=True, warp_specialize=warp_specialize))
+                      config=dict(wgmma=True, **form))
     assert_close("gmm_fp8 wgmma", out, _definition(x_q, x_s, w_q, w_s, sizes, trans_b), dtype=torch.float32,
                  family="fp8")
     assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
@@ -438,7 +440,7 @@ def test_gmm_fp8_wgmma_form(case, trans_b, warp_specialize):
                                            tma=True, persistent=True))
         assert torch.equal(out, tma_form), (case, trans_b)
     bf16 = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.bfloat16, trans_b=trans_b,
-                       config=dict(wgmma=True, warp_specialize=warp_specialize))
+                       config=dict(wgmma=True, **form))
     assert_close("gmm_fp8 wgmma bf16", bf16, out, dtype=torch.bfloat16)
 
 
@@ -446,8 +448,10 @@ def test_gmm_fp8_wgmma_validates():
     x_q, x_s = fp8.quantize_rows(torch.randn(8, 128, device=DEVICE))
     w_q, w_s = fp8.quantize_blocks(torch.randn(2, 128, 128, device=DEVICE))
     sizes = torch.tensor([3, 5], dtype=torch.int32, device=DEVICE)
-    for bad in (dict(wgmma=True, block_m=64), dict(wgmma=True, swap_ab=True)):
-        with pytest.raises(ValueError, match="wgmma takes 128-wide tiles"):
+    for bad in (dict(wgmma=True, block_m=64), dict(wgmma=True, swap_ab=True),
+                dict(wgmma=True, warp_specialize=False, block_m=192), dict(wgmma=True, block_m=192, block_n=256),
+                dict(wgmma=True, block_k=64)):
+        with pytest.raises(ValueError, match="wgmma takes"):
             fp8.gmm_fp8(x_q, x_s, w_q, w_s, sizes, config=bad)
 
 
