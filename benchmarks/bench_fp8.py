@@ -307,15 +307,23 @@ def smoke():
     return errors
 
 
-def _launch_gluon(warp_specialize: bool) -> None:
-    """Make `gmm_fp8`'s default launch past the decode sizes the Gluon form (an A/B of this
-    process only: the library's default stays as measured)."""
+# The Gluon forms `--wgmma` takes: gmm_fp8 config keys beside wgmma=True.
+GLUON_FORMS = {
+    "one-group": dict(warp_specialize=False),
+    "warp-specialized": dict(warp_specialize=True),
+    "warp-specialized-192x128": dict(warp_specialize=True, block_m=192, num_warps=4),
+}
+
+
+def _launch_gluon(form: dict) -> None:
+    """Make `gmm_fp8`'s default launch past the decode sizes a Gluon form (an A/B of this process
+    only: the library's default stays as measured)."""
     launch = fp8_backend.gmm_fp8_launch
 
     def patched(M, E, interpret=False, decode=True):
         cfg = launch(M, E, interpret, decode)
         if cfg["tma"] and not cfg["swap_ab"]:
-            cfg.update(wgmma=True, warp_specialize=warp_specialize)
+            cfg.update(wgmma=True, **form)
         return cfg
 
     fp8_backend.gmm_fp8_launch = patched
@@ -335,13 +343,13 @@ def main():
                    help="sweep_fp8 variants under which the --serving configs' decode (T = 64) is timed again")
     p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),
                    help="configs whose expert weights' block quantization is timed (none: skip)")
-    p.add_argument("--wgmma", choices=["one-group", "warp-specialized"],
-                   help="products past the decode sizes in a Gluon form (gmm_fp8's config 'wgmma', with or "
-                        "without 'warp_specialize'), by a patched default launch")
+    p.add_argument("--wgmma", choices=list(GLUON_FORMS),
+                   help="products past the decode sizes in a Gluon form (gmm_fp8's config 'wgmma' with these "
+                        "keys: GLUON_FORMS), by a patched default launch")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.wgmma:
-        _launch_gluon(args.wgmma == "warp-specialized")
+        _launch_gluon(GLUON_FORMS[args.wgmma])
     if args.smoke or not torch.cuda.is_available():
         smoke()
         return

@@ -663,9 +663,11 @@ def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True)
         # 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
         cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
                    warp_specialize=True)
-        # Not the Gluon forms (`wgmma`): on mixtral's, olmoe's and qwen3moe's products the one
-        # group of warps measured 15-25% slower, the warp-specialized form from 10% slower to 6%
-        # faster, slower on five of six (benchmarks/RESULTS.md, "`fused_moe` on FP8 experts").
+        # Not yet the Gluon forms (`wgmma`): over 128 x 128 tiles the one group of warps measured
+        # 15-25% slower on mixtral's, olmoe's and qwen3moe's products, the warp-specialized form
+        # level or slower; over 192 x 128 tiles (three consumer warpgroups) 4-16% faster on all six,
+        # the next default once the layer and serving runs and the GPU suite have run with it
+        # (benchmarks/RESULTS.md, "`fused_moe` on FP8 experts").
     return cfg
 
 
@@ -706,8 +708,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
     # A config that does not name swap_ab overrides the full-size launch: its keys (tma, wgmma,
     # tiles) are not silently dropped by a decode tile that computes the product transposed.
-    cfg = gmm_fp8_launch(M, E, interpreted(x_q), decode=config is None or "swap_ab" in config)
-    cfg.update(config or {})
+    base = gmm_fp8_launch(M, E, interpreted(x_q), decode=config is None or "swap_ab" in config)
+    cfg = dict(base, **(config or {}))
     if (Q % cfg["block_n"] or Q % cfg["block_k"]) and not cfg["wgmma"]:  # the Gluon forms' tiles: below
         raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")
     if cfg["copy_n_major"] and w_q.stride(2) != 1 and w_q.numel():
@@ -717,10 +719,11 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         # weight.
         w_q = w_q.contiguous()
     if cfg["wgmma"]:
-        given = config or {}
-        tile = (given.get("block_m", fp8_wgmma.BLOCK), given.get("block_n", fp8_wgmma.BLOCK))
+        # Its tiles: config's, else the launch's where the launch took this form, else 128.
+        chosen = dict(base if base["wgmma"] else {}, **(config or {}))
+        tile = tuple(chosen.get(key, fp8_wgmma.BLOCK) for key in ("block_m", "block_n", "block_k"))
         tiles = fp8_wgmma.WS_TILES if cfg["warp_specialize"] else {(fp8_wgmma.BLOCK, fp8_wgmma.BLOCK): None}
-        if tile not in tiles or given.get("block_k", fp8_wgmma.BLOCK) != fp8_wgmma.BLOCK or cfg["swap_ab"]:
+        if tile[:2] not in tiles or tile[2] != fp8_wgmma.BLOCK or cfg["swap_ab"]:
             raise ValueError(f"config: wgmma takes (block_m, block_n) among {tuple(tiles)}, block_k "
                              f"{fp8_wgmma.BLOCK} and no swap_ab, got {config}")
         if fp8_wgmma.usable(x_q, w_q):

@@ -10,6 +10,11 @@ scaled and added in step order). Operands by TMA (x [M, K], the weight K-major a
 one program per SM looping over 128 x 128 output tiles, the row tiles' groups read from a table
 built on the device by `_row_tiles_kernel` (no host sync).
 
+The warp-specialized forms (`warp_specialize`) move the loads to a one-warp partition and split
+each output tile among 64-row consumer warpgroups, each with its own chain: two over 128 x 128 or
+128 x 256 tiles, three over 192 x 128 (the fastest measured: 4-16% under the Triton kernel on
+mixtral's, olmoe's and qwen3moe's products; benchmarks/RESULTS.md).
+
 Available where Triton ships Gluon's Hopper language (`available()`); `gmm_fp8(config={'wgmma': True})`
 takes this form on sm_90 when the operands allow TMA, else its Triton kernel.
 """
