@@ -218,7 +218,6 @@ if _gluon:
         for tile in range(gl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
             group, row0, row_end, flags, n0 = _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, BLOCK_N, GROUP_M)
             offs_m = row0 + HALF * ROWS + gl.arange(0, ROWS, layout=rows_layout)
-            offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols_layout)
             row_ok = offs_m < row_end
             acc = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
             if (flags & 1) != 0 and not DEFER:
@@ -269,6 +268,7 @@ if _gluon:
                 mbarrier.arrive(empty.index((g + k_steps - 1) % STAGES), count=1)
                 acc += done * scale_prev[:, None]
                 g += k_steps
+            offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols_layout)  # after the loop: no registers held across it
             out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
             gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
 
