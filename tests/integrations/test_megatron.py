@@ -39,12 +39,12 @@ H, FFN, E, LAYERS = 32, 48, 4, 2
 
 
 @pytest.fixture(scope="module", autouse=True)
-def model_parallel():
+def model_parallel(tmp_path_factory):
     started = False
     if not dist.is_initialized():
-        from tests.parallel.launcher import _free_port
-
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        # A store file, not a TCP port that another test worker could take first.
+        store = tmp_path_factory.mktemp("process-group") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
         started = True
     parallel_state.initialize_model_parallel(1, 1)
     yield

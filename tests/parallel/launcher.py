@@ -1,7 +1,8 @@
 """Runs a test body in W processes joined by a process group, bounded by a timeout.
 
 `run(target, world_size, *args)` spawns W processes; each initialises torch.distributed (gloo,
-a fresh TCP port), imports `target` ("module:function") and calls `function(rank, world_size,
+through a store file of a fresh temporary folder: no port to pick, so no race with another run
+taking the same one), imports `target` ("module:function") and calls `function(rank, world_size,
 *args)`. The call fails with every rank's traceback when a rank raises, and fails (after
 killing the ranks) when they do not finish within `timeout` seconds: a hang is a failure.
 
@@ -12,7 +13,8 @@ the ranks use NCCL, one GPU each (rank r on cuda:r).
 
 import importlib
 import os
-import socket
+import shutil
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -20,13 +22,7 @@ from datetime import timedelta
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world_size, port, interpret, target, args, errors, cpu_only=False):
+def _entry(rank, world_size, store, interpret, target, args, errors, cpu_only=False):
     os.environ["TRITON_INTERPRET"] = interpret
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
@@ -39,7 +35,7 @@ def _entry(rank, world_size, port, interpret, target, args, errors, cpu_only=Fal
             torch.cuda.set_device(rank)
             backend = "nccl"
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
             timeout=timedelta(seconds=60),
         )
         module, name = target.split(":")
@@ -62,22 +58,28 @@ def run(target: str, world_size: int, *args, interpret: str = "0", timeout: floa
         pytest.skip(f"{world_size} ranks need {world_size} GPUs, {torch.cuda.device_count()} visible")
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    port = _free_port()
+    # A TCP port picked free here could be taken by another run before rank 0 listened on it (seen
+    # as EADDRINUSE with parallel test workers); a store file in a folder of its own cannot.
+    folder = tempfile.mkdtemp(prefix="megablocks-ranks-")
+    store = os.path.join(folder, "store")
     procs = [
-        ctx.Process(target=_entry, args=(rank, world_size, port, interpret, target, args, errors, cpu_only), daemon=True)
+        ctx.Process(target=_entry, args=(rank, world_size, store, interpret, target, args, errors, cpu_only),
+                    daemon=True)
         for rank in range(world_size)
     ]
-    for p in procs:
-        p.start()
-
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     failures = []
     while not errors.empty():
         failures.append(errors.get())
