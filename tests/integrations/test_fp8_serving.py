@@ -63,6 +63,48 @@ def test_fused_moe_fp8(t, h, f, e, k, dtype):
     assert 1e-3 < rms < 0.1, rms
 
 
+@pytest.mark.parametrize("t, e, k", [(13, 5, 2), (300, 64, 8)])
+def test_fused_moe_fp8_routings_agree(t, e, k):
+    """The routed form's routing (the one-launch top-k and maps where they fit, else `row_maps`)
+    and the general one (`routing_metadata` and `route`, with the policy's fused forms off) lay
+    the rows out alike: the same output bit for bit."""
+    from megablocks.policy import KernelPolicy
+
+    x, w1, w2, gating = _layer(t, 136, 72, e, torch.float32, seed=t + e)
+    q1, s1 = fp8.quantize_blocks(w1)
+    q2, s2 = fp8.quantize_blocks(w2)
+    routed = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)
+    general = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2,
+                        policy=KernelPolicy(fused_forms=False))
+    assert torch.equal(routed, general)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("t", [64, 1000])
+def test_fused_moe_fp8_cuda_graph_and_no_sync(t):
+    """No host sync in the FP8 call (sync debug mode "error"), and a CUDA graph captured once
+    replays it on new tokens and router logits (as serving engines run decode)."""
+    x, w1, w2, gating = _layer(t, 256, 192, 8, torch.bfloat16, seed=t)
+    q1, s1 = fp8.quantize_blocks(w1)
+    q2, s2 = fp8.quantize_blocks(w2)
+    call = lambda: fused_moe(x, q1, q2, gating, 2, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
+    call()  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    x.copy_(torch.randn_like(x))
+    gating.copy_(torch.randn_like(gating))
+    graph.replay()
+    assert torch.equal(out, call())
+
+
 def test_fused_moe_fp8_empty_and_checks():
     x, w1, w2, gating = _layer(0, 64, 32, 4, torch.float32, seed=1)
     q1, s1 = fp8.quantize_blocks(w1)
