@@ -74,8 +74,6 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (128, 128, 128, 8, 6, dict(warp_specialize=True, wgmma=True)),
     (192, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True)),
     (192, 128, 128, 4, 5, dict(warp_specialize=True, wgmma=True)),
-    (128, 256, 128, 4, 4, dict(warp_specialize=True, wgmma=True)),
-    (128, 256, 128, 4, 3, dict(warp_specialize=True, wgmma=True)),
 ])
 
 

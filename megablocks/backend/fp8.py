@@ -641,8 +641,6 @@ FP8_DECODE_CONFIGS = [
 ]
 
 
-
-
 _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
                         "warp_specialize", "swap_ab", "wgmma")
 
@@ -689,8 +687,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     expert: `block_m` as small as 16 then fills the tensor cores' narrow side), `wgmma` takes the
     Gluon form (`fp8_wgmma`: 128 x 128 x 128 tiles, each step's product in flight while the one
     before it is promoted; `num_stages`, `num_warps`; with `warp_specialize` a loader warp and
-    consumer warpgroups of 64 rows each over `fp8_wgmma.WS_TILES`: 128 x 128, 192 x 128 or
-    128 x 256) on sm_90 where its operands allow TMA."""
+    consumer warpgroups of 64 rows each over `fp8_wgmma.WS_TILES`: 128 x 128 or 192 x 128) on
+    sm_90 where its operands allow TMA."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
     if config is not None and (not isinstance(config, dict) or set(config) - set(_GMM_FP8_CONFIG_KEYS)):
         raise ValueError(f"config: expected a dict with keys among {_GMM_FP8_CONFIG_KEYS}, got {config!r}")
@@ -730,8 +728,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
             num_tiles = (cdiv(M, tile[0]) + E) * cdiv(N, tile[1])
             return fp8_wgmma.gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, persistent_programs(x_q.device, num_tiles),
                                            stages=cfg["num_stages"], num_warps=cfg["num_warps"],
-                                           warp_specialize=bool(cfg["warp_specialize"]), block_m=tile[0],
-                                           block_n=tile[1])
+                                           warp_specialize=bool(cfg["warp_specialize"]), block_m=tile[0])
         # The Triton kernel's 128 x 128 tiles where this form does not apply.
         cfg.update(block_m=fp8_wgmma.BLOCK, block_n=fp8_wgmma.BLOCK)
     w_k_major = w_q.stride(2) == 1

@@ -11,8 +11,8 @@ one program per SM looping over 128 x 128 output tiles, the row tiles' groups re
 built on the device by `_row_tiles_kernel` (no host sync).
 
 The warp-specialized forms (`warp_specialize`) move the loads to a one-warp partition and split
-each output tile among 64-row consumer warpgroups, each with its own chain: two over 128 x 128 or
-128 x 256 tiles, three over 192 x 128 (the fastest measured: 4-16% under the Triton kernel on
+each output tile among 64-row consumer warpgroups, each with its own chain: two over 128 x 128
+tiles, three over 192 x 128 (the fastest measured: 4-16% under the Triton kernel on
 mixtral's, olmoe's and qwen3moe's products; benchmarks/RESULTS.md).
 
 Available where Triton ships Gluon's Hopper language (`available()`); `gmm_fp8(config={'wgmma': True})`
@@ -42,8 +42,9 @@ BLOCK = 128
 # The warp-specialized form's output tiles (block_m, block_n) and, for each, the register limit at
 # launch: two consumer warpgroups and the loader's (384 threads) at 168 fit the 64K registers,
 # shared out as 240 / 240 / 24; three and the loader's (512 threads) at 128, shared out as
-# 168 / 160 / 160 / 24.
-WS_TILES = {(128, 128): 168, (192, 128): 128, (128, 256): 168}
+# 168 / 160 / 160 / 24. (128 x 256 tiles, two consumers each running a step's two 128-column
+# products in turn, measured 30-50% slower than 128 x 128 and were dropped.)
+WS_TILES = {(128, 128): 168, (192, 128): 128}
 
 
 # Row tile t of the groups (`_row_tile`) -> table[t] = (group, first row, end row, flags): flags bit 0
@@ -177,13 +178,12 @@ if _gluon:
     @gluon.jit
     def _ws_loader(x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles, num_programs,
                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                   CONSUMERS: gl.constexpr, N_PARTS: gl.constexpr):
-        num_n_tiles = gl.cdiv(N, BLOCK_N * N_PARTS)
+                   CONSUMERS: gl.constexpr):
+        num_n_tiles = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, BLOCK_K)
         g = 0
         for tile in range(gl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
-            group, row0, row_end, flags, n0 = _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, BLOCK_N * N_PARTS,
-                                                       GROUP_M)
+            group, row0, row_end, flags, n0 = _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, BLOCK_N, GROUP_M)
             if (flags & 1) != 0:
                 w_row = group * N + n0
                 for ks in range(k_steps):
@@ -191,11 +191,10 @@ if _gluon:
                     # A fresh barrier counts as released once (phase 1 complete): the first pass waits on nothing.
                     mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
                     bar = ready.index(s)
-                    mbarrier.expect(bar, CONSUMERS * x_desc.block_type.nbytes + N_PARTS * w_desc.block_type.nbytes)
+                    mbarrier.expect(bar, CONSUMERS * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
                     for c in gl.static_range(CONSUMERS):  # each consumer's 64 rows
                         _tma_load(x_desc, [row0 + c * 64, ks * BLOCK_K], bar, a_bufs.index(s * CONSUMERS + c))
-                    for j in gl.static_range(N_PARTS):  # the tile's 128-column parts of the weight
-                        _tma_load(w_desc, [w_row + j * BLOCK_N, ks * BLOCK_K], bar, b_bufs.index(s * N_PARTS + j))
+                    _tma_load(w_desc, [w_row, ks * BLOCK_K], bar, b_bufs.index(s))
                     g += 1
 
     @gluon.jit
@@ -273,77 +272,18 @@ if _gluon:
             gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
 
     @gluon.jit
-    def _ws_consumer_wide(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
-                          num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                          HALF: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
-                          STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr):
-        """Rows [HALF * 64, HALF * 64 + 64) of 2 * BLOCK_N-wide tiles: per step, the two BLOCK_N-column
-        products in turn (b_bufs[2s], b_bufs[2s + 1]), each waited for and promoted into its own
-        accumulator, the second issued over the first's registers once promoted (two accumulators
-        and one product: 192 registers)."""
-        ROWS: gl.constexpr = 64
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BLOCK_N, 32])
-        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-        num_n_tiles = gl.cdiv(N, 2 * BLOCK_N)
-        k_steps = gl.cdiv(K, BLOCK_K)
-        g = 0
-        for tile in range(gl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
-            group, row0, row_end, flags, n0 = _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, 2 * BLOCK_N,
-                                                       GROUP_M)
-            offs_m = row0 + HALF * ROWS + gl.arange(0, ROWS, layout=rows_layout)
-            offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols_layout)
-            row_ok = offs_m < row_end
-            acc0 = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
-            acc1 = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
-            if (flags & 1) != 0:
-                xs_rows = xs_ptr + offs_m.to(gl.int64) * stride_xsm
-                ws0 = ws_ptr + group.to(gl.int64) * stride_wse + (n0 // QB) * stride_wsn
-                ws1 = ws0 + (BLOCK_N // QB) * stride_wsn
-                sx = gl.load(xs_rows, mask=row_ok, other=0.0)
-                w0 = gl.load(ws0)
-                w1 = gl.load(ws1)
-                done = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
-                for ks in range(k_steps):
-                    s = (g + ks) % STAGES
-                    mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
-                    a = a_bufs.index(s * CONSUMERS + HALF)
-                    cur = warpgroup_mma(a, b_bufs.index(2 * s).permute((1, 0)), done, use_acc=False, is_async=True)
-                    kb_next = gl.minimum(ks + 1, k_steps - 1)  # the next step's scales, read ahead
-                    sx_next = gl.load(xs_rows + kb_next * stride_xsk, mask=row_ok, other=0.0)
-                    w0_next = gl.load(ws0 + kb_next * stride_wsk)
-                    w1_next = gl.load(ws1 + kb_next * stride_wsk)
-                    done = warpgroup_mma_wait(num_outstanding=0, deps=(cur, ))
-                    acc0 += done * (sx * w0)[:, None]
-                    cur = warpgroup_mma(a, b_bufs.index(2 * s + 1).permute((1, 0)), done, use_acc=False,
-                                        is_async=True)
-                    done = warpgroup_mma_wait(num_outstanding=0, deps=(cur, ))
-                    mbarrier.arrive(empty.index(s), count=1)
-                    acc1 += done * (sx * w1)[:, None]
-                    sx = sx_next
-                    w0 = w0_next
-                    w1 = w1_next
-                g += k_steps
-            out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
-            gl.store(out_ptrs, acc0.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
-            gl.store(out_ptrs + BLOCK_N, acc1.to(out_ptr.dtype.element_ty),
-                     mask=row_ok[:, None] & (offs_n + BLOCK_N < N)[None, :])
-
-    @gluon.jit
     def _gmm_fp8_ws_kernel(
         x_desc, w_desc, xs_ptr, ws_ptr, out_ptr, table_ptr,
         N, K, num_m_tiles, num_programs,
         stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
-        STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, N_PARTS: gl.constexpr,
+        STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr,
     ):
-        """CONSUMERS (2 or 3) warpgroups of 64 rows each over BLOCK_M = 64 * CONSUMERS row tiles,
-        N_PARTS * BLOCK_N columns (two parts: two consumers, `_ws_consumer_wide`)."""
+        """CONSUMERS (2 or 3) warpgroups of 64 rows each over BLOCK_M = 64 * CONSUMERS row tiles."""
         # Stage s holds the consumers' 64-row pieces of x at a_bufs[s * CONSUMERS + c] and the weight's
         # tile at b_bufs[s].
         a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * CONSUMERS, 64, BLOCK_K], x_desc.layout)
-        b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES * N_PARTS, BLOCK_N, BLOCK_K], w_desc.layout)
+        b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
@@ -353,18 +293,7 @@ if _gluon:
         FIRST: gl.constexpr = 0
         SECOND: gl.constexpr = 1
         THIRD: gl.constexpr = 2
-        if N_PARTS == 2:
-            gl.warp_specialize([
-                (_ws_consumer_wide, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K,
-                                     num_m_tiles, num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn,
-                                     stride_wsk, stride_om, FIRST, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, CONSUMERS)),
-                (_ws_consumer_wide, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K,
-                                     num_m_tiles, num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn,
-                                     stride_wsk, stride_om, SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, CONSUMERS)),
-                (_ws_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles,
-                              num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, CONSUMERS, N_PARTS)),
-            ], [4, 1], [240, 24])
-        elif CONSUMERS == 2:
+        if CONSUMERS == 2:
             gl.warp_specialize([
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
@@ -373,7 +302,7 @@ if _gluon:
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
                                 SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, True, CONSUMERS)),
                 (_ws_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles,
-                              num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, CONSUMERS, N_PARTS)),
+                              num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, CONSUMERS)),
             ], [4, 1], [240, 24])
         else:
             gl.warp_specialize([
@@ -387,7 +316,7 @@ if _gluon:
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
                                 THIRD, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, CONSUMERS)),
                 (_ws_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles,
-                              num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, CONSUMERS, N_PARTS)),
+                              num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, CONSUMERS)),
             ], [4, 4, 1], [160, 160, 24])
 
 
@@ -407,17 +336,16 @@ def usable(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int = 4, num_warps: int = 8,
-                  group_m: int = 8, warp_specialize: bool = False, block_m: int = BLOCK,
-                  block_n: int = BLOCK) -> torch.Tensor:
+                  group_m: int = 8, warp_specialize: bool = False, block_m: int = BLOCK) -> torch.Tensor:
     """out[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T for `usable` operands: x_q
     [M, K] e4m3, x_s [M, KB] (any strides), w_q [E, N, K] e4m3 contiguous, w_s as its logical
     [E, NB, KB] strides, sizes int32 [E] on the device, out [M, N] (rows past the groups' total
     written as zeros). `warp_specialize`: the loader warp and 64-row consumer warpgroups over the
-    tiles of `WS_TILES` (two over 128 x 128 or 128 x 256, three over 192 x 128); else one group of
+    tiles of `WS_TILES` (two over 128 x 128, three over 192 x 128); else one group of
     `num_warps` warps over 128 x 128 tiles."""
     tiles = WS_TILES if warp_specialize else {(BLOCK, BLOCK): None}
-    if (block_m, block_n) not in tiles:
-        raise ValueError(f"block_m, block_n: expected one of {tuple(tiles)}, got {(block_m, block_n)}")
+    if (block_m, BLOCK) not in tiles:
+        raise ValueError(f"block_m: expected one of {tuple(m for m, _ in tiles)}, got {block_m}")
     M, K = x_q.shape
     E, N, _ = w_q.shape
     max_m_tiles = triton.cdiv(M, block_m) + E
@@ -428,14 +356,14 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
     x_layout = gl.NVMMASharedLayout.get_default_for([x_rows, BLOCK], gl.float8e4nv)
     x_desc = TensorDescriptor(x_q, [M, K], [x_q.stride(0), 1], [x_rows, BLOCK], x_layout)
     w_desc = TensorDescriptor(w_q.view(E * N, K), [E * N, K], [K, 1], [BLOCK, BLOCK], layout)
-    programs = max(1, min(num_programs, max_m_tiles * triton.cdiv(N, block_n)))
+    programs = max(1, min(num_programs, max_m_tiles * triton.cdiv(N, BLOCK)))
     if warp_specialize:  # a loader warp and 64-row consumer warpgroups (`_gmm_fp8_ws_kernel`)
         _gmm_fp8_ws_kernel[(programs,)](
             x_desc, w_desc, x_s, w_s, out, table,
             N, K, max_m_tiles, programs,
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
-            CONSUMERS=block_m // 64, N_PARTS=block_n // BLOCK, num_warps=4, maxnreg=WS_TILES[(block_m, block_n)],
+            CONSUMERS=block_m // 64, num_warps=4, maxnreg=WS_TILES[(block_m, BLOCK)],
         )
         return out
     _gmm_fp8_wgmma_kernel[(programs,)](

@@ -204,13 +204,13 @@ if FW.available():
     # The warp-specialized form: a loader warp and two or three consumer warpgroups under its
     # register limit.
     for dtype in (torch.bfloat16, torch.float32):
-        for (block_m, block_n), stages in (((128, 128), 4), ((128, 128), 6), ((192, 128), 4), ((128, 256), 4)):
+        for (block_m, block_n), stages in (((128, 128), 4), ((128, 128), 6), ((192, 128), 4), ((192, 128), 5)):
             x_desc = "tensordesc<fp8e4nv[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
                                                                                              FW.gl.float8e4nv)
             check(f"fp8 gmm wgmma warp-specialized into {dtype} {block_m}x{block_n} stages={stages}",
                   FW._gmm_fp8_ws_kernel, ELEMENT[dtype],
                   dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, STAGES=stages, GROUP_M=8,
-                       CONSUMERS=block_m // 64, N_PARTS=block_n // 128), 4, stages,
+                       CONSUMERS=block_m // 64), 4, stages,
                   types={"x_desc": x_desc, "w_desc": DESC, "xs_ptr": "*fp32", "ws_ptr": "*fp32", "table_ptr": "*i32"},
                   source=GluonASTSource, options={"maxnreg": FW.WS_TILES[(block_m, block_n)]})
 # The multi-tensor AdamW: addresses read from a table and cast to typed pointers.
