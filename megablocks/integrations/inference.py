@@ -125,25 +125,31 @@ def _glu(h_N2F: torch.Tensor, f: int, activation: str) -> torch.Tensor:
     return glu(halves[0], halves[1], activation)
 
 
-def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
-                     topk: int, renormalize: bool, activation: str, route_max_work: int, gather_min_ffn: int,
-                     gather_min_rows_per_expert: int) -> torch.Tensor:
-    """The routed form of the grouped path (module docstring): four launches (five past
-    `route_fits`: the top-k kernel, then one program for the counts and maps; seven past
-    4096 rows), no host sync. The thresholds are those of `KernelPolicy`."""
+def _route_tokens(gating_output: torch.Tensor, topk: int, renormalize: bool,
+                  route_max_work: int) -> Tuple[torch.Tensor, torch.Tensor, RowMaps]:
+    """(weights_TK, tokens_per_expert_E, maps of the plain layout) of the routed form: the top-k
+    and the maps in one launch where `route_fits`, else the top-k kernel, then one program for the
+    counts and maps (three past 4096 rows: `row_maps`). No host sync."""
     t, e = gating_output.shape
-    gather = dict(gather_min_ffn=gather_min_ffn, gather_min_rows_per_expert=gather_min_rows_per_expert)
     if topk_kernels.route_fits(t, e, topk, route_max_work):
         weights_TK, counts_E, assignment_row_N, row_assignment_N = topk_kernels.softmax_topk_route(
             gating_output, topk, renormalize
         )
-    else:
-        weights_TK, ids_TK = topk_kernels.softmax_topk(gating_output, topk, renormalize)
-        return _experts_from_ids_impl(hidden_states, w1, w2, ids_TK, weights_TK, activation, True, gather_min_ffn,
-                                      gather_min_rows_per_expert)
-    maps = RowMaps(assignment_row_N, row_assignment_N, topk)
+        return weights_TK, counts_E, RowMaps(assignment_row_N, row_assignment_N, topk)
+    weights_TK, ids_TK = topk_kernels.softmax_topk(gating_output, topk, renormalize)
+    counts_E, maps = row_maps(ids_TK, e)
+    return weights_TK, counts_E, maps
+
+
+def _routed_moe_impl(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
+                     topk: int, renormalize: bool, activation: str, route_max_work: int, gather_min_ffn: int,
+                     gather_min_rows_per_expert: int) -> torch.Tensor:
+    """The routed form of the grouped path (module docstring): four launches (five past
+    `route_fits`; seven past 4096 rows), no host sync. The thresholds are those of `KernelPolicy`."""
+    weights_TK, counts_E, maps = _route_tokens(gating_output, topk, renormalize, route_max_work)
     return routed_glu_experts(hidden_states, w1, None, w2, counts_E, maps, weights_TK.view(-1), activation,
-                              up_trans_b=True, down_trans_b=True, **gather)
+                              up_trans_b=True, down_trans_b=True, gather_min_ffn=gather_min_ffn,
+                              gather_min_rows_per_expert=gather_min_rows_per_expert)
 
 
 @custom_op("fused_moe_routed")
@@ -390,12 +396,9 @@ def _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, acti
     meta_w = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731
     e, f = _check_args(hidden_states.to("meta"), meta_w(w1), meta_w(w2), gating_output.to("meta"), topk,
                        renormalize, activation, path)
-    t = hidden_states.shape[0]
-    if _routed_form_fits(hidden_states, policy) and topk_kernels.route_fits(t, e, topk, policy.route_max_work):
-        # The top-k and the maps in one launch, as the unquantized routed form.
-        weights_TK, counts_E, assignment_row_N, row_assignment_N = topk_kernels.softmax_topk_route(
-            gating_output, topk, renormalize)
-        routing = counts_E, RowMaps(assignment_row_N, row_assignment_N, topk)
+    if _routed_form_fits(hidden_states, policy):  # routed as the unquantized routed form
+        weights_TK, counts_E, maps = _route_tokens(gating_output, topk, renormalize, policy.route_max_work)
+        routing = counts_E, maps
     else:
         weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
         routing = _fp8_routing(hidden_states, ids_TK, e, policy)
