@@ -309,20 +309,21 @@ def smoke():
 
 # The Gluon forms `--wgmma` takes: gmm_fp8 config keys beside wgmma=True.
 GLUON_FORMS = {
-    "one-group": dict(warp_specialize=False),
-    "warp-specialized": dict(warp_specialize=True),
+    "triton": None,  # the Triton kernel (the default before the 192 x 128 Gluon form)
+    "one-group": dict(warp_specialize=False, block_m=128, num_warps=8),
+    "warp-specialized": dict(warp_specialize=True, block_m=128, num_warps=8),
     "warp-specialized-192x128": dict(warp_specialize=True, block_m=192, num_warps=4),
 }
 
 
-def _launch_gluon(form: dict) -> None:
-    """Make `gmm_fp8`'s default launch past the decode sizes a Gluon form (an A/B of this process
-    only: the library's default stays as measured)."""
+def _launch_gluon(form) -> None:
+    """Make `gmm_fp8`'s default launch past the decode sizes the Triton kernel (`None`) or a Gluon
+    form (an A/B of this process only)."""
     launch = fp8_backend.gmm_fp8_launch
 
-    def patched(M, E, interpret=False, decode=True):
-        cfg = launch(M, E, interpret, decode)
-        if cfg["tma"] and not cfg["swap_ab"]:
+    def patched(M, E, interpret=False, decode=True, gluon=True):
+        cfg = launch(M, E, interpret, decode, gluon=False)
+        if gluon and form is not None and cfg["tma"] and not cfg["swap_ab"]:
             cfg.update(wgmma=True, **form)
         return cfg
 
@@ -344,8 +345,8 @@ def main():
     p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),
                    help="configs whose expert weights' block quantization is timed (none: skip)")
     p.add_argument("--wgmma", choices=list(GLUON_FORMS),
-                   help="products past the decode sizes in a Gluon form (gmm_fp8's config 'wgmma' with these "
-                        "keys: GLUON_FORMS), by a patched default launch")
+                   help="products past the decode sizes by the Triton kernel or a Gluon form (gmm_fp8's config "
+                        "'wgmma' with these keys: GLUON_FORMS), by a patched default launch")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.wgmma:

@@ -645,27 +645,31 @@ _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stage
                         "warp_specialize", "swap_ab", "wgmma")
 
 
-def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True) -> dict:
+def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True, gluon: bool = True) -> dict:
     """`gmm_fp8`'s default launch settings for M rows over E experts (every key of `config`);
-    `decode=False` leaves out the few-rows-per-expert tiles (`FP8_DECODE_CONFIGS`)."""
+    `decode=False` leaves out the few-rows-per-expert tiles (`FP8_DECODE_CONFIGS`), `gluon=False`
+    the Gluon form past them (the Triton kernel's launch instead)."""
     cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False, wgmma=False)
     if interpret:
         cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
     elif decode and M <= FP8_DECODE_CONFIGS[-1][0] * E:
         cfg.update(next(launch for rows, launch in FP8_DECODE_CONFIGS if M <= rows * E))
+    elif gluon and fp8_wgmma.available():
+        # Hopper, where Gluon is: the warp-specialized Gluon form over 192 x 128 tiles (a loader
+        # warp, three 64-row consumer warpgroups, 4 stages), 4-16% faster than the Triton kernel
+        # below on mixtral's, olmoe's and qwen3moe's six products (mixtral's 2.449 / 2.353 ms ->
+        # 2.162 / 2.009; benchmarks/RESULTS.md, "`fused_moe` on FP8 experts"). `gmm_fp8` takes
+        # the Triton kernel's launch where the operands do not allow this form.
+        cfg.update(block_m=192, block_n=128, block_k=128, num_warps=4, num_stages=4, tma=True, persistent=True,
+                   warp_specialize=True, wgmma=True)
     else:
-        # Hopper: 128 x 128 output tiles and 128-deep K steps (one scale step each), operands by
-        # TMA, one program per SM, the K loop warp-specialized (loads and products in separate
-        # warps), 4 stages: the fastest of benchmarks/sweep_fp8.py's variants over mixtral's and
-        # olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two, TMA and 3 stages
-        # 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
+        # The Triton kernel: 128 x 128 output tiles and 128-deep K steps (one scale step each),
+        # operands by TMA, one program per SM, the K loop warp-specialized (loads and products in
+        # separate warps), 4 stages: the fastest of benchmarks/sweep_fp8.py's Triton variants over
+        # mixtral's and olmoe's forward products (pointer loads 5.08 / 1.81 ms for the two, TMA
+        # and 3 stages 4.93 / 1.66, these 4.72 / 1.63; benchmarks/RESULTS.md, "FP8 on the H200").
         cfg.update(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=4, tma=True, persistent=True,
                    warp_specialize=True)
-        # Not yet the Gluon forms (`wgmma`): over 128 x 128 tiles the one group of warps measured
-        # 15-25% slower on mixtral's, olmoe's and qwen3moe's products, the warp-specialized form
-        # level or slower; over 192 x 128 tiles (three consumer warpgroups) 4-16% faster on all six,
-        # the next default once the layer and serving runs and the GPU suite have run with it
-        # (benchmarks/RESULTS.md, "`fused_moe` on FP8 experts").
     return cfg
 
 
@@ -678,7 +682,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
     'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab', 'wgmma'})
     overrides the launch, for tuning and tests (keys left out take `gmm_fp8_launch`'s defaults,
-    those for many rows per expert unless `config` names `swap_ab`):
+    those for many rows per expert unless `config` names `swap_ab`, the Triton kernel's unless it
+    names `wgmma`; without a config, past the decode sizes, the 192 x 128 Gluon form where it applies):
     `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
     per SM that loops over tiles, `copy_n_major` (default True) copies a weight whose K stride is
     not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product,
@@ -705,8 +710,9 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         return out.zero_()
     sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
     # A config that does not name swap_ab overrides the full-size launch: its keys (tma, wgmma,
-    # tiles) are not silently dropped by a decode tile that computes the product transposed.
-    base = gmm_fp8_launch(M, E, interpreted(x_q), decode=config is None or "swap_ab" in config)
+    # tiles) are not silently dropped by a decode tile that computes the product transposed. A
+    # config tunes the Triton kernel's launch unless it names wgmma.
+    base = gmm_fp8_launch(M, E, interpreted(x_q), decode=config is None or "swap_ab" in config, gluon=config is None)
     cfg = dict(base, **(config or {}))
     if (Q % cfg["block_n"] or Q % cfg["block_k"]) and not cfg["wgmma"]:  # the Gluon forms' tiles: below
         raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")
@@ -717,8 +723,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         # weight.
         w_q = w_q.contiguous()
     if cfg["wgmma"]:
-        # Its tiles: config's, else the launch's where the launch took this form, else 128.
-        chosen = dict(base if base["wgmma"] else {}, **(config or {}))
+        # Its tiles: config's, else the default launch's, else 128.
+        chosen = dict(base if config is None else {}, **(config or {}))
         tile = tuple(chosen.get(key, fp8_wgmma.BLOCK) for key in ("block_m", "block_n", "block_k"))
         tiles = fp8_wgmma.WS_TILES if cfg["warp_specialize"] else {(fp8_wgmma.BLOCK, fp8_wgmma.BLOCK): None}
         if tile[:2] not in tiles or tile[2] != fp8_wgmma.BLOCK or cfg["swap_ab"]:
@@ -729,8 +735,12 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
             return fp8_wgmma.gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, persistent_programs(x_q.device, num_tiles),
                                            stages=cfg["num_stages"], num_warps=cfg["num_warps"],
                                            warp_specialize=bool(cfg["warp_specialize"]), block_m=tile[0])
-        # The Triton kernel's 128 x 128 tiles where this form does not apply.
-        cfg.update(block_m=fp8_wgmma.BLOCK, block_n=fp8_wgmma.BLOCK)
+        # Where this form does not apply: the Triton kernel's default launch, or, for a config
+        # that asked for the form, its keys over the Triton kernel's 128 x 128 tiles.
+        if config is None:
+            cfg = gmm_fp8_launch(M, E, decode=False, gluon=False)
+        else:
+            cfg.update(block_m=fp8_wgmma.BLOCK, block_n=fp8_wgmma.BLOCK)
     w_k_major = w_q.stride(2) == 1
     use_tma = bool(cfg["tma"]) and not cfg["swap_ab"] and tma_ok(x_q, w_q if w_k_major else w_q.transpose(1, 2))
     if use_tma:

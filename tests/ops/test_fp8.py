@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from megablocks.backend import fp8 as fp8_backend
+from megablocks.backend import fp8_wgmma
 from megablocks.backend.fp8 import _e4m3_bits
 from megablocks.ops import fp8
 from tests.conftest import DEVICE
@@ -386,12 +387,19 @@ def test_gmm_fp8_default_launches():
     expected = [(8 * E, 16, True, False), (8 * E + 1, 32, True, False), (32 * E, 32, True, False),
                 (32 * E + 1, 128, False, False), (128 * E, 128, False, False), (128 * E + 1, 128, False, True)]
     for M, block_m, swap_ab, tma in expected:
-        cfg = fp8_backend.gmm_fp8_launch(M, E)
+        cfg = fp8_backend.gmm_fp8_launch(M, E, gluon=False)
         assert (cfg["block_m"], cfg["swap_ab"], cfg["tma"], cfg["persistent"]) == (block_m, swap_ab, tma, tma), M
         assert set(cfg) == set(fp8_backend._GMM_FP8_CONFIG_KEYS), M
     assert fp8_backend.gmm_fp8_launch(16, E, interpret=True)["block_m"] == 32
-    full = fp8_backend.gmm_fp8_launch(8 * E, E, decode=False)
-    assert (full["block_m"], full["swap_ab"], full["tma"]) == (128, False, True)
+    full = fp8_backend.gmm_fp8_launch(8 * E, E, decode=False, gluon=False)
+    assert (full["block_m"], full["swap_ab"], full["tma"], full["wgmma"]) == (128, False, True, False)
+    # Past the decode sizes, where Gluon is, its 192 x 128 warp-specialized form.
+    gluon = fp8_backend.gmm_fp8_launch(8 * E, E, decode=False)
+    assert set(gluon) == set(fp8_backend._GMM_FP8_CONFIG_KEYS)
+    if fp8_wgmma.available():
+        assert (gluon["block_m"], gluon["block_n"], gluon["wgmma"], gluon["warp_specialize"]) == (192, 128, True, True)
+    else:
+        assert gluon == full
 
 
 @pytest.mark.parametrize("case", list(GMM_CASES))
@@ -442,6 +450,31 @@ def test_gmm_fp8_wgmma_form(case, trans_b, form):
     bf16 = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.bfloat16, trans_b=trans_b,
                        config=dict(wgmma=True, **form))
     assert_close("gmm_fp8 wgmma bf16", bf16, out, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("K", [256, 200], ids=["k_aligned", "k_unaligned"])
+@pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
+def test_gmm_fp8_default_launch_past_decode(K, trans_b):
+    """Past the decode sizes (more than 32 rows per expert) without a config: the 192 x 128 Gluon
+    form where its operands allow it (GPU: equal bit for bit to asking for it), else the Triton
+    kernel (K = 200 is not a multiple of 16: equal bit for bit to the Triton launch); both against
+    the definition. Uneven and empty groups, rows past the groups' total."""
+    sizes, N = [150, 0, 97, 300], 200
+    x, w, batch_sizes = _operands(sizes, K, N, extra_rows=5, seed=17)
+    x_q, x_s = fp8.quantize_rows(x)
+    w_q, w_s = fp8.quantize_blocks(w if trans_b else w.transpose(1, 2).contiguous())
+    out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b)
+    assert_close("gmm_fp8 default", out, _definition(x_q, x_s, w_q, w_s, sizes, trans_b), dtype=torch.float32,
+                 family="fp8")
+    assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
+    if DEVICE == "cuda":
+        M, E = x.shape[0], len(sizes)
+        gluon = K % 16 == 0 and fp8_wgmma.available() and torch.cuda.get_device_capability() == (9, 0)
+        same = fp8_backend.gmm_fp8_launch(M, E, decode=False, gluon=gluon)
+        assert same["wgmma"] == gluon
+        asked = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
+                            config=dict(same))
+        assert torch.equal(out, asked), (K, trans_b, same)
 
 
 def test_gmm_fp8_wgmma_validates():
