@@ -30,6 +30,7 @@ bounds for any sizes: negative sizes count as 0, groups are clipped at row M, ro
 groups' total are written as zeros).
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -645,6 +646,17 @@ _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stage
                         "warp_specialize", "swap_ab", "wgmma")
 
 
+# How much faster the 192 x 128 Gluon form runs than the Triton kernel's 128 x 128 tiles on full
+# tiles (1.05-1.19x measured; above): the launch takes it while the rows it pads to per expert
+# exceed the 128-row tiles' by no more than this.
+_GLUON_TILE_GAIN = 1.15
+
+
+def _rows_padded(rows: float, block: int) -> int:
+    """Rows of `block`-row tiles that cover `rows` rows of one expert."""
+    return -(-math.ceil(rows) // block) * block
+
+
 def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True, gluon: bool = True) -> dict:
     """`gmm_fp8`'s default launch settings for M rows over E experts (every key of `config`);
     `decode=False` leaves out the few-rows-per-expert tiles (`FP8_DECODE_CONFIGS`), `gluon=False`
@@ -654,11 +666,13 @@ def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True,
         cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
     elif decode and M <= FP8_DECODE_CONFIGS[-1][0] * E:
         cfg.update(next(launch for rows, launch in FP8_DECODE_CONFIGS if M <= rows * E))
-    elif gluon and fp8_wgmma.available():
+    elif gluon and fp8_wgmma.available() and _rows_padded(M / E, 192) <= _GLUON_TILE_GAIN * _rows_padded(M / E, 128):
         # Hopper, where Gluon is: the warp-specialized Gluon form over 192 x 128 tiles (a loader
         # warp, three 64-row consumer warpgroups, 4 stages), 4-16% faster than the Triton kernel
         # below on mixtral's, olmoe's and qwen3moe's six products (mixtral's 2.449 / 2.353 ms ->
-        # 2.162 / 2.009; benchmarks/RESULTS.md, "`fused_moe` on FP8 experts"). `gmm_fp8` takes
+        # 2.162 / 2.009; benchmarks/RESULTS.md, "`fused_moe` on FP8 experts"), where the rows per
+        # expert fill 192-row tiles about as well as 128-row ones (qwen3moe's prefill, 256 rows
+        # per expert: 384 rows of 192-row tiles against 256, measured 8% slower). `gmm_fp8` takes
         # the Triton kernel's launch where the operands do not allow this form.
         cfg.update(block_m=192, block_n=128, block_k=128, num_warps=4, num_stages=4, tma=True, persistent=True,
                    warp_specialize=True, wgmma=True)

@@ -393,13 +393,19 @@ def test_gmm_fp8_default_launches():
     assert fp8_backend.gmm_fp8_launch(16, E, interpret=True)["block_m"] == 32
     full = fp8_backend.gmm_fp8_launch(8 * E, E, decode=False, gluon=False)
     assert (full["block_m"], full["swap_ab"], full["tma"], full["wgmma"]) == (128, False, True, False)
-    # Past the decode sizes, where Gluon is, its 192 x 128 warp-specialized form.
-    gluon = fp8_backend.gmm_fp8_launch(8 * E, E, decode=False)
+    # Past the decode sizes, where Gluon is, its 192 x 128 warp-specialized form (2048 rows per expert).
+    gluon = fp8_backend.gmm_fp8_launch(2048 * E, E, decode=False)
     assert set(gluon) == set(fp8_backend._GMM_FP8_CONFIG_KEYS)
     if fp8_wgmma.available():
         assert (gluon["block_m"], gluon["block_n"], gluon["wgmma"], gluon["warp_specialize"]) == (192, 128, True, True)
     else:
         assert gluon == full
+    # The Gluon form only where 192-row tiles cover the rows per expert about as well as 128-row
+    # ones: 256 or 200 rows per expert pad to 384 against 256 (the Triton kernel), 300 to 384 against 384.
+    for rows, takes in ((256, False), (300, True), (1024, True), (2048, True), (160, True), (200, False)):
+        cfg = fp8_backend.gmm_fp8_launch(rows * 128, 128, decode=False)
+        assert cfg["wgmma"] == (takes and fp8_wgmma.available()), rows
+        assert cfg == (gluon if cfg["wgmma"] else full), rows
 
 
 @pytest.mark.parametrize("case", list(GMM_CASES))
@@ -469,9 +475,9 @@ def test_gmm_fp8_default_launch_past_decode(K, trans_b):
     assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
     if DEVICE == "cuda":
         M, E = x.shape[0], len(sizes)
-        gluon = K % 16 == 0 and fp8_wgmma.available() and torch.cuda.get_device_capability() == (9, 0)
+        gluon = K % 16 == 0 and torch.cuda.get_device_capability() == (9, 0)
         same = fp8_backend.gmm_fp8_launch(M, E, decode=False, gluon=gluon)
-        assert same["wgmma"] == gluon
+        assert same["wgmma"] == (gluon and fp8_wgmma.available())  # 138 rows per expert: 192-row tiles
         asked = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b,
                             config=dict(same))
         assert torch.equal(out, asked), (K, trans_b, same)
