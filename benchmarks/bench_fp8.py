@@ -115,8 +115,13 @@ def bench(args):
     layer_rows = [layer_step(name, "cuda") for name in args.layers]
     if layer_rows:
         print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
-                                 "bf16_extra_gib", "fp8_extra_gib", "out_rel_rms", "x_grad_rel_rms"])
+                                 "fp8_composed_cached_ms", "bf16_extra_gib", "fp8_extra_gib", "fp8_composed_extra_gib",
+                                 "out_rel_rms", "x_grad_rel_rms"])
         write_csv(os.path.join(args.out, "bench_fp8_layer.csv"), [{**r, **env} for r in layer_rows])
+    kernel_rows = [r for name in args.layer_breakdown for r in layer_kernels(name)]
+    if kernel_rows:
+        print_table(kernel_rows, ["config", "layer", "kernel", "us"])
+        write_csv(os.path.join(args.out, "bench_fp8_layer_kernels.csv"), [{**r, **env} for r in kernel_rows])
 
 
 def weights_row(name, proj, w):
@@ -275,6 +280,11 @@ def layer_step(name, device, dtype=torch.bfloat16):
             row["fp8_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
         row[f"{label}_ms"] = timed(step)[0] if device == "cuda" else float("nan")
         row[f"{label}_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
+        if label == "fp8":  # the same FP8 layer on the composed ops (no one-node form), weights cached
+            module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, one_node_experts=False)
+            row["fp8_composed_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
+            row["fp8_composed_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
+            module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, one_node_experts=True)
         bench_dmoe.clear_grads(inputs)
         out = module(x)
         out.backward(g)
@@ -285,6 +295,27 @@ def layer_step(name, device, dtype=torch.bfloat16):
     row["out_rel_rms"] = rel(results["fp8"][0], results["bf16"][0])
     row["x_grad_rel_rms"] = rel(results["fp8"][1], results["bf16"][1])
     return row
+
+
+def layer_kernels(name, repeats=5):
+    """Rows (config, layer, kernel, µs per step) of the bf16 and the FP8 layers' training steps
+    (weights cached) under torch.profiler, the kernels summing to at least 1% of a step."""
+    layer, bf16, fp8_layer = build_pair(name, "cuda")
+    torch.manual_seed(1)
+    x = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16)
+    inputs = [x, *bf16.parameters()]
+    rows = []
+    for label, module in (("bf16", bf16), ("fp8", fp8_layer)):
+        step, _ = bench_dmoe.steps(module, "fwdbwd", False, x, g, inputs)
+        step()
+        times = bench_dmoe.kernel_times_us(step, repeats)
+        total = sum(times.values())
+        rows += [dict(config=name, layer=label, kernel=k[:60], us=us) for k, us in
+                 sorted(times.items(), key=lambda kv: -kv[1]) if us >= 0.01 * total]
+        rows.append(dict(config=name, layer=label, kernel="(all kernels)", us=total))
+        bench_dmoe.clear_grads(inputs)
+    return rows
 
 
 def smoke():
@@ -342,6 +373,8 @@ def main():
                    help="configs whose fused_moe calls (T = 64 and 4096) are split into kernel times")
     p.add_argument("--decode-variants", nargs="*", default=[],
                    help="sweep_fp8 variants under which the --serving configs' decode (T = 64) is timed again")
+    p.add_argument("--layer-breakdown", nargs="*", default=[], choices=list(CONFIGS),
+                   help="configs whose bf16 and FP8 layer steps are profiled kernel by kernel")
     p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),
                    help="configs whose expert weights' block quantization is timed (none: skip)")
     p.add_argument("--wgmma", choices=list(GLUON_FORMS),

@@ -155,12 +155,18 @@ def glu_forward(h1: torch.Tensor, h2: torch.Tensor, activation: str) -> torch.Te
     return out
 
 
-def glu_backward(grad: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, activation: str):
-    """`(grad * up(h2) * act'(h1), grad * act(h1) * up'(h2))`, each contiguous in h1's dtype and shape."""
+def glu_backward(grad: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, activation: str, in_place: bool = False):
+    """`(grad * up(h2) * act'(h1), grad * act(h1) * up'(h2))`, each contiguous in h1's dtype and
+    shape; with `in_place` (h1 and h2 contiguous) written over h1 and h2 (each element is read
+    before it is written, by the same thread)."""
     assert activation in ACTIVATIONS, activation
+    if in_place:
+        assert h1.is_contiguous() and h2.is_contiguous() and h1.shape == h2.shape, "in_place: contiguous h1, h2"
+        grad_h1, grad_h2 = h1, h2
+    else:
+        grad_h1 = torch.empty(h1.shape, dtype=h1.dtype, device=h1.device)
+        grad_h2 = torch.empty(h2.shape, dtype=h2.dtype, device=h2.device)
     grad, h1, h2 = grad.contiguous(), h1.contiguous(), h2.contiguous()
-    grad_h1 = torch.empty(h1.shape, dtype=h1.dtype, device=h1.device)
-    grad_h2 = torch.empty(h2.shape, dtype=h2.dtype, device=h2.device)
     numel = h1.numel()
     if numel:
         _glu_backward_kernel[(cdiv(numel, BLOCK),)](

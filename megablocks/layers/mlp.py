@@ -38,8 +38,8 @@ from megablocks.ops.activation import glu
 from megablocks.ops.expert_bias import add_expert_bias, block_column_bias, block_row_experts, row_experts
 from megablocks.ops.fp8 import Fp8WeightCache, fp8_gmm
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered, weight_grad_into
-from megablocks.ops.grouped_glu import grouped_glu_experts, one_node_applies
-from megablocks.ops.permute import RowMaps
+from megablocks.ops.grouped_glu import fp8_grouped_glu_experts, grouped_glu_experts, one_node_applies
+from megablocks.ops.permute import RowMaps, gather_routed
 from megablocks.ops.sparse import dsd_data, sdd_data
 
 
@@ -389,21 +389,31 @@ class GroupedMLP(SparseMLP):
                 accs[id(w)] = acc
         return accs
 
+    def _fp8_node(self) -> bool:
+        """Whether this layer's GLU experts may run as the FP8 one-node form
+        (`megablocks.ops.grouped_glu.fp8_grouped_glu_experts`): FP8, the policy's
+        `one_node_experts`, the Triton kernels, no biases."""
+        return (self.args.fp8 is not None and self._v1() is not None and self.w1_bias is None
+                and self.args.kernel_policy.one_node_experts and _gmm_backend(self.args) in (None, "triton"))
+
     def reads_token_rows(self) -> bool:
         """Whether `forward` should be given the token rows and the row maps
-        (`KernelPolicy.fused_gather`, where the shared-input pair is taken)."""
-        return self.args.kernel_policy.fused_gather and self._shared_input_pair()
+        (`KernelPolicy.fused_gather`, where the shared-input pair or the FP8 one-node form is taken)."""
+        return self.args.kernel_policy.fused_gather and (self._shared_input_pair() or self._fp8_node())
 
     def _one_node_activation(self, x: torch.Tensor, weights, accs: dict, maps: RowMaps) -> Optional[str]:
         """The fused activation's name where this forward's GLU experts run as one autograd node
-        (`KernelPolicy.one_node_experts`, up to `one_node_experts_max_rows` routed rows;
-        `megablocks.ops.grouped_glu`): token rows read through the maps, the Triton kernels, a
+        (`KernelPolicy.one_node_experts`, up to `one_node_experts_max_rows` routed rows but in
+        FP8; `megablocks.ops.grouped_glu`): token rows read through the maps, the Triton kernels, a
         fused activation, no biases, no fused gradient accumulation, a gradient to record in
         plain eager mode. Else None: the composed ops."""
         args, policy = self.args, self.args.kernel_policy
-        if not (policy.one_node_experts and maps.row_assignment.shape[0] <= policy.one_node_experts_max_rows
-                and self.reads_token_rows() and self._shared_input_pair() and self.w1_bias is None and not accs
-                and _gmm_backend(args) in (None, "triton")):
+        unquantized = (policy.one_node_experts and maps.row_assignment.shape[0] <= policy.one_node_experts_max_rows
+                       and self.reads_token_rows() and self._shared_input_pair() and self.w1_bias is None
+                       and not accs and _gmm_backend(args) in (None, "triton"))
+        # The FP8 node at any number of rows: it lets go of its intermediates as its backward goes
+        # and keeps less than the composed FP8 ops.
+        if not (unquantized or self._fp8_node()):
             return None
         activation = fused_name(args.activation_fn)
         if activation is None or not one_node_applies(x, *weights):
@@ -421,9 +431,14 @@ class GroupedMLP(SparseMLP):
         accs = self._grad_accumulators(weights)
         if maps is not None:
             activation = self._one_node_activation(x, weights, accs, maps)
+            if activation is not None and self.args.fp8 is not None:
+                return fp8_grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
+                                               self._fp8_quantized(weights, num_experts, hidden))
             if activation is not None:
                 return grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
                                            keep_product=not self.args.memory_optimized_mlp)
+            if self.args.fp8 is not None:  # the composed FP8 ops read the rows in expert order
+                x, maps = gather_routed(x, maps), None
         shape = (num_experts, -1, hidden)
 
         def operand(w):  # detached where its gradient goes to main_grad through `fused`
@@ -478,15 +493,27 @@ class GroupedMLP(SparseMLP):
             biases=biases, up_bias=add_bias, down_bias=add_bias,
         )
 
+    def _fp8_cache(self) -> Fp8WeightCache:
+        if "_fp8_weights" not in self.__dict__:
+            # A plain attribute: not state, not copied. Each quantization also makes the weight
+            # stored the other way, which the N-major products read.
+            self._fp8_weights = Fp8WeightCache(transposed=True)
+        return self._fp8_weights
+
+    def _fp8_quantized(self, weights, num_experts: int, hidden: int):
+        """(q, s) of w1, w1ᵀ, v1, v1ᵀ, w2, w2ᵀ viewed [E, F, H] (`fp8_grouped_glu_experts`), each
+        quantized from its parameter once per optimizer step, in the module's cache."""
+        cache, shape = self._fp8_cache(), (num_experts, -1, hidden)
+        out = []
+        for p in (self.w1, self._v1(), self.w2):
+            out += [cache(p, shape), cache.transposed(p, shape)]
+        return out
+
     def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int):
         """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this
         forward: each is quantized from its parameter (not from the per-forward cast) once per
         optimizer step, in the module's cache."""
-        if "_fp8_weights" not in self.__dict__:
-            # A plain attribute: not state, not copied. Each quantization also makes the weight
-            # stored the other way, which the N-major products below read.
-            self._fp8_weights = Fp8WeightCache(transposed=True)
-        cache = self._fp8_weights
+        cache = self._fp8_cache()
         source = {id(c): p for c, p in zip(weights, (self.w1, self._v1(), self.w2)) if c is not None}
         shape = (num_experts, -1, hidden)
 

@@ -17,15 +17,31 @@ weight's gradient in its parameter's layout, as they do.
 
 `GroupedMLP.forward` takes it (the module is still called, so its hooks, e.g. FSDP's, run) in plain
 eager mode with the Triton kernels only (`one_node_applies`); elsewhere (torch.compile, tracing,
-other backends, FP8, biases, fused gradient accumulation) it composes the ops.
+other backends, biases, fused gradient accumulation) it composes the ops.
+
+In FP8 (`Arguments.fp8`), `fp8_grouped_glu_experts` is the node, with the quantizers fused with
+the work next to them:
+
+    x_q, x_s = gather_quantize_rows(x_TH, maps)          each token's row quantized once, its bytes
+                                                          written to its top_k routed rows
+    h1_NF, h2_NF = gmm_fp8(x_q, w1_e^T), gmm_fp8(x_q, v1_e^T)
+    a_q, a_s = glu_quantize_rows(h1, h2)                 the GLU quantized as it is made
+    y_NH = gmm_fp8(a_q, w2_e)                            (w2 read stored the other way: K-major)
+
+and in the backward the output gradient quantized in 1 x 128 tiles, the FP8 input-gradient
+products (`Fp8WeightCache.transposed` weights), the GLU's gradient written over h1 and h2 (the
+node keeps nothing else of the forward but x_TH: no gathered rows, no GLU product), and the
+weight gradients unquantized, reading the token rows through the maps. Its forward and input
+gradient are bitwise those of the composed FP8 ops (gather, `fp8_gmm` twice, `glu`, `fp8_gmm`).
 """
 
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from megablocks.backend import activation as activation_kernels
 from megablocks.backend import use_triton
+from megablocks.backend.fp8 import gather_quantize_rows, glu_quantize_rows, gmm_fp8, quantize_rows
 from megablocks.ops._eager import _plain_eager
 from megablocks.ops.gmm import _grouped_mm_impl, _product_impl
 from megablocks.ops.permute import _scatter_rows
@@ -109,3 +125,71 @@ def grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, 
     """
     return _GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row, maps.top_k,
                                     activation, keep_product)
+
+
+class _Fp8GroupedGluExperts(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
+                quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]]):
+        w1_q, _, v1_q, _, _, w2_t = quantized
+        dtype = x_TH.dtype
+        x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
+        h1 = gmm_fp8(x_q, x_s, *w1_q, counts_E, out_dtype=dtype)
+        h2 = gmm_fp8(x_q, x_s, *v1_q, counts_E, out_dtype=dtype)
+        del x_q, x_s
+        a_q, a_s = glu_quantize_rows(h1, h2, activation)
+        y = gmm_fp8(a_q, a_s, *w2_t, counts_E, out_dtype=dtype)
+        ctx.save_for_backward(x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row)
+        # Made here, not inputs: kept on ctx so the backward can let go of each when done with it.
+        ctx.h, ctx.quantized = [h1, h2], quantized
+        ctx.top_k, ctx.activation = top_k, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row = ctx.saved_tensors
+        (h1, h2), (_, w1_t, _, v1_t, w2_q, _) = ctx.h, ctx.quantized
+        ctx.h = ctx.quantized = None
+        top_k, activation, dtype = ctx.top_k, ctx.activation, x_TH.dtype
+        need_x, need_w1, need_v1, need_w2 = ctx.needs_input_grad[:4]
+        grad_y = grad_y.contiguous()
+        g_q, g_s = quantize_rows(grad_y)
+        grad_a = gmm_fp8(g_q, g_s, *w2_q, counts_E, out_dtype=dtype)
+        del g_q, g_s
+        grad_w2 = None
+        if need_w2:  # the GLU product again, from h1 and h2, for the unquantized weight gradient
+            a = activation_kernels.glu_forward(h1, h2, activation)
+            grad_w2 = _product_impl(a, grad_y, counts_E, None, None, None, None, 1, False, True, False,
+                                    _TRITON).view(w2.shape)
+            del a
+        grad_h1, grad_h2 = activation_kernels.glu_backward(grad_a, h1, h2, activation, in_place=True)
+        del grad_a, h1, h2
+        grad_x = grad_w1 = grad_v1 = None
+        if need_x:
+            grad_rows = gmm_fp8(*quantize_rows(grad_h1), *w1_t, counts_E, out_dtype=dtype)
+            grad_rows += gmm_fp8(*quantize_rows(grad_h2), *v1_t, counts_E, out_dtype=dtype)
+            grad_x = _scatter_rows._impl(grad_rows, assignment_row, row_assignment, None, top_k)
+            del grad_rows
+        if need_w1:
+            grad_w1 = _product_impl(grad_h1, x_TH, counts_E, None, None, row_assignment, assignment_row, top_k,
+                                    True, True, False, _TRITON).view(w1.shape)
+        if need_v1:
+            grad_v1 = _product_impl(grad_h2, x_TH, counts_E, None, None, row_assignment, assignment_row, top_k,
+                                    True, True, False, _TRITON).view(v1.shape)
+        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None
+
+
+def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor,
+                            counts_E: torch.Tensor, maps: RowMaps, activation: str,
+                            quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """`grouped_glu_experts` with the expert products in FP8 (module docstring), the expert-ordered
+    rows `[N, H]`, as one autograd node.
+
+    No validation: the caller's (`GroupedMLP.forward`). `w1`, `v1`, `w2`: `[E·F, H]` in x's dtype,
+    the differentiable weights; `quantized`: their blockwise FP8 forms viewed `[E, F, H]`, each
+    `(q, s)` then the same stored the other way (`Fp8WeightCache(p, shape)`,
+    `Fp8WeightCache.transposed(p, shape)`), in the order w1, w1ᵀ, v1, v1ᵀ, w2, w2ᵀ.
+    """
+    return _Fp8GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row,
+                                       maps.top_k, activation, tuple(quantized))

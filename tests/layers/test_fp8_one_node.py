@@ -1,0 +1,128 @@
+"""dMoE's GLU experts in FP8 as one autograd node (`megablocks.ops.grouped_glu.fp8_grouped_glu_experts`).
+
+The node fuses the quantizers with the work next to them (the gather, the GLU) and writes the
+GLU's gradient over its saved h1 and h2; the fused quantizers are bitwise the two passes they
+replace, so with it on the layer must give bitwise the output and input gradient it gives with
+it off (the composed FP8 ops: gather, `fp8_gmm` twice, `glu`, `fp8_gmm`), and the same weight
+and router gradients, at hostile shapes (sizes not multiples of 128, empty experts, every token on
+one expert); it must be taken exactly where its conditions hold and nowhere else, and keep
+each weight's quantization once per optimizer step.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megablocks.layers import mlp as mlp_module
+from megablocks.layers.dmoe import dMoE
+from megablocks.ops import fp8
+from megablocks.policy import KernelPolicy
+from tests.conftest import DEVICE
+from tests.layers.moe_reference import GRAD_NAMES, layer_grads, make_args, randomize_bias
+from tests.layers.test_dmoe import SHAPES
+from tests.utils import assert_equal
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [torch.float16])
+
+
+def _count(monkeypatch):
+    calls = []
+    fn = mlp_module.fp8_grouped_glu_experts
+
+    def counted(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        calls.append(out.grad_fn)
+        return out
+
+    monkeypatch.setattr(mlp_module, "fp8_grouped_glu_experts", counted)
+    return calls
+
+
+def _step(layer, x, grad_out):
+    xi = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    out = layer(xi)
+    out.backward(grad_out)
+    return out.detach(), layer_grads(layer, xi)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, monkeypatch):
+    T, lead, H, Fs, E, K, routing = shape
+    args = make_args("triton", dtype, mlp_type="glu", hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E,
+                     moe_top_k=K, activation_fn=F.silu, fp8="blockwise",
+                     moe_normalize_expert_weights=1 if K > 1 else None)
+    layer = dMoE(args)
+    randomize_bias(layer)
+    gen = torch.Generator(device=DEVICE).manual_seed(T * 37 + H)
+    x = torch.randn(*lead, H, device=DEVICE, dtype=dtype, generator=gen)
+    if routing == "one":  # every token on one expert: a router that prefers expert 0 by far
+        with torch.no_grad():
+            layer.router.layer.weight.zero_()
+            layer.router.layer.weight[0].fill_(1.0)
+        x = x.abs() + 0.5
+    grad_out = torch.randn(*lead, H, device=DEVICE, dtype=dtype, generator=gen)
+    calls = _count(monkeypatch)
+    results = {}
+    for on in (False, True):
+        layer.args.kernel_policy = KernelPolicy(one_node_experts=on)
+        results[on] = _step(layer, x, grad_out)
+        assert len(calls) == int(on), f"one_node_experts={on}: {len(calls)} FP8 node calls"
+    assert type(calls[0]).__name__ == "_Fp8GroupedGluExpertsBackward", calls[0]
+    assert_equal("out", results[True][0], results[False][0])
+    assert_equal("grad x", results[True][1]["x"], results[False][1]["x"])
+    for name in GRAD_NAMES:
+        off, on = results[False][1][name], results[True][1][name]
+        if off is None:
+            assert on is None, name
+            continue
+        # The weight gradients read the token rows through the maps instead of a gathered copy:
+        # the same products, summed in the same order.
+        assert_equal(f"grad {name}", on, off)
+    assert results[True][0].abs().sum() > 0
+
+
+def test_fp8_node_conditions(monkeypatch):
+    """Taken in training with a fused activation and the policy's one_node_experts and fused_gather;
+    not with biases, a non-fused activation, no gradient to record, or either policy field off."""
+    calls = _count(monkeypatch)
+    size = dict(hidden_size=40, ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2)
+    x = torch.randn(6, 40, device=DEVICE)
+
+    def run(grad=True, policy=None, **kw):
+        kw.setdefault("activation_fn", F.silu)
+        layer = dMoE(make_args("triton", torch.float32, mlp_type="glu", fp8="blockwise", **size, **kw))
+        if policy is not None:
+            layer.args.kernel_policy = policy
+        before = len(calls)
+        with torch.set_grad_enabled(grad):
+            out = layer(x.clone().requires_grad_(grad))
+        if grad:
+            out.square().sum().backward()
+            assert all(p.grad is not None for p in layer.experts.mlp.parameters())
+        return len(calls) - before
+
+    assert run() == 1
+    assert run(grad=False) == 0
+    assert run(moe_expert_bias=True) == 0
+    assert run(activation_fn=lambda t: F.gelu(t) * 2) == 0
+    assert run(policy=KernelPolicy(one_node_experts=False)) == 0
+    assert run(policy=KernelPolicy(fused_gather=False)) == 0
+    assert run(memory_optimized_mlp=True) == 1
+
+
+def test_fp8_node_quantizes_weights_once_per_step(monkeypatch):
+    calls = []
+    real = fp8.quantize_blocks
+    monkeypatch.setattr(fp8, "quantize_blocks", lambda w, **kw: calls.append(tuple(w.shape)) or real(w, **kw))
+    layer = dMoE(make_args("triton", torch.float32, mlp_type="glu", fp8="blockwise", hidden_size=48,
+                           ffn_hidden_size=40, moe_num_experts=4, moe_top_k=2, activation_fn=F.silu))
+    node = _count(monkeypatch)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    for _ in range(2):  # two micro-batches
+        layer(torch.randn(1, 9, 48, device=DEVICE)).square().mean().backward()
+    assert len(node) == 2 and len(calls) == 3  # w1, v1, w2: once
+    opt.step()
+    layer(torch.randn(1, 9, 48, device=DEVICE)).square().mean().backward()
+    assert len(calls) == 6
