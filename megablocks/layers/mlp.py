@@ -432,8 +432,10 @@ class GroupedMLP(SparseMLP):
         if maps is not None:
             activation = self._one_node_activation(x, weights, accs, maps)
             if activation is not None and self.args.fp8 is not None:
+                # Wide experts' weight gradients read gathered rows, as the composed ops there.
+                wide = mpu.features_per_rank(self.args) > self.args.kernel_policy.fused_glu_input_grad_max_ffn
                 return fp8_grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
-                                               self._fp8_quantized(weights, num_experts, hidden))
+                                               self._fp8_quantized(weights, num_experts, hidden), gathered_wgrad=wide)
             if activation is not None:
                 return grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
                                            keep_product=not self.args.memory_optimized_mlp)

@@ -44,7 +44,7 @@ from megablocks.backend import use_triton
 from megablocks.backend.fp8 import gather_quantize_rows, glu_quantize_rows, gmm_fp8, quantize_rows
 from megablocks.ops._eager import _plain_eager
 from megablocks.ops.gmm import _grouped_mm_impl, _product_impl
-from megablocks.ops.permute import _scatter_rows
+from megablocks.ops.permute import _gather_rows, _scatter_rows
 from megablocks.ops.routing import RowMaps
 
 _TRITON = "triton"
@@ -102,13 +102,19 @@ class _GroupedGluExperts(torch.autograd.Function):
             grad_rows = _product_impl(grad_h1, w1.view(shape), counts_E, grad_h2, v1.view(shape), None, None, 1,
                                       False, False, False, _TRITON)
             grad_x = _scatter_rows._impl(grad_rows, assignment_row, row_assignment, None, top_k)
+        # The up weights' gradients read the token rows through the maps, or (`gathered_wgrad`) a
+        # gathered copy made here for both: wide experts' variable-K products ran slower through
+        # the maps (mixtral: 11.1 against 9.0 ms a step; benchmarks/RESULTS.md).
+        rows = (x_TH, row_assignment, assignment_row, top_k)
+        if (need_w1 or need_v1) and ctx.gathered_wgrad:
+            rows = (_gather_rows._impl(x_TH, row_assignment, assignment_row, None, top_k), None, None, 1)
         if need_w1:
-            grad_w1 = _product_impl(grad_h1, x_TH, counts_E, None, None, row_assignment, assignment_row, top_k,
-                                    True, True, False, _TRITON).view(w1.shape)
+            grad_w1 = _product_impl(grad_h1, rows[0], counts_E, None, None, *rows[1:], True, True, False,
+                                    _TRITON).view(w1.shape)
         if need_v1:
-            grad_v1 = _product_impl(grad_h2, x_TH, counts_E, None, None, row_assignment, assignment_row, top_k,
-                                    True, True, False, _TRITON).view(v1.shape)
-        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None
+            grad_v1 = _product_impl(grad_h2, rows[0], counts_E, None, None, *rows[1:], True, True, False,
+                                    _TRITON).view(v1.shape)
+        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None
 
 
 def grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor,
@@ -131,7 +137,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
-                quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]]):
+                quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool):
         w1_q, _, v1_q, _, _, w2_t = quantized
         dtype = x_TH.dtype
         x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
@@ -143,7 +149,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         ctx.save_for_backward(x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row)
         # Made here, not inputs: kept on ctx so the backward can let go of each when done with it.
         ctx.h, ctx.quantized = [h1, h2], quantized
-        ctx.top_k, ctx.activation = top_k, activation
+        ctx.top_k, ctx.activation, ctx.gathered_wgrad = top_k, activation, gathered_wgrad
         return y
 
     @staticmethod
@@ -163,6 +169,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
             grad_w2 = _product_impl(a, grad_y, counts_E, None, None, None, None, 1, False, True, False,
                                     _TRITON).view(w2.shape)
             del a
+        del grad_y
         grad_h1, grad_h2 = activation_kernels.glu_backward(grad_a, h1, h2, activation, in_place=True)
         del grad_a, h1, h2
         grad_x = grad_w1 = grad_v1 = None
@@ -171,25 +178,34 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
             grad_rows += gmm_fp8(*quantize_rows(grad_h2), *v1_t, counts_E, out_dtype=dtype)
             grad_x = _scatter_rows._impl(grad_rows, assignment_row, row_assignment, None, top_k)
             del grad_rows
+        # The up weights' gradients read the token rows through the maps, or (`gathered_wgrad`) a
+        # gathered copy made here for both: wide experts' variable-K products ran slower through
+        # the maps (mixtral: 11.1 against 9.0 ms a step; benchmarks/RESULTS.md).
+        rows = (x_TH, row_assignment, assignment_row, top_k)
+        if (need_w1 or need_v1) and ctx.gathered_wgrad:
+            rows = (_gather_rows._impl(x_TH, row_assignment, assignment_row, None, top_k), None, None, 1)
         if need_w1:
-            grad_w1 = _product_impl(grad_h1, x_TH, counts_E, None, None, row_assignment, assignment_row, top_k,
-                                    True, True, False, _TRITON).view(w1.shape)
+            grad_w1 = _product_impl(grad_h1, rows[0], counts_E, None, None, *rows[1:], True, True, False,
+                                    _TRITON).view(w1.shape)
         if need_v1:
-            grad_v1 = _product_impl(grad_h2, x_TH, counts_E, None, None, row_assignment, assignment_row, top_k,
-                                    True, True, False, _TRITON).view(v1.shape)
-        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None
+            grad_v1 = _product_impl(grad_h2, rows[0], counts_E, None, None, *rows[1:], True, True, False,
+                                    _TRITON).view(v1.shape)
+        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None
 
 
 def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor,
                             counts_E: torch.Tensor, maps: RowMaps, activation: str,
-                            quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                            quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                            gathered_wgrad: bool = False) -> torch.Tensor:
     """`grouped_glu_experts` with the expert products in FP8 (module docstring), the expert-ordered
     rows `[N, H]`, as one autograd node.
 
     No validation: the caller's (`GroupedMLP.forward`). `w1`, `v1`, `w2`: `[E·F, H]` in x's dtype,
     the differentiable weights; `quantized`: their blockwise FP8 forms viewed `[E, F, H]`, each
     `(q, s)` then the same stored the other way (`Fp8WeightCache(p, shape)`,
-    `Fp8WeightCache.transposed(p, shape)`), in the order w1, w1ᵀ, v1, v1ᵀ, w2, w2ᵀ.
+    `Fp8WeightCache.transposed(p, shape)`), in the order w1, w1ᵀ, v1, v1ᵀ, w2, w2ᵀ;
+    `gathered_wgrad`: the up weights' gradients read a gathered copy of the rows (made in the
+    backward) instead of the token rows through the maps.
     """
     return _Fp8GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row,
-                                       maps.top_k, activation, tuple(quantized))
+                                       maps.top_k, activation, tuple(quantized), gathered_wgrad)

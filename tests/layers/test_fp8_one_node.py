@@ -9,11 +9,14 @@ one expert); it must be taken exactly where its conditions hold and nowhere else
 each weight's quantization once per optimizer step.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megablocks.layers import mlp as mlp_module
+from megablocks.ops import grouped_glu
 from megablocks.layers.dmoe import dMoE
 from megablocks.ops import fp8
 from megablocks.policy import KernelPolicy
@@ -46,9 +49,10 @@ def _step(layer, x, grad_out):
     return out.detach(), layer_grads(layer, xi)
 
 
+@pytest.mark.parametrize("max_ffn", [4096, 8], ids=["token-rows-wgrad", "gathered-wgrad"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, monkeypatch):
+def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, max_ffn, monkeypatch):
     T, lead, H, Fs, E, K, routing = shape
     args = make_args("triton", dtype, mlp_type="glu", hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E,
                      moe_top_k=K, activation_fn=F.silu, fp8="blockwise",
@@ -64,12 +68,18 @@ def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, monkeypatch):
         x = x.abs() + 0.5
     grad_out = torch.randn(*lead, H, device=DEVICE, dtype=dtype, generator=gen)
     calls = _count(monkeypatch)
+    gathers = []
+    real_gather = grouped_glu._gather_rows._impl
+    monkeypatch.setattr(grouped_glu, "_gather_rows", SimpleNamespace(
+        _impl=lambda *a: gathers.append(a[0].shape) or real_gather(*a)))
     results = {}
     for on in (False, True):
-        layer.args.kernel_policy = KernelPolicy(one_node_experts=on)
+        # max_ffn below F: the node's up weight gradients read a gathered copy of the rows.
+        layer.args.kernel_policy = KernelPolicy(one_node_experts=on, fused_glu_input_grad_max_ffn=max_ffn)
         results[on] = _step(layer, x, grad_out)
         assert len(calls) == int(on), f"one_node_experts={on}: {len(calls)} FP8 node calls"
     assert type(calls[0]).__name__ == "_Fp8GroupedGluExpertsBackward", calls[0]
+    assert len(gathers) == int(max_ffn < Fs), gathers
     assert_equal("out", results[True][0], results[False][0])
     assert_equal("grad x", results[True][1]["x"], results[False][1]["x"])
     for name in GRAD_NAMES:
