@@ -20,6 +20,7 @@ clamp: the gradient passes at the limits themselves).
 """
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -173,3 +174,70 @@ def glu_backward(grad: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor, activat
             grad, h1, h2, grad_h1, grad_h2, numel, ACTIVATION=activation, BLOCK=BLOCK, num_warps=NUM_WARPS
         )
     return grad_h1, grad_h2
+
+
+# The two halves of one [R, 2C] buffer h (row stride stride_h, unit column stride): h1 = h[:, :C],
+# h2 = h[:, C:]. Forward: out [R, C] = act(h1) * up(h2). Backward: the two gradients written over
+# h1 and h2 (each element read before the same program writes it). The same fp32 math as above.
+@triton.jit
+def _glu_halves_kernel(
+    h_ptr,
+    out_ptr,
+    grad_ptr,
+    rows,
+    cols,
+    stride_h,
+    stride_o,
+    stride_g,
+    ACTIVATION: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    p1 = h_ptr + r[:, None] * stride_h + c[None, :]
+    h1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    h2 = tl.load(p1 + cols, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act(h1, ACTIVATION)
+    u, du = _up(h2, ACTIVATION)
+    if BACKWARD:
+        g = tl.load(grad_ptr + r[:, None] * stride_g + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(p1, (g * u * da).to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(p1 + cols, (g * a * du).to(h_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + r[:, None] * stride_o + c[None, :], (a * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_HALVES_BLOCK_R, _HALVES_BLOCK_C = 8, 512
+
+
+def _glu_halves(h: torch.Tensor, activation: str, grad: Optional[torch.Tensor]) -> torch.Tensor:
+    assert activation in ACTIVATIONS, activation
+    assert h.dim() == 2 and h.shape[1] % 2 == 0 and h.stride(1) == 1, "h: [R, 2C] with a unit column stride"
+    rows, cols = h.shape[0], h.shape[1] // 2
+    out = h if grad is not None else torch.empty((rows, cols), dtype=h.dtype, device=h.device)
+    if grad is not None:
+        assert grad.shape == (rows, cols) and grad.stride(1) == 1, "grad: [R, C] with a unit column stride"
+    if rows and cols:
+        block_c = min(_HALVES_BLOCK_C, max(16, triton.next_power_of_2(cols)))
+        block_r = max(1, _HALVES_BLOCK_R * _HALVES_BLOCK_C // block_c)
+        g = grad if grad is not None else out
+        _glu_halves_kernel[(cdiv(rows, block_r), cdiv(cols, block_c))](
+            h, out, g, rows, cols, h.stride(0), out.stride(0), g.stride(0),
+            ACTIVATION=activation, BACKWARD=grad is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
+        )
+    return out
+
+
+def glu_halves_forward(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """`glu_forward(h[:, :C], h[:, C:])` of one [R, 2C] buffer (any row stride), read in place:
+    [R, C] contiguous, equal bit for bit."""
+    return _glu_halves(h, activation, None)
+
+
+def glu_halves_backward_(grad: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:
+    """`glu_backward(grad, h[:, :C], h[:, C:])` written over h: returns h, now [grad_h1 | grad_h2]
+    (equal bit for bit), which the products after it read as one [R, 2C] operand."""
+    return _glu_halves(h, activation, grad)

@@ -516,27 +516,46 @@ def quantize_rows_reference(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     return q, scale
 
 
-def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False):
+def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, out: Optional[Tuple[torch.Tensor, ...]] = None):
     """Q x Q blocks of [E, N, K] weights (out x in, each expert's as a checkpoint stores it) ->
     (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block; with
     `transposed` also t = q stored the other way ([E, K, N] contiguous, equal to
     `q.transpose(1, 2).contiguous()` byte for byte: the K-major operand of the products that read
     w as [E, K, N]), written by the same pass (3.6x faster than torch's copy after it on
     mixtral's weights). One Triton pass over the weights on CUDA (and under the interpreter),
-    else `quantize_blocks_reference` (the same values bit for bit)."""
+    else `quantize_blocks_reference` (the same values bit for bit). `out`: (q, s[, t]) of those
+    shapes and dtypes, any strides but a unit last one, written instead of new tensors (e.g.
+    slices of a larger weight's: two experts' projections stacked along N)."""
     check_tensor("w", w_ENK, ndim=3, dtypes=_IN_DTYPES)
     if not isinstance(transposed, bool):
         raise TypeError(f"transposed: expected a bool, got {type(transposed).__name__}")
+    E, N, K = w_ENK.shape
+    if out is not None:
+        shapes = [((E, N, K), FP8_DTYPE), ((E, cdiv(N, Q), cdiv(K, Q)), torch.float32)] + (
+            [((E, K, N), FP8_DTYPE)] if transposed else [])
+        if (not isinstance(out, (tuple, list)) or len(out) != len(shapes)
+                or any(not isinstance(o, torch.Tensor) or tuple(o.shape) != shape or o.dtype != dtype
+                       or o.device != w_ENK.device or (o.numel() and o.stride(-1) != 1)
+                       for o, (shape, dtype) in zip(out, shapes))):
+            raise ValueError(f"out: expected {len(shapes)} tensors of shapes and dtypes {shapes} on {w_ENK.device} "
+                             f"with a unit last stride, got {out!r:.300}")
     if w_ENK.device.type != "cuda" and not interpreted(w_ENK):
         q, s = quantize_blocks_reference(w_ENK)
-        return (q, s, q.transpose(1, 2).contiguous()) if transposed else (q, s)
-    E, N, K = w_ENK.shape
+        made = (q, s, q.transpose(1, 2).contiguous()) if transposed else (q, s)
+        if out is None:
+            return made
+        for o, m in zip(out, made):
+            o.copy_(m)
+        return tuple(out)
     if w_ENK.numel() and w_ENK.stride(2) != 1:
         w_ENK = w_ENK.contiguous()
-    q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
-    s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
-    t = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w_ENK.device) if transposed else q
-    packed = transposed and N % 4 == 0
+    if out is not None:
+        q, s, t = out if transposed else (*out, out[0])
+    else:
+        q = torch.empty((E, N, K), dtype=FP8_DTYPE, device=w_ENK.device)
+        s = torch.empty((E, cdiv(N, Q), cdiv(K, Q)), dtype=torch.float32, device=w_ENK.device)
+        t = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w_ENK.device) if transposed else q
+    packed = transposed and N % 4 == 0 and t.stride(1) % 4 == 0 and t.storage_offset() % 4 == 0
     if w_ENK.numel():
         # With `transposed` both stores take integer bytes (uint8 views; t's as int32 words when packed).
         q_out = q.view(torch.uint8) if transposed else q

@@ -36,6 +36,7 @@ from megablocks.layers.activation_fn import fused_name, gated_product
 from megablocks.layers.arguments import Arguments, InitFn
 from megablocks.ops.activation import glu
 from megablocks.ops.expert_bias import add_expert_bias, block_column_bias, block_row_experts, row_experts
+from megablocks.ops.fp8 import Q as FP8_BLOCK
 from megablocks.ops.fp8 import Fp8WeightCache, fp8_gmm
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered, weight_grad_into
 from megablocks.ops.grouped_glu import fp8_grouped_glu_experts, grouped_glu_experts, one_node_applies
@@ -503,13 +504,17 @@ class GroupedMLP(SparseMLP):
         return self._fp8_weights
 
     def _fp8_quantized(self, weights, num_experts: int, hidden: int):
-        """(q, s) of w1, w1ᵀ, v1, v1ᵀ, w2, w2ᵀ viewed [E, F, H] (`fp8_grouped_glu_experts`), each
-        quantized from its parameter once per optimizer step, in the module's cache."""
+        """(q, s) of w1, w1ᵀ, v1, v1ᵀ, w2, w2ᵀ viewed [E, F, H] (`fp8_grouped_glu_experts`), or,
+        F a multiple of 128, of [w1; v1] stacked, its transpose, w2, w2ᵀ; each quantized from its
+        parameter once per optimizer step, in the module's cache."""
         cache, shape = self._fp8_cache(), (num_experts, -1, hidden)
         out = []
-        for p in (self.w1, self._v1(), self.w2):
-            out += [cache(p, shape), cache.transposed(p, shape)]
-        return out
+        if self.w1.numel() and (self.w1.numel() // (num_experts * hidden)) % FP8_BLOCK == 0:
+            out += list(cache.pair(self.w1, self._v1(), shape))
+        else:
+            for p in (self.w1, self._v1()):
+                out += [cache(p, shape), cache.transposed(p, shape)]
+        return out + [cache(self.w2, shape), cache.transposed(self.w2, shape)]
 
     def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int):
         """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this

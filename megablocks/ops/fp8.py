@@ -88,6 +88,31 @@ class Fp8WeightCache:
             self._entries[(id(w), shape)] = entry
         return entry[3]
 
+    def pair(self, a: torch.Tensor, b: torch.Tensor, shape: Tuple[int, ...]):
+        """((q, s), (t, sᵀ)) of `a` and `b` viewed as `shape` [E, N, K] and stacked along N
+        ([E, 2N, K], each expert's a rows then b rows; t [E, K, 2N] the same stored the other way),
+        N a multiple of Q (each block from one of them: equal to their own quantizations side by
+        side). Made again only when either changed, written straight into the stacked tensors."""
+        key = ("pair", id(a), id(b), shape)
+        stamps = tuple((w.data_ptr(), w._version, tuple(w.shape), w.dtype) for w in (a, b))
+        hit = self._entries.get(key)
+        if hit is None or hit[0]() is not a or hit[1]() is not b or hit[2] != stamps:
+            va, vb = a.detach().view(shape), b.detach().view(shape)
+            E, N, K = va.shape
+            if N % Q or vb.shape != va.shape:
+                raise ValueError(f"pair: expected two [E, N, K] views with N a multiple of {Q}, got "
+                                 f"{tuple(va.shape)} and {tuple(vb.shape)}")
+            q = torch.empty((E, 2 * N, K), dtype=FP8_DTYPE, device=a.device)
+            s = torch.empty((E, 2 * N // Q, -(-K // Q)), dtype=torch.float32, device=a.device)
+            t = torch.empty((E, K, 2 * N), dtype=FP8_DTYPE, device=a.device)
+            with torch.no_grad():
+                for i, v in enumerate((va, vb)):
+                    rows, blocks = slice(i * N, (i + 1) * N), slice(i * N // Q, (i + 1) * N // Q)
+                    quantize_blocks(v, transposed=True, out=(q[:, rows], s[:, blocks], t[:, :, rows]))
+            hit = (weakref.ref(a), weakref.ref(b), stamps, ((q, s), (t, s.transpose(1, 2))))
+            self._entries[key] = hit
+        return hit[3]
+
     def seed(self, w: torch.Tensor, quantized: Tuple[torch.Tensor, torch.Tensor],
              shape: Optional[Tuple[int, ...]] = None) -> None:
         """Makes `(q, s)` the cached quantization of `w` (viewed as `shape`) until `w` changes: a

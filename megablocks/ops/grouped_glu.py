@@ -31,8 +31,12 @@ the work next to them:
 and in the backward the output gradient quantized in 1 x 128 tiles, the FP8 input-gradient
 products (`Fp8WeightCache.transposed` weights), the GLU's gradient written over h1 and h2 (the
 node keeps nothing else of the forward but x_TH: no gathered rows, no GLU product), and the
-weight gradients unquantized, reading the token rows through the maps. Its forward and input
-gradient are bitwise those of the composed FP8 ops (gather, `fp8_gmm` twice, `glu`, `fp8_gmm`).
+weight gradients unquantized, reading the token rows through the maps (wide experts: a gathered
+copy). Its output and gradients are bitwise those of the composed FP8 ops (gather, `fp8_gmm`
+twice, `glu`, `fp8_gmm`). Where F is a multiple of 128, w1 and v1 are quantized stacked
+(`Fp8WeightCache.pair`): the up projections are one product into one [N, 2F] buffer, and the
+input gradient one product over [grad_h1 | grad_h2] with K = 2F, rounded once (the composed ops
+round two products and add them; the rest stays bitwise).
 """
 
 from typing import Optional, Sequence, Tuple
@@ -102,19 +106,13 @@ class _GroupedGluExperts(torch.autograd.Function):
             grad_rows = _product_impl(grad_h1, w1.view(shape), counts_E, grad_h2, v1.view(shape), None, None, 1,
                                       False, False, False, _TRITON)
             grad_x = _scatter_rows._impl(grad_rows, assignment_row, row_assignment, None, top_k)
-        # The up weights' gradients read the token rows through the maps, or (`gathered_wgrad`) a
-        # gathered copy made here for both: wide experts' variable-K products ran slower through
-        # the maps (mixtral: 11.1 against 9.0 ms a step; benchmarks/RESULTS.md).
-        rows = (x_TH, row_assignment, assignment_row, top_k)
-        if (need_w1 or need_v1) and ctx.gathered_wgrad:
-            rows = (_gather_rows._impl(x_TH, row_assignment, assignment_row, None, top_k), None, None, 1)
         if need_w1:
-            grad_w1 = _product_impl(grad_h1, rows[0], counts_E, None, None, *rows[1:], True, True, False,
-                                    _TRITON).view(w1.shape)
+            grad_w1 = _product_impl(grad_h1, x_TH, counts_E, None, None, row_assignment, assignment_row, top_k,
+                                    True, True, False, _TRITON).view(w1.shape)
         if need_v1:
-            grad_v1 = _product_impl(grad_h2, rows[0], counts_E, None, None, *rows[1:], True, True, False,
-                                    _TRITON).view(v1.shape)
-        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None
+            grad_v1 = _product_impl(grad_h2, x_TH, counts_E, None, None, row_assignment, assignment_row, top_k,
+                                    True, True, False, _TRITON).view(v1.shape)
+        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None
 
 
 def grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor,
@@ -138,44 +136,61 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
                 quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool):
-        w1_q, _, v1_q, _, _, w2_t = quantized
         dtype = x_TH.dtype
+        stacked = len(quantized) == 4
         x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
-        h1 = gmm_fp8(x_q, x_s, *w1_q, counts_E, out_dtype=dtype)
-        h2 = gmm_fp8(x_q, x_s, *v1_q, counts_E, out_dtype=dtype)
+        if stacked:  # one product over [w1; v1]: h [N, 2F], the halves read in place below
+            h = [gmm_fp8(x_q, x_s, *quantized[0], counts_E, out_dtype=dtype)]
+            F = h[0].shape[1] // 2
+            h1, h2 = h[0][:, :F], h[0][:, F:]
+        else:
+            h = [gmm_fp8(x_q, x_s, *quantized[0], counts_E, out_dtype=dtype),
+                 gmm_fp8(x_q, x_s, *quantized[2], counts_E, out_dtype=dtype)]
+            h1, h2 = h
         del x_q, x_s
         a_q, a_s = glu_quantize_rows(h1, h2, activation)
-        y = gmm_fp8(a_q, a_s, *w2_t, counts_E, out_dtype=dtype)
+        y = gmm_fp8(a_q, a_s, *quantized[-1], counts_E, out_dtype=dtype)
         ctx.save_for_backward(x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row)
         # Made here, not inputs: kept on ctx so the backward can let go of each when done with it.
-        ctx.h, ctx.quantized = [h1, h2], quantized
+        ctx.h, ctx.quantized = h, quantized
         ctx.top_k, ctx.activation, ctx.gathered_wgrad = top_k, activation, gathered_wgrad
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row = ctx.saved_tensors
-        (h1, h2), (_, w1_t, _, v1_t, w2_q, _) = ctx.h, ctx.quantized
+        h, quantized = ctx.h, ctx.quantized
         ctx.h = ctx.quantized = None
         top_k, activation, dtype = ctx.top_k, ctx.activation, x_TH.dtype
         need_x, need_w1, need_v1, need_w2 = ctx.needs_input_grad[:4]
         grad_y = grad_y.contiguous()
         g_q, g_s = quantize_rows(grad_y)
-        grad_a = gmm_fp8(g_q, g_s, *w2_q, counts_E, out_dtype=dtype)
+        grad_a = gmm_fp8(g_q, g_s, *quantized[-2], counts_E, out_dtype=dtype)
         del g_q, g_s
         grad_w2 = None
         if need_w2:  # the GLU product again, from h1 and h2, for the unquantized weight gradient
-            a = activation_kernels.glu_forward(h1, h2, activation)
+            a = (activation_kernels.glu_halves_forward(h[0], activation) if len(h) == 1
+                 else activation_kernels.glu_forward(*h, activation))
             grad_w2 = _product_impl(a, grad_y, counts_E, None, None, None, None, 1, False, True, False,
                                     _TRITON).view(w2.shape)
             del a
         del grad_y
-        grad_h1, grad_h2 = activation_kernels.glu_backward(grad_a, h1, h2, activation, in_place=True)
-        del grad_a, h1, h2
+        # The GLU's gradient over h1 and h2; the input gradient's products read it quantized.
         grad_x = grad_w1 = grad_v1 = None
+        if len(h) == 1:  # [grad_h1 | grad_h2] one operand: one product over K = 2F, no sum after it
+            grad_h = activation_kernels.glu_halves_backward_(grad_a, h[0], activation)
+            F = grad_h.shape[1] // 2
+            grad_h1, grad_h2 = grad_h[:, :F], grad_h[:, F:]
+            del grad_a, h
+            if need_x:
+                grad_rows = gmm_fp8(*quantize_rows(grad_h), *quantized[1], counts_E, out_dtype=dtype)
+        else:
+            grad_h1, grad_h2 = activation_kernels.glu_backward(grad_a, *h, activation, in_place=True)
+            del grad_a, h
+            if need_x:
+                grad_rows = gmm_fp8(*quantize_rows(grad_h1), *quantized[1], counts_E, out_dtype=dtype)
+                grad_rows += gmm_fp8(*quantize_rows(grad_h2), *quantized[3], counts_E, out_dtype=dtype)
         if need_x:
-            grad_rows = gmm_fp8(*quantize_rows(grad_h1), *w1_t, counts_E, out_dtype=dtype)
-            grad_rows += gmm_fp8(*quantize_rows(grad_h2), *v1_t, counts_E, out_dtype=dtype)
             grad_x = _scatter_rows._impl(grad_rows, assignment_row, row_assignment, None, top_k)
             del grad_rows
         # The up weights' gradients read the token rows through the maps, or (`gathered_wgrad`) a
@@ -203,7 +218,10 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     No validation: the caller's (`GroupedMLP.forward`). `w1`, `v1`, `w2`: `[E·F, H]` in x's dtype,
     the differentiable weights; `quantized`: their blockwise FP8 forms viewed `[E, F, H]`, each
     `(q, s)` then the same stored the other way (`Fp8WeightCache(p, shape)`,
-    `Fp8WeightCache.transposed(p, shape)`), in the order w1, w1ᵀ, v1, v1ᵀ, w2, w2ᵀ;
+    `Fp8WeightCache.transposed(p, shape)`), in the order w1, w1ᵀ, v1, v1ᵀ, w2, w2ᵀ; or, F a
+    multiple of 128, w1 and v1 stacked (`Fp8WeightCache.pair`: [w1; v1], [w1; v1]ᵀ), w2, w2ᵀ: the
+    up projections one product into one [N, 2F] buffer, and the input gradient one product over
+    K = 2F (rounded once, where the separate form adds two rounded products);
     `gathered_wgrad`: the up weights' gradients read a gathered copy of the rows (made in the
     backward) instead of the token rows through the maps.
     """

@@ -23,7 +23,7 @@ from megablocks.policy import KernelPolicy
 from tests.conftest import DEVICE
 from tests.layers.moe_reference import GRAD_NAMES, layer_grads, make_args, randomize_bias
 from tests.layers.test_dmoe import SHAPES
-from tests.utils import assert_equal
+from tests.utils import assert_close, assert_equal
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [torch.float16])
 
@@ -136,3 +136,70 @@ def test_fp8_node_quantizes_weights_once_per_step(monkeypatch):
     opt.step()
     layer(torch.randn(1, 9, 48, device=DEVICE)).square().mean().backward()
     assert len(calls) == 6
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, H, Fs, E, K", [(24, 40, 128, 4, 2), (5, 136, 256, 3, 3), (1, 48, 128, 5, 1)],
+                         ids=["F=128", "F=256-topk=E", "one-token-empty-experts"])
+def test_fp8_node_stacked_pair(T, H, Fs, E, K, dtype, monkeypatch):
+    """F a multiple of 128: w1 and v1 quantized stacked, the up projections one product into one
+    [N, 2F] buffer, the GLU gradient written over it, the input gradient one product over K = 2F.
+    Against the composed FP8 ops: the output and the weight and router gradients bitwise; the input
+    gradient rounded once instead of summed from two rounded products (within a few units of the
+    dtype's last place)."""
+    args = make_args("triton", dtype, mlp_type="glu", hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E,
+                     moe_top_k=K, activation_fn=F.silu, fp8="blockwise")
+    layer = dMoE(args)
+    randomize_bias(layer)
+    gen = torch.Generator(device=DEVICE).manual_seed(T * 11 + Fs)
+    x = torch.randn(T, H, device=DEVICE, dtype=dtype, generator=gen)
+    grad_out = torch.randn(T, H, device=DEVICE, dtype=dtype, generator=gen)
+    calls = _count(monkeypatch)
+    pairs = []
+    real_pair = fp8.Fp8WeightCache.pair
+    monkeypatch.setattr(fp8.Fp8WeightCache, "pair", lambda self, *a: pairs.append(a[2]) or real_pair(self, *a))
+    results = {}
+    for on in (False, True):
+        layer.args.kernel_policy = KernelPolicy(one_node_experts=on)
+        results[on] = _step(layer, x, grad_out)
+    assert len(calls) == 1 and len(pairs) == 1, (calls, pairs)
+    assert_equal("out", results[True][0], results[False][0])
+    for name in ("router", "w1", "v1", "w2", "bias"):
+        assert_equal(f"grad {name}", results[True][1][name], results[False][1][name])
+    assert_close("grad x", results[True][1]["x"], results[False][1]["x"], dtype=dtype)
+    assert results[True][1]["x"].abs().sum() > 0
+
+
+def test_weight_cache_pair():
+    """`Fp8WeightCache.pair`: [w1; v1] quantized stacked, equal byte for byte to each quantized
+    alone side by side, stored the other way too; made again only when either weight changes;
+    N not a multiple of 128 refused."""
+    E, Fs, H = 3, 256, 200
+    w1 = torch.randn(E * Fs, H, device=DEVICE)
+    v1 = torch.randn(E * Fs, H, device=DEVICE) * 5
+    cache = fp8.Fp8WeightCache(transposed=True)
+    (q, s), (t, st) = cache.pair(w1, v1, (E, -1, H))
+    (q1, s1), (q2, s2) = fp8.quantize_blocks(w1.view(E, Fs, H)), fp8.quantize_blocks(v1.view(E, Fs, H))
+    for name, got, want in (("q", q, torch.cat([q1, q2], 1)), ("s", s, torch.cat([s1, s2], 1)),
+                            ("t", t, torch.cat([q1, q2], 1).transpose(1, 2).contiguous()),
+                            ("st", st, torch.cat([s1, s2], 1).transpose(1, 2))):
+        assert_equal(name, got.view(torch.uint8) if got.dtype == fp8.FP8_DTYPE else got,
+                     want.view(torch.uint8) if want.dtype == fp8.FP8_DTYPE else want)
+    assert cache.pair(w1, v1, (E, -1, H))[0][0] is q
+    with torch.no_grad():
+        v1.mul_(2)
+    q_again = cache.pair(w1, v1, (E, -1, H))[0][0]
+    assert q_again is not q and torch.equal(q_again[:, :Fs].view(torch.uint8), q[:, :Fs].view(torch.uint8))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        cache.pair(w1, v1, (E * 4, -1, H))  # N = 64
+
+
+def test_quantize_blocks_out_checked():
+    w = torch.randn(2, 128, 256, device=DEVICE)
+    q, s, t = fp8.quantize_blocks(w, transposed=True)
+    assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in
+               zip((q, t), fp8.quantize_blocks(w, transposed=True, out=(torch.empty_like(q), torch.empty_like(s),
+                                                                      torch.empty_like(t)))[::2]))
+    for bad in ((q, s), (q, s, t.float()), (q, s.transpose(1, 2), t), (q[:, :64], s, t), (q, s, t.transpose(0, 2))):
+        with pytest.raises(ValueError, match="out"):
+            fp8.quantize_blocks(w, transposed=True, out=bad)

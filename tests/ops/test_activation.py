@@ -288,3 +288,27 @@ def test_expert_ffn_clamped_swiglu(memory_optimized, monkeypatch):
     assert_close("out", out, ref)
     for name, leaf, ref_leaf in zip(("x", "w1", "v1", "w2", "b1", "bv1", "b2"), leaves, ref_leaves):
         assert_close(f"grad {name}", leaf.grad, ref_leaf.grad)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [d for d in FLOAT_DTYPES if d != torch.bfloat16 or DEVICE == "cuda"], ids=str)
+@pytest.mark.parametrize("rows, cols, pad", [(37, 136, 0), (5, 1, 3), (0, 8, 0), (300, 24, 8)])
+def test_glu_halves_in_place(activation, dtype, rows, cols, pad):
+    """The halves of one [R, 2C] buffer (row stride 2C + pad): the forward bitwise `glu_forward` of
+    the two halves, the backward bitwise `glu_backward`, written over the buffer and nothing else."""
+    from megablocks.backend import activation as kernels
+
+    gen = torch.Generator().manual_seed(rows * 7 + cols)
+    base = (torch.randn(rows, 2 * cols + pad, generator=gen) * 3).to(DEVICE, dtype)
+    base[:, :1] = float("nan") if rows else 0.0
+    h = base[:, :2 * cols]
+    grad = torch.randn(rows, cols, generator=gen).to(DEVICE, dtype)
+    h1, h2 = h[:, :cols].contiguous(), h[:, cols:].contiguous()
+    assert_equal("halves forward", kernels.glu_halves_forward(h, activation), kernels.glu_forward(h1, h2, activation))
+    want_h1, want_h2 = kernels.glu_backward(grad, h1, h2, activation)
+    tail = base[:, 2 * cols:].clone()
+    out = kernels.glu_halves_backward_(grad, h, activation)
+    assert out.data_ptr() == h.data_ptr()
+    assert_equal("halves grad h1", h[:, :cols], want_h1)
+    assert_equal("halves grad h2", h[:, cols:], want_h2)
+    assert_equal("untouched padding", base[:, 2 * cols:], tail)
