@@ -163,6 +163,12 @@ def test_fp8_node_stacked_pair(T, H, Fs, E, K, dtype, monkeypatch):
         layer.args.kernel_policy = KernelPolicy(one_node_experts=on)
         results[on] = _step(layer, x, grad_out)
     assert len(calls) == 1 and len(pairs) == 1, (calls, pairs)
+    # Past the policy's fused_glu_input_grad_max_ffn the node keeps w1 and v1 apart.
+    layer.args.kernel_policy = KernelPolicy(fused_glu_input_grad_max_ffn=Fs - 1)
+    apart = _step(layer, x, grad_out)
+    assert len(calls) == 2 and len(pairs) == 1, (calls, pairs)
+    assert_equal("out apart", apart[0], results[False][0])
+    assert_equal("grad x apart", apart[1]["x"], results[False][1]["x"])
     assert_equal("out", results[True][0], results[False][0])
     for name in ("router", "w1", "v1", "w2", "bias"):
         assert_equal(f"grad {name}", results[True][1][name], results[False][1][name])
