@@ -324,7 +324,7 @@ def _quantize_cols_grouped_kernel(
     x_ptr, q_ptr, s_ptr, sizes_ptr,
     M, K, E,
     stride_xm, stride_qm, stride_sb,
-    QB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    QB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, TRANSPOSED: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     e, starts, ends, block_starts, blocks = _group_table(sizes_ptr, E, M, QB, BLOCK_E)
@@ -341,7 +341,13 @@ def _quantize_cols_grouped_kernel(
     scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=0))
     scale = tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), scale)
     q = _round_e4m3(x * inv[None, :])
-    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    if TRANSPOSED:  # q_KP: block b in columns [b*QB, (b+1)*QB), its rows past the group zeros
+        slots = b.to(tl.int64) * QB + tl.arange(0, QB)
+        tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_qm + slots[None, :],
+                 tl.trans(q).to(q_ptr.dtype.element_ty), mask=(cols < K)[:, None])
+    else:
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
+                 mask=mask)
     tl.store(s_ptr + b.to(tl.int64) * stride_sb + cols, scale, mask=cols < K)
 
 
@@ -381,6 +387,53 @@ def _gmm_fp8_wgrad_kernel(
         blk = (blk0 + j).to(tl.int64)
         sa = tl.load(as_ptr + blk * stride_asb + offs_n, mask=offs_n < N, other=0.0)
         sb = tl.load(bs_ptr + blk * stride_bsb + offs_k, mask=offs_k < K, other=0.0)
+        acc += part * (sa[:, None] * sb[None, :])
+    out_ptrs = out_ptr + g.to(tl.int64) * stride_oe + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+
+
+# The same product from K-major operands (`quantize_cols_grouped(..., transposed=True)`): a_NP,
+# b_KP, block blk of the groups in columns [blk*QB, (blk+1)*QB), its rows past the group zeros.
+# Each step is one 128-deep FP8 product of two K-major tiles (the tensor cores' FP8 form; the
+# kernel above transposes a tile in registers each step). Programs (tile, expert): an expert's
+# tiles run together, reading its blocks from L2.
+@triton.jit
+def _gmm_fp8_wgrad_kmajor_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, out_ptr, sizes_ptr,
+    M, N, K, E, P,
+    stride_an, stride_asb, stride_bk, stride_bsb, stride_oe, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr, BLOCK_E: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):
+    g = tl.program_id(1)
+    tiles_k = tl.cdiv(K, BLOCK_K)
+    n0 = (tl.program_id(0) // tiles_k) * BLOCK_N
+    k0 = (tl.program_id(0) % tiles_k) * BLOCK_K
+    e, starts, ends, block_starts, blocks = _group_table(sizes_ptr, E, M, QB, BLOCK_E)
+    mine = e == g
+    blk0 = tl.sum(tl.where(mine, block_starts, 0), 0)
+    nblocks = tl.sum(tl.where(mine, blocks, 0), 0)
+    offs_r = tl.arange(0, QB)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if USE_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [N, P], [stride_an, 1], [BLOCK_N, QB])
+        b_desc = tl.make_tensor_descriptor(b_ptr, [K, P], [stride_bk, 1], [BLOCK_K, QB])
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for j in range(0, nblocks):
+        blk = blk0 + j
+        col = blk * QB
+        if USE_TMA:
+            a = a_desc.load([n0, col])
+            b = b_desc.load([k0, col])
+        else:
+            a = tl.load(a_ptr + offs_n[:, None].to(tl.int64) * stride_an + (col + offs_r)[None, :],
+                        mask=(offs_n < N)[:, None], other=0.0)
+            b = tl.load(b_ptr + offs_k[:, None].to(tl.int64) * stride_bk + (col + offs_r)[None, :],
+                        mask=(offs_k < K)[:, None], other=0.0)
+        part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
+        sa = tl.load(as_ptr + blk.to(tl.int64) * stride_asb + offs_n, mask=offs_n < N, other=0.0)
+        sb = tl.load(bs_ptr + blk.to(tl.int64) * stride_bsb + offs_k, mask=offs_k < K, other=0.0)
         acc += part * (sa[:, None] * sb[None, :])
     out_ptrs = out_ptr + g.to(tl.int64) * stride_oe + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
@@ -798,30 +851,59 @@ def _check_sizes(batch_sizes: torch.Tensor, device) -> torch.Tensor:
     return batch_sizes.to(device=device, dtype=torch.int32)
 
 
-def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
+                          transposed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Q x 1 tiles down the columns of each group of rows (group e: the next `batch_sizes[e]`
     rows; blocks of Q rows from the group's first row, the last one shorter) -> (q [M, K] e4m3,
     s [ceil(M/Q) + E, K] fp32 powers of two): block j of group e has scale row
     Σ_{f<e} ceil(size_f / Q) + j. The operands of the FP8 weight gradient (`gmm_fp8_wgrad`),
     whose reduction runs down the rows. Rows past the groups' total, and scale rows past their
-    blocks, are left unset. Triton on CUDA and under the interpreter, else the torch form."""
+    blocks, are left unset. With `transposed`, q is stored K-major by blocks instead, as the
+    tensor cores' FP8 products read it: [K, (ceil(M/Q) + E) * Q], block b (the scale row's index)
+    in columns [b*Q, (b+1)*Q), a group's last block padded with zeros; columns of blocks past the
+    groups' left unset. Triton on CUDA and under the interpreter, else the torch form."""
     check_tensor("x", x_MK, ndim=2, dtypes=_IN_DTYPES)
     if x_MK.stride(-1) != 1 and x_MK.numel():
         raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_MK.stride())}")
+    if not isinstance(transposed, bool):
+        raise TypeError(f"transposed: expected a bool, got {type(transposed).__name__}")
     M, K = x_MK.shape
     sizes = _check_sizes(batch_sizes, x_MK.device)
     E = sizes.numel()
     if x_MK.device.type != "cuda" and not interpreted(x_MK):
-        return quantize_cols_grouped_reference(x_MK, sizes)
-    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x_MK.device)
-    s = torch.empty((cdiv(M, Q) + E, K), dtype=torch.float32, device=x_MK.device)
+        q, s = quantize_cols_grouped_reference(x_MK, sizes)
+        return (_blocks_k_major(q, sizes), s) if transposed else (q, s)
+    S = cdiv(M, Q) + E
+    q = torch.empty((K, S * Q) if transposed else (M, K), dtype=FP8_DTYPE, device=x_MK.device)
+    s = torch.empty((S, K), dtype=torch.float32, device=x_MK.device)
     if M and K and E:
         block_k = 32 if interpreted(x_MK) else 64
         _quantize_cols_grouped_kernel[(s.shape[0], cdiv(K, block_k))](
             x_MK, q, s, sizes, M, K, E, x_MK.stride(0), q.stride(0), s.stride(0),
-            QB=Q, BLOCK_K=block_k, BLOCK_E=max(2, next_power_of_2(E)), num_warps=4,
+            QB=Q, BLOCK_K=block_k, BLOCK_E=max(2, next_power_of_2(E)), TRANSPOSED=transposed, num_warps=4,
         )
     return q, s
+
+
+def _blocks_k_major(q_MK: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """The transposed layout of `quantize_cols_grouped` from its row-major q (reference path)."""
+    M, K = q_MK.shape
+    out = torch.zeros((K, (cdiv(M, Q) + sizes.numel()) * Q), dtype=q_MK.dtype, device=q_MK.device)
+    for first, n, block in _group_blocks(sizes.cpu(), M):
+        for j in range(cdiv(n, Q)):
+            rows = q_MK[first + j * Q:first + min(n, (j + 1) * Q)]
+            out[:, (block + j) * Q:(block + j) * Q + rows.shape[0]] = rows.t()
+    return out
+
+
+def _blocks_row_major(q_KP: torch.Tensor, sizes: torch.Tensor, M: int) -> torch.Tensor:
+    """The row-major q [M, K] of `quantize_cols_grouped`'s transposed layout (reference path)."""
+    out = torch.zeros((M, q_KP.shape[0]), dtype=q_KP.dtype, device=q_KP.device)
+    for first, n, block in _group_blocks(sizes.cpu(), M):
+        for j in range(cdiv(n, Q)):
+            m = min(n, (j + 1) * Q) - j * Q
+            out[first + j * Q:first + j * Q + m] = q_KP[:, (block + j) * Q:(block + j) * Q + m].t()
+    return out
 
 
 def _group_blocks(sizes: torch.Tensor, M: int):
@@ -873,22 +955,35 @@ def gmm_fp8_wgrad_reference(a_q, a_s, b_q, b_s, batch_sizes, out_dtype=torch.flo
 
 
 def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
-                  batch_sizes: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  batch_sizes: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                  rows: Optional[int] = None) -> torch.Tensor:
     """The FP8 weight gradient: `out[e] = a[g_e]^T b[g_e]` [E, N, K] over each group's rows, the
     operands from `quantize_cols_grouped` (a [M, N], b [M, K], their scales [ceil(M/Q) + E, ·]);
-    each Q-row block's FP8 product is promoted to fp32 and scaled before it is added."""
+    each Q-row block's FP8 product is promoted to fp32 and scaled before it is added. With
+    `rows` = M the operands are in `quantize_cols_grouped`'s transposed layout (a [N, P], b [K, P],
+    P = (ceil(M/Q) + E) * Q), each step one FP8 product of two K-major tiles, read by TMA on Hopper."""
     check_tensor("a_q", a_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("b_q", b_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("a_s", a_s, ndim=2, dtypes=(torch.float32,))
     check_tensor("b_s", b_s, ndim=2, dtypes=(torch.float32,))
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {_OUT_DTYPES}, got {out_dtype}")
-    M, N = a_q.shape
-    K = b_q.shape[1]
     sizes = _check_sizes(batch_sizes, a_q.device)
     E = sizes.numel()
-    if b_q.shape[0] != M:
-        raise ValueError(f"b_q: expected {M} rows (a_q's), got {tuple(b_q.shape)}")
+    if rows is None:
+        M, N = a_q.shape
+        K = b_q.shape[1]
+        if b_q.shape[0] != M:
+            raise ValueError(f"b_q: expected {M} rows (a_q's), got {tuple(b_q.shape)}")
+    else:
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise TypeError(f"rows: expected a non-negative int, got {rows!r}")
+        M, (N, K) = rows, (a_q.shape[0], b_q.shape[0])
+        P = (cdiv(M, Q) + E) * Q
+        for name, t in (("a_q", a_q), ("b_q", b_q)):
+            if t.shape[1] != P:
+                raise ValueError(f"{name}: expected [·, (ceil(rows/{Q}) + E) * {Q}] = [·, {P}] (the transposed "
+                                 f"layout), got {tuple(t.shape)}")
     for name, t, cols in (("a_s", a_s, N), ("b_s", b_s, K)):
         if tuple(t.shape) != (cdiv(M, Q) + E, cols):
             raise ValueError(f"{name}: expected [ceil(M/{Q}) + E, {cols}] = {(cdiv(M, Q) + E, cols)} scales, "
@@ -897,11 +992,24 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
     if a_q.device.type != "cuda" and not interpreted(a_q):
+        if rows is not None:
+            a_q, b_q = _blocks_row_major(a_q, sizes, M), _blocks_row_major(b_q, sizes, M)
         return gmm_fp8_wgrad_reference(a_q, a_s, b_q, b_s, sizes.cpu(), out_dtype)
     out = torch.empty((E, N, K), dtype=out_dtype, device=a_q.device)
     if out.numel() == 0:
         return out
     block = 32 if interpreted(a_q) else 128
+    if rows is not None:
+        use_tma = not interpreted(a_q) and tma_ok(a_q) and tma_ok(b_q)
+        if use_tma:
+            prepare_tma(a_q.device)
+        _gmm_fp8_wgrad_kmajor_kernel[(cdiv(N, block) * cdiv(K, block), E)](
+            a_q, a_s, b_q, b_s, out, sizes, M, N, K, E, a_q.shape[1],
+            a_q.stride(0), a_s.stride(0), b_q.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
+            BLOCK_N=block, BLOCK_K=block, QB=Q, BLOCK_E=max(2, next_power_of_2(E)), USE_TMA=use_tma,
+            num_warps=8 if block == 128 else 4, num_stages=4 if block == 128 else 1,
+        )
+        return out
     _gmm_fp8_wgrad_kernel[(E, cdiv(N, block) * cdiv(K, block))](
         a_q, a_s, b_q, b_s, out, sizes, M, N, K, E,
         a_q.stride(0), a_s.stride(0), b_q.stride(0), b_s.stride(0), out.stride(0), out.stride(1),

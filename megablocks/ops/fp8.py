@@ -161,9 +161,10 @@ class _Fp8Gmm(torch.autograd.Function):
             grad_x = gmm_fp8(g_q, g_s, q, s, batch_sizes, out_dtype=x.dtype, trans_b=tb)
         if ctx.needs_input_grad[1]:
             a, b = (grad, x) if ctx.trans_b else (x, grad)
-            if ctx.fp8_wgrad:
-                grad_w = gmm_fp8_wgrad(*quantize_cols_grouped(a, batch_sizes), *quantize_cols_grouped(b, batch_sizes),
-                                       batch_sizes, out_dtype=ctx.w_dtype)
+            if ctx.fp8_wgrad:  # both operands K-major by blocks: each step one FP8 tensor-core product
+                grad_w = gmm_fp8_wgrad(*quantize_cols_grouped(a, batch_sizes, transposed=True),
+                                       *quantize_cols_grouped(b, batch_sizes, transposed=True),
+                                       batch_sizes, out_dtype=ctx.w_dtype, rows=a.shape[0])
             else:
                 grad_w = _gmm.gmm(a, b, batch_sizes, trans_a=True)
         return grad_x, grad_w, None, None, None, None, None, None, None

@@ -649,6 +649,52 @@ def test_gmm_fp8_wgrad_against_definition(sizes, N, K):
         fp8.quantize_cols_grouped(torch.randn(N, 3, device=DEVICE).t(), bs)
 
 
+@pytest.mark.parametrize("sizes, N, K", [
+    ([130, 0, 256, 1], 72, 200),  # groups over and under 128 rows, an empty one; sizes off the blocks
+    ([3, 2], 40, 33),
+    ([0, 0], 16, 16),            # no rows at all: zeros
+    ([300, 5], 130, 136),        # rows past the groups' total
+], ids=["hostile", "small", "empty", "rows-past-groups"])
+def test_gmm_fp8_wgrad_k_major(sizes, N, K):
+    """The transposed layout (`quantize_cols_grouped(..., transposed=True)`, `gmm_fp8_wgrad(...,
+    rows=M)`): each block's columns byte for byte the row-major quantization's rows (padded with
+    zeros to Q), the same scales, and the product equal to the row-major kernel's."""
+    g = torch.Generator().manual_seed(sum(sizes) * 3 + K)
+    M = sum(sizes) + (7 if len(sizes) == 2 and sizes[0] == 300 else 0)
+    a = torch.randn(M, N, generator=g)
+    b = torch.randn(M, K, generator=g)
+    if M > 140:
+        a[135:140] *= 300
+    a, b = a.to(DEVICE), b.to(DEVICE)
+    bs = torch.tensor(sizes, device=DEVICE)
+    a_q, a_s = fp8.quantize_cols_grouped(a, bs)
+    b_q, b_s = fp8.quantize_cols_grouped(b, bs)
+    at_q, at_s = fp8.quantize_cols_grouped(a, bs, transposed=True)
+    bt_q, bt_s = fp8.quantize_cols_grouped(b, bs, transposed=True)
+    S = -(-M // Q) + len(sizes)
+    assert at_q.shape == (N, S * Q) and bt_q.shape == (K, S * Q)
+    blocks = sum(-(-n // Q) for n in sizes)
+    assert torch.equal(at_s[:blocks], a_s[:blocks]) and torch.equal(bt_s[:blocks], b_s[:blocks])
+    first, block = 0, 0
+    for n in sizes:  # block j of a group: its rows transposed, then zeros
+        for j in range(-(-n // Q)):
+            m = min(n, (j + 1) * Q) - j * Q
+            cols = at_q[:, (block + j) * Q:(block + j + 1) * Q].view(torch.uint8).cpu()
+            assert torch.equal(cols[:, :m], a_q[first + j * Q:first + j * Q + m].view(torch.uint8).cpu().t())
+            assert not cols[:, m:].any()
+        first, block = first + n, block + -(-n // Q)
+    out = fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, rows=M)
+    row_major = fp8.gmm_fp8_wgrad(a_q, a_s, b_q, b_s, bs)
+    assert out.shape == (len(sizes), N, K)
+    # The same blocks' products promoted in the same order; the tensor cores may round the
+    # in-block sums differently in the two layouts.
+    assert_close("gmm_fp8_wgrad k-major", out, row_major, dtype=torch.float32, family="fp8")
+    with pytest.raises(ValueError, match="transposed"):
+        fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, rows=M + Q)
+    with pytest.raises(TypeError, match="rows"):
+        fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, rows=float(M))
+
+
 def test_weight_cache_quantizes_once_per_step(monkeypatch):
     calls = []
     real = fp8.quantize_blocks
