@@ -202,6 +202,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         if need_w1:
             grad_w1 = _product_impl(grad_h1, rows[0], counts_E, None, None, *rows[1:], True, True, False,
                                     _TRITON).view(w1.shape)
+        del grad_h1  # apart (not stacked), its buffer goes before v1's gradient is made
         if need_v1:
             grad_v1 = _product_impl(grad_h2, rows[0], counts_E, None, None, *rows[1:], True, True, False,
                                     _TRITON).view(v1.shape)
