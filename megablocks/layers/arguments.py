@@ -108,7 +108,9 @@ class Arguments:
             e4m3, 1 x 128 activation tiles, 128 x 128 weight blocks; `megablocks.ops.fp8.fp8_gmm`):
             the forward products and the input gradients in FP8, the weight gradients from the
             unquantized operands; each weight quantized once per optimizer step. Needs
-            mlp_impl='grouped'; the fused gather and the inference form are not taken.
+            mlp_impl='grouped'; the inference form is not taken. GLU experts in training run
+            as one node reading the token rows (`megablocks.ops.grouped_glu.fp8_grouped_glu_experts`,
+            the policy's `one_node_experts` and `fused_gather`).
         loss_collector: where the layers record what the batched losses need; None uses the
             process-wide collector that MegaBlocks' global functions read.
         kernel_policy: the fused forms and thresholds the layer runs (`megablocks.policy.KernelPolicy`,
