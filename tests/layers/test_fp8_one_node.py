@@ -15,38 +15,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megablocks.layers import mlp as mlp_module
-from megablocks.ops import grouped_glu
 from megablocks.layers.dmoe import dMoE
-from megablocks.ops import fp8
+from megablocks.ops import fp8, grouped_glu
 from megablocks.policy import KernelPolicy
 from tests.conftest import DEVICE
-from tests.layers.moe_reference import GRAD_NAMES, layer_grads, make_args, randomize_bias
+from tests.layers.moe_reference import GRAD_NAMES, make_args, randomize_bias
 from tests.layers.test_dmoe import SHAPES
+from tests.layers.test_one_node_experts import _count as count_calls
+from tests.layers.test_one_node_experts import _step
 from tests.utils import assert_close, assert_equal
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [torch.float16])
 
 
 def _count(monkeypatch):
-    calls = []
-    fn = mlp_module.fp8_grouped_glu_experts
-
-    def counted(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        calls.append(out.grad_fn)
-        return out
-
-    monkeypatch.setattr(mlp_module, "fp8_grouped_glu_experts", counted)
-    return calls
-
-
-def _step(layer, x, grad_out):
-    xi = x.clone().requires_grad_(True)
-    layer.zero_grad(set_to_none=True)
-    out = layer(xi)
-    out.backward(grad_out)
-    return out.detach(), layer_grads(layer, xi)
+    return count_calls(monkeypatch, "fp8_grouped_glu_experts")
 
 
 @pytest.mark.parametrize("max_ffn", [4096, 8], ids=["token-rows-wgrad", "gathered-wgrad"])

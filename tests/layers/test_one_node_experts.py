@@ -20,16 +20,17 @@ from tests.layers.test_dmoe import SHAPES
 from tests.utils import assert_equal
 
 
-def _count(monkeypatch):
+def _count(monkeypatch, name="grouped_glu_experts"):
+    """The grad_fn of each call of the experts module's `name` (the one-node op), as they come."""
     calls = []
-    fn = mlp_module.grouped_glu_experts
+    fn = getattr(mlp_module, name)
 
     def counted(*args, **kwargs):
         out = fn(*args, **kwargs)
         calls.append(out.grad_fn)
         return out
 
-    monkeypatch.setattr(mlp_module, "grouped_glu_experts", counted)
+    monkeypatch.setattr(mlp_module, name, counted)
     return calls
 
 
