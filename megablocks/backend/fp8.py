@@ -167,6 +167,37 @@ def _glu_quantize_rows_kernel(
     _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm)
 
 
+# The GLU's backward, quantized as it is made: grad_MK, h1_MK, h2_MK in (any row strides, last
+# dim contiguous); grad_h1 = grad * up(h2) * act'(h1) and grad_h2 = grad * act(h1) * up'(h2),
+# rounded to h1's dtype, written over h1 and h2 and quantized in 1 x QB tiles into (q1, s1),
+# (q2, s2) (any row strides: e.g. the two halves of one [M, 2K] operand). Equal to `glu_backward`
+# then `quantize_rows` of each, without reading the gradients back.
+@triton.jit
+def _glu_backward_quantize_rows_kernel(
+    g_ptr, h1_ptr, h2_ptr, q1_ptr, s1_ptr, q2_ptr, s2_ptr,
+    M, K,
+    stride_g, stride_h1, stride_h2, stride_q1, stride_s1, stride_q2, stride_s2,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * QB + tl.arange(0, QB)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    g = tl.load(g_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    p1 = h1_ptr + r64 * stride_h1 + cols[None, :]
+    p2 = h2_ptr + r64 * stride_h2 + cols[None, :]
+    h1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    h2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act(h1, ACTIVATION)
+    u, du = _up(h2, ACTIVATION)
+    d1 = (g * u * da).to(h1_ptr.dtype.element_ty)
+    d2 = (g * a * du).to(h1_ptr.dtype.element_ty)
+    tl.store(p1, d1, mask=mask)
+    tl.store(p2, d2, mask=mask)
+    _store_row_tiles(tl.where(mask, d1.to(tl.float32), 0.0), rows, cols, mask, M, q1_ptr, s1_ptr, stride_q1, stride_s1)
+    _store_row_tiles(tl.where(mask, d2.to(tl.float32), 0.0), rows, cols, mask, M, q2_ptr, s2_ptr, stride_q2, stride_s2)
+
+
 @triton.jit
 def _e4m3_bits(r):
     """The e4m3 byte (as int32, 0..255) of r, an fp32 value that e4m3 holds exactly (`_round_e4m3`'s
@@ -494,6 +525,58 @@ def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str)
             ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=4,
         )
     return q, s
+
+
+def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
+                                out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None):
+    """The GLU's backward with its two gradients quantized as they are made: `glu_backward(grad,
+    h1, h2)` (`megablocks.backend.activation`: fp32 math, rounded to h1's dtype) written over h1
+    and h2, and `quantize_rows` of each -> ((q1, s1), (q2, s2)), without reading them back; equal
+    bit for bit to the separate passes. `out` = (q1, s1, q2, s2) of [M, K] e4m3 and [M, ceil(K/Q)]
+    fp32 (any row strides, unit last stride: e.g. the halves of one [M, 2K] operand's values and
+    scales, K a multiple of Q) is written instead of new tensors. grad, h1, h2: [M, K] of one
+    float dtype, any row strides, last dim contiguous."""
+    check_tensor("grad", grad_MK, ndim=2, dtypes=_IN_DTYPES)
+    for name, h in (("h1", h1_MK), ("h2", h2_MK)):
+        check_tensor(name, h, ndim=2, dtypes=_IN_DTYPES)
+        if h.dtype != grad_MK.dtype or h.shape != grad_MK.shape or h.device != grad_MK.device:
+            raise ValueError(f"{name}: expected grad's shape, dtype and device {tuple(grad_MK.shape)} "
+                             f"{grad_MK.dtype} {grad_MK.device}, got {tuple(h.shape)} {h.dtype} {h.device}")
+    for name, t in (("grad", grad_MK), ("h1", h1_MK), ("h2", h2_MK)):
+        if t.stride(-1) != 1 and t.numel():
+            raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    M, K = h1_MK.shape
+    shapes = [((M, K), FP8_DTYPE), ((M, cdiv(K, Q)), torch.float32)] * 2
+    if out is None:
+        out = tuple(torch.empty(shape, dtype=dtype, device=h1_MK.device) for shape, dtype in shapes)
+    elif (not isinstance(out, (tuple, list)) or len(out) != 4
+          or any(not isinstance(o, torch.Tensor) or tuple(o.shape) != shape or o.dtype != dtype
+                 or o.device != h1_MK.device or (o.numel() and o.stride(-1) != 1)
+                 for o, (shape, dtype) in zip(out, shapes))):
+        raise ValueError(f"out: expected (q1, s1, q2, s2) of shapes and dtypes {shapes} on {h1_MK.device} with a "
+                         f"unit last stride, got {out!r:.300}")
+    q1, s1, q2, s2 = out
+    if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
+        from megablocks.ops.activation import glu_backward_reference
+
+        d1, d2 = glu_backward_reference(grad_MK, h1_MK, h2_MK, activation)
+        h1_MK.copy_(d1)
+        h2_MK.copy_(d2)
+        for (q, s), h in (((q1, s1), h1_MK), ((q2, s2), h2_MK)):
+            rq, rs = quantize_rows_reference(h)
+            q.copy_(rq)
+            s.copy_(rs)
+        return (q1, s1), (q2, s2)
+    if M and K:
+        block_m = 16 if interpreted(h1_MK) else 32
+        _glu_backward_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
+            grad_MK, h1_MK, h2_MK, q1, s1, q2, s2, M, K, grad_MK.stride(0), h1_MK.stride(0), h2_MK.stride(0),
+            q1.stride(0), s1.stride(0), q2.stride(0), s2.stride(0),
+            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=4,
+        )
+    return (q1, s1), (q2, s2)
 
 
 def gather_quantize_rows(x_TK: torch.Tensor, assignment_row_N: torch.Tensor,
@@ -1021,6 +1104,7 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
 
 __all__ = [
     "E4M3_MAX", "FP8_DTYPE", "Q", "check_gmm_fp8_args", "dequantize_blocks", "dequantize_cols_grouped",
-    "dequantize_rows", "gmm_fp8", "gmm_fp8_reference", "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks",
+    "dequantize_rows", "gather_quantize_rows", "glu_backward_quantize_rows_", "glu_quantize_rows", "gmm_fp8",
+    "gmm_fp8_reference", "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks",
     "quantize_cols_grouped", "quantize_cols_grouped_reference", "quantize_rows", "quantize_rows_reference",
 ]

@@ -45,7 +45,8 @@ import torch
 
 from megablocks.backend import activation as activation_kernels
 from megablocks.backend import use_triton
-from megablocks.backend.fp8 import gather_quantize_rows, glu_quantize_rows, gmm_fp8, quantize_rows
+from megablocks.backend.fp8 import (FP8_DTYPE, Q, gather_quantize_rows, glu_backward_quantize_rows_, glu_quantize_rows,
+                                    gmm_fp8, quantize_rows)
 from megablocks.ops._eager import _plain_eager
 from megablocks.ops.gmm import _grouped_mm_impl, _product_impl
 from megablocks.ops.permute import _gather_rows, _scatter_rows
@@ -175,21 +176,35 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
                                     _TRITON).view(w2.shape)
             del a
         del grad_y
-        # The GLU's gradient over h1 and h2; the input gradient's products read it quantized.
+        # The GLU's gradient written over h1 and h2 and, for the input gradient's products,
+        # quantized in the same pass (`glu_backward_quantize_rows_`).
         grad_x = grad_w1 = grad_v1 = None
         if len(h) == 1:  # [grad_h1 | grad_h2] one operand: one product over K = 2F, no sum after it
-            grad_h = activation_kernels.glu_halves_backward_(grad_a, h[0], activation)
+            grad_h = h[0]
             F = grad_h.shape[1] // 2
             grad_h1, grad_h2 = grad_h[:, :F], grad_h[:, F:]
-            del grad_a, h
             if need_x:
-                grad_rows = gmm_fp8(*quantize_rows(grad_h), *quantized[1], counts_E, out_dtype=dtype)
+                g_q = torch.empty(grad_h.shape, dtype=FP8_DTYPE, device=grad_h.device)
+                g_s = torch.empty((grad_h.shape[0], grad_h.shape[1] // Q), dtype=torch.float32, device=grad_h.device)
+                glu_backward_quantize_rows_(grad_a, grad_h1, grad_h2, activation,
+                                            out=(g_q[:, :F], g_s[:, :F // Q], g_q[:, F:], g_s[:, F // Q:]))
+                grad_a = h = None  # let go before the product's output is made
+                grad_rows = gmm_fp8(g_q, g_s, *quantized[1], counts_E, out_dtype=dtype)
+                del g_q, g_s
+            else:
+                activation_kernels.glu_halves_backward_(grad_a, grad_h, activation)
         else:
-            grad_h1, grad_h2 = activation_kernels.glu_backward(grad_a, *h, activation, in_place=True)
-            del grad_a, h
+            grad_h1, grad_h2 = h
             if need_x:
-                grad_rows = gmm_fp8(*quantize_rows(grad_h1), *quantized[1], counts_E, out_dtype=dtype)
-                grad_rows += gmm_fp8(*quantize_rows(grad_h2), *quantized[3], counts_E, out_dtype=dtype)
+                (q1, s1), (q2, s2) = glu_backward_quantize_rows_(grad_a, grad_h1, grad_h2, activation)
+                grad_a = h = None
+                grad_rows = gmm_fp8(q1, s1, *quantized[1], counts_E, out_dtype=dtype)
+                del q1, s1
+                grad_rows += gmm_fp8(q2, s2, *quantized[3], counts_E, out_dtype=dtype)
+                del q2, s2
+            else:
+                activation_kernels.glu_backward(grad_a, grad_h1, grad_h2, activation, in_place=True)
+        grad_a = h = None
         if need_x:
             grad_x = _scatter_rows._impl(grad_rows, assignment_row, row_assignment, None, top_k)
             del grad_rows

@@ -18,7 +18,7 @@ from megablocks.backend import fp8_wgmma
 from megablocks.backend.fp8 import _e4m3_bits
 from megablocks.ops import fp8
 from tests.conftest import DEVICE
-from tests.utils import assert_close
+from tests.utils import assert_close, assert_equal
 
 Q = fp8.Q
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -160,6 +160,55 @@ def test_gather_quantize_rows_validates():
         fp8.gather_quantize_rows(x, rows.float(), 2)
     with pytest.raises(TypeError):
         fp8.gather_quantize_rows(x.long(), rows, 2)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M, K, stacked", [(37, 300, False), (5, 256, True), (0, 128, True), (33, 1, False)])
+def test_glu_backward_quantize_rows_equals_the_passes(M, K, activation, dtype, stacked):
+    """The GLU's backward quantized as it is made equals `glu_backward` then `quantize_rows` of
+    each gradient bit for bit; the gradients are written over h1 and h2 (the two halves of one
+    [M, 2K] buffer here), the quantized values into `out` views (the halves of one [M, 2K]
+    operand with `stacked`), with outlier, zero and NaN tiles."""
+    from megablocks.backend import activation as kernels
+
+    h = torch.cat([_hostile(M, K, dtype, seed=M + K + 7), _hostile(M, K, dtype, seed=M + K + 8) / 3], dim=1)
+    grad = _hostile(M, K, dtype, seed=M + 2 * K)
+    if M > 4 and K > 5:
+        grad[4, 5] = float("nan")
+    want_h1, want_h2 = kernels.glu_backward(grad, h[:, :K], h[:, K:], activation)
+    out = None
+    if stacked:
+        q = torch.empty(M, 2 * K, dtype=fp8.FP8_DTYPE, device=DEVICE)
+        s = torch.empty(M, 2 * (-(-K // Q)), dtype=torch.float32, device=DEVICE)
+        kb = -(-K // Q)
+        out = (q[:, :K], s[:, :kb], q[:, K:], s[:, kb:])
+    (q1, s1), (q2, s2) = fp8.glu_backward_quantize_rows_(grad, h[:, :K], h[:, K:], activation, out=out)
+    assert_equal("grad h1 in place", h[:, :K], want_h1)
+    assert_equal("grad h2 in place", h[:, K:], want_h2)
+    for (qq, ss), want in (((q1, s1), want_h1), ((q2, s2), want_h2)):
+        ref_q, ref_s = fp8.quantize_rows(want)
+        assert torch.equal(qq.view(torch.uint8), ref_q.view(torch.uint8))
+        assert torch.equal(ss.isnan(), ref_s.isnan()) and torch.equal(ss.nan_to_num(), ref_s.nan_to_num())
+    if stacked:
+        assert q1.data_ptr() == q.data_ptr() and s2.data_ptr() == s[:, kb:].data_ptr()
+        whole_q, whole_s = fp8.quantize_rows(h)
+        assert torch.equal(q.view(torch.uint8), whole_q.view(torch.uint8))
+        assert torch.equal(s.nan_to_num(), whole_s.nan_to_num())
+
+
+def test_glu_backward_quantize_rows_validates():
+    h = torch.randn(4, 256, device=DEVICE)
+    g = torch.randn(4, 128, device=DEVICE)
+    with pytest.raises(ValueError, match="h2: expected grad's shape"):
+        fp8.glu_backward_quantize_rows_(g, h[:, :128], h[:3, 128:], "silu")
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        fp8.glu_backward_quantize_rows_(g, h[:, :128], h[:, 128:], "swish")
+    with pytest.raises(ValueError, match="h1: expected a contiguous last dim"):
+        fp8.glu_backward_quantize_rows_(g, h[:, ::2], h[:, 1::2], "silu")
+    q, s = fp8.quantize_rows(g)
+    with pytest.raises(ValueError, match="out: expected"):
+        fp8.glu_backward_quantize_rows_(g, h[:, :128], h[:, 128:], "silu", out=(q, s, q, s.double()))
 
 
 def test_glu_quantize_rows_validates():
