@@ -170,8 +170,8 @@ def _glu_quantize_rows_kernel(
 # The GLU's backward, quantized as it is made: grad_MK, h1_MK, h2_MK in (any row strides, last
 # dim contiguous); grad_h1 = grad * up(h2) * act'(h1) and grad_h2 = grad * act(h1) * up'(h2),
 # rounded to h1's dtype, written over h1 and h2 and quantized in 1 x QB tiles into (q1, s1),
-# (q2, s2) (any row strides: e.g. the two halves of one [M, 2K] operand). Equal to `glu_backward`
-# then `quantize_rows` of each, without reading the gradients back.
+# (q2, s2) (any row strides: e.g. the two halves of one [M, 2K] operand). `glu_backward` then
+# `quantize_rows` of each, without reading the gradients back.
 @triton.jit
 def _glu_backward_quantize_rows_kernel(
     g_ptr, h1_ptr, h2_ptr, q1_ptr, s1_ptr, q2_ptr, s2_ptr,
@@ -531,8 +531,11 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
                                 out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None):
     """The GLU's backward with its two gradients quantized as they are made: `glu_backward(grad,
     h1, h2)` (`megablocks.backend.activation`: fp32 math, rounded to h1's dtype) written over h1
-    and h2, and `quantize_rows` of each -> ((q1, s1), (q2, s2)), without reading them back; equal
-    bit for bit to the separate passes. `out` = (q1, s1, q2, s2) of [M, K] e4m3 and [M, ceil(K/Q)]
+    and h2, and `quantize_rows` of each -> ((q1, s1), (q2, s2)), without reading them back. The
+    quantized values are `quantize_rows` of the written gradients bit for bit; the gradients are
+    `glu_backward`'s math compiled in another kernel (on the H200, fp32 gelu differed in a unit of
+    the last place where the compiler contracts it otherwise; bf16 and fp16 round it away but for
+    a rare tie). `out` = (q1, s1, q2, s2) of [M, K] e4m3 and [M, ceil(K/Q)]
     fp32 (any row strides, unit last stride: e.g. the halves of one [M, 2K] operand's values and
     scales, K a multiple of Q) is written instead of new tensors. grad, h1, h2: [M, K] of one
     float dtype, any row strides, last dim contiguous."""

@@ -32,8 +32,11 @@ and in the backward the output gradient quantized in 1 x 128 tiles, the FP8 inpu
 products (`Fp8WeightCache.transposed` weights), the GLU's gradient written over h1 and h2 (the
 node keeps nothing else of the forward but x_TH: no gathered rows, no GLU product), and the
 weight gradients unquantized, reading the token rows through the maps (wide experts: a gathered
-copy). Its output and gradients are bitwise those of the composed FP8 ops (gather, `fp8_gmm`
-twice, `glu`, `fp8_gmm`). Where F is a multiple of 128, w1 and v1 are quantized stacked
+copy); the GLU's gradient is quantized for the input-gradient products as it is made
+(`glu_backward_quantize_rows_`). Its output is bitwise that of the composed FP8 ops (gather,
+`fp8_gmm` twice, `glu`, `fp8_gmm`), and so are its gradients in the tests (the fused GLU backward
+is the composed ops' fp32 math compiled apart: a compiler that contracts it otherwise moves a
+gradient by a unit in fp32's last place before it is rounded). Where F is a multiple of 128, w1 and v1 are quantized stacked
 (`Fp8WeightCache.pair`): the up projections are one product into one [N, 2F] buffer, and the
 input gradient one product over [grad_h1 | grad_h2] with K = 2F, rounded once (the composed ops
 round two products and add them; the rest stays bitwise).

@@ -166,10 +166,12 @@ def test_gather_quantize_rows_validates():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M, K, stacked", [(37, 300, False), (5, 256, True), (0, 128, True), (33, 1, False)])
 def test_glu_backward_quantize_rows_equals_the_passes(M, K, activation, dtype, stacked):
-    """The GLU's backward quantized as it is made equals `glu_backward` then `quantize_rows` of
-    each gradient bit for bit; the gradients are written over h1 and h2 (the two halves of one
-    [M, 2K] buffer here), the quantized values into `out` views (the halves of one [M, 2K]
-    operand with `stacked`), with outlier, zero and NaN tiles."""
+    """The GLU's backward quantized as it is made: the gradients written over h1 and h2 (the two
+    halves of one [M, 2K] buffer here) are `glu_backward`'s (the same fp32 math compiled in
+    another kernel: on the GPU within a unit of fp32's last place, where the compiler contracts it
+    otherwise; measured for gelu), and the quantized values, into `out` views with `stacked` (the
+    halves of one [M, 2K] operand), are `quantize_rows` of those gradients bit for bit; outlier,
+    zero and NaN tiles."""
     from megablocks.backend import activation as kernels
 
     h = torch.cat([_hostile(M, K, dtype, seed=M + K + 7), _hostile(M, K, dtype, seed=M + K + 8) / 3], dim=1)
@@ -184,10 +186,14 @@ def test_glu_backward_quantize_rows_equals_the_passes(M, K, activation, dtype, s
         kb = -(-K // Q)
         out = (q[:, :K], s[:, :kb], q[:, K:], s[:, kb:])
     (q1, s1), (q2, s2) = fp8.glu_backward_quantize_rows_(grad, h[:, :K], h[:, K:], activation, out=out)
-    assert_equal("grad h1 in place", h[:, :K], want_h1)
-    assert_equal("grad h2 in place", h[:, K:], want_h2)
-    for (qq, ss), want in (((q1, s1), want_h1), ((q2, s2), want_h2)):
-        ref_q, ref_s = fp8.quantize_rows(want)
+    if DEVICE == "cuda" and dtype == torch.float32:
+        torch.testing.assert_close(h[:, :K], want_h1, rtol=2.0**-22, atol=0.0, equal_nan=True)
+        torch.testing.assert_close(h[:, K:], want_h2, rtol=2.0**-22, atol=0.0, equal_nan=True)
+    else:  # the interpreter's arithmetic is the same in both kernels; 16-bit results rounded once
+        assert_equal("grad h1 in place", h[:, :K], want_h1)
+        assert_equal("grad h2 in place", h[:, K:], want_h2)
+    for (qq, ss), mine in (((q1, s1), h[:, :K]), ((q2, s2), h[:, K:])):
+        ref_q, ref_s = fp8.quantize_rows(mine.contiguous())
         assert torch.equal(qq.view(torch.uint8), ref_q.view(torch.uint8))
         assert torch.equal(ss.isnan(), ref_s.isnan()) and torch.equal(ss.nan_to_num(), ref_s.nan_to_num())
     if stacked:
