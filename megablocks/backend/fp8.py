@@ -533,9 +533,9 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
     h1, h2)` (`megablocks.backend.activation`: fp32 math, rounded to h1's dtype) written over h1
     and h2, and `quantize_rows` of each -> ((q1, s1), (q2, s2)), without reading them back. The
     quantized values are `quantize_rows` of the written gradients bit for bit; the gradients are
-    `glu_backward`'s math compiled in another kernel (on the H200, fp32 gelu differed in a unit of
-    the last place where the compiler contracts it otherwise; bf16 and fp16 round it away but for
-    a rare tie). `out` = (q1, s1, q2, s2) of [M, K] e4m3 and [M, ceil(K/Q)]
+    `glu_backward`'s math compiled in another kernel (on the H200, fp32 gelu differed by a few
+    units of the last place where the compiler contracts it otherwise; bf16 and fp16 round that
+    away but for a rare tie). `out` = (q1, s1, q2, s2) of [M, K] e4m3 and [M, ceil(K/Q)]
     fp32 (any row strides, unit last stride: e.g. the halves of one [M, 2K] operand's values and
     scales, K a multiple of Q) is written instead of new tensors. grad, h1, h2: [M, K] of one
     float dtype, any row strides, last dim contiguous."""

@@ -168,8 +168,8 @@ def test_gather_quantize_rows_validates():
 def test_glu_backward_quantize_rows_equals_the_passes(M, K, activation, dtype, stacked):
     """The GLU's backward quantized as it is made: the gradients written over h1 and h2 (the two
     halves of one [M, 2K] buffer here) are `glu_backward`'s (the same fp32 math compiled in
-    another kernel: on the GPU within a unit of fp32's last place, where the compiler contracts it
-    otherwise; measured for gelu), and the quantized values, into `out` views with `stacked` (the
+    another kernel: on the GPU within a few units of fp32's last place, where the compiler contracts
+    it otherwise; measured for gelu), and the quantized values, into `out` views with `stacked` (the
     halves of one [M, 2K] operand), are `quantize_rows` of those gradients bit for bit; outlier,
     zero and NaN tiles."""
     from megablocks.backend import activation as kernels
@@ -187,8 +187,10 @@ def test_glu_backward_quantize_rows_equals_the_passes(M, K, activation, dtype, s
         out = (q[:, :K], s[:, :kb], q[:, K:], s[:, kb:])
     (q1, s1), (q2, s2) = fp8.glu_backward_quantize_rows_(grad, h[:, :K], h[:, K:], activation, out=out)
     if DEVICE == "cuda" and dtype == torch.float32:
-        torch.testing.assert_close(h[:, :K], want_h1, rtol=2.0**-22, atol=0.0, equal_nan=True)
-        torch.testing.assert_close(h[:, K:], want_h2, rtol=2.0**-22, atol=0.0, equal_nan=True)
+        # Measured (H200, gelu): 3 of 1280 values off, by at most 4.5e-8 (4.2e-7 relative).
+        for got, want in ((h[:, :K], want_h1), (h[:, K:], want_h2)):
+            scale = want.nan_to_num(posinf=0.0, neginf=0.0).abs().max().item()
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7 * scale, equal_nan=True)
     else:  # the interpreter's arithmetic is the same in both kernels; 16-bit results rounded once
         assert_equal("grad h1 in place", h[:, :K], want_h1)
         assert_equal("grad h2 in place", h[:, K:], want_h2)
