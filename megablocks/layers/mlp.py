@@ -436,7 +436,7 @@ class GroupedMLP(SparseMLP):
                 # Wide experts' weight gradients read gathered rows, as the composed ops there.
                 wide = mpu.features_per_rank(self.args) > self.args.kernel_policy.fused_glu_input_grad_max_ffn
                 return fp8_grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
-                                               self._fp8_quantized(weights, num_experts, hidden), gathered_wgrad=wide)
+                                               self._fp8_quantized(num_experts, hidden), gathered_wgrad=wide)
             if activation is not None:
                 return grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
                                            keep_product=not self.args.memory_optimized_mlp)
@@ -503,7 +503,7 @@ class GroupedMLP(SparseMLP):
             self._fp8_weights = Fp8WeightCache(transposed=True)
         return self._fp8_weights
 
-    def _fp8_quantized(self, weights, num_experts: int, hidden: int):
+    def _fp8_quantized(self, num_experts: int, hidden: int):
         """(q, s) of w1, w1ᵀ, v1, v1ᵀ, w2, w2ᵀ viewed [E, F, H] (`fp8_grouped_glu_experts`), or,
         F a multiple of 128 up to the policy's `fused_glu_input_grad_max_ffn`, of [w1; v1]
         stacked, its transpose, w2, w2ᵀ; each quantized from its parameter once per optimizer
