@@ -495,22 +495,31 @@ def quantize_rows(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
+def _check_glu_operands(activation: str, first: Tuple[str, torch.Tensor], *others: Tuple[str, torch.Tensor]) -> None:
+    """The GLU quantizers' operands: (name, tensor) pairs of [M, K] floats, the others of the
+    first's shape, dtype and device, each with a contiguous last dim; `activation` a name of
+    `ACTIVATIONS` (ValueError / TypeError)."""
+    name0, t0 = first
+    check_tensor(name0, t0, ndim=2, dtypes=_IN_DTYPES)
+    for name, t in others:
+        check_tensor(name, t, ndim=2, dtypes=_IN_DTYPES)
+        if t.dtype != t0.dtype or t.shape != t0.shape or t.device != t0.device:
+            raise ValueError(f"{name}: expected {name0}'s shape, dtype and device {tuple(t0.shape)} {t0.dtype} "
+                             f"{t0.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    for name, t in (first, *others):
+        if t.stride(-1) != 1 and t.numel():
+            raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
+
+
 def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows(glu(h1, h2, activation))` in one pass: the gated activation of the GLU
     experts (`megablocks.ops.activation.glu`: fp32 math, rounded to h1's dtype) quantized in 1 x Q
     tiles as it is made, neither it nor contiguous halves written. h1, h2: `[M, K]` of one float
     dtype, any row strides (e.g. the two halves of the up projection's `[M, 2K]` output), last dim
     contiguous. Equal bit for bit to the two passes."""
-    check_tensor("h1", h1_MK, ndim=2, dtypes=_IN_DTYPES)
-    check_tensor("h2", h2_MK, ndim=2, dtypes=_IN_DTYPES)
-    if h2_MK.dtype != h1_MK.dtype or h2_MK.shape != h1_MK.shape or h2_MK.device != h1_MK.device:
-        raise ValueError(f"h2: expected h1's shape, dtype and device {tuple(h1_MK.shape)} {h1_MK.dtype} "
-                         f"{h1_MK.device}, got {tuple(h2_MK.shape)} {h2_MK.dtype} {h2_MK.device}")
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    for name, h in (("h1", h1_MK), ("h2", h2_MK)):
-        if h.stride(-1) != 1 and h.numel():
-            raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(h.stride())}")
+    _check_glu_operands(activation, ("h1", h1_MK), ("h2", h2_MK))
     M, K = h1_MK.shape
     if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
         from megablocks.ops.activation import glu_reference
@@ -539,17 +548,7 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
     fp32 (any row strides, unit last stride: e.g. the halves of one [M, 2K] operand's values and
     scales, K a multiple of Q) is written instead of new tensors. grad, h1, h2: [M, K] of one
     float dtype, any row strides, last dim contiguous."""
-    check_tensor("grad", grad_MK, ndim=2, dtypes=_IN_DTYPES)
-    for name, h in (("h1", h1_MK), ("h2", h2_MK)):
-        check_tensor(name, h, ndim=2, dtypes=_IN_DTYPES)
-        if h.dtype != grad_MK.dtype or h.shape != grad_MK.shape or h.device != grad_MK.device:
-            raise ValueError(f"{name}: expected grad's shape, dtype and device {tuple(grad_MK.shape)} "
-                             f"{grad_MK.dtype} {grad_MK.device}, got {tuple(h.shape)} {h.dtype} {h.device}")
-    for name, t in (("grad", grad_MK), ("h1", h1_MK), ("h2", h2_MK)):
-        if t.stride(-1) != 1 and t.numel():
-            raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    _check_glu_operands(activation, ("grad", grad_MK), ("h1", h1_MK), ("h2", h2_MK))
     M, K = h1_MK.shape
     shapes = [((M, K), FP8_DTYPE), ((M, cdiv(K, Q)), torch.float32)] * 2
     if out is None:

@@ -49,6 +49,12 @@ from megablocks.backend.fp8 import (
 )
 
 
+def _stamp(w: torch.Tensor):
+    """What tells a weight's values changed: its storage, version (bumped by in-place updates),
+    shape and dtype."""
+    return (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+
+
 class Fp8WeightCache:
     """Blockwise FP8 copies of weights, made again only when a weight changed (its storage or
     its version, which every in-place update such as an optimizer step bumps). With
@@ -62,7 +68,7 @@ class Fp8WeightCache:
         """`quantize_blocks(w.view(shape))` (shape default: w's own, 3-D), from the cache when
         `w` has not changed since."""
         key = (id(w), shape)
-        stamp = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+        stamp = _stamp(w)
         hit = self._entries.get(key)
         if hit is None or hit[0]() is not w or hit[1] != stamp:  # a new tensor may reuse an id
             with torch.no_grad():
@@ -95,7 +101,7 @@ class Fp8WeightCache:
         N a multiple of Q (each block from one of them: equal to their own quantizations side by
         side). Made again only when either changed, written straight into the stacked tensors."""
         key = ("pair", id(a), id(b), shape)
-        stamps = tuple((w.data_ptr(), w._version, tuple(w.shape), w.dtype) for w in (a, b))
+        stamps = (_stamp(a), _stamp(b))
         hit = self._entries.get(key)
         if hit is None or hit[0]() is not a or hit[1]() is not b or hit[2] != stamps:
             va, vb = a.detach().view(shape), b.detach().view(shape)
@@ -124,7 +130,7 @@ class Fp8WeightCache:
         if q.dtype != FP8_DTYPE or tuple(q.shape) != tuple(view) or tuple(s.shape) != blocks or s.dtype != torch.float32:
             raise ValueError(f"quantized: expected e4m3 values {tuple(view)} and fp32 scales {blocks}, got "
                              f"{q.dtype} {tuple(q.shape)} and {s.dtype} {tuple(s.shape)}")
-        stamp = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
+        stamp = _stamp(w)
         self._entries[(id(w), shape)] = (weakref.ref(w), stamp, (q, s))
 
     def __getstate__(self):  # copies and pickles of a module start with an empty cache
