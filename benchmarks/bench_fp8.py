@@ -90,8 +90,10 @@ def bench(args):
                 quantize_ms=ms_q, quantize_gbs=(M * K * 2 + M * K + M * K // 32) / ms_q / 1e6, copy_gbs=bw,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env,
             ))
-        rows.append(wgrad_row(name, T * k, H, F, E, env, bw, k_major=False))
-        rows.append(wgrad_row(name, T * k, H, F, E, env, bw))
+        # The weight gradient's launches: the default (the Gluon form on sm_90), its 192-row tiles,
+        # the Triton K-major kernel (the row-major first kernel: `k_major=False`, 5.8x slower).
+        for variant, config in (("", None), ("_gluon192", dict(block_n=192)), ("_triton", dict(wgmma=False))):
+            rows.append(wgrad_row(name, T * k, H, F, E, env, bw, config=config, variant=variant))
     os.makedirs(args.out, exist_ok=True)
     if rows:  # none with an empty --configs
         print_table(rows, ["config", "product", "M", "K", "N", "bf16_ms", "fp8_ms", "speedup", "fp8_tflops", "product_ms",
@@ -143,11 +145,12 @@ def weights_row(name, proj, w):
                 one_pass_gbs=w.numel() * (w.element_size() + 2) / ms_one / 1e6, copies_equal=equal)
 
 
-def wgrad_row(name, M, H, F, E, env, bw, k_major=True):
+def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant=""):
     """The up projection's weight gradient dW[e] = g[e]^T x[e] ([E, F, H], reduction over each
     expert's M_e rows): bf16 variable-K grouped GEMM against the FP8 one; `fp8_ms` includes the
     two column quantizations (`quantize_ms` of them), as the backward runs them. `k_major`: the
-    operands quantized into the transposed layout (`fp8_gmm`'s), else row-major (the first kernel)."""
+    operands quantized into the transposed layout (`fp8_gmm`'s), else row-major (the first kernel);
+    `config`: `gmm_fp8_wgrad`'s launch (transposed layout), `variant` its label."""
     bs = routed_counts(M, E, "cuda")
     torch.manual_seed(0)
     g = torch.randn(M, F, dtype=torch.bfloat16, device="cuda")
@@ -159,17 +162,18 @@ def wgrad_row(name, M, H, F, E, env, bw, k_major=True):
 
     def fp8_wgrad():
         (gq, gs), (xq, xs) = quantize()
-        return fp8.gmm_fp8_wgrad(gq, gs, xq, xs, bs, out_dtype=torch.bfloat16, rows=rows)
+        return fp8.gmm_fp8_wgrad(gq, gs, xq, xs, bs, out_dtype=torch.bfloat16, rows=rows, config=config)
 
     ms_bf16 = timed(lambda: gb.gmm(g, x, bs, trans_a=True, backend="triton"))[0]
     ms_fp8 = timed(fp8_wgrad)[0]
     ms_q = timed(quantize)[0]
     (gq, gs), (xq, xs) = quantize()
-    ms_product = timed(lambda: fp8.gmm_fp8_wgrad(gq, gs, xq, xs, bs, out_dtype=torch.bfloat16, rows=rows))[0]
+    ms_product = timed(lambda: fp8.gmm_fp8_wgrad(gq, gs, xq, xs, bs, out_dtype=torch.bfloat16, rows=rows,
+                                                 config=config))[0]
     ref = gb.gmm(g, x, bs, trans_a=True, backend="triton").float()
     out = fp8_wgrad().float()
     flops = 2 * M * H * F
-    return dict(config=name, product="wgrad_up" + ("_k_major" if k_major else ""), M=M, K=H, N=F,
+    return dict(config=name, product="wgrad_up" + ("_k_major" if k_major else "") + variant, M=M, K=H, N=F,
                 bf16_ms=ms_bf16, fp8_ms=ms_fp8, speedup=ms_bf16 / ms_fp8, bf16_tflops=flops / ms_bf16 / 1e9,
                 fp8_tflops=flops / ms_fp8 / 1e9, product_ms=ms_product, product_tflops=flops / ms_product / 1e9,
                 quantize_ms=ms_q, quantize_gbs=(M * (F + H) * 3) / ms_q / 1e6, copy_gbs=bw,

@@ -320,6 +320,137 @@ if _gluon:
             ], [4, 4, 1], [160, 160, 24])
 
 
+# Group e's first block of Q rows and its number of blocks -> table[e] = (first block, blocks), as
+# `quantize_cols_grouped` numbers them (the weight gradient's reduction runs over them).
+@triton.jit
+def _group_blocks_kernel(sizes_ptr, table_ptr, M, E, QB: tl.constexpr, BLOCK_E: tl.constexpr):
+    e, starts, ends, block_starts, blocks = _group_table(sizes_ptr, E, M, QB, BLOCK_E)
+    tl.store(table_ptr + 2 * e, block_starts, mask=e < E)
+    tl.store(table_ptr + 2 * e + 1, blocks, mask=e < E)
+
+
+if _gluon:
+    # The weight gradient's warp-specialized form: out[e] = a[blocks of e]^T b[blocks of e] from the
+    # K-major operands of `quantize_cols_grouped(..., transposed=True)` (a [N, P], b [K, P], block
+    # j in columns [j*Q, (j+1)*Q)). The forward's schedule with the roles moved: the output tile is
+    # BLOCK_N rows of a by 128 rows of b, the reduction runs over the expert's blocks of rows, each
+    # 128-deep product is scaled by the outer product of the block's two column-scale vectors
+    # (the forward: the rows' scales times one weight block's). Tiles run expert by expert (an
+    # expert's blocks stay in L2 while its tiles run), GROUP_N tiles of a's rows down each column
+    # of tiles.
+
+    @gluon.jit
+    def _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N: gl.constexpr, GROUP_N: gl.constexpr):
+        """(expert, first row of a, first row of b, first block, blocks) of tile `tile`."""
+        per_expert = num_n_tiles * num_k_tiles
+        e = tile // per_expert
+        t = tile % per_expert
+        width = GROUP_N * num_k_tiles
+        first_n = (t // width) * GROUP_N
+        rows = gl.minimum(num_n_tiles - first_n, GROUP_N)
+        n0 = (first_n + (t % width) % rows) * BLOCK_N
+        k0 = ((t % width) // rows) * BLOCK
+        return e, n0, k0, gl.load(table_ptr + 2 * e), gl.load(table_ptr + 2 * e + 1)
+
+    @gluon.jit
+    def _wg_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles, num_k_tiles,
+                   num_programs, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
+                   CONSUMERS: gl.constexpr):
+        g = 0
+        for tile in range(gl.program_id(0), num_tiles, num_programs):
+            e, n0, k0, blk0, nblocks = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N)
+            for j in range(nblocks):
+                s = g % STAGES
+                mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
+                bar = ready.index(s)
+                mbarrier.expect(bar, CONSUMERS * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                col = (blk0 + j) * BLOCK
+                for c in gl.static_range(CONSUMERS):  # each consumer's 64 rows of a
+                    _tma_load(a_desc, [n0 + c * 64, col], bar, a_bufs.index(s * CONSUMERS + c))
+                _tma_load(b_desc, [k0, col], bar, b_bufs.index(s))
+                g += 1
+
+    @gluon.jit
+    def _wg_consumer(a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                     num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                     HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
+                     CONSUMERS: gl.constexpr):
+        """Rows [HALF * 64, HALF * 64 + 64) of a of each of this program's tiles; each step's
+        product waited for at once, its scales read while it runs."""
+        ROWS: gl.constexpr = 64
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        g = 0
+        for tile in range(gl.program_id(0), num_tiles, num_programs):
+            e, n0, k0, blk0, nblocks = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N)
+            offs_n = n0 + HALF * ROWS + gl.arange(0, ROWS, layout=rows_layout)
+            n_ok = offs_n < N
+            acc = gl.zeros((ROWS, BLOCK), gl.float32, mma_layout)
+            done = gl.zeros((ROWS, BLOCK), gl.float32, mma_layout)
+            for j in range(nblocks):
+                s = g % STAGES
+                mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+                cur = warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)), done,
+                                    use_acc=False, is_async=True)
+                blk = (blk0 + j).to(gl.int64)
+                offs_k = k0 + gl.arange(0, BLOCK, layout=cols_layout)
+                sa = gl.load(as_ptr + blk * stride_asb + offs_n, mask=n_ok, other=0.0)
+                sb = gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=offs_k < K, other=0.0)
+                done = warpgroup_mma_wait(num_outstanding=0, deps=(cur, ))
+                mbarrier.arrive(empty.index(s), count=1)
+                acc += done * (sa[:, None] * sb[None, :])
+                g += 1
+            offs_k = k0 + gl.arange(0, BLOCK, layout=cols_layout)
+            out_ptrs = out_ptr + e.to(gl.int64) * stride_oe + offs_n[:, None].to(gl.int64) * stride_on + offs_k[None, :]
+            gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (offs_k < K)[None, :])
+
+    @gluon.jit
+    def _gmm_fp8_wgrad_ws_kernel(
+        a_desc, b_desc, as_ptr, bs_ptr, out_ptr, table_ptr,
+        N, K, num_tiles, num_n_tiles, num_k_tiles, num_programs,
+        stride_asb, stride_bsb, stride_oe, stride_on,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr, CONSUMERS: gl.constexpr,
+    ):
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, 64, BLOCK], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK, BLOCK], b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=CONSUMERS)
+        fence_async_shared()
+        FIRST: gl.constexpr = 0
+        SECOND: gl.constexpr = 1
+        THIRD: gl.constexpr = 2
+        if CONSUMERS == 2:
+            gl.warp_specialize([
+                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                                FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                                SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
+                              num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+            ], [4, 1], [240, 24])
+        else:
+            gl.warp_specialize([
+                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                                FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                                SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                                THIRD, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
+                              num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+            ], [4, 4, 1], [160, 160, 24])
+
+
 def available() -> bool:
     """Whether this Triton ships Gluon's Hopper language (the forms here compile)."""
     return _gluon
@@ -372,5 +503,45 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
         x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
         BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
         num_warps=num_warps,
+    )
+    return out
+
+
+def wgrad_usable(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
+    """Whether the weight gradient's form can take the K-major operands: Gluon present, an sm_90
+    GPU, unit inner strides, 16-byte aligned row strides and bases."""
+    if not _gluon or a_q.device.type != "cuda" or torch.cuda.get_device_capability(a_q.device) != (9, 0):
+        return False
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a_q, b_q))
+
+
+def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: int, block_n: int = BLOCK,
+                     stages: int = 4, group_n: int = 8) -> torch.Tensor:
+    """The FP8 weight gradient [E, N, K] from `wgrad_usable` K-major operands (a_q [N, P], b_q
+    [K, P], block j of the groups in columns [j*Q, (j+1)*Q); scales a_s [ceil(rows/Q) + E, N],
+    b_s [.., K] with unit inner stride): out[e][n, k] = Σ over group e's blocks j of
+    a_s[j, n] · b_s[j, k] · Σ_r a_q[n, j*Q + r] · b_q[k, j*Q + r], each block's product in fp32.
+    sizes int32 [E] on the device; a loader warp and `block_n // 64` consumer warpgroups over
+    `WS_TILES`' tiles; an empty group's gradient is written as zeros."""
+    if (block_n, BLOCK) not in WS_TILES:
+        raise ValueError(f"block_n: expected one of {tuple(m for m, _ in WS_TILES)}, got {block_n}")
+    N, P = a_q.shape
+    K = b_q.shape[0]
+    E = sizes.numel()
+    table = torch.empty((E, 2), dtype=torch.int32, device=a_q.device)
+    _group_blocks_kernel[(1,)](sizes, table, rows, E, QB=BLOCK, BLOCK_E=max(2, triton.next_power_of_2(E)))
+    a_layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl.float8e4nv)
+    a_desc = TensorDescriptor(a_q, [N, P], [a_q.stride(0), 1], [64, BLOCK], a_layout)
+    b_desc = TensorDescriptor(b_q, [K, P], [b_q.stride(0), 1], [BLOCK, BLOCK], b_layout)
+    num_n_tiles, num_k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, BLOCK)
+    num_tiles = E * num_n_tiles * num_k_tiles
+    programs = max(1, min(num_programs, num_tiles))
+    _gmm_fp8_wgrad_ws_kernel[(programs,)](
+        a_desc, b_desc, a_s, b_s, out, table,
+        N, K, num_tiles, num_n_tiles, num_k_tiles, programs,
+        a_s.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
+        BLOCK_N=block_n, STAGES=stages, GROUP_N=group_n, CONSUMERS=block_n // 64, num_warps=4,
+        maxnreg=WS_TILES[(block_n, BLOCK)],
     )
     return out
