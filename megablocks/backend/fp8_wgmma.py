@@ -340,7 +340,8 @@ if _gluon:
     # of tiles.
 
     @gluon.jit
-    def _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N: gl.constexpr, GROUP_N: gl.constexpr):
+    def _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N: gl.constexpr, GROUP_N: gl.constexpr,
+                 QB: gl.constexpr):
         """(expert, first row of a, first row of b, first block, blocks) of tile `tile`."""
         per_expert = num_n_tiles * num_k_tiles
         e = tile // per_expert
@@ -349,22 +350,22 @@ if _gluon:
         first_n = (t // width) * GROUP_N
         rows = gl.minimum(num_n_tiles - first_n, GROUP_N)
         n0 = (first_n + (t % width) % rows) * BLOCK_N
-        k0 = ((t % width) // rows) * BLOCK
+        k0 = ((t % width) // rows) * QB
         return e, n0, k0, gl.load(table_ptr + 2 * e), gl.load(table_ptr + 2 * e + 1)
 
     @gluon.jit
     def _wg_loader(a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles, num_k_tiles,
                    num_programs, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
-                   CONSUMERS: gl.constexpr):
+                   CONSUMERS: gl.constexpr, QB: gl.constexpr):
         g = 0
         for tile in range(gl.program_id(0), num_tiles, num_programs):
-            e, n0, k0, blk0, nblocks = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N)
+            e, n0, k0, blk0, nblocks = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N, QB)
             for j in range(nblocks):
                 s = g % STAGES
                 mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
                 bar = ready.index(s)
                 mbarrier.expect(bar, CONSUMERS * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                col = (blk0 + j) * BLOCK
+                col = (blk0 + j) * QB
                 for c in gl.static_range(CONSUMERS):  # each consumer's 64 rows of a
                     _tma_load(a_desc, [n0 + c * 64, col], bar, a_bufs.index(s * CONSUMERS + c))
                 _tma_load(b_desc, [k0, col], bar, b_bufs.index(s))
@@ -374,35 +375,35 @@ if _gluon:
     def _wg_consumer(a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                      num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
-                     CONSUMERS: gl.constexpr):
+                     CONSUMERS: gl.constexpr, QB: gl.constexpr):
         """Rows [HALF * 64, HALF * 64 + 64) of a of each of this program's tiles; each step's
         product waited for at once, its scales read while it runs."""
         ROWS: gl.constexpr = 64
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, BLOCK, 32])
+                                                             instr_shape=[16, QB, 32])
         rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
         cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
         g = 0
         for tile in range(gl.program_id(0), num_tiles, num_programs):
-            e, n0, k0, blk0, nblocks = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N)
+            e, n0, k0, blk0, nblocks = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N, QB)
             offs_n = n0 + HALF * ROWS + gl.arange(0, ROWS, layout=rows_layout)
             n_ok = offs_n < N
-            acc = gl.zeros((ROWS, BLOCK), gl.float32, mma_layout)
-            done = gl.zeros((ROWS, BLOCK), gl.float32, mma_layout)
+            acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
+            done = gl.zeros((ROWS, QB), gl.float32, mma_layout)
             for j in range(nblocks):
                 s = g % STAGES
                 mbarrier.wait(ready.index(s), (g // STAGES) & 1)
                 cur = warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)), done,
                                     use_acc=False, is_async=True)
                 blk = (blk0 + j).to(gl.int64)
-                offs_k = k0 + gl.arange(0, BLOCK, layout=cols_layout)
+                offs_k = k0 + gl.arange(0, QB, layout=cols_layout)
                 sa = gl.load(as_ptr + blk * stride_asb + offs_n, mask=n_ok, other=0.0)
                 sb = gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=offs_k < K, other=0.0)
                 done = warpgroup_mma_wait(num_outstanding=0, deps=(cur, ))
                 mbarrier.arrive(empty.index(s), count=1)
                 acc += done * (sa[:, None] * sb[None, :])
                 g += 1
-            offs_k = k0 + gl.arange(0, BLOCK, layout=cols_layout)
+            offs_k = k0 + gl.arange(0, QB, layout=cols_layout)
             out_ptrs = out_ptr + e.to(gl.int64) * stride_oe + offs_n[:, None].to(gl.int64) * stride_on + offs_k[None, :]
             gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (offs_k < K)[None, :])
 
@@ -411,10 +412,10 @@ if _gluon:
         a_desc, b_desc, as_ptr, bs_ptr, out_ptr, table_ptr,
         N, K, num_tiles, num_n_tiles, num_k_tiles, num_programs,
         stride_asb, stride_bsb, stride_oe, stride_on,
-        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr, CONSUMERS: gl.constexpr,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr, CONSUMERS: gl.constexpr, QB: gl.constexpr,
     ):
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, 64, BLOCK], a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK, BLOCK], b_desc.layout)
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, 64, QB], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, QB, QB], b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
@@ -428,26 +429,26 @@ if _gluon:
             gl.warp_specialize([
                 (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                                 num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                                FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
                 (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                                 num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                                SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
                 (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
-                              num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                              num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
             ], [4, 1], [240, 24])
         else:
             gl.warp_specialize([
                 (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                                 num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                                FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
                 (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                                 num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                                SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
                 (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                                 num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                THIRD, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                                THIRD, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
                 (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
-                              num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS)),
+                              num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
             ], [4, 4, 1], [160, 160, 24])
 
 
@@ -541,7 +542,7 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
         a_desc, b_desc, a_s, b_s, out, table,
         N, K, num_tiles, num_n_tiles, num_k_tiles, programs,
         a_s.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
-        BLOCK_N=block_n, STAGES=stages, GROUP_N=group_n, CONSUMERS=block_n // 64, num_warps=4,
+        BLOCK_N=block_n, STAGES=stages, GROUP_N=group_n, CONSUMERS=block_n // 64, QB=BLOCK, num_warps=4,
         maxnreg=WS_TILES[(block_n, BLOCK)],
     )
     return out
