@@ -90,9 +90,9 @@ def bench(args):
                 quantize_ms=ms_q, quantize_gbs=(M * K * 2 + M * K + M * K // 32) / ms_q / 1e6, copy_gbs=bw,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env,
             ))
-        # The weight gradient's launches: the default (the Gluon form on sm_90), its 192-row tiles,
-        # the Triton K-major kernel (the row-major first kernel: `k_major=False`, 5.8x slower).
-        for variant, config in (("", None), ("_gluon192", dict(block_n=192)), ("_triton", dict(wgmma=False))):
+        # The weight gradient's launches: the default (the Gluon form on sm_90) and the Triton
+        # K-major kernel (the row-major first kernel: `k_major=False`, 5.8x slower).
+        for variant, config in (("", None), ("_triton", dict(wgmma=False))):
             rows.append(wgrad_row(name, T * k, H, F, E, env, bw, config=config, variant=variant))
     os.makedirs(args.out, exist_ok=True)
     if rows:  # none with an empty --configs
@@ -121,6 +121,10 @@ def bench(args):
                                  "fp8_composed_cached_ms", "bf16_extra_gib", "fp8_extra_gib", "fp8_composed_extra_gib",
                                  "out_rel_rms", "x_grad_rel_rms"])
         write_csv(os.path.join(args.out, "bench_fp8_layer.csv"), [{**r, **env} for r in layer_rows])
+    memory_rows = [r for name in args.layer_memory for r in layer_memory(name)]
+    if memory_rows:
+        print_table(memory_rows, ["config", "layer", "site", "mib", "tensors"])
+        write_csv(os.path.join(args.out, "bench_fp8_layer_memory.csv"), [{**r, **env} for r in memory_rows])
     kernel_rows = [r for name in args.layer_breakdown for r in layer_kernels(name)]
     if kernel_rows:
         print_table(kernel_rows, ["config", "layer", "kernel", "us"])
@@ -331,6 +335,62 @@ def layer_kernels(name, repeats=5):
     return rows
 
 
+def _site(frames):
+    """The innermost frame of a recorded allocation in this repository's Python (file:line function)."""
+    for f in frames:
+        name = f.get("filename", "")
+        if ("megablocks" in name or "benchmarks" in name) and name.endswith(".py"):
+            return f"{os.path.basename(name)}:{f['line']} {f['name']}"
+    return "(other)"
+
+
+def layer_memory(name, top=8):
+    """Rows (config, layer, site, MiB, tensors): the tensors alive at the peak of one training step
+    of the bf16 and the FP8 layers (weights cached, as `layer_step`'s `extra_gib` after its timed
+    steps), by the Python line that allocated them, from torch.cuda's allocation history; the
+    largest `top` sites and the rest summed, and the step's extra peak as `bench_dmoe.extra_peak_gib`."""
+    layer, bf16, fp8_layer = build_pair(name, "cuda")
+    torch.manual_seed(1)
+    x = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16)
+    inputs = [x, *bf16.parameters()]
+    rows = []
+    for label, module in (("bf16", bf16), ("fp8", fp8_layer)):
+        step, _ = bench_dmoe.steps(module, "fwdbwd", False, x, g, inputs)
+        step()
+        extra = bench_dmoe.extra_peak_gib(step, "cuda", inputs)
+        bench_dmoe.clear_grads(inputs)
+        torch.cuda.synchronize()
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        step()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        # Replay this step's allocations and frees: the live set where the running total peaks.
+        live, total, best, best_live = {}, 0, -1, {}
+        for event in (e for trace in snap["device_traces"] for e in trace):
+            if event["action"] == "alloc":
+                live[event["addr"]] = (event["size"], _site(event.get("frames", [])))
+                total += event["size"]
+                if total > best:
+                    best, best_live = total, dict(live)
+            elif event["action"] in ("free_requested", "free_completed") and event["addr"] in live:
+                total -= live.pop(event["addr"])[0]
+        sites = {}
+        for size, site in best_live.values():
+            mib, n = sites.get(site, (0.0, 0))
+            sites[site] = (mib + size / 2**20, n + 1)
+        ranked = sorted(sites.items(), key=lambda kv: -kv[1][0])
+        rows += [dict(config=name, layer=label, site=site, mib=mib, tensors=n) for site, (mib, n) in ranked[:top]]
+        rest = ranked[top:]
+        rows.append(dict(config=name, layer=label, site="(rest)", mib=sum(v[0] for _, v in rest),
+                         tensors=sum(v[1] for _, v in rest)))
+        rows.append(dict(config=name, layer=label, site="(step's extra peak, GiB x 1024)", mib=extra * 1024,
+                         tensors=0))
+        bench_dmoe.clear_grads(inputs)
+    return rows
+
+
 def smoke():
     """CPU: a tiny config through the quantizers and the FP8 GEMM; returns each product's
     relative error against the unquantized product (checked: < 6%)."""
@@ -388,6 +448,8 @@ def main():
                    help="sweep_fp8 variants under which the --serving configs' decode (T = 64) is timed again")
     p.add_argument("--layer-breakdown", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose bf16 and FP8 layer steps are profiled kernel by kernel")
+    p.add_argument("--layer-memory", nargs="*", default=[], choices=list(CONFIGS),
+                   help="configs whose bf16 and FP8 layer steps list the tensors alive at their memory peak")
     p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),
                    help="configs whose expert weights' block quantization is timed (none: skip)")
     p.add_argument("--wgmma", choices=list(GLUON_FORMS),

@@ -750,7 +750,7 @@ def test_gmm_fp8_wgrad_k_major(sizes, N, K):
         fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, rows=M + Q)
     with pytest.raises(TypeError, match="rows"):
         fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, rows=float(M))
-    for bad in (dict(block_n=64), dict(tiles=2), [("wgmma", False)]):
+    for bad in (dict(block_n=128), dict(tiles=2), [("wgmma", False)]):
         with pytest.raises(ValueError, match="config"):
             fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, rows=M, config=bad)
     with pytest.raises(ValueError, match="without rows"):
@@ -758,18 +758,18 @@ def test_gmm_fp8_wgrad_k_major(sizes, N, K):
 
 
 @pytest.mark.skipif(not (DEVICE == "cuda" and fp8_wgmma.available()), reason="the Gluon form runs on a GPU")
-@pytest.mark.parametrize("block_n", [128, 192])
+@pytest.mark.parametrize("stages", [4, 2])
 @pytest.mark.parametrize("sizes, N, K", [
     ([130, 0, 256, 1], 72, 200),                   # a's rows under one tile, b's past one
     ([700, 0, 1500, 33, 0, 260, 129, 1], 300, 264),  # tiles past the SMs: the persistent loop, ragged edges
     ([2048] * 4, 1000, 520),                        # whole blocks, several tiles per expert each way
     ([0, 0, 0], 64, 128),                           # no rows: zeros
 ], ids=["hostile", "ragged", "whole", "empty"])
-def test_gmm_fp8_wgrad_gluon(sizes, N, K, block_n):
+def test_gmm_fp8_wgrad_gluon(sizes, N, K, stages):
     """The weight gradient's warp-specialized Gluon form (the default on sm_90) against the Triton
     K-major kernel (`config=dict(wgmma=False)`) and the float64 definition of its dequantized
     operands; experts past the SMs' count of tiles, empty experts, sizes off the blocks."""
-    g = torch.Generator().manual_seed(sum(sizes) + N + block_n)
+    g = torch.Generator().manual_seed(sum(sizes) + N + stages)
     M = sum(sizes)
     a = (torch.randn(M, N, generator=g) * torch.rand(M, 1, generator=g).mul(4).exp()).to(DEVICE)
     b = torch.randn(M, K, generator=g).to(DEVICE)
@@ -779,7 +779,7 @@ def test_gmm_fp8_wgrad_gluon(sizes, N, K, block_n):
     assert fp8_wgmma.wgrad_usable(at_q, bt_q)
     for out_dtype in (torch.float32, torch.bfloat16):
         out = fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, out_dtype=out_dtype, rows=M,
-                                config=dict(block_n=block_n))
+                                config=dict(num_stages=stages))
         triton_form = fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, out_dtype=out_dtype, rows=M,
                                         config=dict(wgmma=False))
         assert out.shape == (len(sizes), N, K) and out.dtype == out_dtype
