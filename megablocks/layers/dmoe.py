@@ -90,7 +90,10 @@ class ParallelDroplessMLP(moe.ParallelMLP):
         with torch.no_grad():
             tokens_per_expert, maps = self.routed_rows(top_experts, num_experts, top_k)  # gather's and scatter's
         if isinstance(self.mlp, mlp.GroupedMLP) and self.mlp.reads_token_rows():
-            # The up projection(s) read x_TH's rows through the maps: no gathered copy.
+            # The up projection(s) read x_TH's rows through the maps (no gathered copy). In FP8
+            # the weighted combine is the module's too (its one-node form takes it into its node).
+            if weights_N is not None and self.mlp.takes_combine():
+                return self.mlp(x_TH, tokens_per_expert, maps, weights_N), tokens_per_expert
             y_NH = self.mlp(x_TH, tokens_per_expert, maps)
         else:
             x_NH = gather_routed(x_TH, maps)

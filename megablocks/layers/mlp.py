@@ -40,7 +40,7 @@ from megablocks.ops.fp8 import Q as FP8_BLOCK
 from megablocks.ops.fp8 import Fp8WeightCache, fp8_gmm
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered, weight_grad_into
 from megablocks.ops.grouped_glu import fp8_grouped_glu_experts, grouped_glu_experts, one_node_applies
-from megablocks.ops.permute import RowMaps, gather_routed
+from megablocks.ops.permute import RowMaps, gather_routed, scatter_routed
 from megablocks.ops.sparse import dsd_data, sdd_data
 
 
@@ -402,6 +402,12 @@ class GroupedMLP(SparseMLP):
         (`KernelPolicy.fused_gather`, where the shared-input pair or the FP8 one-node form is taken)."""
         return self.args.kernel_policy.fused_gather and (self._shared_input_pair() or self._fp8_node())
 
+    def takes_combine(self) -> bool:
+        """Whether `forward` should be given the combine's weights (`combine_weights`) and return
+        the token rows: where the FP8 one-node form may be taken (its node then holds the combine,
+        so that the rows' output gradient is made in its backward and goes once used)."""
+        return self._fp8_node() and self.reads_token_rows()
+
     def _one_node_activation(self, x: torch.Tensor, weights, accs: dict, maps: RowMaps) -> Optional[str]:
         """The fused activation's name where this forward's GLU experts run as one autograd node
         (`KernelPolicy.one_node_experts`, up to `one_node_experts_max_rows` routed rows but in
@@ -422,8 +428,23 @@ class GroupedMLP(SparseMLP):
         return activation
 
     def forward(
-        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, maps: Optional[RowMaps] = None
+        self, x: torch.Tensor, tokens_per_expert: torch.Tensor, maps: Optional[RowMaps] = None,
+        combine_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """The experts' output rows `[N, H]` in expert order; with `combine_weights` (the routing
+        weights, one per assignment; `maps` given) the token rows `[T, H]` they combine to
+        (`scatter_routed(rows, maps, combine_weights)`), which the FP8 one-node form computes in
+        its own node."""
+        if combine_weights is not None and maps is None:
+            raise ValueError("combine_weights: the combine reads the row maps; expected maps, got None")
+        out, combined = self._rows(x, tokens_per_expert, maps, combine_weights)
+        if combine_weights is not None and not combined:
+            out = scatter_routed(out, maps, combine_weights)
+        return out
+
+    def _rows(self, x: torch.Tensor, tokens_per_expert: torch.Tensor, maps: Optional[RowMaps],
+              combine_weights: Optional[torch.Tensor]) -> Tuple[torch.Tensor, bool]:
+        """(`forward`'s rows, False), or (the token rows, True) where the FP8 node took the combine."""
         num_experts = mpu.experts_per_rank(self.args)
         hidden = self.args.hidden_size
         backend = _gmm_backend(self.args)
@@ -435,11 +456,13 @@ class GroupedMLP(SparseMLP):
             if activation is not None and self.args.fp8 is not None:
                 # Wide experts' weight gradients read gathered rows, as the composed ops there.
                 wide = mpu.features_per_rank(self.args) > self.args.kernel_policy.fused_glu_input_grad_max_ffn
-                return fp8_grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
-                                               self._fp8_quantized(num_experts, hidden), gathered_wgrad=wide)
+                out = fp8_grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
+                                              self._fp8_quantized(num_experts, hidden), gathered_wgrad=wide,
+                                              weights_N=combine_weights)
+                return out, combine_weights is not None
             if activation is not None:
                 return grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
-                                           keep_product=not self.args.memory_optimized_mlp)
+                                           keep_product=not self.args.memory_optimized_mlp), False
             if self.args.fp8 is not None:  # the composed FP8 ops read the rows in expert order
                 x, maps = gather_routed(x, maps), None
         shape = (num_experts, -1, hidden)
@@ -494,7 +517,7 @@ class GroupedMLP(SparseMLP):
             up_pair=up_pair if self._shared_input_pair() else None,
             activation_fn=self.args.activation_fn, memory_optimized=self.args.memory_optimized_mlp,
             biases=biases, up_bias=add_bias, down_bias=add_bias,
-        )
+        ), False
 
     def _fp8_cache(self) -> Fp8WeightCache:
         if "_fp8_weights" not in self.__dict__:

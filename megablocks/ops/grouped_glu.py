@@ -52,7 +52,7 @@ from megablocks.backend.fp8 import (FP8_DTYPE, Q, gather_quantize_rows, glu_back
                                     gmm_fp8, quantize_rows)
 from megablocks.ops._eager import _plain_eager
 from megablocks.ops.gmm import _grouped_mm_impl, _product_impl
-from megablocks.ops.permute import _gather_rows, _scatter_rows
+from megablocks.ops.permute import _gather_rows, _scatter_rows, _weight_grad
 from megablocks.ops.routing import RowMaps
 
 _TRITON = "triton"
@@ -139,7 +139,8 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
-                quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool):
+                quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool,
+                weights_N: Optional[torch.Tensor]):
         dtype = x_TH.dtype
         stacked = len(quantized) == 4
         x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
@@ -154,20 +155,38 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         del x_q, x_s
         a_q, a_s = glu_quantize_rows(h1, h2, activation)
         y = gmm_fp8(a_q, a_s, *quantized[-1], counts_E, out_dtype=dtype)
-        ctx.save_for_backward(x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row)
+        ctx.save_for_backward(x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, weights_N)
         # Made here, not inputs: kept on ctx so the backward can let go of each when done with it.
         ctx.h, ctx.quantized = h, quantized
         ctx.top_k, ctx.activation, ctx.gathered_wgrad = top_k, activation, gathered_wgrad
-        return y
+        ctx.combined, ctx.y = weights_N is not None, None
+        if weights_N is None:
+            return y
+        # The combine (`scatter_routed`): each token's rows weighted and summed. y kept only for
+        # the weights' gradient, as the combine's own node keeps it.
+        if weights_N.requires_grad:
+            ctx.y = y
+        return _scatter_rows._impl(y, assignment_row, row_assignment, weights_N, top_k)
 
     @staticmethod
-    def backward(ctx, grad_y):
-        x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row = ctx.saved_tensors
-        h, quantized = ctx.h, ctx.quantized
-        ctx.h = ctx.quantized = None
+    def backward(ctx, grad_out):
+        x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, weights_N = ctx.saved_tensors
+        h, quantized, y = ctx.h, ctx.quantized, ctx.y
+        ctx.h = ctx.quantized = ctx.y = None
         top_k, activation, dtype = ctx.top_k, ctx.activation, x_TH.dtype
         need_x, need_w1, need_v1, need_w2 = ctx.needs_input_grad[:4]
-        grad_y = grad_y.contiguous()
+        grad_weights = None
+        if ctx.combined:  # the combine's backward (`scatter_routed`'s): the weights', then the rows'
+            if ctx.needs_input_grad[11]:
+                grad_weights = _weight_grad._impl(y, grad_out, assignment_row, top_k).to(weights_N.dtype)
+            y = None
+            # The rows' gradient is made here, so that it goes once used: the node's output
+            # gradient (the token rows' here) is held by autograd until the node returns.
+            grad_y = _gather_rows._impl(grad_out, row_assignment, assignment_row, weights_N, top_k)
+            del grad_out
+        else:
+            grad_y = grad_out.contiguous()
+            del grad_out
         g_q, g_s = quantize_rows(grad_y)
         grad_a = gmm_fp8(g_q, g_s, *quantized[-2], counts_E, out_dtype=dtype)
         del g_q, g_s
@@ -224,15 +243,16 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         if need_v1:
             grad_v1 = _product_impl(grad_h2, rows[0], counts_E, None, None, *rows[1:], True, True, False,
                                     _TRITON).view(v1.shape)
-        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None
+        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights
 
 
 def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor,
                             counts_E: torch.Tensor, maps: RowMaps, activation: str,
                             quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                            gathered_wgrad: bool = False) -> torch.Tensor:
+                            gathered_wgrad: bool = False, weights_N: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`grouped_glu_experts` with the expert products in FP8 (module docstring), the expert-ordered
-    rows `[N, H]`, as one autograd node.
+    rows `[N, H]`, as one autograd node; with `weights_N`, those rows' combine too
+    (`scatter_routed(rows, maps, weights_N)`, the token rows `[T, H]`).
 
     No validation: the caller's (`GroupedMLP.forward`). `w1`, `v1`, `w2`: `[E·F, H]` in x's dtype,
     the differentiable weights; `quantized`: their blockwise FP8 forms viewed `[E, F, H]`, each
@@ -242,7 +262,11 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     up projections one product into one [N, 2F] buffer, and the input gradient one product over
     K = 2F (rounded once, where the separate form adds two rounded products);
     `gathered_wgrad`: the up weights' gradients read a gathered copy of the rows (made in the
-    backward) instead of the token rows through the maps.
+    backward) instead of the token rows through the maps; `weights_N`: the routing weights of the
+    combine (one per assignment), whose gradient the node returns as the combine's node does. With
+    the combine in the node, the rows' output gradient `[N, H]` is made in its backward and goes
+    once used (the composed form's is held by autograd until the node returns: 512 MiB at olmoe's
+    backward peak).
     """
     return _Fp8GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row,
-                                       maps.top_k, activation, tuple(quantized), gathered_wgrad)
+                                       maps.top_k, activation, tuple(quantized), gathered_wgrad, weights_N)

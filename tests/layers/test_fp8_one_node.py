@@ -51,10 +51,11 @@ def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, max_ffn, monkeypatch):
         x = x.abs() + 0.5
     grad_out = torch.randn(*lead, H, device=DEVICE, dtype=dtype, generator=gen)
     calls = _count(monkeypatch)
-    gathers = []
+    gathers, combines = [], []
     real_gather = grouped_glu._gather_rows._impl
+    # Weighted: the combine's backward (the rows' output gradient); else the rows for the weight gradients.
     monkeypatch.setattr(grouped_glu, "_gather_rows", SimpleNamespace(
-        _impl=lambda *a: gathers.append(a[0].shape) or real_gather(*a)))
+        _impl=lambda *a: (gathers if a[3] is None else combines).append(a[0].shape) or real_gather(*a)))
     results = {}
     for on in (False, True):
         # max_ffn below F: the node's up weight gradients read a gathered copy of the rows.
@@ -63,6 +64,7 @@ def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, max_ffn, monkeypatch):
         assert len(calls) == int(on), f"one_node_experts={on}: {len(calls)} FP8 node calls"
     assert type(calls[0]).__name__ == "_Fp8GroupedGluExpertsBackward", calls[0]
     assert len(gathers) == int(max_ffn < Fs), gathers
+    assert len(combines) == 1, combines  # the combine in the node: its backward made there
     assert_equal("out", results[True][0], results[False][0])
     assert_equal("grad x", results[True][1]["x"], results[False][1]["x"])
     for name in GRAD_NAMES:
@@ -192,3 +194,33 @@ def test_quantize_blocks_out_checked():
     for bad in ((q, s), (q, s, t.float()), (q, s.transpose(1, 2), t), (q[:, :64], s, t), (q, s, t.transpose(0, 2))):
         with pytest.raises(ValueError, match="out"):
             fp8.quantize_blocks(w, transposed=True, out=bad)
+
+
+def test_fp8_node_holds_the_combine(monkeypatch):
+    """In FP8 the experts module takes the combine's weights and returns the token rows: its node
+    computes the weighted combine, and its backward receives the token rows' gradient [T, H] (the
+    rows' [N, H] made inside it, so that it goes once used), giving the router's gradient as the
+    combine's node does. Where the node is not taken (no gradient to record) the module combines
+    the rows itself; the combine needs the row maps."""
+    layer = dMoE(make_args("triton", torch.float32, mlp_type="glu", fp8="blockwise", hidden_size=40,
+                           ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2, activation_fn=F.silu))
+    experts = layer.experts.mlp
+    assert experts.takes_combine()
+    seen = []
+    experts.register_forward_hook(lambda module, inputs, out: seen.append((len(inputs), tuple(out.shape))))
+    calls = _count(monkeypatch)
+    x = torch.randn(5, 2, 40, device=DEVICE, requires_grad=True)
+    incoming = []
+    out = layer(x)
+    calls[0].register_prehook(lambda grads: incoming.append(tuple(grads[0].shape)))
+    out.square().sum().backward()
+    assert seen == [(4, (10, 40))] and incoming == [(10, 40)], (seen, incoming)
+    assert layer.router.layer.weight.grad is not None and layer.router.layer.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert_equal("no-grad out", layer(x), out.detach())
+    assert len(calls) == 1 and seen[-1] == (4, (10, 40))
+    x_TH, tokens, maps = x.detach().view(10, 40), torch.tensor([5, 5, 5, 5], device=DEVICE), None
+    with pytest.raises(ValueError, match="combine_weights"):
+        experts(x_TH, tokens, maps, torch.ones(20, device=DEVICE))
+    assert not dMoE(make_args("triton", torch.float32, mlp_type="glu", hidden_size=40, ffn_hidden_size=24,
+                              moe_num_experts=4, moe_top_k=2, activation_fn=F.silu)).experts.mlp.takes_combine()
