@@ -187,17 +187,19 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         else:
             grad_y = grad_out.contiguous()
             del grad_out
-        g_q, g_s = quantize_rows(grad_y)
-        grad_a = gmm_fp8(g_q, g_s, *quantized[-2], counts_E, out_dtype=dtype)
-        del g_q, g_s
+        # w2's gradient first (the GLU product again, from h1 and h2, for the unquantized weight
+        # gradient), so that the rows' output gradient goes before the GLU product's gradient is made.
         grad_w2 = None
-        if need_w2:  # the GLU product again, from h1 and h2, for the unquantized weight gradient
+        if need_w2:
             a = (activation_kernels.glu_halves_forward(h[0], activation) if len(h) == 1
                  else activation_kernels.glu_forward(*h, activation))
             grad_w2 = _product_impl(a, grad_y, counts_E, None, None, None, None, 1, False, True, False,
                                     _TRITON).view(w2.shape)
             del a
+        g_q, g_s = quantize_rows(grad_y)
         del grad_y
+        grad_a = gmm_fp8(g_q, g_s, *quantized[-2], counts_E, out_dtype=dtype)
+        del g_q, g_s
         # The GLU's gradient written over h1 and h2 and, for the input gradient's products,
         # quantized in the same pass (`glu_backward_quantize_rows_`).
         grad_x = grad_w1 = grad_v1 = None
