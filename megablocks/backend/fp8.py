@@ -216,9 +216,10 @@ def _e4m3_bits(r):
 
 # w_ENK (any float dtype, last dim contiguous) -> q_ENK e4m3, s [E, NB, KB] fp32. Program
 # (nb, kb, e) quantizes block (nb, kb) of expert e: Q x Q values, one scale. With TRANSPOSED the
-# values are also stored the other way, into t_EKN, and both stores write the bytes that
-# `_e4m3_bits` assembles into uint8 views: Triton 3.6 on the H200 stored wrong values whenever
-# the e4m3 cast's results fed a tile of another layout (benchmarks/RESULTS.md, "FP8 on the H200").
+# values are also stored the other way, into t_EKN, and both stores write bytes into uint8 views:
+# Triton 3.6 on the H200 stored wrong values whenever the e4m3 cast's results fed a tile of another
+# layout (benchmarks/RESULTS.md, "FP8 on the H200"), so the bytes are the cast's taken as uint8 in
+# its own layout (HW_CAST), or `_e4m3_bits` of `_round_e4m3`'s values.
 # With PACKED (N a multiple of 4) the bytes of four consecutive rows are packed into one int32
 # word and the word tile is transposed and stored into t's int32 view ([E, K, N / 4]); else the
 # int32 byte tile is transposed and stored byte by byte (1.7x the time on mixtral's weights).
@@ -661,9 +662,14 @@ def quantize_rows_reference(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     return q, scale
 
 
-# Whether the block quantizer takes the hardware's e4m3 cast (one instruction for two values)
-# instead of its integer rounding and byte assembly (on CUDA; the interpreter's cast is not used).
-_HW_E4M3 = False
+# Whether the block quantizer takes the hardware's e4m3 cast (round to nearest even; one
+# instruction for two values), its bytes taken as uint8 before any layout change, instead of the
+# integer rounding and byte assembly (`_round_e4m3`, `_e4m3_bits`). On CUDA only (the
+# interpreter's cast is not used). The same bytes but in NaN blocks (whose scale is NaN: the cast
+# writes NaN, 0x7F, where the integer form wrote 0x80); the pass with the K-major copy 1.58-1.63x
+# faster (H200: mixtral's weight 0.869 -> 0.553 ms, olmoe's 0.254 -> 0.158, qwen3moe's 0.378 ->
+# 0.234; benchmarks/RESULTS.md), a mixtral training step's three weights about 0.95 ms less.
+_HW_E4M3 = True
 
 
 def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, out: Optional[Tuple[torch.Tensor, ...]] = None):
