@@ -113,7 +113,7 @@ def bench(args):
                    for proj, _, w, _ in products(*CONFIGS[name], "cuda")]
     if weight_rows:
         print_table(weight_rows, ["config", "weight", "E", "N", "K", "quantize_ms", "torch_copy_ms", "one_pass_ms",
-                                  "one_pass_gbs", "copies_equal", "hw_cast", "other_cast_ms", "other_cast_equal"])
+                                  "one_pass_gbs", "copies_equal"])
         write_csv(os.path.join(args.out, "bench_fp8_weights.csv"), [{**r, **env, "copy_gbs": bw} for r in weight_rows])
     layer_rows = [layer_step(name, "cuda") for name in args.layers]
     if layer_rows:
@@ -145,19 +145,8 @@ def weights_row(name, proj, w):
     a, b = torch_copy(), fp8.quantize_blocks(w, transposed=True)
     equal = all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in ((a[0], b[0]), (a[2], b[2])))
     E, N, K = w.shape
-    # The same pass with the hardware's e4m3 cast (`_HW_E4M3`) against the integer rounding.
-    saved = fp8_backend._HW_E4M3
-    try:
-        fp8_backend._HW_E4M3 = not saved
-        ms_other = timed(lambda: fp8.quantize_blocks(w, transposed=True))[0]
-        c = fp8.quantize_blocks(w, transposed=True)
-    finally:
-        fp8_backend._HW_E4M3 = saved
-    other_equal = all(torch.equal(x.view(torch.uint8), y.view(torch.uint8)) for x, y in ((b[0], c[0]), (b[2], c[2])))
-    other_equal = other_equal and torch.equal(b[1].nan_to_num(), c[1].nan_to_num())
     return dict(config=name, weight=proj, E=E, N=N, K=K, quantize_ms=ms_q, torch_copy_ms=ms_torch, one_pass_ms=ms_one,
-                one_pass_gbs=w.numel() * (w.element_size() + 2) / ms_one / 1e6, copies_equal=equal,
-                hw_cast=saved, other_cast_ms=ms_other, other_cast_equal=other_equal)
+                one_pass_gbs=w.numel() * (w.element_size() + 2) / ms_one / 1e6, copies_equal=equal)
 
 
 def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant=""):

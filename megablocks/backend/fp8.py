@@ -216,10 +216,9 @@ def _e4m3_bits(r):
 
 # w_ENK (any float dtype, last dim contiguous) -> q_ENK e4m3, s [E, NB, KB] fp32. Program
 # (nb, kb, e) quantizes block (nb, kb) of expert e: Q x Q values, one scale. With TRANSPOSED the
-# values are also stored the other way, into t_EKN, and both stores write bytes into uint8 views:
-# Triton 3.6 on the H200 stored wrong values whenever the e4m3 cast's results fed a tile of another
-# layout (benchmarks/RESULTS.md, "FP8 on the H200"), so the bytes are the cast's taken as uint8 in
-# its own layout (HW_CAST), or `_e4m3_bits` of `_round_e4m3`'s values.
+# values are also stored the other way, into t_EKN, and both stores write the bytes that
+# `_e4m3_bits` assembles into uint8 views: Triton 3.6 on the H200 stored wrong values whenever
+# the e4m3 cast's results fed a tile of another layout (benchmarks/RESULTS.md, "FP8 on the H200").
 # With PACKED (N a multiple of 4) the bytes of four consecutive rows are packed into one int32
 # word and the word tile is transposed and stored into t's int32 view ([E, K, N / 4]); else the
 # int32 byte tile is transposed and stored byte by byte (1.7x the time on mixtral's weights).
@@ -228,7 +227,7 @@ def _quantize_blocks_kernel(
     w_ptr, q_ptr, s_ptr, t_ptr,
     N, K,
     stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn, stride_te, stride_tk,
-    QB: tl.constexpr, TRANSPOSED: tl.constexpr, PACKED: tl.constexpr, HW_CAST: tl.constexpr = False,
+    QB: tl.constexpr, TRANSPOSED: tl.constexpr, PACKED: tl.constexpr,
 ):
     e = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * QB + tl.arange(0, QB)
@@ -238,15 +237,10 @@ def _quantize_blocks_kernel(
     w = w.to(tl.float32)
     scale, inv = _pow2_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
     scale = tl.where(tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0, float("nan"), scale)
+    q = _round_e4m3(w * inv)  # e4m3 values, exact in fp32
     q_ptrs = q_ptr + e * stride_qe + rows[:, None].to(tl.int64) * stride_qn + cols[None, :]
-    if HW_CAST:  # the hardware's cast (round to nearest even), its bytes taken before any layout change
-        q8 = (w * inv).to(tl.float8e4nv)
-        b = q8.to(tl.uint8, bitcast=True).to(tl.int32)
-    else:
-        q = _round_e4m3(w * inv)  # e4m3 values, exact in fp32
     if TRANSPOSED:
-        if not HW_CAST:
-            b = _e4m3_bits(q)
+        b = _e4m3_bits(q)
         tl.store(q_ptrs, b.to(tl.uint8), mask=mask)
         if PACKED:  # little-endian: row 4i + j is byte j of word i
             shifts = tl.arange(0, 4) * 8
@@ -257,8 +251,6 @@ def _quantize_blocks_kernel(
         else:
             tl.store(t_ptr + e * stride_te + cols[:, None].to(tl.int64) * stride_tk + rows[None, :],
                      tl.trans(b).to(tl.uint8), mask=(cols < K)[:, None] & (rows < N)[None, :])
-    elif HW_CAST:
-        tl.store(q_ptrs, q8, mask=mask)
     else:
         tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
@@ -662,16 +654,6 @@ def quantize_rows_reference(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
     return q, scale
 
 
-# Whether the block quantizer takes the hardware's e4m3 cast (round to nearest even; one
-# instruction for two values), its bytes taken as uint8 before any layout change, instead of the
-# integer rounding and byte assembly (`_round_e4m3`, `_e4m3_bits`). On CUDA only (the
-# interpreter's cast is not used). The same bytes but in NaN blocks (whose scale is NaN: the cast
-# writes NaN, 0x7F, where the integer form wrote 0x80); the pass with the K-major copy 1.58-1.63x
-# faster (H200: mixtral's weight 0.869 -> 0.553 ms, olmoe's 0.254 -> 0.158, qwen3moe's 0.378 ->
-# 0.234; benchmarks/RESULTS.md), a mixtral training step's three weights about 0.95 ms less.
-_HW_E4M3 = True
-
-
 def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, out: Optional[Tuple[torch.Tensor, ...]] = None):
     """Q x Q blocks of [E, N, K] weights (out x in, each expert's as a checkpoint stores it) ->
     (q [E, N, K] e4m3, s [E, NB, KB] fp32 powers of two), w ~ q * s block by block; with
@@ -719,7 +701,6 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, out: Optional
         _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
             w_ENK, q_out, s, t_out, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
             s.stride(1), t_out.stride(0), t_out.stride(1), QB=Q, TRANSPOSED=transposed, PACKED=packed,
-            HW_CAST=_HW_E4M3 and not interpreted(w_ENK),
             # 8 warps, 16 with the transposed copy: mixtral's weight 0.489 / 0.869 ms, against
             # 0.578 / 1.194 with 4 warps and 0.501 / 0.902 with the other (H200).
             num_warps=16 if transposed else 8,
