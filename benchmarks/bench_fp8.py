@@ -314,18 +314,25 @@ def layer_step(name, device, dtype=torch.bfloat16):
     return row
 
 
-def layer_kernels(name, repeats=5):
-    """Rows (config, layer, kernel, µs per step) of the bf16 and the FP8 layers' training steps
-    (weights cached) under torch.profiler, the kernels summing to at least 1% of a step."""
+def _warm_layer_steps(name):
+    """(label, training step, its inputs) of the bf16 and then the FP8 layer of config `name` on
+    the GPU, each step run once (compiled, the FP8 weights cached) before it is yielded."""
     layer, bf16, fp8_layer = build_pair(name, "cuda")
     torch.manual_seed(1)
     x = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16)
     inputs = [x, *bf16.parameters()]
-    rows = []
     for label, module in (("bf16", bf16), ("fp8", fp8_layer)):
         step, _ = bench_dmoe.steps(module, "fwdbwd", False, x, g, inputs)
         step()
+        yield label, step, inputs
+
+
+def layer_kernels(name, repeats=5):
+    """Rows (config, layer, kernel, µs per step) of the bf16 and the FP8 layers' training steps
+    (weights cached) under torch.profiler, the kernels summing to at least 1% of a step."""
+    rows = []
+    for label, step, inputs in _warm_layer_steps(name):
         times = bench_dmoe.kernel_times_us(step, repeats)
         total = sum(times.values())
         rows += [dict(config=name, layer=label, kernel=k[:60], us=us) for k, us in
@@ -336,11 +343,13 @@ def layer_kernels(name, repeats=5):
 
 
 def _site(frames):
-    """The innermost frame of a recorded allocation in this repository's Python (file:line function)."""
+    """The innermost frame of a recorded allocation in this repository's Python (path below the
+    package or benchmarks/, line, function)."""
     for f in frames:
-        name = f.get("filename", "")
-        if ("megablocks" in name or "benchmarks" in name) and name.endswith(".py"):
-            return f"{os.path.basename(name)}:{f['line']} {f['name']}"
+        name = f.get("filename", "").replace(os.sep, "/")
+        for root in ("/megablocks/", "/benchmarks/"):
+            if root in name and name.endswith(".py"):
+                return f"{root[1:]}{name.rsplit(root, 1)[1]}:{f['line']} {f['name']}"
     return "(other)"
 
 
@@ -349,15 +358,8 @@ def layer_memory(name, top=8):
     of the bf16 and the FP8 layers (weights cached, as `layer_step`'s `extra_gib` after its timed
     steps), by the Python line that allocated them, from torch.cuda's allocation history; the
     largest `top` sites and the rest summed, and the step's extra peak as `bench_dmoe.extra_peak_gib`."""
-    layer, bf16, fp8_layer = build_pair(name, "cuda")
-    torch.manual_seed(1)
-    x = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16)
-    inputs = [x, *bf16.parameters()]
     rows = []
-    for label, module in (("bf16", bf16), ("fp8", fp8_layer)):
-        step, _ = bench_dmoe.steps(module, "fwdbwd", False, x, g, inputs)
-        step()
+    for label, step, inputs in _warm_layer_steps(name):
         extra = bench_dmoe.extra_peak_gib(step, "cuda", inputs)
         bench_dmoe.clear_grads(inputs)
         torch.cuda.synchronize()
