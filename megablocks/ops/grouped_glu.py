@@ -36,7 +36,11 @@ copy); the GLU's gradient is quantized for the input-gradient products as it is 
 (`glu_backward_quantize_rows_`). Its output is bitwise that of the composed FP8 ops (gather,
 `fp8_gmm` twice, `glu`, `fp8_gmm`), and so are its gradients in the tests (the fused GLU backward
 is the composed ops' fp32 math compiled apart: a compiler that contracts it otherwise moves a
-gradient by a few units of fp32's last place before it is rounded). Where F is a multiple of 128, w1 and v1 are quantized stacked
+gradient by a few units of fp32's last place before it is rounded). dMoE gives the node the
+routing weights too (`weights_N`): it returns the weighted combine of its rows into tokens
+(`scatter_routed`'s kernels), so that its backward receives the token rows' gradient and makes
+the rows' [N, H] itself, letting go of it once w2's gradient is made and it is quantized
+(a node's incoming gradient is held by autograd until the node returns). Where F is a multiple of 128, w1 and v1 are quantized stacked
 (`Fp8WeightCache.pair`): the up projections are one product into one [N, 2F] buffer, and the
 input gradient one product over [grad_h1 | grad_h2] with K = 2F, rounded once (the composed ops
 round two products and add them; the rest stays bitwise).
