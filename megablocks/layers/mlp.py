@@ -31,6 +31,7 @@ from typing import Callable, List, Optional, Tuple
 import stk
 import torch
 
+from megablocks._checks import FLOAT_DTYPES, check_tensor
 from megablocks.layers import common, mpu
 from megablocks.layers.activation_fn import fused_name, gated_product
 from megablocks.layers.arguments import Arguments, InitFn
@@ -435,8 +436,13 @@ class GroupedMLP(SparseMLP):
         weights, one per assignment; `maps` given) the token rows `[T, H]` they combine to
         (`scatter_routed(rows, maps, combine_weights)`), which the FP8 one-node form computes in
         its own node."""
-        if combine_weights is not None and maps is None:
-            raise ValueError("combine_weights: the combine reads the row maps; expected maps, got None")
+        if combine_weights is not None:
+            if maps is None:
+                raise ValueError("combine_weights: the combine reads the row maps; expected maps, got None")
+            check_tensor("combine_weights", combine_weights, ndim=1, dtypes=FLOAT_DTYPES)
+            if combine_weights.numel() != maps.assignment_row.numel():
+                raise ValueError(f"combine_weights: expected {maps.assignment_row.numel()} elements (one per "
+                                 f"assignment), got {combine_weights.numel()}")
         out, combined = self._rows(x, tokens_per_expert, maps, combine_weights)
         if combine_weights is not None and not combined:
             out = scatter_routed(out, maps, combine_weights)

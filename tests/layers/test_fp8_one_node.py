@@ -222,5 +222,11 @@ def test_fp8_node_holds_the_combine(monkeypatch):
     x_TH, tokens, maps = x.detach().view(10, 40), torch.tensor([5, 5, 5, 5], device=DEVICE), None
     with pytest.raises(ValueError, match="combine_weights"):
         experts(x_TH, tokens, maps, torch.ones(20, device=DEVICE))
+    maps = layer.experts.routed_rows(torch.arange(20, device=DEVICE).remainder(4), 4, 2)[1]
+    for bad in (torch.ones(19, device=DEVICE), torch.ones(20, 1, device=DEVICE)):  # one per assignment, 1-D
+        with pytest.raises(ValueError, match="combine_weights"):
+            experts(x_TH, tokens, maps, bad)
+    with pytest.raises(TypeError, match="combine_weights"):
+        experts(x_TH, tokens, maps, torch.ones(20, device=DEVICE, dtype=torch.int64))
     assert not dMoE(make_args("triton", torch.float32, mlp_type="glu", hidden_size=40, ffn_hidden_size=24,
                               moe_num_experts=4, moe_top_k=2, activation_fn=F.silu)).experts.mlp.takes_combine()
