@@ -337,7 +337,8 @@ if _gluon:
     # 128-deep product is scaled by the outer product of the block's two column-scale vectors
     # (the forward: the rows' scales times one weight block's). Tiles run expert by expert (an
     # expert's blocks stay in L2 while its tiles run), GROUP_N tiles of a's rows down each column
-    # of tiles.
+    # of tiles. Two consumer warpgroups over 128-row tiles only: with three over 192 rows the
+    # column scales' registers spill (1.3-1.5x slower on the H200, benchmarks/RESULTS.md).
 
     @gluon.jit
     def _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N: gl.constexpr, GROUP_N: gl.constexpr,
@@ -424,32 +425,16 @@ if _gluon:
         fence_async_shared()
         FIRST: gl.constexpr = 0
         SECOND: gl.constexpr = 1
-        THIRD: gl.constexpr = 2
-        if CONSUMERS == 2:
-            gl.warp_specialize([
-                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
-                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
-                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
-                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
-                (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
-                              num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
-            ], [4, 1], [240, 24])
-        else:
-            gl.warp_specialize([
-                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
-                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
-                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
-                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
-                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
-                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                THIRD, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
-                (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
-                              num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
-            ], [4, 4, 1], [160, 160, 24])
+        gl.warp_specialize([
+            (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                            num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                            FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
+            (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                            num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                            SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
+            (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
+                          num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
+        ], [4, 1], [240, 24])
 
 
 def available() -> bool:
@@ -516,16 +501,14 @@ def wgrad_usable(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a_q, b_q))
 
 
-def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: int, block_n: int = BLOCK,
-                     stages: int = 4, group_n: int = 8) -> torch.Tensor:
+def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: int, stages: int = 4,
+                     group_n: int = 8) -> torch.Tensor:
     """The FP8 weight gradient [E, N, K] from `wgrad_usable` K-major operands (a_q [N, P], b_q
     [K, P], block j of the groups in columns [j*Q, (j+1)*Q); scales a_s [ceil(rows/Q) + E, N],
     b_s [.., K] with unit inner stride): out[e][n, k] = Σ over group e's blocks j of
     a_s[j, n] · b_s[j, k] · Σ_r a_q[n, j*Q + r] · b_q[k, j*Q + r], each block's product in fp32.
-    sizes int32 [E] on the device; a loader warp and `block_n // 64` consumer warpgroups over
-    `WS_TILES`' tiles; an empty group's gradient is written as zeros."""
-    if (block_n, BLOCK) not in WS_TILES:
-        raise ValueError(f"block_n: expected one of {tuple(m for m, _ in WS_TILES)}, got {block_n}")
+    sizes int32 [E] on the device; a loader warp and two 64-row consumer warpgroups over 128 x 128
+    tiles; an empty group's gradient is written as zeros."""
     N, P = a_q.shape
     K = b_q.shape[0]
     E = sizes.numel()
@@ -535,14 +518,14 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
     b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl.float8e4nv)
     a_desc = TensorDescriptor(a_q, [N, P], [a_q.stride(0), 1], [64, BLOCK], a_layout)
     b_desc = TensorDescriptor(b_q, [K, P], [b_q.stride(0), 1], [BLOCK, BLOCK], b_layout)
-    num_n_tiles, num_k_tiles = triton.cdiv(N, block_n), triton.cdiv(K, BLOCK)
+    num_n_tiles, num_k_tiles = triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)
     num_tiles = E * num_n_tiles * num_k_tiles
     programs = max(1, min(num_programs, num_tiles))
     _gmm_fp8_wgrad_ws_kernel[(programs,)](
         a_desc, b_desc, a_s, b_s, out, table,
         N, K, num_tiles, num_n_tiles, num_k_tiles, programs,
         a_s.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
-        BLOCK_N=block_n, STAGES=stages, GROUP_N=group_n, CONSUMERS=block_n // 64, QB=BLOCK, num_warps=4,
-        maxnreg=WS_TILES[(block_n, BLOCK)],
+        BLOCK_N=BLOCK, STAGES=stages, GROUP_N=group_n, CONSUMERS=2, QB=BLOCK, num_warps=4,
+        maxnreg=WS_TILES[(BLOCK, BLOCK)],
     )
     return out
