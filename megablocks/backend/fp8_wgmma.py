@@ -198,6 +198,13 @@ if _gluon:
                     g += 1
 
     @gluon.jit
+    def _issue(a_bufs, b_bufs, ready, g, into, HALF: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+        s = g % STAGES
+        mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+        return warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)), into,
+                             use_acc=False, is_async=True)
+
+    @gluon.jit
     def _ws_consumer(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                      num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
@@ -241,31 +248,28 @@ if _gluon:
             if (flags & 1) != 0 and DEFER:
                 xs_rows = xs_ptr + offs_m.to(gl.int64) * stride_xsm
                 ws_tile = ws_ptr + group.to(gl.int64) * stride_wse + (n0 // QB) * stride_wsn
-                # Each step's scales are read two steps ahead of their use (a global load's latency
-                # is longer than a step's products): scale_prev for the step being promoted,
-                # scale_cur for the one in flight.
-                scale_prev = _scales(xs_rows, row_ok, ws_tile, 0, stride_xsk, stride_wsk)
-                scale_cur = _scales(xs_rows, row_ok, ws_tile, gl.minimum(1, k_steps - 1), stride_xsk, stride_wsk)
-                s = g % STAGES
-                mbarrier.wait(ready.index(s), (g // STAGES) & 1)
-                prev = warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)), zero,
-                                     use_acc=False, is_async=True)
-                for ks in range(1, k_steps):
-                    s = (g + ks) % STAGES
-                    mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
-                    cur = warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)),
-                                        zero, use_acc=False, is_async=True)
-                    scale_next = _scales(xs_rows, row_ok, ws_tile, gl.minimum(ks + 1, k_steps - 1), stride_xsk,
-                                         stride_wsk)
-                    done = warpgroup_mma_wait(num_outstanding=1, deps=(prev, ))
-                    mbarrier.arrive(empty.index((g + ks - 1) % STAGES), count=1)
-                    acc += done * scale_prev[:, None]
-                    prev = cur
-                    scale_prev = scale_cur
-                    scale_cur = scale_next
-                done = warpgroup_mma_wait(num_outstanding=0, deps=(prev, ))
-                mbarrier.arrive(empty.index((g + k_steps - 1) % STAGES), count=1)
-                acc += done * scale_prev[:, None]
+                # Steps in pairs: both issued, the first promoted while the second runs, nothing in
+                # flight across the loop's edge (no register copy of a running product).
+                ra = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
+                rb = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
+                for i in range(0, k_steps // 2):
+                    ks = 2 * i
+                    pa = _issue(a_bufs, b_bufs, ready, g + ks, ra, HALF, STAGES, CONSUMERS)
+                    pb = _issue(a_bufs, b_bufs, ready, g + ks + 1, rb, HALF, STAGES, CONSUMERS)
+                    scale = _scales(xs_rows, row_ok, ws_tile, ks, stride_xsk, stride_wsk)
+                    ra = warpgroup_mma_wait(num_outstanding=1, deps=(pa, ))
+                    mbarrier.arrive(empty.index((g + ks) % STAGES), count=1)
+                    acc += ra * scale[:, None]
+                    scale = _scales(xs_rows, row_ok, ws_tile, ks + 1, stride_xsk, stride_wsk)
+                    rb = warpgroup_mma_wait(num_outstanding=0, deps=(pb, ))
+                    mbarrier.arrive(empty.index((g + ks + 1) % STAGES), count=1)
+                    acc += rb * scale[:, None]
+                if k_steps % 2 == 1:
+                    pa = _issue(a_bufs, b_bufs, ready, g + k_steps - 1, ra, HALF, STAGES, CONSUMERS)
+                    scale = _scales(xs_rows, row_ok, ws_tile, k_steps - 1, stride_xsk, stride_wsk)
+                    ra = warpgroup_mma_wait(num_outstanding=0, deps=(pa, ))
+                    mbarrier.arrive(empty.index((g + k_steps - 1) % STAGES), count=1)
+                    acc += ra * scale[:, None]
                 g += k_steps
             offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols_layout)  # after the loop: no registers held across it
             out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
