@@ -215,19 +215,24 @@ def _e4m3_bits(r):
 
 
 # w_ENK (any float dtype, last dim contiguous) -> q_ENK e4m3, s [E, NB, KB] fp32. Program
-# (nb, kb, e) quantizes block (nb, kb) of expert e: Q x Q values, one scale. With TRANSPOSED the
-# values are also stored the other way, into t_EKN, and both stores write the bytes that
-# `_e4m3_bits` assembles into uint8 views: Triton 3.6 on the H200 stored wrong values whenever
-# the e4m3 cast's results fed a tile of another layout (benchmarks/RESULTS.md, "FP8 on the H200").
-# With PACKED (N a multiple of 4) the bytes of four consecutive rows are packed into one int32
-# word and the word tile is transposed and stored into t's int32 view ([E, K, N / 4]); else the
-# int32 byte tile is transposed and stored byte by byte (1.7x the time on mixtral's weights).
+# (nb, kb, e) quantizes block (nb, kb) of expert e: Q x Q values, one scale. Every store writes
+# bytes into uint8 views. With CAST (CUDA) the bytes are the hardware's round-to-nearest-even cast
+# (NaN written as 0x7F with its sign, as the integer form writes it); without (the interpreter,
+# whose cast does not round e4m3's subnormals as the GPU does) `_round_e4m3` and `_e4m3_bits`
+# assemble them by integer arithmetic. With TRANSPOSED the values are also stored the other way,
+# into t_EKN, from the row-major bytes read back after the block's own store (a barrier between):
+# Triton 3.6 on the H200 stored wrong values whenever the e4m3 cast's results fed a tile of
+# another layout, even through a uint8 bitcast (benchmarks/RESULTS.md, "FP8 on the H200" and
+# "The weight quantizer with the hardware's e4m3 cast"), while bytes read from memory transpose
+# correctly. With PACKED (N a multiple of 4) the bytes of four consecutive rows are packed into
+# one int32 word and the word tile is transposed and stored into t's int32 view ([E, K, N / 4]);
+# else the int32 byte tile is transposed and stored byte by byte (1.7x the time on mixtral's weights).
 @triton.jit
 def _quantize_blocks_kernel(
     w_ptr, q_ptr, s_ptr, t_ptr,
     N, K,
     stride_we, stride_wn, stride_qe, stride_qn, stride_se, stride_sn, stride_te, stride_tk,
-    QB: tl.constexpr, TRANSPOSED: tl.constexpr, PACKED: tl.constexpr,
+    QB: tl.constexpr, TRANSPOSED: tl.constexpr, PACKED: tl.constexpr, CAST: tl.constexpr,
 ):
     e = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * QB + tl.arange(0, QB)
@@ -237,11 +242,18 @@ def _quantize_blocks_kernel(
     w = w.to(tl.float32)
     scale, inv = _pow2_scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0))
     scale = tl.where(tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0, float("nan"), scale)
-    q = _round_e4m3(w * inv)  # e4m3 values, exact in fp32
+    r = w * inv  # within +-448 but for NaN and inf (the block's scale NaN)
+    if CAST:
+        b = r.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+        b = tl.where(r != r, 0x7F | ((r.to(tl.int32, bitcast=True) >> 24) & 0x80), b)
+    else:
+        b = _e4m3_bits(_round_e4m3(r))
     q_ptrs = q_ptr + e * stride_qe + rows[:, None].to(tl.int64) * stride_qn + cols[None, :]
+    tl.store(q_ptrs, b.to(tl.uint8), mask=mask)
     if TRANSPOSED:
-        b = _e4m3_bits(q)
-        tl.store(q_ptrs, b.to(tl.uint8), mask=mask)
+        if CAST:  # the block's bytes as stored (every thread's stores done, read past L1)
+            tl.debug_barrier()
+            b = tl.load(q_ptrs, mask=mask, other=0, cache_modifier=".cg").to(tl.int32)
         if PACKED:  # little-endian: row 4i + j is byte j of word i
             shifts = tl.arange(0, 4) * 8
             words = tl.sum(tl.reshape(b, (QB // 4, 4, QB)) << shifts[None, :, None], axis=1)
@@ -251,8 +263,6 @@ def _quantize_blocks_kernel(
         else:
             tl.store(t_ptr + e * stride_te + cols[:, None].to(tl.int64) * stride_tk + rows[None, :],
                      tl.trans(b).to(tl.uint8), mask=(cols < K)[:, None] & (rows < N)[None, :])
-    else:
-        tl.store(q_ptrs, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
 
 
@@ -695,14 +705,15 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, out: Optional
         t = torch.empty((E, K, N), dtype=FP8_DTYPE, device=w_ENK.device) if transposed else q
     packed = transposed and N % 4 == 0 and t.stride(1) % 4 == 0 and t.storage_offset() % 4 == 0
     if w_ENK.numel():
-        # With `transposed` both stores take integer bytes (uint8 views; t's as int32 words when packed).
-        q_out = q.view(torch.uint8) if transposed else q
-        t_out = t.view(torch.int32) if packed else t.view(torch.uint8) if transposed else q
+        # Every store takes integer bytes (uint8 views; t's as int32 words when packed).
+        q_out = q.view(torch.uint8)
+        t_out = t.view(torch.int32) if packed else t.view(torch.uint8)
         _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
             w_ENK, q_out, s, t_out, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
             s.stride(1), t_out.stride(0), t_out.stride(1), QB=Q, TRANSPOSED=transposed, PACKED=packed,
-            # 8 warps, 16 with the transposed copy: mixtral's weight 0.489 / 0.869 ms, against
-            # 0.578 / 1.194 with 4 warps and 0.501 / 0.902 with the other (H200).
+            CAST=w_ENK.device.type == "cuda" and not interpreted(w_ENK),
+            # 8 warps, 16 with the transposed copy: mixtral's weight 0.489 / 0.869 ms (integer
+            # bytes), against 0.578 / 1.194 with 4 warps and 0.501 / 0.902 with the other (H200).
             num_warps=16 if transposed else 8,
         )
     return (q, s, t) if transposed else (q, s)
@@ -803,9 +814,9 @@ _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stage
                         "warp_specialize", "swap_ab", "wgmma")
 
 
-# How much faster the 192 x 128 Gluon form runs than the Triton kernel's 128 x 128 tiles on full
-# tiles (1.05-1.19x measured; above): the launch takes it while the rows it pads to per expert
-# exceed the 128-row tiles' by no more than this.
+# How much the Gluon form's 192 x 128 tiles may pad the rows per expert past 128-row tiles' and
+# still be taken over them (on full tiles 192 rows measured 1.05-1.19x faster than the Triton
+# kernel's 128 x 128 and within a few per cent of the Gluon form's 128 x 128).
 _GLUON_TILE_GAIN = 1.15
 
 
@@ -823,15 +834,18 @@ def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True,
         cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
     elif decode and M <= FP8_DECODE_CONFIGS[-1][0] * E:
         cfg.update(next(launch for rows, launch in FP8_DECODE_CONFIGS if M <= rows * E))
-    elif gluon and fp8_wgmma.available() and _rows_padded(M / E, 192) <= _GLUON_TILE_GAIN * _rows_padded(M / E, 128):
-        # Hopper, where Gluon is: the warp-specialized Gluon form over 192 x 128 tiles (a loader
-        # warp, three 64-row consumer warpgroups, 4 stages), 4-16% faster than the Triton kernel
-        # below on mixtral's, olmoe's and qwen3moe's six products (mixtral's 2.449 / 2.353 ms ->
-        # 2.162 / 2.009; benchmarks/RESULTS.md, "`fused_moe` on FP8 experts"), where the rows per
-        # expert fill 192-row tiles about as well as 128-row ones (qwen3moe's prefill, 256 rows
-        # per expert: 384 rows of 192-row tiles against 256, measured 8% slower). `gmm_fp8` takes
-        # the Triton kernel's launch where the operands do not allow this form.
-        cfg.update(block_m=192, block_n=128, block_k=128, num_warps=4, num_stages=4, tma=True, persistent=True,
+    elif gluon and fp8_wgmma.available():
+        # Hopper, where Gluon is: the warp-specialized Gluon form (a loader warp, 64-row consumer
+        # warpgroups, 4 stages), 4-16% faster than the Triton kernel below on mixtral's, olmoe's
+        # and qwen3moe's six products (mixtral's 2.449 / 2.353 ms -> 2.162 / 2.009;
+        # benchmarks/RESULTS.md, "`fused_moe` on FP8 experts"): over 192 x 128 tiles (three
+        # consumers) where the rows per expert fill them about as well as 128-row ones, else over
+        # 128 x 128 (two consumers, steps in pairs; within a few per cent of the 192-row form
+        # where both fill their tiles, "The paired two-consumer form"). qwen3moe's prefill, 256
+        # rows per expert: 384 rows of 192-row tiles against 256, measured 8% slower. `gmm_fp8`
+        # takes the Triton kernel's launch where the operands do not allow this form.
+        block_m = 192 if _rows_padded(M / E, 192) <= _GLUON_TILE_GAIN * _rows_padded(M / E, 128) else 128
+        cfg.update(block_m=block_m, block_n=128, block_k=128, num_warps=4, num_stages=4, tma=True, persistent=True,
                    warp_specialize=True, wgmma=True)
     else:
         # The Triton kernel: 128 x 128 output tiles and 128-deep K steps (one scale step each),
@@ -854,7 +868,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab', 'wgmma'})
     overrides the launch, for tuning and tests (keys left out take `gmm_fp8_launch`'s defaults,
     those for many rows per expert unless `config` names `swap_ab`, the Triton kernel's unless it
-    names `wgmma`; without a config, past the decode sizes, the 192 x 128 Gluon form where it applies):
+    names `wgmma`; without a config, past the decode sizes, the warp-specialized Gluon form where it applies):
     `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
     per SM that loops over tiles, `copy_n_major` (default True) copies a weight whose K stride is
     not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product,

@@ -12,8 +12,10 @@ built on the device by `_row_tiles_kernel` (no host sync).
 
 The warp-specialized forms (`warp_specialize`) move the loads to a one-warp partition and split
 each output tile among 64-row consumer warpgroups, each with its own chain: two over 128 x 128
-tiles, three over 192 x 128 (the fastest measured: 4-16% under the Triton kernel on
-mixtral's, olmoe's and qwen3moe's products; benchmarks/RESULTS.md).
+tiles (steps in pairs: both products issued, the first promoted while the second runs, nothing in
+flight across the loop's edge), three over 192 x 128 (one product at a time each). The two
+measure within a few per cent of each other on mixtral's, olmoe's and qwen3moe's products, 4-16%
+under the Triton kernel (benchmarks/RESULTS.md); 128-row tiles pad fewer rows per expert.
 
 Available where Triton ships Gluon's Hopper language (`available()`); `gmm_fp8(config={'wgmma': True})`
 takes this form on sm_90 when the operands allow TMA, else its Triton kernel.
@@ -159,8 +161,8 @@ if _gluon:
     # The warp-specialized form: a one-warp partition issues every TMA load into a ring of STAGES
     # buffers (`ready` barriers count the bytes in, `empty` barriers the two consumers' releases);
     # two consumer warpgroups each take 64 rows of the 128 x 128 output tile and run their own
-    # chain (step k issued, step k-1 waited for, its buffers released, its result promoted), so
-    # that one group's promotion runs beside the other's products and neither waits on a load it
+    # chain (steps k and k+1 issued, step k waited for, its buffers released, its result promoted
+    # while step k+1's product runs, then step k+1's), so that one group's promotion runs beside the other's products and neither waits on a load it
     # did not issue. Registers: 4 + 4 + 1 warps (three warpgroups) under `maxnreg` 168 give the
     # loader 24 and each consumer 240 (two 64-register products in flight and the accumulator).
 
@@ -209,8 +211,10 @@ if _gluon:
                      num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
                      STAGES: gl.constexpr, GROUP_M: gl.constexpr, DEFER: gl.constexpr, CONSUMERS: gl.constexpr):
-        """Rows [HALF * 64, HALF * 64 + 64) of each of this program's tiles. DEFER: step k-1 is
-        promoted while step k's products run (two products in flight); else each step's products
+        """Rows [HALF * 64, HALF * 64 + 64) of each of this program's tiles. DEFER: steps in pairs,
+        the first promoted while the second's product runs (two products in flight, neither carried
+        across the loop's edge: ptxas serializes a product whose registers are copied while it
+        runs, "wgmma serialized ... accumulator registers", C7514); else each step's products
         are waited for at once (one product's registers: three consumers fit)."""
         ROWS: gl.constexpr = 64
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],

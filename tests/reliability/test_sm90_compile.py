@@ -177,12 +177,12 @@ for dtype in (torch.bfloat16, torch.float32):
               dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8, USE_TMA=False,
                    W_K_MAJOR=True, WARP_SPECIALIZE=False, SWAP_AB=True), 4, 4,
               types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
-    # Alone, and with the transposed copy (integer bytes; four to an int32 word, or one by one).
+    # Alone, and with the transposed copy (four bytes to an int32 word, or one by one); the
+    # hardware's cast, as CUDA runs it.
     for transposed, packed in ((False, False), (True, True), (True, False)):
         check(f"fp8 quantize_blocks from {dtype} transposed={transposed} packed={packed}", F8._quantize_blocks_kernel,
-              ELEMENT[dtype], dict(QB=F8.Q, TRANSPOSED=transposed, PACKED=packed), 16 if transposed else 8, 3,
-              types={"q_ptr": "*u8" if transposed else "*fp8e4nv", "s_ptr": "*fp32",
-                     "t_ptr": "*i32" if packed else "*u8"})
+              ELEMENT[dtype], dict(QB=F8.Q, TRANSPOSED=transposed, PACKED=packed, CAST=True), 16 if transposed else 8,
+              3, types={"q_ptr": "*u8", "s_ptr": "*fp32", "t_ptr": "*i32" if packed else "*u8"})
     check(f"fp8 quantize_cols_grouped from {dtype}", F8._quantize_cols_grouped_kernel, ELEMENT[dtype],
           dict(QB=F8.Q, BLOCK_K=64, BLOCK_E=128), 4, 3, types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
     check(f"fp8 weight gradient into {dtype}", F8._gmm_fp8_wgrad_kernel, ELEMENT[dtype],
