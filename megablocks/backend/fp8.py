@@ -356,67 +356,6 @@ def _gmm_fp8_kernel(
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
 
 
-# The up projection's product and the GLU after it, quantized, in one kernel for few rows per
-# expert (decode): w_ptr is [E, 2F, K] (the gate's F rows, then the up half's), program (i, j) row
-# tile i (`_row_tile`, BLOCK_M rows) and the j-th Q columns of F. Both halves' tiles are computed
-# transposed as `_gmm_fp8_kernel`'s SWAP_AB form does (the same steps, scales and order), rounded to
-# H_DTYPE as its output would be, then the GLU as `_glu_quantize_rows_kernel` makes it (rounded to
-# H_DTYPE) is quantized in 1 x Q tiles into q_MF, s_MFB: equal to those two kernels bit for bit
-# without writing or reading the [M, 2F] product. Leftover rows past the groups' total are
-# quantized zeros, as the product writes them.
-@triton.jit
-def _gmm_fp8_glu_swap_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, q_ptr, s_ptr, sizes_ptr,
-    M, F, K, E,
-    stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
-    stride_qm, stride_sm,
-    ACTIVATION: tl.constexpr, H_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
-    e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
-    rows_total = tl.max(ends, 0)
-    real_m_tiles = tl.sum(tiles, 0)
-    tile_m = tl.program_id(0)
-    if tile_m < real_m_tiles + tl.cdiv(M - rows_total, BLOCK_M):
-        group, row0, row_end, real = _row_tile(tile_m, e, starts, ends, tile_starts, tiles, real_m_tiles,
-                                               rows_total, M, BLOCK_M)
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * QB + tl.arange(0, QB)
-        offs_k = tl.arange(0, QB)
-        row_ok = offs_m < row_end
-        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        xs_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xsm
-        w1_ptrs = (w_ptr + group.to(tl.int64) * stride_we + cols[:, None].to(tl.int64) * stride_wn
-                   + offs_k[None, :].to(tl.int64) * stride_wk)
-        w2_ptrs = w1_ptrs + F.to(tl.int64) * stride_wn
-        ws1_ptr = ws_ptr + group.to(tl.int64) * stride_wse + tl.program_id(1) * stride_wsn
-        ws2_ptr = ws1_ptr + (F // QB) * stride_wsn
-        acc1_t = tl.zeros((QB, BLOCK_M), dtype=tl.float32)
-        acc2_t = tl.zeros((QB, BLOCK_M), dtype=tl.float32)
-        for k in range(0, K, QB):
-            k_ok = offs_k < K - k
-            a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
-            b1_t = tl.load(w1_ptrs, mask=k_ok[None, :], other=0.0)
-            part1_t = tl.dot(b1_t, tl.trans(a), out_dtype=tl.float32)
-            acc1_t += part1_t * (sa[None, :] * tl.load(ws1_ptr + (k // QB) * stride_wsk))
-            b2_t = tl.load(w2_ptrs, mask=k_ok[None, :], other=0.0)
-            part2_t = tl.dot(b2_t, tl.trans(a), out_dtype=tl.float32)
-            acc2_t += part2_t * (sa[None, :] * tl.load(ws2_ptr + (k // QB) * stride_wsk))
-            x_ptrs += QB
-            w1_ptrs += QB * stride_wk
-            w2_ptrs += QB * stride_wk
-        h1 = tl.trans(tl.where(real, acc1_t, 0.0).to(H_DTYPE)).to(tl.float32)
-        h2 = tl.trans(tl.where(real, acc2_t, 0.0).to(H_DTYPE)).to(tl.float32)
-        act, _ = _act(h1, ACTIVATION)
-        up, _ = _up(h2, ACTIVATION)
-        mask = row_ok[:, None] & (cols < F)[None, :]
-        q, scale = _row_tiles(tl.where(mask, (act * up).to(H_DTYPE).to(tl.float32), 0.0))
-        tl.store(q_ptr + offs_m[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
-                 mask=mask)
-        tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + tl.program_id(1), scale, mask=row_ok)
-
-
 # x_MK -> q_MK e4m3, s_SK fp32 (S = ceil(M/Q) + E): 128 x 1 tiles down the columns, each group's
 # rows in blocks of Q from the group's first row (block b of the whole is block b - tile_start[e]
 # of its group e). Program (b, j) quantizes block b in columns [j*BLOCK_K, (j+1)*BLOCK_K);
@@ -1004,49 +943,6 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
-
-
-# Triton's element types of the products' output dtypes (the GLU kernel rounds its halves to them).
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
-
-
-def gmm_fp8_glu_quantize_rows(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor,
-                              batch_sizes: torch.Tensor, activation: str,
-                              out_dtype: torch.dtype = torch.bfloat16) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The GLU experts' up projection and gated activation, quantized for the down product:
-    `glu_quantize_rows(h[:, :F], h[:, F:], activation)` of `h = gmm_fp8(x_q, x_s, w_q, w_s,
-    batch_sizes, out_dtype)`, w_q `[E, 2F, K]` (the gate's F rows, then the up half's) ->
-    (q [M, F] e4m3, s [M, ceil(F/Q)] fp32). With few rows per expert (the decode launches of
-    `gmm_fp8`, at most 32 rows per expert on average) and F a multiple of Q it is one kernel that
-    never writes h (`_gmm_fp8_glu_swap_kernel`: equal to the two calls bit for bit on the GPU);
-    elsewhere it is those two calls."""
-    check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype)
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    M, K = x_q.shape
-    E, two_f, _ = w_q.shape
-    if two_f % 2:
-        raise ValueError(f"w_q: expected [E, 2F, K] (the gate's rows, then the up half's), got {tuple(w_q.shape)}")
-    F = two_f // 2
-    on_gpu = x_q.device.type == "cuda"
-    launch = gmm_fp8_launch(M, E) if on_gpu else None
-    fused = (on_gpu and launch["swap_ab"] or interpreted(x_q) and M <= 32 * E) and F % Q == 0 and M and K and F
-    if not fused:
-        h = gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=out_dtype)
-        return glu_quantize_rows(h[:, :F], h[:, F:], activation)
-    q = torch.empty((M, F), dtype=FP8_DTYPE, device=x_q.device)
-    s = torch.empty((M, F // Q), dtype=torch.float32, device=x_q.device)
-    block_m = launch["block_m"] if on_gpu else 16
-    sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
-    _gmm_fp8_glu_swap_kernel[(cdiv(M, block_m) + E, F // Q)](
-        x_q, x_s, w_q, w_s, q, s, sizes, M, F, K, E,
-        x_q.stride(0), x_s.stride(0), x_s.stride(1), w_q.stride(0), w_q.stride(1), w_q.stride(2), w_s.stride(0),
-        w_s.stride(1), w_s.stride(2), q.stride(0), s.stride(0),
-        ACTIVATION=activation, H_DTYPE=_TL_DTYPES[out_dtype], BLOCK_M=block_m, QB=Q,
-        BLOCK_E=max(2, next_power_of_2(E)), num_warps=launch["num_warps"] if on_gpu else 4,
-        num_stages=launch["num_stages"] if on_gpu else 1,
-    )
-    return q, s
 
 
 def _check_sizes(batch_sizes: torch.Tensor, device) -> torch.Tensor:

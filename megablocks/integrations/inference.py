@@ -421,13 +421,14 @@ def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK,
     the e4m3 bytes move, not the rows'), FP8 grouped GEMM, the GLU quantized as it is made, FP8
     grouped GEMM, weighted scatter."""
     tokens_per_expert, maps = routing
+    f = w1.shape[1] // 2
     dtype = hidden_states.dtype
     x_q, x_s = fp8.gather_quantize_rows(hidden_states, maps.assignment_row, maps.top_k)
+    h_N2F = fp8.gmm_fp8(x_q, x_s, w1, w1_scale, tokens_per_expert, out_dtype=dtype)
     # The GLU quantized as it is made, from the two halves in place (a copy to contiguous halves,
     # the GLU's write and the quantizer's read of it were 0.93 of 4.87 ms of mixtral's T = 4096
-    # forward; H200, bench_fp8.py --serving-breakdown); at decode sizes in the up product's own
-    # kernel, the product never written.
-    a_q, a_s = fp8.gmm_fp8_glu_quantize_rows(x_q, x_s, w1, w1_scale, tokens_per_expert, activation, out_dtype=dtype)
+    # forward; H200, bench_fp8.py --serving-breakdown).
+    a_q, a_s = fp8.glu_quantize_rows(h_N2F[:, :f], h_N2F[:, f:], activation)
     y_NH = fp8.gmm_fp8(a_q, a_s, w2, w2_scale, tokens_per_expert, out_dtype=dtype)
     return scatter_routed(y_NH, maps, weights_TK.reshape(-1).float())
 

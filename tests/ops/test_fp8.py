@@ -363,67 +363,6 @@ def _definition(x_q, x_s, w_q, w_s, sizes, trans_b):
     return ref
 
 
-# (group sizes, K, F, rows past the groups): uneven and empty groups, K not a multiple of Q, one
-# and two column blocks of F; the last two take the two-call form (F not a multiple of Q; more
-# rows per expert than the decode launches).
-GLU_CASES = {
-    "decode": ([5, 0, 17, 3], 200, 256, 3),
-    "one_row_each": ([1] * 6, 128, 128, 0),
-    "f_not_multiple": ([4, 2, 0], 64, 160, 1),
-    "many_rows": ([70, 0, 90], 64, 128, 2),
-}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", ["silu", "gelu", "relu", "clamped_swiglu"])
-@pytest.mark.parametrize("case", list(GLU_CASES))
-def test_gmm_fp8_glu_quantize_rows(case, activation, dtype):
-    """The up product and the GLU quantized in one kernel (decode sizes) equal the two calls it
-    replaces bit for bit: `gmm_fp8` over the same steps (the decode launch's swap_ab tiles) then
-    `glu_quantize_rows` of its halves, rows past the groups' total included; and its dequantized
-    values are the GLU of the float64 product within FP8's error."""
-    from megablocks.ops.activation import glu
-
-    sizes, K, F, extra = GLU_CASES[case]
-    x, w, batch_sizes = _operands(sizes, K, 2 * F, extra_rows=extra, seed=len(sizes) + K + F)
-    x_q, x_s = fp8.quantize_rows(x)
-    w_q, w_s = fp8.quantize_blocks(w)
-    M, E = x.shape[0], len(sizes)
-    q, s = fp8.gmm_fp8_glu_quantize_rows(x_q, x_s, w_q, w_s, batch_sizes, activation, out_dtype=dtype)
-    assert q.dtype == fp8.FP8_DTYPE and q.shape == (M, F) and s.shape == (M, -(-F // Q))
-    config = None
-    if F % Q == 0 and M <= 32 * E:  # the one-kernel form: the same steps as the decode launch's
-        launch = fp8_backend.gmm_fp8_launch(M, E, decode=True) if DEVICE == "cuda" else {}
-        config = dict(block_m=launch.get("block_m", 16), block_n=Q, block_k=Q, num_warps=launch.get("num_warps", 4),
-                      num_stages=launch.get("num_stages", 1), tma=False, persistent=False, swap_ab=True)
-    h = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=dtype, config=config)
-    ref_q, ref_s = fp8.glu_quantize_rows(h[:, :F], h[:, F:], activation)
-    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), case
-    assert torch.equal(s, ref_s), case
-    assert not fp8.dequantize_rows(q, s)[sum(sizes):].any(), "rows past the groups' total are zeros"
-    # Against the GLU of the float64 product: e4m3's half unit (2^-4 relative, 2^-10 of the tile's
-    # scale below its normal range), plus a little for the product's fp32 sums and rounding to dtype.
-    want = glu(*_definition(x_q, x_s, w_q, w_s, sizes, True).to(dtype).to(DEVICE).split(F, dim=1), activation).float()
-    err = (fp8.dequantize_rows(q, s) - want).abs()
-    bound = want.abs() * (2.0**-4 + 2.0**-7) + s.repeat_interleave(Q, dim=1)[:, :F] * 2.0**-9
-    assert (err <= bound).all(), (case, (err - bound).max().item())
-
-
-def test_gmm_fp8_glu_quantize_rows_validates():
-    x_q, x_s = fp8.quantize_rows(torch.randn(8, 128, device=DEVICE))
-    w_q, w_s = fp8.quantize_blocks(torch.randn(2, 256, 128, device=DEVICE))
-    sizes = torch.tensor([5, 3], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="activation: expected one of"):
-        fp8.gmm_fp8_glu_quantize_rows(x_q, x_s, w_q, w_s, sizes, "swish")
-    odd_q, odd_s = fp8.quantize_blocks(torch.randn(2, 255, 128, device=DEVICE))
-    with pytest.raises(ValueError, match=r"w_q: expected \[E, 2F, K\]"):
-        fp8.gmm_fp8_glu_quantize_rows(x_q, x_s, odd_q, odd_s, sizes, "silu")
-    with pytest.raises(TypeError, match="out_dtype"):
-        fp8.gmm_fp8_glu_quantize_rows(x_q, x_s, w_q, w_s, sizes, "silu", out_dtype=torch.int32)
-    with pytest.raises((ValueError, TypeError)):
-        fp8.gmm_fp8_glu_quantize_rows(x_q, x_s[:4], w_q, w_s, sizes, "silu")
-
-
 @pytest.mark.parametrize("case", list(GMM_CASES))
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])

@@ -177,11 +177,6 @@ for dtype in (torch.bfloat16, torch.float32):
               dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8, USE_TMA=False,
                    W_K_MAJOR=True, WARP_SPECIALIZE=False, SWAP_AB=True), 4, 4,
               types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
-    # The up product and its GLU quantized in one kernel (decode), over 16- and 32-row tiles.
-    for block_m in (16, 32):
-        check(f"fp8 gmm glu quantize from {dtype} block_m={block_m}", F8._gmm_fp8_glu_swap_kernel, "*fp32",
-              dict(ACTIVATION="silu", H_DTYPE=F8._TL_DTYPES[dtype], BLOCK_M=block_m, QB=F8.Q, BLOCK_E=128), 4, 4,
-              types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "q_ptr": "*fp8e4nv"})
     # Alone, and with the transposed copy (four bytes to an int32 word, or one by one); the
     # hardware's cast, as CUDA runs it.
     for transposed, packed in ((False, False), (True, True), (True, False)):
