@@ -381,6 +381,13 @@ if _gluon:
                 g += 1
 
     @gluon.jit
+    def _wg_issue(a_bufs, b_bufs, ready, g, into, HALF: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+        s = g % STAGES
+        mbarrier.wait(ready.index(s), (g // STAGES) & 1)
+        return warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)), into,
+                             use_acc=False, is_async=True)
+
+    @gluon.jit
     def _wg_consumer(a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                      num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
@@ -392,26 +399,46 @@ if _gluon:
                                                              instr_shape=[16, QB, 32])
         rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
         cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        flat_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         g = 0
         for tile in range(gl.program_id(0), num_tiles, num_programs):
             e, n0, k0, blk0, nblocks = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N, QB)
             offs_n = n0 + HALF * ROWS + gl.arange(0, ROWS, layout=rows_layout)
             n_ok = offs_n < N
             acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
-            done = gl.zeros((ROWS, QB), gl.float32, mma_layout)
-            for j in range(nblocks):
-                s = g % STAGES
-                mbarrier.wait(ready.index(s), (g // STAGES) & 1)
-                cur = warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)), done,
-                                    use_acc=False, is_async=True)
+            ra = gl.zeros((ROWS, QB), gl.float32, mma_layout)
+            rb = gl.zeros((ROWS, QB), gl.float32, mma_layout)
+            # The column scales read one per thread (a plain layout: one address each), then moved
+            # to the product's column layout.
+            offs_k = k0 + gl.arange(0, QB, layout=flat_layout)
+            k_ok = offs_k < K
+            # Blocks in pairs: both products issued, the first promoted while the second runs,
+            # each block's scales read just before its promotion (one pair of scale vectors live).
+            for i in range(0, nblocks // 2):
+                j = 2 * i
+                pa = _wg_issue(a_bufs, b_bufs, ready, g + j, ra, HALF, STAGES, CONSUMERS)
+                pb = _wg_issue(a_bufs, b_bufs, ready, g + j + 1, rb, HALF, STAGES, CONSUMERS)
                 blk = (blk0 + j).to(gl.int64)
-                offs_k = k0 + gl.arange(0, QB, layout=cols_layout)
                 sa = gl.load(as_ptr + blk * stride_asb + offs_n, mask=n_ok, other=0.0)
-                sb = gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=offs_k < K, other=0.0)
-                done = warpgroup_mma_wait(num_outstanding=0, deps=(cur, ))
-                mbarrier.arrive(empty.index(s), count=1)
-                acc += done * (sa[:, None] * sb[None, :])
-                g += 1
+                sb = gl.convert_layout(gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=k_ok, other=0.0), cols_layout)
+                ra = warpgroup_mma_wait(num_outstanding=1, deps=(pa, ))
+                mbarrier.arrive(empty.index((g + j) % STAGES), count=1)
+                acc += (ra * sa[:, None]) * sb[None, :]
+                sa = gl.load(as_ptr + (blk + 1) * stride_asb + offs_n, mask=n_ok, other=0.0)
+                sb = gl.convert_layout(gl.load(bs_ptr + (blk + 1) * stride_bsb + offs_k, mask=k_ok, other=0.0),
+                                       cols_layout)
+                rb = warpgroup_mma_wait(num_outstanding=0, deps=(pb, ))
+                mbarrier.arrive(empty.index((g + j + 1) % STAGES), count=1)
+                acc += (rb * sa[:, None]) * sb[None, :]
+            if nblocks % 2 == 1:
+                pa = _wg_issue(a_bufs, b_bufs, ready, g + nblocks - 1, ra, HALF, STAGES, CONSUMERS)
+                blk = (blk0 + nblocks - 1).to(gl.int64)
+                sa = gl.load(as_ptr + blk * stride_asb + offs_n, mask=n_ok, other=0.0)
+                sb = gl.convert_layout(gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=k_ok, other=0.0), cols_layout)
+                ra = warpgroup_mma_wait(num_outstanding=0, deps=(pa, ))
+                mbarrier.arrive(empty.index((g + nblocks - 1) % STAGES), count=1)
+                acc += (ra * sa[:, None]) * sb[None, :]
+            g += nblocks
             offs_k = k0 + gl.arange(0, QB, layout=cols_layout)
             out_ptrs = out_ptr + e.to(gl.int64) * stride_oe + offs_n[:, None].to(gl.int64) * stride_on + offs_k[None, :]
             gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (offs_k < K)[None, :])
