@@ -201,6 +201,8 @@ if _gluon:
 
     @gluon.jit
     def _issue(a_bufs, b_bufs, ready, g, into, HALF: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+        """A consumer's product of its stage-ring step g (its 64 rows), issued asynchronously into
+        `into`'s registers (not read: use_acc=False) once the step's loads landed."""
         s = g % STAGES
         mbarrier.wait(ready.index(s), (g // STAGES) & 1)
         return warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)), into,
@@ -381,19 +383,14 @@ if _gluon:
                 g += 1
 
     @gluon.jit
-    def _wg_issue(a_bufs, b_bufs, ready, g, into, HALF: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
-        s = g % STAGES
-        mbarrier.wait(ready.index(s), (g // STAGES) & 1)
-        return warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)), into,
-                             use_acc=False, is_async=True)
-
-    @gluon.jit
     def _wg_consumer(a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                      num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
                      CONSUMERS: gl.constexpr, QB: gl.constexpr):
-        """Rows [HALF * 64, HALF * 64 + 64) of a of each of this program's tiles; each step's
-        product waited for at once, its scales read while it runs."""
+        """Rows [HALF * 64, HALF * 64 + 64) of a of each of this program's tiles, the expert's
+        blocks in pairs as `_ws_consumer` runs its steps (8-10% faster than one product at a time
+        on the H200). The column scales (32 a thread in the product's layout) are read one a thread
+        and moved to that layout: read in it, their 32 addresses a thread spilled the registers."""
         ROWS: gl.constexpr = 64
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, QB, 32])
@@ -416,8 +413,8 @@ if _gluon:
             # each block's scales read just before its promotion (one pair of scale vectors live).
             for i in range(0, nblocks // 2):
                 j = 2 * i
-                pa = _wg_issue(a_bufs, b_bufs, ready, g + j, ra, HALF, STAGES, CONSUMERS)
-                pb = _wg_issue(a_bufs, b_bufs, ready, g + j + 1, rb, HALF, STAGES, CONSUMERS)
+                pa = _issue(a_bufs, b_bufs, ready, g + j, ra, HALF, STAGES, CONSUMERS)
+                pb = _issue(a_bufs, b_bufs, ready, g + j + 1, rb, HALF, STAGES, CONSUMERS)
                 blk = (blk0 + j).to(gl.int64)
                 sa = gl.load(as_ptr + blk * stride_asb + offs_n, mask=n_ok, other=0.0)
                 sb = gl.convert_layout(gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=k_ok, other=0.0), cols_layout)
@@ -431,7 +428,7 @@ if _gluon:
                 mbarrier.arrive(empty.index((g + j + 1) % STAGES), count=1)
                 acc += (rb * sa[:, None]) * sb[None, :]
             if nblocks % 2 == 1:
-                pa = _wg_issue(a_bufs, b_bufs, ready, g + nblocks - 1, ra, HALF, STAGES, CONSUMERS)
+                pa = _issue(a_bufs, b_bufs, ready, g + nblocks - 1, ra, HALF, STAGES, CONSUMERS)
                 blk = (blk0 + nblocks - 1).to(gl.int64)
                 sa = gl.load(as_ptr + blk * stride_asb + offs_n, mask=n_ok, other=0.0)
                 sb = gl.convert_layout(gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=k_ok, other=0.0), cols_layout)

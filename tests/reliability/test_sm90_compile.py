@@ -213,6 +213,16 @@ if FW.available():
                        CONSUMERS=block_m // 64), 4, stages,
                   types={"x_desc": x_desc, "w_desc": DESC, "xs_ptr": "*fp32", "ws_ptr": "*fp32", "table_ptr": "*i32"},
                   source=GluonASTSource, options={"maxnreg": FW.WS_TILES[(block_m, block_n)]})
+    # The weight gradient's warp-specialized form (two consumers, blocks in pairs).
+    for dtype in (torch.bfloat16, torch.float32):
+        for stages in (2, 4):
+            a_desc = "tensordesc<fp8e4nv[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
+                                                                                             FW.gl.float8e4nv)
+            check(f"fp8 weight gradient wgmma warp-specialized into {dtype} stages={stages}",
+                  FW._gmm_fp8_wgrad_ws_kernel, ELEMENT[dtype],
+                  dict(BLOCK_N=128, STAGES=stages, GROUP_N=8, CONSUMERS=2, QB=F8.Q), 4, stages,
+                  types={"a_desc": a_desc, "b_desc": DESC, "as_ptr": "*fp32", "bs_ptr": "*fp32", "table_ptr": "*i32"},
+                  source=GluonASTSource, options={"maxnreg": FW.WS_TILES[(128, 128)]})
 # The multi-tensor AdamW: addresses read from a table and cast to typed pointers.
 from megablocks.backend import optim as O
 FLOATS = ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "neg_step_size", "bias_correction2_sqrt", "eps")
