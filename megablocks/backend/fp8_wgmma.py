@@ -162,9 +162,10 @@ if _gluon:
     # buffers (`ready` barriers count the bytes in, `empty` barriers the two consumers' releases);
     # two consumer warpgroups each take 64 rows of the 128 x 128 output tile and run their own
     # chain (steps k and k+1 issued, step k waited for, its buffers released, its result promoted
-    # while step k+1's product runs, then step k+1's), so that one group's promotion runs beside the other's products and neither waits on a load it
-    # did not issue. Registers: 4 + 4 + 1 warps (three warpgroups) under `maxnreg` 168 give the
-    # loader 24 and each consumer 240 (two 64-register products in flight and the accumulator).
+    # while step k+1's product runs, then step k+1's), so that one group's promotion runs beside
+    # the other's products and neither waits on a load it did not issue. Registers: 4 + 4 + 1
+    # warps (three warpgroups) under `maxnreg` 168 give the loader 24 and each consumer 240 (two
+    # 64-register products in flight and the accumulator).
 
     @gluon.jit
     def _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
