@@ -14,11 +14,6 @@ bandwidth measured in the same run. The target: FP8 >= 1.6x bf16 on the mixtral 
 `--serving` (default mixtral, qwen3moe) times `fused_moe` at decode (T = 64) and prefill (T = 4096)
 sizes on bf16 experts and on their FP8 block-quantized copy (targets: 1.7x and 1.4x).
 
-At decode sizes `fused_moe` runs FP8 experts weight-only (`inference.fp8_weight_only`: the e4m3
-weights dequantized inside the grouped GEMMs, the rows not quantized); `w8a8_graph_ms` is the same
-call with the rows quantized (that form off in its policy), in the same process.
-`--weight-only-tiles` times the weight-only form's two GEMMs with other launches (`WEIGHT_ONLY_TILES`).
-
 `--decode-variants` times the decode rows again with each of `sweep_fp8.VARIANTS` as the FP8
 decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIGS`), e.g. the `swap_ab` tiles.
 
@@ -56,8 +51,7 @@ import bench_dmoe  # noqa: E402
 
 from megablocks.backend import fp8 as fp8_backend  # noqa: E402
 from megablocks.backend import gmm as gb  # noqa: E402
-from megablocks.integrations.inference import fp8_weight_only, fused_moe  # noqa: E402
-from megablocks.policy import KernelPolicy  # noqa: E402
+from megablocks.integrations.inference import fused_moe  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
 
 
@@ -108,15 +102,9 @@ def bench(args):
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     serve_rows += decode_variant_rows(args.serving, args.decode_variants)
     if serve_rows:
-        print_table(serve_rows, ["config", "T", "decode_variant", "fp8_form", "bf16_ms", "fp8_ms", "speedup",
-                                 "bf16_graph_ms", "fp8_graph_ms", "speedup_graph", "w8a8_graph_ms",
-                                 "speedup_graph_w8a8", "fp8_weight_gbs", "copy_gbs", "rel_rms_vs_bf16",
-                                 "w8a8_rel_rms_vs_bf16"])
+        print_table(serve_rows, ["config", "T", "decode_variant", "bf16_ms", "fp8_ms", "speedup", "bf16_graph_ms",
+                                 "fp8_graph_ms", "speedup_graph", "fp8_weight_gbs", "copy_gbs", "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
-    tile_rows = weight_only_tile_rows(args.weight_only_tiles and args.serving, args.weight_only_tiles)
-    if tile_rows:
-        print_table(tile_rows, ["config", "tile", "gemms_graph_us", "weight_gbs"])
-        write_csv(os.path.join(args.out, "bench_fp8_weight_only_tiles.csv"), [{**r, **env} for r in tile_rows])
     kernel_rows = [row for name in args.serving_breakdown for T in (64, 4096) for row in serving_kernels(name, T)]
     if kernel_rows:
         print_table(kernel_rows, ["config", "T", "experts", "kernel", "us"])
@@ -262,62 +250,16 @@ def serving_row(name, T, device, shape=None):
     x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, device, dtype)
     bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
     f8 = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
-    # The rows always quantized (the weight-only decode form off), in the same process.
-    w8a8 = KernelPolicy(fp8_weight_only_max_rows_per_expert=0)
-    f8_rows = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=w8a8)  # noqa: E731
     nan = float("nan")
     ms_bf16, ms_fp8 = (timed(bf16)[0], timed(f8)[0]) if device == "cuda" else (nan, nan)
     graph_bf16, graph_fp8 = ((bench_dmoe.graph_time_ms(bf16, 100), bench_dmoe.graph_time_ms(f8, 100))
                              if device == "cuda" else (nan, nan))
-    weight_only = fp8_weight_only(x, k, E)
-    graph_rows = bench_dmoe.graph_time_ms(f8_rows, 100) if device == "cuda" and weight_only else graph_fp8
-    ref, out, out_rows = bf16().float(), f8().float(), f8_rows().float()
+    ref, out = bf16().float(), f8().float()
     hit = torch.topk(gating, k, dim=1).indices.unique().numel()  # experts whose weights are read
-    return dict(config=name, T=T, fp8_form="weight_only" if weight_only else "w8a8", bf16_ms=ms_bf16,
-                fp8_ms=ms_fp8, speedup=ms_bf16 / ms_fp8,
+    return dict(config=name, T=T, bf16_ms=ms_bf16, fp8_ms=ms_fp8, speedup=ms_bf16 / ms_fp8,
                 bf16_graph_ms=graph_bf16, fp8_graph_ms=graph_fp8, speedup_graph=graph_bf16 / graph_fp8,
-                w8a8_graph_ms=graph_rows, speedup_graph_w8a8=graph_bf16 / graph_rows,
                 fp8_weight_gbs=hit * 3 * H * F / ms_fp8 / 1e6,
-                rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(),
-                w8a8_rel_rms_vs_bf16=((out_rows - ref).norm() / ref.norm()).item())
-
-
-# Launches of the weight-only decode GEMMs (`triton_gmm(..., b_scale=)`) that
-# `weight_only_tile_rows` times: GmmConfig fields over the decode default.
-WEIGHT_ONLY_TILES = {
-    "16x128x128_w4_s4": {},
-    "16x64x128_w4_s4": dict(block_n=64),
-    "16x128x128_w4_s6": dict(num_stages=6),
-    "16x128x128_w4_s8": dict(num_stages=8),
-    "16x256x128_w4_s4": dict(block_n=256),
-    "16x128x128_w8_s4": dict(num_warps=8),
-    "16x128x64_w4_s8": dict(block_k=64, num_stages=8),
-}
-
-
-def weight_only_tile_rows(names, tiles):
-    """The weight-only decode form's two GEMMs at T = 64 (the GLU-epilogue up GEMM through the row
-    map, the down GEMM) replayed from a CUDA graph, with each launch of `tiles` for both; µs and
-    the e4m3 weight bytes read over that time."""
-    from megablocks.ops.routing import row_maps
-
-    rows = []
-    for name in names:
-        _, H, F, E, k = CONFIGS[name]
-        x, _, _, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, 64, "cuda", torch.bfloat16)
-        ids = torch.topk(gating, k, dim=1).indices
-        counts, maps = row_maps(ids, E)
-        hit = ids.unique().numel()
-        for tile in tiles:
-            cfg = WEIGHT_ONLY_TILES[tile]
-
-            def call():
-                a = gb.triton_gmm(x, q1, counts, trans_b=True, a_rows=maps.row_assignment, rows_top_k=k, glu="silu",
-                                  b_scale=s1, config=cfg)
-                return gb.triton_gmm(a, q2, counts, trans_b=True, b_scale=s2, config=cfg)
-            us = bench_dmoe.graph_time_ms(call, 100) * 1e3
-            rows.append(dict(config=name, tile=tile, gemms_graph_us=us, weight_gbs=hit * 3 * H * F / us / 1e3))
-    return rows
+                rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item())
 
 
 def build_pair(name, device, dtype=torch.bfloat16):
@@ -462,7 +404,7 @@ def smoke():
         errors[proj] = ((out - ref).norm() / ref.norm()).item()
         assert errors[proj] < 0.06, (proj, errors[proj])
     serve = serving_row("smoke", 8, "cpu", shape=(8, 64, 96, 4, 2))
-    assert 1e-3 < serve["rel_rms_vs_bf16"] < 0.08 and 1e-3 < serve["w8a8_rel_rms_vs_bf16"] < 0.08, serve
+    assert 1e-3 < serve["rel_rms_vs_bf16"] < 0.08, serve
     errors["serving"] = serve["rel_rms_vs_bf16"]
     layer_row = layer_step("smoke_glu", "cpu", torch.float32)
     assert layer_row["out_rel_rms"] < 0.08 and layer_row["x_grad_rel_rms"] < 0.08, layer_row
@@ -506,8 +448,6 @@ def main():
                    help="configs whose fused_moe calls (T = 64 and 4096) are split into kernel times")
     p.add_argument("--decode-variants", nargs="*", default=[],
                    help="sweep_fp8 variants under which the --serving configs' decode (T = 64) is timed again")
-    p.add_argument("--weight-only-tiles", nargs="*", default=[], choices=list(WEIGHT_ONLY_TILES),
-                   help="time the weight-only decode GEMMs of the --serving configs with these launches")
     p.add_argument("--layer-breakdown", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose bf16 and FP8 layer steps are profiled kernel by kernel")
     p.add_argument("--layer-memory", nargs="*", default=[], choices=list(CONFIGS),

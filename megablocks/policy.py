@@ -64,13 +64,6 @@ class KernelPolicy:
             against 6 µs for the top-k kernel and the sort; mixtral, E = 8, K = 2: 6.1 µs at
             T = 64, work 8192); below the bound the launch it saves is worth more.
 
-        fp8_weight_only_max_rows_per_expert: FP8 block-quantized experts (`fused_moe`'s
-            `w1_scale`/`w2_scale`, transformers' FP8 experts) with at most this many routed rows
-            per expert (T·K / E) run weight-only: the grouped GEMMs read the e4m3 weights and
-            dequantize them in the kernel, the rows stay 16-bit (no quantizer launches, more
-            accurate), the GLU in the up GEMM's epilogue. Decode at T = 64 against the quantized
-            rows' form (H200, replayed from a CUDA graph): see benchmarks/RESULTS.md. 0: the
-            rows are always quantized (W8A8).
     Raises:
         TypeError: a field of the wrong type.
         ValueError: a negative threshold.
@@ -87,7 +80,6 @@ class KernelPolicy:
     gather_min_ffn: int = 4096
     gather_min_rows_per_expert: int = 512
     route_max_work: int = 16384
-    fp8_weight_only_max_rows_per_expert: int = 16
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

@@ -146,23 +146,17 @@ def _b_tile(b_desc, b_ptrs, group, n0, k, offs_k, offs_n, K, N,
 # name), b holds the gate's N columns and bu (same strides) the up projection's: each tile
 # accumulates both and stores GLU(gate)·up (fp32 math, rounded once), an [M, N] result. With
 # HAS_BIAS, row e of bias [E, N] (and of bias_up, the same strides, with GLU) is added to the
-# accumulator of group e's rows first (the experts' biases; fp32 math). With B_SCALED, b (and bu)
-# hold e4m3 values of FP8 blocks of QB x QB (b's column n of group e times
-# bs[e, n // QB, k // QB]; the up projection's column n is column `up_col` + n of the blocks):
-# each step's tile is widened exactly to a's dtype, its product taken alone and added times its
-# columns' scales (a step lies in one block: QB % BLOCK_K == 0), fp32 throughout.
+# accumulator of group e's rows first (the experts' biases; fp32 math).
 @triton.jit
 def _gmm_kernel(
-    a_ptr, b_ptr, bu_ptr, out_ptr, sizes_ptr, a_rows_ptr, bias_ptr, bias_up_ptr, bs_ptr,
+    a_ptr, b_ptr, bu_ptr, out_ptr, sizes_ptr, a_rows_ptr, bias_ptr, bias_up_ptr,
     M, N, K, E, T, rows_top_k, num_programs,
     stride_am, stride_be, stride_bk, stride_bn, stride_om, stride_bias_e,
-    stride_bse, stride_bsn, stride_bsk, up_col,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr,
     GATHER_A: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-    B_SCALED: tl.constexpr, QB: tl.constexpr,
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
@@ -219,9 +213,6 @@ def _gmm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GLU != "none":
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if B_SCALED:  # the columns' scale blocks (their k-th block at + (k // QB) * stride_bsk)
-            bs_cols = bs_ptr + group.to(tl.int64) * stride_bse + (offs_n // QB) * stride_bsn
-            bsu_cols = bs_ptr + group.to(tl.int64) * stride_bse + ((up_col + offs_n) // QB) * stride_bsn
         for k in range(0, K, BLOCK_K):
             if USE_TMA and not GATHER_A:
                 a = a_desc.load([row0, k])
@@ -232,23 +223,14 @@ def _gmm_kernel(
                         USE_TMA, B_K_MAJOR, BLOCK_N, BLOCK_K)
             if UPCAST:
                 a = a.to(tl.float32)
-            if UPCAST or B_SCALED:
-                b = b.to(a.dtype)
-            if B_SCALED:
-                scale = tl.load(bs_cols + (k // QB) * stride_bsk, mask=offs_n < N, other=0.0)
-                acc += tl.dot(a, b, input_precision=PRECISION) * scale[None, :]
-            else:
-                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
             if GLU != "none":  # the same tile of the up projection
                 b_up = _b_tile(bu_desc, bu_ptrs, group, tile_n * BLOCK_N, k, offs_k, offs_n, K, N,
                                USE_TMA, B_K_MAJOR, BLOCK_N, BLOCK_K)
-                if UPCAST or B_SCALED:
-                    b_up = b_up.to(a.dtype)
-                if B_SCALED:
-                    scale_up = tl.load(bsu_cols + (k // QB) * stride_bsk, mask=offs_n < N, other=0.0)
-                    acc_up += tl.dot(a, b_up, input_precision=PRECISION) * scale_up[None, :]
-                else:
-                    acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
+                if UPCAST:
+                    b_up = b_up.to(tl.float32)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
             if not USE_TMA:
                 b_ptrs += BLOCK_K * stride_bk
                 bu_ptrs += BLOCK_K * stride_bk
@@ -418,11 +400,10 @@ class GmmConfig:
 
 
 def default_config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu: bool = False,
-                   weight_grad: bool = False, fp8_weights: bool = False) -> GmmConfig:
+                   weight_grad: bool = False) -> GmmConfig:
     """The launch settings for operand `a` (its device and dtype). `rows_per_group` (M / E) picks
     the decode tiles of the forward forms and, with `weight_grad` (the variable-K form), the
-    small-K tiles; `glu` (two accumulators per tile) narrows them; `fp8_weights` (one-byte weight
-    tiles, `b_scale`) widens the decode tiles back."""
+    small-K tiles; `glu` (two accumulators per tile) narrows them."""
     if a.device.type == "cpu":  # the interpreter: small tiles keep the tests fast
         return GmmConfig(32, 32, 32, group_m=4, num_warps=4, num_stages=1, persistent=False, tma_store=False)
     if a.dtype == torch.float32:
@@ -442,9 +423,8 @@ def default_config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu:
         # tiles, 128-deep K steps, 4 stages, 4 warps: 4-10% faster than the tiles below at T = 64
         # (benchmarks/RESULTS.md, "Decode inference"). With the GLU epilogue (two accumulators)
         # the tile is half as wide: the same bytes a step.
-        # One-byte FP8 weights: the GLU's tile as wide as the plain one (the bytes of a 16-bit step).
-        return GmmConfig(16, 64 if glu and not fp8_weights else 128, 128, group_m=8, num_warps=4, num_stages=4,
-                         persistent=True, tma_store=False)
+        return GmmConfig(16, 64 if glu else 128, 128, group_m=8, num_warps=4, num_stages=4, persistent=True,
+                         tma_store=False)
     # 16-bit inputs on Hopper: 128x256 tiles, 64-deep K steps, 8 warps (two warpgroups),
     # persistent programs and TMA stores: the fastest of the tiles benchmarks/bench_gmm.py
     # sweeps (benchmarks/RESULTS.md, "Grouped GEMM"). With the GLU epilogue, 128x128: two
@@ -452,10 +432,6 @@ def default_config(a: torch.Tensor, rows_per_group: Optional[float] = None, glu:
     return GmmConfig(128, 128 if glu else 256, 64, group_m=8, num_warps=8, num_stages=3, persistent=True,
                      tma_store=True)
 
-
-# FP8 weights (`triton_gmm(..., b_scale=)`): e4m3 values, fp32 inverse scales per block of _FP8_BLOCK x _FP8_BLOCK.
-_FP8 = torch.float8_e4m3fn
-_FP8_BLOCK = 128
 
 # Forward forms with at most this many rows per group (M / E) take the decode tiles of
 # `default_config` (measured up to 16: mixtral and qwen3moe at T = 64).
@@ -487,7 +463,6 @@ def triton_gmm(
     b_up: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     bias_up: Optional[torch.Tensor] = None,
-    b_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The Triton kernels. Inputs are validated by `gmm`; see the module docstring for the forms.
 
@@ -515,18 +490,7 @@ def triton_gmm(
     device; `[E, 2N]`, the gate's then the up projection's, with `glu` and no `b_up`): row e is
     added to the product of group e's rows in the fp32 accumulator, before the GLU; `bias_up`
     (with `b_up` and `bias`: `[E, N]`) is the up projection's.
-    `b_scale` (forward forms with `trans_b` only, without `accumulate_into` or `b_up`): `b` holds
-    float8_e4m3fn values `[E, N, K]` (out x in, as FP8 checkpoints lay them out) and `b_scale` their
-    float32 inverse scales per 128 x 128 block, `[E, ceil(N/128), ceil(K/128)]` (weight = value ·
-    scale); `a` stays in its float dtype. Each K step's tile of `b` is widened exactly to a's
-    dtype and its product added times its blocks' scales in fp32 (the weights dequantized in the
-    kernel: half the bytes of a 16-bit weight read, no quantization of `a`). With `glu` the up
-    projection's columns keep their blocks' scales (`N` need not be a multiple of 128).
     """
-    if b_scale is not None:
-        _check_b_scale(a, b, b_scale, trans_a, trans_b, accumulate_into, b_up)
-    elif b.dtype == _FP8:
-        raise ValueError("b: float8_e4m3fn weights need their block scales (b_scale)")
     if glu is not None and (glu not in _GLU_ACTIVATIONS or trans_a or accumulate_into is not None):
         raise ValueError(f"glu: expected one of {_GLU_ACTIVATIONS} on a forward form without "
                          f"accumulate_into, got {glu!r}")
@@ -568,11 +532,7 @@ def triton_gmm(
     K = a.shape[1]
     M = a_rows.shape[0] if a_rows is not None else a.shape[0]
     T = a.shape[0]
-    cfg = with_overrides(default_config(a, M / max(E, 1), glu is not None, weight_grad=trans_a,
-                                        fp8_weights=b_scale is not None), config)
-    if b_scale is not None and (_FP8_BLOCK % cfg.block_k or cfg.block_k > _FP8_BLOCK):
-        raise ValueError(f"config: with b_scale a K step lies in one {_FP8_BLOCK}-deep block: expected a "
-                         f"block_k dividing {_FP8_BLOCK}, got {cfg.block_k}")
+    cfg = with_overrides(default_config(a, M / max(E, 1), glu is not None, weight_grad=trans_a), config)
     launch = dict(
         BLOCK_E=max(next_power_of_2(E), 128),  # one compiled variant up to 128 groups
         UPCAST=interpreted(a) and a.dtype == torch.bfloat16,
@@ -647,40 +607,17 @@ def triton_gmm(
     num_tiles = (cdiv(M, cfg.block_m) + E + 1) * cdiv(N, cfg.block_n)
     num_programs = _num_programs(a, num_tiles, cfg)
     bias_args = (b_ekn, b_ekn, 0) if bias is None else (bias, bias if bias_up is None else bias_up, bias.stride(0))
-    scale_args = (b_ekn, 0, 0, 0) if b_scale is None else (b_scale, *b_scale.stride())
     _gmm_kernel[(num_programs,)](
         a, b_ekn, b_ekn if bu_ekn is None else bu_ekn, out, batch_sizes, a_rows if a_rows is not None else batch_sizes,
-        *bias_args[:2], scale_args[0],
+        *bias_args[:2],
         M, N, K, E, T, rows_top_k, num_programs,
         a.stride(0), b_ekn.stride(0), b_ekn.stride(1), b_ekn.stride(2), out.stride(0), bias_args[2],
-        *scale_args[1:], N if glu is not None else 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_TMA=use_tma, B_K_MAJOR=b_k_major,
         TMA_STORE=cfg.tma_store and use_tma and tma_ok(out), ACCUMULATE=accumulate_into is not None,
-        GATHER_A=a_rows is not None, GLU=glu or "none", HAS_BIAS=bias is not None,
-        B_SCALED=b_scale is not None, QB=_FP8_BLOCK, **launch,
+        GATHER_A=a_rows is not None, GLU=glu or "none", HAS_BIAS=bias is not None, **launch,
     )
     return out
-
-
-def _check_b_scale(a, b, b_scale, trans_a, trans_b, accumulate_into, b_up) -> None:
-    """`b_scale`'s form: a forward product of a float `a` by an e4m3 `[E, N, K]` `b` (trans_b)
-    and its `[E, ceil(N/128), ceil(K/128)]` float32 scales on b's device."""
-    if trans_a or not trans_b or accumulate_into is not None or b_up is not None:
-        raise ValueError("b_scale: FP8 weights are read by the forward form with trans_b=True, without "
-                         f"accumulate_into or b_up (got trans_a={trans_a}, trans_b={trans_b})")
-    if b.dtype != _FP8 or a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"b_scale: expected float8_e4m3fn weights and a float32/float16/bfloat16 a, got b {b.dtype} "
-                        f"and a {a.dtype}")
-    if not isinstance(b_scale, torch.Tensor) or b_scale.dtype != torch.float32 or b_scale.device != b.device:
-        raise TypeError(f"b_scale: expected a float32 tensor on {b.device}, got "
-                        + (f"{b_scale.dtype} on {b_scale.device}" if isinstance(b_scale, torch.Tensor)
-                           else type(b_scale).__name__))
-    e, n, k = b.shape
-    blocks = (e, cdiv(n, _FP8_BLOCK), cdiv(k, _FP8_BLOCK))
-    if tuple(b_scale.shape) != blocks:
-        raise ValueError(f"b_scale: expected [E, ceil(N/{_FP8_BLOCK}), ceil(K/{_FP8_BLOCK})] = {blocks} "
-                         f"({_FP8_BLOCK} x {_FP8_BLOCK} blocks of b {tuple(b.shape)}), got {tuple(b_scale.shape)}")
 
 
 def _check_accumulator(acc: torch.Tensor, shape: tuple, a: torch.Tensor) -> None:

@@ -41,7 +41,6 @@ from megablocks.backend import fp8
 from megablocks.backend import topk as topk_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.activation import ACTIVATIONS as GLU_ACTIVATIONS
-from megablocks.backend.gmm import triton_gmm
 from megablocks.ops._eager import custom_op
 from megablocks.ops.activation import ACTIVATION_FUNCTIONS, gated_product, glu
 from megablocks.ops.experts import routed_glu_experts
@@ -330,10 +329,7 @@ def fused_moe(
             [128, 128]: weight = value * scale). The routed rows are quantized per 1 x 128 tile
             (`megablocks.backend.fp8.quantize_rows`) and multiplied by the FP8 grouped GEMM
             (`gmm_fp8`, fp32 accumulation), the GLU between them in hidden_states' dtype
-            (bfloat16, float16 or float32); at decode sizes (`fp8_weight_only`: up to the
-            policy's `fp8_weight_only_max_rows_per_expert` rows per expert) the rows are not
-            quantized and the GEMMs dequantize the weights block by block instead. `path` and
-            `backend` do not apply.
+            (bfloat16, float16 or float32); `path` and `backend` do not apply.
 
     Returns:
         [T, H] in hidden_states' dtype: `Σ_k weight_tk · (act(x_t W_g^T) * (x_t W_u^T)) W_d^T`
@@ -406,7 +402,7 @@ def _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, acti
     else:
         weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
         routing = _fp8_routing(hidden_states, ids_TK, e, policy)
-    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, policy)
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation)
 
 
 def _fp8_routing(hidden_states, ids_TK, e, policy) -> Tuple[torch.Tensor, RowMaps]:
@@ -419,37 +415,14 @@ def _fp8_routing(hidden_states, ids_TK, e, policy) -> Tuple[torch.Tensor, RowMap
     return meta.tokens_per_expert, route(meta.indices, meta.bin_ids, meta.bins, ids_TK.shape[1])
 
 
-def fp8_weight_only(hidden_states: torch.Tensor, topk: int, experts: int,
-                    policy: Optional[KernelPolicy] = None) -> bool:
-    """Whether FP8 experts (`fused_moe(..., w1_scale=, w2_scale=)`, `fp8_experts_from_ids`) run
-    their weight-only form on these tokens: the Triton kernels in use and at most the policy's
-    `fp8_weight_only_max_rows_per_expert` routed rows per expert (T·K / E; decode). That form reads
-    the e4m3 weights and dequantizes them block by block inside the grouped GEMMs
-    (`triton_gmm(..., b_scale=)`); the rows stay in hidden_states' dtype (not quantized), the GLU
-    is the up GEMM's epilogue: the launches of the unquantized routed form. Otherwise the rows
-    and the GLU output are quantized per 1 x 128 tile and multiplied by the FP8 grouped GEMM."""
-    policy = as_policy(policy, "policy")
-    rows = hidden_states.shape[0] * topk
-    return (use_triton(hidden_states) and hidden_states.shape[0] > 0
-            and rows <= policy.fp8_weight_only_max_rows_per_expert * experts)
-
-
-def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation,
-                 policy) -> torch.Tensor:
+def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation) -> torch.Tensor:
     """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` on checked FP8 experts and a routing
-    (tokens_per_expert_E, maps). Where `fp8_weight_only`: the GLU-epilogue grouped GEMM through
-    the row map on the e4m3 weights dequantized in the kernel, the down GEMM likewise, weighted
-    scatter. Else: the rows quantized as they are gathered (each token's tiles once; the e4m3
-    bytes move, not the rows'), FP8 grouped GEMM, the GLU quantized as it is made, FP8 grouped
-    GEMM, weighted scatter."""
+    (tokens_per_expert_E, maps): the rows quantized as they are gathered (each token's tiles once;
+    the e4m3 bytes move, not the rows'), FP8 grouped GEMM, the GLU quantized as it is made, FP8
+    grouped GEMM, weighted scatter."""
     tokens_per_expert, maps = routing
     f = w1.shape[1] // 2
     dtype = hidden_states.dtype
-    if fp8_weight_only(hidden_states, maps.top_k, w1.shape[0], policy):
-        a_NF = triton_gmm(hidden_states, w1, tokens_per_expert, trans_b=True, a_rows=maps.row_assignment,
-                          rows_top_k=maps.top_k, glu=activation, b_scale=w1_scale)
-        y_NH = triton_gmm(a_NF, w2, tokens_per_expert, trans_b=True, b_scale=w2_scale)
-        return scatter_routed(y_NH, maps, weights_TK.reshape(-1).float())
     x_q, x_s = fp8.gather_quantize_rows(hidden_states, maps.assignment_row, maps.top_k)
     h_N2F = fp8.gmm_fp8(x_q, x_s, w1, w1_scale, tokens_per_expert, out_dtype=dtype)
     # The GLU quantized as it is made, from the two halves in place (a copy to contiguous halves,
@@ -475,27 +448,23 @@ def fp8_experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale
     meta_w = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731
     _check_experts_args(hidden_states.to("meta"), meta_w(w1), meta_w(w2), ids_TK.to("meta"), weights_TK.to("meta"),
                         activation, True)
-    policy = as_policy(policy, "policy")
-    routing = _fp8_routing(hidden_states, ids_TK, w1.shape[0], policy)
-    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, policy)
+    routing = _fp8_routing(hidden_states, ids_TK, w1.shape[0], as_policy(policy, "policy"))
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation)
 
 
 def fused_moe_fp8_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,
                             topk: int, renormalize: bool, w1_scale: torch.Tensor, w2_scale: torch.Tensor,
-                            activation: str = "silu", quantize_rows: bool = True) -> torch.Tensor:
+                            activation: str = "silu") -> torch.Tensor:
     """Plain torch `fused_moe` on FP8 experts, token by token in float32: the weights dequantized
     block by block, each routed row quantized per 1 x 128 tile and dequantized (the same rounding
-    as the kernels'), the GLU output rounded to hidden_states' dtype and quantized likewise. With
-    `quantize_rows` False, the weight-only form (`fp8_weight_only`): the rows as given, the GLU
-    of the fp32 up product rounded once to hidden_states' dtype."""
+    as the kernels'), the GLU output rounded to hidden_states' dtype and quantized likewise."""
     weights_TK, ids_TK = softmax_topk_reference(gating_output, topk, renormalize)
-    return fp8_experts_reference(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation,
-                                 quantize_rows)
+    return fp8_experts_reference(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation)
 
 
 def fp8_experts_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale: torch.Tensor, w2: torch.Tensor,
                           w2_scale: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
-                          activation: str = "silu", quantize_rows: bool = True) -> torch.Tensor:
+                          activation: str = "silu") -> torch.Tensor:
     """Plain torch `fp8_experts_from_ids` (see `fused_moe_fp8_reference`)."""
     act = ACTIVATIONS[activation]
     topk = ids_TK.shape[1]
@@ -505,14 +474,11 @@ def fp8_experts_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scal
     through = lambda v: fp8.dequantize_rows(*fp8.quantize_rows_reference(v.to(dtype)[None]))[0]  # noqa: E731
     out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
     for t in range(hidden_states.shape[0]):
-        x = through(hidden_states[t]) if quantize_rows else hidden_states[t].float()
+        x = through(hidden_states[t])
         for k in range(topk):
             e = int(ids_TK[t, k])
-            h = w1f[e] @ x
-            if quantize_rows:
-                a = through(gated_product(act, h[:f].to(dtype).float(), h[f:].to(dtype).float()))
-            else:
-                a = gated_product(act, h[:f], h[f:]).to(dtype).float()
+            h = (w1f[e] @ x).to(dtype).float()
+            a = through(gated_product(act, h[:f], h[f:]))
             out[t] += weights_TK[t, k].float() * (w2f[e] @ a).to(dtype).float()
     return out.to(dtype)
 

@@ -8,7 +8,7 @@ and the checkpoint conversion from DeepSeek-V3's per-expert `weight_scale_inv` l
 import pytest
 import torch
 
-from megablocks.backend import fp8, use_triton
+from megablocks.backend import fp8
 from megablocks.integrations.checkpoint import dequantize_fp8, fp8_per_expert_to_fused
 from megablocks.integrations.inference import fused_moe, fused_moe_fp8_reference, fused_moe_reference
 from tests.conftest import DEVICE
@@ -40,28 +40,19 @@ def _layer(t, h, f, e, dtype, seed):
     return x, w1, w2, gating
 
 
-@pytest.mark.parametrize("weight_only", [False, True], ids=["w8a8", "weight_only"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("t, h, f, e, k", [
     (13, 200, 136, 5, 2),  # H, F not multiples of 128; an empty expert
     (1, 128, 128, 4, 4),   # one token, top-k = E
     (40, 72, 40, 3, 1),    # smaller than one block
 ])
-def test_fused_moe_fp8(t, h, f, e, k, dtype, weight_only):
-    """Both forms (the rows quantized, or the weights dequantized in the GEMMs with the rows as
-    given: `fp8_weight_only`, chosen here by the policy's bound) against their definitions."""
-    from megablocks.integrations.inference import fp8_weight_only
-    from megablocks.policy import KernelPolicy
-
-    policy = KernelPolicy(fp8_weight_only_max_rows_per_expert=10**6 if weight_only else 0)
+def test_fused_moe_fp8(t, h, f, e, k, dtype):
     x, w1, w2, gating = _layer(t, h, f, e, dtype, seed=t * 7 + h)
     q1, s1 = fp8.quantize_blocks(w1)
     q2, s2 = fp8.quantize_blocks(w2)
-    out = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=policy)
+    out = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)
     assert out.dtype == dtype and out.shape == (t, h)
-    taken = fp8_weight_only(x, k, e, policy)
-    assert taken == (weight_only and (DEVICE == "cuda" or use_triton(x)))
-    ref = fused_moe_fp8_reference(x, q1, q2, gating, k, True, s1, s2, quantize_rows=not taken)
+    ref = fused_moe_fp8_reference(x, q1, q2, gating, k, True, s1, s2)
     # The same quantized operands and roundings (see _layer_limits).
     max_err, rms = relative_errors(out.double(), ref.double())
     max_tol, rms_tol = _layer_limits(dtype)
@@ -70,23 +61,6 @@ def test_fused_moe_fp8(t, h, f, e, k, dtype, weight_only):
     full = fused_moe_reference(x.float(), w1, w2, gating, k, True)
     _, rms = relative_errors(out.double(), full.double())
     assert 1e-3 < rms < 0.1, rms
-
-
-def test_fp8_weight_only_bound():
-    """The weight-only form runs up to the policy's rows per expert (16 by default: T·K <= 16·E),
-    where the Triton kernels run, on at least one token; 0 turns it off."""
-    from megablocks.integrations.inference import fp8_weight_only
-    from megablocks.policy import KernelPolicy
-
-    rows = lambda t: torch.zeros(t, 8, device=DEVICE)  # noqa: E731
-    kernels = DEVICE == "cuda" or use_triton(rows(1))
-    assert fp8_weight_only(rows(64), 8, 64) == kernels  # OLMoE-shaped decode: 8 rows per expert
-    assert fp8_weight_only(rows(128), 8, 64) == kernels  # 16 rows per expert
-    assert not fp8_weight_only(rows(129), 8, 64)
-    assert not fp8_weight_only(rows(4096), 8, 64)
-    assert not fp8_weight_only(rows(0), 8, 64)
-    assert not fp8_weight_only(rows(64), 8, 64, KernelPolicy(fp8_weight_only_max_rows_per_expert=0))
-    assert fp8_weight_only(rows(4096), 8, 64, {"fp8_weight_only_max_rows_per_expert": 512}) == kernels
 
 
 @pytest.mark.parametrize("t, e, k", [(13, 5, 2), (300, 64, 8)])
@@ -231,7 +205,7 @@ def _fp8_experts_module(dtype_act="silu", **config_overrides):
 def test_transformers_fp8_experts(dtype):
     """experts_implementation='megablocks' on transformers' FP8Experts: our FP8 grouped GEMMs on its
     own e4m3 weights and scales, against the plain FP8 definition."""
-    from megablocks.integrations import hf, inference
+    from megablocks.integrations import hf
     from megablocks.integrations.inference import fp8_experts_reference
 
     module = _fp8_experts_module()
@@ -242,10 +216,8 @@ def test_transformers_fp8_experts(dtype):
     weights = torch.rand(9, 2, generator=g).to(DEVICE)
     with torch.no_grad():
         out = module(x, ids, weights)
-    # 18 rows over 5 experts: the weight-only form where the Triton kernels run (`fp8_weight_only`).
     ref = fp8_experts_reference(x, module.gate_up_proj, module.gate_up_proj_scale_inv, module.down_proj,
-                                module.down_proj_scale_inv, ids, weights,
-                                quantize_rows=not inference.fp8_weight_only(x, 2, 5))
+                                module.down_proj_scale_inv, ids, weights)
     assert out.dtype == dtype and out.shape == x.shape
     max_err, rms = relative_errors(out.double(), ref.double())
     max_tol, rms_tol = _layer_limits(dtype)
@@ -280,20 +252,17 @@ def test_convert_model_of_fp8_experts(ffn):
     """`convert_model` on a block whose experts are transformers' FP8Experts: a dMoE with
     fp8='blockwise' whose bf16/fp32 parameters are the dequantized checkpoint and whose FP8 cache
     starts from the checkpoint's own values and scales (exactly, where F is a multiple of 128):
-    the converted block computes what the FP8 block computes on megablocks' FP8 path with its rows
-    quantized (the layer's own FP8 form; the weight-only decode form is off for the block here)."""
+    the converted block computes what the FP8 block computes on megablocks' FP8 path."""
     transformers = pytest.importorskip("transformers")
     fg = pytest.importorskip("transformers.integrations.finegrained_fp8")
     from transformers.integrations.moe import use_experts_implementation
 
     from megablocks.integrations import hf
-    from megablocks.policy import KernelPolicy
 
-    hf.register("megablocks_w8a8", policy=KernelPolicy(fp8_weight_only_max_rows_per_expert=0))
     cfg = transformers.Qwen3MoeConfig(hidden_size=160, moe_intermediate_size=ffn, num_experts=4, num_experts_per_tok=2,
                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                       vocab_size=64, norm_topk_prob=True)
-    cfg._experts_implementation = "megablocks_w8a8"
+    cfg._experts_implementation = "megablocks"
     block = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock(cfg).to(DEVICE)
     with torch.no_grad():
         block.gate.weight.normal_(0.0, 0.5)
