@@ -14,11 +14,6 @@ bandwidth measured in the same run. The target: FP8 >= 1.6x bf16 on the mixtral 
 `--serving` (default mixtral, qwen3moe) times `fused_moe` at decode (T = 64) and prefill (T = 4096)
 sizes on bf16 experts and on their FP8 block-quantized copy (targets: 1.7x and 1.4x).
 
-At decode sizes `fused_moe` quantizes the rows and the GLU inside the FP8 products
-(`fp8.gmm_fp8_rows`); `apart_graph_ms` is the same call with the quantizers in their own kernels
-(the policy's `fp8_quantize_in_product` off), in the same process, `same_as_apart` whether the
-two agree bit for bit.
-
 `--decode-variants` times the decode rows again with each of `sweep_fp8.VARIANTS` as the FP8
 decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIGS`), e.g. the `swap_ab` tiles.
 
@@ -57,7 +52,6 @@ import bench_dmoe  # noqa: E402
 from megablocks.backend import fp8 as fp8_backend  # noqa: E402
 from megablocks.backend import gmm as gb  # noqa: E402
 from megablocks.integrations.inference import fused_moe  # noqa: E402
-from megablocks.policy import KernelPolicy  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
 
 
@@ -108,10 +102,8 @@ def bench(args):
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     serve_rows += decode_variant_rows(args.serving, args.decode_variants)
     if serve_rows:
-        print_table(serve_rows, ["config", "T", "decode_variant", "quantized_in_product", "bf16_ms", "fp8_ms",
-                                 "speedup", "bf16_graph_ms", "fp8_graph_ms", "speedup_graph", "apart_graph_ms",
-                                 "speedup_graph_apart", "same_as_apart", "fp8_weight_gbs", "copy_gbs",
-                                 "rel_rms_vs_bf16"])
+        print_table(serve_rows, ["config", "T", "decode_variant", "bf16_ms", "fp8_ms", "speedup", "bf16_graph_ms",
+                                 "fp8_graph_ms", "speedup_graph", "fp8_weight_gbs", "copy_gbs", "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
     kernel_rows = [row for name in args.serving_breakdown for T in (64, 4096) for row in serving_kernels(name, T)]
     if kernel_rows:
@@ -258,22 +250,14 @@ def serving_row(name, T, device, shape=None):
     x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, device, dtype)
     bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
     f8 = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
-    # The quantizers in their own kernels (the policy's fp8_quantize_in_product off), same process.
-    apart_policy = KernelPolicy(fp8_quantize_in_product=False)
-    apart = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=apart_policy)  # noqa: E731
-    in_product = fp8_backend.rows_quantized_in_product(T * k, E)
     nan = float("nan")
     ms_bf16, ms_fp8 = (timed(bf16)[0], timed(f8)[0]) if device == "cuda" else (nan, nan)
     graph_bf16, graph_fp8 = ((bench_dmoe.graph_time_ms(bf16, 100), bench_dmoe.graph_time_ms(f8, 100))
                              if device == "cuda" else (nan, nan))
-    graph_apart = bench_dmoe.graph_time_ms(apart, 100) if device == "cuda" and in_product else graph_fp8
     ref, out = bf16().float(), f8().float()
-    same = torch.equal(out, apart().float())
     hit = torch.topk(gating, k, dim=1).indices.unique().numel()  # experts whose weights are read
-    return dict(config=name, T=T, quantized_in_product=in_product, bf16_ms=ms_bf16, fp8_ms=ms_fp8,
-                speedup=ms_bf16 / ms_fp8, bf16_graph_ms=graph_bf16, fp8_graph_ms=graph_fp8,
-                speedup_graph=graph_bf16 / graph_fp8, apart_graph_ms=graph_apart,
-                speedup_graph_apart=graph_bf16 / graph_apart, same_as_apart=same,
+    return dict(config=name, T=T, bf16_ms=ms_bf16, fp8_ms=ms_fp8, speedup=ms_bf16 / ms_fp8,
+                bf16_graph_ms=graph_bf16, fp8_graph_ms=graph_fp8, speedup_graph=graph_bf16 / graph_fp8,
                 fp8_weight_gbs=hit * 3 * H * F / ms_fp8 / 1e6,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item())
 

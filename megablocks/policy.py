@@ -64,11 +64,6 @@ class KernelPolicy:
             against 6 µs for the top-k kernel and the sort; mixtral, E = 8, K = 2: 6.1 µs at
             T = 64, work 8192); below the bound the launch it saves is worth more.
 
-        fp8_quantize_in_product: FP8 block-quantized experts (`fused_moe`'s `w1_scale`/`w2_scale`,
-            transformers' FP8 experts) at decode sizes (up to 32 routed rows per expert) quantize
-            the token rows and the GLU output inside the FP8 grouped GEMMs that read them
-            (`megablocks.backend.fp8.gmm_fp8_rows`) instead of in two kernels before them: the
-            same bits, two launches less (benchmarks/RESULTS.md).
     Raises:
         TypeError: a field of the wrong type.
         ValueError: a negative threshold.
@@ -85,7 +80,6 @@ class KernelPolicy:
     gather_min_ffn: int = 4096
     gather_min_rows_per_expert: int = 512
     route_max_work: int = 16384
-    fp8_quantize_in_product: bool = True
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

@@ -14,9 +14,7 @@ accumulation promoted to fp32 once per Q-deep step:
 
 and, for the serving path, the quantizer fused with the pass before it: `gather_quantize_rows`
 (the routed rows, each token's tiles quantized once) and `glu_quantize_rows` (the GLU between the
-expert products, from the up projection's two halves in place). At decode sizes
-(`rows_quantized_in_product`) `gmm_fp8_rows` goes one further: the rows (through the routing's
-row map) or the GLU of the two halves are quantized inside the product, as each step loads them.
+expert products, from the up projection's two halves in place).
 
 Scales. Any fp32 scales are read by `gmm_fp8` (checkpoints ship them as `weight_scale_inv`).
 The quantizers here produce powers of two: the smallest 2^k with amax(tile) / 2^k <= 448 (the
@@ -42,7 +40,7 @@ import triton.language as tl
 from megablocks._checks import INDEX_DTYPES, check_tensor
 from megablocks.backend import cdiv, fp8_wgmma, next_power_of_2
 from megablocks.backend.activation import ACTIVATIONS, _act, _up
-from megablocks.backend.gmm import _group_table, _mapped_rows, _row_tile, _swizzle
+from megablocks.backend.gmm import _group_table, _row_tile, _swizzle
 from megablocks.backend.launch import interpreted, persistent_programs, prepare_tma, tma_ok
 
 Q = 128  # the quantization block (DeepSeek-V3: 1 x 128 activation tiles, 128 x 128 weight blocks)
@@ -278,15 +276,8 @@ def _quantize_blocks_kernel(
 # With USE_TMA the operands are read by TMA through descriptors built once per program (x as
 # [M, K]: a tile's rows past its group are read but never stored; w per expert as [E, N, K]
 # (W_K_MAJOR, unit K stride) or [E, K, N], so that no step reads another expert's weights).
-# With SWAP_AB each step computes the transposed tile, w_tile @ x_tile^T: the weight's BLOCK_N
-# columns fill the tensor cores' wide side and a few rows (decode) the narrow one; x by pointer
-# loads, w by TMA with USE_TMA (K-major) else by pointers. SWAP_AB's X_FORM: 'q' reads x_q and
-# x_s; 'plain' reads 16-bit rows of x and quantizes each 1 x QB tile as it is loaded
-# (`_row_tiles`: the bits `quantize_rows` writes); 'rows' the same through the map rows_ptr from
-# a [T, K] x (entry // rows_top_k, as `gmm._mapped_rows`: the bits of `gather_quantize_rows`);
-# 'glu' reads the two halves of a 16-bit x (the gate's K columns, the up projection's from column
-# up_col) and quantizes their GLU (ACTIVATION) rounded to x's dtype (the bits of
-# `glu_quantize_rows`). The last three need BLOCK_K == QB.
+# With SWAP_AB (pointer loads) each step computes the transposed tile, w_tile @ x_tile^T: the
+# weight's BLOCK_N columns fill the tensor cores' wide side and a few rows (decode) the narrow one.
 @triton.jit
 def _gmm_fp8_kernel(
     x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, sizes_ptr,
@@ -296,8 +287,6 @@ def _gmm_fp8_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False, W_K_MAJOR: tl.constexpr = True,
     WARP_SPECIALIZE: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
-    rows_ptr=None, T=0, rows_top_k=1, up_col=0,
-    X_FORM: tl.constexpr = "q", ACTIVATION: tl.constexpr = "silu",
 ):
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
@@ -305,8 +294,7 @@ def _gmm_fp8_kernel(
     num_m_tiles = real_m_tiles + tl.cdiv(M - rows_total, BLOCK_M)
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     if USE_TMA:
-        if not SWAP_AB:
-            x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
+        x_desc = tl.make_tensor_descriptor(x_ptr, [M, K], [stride_xm, 1], [BLOCK_M, BLOCK_K])
         if W_K_MAJOR:
             w_desc = tl.make_tensor_descriptor(w_ptr, [E, N, K], [stride_we, stride_wn, 1], [1, BLOCK_N, BLOCK_K])
         else:
@@ -321,11 +309,7 @@ def _gmm_fp8_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         row_ok = offs_m < row_end
-        if X_FORM == "rows":
-            src_m, x_ok = _mapped_rows(rows_ptr, offs_m, row_ok, T, rows_top_k)
-        else:
-            src_m, x_ok = offs_m, row_ok
-        x_ptrs = x_ptr + src_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
         xs_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xsm
         ws_ptr_n = ws_ptr + group.to(tl.int64) * stride_wse + (n0 // QB) * stride_wsn
         if SWAP_AB:  # w tiles [BLOCK_N, BLOCK_K], the accumulator transposed: [BLOCK_N, BLOCK_M]
@@ -334,26 +318,10 @@ def _gmm_fp8_kernel(
             acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for k in range(0, K, BLOCK_K):
                 k_ok = offs_k < K - k
-                x_mask = x_ok[:, None] & k_ok[None, :]
-                if X_FORM == "q":
-                    a = tl.load(x_ptrs, mask=x_mask, other=0.0)
-                    sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
-                else:
-                    if X_FORM == "rows" or X_FORM == "plain":
-                        v = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
-                    else:  # the GLU of the two halves, rounded to x's dtype
-                        h1 = tl.load(x_ptrs, mask=x_mask, other=0.0)
-                        h2 = tl.load(x_ptrs + up_col, mask=x_mask, other=0.0)
-                        g, _ = _act(h1.to(tl.float32), ACTIVATION)
-                        u, _ = _up(h2.to(tl.float32), ACTIVATION)
-                        v = tl.where(x_mask, (g * u).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
-                    q, sa = _row_tiles(v)
-                    a = q.to(w_ptr.dtype.element_ty)
-                if USE_TMA:
-                    b_t = w_desc.load([group, n0, k]).reshape(BLOCK_N, BLOCK_K)
-                else:
-                    b_t = tl.load(w_ptrs, mask=(offs_n < N)[:, None] & k_ok[None, :], other=0.0)
+                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b_t = tl.load(w_ptrs, mask=(offs_n < N)[:, None] & k_ok[None, :], other=0.0)
                 part_t = tl.dot(b_t, tl.trans(a), out_dtype=tl.float32)
+                sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
                 sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
                 acc_t += part_t * (sa[None, :] * sb)
                 x_ptrs += BLOCK_K
@@ -958,147 +926,23 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
             cfg = gmm_fp8_launch(M, E, decode=False, gluon=False)
         else:
             cfg.update(block_m=fp8_wgmma.BLOCK, block_n=fp8_wgmma.BLOCK)
-    _launch_fp8_kernel(x_q, x_s, w_q, w_s, sizes, out, cfg)
-    return out
-
-
-def _launch_fp8_kernel(x, x_s, w_q, w_s, sizes, out, cfg, **x_form) -> None:
-    """`_gmm_fp8_kernel` over the [E, N, K] view w_q with launch `cfg`; `x_form` its X_FORM
-    arguments (x then 16-bit, x_s unused)."""
-    M, N = out.shape
-    E, _, K = w_q.shape
     w_k_major = w_q.stride(2) == 1
-    if cfg["swap_ab"]:  # x by pointer loads; the weight by TMA where it is K-major
-        use_tma = bool(cfg["tma"]) and w_k_major and tma_ok(w_q)
-    else:
-        use_tma = bool(cfg["tma"]) and tma_ok(x, w_q if w_k_major else w_q.transpose(1, 2))
+    use_tma = bool(cfg["tma"]) and not cfg["swap_ab"] and tma_ok(x_q, w_q if w_k_major else w_q.transpose(1, 2))
     if use_tma:
-        prepare_tma(x.device)
+        prepare_tma(x_q.device)
     num_tiles = (cdiv(M, cfg["block_m"]) + E) * cdiv(N, cfg["block_n"])
-    programs = persistent_programs(x.device, num_tiles) if cfg["persistent"] else num_tiles
+    programs = persistent_programs(x_q.device, num_tiles) if cfg["persistent"] else num_tiles
     _gmm_fp8_kernel[(programs,)](
-        x, x_s, w_q, w_s, out, sizes,
+        x_q, x_s, w_q, w_s, out, sizes,
         M, N, K, E, programs,
-        x.stride(0), x_s.stride(0), x_s.stride(1), w_q.stride(0), w_q.stride(1), w_q.stride(2), w_s.stride(0),
+        x_q.stride(0), x_s.stride(0), x_s.stride(1), w_q.stride(0), w_q.stride(1), w_q.stride(2), w_s.stride(0),
         w_s.stride(1), w_s.stride(2), out.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
         BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, USE_TMA=use_tma, W_K_MAJOR=w_k_major,
-        WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and use_tma and not cfg["swap_ab"],
-        SWAP_AB=bool(cfg["swap_ab"]), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **x_form,
+        WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and use_tma, SWAP_AB=bool(cfg["swap_ab"]),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-
-
-def rows_quantized_in_product(M: int, E: int) -> bool:
-    """Whether `gmm_fp8_rows` takes M routed rows over E experts: the decode launches that
-    compute each tile transposed (`FP8_DECODE_CONFIGS` with `swap_ab`, up to 32 rows per expert)."""
-    return E > 0 and any(launch.get("swap_ab") and M <= rows * E for rows, launch in FP8_DECODE_CONFIGS)
-
-
-def gmm_fp8_rows(x: torch.Tensor, w_q: torch.Tensor, w_s: torch.Tensor, batch_sizes: torch.Tensor, *,
-                 rows: Optional[torch.Tensor] = None, top_k: int = 1, glu: Optional[str] = None,
-                 out_dtype: Optional[torch.dtype] = None, config: Optional[dict] = None) -> torch.Tensor:
-    """The FP8 grouped GEMM of 16-bit (or fp32) rows quantized inside the product, for the decode
-    sizes `rows_quantized_in_product` names: out[rows of e] = (x quantized per 1 x Q tile) @
-    (w_q[e] * w_s[e])^T, each tile quantized as its product step loads it (no quantized copy
-    written or read: a launch and a pass less). Equal bit for bit to quantizing first
-    (`gather_quantize_rows`, `glu_quantize_rows`) and then `gmm_fp8`.
-
-    Args:
-        x: float32/float16/bfloat16, last dim contiguous: [M, K] rows in expert order; with
-            `rows`, [T, K] token rows read through the map; with `glu`, [M, 2K], the gate's K
-            columns then the up projection's, whose GLU (rounded to x's dtype) is the product's
-            input.
-        w_q, w_s: `[E, N, K]` e4m3 and its `[E, ceil(N/Q), ceil(K/Q)]` fp32 scales (trans_b).
-        batch_sizes: [E] integer rows per expert (on any device).
-        rows: [M] int32 on x's device: logical row i is token `rows[i] // top_k` of x (the routed
-            assignment of the row, `RowMaps.row_assignment`); negative entries read as zeros.
-        top_k: the assignments per token (with `rows`).
-        glu: an activation of `megablocks.backend.activation.ACTIVATIONS` (not with `rows`).
-        out_dtype: bfloat16, float16 or float32 (default: x's dtype).
-        config: `gmm_fp8`'s launch keys over the decode launch (block_k stays Q, swap_ab on).
-
-    Returns:
-        [M, N] in out_dtype.
-
-    Raises:
-        TypeError, ValueError: wrong dtypes, shapes, devices, maps or names; sizes that the
-            decode launches do not cover (`rows_quantized_in_product`).
-    """
-    check_tensor("x", x, ndim=2, dtypes=_IN_DTYPES)
-    check_tensor("w_q", w_q, ndim=3, dtypes=(FP8_DTYPE,))
-    check_tensor("w_s", w_s, ndim=3, dtypes=(torch.float32,))
-    check_tensor("batch_sizes", batch_sizes, ndim=1, dtypes=INDEX_DTYPES)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    if out_dtype not in _OUT_DTYPES:
-        raise TypeError(f"out_dtype: expected one of {_OUT_DTYPES}, got {out_dtype}")
-    if rows is not None and glu is not None:
-        raise ValueError("rows, glu: a row map or a GLU input, not both")
-    if glu is not None and glu not in ACTIVATIONS:
-        raise ValueError(f"glu: expected one of {sorted(ACTIVATIONS)}, got {glu!r}")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
-    if rows is not None:
-        check_tensor("rows", rows, ndim=1, dtypes=(torch.int32,))
-        if rows.device != x.device:
-            raise ValueError(f"rows: expected x's device {x.device}, got {rows.device}")
-    if w_q.device != x.device or w_s.device != x.device:
-        raise ValueError(f"w_q, w_s: expected x's device {x.device}, got {w_q.device} and {w_s.device}")
-    E, N, K = w_q.shape
-    M = rows.numel() if rows is not None else x.shape[0]
-    x_cols = 2 * K if glu is not None else K
-    if x.shape[1] != x_cols:
-        raise ValueError(f"x: expected {x_cols} columns ({'2K, the GLU halves' if glu else 'K'} of w_q "
-                         f"{tuple(w_q.shape)}), got {x.shape[1]}")
-    blocks = (E, cdiv(N, Q), cdiv(K, Q))
-    if tuple(w_s.shape) != blocks:
-        raise ValueError(f"w_s: expected [E, ceil(N/{Q}), ceil(K/{Q})] = {blocks}, got {tuple(w_s.shape)}")
-    if batch_sizes.numel() != E:
-        raise ValueError(f"batch_sizes: expected {E} sizes (one per expert), got {batch_sizes.numel()}")
-    if x.numel() and x.stride(1) != 1:
-        raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x.stride())}")
-    if not rows_quantized_in_product(M, E):
-        raise ValueError(f"gmm_fp8_rows: {M} rows over {E} experts is past the decode launches "
-                         f"(rows_quantized_in_product); quantize the rows and call gmm_fp8")
-    if config is not None and (not isinstance(config, dict) or set(config) - set(_GMM_FP8_CONFIG_KEYS)):
-        raise ValueError(f"config: expected a dict with keys among {_GMM_FP8_CONFIG_KEYS}, got {config!r}")
-    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    if M == 0 or N == 0:
-        return out
-    if K == 0:
-        return out.zero_()
-    if x.device.type != "cuda" and not interpreted(x):  # quantize, then the reference product
-        if glu is not None:
-            from megablocks.ops.activation import glu_reference
-            x_q, x_s = quantize_rows_reference(glu_reference(x[:, :K], x[:, K:], glu))
-        else:
-            src = x if rows is None else _mapped_rows_torch(x, rows, top_k)
-            x_q, x_s = quantize_rows_reference(src)
-        return gmm_fp8_reference(x_q, x_s, w_q, w_s, batch_sizes.cpu(), out_dtype)
-    sizes = batch_sizes.to(device=x.device, dtype=torch.int32)
-    if interpreted(x):
-        cfg = dict(block_m=16, block_n=32, num_warps=4, num_stages=1, tma=False, persistent=False)
-    else:
-        cfg = dict(next(launch for n, launch in FP8_DECODE_CONFIGS if launch.get("swap_ab") and M <= n * E))
-    cfg = dict(gmm_fp8_launch(M, E, decode=False, gluon=False), **cfg, **(config or {}))
-    cfg.update(block_k=Q, swap_ab=True, wgmma=False)
-    if Q % cfg["block_n"]:
-        raise ValueError(f"config: block_n must divide {Q}, got {cfg}")
-    x_s = torch.empty((1, 1), dtype=torch.float32, device=x.device)  # not read
-    form = dict(X_FORM="glu" if glu is not None else "rows" if rows is not None else "plain")
-    if rows is not None:
-        form.update(rows_ptr=rows, T=x.shape[0], rows_top_k=top_k)
-    if glu is not None:
-        form.update(up_col=K, ACTIVATION=glu)
-    _launch_fp8_kernel(x, x_s, w_q, w_s, sizes, out, cfg, **form)
     return out
-
-
-def _mapped_rows_torch(x: torch.Tensor, rows: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Rows `rows[i] // top_k` of x (negative entries, or any with no rows in x: zeros), clamped
-    to the last row, as `gmm._mapped_rows` reads them."""
-    src = torch.where(rows >= 0, rows.long() // top_k, -1).clamp(max=x.shape[0] - 1)
-    out = x[src.clamp(min=0)]
-    return torch.where((src >= 0)[:, None], out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _check_sizes(batch_sizes: torch.Tensor, device) -> torch.Tensor:
@@ -1298,7 +1142,6 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
 __all__ = [
     "E4M3_MAX", "FP8_DTYPE", "Q", "check_gmm_fp8_args", "dequantize_blocks", "dequantize_cols_grouped",
     "dequantize_rows", "gather_quantize_rows", "glu_backward_quantize_rows_", "glu_quantize_rows", "gmm_fp8",
-    "gmm_fp8_reference", "gmm_fp8_rows", "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks",
+    "gmm_fp8_reference", "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks",
     "quantize_cols_grouped", "quantize_cols_grouped_reference", "quantize_rows", "quantize_rows_reference",
-    "rows_quantized_in_product",
 ]

@@ -402,7 +402,7 @@ def _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, acti
     else:
         weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
         routing = _fp8_routing(hidden_states, ids_TK, e, policy)
-    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, policy)
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation)
 
 
 def _fp8_routing(hidden_states, ids_TK, e, policy) -> Tuple[torch.Tensor, RowMaps]:
@@ -415,24 +415,14 @@ def _fp8_routing(hidden_states, ids_TK, e, policy) -> Tuple[torch.Tensor, RowMap
     return meta.tokens_per_expert, route(meta.indices, meta.bin_ids, meta.bins, ids_TK.shape[1])
 
 
-def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation,
-                 policy: KernelPolicy) -> torch.Tensor:
+def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation) -> torch.Tensor:
     """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` on checked FP8 experts and a routing
     (tokens_per_expert_E, maps): the rows quantized as they are gathered (each token's tiles once;
     the e4m3 bytes move, not the rows'), FP8 grouped GEMM, the GLU quantized as it is made, FP8
-    grouped GEMM, weighted scatter. At decode sizes with the policy's `fp8_quantize_in_product`
-    (`fp8.rows_quantized_in_product`, the kernels in use) the two quantizations run inside the
-    GEMMs instead (`fp8.gmm_fp8_rows`: the same bits, two launches less)."""
+    grouped GEMM, weighted scatter."""
     tokens_per_expert, maps = routing
     f = w1.shape[1] // 2
     dtype = hidden_states.dtype
-    rows = maps.row_assignment
-    if (policy.fp8_quantize_in_product and use_triton(hidden_states)
-            and fp8.rows_quantized_in_product(rows.numel(), w1.shape[0])):
-        h_N2F = fp8.gmm_fp8_rows(hidden_states, w1, w1_scale, tokens_per_expert, rows=rows, top_k=maps.top_k,
-                                 out_dtype=dtype)
-        y_NH = fp8.gmm_fp8_rows(h_N2F, w2, w2_scale, tokens_per_expert, glu=activation, out_dtype=dtype)
-        return scatter_routed(y_NH, maps, weights_TK.reshape(-1).float())
     x_q, x_s = fp8.gather_quantize_rows(hidden_states, maps.assignment_row, maps.top_k)
     h_N2F = fp8.gmm_fp8(x_q, x_s, w1, w1_scale, tokens_per_expert, out_dtype=dtype)
     # The GLU quantized as it is made, from the two halves in place (a copy to contiguous halves,
@@ -458,9 +448,8 @@ def fp8_experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale
     meta_w = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731
     _check_experts_args(hidden_states.to("meta"), meta_w(w1), meta_w(w2), ids_TK.to("meta"), weights_TK.to("meta"),
                         activation, True)
-    policy = as_policy(policy, "policy")
-    routing = _fp8_routing(hidden_states, ids_TK, w1.shape[0], policy)
-    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, policy)
+    routing = _fp8_routing(hidden_states, ids_TK, w1.shape[0], as_policy(policy, "policy"))
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation)
 
 
 def fused_moe_fp8_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,

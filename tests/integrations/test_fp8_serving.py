@@ -63,28 +63,6 @@ def test_fused_moe_fp8(t, h, f, e, k, dtype):
     assert 1e-3 < rms < 0.1, rms
 
 
-@pytest.mark.parametrize("t, e, k", [(13, 5, 2), (16, 8, 2), (40, 3, 1)])
-def test_fused_moe_fp8_quantize_in_product_same_result(t, e, k):
-    """Decode sizes: the rows and the GLU quantized inside the products (the policy's
-    `fp8_quantize_in_product`) or by their own kernels before them: the same bits on the GPU (the
-    same decode launches); under the interpreter the separate form's product takes 32-deep
-    steps, so fp32 rounding apart."""
-    from megablocks.policy import KernelPolicy
-
-    x, w1, w2, gating = _layer(t, 200, 136, e, torch.bfloat16 if DEVICE == "cuda" else torch.float32, seed=t + e)
-    q1, s1 = fp8.quantize_blocks(w1)
-    q2, s2 = fp8.quantize_blocks(w2)
-    assert fp8.rows_quantized_in_product(t * k, e)
-    fused = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)
-    apart = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2,
-                      policy=KernelPolicy(fp8_quantize_in_product=False))
-    if DEVICE == "cuda":
-        assert torch.equal(fused, apart)
-    else:
-        max_err, rms = relative_errors(fused.double(), apart.double())
-        assert max_err <= 1e-5 and rms <= 1e-6, (max_err, rms)
-
-
 @pytest.mark.parametrize("t, e, k", [(13, 5, 2), (300, 64, 8)])
 def test_fused_moe_fp8_routings_agree(t, e, k):
     """The routed form's routing (the one-launch top-k and maps where they fit, else `row_maps`)
