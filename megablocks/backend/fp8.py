@@ -272,7 +272,8 @@ def _quantize_blocks_kernel(
 # rows written as zeros); programs loop over tiles with a stride of `num_programs`. Each
 # BLOCK_K-deep step (BLOCK_K divides Q) is one FP8 product into a fresh fp32 tile, scaled by the
 # rows' and the block's scales and added to the fp32 accumulator: no FP8 accumulation spans
-# more than BLOCK_K (DeepSeek-V3's promotion). BLOCK_N divides Q: a tile's columns share a block.
+# more than BLOCK_K (DeepSeek-V3's promotion). BLOCK_N divides Q (a tile's columns share a
+# block), or with SWAP_AB may be a multiple of Q (each column's block scale read).
 # With USE_TMA the operands are read by TMA through descriptors built once per program (x as
 # [M, K]: a tile's rows past its group are read but never stored; w per expert as [E, N, K]
 # (W_K_MAJOR, unit K stride) or [E, K, N], so that no step reads another expert's weights).
@@ -316,14 +317,19 @@ def _gmm_fp8_kernel(
             w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
                       + offs_k[None, :].to(tl.int64) * stride_wk)
             acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            ws_cols = ws_ptr + group.to(tl.int64) * stride_wse + (offs_n // QB) * stride_wsn
             for k in range(0, K, BLOCK_K):
                 k_ok = offs_k < K - k
                 a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b_t = tl.load(w_ptrs, mask=(offs_n < N)[:, None] & k_ok[None, :], other=0.0)
                 part_t = tl.dot(b_t, tl.trans(a), out_dtype=tl.float32)
                 sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
-                sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
-                acc_t += part_t * (sa[None, :] * sb)
+                if BLOCK_N > QB:  # the tile spans blocks: each column's scale
+                    sb = tl.load(ws_cols + (k // QB) * stride_wsk, mask=offs_n < N, other=0.0)
+                    acc_t += part_t * (sb[:, None] * sa[None, :])
+                else:
+                    sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
+                    acc_t += part_t * (sa[None, :] * sb)
                 x_ptrs += BLOCK_K
                 w_ptrs += BLOCK_K * stride_wk
             acc_t = tl.where(real, acc_t, 0.0)
@@ -899,8 +905,10 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     # config tunes the Triton kernel's launch unless it names wgmma.
     base = gmm_fp8_launch(M, E, interpreted(x_q), decode=config is None or "swap_ab" in config, gluon=config is None)
     cfg = dict(base, **(config or {}))
-    if (Q % cfg["block_n"] or Q % cfg["block_k"]) and not cfg["wgmma"]:  # the Gluon forms' tiles: below
-        raise ValueError(f"config: block_n and block_k must divide {Q}, got {cfg}")
+    wide = cfg["swap_ab"] and cfg["block_n"] % Q == 0  # transposed tiles may span blocks of columns
+    if ((Q % cfg["block_n"] and not wide) or Q % cfg["block_k"]) and not cfg["wgmma"]:  # the Gluon forms': below
+        raise ValueError(f"config: block_n and block_k must divide {Q} (block_n may be a multiple of it with "
+                         f"swap_ab), got {cfg}")
     if cfg["copy_n_major"] and w_q.stride(2) != 1 and w_q.numel():
         # The tensor cores' FP8 products read their second operand K-major; read N-major in
         # place, the product ran at a quarter of the K-major rate (mixtral's input gradient

@@ -470,15 +470,19 @@ def test_gmm_fp8_default_launches():
 
 @pytest.mark.parametrize("case", list(GMM_CASES))
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
-def test_gmm_fp8_swap_ab_tiles(case, trans_b):
+@pytest.mark.parametrize("block_n", [None, 256], ids=["block_n_default", "block_n_256"])
+def test_gmm_fp8_swap_ab_tiles(case, trans_b, block_n):
     """`swap_ab` (each tile computed transposed, weights times rows, 16-row tiles) against the plain
     definition at the FP8 product's tolerance: uneven and empty groups, rows past the groups'
-    total (zeros), K and N not multiples of the tiles, [E, K, N] weights copied K-major."""
+    total (zeros), K and N not multiples of the tiles, [E, K, N] weights copied K-major; and
+    tiles two weight blocks wide (each column's block scale)."""
     sizes, K, N = GMM_CASES[case]
     x, w, batch_sizes = _operands(sizes, K, N, extra_rows=3, seed=11)
     x_q, x_s = fp8.quantize_rows(x)
     w_q, w_s = fp8.quantize_blocks(w if trans_b else w.transpose(1, 2).contiguous())
     cfg = dict(swap_ab=True, block_m=16, num_warps=4) if DEVICE == "cuda" else dict(swap_ab=True, block_m=16)
+    if block_n is not None:
+        cfg.update(block_n=block_n)
     out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, trans_b=trans_b, config=cfg)
     ref = _definition(x_q, x_s, w_q, w_s, sizes, trans_b)
     assert_close("gmm_fp8 swap_ab", out, ref, dtype=torch.float32, family="fp8")
@@ -600,6 +604,8 @@ def test_gmm_fp8_validates():
         fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.int8)
     with pytest.raises(ValueError, match="must divide"):
         fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, config=dict(block_n=48))
+    with pytest.raises(ValueError, match="must divide"):  # a multiple of 128 only with swap_ab
+        fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, config=dict(block_n=256, swap_ab=False))
     with pytest.raises(ValueError, match="config: expected a dict with keys among"):
         fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, config=dict(warp_specialise=True))  # a misspelt key
     with pytest.raises(TypeError, match="transposed: expected a bool"):
