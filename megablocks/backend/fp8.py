@@ -880,7 +880,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product,
     `warp_specialize` (with TMA loads) runs the K loop's loads and products in separate warps,
     `swap_ab` (pointer loads) computes each tile transposed, weights times rows (for a few rows per
-    expert: `block_m` as small as 16 then fills the tensor cores' narrow side), `wgmma` takes the
+    expert: `block_m` as small as 16 then fills the tensor cores' narrow side; `block_n` may then
+    also be a multiple of 128, tiles spanning weight blocks: measured no faster), `wgmma` takes the
     Gluon form (`fp8_wgmma`: 128 x 128 x 128 tiles, each step's product in flight while the one
     before it is promoted; `num_stages`, `num_warps`; with `warp_specialize` a loader warp and
     consumer warpgroups of 64 rows each over `fp8_wgmma.WS_TILES`: 128 x 128 or 192 x 128) on
