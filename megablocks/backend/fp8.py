@@ -817,7 +817,7 @@ FP8_DECODE_CONFIGS = [
 
 
 _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
-                        "warp_specialize", "swap_ab", "wgmma")
+                        "warp_specialize", "swap_ab", "wgmma", "group_m")
 
 
 # How much the Gluon form's 192 x 128 tiles may pad the rows per expert past 128-row tiles' and
@@ -835,7 +835,7 @@ def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True,
     """`gmm_fp8`'s default launch settings for M rows over E experts (every key of `config`);
     `decode=False` leaves out the few-rows-per-expert tiles (`FP8_DECODE_CONFIGS`), `gluon=False`
     the Gluon form past them (the Triton kernel's launch instead)."""
-    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False, wgmma=False)
+    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False, wgmma=False, group_m=8)
     if interpret:
         cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
     elif decode and M <= FP8_DECODE_CONFIGS[-1][0] * E:
@@ -871,10 +871,12 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     `[E, N, K]` (out x in) with `[E, NB, KB]` scales and out = x @ w[e]^T; with trans_b=False it
     is `[E, K, N]` with `[E, KB, NB]` scales and out = x @ w[e] (the same quantized weight serves
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
-    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab', 'wgmma'})
-    overrides the launch, for tuning and tests (keys left out take `gmm_fp8_launch`'s defaults,
+    'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab', 'wgmma',
+    'group_m'}) overrides the launch, for tuning and tests (keys left out take `gmm_fp8_launch`'s defaults,
     those for many rows per expert unless `config` names `swap_ab`, the Triton kernel's unless it
     names `wgmma`; without a config, past the decode sizes, the warp-specialized Gluon form where it applies):
+    `group_m` is the row tiles per group of the tile order (default 8: a group's row tiles run
+    down each column of tiles before the next, for L2 reuse),
     `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
     per SM that loops over tiles, `copy_n_major` (default True) copies a weight whose K stride is
     not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product,
@@ -906,6 +908,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     # config tunes the Triton kernel's launch unless it names wgmma.
     base = gmm_fp8_launch(M, E, interpreted(x_q), decode=config is None or "swap_ab" in config, gluon=config is None)
     cfg = dict(base, **(config or {}))
+    if isinstance(cfg["group_m"], bool) or not isinstance(cfg["group_m"], int) or cfg["group_m"] < 1:
+        raise ValueError(f"config: group_m must be an int >= 1, got {cfg['group_m']!r}")
     wide = cfg["swap_ab"] and cfg["block_n"] % Q == 0  # transposed tiles may span blocks of columns
     if ((Q % cfg["block_n"] and not wide) or Q % cfg["block_k"]) and not cfg["wgmma"]:  # the Gluon forms': below
         raise ValueError(f"config: block_n and block_k must divide {Q} (block_n may be a multiple of it with "
@@ -928,7 +932,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
             num_tiles = (cdiv(M, tile[0]) + E) * cdiv(N, tile[1])
             return fp8_wgmma.gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, persistent_programs(x_q.device, num_tiles),
                                            stages=cfg["num_stages"], num_warps=cfg["num_warps"],
-                                           warp_specialize=bool(cfg["warp_specialize"]), block_m=tile[0])
+                                           group_m=cfg["group_m"], warp_specialize=bool(cfg["warp_specialize"]),
+                                           block_m=tile[0])
         # Where this form does not apply: the Triton kernel's default launch, or, for a config
         # that asked for the form, its keys over the Triton kernel's 128 x 128 tiles.
         if config is None:
@@ -947,7 +952,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         x_q.stride(0), x_s.stride(0), x_s.stride(1), w_q.stride(0), w_q.stride(1), w_q.stride(2), w_s.stride(0),
         w_s.stride(1), w_s.stride(2), out.stride(0),
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
-        BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=8, USE_TMA=use_tma, W_K_MAJOR=w_k_major,
+        BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=cfg["group_m"], USE_TMA=use_tma, W_K_MAJOR=w_k_major,
         WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and use_tma, SWAP_AB=bool(cfg["swap_ab"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

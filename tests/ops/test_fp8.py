@@ -409,6 +409,26 @@ def test_gmm_fp8_reads_the_scales_strides(config):
     assert_close("gmm_fp8", out, _definition(x_q, x_s, w_q, w_s, sizes, True), dtype=torch.float32, family="fp8")
 
 
+@pytest.mark.parametrize("config", [dict(), dict(wgmma=True, warp_specialize=True)], ids=["triton", "gluon"])
+def test_gmm_fp8_tile_order_changes_no_bits(config):
+    """`group_m` only orders the tiles: every order gives the same output bit for bit (the
+    Gluon form where it runs, on the GPU); it must be an int >= 1."""
+    if config.get("wgmma") and not (DEVICE == "cuda" and fp8_wgmma.available()):
+        pytest.skip("the Gluon form runs on a GPU")
+    sizes, K, N = GMM_CASES["mixed"]
+    x, w, batch_sizes = _operands(sizes, K, N, extra_rows=3, seed=21)
+    x_q, x_s = fp8.quantize_rows(x)
+    w_q, w_s = fp8.quantize_blocks(w)
+    outs = [fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32, config=dict(config, group_m=g))
+            for g in (1, 3, 8, 64)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert_close("gmm_fp8 group_m", outs[0], _definition(x_q, x_s, w_q, w_s, sizes, True), dtype=torch.float32,
+                 family="fp8")
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="group_m"):
+            fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, config=dict(config, group_m=bad))
+
+
 @pytest.mark.parametrize("case", list(TMA_CASES))
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
 def test_gmm_fp8_tma_loads_and_persistent_programs_equal_pointer_loads(case, trans_b, monkeypatch):
