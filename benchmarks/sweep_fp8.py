@@ -31,15 +31,15 @@ from megablocks.ops import fp8  # noqa: E402
 
 
 def _variant(m, n, k, warps, stages, tma=False, persistent=False, warp_specialize=False, swap_ab=False, wgmma=False,
-             xs_t=False, group_m=8):
+             xs_t=False, group_m=8, tma_store=True):
     """(name, gmm_fp8 config); `xs_t` (not a config key: the sweep's own) stores the rows' scales
     column by column ([KB, M] storage of the [M, KB] scales, each step's scales contiguous)."""
     name = f"{m}x{n}x{k}_w{warps}_s{stages}" + ("_tma" if tma else "") + ("_pers" if persistent else "")
     name += ("_ws" if warp_specialize else "") + ("_swap" if swap_ab else "") + ("_wgmma" if wgmma else "")
-    name += ("_xsT" if xs_t else "") + (f"_g{group_m}" if group_m != 8 else "")
+    name += ("_xsT" if xs_t else "") + (f"_g{group_m}" if group_m != 8 else "") + ("" if tma_store else "_stores")
     return name, dict(block_m=m, block_n=n, block_k=k, num_warps=warps, num_stages=stages, tma=tma,
                       persistent=persistent, warp_specialize=warp_specialize, swap_ab=swap_ab, wgmma=wgmma,
-                      xs_t=xs_t, group_m=group_m)
+                      xs_t=xs_t, group_m=group_m, tma_store=tma_store)
 
 
 # Pointer loads (the default until measured otherwise), then TMA loads at several depths, one
@@ -89,6 +89,8 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (192, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, group_m=16)),
     (192, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, group_m=32)),
     (128, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, group_m=16)),
+    (192, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, tma_store=False)),
+    (128, 128, 128, 8, 4, dict(warp_specialize=True, wgmma=True, tma_store=False)),
 ])
 
 

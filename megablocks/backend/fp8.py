@@ -817,7 +817,7 @@ FP8_DECODE_CONFIGS = [
 
 
 _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "tma", "persistent", "copy_n_major",
-                        "warp_specialize", "swap_ab", "wgmma", "group_m")
+                        "warp_specialize", "swap_ab", "wgmma", "group_m", "tma_store")
 
 
 # How much the Gluon form's 192 x 128 tiles may pad the rows per expert past 128-row tiles' and
@@ -835,7 +835,7 @@ def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True,
     """`gmm_fp8`'s default launch settings for M rows over E experts (every key of `config`);
     `decode=False` leaves out the few-rows-per-expert tiles (`FP8_DECODE_CONFIGS`), `gluon=False`
     the Gluon form past them (the Triton kernel's launch instead)."""
-    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False, wgmma=False, group_m=8)
+    cfg = dict(copy_n_major=True, warp_specialize=False, swap_ab=False, wgmma=False, group_m=8, tma_store=True)
     if interpret:
         cfg.update(block_m=32, block_n=32, block_k=32, num_warps=4, num_stages=1, tma=False, persistent=False)
     elif decode and M <= FP8_DECODE_CONFIGS[-1][0] * E:
@@ -872,11 +872,12 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     is `[E, K, N]` with `[E, KB, NB]` scales and out = x @ w[e] (the same quantized weight serves
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
     'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab', 'wgmma',
-    'group_m'}) overrides the launch, for tuning and tests (keys left out take `gmm_fp8_launch`'s defaults,
+    'group_m', 'tma_store'}) overrides the launch, for tuning and tests (keys left out take `gmm_fp8_launch`'s defaults,
     those for many rows per expert unless `config` names `swap_ab`, the Triton kernel's unless it
     names `wgmma`; without a config, past the decode sizes, the warp-specialized Gluon form where it applies):
     `group_m` is the row tiles per group of the tile order (default 8: a group's row tiles run
-    down each column of tiles before the next, for L2 reuse),
+    down each column of tiles before the next, for L2 reuse), `tma_store` (default True) lets the
+    warp-specialized Gluon form store a 16-bit output's full 64-row pieces by TMA,
     `tma` reads the operands by TMA where their strides allow, `persistent` launches one program
     per SM that loops over tiles, `copy_n_major` (default True) copies a weight whose K stride is
     not 1 (the trans_b=False form of a contiguous `[E, K, N]`) K-major before the product,
@@ -933,7 +934,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
             return fp8_wgmma.gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, persistent_programs(x_q.device, num_tiles),
                                            stages=cfg["num_stages"], num_warps=cfg["num_warps"],
                                            group_m=cfg["group_m"], warp_specialize=bool(cfg["warp_specialize"]),
-                                           block_m=tile[0])
+                                           block_m=tile[0], tma_store=bool(cfg["tma_store"]))
         # Where this form does not apply: the Triton kernel's default launch, or, for a config
         # that asked for the form, its keys over the Triton kernel's 128 x 128 tiles.
         if config is None:

@@ -35,6 +35,7 @@ try:
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     # The TMA load's name: `async_load` from Triton 3.7 on, `async_copy_global_to_shared` before.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     _gluon = True
 except ImportError:  # a Triton without Gluon's Hopper language
     _gluon = False
@@ -212,8 +213,10 @@ if _gluon:
     @gluon.jit
     def _ws_consumer(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                      num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
+                     out_desc, c_bufs,
                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
-                     STAGES: gl.constexpr, GROUP_M: gl.constexpr, DEFER: gl.constexpr, CONSUMERS: gl.constexpr):
+                     STAGES: gl.constexpr, GROUP_M: gl.constexpr, DEFER: gl.constexpr, CONSUMERS: gl.constexpr,
+                     TMA_OUT: gl.constexpr):
         """Rows [HALF * 64, HALF * 64 + 64) of each of this program's tiles. DEFER: steps in pairs,
         the first promoted while the second's product runs (two products in flight, neither carried
         across the loop's edge: ptxas serializes a product whose registers are copied while it
@@ -278,19 +281,33 @@ if _gluon:
                     mbarrier.arrive(empty.index((g + k_steps - 1) % STAGES), count=1)
                     acc += ra * scale[:, None]
                 g += k_steps
-            offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols_layout)  # after the loop: no registers held across it
-            out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
-            gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+            piece0 = row0 + HALF * ROWS
+            if TMA_OUT and piece0 + ROWS <= row_end:
+                # All 64 rows are this group's: staged in shared memory and stored by TMA (clipped
+                # at the tensor's edges), the consumer free for its next tile while it runs.
+                c_buf = c_bufs.index(HALF)
+                tma.store_wait(0)  # the last tile's store has read the buffer
+                c_buf.store(acc.to(out_desc.dtype))
+                fence_async_shared()
+                _tma_store(out_desc, [piece0, n0], c_buf)
+            else:
+                offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols_layout)  # after the loop: none held across it
+                out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
+                gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+        if TMA_OUT:
+            tma.store_wait(0)
 
     @gluon.jit
     def _gmm_fp8_ws_kernel(
-        x_desc, w_desc, xs_ptr, ws_ptr, out_ptr, table_ptr,
+        x_desc, w_desc, xs_ptr, ws_ptr, out_ptr, table_ptr, out_desc,
         N, K, num_m_tiles, num_programs,
         stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
-        STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr,
+        STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, TMA_OUT: gl.constexpr,
     ):
-        """CONSUMERS (2 or 3) warpgroups of 64 rows each over BLOCK_M = 64 * CONSUMERS row tiles."""
+        """CONSUMERS (2 or 3) warpgroups of 64 rows each over BLOCK_M = 64 * CONSUMERS row tiles;
+        with TMA_OUT (a 16-bit out; out_desc its [M, N] descriptor of 64 x BLOCK_N blocks) each
+        consumer's full 64-row pieces go out by TMA from a buffer of its own."""
         # Stage s holds the consumers' 64-row pieces of x at a_bufs[s * CONSUMERS + c] and the weight's
         # tile at b_bufs[s].
         a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * CONSUMERS, 64, BLOCK_K], x_desc.layout)
@@ -300,6 +317,10 @@ if _gluon:
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=CONSUMERS)  # every consumer releases a stage
+        if TMA_OUT:
+            c_bufs = gl.allocate_shared_memory(out_desc.dtype, [CONSUMERS, 64, BLOCK_N], out_desc.layout)
+        else:
+            c_bufs = a_bufs  # not read
         fence_async_shared()
         FIRST: gl.constexpr = 0
         SECOND: gl.constexpr = 1
@@ -308,10 +329,12 @@ if _gluon:
             gl.warp_specialize([
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                                FIRST, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, True, CONSUMERS)),
+                                out_desc, c_bufs, FIRST, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, True, CONSUMERS,
+                                TMA_OUT)),
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                                SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, True, CONSUMERS)),
+                                out_desc, c_bufs, SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, True, CONSUMERS,
+                                TMA_OUT)),
                 (_ws_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles,
                               num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, CONSUMERS)),
             ], [4, 1], [240, 24])
@@ -319,13 +342,16 @@ if _gluon:
             gl.warp_specialize([
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                                FIRST, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, CONSUMERS)),
+                                out_desc, c_bufs, FIRST, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, CONSUMERS,
+                                TMA_OUT)),
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                                SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, CONSUMERS)),
+                                out_desc, c_bufs, SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, CONSUMERS,
+                                TMA_OUT)),
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                                THIRD, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, CONSUMERS)),
+                                out_desc, c_bufs, THIRD, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, CONSUMERS,
+                                TMA_OUT)),
                 (_ws_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles,
                               num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, CONSUMERS)),
             ], [4, 4, 1], [160, 160, 24])
@@ -470,6 +496,19 @@ if _gluon:
         ], [4, 1], [240, 24])
 
 
+# The 16-bit outputs the warp-specialized form can store by TMA (a 64 x 128 buffer per consumer
+# beside the stages: 208 KB of shared memory with three consumers and four stages).
+_OUT_TYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16} if _gluon else {}
+# A Hopper block's shared memory (opt-in), less room for the barriers.
+_SHARED_BYTES = 232448 - 2048
+
+
+def tma_store_fits(block_m: int, stages: int, dtype: torch.dtype) -> bool:
+    """Whether the warp-specialized form over block_m-row tiles with `stages` stages has room for
+    its consumers' output buffers (and `dtype` is one it stores by TMA)."""
+    return dtype in _OUT_TYPES and stages * (block_m + BLOCK) * BLOCK + block_m * BLOCK * 2 <= _SHARED_BYTES
+
+
 def available() -> bool:
     """Whether this Triton ships Gluon's Hopper language (the forms here compile)."""
     return _gluon
@@ -486,13 +525,15 @@ def usable(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int = 4, num_warps: int = 8,
-                  group_m: int = 8, warp_specialize: bool = False, block_m: int = BLOCK) -> torch.Tensor:
+                  group_m: int = 8, warp_specialize: bool = False, block_m: int = BLOCK,
+                  tma_store: bool = True) -> torch.Tensor:
     """out[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T for `usable` operands: x_q
     [M, K] e4m3, x_s [M, KB] (any strides), w_q [E, N, K] e4m3 contiguous, w_s as its logical
     [E, NB, KB] strides, sizes int32 [E] on the device, out [M, N] (rows past the groups' total
     written as zeros). `warp_specialize`: the loader warp and 64-row consumer warpgroups over the
-    tiles of `WS_TILES` (two over 128 x 128, three over 192 x 128); else one group of
-    `num_warps` warps over 128 x 128 tiles."""
+    tiles of `WS_TILES` (two over 128 x 128, three over 192 x 128), with `tma_store` and a 16-bit
+    `out` whose strides allow it storing each consumer's full 64-row pieces by TMA; else one group
+    of `num_warps` warps over 128 x 128 tiles."""
     tiles = WS_TILES if warp_specialize else {(BLOCK, BLOCK): None}
     if (block_m, BLOCK) not in tiles:
         raise ValueError(f"block_m: expected one of {tuple(m for m, _ in tiles)}, got {block_m}")
@@ -508,12 +549,19 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
     w_desc = TensorDescriptor(w_q.view(E * N, K), [E * N, K], [K, 1], [BLOCK, BLOCK], layout)
     programs = max(1, min(num_programs, max_m_tiles * triton.cdiv(N, BLOCK)))
     if warp_specialize:  # a loader warp and 64-row consumer warpgroups (`_gmm_fp8_ws_kernel`)
+        tma_out = tma_store and tma_store_fits(block_m, stages, out.dtype) and (
+            out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0)
+        if tma_out:
+            out_layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK], _OUT_TYPES[out.dtype])
+            out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [64, BLOCK], out_layout)
+        else:
+            out_desc = x_desc  # not read
         _gmm_fp8_ws_kernel[(programs,)](
-            x_desc, w_desc, x_s, w_s, out, table,
+            x_desc, w_desc, x_s, w_s, out, table, out_desc,
             N, K, max_m_tiles, programs,
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
-            CONSUMERS=block_m // 64, num_warps=4, maxnreg=WS_TILES[(block_m, BLOCK)],
+            CONSUMERS=block_m // 64, TMA_OUT=tma_out, num_warps=4, maxnreg=WS_TILES[(block_m, BLOCK)],
         )
         return out
     _gmm_fp8_wgmma_kernel[(programs,)](

@@ -429,6 +429,29 @@ def test_gmm_fp8_tile_order_changes_no_bits(config):
             fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, config=dict(config, group_m=bad))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m, stages", [(192, 4), (128, 4), (192, 5)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_gmm_fp8_gluon_tma_store_same_bits(block_m, stages, out_dtype):
+    """The warp-specialized Gluon form's output stored by TMA (full 64-row pieces of a group; the
+    rest, and outputs with no room or no 16-bit type, by masked stores) or all by masked stores:
+    the same bits, groups of uneven sizes (pieces that end mid-group, empty groups, rows past the
+    total written as zeros), N not a multiple of the tile."""
+    if not (DEVICE == "cuda" and fp8_wgmma.available()):
+        pytest.skip("the Gluon form runs on a GPU")
+    sizes, K, N = [300, 0, 64, 1, 190, 640], 384, 200
+    x, w, batch_sizes = _operands(sizes, K, N, extra_rows=70, seed=5)
+    x_q, x_s = fp8.quantize_rows(x)
+    w_q, w_s = fp8.quantize_blocks(w)
+    config = dict(wgmma=True, warp_specialize=True, block_m=block_m, num_stages=stages)
+    outs = [fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=out_dtype, config=dict(config, tma_store=t))
+            for t in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+    assert not outs[0][sum(sizes):].any(), "rows past the groups' total are zeros"
+    assert_close("gmm_fp8 gluon tma store", outs[0].float(), _definition(x_q, x_s, w_q, w_s, sizes, True),
+                 dtype=out_dtype, family="fp8")
+
+
 @pytest.mark.parametrize("case", list(TMA_CASES))
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
 def test_gmm_fp8_tma_loads_and_persistent_programs_equal_pointer_loads(case, trans_b, monkeypatch):

@@ -207,11 +207,18 @@ if FW.available():
         for (block_m, block_n), stages in (((128, 128), 4), ((128, 128), 6), ((192, 128), 4), ((192, 128), 5)):
             x_desc = "tensordesc<fp8e4nv[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
                                                                                              FW.gl.float8e4nv)
-            check(f"fp8 gmm wgmma warp-specialized into {dtype} {block_m}x{block_n} stages={stages}",
+            # A 16-bit output goes out by TMA where its buffers fit beside the stages.
+            tma_out = FW.tma_store_fits(block_m, stages, dtype)
+            out_desc = ("tensordesc<bf16[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
+                                                                                                FW.gl.bfloat16)
+                        if tma_out else x_desc)
+            check(f"fp8 gmm wgmma warp-specialized into {dtype} {block_m}x{block_n} stages={stages}"
+                  + (" TMA store" if tma_out else ""),
                   FW._gmm_fp8_ws_kernel, ELEMENT[dtype],
                   dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, STAGES=stages, GROUP_M=8,
-                       CONSUMERS=block_m // 64), 4, stages,
-                  types={"x_desc": x_desc, "w_desc": DESC, "xs_ptr": "*fp32", "ws_ptr": "*fp32", "table_ptr": "*i32"},
+                       CONSUMERS=block_m // 64, TMA_OUT=tma_out), 4, stages,
+                  types={"x_desc": x_desc, "w_desc": DESC, "xs_ptr": "*fp32", "ws_ptr": "*fp32", "table_ptr": "*i32",
+                         "out_desc": out_desc},
                   source=GluonASTSource, options={"maxnreg": FW.WS_TILES[(block_m, block_n)]})
     # The weight gradient's warp-specialized form (two consumers, blocks in pairs).
     for dtype in (torch.bfloat16, torch.float32):
