@@ -872,9 +872,10 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     is `[E, K, N]` with `[E, KB, NB]` scales and out = x @ w[e] (the same quantized weight serves
     a layer's forward and its input gradient). `config` ({'block_m', 'block_n', 'block_k',
     'num_warps', 'num_stages', 'tma', 'persistent', 'copy_n_major', 'warp_specialize', 'swap_ab', 'wgmma',
-    'group_m', 'tma_store'}) overrides the launch, for tuning and tests (keys left out take `gmm_fp8_launch`'s defaults,
-    those for many rows per expert unless `config` names `swap_ab`, the Triton kernel's unless it
-    names `wgmma`; without a config, past the decode sizes, the warp-specialized Gluon form where it applies):
+    'group_m', 'tma_store'}) overrides the launch, for tuning and tests (keys left out take
+    `gmm_fp8_launch`'s defaults, those for many rows per expert unless `config` names `swap_ab`, the
+    Triton kernel's unless it names `wgmma`; without a config, past the decode sizes, the
+    warp-specialized Gluon form where it applies):
     `group_m` is the row tiles per group of the tile order (default 8: a group's row tiles run
     down each column of tiles before the next, for L2 reuse), `tma_store` (default True) lets the
     warp-specialized Gluon form store a 16-bit output's full 64-row pieces by TMA,

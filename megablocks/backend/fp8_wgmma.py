@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .gmm import _group_table, _row_tile
+from .launch import tma_ok
 
 try:
     from triton.experimental import gluon
@@ -553,8 +554,7 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
     w_desc = TensorDescriptor(w_q.view(E * N, K), [E * N, K], [K, 1], [BLOCK, BLOCK], layout)
     programs = max(1, min(num_programs, max_m_tiles * triton.cdiv(N, BLOCK)))
     if warp_specialize:  # a loader warp and 64-row consumer warpgroups (`_gmm_fp8_ws_kernel`)
-        tma_out = tma_store and tma_store_fits(block_m, stages, out.dtype) and (
-            out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0)
+        tma_out = tma_store and tma_store_fits(block_m, stages, out.dtype) and tma_ok(out)
         if tma_out:
             out_layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK], _OUT_TYPES[out.dtype])
             out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [64, BLOCK], out_layout)
