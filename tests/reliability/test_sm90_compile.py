@@ -61,7 +61,7 @@ def check(label, fn, element, consts, num_warps, num_stages, types=None, source=
         kernel = compile_kernel(fn, element, consts, num_warps, num_stages, types, source, options)
         results.append({"label": label, "shared": kernel.metadata.shared, "seconds": time.perf_counter() - start})
     except Exception as err:  # reported by the test
-        results.append({"label": label, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+        results.append({"label": label, "error": f"{type(err).__name__}: {str(err)[:3000]}"})
 
 
 meta = lambda dtype: torch.empty(0, dtype=dtype, device="meta")  # noqa: E731
@@ -225,10 +225,16 @@ if FW.available():
         for stages in (2, 4):
             a_desc = "tensordesc<fp8e4nv[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
                                                                                              FW.gl.float8e4nv)
-            check(f"fp8 weight gradient wgmma warp-specialized into {dtype} stages={stages}",
+            tma_out = FW.tma_store_fits(128, stages, dtype)
+            out_desc = ("tensordesc<bf16[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
+                                                                                                FW.gl.bfloat16)
+                        if tma_out else a_desc)
+            check(f"fp8 weight gradient wgmma warp-specialized into {dtype} stages={stages}"
+                  + (" TMA store" if tma_out else ""),
                   FW._gmm_fp8_wgrad_ws_kernel, ELEMENT[dtype],
-                  dict(BLOCK_N=128, STAGES=stages, GROUP_N=8, CONSUMERS=2, QB=F8.Q), 4, stages,
-                  types={"a_desc": a_desc, "b_desc": DESC, "as_ptr": "*fp32", "bs_ptr": "*fp32", "table_ptr": "*i32"},
+                  dict(BLOCK_N=128, STAGES=stages, GROUP_N=8, CONSUMERS=2, QB=F8.Q, TMA_OUT=tma_out), 4, stages,
+                  types={"a_desc": a_desc, "b_desc": DESC, "as_ptr": "*fp32", "bs_ptr": "*fp32", "table_ptr": "*i32",
+                         "out_desc": out_desc},
                   source=GluonASTSource, options={"maxnreg": FW.WS_TILES[(128, 128)]})
 # The multi-tensor AdamW: addresses read from a table and cast to typed pointers.
 from megablocks.backend import optim as O
