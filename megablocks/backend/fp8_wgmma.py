@@ -626,8 +626,7 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
     num_tiles = E * num_n_tiles * num_k_tiles
     programs = max(1, min(num_programs, num_tiles))
     # A 16-bit contiguous gradient's full 64-row pieces go out by TMA (out viewed as [E * N, K]).
-    tma_out = (tma_store and tma_store_fits(BLOCK, stages, out.dtype) and out.is_contiguous()
-               and (K * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0)
+    tma_out = tma_store and tma_store_fits(BLOCK, stages, out.dtype) and out.is_contiguous() and tma_ok(out)
     if tma_out:
         out_layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK], _OUT_TYPES[out.dtype])
         out_desc = TensorDescriptor(out.view(E * N, K), [E * N, K], [K, 1], [64, BLOCK], out_layout)
