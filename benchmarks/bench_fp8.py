@@ -90,9 +90,9 @@ def bench(args):
                 quantize_ms=ms_q, quantize_gbs=(M * K * 2 + M * K + M * K // 32) / ms_q / 1e6, copy_gbs=bw,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env,
             ))
-        # The weight gradient's launches: the default (the Gluon form on sm_90) and the Triton
-        # K-major kernel (the row-major first kernel: `k_major=False`, 5.8x slower).
-        for variant, config in (("", None), ("_triton", dict(wgmma=False))):
+        # The weight gradient's launches: the default (the Gluon form on sm_90), the same with
+        # masked stores instead of its TMA store, and the Triton K-major kernel (the row-major first kernel: `k_major=False`, 5.8x slower).
+        for variant, config in (("", None), ("_stores", dict(tma_store=False)), ("_triton", dict(wgmma=False))):
             rows.append(wgrad_row(name, T * k, H, F, E, env, bw, config=config, variant=variant))
     os.makedirs(args.out, exist_ok=True)
     if rows:  # none with an empty --configs

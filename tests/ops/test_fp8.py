@@ -839,9 +839,8 @@ def test_gmm_fp8_wgrad_gluon(sizes, N, K, stages):
         # own rounding inside a block.
         assert_close("gmm_fp8_wgrad gluon", out, triton_form, dtype=out_dtype)
         # A 16-bit gradient's full 64-row pieces are stored by TMA: the same bits as masked stores.
-        masked = torch.empty_like(out)
-        fp8_wgmma.gmm_fp8_wgrad_ws(at_q, at_s, bt_q, bt_s, bs.to(torch.int32), masked, M, 132, stages=stages,
-                                   tma_store=False)
+        masked = fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, out_dtype=out_dtype, rows=M,
+                                   config=dict(num_stages=stages, tma_store=False))
         assert torch.equal(out, masked)
     want = fp8.gmm_fp8_wgrad_reference(*fp8.quantize_cols_grouped(a.cpu(), bs.cpu()),
                                        *fp8.quantize_cols_grouped(b.cpu(), bs.cpu()), bs.cpu())
