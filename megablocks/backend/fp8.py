@@ -362,6 +362,35 @@ def _gmm_fp8_kernel(
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
 
 
+# Block b of `_group_table`'s Q-row blocks: (its first row, its end row, whether b is a block).
+@triton.jit
+def _col_block(b, sizes_ptr, E, M, QB: tl.constexpr, BLOCK_E: tl.constexpr):
+    e, starts, ends, block_starts, blocks = _group_table(sizes_ptr, E, M, QB, BLOCK_E)
+    mine = (block_starts <= b) & (b < block_starts + blocks)
+    row0 = tl.sum(tl.where(mine, starts + (b - block_starts) * QB, 0), 0)
+    row_end = tl.sum(tl.where(mine, ends, 0), 0)
+    return row0, row_end, tl.sum(mine.to(tl.int32), 0) > 0
+
+
+# x: a [QB, BLOCK_K] fp32 tile (0 where masked) of block b's rows `rows` and columns `cols` (-1:
+# past K, not stored), quantized in QB x 1 tiles down its columns: scale row b of s, and q
+# row-major at `rows` (where `mask`), or (TRANSPOSED) K-major in columns [b*QB, (b+1)*QB) of
+# q_KP (all QB slots: rows past the group 0).
+@triton.jit
+def _store_col_tiles(x, b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb, TRANSPOSED: tl.constexpr):
+    scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=0))
+    scale = tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), scale)
+    q = _round_e4m3(x * inv[None, :])
+    if TRANSPOSED:
+        slots = b.to(tl.int64) * x.shape[0] + tl.arange(0, x.shape[0])
+        tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_qm + slots[None, :],
+                 tl.trans(q).to(q_ptr.dtype.element_ty), mask=(cols >= 0)[:, None])
+    else:
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
+                 mask=mask)
+    tl.store(s_ptr + b.to(tl.int64) * stride_sb + cols, scale, mask=cols >= 0)
+
+
 # x_MK -> q_MK e4m3, s_SK fp32 (S = ceil(M/Q) + E): 128 x 1 tiles down the columns, each group's
 # rows in blocks of Q from the group's first row (block b of the whole is block b - tile_start[e]
 # of its group e). Program (b, j) quantizes block b in columns [j*BLOCK_K, (j+1)*BLOCK_K);
@@ -374,28 +403,68 @@ def _quantize_cols_grouped_kernel(
     QB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, TRANSPOSED: tl.constexpr = False,
 ):
     b = tl.program_id(0)
-    e, starts, ends, block_starts, blocks = _group_table(sizes_ptr, E, M, QB, BLOCK_E)
-    mine = (block_starts <= b) & (b < block_starts + blocks)
-    if tl.sum(mine.to(tl.int32), 0) == 0:
+    row0, row_end, real = _col_block(b, sizes_ptr, E, M, QB, BLOCK_E)
+    if not real:
         return
-    row0 = tl.sum(tl.where(mine, starts + (b - block_starts) * QB, 0), 0)
-    row_end = tl.sum(tl.where(mine, ends, 0), 0)
     rows = row0 + tl.arange(0, QB)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < row_end)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=0))
-    scale = tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), scale)
-    q = _round_e4m3(x * inv[None, :])
-    if TRANSPOSED:  # q_KP: block b in columns [b*QB, (b+1)*QB), its rows past the group zeros
-        slots = b.to(tl.int64) * QB + tl.arange(0, QB)
-        tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_qm + slots[None, :],
-                 tl.trans(q).to(q_ptr.dtype.element_ty), mask=(cols < K)[:, None])
+    cols = tl.where(cols < K, cols, -1)
+    _store_col_tiles(x.to(tl.float32), b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb, TRANSPOSED)
+
+
+# The FP8 weight gradient's operands made in the pass that already reads what they come from, in
+# `quantize_cols_grouped`'s transposed layout (q_c [K, P], s_c [S, K]), program (b, j) as there
+# with BLOCK_K = QB. MODE 'rows': x_MK itself, also quantized in 1 x QB row tiles into (q1, s1)
+# (the input gradient's operand); 'gather': row r is x_TK[row_assignment[r] // TOP_K] (0 where
+# -1); 'glu': glu(h1 = x, h2) rounded to x's dtype; 'glu_backward': the GLU's two input gradients
+# from (g, h1 = x, h2), rounded to x's dtype, the second's columns at OFF2 (rows of q_c, columns
+# of s_c), each also in row tiles into (q1, s1) and (q2, s2).
+@triton.jit
+def _quantize_cols_fused_kernel(
+    x_ptr, h2_ptr, g_ptr, map_ptr, sizes_ptr, qc_ptr, sc_ptr, q1_ptr, s1_ptr, q2_ptr, s2_ptr,
+    M, K, E, OFF2,
+    stride_x, stride_h2, stride_g, stride_qc, stride_sc, stride_q1, stride_s1, stride_q2, stride_s2,
+    MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr, QB: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    b = tl.program_id(0)
+    row0, row_end, real = _col_block(b, sizes_ptr, E, M, QB, BLOCK_E)
+    if not real:
+        return
+    rows = row0 + tl.arange(0, QB)
+    cols = tl.program_id(1) * QB + tl.arange(0, QB)
+    in_rows = rows < row_end
+    mask = in_rows[:, None] & (cols < K)[None, :]
+    r64 = rows[:, None].to(tl.int64)
+    if MODE == "gather":
+        a = tl.load(map_ptr + rows, mask=in_rows, other=-1)
+        ok = in_rows & (a >= 0)
+        src = tl.where(ok, a // TOP_K, 0).to(tl.int64)
+        x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=ok[:, None] & (cols < K)[None, :],
+                    other=0.0).to(tl.float32)
     else:
-        tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
-                 mask=mask)
-    tl.store(s_ptr + b.to(tl.int64) * stride_sb + cols, scale, mask=cols < K)
+        x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if MODE == "glu":
+        h2 = tl.load(h2_ptr + r64 * stride_h2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a, _ = _act(x, ACTIVATION)
+        u, _ = _up(h2, ACTIVATION)
+        x = tl.where(mask, (a * u).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    if MODE == "glu_backward":
+        h2 = tl.load(h2_ptr + r64 * stride_h2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        a, da = _act(x, ACTIVATION)
+        u, du = _up(h2, ACTIVATION)
+        x = tl.where(mask, (g * u * da).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        x2 = tl.where(mask, (g * a * du).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    store_cols = tl.where(cols < K, cols, -1)
+    _store_col_tiles(x, b, rows, store_cols, mask, qc_ptr, sc_ptr, stride_qc, stride_sc, True)
+    if MODE == "rows" or MODE == "glu_backward":
+        _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1)
+    if MODE == "glu_backward":
+        _store_col_tiles(x2, b, rows, tl.where(cols < K, cols + OFF2, -1), mask, qc_ptr, sc_ptr, stride_qc,
+                         stride_sc, True)
+        _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2)
 
 
 # out_ENK[e] = Σ over group e's Q-row blocks of (a_q * a_s)[blk]^T (b_q * b_s)[blk]: the weight
@@ -1000,6 +1069,130 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
     return q, s
 
 
+def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int, h2=None, grad=None,
+                row_assignment=None, top_k: int = 1, activation: str = "silu", rows_out=None, halves: int = 1):
+    """`_quantize_cols_fused_kernel`'s launch: (q_c [halves * K, P], s_c [S, halves * K]) in
+    `quantize_cols_grouped`'s transposed layout over M rows in groups `sizes` (int32, x's device);
+    `rows_out` (q1, s1[, q2, s2]) the row tiles' outputs of 'rows' / 'glu_backward'."""
+    E = sizes.numel()
+    S = cdiv(M, Q) + E
+    q_c = torch.empty((halves * K, S * Q), dtype=FP8_DTYPE, device=x.device)
+    s_c = torch.empty((S, halves * K), dtype=torch.float32, device=x.device)
+    if not (M and K and E):
+        return q_c, s_c
+    rows_out = tuple(rows_out or ())
+    rows_out += (q_c, s_c, q_c, s_c)[len(rows_out):]  # unused slots: not read
+    h2 = x if h2 is None else h2
+    grad = x if grad is None else grad
+    row_assignment = sizes if row_assignment is None else row_assignment
+    _quantize_cols_fused_kernel[(S, cdiv(K, Q))](
+        x, h2, grad, row_assignment, sizes, q_c, s_c, *rows_out, M, K, E, K,
+        x.stride(0), h2.stride(0), grad.stride(0), q_c.stride(0), s_c.stride(0),
+        rows_out[0].stride(0), rows_out[1].stride(0), rows_out[2].stride(0), rows_out[3].stride(0),
+        MODE=mode, ACTIVATION=activation, TOP_K=top_k, QB=Q, BLOCK_E=max(2, next_power_of_2(E)),
+        num_warps=4 if interpreted(x) else 8,
+    )
+    return q_c, s_c
+
+
+def _cols_reference(v: torch.Tensor, sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The torch form of `_cols_fused`'s output for the rows v (transposed layout)."""
+    q, s = quantize_cols_grouped_reference(v, sizes)
+    return _blocks_k_major(q, sizes), s
+
+
+def quantize_rows_and_cols(x_MK: torch.Tensor, batch_sizes: torch.Tensor):
+    """`quantize_rows(x)` and `quantize_cols_grouped(x, batch_sizes, transposed=True)` in one
+    pass over x (the output gradient of the down projection, operand of its input gradient and of
+    its weight gradient) -> ((q [M, K], s [M, KB]), (q_c [K, P], s_c [S, K])), bit for bit the two
+    calls' values (the row-major outputs' rows past the groups' total are left unset)."""
+    check_tensor("x", x_MK, ndim=2, dtypes=_IN_DTYPES)
+    if x_MK.stride(-1) != 1 and x_MK.numel():
+        raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_MK.stride())}")
+    M, K = x_MK.shape
+    sizes = _check_sizes(batch_sizes, x_MK.device)
+    if x_MK.device.type != "cuda" and not interpreted(x_MK):
+        return quantize_rows_reference(x_MK), _cols_reference(x_MK, sizes)
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=x_MK.device)
+    s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=x_MK.device)
+    return (q, s), _cols_fused("rows", x_MK, sizes, M, K, rows_out=(q, s))
+
+
+def gather_quantize_cols(x_TK: torch.Tensor, row_assignment_N: torch.Tensor, top_k: int,
+                         batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_cols_grouped(rows, batch_sizes, transposed=True)` of the routed rows (row r is
+    token `row_assignment[r] // top_k`'s row of x_TK, zeros where -1) without making them: the up
+    projection's weight-gradient operand read through the maps. N = row_assignment's length."""
+    check_tensor("x", x_TK, ndim=2, dtypes=_IN_DTYPES)
+    check_tensor("row_assignment_N", row_assignment_N, ndim=1, dtypes=INDEX_DTYPES)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
+    if x_TK.stride(-1) != 1 and x_TK.numel():
+        raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_TK.stride())}")
+    if row_assignment_N.device != x_TK.device:
+        raise ValueError(f"row_assignment_N: expected x's device {x_TK.device}, got {row_assignment_N.device}")
+    T, K = x_TK.shape
+    N = row_assignment_N.numel()
+    sizes = _check_sizes(batch_sizes, x_TK.device)
+    if x_TK.device.type != "cuda" and not interpreted(x_TK):
+        a = row_assignment_N.long()
+        rows = torch.where((a >= 0)[:, None], x_TK[(a.clamp(min=0) // top_k).clamp(max=max(T - 1, 0))],
+                           torch.zeros((), dtype=x_TK.dtype, device=x_TK.device))
+        return _cols_reference(rows, sizes)
+    return _cols_fused("gather", x_TK, sizes, N, K, row_assignment=row_assignment_N, top_k=top_k)
+
+
+def glu_quantize_cols(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
+                      batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_cols_grouped(glu(h1, h2, activation), batch_sizes, transposed=True)` in one
+    pass, the GLU product not written: the down projection's weight-gradient operand made again
+    from the saved halves."""
+    _check_glu_operands(activation, ("h1", h1_MK), ("h2", h2_MK))
+    M, K = h1_MK.shape
+    sizes = _check_sizes(batch_sizes, h1_MK.device)
+    if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
+        from megablocks.ops.activation import glu_reference
+
+        return _cols_reference(glu_reference(h1_MK, h2_MK, activation), sizes)
+    return _cols_fused("glu", h1_MK, sizes, M, K, h2=h2_MK, activation=activation)
+
+
+def glu_backward_quantize_rows_cols(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_MK: torch.Tensor,
+                                    activation: str, batch_sizes: torch.Tensor,
+                                    out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None):
+    """The GLU's backward quantized both ways as it is made, neither gradient written: `quantize_rows`
+    of each (the input gradient's operands, into `out` = (q1, s1, q2, s2) as
+    `glu_backward_quantize_rows_` takes it, or new tensors) and `quantize_cols_grouped(...,
+    transposed=True)` of the two side by side ([grad_h1 | grad_h2], the up projections' weight
+    gradient operand) -> ((q1, s1), (q2, s2), (q_c [2K, P], s_c [S, 2K])). Values equal bit for bit
+    to `glu_backward_quantize_rows_` and `quantize_cols_grouped` of its gradients."""
+    _check_glu_operands(activation, ("grad", grad_MK), ("h1", h1_MK), ("h2", h2_MK))
+    M, K = h1_MK.shape
+    sizes = _check_sizes(batch_sizes, h1_MK.device)
+    shapes = [((M, K), FP8_DTYPE), ((M, cdiv(K, Q)), torch.float32)] * 2
+    if out is None:
+        out = tuple(torch.empty(shape, dtype=dtype, device=h1_MK.device) for shape, dtype in shapes)
+    elif (not isinstance(out, (tuple, list)) or len(out) != 4
+          or any(not isinstance(o, torch.Tensor) or tuple(o.shape) != shape or o.dtype != dtype
+                 or o.device != h1_MK.device or (o.numel() and o.stride(-1) != 1)
+                 for o, (shape, dtype) in zip(out, shapes))):
+        raise ValueError(f"out: expected (q1, s1, q2, s2) of shapes and dtypes {shapes} on {h1_MK.device} with a "
+                         f"unit last stride, got {out!r:.300}")
+    q1, s1, q2, s2 = out
+    if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
+        from megablocks.ops.activation import glu_backward_reference
+
+        d1, d2 = glu_backward_reference(grad_MK, h1_MK, h2_MK, activation)
+        for (q, s), d in (((q1, s1), d1), ((q2, s2), d2)):
+            rq, rs = quantize_rows_reference(d)
+            q.copy_(rq)
+            s.copy_(rs)
+        return (q1, s1), (q2, s2), _cols_reference(torch.cat([d1, d2], dim=1), sizes)
+    cols = _cols_fused("glu_backward", h1_MK, sizes, M, K, h2=h2_MK, grad=grad_MK, activation=activation,
+                       rows_out=out, halves=2)
+    return (q1, s1), (q2, s2), cols
+
+
 def _blocks_k_major(q_MK: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """The transposed layout of `quantize_cols_grouped` from its row-major q (reference path)."""
     M, K = q_MK.shape
@@ -1157,7 +1350,9 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
 
 __all__ = [
     "E4M3_MAX", "FP8_DTYPE", "Q", "check_gmm_fp8_args", "dequantize_blocks", "dequantize_cols_grouped",
-    "dequantize_rows", "gather_quantize_rows", "glu_backward_quantize_rows_", "glu_quantize_rows", "gmm_fp8",
+    "dequantize_rows", "gather_quantize_cols", "gather_quantize_rows", "glu_backward_quantize_rows_",
+    "glu_backward_quantize_rows_cols", "glu_quantize_cols", "glu_quantize_rows", "gmm_fp8",
     "gmm_fp8_reference", "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks",
-    "quantize_cols_grouped", "quantize_cols_grouped_reference", "quantize_rows", "quantize_rows_reference",
+    "quantize_cols_grouped", "quantize_cols_grouped_reference", "quantize_rows", "quantize_rows_and_cols",
+    "quantize_rows_reference",
 ]

@@ -33,8 +33,11 @@ from megablocks.backend.fp8 import (
     dequantize_blocks,
     dequantize_cols_grouped,
     dequantize_rows,
+    gather_quantize_cols,
     gather_quantize_rows,
     glu_backward_quantize_rows_,
+    glu_backward_quantize_rows_cols,
+    glu_quantize_cols,
     glu_quantize_rows,
     gmm_fp8,
     gmm_fp8_reference,
@@ -45,6 +48,7 @@ from megablocks.backend.fp8 import (
     quantize_cols_grouped,
     quantize_cols_grouped_reference,
     quantize_rows,
+    quantize_rows_and_cols,
     quantize_rows_reference,
 )
 
@@ -211,7 +215,9 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
 
 __all__ = [
     "E4M3_MAX", "FP8_DTYPE", "Fp8WeightCache", "Q", "dequantize_blocks", "dequantize_cols_grouped", "dequantize_rows",
-    "fp8_gmm", "gather_quantize_rows", "glu_backward_quantize_rows_", "glu_quantize_rows", "gmm_fp8", "gmm_fp8_reference", "gmm_fp8_wgrad",
-    "gmm_fp8_wgrad_reference", "quantize_blocks", "quantize_blocks_reference", "quantize_cols_grouped",
-    "quantize_cols_grouped_reference", "quantize_rows", "quantize_rows_reference",
+    "fp8_gmm", "gather_quantize_cols", "gather_quantize_rows", "glu_backward_quantize_rows_",
+    "glu_backward_quantize_rows_cols", "glu_quantize_cols", "glu_quantize_rows", "gmm_fp8", "gmm_fp8_reference",
+    "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks", "quantize_blocks_reference",
+    "quantize_cols_grouped", "quantize_cols_grouped_reference", "quantize_rows", "quantize_rows_and_cols",
+    "quantize_rows_reference",
 ]

@@ -709,6 +709,93 @@ def test_fp8_gmm_forward_and_gradients(trans_b, fp8_wgrad):
     assert torch.equal(out2, out) and torch.equal(x2.grad, x.grad) and torch.equal(w2.grad, w.grad)
 
 
+def _set_blocks(q_c, s_c, bs, M):
+    """The entries `quantize_cols_grouped(..., transposed=True)` sets: its groups' blocks' columns
+    of q_c and rows of s_c (the rest is left unset), as uint8 values and scales."""
+    blocks = [b + j for first, n, b in fp8_backend._group_blocks(bs.cpu(), M) for j in range(-(-n // Q))]
+    cols = torch.tensor([b * Q + i for b in blocks for i in range(Q)], dtype=torch.long, device=q_c.device)
+    rows = torch.tensor(blocks, dtype=torch.long, device=s_c.device)
+    return q_c.view(torch.uint8).index_select(1, cols), s_c.index_select(0, rows)
+
+
+def _assert_cols_equal(name, got, want, bs, M):
+    (gq, gs), (wq, ws) = _set_blocks(*got, bs, M), _set_blocks(*want, bs, M)
+    assert torch.equal(gq, wq), name
+    assert torch.equal(gs.isnan(), ws.isnan()) and torch.equal(gs.nan_to_num(), ws.nan_to_num()), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("sizes, K", [
+    ([130, 0, 1, 257], 200),   # groups over and under 128 rows, an empty one, sizes off the blocks
+    ([128, 128], 128),         # whole blocks
+    ([0, 0, 0], 136),          # no rows
+], ids=["hostile", "whole", "empty"])
+def test_weight_gradient_operands_fused(sizes, K, activation, dtype):
+    """The FP8 weight gradient's operands made in the pass that reads what they come from
+    (`quantize_rows_and_cols`, `gather_quantize_cols`, `glu_quantize_cols`,
+    `glu_backward_quantize_rows_cols`): bit for bit the composed quantizers of the same rows in
+    every entry those set; outlier, zero and NaN tiles."""
+    from megablocks.backend import activation as kernels
+
+    M, top_k = sum(sizes), 2
+    bs = torch.tensor(sizes, device=DEVICE)
+    x = _hostile(M, K, dtype, seed=M + K)
+    h1, h2 = _hostile(M, K, dtype, seed=M + K + 1), _hostile(M, K, dtype, seed=M + K + 2) / 3
+    grad = _hostile(M, K, dtype, seed=M + 2 * K)
+    if M > 4:
+        grad[4, 5] = float("nan")
+    # The output gradient: row tiles and column tiles in one pass.
+    (q, s), cols = fp8.quantize_rows_and_cols(x, bs)
+    ref_q, ref_s = fp8.quantize_rows(x)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
+    _assert_cols_equal("rows_and_cols", cols, fp8.quantize_cols_grouped(x, bs, transposed=True), bs, M)
+    # The token rows through the maps (a padding row -1 reads zeros).
+    g = torch.Generator().manual_seed(M)
+    tokens = _hostile(-(-M // top_k) + 1, K, dtype, seed=K)
+    assignment = torch.randperm(tokens.shape[0] * top_k, generator=g)[:M].to(DEVICE)
+    if M > 6:
+        assignment[6] = -1
+    rows = torch.where((assignment >= 0)[:, None], tokens[assignment.clamp(min=0) // top_k], 0).to(dtype)
+    _assert_cols_equal("gather", fp8.gather_quantize_cols(tokens, assignment, top_k, bs),
+                       fp8.quantize_cols_grouped(rows, bs, transposed=True), bs, M)
+    # The GLU product, made again and not written.
+    glu = kernels.glu_forward(h1, h2, activation)
+    _assert_cols_equal("glu", fp8.glu_quantize_cols(h1, h2, activation, bs),
+                       fp8.quantize_cols_grouped(glu, bs, transposed=True), bs, M)
+    # The GLU's backward: both halves' row tiles and their column tiles side by side; h untouched.
+    kept = (h1.clone(), h2.clone())
+    (q1, s1), (q2, s2), cols = fp8.glu_backward_quantize_rows_cols(grad, h1, h2, activation, bs)
+    assert torch.equal(h1, kept[0]) and torch.equal(h2, kept[1])
+    d1, d2 = kept[0].clone(), kept[1].clone()
+    (w1, ws1), (w2, ws2) = fp8.glu_backward_quantize_rows_(grad, d1, d2, activation)
+    if DEVICE == "cuda" and dtype == torch.float32:  # the fp32 math compiled in another kernel
+        for (gq, gs), (wq, ws) in (((q1, s1), (w1, ws1)), ((q2, s2), (w2, ws2))):
+            torch.testing.assert_close(fp8.dequantize_rows(gq, gs), fp8.dequantize_rows(wq, ws), rtol=0.07, atol=0,
+                                       equal_nan=True)
+        return
+    for (gq, gs), (wq, ws) in (((q1, s1), (w1, ws1)), ((q2, s2), (w2, ws2))):
+        assert torch.equal(gq.view(torch.uint8), wq.view(torch.uint8))
+        assert torch.equal(gs.isnan(), ws.isnan()) and torch.equal(gs.nan_to_num(), ws.nan_to_num())
+    _assert_cols_equal("glu_backward", cols, fp8.quantize_cols_grouped(torch.cat([d1, d2], 1), bs, transposed=True),
+                       bs, M)
+
+
+def test_weight_gradient_operands_validate():
+    x = torch.randn(4, 256, device=DEVICE)
+    bs = torch.tensor([4], device=DEVICE)
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        fp8.quantize_rows_and_cols(x[:, ::2], bs)
+    with pytest.raises(TypeError):
+        fp8.quantize_rows_and_cols(x, bs.float())
+    with pytest.raises(ValueError, match="top_k"):
+        fp8.gather_quantize_cols(x, torch.arange(4, device=DEVICE), 0, bs)
+    with pytest.raises(ValueError, match="h2: expected h1's shape"):
+        fp8.glu_quantize_cols(x[:, :128], x[:3, 128:], "silu", bs)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        fp8.glu_backward_quantize_rows_cols(x[:, :128], x[:, :128], x[:, 128:], "swish", bs)
+
+
 @pytest.mark.parametrize("sizes, N, K", [
     ([130, 0, 256, 1], 72, 200),  # groups over and under 128 rows, an empty one; sizes off the blocks
     ([3, 2], 40, 33),
