@@ -29,8 +29,11 @@ step in training: `quantize_blocks(w)` alone, then with the K-major copy the N-m
 `.backward()` into `.grad` that is None at the start of each step; bench_dmoe's method): the grouped
 path in bf16 against the same layer with `fp8='blockwise'`, on one router and one set of weights.
 The FP8 step's headline quantizes the weights in every step (one micro-batch per optimizer step,
-the costliest case); `fp8_cached_ms` is a later micro-batch of the same step (weights cached). The
-extra peak memory is bench_dmoe's (peak minus what was allocated before, less the gradients).
+the costliest case); `fp8_cached_ms` is a later micro-batch of the same step (weights cached);
+`fp8_wgrad_*` the same FP8 layer with its weight gradients in FP8 too
+(`KernelPolicy.fp8_weight_grad`), `w_grad_*rel_rms` the worst expert weight gradient's error
+against the bf16 layer's, without and with it. The extra peak memory is bench_dmoe's (peak minus
+what was allocated before, less the gradients).
 """
 
 import argparse
@@ -118,8 +121,10 @@ def bench(args):
     layer_rows = [layer_step(name, "cuda") for name in args.layers]
     if layer_rows:
         print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
-                                 "fp8_composed_cached_ms", "bf16_extra_gib", "fp8_extra_gib", "fp8_composed_extra_gib",
-                                 "out_rel_rms", "x_grad_rel_rms"])
+                                 "fp8_wgrad_ms", "speedup_wgrad", "fp8_wgrad_cached_ms", "speedup_wgrad_cached",
+                                 "fp8_composed_cached_ms", "bf16_extra_gib", "fp8_extra_gib", "fp8_wgrad_extra_gib",
+                                 "fp8_composed_extra_gib", "out_rel_rms", "x_grad_rel_rms", "w_grad_rel_rms",
+                                 "w_grad_fp8_rel_rms"])
         write_csv(os.path.join(args.out, "bench_fp8_layer.csv"), [{**r, **env} for r in layer_rows])
     memory_rows = [r for name in args.layer_memory for r in layer_memory(name)]
     if memory_rows:
@@ -302,15 +307,30 @@ def layer_step(name, device, dtype=torch.bfloat16):
             row["fp8_composed_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
             row["fp8_composed_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
             module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, one_node_experts=True)
+            # The FP8 node with its weight gradients in FP8 too (`KernelPolicy.fp8_weight_grad`).
+            module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, fp8_weight_grad=True)
+            row["fp8_wgrad_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
+            row["fp8_wgrad_ms"] = timed(step)[0] if device == "cuda" else float("nan")
+            row["fp8_wgrad_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
+            bench_dmoe.clear_grads(inputs)
+            module(x).backward(g)
+            results["fp8_wgrad"] = [p.grad.float().clone() for p in module.experts.mlp.parameters()]
+            module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, fp8_weight_grad=False)
         bench_dmoe.clear_grads(inputs)
         out = module(x)
         out.backward(g)
         results[label] = (out.detach().float(), x.grad.float())
+        results[label + "_w"] = [p.grad.float().clone() for p in module.experts.mlp.parameters()]
     row["speedup"] = row["bf16_ms"] / row["fp8_ms"]
     row["speedup_cached"] = row["bf16_ms"] / row["fp8_cached_ms"]
+    row["speedup_wgrad"] = row["bf16_ms"] / row["fp8_wgrad_ms"]
+    row["speedup_wgrad_cached"] = row["bf16_ms"] / row["fp8_wgrad_cached_ms"]
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     row["out_rel_rms"] = rel(results["fp8"][0], results["bf16"][0])
     row["x_grad_rel_rms"] = rel(results["fp8"][1], results["bf16"][1])
+    # The expert weights' gradients against the bf16 layer's: unquantized, and in FP8.
+    row["w_grad_rel_rms"] = max(rel(a, b) for a, b in zip(results["fp8_w"], results["bf16_w"]))
+    row["w_grad_fp8_rel_rms"] = max(rel(a, b) for a, b in zip(results["fp8_wgrad"], results["bf16_w"]))
     return row
 
 
@@ -322,7 +342,9 @@ def _warm_layer_steps(name):
     x = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16)
     inputs = [x, *bf16.parameters()]
-    for label, module in (("bf16", bf16), ("fp8", fp8_layer)):
+    for label, module in (("bf16", bf16), ("fp8", fp8_layer), ("fp8_wgrad", fp8_layer)):
+        if label == "fp8_wgrad":
+            module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, fp8_weight_grad=True)
         step, _ = bench_dmoe.steps(module, "fwdbwd", False, x, g, inputs)
         step()
         yield label, step, inputs
@@ -409,6 +431,8 @@ def smoke():
     layer_row = layer_step("smoke_glu", "cpu", torch.float32)
     assert layer_row["out_rel_rms"] < 0.08 and layer_row["x_grad_rel_rms"] < 0.08, layer_row
     errors["layer_out"], errors["layer_x_grad"] = layer_row["out_rel_rms"], layer_row["x_grad_rel_rms"]
+    assert layer_row["w_grad_fp8_rel_rms"] < 0.08, layer_row
+    errors["layer_w_grad_fp8"] = layer_row["w_grad_fp8_rel_rms"]
     print("bench_fp8 smoke: ok", errors)
     return errors
 

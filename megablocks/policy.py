@@ -63,6 +63,10 @@ class KernelPolicy:
             slow past a few tiles (qwen3moe, E = 128, K = 8: 23.7 µs at T = 64, work 65536,
             against 6 µs for the top-k kernel and the sort; mixtral, E = 8, K = 2: 6.1 µs at
             T = 64, work 8192); below the bound the launch it saves is worth more.
+        fp8_weight_grad: with `Arguments.fp8`, the FP8 node (`one_node_experts`) computes the
+            weight gradients in FP8 too (`gmm_fp8_wgrad`, DeepSeek-V3's 128 x 1 tiles down each
+            expert's rows), their operands quantized in the passes that already read them; off,
+            from the unquantized operands.
 
     Raises:
         TypeError: a field of the wrong type.
@@ -80,6 +84,7 @@ class KernelPolicy:
     gather_min_ffn: int = 4096
     gather_min_rows_per_expert: int = 512
     route_max_work: int = 16384
+    fp8_weight_grad: bool = False
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

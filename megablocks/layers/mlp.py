@@ -464,7 +464,8 @@ class GroupedMLP(SparseMLP):
                 wide = mpu.features_per_rank(self.args) > self.args.kernel_policy.fused_glu_input_grad_max_ffn
                 out = fp8_grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
                                               self._fp8_quantized(num_experts, hidden), gathered_wgrad=wide,
-                                              weights_N=combine_weights)
+                                              weights_N=combine_weights,
+                                              fp8_wgrad=self.args.kernel_policy.fp8_weight_grad)
                 return out, combine_weights is not None
             if activation is not None:
                 return grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,

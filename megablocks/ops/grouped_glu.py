@@ -52,8 +52,9 @@ import torch
 
 from megablocks.backend import activation as activation_kernels
 from megablocks.backend import use_triton
-from megablocks.backend.fp8 import (FP8_DTYPE, Q, gather_quantize_rows, glu_backward_quantize_rows_, glu_quantize_rows,
-                                    gmm_fp8, quantize_rows)
+from megablocks.backend.fp8 import (_OUT_DTYPES, FP8_DTYPE, Q, gather_quantize_cols, gather_quantize_rows,
+                                    glu_backward_quantize_rows_, glu_backward_quantize_rows_cols, glu_quantize_cols,
+                                    glu_quantize_rows, gmm_fp8, gmm_fp8_wgrad, quantize_rows, quantize_rows_and_cols)
 from megablocks.ops._eager import _plain_eager
 from megablocks.ops.gmm import _grouped_mm_impl, _product_impl
 from megablocks.ops.permute import _gather_rows, _scatter_rows, _weight_grad
@@ -144,7 +145,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
                 quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool,
-                weights_N: Optional[torch.Tensor]):
+                weights_N: Optional[torch.Tensor], fp8_wgrad: bool):
         dtype = x_TH.dtype
         stacked = len(quantized) == 4
         x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
@@ -162,7 +163,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         ctx.save_for_backward(x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, weights_N)
         # Made here, not inputs: kept on ctx so the backward can let go of each when done with it.
         ctx.h, ctx.quantized = h, quantized
-        ctx.top_k, ctx.activation, ctx.gathered_wgrad = top_k, activation, gathered_wgrad
+        ctx.top_k, ctx.activation, ctx.gathered_wgrad, ctx.fp8_wgrad = top_k, activation, gathered_wgrad, fp8_wgrad
         ctx.combined, ctx.y = weights_N is not None, None
         if weights_N is None:
             return y
@@ -191,6 +192,12 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         else:
             grad_y = grad_out.contiguous()
             del grad_out
+        if ctx.fp8_wgrad:  # handed over in a list, so that the helper's del lets go of them
+            held = [grad_y, h]
+            del grad_y, h
+            grads = _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment,
+                                        assignment_row)
+            return (*grads, None, None, None, None, None, None, None, grad_weights, None)
         # w2's gradient first (the GLU product again, from h1 and h2, for the unquantized weight
         # gradient), so that the rows' output gradient goes before the GLU product's gradient is made.
         grad_w2 = None
@@ -249,13 +256,73 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         if need_v1:
             grad_v1 = _product_impl(grad_h2, rows[0], counts_E, None, None, *rows[1:], True, True, False,
                                     _TRITON).view(v1.shape)
-        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights
+        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights, None
+
+
+def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row):
+    """`_Fp8GroupedGluExperts.backward` with the weight gradients in FP8 too (`gmm_fp8_wgrad`):
+    (grad_x, grad_w1, grad_v1, grad_w2). Their operands are quantized down each expert's rows in
+    the passes that already read them: the GLU product made again from h1 and h2
+    (`glu_quantize_cols`), the output gradient both ways at once (`quantize_rows_and_cols`), the
+    GLU's gradient both ways and never written (`glu_backward_quantize_rows_cols`: h goes once it
+    has run), and the token rows through the maps (`gather_quantize_cols`). `held`: [the rows'
+    output gradient, h], emptied here."""
+    grad_y, h = held
+    held.clear()
+    top_k, activation, dtype = ctx.top_k, ctx.activation, x_TH.dtype
+    need_x, need_w1, need_v1, need_w2 = ctx.needs_input_grad[:4]
+    N = grad_y.shape[0]
+    halves = (h[0][:, :h[0].shape[1] // 2], h[0][:, h[0].shape[1] // 2:]) if len(h) == 1 else tuple(h)
+    F = halves[0].shape[1]
+    grad_x = grad_w1 = grad_v1 = grad_w2 = None
+    wdtype = lambda w: w.dtype if w.dtype in _OUT_DTYPES else torch.float32  # noqa: E731
+    if need_w2:
+        a_c = glu_quantize_cols(*halves, activation, counts_E)
+        (g_q, g_s), g_c = quantize_rows_and_cols(grad_y, counts_E)
+        del grad_y
+        grad_w2 = gmm_fp8_wgrad(*a_c, *g_c, counts_E, out_dtype=wdtype(w2), rows=N).view(w2.shape)
+        del a_c, g_c
+    else:
+        g_q, g_s = quantize_rows(grad_y)
+        del grad_y
+    grad_a = gmm_fp8(g_q, g_s, *quantized[-2], counts_E, out_dtype=dtype)
+    del g_q, g_s
+    # The GLU's gradient quantized in row tiles for the input gradient's products (stacked: the
+    # halves of one [N, 2F] operand, one product over K = 2F) and down the rows for the weights'.
+    stacked = len(h) == 1
+    g_q = g_s = rows_out = None
+    if stacked:
+        g_q = torch.empty((N, 2 * F), dtype=FP8_DTYPE, device=grad_a.device)
+        g_s = torch.empty((N, 2 * F // Q), dtype=torch.float32, device=grad_a.device)
+        rows_out = (g_q[:, :F], g_s[:, :F // Q], g_q[:, F:], g_s[:, F // Q:])
+    first, second, h_c = glu_backward_quantize_rows_cols(grad_a, *halves, activation, counts_E, out=rows_out)
+    grad_a = h = halves = rows_out = None  # h goes: nothing reads it again
+    if need_x:
+        if stacked:
+            grad_rows = gmm_fp8(g_q, g_s, *quantized[1], counts_E, out_dtype=dtype)
+        else:
+            grad_rows = gmm_fp8(*first, *quantized[1], counts_E, out_dtype=dtype)
+            grad_rows += gmm_fp8(*second, *quantized[3], counts_E, out_dtype=dtype)
+        del g_q, g_s, first, second
+        grad_x = _scatter_rows._impl(grad_rows, assignment_row, row_assignment, None, top_k)
+        del grad_rows
+    else:
+        del g_q, g_s, first, second
+    if need_w1 or need_v1:
+        x_c = gather_quantize_cols(x_TH, row_assignment, top_k, counts_E)
+        h_q, h_s = h_c
+        if need_w1:
+            grad_w1 = gmm_fp8_wgrad(h_q[:F], h_s[:, :F], *x_c, counts_E, out_dtype=wdtype(w1), rows=N).view(w1.shape)
+        if need_v1:
+            grad_v1 = gmm_fp8_wgrad(h_q[F:], h_s[:, F:], *x_c, counts_E, out_dtype=wdtype(v1), rows=N).view(v1.shape)
+    return grad_x, grad_w1, grad_v1, grad_w2
 
 
 def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor,
                             counts_E: torch.Tensor, maps: RowMaps, activation: str,
                             quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                            gathered_wgrad: bool = False, weights_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            gathered_wgrad: bool = False, weights_N: Optional[torch.Tensor] = None,
+                            fp8_wgrad: bool = False) -> torch.Tensor:
     """`grouped_glu_experts` with the expert products in FP8 (module docstring), the expert-ordered
     rows `[N, H]`, as one autograd node; with `weights_N`, those rows' combine too
     (`scatter_routed(rows, maps, weights_N)`, the token rows `[T, H]`).
@@ -268,11 +335,13 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     up projections one product into one [N, 2F] buffer, and the input gradient one product over
     K = 2F (rounded once, where the separate form adds two rounded products);
     `gathered_wgrad`: the up weights' gradients read a gathered copy of the rows (made in the
-    backward) instead of the token rows through the maps; `weights_N`: the routing weights of the
+    backward) instead of the token rows through the maps; `fp8_wgrad`: the weight gradients in FP8
+    too (`_fp8_wgrad_backward`; `gathered_wgrad` then unused); `weights_N`: the routing weights of the
     combine (one per assignment), whose gradient the node returns as the combine's node does. With
     the combine in the node, the rows' output gradient `[N, H]` is made in its backward and goes
     once used (the composed form's is held by autograd until the node returns: 512 MiB at olmoe's
     backward peak).
     """
     return _Fp8GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row,
-                                       maps.top_k, activation, tuple(quantized), gathered_wgrad, weights_N)
+                                       maps.top_k, activation, tuple(quantized), gathered_wgrad, weights_N,
+                                       fp8_wgrad)
