@@ -130,6 +130,10 @@ def bench(args):
     if memory_rows:
         print_table(memory_rows, ["config", "layer", "site", "mib", "tensors"])
         write_csv(os.path.join(args.out, "bench_fp8_layer_memory.csv"), [{**r, **env} for r in memory_rows])
+    col_rows = [r for name in args.cols for r in cols_rows(name, args.cols_variants)]
+    if col_rows:
+        print_table(col_rows, ["config", "op", "variant", "ms", "gbs"])
+        write_csv(os.path.join(args.out, "bench_fp8_cols.csv"), [{**r, **env, "copy_gbs": bw} for r in col_rows])
     kernel_rows = [r for name in args.layer_breakdown for r in layer_kernels(name)]
     if kernel_rows:
         print_table(kernel_rows, ["config", "layer", "kernel", "us"])
@@ -187,6 +191,49 @@ def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant=""):
                 fp8_tflops=flops / ms_fp8 / 1e9, product_ms=ms_product, product_tflops=flops / ms_product / 1e9,
                 quantize_ms=ms_q, quantize_gbs=(M * (F + H) * 3) / ms_q / 1e6, copy_gbs=bw,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env)
+
+
+COLS_VARIANTS = {f"ch{c}_w{w}_s{st}": dict(ch=c, num_warps=w, num_stages=st)
+                 for c, w, st in ((16, 8, 1), (16, 4, 1), (8, 4, 1), (32, 8, 1), (32, 8, 3), (32, 4, 1), (16, 4, 3))}
+
+
+def cols_rows(name, variants):
+    """The FP8 weight gradient's fused operand quantizers (`backend.fp8._quantize_cols_fused_kernel`)
+    on config `name`'s rows, each launch variant of `COLS_VARIANTS` (`COLS_FUSED_LAUNCH`): ms and
+    GB/s (bytes read once and written) against the copy bandwidth; `quantize_cols_grouped`
+    (standalone, transposed) on the same [N, F] rows beside them."""
+    T, H, F, E, k = CONFIGS[name]
+    N = T * k
+    bs = routed_counts(N, E, "cuda")
+    torch.manual_seed(0)
+    b2 = torch.bfloat16
+    x_T = torch.randn(T, H, dtype=b2, device="cuda")
+    assignment = torch.randperm(N, device="cuda").to(torch.int32)
+    h = torch.randn(N, 2 * F, dtype=b2, device="cuda")
+    g_N = torch.randn(N, F, dtype=b2, device="cuda")
+    gy = torch.randn(N, H, dtype=b2, device="cuda")
+    ops = {  # name: (call, bytes)
+        "glu_quantize_cols": (lambda: fp8.glu_quantize_cols(h[:, :F], h[:, F:], "silu", bs), N * F * (4 + 1)),
+        "quantize_rows_and_cols": (lambda: fp8.quantize_rows_and_cols(gy, bs), N * H * (2 + 2)),
+        "glu_backward_quantize_rows_cols": (lambda: fp8.glu_backward_quantize_rows_cols(g_N, h[:, :F], h[:, F:], "silu",
+                                                                                        bs), N * F * (6 + 4)),
+        "gather_quantize_cols": (lambda: fp8.gather_quantize_cols(x_T, assignment, k, bs), N * H * (2 + 1)),
+        "quantize_cols_grouped": (lambda: fp8.quantize_cols_grouped(g_N, bs, transposed=True), N * F * 3),
+    }
+    saved = dict(fp8_backend.COLS_FUSED_LAUNCH)
+    rows = []
+    try:
+        for variant in variants:
+            fp8_backend.COLS_FUSED_LAUNCH.update(COLS_VARIANTS[variant])
+            for op, (call, nbytes) in ops.items():
+                if op == "quantize_cols_grouped" and variant != variants[0]:
+                    continue
+                ms = timed(call)[0]
+                rows.append(dict(config=name, op=op, variant=variant, ms=ms, gbs=nbytes / ms / 1e6))
+    finally:
+        fp8_backend.COLS_FUSED_LAUNCH.clear()
+        fp8_backend.COLS_FUSED_LAUNCH.update(saved)
+    return rows
 
 
 def decode_variant_rows(names, variants):
@@ -481,6 +528,9 @@ def main():
     p.add_argument("--wgmma", choices=list(GLUON_FORMS),
                    help="products past the decode sizes by the Triton kernel or a Gluon form (gmm_fp8's config "
                         "'wgmma' with these keys: GLUON_FORMS), by a patched default launch")
+    p.add_argument("--cols", nargs="*", default=[], choices=list(CONFIGS),
+                   help="time the weight gradient's fused operand quantizers on these configs")
+    p.add_argument("--cols-variants", nargs="*", default=["ch16_w8_s1"], choices=list(COLS_VARIANTS))
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.wgmma:

@@ -414,42 +414,30 @@ def _quantize_cols_grouped_kernel(
     _store_col_tiles(x.to(tl.float32), b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb, TRANSPOSED)
 
 
-# The FP8 weight gradient's operands made in the pass that already reads what they come from, in
-# `quantize_cols_grouped`'s transposed layout (q_c [K, P], s_c [S, K]), program (b, j) as there
-# with BLOCK_K = QB. MODE 'rows': x_MK itself, also quantized in 1 x QB row tiles into (q1, s1)
-# (the input gradient's operand); 'gather': row r is x_TK[row_assignment[r] // TOP_K] (0 where
-# -1); 'glu': glu(h1 = x, h2) rounded to x's dtype; 'glu_backward': the GLU's two input gradients
-# from (g, h1 = x, h2), rounded to x's dtype, the second's columns at OFF2 (rows of q_c, columns
-# of s_c), each also in row tiles into (q1, s1) and (q2, s2).
+# CH rows `rows` (those < row_end are the block's) and columns `cols` (< K) of what
+# `_quantize_cols_fused_kernel` quantizes, as fp32 tiles (x, x2), 0 outside: x2 is the GLU's second
+# input gradient in 'glu_backward' (else x again).
 @triton.jit
-def _quantize_cols_fused_kernel(
-    x_ptr, h2_ptr, g_ptr, map_ptr, sizes_ptr, qc_ptr, sc_ptr, q1_ptr, s1_ptr, q2_ptr, s2_ptr,
-    M, K, E, OFF2,
-    stride_x, stride_h2, stride_g, stride_qc, stride_sc, stride_q1, stride_s1, stride_q2, stride_s2,
-    MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr, QB: tl.constexpr, BLOCK_E: tl.constexpr,
-):
-    b = tl.program_id(0)
-    row0, row_end, real = _col_block(b, sizes_ptr, E, M, QB, BLOCK_E)
-    if not real:
-        return
-    rows = row0 + tl.arange(0, QB)
-    cols = tl.program_id(1) * QB + tl.arange(0, QB)
+def _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2, stride_g,
+                MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr):
     in_rows = rows < row_end
     mask = in_rows[:, None] & (cols < K)[None, :]
     r64 = rows[:, None].to(tl.int64)
     if MODE == "gather":
-        a = tl.load(map_ptr + rows, mask=in_rows, other=-1)
+        a = tl.load(assignment_ptr + rows, mask=in_rows, other=-1)
         ok = in_rows & (a >= 0)
         src = tl.where(ok, a // TOP_K, 0).to(tl.int64)
         x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=ok[:, None] & (cols < K)[None, :],
                     other=0.0).to(tl.float32)
     else:
         x = tl.load(x_ptr + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = x
     if MODE == "glu":
         h2 = tl.load(h2_ptr + r64 * stride_h2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         a, _ = _act(x, ACTIVATION)
         u, _ = _up(h2, ACTIVATION)
         x = tl.where(mask, (a * u).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        x2 = x
     if MODE == "glu_backward":
         h2 = tl.load(h2_ptr + r64 * stride_h2 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -457,14 +445,76 @@ def _quantize_cols_fused_kernel(
         u, du = _up(h2, ACTIVATION)
         x = tl.where(mask, (g * u * da).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
         x2 = tl.where(mask, (g * a * du).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    return x, x2
+
+
+# Each column's amax (max() skips NaN) and NaN count of x [CH, QB], folded into (amax, nans).
+@triton.jit
+def _col_amax(amax, nans, x):
+    return tl.maximum(amax, tl.max(tl.abs(x), axis=0)), nans + tl.sum((x != x).to(tl.int32), axis=0)
+
+
+# x [CH, QB] quantized with its columns' inverse scales inv, stored K-major: q_c[cols, slots].
+@triton.jit
+def _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_q):
+    q = _round_e4m3(x * inv[None, :])
+    tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_q + slots[None, :], tl.trans(q).to(q_ptr.dtype.element_ty),
+             mask=(cols >= 0)[:, None])
+
+
+# The FP8 weight gradient's operands made in the pass that already reads what they come from, in
+# `quantize_cols_grouped`'s transposed layout (q_c [K, P], s_c [S, K]); program (b, j): block b's
+# rows, columns [j*QB, (j+1)*QB). MODE 'rows': x_MK itself, also quantized in 1 x QB row tiles into
+# (q1, s1) (the input gradient's operand); 'gather': row r is x_TK[row_assignment[r] // TOP_K] (0
+# where -1); 'glu': glu(h1 = x, h2) rounded to x's dtype; 'glu_backward': the GLU's two input
+# gradients from (g, h1 = x, h2), rounded to x's dtype, the second's columns at OFF2 (rows of q_c,
+# columns of s_c), each also in row tiles into (q1, s1) and (q2, s2). The block is read in CH-row
+# pieces twice (few registers a thread; the second read from L2): for its columns' amax, storing
+# the row tiles, then to quantize and store its columns.
+@triton.jit
+def _quantize_cols_fused_kernel(
+    x_ptr, h2_ptr, g_ptr, assignment_ptr, sizes_ptr, qc_ptr, sc_ptr, q1_ptr, s1_ptr, q2_ptr, s2_ptr,
+    M, K, E, OFF2,
+    stride_x, stride_h2, stride_g, stride_qc, stride_sc, stride_q1, stride_s1, stride_q2, stride_s2,
+    MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr, QB: tl.constexpr, CH: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    b = tl.program_id(0)
+    row0, row_end, real = _col_block(b, sizes_ptr, E, M, QB, BLOCK_E)
+    if not real:
+        return
+    cols = tl.program_id(1) * QB + tl.arange(0, QB)
+    amax = tl.zeros([QB], dtype=tl.float32)
+    amax2 = tl.zeros([QB], dtype=tl.float32)
+    nans = tl.zeros([QB], dtype=tl.int32)
+    nans2 = tl.zeros([QB], dtype=tl.int32)
+    for c in range(0, QB, CH):
+        rows = row0 + c + tl.arange(0, CH)
+        x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2, stride_g,
+                            MODE, ACTIVATION, TOP_K)
+        amax, nans = _col_amax(amax, nans, x)
+        mask = (rows < row_end)[:, None] & (cols < K)[None, :]
+        if MODE == "rows" or MODE == "glu_backward":
+            _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1)
+        if MODE == "glu_backward":
+            amax2, nans2 = _col_amax(amax2, nans2, x2)
+            _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2)
     store_cols = tl.where(cols < K, cols, -1)
-    _store_col_tiles(x, b, rows, store_cols, mask, qc_ptr, sc_ptr, stride_qc, stride_sc, True)
-    if MODE == "rows" or MODE == "glu_backward":
-        _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1)
+    scale, inv = _pow2_scale(amax)
+    scale = tl.where(nans > 0, float("nan"), scale)
+    tl.store(sc_ptr + b.to(tl.int64) * stride_sc + cols, scale, mask=cols < K)
+    scale2, inv2 = _pow2_scale(amax2)
+    scale2 = tl.where(nans2 > 0, float("nan"), scale2)
     if MODE == "glu_backward":
-        _store_col_tiles(x2, b, rows, tl.where(cols < K, cols + OFF2, -1), mask, qc_ptr, sc_ptr, stride_qc,
-                         stride_sc, True)
-        _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2)
+        tl.store(sc_ptr + b.to(tl.int64) * stride_sc + OFF2 + cols, scale2, mask=cols < K)
+    for c in range(0, QB, CH):
+        rows = row0 + c + tl.arange(0, CH)
+        x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2, stride_g,
+                            MODE, ACTIVATION, TOP_K)
+        slots = b.to(tl.int64) * QB + c + tl.arange(0, CH)
+        _store_cols_k_major(x, inv, store_cols, slots, qc_ptr, stride_qc)
+        if MODE == "glu_backward":
+            _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), slots, qc_ptr, stride_qc)
 
 
 # out_ENK[e] = Σ over group e's Q-row blocks of (a_q * a_s)[blk]^T (b_q * b_s)[blk]: the weight
@@ -1069,6 +1119,10 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
     return q, s
 
 
+# `_quantize_cols_fused_kernel`'s launch: rows a piece (CH), warps, software-pipelined stages.
+COLS_FUSED_LAUNCH = dict(ch=16, num_warps=8, num_stages=1)
+
+
 def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int, h2=None, grad=None,
                 row_assignment=None, top_k: int = 1, activation: str = "silu", rows_out=None, halves: int = 1):
     """`_quantize_cols_fused_kernel`'s launch: (q_c [halves * K, P], s_c [S, halves * K]) in
@@ -1089,8 +1143,9 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
         x, h2, grad, row_assignment, sizes, q_c, s_c, *rows_out, M, K, E, K,
         x.stride(0), h2.stride(0), grad.stride(0), q_c.stride(0), s_c.stride(0),
         rows_out[0].stride(0), rows_out[1].stride(0), rows_out[2].stride(0), rows_out[3].stride(0),
-        MODE=mode, ACTIVATION=activation, TOP_K=top_k, QB=Q, BLOCK_E=max(2, next_power_of_2(E)),
-        num_warps=4 if interpreted(x) else 8,
+        MODE=mode, ACTIVATION=activation, TOP_K=top_k, QB=Q, CH=8 if interpreted(x) else COLS_FUSED_LAUNCH["ch"],
+        BLOCK_E=max(2, next_power_of_2(E)), num_warps=COLS_FUSED_LAUNCH["num_warps"],
+        num_stages=COLS_FUSED_LAUNCH["num_stages"],
     )
     return q_c, s_c
 
