@@ -118,6 +118,16 @@ def bench(args):
         print_table(weight_rows, ["config", "weight", "E", "N", "K", "quantize_ms", "torch_copy_ms", "one_pass_ms",
                                   "one_pass_gbs", "copies_equal"])
         write_csv(os.path.join(args.out, "bench_fp8_weights.csv"), [{**r, **env, "copy_gbs": bw} for r in weight_rows])
+    col_rows = [r for name in args.cols for r in cols_rows(name, args.cols_variants)]
+    if col_rows:
+        print_table(col_rows, ["config", "op", "variant", "ms", "gbs"])
+        write_csv(os.path.join(args.out, "bench_fp8_cols.csv"), [{**r, **env, "copy_gbs": bw} for r in col_rows])
+    if args.cols_pick and col_rows:  # each mode's fastest variant over the configs, for the runs below
+        for op, mode in COLS_OPS.items():
+            total = {v: sum(r["ms"] for r in col_rows if r["op"] == op and r["variant"] == v) for v in args.cols_variants}
+            best = min(total, key=total.get)
+            fp8_backend.COLS_FUSED_LAUNCH[mode] = dict(COLS_VARIANTS[best])
+            print(f"cols-pick: {mode} <- {best} ({total[best]:.3f} ms over {args.cols})")
     layer_rows = [layer_step(name, "cuda") for name in args.layers]
     if layer_rows:
         print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
@@ -130,10 +140,6 @@ def bench(args):
     if memory_rows:
         print_table(memory_rows, ["config", "layer", "site", "mib", "tensors"])
         write_csv(os.path.join(args.out, "bench_fp8_layer_memory.csv"), [{**r, **env} for r in memory_rows])
-    col_rows = [r for name in args.cols for r in cols_rows(name, args.cols_variants)]
-    if col_rows:
-        print_table(col_rows, ["config", "op", "variant", "ms", "gbs"])
-        write_csv(os.path.join(args.out, "bench_fp8_cols.csv"), [{**r, **env, "copy_gbs": bw} for r in col_rows])
     kernel_rows = [r for name in args.layer_breakdown for r in layer_kernels(name)]
     if kernel_rows:
         print_table(kernel_rows, ["config", "layer", "kernel", "us"])
@@ -193,8 +199,14 @@ def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant=""):
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env)
 
 
-COLS_VARIANTS = {f"ch{c}_w{w}_s{st}": dict(ch=c, num_warps=w, num_stages=st)
-                 for c, w, st in ((16, 8, 1), (16, 4, 1), (8, 4, 1), (32, 8, 1), (32, 8, 3), (32, 4, 1), (16, 4, 3))}
+COLS_VARIANTS = {**{f"pieces{c}_w{w}": dict(ch=c, bk=128, num_warps=w, num_stages=1)
+                    for c, w in ((32, 4), (32, 8), (64, 8))},
+                 **{f"whole_bk{bk}_w{w}": dict(ch=128, bk=bk, num_warps=w, num_stages=1)
+                    for bk, w in ((128, 8), (128, 4), (64, 4), (32, 4), (32, 2))}}
+
+
+COLS_OPS = {"quantize_rows_and_cols": "rows", "gather_quantize_cols": "gather", "glu_quantize_cols": "glu",
+            "glu_backward_quantize_rows_cols": "glu_backward"}
 
 
 def cols_rows(name, variants):
@@ -220,11 +232,12 @@ def cols_rows(name, variants):
         "gather_quantize_cols": (lambda: fp8.gather_quantize_cols(x_T, assignment, k, bs), N * H * (2 + 1)),
         "quantize_cols_grouped": (lambda: fp8.quantize_cols_grouped(g_N, bs, transposed=True), N * F * 3),
     }
-    saved = dict(fp8_backend.COLS_FUSED_LAUNCH)
+    saved = {mode: dict(launch) for mode, launch in fp8_backend.COLS_FUSED_LAUNCH.items()}
     rows = []
     try:
-        for variant in variants:
-            fp8_backend.COLS_FUSED_LAUNCH.update(COLS_VARIANTS[variant])
+        for variant in variants:  # every mode (those with row tiles keep 128 columns a program)
+            for launch in fp8_backend.COLS_FUSED_LAUNCH.values():
+                launch.update(COLS_VARIANTS[variant])
             for op, (call, nbytes) in ops.items():
                 if op == "quantize_cols_grouped" and variant != variants[0]:
                     continue
@@ -530,7 +543,9 @@ def main():
                         "'wgmma' with these keys: GLUON_FORMS), by a patched default launch")
     p.add_argument("--cols", nargs="*", default=[], choices=list(CONFIGS),
                    help="time the weight gradient's fused operand quantizers on these configs")
-    p.add_argument("--cols-variants", nargs="*", default=["ch16_w8_s1"], choices=list(COLS_VARIANTS))
+    p.add_argument("--cols-variants", nargs="*", default=["pieces32_w4"], choices=list(COLS_VARIANTS))
+    p.add_argument("--cols-pick", action="store_true",
+                   help="take each mode's fastest --cols variant for the layers timed after them")
     p.add_argument("--smoke", action="store_true")
     args = p.parse_args()
     if args.wgmma:

@@ -468,26 +468,48 @@ def _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_q):
 # (q1, s1) (the input gradient's operand); 'gather': row r is x_TK[row_assignment[r] // TOP_K] (0
 # where -1); 'glu': glu(h1 = x, h2) rounded to x's dtype; 'glu_backward': the GLU's two input
 # gradients from (g, h1 = x, h2), rounded to x's dtype, the second's columns at OFF2 (rows of q_c,
-# columns of s_c), each also in row tiles into (q1, s1) and (q2, s2). The block is read in CH-row
-# pieces twice (few registers a thread; the second read from L2): for its columns' amax, storing
-# the row tiles, then to quantize and store its columns.
+# columns of s_c), each also in row tiles into (q1, s1) and (q2, s2) (those modes take BK = QB).
+# CH = QB reads the block's BK columns once, whole; a smaller CH reads them in CH-row pieces twice
+# (fewer registers a thread; the second read from L2): for its columns' amax and the row tiles,
+# then to quantize and store its columns.
 @triton.jit
 def _quantize_cols_fused_kernel(
     x_ptr, h2_ptr, g_ptr, assignment_ptr, sizes_ptr, qc_ptr, sc_ptr, q1_ptr, s1_ptr, q2_ptr, s2_ptr,
     M, K, E, OFF2,
     stride_x, stride_h2, stride_g, stride_qc, stride_sc, stride_q1, stride_s1, stride_q2, stride_s2,
     MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr, QB: tl.constexpr, CH: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BK: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     b = tl.program_id(0)
     row0, row_end, real = _col_block(b, sizes_ptr, E, M, QB, BLOCK_E)
     if not real:
         return
-    cols = tl.program_id(1) * QB + tl.arange(0, QB)
-    amax = tl.zeros([QB], dtype=tl.float32)
-    amax2 = tl.zeros([QB], dtype=tl.float32)
-    nans = tl.zeros([QB], dtype=tl.int32)
-    nans2 = tl.zeros([QB], dtype=tl.int32)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    store_cols = tl.where(cols < K, cols, -1)
+    amax = tl.zeros([BK], dtype=tl.float32)
+    amax2 = tl.zeros([BK], dtype=tl.float32)
+    nans = tl.zeros([BK], dtype=tl.int32)
+    nans2 = tl.zeros([BK], dtype=tl.int32)
+    if CH == QB:  # the whole block at once, read once (BK = QB where row tiles are made)
+        rows = row0 + tl.arange(0, QB)
+        x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2,
+                            stride_g, MODE, ACTIVATION, TOP_K)
+        mask = (rows < row_end)[:, None] & (cols < K)[None, :]
+        slots = b.to(tl.int64) * QB + tl.arange(0, QB)
+        amax, nans = _col_amax(amax, nans, x)
+        scale, inv = _pow2_scale(amax)
+        tl.store(sc_ptr + b.to(tl.int64) * stride_sc + cols, tl.where(nans > 0, float("nan"), scale), mask=cols < K)
+        _store_cols_k_major(x, inv, store_cols, slots, qc_ptr, stride_qc)
+        if MODE == "rows" or MODE == "glu_backward":
+            _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1)
+        if MODE == "glu_backward":
+            amax2, nans2 = _col_amax(amax2, nans2, x2)
+            scale2, inv2 = _pow2_scale(amax2)
+            tl.store(sc_ptr + b.to(tl.int64) * stride_sc + OFF2 + cols, tl.where(nans2 > 0, float("nan"), scale2),
+                     mask=cols < K)
+            _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), slots, qc_ptr, stride_qc)
+            _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2)
+        return
     for c in range(0, QB, CH):
         rows = row0 + c + tl.arange(0, CH)
         x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2, stride_g,
@@ -499,7 +521,6 @@ def _quantize_cols_fused_kernel(
         if MODE == "glu_backward":
             amax2, nans2 = _col_amax(amax2, nans2, x2)
             _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2)
-    store_cols = tl.where(cols < K, cols, -1)
     scale, inv = _pow2_scale(amax)
     scale = tl.where(nans > 0, float("nan"), scale)
     tl.store(sc_ptr + b.to(tl.int64) * stride_sc + cols, scale, mask=cols < K)
@@ -1119,8 +1140,10 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
     return q, s
 
 
-# `_quantize_cols_fused_kernel`'s launch: rows a piece (CH), warps, software-pipelined stages.
-COLS_FUSED_LAUNCH = dict(ch=16, num_warps=8, num_stages=1)
+# `_quantize_cols_fused_kernel`'s launch per mode: rows a piece (ch; Q: the whole block at once),
+# columns a program (bk; Q where row tiles are made), warps, software-pipelined stages.
+COLS_FUSED_LAUNCH = {mode: dict(ch=32, bk=Q, num_warps=4, num_stages=1)
+                     for mode in ("rows", "gather", "glu", "glu_backward")}
 
 
 def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int, h2=None, grad=None,
@@ -1139,13 +1162,17 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
     h2 = x if h2 is None else h2
     grad = x if grad is None else grad
     row_assignment = sizes if row_assignment is None else row_assignment
-    _quantize_cols_fused_kernel[(S, cdiv(K, Q))](
+    launch = COLS_FUSED_LAUNCH[mode]
+    bk = Q if mode in ("rows", "glu_backward") else launch["bk"]
+    ch = launch["ch"]
+    if interpreted(x):  # the same form, in small pieces
+        ch = Q if ch == Q else 8
+    _quantize_cols_fused_kernel[(S, cdiv(K, bk))](
         x, h2, grad, row_assignment, sizes, q_c, s_c, *rows_out, M, K, E, K,
         x.stride(0), h2.stride(0), grad.stride(0), q_c.stride(0), s_c.stride(0),
         rows_out[0].stride(0), rows_out[1].stride(0), rows_out[2].stride(0), rows_out[3].stride(0),
-        MODE=mode, ACTIVATION=activation, TOP_K=top_k, QB=Q, CH=8 if interpreted(x) else COLS_FUSED_LAUNCH["ch"],
-        BLOCK_E=max(2, next_power_of_2(E)), num_warps=COLS_FUSED_LAUNCH["num_warps"],
-        num_stages=COLS_FUSED_LAUNCH["num_stages"],
+        MODE=mode, ACTIVATION=activation, TOP_K=top_k, QB=Q, CH=ch, BK=bk,
+        BLOCK_E=max(2, next_power_of_2(E)), num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     return q_c, s_c
 
