@@ -71,7 +71,9 @@ def products(T, H, F, E, k, device):
 
 
 def bench(args):
-    env = environment()
+    if args.tile_gain is not None:
+        fp8_backend._GLUON_TILE_GAIN = args.tile_gain
+    env = {**environment(), "tile_gain": fp8_backend._GLUON_TILE_GAIN}
     bw = copy_bandwidth_gbs(1 << 30)
     rows = []
     for name in args.configs:
@@ -88,19 +90,21 @@ def bench(args):
             out = fp8.gmm_fp8(x_q, x_s, w_q, w_s, bs).float()
             flops = 2 * M * K * N
             rows.append(dict(
-                config=name, product=proj, M=M, K=K, N=N, bf16_ms=ms_bf16, fp8_ms=ms_fp8,
+                config=name, product=proj, M=M, K=K, N=N, block_m=fp8_backend.gmm_fp8_launch(M, E).get("block_m"),
+                bf16_ms=ms_bf16, fp8_ms=ms_fp8,
                 speedup=ms_bf16 / ms_fp8, bf16_tflops=flops / ms_bf16 / 1e9, fp8_tflops=flops / ms_fp8 / 1e9,
                 quantize_ms=ms_q, quantize_gbs=(M * K * 2 + M * K + M * K // 32) / ms_q / 1e6, copy_gbs=bw,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env,
             ))
         # The weight gradient's launches: the default (the Gluon form on sm_90), the same with
-        # masked stores instead of its TMA store, and the Triton K-major kernel (the row-major first kernel: `k_major=False`, 5.8x slower).
+        # masked stores instead of its TMA store, and the Triton K-major kernel (the row-major
+        # first kernel: `k_major=False`, 5.8x slower).
         for variant, config in (("", None), ("_stores", dict(tma_store=False)), ("_triton", dict(wgmma=False))):
             rows.append(wgrad_row(name, T * k, H, F, E, env, bw, config=config, variant=variant))
     os.makedirs(args.out, exist_ok=True)
     if rows:  # none with an empty --configs
-        print_table(rows, ["config", "product", "M", "K", "N", "bf16_ms", "fp8_ms", "speedup", "fp8_tflops", "product_ms",
-                           "quantize_ms", "quantize_gbs", "copy_gbs", "rel_rms_vs_bf16"])
+        print_table(rows, ["config", "product", "M", "K", "N", "block_m", "bf16_ms", "fp8_ms", "speedup", "fp8_tflops",
+                           "product_ms", "quantize_ms", "quantize_gbs", "copy_gbs", "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8.csv"), rows)
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     serve_rows += decode_variant_rows(args.serving, args.decode_variants)
@@ -544,6 +548,8 @@ def main():
     p.add_argument("--cols", nargs="*", default=[], choices=list(CONFIGS),
                    help="time the weight gradient's fused operand quantizers on these configs")
     p.add_argument("--cols-variants", nargs="*", default=["pieces32_w4"], choices=list(COLS_VARIANTS))
+    p.add_argument("--tile-gain", type=float, default=None,
+                   help="the Gluon form's 192-row tile threshold (backend.fp8._GLUON_TILE_GAIN) for this run")
     p.add_argument("--cols-pick", action="store_true",
                    help="take each mode's fastest --cols variant for the layers timed after them")
     p.add_argument("--smoke", action="store_true")

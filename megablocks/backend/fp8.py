@@ -1141,9 +1141,15 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
 
 
 # `_quantize_cols_fused_kernel`'s launch per mode: rows a piece (ch; Q: the whole block at once),
-# columns a program (bk; Q where row tiles are made), warps, software-pipelined stages.
-COLS_FUSED_LAUNCH = {mode: dict(ch=32, bk=Q, num_warps=4, num_stages=1)
-                     for mode in ("rows", "gather", "glu", "glu_backward")}
+# columns a program (bk; Q where row tiles are made), warps, software-pipelined stages. The
+# fastest of eight forms summed over mixtral's and olmoe's operands (H200, `bench_fp8.py --cols`;
+# benchmarks/RESULTS.md).
+COLS_FUSED_LAUNCH = {
+    "rows": dict(ch=Q, bk=Q, num_warps=4, num_stages=1),
+    "gather": dict(ch=Q, bk=32, num_warps=2, num_stages=1),
+    "glu": dict(ch=Q, bk=32, num_warps=4, num_stages=1),
+    "glu_backward": dict(ch=Q, bk=Q, num_warps=8, num_stages=1),
+}
 
 
 def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int, h2=None, grad=None,
