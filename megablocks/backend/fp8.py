@@ -375,15 +375,17 @@ def _col_block(b, sizes_ptr, E, M, QB: tl.constexpr, BLOCK_E: tl.constexpr):
 # x: a [QB, BLOCK_K] fp32 tile (0 where masked) of block b's rows `rows` and columns `cols` (-1:
 # past K, not stored), quantized in QB x 1 tiles down its columns: scale row b of s, and q
 # row-major at `rows` (where `mask`), or (TRANSPOSED) K-major in columns [b*QB, (b+1)*QB) of
-# q_KP through its int32 view (all QB slots: rows past the group 0).
+# q_KP (all QB slots: rows past the group 0).
 @triton.jit
 def _store_col_tiles(x, b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb, TRANSPOSED: tl.constexpr):
     scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=0))
     scale = tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), scale)
-    if TRANSPOSED:  # q_ptr: the int32 view, stride_qm in words
-        _store_cols_k_major(x, inv, cols, b.to(tl.int64) * x.shape[0], q_ptr, stride_qm)
+    q = _round_e4m3(x * inv[None, :])
+    if TRANSPOSED:
+        slots = b.to(tl.int64) * x.shape[0] + tl.arange(0, x.shape[0])
+        tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_qm + slots[None, :],
+                 tl.trans(q).to(q_ptr.dtype.element_ty), mask=(cols >= 0)[:, None])
     else:
-        q = _round_e4m3(x * inv[None, :])
         tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
                  mask=mask)
     tl.store(s_ptr + b.to(tl.int64) * stride_sb + cols, scale, mask=cols >= 0)
@@ -452,26 +454,16 @@ def _col_amax(amax, nans, x):
     return tl.maximum(amax, tl.max(tl.abs(x), axis=0)), nans + tl.sum((x != x).to(tl.int32), axis=0)
 
 
-# x [R, C] (R a multiple of 4) quantized with its columns' inverse scales inv and stored K-major
-# from byte slot `first` (a multiple of 4) of each column's row of q: the e4m3 bytes assembled by
-# integer arithmetic (`_e4m3_bits`) and four rows' packed into one int32 word (little-endian: row
-# 4i + j is byte j of word i) before the transpose, stored through q's int32 view (q32_ptr, its
-# row stride in words): a quarter of the shared-memory traffic of transposing bytes.
+# x [CH, QB] quantized with its columns' inverse scales inv, stored K-major: q_c[cols, slots].
 @triton.jit
-def _store_cols_k_major(x, inv, cols, first, q32_ptr, stride_q32):
-    R: tl.constexpr = x.shape[0]
-    C: tl.constexpr = x.shape[1]
-    b = _e4m3_bits(_round_e4m3(x * inv[None, :]))
-    shifts = tl.arange(0, 4) * 8
-    words = tl.sum(tl.reshape(b, (R // 4, 4, C)) << shifts[None, :, None], axis=1)
-    wslots = first // 4 + tl.arange(0, R // 4)
-    tl.store(q32_ptr + cols[:, None].to(tl.int64) * stride_q32 + wslots[None, :], tl.trans(words),
+def _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_q):
+    q = _round_e4m3(x * inv[None, :])
+    tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_q + slots[None, :], tl.trans(q).to(q_ptr.dtype.element_ty),
              mask=(cols >= 0)[:, None])
 
 
 # The FP8 weight gradient's operands made in the pass that already reads what they come from, in
-# `quantize_cols_grouped`'s transposed layout (q_c [K, P] through its int32 view qc_ptr, s_c
-# [S, K]); program (b, j): block b's
+# `quantize_cols_grouped`'s transposed layout (q_c [K, P], s_c [S, K]); program (b, j): block b's
 # rows, columns [j*QB, (j+1)*QB). MODE 'rows': x_MK itself, also quantized in 1 x QB row tiles into
 # (q1, s1) (the input gradient's operand); 'gather': row r is x_TK[row_assignment[r] // TOP_K] (0
 # where -1); 'glu': glu(h1 = x, h2) rounded to x's dtype; 'glu_backward': the GLU's two input
@@ -503,11 +495,11 @@ def _quantize_cols_fused_kernel(
         x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2,
                             stride_g, MODE, ACTIVATION, TOP_K)
         mask = (rows < row_end)[:, None] & (cols < K)[None, :]
-        first = b.to(tl.int64) * QB
+        slots = b.to(tl.int64) * QB + tl.arange(0, QB)
         amax, nans = _col_amax(amax, nans, x)
         scale, inv = _pow2_scale(amax)
         tl.store(sc_ptr + b.to(tl.int64) * stride_sc + cols, tl.where(nans > 0, float("nan"), scale), mask=cols < K)
-        _store_cols_k_major(x, inv, store_cols, first, qc_ptr, stride_qc)
+        _store_cols_k_major(x, inv, store_cols, slots, qc_ptr, stride_qc)
         if MODE == "rows" or MODE == "glu_backward":
             _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1)
         if MODE == "glu_backward":
@@ -515,7 +507,7 @@ def _quantize_cols_fused_kernel(
             scale2, inv2 = _pow2_scale(amax2)
             tl.store(sc_ptr + b.to(tl.int64) * stride_sc + OFF2 + cols, tl.where(nans2 > 0, float("nan"), scale2),
                      mask=cols < K)
-            _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), first, qc_ptr, stride_qc)
+            _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), slots, qc_ptr, stride_qc)
             _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2)
         return
     for c in range(0, QB, CH):
@@ -540,10 +532,10 @@ def _quantize_cols_fused_kernel(
         rows = row0 + c + tl.arange(0, CH)
         x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2, stride_g,
                             MODE, ACTIVATION, TOP_K)
-        first = b.to(tl.int64) * QB + c
-        _store_cols_k_major(x, inv, store_cols, first, qc_ptr, stride_qc)
+        slots = b.to(tl.int64) * QB + c + tl.arange(0, CH)
+        _store_cols_k_major(x, inv, store_cols, slots, qc_ptr, stride_qc)
         if MODE == "glu_backward":
-            _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), first, qc_ptr, stride_qc)
+            _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), slots, qc_ptr, stride_qc)
 
 
 # out_ENK[e] = Σ over group e's Q-row blocks of (a_q * a_s)[blk]^T (b_q * b_s)[blk]: the weight
@@ -1141,9 +1133,8 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
     s = torch.empty((S, K), dtype=torch.float32, device=x_MK.device)
     if M and K and E:
         block_k = 32 if interpreted(x_MK) else 64
-        q_out = q.view(torch.int32) if transposed else q  # the K-major bytes are stored as words
         _quantize_cols_grouped_kernel[(s.shape[0], cdiv(K, block_k))](
-            x_MK, q_out, s, sizes, M, K, E, x_MK.stride(0), q_out.stride(0), s.stride(0),
+            x_MK, q, s, sizes, M, K, E, x_MK.stride(0), q.stride(0), s.stride(0),
             QB=Q, BLOCK_K=block_k, BLOCK_E=max(2, next_power_of_2(E)), TRANSPOSED=transposed, num_warps=4,
         )
     return q, s
@@ -1182,10 +1173,9 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
     ch = launch["ch"]
     if interpreted(x):  # the same form, in small pieces
         ch = Q if ch == Q else 8
-    q_words = q_c.view(torch.int32)  # the K-major bytes are stored as words
     _quantize_cols_fused_kernel[(S, cdiv(K, bk))](
-        x, h2, grad, row_assignment, sizes, q_words, s_c, *rows_out, M, K, E, K,
-        x.stride(0), h2.stride(0), grad.stride(0), q_words.stride(0), s_c.stride(0),
+        x, h2, grad, row_assignment, sizes, q_c, s_c, *rows_out, M, K, E, K,
+        x.stride(0), h2.stride(0), grad.stride(0), q_c.stride(0), s_c.stride(0),
         rows_out[0].stride(0), rows_out[1].stride(0), rows_out[2].stride(0), rows_out[3].stride(0),
         MODE=mode, ACTIVATION=activation, TOP_K=top_k, QB=Q, CH=ch, BK=bk,
         BLOCK_E=max(2, next_power_of_2(E)), num_warps=launch["num_warps"], num_stages=launch["num_stages"],
