@@ -372,6 +372,15 @@ def _col_block(b, sizes_ptr, E, M, QB: tl.constexpr, BLOCK_E: tl.constexpr):
     return row0, row_end, tl.sum(mine.to(tl.int32), 0) > 0
 
 
+# x [R, C] quantized with its columns' inverse scales inv, stored K-major: q_c[cols, slots]
+# (cols -1: not stored).
+@triton.jit
+def _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_q):
+    q = _round_e4m3(x * inv[None, :])
+    tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_q + slots[None, :], tl.trans(q).to(q_ptr.dtype.element_ty),
+             mask=(cols >= 0)[:, None])
+
+
 # x: a [QB, BLOCK_K] fp32 tile (0 where masked) of block b's rows `rows` and columns `cols` (-1:
 # past K, not stored), quantized in QB x 1 tiles down its columns: scale row b of s, and q
 # row-major at `rows` (where `mask`), or (TRANSPOSED) K-major in columns [b*QB, (b+1)*QB) of
@@ -380,12 +389,11 @@ def _col_block(b, sizes_ptr, E, M, QB: tl.constexpr, BLOCK_E: tl.constexpr):
 def _store_col_tiles(x, b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb, TRANSPOSED: tl.constexpr):
     scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=0))
     scale = tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), scale)
-    q = _round_e4m3(x * inv[None, :])
     if TRANSPOSED:
         slots = b.to(tl.int64) * x.shape[0] + tl.arange(0, x.shape[0])
-        tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_qm + slots[None, :],
-                 tl.trans(q).to(q_ptr.dtype.element_ty), mask=(cols >= 0)[:, None])
+        _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_qm)
     else:
+        q = _round_e4m3(x * inv[None, :])
         tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
                  mask=mask)
     tl.store(s_ptr + b.to(tl.int64) * stride_sb + cols, scale, mask=cols >= 0)
@@ -416,16 +424,17 @@ def _quantize_cols_grouped_kernel(
 
 # CH rows `rows` (those < row_end are the block's) and columns `cols` (< K) of what
 # `_quantize_cols_fused_kernel` quantizes, as fp32 tiles (x, x2), 0 outside: x2 is the GLU's second
-# input gradient in 'glu_backward' (else x again).
+# input gradient in 'glu_backward' (else x again). 'gather' reads zeros for an assignment outside
+# [0, M) (M = N rows: its token would lie past x's T).
 @triton.jit
-def _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2, stride_g,
+def _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2, stride_g,
                 MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr):
     in_rows = rows < row_end
     mask = in_rows[:, None] & (cols < K)[None, :]
     r64 = rows[:, None].to(tl.int64)
     if MODE == "gather":
         a = tl.load(assignment_ptr + rows, mask=in_rows, other=-1)
-        ok = in_rows & (a >= 0)
+        ok = in_rows & (a >= 0) & (a < M)  # an assignment past N = T * TOP_K would name a token past T
         src = tl.where(ok, a // TOP_K, 0).to(tl.int64)
         x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=ok[:, None] & (cols < K)[None, :],
                     other=0.0).to(tl.float32)
@@ -452,14 +461,6 @@ def _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, st
 @triton.jit
 def _col_amax(amax, nans, x):
     return tl.maximum(amax, tl.max(tl.abs(x), axis=0)), nans + tl.sum((x != x).to(tl.int32), axis=0)
-
-
-# x [CH, QB] quantized with its columns' inverse scales inv, stored K-major: q_c[cols, slots].
-@triton.jit
-def _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_q):
-    q = _round_e4m3(x * inv[None, :])
-    tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_q + slots[None, :], tl.trans(q).to(q_ptr.dtype.element_ty),
-             mask=(cols >= 0)[:, None])
 
 
 # The FP8 weight gradient's operands made in the pass that already reads what they come from, in
@@ -492,28 +493,21 @@ def _quantize_cols_fused_kernel(
     nans2 = tl.zeros([BK], dtype=tl.int32)
     if CH == QB:  # the whole block at once, read once (BK = QB where row tiles are made)
         rows = row0 + tl.arange(0, QB)
-        x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2,
+        x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2,
                             stride_g, MODE, ACTIVATION, TOP_K)
         mask = (rows < row_end)[:, None] & (cols < K)[None, :]
-        slots = b.to(tl.int64) * QB + tl.arange(0, QB)
-        amax, nans = _col_amax(amax, nans, x)
-        scale, inv = _pow2_scale(amax)
-        tl.store(sc_ptr + b.to(tl.int64) * stride_sc + cols, tl.where(nans > 0, float("nan"), scale), mask=cols < K)
-        _store_cols_k_major(x, inv, store_cols, slots, qc_ptr, stride_qc)
+        _store_col_tiles(x, b, rows, store_cols, mask, qc_ptr, sc_ptr, stride_qc, stride_sc, True)
         if MODE == "rows" or MODE == "glu_backward":
             _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1)
         if MODE == "glu_backward":
-            amax2, nans2 = _col_amax(amax2, nans2, x2)
-            scale2, inv2 = _pow2_scale(amax2)
-            tl.store(sc_ptr + b.to(tl.int64) * stride_sc + OFF2 + cols, tl.where(nans2 > 0, float("nan"), scale2),
-                     mask=cols < K)
-            _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), slots, qc_ptr, stride_qc)
+            _store_col_tiles(x2, b, rows, tl.where(cols < K, cols + OFF2, -1), mask, qc_ptr, sc_ptr, stride_qc,
+                             stride_sc, True)
             _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2)
         return
     for c in range(0, QB, CH):
         rows = row0 + c + tl.arange(0, CH)
-        x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2, stride_g,
-                            MODE, ACTIVATION, TOP_K)
+        x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2,
+                            stride_g, MODE, ACTIVATION, TOP_K)
         amax, nans = _col_amax(amax, nans, x)
         mask = (rows < row_end)[:, None] & (cols < K)[None, :]
         if MODE == "rows" or MODE == "glu_backward":
@@ -530,8 +524,8 @@ def _quantize_cols_fused_kernel(
         tl.store(sc_ptr + b.to(tl.int64) * stride_sc + OFF2 + cols, scale2, mask=cols < K)
     for c in range(0, QB, CH):
         rows = row0 + c + tl.arange(0, CH)
-        x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, K, stride_x, stride_h2, stride_g,
-                            MODE, ACTIVATION, TOP_K)
+        x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2,
+                            stride_g, MODE, ACTIVATION, TOP_K)
         slots = b.to(tl.int64) * QB + c + tl.arange(0, CH)
         _store_cols_k_major(x, inv, store_cols, slots, qc_ptr, stride_qc)
         if MODE == "glu_backward":
@@ -1209,8 +1203,9 @@ def quantize_rows_and_cols(x_MK: torch.Tensor, batch_sizes: torch.Tensor):
 def gather_quantize_cols(x_TK: torch.Tensor, row_assignment_N: torch.Tensor, top_k: int,
                          batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """`quantize_cols_grouped(rows, batch_sizes, transposed=True)` of the routed rows (row r is
-    token `row_assignment[r] // top_k`'s row of x_TK, zeros where -1) without making them: the up
-    projection's weight-gradient operand read through the maps. N = row_assignment's length."""
+    token `row_assignment[r] // top_k`'s row of x_TK; zeros where the assignment is -1 or past
+    N = T * top_k, row_assignment's length) without making them: the up projection's
+    weight-gradient operand read through the maps."""
     check_tensor("x", x_TK, ndim=2, dtypes=_IN_DTYPES)
     check_tensor("row_assignment_N", row_assignment_N, ndim=1, dtypes=INDEX_DTYPES)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
@@ -1221,10 +1216,13 @@ def gather_quantize_cols(x_TK: torch.Tensor, row_assignment_N: torch.Tensor, top
         raise ValueError(f"row_assignment_N: expected x's device {x_TK.device}, got {row_assignment_N.device}")
     T, K = x_TK.shape
     N = row_assignment_N.numel()
+    if N != T * top_k:
+        raise ValueError(f"row_assignment_N: expected T * top_k = {T * top_k} elements, got {N}")
     sizes = _check_sizes(batch_sizes, x_TK.device)
     if x_TK.device.type != "cuda" and not interpreted(x_TK):
         a = row_assignment_N.long()
-        rows = torch.where((a >= 0)[:, None], x_TK[(a.clamp(min=0) // top_k).clamp(max=max(T - 1, 0))],
+        present = (a >= 0) & (a < N)
+        rows = torch.where(present[:, None], x_TK[torch.where(present, a, 0) // top_k],
                            torch.zeros((), dtype=x_TK.dtype, device=x_TK.device))
         return _cols_reference(rows, sizes)
     return _cols_fused("gather", x_TK, sizes, N, K, row_assignment=row_assignment_N, top_k=top_k)

@@ -756,13 +756,15 @@ def test_weight_gradient_operands_fused(sizes, K, activation, dtype, form, monke
     ref_q, ref_s = fp8.quantize_rows(x)
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s, ref_s)
     _assert_cols_equal("rows_and_cols", cols, fp8.quantize_cols_grouped(x, bs, transposed=True), bs, M)
-    # The token rows through the maps (a padding row -1 reads zeros).
+    # The token rows through the maps (M = T * top_k rows; a padding row -1 and an assignment past
+    # N read zeros, never a token past T).
     g = torch.Generator().manual_seed(M)
-    tokens = _hostile(-(-M // top_k) + 1, K, dtype, seed=K)
-    assignment = torch.randperm(tokens.shape[0] * top_k, generator=g)[:M].to(DEVICE)
-    if M > 6:
-        assignment[6] = -1
-    rows = torch.where((assignment >= 0)[:, None], tokens[assignment.clamp(min=0) // top_k], 0).to(dtype)
+    tokens = _hostile(M // top_k, K, dtype, seed=K)  # (every M here a multiple of top_k)
+    assignment = torch.randperm(M, generator=g).to(DEVICE)
+    if M > 7:
+        assignment[6], assignment[7] = -1, M + 5
+    present = (assignment >= 0) & (assignment < M)
+    rows = torch.where(present[:, None], tokens[torch.where(present, assignment, 0) // top_k], 0).to(dtype)
     _assert_cols_equal("gather", fp8.gather_quantize_cols(tokens, assignment, top_k, bs),
                        fp8.quantize_cols_grouped(rows, bs, transposed=True), bs, M)
     # The GLU product, made again and not written.
@@ -796,6 +798,8 @@ def test_weight_gradient_operands_validate():
         fp8.quantize_rows_and_cols(x, bs.float())
     with pytest.raises(ValueError, match="top_k"):
         fp8.gather_quantize_cols(x, torch.arange(4, device=DEVICE), 0, bs)
+    with pytest.raises(ValueError, match="T \\* top_k"):
+        fp8.gather_quantize_cols(x, torch.arange(4, device=DEVICE), 2, bs)
     with pytest.raises(ValueError, match="h2: expected h1's shape"):
         fp8.glu_quantize_cols(x[:, :128], x[:3, 128:], "silu", bs)
     with pytest.raises(ValueError, match="activation: expected one of"):
