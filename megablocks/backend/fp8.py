@@ -686,6 +686,29 @@ def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str)
     return q, s
 
 
+def _glu_grad_rows_out(M: int, K: int, device, out):
+    """The GLU backward quantizers' row-tile outputs: `out` = (q1, s1, q2, s2) checked ([M, K]
+    e4m3 and [M, ceil(K/Q)] fp32 on `device`, unit last stride), or new tensors (ValueError)."""
+    shapes = [((M, K), FP8_DTYPE), ((M, cdiv(K, Q)), torch.float32)] * 2
+    if out is None:
+        return tuple(torch.empty(shape, dtype=dtype, device=device) for shape, dtype in shapes)
+    if (not isinstance(out, (tuple, list)) or len(out) != 4
+            or any(not isinstance(o, torch.Tensor) or tuple(o.shape) != shape or o.dtype != dtype
+                   or o.device != device or (o.numel() and o.stride(-1) != 1)
+                   for o, (shape, dtype) in zip(out, shapes))):
+        raise ValueError(f"out: expected (q1, s1, q2, s2) of shapes and dtypes {shapes} on {device} with a "
+                         f"unit last stride, got {out!r:.300}")
+    return tuple(out)
+
+
+def _rows_reference_into(*pairs) -> None:
+    """((q, s), v) pairs: `quantize_rows_reference(v)` copied into q and s."""
+    for (q, s), v in pairs:
+        rq, rs = quantize_rows_reference(v)
+        q.copy_(rq)
+        s.copy_(rs)
+
+
 def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
                                 out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None):
     """The GLU's backward with its two gradients quantized as they are made: `glu_backward(grad,
@@ -700,26 +723,14 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
     float dtype, any row strides, last dim contiguous."""
     _check_glu_operands(activation, ("grad", grad_MK), ("h1", h1_MK), ("h2", h2_MK))
     M, K = h1_MK.shape
-    shapes = [((M, K), FP8_DTYPE), ((M, cdiv(K, Q)), torch.float32)] * 2
-    if out is None:
-        out = tuple(torch.empty(shape, dtype=dtype, device=h1_MK.device) for shape, dtype in shapes)
-    elif (not isinstance(out, (tuple, list)) or len(out) != 4
-          or any(not isinstance(o, torch.Tensor) or tuple(o.shape) != shape or o.dtype != dtype
-                 or o.device != h1_MK.device or (o.numel() and o.stride(-1) != 1)
-                 for o, (shape, dtype) in zip(out, shapes))):
-        raise ValueError(f"out: expected (q1, s1, q2, s2) of shapes and dtypes {shapes} on {h1_MK.device} with a "
-                         f"unit last stride, got {out!r:.300}")
-    q1, s1, q2, s2 = out
+    q1, s1, q2, s2 = _glu_grad_rows_out(M, K, h1_MK.device, out)
     if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
         from megablocks.ops.activation import glu_backward_reference
 
         d1, d2 = glu_backward_reference(grad_MK, h1_MK, h2_MK, activation)
         h1_MK.copy_(d1)
         h2_MK.copy_(d2)
-        for (q, s), h in (((q1, s1), h1_MK), ((q2, s2), h2_MK)):
-            rq, rs = quantize_rows_reference(h)
-            q.copy_(rq)
-            s.copy_(rs)
+        _rows_reference_into(((q1, s1), h1_MK), ((q2, s2), h2_MK))
         return (q1, s1), (q2, s2)
     if M and K:
         block_m = 16 if interpreted(h1_MK) else 32
@@ -1255,24 +1266,12 @@ def glu_backward_quantize_rows_cols(grad_MK: torch.Tensor, h1_MK: torch.Tensor, 
     _check_glu_operands(activation, ("grad", grad_MK), ("h1", h1_MK), ("h2", h2_MK))
     M, K = h1_MK.shape
     sizes = _check_sizes(batch_sizes, h1_MK.device)
-    shapes = [((M, K), FP8_DTYPE), ((M, cdiv(K, Q)), torch.float32)] * 2
-    if out is None:
-        out = tuple(torch.empty(shape, dtype=dtype, device=h1_MK.device) for shape, dtype in shapes)
-    elif (not isinstance(out, (tuple, list)) or len(out) != 4
-          or any(not isinstance(o, torch.Tensor) or tuple(o.shape) != shape or o.dtype != dtype
-                 or o.device != h1_MK.device or (o.numel() and o.stride(-1) != 1)
-                 for o, (shape, dtype) in zip(out, shapes))):
-        raise ValueError(f"out: expected (q1, s1, q2, s2) of shapes and dtypes {shapes} on {h1_MK.device} with a "
-                         f"unit last stride, got {out!r:.300}")
-    q1, s1, q2, s2 = out
+    q1, s1, q2, s2 = out = _glu_grad_rows_out(M, K, h1_MK.device, out)
     if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
         from megablocks.ops.activation import glu_backward_reference
 
         d1, d2 = glu_backward_reference(grad_MK, h1_MK, h2_MK, activation)
-        for (q, s), d in (((q1, s1), d1), ((q2, s2), d2)):
-            rq, rs = quantize_rows_reference(d)
-            q.copy_(rq)
-            s.copy_(rs)
+        _rows_reference_into(((q1, s1), d1), ((q2, s2), d2))
         return (q1, s1), (q2, s2), _cols_reference(torch.cat([d1, d2], dim=1), sizes)
     cols = _cols_fused("glu_backward", h1_MK, sizes, M, K, h2=h2_MK, grad=grad_MK, activation=activation,
                        rows_out=out, halves=2)

@@ -123,6 +123,17 @@ def test_fp8_node_quantizes_weights_once_per_step(monkeypatch):
     assert len(calls) == 6
 
 
+def _glu_layer(T, H, Fs, E, K, dtype, seed):
+    """An FP8 GLU dMoE (silu, random biases) and a fresh input and output gradient [T, H]."""
+    args = make_args("triton", dtype, mlp_type="glu", hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E,
+                     moe_top_k=K, activation_fn=F.silu, fp8="blockwise")
+    layer = dMoE(args)
+    randomize_bias(layer)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(T, H, device=DEVICE, dtype=dtype, generator=gen)
+    return layer, x, torch.randn(T, H, device=DEVICE, dtype=dtype, generator=gen)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T, H, Fs, E, K", [(24, 40, 128, 4, 2), (5, 136, 256, 3, 3), (1, 48, 128, 5, 1)],
                          ids=["F=128", "F=256-topk=E", "one-token-empty-experts"])
@@ -132,13 +143,7 @@ def test_fp8_node_stacked_pair(T, H, Fs, E, K, dtype, monkeypatch):
     Against the composed FP8 ops: the output and the weight and router gradients bitwise; the input
     gradient rounded once instead of summed from two rounded products (within a few units of the
     dtype's last place)."""
-    args = make_args("triton", dtype, mlp_type="glu", hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E,
-                     moe_top_k=K, activation_fn=F.silu, fp8="blockwise")
-    layer = dMoE(args)
-    randomize_bias(layer)
-    gen = torch.Generator(device=DEVICE).manual_seed(T * 11 + Fs)
-    x = torch.randn(T, H, device=DEVICE, dtype=dtype, generator=gen)
-    grad_out = torch.randn(T, H, device=DEVICE, dtype=dtype, generator=gen)
+    layer, x, grad_out = _glu_layer(T, H, Fs, E, K, dtype, seed=T * 11 + Fs)
     calls = _count(monkeypatch)
     pairs = []
     real_pair = fp8.Fp8WeightCache.pair
@@ -242,13 +247,7 @@ def test_fp8_node_weight_gradients_in_fp8(T, H, Fs, E, K, dtype, monkeypatch):
     input gradient (the same row tiles, bit for bit the other form's) and the router gradient are
     those of the node without it; each weight gradient is within FP8's quantization error of the
     unquantized one (two operands in 128 x 1 tiles: about 4% rms), and not equal to it."""
-    args = make_args("triton", dtype, mlp_type="glu", hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E,
-                     moe_top_k=K, activation_fn=F.silu, fp8="blockwise")
-    layer = dMoE(args)
-    randomize_bias(layer)
-    gen = torch.Generator(device=DEVICE).manual_seed(T * 13 + Fs)
-    x = torch.randn(T, H, device=DEVICE, dtype=dtype, generator=gen)
-    grad_out = torch.randn(T, H, device=DEVICE, dtype=dtype, generator=gen)
+    layer, x, grad_out = _glu_layer(T, H, Fs, E, K, dtype, seed=T * 13 + Fs)
     wgrads = []
     real = grouped_glu.gmm_fp8_wgrad
     monkeypatch.setattr(grouped_glu, "gmm_fp8_wgrad", lambda *a, **k: wgrads.append(a[0].shape) or real(*a, **k))
