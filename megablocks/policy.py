@@ -68,7 +68,7 @@ class KernelPolicy:
             expert's rows), their operands quantized in the passes that already read them; off
             (the default), from the unquantized operands. Slower on the H200 (training step with
             the weights cached, mixtral 23.39 -> 23.62 ms, olmoe 8.80 -> 10.28, qwen3moe 7.51 ->
-            9.01): the FP8 products gain 0.6-0.7 ms, the operands' quantizers (0.1-2 TB/s) cost more.
+            9.01): the FP8 products gain 0.4-0.7 ms, the operands' quantizers (0.1-2 TB/s) cost more.
 
     Raises:
         TypeError: a field of the wrong type.
