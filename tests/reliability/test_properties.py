@@ -123,10 +123,10 @@ def test_routing_metadata(case, block):
 # The gather/scatter family, forward and gradients, with NaN in the padding rows of the inputs.
 
 
-def _grads(fn, *inputs, reference=False, grad_dtype=None):
-    """(output, gradient of each input) for a seeded random output gradient. An op's output must
-    stay connected to its inputs even when empty (T = 0); a reference's need not (its gradients
-    are zeros then)."""
+def _grads(fn, *inputs, reference=False, grad_dtype=None, absolute=False):
+    """(output, gradient of each input) for a seeded random output gradient (`absolute`: its
+    magnitudes). An op's output must stay connected to its inputs even when empty (T = 0); a
+    reference's need not (its gradients are zeros then)."""
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
     out = fn(*leaves)
     if not out.requires_grad:
@@ -135,22 +135,35 @@ def _grads(fn, *inputs, reference=False, grad_dtype=None):
     # The output gradient at `grad_dtype` (the op's output dtype for a widened reference run).
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(grad_dtype or out.dtype)
     g = g.to(out.dtype).to(out.device)
+    if absolute:
+        g = g.abs()
     (out.float() * g.float()).sum().backward()
     return out, [t.grad for t in leaves]
 
 
-def _REF(fn, *inputs):
+def _REF(fn, *inputs, sum_bounds=False):
     """The reference's output at the inputs' dtype (compared exactly or by dtype limits), and its
     gradients from float64 inputs, rounded once to each input's dtype: the reference gradient
     carries no rounding of its own beyond the final one. Also, for fp32 comparisons, the exact
     (float64) output and the plain fp32 run's gradients: where a result is ill-conditioned (a
     sum that cancels, at sizes of one or two) `assert_close` allows a few times fp32's own error
-    there (`plain=`)."""
+    there (`plain=`). `sum_bounds` (ops linear in each input, whose gradients are sums of
+    products: the permutations): per gradient element fp32's own error bound for that sum in any
+    order, n·eps·Σ|terms| (n: the output's elements, at least the terms; Σ|terms| the float64
+    gradient at |inputs| and |output gradient|), plus the exact gradient's rounding to fp32."""
     out, plain_grads = _grads(fn, *inputs, reference=True)
     wide = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
     # The output gradient rounded as the op's (whose output has its first input's dtype).
     exact, grads = _grads(fn, *wide, reference=True, grad_dtype=inputs[0].dtype)
-    return out, [None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)], exact, plain_grads
+    rounded = [None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+    if not sum_bounds:
+        return out, rounded, exact, plain_grads
+    magnitudes = [t.detach().double().abs().requires_grad_(t.requires_grad) for t in inputs]
+    _, sums = _grads(fn, *magnitudes, reference=True, grad_dtype=inputs[0].dtype, absolute=True)
+    eps = torch.finfo(torch.float32).eps
+    bounds = [None if m is None else (max(exact.numel(), 1) * eps * m + eps * g.abs(), g)
+              for m, g in zip(sums, grads)]
+    return out, rounded, exact, plain_grads, bounds
 
 
 def _compare(kind, name, actual, expected, family="op", plain_16bit=False, out_bound=None):
@@ -163,7 +176,8 @@ def _compare(kind, name, actual, expected, family="op", plain_16bit=False, out_b
     below it by the luck of its order (dds, hidden = ffn = 1: 3.2e-5 against a plain run's
     < 1.8e-6), while TF32 or 16-bit accumulation still exceed it a hundredfold."""
     out, grads = actual
-    ref, ref_grads, exact, plain_grads = expected
+    ref, ref_grads, exact, plain_grads = expected[:4]
+    sum_bounds = expected[4] if len(expected) > 4 else [None] * len(grads)
     fp32 = out.dtype == torch.float32
     if kind == "exact":
         assert_equal(f"{name} out", out, ref)
@@ -174,9 +188,12 @@ def _compare(kind, name, actual, expected, family="op", plain_16bit=False, out_b
         assert_close(f"{name} out", out, exact, family=family, plain=ref)
     else:
         assert_close(f"{name} out", out, ref, family=family)
-    for i, (g, r, p) in enumerate(zip(grads, ref_grads, plain_grads)):
+    for i, (g, r, p, bound) in enumerate(zip(grads, ref_grads, plain_grads, sum_bounds)):
         if r is None:
             assert g is None, f"{name}: grad {i} present, reference has none"
+        elif g.dtype == torch.float32 and bound is not None and bool(
+                ((g.detach().double().cpu() - bound[1].cpu()).abs() <= bound[0].cpu()).all()):
+            pass  # within fp32's own error for its sum, whatever the order (`_REF`'s sum_bounds)
         else:
             assert_close(f"{name} grad {i}", g, r, family=family,
                          plain=p if g.dtype == torch.float32 or plain_16bit else None)
@@ -203,7 +220,8 @@ def test_permute_family(case, hidden, dtype, block, bin_size, weighted):
     ins = (x_NH, w_N) if weighted else (x_NH,)
     _compare("exact", "scatter",
              _grads(lambda x, *ww: ops.scatter(x, idx, bid, ww[0] if ww else None, bins, K), *ins),
-             _REF(lambda x, *ww: P.scatter_reference(x, idx, bid, ww[0] if ww else None, bins, K), *ins))
+             _REF(lambda x, *ww: P.scatter_reference(x, idx, bid, ww[0] if ww else None, bins, K), *ins,
+                  sum_bounds=True))
 
     _compare("exact", "padded_gather",
              _grads(lambda x: ops.padded_gather(x, idx, bid, bins, pbins, K, block_size=block), x_TH),
@@ -219,7 +237,7 @@ def test_permute_family(case, hidden, dtype, block, bin_size, weighted):
     assert not res[0].isnan().any(), "padded_scatter read a padding row"
     _compare("exact", "padded_scatter", res,
              _REF(lambda x, *ww: P.padded_scatter_reference(x, idx, bid, ww[0] if ww else None, bins, pbins, K),
-                    *ins))
+                  *ins, sum_bounds=True))
 
     _compare("exact", "binned_gather",
              _grads(lambda x: ops.binned_gather(x, idx, bins, bin_size, K), x_TH),
@@ -228,7 +246,8 @@ def test_permute_family(case, hidden, dtype, block, bin_size, weighted):
     ins = (x_ECH, w_N) if weighted else (x_ECH,)
     _compare("exact", "binned_scatter",
              _grads(lambda x, *ww: ops.binned_scatter(x, idx, ww[0] if ww else None, bins, K), *ins),
-             _REF(lambda x, *ww: P.binned_scatter_reference(x, idx, ww[0] if ww else None, bins, K), *ins))
+             _REF(lambda x, *ww: P.binned_scatter_reference(x, idx, ww[0] if ww else None, bins, K), *ins,
+                  sum_bounds=True))
 
 
 # --------------------------------------------------------------------------------------------------
