@@ -1256,7 +1256,7 @@ def glu_quantize_cols(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
 
 def glu_backward_quantize_rows_cols(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_MK: torch.Tensor,
                                     activation: str, batch_sizes: torch.Tensor,
-                                    out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None):
+                                    out: Optional[Tuple[torch.Tensor, ...]] = None):
     """The GLU's backward quantized both ways as it is made, neither gradient written: `quantize_rows`
     of each (the input gradient's operands, into `out` = (q1, s1, q2, s2) as
     `glu_backward_quantize_rows_` takes it, or new tensors) and `quantize_cols_grouped(...,

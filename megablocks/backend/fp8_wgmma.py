@@ -533,6 +533,16 @@ def tma_store_fits(block_m: int, stages: int, dtype: torch.dtype) -> bool:
     return dtype in _OUT_TYPES and stages * (block_m + BLOCK) * BLOCK + block_m * BLOCK * 2 <= _SHARED_BYTES
 
 
+def _tma_out_desc(out_2d: torch.Tensor, use: bool, block_m: int, stages: int):
+    """The descriptor through which the warp-specialized forms' consumers store a 2-D 16-bit
+    output's 64-row pieces by TMA, or None where `use` is off, their buffers do not fit beside
+    `stages` stages of block_m-row tiles, or the tensor does not allow TMA."""
+    if not (use and tma_store_fits(block_m, stages, out_2d.dtype) and tma_ok(out_2d)):
+        return None
+    layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK], _OUT_TYPES[out_2d.dtype])
+    return TensorDescriptor(out_2d, list(out_2d.shape), [out_2d.stride(0), 1], [64, BLOCK], layout)
+
+
 def available() -> bool:
     """Whether this Triton ships Gluon's Hopper language (the forms here compile)."""
     return _gluon
@@ -573,18 +583,13 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
     w_desc = TensorDescriptor(w_q.view(E * N, K), [E * N, K], [K, 1], [BLOCK, BLOCK], layout)
     programs = max(1, min(num_programs, max_m_tiles * triton.cdiv(N, BLOCK)))
     if warp_specialize:  # a loader warp and 64-row consumer warpgroups (`_gmm_fp8_ws_kernel`)
-        tma_out = tma_store and tma_store_fits(block_m, stages, out.dtype) and tma_ok(out)
-        if tma_out:
-            out_layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK], _OUT_TYPES[out.dtype])
-            out_desc = TensorDescriptor(out, [M, N], [out.stride(0), 1], [64, BLOCK], out_layout)
-        else:
-            out_desc = x_desc  # not read
+        out_desc = _tma_out_desc(out, tma_store, block_m, stages)
         _gmm_fp8_ws_kernel[(programs,)](
-            x_desc, w_desc, x_s, w_s, out, table, out_desc,
+            x_desc, w_desc, x_s, w_s, out, table, x_desc if out_desc is None else out_desc,  # (x_desc: not read)
             N, K, max_m_tiles, programs,
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
-            CONSUMERS=block_m // 64, TMA_OUT=tma_out, num_warps=4, maxnreg=WS_TILES[(block_m, BLOCK)],
+            CONSUMERS=block_m // 64, TMA_OUT=out_desc is not None, num_warps=4, maxnreg=WS_TILES[(block_m, BLOCK)],
         )
         return out
     _gmm_fp8_wgmma_kernel[(programs,)](
@@ -626,17 +631,13 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
     num_tiles = E * num_n_tiles * num_k_tiles
     programs = max(1, min(num_programs, num_tiles))
     # A 16-bit contiguous gradient's full 64-row pieces go out by TMA (out viewed as [E * N, K]).
-    tma_out = tma_store and tma_store_fits(BLOCK, stages, out.dtype) and out.is_contiguous() and tma_ok(out)
-    if tma_out:
-        out_layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK], _OUT_TYPES[out.dtype])
-        out_desc = TensorDescriptor(out.view(E * N, K), [E * N, K], [K, 1], [64, BLOCK], out_layout)
-    else:
-        out_desc = a_desc  # not read
+    out_desc = _tma_out_desc(out.view(E * N, K), tma_store, BLOCK, stages) if out.is_contiguous() else None
     _gmm_fp8_wgrad_ws_kernel[(programs,)](
-        a_desc, b_desc, a_s, b_s, out, table, out_desc,
+        a_desc, b_desc, a_s, b_s, out, table, a_desc if out_desc is None else out_desc,  # (a_desc: not read)
         N, K, num_tiles, num_n_tiles, num_k_tiles, programs,
         a_s.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
-        BLOCK_N=BLOCK, STAGES=stages, GROUP_N=group_n, CONSUMERS=2, QB=BLOCK, TMA_OUT=tma_out, num_warps=4,
+        BLOCK_N=BLOCK, STAGES=stages, GROUP_N=group_n, CONSUMERS=2, QB=BLOCK, TMA_OUT=out_desc is not None,
+        num_warps=4,
         maxnreg=WS_TILES[(BLOCK, BLOCK)],
     )
     return out

@@ -52,7 +52,7 @@ import torch
 
 from megablocks.backend import activation as activation_kernels
 from megablocks.backend import use_triton
-from megablocks.backend.fp8 import (_OUT_DTYPES, FP8_DTYPE, Q, gather_quantize_cols, gather_quantize_rows,
+from megablocks.backend.fp8 import (FP8_DTYPE, Q, gather_quantize_cols, gather_quantize_rows,
                                     glu_backward_quantize_rows_, glu_backward_quantize_rows_cols, glu_quantize_cols,
                                     glu_quantize_rows, gmm_fp8, gmm_fp8_wgrad, quantize_rows, quantize_rows_and_cols)
 from megablocks.ops._eager import _plain_eager
@@ -275,12 +275,11 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
     halves = (h[0][:, :h[0].shape[1] // 2], h[0][:, h[0].shape[1] // 2:]) if len(h) == 1 else tuple(h)
     F = halves[0].shape[1]
     grad_x = grad_w1 = grad_v1 = grad_w2 = None
-    wdtype = lambda w: w.dtype if w.dtype in _OUT_DTYPES else torch.float32  # noqa: E731
     if need_w2:
         a_c = glu_quantize_cols(*halves, activation, counts_E)
         (g_q, g_s), g_c = quantize_rows_and_cols(grad_y, counts_E)
         del grad_y
-        grad_w2 = gmm_fp8_wgrad(*a_c, *g_c, counts_E, out_dtype=wdtype(w2), rows=N).view(w2.shape)
+        grad_w2 = gmm_fp8_wgrad(*a_c, *g_c, counts_E, out_dtype=w2.dtype, rows=N).view(w2.shape)
         del a_c, g_c
     else:
         g_q, g_s = quantize_rows(grad_y)
@@ -303,18 +302,17 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         else:
             grad_rows = gmm_fp8(*first, *quantized[1], counts_E, out_dtype=dtype)
             grad_rows += gmm_fp8(*second, *quantized[3], counts_E, out_dtype=dtype)
-        del g_q, g_s, first, second
+    del g_q, g_s, first, second  # before the token rows' gradient is made
+    if need_x:
         grad_x = _scatter_rows._impl(grad_rows, assignment_row, row_assignment, None, top_k)
         del grad_rows
-    else:
-        del g_q, g_s, first, second
     if need_w1 or need_v1:
         x_c = gather_quantize_cols(x_TH, row_assignment, top_k, counts_E)
         h_q, h_s = h_c
         if need_w1:
-            grad_w1 = gmm_fp8_wgrad(h_q[:F], h_s[:, :F], *x_c, counts_E, out_dtype=wdtype(w1), rows=N).view(w1.shape)
+            grad_w1 = gmm_fp8_wgrad(h_q[:F], h_s[:, :F], *x_c, counts_E, out_dtype=w1.dtype, rows=N).view(w1.shape)
         if need_v1:
-            grad_v1 = gmm_fp8_wgrad(h_q[F:], h_s[:, F:], *x_c, counts_E, out_dtype=wdtype(v1), rows=N).view(v1.shape)
+            grad_v1 = gmm_fp8_wgrad(h_q[F:], h_s[:, F:], *x_c, counts_E, out_dtype=v1.dtype, rows=N).view(v1.shape)
     return grad_x, grad_w1, grad_v1, grad_w2
 
 
