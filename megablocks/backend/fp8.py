@@ -121,14 +121,17 @@ def _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm)
 
 # The gather of the routed rows, quantized as it is made: token t's tiles of x_TK (last dim
 # contiguous) are quantized once and written to the rows assignment_row[t*TOP_K + k] of q_RK and
-# s_RKB (rows outside [0, R) are skipped). Program (i, j): tokens [i*BLOCK_T, (i+1)*BLOCK_T), the
-# j-th Q columns.
+# s_RKB (rows outside [0, R) are skipped). HAS_WEIGHTS: row a is token t's row times w_N[a],
+# rounded to x's dtype (the weighted gather's row), and quantized each; WRITE_ROWS: those 16-bit
+# rows are also written to rows_RK. Program (i, j): tokens [i*BLOCK_T, (i+1)*BLOCK_T), the j-th Q
+# columns.
 @triton.jit
 def _gather_quantize_rows_kernel(
-    x_ptr, assignment_row_ptr, q_ptr, s_ptr,
+    x_ptr, assignment_row_ptr, w_ptr, q_ptr, s_ptr, rows_ptr,
     T, R, K,
-    stride_x, stride_qm, stride_sm,
+    stride_x, stride_qm, stride_sm, stride_rm,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, QB: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr = False, WRITE_ROWS: tl.constexpr = False,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * QB + tl.arange(0, QB)
@@ -136,12 +139,22 @@ def _gather_quantize_rows_kernel(
     in_cols = cols < K
     x = tl.load(x_ptr + tokens[:, None].to(tl.int64) * stride_x + cols[None, :],
                 mask=in_range[:, None] & in_cols[None, :], other=0.0)
-    q, scale = _row_tiles(x.to(tl.float32))
-    q = q.to(q_ptr.dtype.element_ty)
+    if not HAS_WEIGHTS:
+        q, scale = _row_tiles(x.to(tl.float32))
+        q = q.to(q_ptr.dtype.element_ty)
     for k in tl.static_range(TOP_K):
-        row = tl.load(assignment_row_ptr + tokens * TOP_K + k, mask=in_range, other=-1)
+        a = tokens * TOP_K + k
+        row = tl.load(assignment_row_ptr + a, mask=in_range, other=-1)
         present = in_range & (row >= 0) & (row < R)
         row = tl.where(present, row, 0).to(tl.int64)
+        v = x
+        if HAS_WEIGHTS:
+            w = tl.load(w_ptr + a, mask=present, other=0.0).to(tl.float32)
+            v = (x.to(tl.float32) * w[:, None]).to(x_ptr.dtype.element_ty)
+            q, scale = _row_tiles(v.to(tl.float32))
+            q = q.to(q_ptr.dtype.element_ty)
+        if WRITE_ROWS:
+            tl.store(rows_ptr + row[:, None] * stride_rm + cols[None, :], v, mask=present[:, None] & in_cols[None, :])
         tl.store(q_ptr + row[:, None] * stride_qm + cols[None, :], q, mask=present[:, None] & in_cols[None, :])
         tl.store(s_ptr + row * stride_sm + tl.program_id(1), scale, mask=present)
 
@@ -742,22 +755,30 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
     return (q1, s1), (q2, s2)
 
 
-def gather_quantize_rows(x_TK: torch.Tensor, assignment_row_N: torch.Tensor,
-                         top_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def gather_quantize_rows(x_TK: torch.Tensor, assignment_row_N: torch.Tensor, top_k: int,
+                         weights_N: Optional[torch.Tensor] = None, *, return_rows: bool = False):
     """`quantize_rows` of the routed rows in one pass: row `assignment_row[t * top_k + k]` of the
     result is token t's row of `x_TK`, quantized in 1 x Q tiles (each token's tiles once, written
     to its top_k rows; the e4m3 bytes then move instead of x's). The plain layout
     (`megablocks.ops.permute.route`, `megablocks.ops.routing.row_maps`) names every one of the
     N = T * top_k rows once: equal bit for bit to `quantize_rows(gather_routed(x, maps))`.
 
+    With `weights_N`, row a is token t's row times `weights_N[a]` (in fp32, rounded to x's dtype:
+    the weighted gather's row, as the combine's backward makes it), quantized on its own: equal bit
+    for bit to `quantize_rows(gather_rows(x, maps, weights_N))`. `return_rows`: those 16-bit rows
+    are also returned, written in the same pass (the gather's result, for a product that reads
+    them unquantized).
+
     Args:
         x_TK: [T, K] float32/float16/bfloat16, last dim contiguous.
         assignment_row_N: [T * top_k] integer, the row of each assignment, a permutation of
             [0, N) (rows outside it are skipped, and a row no assignment names is left unwritten).
         top_k: the assignments per token.
+        weights_N: None, or [T * top_k] float32/float16/bfloat16, each assignment's weight.
+        return_rows: also return the gathered rows, [N, K] in x's dtype.
 
     Returns:
-        (q [N, K] e4m3, s [N, ceil(K / Q)] fp32 powers of two).
+        (q [N, K] e4m3, s [N, ceil(K / Q)] fp32 powers of two), and the rows if `return_rows`.
     """
     check_tensor("x", x_TK, ndim=2, dtypes=_IN_DTYPES)
     check_tensor("assignment_row_N", assignment_row_N, ndim=1, dtypes=INDEX_DTYPES)
@@ -769,26 +790,42 @@ def gather_quantize_rows(x_TK: torch.Tensor, assignment_row_N: torch.Tensor,
         raise ValueError(f"assignment_row_N: expected T * top_k = {T * top_k} elements, got {n}")
     if assignment_row_N.device != x_TK.device:
         raise ValueError(f"assignment_row_N: expected x's device {x_TK.device}, got {assignment_row_N.device}")
+    if weights_N is not None:
+        check_tensor("weights_N", weights_N, ndim=1, dtypes=_IN_DTYPES)
+        if weights_N.numel() != n:
+            raise ValueError(f"weights_N: expected T * top_k = {n} elements, got {weights_N.numel()}")
+        if weights_N.device != x_TK.device:
+            raise ValueError(f"weights_N: expected x's device {x_TK.device}, got {weights_N.device}")
+        weights_N = weights_N.contiguous()
     if x_TK.stride(-1) != 1 and x_TK.numel():
         raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_TK.stride())}")
     q = torch.empty((n, K), dtype=FP8_DTYPE, device=x_TK.device)
     s = torch.empty((n, cdiv(K, Q)), dtype=torch.float32, device=x_TK.device)
+    rows_NK = torch.empty((n, K), dtype=x_TK.dtype, device=x_TK.device) if return_rows else None
+    result = (q, s, rows_NK) if return_rows else (q, s)
     if not (n and K):
-        return q, s
+        return result
     if x_TK.device.type != "cuda" and not interpreted(x_TK):
-        q_T, s_T = quantize_rows_reference(x_TK)
         rows = assignment_row_N.long()
         keep = (rows >= 0) & (rows < n)
-        tokens = torch.arange(n, device=x_TK.device) // top_k
-        q.view(torch.uint8)[rows[keep]] = q_T.view(torch.uint8)[tokens[keep]]
-        s[rows[keep]] = s_T[tokens[keep]]
-        return q, s
+        y = x_TK[torch.arange(n, device=x_TK.device)[keep] // top_k]
+        if weights_N is not None:
+            y = (y.float() * weights_N[keep].float()[:, None]).to(x_TK.dtype)
+        q_y, s_y = quantize_rows_reference(y)
+        q.view(torch.uint8)[rows[keep]] = q_y.view(torch.uint8)
+        s[rows[keep]] = s_y
+        if return_rows:
+            rows_NK[rows[keep]] = y
+        return result
     block_t = 16 if interpreted(x_TK) else 32
     _gather_quantize_rows_kernel[(cdiv(T, block_t), cdiv(K, Q))](
-        x_TK, assignment_row_N, q, s, T, n, K, x_TK.stride(0), q.stride(0), s.stride(0),
-        TOP_K=top_k, BLOCK_T=block_t, QB=Q, num_warps=4,
+        x_TK, assignment_row_N, weights_N if weights_N is not None else x_TK, q, s,
+        rows_NK if return_rows else q, T, n, K, x_TK.stride(0), q.stride(0), s.stride(0),
+        rows_NK.stride(0) if return_rows else 0,
+        TOP_K=top_k, BLOCK_T=block_t, QB=Q, HAS_WEIGHTS=weights_N is not None, WRITE_ROWS=return_rows,
+        num_warps=4,
     )
-    return q, s
+    return result
 
 
 def _pow2_scales(amax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -39,8 +39,10 @@ is the composed ops' fp32 math compiled apart: a compiler that contracts it othe
 gradient by a few units of fp32's last place before it is rounded). dMoE gives the node the
 routing weights too (`weights_N`): it returns the weighted combine of its rows into tokens
 (`scatter_routed`'s kernels), so that its backward receives the token rows' gradient and makes
-the rows' [N, H] itself, letting go of it once w2's gradient is made and it is quantized
-(a node's incoming gradient is held by autograd until the node returns). Where F is a multiple of 128, w1 and v1 are quantized stacked
+the rows' [N, H] itself, letting go of it once w2's gradient is made (a node's incoming gradient
+is held by autograd until the node returns); it gathers, weights and quantizes them in one pass
+(`gather_quantize_rows(grad, maps, weights_N, return_rows=True)`: the 16-bit rows w2's gradient
+reads are written beside the e4m3 ones, and the gathered rows are not read again to quantize them). Where F is a multiple of 128, w1 and v1 are quantized stacked
 (`Fp8WeightCache.pair`): the up projections are one product into one [N, 2F] buffer, and the
 input gradient one product over [grad_h1 | grad_h2] with K = 2F, rounded once (the composed ops
 round two products and add them; the rest stays bitwise).
@@ -180,14 +182,21 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         ctx.h = ctx.quantized = ctx.y = None
         top_k, activation, dtype = ctx.top_k, ctx.activation, x_TH.dtype
         need_x, need_w1, need_v1, need_w2 = ctx.needs_input_grad[:4]
-        grad_weights = None
+        grad_weights = g_q = g_s = None
         if ctx.combined:  # the combine's backward (`scatter_routed`'s): the weights', then the rows'
             if ctx.needs_input_grad[11]:
                 grad_weights = _weight_grad._impl(y, grad_out, assignment_row, top_k).to(weights_N.dtype)
             y = None
             # The rows' gradient is made here, so that it goes once used: the node's output
-            # gradient (the token rows' here) is held by autograd until the node returns.
-            grad_y = _gather_rows._impl(grad_out, row_assignment, assignment_row, weights_N, top_k)
+            # gradient (the token rows' here) is held by autograd until the node returns. Unless
+            # the weight gradients are FP8 too, it is quantized as it is gathered; its 16-bit rows
+            # are written in the same pass only for w2's unquantized gradient.
+            if ctx.fp8_wgrad:
+                grad_y = _gather_rows._impl(grad_out, row_assignment, assignment_row, weights_N, top_k)
+            else:
+                grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+                made = gather_quantize_rows(grad_out, assignment_row, top_k, weights_N, return_rows=need_w2)
+                g_q, g_s, grad_y = made if need_w2 else (*made, None)
             del grad_out
         else:
             grad_y = grad_out.contiguous()
@@ -207,7 +216,8 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
             grad_w2 = _product_impl(a, grad_y, counts_E, None, None, None, None, 1, False, True, False,
                                     _TRITON).view(w2.shape)
             del a
-        g_q, g_s = quantize_rows(grad_y)
+        if g_q is None:
+            g_q, g_s = quantize_rows(grad_y)
         del grad_y
         grad_a = gmm_fp8(g_q, g_s, *quantized[-2], counts_E, out_dtype=dtype)
         del g_q, g_s

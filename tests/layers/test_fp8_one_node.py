@@ -56,6 +56,10 @@ def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, max_ffn, monkeypatch):
     # Weighted: the combine's backward (the rows' output gradient); else the rows for the weight gradients.
     monkeypatch.setattr(grouped_glu, "_gather_rows", SimpleNamespace(
         _impl=lambda *a: (gathers if a[3] is None else combines).append(a[0].shape) or real_gather(*a)))
+    # The combine's backward gathers, weights and quantizes the rows in one pass.
+    real_quantize = grouped_glu.gather_quantize_rows
+    monkeypatch.setattr(grouped_glu, "gather_quantize_rows", lambda *a, **kw: (
+        combines.append(a[0].shape) if len(a) > 3 and a[3] is not None else None) or real_quantize(*a, **kw))
     results = {}
     for on in (False, True):
         # max_ffn below F: the node's up weight gradients read a gathered copy of the rows.

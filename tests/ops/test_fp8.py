@@ -128,6 +128,47 @@ def test_gather_quantize_rows_equals_gather_then_quantize(T, K, E, top_k, dtype)
         assert torch.equal(s.nan_to_num(), ref_s.nan_to_num())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, K, E, top_k", [(7, 300, 5, 2), (1, 128, 4, 4), (33, 130, 3, 1), (0, 64, 2, 2), (9, 1, 3, 3)])
+def test_gather_quantize_rows_weighted(T, K, E, top_k, dtype):
+    """With the routing weights (the combine's backward), each routed row is its token's row times
+    its weight, rounded to x's dtype, then quantized: equal bit for bit to `quantize_rows` of the
+    weighted gather, and the 16-bit rows written beside them equal that gather, with an empty
+    expert, an outlier, a NaN tile, a zero and a negative weight, and a weight past e4m3's range."""
+    from megablocks.ops.permute import _gather_rows, route
+    from megablocks.ops.routing import routing_metadata
+
+    x = _hostile(T, K, dtype, seed=T * 5 + K + 1)
+    if T > 4 and K > 1:
+        x[4, 1] = float("nan")
+    g = torch.Generator().manual_seed(T + K + E + 1)
+    ids = torch.randint(0, E - 1, (T, top_k), generator=g).to(DEVICE)
+    meta = routing_metadata(ids, E, 1)
+    maps = route(meta.indices, meta.bin_ids, meta.bins, top_k)
+    weights = torch.rand(T * top_k, generator=g).to(DEVICE)
+    if T * top_k > 3:
+        weights[0], weights[1], weights[2] = 0.0, -1.5, 3.0e3
+    for w in (weights, weights.to(dtype)):
+        ref_rows = _gather_rows(x, maps.row_assignment, maps.assignment_row, w, top_k)
+        ref_q, ref_s = fp8.quantize_rows(ref_rows)
+        q, s, rows = fp8.gather_quantize_rows(x, maps.assignment_row, top_k, w, return_rows=True)
+        assert rows.dtype == dtype and torch.equal(rows.nan_to_num(), ref_rows.nan_to_num())
+        assert torch.equal(rows.isnan(), ref_rows.isnan())
+        assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+        assert torch.equal(s.isnan(), ref_s.isnan()) and torch.equal(s.nan_to_num(), ref_s.nan_to_num())
+        q2, s2 = fp8.gather_quantize_rows(x, maps.assignment_row, top_k, w)
+        assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2.nan_to_num(), s.nan_to_num())
+    # Unweighted, the rows written too are the plain gather's.
+    q, s, rows = fp8.gather_quantize_rows(x, maps.assignment_row, top_k, return_rows=True)
+    ref_rows = _gather_rows(x, maps.row_assignment, maps.assignment_row, None, top_k)
+    assert torch.equal(rows.nan_to_num(), ref_rows.nan_to_num())
+    ref_q, _ = fp8.quantize_rows(ref_rows)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+    if T * top_k > 3 and K > 1:  # the weights did move the values: not the unweighted rows
+        assert not torch.equal(fp8.gather_quantize_rows(x, maps.assignment_row, top_k, weights)[1].nan_to_num(),
+                               s.nan_to_num())
+
+
 def test_fused_quantizers_on_cpu_without_interpreter(monkeypatch):
     """Off the interpreter a CPU tensor takes the torch forms: equal to the kernels' results."""
     from megablocks.ops.permute import gather_routed, route
@@ -145,6 +186,13 @@ def test_fused_quantizers_on_cpu_without_interpreter(monkeypatch):
         assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
     assert torch.equal(torch_form[0][0].view(torch.uint8),
                        fp8.quantize_rows_reference(gather_routed(x, maps))[0].view(torch.uint8))
+    w = torch.rand(18, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernel = fp8.gather_quantize_rows(x, maps.assignment_row, 2, w, return_rows=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch_form = fp8.gather_quantize_rows(x, maps.assignment_row, 2, w, return_rows=True)
+    assert torch.equal(torch_form[0].view(torch.uint8), kernel[0].view(torch.uint8))
+    assert torch.equal(torch_form[1], kernel[1]) and torch.equal(torch_form[2], kernel[2])
 
 
 def test_gather_quantize_rows_validates():
@@ -160,6 +208,10 @@ def test_gather_quantize_rows_validates():
         fp8.gather_quantize_rows(x, rows.float(), 2)
     with pytest.raises(TypeError):
         fp8.gather_quantize_rows(x.long(), rows, 2)
+    with pytest.raises(ValueError, match="weights_N: expected T \\* top_k = 8 elements"):
+        fp8.gather_quantize_rows(x, rows, 2, torch.ones(7, device=DEVICE))
+    with pytest.raises(TypeError):
+        fp8.gather_quantize_rows(x, rows, 2, torch.ones(8, dtype=torch.int32, device=DEVICE))
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu"])

@@ -157,9 +157,11 @@ for dtype in (torch.bfloat16, torch.float32):
     check(f"fp8 quantize_rows from {dtype}", F8._quantize_rows_kernel, ELEMENT[dtype], dict(BLOCK_M=32, QB=F8.Q), 4, 3,
           types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
     # The quantizers fused with the serving path's gather and GLU.
-    check(f"fp8 gather_quantize_rows from {dtype}", F8._gather_quantize_rows_kernel, ELEMENT[dtype],
-          dict(TOP_K=8, BLOCK_T=32, QB=F8.Q), 4, 3,
-          types={"assignment_row_ptr": "*i32", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+    # ... and with the routing weights and the 16-bit rows written too (the combine's backward).
+    for weighted in (False, True):
+        check(f"fp8 gather_quantize_rows from {dtype} weighted={weighted}", F8._gather_quantize_rows_kernel,
+              ELEMENT[dtype], dict(TOP_K=8, BLOCK_T=32, QB=F8.Q, HAS_WEIGHTS=weighted, WRITE_ROWS=weighted), 4, 3,
+              types={"assignment_row_ptr": "*i32", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "rows_ptr": ELEMENT[dtype]})
     for activation in ("silu", "clamped_swiglu"):
         check(f"fp8 glu_quantize_rows {activation} from {dtype}", F8._glu_quantize_rows_kernel, ELEMENT[dtype],
               dict(ACTIVATION=activation, BLOCK_M=32, QB=F8.Q), 4, 3, types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
