@@ -12,7 +12,8 @@ activations by the layer); `quantize_rows` is timed on the same activations, aga
 bandwidth measured in the same run. The target: FP8 >= 1.6x bf16 on the mixtral products.
 
 `--serving` (default mixtral, qwen3moe) times `fused_moe` at decode (T = 64) and prefill (T = 4096)
-sizes on bf16 experts and on their FP8 block-quantized copy (targets: 1.7x and 1.4x).
+sizes on bf16 experts and on their FP8 block-quantized copy (targets: 1.7x and 1.4x); replayed
+from a CUDA graph, also with every kernel launched plainly (`*_no_pdl_ms`: `launch.PDL` off).
 
 `--decode-variants` times the decode rows again with each of `sweep_fp8.VARIANTS` as the FP8
 decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIGS`), e.g. the `swap_ab` tiles.
@@ -54,6 +55,7 @@ import bench_dmoe  # noqa: E402
 
 from megablocks.backend import fp8 as fp8_backend  # noqa: E402
 from megablocks.backend import gmm as gb  # noqa: E402
+from megablocks.backend import launch  # noqa: E402
 from megablocks.integrations.inference import fused_moe  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
 
@@ -110,7 +112,8 @@ def bench(args):
     serve_rows += decode_variant_rows(args.serving, args.decode_variants)
     if serve_rows:
         print_table(serve_rows, ["config", "T", "decode_variant", "bf16_ms", "fp8_ms", "speedup", "bf16_graph_ms",
-                                 "fp8_graph_ms", "speedup_graph", "fp8_weight_gbs", "copy_gbs", "rel_rms_vs_bf16"])
+                                 "fp8_graph_ms", "speedup_graph", "speedup_graph_no_pdl", "fp8_weight_gbs", "copy_gbs",
+                                 "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
     kernel_rows = [row for name in args.serving_breakdown for T in (64, 4096) for row in serving_kernels(name, T)]
     if kernel_rows:
@@ -323,10 +326,18 @@ def serving_row(name, T, device, shape=None):
     ms_bf16, ms_fp8 = (timed(bf16)[0], timed(f8)[0]) if device == "cuda" else (nan, nan)
     graph_bf16, graph_fp8 = ((bench_dmoe.graph_time_ms(bf16, 100), bench_dmoe.graph_time_ms(f8, 100))
                              if device == "cuda" else (nan, nan))
+    # The same graphs with every kernel launched plainly (no programmatic dependent launch).
+    launch.PDL, pdl = False, launch.PDL
+    try:
+        plain_bf16, plain_fp8 = ((bench_dmoe.graph_time_ms(bf16, 100), bench_dmoe.graph_time_ms(f8, 100))
+                                 if device == "cuda" else (nan, nan))
+    finally:
+        launch.PDL = pdl
     ref, out = bf16().float(), f8().float()
     hit = torch.topk(gating, k, dim=1).indices.unique().numel()  # experts whose weights are read
     return dict(config=name, T=T, bf16_ms=ms_bf16, fp8_ms=ms_fp8, speedup=ms_bf16 / ms_fp8,
                 bf16_graph_ms=graph_bf16, fp8_graph_ms=graph_fp8, speedup_graph=graph_bf16 / graph_fp8,
+                bf16_graph_no_pdl_ms=plain_bf16, fp8_graph_no_pdl_ms=plain_fp8, speedup_graph_no_pdl=plain_bf16 / plain_fp8,
                 fp8_weight_gbs=hit * 3 * H * F / ms_fp8 / 1e6,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item())
 

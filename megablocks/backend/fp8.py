@@ -41,7 +41,7 @@ from megablocks._checks import INDEX_DTYPES, check_tensor
 from megablocks.backend import cdiv, fp8_wgmma, next_power_of_2
 from megablocks.backend.activation import ACTIVATIONS, _act, _up
 from megablocks.backend.gmm import _group_table, _row_tile, _swizzle
-from megablocks.backend.launch import interpreted, persistent_programs, prepare_tma, tma_ok
+from megablocks.backend.launch import interpreted, pdl_launch, pdl_start, persistent_programs, prepare_tma, tma_ok
 
 Q = 128  # the quantization block (DeepSeek-V3: 1 x 128 activation tiles, 128 x 128 weight blocks)
 E4M3_MAX = 448.0
@@ -131,8 +131,9 @@ def _gather_quantize_rows_kernel(
     T, R, K,
     stride_x, stride_qm, stride_sm, stride_rm,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, QB: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr = False, WRITE_ROWS: tl.constexpr = False,
+    HAS_WEIGHTS: tl.constexpr = False, WRITE_ROWS: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * QB + tl.arange(0, QB)
     in_range = tokens < T
@@ -167,8 +168,9 @@ def _glu_quantize_rows_kernel(
     h1_ptr, h2_ptr, q_ptr, s_ptr,
     M, K,
     stride_h1, stride_h2, stride_qm, stride_sm,
-    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * QB + tl.arange(0, QB)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
@@ -300,8 +302,9 @@ def _gmm_fp8_kernel(
     stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False, W_K_MAJOR: tl.constexpr = True,
-    WARP_SPECIALIZE: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False, SWAP_AB: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
     real_m_tiles = tl.sum(tiles, 0)
@@ -694,7 +697,7 @@ def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str)
         block_m = 16 if interpreted(h1_MK) else 32
         _glu_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
             h1_MK, h2_MK, q, s, M, K, h1_MK.stride(0), h2_MK.stride(0), q.stride(0), s.stride(0),
-            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=4,
+            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=4, **pdl_launch(h1_MK),
         )
     return q, s
 
@@ -823,7 +826,7 @@ def gather_quantize_rows(x_TK: torch.Tensor, assignment_row_N: torch.Tensor, top
         rows_NK if return_rows else q, T, n, K, x_TK.stride(0), q.stride(0), s.stride(0),
         rows_NK.stride(0) if return_rows else 0,
         TOP_K=top_k, BLOCK_T=block_t, QB=Q, HAS_WEIGHTS=weights_N is not None, WRITE_ROWS=return_rows,
-        num_warps=4,
+        num_warps=4, **pdl_launch(x_TK),
     )
     return result
 
@@ -1138,7 +1141,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], BLOCK_K=cfg["block_k"], QB=Q,
         BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=cfg["group_m"], USE_TMA=use_tma, W_K_MAJOR=w_k_major,
         WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and use_tma, SWAP_AB=bool(cfg["swap_ab"]),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x_q),
     )
     return out
 

@@ -48,6 +48,8 @@ from megablocks.backend.activation import _act, _up
 from megablocks.backend.launch import (
     dot_precision,
     interpreted,
+    pdl_launch,
+    pdl_start,
     persistent_programs,
     prepare_tma,
     tma_ok,
@@ -156,8 +158,9 @@ def _gmm_kernel(
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     USE_TMA: tl.constexpr, B_K_MAJOR: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, TMA_STORE: tl.constexpr, ACCUMULATE: tl.constexpr,
-    GATHER_A: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GATHER_A: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
     rows_total = tl.max(ends, 0)
     real_m_tiles = tl.sum(tiles, 0)
@@ -615,7 +618,7 @@ def triton_gmm(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_TMA=use_tma, B_K_MAJOR=b_k_major,
         TMA_STORE=cfg.tma_store and use_tma and tma_ok(out), ACCUMULATE=accumulate_into is not None,
-        GATHER_A=a_rows is not None, GLU=glu or "none", HAS_BIAS=bias is not None, **launch,
+        GATHER_A=a_rows is not None, GLU=glu or "none", HAS_BIAS=bias is not None, **launch, **pdl_launch(a),
     )
     return out
 

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from megablocks import _checks
 from megablocks.backend import cdiv, next_power_of_2
-from megablocks.backend.launch import with_overrides
+from megablocks.backend.launch import pdl_launch, pdl_start, with_overrides
 
 LAYOUTS = ("plain", "padded", "binned")
 
@@ -212,7 +212,9 @@ def _scatter_kernel(
     ROUND_TERMS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tokens < T
     dst = out_ptr + tokens.to(tl.int64)[:, None] * stride_out
@@ -430,6 +432,7 @@ def scatter_rows(
         BLOCK_H=tile.cols,
         num_warps=tile.num_warps,
         enable_fp_fusion=False,
+        **pdl_launch(x_RH),
     )
     return out
 

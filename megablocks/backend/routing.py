@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from megablocks.backend import cdiv, next_power_of_2
+from megablocks.backend.launch import pdl_launch, pdl_start
 
 # Bins per program-local histogram at most. Up to this, each program reduces its ids with
 # `tl.histogram` (log2(bins) warp ballots per id) and adds one count per bin to global memory; above
@@ -108,7 +109,9 @@ def _small_routing_kernel(
     assignment_row_ptr, row_assignment_ptr,
     num_ids, num_experts, block_size,
     BLOCK_N: tl.constexpr, NUM_BINS: tl.constexpr, ID_BITS: tl.constexpr, MAPS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     n = tl.arange(0, BLOCK_N)
     present = n < num_ids
     ids = tl.load(x_ptr + n, mask=present, other=0)
@@ -154,7 +157,7 @@ def _launch_small_routing(x_N, out_n, out_e, num_experts, block_size, maps):
         x_N, *out_n, *out_e, *(maps if maps is not None else out_n), x_N.numel(), num_experts, block_size,
         BLOCK_N=max(16, next_power_of_2(x_N.numel())),
         NUM_BINS=max(16, next_power_of_2(num_experts + 2)),
-        ID_BITS=_ID_BITS, MAPS=maps is not None, num_warps=4 if x_N.numel() <= 1024 else 8,
+        ID_BITS=_ID_BITS, MAPS=maps is not None, num_warps=4 if x_N.numel() <= 1024 else 8, **pdl_launch(x_N),
     )
 
 

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from megablocks.backend import cdiv, next_power_of_2
+from megablocks.backend.launch import pdl_launch, pdl_start
 
 # The largest E one program handles (one block of fp32 registers per row).
 MAX_EXPERTS = 8192
@@ -45,7 +46,9 @@ def _softmax_topk_kernel(
     stride_e,
     RENORMALIZE: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_start(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     in_row = offs < E
@@ -101,6 +104,7 @@ def softmax_topk(logits_TE: torch.Tensor, topk: int, renormalize: bool):
         RENORMALIZE=renormalize,
         BLOCK_E=block_e,
         num_warps=_num_warps(block_e),
+        **pdl_launch(logits_TE),
     )
     return weights, ids
 

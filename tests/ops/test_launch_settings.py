@@ -60,3 +60,18 @@ def test_tma_ok():
     assert tma_ok(x)
     assert not tma_ok(x[:, 1:])  # an unaligned base
     assert not tma_ok(x.t())  # no unit inner stride
+
+
+def test_pdl_launch_only_on_hopper(monkeypatch):
+    """Programmatic dependent launch: its keywords on CUDA devices of compute capability 9.0 and
+    later only, none on CPU or with `launch.PDL` off."""
+    from megablocks.backend import launch
+
+    x = torch.zeros(4)
+    assert launch.pdl_launch(x) == {}
+    if torch.cuda.is_available():
+        major = torch.cuda.get_device_capability()[0]
+        expected = {"PDL": True, "launch_pdl": True} if major >= 9 else {}
+        assert launch.pdl_launch(x.cuda()) == expected
+        monkeypatch.setattr(launch, "PDL", False)
+        assert launch.pdl_launch(x.cuda()) == {}
