@@ -13,7 +13,8 @@ bandwidth measured in the same run. The target: FP8 >= 1.6x bf16 on the mixtral 
 
 `--serving` (default mixtral, qwen3moe) times `fused_moe` at decode (T = 64) and prefill (T = 4096)
 sizes on bf16 experts and on their FP8 block-quantized copy (targets: 1.7x and 1.4x); replayed
-from a CUDA graph, also with every kernel launched plainly (`*_no_pdl_ms`: `launch.PDL` off).
+from a CUDA graph, also in each mode of `launch.PDL` (`*_graph_pdl{0,1,2}_ms`; 0: every kernel
+launched plainly).
 
 `--decode-variants` times the decode rows again with each of `sweep_fp8.VARIANTS` as the FP8
 decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIGS`), e.g. the `swap_ab` tiles.
@@ -326,18 +327,22 @@ def serving_row(name, T, device, shape=None):
     ms_bf16, ms_fp8 = (timed(bf16)[0], timed(f8)[0]) if device == "cuda" else (nan, nan)
     graph_bf16, graph_fp8 = ((bench_dmoe.graph_time_ms(bf16, 100), bench_dmoe.graph_time_ms(f8, 100))
                              if device == "cuda" else (nan, nan))
-    # The same graphs with every kernel launched plainly (no programmatic dependent launch).
-    launch.PDL, pdl = False, launch.PDL
+    # The same graphs with each programmatic-dependent-launch mode (0: every kernel launched plainly).
+    modes, pdl = {}, launch.PDL
     try:
-        plain_bf16, plain_fp8 = ((bench_dmoe.graph_time_ms(bf16, 100), bench_dmoe.graph_time_ms(f8, 100))
-                                 if device == "cuda" else (nan, nan))
+        for mode in (0, 1, 2):
+            launch.PDL = mode
+            modes[mode] = ((bench_dmoe.graph_time_ms(bf16, 100), bench_dmoe.graph_time_ms(f8, 100))
+                           if device == "cuda" else (nan, nan))
     finally:
         launch.PDL = pdl
+    by_mode = {f"{label}_graph_pdl{mode}_ms": ms[i] for mode, ms in modes.items()
+               for i, label in enumerate(("bf16", "fp8"))}
     ref, out = bf16().float(), f8().float()
     hit = torch.topk(gating, k, dim=1).indices.unique().numel()  # experts whose weights are read
     return dict(config=name, T=T, bf16_ms=ms_bf16, fp8_ms=ms_fp8, speedup=ms_bf16 / ms_fp8,
                 bf16_graph_ms=graph_bf16, fp8_graph_ms=graph_fp8, speedup_graph=graph_bf16 / graph_fp8,
-                bf16_graph_no_pdl_ms=plain_bf16, fp8_graph_no_pdl_ms=plain_fp8, speedup_graph_no_pdl=plain_bf16 / plain_fp8,
+                **by_mode, speedup_graph_no_pdl=modes[0][0] / modes[0][1],
                 fp8_weight_gbs=hit * 3 * H * F / ms_fp8 / 1e6,
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item())
 

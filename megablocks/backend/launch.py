@@ -46,31 +46,36 @@ def interpreted(t: torch.Tensor) -> bool:
 # kernel before it in the stream finishes, and waits (`pdl_start`) for that kernel's results before
 # it touches memory. What it saves is the gap between the two: a decode step is a chain of seven
 # small kernels (route, gather and quantize, up product, GLU, down product, combine), its gaps a
-# tenth of it. `MEGABLOCKS_PDL=0` (or `PDL = False` here) launches every kernel without it.
-PDL = os.environ.get("MEGABLOCKS_PDL", "1") != "0"
+# tenth of it. `PDL` (env `MEGABLOCKS_PDL`): 0 launches every kernel plainly; 1 lets the next
+# kernel launch once all of this one's programs have passed their wait; 2 lets it launch once they
+# have all started, so that a chain's kernels are resident and waiting before their turn.
+PDL = int(os.environ.get("MEGABLOCKS_PDL", "1"))
 
 
 @triton.jit
 def pdl_start(PDL: tl.constexpr):
     """First in a kernel that `pdl_launch` may launch early: wait until the kernel before it has
     finished and its writes are visible (before this kernel reads or writes any memory, so that it
-    neither reads a result early nor overwrites a buffer the kernel before it still reads), then let
-    the next kernel launch. Nothing where PDL is off."""
-    if PDL:
+    neither reads a result early nor overwrites a buffer the kernel before it still reads), and let
+    the next kernel launch (`PDL` 1: after the wait; 2: before it). Nothing where PDL is 0."""
+    if PDL == 2:
+        gdc_launch_dependents()
+        gdc_wait()
+    elif PDL:
         gdc_wait()
         gdc_launch_dependents()
 
 
 def pdl_launch(t: torch.Tensor) -> dict:
-    """The launch keywords of a kernel that starts with `pdl_start`, on `t`'s device:
-    `PDL` and `launch_pdl` on CUDA devices of compute capability 9.0 and later, else none."""
+    """The launch keywords of a kernel that starts with `pdl_start`, on `t`'s device: `PDL` (the
+    module's mode) and `launch_pdl` on CUDA devices of compute capability 9.0 and later, else none."""
     if PDL and t.device.type == "cuda" and _capability(t.device.index if t.device.index is not None
                                                        else torch.cuda.current_device()) >= 9:
-        return _PDL_KWARGS
+        return _PDL_KWARGS[PDL]
     return {}
 
 
-_PDL_KWARGS = {"PDL": True, "launch_pdl": True}
+_PDL_KWARGS = {mode: {"PDL": mode, "launch_pdl": True} for mode in (1, 2)}
 
 
 @functools.lru_cache(maxsize=None)

@@ -42,8 +42,8 @@ routing weights too (`weights_N`): it returns the weighted combine of its rows i
 the rows' [N, H] itself, letting go of it once w2's gradient is made (a node's incoming gradient
 is held by autograd until the node returns); it gathers, weights and quantizes them in one pass
 (`gather_quantize_rows(grad, maps, weights_N, return_rows=True)`: the 16-bit rows w2's gradient
-reads are written beside the e4m3 ones, and the gathered rows are not read again to quantize them). Where F is a multiple of 128, w1 and v1 are quantized stacked
-(`Fp8WeightCache.pair`): the up projections are one product into one [N, 2F] buffer, and the
+reads are written beside the e4m3 ones, and the gathered rows are not read again to quantize
+them). Where F is a multiple of 128, w1 and v1 are quantized stacked (`Fp8WeightCache.pair`): the up projections are one product into one [N, 2F] buffer, and the
 input gradient one product over [grad_h1 | grad_h2] with K = 2F, rounded once (the composed ops
 round two products and add them; the rest stays bitwise).
 """
@@ -195,8 +195,9 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
                 grad_y = _gather_rows._impl(grad_out, row_assignment, assignment_row, weights_N, top_k)
             else:
                 grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-                made = gather_quantize_rows(grad_out, assignment_row, top_k, weights_N, return_rows=need_w2)
-                g_q, g_s, grad_y = made if need_w2 else (*made, None)
+                g_q, g_s, *grad_y = gather_quantize_rows(grad_out, assignment_row, top_k, weights_N,
+                                                         return_rows=need_w2)
+                grad_y = grad_y.pop() if grad_y else None  # no list left holding it
             del grad_out
         else:
             grad_y = grad_out.contiguous()

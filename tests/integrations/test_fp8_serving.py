@@ -107,9 +107,10 @@ def test_fused_moe_fp8_cuda_graph_and_no_sync(t):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", [1, 2], ids=["after-wait", "early"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("t", [64, 1000])
-def test_fused_moe_programmatic_dependent_launch(t, quantized, monkeypatch):
+def test_fused_moe_programmatic_dependent_launch(t, quantized, mode, monkeypatch):
     """On Hopper the decode chain's kernels start while the kernel before them ends (PDL), each
     waiting for its results before it touches memory: eager and replayed from a CUDA graph, twenty
     times on new tokens and logits, the output equals the one launched without it bit for bit."""
@@ -124,8 +125,8 @@ def test_fused_moe_programmatic_dependent_launch(t, quantized, monkeypatch):
         (w1, s1), (w2, s2) = fp8.quantize_blocks(w1), fp8.quantize_blocks(w2)
         scales = dict(w1_scale=s1, w2_scale=s2)
     call = lambda: fused_moe(x, w1, w2, gating, 2, True, **scales)  # noqa: E731
-    monkeypatch.setattr(launch, "PDL", True)
-    assert launch.pdl_launch(x) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(launch, "PDL", mode)
+    assert launch.pdl_launch(x) == {"PDL": mode, "launch_pdl": True}
     call()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -136,10 +137,10 @@ def test_fused_moe_programmatic_dependent_launch(t, quantized, monkeypatch):
         gating.copy_(torch.randn(gating.shape, generator=g, device="cuda"))
         graph.replay()
         eager = call()
-        monkeypatch.setattr(launch, "PDL", False)
+        monkeypatch.setattr(launch, "PDL", 0)
         assert launch.pdl_launch(x) == {}
         plain = call()
-        monkeypatch.setattr(launch, "PDL", True)
+        monkeypatch.setattr(launch, "PDL", mode)
         assert torch.equal(eager, plain) and torch.equal(out, plain)
 
 

@@ -241,6 +241,35 @@ def test_fp8_node_holds_the_combine(monkeypatch):
                               moe_num_experts=4, moe_top_k=2, activation_fn=F.silu)).experts.mlp.takes_combine()
 
 
+@pytest.mark.parametrize("Fs", [24, 256], ids=["apart", "stacked"])
+def test_fp8_node_lets_go_of_the_rows_gradient(Fs, monkeypatch):
+    """The rows' output gradient (16-bit and e4m3, made in one pass in the backward) is freed
+    before the GLU's gradient is made, where the backward's memory peaks: nothing but the names
+    the backward deletes may hold it."""
+    import weakref
+
+    layer = dMoE(make_args("triton", torch.float32, mlp_type="glu", fp8="blockwise", hidden_size=40,
+                           ffn_hidden_size=Fs, moe_num_experts=4, moe_top_k=2, activation_fn=F.silu))
+    made, alive = [], []
+    real_gather, real_glu = grouped_glu.gather_quantize_rows, grouped_glu.glu_backward_quantize_rows_
+
+    def gather(*a, **kw):
+        out = real_gather(*a, **kw)
+        made.extend(weakref.ref(t) for t in out)
+        return out
+
+    def glu_backward(*a, **kw):
+        alive.append([ref() is not None for ref in made])
+        return real_glu(*a, **kw)
+
+    monkeypatch.setattr(grouped_glu, "gather_quantize_rows", gather)
+    monkeypatch.setattr(grouped_glu, "glu_backward_quantize_rows_", glu_backward)
+    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    layer(x).square().sum().backward()
+    # The forward's rows (x_q, x_s), then the backward's (g_q, g_s, grad_y): all gone by then.
+    assert len(made) == 5 and alive == [[False] * 5], (len(made), alive)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T, H, Fs, E, K", [(24, 40, 24, 4, 2), (5, 136, 256, 3, 3), (1, 48, 128, 5, 1),
                                             (200, 40, 128, 2, 2)],

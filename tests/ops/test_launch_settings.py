@@ -71,7 +71,9 @@ def test_pdl_launch_only_on_hopper(monkeypatch):
     assert launch.pdl_launch(x) == {}
     if torch.cuda.is_available():
         major = torch.cuda.get_device_capability()[0]
-        expected = {"PDL": True, "launch_pdl": True} if major >= 9 else {}
-        assert launch.pdl_launch(x.cuda()) == expected
+        for mode in (1, 2):
+            monkeypatch.setattr(launch, "PDL", mode)
+            expected = {"PDL": mode, "launch_pdl": True} if major >= 9 else {}
+            assert launch.pdl_launch(x.cuda()) == expected
         monkeypatch.setattr(launch, "PDL", False)
         assert launch.pdl_launch(x.cuda()) == {}

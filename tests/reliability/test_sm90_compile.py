@@ -79,7 +79,7 @@ for dtype in (torch.bfloat16, torch.float32):
                                   BLOCK_E=128, GROUP_M=cfg.group_m, USE_TMA=True, B_K_MAJOR=k_major,
                                   UPCAST=False, PRECISION=precision, TMA_STORE=cfg.tma_store,
                                   ACCUMULATE=False, GATHER_A=gather, GLU="silu" if glu else "none",
-                                  HAS_BIAS=False, PDL=True)
+                                  HAS_BIAS=False, PDL=2)
                     check(label, G._gmm_kernel, element, consts, cfg.num_warps, cfg.num_stages)
             # The experts' biases in the epilogue, with gpt-oss's clamped SwiGLU where there is a GLU.
             consts.update(HAS_BIAS=True, GLU="clamped_swiglu" if glu else "none")
@@ -135,10 +135,10 @@ for block_e in (16, 128, 1024):
         check(f"softmax_topk_route E<={block_e} {ones}", TK._softmax_topk_route_kernel, "*fp32",
               dict(RENORMALIZE=True, BLOCK_T=block_t, BLOCK_E=block_e, **ones), 8, 3)
     check(f"softmax_topk E<={block_e}", TK._softmax_topk_kernel, "*fp32",
-          dict(RENORMALIZE=True, BLOCK_E=block_e, PDL=True), TK._num_warps(block_e), 3)
+          dict(RENORMALIZE=True, BLOCK_E=block_e, PDL=2), TK._num_warps(block_e), 3)
 for maps in (False, True):
     check(f"small_routing maps={maps}", R._small_routing_kernel, "*i32",
-          dict(BLOCK_N=4096, NUM_BINS=1024, ID_BITS=R._ID_BITS, MAPS=maps, PDL=True), 8, 3)
+          dict(BLOCK_N=4096, NUM_BINS=1024, ID_BITS=R._ID_BITS, MAPS=maps, PDL=2), 8, 3)
 check("routing keys", R._routing_keys_kernel, "*i32", dict(BLOCK=R._MAPS_BLOCK), 4, 3)
 check("sorted maps", R._sorted_maps_kernel, "*i32",
       dict(BLOCK=R._MAPS_BLOCK, BLOCK_E=R._COUNTS_BLOCK, SEARCH_STEPS=18), 4, 3)
@@ -150,7 +150,7 @@ check("padded maps", R._padded_maps_kernel, "*i32", dict(BLOCK=R._MAPS_BLOCK), 4
 for dtype in (torch.bfloat16, torch.float32):
     tile = P.default_tile(4096)
     check(f"permute scatter {dtype} {tile.rows}x{tile.cols}", P._scatter_kernel, ELEMENT[dtype],
-          dict(TOP_K=8, HAS_WEIGHTS=True, ROUND_TERMS=False, BLOCK_T=tile.rows, BLOCK_H=tile.cols, PDL=True),
+          dict(TOP_K=8, HAS_WEIGHTS=True, ROUND_TERMS=False, BLOCK_T=tile.rows, BLOCK_H=tile.cols, PDL=2),
           tile.num_warps, 3, types={"weights_ptr": "*fp32", "assignment_row_ptr": "*i32"})
 # The permutation's weight gradient at the smallest hidden size's tile (the most rows a program
 # takes; its loop over them is unrolled).
@@ -166,12 +166,12 @@ for dtype in (torch.bfloat16, torch.float32):
     # ... and with the routing weights and the 16-bit rows written too (the combine's backward).
     for weighted in (False, True):
         check(f"fp8 gather_quantize_rows from {dtype} weighted={weighted}", F8._gather_quantize_rows_kernel,
-              ELEMENT[dtype], dict(TOP_K=8, BLOCK_T=32, QB=F8.Q, HAS_WEIGHTS=weighted, WRITE_ROWS=weighted, PDL=True),
+              ELEMENT[dtype], dict(TOP_K=8, BLOCK_T=32, QB=F8.Q, HAS_WEIGHTS=weighted, WRITE_ROWS=weighted, PDL=2),
               4, 3,
               types={"assignment_row_ptr": "*i32", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "rows_ptr": ELEMENT[dtype]})
     for activation in ("silu", "clamped_swiglu"):
         check(f"fp8 glu_quantize_rows {activation} from {dtype}", F8._glu_quantize_rows_kernel, ELEMENT[dtype],
-              dict(ACTIVATION=activation, BLOCK_M=32, QB=F8.Q, PDL=True), 4, 3,
+              dict(ACTIVATION=activation, BLOCK_M=32, QB=F8.Q, PDL=2), 4, 3,
               types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
     # Pointer loads (decode), and TMA loads of K-major and N-major weights, warp-specialized with 4
     # stages (the default) and not with 3.
@@ -179,13 +179,13 @@ for dtype in (torch.bfloat16, torch.float32):
                                      (True, True, 3, False)):
         check(f"fp8 gmm into {dtype} tma={tma} k_major={k_major} warp_specialize={ws}", F8._gmm_fp8_kernel,
               ELEMENT[dtype], dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8,
-                                   USE_TMA=tma, W_K_MAJOR=k_major, WARP_SPECIALIZE=ws, PDL=True), 8, stages,
+                                   USE_TMA=tma, W_K_MAJOR=k_major, WARP_SPECIALIZE=ws, PDL=2), 8, stages,
               types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
     # Each tile transposed (weights times rows) with few-row tiles, for decode (`swap_ab`).
     for block_m in (16, 64):
         check(f"fp8 gmm into {dtype} swap_ab block_m={block_m}", F8._gmm_fp8_kernel, ELEMENT[dtype],
               dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8, USE_TMA=False,
-                   W_K_MAJOR=True, WARP_SPECIALIZE=False, SWAP_AB=True, PDL=True), 4, 4,
+                   W_K_MAJOR=True, WARP_SPECIALIZE=False, SWAP_AB=True, PDL=2), 4, 4,
               types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
     # Alone, and with the transposed copy (four bytes to an int32 word, or one by one); the
     # hardware's cast, as CUDA runs it.
