@@ -109,6 +109,10 @@ def bench(args):
         print_table(rows, ["config", "product", "M", "K", "N", "block_m", "bf16_ms", "fp8_ms", "speedup", "fp8_tflops",
                            "product_ms", "quantize_ms", "quantize_gbs", "copy_gbs", "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8.csv"), rows)
+    gq_rows = [row for name in args.gather_quantize for row in gather_quantize_rows_forms(name)]
+    if gq_rows:
+        print_table(gq_rows, ["config", "mode", "block_t", "num_warps", "hw_cast", "ms", "gbs", "same_bytes"])
+        write_csv(os.path.join(args.out, "bench_fp8_gather_quantize.csv"), [{**r, **env} for r in gq_rows])
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     serve_rows += decode_variant_rows(args.serving, args.decode_variants)
     if serve_rows:
@@ -254,6 +258,49 @@ def cols_rows(name, variants):
     finally:
         fp8_backend.COLS_FUSED_LAUNCH.clear()
         fp8_backend.COLS_FUSED_LAUNCH.update(saved)
+    return rows
+
+
+def gather_quantize_rows_forms(name, forms=((8, 2), (8, 4), (16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)),
+                               casts=(False, True)):
+    """Rows (config, mode, block_t, num_warps, ms, gbs): `gather_quantize_rows` at config `name`'s
+    training size (T tokens, hidden H, top-k) in each launch form (`GATHER_QUANTIZE_LAUNCH`; with
+    the values rounded by the e4m3 cast itself or in software, `same_bytes` as the default's), as
+    the forward runs it (plain) and as the combine's backward does (weighted, the 16-bit rows
+    written too), and the two passes the weighted form replaces (the weighted gather, then
+    `quantize_rows`); gbs counts each token row read once and every row written."""
+    from megablocks.ops.permute import _gather_rows, route
+    from megablocks.ops.routing import routing_metadata
+
+    T, H, _, E, k = CONFIGS[name]
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    meta = routing_metadata(torch.randint(0, E, (T, k), device="cuda"), E, 1)
+    maps = route(meta.indices, meta.bin_ids, meta.bins, k)
+    w = torch.rand(T * k, device="cuda")
+    calls = {
+        "plain": (lambda: fp8.gather_quantize_rows(x, maps.assignment_row, k), T * H * 2 + T * k * H),
+        "weighted": (lambda: fp8.gather_quantize_rows(x, maps.assignment_row, k, w, return_rows=True),
+                     T * H * 2 + T * k * H * 3),
+    }
+    saved = {mode: dict(v) for mode, v in fp8_backend.GATHER_QUANTIZE_LAUNCH.items()}
+    rows = []
+    try:
+        for mode, (call, nbytes) in calls.items():
+            ref = [t.clone() for t in call()]
+            for (block_t, warps), hw_cast in ((f, c) for f in forms for c in casts):
+                fp8_backend.GATHER_QUANTIZE_LAUNCH[mode] = dict(block_t=block_t, num_warps=warps, hw_cast=hw_cast)
+                same = all(torch.equal(a.view(torch.uint8) if a.dtype == fp8_backend.FP8_DTYPE else a.nan_to_num(),
+                                       b.view(torch.uint8) if b.dtype == fp8_backend.FP8_DTYPE else b.nan_to_num())
+                           for a, b in zip(call(), ref))
+                ms = timed(call)[0]
+                rows.append(dict(config=name, mode=mode, block_t=block_t, num_warps=warps, hw_cast=hw_cast, ms=ms,
+                                 gbs=nbytes / ms / 1e6, same_bytes=same))
+    finally:
+        fp8_backend.GATHER_QUANTIZE_LAUNCH.update(saved)
+    apart = lambda: fp8.quantize_rows(_gather_rows(x, maps.row_assignment, maps.assignment_row, w, k))  # noqa: E731
+    ms = timed(apart)[0]
+    rows.append(dict(config=name, mode="weighted gather, then quantize_rows", ms=ms,
+                     gbs=(T * H * 2 + T * k * H * 3) / ms / 1e6))
     return rows
 
 
@@ -564,6 +611,8 @@ def main():
     p.add_argument("--cols", nargs="*", default=[], choices=list(CONFIGS),
                    help="time the weight gradient's fused operand quantizers on these configs")
     p.add_argument("--cols-variants", nargs="*", default=["pieces32_w4"], choices=list(COLS_VARIANTS))
+    p.add_argument("--gather-quantize", nargs="*", default=[], choices=list(CONFIGS),
+                   help="time gather_quantize_rows' launch forms (plain and weighted) on these configs")
     p.add_argument("--tile-gain", type=float, default=None,
                    help="the Gluon form's 192-row tile threshold (backend.fp8._GLUON_TILE_GAIN) for this run")
     p.add_argument("--cols-pick", action="store_true",
