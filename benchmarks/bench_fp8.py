@@ -111,7 +111,7 @@ def bench(args):
         write_csv(os.path.join(args.out, "bench_fp8.csv"), rows)
     gq_rows = [row for name in args.gather_quantize for row in gather_quantize_rows_forms(name)]
     if gq_rows:
-        print_table(gq_rows, ["config", "mode", "block_t", "num_warps", "hw_cast", "ms", "gbs", "same_bytes"])
+        print_table(gq_rows, ["config", "mode", "block_t", "num_warps", "ms", "gbs", "same_bytes"])
         write_csv(os.path.join(args.out, "bench_fp8_gather_quantize.csv"), [{**r, **env} for r in gq_rows])
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     serve_rows += decode_variant_rows(args.serving, args.decode_variants)
@@ -261,11 +261,10 @@ def cols_rows(name, variants):
     return rows
 
 
-def gather_quantize_rows_forms(name, forms=((8, 2), (8, 4), (16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8)),
-                               casts=(False, True)):
+def gather_quantize_rows_forms(name, forms=((8, 2), (8, 4), (16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8))):
     """Rows (config, mode, block_t, num_warps, ms, gbs): `gather_quantize_rows` at config `name`'s
-    training size (T tokens, hidden H, top-k) in each launch form (`GATHER_QUANTIZE_LAUNCH`; with
-    the values rounded by the e4m3 cast itself or in software, `same_bytes` as the default's), as
+    training size (T tokens, hidden H, top-k) in each launch form (`GATHER_QUANTIZE_LAUNCH`;
+    `same_bytes` as the default launch's), as
     the forward runs it (plain) and as the combine's backward does (weighted, the 16-bit rows
     written too), and the two passes the weighted form replaces (the weighted gather, then
     `quantize_rows`); gbs counts each token row read once and every row written."""
@@ -287,13 +286,13 @@ def gather_quantize_rows_forms(name, forms=((8, 2), (8, 4), (16, 4), (16, 8), (3
     try:
         for mode, (call, nbytes) in calls.items():
             ref = [t.clone() for t in call()]
-            for (block_t, warps), hw_cast in ((f, c) for f in forms for c in casts):
-                fp8_backend.GATHER_QUANTIZE_LAUNCH[mode] = dict(block_t=block_t, num_warps=warps, hw_cast=hw_cast)
+            for block_t, warps in forms:
+                fp8_backend.GATHER_QUANTIZE_LAUNCH[mode] = dict(block_t=block_t, num_warps=warps)
                 same = all(torch.equal(a.view(torch.uint8) if a.dtype == fp8_backend.FP8_DTYPE else a.nan_to_num(),
                                        b.view(torch.uint8) if b.dtype == fp8_backend.FP8_DTYPE else b.nan_to_num())
                            for a, b in zip(call(), ref))
                 ms = timed(call)[0]
-                rows.append(dict(config=name, mode=mode, block_t=block_t, num_warps=warps, hw_cast=hw_cast, ms=ms,
+                rows.append(dict(config=name, mode=mode, block_t=block_t, num_warps=warps, ms=ms,
                                  gbs=nbytes / ms / 1e6, same_bytes=same))
     finally:
         fp8_backend.GATHER_QUANTIZE_LAUNCH.update(saved)

@@ -130,7 +130,7 @@ def test_gather_quantize_rows_equals_gather_then_quantize(T, K, E, top_k, dtype)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T, K, E, top_k", [(7, 300, 5, 2), (1, 128, 4, 4), (33, 130, 3, 1), (0, 64, 2, 2), (9, 1, 3, 3)])
-def test_gather_quantize_rows_weighted(T, K, E, top_k, dtype, monkeypatch):
+def test_gather_quantize_rows_weighted(T, K, E, top_k, dtype):
     """With the routing weights (the combine's backward), each routed row is its token's row times
     its weight, rounded to x's dtype, then quantized: equal bit for bit to `quantize_rows` of the
     weighted gather, and the 16-bit rows written beside them equal that gather, with an empty
@@ -167,20 +167,6 @@ def test_gather_quantize_rows_weighted(T, K, E, top_k, dtype, monkeypatch):
     if T * top_k > 3 and K > 1:  # the weights did move the values: not the unweighted rows
         assert not torch.equal(fp8.gather_quantize_rows(x, maps.assignment_row, top_k, weights)[1].nan_to_num(),
                                s.nan_to_num())
-    if DEVICE == "cuda":  # rounded by the e4m3 cast itself: the same bytes wherever the tile is finite
-        from megablocks.backend import fp8 as backend
-
-        ref = fp8.gather_quantize_rows(x, maps.assignment_row, top_k, weights, return_rows=True)
-        for mode in ("plain", "weighted"):
-            monkeypatch.setitem(backend.GATHER_QUANTIZE_LAUNCH, mode, dict(block_t=32, num_warps=4, hw_cast=True))
-        finite = ~ref[1].isnan().repeat_interleave(Q, dim=1)[:, :K]
-        q2, s2, rows2 = fp8.gather_quantize_rows(x, maps.assignment_row, top_k, weights, return_rows=True)
-        assert torch.equal(q2.view(torch.uint8)[finite], ref[0].view(torch.uint8)[finite])
-        assert torch.equal(s2.nan_to_num(), ref[1].nan_to_num()) and torch.equal(rows2.nan_to_num(), ref[2].nan_to_num())
-        q2, _ = fp8.gather_quantize_rows(x, maps.assignment_row, top_k)
-        q_plain, s_plain = fp8.quantize_rows(ref_rows)  # the unweighted gather's rows, rounded in software
-        finite = ~s_plain.isnan().repeat_interleave(Q, dim=1)[:, :K]
-        assert torch.equal(q2.view(torch.uint8)[finite], q_plain.view(torch.uint8)[finite])
 
 
 def test_fused_quantizers_on_cpu_without_interpreter(monkeypatch):
@@ -201,7 +187,7 @@ def test_fused_quantizers_on_cpu_without_interpreter(monkeypatch):
     assert torch.equal(torch_form[0][0].view(torch.uint8),
                        fp8.quantize_rows_reference(gather_routed(x, maps))[0].view(torch.uint8))
     w = torch.rand(18, generator=torch.Generator().manual_seed(1)) * 4 - 2
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.undo()  # the suite's own setting: the interpreter where it runs the kernels
     kernel = fp8.gather_quantize_rows(x, maps.assignment_row, 2, w, return_rows=True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     torch_form = fp8.gather_quantize_rows(x, maps.assignment_row, 2, w, return_rows=True)

@@ -166,8 +166,8 @@ for dtype in (torch.bfloat16, torch.float32):
     # ... and with the routing weights and the 16-bit rows written too (the combine's backward).
     for weighted in (False, True):
         check(f"fp8 gather_quantize_rows from {dtype} weighted={weighted}", F8._gather_quantize_rows_kernel,
-              ELEMENT[dtype], dict(TOP_K=8, BLOCK_T=32, QB=F8.Q, HAS_WEIGHTS=weighted, WRITE_ROWS=weighted, PDL=2,
-                                   HW_CAST=weighted),
+              ELEMENT[dtype], dict(TOP_K=8, BLOCK_T=16 if weighted else 32, QB=F8.Q, HAS_WEIGHTS=weighted,
+                                   WRITE_ROWS=weighted, PDL=2),
               4, 3,
               types={"assignment_row_ptr": "*i32", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "rows_ptr": ELEMENT[dtype]})
     for activation in ("silu", "clamped_swiglu"):
