@@ -20,7 +20,7 @@ clamp: the gradient passes at the limits themselves).
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -193,9 +193,6 @@ def _glu_halves_kernel(
     BACKWARD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    row_assignment_ptr,
-    weights_ptr,
-    ROW_WEIGHTS: tl.constexpr = False,
 ):
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -210,20 +207,13 @@ def _glu_halves_kernel(
         tl.store(p1, (g * u * da).to(h_ptr.dtype.element_ty), mask=mask)
         tl.store(p1 + cols, (g * a * du).to(h_ptr.dtype.element_ty), mask=mask)
     else:
-        v = a * u
-        if ROW_WEIGHTS:  # row r times its assignment's weight (0 where no assignment names it), in fp32
-            assignment = tl.load(row_assignment_ptr + r, mask=r < rows, other=-1)
-            w = tl.load(weights_ptr + tl.where(assignment >= 0, assignment, 0), mask=(r < rows) & (assignment >= 0),
-                        other=0.0).to(tl.float32)
-            v = v * w[:, None]
-        tl.store(out_ptr + r[:, None] * stride_o + c[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + r[:, None] * stride_o + c[None, :], (a * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _HALVES_BLOCK_R, _HALVES_BLOCK_C = 8, 512
 
 
-def _glu_halves(h: torch.Tensor, activation: str, grad: Optional[torch.Tensor],
-                row_weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+def _glu_halves(h: torch.Tensor, activation: str, grad: Optional[torch.Tensor]) -> torch.Tensor:
     assert activation in ACTIVATIONS, activation
     assert h.dim() == 2 and h.shape[1] % 2 == 0 and h.stride(1) == 1, "h: [R, 2C] with a unit column stride"
     rows, cols = h.shape[0], h.shape[1] // 2
@@ -234,27 +224,17 @@ def _glu_halves(h: torch.Tensor, activation: str, grad: Optional[torch.Tensor],
         block_c = min(_HALVES_BLOCK_C, max(16, triton.next_power_of_2(cols)))
         block_r = max(1, _HALVES_BLOCK_R * _HALVES_BLOCK_C // block_c)
         g = grad if grad is not None else out
-        row_assignment, weights = row_weights if row_weights is not None else (h, h)
         _glu_halves_kernel[(cdiv(rows, block_r), cdiv(cols, block_c))](
             h, out, g, rows, cols, h.stride(0), out.stride(0), g.stride(0),
             ACTIVATION=activation, BACKWARD=grad is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS,
-            row_assignment_ptr=row_assignment, weights_ptr=weights, ROW_WEIGHTS=row_weights is not None,
         )
     return out
 
 
-def glu_halves_forward(h: torch.Tensor, activation: str, row_assignment: Optional[torch.Tensor] = None,
-                       weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+def glu_halves_forward(h: torch.Tensor, activation: str) -> torch.Tensor:
     """`glu_forward(h[:, :C], h[:, C:])` of one [R, 2C] buffer (any row stride), read in place:
-    [R, C] contiguous, equal bit for bit. With `row_assignment` [R] (each row's assignment, -1 for
-    none) and `weights` [N]: row r times `weights[row_assignment[r]]` (0 where it is -1), the
-    product in fp32 and rounded once."""
-    if (row_assignment is None) != (weights is None):
-        raise ValueError("glu_halves_forward: row_assignment and weights go together")
-    if row_assignment is not None:
-        assert row_assignment.shape == (h.shape[0],) and row_assignment.is_contiguous(), "row_assignment: [R]"
-        assert weights.dim() == 1 and weights.is_contiguous(), "weights: [N] contiguous"
-    return _glu_halves(h, activation, None, None if weights is None else (row_assignment, weights))
+    [R, C] contiguous, equal bit for bit."""
+    return _glu_halves(h, activation, None)
 
 
 def glu_halves_backward_(grad: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:

@@ -43,9 +43,7 @@ the rows' [N, H] itself, letting go of it once w2's gradient is made (a node's i
 is held by autograd until the node returns); it gathers, weights and quantizes them in one pass
 (`gather_quantize_rows(grad, maps, weights_N, return_rows=True)`: the 16-bit rows w2's gradient
 reads are written beside the e4m3 ones, and the gathered rows are not read again to quantize
-them; stacked, below, w2's gradient reads the token rows' gradient through the maps against the
-GLU product made again times each row's weight, so the 16-bit rows are not made at all). Where F
-is a multiple of 128, w1 and v1 are quantized stacked (`Fp8WeightCache.pair`): the up projections are one product into one [N, 2F] buffer, and the
+them). Where F is a multiple of 128, w1 and v1 are quantized stacked (`Fp8WeightCache.pair`): the up projections are one product into one [N, 2F] buffer, and the
 input gradient one product over [grad_h1 | grad_h2] with K = 2F, rounded once (the composed ops
 round two products and add them; the rest stays bitwise).
 """
@@ -185,10 +183,6 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         top_k, activation, dtype = ctx.top_k, ctx.activation, x_TH.dtype
         need_x, need_w1, need_v1, need_w2 = ctx.needs_input_grad[:4]
         grad_weights = g_q = g_s = None
-        # w2's gradient through the maps (stacked halves, token rows read in place): the GLU product
-        # made again times each row's routing weight, against the token rows' gradient read through
-        # the maps, so that the rows' 16-bit gradient is never written.
-        w2_maps = ctx.combined and need_w2 and len(h) == 1 and not ctx.gathered_wgrad and not ctx.fp8_wgrad
         if ctx.combined:  # the combine's backward (`scatter_routed`'s): the weights', then the rows'
             if ctx.needs_input_grad[11]:
                 grad_weights = _weight_grad._impl(y, grad_out, assignment_row, top_k).to(weights_N.dtype)
@@ -202,10 +196,9 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
             else:
                 grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
                 g_q, g_s, *grad_y = gather_quantize_rows(grad_out, assignment_row, top_k, weights_N,
-                                                         return_rows=need_w2 and not w2_maps)
+                                                         return_rows=need_w2)
                 grad_y = grad_y.pop() if grad_y else None  # no list left holding it
-            if not w2_maps:
-                del grad_out
+            del grad_out
         else:
             grad_y = grad_out.contiguous()
             del grad_out
@@ -218,12 +211,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         # w2's gradient first (the GLU product again, from h1 and h2, for the unquantized weight
         # gradient), so that the rows' output gradient goes before the GLU product's gradient is made.
         grad_w2 = None
-        if w2_maps:
-            a = activation_kernels.glu_halves_forward(h[0], activation, row_assignment, weights_N.contiguous())
-            grad_w2 = _product_impl(a, grad_out, counts_E, None, None, row_assignment, assignment_row, top_k, True,
-                                    True, False, _TRITON).view(w2.shape)
-            del a, grad_out
-        elif need_w2:
+        if need_w2:
             a = (activation_kernels.glu_halves_forward(h[0], activation) if len(h) == 1
                  else activation_kernels.glu_forward(*h, activation))
             grad_w2 = _product_impl(a, grad_y, counts_E, None, None, None, None, 1, False, True, False,

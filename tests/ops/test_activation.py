@@ -312,31 +312,3 @@ def test_glu_halves_in_place(activation, dtype, rows, cols, pad):
     assert_equal("halves grad h1", h[:, :cols], want_h1)
     assert_equal("halves grad h2", h[:, cols:], want_h2)
     assert_equal("untouched padding", base[:, 2 * cols:], tail)
-
-
-@pytest.mark.parametrize("activation", ["silu", "clamped_swiglu"])
-@pytest.mark.parametrize("dtype", [d for d in FLOAT_DTYPES if d != torch.bfloat16 or DEVICE == "cuda"], ids=str)
-@pytest.mark.parametrize("rows, cols, pad", [(37, 136, 0), (5, 1, 3), (0, 8, 0), (300, 24, 8)])
-def test_glu_halves_forward_row_weights(activation, dtype, rows, cols, pad):
-    """The halves' GLU times each row's routing weight (w2's gradient read through the maps): row
-    r is `act(h1) * up(h2) * weights[row_assignment[r]]` in fp32, rounded once to h's dtype, and 0
-    where no assignment names the row; both maps or neither."""
-    from megablocks.backend import activation as kernels
-
-    gen = torch.Generator().manual_seed(rows * 5 + cols + 1)
-    base = (torch.randn(rows, 2 * cols + pad, generator=gen) * 3).to(DEVICE, dtype)
-    h = base[:, :2 * cols]
-    n = rows + 3
-    row_assignment = torch.randperm(n, generator=gen)[:rows].to(torch.int32)
-    if rows > 2:
-        row_assignment[2] = -1  # a row no assignment names
-    weights = (torch.rand(n, generator=gen) * 4 - 2).to(DEVICE)
-    row_assignment = row_assignment.to(DEVICE)
-    got = kernels.glu_halves_forward(h, activation, row_assignment, weights)
-    product = kernels.glu_forward(h[:, :cols].float(), h[:, cols:].float(), activation)
-    w_rows = torch.where(row_assignment >= 0, weights[row_assignment.clamp(min=0).long()], 0.0)
-    assert_equal("weighted halves forward", got, (product * w_rows[:, None]).to(dtype))
-    if rows > 2:
-        assert not torch.equal(got, kernels.glu_halves_forward(h, activation))
-    with pytest.raises(ValueError, match="go together"):
-        kernels.glu_halves_forward(h, activation, row_assignment, None)

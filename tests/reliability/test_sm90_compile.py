@@ -29,7 +29,7 @@ import inspect, json, sys, time
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from megablocks.backend import activation as A, fp8 as F8, gmm as G, launch as L, permute as P, routing as R, sparse as S, topk as TK
+from megablocks.backend import fp8 as F8, gmm as G, launch as L, permute as P, routing as R, sparse as S, topk as TK
 
 TARGET = GPUTarget("cuda", 90, 32)
 ELEMENT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
@@ -146,12 +146,6 @@ check("padded counts", R._padded_counts_kernel, "*i32",
       dict(BLOCK_E=R.PADDED_MAPS_MAX_EXPERTS, SEARCH_STEPS=18), 4, 3, types={"keys_ptr": "*u8"})
 check("padded maps", R._padded_maps_kernel, "*i32", dict(BLOCK=R._MAPS_BLOCK), 4, 3,
       types={"keys_ptr": "*u8", "order_ptr": "*i64"})
-# The GLU made again from the halves of one buffer, times each row's routing weight (w2's gradient
-# through the maps in the FP8 node's backward).
-for dtype in (torch.bfloat16, torch.float32):
-    check(f"glu halves forward row weights {dtype}", A._glu_halves_kernel, ELEMENT[dtype],
-          dict(ACTIVATION="silu", BACKWARD=False, BLOCK_R=8, BLOCK_C=512, ROW_WEIGHTS=True), 4, 3,
-          types={"weights_ptr": "*fp32"})
 # The combine (weighted scatter), launched on Hopper to start while the product before it ends (PDL).
 for dtype in (torch.bfloat16, torch.float32):
     tile = P.default_tile(4096)
