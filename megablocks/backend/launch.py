@@ -49,7 +49,10 @@ def interpreted(t: torch.Tensor) -> bool:
 # tenth of it. `PDL` (env `MEGABLOCKS_PDL`): 0 launches every kernel plainly; 1 lets the next
 # kernel launch once all of this one's programs have passed their wait; 2 lets it launch once they
 # have all started, so that a chain's kernels are resident and waiting before their turn.
-PDL = int(os.environ.get("MEGABLOCKS_PDL", "1"))
+PDL = os.environ.get("MEGABLOCKS_PDL", "1")
+if PDL not in ("0", "1", "2"):
+    raise ValueError(f"MEGABLOCKS_PDL: expected 0, 1 or 2, got {PDL!r}")
+PDL = int(PDL)
 
 
 @triton.jit
@@ -71,6 +74,8 @@ def pdl_launch(t: torch.Tensor) -> dict:
     module's mode) and `launch_pdl` on CUDA devices of compute capability 9.0 and later, else none."""
     if PDL and t.device.type == "cuda" and _capability(t.device.index if t.device.index is not None
                                                        else torch.cuda.current_device()) >= 9:
+        if PDL not in _PDL_KWARGS:
+            raise ValueError(f"launch.PDL: expected 0, 1 or 2, got {PDL!r}")
         return _PDL_KWARGS[PDL]
     return {}
 

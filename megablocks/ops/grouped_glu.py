@@ -43,9 +43,10 @@ the rows' [N, H] itself, letting go of it once w2's gradient is made (a node's i
 is held by autograd until the node returns); it gathers, weights and quantizes them in one pass
 (`gather_quantize_rows(grad, maps, weights_N, return_rows=True)`: the 16-bit rows w2's gradient
 reads are written beside the e4m3 ones, and the gathered rows are not read again to quantize
-them). Where F is a multiple of 128, w1 and v1 are quantized stacked (`Fp8WeightCache.pair`): the up projections are one product into one [N, 2F] buffer, and the
-input gradient one product over [grad_h1 | grad_h2] with K = 2F, rounded once (the composed ops
-round two products and add them; the rest stays bitwise).
+them). Where F is a multiple of 128, w1 and v1 are quantized stacked (`Fp8WeightCache.pair`):
+the up projections are one product into one [N, 2F] buffer, and the input gradient one product
+over [grad_h1 | grad_h2] with K = 2F, rounded once (the composed ops round two products and add
+them; the rest stays bitwise).
 """
 
 from typing import Optional, Sequence, Tuple

@@ -2,6 +2,7 @@
 are a frozen dataclass with a default, overridden by an instance or a dict of its fields."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -77,3 +78,14 @@ def test_pdl_launch_only_on_hopper(monkeypatch):
             assert launch.pdl_launch(x.cuda()) == expected
         monkeypatch.setattr(launch, "PDL", False)
         assert launch.pdl_launch(x.cuda()) == {}
+
+
+def test_pdl_mode_checked():
+    """An unknown `MEGABLOCKS_PDL` fails at import with what it expected."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MEGABLOCKS_PDL": "yes"}
+    run = subprocess.run([sys.executable, "-c", "import megablocks.backend.launch"], env=env, capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and "MEGABLOCKS_PDL: expected 0, 1 or 2, got 'yes'" in run.stderr, run.stderr[-500:]
