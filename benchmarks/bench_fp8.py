@@ -371,9 +371,8 @@ def serving_row(name, T, device, shape=None):
     f8 = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
     nan = float("nan")
     ms_bf16, ms_fp8 = (timed(bf16)[0], timed(f8)[0]) if device == "cuda" else (nan, nan)
-    graph_bf16, graph_fp8 = ((bench_dmoe.graph_time_ms(bf16, 100), bench_dmoe.graph_time_ms(f8, 100))
-                             if device == "cuda" else (nan, nan))
-    # The same graphs with each programmatic-dependent-launch mode (0: every kernel launched plainly).
+    # The graphs in each programmatic-dependent-launch mode (0: every kernel launched plainly); the
+    # headline is the module's mode.
     modes, pdl = {}, launch.PDL
     try:
         for mode in (0, 1, 2):
@@ -382,6 +381,7 @@ def serving_row(name, T, device, shape=None):
                            if device == "cuda" else (nan, nan))
     finally:
         launch.PDL = pdl
+    graph_bf16, graph_fp8 = modes[pdl]
     by_mode = {f"{label}_graph_pdl{mode}_ms": ms[i] for mode, ms in modes.items()
                for i, label in enumerate(("bf16", "fp8"))}
     ref, out = bf16().float(), f8().float()

@@ -49,10 +49,10 @@ def interpreted(t: torch.Tensor) -> bool:
 # tenth of it. `PDL` (env `MEGABLOCKS_PDL`): 0 launches every kernel plainly; 1 lets the next
 # kernel launch once all of this one's programs have passed their wait; 2 lets it launch once they
 # have all started, so that a chain's kernels are resident and waiting before their turn.
-PDL = os.environ.get("MEGABLOCKS_PDL", "1")
-if PDL not in ("0", "1", "2"):
-    raise ValueError(f"MEGABLOCKS_PDL: expected 0, 1 or 2, got {PDL!r}")
-PDL = int(PDL)
+_PDL_ENV = os.environ.get("MEGABLOCKS_PDL", "1")
+if _PDL_ENV not in ("0", "1", "2"):
+    raise ValueError(f"MEGABLOCKS_PDL: expected 0, 1 or 2, got {_PDL_ENV!r}")
+PDL = int(_PDL_ENV)
 
 
 @triton.jit
