@@ -162,13 +162,15 @@ def _gather_quantize_rows_kernel(
 
 # The GLU between the expert products, quantized as it is made: h1_MK, h2_MK (the gate and up
 # halves, any row strides, last dim contiguous) -> q_MK, s_MKB of `act(h1) * up(h2)` rounded to
-# h1's dtype first (equal to `glu` then `quantize_rows`, without writing or reading the GLU).
+# h1's dtype first (equal to `glu` then `quantize_rows`, without reading the GLU back); WRITE_A:
+# that 16-bit product also written to a_MK (row stride stride_am).
 @triton.jit
 def _glu_quantize_rows_kernel(
-    h1_ptr, h2_ptr, q_ptr, s_ptr,
+    h1_ptr, h2_ptr, q_ptr, s_ptr, a_ptr,
     M, K,
-    stride_h1, stride_h2, stride_qm, stride_sm,
+    stride_h1, stride_h2, stride_qm, stride_sm, stride_am,
     ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr, PDL: tl.constexpr = False,
+    WRITE_A: tl.constexpr = False,
 ):
     pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -178,7 +180,10 @@ def _glu_quantize_rows_kernel(
     h2 = tl.load(h2_ptr + rows[:, None].to(tl.int64) * stride_h2 + cols[None, :], mask=mask, other=0.0)
     a, _ = _act(h1.to(tl.float32), ACTIVATION)
     u, _ = _up(h2.to(tl.float32), ACTIVATION)
-    x = tl.where(mask, (a * u).to(h1_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    product = (a * u).to(h1_ptr.dtype.element_ty)
+    if WRITE_A:
+        tl.store(a_ptr + rows[:, None].to(tl.int64) * stride_am + cols[None, :], product, mask=mask)
+    x = tl.where(mask, product.to(tl.float32), 0.0)
     _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm)
 
 
@@ -679,27 +684,35 @@ def _check_glu_operands(activation: str, first: Tuple[str, torch.Tensor], *other
             raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
 
 
-def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str, *,
+                      return_product: bool = False) -> Tuple[torch.Tensor, ...]:
     """`quantize_rows(glu(h1, h2, activation))` in one pass: the gated activation of the GLU
     experts (`megablocks.ops.activation.glu`: fp32 math, rounded to h1's dtype) quantized in 1 x Q
-    tiles as it is made, neither it nor contiguous halves written. h1, h2: `[M, K]` of one float
-    dtype, any row strides (e.g. the two halves of the up projection's `[M, 2K]` output), last dim
-    contiguous. Equal bit for bit to the two passes."""
+    tiles as it is made, contiguous halves never written. h1, h2: `[M, K]` of one float dtype, any
+    row strides (e.g. the two halves of the up projection's `[M, 2K]` output), last dim contiguous.
+    Returns (q, s), equal bit for bit to the two passes; with `return_product`, (q, s, the product
+    `[M, K]` in h1's dtype, contiguous), the product written in the same pass (the FP8 experts'
+    node keeps it for w2's unquantized weight gradient, as the bf16 node keeps its product)."""
     _check_glu_operands(activation, ("h1", h1_MK), ("h2", h2_MK))
+    if not isinstance(return_product, bool):
+        raise TypeError(f"return_product: expected a bool, got {type(return_product).__name__}")
     M, K = h1_MK.shape
     if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
         from megablocks.ops.activation import glu_reference
 
-        return quantize_rows_reference(glu_reference(h1_MK, h2_MK, activation))
+        a = glu_reference(h1_MK, h2_MK, activation)
+        return (*quantize_rows_reference(a), a.contiguous()) if return_product else quantize_rows_reference(a)
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=h1_MK.device)
     s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=h1_MK.device)
+    a = torch.empty((M, K), dtype=h1_MK.dtype, device=h1_MK.device) if return_product else None
     if M and K:
         block_m = 16 if interpreted(h1_MK) else 32
         _glu_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
-            h1_MK, h2_MK, q, s, M, K, h1_MK.stride(0), h2_MK.stride(0), q.stride(0), s.stride(0),
-            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=4, **pdl_launch(h1_MK),
+            h1_MK, h2_MK, q, s, a if return_product else q, M, K, h1_MK.stride(0), h2_MK.stride(0), q.stride(0),
+            s.stride(0), a.stride(0) if return_product else 0,
+            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=4, WRITE_A=return_product, **pdl_launch(h1_MK),
         )
-    return q, s
+    return (q, s, a) if return_product else (q, s)
 
 
 def _glu_grad_rows_out(M: int, K: int, device, out):

@@ -465,7 +465,8 @@ class GroupedMLP(SparseMLP):
                 out = fp8_grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
                                               self._fp8_quantized(num_experts, hidden), gathered_wgrad=wide,
                                               weights_N=combine_weights,
-                                              fp8_wgrad=self.args.kernel_policy.fp8_weight_grad)
+                                              fp8_wgrad=self.args.kernel_policy.fp8_weight_grad,
+                                              keep_product=not self.args.memory_optimized_mlp)
                 return out, combine_weights is not None
             if activation is not None:
                 return grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,

@@ -25,14 +25,17 @@ the work next to them:
     x_q, x_s = gather_quantize_rows(x_TH, maps)          each token's row quantized once, its bytes
                                                           written to its top_k routed rows
     h1_NF, h2_NF = gmm_fp8(x_q, w1_e^T), gmm_fp8(x_q, v1_e^T)
-    a_q, a_s = glu_quantize_rows(h1, h2)                 the GLU quantized as it is made
+    a_q, a_s, a_NF = glu_quantize_rows(h1, h2)           the GLU quantized as it is made, its 16-bit
+                                                          product written in the same pass
     y_NH = gmm_fp8(a_q, w2_e)                            (w2 read stored the other way: K-major)
 
 and in the backward the output gradient quantized in 1 x 128 tiles, the FP8 input-gradient
 products (`Fp8WeightCache.transposed` weights), the GLU's gradient written over h1 and h2 (the
-node keeps nothing else of the forward but x_TH: no gathered rows, no GLU product), and the
-weight gradients unquantized, reading the token rows through the maps (wide experts: a gathered
-copy); the GLU's gradient is quantized for the input-gradient products as it is made
+node keeps nothing else of the forward but x_TH and the GLU product, as the bf16 node does: no
+gathered rows; with `keep_product=False`, `memory_optimized_mlp`, not the product either: it is
+made again from h1 and h2 for w2's gradient), and the weight gradients unquantized, reading the
+token rows through the maps (wide experts: a gathered copy); the GLU's gradient is quantized for
+the input-gradient products as it is made
 (`glu_backward_quantize_rows_`). Its output is bitwise that of the composed FP8 ops (gather,
 `fp8_gmm` twice, `glu`, `fp8_gmm`), and so are its gradients in the tests (the fused GLU backward
 is the composed ops' fp32 math compiled apart: a compiler that contracts it otherwise moves a
@@ -148,7 +151,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
                 quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool,
-                weights_N: Optional[torch.Tensor], fp8_wgrad: bool):
+                weights_N: Optional[torch.Tensor], fp8_wgrad: bool, keep_product: bool):
         dtype = x_TH.dtype
         stacked = len(quantized) == 4
         x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
@@ -161,11 +164,17 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
                  gmm_fp8(x_q, x_s, *quantized[2], counts_E, out_dtype=dtype)]
             h1, h2 = h
         del x_q, x_s
-        a_q, a_s = glu_quantize_rows(h1, h2, activation)
+        # The 16-bit product, for w2's unquantized gradient, written as it is quantized (the FP8
+        # weight gradients read it quantized down the rows instead, made again in the backward).
+        product = None
+        if keep_product and not fp8_wgrad and ctx.needs_input_grad[3]:
+            a_q, a_s, product = glu_quantize_rows(h1, h2, activation, return_product=True)
+        else:
+            a_q, a_s = glu_quantize_rows(h1, h2, activation)
         y = gmm_fp8(a_q, a_s, *quantized[-1], counts_E, out_dtype=dtype)
         ctx.save_for_backward(x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, weights_N)
         # Made here, not inputs: kept on ctx so the backward can let go of each when done with it.
-        ctx.h, ctx.quantized = h, quantized
+        ctx.h, ctx.quantized, ctx.product = h, quantized, product
         ctx.top_k, ctx.activation, ctx.gathered_wgrad, ctx.fp8_wgrad = top_k, activation, gathered_wgrad, fp8_wgrad
         ctx.combined, ctx.y = weights_N is not None, None
         if weights_N is None:
@@ -179,8 +188,8 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, weights_N = ctx.saved_tensors
-        h, quantized, y = ctx.h, ctx.quantized, ctx.y
-        ctx.h = ctx.quantized = ctx.y = None
+        h, quantized, y, a = ctx.h, ctx.quantized, ctx.y, ctx.product
+        ctx.h = ctx.quantized = ctx.y = ctx.product = None
         top_k, activation, dtype = ctx.top_k, ctx.activation, x_TH.dtype
         need_x, need_w1, need_v1, need_w2 = ctx.needs_input_grad[:4]
         grad_weights = g_q = g_s = None
@@ -208,16 +217,17 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
             del grad_y, h
             grads = _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment,
                                         assignment_row)
-            return (*grads, None, None, None, None, None, None, None, grad_weights, None)
-        # w2's gradient first (the GLU product again, from h1 and h2, for the unquantized weight
-        # gradient), so that the rows' output gradient goes before the GLU product's gradient is made.
+            return (*grads, None, None, None, None, None, None, None, grad_weights, None, None)
+        # w2's gradient first (from the kept GLU product, or the product made again from h1 and h2),
+        # so that the rows' output gradient goes before the GLU product's gradient is made.
         grad_w2 = None
         if need_w2:
-            a = (activation_kernels.glu_halves_forward(h[0], activation) if len(h) == 1
-                 else activation_kernels.glu_forward(*h, activation))
+            if a is None:
+                a = (activation_kernels.glu_halves_forward(h[0], activation) if len(h) == 1
+                     else activation_kernels.glu_forward(*h, activation))
             grad_w2 = _product_impl(a, grad_y, counts_E, None, None, None, None, 1, False, True, False,
                                     _TRITON).view(w2.shape)
-            del a
+        del a
         if g_q is None:
             g_q, g_s = quantize_rows(grad_y)
         del grad_y
@@ -268,7 +278,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         if need_v1:
             grad_v1 = _product_impl(grad_h2, rows[0], counts_E, None, None, *rows[1:], True, True, False,
                                     _TRITON).view(v1.shape)
-        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights, None
+        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights, None, None
 
 
 def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row):
@@ -332,7 +342,7 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
                             counts_E: torch.Tensor, maps: RowMaps, activation: str,
                             quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                             gathered_wgrad: bool = False, weights_N: Optional[torch.Tensor] = None,
-                            fp8_wgrad: bool = False) -> torch.Tensor:
+                            fp8_wgrad: bool = False, keep_product: bool = True) -> torch.Tensor:
     """`grouped_glu_experts` with the expert products in FP8 (module docstring), the expert-ordered
     rows `[N, H]`, as one autograd node; with `weights_N`, those rows' combine too
     (`scatter_routed(rows, maps, weights_N)`, the token rows `[T, H]`).
@@ -350,8 +360,9 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     combine (one per assignment), whose gradient the node returns as the combine's node does. With
     the combine in the node, the rows' output gradient `[N, H]` is made in its backward and goes
     once used (the composed form's is held by autograd until the node returns: 512 MiB at olmoe's
-    backward peak).
+    backward peak); `keep_product` False (`memory_optimized_mlp`) keeps only h1 and h2 for the
+    backward and makes the GLU product again there for w2's gradient, as `grouped_glu_experts`.
     """
     return _Fp8GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row,
                                        maps.top_k, activation, tuple(quantized), gathered_wgrad, weights_N,
-                                       fp8_wgrad)
+                                       fp8_wgrad, keep_product)

@@ -300,3 +300,54 @@ def test_fp8_node_weight_gradients_in_fp8(T, H, Fs, E, K, dtype, monkeypatch):
         on, off = results[True][1][name].double(), results[False][1][name].double()
         rel = ((on - off).norm() / off.norm()).item()
         assert 0 < rel < 0.08, (name, rel)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, H, Fs, E, K", [(24, 40, 24, 4, 2), (5, 136, 256, 3, 3), (1, 48, 128, 5, 1)],
+                         ids=["apart", "stacked-topk=E", "one-token-empty-experts"])
+def test_fp8_node_keeps_the_glu_product(T, H, Fs, E, K, dtype, monkeypatch):
+    """As the bf16 node, the FP8 node keeps the GLU product for w2's gradient, written in the
+    quantizer's pass (`glu_quantize_rows(..., return_product=True)`), unless `memory_optimized_mlp`
+    (then made again from h1 and h2 in the backward): both give bitwise the same output and every
+    gradient. The kept product is gone before the GLU's gradient is made, and it is not kept where
+    w2 takes no gradient."""
+    import weakref
+
+    from megablocks.backend import activation as activation_kernels
+
+    layer, x, grad_out = _glu_layer(T, H, Fs, E, K, dtype, seed=T * 13 + Fs)
+    kept, remade, alive = [], [], []
+    real_quantize, real_glu = grouped_glu.glu_quantize_rows, grouped_glu.glu_backward_quantize_rows_
+
+    def quantize(*a, **kw):
+        out = real_quantize(*a, **kw)
+        if kw.get("return_product"):
+            kept.append(weakref.ref(out[2]))
+        return out
+
+    def glu_backward(*a, **kw):
+        alive.append([ref() is not None for ref in kept])
+        return real_glu(*a, **kw)
+
+    monkeypatch.setattr(grouped_glu, "glu_quantize_rows", quantize)
+    monkeypatch.setattr(grouped_glu, "glu_backward_quantize_rows_", glu_backward)
+    for name in ("glu_forward", "glu_halves_forward"):
+        real = getattr(activation_kernels, name)
+        monkeypatch.setattr(activation_kernels, name, lambda *a, _real=real, **kw: remade.append(1) or _real(*a, **kw))
+    results = {}
+    for memory_optimized in (False, True):
+        layer.args.memory_optimized_mlp = memory_optimized
+        kept.clear(), remade.clear(), alive.clear()
+        results[memory_optimized] = _step(layer, x, grad_out)
+        assert (len(kept), len(remade)) == ((0, 1) if memory_optimized else (1, 0)), (memory_optimized, kept, remade)
+        assert alive == [[False] * len(kept)], alive
+    assert_equal("out", results[True][0], results[False][0])
+    for name in GRAD_NAMES:
+        assert_equal(f"grad {name}", results[True][1][name], results[False][1][name])
+    assert results[False][1]["w2"].abs().sum() > 0
+    # w2 frozen: no product kept, none made again.
+    layer.args.memory_optimized_mlp = False
+    layer.experts.mlp.w2.requires_grad_(False)
+    kept.clear(), remade.clear()
+    layer(x.clone().requires_grad_(True)).backward(grad_out)
+    assert (len(kept), len(remade)) == (0, 0), (kept, remade)

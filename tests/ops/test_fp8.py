@@ -87,6 +87,12 @@ def test_glu_quantize_rows_equals_the_two_passes(M, K, activation, dtype):
     assert torch.equal(s.isnan(), ref_s.isnan()) and torch.equal(s.nan_to_num(), ref_s.nan_to_num())
     if M > 4 and K > 5:
         assert s[4, 0].isnan()  # the NaN makes its tile NaN
+    # With the 16-bit product written in the same pass: the same tiles, and the product `glu`'s.
+    q2, s2, a2 = fp8.glu_quantize_rows(h1, h2, activation, return_product=True)
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(s2.isnan(), s.isnan()) and torch.equal(s2.nan_to_num(), s.nan_to_num())
+    assert a2.dtype == a.dtype and a2.shape == (M, K) and a2.is_contiguous()
+    assert torch.equal(a2.isnan(), a.isnan()) and torch.equal(a2.nan_to_num(), a.nan_to_num())
     finite = ~s.isnan().repeat_interleave(Q, dim=1)[:, :K]
     af = a.float()
     err = (fp8.dequantize_rows(q, s) - af).abs()[finite]
@@ -283,6 +289,8 @@ def test_glu_quantize_rows_validates():
         fp8.glu_quantize_rows(h[:, ::2], h[:, 1::2], "silu")
     with pytest.raises(TypeError):
         fp8.glu_quantize_rows(h[:, :128].long(), h[:, 128:].long(), "silu")
+    with pytest.raises(TypeError, match="return_product: expected a bool"):
+        fp8.glu_quantize_rows(h[:, :128], h[:, 128:], "silu", return_product=1)
 
 
 def test_rounding_ties_to_even_and_signed_zero():

@@ -170,9 +170,10 @@ for dtype in (torch.bfloat16, torch.float32):
                                    WRITE_ROWS=weighted, PDL=2),
               4, 3,
               types={"assignment_row_ptr": "*i32", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "rows_ptr": ELEMENT[dtype]})
-    for activation in ("silu", "clamped_swiglu"):
-        check(f"fp8 glu_quantize_rows {activation} from {dtype}", F8._glu_quantize_rows_kernel, ELEMENT[dtype],
-              dict(ACTIVATION=activation, BLOCK_M=32, QB=F8.Q, PDL=2), 4, 3,
+    # ... and with the 16-bit product written too (the FP8 node keeps it for w2's gradient).
+    for activation, write_a in (("silu", False), ("clamped_swiglu", False), ("silu", True)):
+        check(f"fp8 glu_quantize_rows {activation} from {dtype} write_a={write_a}", F8._glu_quantize_rows_kernel,
+              ELEMENT[dtype], dict(ACTIVATION=activation, BLOCK_M=32, QB=F8.Q, PDL=2, WRITE_A=write_a), 4, 3,
               types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
     # Pointer loads (decode), and TMA loads of K-major and N-major weights, warp-specialized with 4
     # stages (the default) and not with 3.
