@@ -113,6 +113,10 @@ def bench(args):
     if gq_rows:
         print_table(gq_rows, ["config", "mode", "block_t", "num_warps", "ms", "gbs", "same_bytes"])
         write_csv(os.path.join(args.out, "bench_fp8_gather_quantize.csv"), [{**r, **env} for r in gq_rows])
+    glu_rows = [row for name in args.glu_quantize for row in glu_quantize_rows_forms(name)]
+    if glu_rows:
+        print_table(glu_rows, ["config", "M", "mode", "block_m", "num_warps", "ms", "gbs", "same_bytes"])
+        write_csv(os.path.join(args.out, "bench_fp8_glu_quantize.csv"), [{**r, **env} for r in glu_rows])
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     serve_rows += decode_variant_rows(args.serving, args.decode_variants)
     if serve_rows:
@@ -258,6 +262,40 @@ def cols_rows(name, variants):
     finally:
         fp8_backend.COLS_FUSED_LAUNCH.clear()
         fp8_backend.COLS_FUSED_LAUNCH.update(saved)
+    return rows
+
+
+def glu_quantize_rows_forms(name, forms=((16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))):
+    """Rows (config, M, mode, block_m, num_warps, ms, gbs, same_bytes): `glu_quantize_rows` on the
+    two halves of an [M, 2F] up-projection output at config `name`'s prefill (T = 4096) and
+    training sizes (M = T * top_k rows), in each launch form (`GLU_QUANTIZE_LAUNCH`; `same_bytes`
+    as the default launch's), quantizing only (plain) and with the 16-bit product written too
+    (product); gbs counts both halves read and every output written once."""
+    T_train, _, F, _, k = CONFIGS[name]
+    saved = {mode: dict(v) for mode, v in fp8_backend.GLU_QUANTIZE_LAUNCH.items()}
+    rows = []
+    try:
+        for M in (4096 * k, T_train * k):
+            h = torch.randn(M, 2 * F, device="cuda", dtype=torch.bfloat16)
+            h1, h2 = h[:, :F], h[:, F:]
+            scales = M * -(-F // fp8_backend.Q) * 4
+            calls = {"plain": (lambda: fp8.glu_quantize_rows(h1, h2, "silu"), M * F * 5 + scales),
+                     "product": (lambda: fp8.glu_quantize_rows(h1, h2, "silu", return_product=True),
+                                 M * F * 7 + scales)}
+            for mode, (call, nbytes) in calls.items():
+                ref = [t.clone() for t in call()]
+                for block_m, warps in forms:
+                    fp8_backend.GLU_QUANTIZE_LAUNCH[mode] = dict(block_m=block_m, num_warps=warps)
+                    same = all(torch.equal(a.view(torch.uint8) if a.dtype == fp8_backend.FP8_DTYPE else a.nan_to_num(),
+                                           b.view(torch.uint8) if b.dtype == fp8_backend.FP8_DTYPE else b.nan_to_num())
+                               for a, b in zip(call(), ref))
+                    ms = timed(call)[0]
+                    rows.append(dict(config=name, M=M, mode=mode, block_m=block_m, num_warps=warps, ms=ms,
+                                     gbs=nbytes / ms / 1e6, same_bytes=same))
+                fp8_backend.GLU_QUANTIZE_LAUNCH.update(saved)
+            del h, h1, h2
+    finally:
+        fp8_backend.GLU_QUANTIZE_LAUNCH.update(saved)
     return rows
 
 
@@ -610,6 +648,8 @@ def main():
     p.add_argument("--cols", nargs="*", default=[], choices=list(CONFIGS),
                    help="time the weight gradient's fused operand quantizers on these configs")
     p.add_argument("--cols-variants", nargs="*", default=["pieces32_w4"], choices=list(COLS_VARIANTS))
+    p.add_argument("--glu-quantize", nargs="*", default=[], choices=list(CONFIGS),
+                   help="time glu_quantize_rows' launch forms (plain and writing the product) on these configs")
     p.add_argument("--gather-quantize", nargs="*", default=[], choices=list(CONFIGS),
                    help="time gather_quantize_rows' launch forms (plain and weighted) on these configs")
     p.add_argument("--tile-gain", type=float, default=None,

@@ -684,6 +684,15 @@ def _check_glu_operands(activation: str, first: Tuple[str, torch.Tensor], *other
             raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
 
 
+# `_glu_quantize_rows_kernel`'s launch: rows a program (block_m; each program one Q-wide column
+# tile) and warps, quantizing only ("plain": serving, and training with `memory_optimized_mlp`)
+# and with the 16-bit product written too ("product": training).
+GLU_QUANTIZE_LAUNCH = {
+    "plain": dict(block_m=32, num_warps=4),
+    "product": dict(block_m=32, num_warps=4),
+}
+
+
 def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str, *,
                       return_product: bool = False) -> Tuple[torch.Tensor, ...]:
     """`quantize_rows(glu(h1, h2, activation))` in one pass: the gated activation of the GLU
@@ -706,11 +715,13 @@ def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
     s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=h1_MK.device)
     a = torch.empty((M, K), dtype=h1_MK.dtype, device=h1_MK.device) if return_product else None
     if M and K:
-        block_m = 16 if interpreted(h1_MK) else 32
+        launch = GLU_QUANTIZE_LAUNCH["product" if return_product else "plain"]
+        block_m = 16 if interpreted(h1_MK) else launch["block_m"]
         _glu_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
             h1_MK, h2_MK, q, s, a if return_product else q, M, K, h1_MK.stride(0), h2_MK.stride(0), q.stride(0),
             s.stride(0), a.stride(0) if return_product else 0,
-            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=4, WRITE_A=return_product, **pdl_launch(h1_MK),
+            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=launch["num_warps"], WRITE_A=return_product,
+            **pdl_launch(h1_MK),
         )
     return (q, s, a) if return_product else (q, s)
 
