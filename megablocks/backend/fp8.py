@@ -686,10 +686,13 @@ def _check_glu_operands(activation: str, first: Tuple[str, torch.Tensor], *other
 
 # `_glu_quantize_rows_kernel`'s launch: rows a program (block_m; each program one Q-wide column
 # tile) and warps, quantizing only ("plain": serving, and training with `memory_optimized_mlp`)
-# and with the 16-bit product written too ("product": training).
+# and with the 16-bit product written too ("product": training). Measured on the H200 (`bench_fp8.py
+# --glu-quantize`, benchmarks/RESULTS.md): 8 warps over 32 rows, against 4, 0.2367 -> 0.2265 ms
+# writing mixtral's product at T = 4096, 0.2747 -> 0.2694 olmoe's in training, 0.209 -> 0.1995
+# qwen3moe's; quantizing only, 1-2% (0.1848 -> 0.1827 mixtral's prefill); 64 and 128 rows slower.
 GLU_QUANTIZE_LAUNCH = {
-    "plain": dict(block_m=32, num_warps=4),
-    "product": dict(block_m=32, num_warps=4),
+    "plain": dict(block_m=32, num_warps=8),
+    "product": dict(block_m=32, num_warps=8),
 }
 
 

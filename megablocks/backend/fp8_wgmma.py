@@ -195,14 +195,20 @@ if _gluon:
             group, row0, row_end, flags, n0 = _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, BLOCK_N, GROUP_M)
             if (flags & 1) != 0:
                 w_row = group * N + n0
+                # The consumers' 64-row pieces that hold rows of the tile (a group's last tile may
+                # end within the first): only theirs are loaded.
+                pieces = gl.minimum(gl.cdiv(row_end - row0, 64), CONSUMERS)
                 for ks in range(k_steps):
                     s = g % STAGES
                     # A fresh barrier counts as released once (phase 1 complete): the first pass waits on nothing.
                     mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
                     bar = ready.index(s)
-                    mbarrier.expect(bar, CONSUMERS * x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+                    for c in gl.static_range(1, CONSUMERS + 1):  # one expect (it arrives): the bytes of `pieces`
+                        mbarrier.expect(bar, c * x_desc.block_type.nbytes + w_desc.block_type.nbytes,
+                                        pred=pieces == c)
                     for c in gl.static_range(CONSUMERS):  # each consumer's 64 rows
-                        _tma_load(x_desc, [row0 + c * 64, ks * BLOCK_K], bar, a_bufs.index(s * CONSUMERS + c))
+                        _tma_load(x_desc, [row0 + c * 64, ks * BLOCK_K], bar, a_bufs.index(s * CONSUMERS + c),
+                                  pred=c < pieces)
                     _tma_load(w_desc, [w_row, ks * BLOCK_K], bar, b_bufs.index(s))
                     g += 1
 
@@ -241,7 +247,16 @@ if _gluon:
             offs_m = row0 + HALF * ROWS + gl.arange(0, ROWS, layout=rows_layout)
             row_ok = offs_m < row_end
             acc = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
-            if (flags & 1) != 0 and not DEFER:
+            # A piece past the tile's last row (a group's last tile) was not loaded: no products, no
+            # store; each step's stage is released once the loader's other loads for it landed.
+            live = ((flags & 1) != 0) & (row0 + HALF * ROWS < row_end)
+            if ((flags & 1) != 0) & (row0 + HALF * ROWS >= row_end):
+                for ks in range(k_steps):
+                    s = (g + ks) % STAGES
+                    mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
+                    mbarrier.arrive(empty.index(s), count=1)
+                g += k_steps
+            if live and not DEFER:
                 xs_rows = xs_ptr + offs_m.to(gl.int64) * stride_xsm
                 ws_tile = ws_ptr + group.to(gl.int64) * stride_wse + (n0 // QB) * stride_wsn
                 scale_cur = _scales(xs_rows, row_ok, ws_tile, 0, stride_xsk, stride_wsk)
@@ -260,7 +275,7 @@ if _gluon:
                     acc += done * scale_cur[:, None]
                     scale_cur = scale_next
                 g += k_steps
-            if (flags & 1) != 0 and DEFER:
+            if live and DEFER:
                 xs_rows = xs_ptr + offs_m.to(gl.int64) * stride_xsm
                 ws_tile = ws_ptr + group.to(gl.int64) * stride_wse + (n0 // QB) * stride_wsn
                 # Steps in pairs: both issued, the first promoted while the second runs, nothing in
@@ -295,7 +310,7 @@ if _gluon:
                 c_buf.store(acc.to(out_desc.dtype))
                 fence_async_shared()
                 _tma_store(out_desc, [piece0, n0], c_buf)
-            else:
+            elif piece0 < row_end:
                 offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols_layout)  # after the loop: none held across it
                 out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
                 gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
