@@ -55,6 +55,8 @@ CONFIGS_TRIED = {"default": (None, None), **dict(_variant(*v[:5], **v[5]) for v 
     (128, 256, 16, 8, 2, dict(persistent=True, tma_loads=False)),
     (128, 128, 16, 4, 2, dict(persistent=True, tma_loads=False)),
     (128, 128, 16, 4, 2, dict(tma_loads=False)),
+    # Narrower main tiles with a stage more.
+    (128, 128, 64, 8, 4, dict(persistent=True)),
 ])}
 
 
@@ -64,6 +66,9 @@ def main():
     p.add_argument("--tokens", type=int, default=64, help="tokens per step; 0: each config's own")
     p.add_argument("--configs", nargs="+", default=["mixtral", "qwen3moe"], choices=list(CONFIGS))
     p.add_argument("--variants", nargs="+", default=list(CONFIGS_TRIED), choices=list(CONFIGS_TRIED))
+    p.add_argument("--projs", nargs="+", default=["up", "down"], choices=["up", "down", "up_mapped"],
+                   help="up_mapped: the up weights' gradient reading the token rows through a map of the "
+                        "routed rows (as the FP8 node and the one-node experts do), its tile stored transposed")
     args = p.parse_args()
     env = environment()
     copy_src = torch.empty(2**30 // 2, dtype=torch.bfloat16, device="cuda")
@@ -79,17 +84,21 @@ def main():
         torch.manual_seed(0)
         x = torch.randn(M, H, dtype=torch.bfloat16, device="cuda")
         dy = torch.randn(M, F, dtype=torch.bfloat16, device="cuda")
-        for proj, a, b in (("up", dy, x), ("down", dy, x)):
+        for proj in args.projs:
+            a, b, maps = dy, x, {}
             if proj == "down":
                 a, b = torch.randn(M, F, dtype=torch.bfloat16, device="cuda"), torch.randn(M, H, dtype=torch.bfloat16, device="cuda")
-            expected = gb.triton_gmm(a, b, bs, True, False)
+            if proj == "up_mapped":  # the token rows [M / k, H], each routed row one of them through the map
+                b = torch.randn(M // k, H, dtype=torch.bfloat16, device="cuda")
+                maps = dict(b_rows=torch.randperm(M, device="cuda").to(torch.int32), rows_top_k=k)
+            expected = gb.triton_gmm(a, b, bs, True, False, **maps)
             out_bytes = expected.numel() * expected.element_size()
             floor_ms = out_bytes / (copy_gbs / 2) / 1e6  # writes only: half a copy's traffic
             scratch = torch.empty_like(expected)
             fill_ms = triton.testing.do_bench(lambda: scratch.fill_(1.0), rep=200)  # a write-only kernel
             for cname in args.variants:
                 cfg, use_tma = CONFIGS_TRIED[cname]
-                fn = lambda: gb.triton_gmm(a, b, bs, True, False, config=cfg, use_tma=use_tma)  # noqa: E731
+                fn = lambda: gb.triton_gmm(a, b, bs, True, False, config=cfg, use_tma=use_tma, **maps)  # noqa: E731
                 try:
                     got = fn()
                     ok = torch.equal(got, expected) or (got.float() - expected.float()).abs().max().item() < 1e-2

@@ -69,6 +69,12 @@ class KernelPolicy:
             (the default), from the unquantized operands. Slower on the H200 (training step with
             the weights cached, mixtral 23.39 -> 23.62 ms, olmoe 8.80 -> 10.28, qwen3moe 7.51 ->
             9.01): the FP8 products gain 0.4-0.7 ms, the operands' quantizers (0.1-2 TB/s) cost more.
+        fp8_gather_wgrad_min_ffn: the FP8 node's up weights' gradients (unquantized) read a
+            gathered copy of the token rows, made in the backward for both, for experts of at
+            least this ffn per rank; narrower ones read the token rows through the maps. The
+            variable-K product through the maps runs 26-34% slower than on contiguous rows
+            (H200, `benchmarks/sweep_var_k.py --projs down up_mapped`: olmoe 1.193 against
+            0.893 ms, mixtral 3.901 against 3.096), more than the gather costs.
 
     Raises:
         TypeError: a field of the wrong type.
@@ -87,6 +93,7 @@ class KernelPolicy:
     gather_min_rows_per_expert: int = 512
     route_max_work: int = 16384
     fp8_weight_grad: bool = False
+    fp8_gather_wgrad_min_ffn: int = 0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

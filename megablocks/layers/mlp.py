@@ -460,10 +460,10 @@ class GroupedMLP(SparseMLP):
         if maps is not None:
             activation = self._one_node_activation(x, weights, accs, maps)
             if activation is not None and self.args.fp8 is not None:
-                # Wide experts' weight gradients read gathered rows, as the composed ops there.
-                wide = mpu.features_per_rank(self.args) > self.args.kernel_policy.fused_glu_input_grad_max_ffn
+                # The up weights' gradients read gathered rows (`fp8_gather_wgrad_min_ffn`).
+                gathered = mpu.features_per_rank(self.args) >= self.args.kernel_policy.fp8_gather_wgrad_min_ffn
                 out = fp8_grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
-                                              self._fp8_quantized(num_experts, hidden), gathered_wgrad=wide,
+                                              self._fp8_quantized(num_experts, hidden), gathered_wgrad=gathered,
                                               weights_N=combine_weights,
                                               fp8_wgrad=self.args.kernel_policy.fp8_weight_grad,
                                               keep_product=not self.args.memory_optimized_mlp)

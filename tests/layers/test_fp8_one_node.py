@@ -32,10 +32,10 @@ def _count(monkeypatch):
     return count_calls(monkeypatch, "fp8_grouped_glu_experts")
 
 
-@pytest.mark.parametrize("max_ffn", [4096, 8], ids=["token-rows-wgrad", "gathered-wgrad"])
+@pytest.mark.parametrize("gather_min_ffn", [2**31 - 1, 0], ids=["token-rows-wgrad", "gathered-wgrad"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, max_ffn, monkeypatch):
+def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, gather_min_ffn, monkeypatch):
     T, lead, H, Fs, E, K, routing = shape
     args = make_args("triton", dtype, mlp_type="glu", hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E,
                      moe_top_k=K, activation_fn=F.silu, fp8="blockwise",
@@ -62,12 +62,12 @@ def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, max_ffn, monkeypatch):
         combines.append(a[0].shape) if len(a) > 3 and a[3] is not None else None) or real_quantize(*a, **kw))
     results = {}
     for on in (False, True):
-        # max_ffn below F: the node's up weight gradients read a gathered copy of the rows.
-        layer.args.kernel_policy = KernelPolicy(one_node_experts=on, fused_glu_input_grad_max_ffn=max_ffn)
+        # F at least the policy's bound: the node's up weight gradients read a gathered copy of the rows.
+        layer.args.kernel_policy = KernelPolicy(one_node_experts=on, fp8_gather_wgrad_min_ffn=gather_min_ffn)
         results[on] = _step(layer, x, grad_out)
         assert len(calls) == int(on), f"one_node_experts={on}: {len(calls)} FP8 node calls"
     assert type(calls[0]).__name__ == "_Fp8GroupedGluExpertsBackward", calls[0]
-    assert len(gathers) == int(max_ffn < Fs), gathers
+    assert len(gathers) == int(Fs >= gather_min_ffn), gathers
     assert len(combines) == 1, combines  # the combine in the node: its backward made there
     assert_equal("out", results[True][0], results[False][0])
     assert_equal("grad x", results[True][1]["x"], results[False][1]["x"])
