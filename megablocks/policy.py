@@ -76,10 +76,11 @@ class KernelPolicy:
             (H200, `benchmarks/sweep_var_k.py --projs down up_mapped`: olmoe 1.193 against
             0.893 ms, mixtral 3.901 against 3.096). The copy ([routed rows, hidden], 512 MiB on
             olmoe) is alive with the three weight gradients at the backward's peak: with it
-            (0) the step with cached weights ran olmoe 8.42 -> 7.93 ms, qwen3moe 7.17 -> 6.79,
-            at an extra peak of 1.066 and 0.943 GiB, level with the bf16 layer's (1.065, 0.942)
-            where through the maps it stays below (1.011, 0.575). The default keeps the maps
-            below mixtral's width (F = 14336: 23.69 -> 22.37 ms gathered), as before.
+            (0) the step with cached weights ran olmoe 8.42 -> 7.93 and 8.46 -> 8.20 ms in two
+            runs, qwen3moe 7.17 -> 6.79 and 7.28 -> 7.51 (not settled), at an extra peak of
+            1.066 and 0.943 GiB, level with the bf16 layer's (1.065, 0.942) where through the
+            maps it stays below (1.011, 0.575). The default keeps the maps below mixtral's width
+            (F = 14336: 23.69 -> 22.37 ms gathered), as before.
 
     Raises:
         TypeError: a field of the wrong type.
