@@ -40,8 +40,9 @@ class KernelPolicy:
             as one autograd node (`megablocks.ops.grouped_glu`): the same kernels and results,
             less host time a step (H200, qwen3moe at T = 64: 3.13 / 3.48 -> 3.02 / 3.26 ms in two
             interleaved runs). In FP8 (with `fused_gather`, at any ffn size and number of rows)
-            the node fuses the quantizers with the gather and the GLU and keeps neither the
-            gathered rows nor the GLU product (`fp8_grouped_glu_experts`; benchmarks/RESULTS.md).
+            the node fuses the quantizers with the gather and the GLU and keeps no gathered rows;
+            it keeps the GLU product as the bf16 node does, unless `memory_optimized_mlp`
+            (`fp8_grouped_glu_experts`; benchmarks/RESULTS.md).
         one_node_experts_max_rows: ... up to this many routed rows (T·K; not in FP8). The node's backward
             keeps its saved h1, h2 (and the product) until it ends, where the composed ops free
             each after its own backward: olmoe at T = 16384 (131072 rows) peaked 1.25 GiB higher,
