@@ -265,6 +265,33 @@ def cols_rows(name, variants):
     return rows
 
 
+def _same_bytes(got, ref) -> bool:
+    """Whether two sequences of outputs are equal bit for bit (e4m3 as bytes; NaN where NaN)."""
+    as_bits = lambda t: t.view(torch.uint8) if t.dtype == fp8_backend.FP8_DTYPE else t.nan_to_num()  # noqa: E731
+    return all(torch.equal(as_bits(a), as_bits(b)) for a, b in zip(got, ref))
+
+
+def _launch_form_rows(table, calls, forms, size_key, base):
+    """Rows (base, mode, size_key, num_warps, ms, gbs, same_bytes): each mode's call (`calls`:
+    mode -> (call, bytes moved)) under each launch form (size, warps) of the launch table `table`
+    (restored after), its outputs checked bit for bit against the mode's default launch's."""
+    saved = {mode: dict(v) for mode, v in table.items()}
+    rows = []
+    try:
+        for mode, (call, nbytes) in calls.items():
+            ref = [t.clone() for t in call()]
+            for size, warps in forms:
+                table[mode] = {size_key: size, "num_warps": warps}
+                same = _same_bytes(call(), ref)
+                ms = timed(call)[0]
+                rows.append(dict(base, mode=mode, **{size_key: size}, num_warps=warps, ms=ms, gbs=nbytes / ms / 1e6,
+                                 same_bytes=same))
+            table[mode] = saved[mode]
+    finally:
+        table.update(saved)
+    return rows
+
+
 def glu_quantize_rows_forms(name, forms=((16, 4), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8))):
     """Rows (config, M, mode, block_m, num_warps, ms, gbs, same_bytes): `glu_quantize_rows` on the
     two halves of an [M, 2F] up-projection output at config `name`'s prefill (T = 4096) and
@@ -272,30 +299,15 @@ def glu_quantize_rows_forms(name, forms=((16, 4), (32, 4), (32, 8), (64, 4), (64
     as the default launch's), quantizing only (plain) and with the 16-bit product written too
     (product); gbs counts both halves read and every output written once."""
     T_train, _, F, _, k = CONFIGS[name]
-    saved = {mode: dict(v) for mode, v in fp8_backend.GLU_QUANTIZE_LAUNCH.items()}
     rows = []
-    try:
-        for M in (4096 * k, T_train * k):
-            h = torch.randn(M, 2 * F, device="cuda", dtype=torch.bfloat16)
-            h1, h2 = h[:, :F], h[:, F:]
-            scales = M * -(-F // fp8_backend.Q) * 4
-            calls = {"plain": (lambda: fp8.glu_quantize_rows(h1, h2, "silu"), M * F * 5 + scales),
-                     "product": (lambda: fp8.glu_quantize_rows(h1, h2, "silu", return_product=True),
-                                 M * F * 7 + scales)}
-            for mode, (call, nbytes) in calls.items():
-                ref = [t.clone() for t in call()]
-                for block_m, warps in forms:
-                    fp8_backend.GLU_QUANTIZE_LAUNCH[mode] = dict(block_m=block_m, num_warps=warps)
-                    same = all(torch.equal(a.view(torch.uint8) if a.dtype == fp8_backend.FP8_DTYPE else a.nan_to_num(),
-                                           b.view(torch.uint8) if b.dtype == fp8_backend.FP8_DTYPE else b.nan_to_num())
-                               for a, b in zip(call(), ref))
-                    ms = timed(call)[0]
-                    rows.append(dict(config=name, M=M, mode=mode, block_m=block_m, num_warps=warps, ms=ms,
-                                     gbs=nbytes / ms / 1e6, same_bytes=same))
-                fp8_backend.GLU_QUANTIZE_LAUNCH.update(saved)
-            del h, h1, h2
-    finally:
-        fp8_backend.GLU_QUANTIZE_LAUNCH.update(saved)
+    for M in (4096 * k, T_train * k):
+        h = torch.randn(M, 2 * F, device="cuda", dtype=torch.bfloat16)
+        h1, h2 = h[:, :F], h[:, F:]
+        scales = M * -(-F // fp8_backend.Q) * 4
+        calls = {"plain": (lambda: fp8.glu_quantize_rows(h1, h2, "silu"), M * F * 5 + scales),
+                 "product": (lambda: fp8.glu_quantize_rows(h1, h2, "silu", return_product=True), M * F * 7 + scales)}
+        rows += _launch_form_rows(fp8_backend.GLU_QUANTIZE_LAUNCH, calls, forms, "block_m", dict(config=name, M=M))
+        del h, h1, h2
     return rows
 
 
@@ -319,21 +331,7 @@ def gather_quantize_rows_forms(name, forms=((8, 2), (8, 4), (16, 4), (16, 8), (3
         "weighted": (lambda: fp8.gather_quantize_rows(x, maps.assignment_row, k, w, return_rows=True),
                      T * H * 2 + T * k * H * 3),
     }
-    saved = {mode: dict(v) for mode, v in fp8_backend.GATHER_QUANTIZE_LAUNCH.items()}
-    rows = []
-    try:
-        for mode, (call, nbytes) in calls.items():
-            ref = [t.clone() for t in call()]
-            for block_t, warps in forms:
-                fp8_backend.GATHER_QUANTIZE_LAUNCH[mode] = dict(block_t=block_t, num_warps=warps)
-                same = all(torch.equal(a.view(torch.uint8) if a.dtype == fp8_backend.FP8_DTYPE else a.nan_to_num(),
-                                       b.view(torch.uint8) if b.dtype == fp8_backend.FP8_DTYPE else b.nan_to_num())
-                           for a, b in zip(call(), ref))
-                ms = timed(call)[0]
-                rows.append(dict(config=name, mode=mode, block_t=block_t, num_warps=warps, ms=ms,
-                                 gbs=nbytes / ms / 1e6, same_bytes=same))
-    finally:
-        fp8_backend.GATHER_QUANTIZE_LAUNCH.update(saved)
+    rows = _launch_form_rows(fp8_backend.GATHER_QUANTIZE_LAUNCH, calls, forms, "block_t", dict(config=name))
     apart = lambda: fp8.quantize_rows(_gather_rows(x, maps.row_assignment, maps.assignment_row, w, k))  # noqa: E731
     ms = timed(apart)[0]
     rows.append(dict(config=name, mode="weighted gather, then quantize_rows", ms=ms,
