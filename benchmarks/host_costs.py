@@ -2,6 +2,7 @@
 
     python benchmarks/host_costs.py --configs qwen3_t64,mb_paper --contenders grouped_triton,sparse
     python benchmarks/host_costs.py --configs mixtral --profile     # also kernel gaps and cProfile
+    python benchmarks/host_costs.py --serving qwen3moe,mixtral --profile   # fused_moe, bf16 and FP8
 
 First what one Triton launch, one allocation, one torch launch and one autograd Function call cost
 the host. Then, for each (config, contender) of bench_dmoe, the fwdbwd step (`.grad` None,
@@ -181,14 +182,89 @@ def step_report(layer, name, profile: bool):
             print(out.getvalue())
 
 
+def serving_report(name: str, tokens: int, profile: bool):
+    """The host's side of one `fused_moe` call (bf16 experts, then their FP8 copy) at `tokens`
+    tokens of bench_fp8's config `name`: µs to issue it from an idle device and behind queued
+    work, and (`profile`) the host functions with the most time of their own over 20 calls; for
+    FP8, also each piece of the call issued alone (the quantizers, the two products, the combine)."""
+    import bench_fp8
+    from common import CONFIGS
+
+    from megablocks.integrations.inference import fused_moe
+    from megablocks.ops import fp8
+
+    _, H, F, E, k = CONFIGS[name]
+    x, w1, w2, gating, q1, s1, q2, s2 = bench_fp8.serving_inputs(H, F, E, tokens, "cuda", torch.bfloat16)
+    calls = dict(bf16=lambda: fused_moe(x, w1, w2, gating, k, True),
+                 fp8=lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2))
+
+    def idle_us(fn, n=20):
+        samples = []
+        for _ in range(n):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e6)
+        torch.cuda.synchronize()
+        return statistics.median(samples)
+
+    def queued_us(fn, n=5):
+        samples = []
+        for _ in range(n):
+            torch.cuda.synchronize()
+            torch.cuda._sleep(100_000_000)
+            start = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - start) * 1e6)
+        torch.cuda.synchronize()
+        return statistics.median(samples)
+
+    for kind, call in calls.items():
+        for _ in range(5):
+            call()
+        print(f"{name} T={tokens} {kind}: host us per call from an idle device {idle_us(call):.1f}, "
+              f"behind queued work {queued_us(call):.1f}")
+        if kind == "fp8":
+            from megablocks.ops.routing import row_maps
+
+            counts, maps = row_maps(torch.topk(gating, k, dim=1).indices, E)
+            x_q, x_s = fp8.gather_quantize_rows(x, maps.assignment_row, k)
+            h = fp8.gmm_fp8(x_q, x_s, q1, s1, counts, out_dtype=x.dtype)
+            a_q, a_s = fp8.glu_quantize_rows(h[:, :F], h[:, F:], "silu")
+            pieces = {"gather_quantize_rows": lambda: fp8.gather_quantize_rows(x, maps.assignment_row, k),
+                      "gmm_fp8 up": lambda: fp8.gmm_fp8(x_q, x_s, q1, s1, counts, out_dtype=x.dtype),
+                      "glu_quantize_rows": lambda: fp8.glu_quantize_rows(h[:, :F], h[:, F:], "silu"),
+                      "gmm_fp8 down": lambda: fp8.gmm_fp8(a_q, a_s, q2, s2, counts, out_dtype=x.dtype)}
+            for piece, fn in pieces.items():
+                print(f"    {piece}: host us from an idle device {idle_us(fn):.1f}")
+        if profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(20):
+                call()
+            torch.cuda.synchronize()
+            prof.disable()
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
+            print(out.getvalue())
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--configs", default="qwen3_t64,mb_paper")
     p.add_argument("--contenders", default="grouped_triton,sparse,torch_grouped_mm")
     p.add_argument("--profile", action="store_true", default=bool(os.environ.get("HOST_PROFILE")),
                    help="also the kernel gaps and a cProfile of each step")
+    p.add_argument("--serving", default="",
+                   help="bench_fp8 configs (comma-separated) whose fused_moe calls, bf16 and FP8 at T = 64 and "
+                        "4096, are reported instead of the training steps")
     args = p.parse_args()
     micro()
+    if args.serving:
+        for config in args.serving.split(","):
+            for tokens in (64, 4096):
+                serving_report(config, tokens, args.profile)
+        return
     layers = bench_dmoe.all_layers(False)
     for config in args.configs.split(","):
         for name in args.contenders.split(","):
