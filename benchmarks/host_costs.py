@@ -83,6 +83,37 @@ def micro():
     print(f"Function.apply, ctx forward:  {per_call_us(lambda: _Old.apply(a, b)):.1f} us")
 
 
+def queued_host_ms(fn, samples: int = 5) -> float:
+    """Median ms the host spends issuing `fn()` behind ~50 ms of queued device work: where it stays
+    the host time from an idle device, nothing in it waits for the device; where it grows by the
+    queued work, an operation blocks (a sync that the debug mode does not flag, e.g. an allocator
+    call)."""
+    times = []
+    for _ in range(samples):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def print_host_profile(fn, calls: int = 20, orders=("tottime", "cumulative"), lines: int = 40) -> None:
+    """cProfile of `calls` calls of fn: the host functions by each of `orders` (own time first,
+    then the call tree's heavy branches)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    for order in orders:
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(order).print_stats(lines)
+        print(out.getvalue())
+
+
 def kernel_profile(step, repeats: int = 3):
     """(kernel ms per step, the 8 largest idle gaps between consecutive kernels)."""
     from torch.autograd import DeviceType
@@ -142,23 +173,11 @@ def step_report(layer, name, profile: bool):
     print(f"{layer.name} {name}: host ms: step {step_ms:.3f} (new segments {segments}), step into existing .grad "
           f"{host(accumulate_step):.3f}, forward {fwd_ms:.3f}, backward into None {backward_only(False):.3f}, "
           f"backward into existing {backward_only(True):.3f}; syncs in a step: {len(syncs)} {syncs[:3]}")
-    # Host time of a step issued behind ~50 ms of queued device work: where it stays the host time
-    # above, nothing in the step waits for the device; where it grows by the queued work, an
-    # operation blocks (a sync that the debug mode does not flag, e.g. an allocator call).
-    def behind_queue(fn):
-        samples = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            torch.cuda._sleep(100_000_000)
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-            torch.cuda.synchronize()
-        return statistics.median(samples)
-
+    # Host time of a step issued behind queued device work (`queued_host_ms`).
     outs = []
-    print(f"    behind queued work: step {behind_queue(step):.3f} ms, forward {behind_queue(lambda: outs.append(module(x))):.3f} ms, "
-          f"backward {behind_queue(lambda: outs.pop().backward(g)):.3f} ms")
+    print(f"    behind queued work: step {queued_host_ms(step):.3f} ms, forward "
+          f"{queued_host_ms(lambda: outs.append(module(x))):.3f} ms, "
+          f"backward {queued_host_ms(lambda: outs.pop().backward(g)):.3f} ms")
     if profile:
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -170,16 +189,7 @@ def step_report(layer, name, profile: bool):
         print(f"    wall {wall:.3f} ms, kernels {gpu:.3f} ms per step")
         for gap, before, after in gaps:
             print(f"    gap {gap:8.1f} us  after {before}  before {after}")
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(20):
-            step()
-        torch.cuda.synchronize()
-        prof.disable()
-        for order in ("tottime", "cumulative"):  # own time first, then the call tree's heavy branches
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats(order).print_stats(40)
-            print(out.getvalue())
+        print_host_profile(step)
 
 
 def serving_report(name: str, tokens: int, profile: bool):
@@ -198,32 +208,14 @@ def serving_report(name: str, tokens: int, profile: bool):
     calls = dict(bf16=lambda: fused_moe(x, w1, w2, gating, k, True),
                  fp8=lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2))
 
-    def idle_us(fn, n=20):
-        samples = []
-        for _ in range(n):
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e6)
-        torch.cuda.synchronize()
-        return statistics.median(samples)
-
-    def queued_us(fn, n=5):
-        samples = []
-        for _ in range(n):
-            torch.cuda.synchronize()
-            torch.cuda._sleep(100_000_000)
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e6)
-        torch.cuda.synchronize()
-        return statistics.median(samples)
+    def idle_us(fn):
+        return bench_dmoe.host_ms(fn, "cuda", samples=20) * 1e3
 
     for kind, call in calls.items():
         for _ in range(5):
             call()
         print(f"{name} T={tokens} {kind}: host us per call from an idle device {idle_us(call):.1f}, "
-              f"behind queued work {queued_us(call):.1f}")
+              f"behind queued work {queued_host_ms(call) * 1e3:.1f}")
         if kind == "fp8":
             from megablocks.ops.routing import row_maps
 
@@ -238,15 +230,7 @@ def serving_report(name: str, tokens: int, profile: bool):
             for piece, fn in pieces.items():
                 print(f"    {piece}: host us from an idle device {idle_us(fn):.1f}")
         if profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(20):
-                call()
-            torch.cuda.synchronize()
-            prof.disable()
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(30)
-            print(out.getvalue())
+            print_host_profile(call, orders=("tottime",), lines=30)
 
 
 def main():

@@ -241,29 +241,37 @@ def test_fp8_node_holds_the_combine(monkeypatch):
                               moe_num_experts=4, moe_top_k=2, activation_fn=F.silu)).experts.mlp.takes_combine()
 
 
-@pytest.mark.parametrize("Fs", [24, 256], ids=["apart", "stacked"])
-def test_fp8_node_lets_go_of_the_rows_gradient(Fs, monkeypatch):
-    """The rows' output gradient (16-bit and e4m3, made in one pass in the backward) is freed
-    before the GLU's gradient is made, where the backward's memory peaks: nothing but the names
-    the backward deletes may hold it."""
+def _alive_at_glu_backward(monkeypatch, name, pick):
+    """Watch the tensors that `grouped_glu.<name>` makes (`pick(out, kwargs)`: the ones to watch)
+    and, each time the backward makes the GLU's gradient (`glu_backward_quantize_rows_`), which of
+    them are still alive. Returns (made, alive): weak references, and a list of liveness lists."""
     import weakref
 
-    layer = dMoE(make_args("triton", torch.float32, mlp_type="glu", fp8="blockwise", hidden_size=40,
-                           ffn_hidden_size=Fs, moe_num_experts=4, moe_top_k=2, activation_fn=F.silu))
     made, alive = [], []
-    real_gather, real_glu = grouped_glu.gather_quantize_rows, grouped_glu.glu_backward_quantize_rows_
+    real_make, real_glu = getattr(grouped_glu, name), grouped_glu.glu_backward_quantize_rows_
 
-    def gather(*a, **kw):
-        out = real_gather(*a, **kw)
-        made.extend(weakref.ref(t) for t in out)
+    def make(*a, **kw):
+        out = real_make(*a, **kw)
+        made.extend(weakref.ref(t) for t in pick(out, kw))
         return out
 
     def glu_backward(*a, **kw):
         alive.append([ref() is not None for ref in made])
         return real_glu(*a, **kw)
 
-    monkeypatch.setattr(grouped_glu, "gather_quantize_rows", gather)
+    monkeypatch.setattr(grouped_glu, name, make)
     monkeypatch.setattr(grouped_glu, "glu_backward_quantize_rows_", glu_backward)
+    return made, alive
+
+
+@pytest.mark.parametrize("Fs", [24, 256], ids=["apart", "stacked"])
+def test_fp8_node_lets_go_of_the_rows_gradient(Fs, monkeypatch):
+    """The rows' output gradient (16-bit and e4m3, made in one pass in the backward) is freed
+    before the GLU's gradient is made, where the backward's memory peaks: nothing but the names
+    the backward deletes may hold it."""
+    layer = dMoE(make_args("triton", torch.float32, mlp_type="glu", fp8="blockwise", hidden_size=40,
+                           ffn_hidden_size=Fs, moe_num_experts=4, moe_top_k=2, activation_fn=F.silu))
+    made, alive = _alive_at_glu_backward(monkeypatch, "gather_quantize_rows", lambda out, kw: out)
     x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     layer(x).square().sum().backward()
     # The forward's rows (x_q, x_s), then the backward's (g_q, g_s, grad_y): all gone by then.
@@ -311,26 +319,12 @@ def test_fp8_node_keeps_the_glu_product(T, H, Fs, E, K, dtype, monkeypatch):
     (then made again from h1 and h2 in the backward): both give bitwise the same output and every
     gradient. The kept product is gone before the GLU's gradient is made, and it is not kept where
     w2 takes no gradient."""
-    import weakref
-
     from megablocks.backend import activation as activation_kernels
 
     layer, x, grad_out = _glu_layer(T, H, Fs, E, K, dtype, seed=T * 13 + Fs)
-    kept, remade, alive = [], [], []
-    real_quantize, real_glu = grouped_glu.glu_quantize_rows, grouped_glu.glu_backward_quantize_rows_
-
-    def quantize(*a, **kw):
-        out = real_quantize(*a, **kw)
-        if kw.get("return_product"):
-            kept.append(weakref.ref(out[2]))
-        return out
-
-    def glu_backward(*a, **kw):
-        alive.append([ref() is not None for ref in kept])
-        return real_glu(*a, **kw)
-
-    monkeypatch.setattr(grouped_glu, "glu_quantize_rows", quantize)
-    monkeypatch.setattr(grouped_glu, "glu_backward_quantize_rows_", glu_backward)
+    remade = []
+    kept, alive = _alive_at_glu_backward(monkeypatch, "glu_quantize_rows",
+                                         lambda out, kw: out[2:] if kw.get("return_product") else ())
     for name in ("glu_forward", "glu_halves_forward"):
         real = getattr(activation_kernels, name)
         monkeypatch.setattr(activation_kernels, name, lambda *a, _real=real, **kw: remade.append(1) or _real(*a, **kw))
