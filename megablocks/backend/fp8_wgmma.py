@@ -25,6 +25,8 @@ Available where Triton ships Gluon's Hopper language (`available()`); `gmm_fp8(c
 takes this form on sm_90 when the operands allow TMA, else its Triton kernel.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -554,8 +556,19 @@ def _tma_out_desc(out_2d: torch.Tensor, use: bool, block_m: int, stages: int):
     `stages` stages of block_m-row tiles, or the tensor does not allow TMA."""
     if not (use and tma_store_fits(block_m, stages, out_2d.dtype) and tma_ok(out_2d)):
         return None
-    layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK], _OUT_TYPES[out_2d.dtype])
-    return TensorDescriptor(out_2d, list(out_2d.shape), [out_2d.stride(0), 1], [64, BLOCK], layout)
+    return _descriptor(out_2d, 64, _OUT_TYPES[out_2d.dtype])
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_layout(rows: int, gl_dtype) -> "gl.NVMMASharedLayout":
+    # Built once per block shape: Gluon's layout constructor costs more host time than the
+    # descriptor (5-11 us against 3-5 on the H200 machine's host, benchmarks/RESULTS.md).
+    return gl.NVMMASharedLayout.get_default_for([rows, BLOCK], gl_dtype)
+
+
+def _descriptor(t_2d: torch.Tensor, rows: int, gl_dtype) -> "TensorDescriptor":
+    """The TMA descriptor of a 2-D tensor with a unit last stride, in [rows, BLOCK] blocks."""
+    return TensorDescriptor(t_2d, list(t_2d.shape), [t_2d.stride(0), 1], [rows, BLOCK], _shared_layout(rows, gl_dtype))
 
 
 def available() -> bool:
@@ -591,11 +604,9 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
     max_m_tiles = triton.cdiv(M, block_m) + E
     table = torch.empty((max_m_tiles, 4), dtype=torch.int32, device=x_q.device)
     _row_tiles_kernel[(max_m_tiles,)](sizes, table, M, E, BLOCK_M=block_m, BLOCK_E=max(2, triton.next_power_of_2(E)))
-    layout = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl.float8e4nv)
     x_rows = 64 if warp_specialize else BLOCK  # the warp-specialized form loads x in its consumers' pieces
-    x_layout = gl.NVMMASharedLayout.get_default_for([x_rows, BLOCK], gl.float8e4nv)
-    x_desc = TensorDescriptor(x_q, [M, K], [x_q.stride(0), 1], [x_rows, BLOCK], x_layout)
-    w_desc = TensorDescriptor(w_q.view(E * N, K), [E * N, K], [K, 1], [BLOCK, BLOCK], layout)
+    x_desc = _descriptor(x_q, x_rows, gl.float8e4nv)
+    w_desc = _descriptor(w_q.view(E * N, K), BLOCK, gl.float8e4nv)
     programs = max(1, min(num_programs, max_m_tiles * triton.cdiv(N, BLOCK)))
     if warp_specialize:  # a loader warp and 64-row consumer warpgroups (`_gmm_fp8_ws_kernel`)
         out_desc = _tma_out_desc(out, tma_store, block_m, stages)
@@ -638,10 +649,8 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
     E = sizes.numel()
     table = torch.empty((E, 2), dtype=torch.int32, device=a_q.device)
     _group_blocks_kernel[(1,)](sizes, table, rows, E, QB=BLOCK, BLOCK_E=max(2, triton.next_power_of_2(E)))
-    a_layout = gl.NVMMASharedLayout.get_default_for([64, BLOCK], gl.float8e4nv)
-    b_layout = gl.NVMMASharedLayout.get_default_for([BLOCK, BLOCK], gl.float8e4nv)
-    a_desc = TensorDescriptor(a_q, [N, P], [a_q.stride(0), 1], [64, BLOCK], a_layout)
-    b_desc = TensorDescriptor(b_q, [K, P], [b_q.stride(0), 1], [BLOCK, BLOCK], b_layout)
+    a_desc = _descriptor(a_q, 64, gl.float8e4nv)
+    b_desc = _descriptor(b_q, BLOCK, gl.float8e4nv)
     num_n_tiles, num_k_tiles = triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)
     num_tiles = E * num_n_tiles * num_k_tiles
     programs = max(1, min(num_programs, num_tiles))
