@@ -99,6 +99,23 @@ def queued_host_ms(fn, samples: int = 5) -> float:
     return statistics.median(times)
 
 
+def issue_us(fn, calls: int = 20) -> float:
+    """µs per call the host spends issuing `calls` calls of fn back to back behind a long queued
+    sleep (the device busy throughout, so nothing waits on it: what an eager loop pays for each
+    call on the host); nan where the device finished first (an operation blocked, or the launches
+    filled the queue: fewer calls then)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    seconds = time.perf_counter() - start
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    return seconds / calls * 1e6 if busy else float("nan")
+
+
 def print_host_profile(fn, calls: int = 20, orders=("tottime", "cumulative"), lines: int = 40) -> None:
     """cProfile of `calls` calls of fn: the host functions by each of `orders` (own time first,
     then the call tree's heavy branches)."""
@@ -194,9 +211,10 @@ def step_report(layer, name, profile: bool):
 
 def serving_report(name: str, tokens: int, profile: bool):
     """The host's side of one `fused_moe` call (bf16 experts, then their FP8 copy) at `tokens`
-    tokens of bench_fp8's config `name`: µs to issue it from an idle device and behind queued
-    work, and (`profile`) the host functions with the most time of their own over 20 calls; for
-    FP8, also each piece of the call issued alone (the quantizers, the two products, the combine)."""
+    tokens of bench_fp8's config `name`: µs to issue it from an idle device, behind queued
+    work and back to back (`issue_us`), and (`profile`) the host functions with the most time of
+    their own over 20 calls; for FP8, also each piece of the call issued alone (the quantizers, the
+    two products, the combine)."""
     import bench_fp8
     from common import CONFIGS
 
@@ -215,7 +233,7 @@ def serving_report(name: str, tokens: int, profile: bool):
         for _ in range(5):
             call()
         print(f"{name} T={tokens} {kind}: host us per call from an idle device {idle_us(call):.1f}, "
-              f"behind queued work {queued_host_ms(call) * 1e3:.1f}")
+              f"behind queued work {queued_host_ms(call) * 1e3:.1f}, issued back to back {issue_us(call):.1f}")
         if kind == "fp8":
             from megablocks.ops.routing import row_maps
 
@@ -228,7 +246,8 @@ def serving_report(name: str, tokens: int, profile: bool):
                       "glu_quantize_rows": lambda: fp8.glu_quantize_rows(h[:, :F], h[:, F:], "silu"),
                       "gmm_fp8 down": lambda: fp8.gmm_fp8(a_q, a_s, q2, s2, counts, out_dtype=x.dtype)}
             for piece, fn in pieces.items():
-                print(f"    {piece}: host us from an idle device {idle_us(fn):.1f}")
+                print(f"    {piece}: host us from an idle device {idle_us(fn):.1f}, "
+                      f"issued back to back {issue_us(fn):.1f}")
         if profile:
             print_host_profile(call, orders=("tottime",), lines=30)
 
