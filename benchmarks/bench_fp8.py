@@ -117,6 +117,10 @@ def bench(args):
     if glu_rows:
         print_table(glu_rows, ["config", "M", "mode", "block_m", "num_warps", "ms", "gbs", "same_bytes"])
         write_csv(os.path.join(args.out, "bench_fp8_glu_quantize.csv"), [{**r, **env} for r in glu_rows])
+    gain_rows = [row for name in args.tile_gains_configs for row in tile_gain_rows(name, args.tile_gains)]
+    if gain_rows:
+        print_table(gain_rows, ["config", "what", "M", "repeat", "gain", "block_m", "ms"])
+        write_csv(os.path.join(args.out, "bench_fp8_tile_gain.csv"), [{**r, **env} for r in gain_rows])
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     serve_rows += decode_variant_rows(args.serving, args.decode_variants)
     if serve_rows:
@@ -160,6 +164,38 @@ def bench(args):
     if kernel_rows:
         print_table(kernel_rows, ["config", "layer", "kernel", "us"])
         write_csv(os.path.join(args.out, "bench_fp8_layer_kernels.csv"), [{**r, **env} for r in kernel_rows])
+
+
+def tile_gain_rows(name, gains, repeats=3, T=4096):
+    """Rows (config, what, M, repeat, gain, block_m, ms): the Gluon form's row-tile choice
+    (`backend.fp8._GLUON_TILE_GAIN`, the first gain of `gains` the default's) at config `name`,
+    each gain in turn within each of `repeats` rounds (one process, the same inputs): the two
+    forward products at the training size (M = T_train * top_k rows), and `fused_moe` on the FP8
+    experts at T tokens replayed from a CUDA graph in each programmatic-dependent-launch mode
+    (captured under the gain, so the graph holds its tiles)."""
+    T_train, H, F, E, k = CONFIGS[name]
+    x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, "cuda", torch.bfloat16)
+    call = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
+    quantized = [(proj, *fp8.quantize_rows(xp), *fp8.quantize_blocks(w), bs)
+                 for proj, xp, w, bs in products(T_train, H, F, E, k, "cuda")]
+    saved, pdl, rows = fp8_backend._GLUON_TILE_GAIN, launch.PDL, []
+    try:
+        for repeat in range(repeats):
+            for gain in gains:
+                fp8_backend._GLUON_TILE_GAIN = gain
+                for proj, x_q, x_s, w_q, w_s, bs in quantized:
+                    M = x_q.shape[0]
+                    rows.append(dict(config=name, what=f"{proj} product", M=M, repeat=repeat, gain=gain,
+                                     block_m=fp8_backend.gmm_fp8_launch(M, w_q.shape[0])["block_m"],
+                                     ms=timed(lambda: fp8.gmm_fp8(x_q, x_s, w_q, w_s, bs))[0]))
+                for mode in (0, 1, 2):
+                    launch.PDL = mode
+                    rows.append(dict(config=name, what=f"fused_moe T={T} pdl{mode}", M=T * k, repeat=repeat, gain=gain,
+                                     block_m=fp8_backend.gmm_fp8_launch(T * k, E)["block_m"],
+                                     ms=bench_dmoe.graph_time_ms(call, 100)))
+    finally:
+        fp8_backend._GLUON_TILE_GAIN, launch.PDL = saved, pdl
+    return rows
 
 
 def weights_row(name, proj, w):
@@ -656,6 +692,10 @@ def main():
     p.add_argument("--cols-variants", nargs="*", default=["pieces32_w4"], choices=list(COLS_VARIANTS))
     p.add_argument("--glu-quantize", nargs="*", default=[], choices=list(CONFIGS),
                    help="time glu_quantize_rows' launch forms (plain and writing the product) on these configs")
+    p.add_argument("--tile-gains-configs", nargs="*", default=[], choices=list(CONFIGS),
+                   help="configs whose Gluon row tiles are timed under each of --tile-gains, interleaved")
+    p.add_argument("--tile-gains", nargs="*", type=float, default=[1.15, 1.0],
+                   help="the 192-row tile thresholds compared by --tile-gains-configs (the first: the default)")
     p.add_argument("--gather-quantize", nargs="*", default=[], choices=list(CONFIGS),
                    help="time gather_quantize_rows' launch forms (plain and weighted) on these configs")
     p.add_argument("--tile-gain", type=float, default=None,
