@@ -191,10 +191,12 @@ def _(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b, gather_min
     return torch.empty_like(hidden_states)
 
 
-def _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b) -> None:
+def _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b,
+                        weight_dtypes: Optional[Tuple[torch.dtype, ...]] = None) -> None:
+    """`weight_dtypes`: those w1 and w2 may have (default: hidden_states')."""
     _checks.check_tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor("w1", w1, ndim=3, dtypes=(hidden_states.dtype,))
-    _checks.check_tensor("w2", w2, ndim=3, dtypes=(hidden_states.dtype,))
+    _checks.check_tensor("w1", w1, ndim=3, dtypes=weight_dtypes or (hidden_states.dtype,))
+    _checks.check_tensor("w2", w2, ndim=3, dtypes=weight_dtypes or (hidden_states.dtype,))
     _checks.check_tensor("ids_TK", ids_TK, ndim=2, dtypes=_checks.INDEX_DTYPES)
     _checks.check_tensor("weights_TK", weights_TK, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.check_same_device(hidden_states=hidden_states, w1=w1, w2=w2, ids_TK=ids_TK, weights_TK=weights_TK)
@@ -253,10 +255,13 @@ def _routed_form_fits(hidden_states: torch.Tensor, policy: KernelPolicy) -> bool
     return policy.fused_forms and use_triton(hidden_states) and hidden_states.shape[0] > 0
 
 
-def _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path) -> Tuple[int, int]:
+def _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path,
+                weight_dtypes: Optional[Tuple[torch.dtype, ...]] = None) -> Tuple[int, int]:
+    """(E, F) of checked `fused_moe` arguments; `weight_dtypes`: those w1 and w2 may have (default:
+    hidden_states')."""
     _checks.check_tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor("w1", w1, ndim=3, dtypes=(hidden_states.dtype,))
-    _checks.check_tensor("w2", w2, ndim=3, dtypes=(hidden_states.dtype,))
+    _checks.check_tensor("w1", w1, ndim=3, dtypes=weight_dtypes or (hidden_states.dtype,))
+    _checks.check_tensor("w2", w2, ndim=3, dtypes=weight_dtypes or (hidden_states.dtype,))
     _checks.check_tensor("gating_output", gating_output, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.check_same_device(hidden_states=hidden_states, w1=w1, w2=w2, gating_output=gating_output)
     t, h = hidden_states.shape
@@ -366,36 +371,38 @@ def fused_moe(
     return scatter_routed(y_NH, maps, weights_TK.reshape(-1))
 
 
-def _check_fp8_weights(hidden_states, w1, w2, w1_scale, w2_scale) -> None:
+def _check_fp8_scales(hidden_states, w1, w1_scale, w2_scale) -> None:
+    """The FP8 experts' scales (both given, fp32, one per 128 x 128 block of w1 [E, 2F, H] and w2
+    [E, H, F], on the weights' device; w1 and w2 themselves checked by `_check_args` or
+    `_check_experts_args` with `weight_dtypes=(FP8_DTYPE,)`) and hidden_states' dtype."""
     if w1_scale is None or w2_scale is None:
         raise ValueError("w1_scale, w2_scale: FP8 experts need both scales (got one)")
     _checks.check_tensor("hidden_states", hidden_states, ndim=2, dtypes=(torch.bfloat16, torch.float16, torch.float32))
-    _checks.check_tensor("w1", w1, ndim=3, dtypes=(fp8.FP8_DTYPE,))
-    _checks.check_tensor("w2", w2, ndim=3, dtypes=(fp8.FP8_DTYPE,))
     _checks.check_tensor("w1_scale", w1_scale, ndim=3, dtypes=(torch.float32,))
     _checks.check_tensor("w2_scale", w2_scale, ndim=3, dtypes=(torch.float32,))
-    _checks.check_same_device(hidden_states=hidden_states, w1=w1, w2=w2, w1_scale=w1_scale, w2_scale=w2_scale)
+    _checks.check_same_device(w1=w1, w1_scale=w1_scale, w2_scale=w2_scale)
+
+
+def _check_fp8_scale_shapes(w1, w1_scale, w2_scale) -> None:
     e, two_f, h = w1.shape
     blocks = (e, fp8.cdiv(two_f, fp8.Q), fp8.cdiv(h, fp8.Q))
     if tuple(w1_scale.shape) != blocks:
         raise ValueError(f"w1_scale: expected [E, ceil(2F/{fp8.Q}), ceil(H/{fp8.Q})] = {blocks} (128 x 128 blocks of "
                          f"w1 {tuple(w1.shape)}), got {tuple(w1_scale.shape)}")
     blocks = (e, fp8.cdiv(h, fp8.Q), fp8.cdiv(two_f // 2, fp8.Q))
-    if tuple(w2_scale.shape) == blocks or two_f % 2 or tuple(w2.shape) != (e, h, two_f // 2):
-        return  # the shapes of w1 and w2 themselves are _check_args's
-    raise ValueError(f"w2_scale: expected [E, ceil(H/{fp8.Q}), ceil(F/{fp8.Q})] = {blocks} (128 x 128 blocks of "
-                     f"w2 {tuple(w2.shape)}), got {tuple(w2_scale.shape)}")
+    if tuple(w2_scale.shape) != blocks:
+        raise ValueError(f"w2_scale: expected [E, ceil(H/{fp8.Q}), ceil(F/{fp8.Q})] = {blocks} (128 x 128 blocks of "
+                         f"w2 [E={e}, H={h}, F={two_f // 2}]), got {tuple(w2_scale.shape)}")
 
 
 def _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path, policy,
                    w1_scale, w2_scale) -> torch.Tensor:
     """`fused_moe` on FP8 block-quantized experts: route, quantize the rows as they are gathered,
     FP8 grouped GEMM, GLU quantized as it is made, FP8 grouped GEMM, weighted scatter."""
-    _check_fp8_weights(hidden_states, w1, w2, w1_scale, w2_scale)
-    # The shape, routing and choice checks of the unquantized call, on meta stand-ins of the weights.
-    meta_w = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731
-    e, f = _check_args(hidden_states.to("meta"), meta_w(w1), meta_w(w2), gating_output.to("meta"), topk,
-                       renormalize, activation, path)
+    _check_fp8_scales(hidden_states, w1, w1_scale, w2_scale)
+    e, f = _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path,
+                       weight_dtypes=(fp8.FP8_DTYPE,))
+    _check_fp8_scale_shapes(w1, w1_scale, w2_scale)
     if _routed_form_fits(hidden_states, policy):  # routed as the unquantized routed form
         weights_TK, counts_E, maps = _route_tokens(gating_output, topk, renormalize, policy.route_max_work)
         routing = counts_E, maps
@@ -444,10 +451,9 @@ def fp8_experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale
     Raises:
         TypeError, ValueError: wrong types, dtypes, shapes, devices, scales or activation.
     """
-    _check_fp8_weights(hidden_states, w1, w2, w1_scale, w2_scale)
-    meta_w = lambda w: torch.empty(w.shape, dtype=hidden_states.dtype, device="meta")  # noqa: E731
-    _check_experts_args(hidden_states.to("meta"), meta_w(w1), meta_w(w2), ids_TK.to("meta"), weights_TK.to("meta"),
-                        activation, True)
+    _check_fp8_scales(hidden_states, w1, w1_scale, w2_scale)
+    _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, True, weight_dtypes=(fp8.FP8_DTYPE,))
+    _check_fp8_scale_shapes(w1, w1_scale, w2_scale)
     routing = _fp8_routing(hidden_states, ids_TK, w1.shape[0], as_policy(policy, "policy"))
     return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation)
 
