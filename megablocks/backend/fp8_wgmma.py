@@ -562,7 +562,7 @@ def _tma_out_desc(out_2d: torch.Tensor, use: bool, block_m: int, stages: int):
 @functools.lru_cache(maxsize=None)
 def _shared_layout(rows: int, gl_dtype) -> "gl.NVMMASharedLayout":
     # Built once per block shape: Gluon's layout constructor costs more host time than the
-    # descriptor (5-11 us against 3-5 on the H200 machine's host, benchmarks/RESULTS.md).
+    # descriptor (5.6-10.7 us against 2.6-5.0 on the H200 machine's host, benchmarks/RESULTS.md).
     return gl.NVMMASharedLayout.get_default_for([rows, BLOCK], gl_dtype)
 
 

@@ -371,19 +371,20 @@ def fused_moe(
     return scatter_routed(y_NH, maps, weights_TK.reshape(-1))
 
 
-def _check_fp8_scales(hidden_states, w1, w1_scale, w2_scale) -> None:
-    """The FP8 experts' scales (both given, fp32, one per 128 x 128 block of w1 [E, 2F, H] and w2
-    [E, H, F], on the weights' device; w1 and w2 themselves checked by `_check_args` or
-    `_check_experts_args` with `weight_dtypes=(FP8_DTYPE,)`) and hidden_states' dtype."""
+def _check_fp8_scales(hidden_states, w1_scale, w2_scale) -> None:
+    """Both FP8 scales given as fp32 [E, ., .] tensors, and hidden_states of a dtype the FP8 form
+    takes (the weights are `_check_args`' or `_check_experts_args`' with `weight_dtypes=(FP8_DTYPE,)`,
+    then `_check_fp8_scales_fit`)."""
     if w1_scale is None or w2_scale is None:
         raise ValueError("w1_scale, w2_scale: FP8 experts need both scales (got one)")
     _checks.check_tensor("hidden_states", hidden_states, ndim=2, dtypes=(torch.bfloat16, torch.float16, torch.float32))
     _checks.check_tensor("w1_scale", w1_scale, ndim=3, dtypes=(torch.float32,))
     _checks.check_tensor("w2_scale", w2_scale, ndim=3, dtypes=(torch.float32,))
+
+
+def _check_fp8_scales_fit(w1, w1_scale, w2_scale) -> None:
+    """The scales on checked weights' device, one per 128 x 128 block of w1 [E, 2F, H] and w2 [E, H, F]."""
     _checks.check_same_device(w1=w1, w1_scale=w1_scale, w2_scale=w2_scale)
-
-
-def _check_fp8_scale_shapes(w1, w1_scale, w2_scale) -> None:
     e, two_f, h = w1.shape
     blocks = (e, fp8.cdiv(two_f, fp8.Q), fp8.cdiv(h, fp8.Q))
     if tuple(w1_scale.shape) != blocks:
@@ -399,10 +400,10 @@ def _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, acti
                    w1_scale, w2_scale) -> torch.Tensor:
     """`fused_moe` on FP8 block-quantized experts: route, quantize the rows as they are gathered,
     FP8 grouped GEMM, GLU quantized as it is made, FP8 grouped GEMM, weighted scatter."""
-    _check_fp8_scales(hidden_states, w1, w1_scale, w2_scale)
+    _check_fp8_scales(hidden_states, w1_scale, w2_scale)
     e, f = _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path,
                        weight_dtypes=(fp8.FP8_DTYPE,))
-    _check_fp8_scale_shapes(w1, w1_scale, w2_scale)
+    _check_fp8_scales_fit(w1, w1_scale, w2_scale)
     if _routed_form_fits(hidden_states, policy):  # routed as the unquantized routed form
         weights_TK, counts_E, maps = _route_tokens(gating_output, topk, renormalize, policy.route_max_work)
         routing = counts_E, maps
@@ -451,9 +452,9 @@ def fp8_experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale
     Raises:
         TypeError, ValueError: wrong types, dtypes, shapes, devices, scales or activation.
     """
-    _check_fp8_scales(hidden_states, w1, w1_scale, w2_scale)
+    _check_fp8_scales(hidden_states, w1_scale, w2_scale)
     _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, True, weight_dtypes=(fp8.FP8_DTYPE,))
-    _check_fp8_scale_shapes(w1, w1_scale, w2_scale)
+    _check_fp8_scales_fit(w1, w1_scale, w2_scale)
     routing = _fp8_routing(hidden_states, ids_TK, w1.shape[0], as_policy(policy, "policy"))
     return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation)
 
