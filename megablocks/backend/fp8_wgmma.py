@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .gmm import _group_table, _row_tile
-from .launch import tma_ok
+from .launch import capability, tma_ok
 
 try:
     from triton.experimental import gluon
@@ -579,7 +579,7 @@ def available() -> bool:
 def usable(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
     """Whether this form can take the operands: Gluon present, an sm_90 GPU, x and the [E, N, K]
     weight laid out for TMA (unit K stride, 16-byte aligned rows and bases, the weight contiguous)."""
-    if not _gluon or x_q.device.type != "cuda" or torch.cuda.get_device_capability(x_q.device) != (9, 0):
+    if not _gluon or x_q.device.type != "cuda" or capability(x_q.device) != (9, 0):
         return False
     E, N, K = w_q.shape
     return (K % 16 == 0 and x_q.stride(1) == 1 and x_q.stride(0) % 16 == 0 and w_q.is_contiguous()
@@ -631,7 +631,7 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
 def wgrad_usable(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
     """Whether the weight gradient's form can take the K-major operands: Gluon present, an sm_90
     GPU, unit inner strides, 16-byte aligned row strides and bases."""
-    if not _gluon or a_q.device.type != "cuda" or torch.cuda.get_device_capability(a_q.device) != (9, 0):
+    if not _gluon or a_q.device.type != "cuda" or capability(a_q.device) != (9, 0):
         return False
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a_q, b_q))
 

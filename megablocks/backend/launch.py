@@ -10,7 +10,7 @@ replaces it, a dict replaces the fields it names (`with_overrides`), for tuning 
 import dataclasses
 import functools
 import os
-from typing import Optional, TypeVar, Union
+from typing import Optional, Tuple, TypeVar, Union
 
 import torch
 import triton
@@ -72,8 +72,7 @@ def pdl_start(PDL: tl.constexpr):
 def pdl_launch(t: torch.Tensor) -> dict:
     """The launch keywords of a kernel that starts with `pdl_start`, on `t`'s device: `PDL` (the
     module's mode) and `launch_pdl` on CUDA devices of compute capability 9.0 and later, else none."""
-    if PDL and t.device.type == "cuda" and _capability(t.device.index if t.device.index is not None
-                                                       else torch.cuda.current_device()) >= 9:
+    if PDL and t.device.type == "cuda" and capability(t.device)[0] >= 9:
         if PDL not in _PDL_KWARGS:
             raise ValueError(f"launch.PDL: expected 0, 1 or 2, got {PDL!r}")
         return _PDL_KWARGS[PDL]
@@ -83,15 +82,24 @@ def pdl_launch(t: torch.Tensor) -> dict:
 _PDL_KWARGS = {mode: {"PDL": mode, "launch_pdl": True} for mode in (1, 2)}
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def capability(device: torch.device) -> Tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (cached per device: the launchers ask
+    on every call)."""
+    return _capability(_index(device))
+
+
 @functools.lru_cache(maxsize=None)
-def _capability(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _capability(index: int) -> Tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached per device)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _sm_count(index)
+    return _sm_count(_index(device))
 
 
 @functools.lru_cache(maxsize=None)
