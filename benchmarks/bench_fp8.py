@@ -166,6 +166,22 @@ def bench(args):
         write_csv(os.path.join(args.out, "bench_fp8_layer_kernels.csv"), [{**r, **env} for r in kernel_rows])
 
 
+PDL_MODES = (0, 1, 2)
+
+
+def graph_ms_by_pdl(*calls, rep=100):
+    """{mode: (ms of each call)}: each call captured in a CUDA graph and replayed
+    (`bench_dmoe.graph_time_ms`) under each mode of `launch.PDL` (restored after)."""
+    saved, out = launch.PDL, {}
+    try:
+        for mode in PDL_MODES:
+            launch.PDL = mode
+            out[mode] = tuple(bench_dmoe.graph_time_ms(call, rep) for call in calls)
+    finally:
+        launch.PDL = saved
+    return out
+
+
 def tile_gain_rows(name, gains, repeats=3, T=4096):
     """Rows (config, what, M, repeat, gain, block_m, ms): the Gluon form's row-tile choice
     (`backend.fp8._GLUON_TILE_GAIN`, the first gain of `gains` the default's) at config `name`,
@@ -178,7 +194,7 @@ def tile_gain_rows(name, gains, repeats=3, T=4096):
     call = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
     quantized = [(proj, *fp8.quantize_rows(xp), *fp8.quantize_blocks(w), bs)
                  for proj, xp, w, bs in products(T_train, H, F, E, k, "cuda")]
-    saved, pdl, rows = fp8_backend._GLUON_TILE_GAIN, launch.PDL, []
+    saved, rows = fp8_backend._GLUON_TILE_GAIN, []
     try:
         for repeat in range(repeats):
             for gain in gains:
@@ -188,13 +204,11 @@ def tile_gain_rows(name, gains, repeats=3, T=4096):
                     rows.append(dict(config=name, what=f"{proj} product", M=M, repeat=repeat, gain=gain,
                                      block_m=fp8_backend.gmm_fp8_launch(M, w_q.shape[0])["block_m"],
                                      ms=timed(lambda: fp8.gmm_fp8(x_q, x_s, w_q, w_s, bs))[0]))
-                for mode in (0, 1, 2):
-                    launch.PDL = mode
+                for mode, (ms,) in graph_ms_by_pdl(call).items():
                     rows.append(dict(config=name, what=f"fused_moe T={T} pdl{mode}", M=T * k, repeat=repeat, gain=gain,
-                                     block_m=fp8_backend.gmm_fp8_launch(T * k, E)["block_m"],
-                                     ms=bench_dmoe.graph_time_ms(call, 100)))
+                                     block_m=fp8_backend.gmm_fp8_launch(T * k, E)["block_m"], ms=ms))
     finally:
-        fp8_backend._GLUON_TILE_GAIN, launch.PDL = saved, pdl
+        fp8_backend._GLUON_TILE_GAIN = saved
     return rows
 
 
@@ -445,15 +459,8 @@ def serving_row(name, T, device, shape=None):
     ms_bf16, ms_fp8 = (timed(bf16)[0], timed(f8)[0]) if device == "cuda" else (nan, nan)
     # The graphs in each programmatic-dependent-launch mode (0: every kernel launched plainly); the
     # headline is the module's mode.
-    modes, pdl = {}, launch.PDL
-    try:
-        for mode in (0, 1, 2):
-            launch.PDL = mode
-            modes[mode] = ((bench_dmoe.graph_time_ms(bf16, 100), bench_dmoe.graph_time_ms(f8, 100))
-                           if device == "cuda" else (nan, nan))
-    finally:
-        launch.PDL = pdl
-    graph_bf16, graph_fp8 = modes[pdl]
+    modes = graph_ms_by_pdl(bf16, f8) if device == "cuda" else {mode: (nan, nan) for mode in PDL_MODES}
+    graph_bf16, graph_fp8 = modes[launch.PDL]
     by_mode = {f"{label}_graph_pdl{mode}_ms": ms[i] for mode, ms in modes.items()
                for i, label in enumerate(("bf16", "fp8"))}
     ref, out = bf16().float(), f8().float()
