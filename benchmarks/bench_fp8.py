@@ -121,6 +121,10 @@ def bench(args):
     if gain_rows:
         print_table(gain_rows, ["config", "what", "M", "repeat", "gain", "block_m", "ms"])
         write_csv(os.path.join(args.out, "bench_fp8_tile_gain.csv"), [{**r, **env} for r in gain_rows])
+    round_rows = [row for name in args.rounding for row in rounding_rows(name)]
+    if round_rows:
+        print_table(round_rows, ["config", "op", "M", "integer_ms", "cast_ms", "speedup", "same_bits"])
+        write_csv(os.path.join(args.out, "bench_fp8_rounding.csv"), [{**r, **env} for r in round_rows])
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     serve_rows += decode_variant_rows(args.serving, args.decode_variants)
     if serve_rows:
@@ -359,6 +363,44 @@ def glu_quantize_rows_forms(name, forms=((16, 4), (32, 4), (32, 8), (64, 4), (64
         rows += _launch_form_rows(fp8_backend.GLU_QUANTIZE_LAUNCH, calls, forms, "block_m", dict(config=name, M=M))
         del h, h1, h2
     return rows
+
+
+def rounding_rows(name):
+    """Rows (config, op, M, integer_ms, cast_ms, speedup, same_bits): the row quantizers at config
+    `name`'s training size (M = T * top_k rows) rounding by `_round_e4m3`'s integer arithmetic
+    against the hardware's e4m3 cast (`fp8_backend.ROW_TILES_CAST`), the same inputs."""
+    T, H, F, _, k = CONFIGS[name]
+    M = T * k
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    rows = torch.randperm(M, device="cuda").to(torch.int32)
+    w = torch.rand(M, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(M, 2 * F, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(M, F, device="cuda", dtype=torch.bfloat16)
+    h1, h2 = h[:, :F], h[:, F:]
+    ops = {"quantize_rows": lambda: fp8.quantize_rows(g),
+           "gather_quantize_rows": lambda: fp8.gather_quantize_rows(x, rows, k),
+           "gather_quantize_rows weighted": lambda: fp8.gather_quantize_rows(x, rows, k, w, return_rows=True),
+           "glu_quantize_rows": lambda: fp8.glu_quantize_rows(h1, h2, "silu"),
+           "glu_quantize_rows product": lambda: fp8.glu_quantize_rows(h1, h2, "silu", return_product=True),
+           "glu_backward_quantize_rows_": lambda: fp8.glu_backward_quantize_rows_(g, h1.clone(), h2.clone(), "silu")}
+    out = []
+    saved = fp8_backend.ROW_TILES_CAST
+    try:
+        for op, fn in ops.items():
+            res, ms = {}, {}
+            for cast in (False, True):
+                fp8_backend.ROW_TILES_CAST = cast
+                res[cast] = fn()
+                ms[cast] = timed(fn)[0]
+            flat = lambda r: [t for t in (r if isinstance(r[0], tuple) else (r,)) for t in t]  # noqa: E731
+            same = all(torch.equal(a.view(torch.uint8) if a.dtype == fp8.FP8_DTYPE else a.nan_to_num(),
+                                   b.view(torch.uint8) if b.dtype == fp8.FP8_DTYPE else b.nan_to_num())
+                       for a, b in zip(flat(res[False]), flat(res[True])))
+            out.append(dict(config=name, op=op, M=M, integer_ms=ms[False], cast_ms=ms[True],
+                            speedup=ms[False] / ms[True], same_bits=same))
+    finally:
+        fp8_backend.ROW_TILES_CAST = saved
+    return out
 
 
 def gather_quantize_rows_forms(name, forms=((8, 2), (8, 4), (16, 4), (16, 8), (32, 4), (32, 8), (64, 4), (64, 8))):
@@ -703,6 +745,8 @@ def main():
                    help="configs whose Gluon row tiles are timed under each of --tile-gains, interleaved")
     p.add_argument("--tile-gains", nargs="*", type=float, default=[1.15, 1.0],
                    help="the 192-row tile thresholds compared by --tile-gains-configs (the first: the default)")
+    p.add_argument("--rounding", nargs="*", default=[], choices=list(CONFIGS),
+                   help="time the row quantizers rounding by integer arithmetic against the e4m3 cast")
     p.add_argument("--gather-quantize", nargs="*", default=[], choices=list(CONFIGS),
                    help="time gather_quantize_rows' launch forms (plain and weighted) on these configs")
     p.add_argument("--tile-gain", type=float, default=None,

@@ -83,7 +83,9 @@ def _round_e4m3(v):
     mag = mag_bits.to(tl.float32, bitcast=True)
     sub = ((mag * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # 1.5 * 2^23 rounds to an integer
     r = tl.minimum(tl.where(mag < 0.015625, sub, normal), 448.0)
-    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    # A NaN stays NaN (e4m3's 0x7F once cast), as the hardware's cast keeps it: the carry above
+    # turned the GPU's NaN (0x7FFFFFFF) into -0.
+    return tl.where(v != v, float("nan"), (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True))
 
 
 # x_MK (any float dtype, last dim contiguous) -> q_MK e4m3, s_MKB fp32. Program (i, j) quantizes
@@ -93,28 +95,34 @@ def _quantize_rows_kernel(
     x_ptr, q_ptr, s_ptr,
     M, K,
     stride_xm, stride_qm, stride_sm,
-    BLOCK_M: tl.constexpr, QB: tl.constexpr,
+    BLOCK_M: tl.constexpr, QB: tl.constexpr, CAST: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * QB + tl.arange(0, QB)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
-    _store_row_tiles(x.to(tl.float32), rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm)
+    _store_row_tiles(x.to(tl.float32), rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm, CAST)
 
 
 # x: a [BLOCK_M, QB] fp32 tile (0 where masked), 1 x QB tiles of its rows -> (values rounded to
-# e4m3 as fp32, one power-of-two scale per row).
+# e4m3 as fp32, one power-of-two scale per row). With CAST (CUDA) the values are only scaled: the
+# e4m3 cast that follows rounds them (the hardware's round to nearest even, saturating: an inf to
+# 448, a NaN to NaN), to the values `_round_e4m3` gives by 17 integer and float operations an
+# element. Only where the cast's result is stored as it is: Triton 3.6 stored wrong values where
+# it fed a tile of another layout (see `_quantize_blocks_kernel`).
 @triton.jit
-def _row_tiles(x):
+def _row_tiles(x, CAST: tl.constexpr = False):
     scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=1))
     scale = tl.where(tl.max((x != x).to(tl.int32), axis=1) > 0, float("nan"), scale)  # max() skips NaN
+    if CAST:
+        return x * inv[:, None], scale
     return _round_e4m3(x * inv[:, None]), scale
 
 
 # x as `_row_tiles`, of rows `rows` and the program_id(1)-th Q columns `cols`: stored.
 @triton.jit
-def _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm):
-    q, scale = _row_tiles(x)
+def _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm, CAST: tl.constexpr = False):
+    q, scale = _row_tiles(x, CAST)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows.to(tl.int64) * stride_sm + tl.program_id(1), scale, mask=rows < M)
 
@@ -132,6 +140,7 @@ def _gather_quantize_rows_kernel(
     stride_x, stride_qm, stride_sm, stride_rm,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, QB: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr = False, WRITE_ROWS: tl.constexpr = False, PDL: tl.constexpr = False,
+    CAST: tl.constexpr = False,
 ):
     pdl_start(PDL)
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -141,7 +150,7 @@ def _gather_quantize_rows_kernel(
     x = tl.load(x_ptr + tokens[:, None].to(tl.int64) * stride_x + cols[None, :],
                 mask=in_range[:, None] & in_cols[None, :], other=0.0)
     if not HAS_WEIGHTS:
-        q, scale = _row_tiles(x.to(tl.float32))
+        q, scale = _row_tiles(x.to(tl.float32), CAST)
         q = q.to(q_ptr.dtype.element_ty)
     for k in tl.static_range(TOP_K):
         a = tokens * TOP_K + k
@@ -152,7 +161,7 @@ def _gather_quantize_rows_kernel(
         if HAS_WEIGHTS:
             w = tl.load(w_ptr + a, mask=present, other=0.0).to(tl.float32)
             v = (x.to(tl.float32) * w[:, None]).to(x_ptr.dtype.element_ty)
-            q, scale = _row_tiles(v.to(tl.float32))
+            q, scale = _row_tiles(v.to(tl.float32), CAST)
             q = q.to(q_ptr.dtype.element_ty)
         if WRITE_ROWS:
             tl.store(rows_ptr + row[:, None] * stride_rm + cols[None, :], v, mask=present[:, None] & in_cols[None, :])
@@ -170,7 +179,7 @@ def _glu_quantize_rows_kernel(
     M, K,
     stride_h1, stride_h2, stride_qm, stride_sm, stride_am,
     ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr, PDL: tl.constexpr = False,
-    WRITE_A: tl.constexpr = False,
+    WRITE_A: tl.constexpr = False, CAST: tl.constexpr = False,
 ):
     pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -184,7 +193,7 @@ def _glu_quantize_rows_kernel(
     if WRITE_A:
         tl.store(a_ptr + rows[:, None].to(tl.int64) * stride_am + cols[None, :], product, mask=mask)
     x = tl.where(mask, product.to(tl.float32), 0.0)
-    _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm)
+    _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm, CAST)
 
 
 # The GLU's backward, quantized as it is made: grad_MK, h1_MK, h2_MK in (any row strides, last
@@ -197,7 +206,7 @@ def _glu_backward_quantize_rows_kernel(
     g_ptr, h1_ptr, h2_ptr, q1_ptr, s1_ptr, q2_ptr, s2_ptr,
     M, K,
     stride_g, stride_h1, stride_h2, stride_q1, stride_s1, stride_q2, stride_s2,
-    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr,
+    ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr, CAST: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * QB + tl.arange(0, QB)
@@ -214,8 +223,10 @@ def _glu_backward_quantize_rows_kernel(
     d2 = (g * a * du).to(h1_ptr.dtype.element_ty)
     tl.store(p1, d1, mask=mask)
     tl.store(p2, d2, mask=mask)
-    _store_row_tiles(tl.where(mask, d1.to(tl.float32), 0.0), rows, cols, mask, M, q1_ptr, s1_ptr, stride_q1, stride_s1)
-    _store_row_tiles(tl.where(mask, d2.to(tl.float32), 0.0), rows, cols, mask, M, q2_ptr, s2_ptr, stride_q2, stride_s2)
+    _store_row_tiles(tl.where(mask, d1.to(tl.float32), 0.0), rows, cols, mask, M, q1_ptr, s1_ptr, stride_q1, stride_s1,
+                     CAST)
+    _store_row_tiles(tl.where(mask, d2.to(tl.float32), 0.0), rows, cols, mask, M, q2_ptr, s2_ptr, stride_q2, stride_s2,
+                     CAST)
 
 
 @triton.jit
@@ -646,6 +657,19 @@ def _gmm_fp8_wgrad_kmajor_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+# Whether the row quantizers round by the hardware's e4m3 cast on CUDA (else by `_round_e4m3`'s
+# integer arithmetic, as under the interpreter; the same values). Measured on the H200
+# (`bench_fp8.py --rounding`, benchmarks/RESULTS.md).
+ROW_TILES_CAST = True
+
+
+def _hardware_cast(t: torch.Tensor, rows: bool = True) -> bool:
+    """Whether the quantizers on `t` round by the e4m3 cast (`_row_tiles`' CAST, where `rows` and
+    `ROW_TILES_CAST`, and `_quantize_blocks_kernel`'s): on CUDA, not under the interpreter
+    (whose cast rounds e4m3's subnormals otherwise)."""
+    return t.device.type == "cuda" and not interpreted(t) and (ROW_TILES_CAST or not rows)
+
+
 def quantize_rows(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """1 x Q tiles of a [M, K] float tensor (last dim contiguous) -> (q [M, K] e4m3,
     s [M, KB] fp32 powers of two), x ~ q * s tile by tile. Triton on CUDA (and under the
@@ -661,7 +685,8 @@ def quantize_rows(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     if M and K:
         block_m = 16 if interpreted(x_MK) else 32
         _quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
-            x_MK, q, s, M, K, x_MK.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, QB=Q, num_warps=4,
+            x_MK, q, s, M, K, x_MK.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, QB=Q,
+            CAST=_hardware_cast(x_MK), num_warps=4,
         )
     return q, s
 
@@ -724,7 +749,7 @@ def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
             h1_MK, h2_MK, q, s, a if return_product else q, M, K, h1_MK.stride(0), h2_MK.stride(0), q.stride(0),
             s.stride(0), a.stride(0) if return_product else 0,
             ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=launch["num_warps"], WRITE_A=return_product,
-            **pdl_launch(h1_MK),
+            CAST=_hardware_cast(h1_MK), **pdl_launch(h1_MK),
         )
     return (q, s, a) if return_product else (q, s)
 
@@ -780,7 +805,7 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
         _glu_backward_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
             grad_MK, h1_MK, h2_MK, q1, s1, q2, s2, M, K, grad_MK.stride(0), h1_MK.stride(0), h2_MK.stride(0),
             q1.stride(0), s1.stride(0), q2.stride(0), s2.stride(0),
-            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=4,
+            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, CAST=_hardware_cast(h1_MK), num_warps=4,
         )
     return (q1, s1), (q2, s2)
 
@@ -865,7 +890,7 @@ def gather_quantize_rows(x_TK: torch.Tensor, assignment_row_N: torch.Tensor, top
         rows_NK if return_rows else q, T, n, K, x_TK.stride(0), q.stride(0), s.stride(0),
         rows_NK.stride(0) if return_rows else 0,
         TOP_K=top_k, BLOCK_T=block_t, QB=Q, HAS_WEIGHTS=weights_N is not None, WRITE_ROWS=return_rows,
-        num_warps=launch["num_warps"], **pdl_launch(x_TK),
+        CAST=_hardware_cast(x_TK), num_warps=launch["num_warps"], **pdl_launch(x_TK),
     )
     return result
 
@@ -941,7 +966,7 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, out: Optional
         _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
             w_ENK, q_out, s, t_out, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
             s.stride(1), t_out.stride(0), t_out.stride(1), QB=Q, TRANSPOSED=transposed, PACKED=packed,
-            CAST=w_ENK.device.type == "cuda" and not interpreted(w_ENK),
+            CAST=_hardware_cast(w_ENK, rows=False),
             # 8 warps, 16 with the transposed copy: mixtral's weight 0.489 / 0.869 ms (integer
             # bytes), against 0.578 / 1.194 with 4 warps and 0.501 / 0.902 with the other (H200).
             num_warps=16 if transposed else 8,

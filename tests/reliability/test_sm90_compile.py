@@ -158,22 +158,24 @@ for dtype in (torch.bfloat16, torch.float32):
     tile = P.weight_grad_tile(1)
     check(f"permute weight_grad {dtype} {tile.rows}x{tile.cols}", P._weight_grad_kernel, ELEMENT[dtype],
           dict(TOP_K=4, BLOCK_A=tile.rows, BLOCK_H=tile.cols), tile.num_warps, 3, types={"out_ptr": "*fp32"})
-# FP8: the quantizer from each 16-bit dtype, and the grouped GEMM's Hopper tiles into bf16 / fp32.
+# FP8: the quantizer from each 16-bit dtype (rounding by the hardware's cast, as CUDA runs it), and
+# the grouped GEMM's Hopper tiles into bf16 / fp32.
 for dtype in (torch.bfloat16, torch.float32):
-    check(f"fp8 quantize_rows from {dtype}", F8._quantize_rows_kernel, ELEMENT[dtype], dict(BLOCK_M=32, QB=F8.Q), 4, 3,
-          types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+    check(f"fp8 quantize_rows from {dtype}", F8._quantize_rows_kernel, ELEMENT[dtype],
+          dict(BLOCK_M=32, QB=F8.Q, CAST=True), 4, 3, types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
     # The quantizers fused with the serving path's gather and GLU.
     # ... and with the routing weights and the 16-bit rows written too (the combine's backward).
     for weighted in (False, True):
         check(f"fp8 gather_quantize_rows from {dtype} weighted={weighted}", F8._gather_quantize_rows_kernel,
               ELEMENT[dtype], dict(TOP_K=8, BLOCK_T=16 if weighted else 32, QB=F8.Q, HAS_WEIGHTS=weighted,
-                                   WRITE_ROWS=weighted, PDL=2),
+                                   WRITE_ROWS=weighted, PDL=2, CAST=True),
               4, 3,
               types={"assignment_row_ptr": "*i32", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "rows_ptr": ELEMENT[dtype]})
     # ... and with the 16-bit product written too (the FP8 node keeps it for w2's gradient).
     for activation, write_a in (("silu", False), ("clamped_swiglu", False), ("silu", True)):
         check(f"fp8 glu_quantize_rows {activation} from {dtype} write_a={write_a}", F8._glu_quantize_rows_kernel,
-              ELEMENT[dtype], dict(ACTIVATION=activation, BLOCK_M=32, QB=F8.Q, PDL=2, WRITE_A=write_a), 4, 3,
+              ELEMENT[dtype], dict(ACTIVATION=activation, BLOCK_M=32, QB=F8.Q, PDL=2, WRITE_A=write_a, CAST=True),
+              4, 3,
               types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
     # Pointer loads (decode), and TMA loads of K-major and N-major weights, warp-specialized with 4
     # stages (the default) and not with 3.
