@@ -1070,9 +1070,13 @@ _GMM_FP8_CONFIG_KEYS = ("block_m", "block_n", "block_k", "num_warps", "num_stage
 
 
 # How much the Gluon form's 192 x 128 tiles may pad the rows per expert past 128-row tiles' and
-# still be taken over them (on full tiles 192 rows measured 1.05-1.19x faster than the Triton
-# kernel's 128 x 128 and within a few per cent of the Gluon form's 128 x 128).
-_GLUON_TILE_GAIN = 1.15
+# still be taken over them: not at all. On full tiles both forms run within a few per cent of
+# each other; where 192-row tiles pad more, 128-row ones won (H200, `bench_fp8.py
+# --tile-gains-configs`, three interleaved rounds, medians): mixtral's prefill at T = 4096 (1024
+# rows per expert, 1152 padded) 3.64 -> 3.42-3.56 ms replayed in each PDL mode; its training
+# products (2048 rows, 2112 padded) 2.030 / 2.013 -> 2.002 / 1.987 ms; olmoe's up product 0.586 ->
+# 0.518, its down 0.629 -> 0.643 (benchmarks/RESULTS.md, "128-row tiles wherever 192-row ones pad more").
+_GLUON_TILE_GAIN = 1.0
 
 
 def _rows_padded(rows: float, block: int) -> int:
@@ -1094,7 +1098,7 @@ def gmm_fp8_launch(M: int, E: int, interpret: bool = False, decode: bool = True,
         # warpgroups, 4 stages), 4-16% faster than the Triton kernel below on mixtral's, olmoe's
         # and qwen3moe's six products (mixtral's 2.449 / 2.353 ms -> 2.162 / 2.009;
         # benchmarks/RESULTS.md, "`fused_moe` on FP8 experts"): over 192 x 128 tiles (three
-        # consumers) where the rows per expert fill them about as well as 128-row ones, else over
+        # consumers) where the rows per expert pad to no more rows than 128-row tiles, else over
         # 128 x 128 (two consumers, steps in pairs; within a few per cent of the 192-row form
         # where both fill their tiles, "The paired two-consumer form"). qwen3moe's prefill, 256
         # rows per expert: 384 rows of 192-row tiles against 256, measured 8% slower. `gmm_fp8`

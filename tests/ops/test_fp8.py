@@ -557,17 +557,19 @@ def test_gmm_fp8_default_launches():
     assert fp8_backend.gmm_fp8_launch(16, E, interpret=True)["block_m"] == 32
     full = fp8_backend.gmm_fp8_launch(8 * E, E, decode=False, gluon=False)
     assert (full["block_m"], full["swap_ab"], full["tma"], full["wgmma"]) == (128, False, True, False)
-    # Past the decode sizes, where Gluon is, its 192 x 128 warp-specialized form (2048 rows per expert).
-    gluon = fp8_backend.gmm_fp8_launch(2048 * E, E, decode=False)
+    # Past the decode sizes, where Gluon is, its 192 x 128 warp-specialized form (1152 rows per
+    # expert: 6 tiles of 192 rows, 9 of 128).
+    gluon = fp8_backend.gmm_fp8_launch(1152 * E, E, decode=False)
     assert set(gluon) == set(fp8_backend._GMM_FP8_CONFIG_KEYS)
     if fp8_wgmma.available():
         assert (gluon["block_m"], gluon["block_n"], gluon["wgmma"], gluon["warp_specialize"]) == (192, 128, True, True)
     else:
         assert gluon == full
-    # 192-row tiles where they cover the rows per expert about as well as 128-row ones, else the
+    # 192-row tiles where they pad the rows per expert to no more rows than 128-row ones, else the
     # Gluon form's 128 x 128 tiles: 256 or 200 rows per expert pad to 384 against 256, 300 to 384
-    # against 384.
-    for rows, wide in ((256, False), (300, True), (1024, True), (2048, True), (160, True), (200, False)):
+    # against 384, 160 to 192 against 256, 1024 to 1152 against 1024, 2048 to 2112 against 2048.
+    for rows, wide in ((256, False), (300, True), (1024, False), (2048, False), (160, True), (200, False),
+                       (384, True), (1152, True)):
         cfg = fp8_backend.gmm_fp8_launch(rows * 128, 128, decode=False)
         if fp8_wgmma.available():
             assert cfg == dict(gluon, block_m=192 if wide else 128), rows
