@@ -368,7 +368,7 @@ def glu_quantize_rows_forms(name, forms=((16, 4), (32, 4), (32, 8), (64, 4), (64
 def rounding_rows(name):
     """Rows (config, op, M, integer_ms, cast_ms, speedup, same_bits): the row quantizers at config
     `name`'s training size (M = T * top_k rows) rounding by `_round_e4m3`'s integer arithmetic
-    against the hardware's e4m3 cast (`fp8_backend.ROW_TILES_CAST`), the same inputs."""
+    against the hardware's e4m3 cast (`fp8_backend._hardware_cast` patched), the same inputs."""
     T, H, F, _, k = CONFIGS[name]
     M = T * k
     x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
@@ -384,12 +384,12 @@ def rounding_rows(name):
            "glu_quantize_rows product": lambda: fp8.glu_quantize_rows(h1, h2, "silu", return_product=True),
            "glu_backward_quantize_rows_": lambda: fp8.glu_backward_quantize_rows_(g, h1.clone(), h2.clone(), "silu")}
     out = []
-    saved = fp8_backend.ROW_TILES_CAST
+    saved = fp8_backend._hardware_cast
     try:
         for op, fn in ops.items():
             res, ms = {}, {}
             for cast in (False, True):
-                fp8_backend.ROW_TILES_CAST = cast
+                fp8_backend._hardware_cast = saved if cast else (lambda t: False)
                 res[cast] = fn()
                 ms[cast] = timed(fn)[0]
             flat = lambda r: [t for t in (r if isinstance(r[0], tuple) else (r,)) for t in t]  # noqa: E731
@@ -399,7 +399,7 @@ def rounding_rows(name):
             out.append(dict(config=name, op=op, M=M, integer_ms=ms[False], cast_ms=ms[True],
                             speedup=ms[False] / ms[True], same_bits=same))
     finally:
-        fp8_backend.ROW_TILES_CAST = saved
+        fp8_backend._hardware_cast = saved
     return out
 
 

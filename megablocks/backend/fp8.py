@@ -657,17 +657,13 @@ def _gmm_fp8_wgrad_kmajor_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-# Whether the row quantizers round by the hardware's e4m3 cast on CUDA (else by `_round_e4m3`'s
-# integer arithmetic, as under the interpreter; the same values). Measured on the H200
-# (`bench_fp8.py --rounding`, benchmarks/RESULTS.md).
-ROW_TILES_CAST = True
-
-
-def _hardware_cast(t: torch.Tensor, rows: bool = True) -> bool:
-    """Whether the quantizers on `t` round by the e4m3 cast (`_row_tiles`' CAST, where `rows` and
-    `ROW_TILES_CAST`, and `_quantize_blocks_kernel`'s): on CUDA, not under the interpreter
-    (whose cast rounds e4m3's subnormals otherwise)."""
-    return t.device.type == "cuda" and not interpreted(t) and (ROW_TILES_CAST or not rows)
+def _hardware_cast(t: torch.Tensor) -> bool:
+    """Whether the quantizers on `t` round by the hardware's e4m3 cast (`_row_tiles`' and
+    `_quantize_blocks_kernel`'s CAST): on CUDA, not under the interpreter (whose cast rounds e4m3's
+    subnormals otherwise; there `_round_e4m3`'s integer arithmetic gives the same bytes). The row
+    quantizers measured 1.19-1.27x faster so, the GLU backward's 1.03x (H200, `bench_fp8.py
+    --rounding`, benchmarks/RESULTS.md)."""
+    return t.device.type == "cuda" and not interpreted(t)
 
 
 def quantize_rows(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -966,7 +962,7 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, out: Optional
         _quantize_blocks_kernel[(cdiv(N, Q), cdiv(K, Q), E)](
             w_ENK, q_out, s, t_out, N, K, w_ENK.stride(0), w_ENK.stride(1), q.stride(0), q.stride(1), s.stride(0),
             s.stride(1), t_out.stride(0), t_out.stride(1), QB=Q, TRANSPOSED=transposed, PACKED=packed,
-            CAST=_hardware_cast(w_ENK, rows=False),
+            CAST=_hardware_cast(w_ENK),
             # 8 warps, 16 with the transposed copy: mixtral's weight 0.489 / 0.869 ms (integer
             # bytes), against 0.578 / 1.194 with 4 warps and 0.501 / 0.902 with the other (H200).
             num_warps=16 if transposed else 8,
