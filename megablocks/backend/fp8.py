@@ -41,7 +41,8 @@ from megablocks._checks import INDEX_DTYPES, check_tensor
 from megablocks.backend import cdiv, fp8_wgmma, next_power_of_2
 from megablocks.backend.activation import ACTIVATIONS, _act, _up
 from megablocks.backend.gmm import _group_table, _row_tile, _swizzle
-from megablocks.backend.launch import interpreted, pdl_launch, pdl_start, persistent_programs, prepare_tma, tma_ok
+from megablocks.backend.launch import (interpreted, pdl_launch, pdl_start, persistent_programs, prepare_tma,
+                                       programs_to_fill, tma_ok)
 
 Q = 128  # the quantization block (DeepSeek-V3: 1 x 128 activation tiles, 128 x 128 weight blocks)
 E4M3_MAX = 448.0
@@ -881,6 +882,11 @@ def gather_quantize_rows(x_TK: torch.Tensor, assignment_row_N: torch.Tensor, top
         return result
     launch = GATHER_QUANTIZE_LAUNCH["weighted" if weights_N is not None or return_rows else "plain"]
     block_t = 16 if interpreted(x_TK) else launch["block_t"]
+    # Few tokens (decode): smaller token tiles, down to 8, until the grid fills the SMs (OLMoE's 64
+    # tokens: 32 programs of 32 otherwise; benchmarks/RESULTS.md, "Decode's latency-bound launches
+    # split").
+    while block_t > 8 and cdiv(T, block_t) * cdiv(K, Q) < programs_to_fill(x_TK.device):
+        block_t //= 2
     _gather_quantize_rows_kernel[(cdiv(T, block_t), cdiv(K, Q))](
         x_TK, assignment_row_N, weights_N if weights_N is not None else x_TK, q, s,
         rows_NK if return_rows else q, T, n, K, x_TK.stride(0), q.stride(0), s.stride(0),

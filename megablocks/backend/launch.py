@@ -113,6 +113,12 @@ def persistent_programs(device: torch.device, num_tiles: int) -> int:
     return max(1, min(num_tiles, num_sms(device) if device.type == "cuda" else 2))
 
 
+def programs_to_fill(device: torch.device) -> int:
+    """The programs a latency-bound launch should have to occupy the device: one per SM on CUDA
+    (under the interpreter: 4, so that the tests at small shapes take the split launches)."""
+    return num_sms(device) if device.type == "cuda" else 4
+
+
 def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     # Global scratch where the kernels write their device-side TMA descriptors.
     return torch.empty(size, dtype=torch.int8, device="cuda")

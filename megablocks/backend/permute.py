@@ -38,7 +38,7 @@ import triton.language as tl
 
 from megablocks import _checks
 from megablocks.backend import cdiv, next_power_of_2
-from megablocks.backend.launch import pdl_launch, pdl_start, with_overrides
+from megablocks.backend.launch import pdl_launch, pdl_start, programs_to_fill, with_overrides
 
 LAYOUTS = ("plain", "padded", "binned")
 
@@ -195,7 +195,8 @@ def _gather_kernel(
 
 
 # x_RH (last dim contiguous), assignment_row_N int32, weights_N any float (read only if
-# HAS_WEIGHTS) -> out_TH (x's dtype). Program p writes tokens [p·BLOCK_T, (p+1)·BLOCK_T).
+# HAS_WEIGHTS) -> out_TH (x's dtype). Program (p, c) writes tokens [p·BLOCK_T, (p+1)·BLOCK_T), the
+# BLOCK_H-column chunks c, c + C, ... of them (C = the grid's second dim: 1 but for few tokens).
 @triton.jit
 def _scatter_kernel(
     x_ptr,
@@ -218,7 +219,7 @@ def _scatter_kernel(
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = tokens < T
     dst = out_ptr + tokens.to(tl.int64)[:, None] * stride_out
-    for h0 in range(0, H, BLOCK_H):
+    for h0 in range(tl.program_id(1) * BLOCK_H, H, tl.num_programs(1) * BLOCK_H):
         cols = h0 + tl.arange(0, BLOCK_H)
         in_cols = cols < H
         acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
@@ -415,7 +416,12 @@ def scatter_rows(
     if out.numel() == 0:
         return out
     tile = with_overrides(default_tile(hidden), tile)
-    _scatter_kernel[(cdiv(tokens, tile.rows),)](
+    # Few tokens (decode): each program one column chunk, so that the grid fills the SMs (OLMoE's
+    # 64 tokens: 32 programs two chunks each otherwise; benchmarks/RESULTS.md, "Decode's
+    # latency-bound launches split").
+    row_tiles = cdiv(tokens, tile.rows)
+    chunks = cdiv(hidden, tile.cols) if row_tiles < programs_to_fill(x_RH.device) else 1
+    _scatter_kernel[(row_tiles, chunks)](
         x_RH,
         assignment_row_N,
         weights_N if weights_N is not None else x_RH,

@@ -290,6 +290,26 @@ def test_route_masks_bad_metadata(device):
     assert_equal("scatter_rows", out.cpu(), torch.stack([x[0], x[5]]).cpu())
 
 
+@pytest.mark.parametrize("tokens, hidden, cols", [(3, 100, 32), (64, 2048, 1024), (5, 40, 64), (300, 96, 32)])
+def test_scatter_rows_column_chunks(tokens, hidden, cols, device):
+    """Few tokens: each program sums one column chunk (the grid's second dim, the decode form),
+    a chunk past `hidden` masked; many: one program per token tile loops over them. Both the
+    plain definition, weighted and not, with a dropped assignment."""
+    top_k = 3
+    g = torch.Generator().manual_seed(tokens + hidden)
+    x = torch.randn(tokens * top_k, hidden, generator=g).to(device)
+    rows = torch.randperm(tokens * top_k, generator=g).to(torch.int32)
+    rows[1] = -1
+    w = torch.rand(tokens * top_k, generator=g).to(device)
+    for weights in (None, w):
+        out = kernels.scatter_rows(x, rows.to(device), weights, top_k, tile=dict(cols=cols, rows=2))
+        ref = torch.zeros(tokens, hidden, dtype=torch.float64)
+        for a, r in enumerate(rows.tolist()):
+            if r >= 0:
+                ref[a // top_k] += x[r].cpu().double() * (1.0 if weights is None else w[a].item())
+        assert_close("scatter_rows", out.cpu(), ref.float())
+
+
 def test_compile_fullgraph():
     """torch.compile(fullgraph=True) traces padded_gather → padded_scatter, forward and backward.
 
