@@ -406,10 +406,13 @@ def _col_block(b, sizes_ptr, E, M, QB: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 # x [R, C] quantized with its columns' inverse scales inv, stored K-major: q_c[cols, slots]
-# (cols -1: not stored).
+# (cols -1: not stored). With CAST (CUDA) rounded by the e4m3 cast, as `_row_tiles`: its results
+# transpose correctly (checked bit for bit against the integer rounding and torch's cast on the
+# H200, Triton 3.6), at 2x the integer form's rate (benchmarks/RESULTS.md, "The column
+# quantizers' hardware cast").
 @triton.jit
-def _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_q):
-    q = _round_e4m3(x * inv[None, :])
+def _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_q, CAST: tl.constexpr = False):
+    q = x * inv[None, :] if CAST else _round_e4m3(x * inv[None, :])
     tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_q + slots[None, :], tl.trans(q).to(q_ptr.dtype.element_ty),
              mask=(cols >= 0)[:, None])
 
@@ -419,14 +422,15 @@ def _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_q):
 # row-major at `rows` (where `mask`), or (TRANSPOSED) K-major in columns [b*QB, (b+1)*QB) of
 # q_KP (all QB slots: rows past the group 0).
 @triton.jit
-def _store_col_tiles(x, b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb, TRANSPOSED: tl.constexpr):
+def _store_col_tiles(x, b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb, TRANSPOSED: tl.constexpr,
+                     CAST: tl.constexpr = False):
     scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=0))
     scale = tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), scale)
     if TRANSPOSED:
         slots = b.to(tl.int64) * x.shape[0] + tl.arange(0, x.shape[0])
-        _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_qm)
+        _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_qm, CAST)
     else:
-        q = _round_e4m3(x * inv[None, :])
+        q = x * inv[None, :] if CAST else _round_e4m3(x * inv[None, :])
         tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
                  mask=mask)
     tl.store(s_ptr + b.to(tl.int64) * stride_sb + cols, scale, mask=cols >= 0)
@@ -442,6 +446,7 @@ def _quantize_cols_grouped_kernel(
     M, K, E,
     stride_xm, stride_qm, stride_sb,
     QB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, TRANSPOSED: tl.constexpr = False,
+    CAST: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     row0, row_end, real = _col_block(b, sizes_ptr, E, M, QB, BLOCK_E)
@@ -452,7 +457,7 @@ def _quantize_cols_grouped_kernel(
     mask = (rows < row_end)[:, None] & (cols < K)[None, :]
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
     cols = tl.where(cols < K, cols, -1)
-    _store_col_tiles(x.to(tl.float32), b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb, TRANSPOSED)
+    _store_col_tiles(x.to(tl.float32), b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb, TRANSPOSED, CAST)
 
 
 # CH rows `rows` (those < row_end are the block's) and columns `cols` (< K) of what
@@ -512,7 +517,7 @@ def _quantize_cols_fused_kernel(
     M, K, E, OFF2,
     stride_x, stride_h2, stride_g, stride_qc, stride_sc, stride_q1, stride_s1, stride_q2, stride_s2,
     MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr, QB: tl.constexpr, CH: tl.constexpr,
-    BK: tl.constexpr, BLOCK_E: tl.constexpr,
+    BK: tl.constexpr, BLOCK_E: tl.constexpr, CAST: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     row0, row_end, real = _col_block(b, sizes_ptr, E, M, QB, BLOCK_E)
@@ -529,13 +534,13 @@ def _quantize_cols_fused_kernel(
         x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2,
                             stride_g, MODE, ACTIVATION, TOP_K)
         mask = (rows < row_end)[:, None] & (cols < K)[None, :]
-        _store_col_tiles(x, b, rows, store_cols, mask, qc_ptr, sc_ptr, stride_qc, stride_sc, True)
+        _store_col_tiles(x, b, rows, store_cols, mask, qc_ptr, sc_ptr, stride_qc, stride_sc, True, CAST)
         if MODE == "rows" or MODE == "glu_backward":
-            _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1)
+            _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1, CAST)
         if MODE == "glu_backward":
             _store_col_tiles(x2, b, rows, tl.where(cols < K, cols + OFF2, -1), mask, qc_ptr, sc_ptr, stride_qc,
-                             stride_sc, True)
-            _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2)
+                             stride_sc, True, CAST)
+            _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2, CAST)
         return
     for c in range(0, QB, CH):
         rows = row0 + c + tl.arange(0, CH)
@@ -544,10 +549,10 @@ def _quantize_cols_fused_kernel(
         amax, nans = _col_amax(amax, nans, x)
         mask = (rows < row_end)[:, None] & (cols < K)[None, :]
         if MODE == "rows" or MODE == "glu_backward":
-            _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1)
+            _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1, CAST)
         if MODE == "glu_backward":
             amax2, nans2 = _col_amax(amax2, nans2, x2)
-            _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2)
+            _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2, CAST)
     scale, inv = _pow2_scale(amax)
     scale = tl.where(nans > 0, float("nan"), scale)
     tl.store(sc_ptr + b.to(tl.int64) * stride_sc + cols, scale, mask=cols < K)
@@ -560,9 +565,9 @@ def _quantize_cols_fused_kernel(
         x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2,
                             stride_g, MODE, ACTIVATION, TOP_K)
         slots = b.to(tl.int64) * QB + c + tl.arange(0, CH)
-        _store_cols_k_major(x, inv, store_cols, slots, qc_ptr, stride_qc)
+        _store_cols_k_major(x, inv, store_cols, slots, qc_ptr, stride_qc, CAST)
         if MODE == "glu_backward":
-            _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), slots, qc_ptr, stride_qc)
+            _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), slots, qc_ptr, stride_qc, CAST)
 
 
 # out_ENK[e] = Σ over group e's Q-row blocks of (a_q * a_s)[blk]^T (b_q * b_s)[blk]: the weight
@@ -659,8 +664,8 @@ def _gmm_fp8_wgrad_kmajor_kernel(
 
 
 def _hardware_cast(t: torch.Tensor) -> bool:
-    """Whether the quantizers on `t` round by the hardware's e4m3 cast (`_row_tiles`' and
-    `_quantize_blocks_kernel`'s CAST): on CUDA, not under the interpreter (whose cast rounds e4m3's
+    """Whether the quantizers on `t` round by the hardware's e4m3 cast (the CAST of `_row_tiles`,
+    `_store_col_tiles` and `_quantize_blocks_kernel`): on CUDA, not under the interpreter (whose cast rounds e4m3's
     subnormals otherwise; there `_round_e4m3`'s integer arithmetic gives the same bytes). The row
     quantizers measured 1.19-1.27x faster so, the GLU backward's 1.03x (H200, `bench_fp8.py
     --rounding`, benchmarks/RESULTS.md)."""
@@ -1250,7 +1255,8 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
         block_k = 32 if interpreted(x_MK) else 64
         _quantize_cols_grouped_kernel[(s.shape[0], cdiv(K, block_k))](
             x_MK, q, s, sizes, M, K, E, x_MK.stride(0), q.stride(0), s.stride(0),
-            QB=Q, BLOCK_K=block_k, BLOCK_E=max(2, next_power_of_2(E)), TRANSPOSED=transposed, num_warps=4,
+            QB=Q, BLOCK_K=block_k, BLOCK_E=max(2, next_power_of_2(E)), TRANSPOSED=transposed,
+            CAST=_hardware_cast(x_MK), num_warps=4,
         )
     return q, s
 
@@ -1293,7 +1299,8 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
         x.stride(0), h2.stride(0), grad.stride(0), q_c.stride(0), s_c.stride(0),
         rows_out[0].stride(0), rows_out[1].stride(0), rows_out[2].stride(0), rows_out[3].stride(0),
         MODE=mode, ACTIVATION=activation, TOP_K=top_k, QB=Q, CH=ch, BK=bk,
-        BLOCK_E=max(2, next_power_of_2(E)), num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        BLOCK_E=max(2, next_power_of_2(E)), CAST=_hardware_cast(x), num_warps=launch["num_warps"],
+        num_stages=launch["num_stages"],
     )
     return q_c, s_c
 

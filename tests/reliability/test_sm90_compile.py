@@ -198,12 +198,13 @@ for dtype in (torch.bfloat16, torch.float32):
               ELEMENT[dtype], dict(QB=F8.Q, TRANSPOSED=transposed, PACKED=packed, CAST=True), 16 if transposed else 8,
               3, types={"q_ptr": "*u8", "s_ptr": "*fp32", "t_ptr": "*i32" if packed else "*u8"})
     check(f"fp8 quantize_cols_grouped from {dtype}", F8._quantize_cols_grouped_kernel, ELEMENT[dtype],
-          dict(QB=F8.Q, BLOCK_K=64, BLOCK_E=128), 4, 3, types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+          dict(QB=F8.Q, BLOCK_K=64, BLOCK_E=128, TRANSPOSED=True, CAST=True), 4, 3,
+          types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
     # The weight gradient's operands quantized in the passes that read them, at the launch taken.
     for mode, launch in F8.COLS_FUSED_LAUNCH.items():
         bk = F8.Q if mode in ("rows", "glu_backward") else launch["bk"]
         check(f"fp8 weight-gradient operands ({mode}) from {dtype}", F8._quantize_cols_fused_kernel, ELEMENT[dtype],
-              dict(MODE=mode, ACTIVATION="silu", TOP_K=2, QB=F8.Q, CH=launch["ch"], BK=bk, BLOCK_E=128),
+              dict(MODE=mode, ACTIVATION="silu", TOP_K=2, QB=F8.Q, CH=launch["ch"], BK=bk, BLOCK_E=128, CAST=True),
               launch["num_warps"], launch["num_stages"],
               types={n: "*fp8e4nv" for n in ("qc_ptr", "q1_ptr", "q2_ptr")}
               | {n: "*fp32" for n in ("sc_ptr", "s1_ptr", "s2_ptr")})
