@@ -109,8 +109,7 @@ def _quantize_rows_kernel(
 # e4m3 as fp32, one power-of-two scale per row). With CAST (CUDA) the values are only scaled: the
 # e4m3 cast that follows rounds them (the hardware's round to nearest even, saturating: an inf to
 # 448, a NaN to NaN), to the values `_round_e4m3` gives by 17 integer and float operations an
-# element. Only where the cast's result is stored as it is: Triton 3.6 stored wrong values where
-# it fed a tile of another layout (see `_quantize_blocks_kernel`).
+# element.
 @triton.jit
 def _row_tiles(x, CAST: tl.constexpr = False):
     scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=1))
@@ -253,10 +252,10 @@ def _e4m3_bits(r):
 # whose cast does not round e4m3's subnormals as the GPU does) `_round_e4m3` and `_e4m3_bits`
 # assemble them by integer arithmetic. With TRANSPOSED the values are also stored the other way,
 # into t_EKN, from the row-major bytes read back after the block's own store (a barrier between):
-# Triton 3.6 on the H200 stored wrong values whenever the e4m3 cast's results fed a tile of
-# another layout, even through a uint8 bitcast (benchmarks/RESULTS.md, "FP8 on the H200" and
-# "The weight quantizer with the hardware's e4m3 cast"), while bytes read from memory transpose
-# correctly. With PACKED (N a multiple of 4) the bytes of four consecutive rows are packed into
+# Triton 3.6 on the H200 stored wrong values where the e4m3 cast's bytes, widened to int32 (as
+# here), fed a tile of another layout (benchmarks/RESULTS.md, "FP8 on the H200" and "The weight
+# quantizer with the hardware's e4m3 cast"), while bytes read from memory transpose correctly (as
+# does the e4m3 tile itself, `_store_cols_k_major`). With PACKED (N a multiple of 4) the bytes of four consecutive rows are packed into
 # one int32 word and the word tile is transposed and stored into t's int32 view ([E, K, N / 4]);
 # else the int32 byte tile is transposed and stored byte by byte (1.7x the time on mixtral's weights).
 @triton.jit
