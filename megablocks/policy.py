@@ -67,9 +67,10 @@ class KernelPolicy:
         fp8_weight_grad: with `Arguments.fp8`, the FP8 node (`one_node_experts`) computes the
             weight gradients in FP8 too (`gmm_fp8_wgrad`, DeepSeek-V3's 128 x 1 tiles down each
             expert's rows), their operands quantized in the passes that already read them; off
-            (the default), from the unquantized operands. Slower on the H200 (training step with
-            the weights cached, mixtral 23.39 -> 23.62 ms, olmoe 8.80 -> 10.28, qwen3moe 7.51 ->
-            9.01): the FP8 products gain 0.4-0.7 ms, the operands' quantizers (0.1-2 TB/s) cost more.
+            (the default), from the unquantized operands. Not faster on the H200 (training step
+            with the weights cached, mixtral 22.40 -> 22.34 ms, olmoe 8.44 -> 9.02; before the
+            column quantizers took the hardware's cast, 23.39 -> 23.62 and 8.80 -> 10.28): the FP8
+            products gain 0.4-0.7 ms, the operands' quantizers (0.3-2.7 TB/s) cost about as much.
         fp8_gather_wgrad_min_ffn: the FP8 node's up weights' gradients (unquantized) read a
             gathered copy of the token rows, made in the backward for both, for experts of at
             least this ffn per rank; narrower ones read the token rows through the maps. The
