@@ -89,6 +89,17 @@ def _round_e4m3(v):
     return tl.where(v != v, float("nan"), (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True))
 
 
+# Scaled values y (within +-448 but for NaN and inf) as they go to the e4m3 cast: with CAST (CUDA)
+# as they are, the cast rounding them (the hardware's round to nearest even, saturating: an inf to
+# 448, a NaN to NaN); else rounded first by `_round_e4m3` (17 integer and float operations an
+# element), to the same values.
+@triton.jit
+def _e4m3_values(y, CAST: tl.constexpr):
+    if CAST:
+        return y
+    return _round_e4m3(y)
+
+
 # x_MK (any float dtype, last dim contiguous) -> q_MK e4m3, s_MKB fp32. Program (i, j) quantizes
 # rows [i*BLOCK_M, (i+1)*BLOCK_M) of the j-th Q columns.
 @triton.jit
@@ -105,18 +116,13 @@ def _quantize_rows_kernel(
     _store_row_tiles(x.to(tl.float32), rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm, CAST)
 
 
-# x: a [BLOCK_M, QB] fp32 tile (0 where masked), 1 x QB tiles of its rows -> (values rounded to
-# e4m3 as fp32, one power-of-two scale per row). With CAST (CUDA) the values are only scaled: the
-# e4m3 cast that follows rounds them (the hardware's round to nearest even, saturating: an inf to
-# 448, a NaN to NaN), to the values `_round_e4m3` gives by 17 integer and float operations an
-# element.
+# x: a [BLOCK_M, QB] fp32 tile (0 where masked), 1 x QB tiles of its rows -> (the values for the
+# e4m3 cast, `_e4m3_values`, one power-of-two scale per row).
 @triton.jit
 def _row_tiles(x, CAST: tl.constexpr = False):
     scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=1))
     scale = tl.where(tl.max((x != x).to(tl.int32), axis=1) > 0, float("nan"), scale)  # max() skips NaN
-    if CAST:
-        return x * inv[:, None], scale
-    return _round_e4m3(x * inv[:, None]), scale
+    return _e4m3_values(x * inv[:, None], CAST), scale
 
 
 # x as `_row_tiles`, of rows `rows` and the program_id(1)-th Q columns `cols`: stored.
@@ -255,9 +261,10 @@ def _e4m3_bits(r):
 # Triton 3.6 on the H200 stored wrong values where the e4m3 cast's bytes, widened to int32 (as
 # here), fed a tile of another layout (benchmarks/RESULTS.md, "FP8 on the H200" and "The weight
 # quantizer with the hardware's e4m3 cast"), while bytes read from memory transpose correctly (as
-# does the e4m3 tile itself, `_store_cols_k_major`). With PACKED (N a multiple of 4) the bytes of four consecutive rows are packed into
-# one int32 word and the word tile is transposed and stored into t's int32 view ([E, K, N / 4]);
-# else the int32 byte tile is transposed and stored byte by byte (1.7x the time on mixtral's weights).
+# does the e4m3 tile itself, `_store_cols_k_major`). With PACKED (N a multiple of 4) the bytes of
+# four consecutive rows are packed into one int32 word and the word tile is transposed and stored
+# into t's int32 view ([E, K, N / 4]); else the int32 byte tile is transposed and stored byte by
+# byte (1.7x the time on mixtral's weights).
 @triton.jit
 def _quantize_blocks_kernel(
     w_ptr, q_ptr, s_ptr, t_ptr,
@@ -405,13 +412,13 @@ def _col_block(b, sizes_ptr, E, M, QB: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 # x [R, C] quantized with its columns' inverse scales inv, stored K-major: q_c[cols, slots]
-# (cols -1: not stored). With CAST (CUDA) rounded by the e4m3 cast, as `_row_tiles`: its results
+# (cols -1: not stored). With CAST (CUDA) rounded by the e4m3 cast (`_e4m3_values`): its results
 # transpose correctly (checked bit for bit against the integer rounding and torch's cast on the
 # H200, Triton 3.6), at 2x the integer form's rate (benchmarks/RESULTS.md, "The column
 # quantizers' hardware cast").
 @triton.jit
 def _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_q, CAST: tl.constexpr = False):
-    q = x * inv[None, :] if CAST else _round_e4m3(x * inv[None, :])
+    q = _e4m3_values(x * inv[None, :], CAST)
     tl.store(q_ptr + cols[:, None].to(tl.int64) * stride_q + slots[None, :], tl.trans(q).to(q_ptr.dtype.element_ty),
              mask=(cols >= 0)[:, None])
 
@@ -429,7 +436,7 @@ def _store_col_tiles(x, b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb,
         slots = b.to(tl.int64) * x.shape[0] + tl.arange(0, x.shape[0])
         _store_cols_k_major(x, inv, cols, slots, q_ptr, stride_qm, CAST)
     else:
-        q = x * inv[None, :] if CAST else _round_e4m3(x * inv[None, :])
+        q = _e4m3_values(x * inv[None, :], CAST)
         tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty),
                  mask=mask)
     tl.store(s_ptr + b.to(tl.int64) * stride_sb + cols, scale, mask=cols >= 0)
@@ -663,11 +670,11 @@ def _gmm_fp8_wgrad_kmajor_kernel(
 
 
 def _hardware_cast(t: torch.Tensor) -> bool:
-    """Whether the quantizers on `t` round by the hardware's e4m3 cast (the CAST of `_row_tiles`,
-    `_store_col_tiles` and `_quantize_blocks_kernel`): on CUDA, not under the interpreter (whose cast rounds e4m3's
+    """Whether the quantizers on `t` round by the hardware's e4m3 cast (the CAST of `_e4m3_values`
+    and `_quantize_blocks_kernel`): on CUDA, not under the interpreter (whose cast rounds e4m3's
     subnormals otherwise; there `_round_e4m3`'s integer arithmetic gives the same bytes). The row
-    quantizers measured 1.19-1.27x faster so, the GLU backward's 1.03x (H200, `bench_fp8.py
-    --rounding`, benchmarks/RESULTS.md)."""
+    quantizers measured 1.19-1.29x faster so, the GLU backward's 1.03x, the column quantizers up
+    to 2x (H200, `bench_fp8.py --rounding`, `benchmarks/cast_transposed.py`, benchmarks/RESULTS.md)."""
     return t.device.type == "cuda" and not interpreted(t)
 
 

@@ -35,8 +35,7 @@ node keeps nothing else of the forward but x_TH and the GLU product, as the bf16
 gathered rows; with `keep_product=False`, `memory_optimized_mlp`, not the product either: it is
 made again from h1 and h2 for w2's gradient), and the weight gradients unquantized, reading the
 token rows through the maps (experts as wide as the policy's `fp8_gather_wgrad_min_ffn`: a
-gathered copy); the GLU's gradient is quantized for
-the input-gradient products as it is made
+gathered copy); the GLU's gradient is quantized for the input-gradient products as it is made
 (`glu_backward_quantize_rows_`). Its output is bitwise that of the composed FP8 ops (gather,
 `fp8_gmm` twice, `glu`, `fp8_gmm`), and so are its gradients in the tests (the fused GLU backward
 is the composed ops' fp32 math compiled apart: a compiler that contracts it otherwise moves a
