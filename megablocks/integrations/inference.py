@@ -191,12 +191,18 @@ def _(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b, gather_min
     return torch.empty_like(hidden_states)
 
 
-def _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b,
-                        weight_dtypes: Optional[Tuple[torch.dtype, ...]] = None) -> None:
-    """`weight_dtypes`: those w1 and w2 may have (default: hidden_states')."""
+def _check_rows_and_weights(hidden_states, w1, w2, weight_dtypes: Optional[Tuple[torch.dtype, ...]]) -> None:
+    """hidden_states [T, H] of a float dtype, w1 and w2 3-D of `weight_dtypes` (None:
+    hidden_states')."""
     _checks.check_tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.check_tensor("w1", w1, ndim=3, dtypes=weight_dtypes or (hidden_states.dtype,))
     _checks.check_tensor("w2", w2, ndim=3, dtypes=weight_dtypes or (hidden_states.dtype,))
+
+
+def _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, trans_b,
+                        weight_dtypes: Optional[Tuple[torch.dtype, ...]] = None) -> None:
+    """`weight_dtypes`: those w1 and w2 may have (default: hidden_states')."""
+    _check_rows_and_weights(hidden_states, w1, w2, weight_dtypes)
     _checks.check_tensor("ids_TK", ids_TK, ndim=2, dtypes=_checks.INDEX_DTYPES)
     _checks.check_tensor("weights_TK", weights_TK, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.check_same_device(hidden_states=hidden_states, w1=w1, w2=w2, ids_TK=ids_TK, weights_TK=weights_TK)
@@ -259,9 +265,7 @@ def _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activat
                 weight_dtypes: Optional[Tuple[torch.dtype, ...]] = None) -> Tuple[int, int]:
     """(E, F) of checked `fused_moe` arguments; `weight_dtypes`: those w1 and w2 may have (default:
     hidden_states')."""
-    _checks.check_tensor("hidden_states", hidden_states, ndim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor("w1", w1, ndim=3, dtypes=weight_dtypes or (hidden_states.dtype,))
-    _checks.check_tensor("w2", w2, ndim=3, dtypes=weight_dtypes or (hidden_states.dtype,))
+    _check_rows_and_weights(hidden_states, w1, w2, weight_dtypes)
     _checks.check_tensor("gating_output", gating_output, ndim=2, dtypes=_checks.FLOAT_DTYPES)
     _checks.check_same_device(hidden_states=hidden_states, w1=w1, w2=w2, gating_output=gating_output)
     t, h = hidden_states.shape
