@@ -19,6 +19,9 @@ launched plainly).
 `--decode-variants` times the decode rows again with each of `sweep_fp8.VARIANTS` as the FP8
 decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIGS`), e.g. the `swap_ab` tiles.
 
+`--decode-glu` (none by default) times the FP8 decode with the GLU made and quantized in the up
+product's epilogue (`KernelPolicy.fp8_decode_glu_epilogue`) against the two launches, interleaved.
+
 `--serving-breakdown` (none by default) lists the device time of every kernel of those calls
 (torch.profiler), bf16 and FP8.
 
@@ -132,6 +135,11 @@ def bench(args):
                                  "fp8_graph_ms", "speedup_graph", "speedup_graph_no_pdl", "fp8_weight_gbs", "copy_gbs",
                                  "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
+    dglu_rows = [row for name in args.decode_glu for row in decode_glu_rows(name)]
+    if dglu_rows:
+        print_table(dglu_rows, ["config", "T", "repeat", "pdl", "bf16_ms", "epilogue_ms", "two_launches_ms",
+                                "speedup_epilogue", "speedup_two_launches", "fits", "same_output"])
+        write_csv(os.path.join(args.out, "bench_fp8_decode_glu.csv"), [{**r, **env} for r in dglu_rows])
     kernel_rows = [row for name in args.serving_breakdown for T in (64, 4096) for row in serving_kernels(name, T)]
     if kernel_rows:
         print_table(kernel_rows, ["config", "T", "experts", "kernel", "us"])
@@ -448,6 +456,31 @@ def decode_variant_rows(names, variants):
     return rows
 
 
+def decode_glu_rows(name, repeats=3, T=64):
+    """Rows (config, T, repeat, pdl, bf16_ms, epilogue_ms, two_launches_ms, same_output): `fused_moe`
+    at T tokens of config `name` on FP8 experts with the GLU made and quantized in the up product's
+    epilogue (`KernelPolicy.fp8_decode_glu_epilogue`, the default) and without (the product, then
+    `glu_quantize_rows`), against bf16 experts; replayed from CUDA graphs in each PDL mode, the
+    forms interleaved `repeats` times."""
+    from megablocks.policy import KernelPolicy
+
+    _, H, F, E, k = CONFIGS[name]
+    x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, "cuda", torch.bfloat16)
+    off = KernelPolicy(fp8_decode_glu_epilogue=False)
+    bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
+    on = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
+    two = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=off)  # noqa: E731
+    same = torch.equal(on(), two())
+    rows = []
+    for repeat in range(repeats):
+        for mode, (ms_bf16, ms_on, ms_two) in graph_ms_by_pdl(bf16, on, two).items():
+            rows.append(dict(config=name, T=T, repeat=repeat, pdl=mode, bf16_ms=ms_bf16, epilogue_ms=ms_on,
+                             two_launches_ms=ms_two, speedup_epilogue=ms_bf16 / ms_on,
+                             speedup_two_launches=ms_bf16 / ms_two, fits=fp8_backend.glu_decode_fits(T * k, E, 2 * F),
+                             same_output=same))
+    return rows
+
+
 def serving_kernels(name, T):
     """Rows (config, T, experts, kernel, us): the device time of each kernel of one `fused_moe`
     call at T tokens of config `name`, bf16 experts and their FP8 copy (torch.profiler)."""
@@ -727,6 +760,9 @@ def main():
                    help="configs whose fused_moe calls (T = 64 and 4096) are split into kernel times")
     p.add_argument("--decode-variants", nargs="*", default=[],
                    help="sweep_fp8 variants under which the --serving configs' decode (T = 64) is timed again")
+    p.add_argument("--decode-glu", nargs="*", default=[], choices=list(CONFIGS),
+                   help="configs whose FP8 decode (T = 64) is timed with the GLU in the up product's epilogue "
+                        "and without, interleaved")
     p.add_argument("--layer-breakdown", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose bf16 and FP8 layer steps are profiled kernel by kernel")
     p.add_argument("--layer-memory", nargs="*", default=[], choices=list(CONFIGS),

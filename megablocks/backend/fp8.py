@@ -117,12 +117,17 @@ def _quantize_rows_kernel(
 
 
 # x: a [BLOCK_M, QB] fp32 tile (0 where masked), 1 x QB tiles of its rows -> (the values for the
-# e4m3 cast, `_e4m3_values`, one power-of-two scale per row).
+# e4m3 cast, `_e4m3_values`, one power-of-two scale per row). AXIS 0: x is such a tile transposed
+# ([QB, BLOCK_M], a column per row; the values come back in that layout).
 @triton.jit
-def _row_tiles(x, CAST: tl.constexpr = False):
-    scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=1))
-    scale = tl.where(tl.max((x != x).to(tl.int32), axis=1) > 0, float("nan"), scale)  # max() skips NaN
-    return _e4m3_values(x * inv[:, None], CAST), scale
+def _row_tiles(x, CAST: tl.constexpr = False, AXIS: tl.constexpr = 1):
+    scale, inv = _pow2_scale(tl.max(tl.abs(x), axis=AXIS))
+    scale = tl.where(tl.max((x != x).to(tl.int32), axis=AXIS) > 0, float("nan"), scale)  # max() skips NaN
+    if AXIS == 0:
+        y = x * inv[None, :]
+    else:
+        y = x * inv[:, None]
+    return _e4m3_values(y, CAST), scale
 
 
 # x as `_row_tiles`, of rows `rows` and the program_id(1)-th Q columns `cols`: stored.
@@ -304,6 +309,46 @@ def _quantize_blocks_kernel(
     tl.store(s_ptr + e * stride_se + tl.program_id(0) * stride_sn + tl.program_id(1), scale)
 
 
+# The K loop of a transposed (SWAP_AB) tile: acc_t [BLOCK_N, BLOCK_M] = w_tile @ x_tile^T, each
+# BLOCK_K-deep step promoted to fp32 with the rows' scales (xs_ptrs, per row) and the weight's
+# (ws_ptr_n: the tile's block row, one scale a step; or, BLOCK_N > QB, each column's block from
+# ws_ptr_e, the expert's scales). With TWO, a second tile of the weight's rows W2_OFF rows further
+# on (its scales WS2_OFF block rows further on: W2_OFF a multiple of QB) is computed from the
+# same row loads into a second accumulator (else the second result is the first).
+@triton.jit
+def _swap_ab_tiles(x_ptrs, xs_ptrs, w_ptrs, ws_ptr_n, ws_ptr_e, w2_off, ws2_off, offs_n, row_ok, N, K,
+                   stride_xsk, stride_wk, stride_wsn, stride_wsk,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
+                   TWO: tl.constexpr):
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc2_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    ws_cols = ws_ptr_e + (offs_n // QB) * stride_wsn
+    for k in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k
+        a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_t = tl.load(w_ptrs, mask=(offs_n < N)[:, None] & k_ok[None, :], other=0.0)
+        part_t = tl.dot(b_t, tl.trans(a), out_dtype=tl.float32)
+        sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
+        if BLOCK_N > QB:  # the tile spans blocks: each column's scale
+            sb = tl.load(ws_cols + (k // QB) * stride_wsk, mask=offs_n < N, other=0.0)
+            acc_t += part_t * (sb[:, None] * sa[None, :])
+        else:
+            sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
+            acc_t += part_t * (sa[None, :] * sb)
+        if TWO:
+            b2_t = tl.load(w_ptrs + w2_off, mask=k_ok[None, :], other=0.0)
+            part2_t = tl.dot(b2_t, tl.trans(a), out_dtype=tl.float32)
+            sb2 = tl.load(ws_ptr_n + ws2_off + (k // QB) * stride_wsk)
+            acc2_t += part2_t * (sa[None, :] * sb2)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
+    if not TWO:
+        acc2_t = acc_t
+    return acc_t, acc2_t
+
+
+
 # out_MN[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T; x_q [M, K], x_s [M, KB],
 # w_q as its logical [E, N, K] strides (any layout: [E, K, N] storage is the trans_b=False form),
 # w_s as its logical [E, NB, KB] strides. Row tiles over all groups as in `gmm._gmm_kernel` (leftover
@@ -355,22 +400,9 @@ def _gmm_fp8_kernel(
         if SWAP_AB:  # w tiles [BLOCK_N, BLOCK_K], the accumulator transposed: [BLOCK_N, BLOCK_M]
             w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
                       + offs_k[None, :].to(tl.int64) * stride_wk)
-            acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            ws_cols = ws_ptr + group.to(tl.int64) * stride_wse + (offs_n // QB) * stride_wsn
-            for k in range(0, K, BLOCK_K):
-                k_ok = offs_k < K - k
-                a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                b_t = tl.load(w_ptrs, mask=(offs_n < N)[:, None] & k_ok[None, :], other=0.0)
-                part_t = tl.dot(b_t, tl.trans(a), out_dtype=tl.float32)
-                sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
-                if BLOCK_N > QB:  # the tile spans blocks: each column's scale
-                    sb = tl.load(ws_cols + (k // QB) * stride_wsk, mask=offs_n < N, other=0.0)
-                    acc_t += part_t * (sb[:, None] * sa[None, :])
-                else:
-                    sb = tl.load(ws_ptr_n + (k // QB) * stride_wsk)
-                    acc_t += part_t * (sa[None, :] * sb)
-                x_ptrs += BLOCK_K
-                w_ptrs += BLOCK_K * stride_wk
+            acc_t, _ = _swap_ab_tiles(x_ptrs, xs_ptrs, w_ptrs, ws_ptr_n, ws_ptr + group.to(tl.int64) * stride_wse,
+                                      0, 0, offs_n, row_ok, N, K, stride_xsk, stride_wk, stride_wsn, stride_wsk,
+                                      BLOCK_M, BLOCK_N, BLOCK_K, QB, False)
             acc_t = tl.where(real, acc_t, 0.0)
             out_ptrs_t = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
             tl.store(out_ptrs_t, acc_t.to(out_ptr.dtype.element_ty),
@@ -399,6 +431,55 @@ def _gmm_fp8_kernel(
             acc = tl.where(real, acc, 0.0)
             out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
+
+
+# The decode up product with the GLU and its quantizer in the epilogue: x_q [M, K] (scales x_s)
+# times w1 as its logical [E, 2F, K] (gate rows [0, F), up rows [F, 2F); F a multiple of QB) ->
+# q_MF e4m3 and s_MFB of `act(h1) * up(h2)`, where h = x @ w1[e]^T is rounded to H_DTYPE as
+# `gmm_fp8` writes it: bit for bit `gmm_fp8` over the same transposed tile, then
+# `glu_quantize_rows`, with h never written nor read back. Program (tile_m, f) computes the
+# transposed tiles of both halves' QB columns [f*QB, (f+1)*QB) from the same row loads; each
+# row's QB columns are then exactly one 1 x QB tile of the quantizer (no program recomputes
+# another's). Rows past the groups' total come out as the zeros' tiles, as h's zero rows do there.
+@triton.jit
+def _gmm_fp8_glu_decode_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, q_ptr, s_ptr, sizes_ptr,
+    M, F, K, E,
+    stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
+    stride_qm, stride_sm,
+    ACTIVATION: tl.constexpr, H_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    QB: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False, CAST: tl.constexpr = False,
+):
+    pdl_start(PDL)
+    e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
+    rows_total = tl.max(ends, 0)
+    real_m_tiles = tl.sum(tiles, 0)
+    tile_m = tl.program_id(0)
+    if tile_m >= real_m_tiles + tl.cdiv(M - rows_total, BLOCK_M):  # the grid covers any sizes' tiles
+        return
+    group, row0, row_end, real = _row_tile(tile_m, e, starts, ends, tile_starts, tiles, real_m_tiles, rows_total,
+                                           M, BLOCK_M)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    offs_f = tl.program_id(1) * QB + tl.arange(0, QB)
+    offs_k = tl.arange(0, BLOCK_K)
+    row_ok = offs_m < row_end
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    xs_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xsm
+    ws_e = ws_ptr + group.to(tl.int64) * stride_wse
+    w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + offs_f[:, None].to(tl.int64) * stride_wn
+              + offs_k[None, :].to(tl.int64) * stride_wk)
+    acc1_t, acc2_t = _swap_ab_tiles(x_ptrs, xs_ptrs, w_ptrs, ws_e + tl.program_id(1) * stride_wsn, ws_e,
+                                    F.to(tl.int64) * stride_wn, (F // QB) * stride_wsn, offs_f, row_ok, F, K,
+                                    stride_xsk, stride_wk, stride_wsn, stride_wsk, BLOCK_M, QB, BLOCK_K, QB, True)
+    h1 = tl.where(real, acc1_t, 0.0).to(H_DTYPE).to(tl.float32)
+    h2 = tl.where(real, acc2_t, 0.0).to(H_DTYPE).to(tl.float32)
+    a, _ = _act(h1, ACTIVATION)
+    u, _ = _up(h2, ACTIVATION)
+    q_t, scale = _row_tiles((a * u).to(H_DTYPE).to(tl.float32), CAST, 0)
+    tl.store(q_ptr + offs_m[None, :].to(tl.int64) * stride_qm + offs_f[:, None], q_t.to(q_ptr.dtype.element_ty),
+             mask=row_ok[None, :])
+    tl.store(s_ptr + offs_m.to(tl.int64) * stride_sm + tl.program_id(1), scale, mask=row_ok)
+
 
 
 # Block b of `_group_table`'s Q-row blocks: (its first row, its end row, whether b is a block).
@@ -1225,6 +1306,63 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x_q),
     )
     return out
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def glu_decode_fits(M: int, E: int, two_f: int) -> bool:
+    """Whether `gmm_fp8_glu_quantize` runs its one kernel for M rows over E experts and an up
+    projection of 2F = `two_f` outputs: at the sizes of the transposed decode tiles (M at most
+    32 rows per expert on average, `FP8_DECODE_CONFIGS`) with F a multiple of Q (each 128 columns
+    of the GLU one 1 x Q tile, the gate's and the up half's blocks aligned)."""
+    swap_rows = max(rows for rows, launch in FP8_DECODE_CONFIGS if launch.get("swap_ab"))
+    return E > 0 and M <= swap_rows * E and two_f > 0 and two_f % (2 * Q) == 0
+
+
+def gmm_fp8_glu_quantize(x_q: torch.Tensor, x_s: torch.Tensor, w1_q: torch.Tensor, w1_s: torch.Tensor,
+                         batch_sizes: torch.Tensor, activation: str = "silu", out_dtype: torch.dtype = torch.bfloat16,
+                         block_m: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`glu_quantize_rows` of the halves of `gmm_fp8(x_q, x_s, w1_q, w1_s, batch_sizes, out_dtype)`:
+    the up projection of GLU experts (w1_q `[E, 2F, K]` e4m3, gate rows then up rows, scales
+    `[E, 2F/Q, KB]`), its gated activation, quantized in 1 x Q tiles -> (q `[M, F]` e4m3, s
+    `[M, F/Q]` fp32), h rounded to `out_dtype` between them as `gmm_fp8` writes it. Where
+    `glu_decode_fits` (decode sizes, F a multiple of Q) on CUDA or under the interpreter, one
+    kernel: the decode product's transposed tiles for both halves' same 128 columns, the GLU and
+    its quantizer in the epilogue, h never written; bit for bit the two launches with `gmm_fp8`'s
+    decode tile (`block_m` rows: that of `gmm_fp8_launch` unless given, 16 or 32). Elsewhere the
+    two launches themselves."""
+    check_gmm_fp8_args(x_q, x_s, w1_q, w1_s, batch_sizes, out_dtype, True)
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    M, K = x_q.shape
+    E, two_f, _ = w1_q.shape
+    if two_f % 2:
+        raise ValueError(f"w1_q: expected [E, 2F, K] (the gate's and the up half's rows), got {tuple(w1_q.shape)}")
+    if block_m not in (None, 16, 32):
+        raise ValueError(f"block_m: expected None, 16 or 32, got {block_m!r}")
+    f = two_f // 2
+    on_device = x_q.device.type == "cuda" or interpreted(x_q)
+    if not (on_device and glu_decode_fits(M, E, two_f)) or M == 0 or K == 0:
+        h = gmm_fp8(x_q, x_s, w1_q, w1_s, batch_sizes, out_dtype=out_dtype)
+        return glu_quantize_rows(h[:, :f], h[:, f:], activation)
+    launch = gmm_fp8_launch(M, E)
+    if interpreted(x_q):
+        launch = dict(FP8_DECODE_CONFIGS[0][1], num_stages=1)
+    block_m = block_m or launch["block_m"]
+    q = torch.empty((M, f), dtype=FP8_DTYPE, device=x_q.device)
+    s = torch.empty((M, f // Q), dtype=torch.float32, device=x_q.device)
+    sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
+    _gmm_fp8_glu_decode_kernel[(cdiv(M, block_m) + E, f // Q)](
+        x_q, x_s, w1_q, w1_s, q, s, sizes,
+        M, f, K, E,
+        x_q.stride(0), x_s.stride(0), x_s.stride(1), w1_q.stride(0), w1_q.stride(1), w1_q.stride(2), w1_s.stride(0),
+        w1_s.stride(1), w1_s.stride(2), q.stride(0), s.stride(0),
+        ACTIVATION=activation, H_DTYPE=_TL_DTYPES[out_dtype], BLOCK_M=block_m, BLOCK_K=Q, QB=Q,
+        BLOCK_E=max(2, next_power_of_2(E)), CAST=_hardware_cast(x_q), num_warps=launch["num_warps"],
+        num_stages=launch["num_stages"], **pdl_launch(x_q),
+    )
+    return q, s
 
 
 def _check_sizes(batch_sizes: torch.Tensor, device) -> torch.Tensor:

@@ -414,7 +414,7 @@ def _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, acti
     else:
         weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
         routing = _fp8_routing(hidden_states, ids_TK, e, policy)
-    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation)
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, policy)
 
 
 def _fp8_routing(hidden_states, ids_TK, e, policy) -> Tuple[torch.Tensor, RowMaps]:
@@ -427,20 +427,25 @@ def _fp8_routing(hidden_states, ids_TK, e, policy) -> Tuple[torch.Tensor, RowMap
     return meta.tokens_per_expert, route(meta.indices, meta.bin_ids, meta.bins, ids_TK.shape[1])
 
 
-def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation) -> torch.Tensor:
+def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation,
+                 policy: KernelPolicy) -> torch.Tensor:
     """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` on checked FP8 experts and a routing
     (tokens_per_expert_E, maps): the rows quantized as they are gathered (each token's tiles once;
-    the e4m3 bytes move, not the rows'), FP8 grouped GEMM, the GLU quantized as it is made, FP8
+    the e4m3 bytes move, not the rows'), FP8 grouped GEMM, the GLU quantized as it is made (at
+    decode sizes, with `policy.fp8_decode_glu_epilogue`, in the up product's epilogue), FP8
     grouped GEMM, weighted scatter."""
     tokens_per_expert, maps = routing
     f = w1.shape[1] // 2
     dtype = hidden_states.dtype
     x_q, x_s = fp8.gather_quantize_rows(hidden_states, maps.assignment_row, maps.top_k)
-    h_N2F = fp8.gmm_fp8(x_q, x_s, w1, w1_scale, tokens_per_expert, out_dtype=dtype)
-    # The GLU quantized as it is made, from the two halves in place (a copy to contiguous halves,
-    # the GLU's write and the quantizer's read of it were 0.93 of 4.87 ms of mixtral's T = 4096
-    # forward; H200, bench_fp8.py --serving-breakdown).
-    a_q, a_s = fp8.glu_quantize_rows(h_N2F[:, :f], h_N2F[:, f:], activation)
+    if policy.fp8_decode_glu_epilogue and fp8.glu_decode_fits(x_q.shape[0], w1.shape[0], w1.shape[1]):
+        a_q, a_s = fp8.gmm_fp8_glu_quantize(x_q, x_s, w1, w1_scale, tokens_per_expert, activation, out_dtype=dtype)
+    else:
+        h_N2F = fp8.gmm_fp8(x_q, x_s, w1, w1_scale, tokens_per_expert, out_dtype=dtype)
+        # The GLU quantized as it is made, from the two halves in place (a copy to contiguous
+        # halves, the GLU's write and the quantizer's read of it were 0.93 of 4.87 ms of mixtral's
+        # T = 4096 forward; H200, bench_fp8.py --serving-breakdown).
+        a_q, a_s = fp8.glu_quantize_rows(h_N2F[:, :f], h_N2F[:, f:], activation)
     y_NH = fp8.gmm_fp8(a_q, a_s, w2, w2_scale, tokens_per_expert, out_dtype=dtype)
     return scatter_routed(y_NH, maps, weights_TK.reshape(-1).float())
 
@@ -459,8 +464,9 @@ def fp8_experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale
     _check_fp8_scales(hidden_states, w1_scale, w2_scale)
     _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, True, weight_dtypes=(fp8.FP8_DTYPE,))
     _check_fp8_scales_fit(w1, w1_scale, w2_scale)
-    routing = _fp8_routing(hidden_states, ids_TK, w1.shape[0], as_policy(policy, "policy"))
-    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation)
+    policy = as_policy(policy, "policy")
+    routing = _fp8_routing(hidden_states, ids_TK, w1.shape[0], policy)
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, policy)
 
 
 def fused_moe_fp8_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,

@@ -598,6 +598,103 @@ def test_gmm_fp8_swap_ab_tiles(case, trans_b, block_n):
     assert not out[sum(sizes):].any(), "rows past the groups' total are zeros"
 
 
+if DEVICE == "cuda":
+    GLU_DECODE_CASES = {  # (sizes, K, 2F)
+        "decode": ([8, 0, 3, 1, 0, 4, 16, 0], 1000, 512),
+        "decode_32": ([40, 0, 17, 31, 60, 5, 33, 2], 520, 768),
+    }
+else:
+    GLU_DECODE_CASES = {
+        "mixed": ([5, 0, 1, 9, 0, 3], 200, 256),
+        "one_expert": ([7], 130, 512),
+    }
+
+
+def _glu_decode_operands(sizes, K, two_f, dtype, seed):
+    """Quantized rows (3 past the groups' total; an outlier row, a NaN row) and w1 [E, 2F, K]."""
+    x, w, batch_sizes = _operands(sizes, K, two_f, extra_rows=3, seed=seed)
+    x[1] *= 30  # an outlier row (its GLU within fp16's range)
+    x[4, 7] = float("nan")  # its row's first tile NaN: h, the GLU and its tiles NaN
+    x_q, x_s = fp8.quantize_rows(x.to(dtype))
+    w_q, w_s = fp8.quantize_blocks(w)
+    return x_q, x_s, w_q, w_s, batch_sizes
+
+
+def _assert_same_tiles(name, got, want):
+    (q, s), (ref_q, ref_s) = got, want
+    assert q.shape == ref_q.shape and s.shape == ref_s.shape and q.dtype == fp8.FP8_DTYPE, name
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)), name
+    assert torch.equal(s.isnan(), ref_s.isnan()) and torch.equal(s.nan_to_num(), ref_s.nan_to_num()), name
+
+
+@pytest.mark.parametrize("case", list(GLU_DECODE_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "clamped_swiglu"])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_gmm_fp8_glu_quantize_equals_the_two_launches(case, dtype, activation, block_m):
+    """The decode up product with the GLU and its quantizer in the epilogue equals `gmm_fp8` over
+    the same transposed tile, then `glu_quantize_rows` of h's halves, bit for bit (values and
+    scales): uneven and empty groups, rows past the groups' total, K not a multiple of 128, an
+    outlier row and a NaN row; and the tiles dequantize to the GLU of the exact product within
+    e4m3's half unit plus h's rounding."""
+    from megablocks.ops.activation import glu
+
+    sizes, K, two_f = GLU_DECODE_CASES[case]
+    f = two_f // 2
+    x_q, x_s, w_q, w_s, batch_sizes = _glu_decode_operands(sizes, K, two_f, dtype, seed=len(sizes) + K)
+    M = x_q.shape[0]
+    assert fp8_backend.glu_decode_fits(M, len(sizes), two_f)
+    cfg = dict(swap_ab=True, block_m=block_m, block_n=Q, block_k=Q)
+    if DEVICE == "cuda":
+        cfg.update(num_warps=4)
+    h = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=dtype, config=cfg)
+    want = fp8.glu_quantize_rows(h[:, :f], h[:, f:], activation)
+    got = fp8.gmm_fp8_glu_quantize(x_q, x_s, w_q, w_s, batch_sizes, activation, out_dtype=dtype, block_m=block_m)
+    _assert_same_tiles("glu epilogue", got, want)
+    q, s = got
+    assert s[4].isnan().all() and not s[torch.arange(M) != 4].isnan().any()
+    assert (q[sum(sizes):].view(torch.uint8) == 0).all(), "rows past the groups' total: the zeros' tiles"
+    exact = _definition(x_q, x_s, w_q, w_s, sizes, True)
+    a = glu(exact[:, :f].float(), exact[:, f:].float(), activation)
+    ok = torch.ones(M, dtype=torch.bool)
+    ok[4] = False
+    deq = fp8.dequantize_rows(q, s).cpu()[ok]
+    a = a[ok]
+    scale = s.cpu()[ok].repeat_interleave(Q, dim=1)
+    h_step = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10 if dtype == torch.float16 else 2.0**-20
+    bound = a.abs() * 2.0**-4 + scale * 2.0**-10 + (8 * h_step + 1e-6) * a.abs().amax(dim=1, keepdim=True)
+    assert ((deq - a).abs() <= bound).all(), ((deq - a).abs() - bound).max()
+
+
+@pytest.mark.parametrize("two_f, sizes", [(2 * 72, [5, 0, 9]), (256, [40, 0, 60])], ids=["f_72", "rows_past_decode"])
+def test_gmm_fp8_glu_quantize_elsewhere_the_two_launches(two_f, sizes):
+    """Where the epilogue form does not fit (F not a multiple of 128; more than 32 rows per expert)
+    the call is the two default launches themselves."""
+    assert not fp8_backend.glu_decode_fits(sum(sizes) + 3, len(sizes), two_f)
+    x_q, x_s, w_q, w_s, batch_sizes = _glu_decode_operands(sizes, 130, two_f, torch.float32, seed=two_f)
+    h = fp8.gmm_fp8(x_q, x_s, w_q, w_s, batch_sizes, out_dtype=torch.float32)
+    want = fp8.glu_quantize_rows(h[:, :two_f // 2], h[:, two_f // 2:], "silu")
+    got = fp8.gmm_fp8_glu_quantize(x_q, x_s, w_q, w_s, batch_sizes, "silu", out_dtype=torch.float32)
+    _assert_same_tiles("two launches", got, want)
+
+
+def test_gmm_fp8_glu_quantize_validates():
+    x_q, x_s, w_q, w_s, batch_sizes = _glu_decode_operands([3, 2], 128, 256, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        fp8.gmm_fp8_glu_quantize(x_q, x_s, w_q, w_s, batch_sizes, "swish")
+    with pytest.raises(ValueError, match="block_m: expected None, 16 or 32"):
+        fp8.gmm_fp8_glu_quantize(x_q, x_s, w_q, w_s, batch_sizes, block_m=64)
+    odd_q, odd_s = fp8.quantize_blocks(torch.randn(2, 255, 128, device=DEVICE))
+    with pytest.raises(ValueError, match=r"w1_q: expected \[E, 2F, K\]"):
+        fp8.gmm_fp8_glu_quantize(x_q, x_s, odd_q, odd_s, batch_sizes)
+    with pytest.raises(ValueError, match="batch_sizes: expected 2 entries"):
+        fp8.gmm_fp8_glu_quantize(x_q, x_s, w_q, w_s, batch_sizes[:1])
+    with pytest.raises(TypeError):
+        fp8.gmm_fp8_glu_quantize(x_q.float(), x_s, w_q, w_s, batch_sizes)
+    with pytest.raises(ValueError, match="x_s: expected"):
+        fp8.gmm_fp8_glu_quantize(x_q, x_s[:, :0], w_q, w_s, batch_sizes)
+
+
 @pytest.mark.parametrize("case", list(TMA_CASES))
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
 @pytest.mark.parametrize("form", [dict(warp_specialize=False), dict(warp_specialize=True),

@@ -191,6 +191,12 @@ for dtype in (torch.bfloat16, torch.float32):
               dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, GROUP_M=8, USE_TMA=False,
                    W_K_MAJOR=True, WARP_SPECIALIZE=False, SWAP_AB=True, PDL=2), 4, 4,
               types={"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"})
+    # ... and the up product's form with the GLU and its quantizer in the epilogue (two accumulators).
+    for block_m, activation in ((16, "silu"), (32, "silu"), (32, "clamped_swiglu")):
+        check(f"fp8 gmm glu decode h {dtype} block_m={block_m} {activation}", F8._gmm_fp8_glu_decode_kernel,
+              "*fp8e4nv", dict(ACTIVATION=activation, H_DTYPE=F8._TL_DTYPES[dtype], BLOCK_M=block_m, BLOCK_K=128,
+                               QB=F8.Q, BLOCK_E=128, PDL=2, CAST=True), 4, 4,
+              types={"xs_ptr": "*fp32", "ws_ptr": "*fp32", "s_ptr": "*fp32"})
     # Alone, and with the transposed copy (four bytes to an int32 word, or one by one); the
     # hardware's cast, as CUDA runs it.
     for transposed, packed in ((False, False), (True, True), (True, False)):
