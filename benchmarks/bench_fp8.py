@@ -459,16 +459,16 @@ def decode_variant_rows(names, variants):
 def decode_glu_rows(name, repeats=3, T=64):
     """Rows (config, T, repeat, pdl, bf16_ms, epilogue_ms, two_launches_ms, same_output): `fused_moe`
     at T tokens of config `name` on FP8 experts with the GLU made and quantized in the up product's
-    epilogue (`KernelPolicy.fp8_decode_glu_epilogue`, the default) and without (the product, then
+    epilogue (`KernelPolicy.fp8_decode_glu_epilogue`) and without (the product, then
     `glu_quantize_rows`), against bf16 experts; replayed from CUDA graphs in each PDL mode, the
     forms interleaved `repeats` times."""
     from megablocks.policy import KernelPolicy
 
     _, H, F, E, k = CONFIGS[name]
     x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, "cuda", torch.bfloat16)
-    off = KernelPolicy(fp8_decode_glu_epilogue=False)
+    epilogue, off = KernelPolicy(fp8_decode_glu_epilogue=True), KernelPolicy(fp8_decode_glu_epilogue=False)
     bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
-    on = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
+    on = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=epilogue)  # noqa: E731
     two = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=off)  # noqa: E731
     same = torch.equal(on(), two())
     rows = []
