@@ -22,6 +22,9 @@ decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIGS`), e.g. the `swap_ab` 
 `--decode-glu` (none by default) times the FP8 decode with the GLU made and quantized in the up
 product's epilogue (`KernelPolicy.fp8_decode_glu_epilogue`) against the two launches, interleaved.
 
+`--dmoe-inference` (none by default) times the dMoE layer itself in inference (`torch.no_grad`),
+bf16 against FP8 (the FP8 node, with the GLU epilogue, and the composed FP8 ops).
+
 `--serving-breakdown` (none by default) lists the device time of every kernel of those calls
 (torch.profiler), bf16 and FP8.
 
@@ -140,6 +143,11 @@ def bench(args):
         print_table(dglu_rows, ["config", "T", "repeat", "pdl", "bf16_ms", "epilogue_ms", "two_launches_ms",
                                 "speedup_epilogue", "speedup_two_launches", "fits", "same_output"])
         write_csv(os.path.join(args.out, "bench_fp8_decode_glu.csv"), [{**r, **env} for r in dglu_rows])
+    inference_rows = [row for name in args.dmoe_inference for row in dmoe_inference_rows(name)]
+    if inference_rows:
+        print_table(inference_rows, ["config", "T", "form", "eager_ms", "graph_ms", "speedup_eager", "speedup_graph",
+                                     "rel_rms_vs_bf16"])
+        write_csv(os.path.join(args.out, "bench_fp8_dmoe_inference.csv"), [{**r, **env} for r in inference_rows])
     kernel_rows = [row for name in args.serving_breakdown for T in (64, 4096) for row in serving_kernels(name, T)]
     if kernel_rows:
         print_table(kernel_rows, ["config", "T", "experts", "kernel", "us"])
@@ -456,16 +464,17 @@ def decode_variant_rows(names, variants):
     return rows
 
 
-def decode_glu_rows(name, repeats=3, T=64):
+def decode_glu_rows(name, repeats=3, T=64, device="cuda", shape=None):
     """Rows (config, T, repeat, pdl, bf16_ms, epilogue_ms, two_launches_ms, same_output): `fused_moe`
     at T tokens of config `name` on FP8 experts with the GLU made and quantized in the up product's
     epilogue (`KernelPolicy.fp8_decode_glu_epilogue`) and without (the product, then
     `glu_quantize_rows`), against bf16 experts; replayed from CUDA graphs in each PDL mode, the
-    forms interleaved `repeats` times."""
+    forms interleaved `repeats` times (off CUDA: the outputs only, times nan)."""
     from megablocks.policy import KernelPolicy
 
-    _, H, F, E, k = CONFIGS[name]
-    x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, "cuda", torch.bfloat16)
+    _, H, F, E, k = shape or CONFIGS[name]
+    x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, device,
+                                                       torch.bfloat16 if device == "cuda" else torch.float32)
     epilogue, off = KernelPolicy(fp8_decode_glu_epilogue=True), KernelPolicy(fp8_decode_glu_epilogue=False)
     bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
     on = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=epilogue)  # noqa: E731
@@ -473,11 +482,51 @@ def decode_glu_rows(name, repeats=3, T=64):
     same = torch.equal(on(), two())
     rows = []
     for repeat in range(repeats):
-        for mode, (ms_bf16, ms_on, ms_two) in graph_ms_by_pdl(bf16, on, two).items():
+        modes = graph_ms_by_pdl(bf16, on, two) if device == "cuda" else {0: (float("nan"),) * 3}
+        for mode, (ms_bf16, ms_on, ms_two) in modes.items():
             rows.append(dict(config=name, T=T, repeat=repeat, pdl=mode, bf16_ms=ms_bf16, epilogue_ms=ms_on,
                              two_launches_ms=ms_two, speedup_epilogue=ms_bf16 / ms_on,
                              speedup_two_launches=ms_bf16 / ms_two, fits=fp8_backend.glu_decode_fits(T * k, E, 2 * F),
                              same_output=same))
+    return rows
+
+
+def dmoe_inference_rows(name, tokens=(64, 4096), device="cuda"):
+    """Rows (config, T, form, eager_ms, graph_ms, speedup_eager, speedup_graph, rel_rms_vs_bf16):
+    bench_dmoe's layer `name` in inference (`torch.no_grad`), bf16 (its inference form) against the
+    same layer with fp8='blockwise': the FP8 node ('fp8'), the node with the GLU in the up product's
+    epilogue at decode sizes (`KernelPolicy.fp8_decode_glu_epilogue`, 'fp8_epilogue'), and the
+    composed FP8 ops (one_node_experts off, 'fp8_composed'); eager and replayed from a CUDA graph
+    (off CUDA: the outputs only, in fp32, times nan)."""
+    cuda = device == "cuda"
+    _, bf16, fp8_layer = build_pair(name, device, torch.bfloat16 if cuda else torch.float32)
+    bf16.eval()
+    fp8_layer.eval()
+    base = fp8_layer.args.kernel_policy
+    forms = {"bf16": (bf16, None), "fp8": (fp8_layer, base),
+             "fp8_epilogue": (fp8_layer, dataclasses.replace(base, fp8_decode_glu_epilogue=True)),
+             "fp8_composed": (fp8_layer, dataclasses.replace(base, one_node_experts=False))}
+    rows = []
+    for T in tokens:
+        torch.manual_seed(T)
+        x = torch.randn(T, bf16.args.hidden_size, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
+        ref = None
+        for form, (module, policy) in forms.items():
+            if policy is not None:
+                module.args.kernel_policy = policy
+
+            def call(module=module):
+                with torch.no_grad():
+                    return module(x)
+            out = call().float()
+            ref = out if ref is None else ref
+            rows.append(dict(config=name, T=T, form=form, eager_ms=timed(call)[0] if cuda else float("nan"),
+                             graph_ms=bench_dmoe.graph_time_ms(call, 100) if cuda else float("nan"),
+                             rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item()))
+        fp8_layer.args.kernel_policy = base
+        for row in rows[-len(forms):]:
+            row["speedup_eager"] = rows[-len(forms)]["eager_ms"] / row["eager_ms"]
+            row["speedup_graph"] = rows[-len(forms)]["graph_ms"] / row["graph_ms"]
     return rows
 
 
@@ -721,6 +770,13 @@ def smoke():
     errors["layer_out"], errors["layer_x_grad"] = layer_row["out_rel_rms"], layer_row["x_grad_rel_rms"]
     assert layer_row["w_grad_fp8_rel_rms"] < 0.08, layer_row
     errors["layer_w_grad_fp8"] = layer_row["w_grad_fp8_rel_rms"]
+    glu_rows = decode_glu_rows("smoke", repeats=1, T=6, device="cpu", shape=(6, 64, 128, 4, 2))
+    assert glu_rows[0]["fits"], glu_rows
+    inference = {row["form"]: row for row in dmoe_inference_rows("smoke_glu", tokens=(6,), device="cpu")}
+    assert set(inference) == {"bf16", "fp8", "fp8_epilogue", "fp8_composed"}, inference
+    for form in ("fp8", "fp8_epilogue", "fp8_composed"):
+        assert 1e-4 < inference[form]["rel_rms_vs_bf16"] < 0.08, inference[form]
+    errors["dmoe_inference"] = inference["fp8"]["rel_rms_vs_bf16"]
     print("bench_fp8 smoke: ok", errors)
     return errors
 
@@ -763,6 +819,8 @@ def main():
     p.add_argument("--decode-glu", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose FP8 decode (T = 64) is timed with the GLU in the up product's epilogue "
                         "and without, interleaved")
+    p.add_argument("--dmoe-inference", nargs="*", default=[], choices=list(CONFIGS),
+                   help="configs whose dMoE layer is timed in inference (T = 64 and 4096), bf16 against its FP8 forms")
     p.add_argument("--layer-breakdown", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose bf16 and FP8 layer steps are profiled kernel by kernel")
     p.add_argument("--layer-memory", nargs="*", default=[], choices=list(CONFIGS),

@@ -413,8 +413,9 @@ class GroupedMLP(SparseMLP):
         """The fused activation's name where this forward's GLU experts run as one autograd node
         (`KernelPolicy.one_node_experts`, up to `one_node_experts_max_rows` routed rows but in
         FP8; `megablocks.ops.grouped_glu`): token rows read through the maps, the Triton kernels, a
-        fused activation, no biases, no fused gradient accumulation, a gradient to record in
-        plain eager mode. Else None: the composed ops."""
+        fused activation, no biases, no fused gradient accumulation, a gradient to record (in FP8
+        also none: the node's forward serves inference) in plain eager mode. Else None: the
+        composed ops."""
         args, policy = self.args, self.args.kernel_policy
         unquantized = (policy.one_node_experts and maps.row_assignment.shape[0] <= policy.one_node_experts_max_rows
                        and self.reads_token_rows() and self._shared_input_pair() and self.w1_bias is None
@@ -424,7 +425,7 @@ class GroupedMLP(SparseMLP):
         if not (unquantized or self._fp8_node()):
             return None
         activation = fused_name(args.activation_fn)
-        if activation is None or not one_node_applies(x, *weights):
+        if activation is None or not one_node_applies(x, *weights, inference=self.args.fp8 is not None):
             return None
         return activation
 
@@ -466,7 +467,8 @@ class GroupedMLP(SparseMLP):
                                               self._fp8_quantized(num_experts, hidden), gathered_wgrad=gathered,
                                               weights_N=combine_weights,
                                               fp8_wgrad=self.args.kernel_policy.fp8_weight_grad,
-                                              keep_product=not self.args.memory_optimized_mlp)
+                                              keep_product=not self.args.memory_optimized_mlp,
+                                              decode_glu_epilogue=self.args.kernel_policy.fp8_decode_glu_epilogue)
                 return out, combine_weights is not None
             if activation is not None:
                 return grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,

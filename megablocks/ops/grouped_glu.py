@@ -49,7 +49,9 @@ reads are written beside the e4m3 ones, and the gathered rows are not read again
 them). Where F is a multiple of 128, w1 and v1 are quantized stacked (`Fp8WeightCache.pair`):
 the up projections are one product into one [N, 2F] buffer, and the input gradient one product
 over [grad_h1 | grad_h2] with K = 2F, rounded once (the composed ops round two products and add
-them; the rest stays bitwise).
+them; the rest stays bitwise). The FP8 node's forward also runs where no gradient is recorded (dMoE's
+FP8 inference: the same kernels, nothing kept), at decode sizes with the GLU made and quantized in
+the stacked up product's epilogue where the policy asks (`fp8_decode_glu_epilogue`).
 """
 
 from typing import Optional, Sequence, Tuple
@@ -60,7 +62,8 @@ from megablocks.backend import activation as activation_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.fp8 import (FP8_DTYPE, Q, gather_quantize_cols, gather_quantize_rows,
                                     glu_backward_quantize_rows_, glu_backward_quantize_rows_cols, glu_quantize_cols,
-                                    glu_quantize_rows, gmm_fp8, gmm_fp8_wgrad, quantize_rows, quantize_rows_and_cols)
+                                    glu_decode_fits, glu_quantize_rows, gmm_fp8, gmm_fp8_glu_quantize, gmm_fp8_wgrad,
+                                    quantize_rows, quantize_rows_and_cols)
 from megablocks.ops._eager import _plain_eager
 from megablocks.ops.gmm import _grouped_mm_impl, _product_impl
 from megablocks.ops.permute import _gather_rows, _scatter_rows, _weight_grad
@@ -69,13 +72,19 @@ from megablocks.ops.routing import RowMaps
 _TRITON = "triton"
 
 
-def one_node_applies(x_TH: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
+def one_node_applies(x_TH: torch.Tensor, *tensors: Optional[torch.Tensor], inference: bool = False) -> bool:
     """Whether `grouped_glu_experts` may run for these inputs: plain eager tensors (no compile,
-    trace or dispatch mode), the Triton kernels in use for x, and a gradient to record."""
-    if not torch.is_grad_enabled() or not use_triton(x_TH):
+    trace or dispatch mode), the Triton kernels in use for x, and a gradient to record; with
+    `inference` (the FP8 node, whose forward also serves inference), with or without one."""
+    if not use_triton(x_TH):
         return False
     present = [t for t in (x_TH, *tensors) if t is not None]
-    return _plain_eager(present) and any(t.requires_grad for t in present)
+    return _plain_eager(present) and (inference or _records(present))
+
+
+def _records(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+    """Whether autograd records a gradient of an op on `tensors` here."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _GroupedGluExperts(torch.autograd.Function):
@@ -151,27 +160,39 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
                 quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool,
-                weights_N: Optional[torch.Tensor], fp8_wgrad: bool, keep_product: bool):
+                weights_N: Optional[torch.Tensor], fp8_wgrad: bool, keep_product: bool, record: bool,
+                decode_glu_epilogue: bool):
         dtype = x_TH.dtype
         stacked = len(quantized) == 4
         x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
-        if stacked:  # one product over [w1; v1]: h [N, 2F], the halves read in place below
-            h = [gmm_fp8(x_q, x_s, *quantized[0], counts_E, out_dtype=dtype)]
-            F = h[0].shape[1] // 2
-            h1, h2 = h[0][:, :F], h[0][:, F:]
+        product, h = None, []
+        if (stacked and decode_glu_epilogue and not record
+                and glu_decode_fits(x_q.shape[0], counts_E.shape[0], quantized[0][0].shape[1])):
+            # Inference at decode sizes: the GLU made and quantized in the up product's epilogue.
+            a_q, a_s = gmm_fp8_glu_quantize(x_q, x_s, *quantized[0], counts_E, activation, out_dtype=dtype)
+            del x_q, x_s
         else:
-            h = [gmm_fp8(x_q, x_s, *quantized[0], counts_E, out_dtype=dtype),
-                 gmm_fp8(x_q, x_s, *quantized[2], counts_E, out_dtype=dtype)]
-            h1, h2 = h
-        del x_q, x_s
-        # The 16-bit product, for w2's unquantized gradient, written as it is quantized (the FP8
-        # weight gradients read it quantized down the rows instead, made again in the backward).
-        product = None
-        if keep_product and not fp8_wgrad and ctx.needs_input_grad[3]:
-            a_q, a_s, product = glu_quantize_rows(h1, h2, activation, return_product=True)
-        else:
-            a_q, a_s = glu_quantize_rows(h1, h2, activation)
+            if stacked:  # one product over [w1; v1]: h [N, 2F], the halves read in place below
+                h = [gmm_fp8(x_q, x_s, *quantized[0], counts_E, out_dtype=dtype)]
+                F = h[0].shape[1] // 2
+                h1, h2 = h[0][:, :F], h[0][:, F:]
+            else:
+                h = [gmm_fp8(x_q, x_s, *quantized[0], counts_E, out_dtype=dtype),
+                     gmm_fp8(x_q, x_s, *quantized[2], counts_E, out_dtype=dtype)]
+                h1, h2 = h
+            del x_q, x_s
+            # The 16-bit product, for w2's unquantized gradient, written as it is quantized (the
+            # FP8 weight gradients read it quantized down the rows instead, made again in the
+            # backward).
+            if record and keep_product and not fp8_wgrad and ctx.needs_input_grad[3]:
+                a_q, a_s, product = glu_quantize_rows(h1, h2, activation, return_product=True)
+            else:
+                a_q, a_s = glu_quantize_rows(h1, h2, activation)
+            del h1, h2
+        if not record:  # inference: nothing kept past its use
+            h = []
         y = gmm_fp8(a_q, a_s, *quantized[-1], counts_E, out_dtype=dtype)
+        del a_q, a_s
         ctx.save_for_backward(x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, weights_N)
         # Made here, not inputs: kept on ctx so the backward can let go of each when done with it.
         ctx.h, ctx.quantized, ctx.product = h, quantized, product
@@ -181,7 +202,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
             return y
         # The combine (`scatter_routed`): each token's rows weighted and summed. y kept only for
         # the weights' gradient, as the combine's own node keeps it.
-        if weights_N.requires_grad:
+        if record and weights_N.requires_grad:
             ctx.y = y
         return _scatter_rows._impl(y, assignment_row, row_assignment, weights_N, top_k)
 
@@ -217,7 +238,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
             del grad_y, h
             grads = _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment,
                                         assignment_row)
-            return (*grads, None, None, None, None, None, None, None, grad_weights, None, None)
+            return (*grads, None, None, None, None, None, None, None, grad_weights, None, None, None, None)
         # w2's gradient first (from the kept GLU product, or the product made again from h1 and h2),
         # so that the rows' output gradient goes before the GLU product's gradient is made.
         grad_w2 = None
@@ -278,7 +299,8 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         if need_v1:
             grad_v1 = _product_impl(grad_h2, rows[0], counts_E, None, None, *rows[1:], True, True, False,
                                     _TRITON).view(v1.shape)
-        return grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights, None, None
+        return (grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights, None, None,
+                None, None)
 
 
 def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row):
@@ -342,7 +364,8 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
                             counts_E: torch.Tensor, maps: RowMaps, activation: str,
                             quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                             gathered_wgrad: bool = False, weights_N: Optional[torch.Tensor] = None,
-                            fp8_wgrad: bool = False, keep_product: bool = True) -> torch.Tensor:
+                            fp8_wgrad: bool = False, keep_product: bool = True,
+                            decode_glu_epilogue: bool = False) -> torch.Tensor:
     """`grouped_glu_experts` with the expert products in FP8 (module docstring), the expert-ordered
     rows `[N, H]`, as one autograd node; with `weights_N`, those rows' combine too
     (`scatter_routed(rows, maps, weights_N)`, the token rows `[T, H]`).
@@ -362,7 +385,11 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     once used (the composed form's is held by autograd until the node returns: 512 MiB at olmoe's
     backward peak); `keep_product` False (`memory_optimized_mlp`) keeps only h1 and h2 for the
     backward and makes the GLU product again there for w2's gradient, as `grouped_glu_experts`.
+    Where no gradient is recorded (inference) the forward keeps nothing past its use; with
+    `decode_glu_epilogue` (`KernelPolicy.fp8_decode_glu_epilogue`), w1 and v1 stacked and at decode
+    sizes (`fp8.glu_decode_fits`), it makes and quantizes the GLU in the up product's epilogue.
     """
+    record = _records((x_TH, w1, v1, w2, weights_N))
     return _Fp8GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row,
                                        maps.top_k, activation, tuple(quantized), gathered_wgrad, weights_N,
-                                       fp8_wgrad, keep_product)
+                                       fp8_wgrad, keep_product, record, decode_glu_epilogue)

@@ -83,8 +83,9 @@ def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, gather_min_ffn, monkeypa
 
 
 def test_fp8_node_conditions(monkeypatch):
-    """Taken in training with a fused activation and the policy's one_node_experts and fused_gather;
-    not with biases, a non-fused activation, no gradient to record, or either policy field off."""
+    """Taken with a fused activation and the policy's one_node_experts and fused_gather, in training
+    and without a gradient to record (inference); not with biases, a non-fused activation, or
+    either policy field off."""
     calls = _count(monkeypatch)
     size = dict(hidden_size=40, ffn_hidden_size=24, moe_num_experts=4, moe_top_k=2)
     x = torch.randn(6, 40, device=DEVICE)
@@ -103,12 +104,46 @@ def test_fp8_node_conditions(monkeypatch):
         return len(calls) - before
 
     assert run() == 1
-    assert run(grad=False) == 0
+    assert run(grad=False) == 1
     assert run(moe_expert_bias=True) == 0
     assert run(activation_fn=lambda t: F.gelu(t) * 2) == 0
     assert run(policy=KernelPolicy(one_node_experts=False)) == 0
     assert run(policy=KernelPolicy(fused_gather=False)) == 0
     assert run(memory_optimized_mlp=True) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, H, Fs, E, K", [(24, 40, 128, 4, 2), (5, 136, 256, 3, 3), (9, 48, 72, 5, 2)],
+                         ids=["F=128", "F=256-topk=E", "F=72-apart"])
+def test_fp8_node_in_inference(T, H, Fs, E, K, dtype, monkeypatch):
+    """Without a gradient to record (`torch.no_grad`, `torch.inference_mode`) the FP8 node runs
+    (dMoE's FP8 inference) and gives bitwise the output it gives in training; with the policy's
+    `fp8_decode_glu_epilogue` (w1 and v1 stacked, F a multiple of 128, decode sizes) the GLU is made
+    in the up product's epilogue: on the GPU bitwise the same (the same decode tile), under the
+    interpreter (whose default product takes other tiles) within the FP8 products' tolerance."""
+    layer, x, _ = _glu_layer(T, H, Fs, E, K, dtype, seed=T * 5 + Fs)
+    calls = _count(monkeypatch)
+    epilogues = []
+    real = grouped_glu.gmm_fp8_glu_quantize
+    monkeypatch.setattr(grouped_glu, "gmm_fp8_glu_quantize", lambda *a, **kw: epilogues.append(1) or real(*a, **kw))
+    trained = layer(x.clone().requires_grad_(True))
+    assert len(calls) == 1
+    with torch.no_grad():
+        plain = layer(x)
+    with torch.inference_mode():
+        inferred = layer(x)
+    assert len(calls) == 3 and not epilogues
+    assert_equal("out no_grad", plain, trained.detach())
+    assert_equal("out inference_mode", inferred, trained.detach())
+    layer.args.kernel_policy = KernelPolicy(fp8_decode_glu_epilogue=True)
+    with torch.no_grad():
+        fused = layer(x)
+    assert len(calls) == 4 and len(epilogues) == int(Fs % 128 == 0), epilogues
+    if DEVICE == "cuda" or not epilogues:
+        assert_equal("out epilogue", fused, plain)
+    else:
+        assert_close("out epilogue", fused, plain, dtype=dtype, family="fp8")
+    assert fused.abs().sum() > 0
 
 
 def test_fp8_node_quantizes_weights_once_per_step(monkeypatch):
@@ -225,9 +260,9 @@ def test_fp8_node_holds_the_combine(monkeypatch):
     out.square().sum().backward()
     assert seen == [(4, (10, 40))] and incoming == [(10, 40)], (seen, incoming)
     assert layer.router.layer.weight.grad is not None and layer.router.layer.weight.grad.abs().sum() > 0
-    with torch.no_grad():
+    with torch.no_grad():  # the node again (inference), the combine in it
         assert_equal("no-grad out", layer(x), out.detach())
-    assert len(calls) == 1 and seen[-1] == (4, (10, 40))
+    assert len(calls) == 2 and calls[1] is None and seen[-1] == (4, (10, 40))
     x_TH, tokens, maps = x.detach().view(10, 40), torch.tensor([5, 5, 5, 5], device=DEVICE), None
     with pytest.raises(ValueError, match="combine_weights"):
         experts(x_TH, tokens, maps, torch.ones(20, device=DEVICE))
