@@ -140,7 +140,7 @@ def bench(args):
         write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
     dglu_rows = [row for name in args.decode_glu for row in decode_glu_rows(name)]
     if dglu_rows:
-        print_table(dglu_rows, ["config", "T", "repeat", "pdl", "bf16_ms", "epilogue_ms", "two_launches_ms",
+        print_table(dglu_rows, ["config", "T", "repeat", "pdl", "stages", "bf16_ms", "epilogue_ms", "two_launches_ms",
                                 "speedup_epilogue", "speedup_two_launches", "fits", "same_output"])
         write_csv(os.path.join(args.out, "bench_fp8_decode_glu.csv"), [{**r, **env} for r in dglu_rows])
     inference_rows = [row for name in args.dmoe_inference for row in dmoe_inference_rows(name)]
@@ -464,12 +464,13 @@ def decode_variant_rows(names, variants):
     return rows
 
 
-def decode_glu_rows(name, repeats=3, T=64, device="cuda", shape=None):
-    """Rows (config, T, repeat, pdl, bf16_ms, epilogue_ms, two_launches_ms, same_output): `fused_moe`
-    at T tokens of config `name` on FP8 experts with the GLU made and quantized in the up product's
-    epilogue (`KernelPolicy.fp8_decode_glu_epilogue`) and without (the product, then
-    `glu_quantize_rows`), against bf16 experts; replayed from CUDA graphs in each PDL mode, the
-    forms interleaved `repeats` times (off CUDA: the outputs only, times nan)."""
+def decode_glu_rows(name, repeats=3, T=64, device="cuda", shape=None, stages=(2, 3, 4)):
+    """Rows (config, T, repeat, pdl, stages, bf16_ms, epilogue_ms, two_launches_ms, same_output):
+    `fused_moe` at T tokens of config `name` on FP8 experts with the GLU made and quantized in the
+    up product's epilogue (`KernelPolicy.fp8_decode_glu_epilogue`; its kernel at each of `stages`
+    pipeline stages, `fp8.GLU_DECODE_STAGES`) and without (the product, then `glu_quantize_rows`),
+    against bf16 experts; replayed from CUDA graphs in each PDL mode, the forms interleaved
+    `repeats` times (off CUDA: the outputs only, times nan)."""
     from megablocks.policy import KernelPolicy
 
     _, H, F, E, k = shape or CONFIGS[name]
@@ -479,15 +480,20 @@ def decode_glu_rows(name, repeats=3, T=64, device="cuda", shape=None):
     bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
     on = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=epilogue)  # noqa: E731
     two = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=off)  # noqa: E731
-    same = torch.equal(on(), two())
-    rows = []
-    for repeat in range(repeats):
-        modes = graph_ms_by_pdl(bf16, on, two) if device == "cuda" else {0: (float("nan"),) * 3}
-        for mode, (ms_bf16, ms_on, ms_two) in modes.items():
-            rows.append(dict(config=name, T=T, repeat=repeat, pdl=mode, bf16_ms=ms_bf16, epilogue_ms=ms_on,
-                             two_launches_ms=ms_two, speedup_epilogue=ms_bf16 / ms_on,
-                             speedup_two_launches=ms_bf16 / ms_two, fits=fp8_backend.glu_decode_fits(T * k, E, 2 * F),
-                             same_output=same))
+    saved, rows = fp8_backend.GLU_DECODE_STAGES, []
+    try:
+        for repeat in range(repeats):
+            for n in stages:
+                fp8_backend.GLU_DECODE_STAGES = n
+                same = torch.equal(on(), two())
+                modes = graph_ms_by_pdl(bf16, on, two) if device == "cuda" else {0: (float("nan"),) * 3}
+                for mode, (ms_bf16, ms_on, ms_two) in modes.items():
+                    rows.append(dict(config=name, T=T, repeat=repeat, pdl=mode, stages=n, bf16_ms=ms_bf16,
+                                     epilogue_ms=ms_on, two_launches_ms=ms_two, speedup_epilogue=ms_bf16 / ms_on,
+                                     speedup_two_launches=ms_bf16 / ms_two,
+                                     fits=fp8_backend.glu_decode_fits(T * k, E, 2 * F), same_output=same))
+    finally:
+        fp8_backend.GLU_DECODE_STAGES = saved
     return rows
 
 
@@ -770,7 +776,7 @@ def smoke():
     errors["layer_out"], errors["layer_x_grad"] = layer_row["out_rel_rms"], layer_row["x_grad_rel_rms"]
     assert layer_row["w_grad_fp8_rel_rms"] < 0.08, layer_row
     errors["layer_w_grad_fp8"] = layer_row["w_grad_fp8_rel_rms"]
-    glu_rows = decode_glu_rows("smoke", repeats=1, T=6, device="cpu", shape=(6, 64, 128, 4, 2))
+    glu_rows = decode_glu_rows("smoke", repeats=1, T=6, device="cpu", shape=(6, 64, 128, 4, 2), stages=(3,))
     assert glu_rows[0]["fits"], glu_rows
     inference = {row["form"]: row for row in dmoe_inference_rows("smoke_glu", tokens=(6,), device="cpu")}
     assert set(inference) == {"bf16", "fp8", "fp8_epilogue", "fp8_composed"}, inference

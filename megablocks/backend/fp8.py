@@ -1309,6 +1309,13 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
 
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+# `_gmm_fp8_glu_decode_kernel`'s pipeline stages. Each stage holds two 128 x 128 weight tiles (the
+# gate's and the up half's) and the rows' tile: at 4 stages (the plain decode product's) 139 KB of
+# shared memory, one program an SM, against three of the plain product's 74 KB; at 3 stages 104 KB,
+# two programs an SM, 128 KB of weight tiles in flight against its 144 (16-row tiles; sm_90
+# compiled on the CPU, ptxas: 158 registers, no spills). Not yet measured on a GPU
+# (`bench_fp8.py --decode-glu` times 2, 3 and 4).
+GLU_DECODE_STAGES = 3
 
 
 def glu_decode_fits(M: int, E: int, two_f: int) -> bool:
@@ -1346,7 +1353,7 @@ def gmm_fp8_glu_quantize(x_q: torch.Tensor, x_s: torch.Tensor, w1_q: torch.Tenso
     if not (on_device and glu_decode_fits(M, E, two_f)) or M == 0 or K == 0:
         h = gmm_fp8(x_q, x_s, w1_q, w1_s, batch_sizes, out_dtype=out_dtype)
         return glu_quantize_rows(h[:, :f], h[:, f:], activation)
-    launch = gmm_fp8_launch(M, E)
+    launch = dict(gmm_fp8_launch(M, E), num_stages=GLU_DECODE_STAGES)
     if interpreted(x_q):
         launch = dict(FP8_DECODE_CONFIGS[0][1], num_stages=1)
     block_m = block_m or launch["block_m"]
