@@ -56,7 +56,8 @@ from megablocks.integrations.checkpoint import dequantize_fp8, fused_to_dmoe, gp
 from megablocks.layers import mpu
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
-from megablocks.ops.activation import GELU_APPROXIMATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, clamped_swiglu
+from megablocks.ops.activation import (ACTIVATION_FUNCTIONS, GELU_APPROXIMATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT,
+                                       clamped_swiglu)
 from megablocks.ops.gmm import gmm
 from megablocks.ops.permute import gather, scatter
 from megablocks.ops.routing import routing_metadata
@@ -157,6 +158,17 @@ def _activation_name(act) -> Optional[str]:
     if isinstance(act, torch.nn.Module):
         return _ACTIVATIONS.get((type(act).__module__, type(act).__name__))
     return _FUNCTIONAL_ACTIVATIONS.get(act)
+
+
+def _activation_fn(act):
+    """The dMoE's `activation_fn` for an experts module's `act_fn`: the torch function our fused
+    kernels know by name (`_activation_name`; transformers' `SiLUActivation`, say, is F.silu), so
+    that the converted dMoE takes its fused paths (a module they do not recognise sends it down
+    the composed torch ops); `act` itself where unknown or hooked."""
+    name = _activation_name(act)
+    if name is None or (isinstance(act, torch.nn.Module) and (act._forward_hooks or act._forward_pre_hooks)):
+        return act
+    return ACTIVATION_FUNCTIONS[name]
 
 
 def register(name: str = IMPLEMENTATION_NAME, policy: Optional[KernelPolicy] = None) -> None:
@@ -390,7 +402,7 @@ def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
     kwargs.update(
         moe_normalize_expert_weights=1 if _normalizes_top_k(block) else None,
         moe_jitter_eps=getattr(block, "jitter_noise", 0.0) or None,
-        activation_fn=block.experts.act_fn,
+        activation_fn=_activation_fn(block.experts.act_fn),
     )
     if type(block.gate).__name__ in GROUPED_SIGMOID_ROUTERS:
         kwargs.update(_grouped_sigmoid_routing(block.gate))

@@ -75,7 +75,7 @@ class Fp8WeightCache:
         key = (id(w), shape)
         stamp = _stamp(w)
         hit = self._entries.get(key)
-        if hit is None or hit[0]() is not w or hit[1] != stamp:  # a new tensor may reuse an id
+        if self._current(w, shape) is None:  # new, changed, or a new tensor that reuses an id
             with torch.no_grad():
                 v = w.detach() if shape is None else w.detach().view(shape)
                 if self._transposed:
@@ -84,6 +84,14 @@ class Fp8WeightCache:
                 else:
                     hit = (weakref.ref(w), stamp, quantize_blocks(v))
             self._entries[key] = hit
+        return hit[2]
+
+    def _current(self, w: torch.Tensor, shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The cached (q, s) of `w` viewed as `shape` (made by `__call__` or given to `seed`), or
+        None where there is none or `w` changed since."""
+        hit = self._entries.get((id(w), shape))
+        if hit is None or hit[0]() is not w or hit[1] != _stamp(w):
+            return None
         return hit[2]
 
     def transposed(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +112,9 @@ class Fp8WeightCache:
         """((q, s), (t, sᵀ)) of `a` and `b` viewed as `shape` [E, N, K] and stacked along N
         ([E, 2N, K], each expert's a rows then b rows; t [E, K, 2N] the same stored the other way),
         N a multiple of Q (each block from one of them: equal to their own quantizations side by
-        side). Made again only when either changed, written straight into the stacked tensors."""
+        side). Made again only when either changed, written straight into the stacked tensors; a
+        weight whose own quantization the cache holds (`seed`: a checkpoint's values and scales)
+        is taken as it is."""
         key = ("pair", id(a), id(b), shape)
         stamps = (_stamp(a), _stamp(b))
         hit = self._entries.get(key)
@@ -118,9 +128,14 @@ class Fp8WeightCache:
             s = torch.empty((E, 2 * N // Q, -(-K // Q)), dtype=torch.float32, device=a.device)
             t = torch.empty((E, K, 2 * N), dtype=FP8_DTYPE, device=a.device)
             with torch.no_grad():
-                for i, v in enumerate((va, vb)):
+                for i, (w, v) in enumerate(((a, va), (b, vb))):
                     rows, blocks = slice(i * N, (i + 1) * N), slice(i * N // Q, (i + 1) * N // Q)
-                    quantize_blocks(v, transposed=True, out=(q[:, rows], s[:, blocks], t[:, :, rows]))
+                    known = self._current(w, shape)
+                    if known is None:
+                        quantize_blocks(v, transposed=True, out=(q[:, rows], s[:, blocks], t[:, :, rows]))
+                    else:
+                        q[:, rows], s[:, blocks] = known
+                        t[:, :, rows] = known[0].transpose(1, 2)
             hit = (weakref.ref(a), weakref.ref(b), stamps, ((q, s), (t, s.transpose(1, 2))))
             self._entries[key] = hit
         return hit[3]
@@ -137,6 +152,8 @@ class Fp8WeightCache:
                              f"{q.dtype} {tuple(q.shape)} and {s.dtype} {tuple(s.shape)}")
         stamp = _stamp(w)
         self._entries[(id(w), shape)] = (weakref.ref(w), stamp, (q, s))
+        for key in [k for k in self._entries if k[0] == "pair" and id(w) in k[1:3]]:  # made from w before
+            del self._entries[key]
 
     def __getstate__(self):  # copies and pickles of a module start with an empty cache
         return {"_entries": {}}

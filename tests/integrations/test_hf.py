@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from megablocks.integrations import hf  # noqa: E402
 from megablocks.integrations.checkpoint import fused_to_dmoe  # noqa: E402
+from megablocks.layers.activation_fn import fused_name  # noqa: E402
 
 VOCAB = 61
 
@@ -165,6 +166,8 @@ def test_convert_model(kind, mlp_impl, references):
     ours = hf.convert_model(copy.deepcopy(stock), mlp_impl=mlp_impl, moe_block_size=16)
     blocks = [n for n, m in ours.named_modules() if isinstance(m, hf.MegaBlocksMoeBlock)]
     assert blocks == (["model.layers.0.mlp"] if kind == "qwen2_moe" else ["model.layers.0.mlp", "model.layers.1.mlp"])
+    for block in blocks:  # transformers' activation module as the torch function the fused paths know
+        assert fused_name(ours.get_submodule(block).moe.args.activation_fn) == "silu", block
     ids, probe = _inputs()
     logits, grads = run(stock, ids, probe)
     our_logits, our_grads = run(ours, ids, probe)

@@ -208,7 +208,7 @@ def test_fp8_node_stacked_pair(T, H, Fs, E, K, dtype, monkeypatch):
 def test_weight_cache_pair():
     """`Fp8WeightCache.pair`: [w1; v1] quantized stacked, equal byte for byte to each quantized
     alone side by side, stored the other way too; made again only when either weight changes;
-    N not a multiple of 128 refused."""
+    N not a multiple of 128 refused; a seeded weight's own values and scales taken as they are."""
     E, Fs, H = 3, 256, 200
     w1 = torch.randn(E * Fs, H, device=DEVICE)
     v1 = torch.randn(E * Fs, H, device=DEVICE) * 5
@@ -227,6 +227,20 @@ def test_weight_cache_pair():
     assert q_again is not q and torch.equal(q_again[:, :Fs].view(torch.uint8), q[:, :Fs].view(torch.uint8))
     with pytest.raises(ValueError, match="multiple of 128"):
         cache.pair(w1, v1, (E * 4, -1, H))  # N = 64
+    # A seeded weight (a checkpoint's values, its scales not powers of two) is taken as it is,
+    # until it changes; the other is quantized.
+    seeded_q, seeded_s = fp8.quantize_blocks(torch.randn(E, Fs, H, device=DEVICE))
+    seeded_s = seeded_s * 1.37
+    cache.seed(w1, (seeded_q, seeded_s), (E, -1, H))
+    (q, s), (t, _) = cache.pair(w1, v1, (E, -1, H))
+    assert_equal("seeded q", q[:, :Fs].view(torch.uint8), seeded_q.view(torch.uint8))
+    assert_equal("seeded s", s[:, :Fs // 128], seeded_s)
+    assert_equal("seeded t", t[:, :, :Fs].view(torch.uint8), seeded_q.transpose(1, 2).view(torch.uint8))
+    assert_equal("other q", q[:, Fs:].view(torch.uint8), fp8.quantize_blocks(v1.view(E, Fs, H))[0].view(torch.uint8))
+    with torch.no_grad():
+        w1.add_(1.0)
+    q, s = cache.pair(w1, v1, (E, -1, H))[0]
+    assert_equal("changed q", q[:, :Fs].view(torch.uint8), fp8.quantize_blocks(w1.view(E, Fs, H))[0].view(torch.uint8))
 
 
 def test_quantize_blocks_out_checked():
