@@ -72,18 +72,17 @@ class Fp8WeightCache:
     def __call__(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """`quantize_blocks(w.view(shape))` (shape default: w's own, 3-D), from the cache when
         `w` has not changed since."""
-        key = (id(w), shape)
-        stamp = _stamp(w)
-        hit = self._entries.get(key)
-        if self._current(w, shape) is None:  # new, changed, or a new tensor that reuses an id
-            with torch.no_grad():
-                v = w.detach() if shape is None else w.detach().view(shape)
-                if self._transposed:
-                    q, s, t = quantize_blocks(v, transposed=True)
-                    hit = (weakref.ref(w), stamp, (q, s), (t, s.transpose(1, 2)))
-                else:
-                    hit = (weakref.ref(w), stamp, quantize_blocks(v))
-            self._entries[key] = hit
+        current = self._current(w, shape)
+        if current is not None:
+            return current
+        with torch.no_grad():  # new, changed, or a new tensor that reuses an id
+            v = w.detach() if shape is None else w.detach().view(shape)
+            if self._transposed:
+                q, s, t = quantize_blocks(v, transposed=True)
+                hit = (weakref.ref(w), _stamp(w), (q, s), (t, s.transpose(1, 2)))
+            else:
+                hit = (weakref.ref(w), _stamp(w), quantize_blocks(v))
+        self._entries[(id(w), shape)] = hit
         return hit[2]
 
     def _current(self, w: torch.Tensor, shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
