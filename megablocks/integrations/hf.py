@@ -160,11 +160,12 @@ def _activation_name(act) -> Optional[str]:
     return _FUNCTIONAL_ACTIVATIONS.get(act)
 
 
-def _activation_fn(act):
-    """The dMoE's `activation_fn` for an experts module's `act_fn`: the torch function our fused
-    kernels know by name (`_activation_name`; transformers' `SiLUActivation`, say, is F.silu), so
-    that the converted dMoE takes its fused paths (a module they do not recognise sends it down
-    the composed torch ops); `act` itself where unknown or hooked."""
+def activation_function(act):
+    """The dMoE `activation_fn` for a transformers module's activation (`act_fn`): the torch
+    function the fused kernels know by name (`_activation_name`; transformers' `SiLUActivation`,
+    say, is F.silu), so that a dMoE built from the module takes its fused paths (an activation
+    module they do not recognise sends it down the composed torch ops); `act` itself where unknown
+    or hooked."""
     name = _activation_name(act)
     if name is None or (isinstance(act, torch.nn.Module) and (act._forward_hooks or act._forward_pre_hooks)):
         return act
@@ -402,7 +403,7 @@ def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
     kwargs.update(
         moe_normalize_expert_weights=1 if _normalizes_top_k(block) else None,
         moe_jitter_eps=getattr(block, "jitter_noise", 0.0) or None,
-        activation_fn=_activation_fn(block.experts.act_fn),
+        activation_fn=activation_function(block.experts.act_fn),
     )
     if type(block.gate).__name__ in GROUPED_SIGMOID_ROUTERS:
         kwargs.update(_grouped_sigmoid_routing(block.gate))

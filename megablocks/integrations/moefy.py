@@ -26,6 +26,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from megablocks.integrations.hf import activation_function
 from megablocks.layers.arguments import Arguments
 from megablocks.layers.dmoe import dMoE
 from megablocks.layers.losses import MoELossCollector
@@ -114,7 +115,7 @@ def upcycle(dense: DenseMLPWeights, num_experts: int, top_k: int, num_layers: in
             router_init_std: float, **overrides) -> MoefiedMLP:
     """A `MoefiedMLP` whose `num_experts` experts are copies of `dense` (see `moefy`)."""
     f, h = dense.w1.shape
-    act = dense.act
+    act = activation_function(dense.act)  # transformers' activation modules as the torch functions the fused paths know
     input_bias_act = None
     if dense.b1 is not None:
         input_bias_act = BiasedActivation(act, dense.b1)

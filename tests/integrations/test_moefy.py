@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megablocks.integrations import moefy as mf
+from megablocks.layers.activation_fn import fused_name
 from tests.conftest import DEVICE
 from tests.utils import assert_close
 
@@ -53,6 +54,8 @@ def test_step0_equals_dense(build, top_k, references):
     layers = [m for m in moe.modules() if isinstance(m, mf.MoefiedMLP)]
     assert len(layers) == 2
     assert layers[0].moe.experts.mlp.w1.shape[0] == 4 * layers[0].moe.args.ffn_hidden_size
+    if build == "llama":  # transformers' SiLUActivation as F.silu: the fused paths are taken
+        assert fused_name(layers[0].moe.args.activation_fn) == "silu"
     ids = torch.randint(0, VOCAB, (2, 9), device=DEVICE)
     assert_close("logits", logits_of(moe, ids), logits_of(dense, ids))
 
