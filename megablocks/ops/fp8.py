@@ -20,6 +20,7 @@ bf16 on a GPU), which measured 7x faster on an H200 than the untuned FP8 kernel.
 step share one quantization. dMoE runs its grouped path this way with `Arguments(fp8='blockwise')`.
 """
 
+import contextlib
 import weakref
 from typing import Optional, Tuple
 
@@ -60,6 +61,15 @@ def _stamp(w: torch.Tensor):
     return (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
 
 
+@contextlib.contextmanager
+def _made_for_autograd():
+    """The context the cache quantizes in: no gradient recorded, and outside inference mode even
+    under `torch.inference_mode()` (its tensors would be inference tensors, which a later training
+    step that finds them cached cannot save for its backward)."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 class Fp8WeightCache:
     """Blockwise FP8 copies of weights, made again only when a weight changed (its storage or
     its version, which every in-place update such as an optimizer step bumps). With
@@ -75,7 +85,7 @@ class Fp8WeightCache:
         current = self._current(w, shape)
         if current is not None:
             return current
-        with torch.no_grad():  # new, changed, or a new tensor that reuses an id
+        with _made_for_autograd():  # new, changed, or a new tensor that reuses an id
             v = w.detach() if shape is None else w.detach().view(shape)
             if self._transposed:
                 q, s, t = quantize_blocks(v, transposed=True)
@@ -102,7 +112,7 @@ class Fp8WeightCache:
         q, s = self(w, shape)
         entry = self._entries[(id(w), shape)]
         if len(entry) < 4:
-            with torch.no_grad():
+            with _made_for_autograd():
                 entry = entry + ((q.transpose(1, 2).contiguous(), s.transpose(1, 2)),)
             self._entries[(id(w), shape)] = entry
         return entry[3]
@@ -126,7 +136,7 @@ class Fp8WeightCache:
             q = torch.empty((E, 2 * N, K), dtype=FP8_DTYPE, device=a.device)
             s = torch.empty((E, 2 * N // Q, -(-K // Q)), dtype=torch.float32, device=a.device)
             t = torch.empty((E, K, 2 * N), dtype=FP8_DTYPE, device=a.device)
-            with torch.no_grad():
+            with _made_for_autograd():
                 for i, (w, v) in enumerate(((a, va), (b, vb))):
                     rows, blocks = slice(i * N, (i + 1) * N), slice(i * N // Q, (i + 1) * N // Q)
                     known = self._current(w, shape)

@@ -80,6 +80,34 @@ def test_weights_quantized_once_per_step(monkeypatch):
     assert len(calls) == 6
 
 
+@pytest.mark.parametrize("mlp_type, ffn, one_node", [("glu", 128, True), ("glu", 40, True), ("glu", 128, False),
+                                                    ("mlp", 40, True)],
+                         ids=["node-stacked", "node-apart", "composed", "mlp"])
+def test_quantized_in_inference_mode_then_trained(mlp_type, ffn, one_node):
+    """Weights first quantized under `torch.inference_mode()` (an evaluation) are cached as
+    ordinary tensors: a training step that finds them cached saves them for its backward, and its
+    output and gradients equal those of a layer that never ran in inference mode."""
+    from megablocks.policy import KernelPolicy
+
+    plain, layer = _pair(mlp_type, torch.float32, hidden_size=48, ffn_hidden_size=ffn)
+    fresh = dMoE(layer.args)
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 5, 48, device=DEVICE)
+    results = []
+    for module, evaluate in ((layer, True), (fresh, False)):
+        module.args.kernel_policy = KernelPolicy(one_node_experts=one_node)
+        if evaluate:
+            with torch.inference_mode():
+                module(x)
+        xg = x.clone().requires_grad_(True)
+        out = module(xg)
+        out.square().sum().backward()
+        results.append((out.detach(), xg.grad, [p.grad for p in module.experts.mlp.parameters()]))
+    (out_a, gx_a, gw_a), (out_b, gx_b, gw_b) = results
+    assert torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
+    assert all(torch.equal(a, b) for a, b in zip(gw_a, gw_b))
+
+
 def test_fp8_arguments():
     with pytest.raises(ValueError, match="mlp_impl='grouped'"):
         make_args("sparse", fp8="blockwise")
