@@ -20,7 +20,8 @@ launched plainly).
 decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIGS`), e.g. the `swap_ab` tiles.
 
 `--decode-glu` (none by default) times the FP8 decode with the GLU made and quantized in the up
-product's epilogue (`KernelPolicy.fp8_decode_glu_epilogue`) against the two launches, interleaved.
+product's epilogue (`KernelPolicy.fp8_decode_glu_epilogue`; with the rows gathered and quantized
+in that kernel too, `fp8_decode_gather_prologue`) against the two launches, interleaved.
 
 `--dmoe-inference` (none by default) times the dMoE layer itself in inference (`torch.no_grad`),
 bf16 against FP8 (the FP8 node, with the GLU epilogue, and the composed FP8 ops).
@@ -141,7 +142,8 @@ def bench(args):
     dglu_rows = [row for name in args.decode_glu for row in decode_glu_rows(name)]
     if dglu_rows:
         print_table(dglu_rows, ["config", "T", "repeat", "pdl", "stages", "bf16_ms", "epilogue_ms", "two_launches_ms",
-                                "speedup_epilogue", "speedup_two_launches", "fits", "same_output"])
+                                "prologue_ms", "speedup_epilogue", "speedup_prologue", "fits", "same_output",
+                                "same_output_prologue"])
         write_csv(os.path.join(args.out, "bench_fp8_decode_glu.csv"), [{**r, **env} for r in dglu_rows])
     inference_rows = [row for name in args.dmoe_inference for row in dmoe_inference_rows(name)]
     if inference_rows:
@@ -465,33 +467,39 @@ def decode_variant_rows(names, variants):
 
 
 def decode_glu_rows(name, repeats=3, T=64, device="cuda", shape=None, stages=(2, 3, 4)):
-    """Rows (config, T, repeat, pdl, stages, bf16_ms, epilogue_ms, two_launches_ms, same_output):
-    `fused_moe` at T tokens of config `name` on FP8 experts with the GLU made and quantized in the
-    up product's epilogue (`KernelPolicy.fp8_decode_glu_epilogue`; its kernel at each of `stages`
-    pipeline stages, `fp8.GLU_DECODE_STAGES`) and without (the product, then `glu_quantize_rows`),
-    against bf16 experts; replayed from CUDA graphs in each PDL mode, the forms interleaved
-    `repeats` times (off CUDA: the outputs only, times nan)."""
+    """Rows (config, T, repeat, pdl, stages, bf16_ms, epilogue_ms, two_launches_ms, prologue_ms,
+    same_output, same_output_prologue): `fused_moe` at T tokens of config `name` on FP8 experts
+    with the GLU made and quantized in the up product's epilogue (`KernelPolicy.fp8_decode_glu_epilogue`;
+    its kernel at each of `stages` pipeline stages, `fp8.GLU_DECODE_STAGES`), without (the product,
+    then `glu_quantize_rows`), and with the rows gathered and quantized in that kernel too
+    (`fp8_decode_gather_prologue`), against bf16 experts; replayed from CUDA graphs in each PDL
+    mode, the forms interleaved `repeats` times (off CUDA: the outputs only, times nan)."""
     from megablocks.policy import KernelPolicy
 
     _, H, F, E, k = shape or CONFIGS[name]
     x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, device,
                                                        torch.bfloat16 if device == "cuda" else torch.float32)
     epilogue, off = KernelPolicy(fp8_decode_glu_epilogue=True), KernelPolicy(fp8_decode_glu_epilogue=False)
+    prologue = KernelPolicy(fp8_decode_glu_epilogue=True, fp8_decode_gather_prologue=True)
     bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
     on = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=epilogue)  # noqa: E731
     two = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=off)  # noqa: E731
+    pro = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=prologue)  # noqa: E731
     saved, rows = fp8_backend.GLU_DECODE_STAGES, []
     try:
         for repeat in range(repeats):
             for n in stages:
                 fp8_backend.GLU_DECODE_STAGES = n
-                same = torch.equal(on(), two())
-                modes = graph_ms_by_pdl(bf16, on, two) if device == "cuda" else {0: (float("nan"),) * 3}
-                for mode, (ms_bf16, ms_on, ms_two) in modes.items():
+                first = on()
+                same, same_prologue = torch.equal(first, two()), torch.equal(first, pro())
+                modes = graph_ms_by_pdl(bf16, on, two, pro) if device == "cuda" else {0: (float("nan"),) * 4}
+                for mode, (ms_bf16, ms_on, ms_two, ms_pro) in modes.items():
                     rows.append(dict(config=name, T=T, repeat=repeat, pdl=mode, stages=n, bf16_ms=ms_bf16,
-                                     epilogue_ms=ms_on, two_launches_ms=ms_two, speedup_epilogue=ms_bf16 / ms_on,
-                                     speedup_two_launches=ms_bf16 / ms_two,
-                                     fits=fp8_backend.glu_decode_fits(T * k, E, 2 * F), same_output=same))
+                                     epilogue_ms=ms_on, two_launches_ms=ms_two, prologue_ms=ms_pro,
+                                     speedup_epilogue=ms_bf16 / ms_on, speedup_two_launches=ms_bf16 / ms_two,
+                                     speedup_prologue=ms_bf16 / ms_pro,
+                                     fits=fp8_backend.glu_decode_fits(T * k, E, 2 * F), same_output=same,
+                                     same_output_prologue=same_prologue))
     finally:
         fp8_backend.GLU_DECODE_STAGES = saved
     return rows
@@ -777,7 +785,7 @@ def smoke():
     assert layer_row["w_grad_fp8_rel_rms"] < 0.08, layer_row
     errors["layer_w_grad_fp8"] = layer_row["w_grad_fp8_rel_rms"]
     glu_rows = decode_glu_rows("smoke", repeats=1, T=6, device="cpu", shape=(6, 64, 128, 4, 2), stages=(3,))
-    assert glu_rows[0]["fits"], glu_rows
+    assert glu_rows[0]["fits"] and glu_rows[0]["same_output_prologue"], glu_rows
     inference = {row["form"]: row for row in dmoe_inference_rows("smoke_glu", tokens=(6,), device="cpu")}
     assert set(inference) == {"bf16", "fp8", "fp8_epilogue", "fp8_composed"}, inference
     for form in ("fp8", "fp8_epilogue", "fp8_composed"):

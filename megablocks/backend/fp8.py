@@ -314,12 +314,14 @@ def _quantize_blocks_kernel(
 # (ws_ptr_n: the tile's block row, one scale a step; or, BLOCK_N > QB, each column's block from
 # ws_ptr_e, the expert's scales). With TWO, a second tile of the weight's rows W2_OFF rows further
 # on (its scales WS2_OFF block rows further on: W2_OFF a multiple of QB) is computed from the
-# same row loads into a second accumulator (else the second result is the first).
+# same row loads into a second accumulator (else the second result is the first). With QUANTIZE
+# (BLOCK_K = QB) x_ptrs point at 16-bit rows, each step's tile quantized in 1 x QB tiles as
+# `quantize_rows` does (`_row_tiles`, CAST as there; xs_ptrs not read).
 @triton.jit
 def _swap_ab_tiles(x_ptrs, xs_ptrs, w_ptrs, ws_ptr_n, ws_ptr_e, w2_off, ws2_off, offs_n, row_ok, N, K,
                    stride_xsk, stride_wk, stride_wsn, stride_wsk,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr,
-                   TWO: tl.constexpr):
+                   TWO: tl.constexpr, QUANTIZE: tl.constexpr = False, CAST: tl.constexpr = False):
     offs_k = tl.arange(0, BLOCK_K)
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     acc2_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -327,9 +329,13 @@ def _swap_ab_tiles(x_ptrs, xs_ptrs, w_ptrs, ws_ptr_n, ws_ptr_e, w2_off, ws2_off,
     for k in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if QUANTIZE:
+            q, sa = _row_tiles(a.to(tl.float32), CAST)
+            a = q.to(tl.float8e4nv)
         b_t = tl.load(w_ptrs, mask=(offs_n < N)[:, None] & k_ok[None, :], other=0.0)
         part_t = tl.dot(b_t, tl.trans(a), out_dtype=tl.float32)
-        sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
+        if not QUANTIZE:
+            sa = tl.load(xs_ptrs + (k // QB) * stride_xsk, mask=row_ok, other=0.0)
         if BLOCK_N > QB:  # the tile spans blocks: each column's scale
             sb = tl.load(ws_cols + (k // QB) * stride_wsk, mask=offs_n < N, other=0.0)
             acc_t += part_t * (sb[:, None] * sa[None, :])
@@ -441,14 +447,19 @@ def _gmm_fp8_kernel(
 # transposed tiles of both halves' QB columns [f*QB, (f+1)*QB) from the same row loads; each
 # row's QB columns are then exactly one 1 x QB tile of the quantizer (no program recomputes
 # another's). Rows past the groups' total come out as the zeros' tiles, as h's zero rows do there.
+# GATHER: x_ptr is the token rows x_TK (16-bit) and row r of the product token
+# row_assignment[r] // TOP_K's (an assignment outside [0, n_assign): zeros), quantized in the K
+# loop (`_swap_ab_tiles`' QUANTIZE): bit for bit `gather_quantize_rows` first, without its launch
+# or its rows written (xs_ptr not read).
 @triton.jit
 def _gmm_fp8_glu_decode_kernel(
-    x_ptr, xs_ptr, w_ptr, ws_ptr, q_ptr, s_ptr, sizes_ptr,
-    M, F, K, E,
+    x_ptr, xs_ptr, w_ptr, ws_ptr, q_ptr, s_ptr, sizes_ptr, row_assignment_ptr,
+    M, F, K, E, n_assign,
     stride_xm, stride_xsm, stride_xsk, stride_we, stride_wn, stride_wk, stride_wse, stride_wsn, stride_wsk,
     stride_qm, stride_sm,
     ACTIVATION: tl.constexpr, H_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     QB: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False, CAST: tl.constexpr = False,
+    GATHER: tl.constexpr = False, TOP_K: tl.constexpr = 1,
 ):
     pdl_start(PDL)
     e, starts, ends, tile_starts, tiles = _group_table(sizes_ptr, E, M, BLOCK_M, BLOCK_E)
@@ -463,14 +474,22 @@ def _gmm_fp8_glu_decode_kernel(
     offs_f = tl.program_id(1) * QB + tl.arange(0, QB)
     offs_k = tl.arange(0, BLOCK_K)
     row_ok = offs_m < row_end
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    if GATHER:
+        assignment = tl.load(row_assignment_ptr + offs_m, mask=row_ok, other=-1)
+        x_ok = row_ok & (assignment >= 0) & (assignment < n_assign)
+        x_rows = tl.where(x_ok, assignment // TOP_K, 0)
+    else:
+        x_ok = row_ok
+        x_rows = offs_m
+    x_ptrs = x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
     xs_ptrs = xs_ptr + offs_m.to(tl.int64) * stride_xsm
     ws_e = ws_ptr + group.to(tl.int64) * stride_wse
     w_ptrs = (w_ptr + group.to(tl.int64) * stride_we + offs_f[:, None].to(tl.int64) * stride_wn
               + offs_k[None, :].to(tl.int64) * stride_wk)
     acc1_t, acc2_t = _swap_ab_tiles(x_ptrs, xs_ptrs, w_ptrs, ws_e + tl.program_id(1) * stride_wsn, ws_e,
-                                    F.to(tl.int64) * stride_wn, (F // QB) * stride_wsn, offs_f, row_ok, F, K,
-                                    stride_xsk, stride_wk, stride_wsn, stride_wsk, BLOCK_M, QB, BLOCK_K, QB, True)
+                                    F.to(tl.int64) * stride_wn, (F // QB) * stride_wsn, offs_f, x_ok, F, K,
+                                    stride_xsk, stride_wk, stride_wsn, stride_wsk, BLOCK_M, QB, BLOCK_K, QB, True,
+                                    GATHER, CAST)
     h1 = tl.where(real, acc1_t, 0.0).to(H_DTYPE).to(tl.float32)
     h2 = tl.where(real, acc2_t, 0.0).to(H_DTYPE).to(tl.float32)
     a, _ = _act(h1, ACTIVATION)
@@ -1107,17 +1126,30 @@ def gmm_fp8_reference(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w
 def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b: bool = True) -> None:
     """Shapes, dtypes and devices of `gmm_fp8`'s arguments (ValueError / TypeError)."""
     check_tensor("x_q", x_q, ndim=2, dtypes=(FP8_DTYPE,))
-    check_tensor("w_q", w_q, ndim=3, dtypes=(FP8_DTYPE,))
     check_tensor("x_s", x_s, ndim=2, dtypes=(torch.float32,))
+    M, K = x_q.shape
+    _check_fp8_weights(w_q, w_s, batch_sizes, out_dtype, K, trans_b, "x_q")
+    if tuple(x_s.shape) != (M, cdiv(K, Q)):
+        raise ValueError(f"x_s: expected [M, ceil(K/{Q})] = {(M, cdiv(K, Q))} scales, got {tuple(x_s.shape)}")
+    devices = {t.device for t in (x_q, x_s, w_q, w_s)}
+    if len(devices) != 1:
+        raise ValueError(f"x_q, x_s, w_q, w_s: expected one device, got {sorted(map(str, devices))}")
+    if x_q.numel() and x_q.stride(-1) != 1:
+        raise ValueError(f"x_q: expected a contiguous last dim, got strides {tuple(x_q.stride())}")
+
+
+def _check_fp8_weights(w_q, w_s, batch_sizes, out_dtype, K: int, trans_b: bool, x_name: str) -> None:
+    """An FP8 product's weight (e4m3 `[E, N, K]`, or `[E, K, N]` with trans_b=False), its block
+    scales, one batch size per expert and the output dtype, for rows of K columns (`x_name`'s)."""
+    check_tensor("w_q", w_q, ndim=3, dtypes=(FP8_DTYPE,))
     check_tensor("w_s", w_s, ndim=3, dtypes=(torch.float32,))
     check_tensor("batch_sizes", batch_sizes, ndim=1, dtypes=INDEX_DTYPES)
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {_OUT_DTYPES}, got {out_dtype}")
-    M, K = x_q.shape
     if trans_b:
         E, N, Kw = w_q.shape
         if Kw != K:
-            raise ValueError(f"w_q: expected [E, N, K={K}] (out x in, K as x_q's), got {tuple(w_q.shape)}")
+            raise ValueError(f"w_q: expected [E, N, K={K}] (out x in, K as {x_name}'s), got {tuple(w_q.shape)}")
         blocks = (E, cdiv(N, Q), cdiv(K, Q))
         if tuple(w_s.shape) != blocks:
             raise ValueError(f"w_s: expected [E, ceil(N/{Q}), ceil(K/{Q})] = {blocks} scales, got {tuple(w_s.shape)}")
@@ -1129,15 +1161,8 @@ def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b: bool
         if tuple(w_s.shape) != blocks:
             raise ValueError(f"w_s: expected [E, ceil(K/{Q}), ceil(N/{Q})] = {blocks} scales (trans_b=False), "
                              f"got {tuple(w_s.shape)}")
-    if tuple(x_s.shape) != (M, cdiv(K, Q)):
-        raise ValueError(f"x_s: expected [M, ceil(K/{Q})] = {(M, cdiv(K, Q))} scales, got {tuple(x_s.shape)}")
     if batch_sizes.numel() != E:
         raise ValueError(f"batch_sizes: expected {E} entries (one per expert of w_q), got {batch_sizes.numel()}")
-    devices = {t.device for t in (x_q, x_s, w_q, w_s)}
-    if len(devices) != 1:
-        raise ValueError(f"x_q, x_s, w_q, w_s: expected one device, got {sorted(map(str, devices))}")
-    if x_q.numel() and x_q.stride(-1) != 1:
-        raise ValueError(f"x_q: expected a contiguous last dim, got strides {tuple(x_q.stride())}")
 
 
 # The launches of products with few rows per expert (decode): (at most this many rows per expert
@@ -1353,23 +1378,75 @@ def gmm_fp8_glu_quantize(x_q: torch.Tensor, x_s: torch.Tensor, w1_q: torch.Tenso
     if not (on_device and glu_decode_fits(M, E, two_f)) or M == 0 or K == 0:
         h = gmm_fp8(x_q, x_s, w1_q, w1_s, batch_sizes, out_dtype=out_dtype)
         return glu_quantize_rows(h[:, :f], h[:, f:], activation)
+    return _glu_decode(x_q, x_s, None, 1, M, w1_q, w1_s, batch_sizes, activation, out_dtype, block_m)
+
+
+def _glu_decode(x, x_s, row_assignment, top_k: int, M: int, w1_q, w1_s, batch_sizes, activation: str,
+                out_dtype: torch.dtype, block_m: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`_gmm_fp8_glu_decode_kernel`'s launch over M rows: of x_q (x e4m3, x_s its scales), or with
+    `row_assignment` the routed rows of the token rows x (GATHER)."""
+    E, two_f, K = w1_q.shape
+    f = two_f // 2
     launch = dict(gmm_fp8_launch(M, E), num_stages=GLU_DECODE_STAGES)
-    if interpreted(x_q):
+    if interpreted(x):
         launch = dict(FP8_DECODE_CONFIGS[0][1], num_stages=1)
     block_m = block_m or launch["block_m"]
-    q = torch.empty((M, f), dtype=FP8_DTYPE, device=x_q.device)
-    s = torch.empty((M, f // Q), dtype=torch.float32, device=x_q.device)
-    sizes = batch_sizes.to(device=x_q.device, dtype=torch.int32)
+    q = torch.empty((M, f), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((M, f // Q), dtype=torch.float32, device=x.device)
+    sizes = batch_sizes.to(device=x.device, dtype=torch.int32)
+    gather = row_assignment is not None
+    if not gather:
+        row_assignment = sizes  # (not read)
     _gmm_fp8_glu_decode_kernel[(cdiv(M, block_m) + E, f // Q)](
-        x_q, x_s, w1_q, w1_s, q, s, sizes,
-        M, f, K, E,
-        x_q.stride(0), x_s.stride(0), x_s.stride(1), w1_q.stride(0), w1_q.stride(1), w1_q.stride(2), w1_s.stride(0),
+        x, x_s, w1_q, w1_s, q, s, sizes, row_assignment,
+        M, f, K, E, x.shape[0] * top_k,
+        x.stride(0), x_s.stride(0), x_s.stride(1), w1_q.stride(0), w1_q.stride(1), w1_q.stride(2), w1_s.stride(0),
         w1_s.stride(1), w1_s.stride(2), q.stride(0), s.stride(0),
         ACTIVATION=activation, H_DTYPE=_TL_DTYPES[out_dtype], BLOCK_M=block_m, BLOCK_K=Q, QB=Q,
-        BLOCK_E=max(2, next_power_of_2(E)), CAST=_hardware_cast(x_q), num_warps=launch["num_warps"],
-        num_stages=launch["num_stages"], **pdl_launch(x_q),
+        BLOCK_E=max(2, next_power_of_2(E)), CAST=_hardware_cast(x), GATHER=gather, TOP_K=top_k,
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"], **pdl_launch(x),
     )
     return q, s
+
+
+def gather_gmm_fp8_glu_quantize(x_TK: torch.Tensor, assignment_row_N: torch.Tensor, row_assignment_N: torch.Tensor,
+                                top_k: int, w1_q: torch.Tensor, w1_s: torch.Tensor, batch_sizes: torch.Tensor,
+                                activation: str = "silu", out_dtype: torch.dtype = torch.bfloat16,
+                                block_m: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`gmm_fp8_glu_quantize(*gather_quantize_rows(x_TK, assignment_row_N, top_k), w1_q, w1_s, ...)`:
+    the routed rows of the token rows x_TK ([T, K] float, last dim contiguous) through the up
+    projection, its GLU quantized. assignment_row_N and row_assignment_N: the plain layout's maps
+    both ways (`megablocks.ops.routing.RowMaps`), N = T * top_k. Where `glu_decode_fits`, on CUDA
+    or under the interpreter, one kernel that also gathers the rows (through row_assignment_N) and
+    quantizes them in its K loop: no `gather_quantize_rows` launch, no e4m3 rows written; bit for
+    bit the launches it replaces. Elsewhere those launches. Returns (q [N, F] e4m3, s [N, F/Q])."""
+    check_tensor("x", x_TK, ndim=2, dtypes=_IN_DTYPES)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
+    T, K = x_TK.shape
+    for name, t in (("assignment_row_N", assignment_row_N), ("row_assignment_N", row_assignment_N)):
+        check_tensor(name, t, ndim=1, dtypes=INDEX_DTYPES)
+        if t.numel() != T * top_k:
+            raise ValueError(f"{name}: expected T * top_k = {T * top_k} elements, got {t.numel()}")
+        if t.device != x_TK.device:
+            raise ValueError(f"{name}: expected x's device {x_TK.device}, got {t.device}")
+    _check_fp8_weights(w1_q, w1_s, batch_sizes, out_dtype, K, True, "x")
+    if w1_q.device != x_TK.device or w1_s.device != x_TK.device:
+        raise ValueError(f"w1_q, w1_s: expected x's device {x_TK.device}, got {w1_q.device} and {w1_s.device}")
+    on_device = x_TK.device.type == "cuda" or interpreted(x_TK)
+    E, two_f, _ = w1_q.shape
+    if not (on_device and glu_decode_fits(T * top_k, E, two_f)) or T == 0 or K == 0:
+        x_q, x_s = gather_quantize_rows(x_TK, assignment_row_N, top_k)
+        return gmm_fp8_glu_quantize(x_q, x_s, w1_q, w1_s, batch_sizes, activation, out_dtype, block_m)
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if block_m not in (None, 16, 32):
+        raise ValueError(f"block_m: expected None, 16 or 32, got {block_m!r}")
+    if x_TK.stride(-1) != 1:
+        raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_TK.stride())}")
+    no_scales = torch.empty((0, 1), dtype=torch.float32, device=x_TK.device)  # (not read)
+    return _glu_decode(x_TK, no_scales, row_assignment_N.contiguous(), top_k, T * top_k, w1_q, w1_s, batch_sizes,
+                       activation, out_dtype, block_m)
 
 
 def _check_sizes(batch_sizes: torch.Tensor, device) -> torch.Tensor:

@@ -432,15 +432,21 @@ def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK,
     """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` on checked FP8 experts and a routing
     (tokens_per_expert_E, maps): the rows quantized as they are gathered (each token's tiles once;
     the e4m3 bytes move, not the rows'), FP8 grouped GEMM, the GLU quantized as it is made (at
-    decode sizes, with `policy.fp8_decode_glu_epilogue`, in the up product's epilogue), FP8
-    grouped GEMM, weighted scatter."""
+    decode sizes, with `policy.fp8_decode_glu_epilogue`, in the up product's epilogue; with
+    `fp8_decode_gather_prologue` too, the rows gathered and quantized in its K loop), FP8 grouped
+    GEMM, weighted scatter."""
     tokens_per_expert, maps = routing
     f = w1.shape[1] // 2
     dtype = hidden_states.dtype
-    x_q, x_s = fp8.gather_quantize_rows(hidden_states, maps.assignment_row, maps.top_k)
-    if policy.fp8_decode_glu_epilogue and fp8.glu_decode_fits(x_q.shape[0], w1.shape[0], w1.shape[1]):
+    epilogue = policy.fp8_decode_glu_epilogue and fp8.glu_decode_fits(maps.assignment_row.numel(), *w1.shape[:2])
+    if epilogue and policy.fp8_decode_gather_prologue:
+        a_q, a_s = fp8.gather_gmm_fp8_glu_quantize(hidden_states, maps.assignment_row, maps.row_assignment, maps.top_k,
+                                                   w1, w1_scale, tokens_per_expert, activation, out_dtype=dtype)
+    elif epilogue:
+        x_q, x_s = fp8.gather_quantize_rows(hidden_states, maps.assignment_row, maps.top_k)
         a_q, a_s = fp8.gmm_fp8_glu_quantize(x_q, x_s, w1, w1_scale, tokens_per_expert, activation, out_dtype=dtype)
     else:
+        x_q, x_s = fp8.gather_quantize_rows(hidden_states, maps.assignment_row, maps.top_k)
         h_N2F = fp8.gmm_fp8(x_q, x_s, w1, w1_scale, tokens_per_expert, out_dtype=dtype)
         # The GLU quantized as it is made, from the two halves in place (a copy to contiguous
         # halves, the GLU's write and the quantizer's read of it were 0.93 of 4.87 ms of mixtral's

@@ -85,8 +85,9 @@ def test_fused_moe_fp8_decode_glu_epilogue(t, h, e, k, dtype):
     """The GLU made and quantized in the up product's epilogue (`fp8_decode_glu_epilogue`, where
     it fits: decode sizes, F a multiple of 128) against the two launches (the policy off): on the
     GPU the same output bit for bit (the same decode tile); under the interpreter, whose default
-    product takes other tiles, each within the layer's limits of the reference. Also through
-    `fp8_experts_from_ids` (transformers' experts path)."""
+    product takes other tiles, each within the layer's limits of the reference. With
+    `fp8_decode_gather_prologue` too (the rows gathered and quantized in that kernel), bit for bit
+    the epilogue alone. Also through `fp8_experts_from_ids` (transformers' experts path)."""
     from megablocks.integrations.inference import fp8_experts_from_ids, softmax_topk
     from megablocks.policy import KernelPolicy
 
@@ -95,8 +96,12 @@ def test_fused_moe_fp8_decode_glu_epilogue(t, h, e, k, dtype):
     q2, s2 = fp8.quantize_blocks(w2)
     assert fp8.glu_decode_fits(t * k, e, 2 * 256)
     epilogue, off = KernelPolicy(fp8_decode_glu_epilogue=True), KernelPolicy(fp8_decode_glu_epilogue=False)
+    prologue = KernelPolicy(fp8_decode_glu_epilogue=True, fp8_decode_gather_prologue=True)
     on = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=epilogue)
     two = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=off)
+    # The rows also gathered and quantized in the kernel's K loop: the same bits as the epilogue alone.
+    gathered = fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=prologue)
+    assert torch.equal(gathered, on)
     ref = fused_moe_fp8_reference(x, q1, q2, gating, k, True, s1, s2)
     max_tol, rms_tol = _layer_limits(dtype)
     for out in (on, two):
@@ -104,6 +109,7 @@ def test_fused_moe_fp8_decode_glu_epilogue(t, h, e, k, dtype):
         assert max_err <= max_tol and rms <= rms_tol, (max_err, rms)
     weights, ids = softmax_topk(gating, k, True)
     by_ids = fp8_experts_from_ids(x, q1, s1, q2, s2, ids, weights, policy=epilogue)
+    assert torch.equal(fp8_experts_from_ids(x, q1, s1, q2, s2, ids, weights, policy=prologue), by_ids)
     by_ids_two = fp8_experts_from_ids(x, q1, s1, q2, s2, ids, weights, policy=off)
     if DEVICE == "cuda":
         assert torch.equal(on, two) and torch.equal(by_ids, by_ids_two)

@@ -678,6 +678,64 @@ def test_gmm_fp8_glu_quantize_elsewhere_the_two_launches(two_f, sizes):
     _assert_same_tiles("two launches", got, want)
 
 
+def _routed_tokens(T, K, E, top_k, dtype, seed):
+    """Token rows [T, K] (an outlier token, a NaN token) and the plain layout's maps of ids with an
+    empty expert (1) and one id past E (its row after all experts')."""
+    from megablocks.ops.routing import row_maps
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g)
+    x[1] *= 30
+    x[2, 5] = float("nan")
+    ids = torch.randint(0, E, (T, top_k), generator=g)
+    ids[ids == 1] = 0
+    ids[3, 0] = E
+    counts, maps = row_maps(ids.to(DEVICE), E)
+    return x.to(dtype).to(DEVICE), counts, maps
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_gather_gmm_fp8_glu_quantize_equals_the_launches(dtype, block_m):
+    """The token rows gathered through the maps and quantized in the GLU decode kernel's K loop
+    equal `gather_quantize_rows`, then the kernel on its e4m3 rows, bit for bit: an empty expert,
+    an id past E (a row past the groups' total), an outlier token, a NaN token, K not a multiple
+    of 128."""
+    T, K, two_f, E, top_k = 9, 200, 256, 6, 2
+    x, counts, maps = _routed_tokens(T, K, E, top_k, dtype, seed=block_m)
+    w_q, w_s = fp8.quantize_blocks((torch.randn(E, two_f, K) / K**0.5).to(DEVICE))
+    assert fp8_backend.glu_decode_fits(T * top_k, E, two_f)
+    for activation in ("silu", "clamped_swiglu"):
+        x_q, x_s = fp8.gather_quantize_rows(x, maps.assignment_row, top_k)
+        want = fp8.gmm_fp8_glu_quantize(x_q, x_s, w_q, w_s, counts, activation, out_dtype=dtype, block_m=block_m)
+        got = fp8.gather_gmm_fp8_glu_quantize(x, maps.assignment_row, maps.row_assignment, top_k, w_q, w_s, counts,
+                                              activation, out_dtype=dtype, block_m=block_m)
+        _assert_same_tiles(f"gathered {activation}", got, want)
+        assert got[1].isnan().any() and not got[1].isnan().all()  # the NaN token's rows only
+
+
+def test_gather_gmm_fp8_glu_quantize_validates():
+    x, counts, maps = _routed_tokens(5, 128, 3, 2, torch.float32, seed=0)
+    w_q, w_s = fp8.quantize_blocks(torch.randn(3, 256, 128, device=DEVICE))
+    args = (maps.assignment_row, maps.row_assignment, 2, w_q, w_s, counts)
+    with pytest.raises(ValueError, match="row_assignment_N: expected T \\* top_k"):
+        fp8.gather_gmm_fp8_glu_quantize(x, maps.assignment_row, maps.row_assignment[:-1], 2, w_q, w_s, counts)
+    with pytest.raises(ValueError, match="top_k: expected an int >= 1"):
+        fp8.gather_gmm_fp8_glu_quantize(x, maps.assignment_row, maps.row_assignment, 0, w_q, w_s, counts)
+    with pytest.raises(ValueError, match=r"w_q: expected \[E, N, K=64\] \(out x in, K as x's\)"):
+        fp8.gather_gmm_fp8_glu_quantize(x[:, :64], *args)
+    with pytest.raises(ValueError, match="batch_sizes: expected 3 entries"):
+        fp8.gather_gmm_fp8_glu_quantize(x, *args[:-1], counts[:2])
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        fp8.gather_gmm_fp8_glu_quantize(x, *args, "swish")
+    with pytest.raises(ValueError, match="block_m: expected None, 16 or 32"):
+        fp8.gather_gmm_fp8_glu_quantize(x, *args, block_m=8)
+    with pytest.raises(TypeError):
+        fp8.gather_gmm_fp8_glu_quantize(x.long(), *args)
+    with pytest.raises(ValueError, match="x: expected a contiguous last dim"):
+        fp8.gather_gmm_fp8_glu_quantize(torch.randn(128, 5, device=DEVICE).t(), *args)
+
+
 def test_gmm_fp8_glu_quantize_validates():
     x_q, x_s, w_q, w_s, batch_sizes = _glu_decode_operands([3, 2], 128, 256, torch.float32, seed=0)
     with pytest.raises(ValueError, match="activation: expected one of"):
