@@ -223,7 +223,9 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
         weights: `quantize_blocks(w)` when the caller keeps it (`Fp8WeightCache`); else the
             weights are quantized in this call.
         fp8_wgrad: the weight gradient in FP8 (`gmm_fp8_wgrad`) or, by default, unquantized: on an
-            H200 the FP8 one is 7x slower than the bf16 variable-K GEMM (benchmarks/RESULTS.md).
+            H200 the FP8 product ran level with the bf16 variable-K GEMM on mixtral's shapes (2.94
+            against 3.06 ms) and slower with its two column quantizations (3.42 ms;
+            benchmarks/RESULTS.md, "The Gluon products' output stored by TMA").
         weights_t: `weights` stored the other way (`Fp8WeightCache.transposed`), read by the
             products (forward or input gradient) that would read `weights` N-major; without it
             `gmm_fp8` copies the weight K-major for each such product.
