@@ -195,7 +195,8 @@ for dtype in (torch.bfloat16, torch.float32):
     for block_m, activation in ((16, "silu"), (32, "silu"), (32, "clamped_swiglu")):
         check(f"fp8 gmm glu decode h {dtype} block_m={block_m} {activation}", F8._gmm_fp8_glu_decode_kernel,
               "*fp8e4nv", dict(ACTIVATION=activation, H_DTYPE=F8._TL_DTYPES[dtype], BLOCK_M=block_m, BLOCK_K=128,
-                               QB=F8.Q, BLOCK_E=128, PDL=2, CAST=True), 4, F8.GLU_DECODE_STAGES,
+                               QB=F8.Q, BLOCK_E=128, PDL=2, CAST=True, GATHER=False, TOP_K=1), 4,
+              F8.GLU_DECODE_STAGES,
               types={"xs_ptr": "*fp32", "ws_ptr": "*fp32", "s_ptr": "*fp32", "row_assignment_ptr": "*i32"})
     # ... and gathering the token rows, quantized in its K loop.
     check(f"fp8 gmm glu decode gathering {dtype} rows", F8._gmm_fp8_glu_decode_kernel, "*fp8e4nv",
