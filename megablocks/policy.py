@@ -83,12 +83,13 @@ class KernelPolicy:
             1.066 and 0.943 GiB, level with the bf16 layer's (1.065, 0.942) where through the
             maps it stays below (1.011, 0.575). The default keeps the maps below mixtral's width
             (F = 14336: 23.69 -> 22.37 ms gathered), as before.
-        fp8_decode_glu_epilogue: `fused_moe` and transformers' experts path on FP8 experts, at
-            decode sizes (`fp8.glu_decode_fits`: up to 32 routed rows per expert, F a multiple of
-            128), make the GLU and quantize it in the up product's epilogue
-            (`fp8.gmm_fp8_glu_quantize`): one launch fewer and h never written ([T·K, 2F] in
-            16 bits), the same bits as the two launches. Off until measured on a GPU (predicted:
-            about 3 µs of OLMoE's 135 µs decode at T = 64, where `glu_quantize_rows` takes 3.1 µs).
+        fp8_decode_glu_epilogue: `fused_moe`, transformers' experts path and dMoE's FP8 layer in
+            inference (w1 and v1 stacked) on FP8 experts, at decode sizes (`fp8.glu_decode_fits`:
+            up to 32 routed rows per expert, F a multiple of 128), make the GLU and quantize it in
+            the up product's epilogue (`fp8.gmm_fp8_glu_quantize`): one launch fewer and h never
+            written ([T·K, 2F] in 16 bits), the same bits as the two launches. Off until measured
+            on a GPU (predicted: about 3 µs of OLMoE's 135 µs decode at T = 64, where
+            `glu_quantize_rows` takes 3.1 µs).
         fp8_decode_gather_prologue: where `fp8_decode_glu_epilogue` applies, the same kernel also
             gathers the token rows and quantizes them in its K loop
             (`fp8.gather_gmm_fp8_glu_quantize`): `gather_quantize_rows` and its launch gone, the

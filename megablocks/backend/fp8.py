@@ -354,7 +354,6 @@ def _swap_ab_tiles(x_ptrs, xs_ptrs, w_ptrs, ws_ptr_n, ws_ptr_e, w2_off, ws2_off,
     return acc_t, acc2_t
 
 
-
 # out_MN[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T; x_q [M, K], x_s [M, KB],
 # w_q as its logical [E, N, K] strides (any layout: [E, K, N] storage is the trans_b=False form),
 # w_s as its logical [E, NB, KB] strides. Row tiles over all groups as in `gmm._gmm_kernel` (leftover
@@ -1365,20 +1364,26 @@ def gmm_fp8_glu_quantize(x_q: torch.Tensor, x_s: torch.Tensor, w1_q: torch.Tenso
     decode tile (`block_m` rows: that of `gmm_fp8_launch` unless given, 16 or 32). Elsewhere the
     two launches themselves."""
     check_gmm_fp8_args(x_q, x_s, w1_q, w1_s, batch_sizes, out_dtype, True)
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    _check_glu_decode_options(w1_q, activation, block_m)
     M, K = x_q.shape
     E, two_f, _ = w1_q.shape
-    if two_f % 2:
-        raise ValueError(f"w1_q: expected [E, 2F, K] (the gate's and the up half's rows), got {tuple(w1_q.shape)}")
-    if block_m not in (None, 16, 32):
-        raise ValueError(f"block_m: expected None, 16 or 32, got {block_m!r}")
     f = two_f // 2
     on_device = x_q.device.type == "cuda" or interpreted(x_q)
     if not (on_device and glu_decode_fits(M, E, two_f)) or M == 0 or K == 0:
         h = gmm_fp8(x_q, x_s, w1_q, w1_s, batch_sizes, out_dtype=out_dtype)
         return glu_quantize_rows(h[:, :f], h[:, f:], activation)
     return _glu_decode(x_q, x_s, None, 1, M, w1_q, w1_s, batch_sizes, activation, out_dtype, block_m)
+
+
+def _check_glu_decode_options(w1_q, activation: str, block_m: Optional[int]) -> None:
+    """The GLU decode launchers' own arguments: gate and up rows in w1_q, a known activation, a
+    decode row tile (ValueError)."""
+    if w1_q.shape[1] % 2:
+        raise ValueError(f"w1_q: expected [E, 2F, K] (the gate's and the up half's rows), got {tuple(w1_q.shape)}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    if block_m not in (None, 16, 32):
+        raise ValueError(f"block_m: expected None, 16 or 32, got {block_m!r}")
 
 
 def _glu_decode(x, x_s, row_assignment, top_k: int, M: int, w1_q, w1_s, batch_sizes, activation: str,
@@ -1438,10 +1443,7 @@ def gather_gmm_fp8_glu_quantize(x_TK: torch.Tensor, assignment_row_N: torch.Tens
     if not (on_device and glu_decode_fits(T * top_k, E, two_f)) or T == 0 or K == 0:
         x_q, x_s = gather_quantize_rows(x_TK, assignment_row_N, top_k)
         return gmm_fp8_glu_quantize(x_q, x_s, w1_q, w1_s, batch_sizes, activation, out_dtype, block_m)
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
-    if block_m not in (None, 16, 32):
-        raise ValueError(f"block_m: expected None, 16 or 32, got {block_m!r}")
+    _check_glu_decode_options(w1_q, activation, block_m)
     if x_TK.stride(-1) != 1:
         raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_TK.stride())}")
     no_scales = torch.empty((0, 1), dtype=torch.float32, device=x_TK.device)  # (not read)

@@ -438,11 +438,11 @@ def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK,
     tokens_per_expert, maps = routing
     f = w1.shape[1] // 2
     dtype = hidden_states.dtype
-    epilogue = policy.fp8_decode_glu_epilogue and fp8.glu_decode_fits(maps.assignment_row.numel(), *w1.shape[:2])
-    if epilogue and policy.fp8_decode_gather_prologue:
+    # Each launcher runs the two launches itself past the decode sizes (`fp8.glu_decode_fits`).
+    if policy.fp8_decode_glu_epilogue and policy.fp8_decode_gather_prologue:
         a_q, a_s = fp8.gather_gmm_fp8_glu_quantize(hidden_states, maps.assignment_row, maps.row_assignment, maps.top_k,
                                                    w1, w1_scale, tokens_per_expert, activation, out_dtype=dtype)
-    elif epilogue:
+    elif policy.fp8_decode_glu_epilogue:
         x_q, x_s = fp8.gather_quantize_rows(hidden_states, maps.assignment_row, maps.top_k)
         a_q, a_s = fp8.gmm_fp8_glu_quantize(x_q, x_s, w1, w1_scale, tokens_per_expert, activation, out_dtype=dtype)
     else:

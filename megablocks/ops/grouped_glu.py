@@ -62,8 +62,8 @@ from megablocks.backend import activation as activation_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.fp8 import (FP8_DTYPE, Q, gather_quantize_cols, gather_quantize_rows,
                                     glu_backward_quantize_rows_, glu_backward_quantize_rows_cols, glu_quantize_cols,
-                                    glu_decode_fits, glu_quantize_rows, gmm_fp8, gmm_fp8_glu_quantize, gmm_fp8_wgrad,
-                                    quantize_rows, quantize_rows_and_cols)
+                                    glu_quantize_rows, gmm_fp8, gmm_fp8_glu_quantize, gmm_fp8_wgrad, quantize_rows,
+                                    quantize_rows_and_cols)
 from megablocks.ops._eager import _plain_eager
 from megablocks.ops.gmm import _grouped_mm_impl, _product_impl
 from megablocks.ops.permute import _gather_rows, _scatter_rows, _weight_grad
@@ -166,9 +166,9 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         stacked = len(quantized) == 4
         x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
         product, h = None, []
-        if (stacked and decode_glu_epilogue and not record
-                and glu_decode_fits(x_q.shape[0], counts_E.shape[0], quantized[0][0].shape[1])):
-            # Inference at decode sizes: the GLU made and quantized in the up product's epilogue.
+        if stacked and decode_glu_epilogue and not record:
+            # Inference: at decode sizes the GLU made and quantized in the up product's epilogue
+            # (elsewhere the product and `glu_quantize_rows`, as below).
             a_q, a_s = gmm_fp8_glu_quantize(x_q, x_s, *quantized[0], counts_E, activation, out_dtype=dtype)
             del x_q, x_s
         else:
