@@ -506,12 +506,14 @@ def decode_glu_rows(name, repeats=3, T=64, device="cuda", shape=None, stages=(2,
 
 
 def dmoe_inference_rows(name, tokens=(64, 4096), device="cuda"):
-    """Rows (config, T, form, eager_ms, graph_ms, speedup_eager, speedup_graph, rel_rms_vs_bf16):
-    bench_dmoe's layer `name` in inference (`torch.no_grad`), bf16 (its inference form) against the
-    same layer with fp8='blockwise': the FP8 node ('fp8'), the node with the GLU in the up product's
-    epilogue at decode sizes (`KernelPolicy.fp8_decode_glu_epilogue`, 'fp8_epilogue'), and the
-    composed FP8 ops (one_node_experts off, 'fp8_composed'); eager and replayed from a CUDA graph
-    (off CUDA: the outputs only, in fp32, times nan)."""
+    """Rows (config, T, form, eager_ms, graph_ms, speedup_eager, speedup_graph, rel_rms_vs_bf16,
+    experts_mib, fp8_cache_mib): bench_dmoe's layer `name` in inference (`torch.no_grad`), bf16 (its
+    inference form) against the same layer with fp8='blockwise': the FP8 node ('fp8'), the node
+    with the GLU in the up product's epilogue at decode sizes (`KernelPolicy.fp8_decode_glu_epilogue`,
+    'fp8_epilogue'), and the composed FP8 ops (one_node_experts off, 'fp8_composed'); eager and
+    replayed from a CUDA graph (off CUDA: the outputs only, in fp32, times nan). experts_mib: the
+    expert parameters' bytes; fp8_cache_mib: what the FP8 weight cache holds after the form's
+    forwards, made from an empty cache."""
     cuda = device == "cuda"
     _, bf16, fp8_layer = build_pair(name, device, torch.bfloat16 if cuda else torch.float32)
     bf16.eval()
@@ -532,11 +534,17 @@ def dmoe_inference_rows(name, tokens=(64, 4096), device="cuda"):
             def call(module=module):
                 with torch.no_grad():
                     return module(x)
+            if module.args.fp8 is not None:
+                module.experts.mlp._fp8_cache().clear()
             out = call().float()
+            cache = module.experts.mlp.__dict__.get("_fp8_weights")
             ref = out if ref is None else ref
             rows.append(dict(config=name, T=T, form=form, eager_ms=timed(call)[0] if cuda else float("nan"),
                              graph_ms=bench_dmoe.graph_time_ms(call, 100) if cuda else float("nan"),
-                             rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item()))
+                             rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(),
+                             experts_mib=sum(p.numel() * p.element_size()
+                                             for p in module.experts.mlp.parameters()) / 2**20,
+                             fp8_cache_mib=float("nan") if cache is None else cache.nbytes() / 2**20))
         fp8_layer.args.kernel_policy = base
         for row in rows[-len(forms):]:
             row["speedup_eager"] = rows[-len(forms)]["eager_ms"] / row["eager_ms"]
@@ -640,7 +648,7 @@ def layer_step(name, device, dtype=torch.bfloat16):
 
             def step():  # every step quantizes the weights again, as after an optimizer step
                 if cache() is not None:
-                    cache()._entries.clear()
+                    cache().clear()
                 cache_step()
             row["fp8_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
         row[f"{label}_ms"] = timed(step)[0] if device == "cuda" else float("nan")
@@ -791,6 +799,10 @@ def smoke():
     for form in ("fp8", "fp8_epilogue", "fp8_composed"):
         assert 1e-4 < inference[form]["rel_rms_vs_bf16"] < 0.08, inference[form]
     errors["dmoe_inference"] = inference["fp8"]["rel_rms_vs_bf16"]
+    _, H, F, E, _ = bench_dmoe.SMOKE_CONFIGS["smoke_glu"][0]
+    forward_forms = 3 * (E * F * H + 4 * E * -(-F // 128) * -(-H // 128))  # each weight's e4m3 values once
+    for form in ("fp8", "fp8_epilogue", "fp8_composed"):
+        assert inference[form]["fp8_cache_mib"] * 2**20 == forward_forms, inference[form]
     print("bench_fp8 smoke: ok", errors)
     return errors
 

@@ -429,17 +429,23 @@ def dmoe_from_block(block: torch.nn.Module, **overrides) -> MegaBlocksMoeBlock:
 
 def _seed_fp8_cache(mlp: torch.nn.Module, experts: torch.nn.Module, num_experts: int, ffn: int, hidden: int) -> None:
     """The dMoE's FP8 weight cache starts from the checkpoint's own values and scales, so that
-    serving multiplies exactly the checkpoint's FP8 experts: the down projection always (its
-    128 x 128 blocks, transposed), the gate and up halves where F is a multiple of 128 (else a
-    block spans both halves, and they are quantized again from the dequantized values)."""
+    serving multiplies exactly the checkpoint's FP8 experts: the down projection as stored (in x
+    out, the form of w2 the forward reads; held, not copied), and, where F is a multiple of 128,
+    the gate and up projections in the layout the layer multiplies (`fp8_stacks_up_weights`: the
+    checkpoint's fused tensor held as it is; else each half copied). Elsewhere a block spans both
+    halves, and they are quantized again from the dequantized values."""
     from megablocks.ops.fp8 import Fp8WeightCache
 
     cache = mlp.__dict__.setdefault("_fp8_weights", Fp8WeightCache(transposed=True))
     shape = (num_experts, -1, hidden)
-    q, s = experts.down_proj.detach(), experts.down_proj_scale_inv.detach()
-    cache.seed(mlp.w2, (q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()), shape)
-    if ffn % 128 == 0:
-        q, s = experts.gate_up_proj.detach(), experts.gate_up_proj_scale_inv.detach()
+    cache.seed(mlp.w2, (experts.down_proj.detach().contiguous(), experts.down_proj_scale_inv.detach().contiguous()),
+               shape, transposed=True)
+    if ffn % 128:
+        return
+    q, s = experts.gate_up_proj.detach().contiguous(), experts.gate_up_proj_scale_inv.detach().contiguous()
+    if mlp.fp8_stacks_up_weights():
+        cache.seed_pair(mlp.w1, mlp.v1, (q, s), shape)
+    else:
         cache.seed(mlp.w1, (q[:, :ffn].contiguous(), s[:, :ffn // 128].contiguous()), shape)
         cache.seed(mlp.v1, (q[:, ffn:].contiguous(), s[:, ffn // 128:].contiguous()), shape)
 

@@ -40,7 +40,7 @@ from megablocks.ops.expert_bias import add_expert_bias, block_column_bias, block
 from megablocks.ops.fp8 import Q as FP8_BLOCK
 from megablocks.ops.fp8 import Fp8WeightCache, fp8_gmm
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered, weight_grad_into
-from megablocks.ops.grouped_glu import fp8_grouped_glu_experts, grouped_glu_experts, one_node_applies
+from megablocks.ops.grouped_glu import fp8_grouped_glu_experts, grouped_glu_experts, one_node_applies, records_gradient
 from megablocks.ops.permute import RowMaps, gather_routed, scatter_routed
 from megablocks.ops.sparse import dsd_data, sdd_data
 
@@ -463,8 +463,10 @@ class GroupedMLP(SparseMLP):
             if activation is not None and self.args.fp8 is not None:
                 # The up weights' gradients read gathered rows (`fp8_gather_wgrad_min_ffn`).
                 gathered = mpu.features_per_rank(self.args) >= self.args.kernel_policy.fp8_gather_wgrad_min_ffn
+                # Without a gradient to record, only the forms the forward reads.
+                alone = not records_gradient((x, *weights, combine_weights))
                 out = fp8_grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
-                                              self._fp8_quantized(num_experts, hidden), gathered_wgrad=gathered,
+                                              self._fp8_quantized(num_experts, hidden, alone), gathered_wgrad=gathered,
                                               weights_N=combine_weights,
                                               fp8_wgrad=self.args.kernel_policy.fp8_weight_grad,
                                               keep_product=not self.args.memory_optimized_mlp,
@@ -536,21 +538,29 @@ class GroupedMLP(SparseMLP):
             self._fp8_weights = Fp8WeightCache(transposed=True)
         return self._fp8_weights
 
-    def _fp8_quantized(self, num_experts: int, hidden: int):
+    def fp8_stacks_up_weights(self) -> bool:
+        """Whether the FP8 node quantizes and multiplies w1 and v1 stacked (`Fp8WeightCache.pair`):
+        F a multiple of 128, up to the policy's `fused_glu_input_grad_max_ffn`."""
+        ffn = mpu.features_per_rank(self.args)
+        return (self._v1() is not None and self.w1.numel() > 0 and ffn % FP8_BLOCK == 0
+                and ffn <= self.args.kernel_policy.fused_glu_input_grad_max_ffn)
+
+    def _fp8_quantized(self, num_experts: int, hidden: int, alone: bool = False):
         """(q, s) of w1, w1ᵀ, v1, v1ᵀ, w2, w2ᵀ viewed [E, F, H] (`fp8_grouped_glu_experts`), or,
         F a multiple of 128 up to the policy's `fused_glu_input_grad_max_ffn`, of [w1; v1]
         stacked, its transpose, w2, w2ᵀ; each quantized from its parameter once per optimizer
         step, in the module's cache. (Stacked, mixtral's FP8 products took 12.48 ms a step
-        against 11.56 apart; olmoe's 3.74 against 4.08: benchmarks/RESULTS.md.)"""
+        against 11.56 apart; olmoe's 3.74 against 4.08: benchmarks/RESULTS.md.) `alone`
+        (inference): only the forms the node's forward reads, [w1; v1] or w1 and v1 and w2ᵀ, made
+        and held; None in the backward's places."""
         cache, shape = self._fp8_cache(), (num_experts, -1, hidden)
         out = []
-        ffn = mpu.features_per_rank(self.args)
-        if self.w1.numel() and ffn % FP8_BLOCK == 0 and ffn <= self.args.kernel_policy.fused_glu_input_grad_max_ffn:
-            out += list(cache.pair(self.w1, self._v1(), shape))
+        if self.fp8_stacks_up_weights():
+            out += list(cache.pair(self.w1, self._v1(), shape, alone=alone))
         else:
             for p in (self.w1, self._v1()):
-                out += [cache(p, shape), cache.transposed(p, shape)]
-        return out + [cache(self.w2, shape), cache.transposed(self.w2, shape)]
+                out += [cache(p, shape, alone=alone), None if alone else cache.transposed(p, shape)]
+        return out + [None if alone else cache(self.w2, shape), cache.transposed(self.w2, shape, alone=alone)]
 
     def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int):
         """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this
@@ -562,13 +572,22 @@ class GroupedMLP(SparseMLP):
 
         # Each weight also stored the other way (once per step): the up projections' input
         # gradients and the down projection's forward read it K-major, as FP8 products need.
+        # Without a gradient to record only the form the forward reads is made and held: the up
+        # projections' (q, s), the down projection's transposed form (viewed back as its (q, s)).
         def up(x, w):
             p = source[id(w)]
+            if not records_gradient((x, w)):
+                return fp8_gmm(x.contiguous(), w.view(shape), tokens_per_expert, trans_b=True,
+                               weights=cache(p, shape, alone=True))
             return fp8_gmm(x.contiguous(), w.view(shape), tokens_per_expert, trans_b=True,
                            weights=cache(p, shape), weights_t=cache.transposed(p, shape))
 
         def down(a, w):
             p = source[id(w)]
+            if not records_gradient((a, w)):
+                t = cache.transposed(p, shape, alone=True)
+                return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=False,
+                               weights=(t[0].transpose(1, 2), t[1].transpose(1, 2)), weights_t=t)
             return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=False,
                            weights=cache(p, shape), weights_t=cache.transposed(p, shape))
 

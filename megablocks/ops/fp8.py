@@ -73,100 +73,202 @@ def _made_for_autograd():
 
 class Fp8WeightCache:
     """Blockwise FP8 copies of weights, made again only when a weight changed (its storage or
-    its version, which every in-place update such as an optimizer step bumps). With
-    `transposed`, each quantization also makes the values stored the other way (`transposed()`)."""
+    its version, which every in-place update such as an optimizer step bumps).
+
+    Each weight has two forms: `(q, s)` as `quantize_blocks` makes them (`cache(w)`), and the same
+    values stored the other way (`transposed(w)`), which the products that would read `q` N-major
+    read. A form is made when first asked for; a cache made with `transposed` makes both in the
+    quantizing pass. `alone=True` (inference, whose forward reads one form of each weight) makes
+    only the form asked for, so that the cache holds half the bytes; the other is made from it
+    (the same values, exactly) if a later call asks for it. `nbytes()` says what the cache holds."""
 
     def __init__(self, transposed: bool = False):
         self._entries = {}
         self._transposed = transposed
 
-    def __call__(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None,
+                 alone: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """`quantize_blocks(w.view(shape))` (shape default: w's own, 3-D), from the cache when
-        `w` has not changed since."""
-        current = self._current(w, shape)
-        if current is not None:
-            return current
-        with _made_for_autograd():  # new, changed, or a new tensor that reuses an id
-            v = w.detach() if shape is None else w.detach().view(shape)
-            if self._transposed:
-                q, s, t = quantize_blocks(v, transposed=True)
-                hit = (weakref.ref(w), _stamp(w), (q, s), (t, s.transpose(1, 2)))
-            else:
-                hit = (weakref.ref(w), _stamp(w), quantize_blocks(v))
-        self._entries[(id(w), shape)] = hit
-        return hit[2]
+        `w` has not changed since; `alone`: where quantized here, the transposed form not made."""
+        return self._form(w, shape, 0, alone)
 
-    def _current(self, w: torch.Tensor, shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """The cached (q, s) of `w` viewed as `shape` (made by `__call__` or given to `seed`), or
-        None where there is none or `w` changed since."""
-        hit = self._entries.get((id(w), shape))
-        if hit is None or hit[0]() is not w or hit[1] != _stamp(w):
-            return None
-        return hit[2]
-
-    def transposed(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def transposed(self, w: torch.Tensor, shape: Optional[Tuple[int, ...]] = None,
+                   alone: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """`(q.transpose(1, 2).contiguous(), s.transpose(1, 2))` of `self(w, shape)`: the same
         quantized weight stored the other way, made once per quantization (with it when the
         cache was made with `transposed`, else from q at the first call). FP8 tensor-core
         products read the weight K-major; a product that would read `q` N-major (the
-        trans_b=False form of `[E, K, N]` storage, or an input gradient) reads this instead."""
-        q, s = self(w, shape)
-        entry = self._entries[(id(w), shape)]
-        if len(entry) < 4:
-            with _made_for_autograd():
-                entry = entry + ((q.transpose(1, 2).contiguous(), s.transpose(1, 2)),)
-            self._entries[(id(w), shape)] = entry
-        return entry[3]
+        trans_b=False form of `[E, K, N]` storage, or an input gradient) reads this instead.
+        `alone`: where quantized here, only this form is kept."""
+        return self._form(w, shape, 1, alone)
 
-    def pair(self, a: torch.Tensor, b: torch.Tensor, shape: Tuple[int, ...]):
+    def _form(self, w, shape, which: int, alone: bool):
+        forms = self._forms(w, shape)
+        if forms is None:  # new, changed, or a new tensor that reuses an id
+            with _made_for_autograd():
+                v = w.detach() if shape is None else w.detach().view(shape)
+                if which == 0 and (alone or not self._transposed):
+                    forms = [quantize_blocks(v), None]
+                else:
+                    q, s, t = quantize_blocks(v, transposed=True)
+                    forms = [None if alone else (q, s), (t, s.transpose(1, 2))]
+            self._entries[(id(w), shape)] = (weakref.ref(w), _stamp(w), forms)
+        return _fill(forms, which)
+
+    def _forms(self, w: torch.Tensor, shape) -> Optional[list]:
+        """The [(q, s), transposed] forms cached for `w` viewed as `shape` (either may be None),
+        or None where there are none or `w` changed since. A half of a stacked pair (`pair`,
+        `seed_pair`) made from `w` as it is serves too, copied into `w`'s own entry."""
+        hit = self._entries.get((id(w), shape))
+        if hit is not None and hit[0]() is w and hit[1] == _stamp(w):
+            return hit[2]
+        half = self._pair_half(w, shape)
+        if half is None:
+            return None
+        with _made_for_autograd():
+            forms = [(half[0].contiguous(), half[1].contiguous()), None]
+        self._entries[(id(w), shape)] = (weakref.ref(w), _stamp(w), forms)
+        return forms
+
+    def _known(self, w: torch.Tensor, shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(q, s) of `w` viewed as `shape` where the cache holds them, in any form (views: nothing
+        made or kept), else None."""
+        hit = self._entries.get((id(w), shape))
+        if hit is not None and hit[0]() is w and hit[1] == _stamp(w):
+            forms = hit[2]
+            if forms[0] is not None:
+                return forms[0]
+            return forms[1][0].transpose(1, 2), forms[1][1].transpose(1, 2)
+        return self._pair_half(w, shape)
+
+    def _pair_half(self, w: torch.Tensor, shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Views of `w`'s half of a cached stacked pair made from `w` as it is, or None."""
+        stamp = _stamp(w)
+        for key, hit in self._entries.items():
+            if key[0] != "pair" or key[3] != shape:
+                continue
+            for i in (0, 1):
+                if hit[i]() is w and hit[2][i] == stamp:
+                    q, s = hit[3][0]
+                    n, nb = q.shape[1] // 2, s.shape[1] // 2
+                    return q[:, i * n:(i + 1) * n], s[:, i * nb:(i + 1) * nb]
+        return None
+
+    def pair(self, a: torch.Tensor, b: torch.Tensor, shape: Tuple[int, ...], alone: bool = False):
         """((q, s), (t, sᵀ)) of `a` and `b` viewed as `shape` [E, N, K] and stacked along N
         ([E, 2N, K], each expert's a rows then b rows; t [E, K, 2N] the same stored the other way),
         N a multiple of Q (each block from one of them: equal to their own quantizations side by
         side). Made again only when either changed, written straight into the stacked tensors; a
-        weight whose own quantization the cache holds (`seed`: a checkpoint's values and scales)
-        is taken as it is."""
+        weight whose quantization the cache holds (`seed`: a checkpoint's values and scales; the
+        unchanged half of a pair made before) is taken as it is. `alone`: where made here, t is
+        not (None in its place) until a call without `alone`."""
         key = ("pair", id(a), id(b), shape)
         stamps = (_stamp(a), _stamp(b))
         hit = self._entries.get(key)
         if hit is None or hit[0]() is not a or hit[1]() is not b or hit[2] != stamps:
-            va, vb = a.detach().view(shape), b.detach().view(shape)
+            va, vb = _pair_views("pair", a, b, shape)
             E, N, K = va.shape
-            if N % Q or vb.shape != va.shape:
-                raise ValueError(f"pair: expected two [E, N, K] views with N a multiple of {Q}, got "
-                                 f"{tuple(va.shape)} and {tuple(vb.shape)}")
             q = torch.empty((E, 2 * N, K), dtype=FP8_DTYPE, device=a.device)
             s = torch.empty((E, 2 * N // Q, -(-K // Q)), dtype=torch.float32, device=a.device)
-            t = torch.empty((E, K, 2 * N), dtype=FP8_DTYPE, device=a.device)
+            t = None if alone else torch.empty((E, K, 2 * N), dtype=FP8_DTYPE, device=a.device)
             with _made_for_autograd():
                 for i, (w, v) in enumerate(((a, va), (b, vb))):
                     rows, blocks = slice(i * N, (i + 1) * N), slice(i * N // Q, (i + 1) * N // Q)
-                    known = self._current(w, shape)
+                    known = self._known(w, shape)
                     if known is None:
-                        quantize_blocks(v, transposed=True, out=(q[:, rows], s[:, blocks], t[:, :, rows]))
+                        out = (q[:, rows], s[:, blocks]) + (() if t is None else (t[:, :, rows],))
+                        quantize_blocks(v, transposed=t is not None, out=out)
                     else:
                         q[:, rows], s[:, blocks] = known
-                        t[:, :, rows] = known[0].transpose(1, 2)
-            hit = (weakref.ref(a), weakref.ref(b), stamps, ((q, s), (t, s.transpose(1, 2))))
+                        if t is not None:
+                            t[:, :, rows] = known[0].transpose(1, 2)
+            hit = (weakref.ref(a), weakref.ref(b), stamps, [(q, s), None if t is None else (t, s.transpose(1, 2))])
             self._entries[key] = hit
-        return hit[3]
+        if not alone:
+            _fill(hit[3], 1)
+        return tuple(hit[3])
 
     def seed(self, w: torch.Tensor, quantized: Tuple[torch.Tensor, torch.Tensor],
-             shape: Optional[Tuple[int, ...]] = None) -> None:
-        """Makes `(q, s)` the cached quantization of `w` (viewed as `shape`) until `w` changes: a
-        checkpoint's own FP8 values and scales, used as they are instead of quantized again."""
+             shape: Optional[Tuple[int, ...]] = None, transposed: bool = False) -> None:
+        """Makes `quantized` the cached quantization of `w` (viewed as `shape`) until `w` changes:
+        a checkpoint's own FP8 values and scales, held as they are (not copied, not quantized
+        again). `(q [E, N, K], s [E, NB, KB])` as `quantize_blocks` makes them, or with
+        `transposed` the same stored the other way (`[E, K, N]` values, `[E, KB, NB]` scales: a
+        checkpoint's weight stored in x out).
+
+        Raises:
+            ValueError: values not e4m3 of the view's shape, or scales not fp32 of its blocks'.
+        """
+        view = tuple(w.shape if shape is None else w.detach().view(shape).shape)
+        self._check_seed("quantized", quantized, view, transposed)
+        forms = [None, tuple(quantized)] if transposed else [tuple(quantized), None]
+        self._drop(w)
+        self._entries[(id(w), shape)] = (weakref.ref(w), _stamp(w), forms)
+
+    def seed_pair(self, a: torch.Tensor, b: torch.Tensor, quantized: Tuple[torch.Tensor, torch.Tensor],
+                  shape: Tuple[int, ...]) -> None:
+        """`seed` for `pair(a, b, shape)`: `quantized` the stacked values `[E, 2N, K]` and scales
+        `[E, 2NB, KB]` (a checkpoint's fused gate and up projections), held as they are; `a` or `b`
+        alone is then served from its half.
+
+        Raises:
+            ValueError: as `seed`, or views whose N is not a multiple of Q.
+        """
+        E, N, K = _pair_views("seed_pair", a, b, shape)[0].shape
+        self._check_seed("quantized", quantized, (E, 2 * N, K), False)
+        self._drop(a)
+        self._drop(b)
+        self._entries[("pair", id(a), id(b), shape)] = (weakref.ref(a), weakref.ref(b), (_stamp(a), _stamp(b)),
+                                                       [tuple(quantized), None])
+
+    @staticmethod
+    def _check_seed(name, quantized, view, transposed: bool) -> None:
+        E, N, K = view
+        shapes = ((E, K, N), (E, -(-K // Q), -(-N // Q))) if transposed else ((E, N, K), (E, -(-N // Q), -(-K // Q)))
         q, s = quantized
-        view = w.shape if shape is None else w.detach().view(shape).shape
-        blocks = (view[0], -(-view[1] // Q), -(-view[2] // Q))
-        if q.dtype != FP8_DTYPE or tuple(q.shape) != tuple(view) or tuple(s.shape) != blocks or s.dtype != torch.float32:
-            raise ValueError(f"quantized: expected e4m3 values {tuple(view)} and fp32 scales {blocks}, got "
+        if (q.dtype != FP8_DTYPE or tuple(q.shape) != shapes[0] or s.dtype != torch.float32
+                or tuple(s.shape) != shapes[1]):
+            raise ValueError(f"{name}: expected e4m3 values {shapes[0]} and fp32 scales {shapes[1]}, got "
                              f"{q.dtype} {tuple(q.shape)} and {s.dtype} {tuple(s.shape)}")
-        stamp = _stamp(w)
-        self._entries[(id(w), shape)] = (weakref.ref(w), stamp, (q, s))
-        for key in [k for k in self._entries if k[0] == "pair" and id(w) in k[1:3]]:  # made from w before
+
+    def _drop(self, w: torch.Tensor) -> None:
+        """Forgets what was made from `w` (its own entries and the pairs it is part of)."""
+        for key in [k for k in self._entries if id(w) in (k[1:3] if k[0] == "pair" else k[:1])]:
             del self._entries[key]
 
+    def clear(self) -> None:
+        """Forgets every quantization (seeded ones too): the next calls quantize again."""
+        self._entries.clear()
+
+    def nbytes(self) -> int:
+        """Bytes of the FP8 values and scales the cache holds (each storage once, seeded ones too)."""
+        held = {}
+        for hit in self._entries.values():
+            for form in hit[-1]:
+                for x in form or ():
+                    held[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return sum(held.values())
+
     def __getstate__(self):  # copies and pickles of a module start with an empty cache
-        return {"_entries": {}}
+        return {"_entries": {}, "_transposed": self._transposed}
+
+
+def _pair_views(name: str, a: torch.Tensor, b: torch.Tensor, shape) -> Tuple[torch.Tensor, torch.Tensor]:
+    """a and b viewed as `shape`, two equal [E, N, K] with N a multiple of Q (else ValueError)."""
+    va, vb = a.detach().view(shape), b.detach().view(shape)
+    if va.shape[1] % Q or vb.shape != va.shape:
+        raise ValueError(f"{name}: expected two [E, N, K] views with N a multiple of {Q}, got "
+                         f"{tuple(va.shape)} and {tuple(vb.shape)}")
+    return va, vb
+
+
+def _fill(forms: list, which: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """forms[which] (0: (q, s); 1: stored the other way), made from the other where missing."""
+    if forms[which] is None:
+        q, s = forms[1 - which]
+        with _made_for_autograd():
+            forms[which] = (q.transpose(1, 2).contiguous(), s.transpose(1, 2))
+    return forms[which]
 
 
 def _k_major(w_q, w_s, t, trans_b):

@@ -79,10 +79,10 @@ def one_node_applies(x_TH: torch.Tensor, *tensors: Optional[torch.Tensor], infer
     if not use_triton(x_TH):
         return False
     present = [t for t in (x_TH, *tensors) if t is not None]
-    return _plain_eager(present) and (inference or _records(present))
+    return _plain_eager(present) and (inference or records_gradient(present))
 
 
-def _records(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+def records_gradient(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
     """Whether autograd records a gradient of an op on `tensors` here."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -389,7 +389,7 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     `decode_glu_epilogue` (`KernelPolicy.fp8_decode_glu_epilogue`), w1 and v1 stacked and at decode
     sizes (`fp8.glu_decode_fits`), it makes and quantizes the GLU in the up product's epilogue.
     """
-    record = _records((x_TH, w1, v1, w2, weights_N))
+    record = records_gradient((x_TH, w1, v1, w2, weights_N))
     return _Fp8GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row,
                                        maps.top_k, activation, tuple(quantized), gathered_wgrad, weights_N,
                                        fp8_wgrad, keep_product, record, decode_glu_epilogue)

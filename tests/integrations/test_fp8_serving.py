@@ -324,8 +324,9 @@ def test_transformers_fp8_experts_unsupported_falls_back():
         type(module).forward.__wrapped__ = fallback
 
 
-@pytest.mark.parametrize("ffn", [128, 72], ids=["F%128=0", "F%128!=0"])
-def test_convert_model_of_fp8_experts(ffn):
+@pytest.mark.parametrize("ffn, apart", [(128, False), (128, True), (72, False)],
+                         ids=["F%128=0", "F%128=0-apart", "F%128!=0"])
+def test_convert_model_of_fp8_experts(ffn, apart):
     """`convert_model` on a block whose experts are transformers' FP8Experts: a dMoE with
     fp8='blockwise' whose bf16/fp32 parameters are the dequantized checkpoint and whose FP8 cache
     starts from the checkpoint's own values and scales (exactly, where F is a multiple of 128):
@@ -335,6 +336,7 @@ def test_convert_model_of_fp8_experts(ffn):
     from transformers.integrations.moe import use_experts_implementation
 
     from megablocks.integrations import hf
+    from megablocks.policy import KernelPolicy
 
     cfg = transformers.Qwen3MoeConfig(hidden_size=160, moe_intermediate_size=ffn, num_experts=4, num_experts_per_tok=2,
                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
@@ -355,18 +357,37 @@ def test_convert_model_of_fp8_experts(ffn):
             getattr(experts, f"{name}_scale_inv").data = s * 1.5
     block.experts = experts
     x = torch.randn(2, 5, 160, generator=g).to(DEVICE)
-    converted = hf.dmoe_from_block(block).eval()
+    # apart: w1 and v1 multiplied apart (F past the policy's fused_glu_input_grad_max_ffn).
+    overrides = dict(kernel_policy=KernelPolicy(fused_glu_input_grad_max_ffn=ffn - 1)) if apart else {}
+    converted = hf.dmoe_from_block(block, **overrides).eval()
     mlp = converted.moe.experts.mlp
     assert converted.moe.args.fp8 == "blockwise"
     assert torch.equal(mlp.w2.view(4, ffn, 160).transpose(1, 2).float(),
                        dequantize_fp8(experts.down_proj, experts.down_proj_scale_inv, torch.float32))
-    seeded = {id(ref()) for ref, _, _ in mlp._fp8_weights._entries.values()}
-    assert (id(mlp.w1) in seeded) == (ffn % 128 == 0) and id(mlp.w2) in seeded
+    # The cache holds the checkpoint's values once: the down projection as stored (in x out, the
+    # form the forward reads) and, F a multiple of 128, [gate; up] as stored where the layer
+    # multiplies them stacked, else a copy of each half.
+    cache, shape = mlp._fp8_weights, (4, -1, 160)
+    held = [experts.down_proj, experts.down_proj_scale_inv]
+    assert cache.transposed(mlp.w2, shape, alone=True)[0].data_ptr() == experts.down_proj.data_ptr()
+    assert mlp.fp8_stacks_up_weights() == (ffn % 128 == 0 and not apart)
+    if ffn % 128 == 0:
+        held += [experts.gate_up_proj, experts.gate_up_proj_scale_inv]
+        if not apart:
+            assert cache.pair(mlp.w1, mlp.v1, shape, alone=True)[0][0].data_ptr() == experts.gate_up_proj.data_ptr()
+        else:
+            assert torch.equal(cache(mlp.v1, shape)[0].view(torch.uint8), experts.gate_up_proj[:, ffn:].view(torch.uint8))
+    seeded_bytes = sum(t.numel() * t.element_size() for t in held)
+    assert cache.nbytes() == seeded_bytes
     with torch.no_grad():
         want = block(x)
         want = want[0] if isinstance(want, tuple) else want
         got = converted(x)
         got = got[0] if isinstance(got, tuple) else got
+    # Serving adds to the cache only what the checkpoint lacks: nothing, or the gate and up
+    # halves quantized again (one form each, values and scales).
+    added = 0 if ffn % 128 == 0 else 2 * (4 * ffn * 160 + 4 * 4 * -(-ffn // 128) * -(-160 // 128))
+    assert cache.nbytes() == seeded_bytes + added, (cache.nbytes(), seeded_bytes, added)
     max_err, rms = relative_errors(got.double(), want.double())
     if ffn % 128 == 0:  # the same FP8 operands: fp32 rounding only
         assert max_err <= 1e-5 and rms <= 1e-6, (max_err, rms)

@@ -108,6 +108,56 @@ def test_quantized_in_inference_mode_then_trained(mlp_type, ffn, one_node):
     assert all(torch.equal(a, b) for a, b in zip(gw_a, gw_b))
 
 
+@pytest.mark.parametrize("mlp_type, ffn, one_node", [("glu", 128, True), ("glu", 40, True), ("glu", 128, False),
+                                                    ("mlp", 40, True)],
+                         ids=["node-stacked", "node-apart", "composed", "mlp"])
+def test_inference_holds_the_forward_forms(mlp_type, ffn, one_node):
+    """Without a gradient to record, the weight cache makes and holds only the form of each weight
+    that the forward reads (each e4m3 value once, where training holds each stored both ways), and
+    the output is bitwise a training forward's; a training step after it makes the other forms,
+    its output and gradients bitwise those of a layer that only trained, and the cache then holds
+    what that layer's holds."""
+    from megablocks.policy import KernelPolicy
+
+    E, H = 4, 48
+    _, layer = _pair(mlp_type, torch.float32, hidden_size=H, ffn_hidden_size=ffn)
+    trained = dMoE(layer.args)
+    trained.load_state_dict(layer.state_dict())
+    layer.args.kernel_policy = KernelPolicy(one_node_experts=one_node)
+    weights = 3 if mlp_type == "glu" else 2
+    values, scales = weights * E * ffn * H, weights * 4 * E * -(-ffn // 128) * -(-H // 128)
+    x = torch.randn(2, 5, H, device=DEVICE)
+    with torch.no_grad():
+        inferred = layer(x)
+    cache = layer.experts.mlp._fp8_weights
+    assert cache.nbytes() == values + scales, (cache.nbytes(), values, scales)
+    results = []
+    for module in (layer, trained):
+        xg = x.clone().requires_grad_(True)
+        out = module(xg)
+        out.square().sum().backward()
+        results.append((out.detach(), xg.grad, [p.grad for p in module.experts.mlp.parameters()]))
+        assert module.experts.mlp._fp8_weights.nbytes() == 2 * values + scales
+    (out_a, gx_a, gw_a), (out_b, gx_b, gw_b) = results
+    assert torch.equal(inferred, out_b) and torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b)
+    assert all(torch.equal(a, b) for a, b in zip(gw_a, gw_b))
+
+
+def test_copied_layer_quantizes():
+    """A deep copy of an FP8 layer (an EMA or evaluation copy) starts with an empty weight cache of
+    the same kind and computes what the layer computes."""
+    import copy
+
+    _, layer = _pair("glu", torch.float32, hidden_size=48, ffn_hidden_size=128)
+    x = torch.randn(2, 5, 48, device=DEVICE)
+    out = layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin.experts.mlp._fp8_weights.nbytes() == 0
+    twin_out = twin(x)
+    twin_out.sum().backward()
+    assert torch.equal(twin_out, out) and twin.experts.mlp.w1.grad.abs().sum() > 0
+
+
 def test_fp8_arguments():
     with pytest.raises(ValueError, match="mlp_impl='grouped'"):
         make_args("sparse", fp8="blockwise")

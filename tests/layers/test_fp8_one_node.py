@@ -186,7 +186,7 @@ def test_fp8_node_stacked_pair(T, H, Fs, E, K, dtype, monkeypatch):
     calls = _count(monkeypatch)
     pairs = []
     real_pair = fp8.Fp8WeightCache.pair
-    monkeypatch.setattr(fp8.Fp8WeightCache, "pair", lambda self, *a: pairs.append(a[2]) or real_pair(self, *a))
+    monkeypatch.setattr(fp8.Fp8WeightCache, "pair", lambda self, *a, **kw: pairs.append(a[2]) or real_pair(self, *a, **kw))
     results = {}
     for on in (False, True):
         layer.args.kernel_policy = KernelPolicy(one_node_experts=on)

@@ -1205,6 +1205,81 @@ def test_weight_cache_quantizes_once_per_step(monkeypatch):
     assert torch.equal(t3[1], t2[1]) and both.transposed(w)[0] is t3[0] and len(calls) == 5
 
 
+def _bytes(x):
+    return x.view(torch.uint8) if x.dtype == fp8.FP8_DTYPE else x
+
+
+def test_weight_cache_alone_seeds_and_bytes():
+    """`alone` makes and holds only the form asked for, the other made from it when asked (byte
+    for byte what quantizing both gives); a checkpoint seeded stored the other way, or stacked, is
+    held as it is (not copied) and serves both forms and each half, its scales as given (not powers
+    of two); `nbytes` counts each storage once; `clear` and a copy of the cache hold nothing."""
+    import copy
+
+    E, N, K = 2, 256, 200
+    shape = (E, -1, K)
+    gen = torch.Generator(device=DEVICE).manual_seed(21)
+    w = torch.randn(E * N, K, device=DEVICE, generator=gen)
+    v = torch.randn(E * N, K, device=DEVICE, generator=gen) * 3
+    ref_q, ref_s, ref_t = fp8.quantize_blocks(w.view(E, N, K), transposed=True)
+    v_q, v_s = fp8.quantize_blocks(v.view(E, N, K))
+    values, scales = E * N * K, 4 * E * (N // 128) * 2
+
+    cache = fp8.Fp8WeightCache(transposed=True)
+    t, st = cache.transposed(w, shape, alone=True)
+    assert_equal("t alone", _bytes(t), _bytes(ref_t))
+    assert_equal("t scales", st, ref_s.transpose(1, 2))
+    assert cache.nbytes() == values + scales
+    q, s = cache(w, shape)  # made from t
+    assert_equal("q from t", _bytes(q), _bytes(ref_q))
+    assert_equal("s from t", s, ref_s)
+    assert cache.nbytes() == 2 * values + scales and cache.transposed(w, shape)[0] is t
+    other = fp8.Fp8WeightCache(transposed=True)
+    assert_equal("q alone", _bytes(other(w, shape, alone=True)[0]), _bytes(ref_q))
+    assert other.nbytes() == values + scales
+    assert_equal("t from q", _bytes(other.transposed(w, shape)[0]), _bytes(ref_t))
+    assert other.nbytes() == 2 * values + scales
+
+    pairs = fp8.Fp8WeightCache(transposed=True)
+    (pq, ps), pt = pairs.pair(w, v, shape, alone=True)
+    assert pt is None and pairs.nbytes() == 2 * (values + scales)
+    assert_equal("pair q", _bytes(pq), _bytes(torch.cat([ref_q, v_q], 1)))
+    pt, pst = pairs.pair(w, v, shape)[1]
+    assert_equal("pair t", _bytes(pt), _bytes(torch.cat([ref_q, v_q], 1).transpose(1, 2).contiguous()))
+    assert pairs.nbytes() == 4 * values + 2 * scales
+    assert_equal("half of the pair", _bytes(pairs(v, shape, alone=True)[0]), _bytes(v_q))
+
+    seeded = fp8.Fp8WeightCache(transposed=True)
+    ckpt_t, ckpt_st = ref_t.clone(), (ref_s.transpose(1, 2) * 1.5).contiguous()
+    seeded.seed(w, (ckpt_t, ckpt_st), shape, transposed=True)
+    assert seeded.transposed(w, shape, alone=True)[0] is ckpt_t and seeded.nbytes() == values + scales
+    q, s = seeded(w, shape)
+    assert_equal("seeded q from t", _bytes(q), _bytes(ref_q))
+    assert_equal("seeded s from t", s, ref_s * 1.5)
+    with pytest.raises(ValueError, match="quantized: expected e4m3 values"):
+        seeded.seed(w, (ref_q, ref_s), shape, transposed=True)  # stored out x in, not the other way
+    stacked = (torch.cat([ref_q, v_q], 1), torch.cat([ref_s, v_s], 1) * 1.5)
+    seeded.seed_pair(w, v, stacked, shape)
+    assert seeded.pair(w, v, shape, alone=True)[0][0] is stacked[0] and seeded.nbytes() == 2 * (values + scales)
+    assert_equal("seeded half", _bytes(seeded(v, shape)[0]), _bytes(v_q))
+    assert_equal("seeded half scales", seeded(v, shape)[1], v_s * 1.5)
+    with pytest.raises(ValueError, match="quantized"):
+        seeded.seed_pair(w, v, (ref_q, ref_s), shape)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        seeded.seed_pair(w, v, stacked, (E * 4, -1, K))
+    with torch.no_grad():
+        v.mul_(2)  # changed: quantized again; w's seeded half kept as it is
+    (q, s), _ = seeded.pair(w, v, shape)
+    assert_equal("kept half", _bytes(q[:, :N]), _bytes(ref_q))
+    assert_equal("kept half scales", s[:, :N // 128], ref_s * 1.5)
+    assert_equal("changed half", _bytes(q[:, N:]), _bytes(fp8.quantize_blocks(v.view(E, N, K))[0]))
+    seeded.clear()
+    assert seeded.nbytes() == 0
+    twin = copy.deepcopy(cache)
+    assert twin.nbytes() == 0
+    assert_equal("copy", _bytes(twin.transposed(w, shape)[0]), _bytes(ref_t))
+
+
 def test_fp8_gmm_trains():
     """A grouped linear regression trained through fp8_gmm reaches the FP8 noise floor: the
     gradients it returns descend."""
