@@ -26,6 +26,9 @@ in that kernel too, `fp8_decode_gather_prologue`) against the two launches, inte
 `--dmoe-inference` (none by default) times the dMoE layer itself in inference (`torch.no_grad`),
 bf16 against FP8 (the FP8 node, with the GLU epilogue, and the composed FP8 ops).
 
+`--cache-bytes` (none by default; any device) weighs the FP8 layer's weight cache after an
+inference forward and after a training step, against the expert weights' bf16 bytes.
+
 `--serving-breakdown` (none by default) lists the device time of every kernel of those calls
 (torch.profiler), bf16 and FP8.
 
@@ -150,6 +153,7 @@ def bench(args):
         print_table(inference_rows, ["config", "T", "form", "eager_ms", "graph_ms", "speedup_eager", "speedup_graph",
                                      "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8_dmoe_inference.csv"), [{**r, **env} for r in inference_rows])
+    cache_bytes(args, "cuda", env)
     kernel_rows = [row for name in args.serving_breakdown for T in (64, 4096) for row in serving_kernels(name, T)]
     if kernel_rows:
         print_table(kernel_rows, ["config", "T", "experts", "kernel", "us"])
@@ -552,6 +556,42 @@ def dmoe_inference_rows(name, tokens=(64, 4096), device="cuda"):
     return rows
 
 
+def cache_bytes_rows(name, device="cuda", T=64):
+    """Rows (config, pass, experts_bf16_mib, fp8_cache_mib, cache_over_experts): what the FP8
+    dMoE layer `name`'s weight cache holds after one forward of T tokens without a gradient to
+    record (`torch.no_grad`: inference) and after one training step, each from an empty cache,
+    against the expert weights' bytes in bf16. The bytes do not depend on the device or the
+    weights' dtype (fp32 off CUDA)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    layer, _, fp8_layer = build_pair(name, device, dtype)
+    experts = sum(p.numel() for p in fp8_layer.experts.mlp.parameters()) * 2 / 2**20
+    x = torch.randn(T, layer.H, device=device, dtype=dtype)
+    cache = fp8_layer.experts.mlp._fp8_cache()
+    rows = []
+    for label in ("inference", "training"):
+        cache.clear()
+        if label == "inference":
+            with torch.no_grad():
+                fp8_layer(x)
+        else:
+            fp8_layer(x.clone().requires_grad_(True)).float().square().mean().backward()
+            fp8_layer.zero_grad(set_to_none=True)
+        held = cache.nbytes() / 2**20
+        rows.append({"config": name, "pass": label, "experts_bf16_mib": experts, "fp8_cache_mib": held,
+                     "cache_over_experts": held / experts})
+    cache.clear()
+    return rows
+
+
+def cache_bytes(args, device, env):
+    """`--cache-bytes`: its rows printed and written to bench_fp8_cache_bytes.csv."""
+    rows = [row for name in args.cache_bytes for row in cache_bytes_rows(name, device)]
+    if rows:
+        print_table(rows, ["config", "pass", "experts_bf16_mib", "fp8_cache_mib", "cache_over_experts"])
+        os.makedirs(args.out, exist_ok=True)
+        write_csv(os.path.join(args.out, "bench_fp8_cache_bytes.csv"), [{**r, **env} for r in rows])
+
+
 def serving_kernels(name, T):
     """Rows (config, T, experts, kernel, us): the device time of each kernel of one `fused_moe`
     call at T tokens of config `name`, bf16 experts and their FP8 copy (torch.profiler)."""
@@ -621,7 +661,7 @@ def serving_row(name, T, device, shape=None):
 def build_pair(name, device, dtype=torch.bfloat16):
     """(the bf16 grouped dMoE, the same layer with fp8='blockwise') of bench_dmoe's layer `name`,
     on one router and one set of weights."""
-    layer = bench_dmoe.all_layers(device != "cuda")[name]
+    layer = {**bench_dmoe.all_layers(False), **bench_dmoe.all_layers(True)}[name]
     torch.manual_seed(0)
     bf16 = bench_dmoe.build_dmoe(layer, dtype, device, "grouped", "triton")
     args = dataclasses.replace(bf16.args, fp8="blockwise")
@@ -803,6 +843,8 @@ def smoke():
     forward_forms = 3 * (E * F * H + 4 * E * -(-F // 128) * -(-H // 128))  # each weight's e4m3 values once
     for form in ("fp8", "fp8_epilogue", "fp8_composed"):
         assert inference[form]["fp8_cache_mib"] * 2**20 == forward_forms, inference[form]
+    weighed = {row["pass"]: row["fp8_cache_mib"] * 2**20 for row in cache_bytes_rows("smoke_glu", "cpu", T=6)}
+    assert weighed == {"inference": forward_forms, "training": forward_forms + 3 * E * F * H}, weighed
     print("bench_fp8 smoke: ok", errors)
     return errors
 
@@ -847,6 +889,9 @@ def main():
                         "and without, interleaved")
     p.add_argument("--dmoe-inference", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose dMoE layer is timed in inference (T = 64 and 4096), bf16 against its FP8 forms")
+    p.add_argument("--cache-bytes", nargs="*", default=[], choices=list(CONFIGS),
+                   help="configs whose FP8 layer's weight cache is weighed after an inference forward and after "
+                        "a training step (any device)")
     p.add_argument("--layer-breakdown", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose bf16 and FP8 layer steps are profiled kernel by kernel")
     p.add_argument("--layer-memory", nargs="*", default=[], choices=list(CONFIGS),
@@ -877,6 +922,9 @@ def main():
     args = p.parse_args()
     if args.wgmma:
         _launch_gluon(GLUON_FORMS[args.wgmma])
+    if args.cache_bytes and not args.smoke and not torch.cuda.is_available():
+        cache_bytes(args, "cpu", environment())  # bytes only: no timing off CUDA
+        return
     if args.smoke or not torch.cuda.is_available():
         smoke()
         return
