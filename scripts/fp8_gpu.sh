@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# FP8 on a GPU machine in one call: the FP8 tests (kernels compiled, bf16 included), then the
+# bench_fp8 measurements that settle the FP8 policy fields still off until measured
+# (`fp8_decode_glu_epilogue` and `GLU_DECODE_STAGES`, `fp8_decode_gather_prologue`) beside the
+# targets' own rows (serving replayed, the layer steps, the products), and the weight cache's bytes.
+#
+#   scripts/fp8_gpu.sh LOG_DIR [tests|bench|all] [bench_fp8.py arguments]
+#
+# Without arguments for bench_fp8.py, the default set below. Each part is bounded
+# ($TEST_TIMEOUT, $BENCH_TIMEOUT seconds), so that a slow one cannot take the others' results with it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${1:?usage: scripts/fp8_gpu.sh LOG_DIR [tests|bench|all] [bench_fp8.py arguments]}
+PART=${2:-all}
+shift $(( $# < 2 ? $# : 2 ))
+mkdir -p "$LOG_DIR"
+source scripts/device_env.sh
+python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)" \
+  | tee "$LOG_DIR/env.txt"
+echo "commit: ${MEGABLOCKS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee -a "$LOG_DIR/env.txt"
+if [ "$PART" = tests ] || [ "$PART" = all ]; then
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -ra -n "${PYTEST_WORKERS:-14}" tests/ops/test_fp8.py \
+    tests/integrations/test_fp8_serving.py tests/layers/test_fp8_one_node.py tests/layers/test_fp8_dmoe.py \
+    tests/integrations/test_hf.py tests/integrations/test_moefy.py tests/test_bench_fp8.py >"$LOG_DIR/pytest.log" 2>&1
+  echo "pytest: rc=$? :: $(tail -n 1 "$LOG_DIR/pytest.log")"
+fi
+if [ "$PART" = bench ] || [ "$PART" = all ]; then
+  if [ $# -eq 0 ]; then
+    set -- --configs --weights --layers --serving olmoe qwen3moe mixtral --decode-glu olmoe qwen3moe mixtral \
+      --dmoe-inference olmoe mixtral --cache-bytes olmoe qwen3moe mixtral
+  fi
+  timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_fp8.py --out "$LOG_DIR" "$@" >"$LOG_DIR/bench_fp8.log" 2>&1
+  echo "bench_fp8: rc=$? (log $LOG_DIR/bench_fp8.log)"
+fi
