@@ -71,6 +71,25 @@ def _made_for_autograd():
         yield
 
 
+class _Entry:
+    """What the cache holds for a weight or a stacked pair of weights: weak references to them,
+    their stamps when it was made, the two forms ([(q, s), stored the other way], either None until
+    asked for), and whether the forms are the weights' own quantization (`exact`: made again
+    bit for bit by quantizing them) or given (a checkpoint's, `seed`)."""
+
+    __slots__ = ("refs", "stamps", "forms", "exact")
+
+    def __init__(self, weights, forms: list, exact: bool):
+        self.refs = tuple(weakref.ref(w) for w in weights)
+        self.stamps = tuple(_stamp(w) for w in weights)
+        self.forms = forms
+        self.exact = exact
+
+    def holds(self, i: int, w: torch.Tensor) -> bool:
+        """Whether its weight i is `w`, unchanged since."""
+        return self.refs[i]() is w and self.stamps[i] == _stamp(w)
+
+
 class Fp8WeightCache:
     """Blockwise FP8 copies of weights, made again only when a weight changed (its storage or
     its version, which every in-place update such as an optimizer step bumps).
@@ -79,8 +98,9 @@ class Fp8WeightCache:
     values stored the other way (`transposed(w)`), which the products that would read `q` N-major
     read. A form is made when first asked for; a cache made with `transposed` makes both in the
     quantizing pass. `alone=True` (inference, whose forward reads one form of each weight) makes
-    only the form asked for, so that the cache holds half the bytes; the other is made from it
-    (the same values, exactly) if a later call asks for it. `nbytes()` says what the cache holds."""
+    only the form asked for, so that the cache holds half the bytes; if a later call asks for the
+    other, both are made again in one quantizing pass (the same values; a checkpoint's values,
+    `seed`, are transposed instead). `nbytes()` says what the cache holds."""
 
     def __init__(self, transposed: bool = False):
         self._entries = {}
@@ -103,55 +123,59 @@ class Fp8WeightCache:
         return self._form(w, shape, 1, alone)
 
     def _form(self, w, shape, which: int, alone: bool):
-        forms = self._forms(w, shape)
-        if forms is None:  # new, changed, or a new tensor that reuses an id
+        entry = self._entry(w, shape)
+        view = lambda: w.detach() if shape is None else w.detach().view(shape)  # noqa: E731
+        if entry is None:  # new, changed, or a new tensor that reuses an id
             with _made_for_autograd():
-                v = w.detach() if shape is None else w.detach().view(shape)
+                v = view()
                 if which == 0 and (alone or not self._transposed):
                     forms = [quantize_blocks(v), None]
                 else:
                     q, s, t = quantize_blocks(v, transposed=True)
                     forms = [None if alone else (q, s), (t, s.transpose(1, 2))]
-            self._entries[(id(w), shape)] = (weakref.ref(w), _stamp(w), forms)
-        return _fill(forms, which)
+            entry = self._entries[(id(w), shape)] = _Entry((w,), forms, exact=True)
+        elif entry.forms[which] is None and entry.exact and (which == 0 or self._transposed):
+            # The other form made alone before: both again in one pass (faster than a transposing copy).
+            with _made_for_autograd():
+                q, s, t = quantize_blocks(view(), transposed=True)
+            entry.forms[:] = [(q, s), (t, s.transpose(1, 2))]
+        return _fill(entry.forms, which)
 
-    def _forms(self, w: torch.Tensor, shape) -> Optional[list]:
-        """The [(q, s), transposed] forms cached for `w` viewed as `shape` (either may be None),
-        or None where there are none or `w` changed since. A half of a stacked pair (`pair`,
-        `seed_pair`) made from `w` as it is serves too, copied into `w`'s own entry."""
-        hit = self._entries.get((id(w), shape))
-        if hit is not None and hit[0]() is w and hit[1] == _stamp(w):
-            return hit[2]
+    def _entry(self, w: torch.Tensor, shape) -> Optional[_Entry]:
+        """The entry of `w` viewed as `shape`, or None where there is none or `w` changed since.
+        A half of a stacked pair (`pair`, `seed_pair`) made from `w` as it is serves too, copied
+        into an entry of `w`'s own."""
+        entry = self._entries.get((id(w), shape))
+        if entry is not None and entry.holds(0, w):
+            return entry
         half = self._pair_half(w, shape)
         if half is None:
             return None
+        (q, s), exact = half
         with _made_for_autograd():
-            forms = [(half[0].contiguous(), half[1].contiguous()), None]
-        self._entries[(id(w), shape)] = (weakref.ref(w), _stamp(w), forms)
-        return forms
+            forms = [(q.contiguous(), s.contiguous()), None]
+        entry = self._entries[(id(w), shape)] = _Entry((w,), forms, exact)
+        return entry
 
-    def _known(self, w: torch.Tensor, shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(q, s) of `w` viewed as `shape` where the cache holds them, in any form (views: nothing
-        made or kept), else None."""
-        hit = self._entries.get((id(w), shape))
-        if hit is not None and hit[0]() is w and hit[1] == _stamp(w):
-            forms = hit[2]
-            if forms[0] is not None:
-                return forms[0]
-            return forms[1][0].transpose(1, 2), forms[1][1].transpose(1, 2)
-        return self._pair_half(w, shape)
+    def _known(self, w: torch.Tensor, shape):
+        """((q, s), exact) of `w` viewed as `shape` where the cache holds them in either form or as
+        a half of a stacked pair (views: nothing made or kept), else None."""
+        entry = self._entries.get((id(w), shape))
+        if entry is None or not entry.holds(0, w):
+            return self._pair_half(w, shape)
+        if entry.forms[0] is not None:
+            return entry.forms[0], entry.exact
+        t, st = entry.forms[1]
+        return (t.transpose(1, 2), st.transpose(1, 2)), entry.exact
 
-    def _pair_half(self, w: torch.Tensor, shape) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """Views of `w`'s half of a cached stacked pair made from `w` as it is, or None."""
-        stamp = _stamp(w)
-        for key, hit in self._entries.items():
-            if key[0] != "pair" or key[3] != shape:
-                continue
-            for i in (0, 1):
-                if hit[i]() is w and hit[2][i] == stamp:
-                    q, s = hit[3][0]
-                    n, nb = q.shape[1] // 2, s.shape[1] // 2
-                    return q[:, i * n:(i + 1) * n], s[:, i * nb:(i + 1) * nb]
+    def _pair_half(self, w: torch.Tensor, shape):
+        """((q, s) views of `w`'s half of a cached stacked pair made from `w` as it is, whether
+        that pair is exact), or None."""
+        for key, entry in self._entries.items():
+            for i in range(2 if key[0] == "pair" and key[3] == shape else 0):
+                if entry.holds(i, w):
+                    q, s = entry.forms[0]
+                    return _half(i, q.shape[1] // 2, q, s, None), entry.exact
         return None
 
     def pair(self, a: torch.Tensor, b: torch.Tensor, shape: Tuple[int, ...], alone: bool = False):
@@ -163,30 +187,38 @@ class Fp8WeightCache:
         unchanged half of a pair made before) is taken as it is. `alone`: where made here, t is
         not (None in its place) until a call without `alone`."""
         key = ("pair", id(a), id(b), shape)
-        stamps = (_stamp(a), _stamp(b))
-        hit = self._entries.get(key)
-        if hit is None or hit[0]() is not a or hit[1]() is not b or hit[2] != stamps:
+        entry = self._entries.get(key)
+        if entry is None or not (entry.holds(0, a) and entry.holds(1, b)):
             va, vb = _pair_views("pair", a, b, shape)
             E, N, K = va.shape
             q = torch.empty((E, 2 * N, K), dtype=FP8_DTYPE, device=a.device)
             s = torch.empty((E, 2 * N // Q, -(-K // Q)), dtype=torch.float32, device=a.device)
             t = None if alone else torch.empty((E, K, 2 * N), dtype=FP8_DTYPE, device=a.device)
+            exact = True
             with _made_for_autograd():
                 for i, (w, v) in enumerate(((a, va), (b, vb))):
-                    rows, blocks = slice(i * N, (i + 1) * N), slice(i * N // Q, (i + 1) * N // Q)
-                    known = self._known(w, shape)
+                    out, known = _half(i, N, q, s, t), self._known(w, shape)
                     if known is None:
-                        out = (q[:, rows], s[:, blocks]) + (() if t is None else (t[:, :, rows],))
                         quantize_blocks(v, transposed=t is not None, out=out)
-                    else:
-                        q[:, rows], s[:, blocks] = known
-                        if t is not None:
-                            t[:, :, rows] = known[0].transpose(1, 2)
-            hit = (weakref.ref(a), weakref.ref(b), stamps, [(q, s), None if t is None else (t, s.transpose(1, 2))])
-            self._entries[key] = hit
+                        continue
+                    (kq, ks), exact = known[0], exact and known[1]
+                    out[0].copy_(kq)
+                    out[1].copy_(ks)
+                    if t is not None:
+                        out[2].copy_(kq.transpose(1, 2))
+            forms = [(q, s), None if t is None else (t, s.transpose(1, 2))]
+            entry = self._entries[key] = _Entry((a, b), forms, exact)
+        if not alone and entry.forms[1] is None and entry.exact:
+            # Made alone before: both again in one pass, q and s written over with the same values.
+            (q, s), views = entry.forms[0], _pair_views("pair", a, b, shape)
+            t = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=FP8_DTYPE, device=q.device)
+            with _made_for_autograd():
+                for i, v in enumerate(views):
+                    quantize_blocks(v, transposed=True, out=_half(i, v.shape[1], q, s, t))
+            entry.forms[1] = (t, s.transpose(1, 2))
         if not alone:
-            _fill(hit[3], 1)
-        return tuple(hit[3])
+            _fill(entry.forms, 1)
+        return tuple(entry.forms)
 
     def seed(self, w: torch.Tensor, quantized: Tuple[torch.Tensor, torch.Tensor],
              shape: Optional[Tuple[int, ...]] = None, transposed: bool = False) -> None:
@@ -200,10 +232,10 @@ class Fp8WeightCache:
             ValueError: values not e4m3 of the view's shape, or scales not fp32 of its blocks'.
         """
         view = tuple(w.shape if shape is None else w.detach().view(shape).shape)
-        self._check_seed("quantized", quantized, view, transposed)
+        _check_seed(quantized, view, transposed)
         forms = [None, tuple(quantized)] if transposed else [tuple(quantized), None]
         self._drop(w)
-        self._entries[(id(w), shape)] = (weakref.ref(w), _stamp(w), forms)
+        self._entries[(id(w), shape)] = _Entry((w,), forms, exact=False)
 
     def seed_pair(self, a: torch.Tensor, b: torch.Tensor, quantized: Tuple[torch.Tensor, torch.Tensor],
                   shape: Tuple[int, ...]) -> None:
@@ -215,21 +247,10 @@ class Fp8WeightCache:
             ValueError: as `seed`, or views whose N is not a multiple of Q.
         """
         E, N, K = _pair_views("seed_pair", a, b, shape)[0].shape
-        self._check_seed("quantized", quantized, (E, 2 * N, K), False)
+        _check_seed(quantized, (E, 2 * N, K), False)
         self._drop(a)
         self._drop(b)
-        self._entries[("pair", id(a), id(b), shape)] = (weakref.ref(a), weakref.ref(b), (_stamp(a), _stamp(b)),
-                                                       [tuple(quantized), None])
-
-    @staticmethod
-    def _check_seed(name, quantized, view, transposed: bool) -> None:
-        E, N, K = view
-        shapes = ((E, K, N), (E, -(-K // Q), -(-N // Q))) if transposed else ((E, N, K), (E, -(-N // Q), -(-K // Q)))
-        q, s = quantized
-        if (q.dtype != FP8_DTYPE or tuple(q.shape) != shapes[0] or s.dtype != torch.float32
-                or tuple(s.shape) != shapes[1]):
-            raise ValueError(f"{name}: expected e4m3 values {shapes[0]} and fp32 scales {shapes[1]}, got "
-                             f"{q.dtype} {tuple(q.shape)} and {s.dtype} {tuple(s.shape)}")
+        self._entries[("pair", id(a), id(b), shape)] = _Entry((a, b), [tuple(quantized), None], exact=False)
 
     def _drop(self, w: torch.Tensor) -> None:
         """Forgets what was made from `w` (its own entries and the pairs it is part of)."""
@@ -243,14 +264,24 @@ class Fp8WeightCache:
     def nbytes(self) -> int:
         """Bytes of the FP8 values and scales the cache holds (each storage once, seeded ones too)."""
         held = {}
-        for hit in self._entries.values():
-            for form in hit[-1]:
+        for entry in self._entries.values():
+            for form in entry.forms:
                 for x in form or ():
                     held[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
         return sum(held.values())
 
     def __getstate__(self):  # copies and pickles of a module start with an empty cache
         return {"_entries": {}, "_transposed": self._transposed}
+
+
+def _check_seed(quantized, view, transposed: bool) -> None:
+    """A checkpoint's (values, scales) of a weight viewed `view` [E, N, K], or stored the other way."""
+    E, N, K = view
+    shapes = ((E, K, N), (E, -(-K // Q), -(-N // Q))) if transposed else ((E, N, K), (E, -(-N // Q), -(-K // Q)))
+    q, s = quantized
+    if q.dtype != FP8_DTYPE or tuple(q.shape) != shapes[0] or s.dtype != torch.float32 or tuple(s.shape) != shapes[1]:
+        raise ValueError(f"quantized: expected e4m3 values {shapes[0]} and fp32 scales {shapes[1]}, got "
+                         f"{q.dtype} {tuple(q.shape)} and {s.dtype} {tuple(s.shape)}")
 
 
 def _pair_views(name: str, a: torch.Tensor, b: torch.Tensor, shape) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +291,12 @@ def _pair_views(name: str, a: torch.Tensor, b: torch.Tensor, shape) -> Tuple[tor
         raise ValueError(f"{name}: expected two [E, N, K] views with N a multiple of {Q}, got "
                          f"{tuple(va.shape)} and {tuple(vb.shape)}")
     return va, vb
+
+
+def _half(i: int, n: int, q, s, t):
+    """Half i's slices (q, s[, t]) of a stacked pair of two [E, n, K] weights."""
+    rows, blocks = slice(i * n, (i + 1) * n), slice(i * n // Q, (i + 1) * n // Q)
+    return (q[:, rows], s[:, blocks]) + (() if t is None else (t[:, :, rows],))
 
 
 def _fill(forms: list, which: int) -> Tuple[torch.Tensor, torch.Tensor]:

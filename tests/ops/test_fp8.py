@@ -1209,12 +1209,17 @@ def _bytes(x):
     return x.view(torch.uint8) if x.dtype == fp8.FP8_DTYPE else x
 
 
-def test_weight_cache_alone_seeds_and_bytes():
-    """`alone` makes and holds only the form asked for, the other made from it when asked (byte
-    for byte what quantizing both gives); a checkpoint seeded stored the other way, or stacked, is
-    held as it is (not copied) and serves both forms and each half, its scales as given (not powers
-    of two); `nbytes` counts each storage once; `clear` and a copy of the cache hold nothing."""
+def test_weight_cache_alone_seeds_and_bytes(monkeypatch):
+    """`alone` makes and holds only the form asked for; asked for the other later, the cache
+    quantizes again in one pass making both (byte for byte what quantizing both gives). A checkpoint
+    seeded stored the other way, or stacked, is held as it is (not copied) and serves both forms
+    (transposed, not quantized again) and each half, its scales as given (not powers of two);
+    `nbytes` counts each storage once; `clear` and a copy of the cache hold nothing."""
     import copy
+
+    calls = []
+    real = fp8.quantize_blocks
+    monkeypatch.setattr(fp8, "quantize_blocks", lambda w, **kw: calls.append(kw.get("transposed")) or real(w, **kw))
 
     E, N, K = 2, 256, 200
     shape = (E, -1, K)
@@ -1224,38 +1229,46 @@ def test_weight_cache_alone_seeds_and_bytes():
     ref_q, ref_s, ref_t = fp8.quantize_blocks(w.view(E, N, K), transposed=True)
     v_q, v_s = fp8.quantize_blocks(v.view(E, N, K))
     values, scales = E * N * K, 4 * E * (N // 128) * 2
+    del calls[:]
 
     cache = fp8.Fp8WeightCache(transposed=True)
     t, st = cache.transposed(w, shape, alone=True)
     assert_equal("t alone", _bytes(t), _bytes(ref_t))
     assert_equal("t scales", st, ref_s.transpose(1, 2))
-    assert cache.nbytes() == values + scales
-    q, s = cache(w, shape)  # made from t
-    assert_equal("q from t", _bytes(q), _bytes(ref_q))
-    assert_equal("s from t", s, ref_s)
-    assert cache.nbytes() == 2 * values + scales and cache.transposed(w, shape)[0] is t
+    assert cache.nbytes() == values + scales and calls == [True]
+    q, s = cache(w, shape)  # both made again in one pass
+    assert_equal("q after t", _bytes(q), _bytes(ref_q))
+    assert_equal("s after t", s, ref_s)
+    assert_equal("t again", _bytes(cache.transposed(w, shape)[0]), _bytes(ref_t))
+    assert cache.nbytes() == 2 * values + scales and calls == [True, True]
+    assert cache(w, shape)[0] is q and len(calls) == 2
     other = fp8.Fp8WeightCache(transposed=True)
     assert_equal("q alone", _bytes(other(w, shape, alone=True)[0]), _bytes(ref_q))
-    assert other.nbytes() == values + scales
-    assert_equal("t from q", _bytes(other.transposed(w, shape)[0]), _bytes(ref_t))
-    assert other.nbytes() == 2 * values + scales
+    assert other.nbytes() == values + scales and calls[2:] == [None]
+    assert_equal("t after q", _bytes(other.transposed(w, shape)[0]), _bytes(ref_t))
+    assert other.nbytes() == 2 * values + scales and calls[2:] == [None, True]
 
     pairs = fp8.Fp8WeightCache(transposed=True)
+    del calls[:]
     (pq, ps), pt = pairs.pair(w, v, shape, alone=True)
-    assert pt is None and pairs.nbytes() == 2 * (values + scales)
+    assert pt is None and pairs.nbytes() == 2 * (values + scales) and calls == [False, False]
     assert_equal("pair q", _bytes(pq), _bytes(torch.cat([ref_q, v_q], 1)))
-    pt, pst = pairs.pair(w, v, shape)[1]
+    (pq2, _), (pt, pst) = pairs.pair(w, v, shape)  # both halves again in one pass each, over q and s
+    assert pq2 is pq and calls == [False, False, True, True]
+    assert_equal("pair q again", _bytes(pq), _bytes(torch.cat([ref_q, v_q], 1)))
     assert_equal("pair t", _bytes(pt), _bytes(torch.cat([ref_q, v_q], 1).transpose(1, 2).contiguous()))
     assert pairs.nbytes() == 4 * values + 2 * scales
     assert_equal("half of the pair", _bytes(pairs(v, shape, alone=True)[0]), _bytes(v_q))
+    del calls[:]
 
     seeded = fp8.Fp8WeightCache(transposed=True)
     ckpt_t, ckpt_st = ref_t.clone(), (ref_s.transpose(1, 2) * 1.5).contiguous()
     seeded.seed(w, (ckpt_t, ckpt_st), shape, transposed=True)
     assert seeded.transposed(w, shape, alone=True)[0] is ckpt_t and seeded.nbytes() == values + scales
-    q, s = seeded(w, shape)
+    q, s = seeded(w, shape)  # transposed from the checkpoint's values, not quantized
     assert_equal("seeded q from t", _bytes(q), _bytes(ref_q))
     assert_equal("seeded s from t", s, ref_s * 1.5)
+    assert not calls
     with pytest.raises(ValueError, match="quantized: expected e4m3 values"):
         seeded.seed(w, (ref_q, ref_s), shape, transposed=True)  # stored out x in, not the other way
     stacked = (torch.cat([ref_q, v_q], 1), torch.cat([ref_s, v_s], 1) * 1.5)
@@ -1263,6 +1276,9 @@ def test_weight_cache_alone_seeds_and_bytes():
     assert seeded.pair(w, v, shape, alone=True)[0][0] is stacked[0] and seeded.nbytes() == 2 * (values + scales)
     assert_equal("seeded half", _bytes(seeded(v, shape)[0]), _bytes(v_q))
     assert_equal("seeded half scales", seeded(v, shape)[1], v_s * 1.5)
+    assert_equal("seeded half t", _bytes(seeded.transposed(v, shape)[0]), _bytes(v_q.transpose(1, 2).contiguous()))
+    assert_equal("seeded pair t", _bytes(seeded.pair(w, v, shape)[1][0]), _bytes(stacked[0].transpose(1, 2).contiguous()))
+    assert not calls
     with pytest.raises(ValueError, match="quantized"):
         seeded.seed_pair(w, v, (ref_q, ref_s), shape)
     with pytest.raises(ValueError, match="multiple of 128"):
