@@ -1277,7 +1277,8 @@ def test_weight_cache_alone_seeds_and_bytes(monkeypatch):
     assert_equal("seeded half", _bytes(seeded(v, shape)[0]), _bytes(v_q))
     assert_equal("seeded half scales", seeded(v, shape)[1], v_s * 1.5)
     assert_equal("seeded half t", _bytes(seeded.transposed(v, shape)[0]), _bytes(v_q.transpose(1, 2).contiguous()))
-    assert_equal("seeded pair t", _bytes(seeded.pair(w, v, shape)[1][0]), _bytes(stacked[0].transpose(1, 2).contiguous()))
+    seeded_t = seeded.pair(w, v, shape)[1][0]
+    assert_equal("seeded pair t", _bytes(seeded_t), _bytes(stacked[0].transpose(1, 2).contiguous()))
     assert not calls
     with pytest.raises(ValueError, match="quantized"):
         seeded.seed_pair(w, v, (ref_q, ref_s), shape)
