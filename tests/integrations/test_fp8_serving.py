@@ -393,3 +393,14 @@ def test_convert_model_of_fp8_experts(ffn, apart):
         assert max_err <= 1e-5 and rms <= 1e-6, (max_err, rms)
     else:  # the gate and up halves quantized again: one more e4m3 rounding of w1
         assert rms <= 0.08, rms
+    # Fine-tuning the converted block: its first training step multiplies the same FP8 operands
+    # (the backward's forms made from the checkpoint's values) and gives every expert weight a
+    # gradient.
+    converted.train()
+    trained = converted(x)
+    trained = trained[0] if isinstance(trained, tuple) else trained
+    trained.float().square().sum().backward()
+    assert torch.equal(trained.detach(), got)
+    for name in ("w1", "v1", "w2"):
+        grad = getattr(mlp, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
