@@ -574,22 +574,23 @@ class GroupedMLP(SparseMLP):
         # gradients and the down projection's forward read it K-major, as FP8 products need.
         # Without a gradient to record only the form the forward reads is made and held: the up
         # projections' (q, s), the down projection's transposed form (viewed back as its (q, s)).
-        def up(x, w):
+        def product(a, w, trans_b):
             p = source[id(w)]
-            if not records_gradient((x, w)):
-                return fp8_gmm(x.contiguous(), w.view(shape), tokens_per_expert, trans_b=True,
-                               weights=cache(p, shape, alone=True))
-            return fp8_gmm(x.contiguous(), w.view(shape), tokens_per_expert, trans_b=True,
-                           weights=cache(p, shape), weights_t=cache.transposed(p, shape))
+            if records_gradient((a, w)):
+                weights, weights_t = cache(p, shape), cache.transposed(p, shape)
+            elif trans_b:
+                weights, weights_t = cache(p, shape, alone=True), None
+            else:
+                weights_t = cache.transposed(p, shape, alone=True)
+                weights = (weights_t[0].transpose(1, 2), weights_t[1].transpose(1, 2))
+            return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=trans_b, weights=weights,
+                           weights_t=weights_t)
+
+        def up(x, w):
+            return product(x, w, True)
 
         def down(a, w):
-            p = source[id(w)]
-            if not records_gradient((a, w)):
-                t = cache.transposed(p, shape, alone=True)
-                return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=False,
-                               weights=(t[0].transpose(1, 2), t[1].transpose(1, 2)), weights_t=t)
-            return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=False,
-                           weights=cache(p, shape), weights_t=cache.transposed(p, shape))
+            return product(a, w, False)
 
         return up, down
 
