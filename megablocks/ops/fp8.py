@@ -15,9 +15,12 @@ same quantized weight read in the other layout); the weight gradient, whose redu
 each expert's rows, takes both operands in 128 x 1 tiles that start at each expert's first row
 (`quantize_cols_grouped`, `gmm_fp8_wgrad`), DeepSeek-V3's layout for that product, with
 `fp8_wgrad=True`; by default the weight gradient stays unquantized (the variable-K grouped GEMM,
-bf16 on a GPU), which measured 7x faster on an H200 than the untuned FP8 kernel.
-`Fp8WeightCache` quantizes a weight once per optimizer step: again only when the storage or version (bumped by every in-place update) changed, so micro-batches of one
-step share one quantization. dMoE runs its grouped path this way with `Arguments(fp8='blockwise')`.
+bf16 on a GPU): on an H200 the FP8 product with its two column quantizations ran slower than it
+on mixtral's shapes (3.42 against 3.06 ms; `fp8_gmm`'s docstring).
+`Fp8WeightCache` quantizes a weight once per optimizer step: again only when the storage or
+version (bumped by every in-place update) changed, so micro-batches of one step share one
+quantization; without a gradient to record it makes only the form the forward reads. dMoE runs
+its grouped path this way with `Arguments(fp8='blockwise')`.
 """
 
 import contextlib
