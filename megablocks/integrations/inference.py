@@ -405,44 +405,62 @@ def _fused_moe_fp8(hidden_states, w1, w2, gating_output, topk, renormalize, acti
     """`fused_moe` on FP8 block-quantized experts: route, quantize the rows as they are gathered,
     FP8 grouped GEMM, GLU quantized as it is made, FP8 grouped GEMM, weighted scatter."""
     _check_fp8_scales(hidden_states, w1_scale, w2_scale)
-    e, f = _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path,
-                       weight_dtypes=(fp8.FP8_DTYPE,))
+    _check_args(hidden_states, w1, w2, gating_output, topk, renormalize, activation, path,
+                weight_dtypes=(fp8.FP8_DTYPE,))
     _check_fp8_scales_fit(w1, w1_scale, w2_scale)
-    if _routed_form_fits(hidden_states, policy):  # routed as the unquantized routed form
-        weights_TK, counts_E, maps = _route_tokens(gating_output, topk, renormalize, policy.route_max_work)
+    return _fused_moe_fp8_op(hidden_states, w1, w1_scale, w2, w2_scale, gating_output, topk, renormalize, activation,
+                             _routed_form_fits(hidden_states, policy), policy.small_routing, policy.route_max_work,
+                             policy.fp8_decode_glu_epilogue, policy.fp8_decode_gather_prologue)
+
+
+@custom_op("fused_moe_fp8")
+def _fused_moe_fp8_op(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale: torch.Tensor, w2: torch.Tensor,
+                      w2_scale: torch.Tensor, gating_output: torch.Tensor, topk: int, renormalize: bool,
+                      activation: str, routed: bool, small_routing: bool, route_max_work: int, glu_epilogue: bool,
+                      gather_prologue: bool) -> torch.Tensor:
+    """On checked arguments; `routed`: `_routed_form_fits`, the other flags the policy's."""
+    if routed:  # routed as the unquantized routed form
+        weights_TK, counts_E, maps = _route_tokens(gating_output, topk, renormalize, route_max_work)
         routing = counts_E, maps
     else:
         weights_TK, ids_TK = _softmax_topk_op(gating_output, topk, renormalize)
-        routing = _fp8_routing(hidden_states, ids_TK, e, policy)
-    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, policy)
+        routing = _fp8_routing(ids_TK, w1.shape[0], routed, small_routing)
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, glu_epilogue,
+                        gather_prologue)
 
 
-def _fp8_routing(hidden_states, ids_TK, e, policy) -> Tuple[torch.Tensor, RowMaps]:
+@_fused_moe_fp8_op.register_fake
+def _(hidden_states, w1, w1_scale, w2, w2_scale, gating_output, topk, renormalize, activation, routed, small_routing,
+      route_max_work, glu_epilogue, gather_prologue):
+    return torch.empty_like(hidden_states)
+
+
+def _fp8_routing(ids_TK, e, routed: bool, small_routing: bool) -> Tuple[torch.Tensor, RowMaps]:
     """(tokens_per_expert_E, the plain layout's maps) of a routing given as ids: the routed form's
-    maps (`row_maps`, one program up to 4096 rows) where it runs, else `routing_metadata` and
-    `route`."""
-    if _routed_form_fits(hidden_states, policy):
+    maps (`row_maps`, one program up to 4096 rows) where it runs (`routed`), else
+    `routing_metadata` and `route`."""
+    if routed:
         return row_maps(ids_TK, e)
-    meta = routing_metadata(ids_TK, e, 1, small_routing=policy.small_routing)
+    meta = routing_metadata(ids_TK, e, 1, small_routing=small_routing)
     return meta.tokens_per_expert, route(meta.indices, meta.bin_ids, meta.bins, ids_TK.shape[1])
 
 
-def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation,
-                 policy: KernelPolicy) -> torch.Tensor:
+def _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, glu_epilogue: bool,
+                 gather_prologue: bool) -> torch.Tensor:
     """`Σ_k weights[t, k] · expert_{ids[t, k]}(x_t)` on checked FP8 experts and a routing
     (tokens_per_expert_E, maps): the rows quantized as they are gathered (each token's tiles once;
     the e4m3 bytes move, not the rows'), FP8 grouped GEMM, the GLU quantized as it is made (at
-    decode sizes, with `policy.fp8_decode_glu_epilogue`, in the up product's epilogue; with
-    `fp8_decode_gather_prologue` too, the rows gathered and quantized in its K loop), FP8 grouped
-    GEMM, weighted scatter."""
+    decode sizes, with `glu_epilogue` (the policy's `fp8_decode_glu_epilogue`), in the up product's
+    epilogue; with `gather_prologue` (`fp8_decode_gather_prologue`) too, the rows gathered and
+    quantized in its K loop), FP8 grouped GEMM, weighted scatter."""
     tokens_per_expert, maps = routing
     f = w1.shape[1] // 2
     dtype = hidden_states.dtype
     # Each launcher runs the two launches itself past the decode sizes (`fp8.glu_decode_fits`).
-    if policy.fp8_decode_glu_epilogue and policy.fp8_decode_gather_prologue:
+    if glu_epilogue and gather_prologue:
         a_q, a_s = fp8.gather_gmm_fp8_glu_quantize(hidden_states, maps.assignment_row, maps.row_assignment, maps.top_k,
                                                    w1, w1_scale, tokens_per_expert, activation, out_dtype=dtype)
-    elif policy.fp8_decode_glu_epilogue:
+    elif glu_epilogue:
         x_q, x_s = fp8.gather_quantize_rows(hidden_states, maps.assignment_row, maps.top_k)
         a_q, a_s = fp8.gmm_fp8_glu_quantize(x_q, x_s, w1, w1_scale, tokens_per_expert, activation, out_dtype=dtype)
     else:
@@ -471,8 +489,25 @@ def fp8_experts_from_ids(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale
     _check_experts_args(hidden_states, w1, w2, ids_TK, weights_TK, activation, True, weight_dtypes=(fp8.FP8_DTYPE,))
     _check_fp8_scales_fit(w1, w1_scale, w2_scale)
     policy = as_policy(policy, "policy")
-    routing = _fp8_routing(hidden_states, ids_TK, w1.shape[0], policy)
-    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, policy)
+    return _fp8_experts_from_ids_op(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation,
+                                    _routed_form_fits(hidden_states, policy), policy.small_routing,
+                                    policy.fp8_decode_glu_epilogue, policy.fp8_decode_gather_prologue)
+
+
+@custom_op("fp8_experts_from_ids")
+def _fp8_experts_from_ids_op(hidden_states: torch.Tensor, w1: torch.Tensor, w1_scale: torch.Tensor, w2: torch.Tensor,
+                             w2_scale: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, activation: str,
+                             routed: bool, small_routing: bool, glu_epilogue: bool,
+                             gather_prologue: bool) -> torch.Tensor:
+    routing = _fp8_routing(ids_TK, w1.shape[0], routed, small_routing)
+    return _fp8_experts(hidden_states, w1, w1_scale, w2, w2_scale, routing, weights_TK, activation, glu_epilogue,
+                        gather_prologue)
+
+
+@_fp8_experts_from_ids_op.register_fake
+def _(hidden_states, w1, w1_scale, w2, w2_scale, ids_TK, weights_TK, activation, routed, small_routing, glu_epilogue,
+      gather_prologue):
+    return torch.empty_like(hidden_states)
 
 
 def fused_moe_fp8_reference(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, gating_output: torch.Tensor,

@@ -565,34 +565,40 @@ class GroupedMLP(SparseMLP):
     def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int):
         """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this
         forward: each is quantized from its parameter (not from the per-forward cast) once per
-        optimizer step, in the module's cache."""
-        cache = self._fp8_cache()
-        source = {id(c): p for c, p in zip(weights, (self.w1, self._v1(), self.w2)) if c is not None}
-        shape = (num_experts, -1, hidden)
-
-        # Each weight also stored the other way (once per step): the up projections' input
-        # gradients and the down projection's forward read it K-major, as FP8 products need.
-        # Without a gradient to record only the form the forward reads is made and held: the up
-        # projections' (q, s), the down projection's transposed form (viewed back as its (q, s)).
-        def product(a, w, trans_b):
-            p = source[id(w)]
-            if records_gradient((a, w)):
-                weights, weights_t = cache(p, shape), cache.transposed(p, shape)
-            elif trans_b:
-                weights, weights_t = cache(p, shape, alone=True), None
-            else:
-                weights_t = cache.transposed(p, shape, alone=True)
-                weights = (weights_t[0].transpose(1, 2), weights_t[1].transpose(1, 2))
-            return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=trans_b, weights=weights,
-                           weights_t=weights_t)
+        optimizer step, in the module's cache (`_fp8_product`)."""
+        params, shape = (self.w1, self._v1(), self.w2), (num_experts, -1, hidden)
 
         def up(x, w):
-            return product(x, w, True)
+            return self._fp8_product(x, w, weights, params, tokens_per_expert, shape, True)
 
         def down(a, w):
-            return product(a, w, False)
+            return self._fp8_product(a, w, weights, params, tokens_per_expert, shape, False)
 
         return up, down
+
+    @torch.compiler.disable
+    def _fp8_product(self, a: torch.Tensor, w: torch.Tensor, weights, params, tokens_per_expert: torch.Tensor,
+                     shape, trans_b: bool) -> torch.Tensor:
+        """`fp8_gmm` of `a` and the cast weight `w` (one of `weights`), quantized from its parameter
+        (`params`, in the same order) in the module's cache. Run eagerly under `torch.compile` (a
+        graph break): the cache's Python state, keyed by the weights' identities, is not for a traced
+        graph to freeze.
+
+        Each weight is also stored the other way (once per step): the up projections' input
+        gradients and the down projection's forward read it K-major, as FP8 products need.
+        Without a gradient to record only the form the forward reads is made and held: the up
+        projections' (q, s), the down projection's transposed form (viewed back as its (q, s))."""
+        cache = self._fp8_cache()
+        p = next(p for c, p in zip(weights, params) if c is w)
+        if records_gradient((a, w)):
+            forms, forms_t = cache(p, shape), cache.transposed(p, shape)
+        elif trans_b:
+            forms, forms_t = cache(p, shape, alone=True), None
+        else:
+            forms_t = cache.transposed(p, shape, alone=True)
+            forms = (forms_t[0].transpose(1, 2), forms_t[1].transpose(1, 2))
+        return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=trans_b, weights=forms,
+                       weights_t=forms_t)
 
 
 class SharedMLP(torch.nn.Module):

@@ -324,6 +324,32 @@ def test_transformers_fp8_experts_unsupported_falls_back():
         type(module).forward.__wrapped__ = fallback
 
 
+@pytest.mark.parametrize("decode_glu", [False, True], ids=["two-launches", "epilogue"])
+def test_fp8_serving_compiles_fullgraph(decode_glu):
+    """`fused_moe` and `fp8_experts_from_ids` on FP8 experts trace as one graph each
+    (`torch.compile(fullgraph=True)`: each is one custom op with a fake) and compute bitwise what
+    they compute eagerly."""
+    from megablocks.integrations.inference import fp8_experts_from_ids
+    from megablocks.policy import KernelPolicy
+
+    T, H, F, E, k = 6, 64, 128, 4, 2
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, H, generator=g).to(DEVICE)
+    q1, s1 = fp8.quantize_blocks((torch.randn(E, 2 * F, H, generator=g) * 0.05).to(DEVICE))
+    q2, s2 = fp8.quantize_blocks((torch.randn(E, H, F, generator=g) * 0.05).to(DEVICE))
+    gating = torch.randn(T, E, generator=g).to(DEVICE)
+    ids = torch.randint(0, E, (T, k), generator=g).to(DEVICE)
+    weights = torch.rand(T, k, generator=g).to(DEVICE)
+    policy = KernelPolicy(fp8_decode_glu_epilogue=decode_glu)
+    calls = (lambda x: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2, policy=policy),
+             lambda x: fp8_experts_from_ids(x, q1, s1, q2, s2, ids, weights, policy=policy))
+    for call in calls:
+        torch._dynamo.reset()
+        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(x)
+        eager = call(x)
+        assert torch.equal(compiled, eager) and eager.abs().sum() > 0
+
+
 @pytest.mark.parametrize("ffn, apart", [(128, False), (128, True), (72, False)],
                          ids=["F%128=0", "F%128=0-apart", "F%128!=0"])
 def test_convert_model_of_fp8_experts(ffn, apart):
