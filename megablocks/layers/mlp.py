@@ -566,30 +566,29 @@ class GroupedMLP(SparseMLP):
         """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this
         forward: each is quantized from its parameter (not from the per-forward cast) once per
         optimizer step, in the module's cache (`_fp8_product`)."""
-        params, shape = (self.w1, self._v1(), self.w2), (num_experts, -1, hidden)
+        shape = (num_experts, -1, hidden)
 
-        def up(x, w):
-            return self._fp8_product(x, w, weights, params, tokens_per_expert, shape, True)
+        def up(x, w):  # w1's cast or v1's
+            p = self.w1 if w is weights[0] else self._v1()
+            return self._fp8_product(x, w, p, tokens_per_expert, shape, True)
 
         def down(a, w):
-            return self._fp8_product(a, w, weights, params, tokens_per_expert, shape, False)
+            return self._fp8_product(a, w, self.w2, tokens_per_expert, shape, False)
 
         return up, down
 
     @torch.compiler.disable
-    def _fp8_product(self, a: torch.Tensor, w: torch.Tensor, weights, params, tokens_per_expert: torch.Tensor,
+    def _fp8_product(self, a: torch.Tensor, w: torch.Tensor, p: torch.nn.Parameter, tokens_per_expert: torch.Tensor,
                      shape, trans_b: bool) -> torch.Tensor:
-        """`fp8_gmm` of `a` and the cast weight `w` (one of `weights`), quantized from its parameter
-        (`params`, in the same order) in the module's cache. Run eagerly under `torch.compile` (a
-        graph break): the cache's Python state, keyed by the weights' identities, is not for a traced
-        graph to freeze.
+        """`fp8_gmm` of `a` and the cast weight `w`, quantized from its parameter `p` in the module's
+        cache. Run eagerly under `torch.compile` (a graph break): the cache's Python state, keyed
+        by the parameters' identities, is not for a traced graph to freeze.
 
         Each weight is also stored the other way (once per step): the up projections' input
         gradients and the down projection's forward read it K-major, as FP8 products need.
         Without a gradient to record only the form the forward reads is made and held: the up
         projections' (q, s), the down projection's transposed form (viewed back as its (q, s))."""
         cache = self._fp8_cache()
-        p = next(p for c, p in zip(weights, params) if c is w)
         if records_gradient((a, w)):
             forms, forms_t = cache(p, shape), cache.transposed(p, shape)
         elif trans_b:
