@@ -235,7 +235,7 @@ class Fp8WeightCache:
             ValueError: values not e4m3 of the view's shape, or scales not fp32 of its blocks'.
         """
         view = tuple(w.shape if shape is None else w.detach().view(shape).shape)
-        _check_seed(quantized, view, transposed)
+        _check_seed(quantized, view, transposed, w.device)
         forms = [None, tuple(quantized)] if transposed else [tuple(quantized), None]
         self._drop(w)
         self._entries[(id(w), shape)] = _Entry((w,), forms, exact=False)
@@ -250,7 +250,7 @@ class Fp8WeightCache:
             ValueError: as `seed`, or views whose N is not a multiple of Q.
         """
         E, N, K = _pair_views("seed_pair", a, b, shape)[0].shape
-        _check_seed(quantized, (E, 2 * N, K), False)
+        _check_seed(quantized, (E, 2 * N, K), False, a.device)
         self._drop(a)
         self._drop(b)
         self._entries[("pair", id(a), id(b), shape)] = _Entry((a, b), [tuple(quantized), None], exact=False)
@@ -277,14 +277,20 @@ class Fp8WeightCache:
         return {"_entries": {}, "_transposed": self._transposed}
 
 
-def _check_seed(quantized, view, transposed: bool) -> None:
-    """A checkpoint's (values, scales) of a weight viewed `view` [E, N, K], or stored the other way."""
+def _check_seed(quantized, view, transposed: bool, device: torch.device) -> None:
+    """A checkpoint's (values, scales) of a weight viewed `view` [E, N, K], or stored the other
+    way, on the weight's device."""
     E, N, K = view
     shapes = ((E, K, N), (E, -(-K // Q), -(-N // Q))) if transposed else ((E, N, K), (E, -(-N // Q), -(-K // Q)))
+    if not isinstance(quantized, (tuple, list)) or len(quantized) != 2:
+        raise TypeError(f"quantized: expected a (values, scales) pair, got {type(quantized).__name__}")
     q, s = quantized
     if q.dtype != FP8_DTYPE or tuple(q.shape) != shapes[0] or s.dtype != torch.float32 or tuple(s.shape) != shapes[1]:
         raise ValueError(f"quantized: expected e4m3 values {shapes[0]} and fp32 scales {shapes[1]}, got "
                          f"{q.dtype} {tuple(q.shape)} and {s.dtype} {tuple(s.shape)}")
+    if q.device != device or s.device != device:
+        raise ValueError(f"quantized: expected values and scales on the weight's device {device}, got {q.device} "
+                         f"and {s.device}")
 
 
 def _pair_views(name: str, a: torch.Tensor, b: torch.Tensor, shape) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -1271,6 +1271,10 @@ def test_weight_cache_alone_seeds_and_bytes(monkeypatch):
     assert not calls
     with pytest.raises(ValueError, match="quantized: expected e4m3 values"):
         seeded.seed(w, (ref_q, ref_s), shape, transposed=True)  # stored out x in, not the other way
+    with pytest.raises(TypeError, match="a \\(values, scales\\) pair"):
+        seeded.seed(w, ckpt_t, shape, transposed=True)
+    with pytest.raises(ValueError, match="device"):
+        seeded.seed(w, (ckpt_t, ckpt_st.to("meta")), shape, transposed=True)
     stacked = (torch.cat([ref_q, v_q], 1), torch.cat([ref_s, v_s], 1) * 1.5)
     seeded.seed_pair(w, v, stacked, shape)
     assert seeded.pair(w, v, shape, alone=True)[0][0] is stacked[0] and seeded.nbytes() == 2 * (values + scales)
