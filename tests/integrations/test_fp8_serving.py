@@ -350,6 +350,38 @@ def test_fp8_serving_compiles_fullgraph(decode_glu):
         assert torch.equal(compiled, eager) and eager.abs().sum() > 0
 
 
+def test_fp8_experts_block_compiles_fullgraph():
+    """A transformers sparse-MoE block whose FP8 experts run on megablocks
+    (`experts_implementation="megablocks"`) traces as one graph and computes bitwise its eager
+    output."""
+    transformers = pytest.importorskip("transformers")
+    fg = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    from transformers.integrations.moe import use_experts_implementation
+
+    import megablocks.integrations.hf  # noqa: F401  (registers "megablocks")
+
+    cfg = transformers.Qwen3MoeConfig(hidden_size=160, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                      vocab_size=64, norm_topk_prob=True)
+    cfg._experts_implementation = "megablocks"
+    block = transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock(cfg).to(DEVICE)
+    cls = use_experts_implementation(experts_class=fg.FP8Experts, experts_interface=fg.ALL_FP8_EXPERTS_FUNCTIONS)
+    experts = cls(cfg, block_size=(128, 128)).to(DEVICE)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, shape in (("gate_up_proj", (4, 256, 160)), ("down_proj", (4, 160, 128))):
+            q, s = fp8.quantize_blocks(torch.randn(shape, generator=g).to(DEVICE) * 0.05)
+            getattr(experts, name).data = q
+            getattr(experts, f"{name}_scale_inv").data = s * 1.5
+    block.experts = experts
+    x = torch.randn(2, 5, 160, generator=g).to(DEVICE)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, compiled = block(x), torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    eager, compiled = (o[0] if isinstance(o, tuple) else o for o in (eager, compiled))
+    assert torch.equal(compiled, eager) and eager.abs().sum() > 0
+
+
 @pytest.mark.parametrize("ffn, apart", [(128, False), (128, True), (72, False)],
                          ids=["F%128=0", "F%128=0-apart", "F%128!=0"])
 def test_convert_model_of_fp8_experts(ffn, apart):
