@@ -661,7 +661,10 @@ def test_gmm_fp8_glu_quantize_equals_the_two_launches(case, dtype, activation, b
     deq = fp8.dequantize_rows(q, s).cpu()[ok]
     a = a[ok]
     scale = s.cpu()[ok].repeat_interleave(Q, dim=1)
-    h_step = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10 if dtype == torch.float16 else 2.0**-20
+    # h's rounding; in fp32 on a GPU, the FP8 tensor cores' accumulator instead (narrower than
+    # fp32's: an H200 missed the fp32 step's bound by 1e-4 on values near 1).
+    h_step = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10 if dtype == torch.float16 else (
+        2.0**-13 if DEVICE == "cuda" else 2.0**-20)
     bound = a.abs() * 2.0**-4 + scale * 2.0**-10 + (8 * h_step + 1e-6) * a.abs().amax(dim=1, keepdim=True)
     assert ((deq - a).abs() <= bound).all(), ((deq - a).abs() - bound).max()
 
