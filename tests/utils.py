@@ -11,6 +11,8 @@ def assert_equal(name: str, actual: torch.Tensor, expected: torch.Tensor) -> Non
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
     a, e = actual.detach().cpu(), expected.detach().cpu()
+    if a.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # 8-bit floats: compared by their bytes
+        a, e = a.view(torch.uint8), e.view(torch.uint8)
     if a.is_floating_point():
         same = (a == e) | (a.isnan() & e.isnan())
     else:

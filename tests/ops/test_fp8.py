@@ -1208,10 +1208,6 @@ def test_weight_cache_quantizes_once_per_step(monkeypatch):
     assert torch.equal(t3[1], t2[1]) and both.transposed(w)[0] is t3[0] and len(calls) == 5
 
 
-def _bytes(x):
-    return x.view(torch.uint8) if x.dtype == fp8.FP8_DTYPE else x
-
-
 def test_weight_cache_alone_seeds_and_bytes(monkeypatch):
     """`alone` makes and holds only the form asked for; asked for the other later, the cache
     quantizes again in one pass making both (byte for byte what quantizing both gives). A checkpoint
@@ -1236,32 +1232,32 @@ def test_weight_cache_alone_seeds_and_bytes(monkeypatch):
 
     cache = fp8.Fp8WeightCache(transposed=True)
     t, st = cache.transposed(w, shape, alone=True)
-    assert_equal("t alone", _bytes(t), _bytes(ref_t))
+    assert_equal("t alone", t, ref_t)
     assert_equal("t scales", st, ref_s.transpose(1, 2))
     assert cache.nbytes() == values + scales and calls == [True]
     q, s = cache(w, shape)  # both made again in one pass
-    assert_equal("q after t", _bytes(q), _bytes(ref_q))
+    assert_equal("q after t", q, ref_q)
     assert_equal("s after t", s, ref_s)
-    assert_equal("t again", _bytes(cache.transposed(w, shape)[0]), _bytes(ref_t))
+    assert_equal("t again", cache.transposed(w, shape)[0], ref_t)
     assert cache.nbytes() == 2 * values + scales and calls == [True, True]
     assert cache(w, shape)[0] is q and len(calls) == 2
     other = fp8.Fp8WeightCache(transposed=True)
-    assert_equal("q alone", _bytes(other(w, shape, alone=True)[0]), _bytes(ref_q))
+    assert_equal("q alone", other(w, shape, alone=True)[0], ref_q)
     assert other.nbytes() == values + scales and calls[2:] == [None]
-    assert_equal("t after q", _bytes(other.transposed(w, shape)[0]), _bytes(ref_t))
+    assert_equal("t after q", other.transposed(w, shape)[0], ref_t)
     assert other.nbytes() == 2 * values + scales and calls[2:] == [None, True]
 
     pairs = fp8.Fp8WeightCache(transposed=True)
     del calls[:]
     (pq, ps), pt = pairs.pair(w, v, shape, alone=True)
     assert pt is None and pairs.nbytes() == 2 * (values + scales) and calls == [False, False]
-    assert_equal("pair q", _bytes(pq), _bytes(torch.cat([ref_q, v_q], 1)))
+    assert_equal("pair q", pq, torch.cat([ref_q, v_q], 1))
     (pq2, _), (pt, pst) = pairs.pair(w, v, shape)  # both halves again in one pass each, over q and s
     assert pq2 is pq and calls == [False, False, True, True]
-    assert_equal("pair q again", _bytes(pq), _bytes(torch.cat([ref_q, v_q], 1)))
-    assert_equal("pair t", _bytes(pt), _bytes(torch.cat([ref_q, v_q], 1).transpose(1, 2).contiguous()))
+    assert_equal("pair q again", pq, torch.cat([ref_q, v_q], 1))
+    assert_equal("pair t", pt, torch.cat([ref_q, v_q], 1).transpose(1, 2).contiguous())
     assert pairs.nbytes() == 4 * values + 2 * scales
-    assert_equal("half of the pair", _bytes(pairs(v, shape, alone=True)[0]), _bytes(v_q))
+    assert_equal("half of the pair", pairs(v, shape, alone=True)[0], v_q)
     del calls[:]
 
     seeded = fp8.Fp8WeightCache(transposed=True)
@@ -1269,7 +1265,7 @@ def test_weight_cache_alone_seeds_and_bytes(monkeypatch):
     seeded.seed(w, (ckpt_t, ckpt_st), shape, transposed=True)
     assert seeded.transposed(w, shape, alone=True)[0] is ckpt_t and seeded.nbytes() == values + scales
     q, s = seeded(w, shape)  # transposed from the checkpoint's values, not quantized
-    assert_equal("seeded q from t", _bytes(q), _bytes(ref_q))
+    assert_equal("seeded q from t", q, ref_q)
     assert_equal("seeded s from t", s, ref_s * 1.5)
     assert not calls
     with pytest.raises(ValueError, match="quantized: expected e4m3 values"):
@@ -1281,11 +1277,11 @@ def test_weight_cache_alone_seeds_and_bytes(monkeypatch):
     stacked = (torch.cat([ref_q, v_q], 1), torch.cat([ref_s, v_s], 1) * 1.5)
     seeded.seed_pair(w, v, stacked, shape)
     assert seeded.pair(w, v, shape, alone=True)[0][0] is stacked[0] and seeded.nbytes() == 2 * (values + scales)
-    assert_equal("seeded half", _bytes(seeded(v, shape)[0]), _bytes(v_q))
+    assert_equal("seeded half", seeded(v, shape)[0], v_q)
     assert_equal("seeded half scales", seeded(v, shape)[1], v_s * 1.5)
-    assert_equal("seeded half t", _bytes(seeded.transposed(v, shape)[0]), _bytes(v_q.transpose(1, 2).contiguous()))
+    assert_equal("seeded half t", seeded.transposed(v, shape)[0], v_q.transpose(1, 2).contiguous())
     seeded_t = seeded.pair(w, v, shape)[1][0]
-    assert_equal("seeded pair t", _bytes(seeded_t), _bytes(stacked[0].transpose(1, 2).contiguous()))
+    assert_equal("seeded pair t", seeded_t, stacked[0].transpose(1, 2).contiguous())
     assert not calls
     with pytest.raises(ValueError, match="quantized"):
         seeded.seed_pair(w, v, (ref_q, ref_s), shape)
@@ -1294,14 +1290,14 @@ def test_weight_cache_alone_seeds_and_bytes(monkeypatch):
     with torch.no_grad():
         v.mul_(2)  # changed: quantized again; w's seeded half kept as it is
     (q, s), _ = seeded.pair(w, v, shape)
-    assert_equal("kept half", _bytes(q[:, :N]), _bytes(ref_q))
+    assert_equal("kept half", q[:, :N], ref_q)
     assert_equal("kept half scales", s[:, :N // 128], ref_s * 1.5)
-    assert_equal("changed half", _bytes(q[:, N:]), _bytes(fp8.quantize_blocks(v.view(E, N, K))[0]))
+    assert_equal("changed half", q[:, N:], fp8.quantize_blocks(v.view(E, N, K))[0])
     seeded.clear()
     assert seeded.nbytes() == 0
     twin = copy.deepcopy(cache)
     assert twin.nbytes() == 0
-    assert_equal("copy", _bytes(twin.transposed(w, shape)[0]), _bytes(ref_t))
+    assert_equal("copy", twin.transposed(w, shape)[0], ref_t)
 
 
 def test_fp8_gmm_trains():
