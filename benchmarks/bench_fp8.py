@@ -127,6 +127,10 @@ def bench(args):
     if glu_rows:
         print_table(glu_rows, ["config", "M", "mode", "block_m", "num_warps", "ms", "gbs", "same_bytes"])
         write_csv(os.path.join(args.out, "bench_fp8_glu_quantize.csv"), [{**r, **env} for r in glu_rows])
+    glub_rows = [row for name in args.glu_backward_quantize for row in glu_backward_quantize_forms(name)]
+    if glub_rows:
+        print_table(glub_rows, ["config", "M", "form", "block_m", "num_warps", "ms", "gbs", "same_bytes"])
+        write_csv(os.path.join(args.out, "bench_fp8_glu_backward_quantize.csv"), [{**r, **env} for r in glub_rows])
     gain_rows = [row for name in args.tile_gains_configs for row in tile_gain_rows(name, args.tile_gains)]
     if gain_rows:
         print_table(gain_rows, ["config", "what", "M", "repeat", "gain", "block_m", "ms"])
@@ -384,6 +388,48 @@ def glu_quantize_rows_forms(name, forms=((16, 4), (32, 4), (32, 8), (64, 4), (64
                  "product": (lambda: fp8.glu_quantize_rows(h1, h2, "silu", return_product=True), M * F * 7 + scales)}
         rows += _launch_form_rows(fp8_backend.GLU_QUANTIZE_LAUNCH, calls, forms, "block_m", dict(config=name, M=M))
         del h, h1, h2
+    return rows
+
+
+def glu_backward_quantize_forms(name, forms=((8, 2), (16, 2), (16, 4), (32, 4), (32, 8), (64, 4), (64, 8))):
+    """Rows (config, M, form, block_m, num_warps, ms, gbs, same_bytes): `glu_backward_quantize_rows_`
+    on the halves of an [M, 2F] up-projection output at config `name`'s training size (M = T * top_k
+    rows) in each launch form (`GLU_BACKWARD_QUANTIZE_LAUNCH`; `same_bytes`: the gradients and
+    their quantized tiles as the default launch's), and bf16's `glu_backward` (its two gradients
+    written over h1 and h2, not quantized) on the same halves made contiguous; gbs counts grad,
+    h1 and h2 read and every output written once. The call writes over h1 and h2, so each form is
+    checked on fresh copies and then timed on values that change from call to call (an elementwise
+    pass's time does not depend on them)."""
+    from megablocks.backend.activation import glu_backward
+
+    T, _, F, _, k = CONFIGS[name]
+    M = T * k
+    h = torch.randn(M, 2 * F, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(M, F, device="cuda", dtype=torch.bfloat16)
+    nbytes = M * F * (3 * 2 + 2 * 2 + 2) + 2 * M * -(-F // fp8_backend.Q) * 4
+    table = fp8_backend.GLU_BACKWARD_QUANTIZE_LAUNCH
+    saved = dict(table)
+
+    def run(h_):
+        (q1, s1), (q2, s2) = fp8.glu_backward_quantize_rows_(g, h_[:, :F], h_[:, F:], "silu")
+        return [h_, q1, s1, q2, s2]
+
+    rows = []
+    try:
+        ref = run(h.clone())
+        for block_m, warps in forms:
+            table.update(block_m=block_m, num_warps=warps)
+            same = _same_bytes(run(h.clone()), ref)
+            work = h.clone()
+            ms = timed(lambda: run(work))[0]
+            rows.append(dict(config=name, M=M, form="fp8", block_m=block_m, num_warps=warps, ms=ms,
+                             gbs=nbytes / ms / 1e6, same_bytes=same))
+    finally:
+        table.clear()
+        table.update(saved)
+    h1, h2 = h[:, :F].contiguous(), h[:, F:].contiguous()
+    ms = timed(lambda: glu_backward(g, h1, h2, "silu", in_place=True))[0]
+    rows.append(dict(config=name, M=M, form="bf16 glu_backward", ms=ms, gbs=M * F * 10 / ms / 1e6))
     return rows
 
 
@@ -906,6 +952,8 @@ def main():
     p.add_argument("--cols-variants", nargs="*", default=["pieces32_w4"], choices=list(COLS_VARIANTS))
     p.add_argument("--glu-quantize", nargs="*", default=[], choices=list(CONFIGS),
                    help="time glu_quantize_rows' launch forms (plain and writing the product) on these configs")
+    p.add_argument("--glu-backward-quantize", nargs="*", default=[], choices=list(CONFIGS),
+                   help="time glu_backward_quantize_rows_' launch forms against bf16's glu_backward on these configs")
     p.add_argument("--tile-gains-configs", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose Gluon row tiles are timed under each of --tile-gains, interleaved")
     p.add_argument("--tile-gains", nargs="*", type=float, default=[1.15, 1.0],

@@ -884,6 +884,11 @@ def _rows_reference_into(*pairs) -> None:
         s.copy_(rs)
 
 
+# `_glu_backward_quantize_rows_kernel`'s launch: rows a program (each program one Q-wide column tile)
+# and warps. 32 rows over 4 warps until measured otherwise (`bench_fp8.py --glu-backward-quantize`).
+GLU_BACKWARD_QUANTIZE_LAUNCH = dict(block_m=32, num_warps=4)
+
+
 def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
                                 out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None):
     """The GLU's backward with its two gradients quantized as they are made: `glu_backward(grad,
@@ -908,11 +913,12 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
         _rows_reference_into(((q1, s1), h1_MK), ((q2, s2), h2_MK))
         return (q1, s1), (q2, s2)
     if M and K:
-        block_m = 16 if interpreted(h1_MK) else 32
+        launch = GLU_BACKWARD_QUANTIZE_LAUNCH
+        block_m = 16 if interpreted(h1_MK) else launch["block_m"]
         _glu_backward_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
             grad_MK, h1_MK, h2_MK, q1, s1, q2, s2, M, K, grad_MK.stride(0), h1_MK.stride(0), h2_MK.stride(0),
             q1.stride(0), s1.stride(0), q2.stride(0), s2.stride(0),
-            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, CAST=_hardware_cast(h1_MK), num_warps=4,
+            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, CAST=_hardware_cast(h1_MK), num_warps=launch["num_warps"],
         )
     return (q1, s1), (q2, s2)
 
