@@ -378,8 +378,9 @@ class GroupedMLP(SparseMLP):
         parameter itself (no cast, no gradient scale) and whose parameter has an fp32 `main_grad`
         (`megablocks.optim.MainWeightsAdamW.fuse_grad_accumulation`): the weight gradients of
         those are added to `main_grad` by the kernels instead of coming back as `.grad`. Off under
-        torch.compile, without autograd, and in FP8."""
-        if self.args.fp8 is not None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        torch.compile and without autograd. In FP8 the composed products take it (their weight
+        gradients are unquantized products); the FP8 one-node form returns `.grad`."""
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return {}
         accs = {}
         for w, p in zip(weights, (self.w1, self._v1(), self.w2)):
@@ -512,7 +513,7 @@ class GroupedMLP(SparseMLP):
 
         projections = (up, down)
         if self.args.fp8 is not None:
-            projections = self._fp8_projections(weights, tokens_per_expert, num_experts, hidden)
+            projections = self._fp8_projections(weights, tokens_per_expert, num_experts, hidden, accs, fused)
 
         biases = self._cast_biases(x)
         experts = None
@@ -562,18 +563,24 @@ class GroupedMLP(SparseMLP):
                 out += [cache(p, shape, alone=alone), None if alone else cache.transposed(p, shape)]
         return out + [None if alone else cache(self.w2, shape), cache.transposed(self.w2, shape, alone=alone)]
 
-    def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int):
+    def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int,
+                         accs: dict, fused):
         """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this
         forward: each is quantized from its parameter (not from the per-forward cast) once per
-        optimizer step, in the module's cache (`_fp8_product`)."""
+        optimizer step, in the module's cache (`_fp8_product`). A weight in `accs` (gradient-
+        accumulation fusion) is multiplied detached, and `fused` adds its gradient (the
+        unquantized product, as `fp8_gmm`'s own) into its `main_grad`."""
         shape = (num_experts, -1, hidden)
 
+        def product(a, w, p, trans_b):
+            out = self._fp8_product(a, w.detach() if id(w) in accs else w, p, tokens_per_expert, shape, trans_b)
+            return fused(out, a, w, trans_b)
+
         def up(x, w):  # w1's cast or v1's
-            p = self.w1 if w is weights[0] else self._v1()
-            return self._fp8_product(x, w, p, tokens_per_expert, shape, True)
+            return product(x, w, self.w1 if w is weights[0] else self._v1(), True)
 
         def down(a, w):
-            return self._fp8_product(a, w, self.w2, tokens_per_expert, shape, False)
+            return product(a, w, self.w2, False)
 
         return up, down
 

@@ -346,21 +346,24 @@ def test_bf16_params_follow_the_autocast_loss_curve(tmp_path, data, torch_refere
 def test_fp8_experts_follow_the_bf16_loss_curve_quantizing_once_a_step(tmp_path, data, torch_references,
                                                                        monkeypatch):
     """`--fp8 blockwise` (the experts' products in FP8; their torch references on CPU) draws the
-    bf16 curve within FP8's error, and each expert weight is quantized once a step, not once a
-    micro-batch: the cache keeps it across the step's micro-batches and the optimizer's update
-    makes it new."""
+    bf16 curve within FP8's error; each expert weight is quantized once a step, not once a
+    micro-batch (the cache keeps it across the step's micro-batches and the optimizer's update
+    makes it new), and its gradient goes into its fp32 accumulator as bf16's does."""
     fp8_ops = importlib.import_module("megablocks.ops.fp8")
     quantize_blocks = fp8_ops.quantize_blocks
-    made = []
+    made, fused = [], []
     monkeypatch.setattr(fp8_ops, "quantize_blocks",
                         lambda w, *a, **k: made.append(w.shape) or quantize_blocks(w, *a, **k))
+    monkeypatch.setattr(gmm_ops, "_add_weight_grad", lambda *a: fused.append(1) or _ADD_WEIGHT_GRAD(*a))
     common = dict(train_iters=6, eval_iters=0, lr=5e-3, global_batch_size=8, micro_batch_size=4, dropout=0.0,
                   precision="bf16-params", **{**DMOE, "moe_jitter_eps": None})
     bf16 = [r["lm_loss"] for r in _run(data, tmp_path / "bf16", **common)["train"]]
-    assert made == []
+    assert made == [] and len(fused) == 48
     fp8 = [r["lm_loss"] for r in _run(data, tmp_path / "fp8", fp8="blockwise", **common)["train"]]
     # 6 steps x 2 layers x 2 expert weights (w1, w2), each step's 2 micro-batches sharing them.
     assert len(made) == 6 * 2 * 2, made
+    # Their gradients added into the fp32 accumulators by the products' backward, as in bf16.
+    assert len(fused) == 2 * 48
     assert fp8[-1] < fp8[0], "it trained"
     for step, (a, b) in enumerate(zip(fp8, bf16)):
         assert abs(a - b) < 0.005 * b, (step, fp8, bf16)

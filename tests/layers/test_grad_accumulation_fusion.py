@@ -52,10 +52,53 @@ CASES = [("triton", form, False) for form in FORMS] + [("triton", "mlp", True), 
 def test_dmoe_weight_grads_go_to_main_grad(impl, form, memory_optimized):
     skip_unavailable(impl, DTYPE)
     torch.manual_seed(0)
-    layer = dMoE(make_args(impl, DTYPE, memory_optimized_mlp=memory_optimized, **FORMS[form], **SHAPE))
+    _check_main_grads(dMoE(make_args(impl, DTYPE, memory_optimized_mlp=memory_optimized, **FORMS[form], **SHAPE)),
+                      3 if FORMS[form]["mlp_type"] == "glu" else 2)
+
+
+# FP8 (`Arguments.fp8`): the composed products' weight gradients (unquantized products) go to
+# main_grad (the GLU experts take the composed products without the policy's one-node form).
+FP8_FORMS = {
+    "mlp": dict(mlp_type="mlp"),
+    "glu": dict(mlp_type="glu", kernel_policy=KernelPolicy(one_node_experts=False)),
+}
+
+
+@pytest.mark.parametrize("form", list(FP8_FORMS))
+def test_fp8_dmoe_weight_grads_go_to_main_grad(form):
+    skip_unavailable("triton", DTYPE)
+    torch.manual_seed(0)
+    _check_main_grads(dMoE(make_args("triton", DTYPE, fp8="blockwise", **FP8_FORMS[form], **SHAPE)),
+                      3 if FP8_FORMS[form]["mlp_type"] == "glu" else 2)
+
+
+def test_fp8_node_returns_grad():
+    """The FP8 one-node form computes its weight gradients itself: they come back as .grad (the
+    optimizer's `accumulate_grads` adds them), main_grad untouched, equal to the node's without
+    a main_grad."""
+    skip_unavailable("triton", DTYPE)
+    torch.manual_seed(0)
+    layer = dMoE(make_args("triton", DTYPE, fp8="blockwise", mlp_type="glu", **SHAPE))
+    assert layer.experts.mlp._fp8_node()
+    ref = copy.deepcopy(layer)
+    for n, p in layer.named_parameters():
+        if _is_expert_weight(n):
+            p.main_grad = torch.zeros(p.shape, device=DEVICE)
+    x = torch.randn(18, 40, device=DEVICE, dtype=DTYPE)
+    grad_out = torch.randn(18, 40, device=DEVICE, dtype=DTYPE)
+    _out(layer, x.clone().requires_grad_()).backward(grad_out)
+    _out(ref, x.clone().requires_grad_()).backward(grad_out)
+    params = dict(ref.named_parameters())
+    for n, p in layer.named_parameters():
+        if _is_expert_weight(n):
+            assert not p.main_grad.any(), n
+            assert_equal(f"{n}.grad", p.grad, params[n].grad)
+
+
+def _check_main_grads(layer, num_experts_weights: int):
     ref = copy.deepcopy(layer)
     experts = {n: p for n, p in layer.named_parameters() if _is_expert_weight(n)}
-    assert len(experts) == (3 if FORMS[form]["mlp_type"] == "glu" else 2)
+    assert len(experts) == num_experts_weights
     start = {}
     for n, p in experts.items():
         p.main_grad = torch.randn(p.shape, device=DEVICE) * 1e-2
