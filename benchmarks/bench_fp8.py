@@ -295,12 +295,10 @@ def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant=""):
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env)
 
 
-COLS_VARIANTS = {**{f"pieces{c}_w{w}": dict(ch=c, bk=128, num_warps=w, num_stages=1, split=False)
+COLS_VARIANTS = {**{f"pieces{c}_w{w}": dict(ch=c, bk=128, num_warps=w, num_stages=1)
                     for c, w in ((32, 4), (32, 8), (64, 8))},
-                 **{f"whole_bk{bk}_w{w}": dict(ch=128, bk=bk, num_warps=w, num_stages=1, split=False)
-                    for bk, w in ((128, 8), (128, 4), (64, 4), (32, 4), (32, 2))},
-                 # the GLU gradient's two halves one at a time (the other modes as whole_bk128)
-                 **{f"split_w{w}": dict(ch=128, bk=128, num_warps=w, num_stages=1, split=True) for w in (8, 4)}}
+                 **{f"whole_bk{bk}_w{w}": dict(ch=128, bk=bk, num_warps=w, num_stages=1)
+                    for bk, w in ((128, 8), (128, 4), (64, 4), (32, 4), (32, 2))}}
 
 
 COLS_OPS = {"quantize_rows_and_cols": "rows", "gather_quantize_cols": "gather", "glu_quantize_cols": "glu",

@@ -571,7 +571,7 @@ def _quantize_cols_grouped_kernel(
 # [0, M) (M = N rows: its token would lie past x's T).
 @triton.jit
 def _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2, stride_g,
-                MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr, HALF: tl.constexpr = 0):
+                MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr):
     in_rows = rows < row_end
     mask = in_rows[:, None] & (cols < K)[None, :]
     r64 = rows[:, None].to(tl.int64)
@@ -595,12 +595,8 @@ def _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K,
         g = tl.load(g_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         a, da = _act(x, ACTIVATION)
         u, du = _up(h2, ACTIVATION)
-        if HALF == 2:  # the second gradient alone (as x)
-            x = tl.where(mask, (g * a * du).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
-            x2 = x
-        else:
-            x = tl.where(mask, (g * u * da).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
-            x2 = x if HALF == 1 else tl.where(mask, (g * a * du).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        x = tl.where(mask, (g * u * da).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        x2 = tl.where(mask, (g * a * du).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
     return x, x2
 
 
@@ -616,9 +612,7 @@ def _col_amax(amax, nans, x):
 # (q1, s1) (the input gradient's operand); 'gather': row r is x_TK[row_assignment[r] // TOP_K] (0
 # where -1); 'glu': glu(h1 = x, h2) rounded to x's dtype; 'glu_backward': the GLU's two input
 # gradients from (g, h1 = x, h2), rounded to x's dtype, the second's columns at OFF2 (rows of q_c,
-# columns of s_c), each also in row tiles into (q1, s1) and (q2, s2) (those modes take BK = QB);
-# with SPLIT (and CH = QB) one gradient at a time, the block's g, h1, h2 read again for the second
-# (from L2): half the live tiles a thread.
+# columns of s_c), each also in row tiles into (q1, s1) and (q2, s2) (those modes take BK = QB).
 # CH = QB reads the block's BK columns once, whole; a smaller CH reads them in CH-row pieces twice
 # (fewer registers a thread; the second read from L2): for its columns' amax and the row tiles,
 # then to quantize and store its columns.
@@ -628,7 +622,7 @@ def _quantize_cols_fused_kernel(
     M, K, E, OFF2,
     stride_x, stride_h2, stride_g, stride_qc, stride_sc, stride_q1, stride_s1, stride_q2, stride_s2,
     MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr, QB: tl.constexpr, CH: tl.constexpr,
-    BK: tl.constexpr, BLOCK_E: tl.constexpr, CAST: tl.constexpr = False, SPLIT: tl.constexpr = False,
+    BK: tl.constexpr, BLOCK_E: tl.constexpr, CAST: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     row0, row_end, real = _col_block(b, sizes_ptr, E, M, QB, BLOCK_E)
@@ -640,19 +634,6 @@ def _quantize_cols_fused_kernel(
     amax2 = tl.zeros([BK], dtype=tl.float32)
     nans = tl.zeros([BK], dtype=tl.int32)
     nans2 = tl.zeros([BK], dtype=tl.int32)
-    if CH == QB and MODE == "glu_backward" and SPLIT:
-        rows = row0 + tl.arange(0, QB)
-        mask = (rows < row_end)[:, None] & (cols < K)[None, :]
-        x, _ = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2,
-                           stride_g, MODE, ACTIVATION, TOP_K, 1)
-        _store_col_tiles(x, b, rows, store_cols, mask, qc_ptr, sc_ptr, stride_qc, stride_sc, True, CAST)
-        _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1, CAST)
-        x2, _ = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2,
-                            stride_g, MODE, ACTIVATION, TOP_K, 2)
-        _store_col_tiles(x2, b, rows, tl.where(cols < K, cols + OFF2, -1), mask, qc_ptr, sc_ptr, stride_qc, stride_sc,
-                         True, CAST)
-        _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2, CAST)
-        return
     if CH == QB:  # the whole block at once, read once (BK = QB where row tiles are made)
         rows = row0 + tl.arange(0, QB)
         x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2,
@@ -1517,8 +1498,7 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
 
 
 # `_quantize_cols_fused_kernel`'s launch per mode: rows a piece (ch; Q: the whole block at once),
-# columns a program (bk; Q where row tiles are made), warps, software-pipelined stages (and for
-# 'glu_backward' whole, `split`: its two gradients one at a time; not yet measured). The
+# columns a program (bk; Q where row tiles are made), warps, software-pipelined stages. The
 # fastest of eight forms summed over mixtral's and olmoe's operands (H200, `bench_fp8.py --cols`;
 # benchmarks/RESULTS.md).
 COLS_FUSED_LAUNCH = {
@@ -1556,7 +1536,7 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
         rows_out[0].stride(0), rows_out[1].stride(0), rows_out[2].stride(0), rows_out[3].stride(0),
         MODE=mode, ACTIVATION=activation, TOP_K=top_k, QB=Q, CH=ch, BK=bk,
         BLOCK_E=max(2, next_power_of_2(E)), CAST=_hardware_cast(x), num_warps=launch["num_warps"],
-        num_stages=launch["num_stages"], SPLIT=launch.get("split", False),
+        num_stages=launch["num_stages"],
     )
     return q_c, s_c
 

@@ -955,18 +955,17 @@ def _assert_cols_equal(name, got, want, bs, M):
     ([128, 128], 128),         # whole blocks
     ([0, 0, 0], 136),          # no rows
 ], ids=["hostile", "whole", "empty"])
-@pytest.mark.parametrize("form", ["pieces", "whole", "split"])
+@pytest.mark.parametrize("form", ["pieces", "whole"])
 def test_weight_gradient_operands_fused(sizes, K, activation, dtype, form, monkeypatch):
     """The FP8 weight gradient's operands made in the pass that reads what they come from
     (`quantize_rows_and_cols`, `gather_quantize_cols`, `glu_quantize_cols`,
     `glu_backward_quantize_rows_cols`): bit for bit the composed quantizers of the same rows in
     every entry those set; outlier, zero and NaN tiles; each block read in pieces or whole (32
-    columns a program where no row tiles are made; split: the GLU's two gradients one at a time)."""
+    columns a program where no row tiles are made)."""
     from megablocks.backend import activation as kernels
 
     launch = dict(ch=32, bk=Q, num_warps=4, num_stages=1) if form == "pieces" else dict(ch=Q, bk=32, num_warps=4,
                                                                                           num_stages=1)
-    launch["split"] = form == "split"
     monkeypatch.setattr(fp8_backend, "COLS_FUSED_LAUNCH", {m: dict(launch) for m in fp8_backend.COLS_FUSED_LAUNCH})
 
     M, top_k = sum(sizes), 2

@@ -221,11 +221,6 @@ for dtype in (torch.bfloat16, torch.float32):
               launch["num_warps"], launch["num_stages"],
               types={n: "*fp8e4nv" for n in ("qc_ptr", "q1_ptr", "q2_ptr")}
               | {n: "*fp32" for n in ("sc_ptr", "s1_ptr", "s2_ptr")})
-    check(f"fp8 weight-gradient operands (glu_backward, split) from {dtype}", F8._quantize_cols_fused_kernel,
-          ELEMENT[dtype], dict(MODE="glu_backward", ACTIVATION="silu", TOP_K=2, QB=F8.Q, CH=F8.Q, BK=F8.Q, BLOCK_E=128,
-                               CAST=True, SPLIT=True), 8, 1,
-          types={n: "*fp8e4nv" for n in ("qc_ptr", "q1_ptr", "q2_ptr")}
-          | {n: "*fp32" for n in ("sc_ptr", "s1_ptr", "s2_ptr")})
     check(f"fp8 weight gradient into {dtype}", F8._gmm_fp8_wgrad_kernel, ELEMENT[dtype],
           dict(BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128), 8, 3,
           types={"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "as_ptr": "*fp32", "bs_ptr": "*fp32"})
