@@ -2,7 +2,8 @@
 # The exp/ trainer with FP8 experts against bf16 on one GPU: dmoe_125m (grouped experts, bf16
 # parameters with fp32 main weights, a constant learning rate) trained from the same seed on the
 # demo corpus (exp/demo.py) with --fp8 none and --fp8 blockwise. Each run's train.csv and
-# valid.csv go to LOG_DIR/runs/{bf16,fp8}/ (plot them with `python -m exp.plot`), and
+# valid.csv go to LOG_DIR/runs/{bf16,fp8}/ (plot them with `python -m exp.plot`; copies beside
+# the logs as {bf16,fp8}_{train,valid}.csv), and
 # LOG_DIR/summary.txt gets the loss every 50 steps, the validations and the median step time.
 #
 #   scripts/fp8_train_gpu.sh LOG_DIR
@@ -27,6 +28,7 @@ for mode in bf16:none fp8:blockwise; do
     --eval-interval "${EVAL_INTERVAL:-100}" --eval-iters 4 --log-interval 10 --micro-batch-size "$MB" \
     --global-batch-size "${GLOBAL_BATCH:-$MB}" --no-progress --no-checkpoint ${EXTRA:-} >"$LOG_DIR/$name.log" 2>&1
   echo "$name: rc=$?"
+  for f in train valid; do cp "$run/$f.csv" "$LOG_DIR/${name}_$f.csv" 2>/dev/null; done
 done
 python3 - "$LOG_DIR" <<'PY' | tee "$LOG_DIR/summary.txt"
 import csv, os, statistics, sys
