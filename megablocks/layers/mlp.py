@@ -378,8 +378,8 @@ class GroupedMLP(SparseMLP):
         parameter itself (no cast, no gradient scale) and whose parameter has an fp32 `main_grad`
         (`megablocks.optim.MainWeightsAdamW.fuse_grad_accumulation`): the weight gradients of
         those are added to `main_grad` by the kernels instead of coming back as `.grad`. Off under
-        torch.compile and without autograd. In FP8 the composed products take it (their weight
-        gradients are unquantized products); the FP8 one-node form returns `.grad`."""
+        torch.compile and without autograd. In FP8 too: the composed products' and the one-node
+        form's weight gradients (unquantized products) are added the same way."""
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return {}
         accs = {}
@@ -471,7 +471,8 @@ class GroupedMLP(SparseMLP):
                                               weights_N=combine_weights,
                                               fp8_wgrad=self.args.kernel_policy.fp8_weight_grad,
                                               keep_product=not self.args.memory_optimized_mlp,
-                                              decode_glu_epilogue=self.args.kernel_policy.fp8_decode_glu_epilogue)
+                                              decode_glu_epilogue=self.args.kernel_policy.fp8_decode_glu_epilogue,
+                                              accs=[accs.get(id(w)) for w in weights])
                 return out, combine_weights is not None
             if activation is not None:
                 return grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,

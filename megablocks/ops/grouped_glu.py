@@ -65,7 +65,7 @@ from megablocks.backend.fp8 import (FP8_DTYPE, Q, gather_quantize_cols, gather_q
                                     glu_quantize_rows, gmm_fp8, gmm_fp8_glu_quantize, gmm_fp8_wgrad, quantize_rows,
                                     quantize_rows_and_cols)
 from megablocks.ops._eager import _plain_eager
-from megablocks.ops.gmm import _grouped_mm_impl, _product_impl
+from megablocks.ops.gmm import _add_weight_grad, _grouped_mm_impl, _product_impl
 from megablocks.ops.permute import _gather_rows, _scatter_rows, _weight_grad
 from megablocks.ops.routing import RowMaps
 
@@ -161,7 +161,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
     def forward(ctx, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
                 quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool,
                 weights_N: Optional[torch.Tensor], fp8_wgrad: bool, keep_product: bool, record: bool,
-                decode_glu_epilogue: bool):
+                decode_glu_epilogue: bool, accs: Tuple[Optional[torch.Tensor], ...]):
         dtype = x_TH.dtype
         stacked = len(quantized) == 4
         x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
@@ -197,7 +197,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         # Made here, not inputs: kept on ctx so the backward can let go of each when done with it.
         ctx.h, ctx.quantized, ctx.product = h, quantized, product
         ctx.top_k, ctx.activation, ctx.gathered_wgrad, ctx.fp8_wgrad = top_k, activation, gathered_wgrad, fp8_wgrad
-        ctx.combined, ctx.y = weights_N is not None, None
+        ctx.combined, ctx.y, ctx.accs = weights_N is not None, None, accs
         if weights_N is None:
             return y
         # The combine (`scatter_routed`): each token's rows weighted and summed. y kept only for
@@ -236,9 +236,17 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         if ctx.fp8_wgrad:  # handed over in a list, so that the helper's del lets go of them
             held = [grad_y, h]
             del grad_y, h
-            grads = _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment,
-                                        assignment_row)
-            return (*grads, None, None, None, None, None, None, None, grad_weights, None, None, None, None)
+            grads = list(_fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment,
+                                             assignment_row))
+            for i, acc in enumerate(ctx.accs, 1):  # into main_grad where one is given (added, not fused)
+                if acc is not None and grads[i] is not None:
+                    acc.add_(grads[i].view(acc.shape))
+                    grads[i] = None
+            return (*grads, None, None, None, None, None, None, None, grad_weights, None, None, None, None, None)
+        # With an fp32 accumulator for a weight (gradient-accumulation fusion: `main_grad`), its
+        # unquantized gradient is added into it by the product's kernel and not returned.
+        E, H = counts_E.shape[0], x_TH.shape[1]
+        acc_w1, acc_v1, acc_w2 = (None if acc is None else acc.view(E, -1, H) for acc in ctx.accs)
         # w2's gradient first (from the kept GLU product, or the product made again from h1 and h2),
         # so that the rows' output gradient goes before the GLU product's gradient is made.
         grad_w2 = None
@@ -246,8 +254,11 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
             if a is None:
                 a = (activation_kernels.glu_halves_forward(h[0], activation) if len(h) == 1
                      else activation_kernels.glu_forward(*h, activation))
-            grad_w2 = _product_impl(a, grad_y, counts_E, None, None, None, None, 1, False, True, False,
-                                    _TRITON).view(w2.shape)
+            if acc_w2 is not None:
+                _add_weight_grad(acc_w2, a, grad_y, counts_E, None, None, 1, False, _TRITON)
+            else:
+                grad_w2 = _product_impl(a, grad_y, counts_E, None, None, None, None, 1, False, True, False,
+                                        _TRITON).view(w2.shape)
         del a
         if g_q is None:
             g_q, g_s = quantize_rows(grad_y)
@@ -292,15 +303,19 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         rows = (x_TH, row_assignment, assignment_row, top_k)
         if (need_w1 or need_v1) and ctx.gathered_wgrad:
             rows = (_gather_rows._impl(x_TH, row_assignment, assignment_row, None, top_k), None, None, 1)
-        if need_w1:
+        if need_w1 and acc_w1 is not None:
+            _add_weight_grad(acc_w1, rows[0], grad_h1, counts_E, *rows[1:], True, _TRITON)
+        elif need_w1:
             grad_w1 = _product_impl(grad_h1, rows[0], counts_E, None, None, *rows[1:], True, True, False,
                                     _TRITON).view(w1.shape)
         del grad_h1  # apart (not stacked), its buffer goes before v1's gradient is made
-        if need_v1:
+        if need_v1 and acc_v1 is not None:
+            _add_weight_grad(acc_v1, rows[0], grad_h2, counts_E, *rows[1:], True, _TRITON)
+        elif need_v1:
             grad_v1 = _product_impl(grad_h2, rows[0], counts_E, None, None, *rows[1:], True, True, False,
                                     _TRITON).view(v1.shape)
         return (grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights, None, None,
-                None, None)
+                None, None, None)
 
 
 def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row):
@@ -365,7 +380,8 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
                             quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                             gathered_wgrad: bool = False, weights_N: Optional[torch.Tensor] = None,
                             fp8_wgrad: bool = False, keep_product: bool = True,
-                            decode_glu_epilogue: bool = False) -> torch.Tensor:
+                            decode_glu_epilogue: bool = False,
+                            accs: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
     """`grouped_glu_experts` with the expert products in FP8 (module docstring), the expert-ordered
     rows `[N, H]`, as one autograd node; with `weights_N`, those rows' combine too
     (`scatter_routed(rows, maps, weights_N)`, the token rows `[T, H]`).
@@ -388,8 +404,12 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     Where no gradient is recorded (inference) the forward keeps nothing past its use; with
     `decode_glu_epilogue` (`KernelPolicy.fp8_decode_glu_epilogue`), w1 and v1 stacked and at decode
     sizes (`fp8.glu_decode_fits`), it makes and quantizes the GLU in the up product's epilogue.
+    `accs`: for (w1, v1, w2), an fp32 accumulator of the weight's shape (its `main_grad`) or None
+    each: that weight's gradient is added into it (with the unquantized weight gradients, by the
+    variable-K product's kernel, as `weight_grad_into` does) and not returned as its `.grad`.
     """
     record = records_gradient((x_TH, w1, v1, w2, weights_N))
+    accs = (None, None, None) if accs is None else tuple(accs)
     return _Fp8GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row,
                                        maps.top_k, activation, tuple(quantized), gathered_wgrad, weights_N,
-                                       fp8_wgrad, keep_product, record, decode_glu_epilogue)
+                                       fp8_wgrad, keep_product, record, decode_glu_epilogue, accs)

@@ -72,27 +72,22 @@ def test_fp8_dmoe_weight_grads_go_to_main_grad(form):
                       3 if FP8_FORMS[form]["mlp_type"] == "glu" else 2)
 
 
-def test_fp8_node_returns_grad():
-    """The FP8 one-node form computes its weight gradients itself: they come back as .grad (the
-    optimizer's `accumulate_grads` adds them), main_grad untouched, equal to the node's without
-    a main_grad."""
+# The FP8 one-node form (GLU experts): w1 and v1 apart, stacked (F a multiple of 128), and with its
+# weight gradients in FP8 (added into main_grad after they are made).
+FP8_NODE_FORMS = {
+    "apart": dict(SHAPE),
+    "stacked": dict(SHAPE, ffn_hidden_size=128),
+    "fp8-weight-grad": dict(SHAPE, kernel_policy=KernelPolicy(fp8_weight_grad=True)),
+}
+
+
+@pytest.mark.parametrize("form", list(FP8_NODE_FORMS))
+def test_fp8_node_weight_grads_go_to_main_grad(form):
     skip_unavailable("triton", DTYPE)
     torch.manual_seed(0)
-    layer = dMoE(make_args("triton", DTYPE, fp8="blockwise", mlp_type="glu", **SHAPE))
+    layer = dMoE(make_args("triton", DTYPE, fp8="blockwise", mlp_type="glu", **FP8_NODE_FORMS[form]))
     assert layer.experts.mlp._fp8_node()
-    ref = copy.deepcopy(layer)
-    for n, p in layer.named_parameters():
-        if _is_expert_weight(n):
-            p.main_grad = torch.zeros(p.shape, device=DEVICE)
-    x = torch.randn(18, 40, device=DEVICE, dtype=DTYPE)
-    grad_out = torch.randn(18, 40, device=DEVICE, dtype=DTYPE)
-    _out(layer, x.clone().requires_grad_()).backward(grad_out)
-    _out(ref, x.clone().requires_grad_()).backward(grad_out)
-    params = dict(ref.named_parameters())
-    for n, p in layer.named_parameters():
-        if _is_expert_weight(n):
-            assert not p.main_grad.any(), n
-            assert_equal(f"{n}.grad", p.grad, params[n].grad)
+    _check_main_grads(layer, 3)
 
 
 def _check_main_grads(layer, num_experts_weights: int):
