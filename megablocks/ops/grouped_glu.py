@@ -254,11 +254,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
             if a is None:
                 a = (activation_kernels.glu_halves_forward(h[0], activation) if len(h) == 1
                      else activation_kernels.glu_forward(*h, activation))
-            if acc_w2 is not None:
-                _add_weight_grad(acc_w2, a, grad_y, counts_E, None, None, 1, False, _TRITON)
-            else:
-                grad_w2 = _product_impl(a, grad_y, counts_E, None, None, None, None, 1, False, True, False,
-                                        _TRITON).view(w2.shape)
+            grad_w2 = _weight_grad_or_add(acc_w2, a, grad_y, counts_E, (None, None, 1), False, w2.shape)
         del a
         if g_q is None:
             g_q, g_s = quantize_rows(grad_y)
@@ -303,19 +299,25 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         rows = (x_TH, row_assignment, assignment_row, top_k)
         if (need_w1 or need_v1) and ctx.gathered_wgrad:
             rows = (_gather_rows._impl(x_TH, row_assignment, assignment_row, None, top_k), None, None, 1)
-        if need_w1 and acc_w1 is not None:
-            _add_weight_grad(acc_w1, rows[0], grad_h1, counts_E, *rows[1:], True, _TRITON)
-        elif need_w1:
-            grad_w1 = _product_impl(grad_h1, rows[0], counts_E, None, None, *rows[1:], True, True, False,
-                                    _TRITON).view(w1.shape)
+        if need_w1:
+            grad_w1 = _weight_grad_or_add(acc_w1, rows[0], grad_h1, counts_E, rows[1:], True, w1.shape)
         del grad_h1  # apart (not stacked), its buffer goes before v1's gradient is made
-        if need_v1 and acc_v1 is not None:
-            _add_weight_grad(acc_v1, rows[0], grad_h2, counts_E, *rows[1:], True, _TRITON)
-        elif need_v1:
-            grad_v1 = _product_impl(grad_h2, rows[0], counts_E, None, None, *rows[1:], True, True, False,
-                                    _TRITON).view(v1.shape)
+        if need_v1:
+            grad_v1 = _weight_grad_or_add(acc_v1, rows[0], grad_h2, counts_E, rows[1:], True, v1.shape)
         return (grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights, None, None,
                 None, None, None)
+
+
+def _weight_grad_or_add(acc, a, grad, counts_E, maps, trans_b: bool, shape):
+    """The gradient of b in `gmm(a', b, trans_b)` (`ops.gmm._weight_grad`'s product; maps =
+    (row_assignment, assignment_row, top_k) where a is read through them) viewed `shape`; or, with
+    an fp32 accumulator `acc` of b's shape (gradient-accumulation fusion), added into it by the
+    variable-K kernel's epilogue, and None."""
+    if acc is not None:
+        _add_weight_grad(acc, a, grad, counts_E, *maps, trans_b, _TRITON)
+        return None
+    lhs, rhs = (grad, a) if trans_b else (a, grad)
+    return _product_impl(lhs, rhs, counts_E, None, None, *maps, trans_b, True, False, _TRITON).view(shape)
 
 
 def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row):
