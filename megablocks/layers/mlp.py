@@ -514,7 +514,7 @@ class GroupedMLP(SparseMLP):
 
         projections = (up, down)
         if self.args.fp8 is not None:
-            projections = self._fp8_projections(weights, tokens_per_expert, num_experts, hidden, accs, fused)
+            projections = self._fp8_projections(weights, tokens_per_expert, num_experts, hidden, operand, fused)
 
         biases = self._cast_biases(x)
         experts = None
@@ -565,16 +565,17 @@ class GroupedMLP(SparseMLP):
         return out + [None if alone else cache(self.w2, shape), cache.transposed(self.w2, shape, alone=alone)]
 
     def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int,
-                         accs: dict, fused):
+                         operand, fused):
         """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this
         forward: each is quantized from its parameter (not from the per-forward cast) once per
-        optimizer step, in the module's cache (`_fp8_product`). A weight in `accs` (gradient-
-        accumulation fusion) is multiplied detached, and `fused` adds its gradient (the
-        unquantized product, as `fp8_gmm`'s own) into its `main_grad`."""
+        optimizer step, in the module's cache (`_fp8_product`). `operand` and `fused` are the bf16
+        products': a weight whose gradient goes to its `main_grad` (gradient-accumulation fusion)
+        is multiplied detached, and `fused` adds that gradient (the unquantized product, as
+        `fp8_gmm`'s own) into it."""
         shape = (num_experts, -1, hidden)
 
         def product(a, w, p, trans_b):
-            out = self._fp8_product(a, w.detach() if id(w) in accs else w, p, tokens_per_expert, shape, trans_b)
+            out = self._fp8_product(a, operand(w), p, tokens_per_expert, shape, trans_b)
             return fused(out, a, w, trans_b)
 
         def up(x, w):  # w1's cast or v1's
