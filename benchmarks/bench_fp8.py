@@ -16,6 +16,11 @@ sizes on bf16 experts and on their FP8 block-quantized copy (targets: 1.7x and 1
 from a CUDA graph, also in each mode of `launch.PDL` (`*_graph_pdl{0,1,2}_ms`; 0: every kernel
 launched plainly).
 
+`--serving-rounds R` (0 by default) times the `--serving` configs' bf16 and FP8 calls again, each
+captured in one CUDA graph and replayed in turn in R rounds (the order alternating from round to
+round): the ratio of each round and their median, which drifts of the device's clock between the
+two calls' timings move less than one timing of each.
+
 `--decode-variants` times the decode rows again with each of `sweep_fp8.VARIANTS` as the FP8
 decode launch (`megablocks.backend.fp8.FP8_DECODE_CONFIGS`), e.g. the `swap_ab` tiles.
 
@@ -37,6 +42,11 @@ step in training: `quantize_blocks(w)` alone, then with the K-major copy the N-m
 (`transposed=True`: written by the quantizer's own pass) against the same copy made by torch
 (`q.transpose(1, 2).contiguous()`) after it, and checks the two copies equal byte for byte.
 
+`--layer-accumulate` (none by default) times the layers as a trainer that accumulates gradients
+runs them: `--micro-batches` micro-batches a step (8 by default), each expert weight's gradient
+added into an fp32 `main_grad` by the kernels (gradient-accumulation fusion) and, apart, summed
+in `.grad` by autograd; the FP8 weights quantized once a step.
+
 `--layers` (default mixtral, olmoe) also times the dMoE layer as training runs it (forward, then
 `.backward()` into `.grad` that is None at the start of each step; bench_dmoe's method): the grouped
 path in bf16 against the same layer with `fp8='blockwise'`, on one router and one set of weights.
@@ -51,6 +61,7 @@ what was allocated before, less the gradients).
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import time
 
@@ -60,7 +71,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gmm import routed_counts  # noqa: E402
-from common import CONFIGS, copy_bandwidth_gbs, environment, print_table, timed, write_csv  # noqa: E402
+from common import CONFIGS, copy_bandwidth_gbs, environment, graphed, print_table, timed, write_csv  # noqa: E402
 
 import bench_dmoe  # noqa: E402
 
@@ -146,6 +157,11 @@ def bench(args):
                                  "fp8_graph_ms", "speedup_graph", "speedup_graph_no_pdl", "fp8_weight_gbs", "copy_gbs",
                                  "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
+    round_rows = [row for name in args.serving for T in (64, 4096)
+                  for row in serving_rounds_rows(name, T, args.serving_rounds)] if args.serving_rounds else []
+    if round_rows:
+        print_table(round_rows, ["config", "T", "round", "bf16_graph_ms", "fp8_graph_ms", "speedup_graph"])
+        write_csv(os.path.join(args.out, "bench_fp8_serving_rounds.csv"), [{**r, **env} for r in round_rows])
     dglu_rows = [row for name in args.decode_glu for row in decode_glu_rows(name)]
     if dglu_rows:
         print_table(dglu_rows, ["config", "T", "repeat", "pdl", "stages", "bf16_ms", "epilogue_ms", "two_launches_ms",
@@ -186,6 +202,12 @@ def bench(args):
                                  "fp8_gathered_extra_gib", "fp8_wgrad_extra_gib", "fp8_composed_extra_gib",
                                  "out_rel_rms", "x_grad_rel_rms", "w_grad_rel_rms", "w_grad_fp8_rel_rms"])
         write_csv(os.path.join(args.out, "bench_fp8_layer.csv"), [{**r, **env} for r in layer_rows])
+    accumulate_rows = [layer_accumulate_row(name, "cuda", args.micro_batches) for name in args.layer_accumulate]
+    if accumulate_rows:
+        print_table(accumulate_rows, ["config", "micro_batches", "bf16_fused_ms", "fp8_fused_ms", "speedup_fused",
+                                      "bf16_grad_ms", "fp8_grad_ms", "speedup_grad", "bf16_fusion_gain",
+                                      "fp8_fusion_gain", "w_grad_rel_rms_fused", "fp8_fused_vs_grad_rel_rms"])
+        write_csv(os.path.join(args.out, "bench_fp8_layer_accumulate.csv"), [{**r, **env} for r in accumulate_rows])
     memory_rows = [r for name in args.layer_memory for r in layer_memory(name)]
     if memory_rows:
         print_table(memory_rows, ["config", "layer", "site", "mib", "tensors"])
@@ -704,6 +726,35 @@ def serving_row(name, T, device, shape=None):
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item())
 
 
+def serving_rounds_rows(name, T, rounds, device="cuda", shape=None):
+    """Rows (config, T, round, bf16_graph_ms, fp8_graph_ms, speedup_graph), then one with round
+    'median' (each column's median): `fused_moe` at T tokens of config `name` on bf16 experts and
+    on their FP8 copy, each captured once in a CUDA graph (`launch.PDL`'s mode) and the two
+    replays timed in turn, `rounds` times, the first timed alternating between rounds. Off CUDA:
+    the two graphs' stand-ins run once each, times nan."""
+    _, H, F, E, k = shape or CONFIGS[name]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, w1, w2, gating, q1, s1, q2, s2 = serving_inputs(H, F, E, T, device, dtype)
+    bf16 = lambda: fused_moe(x, w1, w2, gating, k, True)  # noqa: E731
+    f8 = lambda: fused_moe(x, q1, q2, gating, k, True, w1_scale=s1, w2_scale=s2)  # noqa: E731
+    calls = [graphed(call)[0] for call in (bf16, f8)] if device == "cuda" else [bf16, f8]
+    rows = []
+    for r in range(rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        ms = [float("nan")] * 2
+        for i in order:
+            if device == "cuda":
+                ms[i] = timed(calls[i])[0]
+            else:
+                calls[i]()
+        rows.append(dict(config=name, T=T, round=r, bf16_graph_ms=ms[0], fp8_graph_ms=ms[1],
+                         speedup_graph=ms[0] / ms[1]))
+    median = lambda key: statistics.median(row[key] for row in rows)  # noqa: E731
+    rows.append(dict(config=name, T=T, round="median", bf16_graph_ms=median("bf16_graph_ms"),
+                     fp8_graph_ms=median("fp8_graph_ms"), speedup_graph=median("speedup_graph")))
+    return rows
+
+
 def build_pair(name, device, dtype=torch.bfloat16):
     """(the bf16 grouped dMoE, the same layer with fp8='blockwise') of bench_dmoe's layer `name`,
     on one router and one set of weights."""
@@ -776,6 +827,71 @@ def layer_step(name, device, dtype=torch.bfloat16):
     # The expert weights' gradients against the bf16 layer's: unquantized, and in FP8.
     row["w_grad_rel_rms"] = max(rel(a, b) for a, b in zip(results["fp8_w"], results["bf16_w"]))
     row["w_grad_fp8_rel_rms"] = max(rel(a, b) for a, b in zip(results["fp8_wgrad"], results["bf16_w"]))
+    return row
+
+
+def layer_accumulate_row(name, device, micro_batches=8, dtype=torch.bfloat16):
+    """One row: the bf16 and FP8 layers trained as a trainer that accumulates gradients over
+    `micro_batches` micro-batches a step runs them (forward and `.backward()` on each micro-batch's
+    own rows; ms a micro-batch, the window's median over its micro-batches), in two forms:
+
+    - `fused`: the expert weights carry an fp32 `main_grad` and their gradients are added into it
+      by the kernels (gradient-accumulation fusion, as `MainWeightsAdamW.fuse_grad_accumulation`
+      sets up), `.grad` untouched;
+    - `grad`: plain autograd, each weight's gradient summed into `.grad` micro-batch by
+      micro-batch (`.grad` None at the window's start, as `zero_grad` leaves it).
+
+    The FP8 layer's weights are quantized once a window, at its start (as after an optimizer
+    step: the cache is emptied). Also each form's summed expert-weight gradients, FP8 against
+    bf16 (relative rms), and the fused form's against the `grad` form's in the same precision."""
+    layer, bf16, fp8_layer = build_pair(name, device, dtype)
+    torch.manual_seed(1)
+    xs = [torch.randn(layer.T, layer.H, device=device, dtype=dtype, requires_grad=True) for _ in range(micro_batches)]
+    g = torch.randn(layer.T, layer.H, device=device, dtype=dtype)
+    params = list(bf16.parameters())  # fp8_layer's are the same objects
+    experts = list(bf16.experts.mlp.parameters())
+    cache = lambda: fp8_layer.experts.mlp.__dict__.get("_fp8_weights")  # noqa: E731
+
+    def window(module):
+        def run():
+            if module is fp8_layer and cache() is not None:
+                cache().clear()
+            bench_dmoe.clear_grads(params + xs)
+            for x in xs:
+                module(x).backward(g)
+        return run
+
+    def set_fusion(on):
+        for p in experts:
+            if on:
+                p.main_grad = torch.zeros(p.shape, device=device, dtype=torch.float32)
+            elif hasattr(p, "main_grad"):
+                del p.main_grad
+
+    row, summed = {"config": name, "micro_batches": micro_batches}, {}
+    for form in ("fused", "grad"):
+        set_fusion(form == "fused")
+        for label, module in (("bf16", bf16), ("fp8", fp8_layer)):
+            run = window(module)
+            run()  # compiled, and the gradients of one window kept below
+            if form == "fused":
+                if any(p.grad is not None for p in experts):
+                    raise AssertionError(f"{label}: a fused expert weight's gradient came back as .grad")
+                summed[label, form] = [p.main_grad.clone() for p in experts]
+                for p in experts:
+                    p.main_grad.zero_()
+            else:
+                summed[label, form] = [p.grad.float().clone() for p in experts]
+            ms = timed(run, warmup=200, rep=2000)[0] / micro_batches if device == "cuda" else float("nan")
+            row[f"{label}_{form}_ms"] = ms
+    set_fusion(False)
+    rel = lambda a, b: max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b))  # noqa: E731
+    for form in ("fused", "grad"):
+        row[f"speedup_{form}"] = row[f"bf16_{form}_ms"] / row[f"fp8_{form}_ms"]
+        row[f"w_grad_rel_rms_{form}"] = rel(summed["fp8", form], summed["bf16", form])
+    for label in ("bf16", "fp8"):
+        row[f"{label}_fusion_gain"] = row[f"{label}_grad_ms"] / row[f"{label}_fused_ms"]
+        row[f"{label}_fused_vs_grad_rel_rms"] = rel(summed[label, "fused"], summed[label, "grad"])
     return row
 
 
@@ -873,11 +989,18 @@ def smoke():
     serve = serving_row("smoke", 8, "cpu", shape=(8, 64, 96, 4, 2))
     assert 1e-3 < serve["rel_rms_vs_bf16"] < 0.08, serve
     errors["serving"] = serve["rel_rms_vs_bf16"]
+    rounds = serving_rounds_rows("smoke", 8, 2, "cpu", shape=(8, 64, 96, 4, 2))
+    assert [row["round"] for row in rounds] == [0, 1, "median"], rounds
     layer_row = layer_step("smoke_glu", "cpu", torch.float32)
     assert layer_row["out_rel_rms"] < 0.08 and layer_row["x_grad_rel_rms"] < 0.08, layer_row
     errors["layer_out"], errors["layer_x_grad"] = layer_row["out_rel_rms"], layer_row["x_grad_rel_rms"]
     assert layer_row["w_grad_fp8_rel_rms"] < 0.08, layer_row
     errors["layer_w_grad_fp8"] = layer_row["w_grad_fp8_rel_rms"]
+    acc_row = layer_accumulate_row("smoke_glu", "cpu", micro_batches=2, dtype=torch.float32)
+    assert 1e-4 < acc_row["w_grad_rel_rms_fused"] < 0.08, acc_row
+    # The kernels' additions into main_grad sum what autograd sums into .grad (fp32 here).
+    assert acc_row["bf16_fused_vs_grad_rel_rms"] < 1e-5 and acc_row["fp8_fused_vs_grad_rel_rms"] < 1e-5, acc_row
+    errors["layer_main_grad"] = acc_row["w_grad_rel_rms_fused"]
     glu_rows = decode_glu_rows("smoke", repeats=1, T=6, device="cpu", shape=(6, 64, 128, 4, 2), stages=(3,))
     assert glu_rows[0]["fits"] and glu_rows[0]["same_output_prologue"], glu_rows
     inference = {row["form"]: row for row in dmoe_inference_rows("smoke_glu", tokens=(6,), device="cpu")}
@@ -928,6 +1051,8 @@ def main():
                    help="configs whose fused_moe is timed at T = 64 and 4096, bf16 against fp8 (none: skip)")
     p.add_argument("--serving-breakdown", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose fused_moe calls (T = 64 and 4096) are split into kernel times")
+    p.add_argument("--serving-rounds", type=int, default=0,
+                   help="rounds in which the --serving configs' bf16 and FP8 graphs are replayed in turn (0: none)")
     p.add_argument("--decode-variants", nargs="*", default=[],
                    help="sweep_fp8 variants under which the --serving configs' decode (T = 64) is timed again")
     p.add_argument("--decode-glu", nargs="*", default=[], choices=list(CONFIGS),
@@ -940,6 +1065,10 @@ def main():
                         "a training step (any device)")
     p.add_argument("--layer-breakdown", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose bf16 and FP8 layer steps are profiled kernel by kernel")
+    p.add_argument("--layer-accumulate", nargs="*", default=[], choices=list(CONFIGS),
+                   help="configs whose bf16 and FP8 layers are timed over --micro-batches micro-batches a step, "
+                        "the expert weights' gradients added into main_grad by the kernels and summed in .grad")
+    p.add_argument("--micro-batches", type=int, default=8, help="micro-batches a step for --layer-accumulate")
     p.add_argument("--layer-memory", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose bf16 and FP8 layer steps list the tensors alive at their memory peak")
     p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),

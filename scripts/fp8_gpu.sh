@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# FP8 on a GPU machine in one call: the FP8 tests (kernels compiled, bf16 included), then the
-# bench_fp8 measurements that settle the FP8 policy fields still off until measured
-# (`fp8_decode_glu_epilogue` and `GLU_DECODE_STAGES`, `fp8_decode_gather_prologue`) beside the
-# targets' own rows (serving replayed, the layer steps, the products), and the weight cache's bytes.
+# FP8 on a GPU machine in one call: the FP8 tests (kernels compiled, bf16 included; the FP8 layers'
+# gradient-accumulation fusion and the trainer's FP8 run among them), then the bench_fp8
+# measurements of the targets (the products, serving replayed and again in interleaved rounds, the
+# layer steps, alone and accumulating over micro-batches into main_grad) and the weight cache's bytes.
 #
 #   scripts/fp8_gpu.sh LOG_DIR [tests|bench|all] [bench_fp8.py arguments]
 #
@@ -21,13 +21,15 @@ echo "commit: ${MEGABLOCKS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" |
 if [ "$PART" = tests ] || [ "$PART" = all ]; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -ra -n "${PYTEST_WORKERS:-14}" tests/ops/test_fp8.py \
     tests/integrations/test_fp8_serving.py tests/layers/test_fp8_one_node.py tests/layers/test_fp8_dmoe.py \
-    tests/integrations/test_hf.py tests/integrations/test_moefy.py tests/test_bench_fp8.py >"$LOG_DIR/pytest.log" 2>&1
+    tests/integrations/test_hf.py tests/integrations/test_moefy.py tests/test_bench_fp8.py \
+    tests/layers/test_grad_accumulation_fusion.py tests/exp/test_trainer.py -k "not test_trainer or fp8" \
+    >"$LOG_DIR/pytest.log" 2>&1
   echo "pytest: rc=$? :: $(tail -n 1 "$LOG_DIR/pytest.log")"
 fi
 if [ "$PART" = bench ] || [ "$PART" = all ]; then
   if [ $# -eq 0 ]; then
-    set -- --configs --weights --layers --serving olmoe qwen3moe mixtral --decode-glu olmoe qwen3moe mixtral \
-      --dmoe-inference olmoe mixtral --cache-bytes olmoe qwen3moe mixtral
+    set -- --configs --weights --layers --serving olmoe qwen3moe mixtral --serving-rounds 7 \
+      --layer-accumulate mixtral olmoe --dmoe-inference olmoe mixtral --cache-bytes olmoe qwen3moe mixtral
   fi
   timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_fp8.py --out "$LOG_DIR" "$@" >"$LOG_DIR/bench_fp8.log" 2>&1
   echo "bench_fp8: rc=$? (log $LOG_DIR/bench_fp8.log)"
