@@ -95,3 +95,21 @@ def check_index_values(name: str, t: torch.Tensor, upper: int) -> None:
         raise ValueError(f"{name}: expected values in [0, {upper}), got values in [{lo}, {hi}]")
 
 
+
+
+def check_batch_size_values(batch_sizes: torch.Tensor, rows: int, what: str = "the rows of a", *,
+                            exact: bool = True) -> None:
+    """Checks that the group sizes `batch_sizes` are non-negative and sum to `rows` (`what` names
+    them), or to at most `rows` where not `exact` (operands whose rows past the groups' total are
+    left unset), where that costs no host sync (`values_checked`)."""
+    if not values_checked(batch_sizes):
+        return
+    if batch_sizes.numel() == 0:
+        if rows and exact:
+            raise ValueError(f"batch_sizes: expected sizes summing to {rows} ({what}), got none")
+        return
+    lo, total = int(batch_sizes.min()), int(batch_sizes.sum())
+    if lo < 0 or total > rows or (exact and total != rows):
+        bound = f"{rows}" if exact else f"at most {rows}"
+        raise ValueError(f"batch_sizes: expected non-negative sizes summing to {bound} ({what}), "
+                         f"got min {lo}, sum {total}")

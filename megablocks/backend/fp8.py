@@ -25,9 +25,10 @@ Values are rounded to nearest, ties to even; tiles of zeros get the scale 2^-126
 inf or NaN gets the scale NaN, so that it dequantizes (and multiplies) to NaN rather than to a
 finite wrong value (values are not checked on the host: that would synchronize).
 
-Contract of `gmm_fp8`: as `megablocks.backend.gmm` (sum(batch_sizes) == M; the kernel stays in
-bounds for any sizes: negative sizes count as 0, groups are clipped at row M, rows past the
-groups' total are written as zeros).
+Contract of `gmm_fp8`: non-negative batch sizes summing to at most M, rows past the groups' total
+written as zeros; sizes that break it are refused where values are checked (CPU tensors, or
+MEGABLOCKS_CHECK_VALUES=1: `megablocks._checks`), and elsewhere the kernel stays in bounds
+(negative sizes count as 0, groups are clipped at row M).
 """
 
 import math
@@ -37,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megablocks._checks import INDEX_DTYPES, check_tensor
+from megablocks._checks import INDEX_DTYPES, check_batch_size_values, check_tensor
 from megablocks.backend import cdiv, fp8_wgmma, next_power_of_2
 from megablocks.backend.activation import ACTIVATIONS, _act, _up
 from megablocks.backend.gmm import _group_table, _row_tile, _swizzle
@@ -1104,15 +1105,27 @@ def quantize_blocks_reference(w_ENK: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return q, scale
 
 
+def _check_dequantize(q_name: str, q: torch.Tensor, ndim: int, s_name: str, s: torch.Tensor, shape, layout: str):
+    """A dequantizer's values (`ndim`-D) and scales (`shape`, named by `layout`)."""
+    check_tensor(q_name, q, ndim=ndim)
+    check_tensor(s_name, s, ndim=len(shape))
+    if tuple(s.shape) != tuple(shape):
+        raise ValueError(f"{s_name}: expected {layout} = {tuple(shape)} scales of {q_name} {tuple(q.shape)}, "
+                         f"got {tuple(s.shape)}")
+
+
 def dequantize_rows(q_MK: torch.Tensor, s_MKB: torch.Tensor) -> torch.Tensor:
     """fp32 [M, K]: q * s tile by tile (the reference's view of quantized activations)."""
+    _check_dequantize("q", q_MK, 2, "s", s_MKB, (q_MK.shape[0], cdiv(q_MK.shape[-1], Q)), f"[M, ceil(K/{Q})]")
     M, K = q_MK.shape
     return q_MK.float() * s_MKB.float().repeat_interleave(Q, dim=1)[:, :K]
 
 
 def dequantize_blocks(q_ENK: torch.Tensor, s_ENBKB: torch.Tensor) -> torch.Tensor:
     """fp32 [E, N, K]: q * s block by block."""
+    check_tensor("q", q_ENK, ndim=3)
     E, N, K = q_ENK.shape
+    _check_dequantize("q", q_ENK, 3, "s", s_ENBKB, (E, cdiv(N, Q), cdiv(K, Q)), f"[E, ceil(N/{Q}), ceil(K/{Q})]")
     s = s_ENBKB.float().repeat_interleave(Q, dim=1).repeat_interleave(Q, dim=2)[:, :N, :K]
     return q_ENK.float() * s
 
@@ -1142,6 +1155,7 @@ def check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b: bool
         raise ValueError(f"x_q, x_s, w_q, w_s: expected one device, got {sorted(map(str, devices))}")
     if x_q.numel() and x_q.stride(-1) != 1:
         raise ValueError(f"x_q: expected a contiguous last dim, got strides {tuple(x_q.stride())}")
+    check_batch_size_values(batch_sizes, M, "the rows of x_q", exact=False)
 
 
 def _check_fp8_weights(w_q, w_s, batch_sizes, out_dtype, K: int, trans_b: bool, x_name: str) -> None:
@@ -1443,6 +1457,7 @@ def gather_gmm_fp8_glu_quantize(x_TK: torch.Tensor, assignment_row_N: torch.Tens
         if t.device != x_TK.device:
             raise ValueError(f"{name}: expected x's device {x_TK.device}, got {t.device}")
     _check_fp8_weights(w1_q, w1_s, batch_sizes, out_dtype, K, True, "x")
+    check_batch_size_values(batch_sizes, T * top_k, "the routed rows, T * top_k", exact=False)
     if w1_q.device != x_TK.device or w1_s.device != x_TK.device:
         raise ValueError(f"w1_q, w1_s: expected x's device {x_TK.device}, got {w1_q.device} and {w1_s.device}")
     on_device = x_TK.device.type == "cuda" or interpreted(x_TK)
@@ -1458,8 +1473,12 @@ def gather_gmm_fp8_glu_quantize(x_TK: torch.Tensor, assignment_row_N: torch.Tens
                        activation, out_dtype, block_m)
 
 
-def _check_sizes(batch_sizes: torch.Tensor, device) -> torch.Tensor:
+def _check_sizes(batch_sizes: torch.Tensor, device, rows: int, what: str) -> torch.Tensor:
+    """The group sizes of an operand quantized down its columns (`rows` rows, `what`), as int32
+    on `device`: non-negative and summing to at most `rows` where values are checked (rows past
+    the groups' total are left unset)."""
     check_tensor("batch_sizes", batch_sizes, ndim=1, dtypes=INDEX_DTYPES)
+    check_batch_size_values(batch_sizes, rows, what, exact=False)
     return batch_sizes.to(device=device, dtype=torch.int32)
 
 
@@ -1480,7 +1499,7 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
     if not isinstance(transposed, bool):
         raise TypeError(f"transposed: expected a bool, got {type(transposed).__name__}")
     M, K = x_MK.shape
-    sizes = _check_sizes(batch_sizes, x_MK.device)
+    sizes = _check_sizes(batch_sizes, x_MK.device, M, "the rows of x")
     E = sizes.numel()
     if x_MK.device.type != "cuda" and not interpreted(x_MK):
         q, s = quantize_cols_grouped_reference(x_MK, sizes)
@@ -1557,7 +1576,7 @@ def quantize_rows_and_cols(x_MK: torch.Tensor, batch_sizes: torch.Tensor):
     if x_MK.stride(-1) != 1 and x_MK.numel():
         raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_MK.stride())}")
     M, K = x_MK.shape
-    sizes = _check_sizes(batch_sizes, x_MK.device)
+    sizes = _check_sizes(batch_sizes, x_MK.device, M, "the rows of x")
     if x_MK.device.type != "cuda" and not interpreted(x_MK):
         return quantize_rows_reference(x_MK), _cols_reference(x_MK, sizes)
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x_MK.device)
@@ -1583,7 +1602,7 @@ def gather_quantize_cols(x_TK: torch.Tensor, row_assignment_N: torch.Tensor, top
     N = row_assignment_N.numel()
     if N != T * top_k:
         raise ValueError(f"row_assignment_N: expected T * top_k = {T * top_k} elements, got {N}")
-    sizes = _check_sizes(batch_sizes, x_TK.device)
+    sizes = _check_sizes(batch_sizes, x_TK.device, N, "the routed rows, T * top_k")
     if x_TK.device.type != "cuda" and not interpreted(x_TK):
         a = row_assignment_N.long()
         present = (a >= 0) & (a < N)
@@ -1600,7 +1619,7 @@ def glu_quantize_cols(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
     from the saved halves."""
     _check_glu_operands(activation, ("h1", h1_MK), ("h2", h2_MK))
     M, K = h1_MK.shape
-    sizes = _check_sizes(batch_sizes, h1_MK.device)
+    sizes = _check_sizes(batch_sizes, h1_MK.device, M, "the rows of h1")
     if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
         from megablocks.ops.activation import glu_reference
 
@@ -1619,7 +1638,7 @@ def glu_backward_quantize_rows_cols(grad_MK: torch.Tensor, h1_MK: torch.Tensor, 
     to `glu_backward_quantize_rows_` and `quantize_cols_grouped` of its gradients."""
     _check_glu_operands(activation, ("grad", grad_MK), ("h1", h1_MK), ("h2", h2_MK))
     M, K = h1_MK.shape
-    sizes = _check_sizes(batch_sizes, h1_MK.device)
+    sizes = _check_sizes(batch_sizes, h1_MK.device, M, "the rows of h1")
     q1, s1, q2, s2 = out = _glu_grad_rows_out(M, K, h1_MK.device, out)
     if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
         from megablocks.ops.activation import glu_backward_reference
@@ -1682,7 +1701,11 @@ def quantize_cols_grouped_reference(x_MK: torch.Tensor, batch_sizes: torch.Tenso
 
 def dequantize_cols_grouped(q_MK: torch.Tensor, s_SK: torch.Tensor, batch_sizes: torch.Tensor) -> torch.Tensor:
     """fp32 [M, K]: q * s block by block (rows past the groups' total: 0)."""
-    M, _ = q_MK.shape
+    check_tensor("q", q_MK, ndim=2)
+    check_tensor("batch_sizes", batch_sizes, ndim=1, dtypes=INDEX_DTYPES)
+    M, K = q_MK.shape
+    _check_dequantize("q", q_MK, 2, "s", s_SK, (cdiv(M, Q) + batch_sizes.numel(), K), f"[ceil(M/{Q}) + E, K]")
+    check_batch_size_values(batch_sizes, M, "the rows of q", exact=False)
     out = torch.zeros(q_MK.shape, dtype=torch.float32, device=q_MK.device)
     for first, n, block in _group_blocks(batch_sizes.cpu(), M):
         for j in range(cdiv(n, Q)):
@@ -1727,8 +1750,8 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     check_tensor("b_s", b_s, ndim=2, dtypes=(torch.float32,))
     if out_dtype not in _OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {_OUT_DTYPES}, got {out_dtype}")
-    sizes = _check_sizes(batch_sizes, a_q.device)
-    E = sizes.numel()
+    check_tensor("batch_sizes", batch_sizes, ndim=1, dtypes=INDEX_DTYPES)
+    E = batch_sizes.numel()
     if rows is None:
         if config is not None:
             raise ValueError(f"config: tunes the transposed layout's launch (rows=M), got {config!r} without rows")
@@ -1748,6 +1771,7 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
             if t.shape[1] != P:
                 raise ValueError(f"{name}: expected [·, (ceil(rows/{Q}) + E) * {Q}] = [·, {P}] (the transposed "
                                  f"layout), got {tuple(t.shape)}")
+    sizes = _check_sizes(batch_sizes, a_q.device, M, "the rows of a_q" if rows is None else "rows")
     for name, t, cols in (("a_s", a_s, N), ("b_s", b_s, K)):
         if tuple(t.shape) != (cdiv(M, Q) + E, cols):
             raise ValueError(f"{name}: expected [ceil(M/{Q}) + E, {cols}] = {(cdiv(M, Q) + E, cols)} scales, "

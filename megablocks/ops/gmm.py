@@ -32,7 +32,6 @@ from typing import List, Optional, Tuple
 import torch
 
 from megablocks import _checks
-from megablocks._checks import values_checked
 from megablocks.backend import gmm as gmm_backend
 from megablocks.backend import permute as permute_kernels
 from megablocks.backend import use_triton
@@ -346,8 +345,7 @@ def gmm_shared_input(
         backend = gmm_backend.default_backend(a)
     gmm_backend.check_gmm_args(a, b1, batch_sizes, False, trans_b, backend)
     _check_second_weight(b1, b2)
-    if values_checked(batch_sizes):
-        _check_batch_sizes(batch_sizes, a.shape[0])
+    _checks.check_batch_size_values(batch_sizes, a.shape[0])
     out1, out2 = _grouped_mm(a, b1, b2, batch_sizes, None, None, 1, trans_b, backend)
     return out1, out2
 
@@ -384,8 +382,7 @@ def gmm(
     if backend is None and isinstance(a, torch.Tensor):
         backend = gmm_backend.default_backend(a)
     gmm_backend.check_gmm_args(a, b, batch_sizes, False, trans_b, backend)
-    if values_checked(batch_sizes):
-        _check_batch_sizes(batch_sizes, a.shape[0])
+    _checks.check_batch_size_values(batch_sizes, a.shape[0])
     return _grouped_mm(a, b, None, batch_sizes, None, None, 1, trans_b, backend)[0]
 
 
@@ -399,19 +396,6 @@ def _check_second_weight(b1: torch.Tensor, b2) -> None:
         raise TypeError(f"b2: expected the dtype of b1 ({b1.dtype}), got {b2.dtype}")
     if b2.device != b1.device:
         raise ValueError(f"b2: expected a tensor on {b1.device} (the device of b1), got one on {b2.device}")
-
-
-def _check_batch_sizes(batch_sizes: torch.Tensor, rows: int) -> None:
-    if batch_sizes.numel() == 0:
-        if rows:
-            raise ValueError(f"batch_sizes: expected sizes summing to {rows} (the rows of a), got none")
-        return
-    lo, total = int(batch_sizes.min()), int(batch_sizes.sum())
-    if lo < 0 or total != rows:
-        raise ValueError(
-            f"batch_sizes: expected non-negative sizes summing to {rows} (the rows of a), "
-            f"got min {lo}, sum {total}"
-        )
 
 
 def _check_gathered(x, b, batch_sizes, maps, trans_b, backend) -> None:
@@ -434,8 +418,7 @@ def _check_gathered(x, b, batch_sizes, maps, trans_b, backend) -> None:
     gmm_backend.check_gmm_args(x, b, batch_sizes, False, trans_b, backend)
     rows = maps.row_assignment.numel()
     _checks.check_int32_range("maps: routed rows", rows)
-    if values_checked(batch_sizes):
-        _check_batch_sizes(batch_sizes, rows)
+    _checks.check_batch_size_values(batch_sizes, rows, "the rows of maps")
 
 
 def gmm_gathered(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from megablocks import ops
+from megablocks.ops import fp8
 from megablocks.integrations.inference import fused_moe
 from megablocks.layers.dmoe import dMoE
 from megablocks.layers.moe import MoE
@@ -61,6 +62,11 @@ def _refusals():
     a, b, bs = _x(6, 4), _x(2 * 4, 3).view(2, 4, 3), torch.tensor([2, 4], device=DEVICE)
     hs, fw1, fw2, go = _x(T), _x(E * 12, H).view(E, 12, H), _x(E * H, 6).view(E, H, 6), _x(T, E)
     meta = torch.empty(T, H, device="meta")
+    # FP8 operands: 6 rows of 200 columns in two groups, two experts' 96 x 200 weights.
+    xf, fbs = _x(6, 200), torch.tensor([2, 4], device=DEVICE)
+    xq, xs = fp8.quantize_rows(xf)
+    wq, ws = fp8.quantize_blocks(_x(2 * 96, 200).view(2, 96, 200))
+    cq, cs = fp8.quantize_cols_grouped(xf, fbs)
     cases = [
         # routing metadata
         ("sort", "rank", lambda: ops.sort(top, 2), ValueError, r"x: expected a 1-D tensor"),
@@ -133,6 +139,18 @@ def _refusals():
         ("gmm", "backend", lambda: ops.gmm(a, b, bs, backend="cutlass"), ValueError, r"backend: expected one of"),
         ("gmm", "device", lambda: ops.gmm(a, b.to("meta"), bs, backend="triton"), ValueError, r"b: expected a tensor on"),
         ("gmm", "int32 overflow (K)", lambda: ops.gmm(_huge(2, 2**24), _huge(1, 2**24, 1), torch.tensor([2]), backend="triton"), ValueError, r"a: 256 times its columns \(K\)"),
+        # FP8 products and quantizers: batch sizes past the rows or negative would drop rows or
+        # read another group's (rows past the groups' total are allowed: zeros, or left unset)
+        ("gmm_fp8", "batch_sizes past M", lambda: fp8.gmm_fp8(xq, xs, wq, ws, fbs + 1), ValueError, r"batch_sizes: expected non-negative sizes summing to at most 6 \(the rows of x_q\), got min 3, sum 8"),
+        ("gmm_fp8", "negative batch size", lambda: fp8.gmm_fp8(xq, xs, wq, ws, torch.tensor([7, -1], device=DEVICE)), ValueError, r"got min -1, sum 6"),
+        ("gmm_fp8", "scales", lambda: fp8.gmm_fp8(xq, xs[:, :1], wq, ws, fbs), ValueError, r"x_s: expected \[M, ceil\(K/128\)\] = \(6, 2\)"),
+        ("quantize_cols_grouped", "batch_sizes past M", lambda: fp8.quantize_cols_grouped(xf, fbs + 1), ValueError, r"summing to at most 6 \(the rows of x\), got min 3, sum 8"),
+        ("quantize_rows_and_cols", "negative batch size", lambda: fp8.quantize_rows_and_cols(xf, torch.tensor([7, -1], device=DEVICE)), ValueError, r"summing to at most 6 \(the rows of x\), got min -1"),
+        ("gather_quantize_cols", "batch_sizes past N", lambda: fp8.gather_quantize_cols(xf, torch.arange(12, device=DEVICE), 2, torch.tensor([10, 3], device=DEVICE)), ValueError, r"summing to at most 12 \(the routed rows, T \* top_k\)"),
+        ("gmm_fp8_wgrad", "batch_sizes past M", lambda: fp8.gmm_fp8_wgrad(cq, cs, cq, cs, fbs + 1), ValueError, r"summing to at most 6 \(the rows of a_q\)"),
+        ("dequantize_rows", "scales", lambda: fp8.dequantize_rows(xq, xs[:1]), ValueError, r"s: expected \[M, ceil\(K/128\)\] = \(6, 2\) scales of q \(6, 200\), got \(1, 2\)"),
+        ("dequantize_blocks", "scales", lambda: fp8.dequantize_blocks(wq, ws[:1]), ValueError, r"s: expected \[E, ceil\(N/128\), ceil\(K/128\)\] = \(2, 1, 2\)"),
+        ("dequantize_cols_grouped", "scales", lambda: fp8.dequantize_cols_grouped(cq, cs[:1], fbs), ValueError, r"s: expected \[ceil\(M/128\) \+ E, K\] = \(3, 200\)"),
         # replicate
         ("replicate", "bins dtype", lambda: ops.replicate(_x(2, 3), torch.ones(3), 3), TypeError, r"bins: expected dtype in \(int32"),
         ("replicate", "bins size", lambda: ops.replicate(_x(2, 3), bins[:2], 3), ValueError, r"bins: expected one entry per column"),
