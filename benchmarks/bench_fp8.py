@@ -53,7 +53,9 @@ path in bf16 against the same layer with `fp8='blockwise'`, on one router and on
 The FP8 step's headline quantizes the weights in every step (one micro-batch per optimizer step,
 the costliest case); `fp8_cached_ms` is a later micro-batch of the same step (weights cached);
 `fp8_wgrad_*` the same FP8 layer with its weight gradients in FP8 too
-(`KernelPolicy.fp8_weight_grad`), `w_grad_*rel_rms` the worst expert weight gradient's error
+(`KernelPolicy.fp8_weight_grad`; `fp8_wgrad_other_glu_form_cached_ms`: with the GLU gradient's
+operands in the form `backend.fp8.GLU_BACKWARD_COLS_TWO_PASSES` does not name, one pass or two),
+`w_grad_*rel_rms` the worst expert weight gradient's error
 against the bf16 layer's, without and with it. The extra peak memory is bench_dmoe's (peak minus
 what was allocated before, less the gradients).
 """
@@ -198,6 +200,7 @@ def bench(args):
     if layer_rows:
         print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
                                  "fp8_wgrad_ms", "speedup_wgrad", "fp8_wgrad_cached_ms", "speedup_wgrad_cached",
+                                 "fp8_wgrad_other_glu_form_cached_ms",
                                  "fp8_composed_cached_ms", "fp8_gathered_cached_ms", "bf16_extra_gib", "fp8_extra_gib",
                                  "fp8_gathered_extra_gib", "fp8_wgrad_extra_gib", "fp8_composed_extra_gib",
                                  "out_rel_rms", "x_grad_rel_rms", "w_grad_rel_rms", "w_grad_fp8_rel_rms"])
@@ -349,6 +352,11 @@ def cols_rows(name, variants):
                                                                                         bs), N * F * (6 + 4)),
         "gather_quantize_cols": (lambda: fp8.gather_quantize_cols(x_T, assignment, k, bs), N * H * (2 + 1)),
         "quantize_cols_grouped": (lambda: fp8.quantize_cols_grouped(g_N, bs, transposed=True), N * F * 3),
+        # The GLU gradient's operands in two passes (`GLU_BACKWARD_COLS_TWO_PASSES`): the gradients
+        # written over h with their row tiles, then h's column tiles (h's values change from call to
+        # call: an elementwise pass's time does not depend on them).
+        "glu_backward_two_passes": (lambda: (fp8.glu_backward_quantize_rows_(g_N, h[:, :F], h[:, F:], "silu"),
+                                             fp8.quantize_cols_grouped(h, bs, transposed=True)), N * F * (12 + 6)),
     }
     saved = {mode: dict(launch) for mode, launch in fp8_backend.COLS_FUSED_LAUNCH.items()}
     rows = []
@@ -357,7 +365,7 @@ def cols_rows(name, variants):
             for launch in fp8_backend.COLS_FUSED_LAUNCH.values():
                 launch.update(COLS_VARIANTS[variant])
             for op, (call, nbytes) in ops.items():
-                if op == "quantize_cols_grouped" and variant != variants[0]:
+                if op in ("quantize_cols_grouped", "glu_backward_two_passes") and variant != variants[0]:
                     continue
                 ms = timed(call)[0]
                 rows.append(dict(config=name, op=op, variant=variant, ms=ms, gbs=nbytes / ms / 1e6))
@@ -806,6 +814,10 @@ def layer_step(name, device, dtype=torch.bfloat16):
             # The FP8 node with its weight gradients in FP8 too (`KernelPolicy.fp8_weight_grad`).
             module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, fp8_weight_grad=True)
             row["fp8_wgrad_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
+            two_passes = fp8_backend.GLU_BACKWARD_COLS_TWO_PASSES
+            fp8_backend.GLU_BACKWARD_COLS_TWO_PASSES = not two_passes  # the GLU gradient's other form
+            row["fp8_wgrad_other_glu_form_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
+            fp8_backend.GLU_BACKWARD_COLS_TWO_PASSES = two_passes
             row["fp8_wgrad_ms"] = timed(step)[0] if device == "cuda" else float("nan")
             row["fp8_wgrad_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
             bench_dmoe.clear_grads(inputs)

@@ -59,11 +59,12 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from megablocks.backend import activation as activation_kernels
+from megablocks.backend import fp8 as fp8_backend
 from megablocks.backend import use_triton
 from megablocks.backend.fp8 import (FP8_DTYPE, Q, gather_quantize_cols, gather_quantize_rows,
                                     glu_backward_quantize_rows_, glu_backward_quantize_rows_cols, glu_quantize_cols,
-                                    glu_quantize_rows, gmm_fp8, gmm_fp8_glu_quantize, gmm_fp8_wgrad, quantize_rows,
-                                    quantize_rows_and_cols)
+                                    glu_quantize_rows, gmm_fp8, gmm_fp8_glu_quantize, gmm_fp8_wgrad,
+                                    quantize_cols_grouped, quantize_rows, quantize_rows_and_cols)
 from megablocks.ops._eager import _plain_eager
 from megablocks.ops.gmm import _add_weight_grad, _grouped_mm_impl, _product_impl
 from megablocks.ops.permute import _gather_rows, _scatter_rows, _weight_grad
@@ -355,7 +356,12 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         g_q = torch.empty((N, 2 * F), dtype=FP8_DTYPE, device=grad_a.device)
         g_s = torch.empty((N, 2 * F // Q), dtype=torch.float32, device=grad_a.device)
         rows_out = (g_q[:, :F], g_s[:, :F // Q], g_q[:, F:], g_s[:, F // Q:])
-    first, second, h_c = glu_backward_quantize_rows_cols(grad_a, *halves, activation, counts_E, out=rows_out)
+    if stacked and fp8_backend.GLU_BACKWARD_COLS_TWO_PASSES:
+        # The gradients written over h with their row tiles, then h's column tiles: the same values.
+        first, second = glu_backward_quantize_rows_(grad_a, *halves, activation, out=rows_out)
+        h_c = quantize_cols_grouped(h[0], counts_E, transposed=True)
+    else:
+        first, second, h_c = glu_backward_quantize_rows_cols(grad_a, *halves, activation, counts_E, out=rows_out)
     grad_a = h = halves = rows_out = None  # h goes: nothing reads it again
     if need_x:
         if stacked:

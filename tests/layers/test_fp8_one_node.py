@@ -360,6 +360,37 @@ def test_fp8_node_weight_gradients_in_fp8(T, H, Fs, E, K, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T, H, Fs, E, K", [(5, 136, 256, 3, 3), (1, 48, 128, 5, 1), (200, 40, 128, 2, 2)],
+                         ids=["stacked-topk=E", "one-token-empty-experts", "blocks-past-128-rows"])
+def test_fp8_node_glu_gradient_in_two_passes(T, H, Fs, E, K, dtype, monkeypatch):
+    """`fp8_weight_grad` with w1 and v1 stacked: the GLU's gradient made and quantized in two passes
+    (`backend.fp8.GLU_BACKWARD_COLS_TWO_PASSES`: the gradients written over h with their row
+    tiles, then h's column tiles) gives the one pass's output and every gradient, bit for bit; the
+    one-pass kernel does not run."""
+    from megablocks.backend import fp8 as fp8_backend
+
+    layer, x, grad_out = _glu_layer(T, H, Fs, E, K, dtype, seed=T * 7 + Fs)
+    layer.args.kernel_policy = KernelPolicy(fp8_weight_grad=True)
+    results, one_pass = {}, []
+    real = grouped_glu.glu_backward_quantize_rows_cols
+    monkeypatch.setattr(grouped_glu, "glu_backward_quantize_rows_cols",
+                        lambda *a, **k: one_pass.append(1) or real(*a, **k))
+    for two in (False, True):
+        monkeypatch.setattr(fp8_backend, "GLU_BACKWARD_COLS_TWO_PASSES", two)
+        one_pass.clear()
+        results[two] = _step(layer, x, grad_out)
+        assert len(one_pass) == (0 if two else 1), (two, one_pass)
+    assert_equal("out", results[True][0], results[False][0])
+    for name, grad in results[False][1].items():
+        if grad is None:
+            assert results[True][1][name] is None, name
+        elif DEVICE == "cuda" and dtype == torch.float32:  # the GLU's backward compiled in another kernel
+            assert_close(f"grad {name}", results[True][1][name], grad, dtype=dtype, family="fp8")
+        else:
+            assert_equal(f"grad {name}", results[True][1][name], grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T, H, Fs, E, K", [(24, 40, 24, 4, 2), (5, 136, 256, 3, 3), (1, 48, 128, 5, 1)],
                          ids=["apart", "stacked-topk=E", "one-token-empty-experts"])
 def test_fp8_node_keeps_the_glu_product(T, H, Fs, E, K, dtype, monkeypatch):
