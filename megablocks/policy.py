@@ -42,7 +42,9 @@ class KernelPolicy:
             interleaved runs). In FP8 (with `fused_gather`, at any ffn size and number of rows)
             the node fuses the quantizers with the gather and the GLU and keeps no gathered rows;
             it keeps the GLU product as the bf16 node does, unless `memory_optimized_mlp`
-            (`fp8_grouped_glu_experts`; benchmarks/RESULTS.md).
+            (`fp8_grouped_glu_experts`; benchmarks/RESULTS.md). Its backward frees what it reads
+            as it goes (h written over by the GLU's gradient), so its graph runs backward once: a
+            second backward (`retain_graph=True`) raises; set this False for that.
         one_node_experts_max_rows: ... up to this many routed rows (T·K; not in FP8). The node's backward
             keeps its saved h1, h2 (and the product) until it ends, where the composed ops free
             each after its own backward: olmoe at T = 16384 (131072 rows) peaked 1.25 GiB higher,

@@ -209,6 +209,10 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.h is None:  # let go of (and h written over) by a backward that already ran
+            raise RuntimeError("the FP8 experts' node (KernelPolicy.one_node_experts) frees what its backward "
+                               "reads as it runs, so its graph runs backward once: a second backward through it "
+                               "(retain_graph=True) needs KernelPolicy(one_node_experts=False), the composed FP8 ops")
         x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, weights_N = ctx.saved_tensors
         h, quantized, y, a = ctx.h, ctx.quantized, ctx.y, ctx.product
         ctx.h = ctx.quantized = ctx.y = ctx.product = None

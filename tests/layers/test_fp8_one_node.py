@@ -174,6 +174,27 @@ def _glu_layer(T, H, Fs, E, K, dtype, seed):
     return layer, x, torch.randn(T, H, device=DEVICE, dtype=dtype, generator=gen)
 
 
+@pytest.mark.parametrize("fp8_weight_grad", [False, True], ids=["unquantized-wgrad", "fp8-wgrad"])
+def test_fp8_node_second_backward_is_refused(fp8_weight_grad):
+    """The FP8 node frees what its backward reads (and writes the GLU's gradient over h), so a
+    second backward through its graph (`retain_graph=True`) raises a RuntimeError that names the
+    way out, not a TypeError from inside; the composed FP8 ops (`one_node_experts=False`) run it,
+    with the same gradients both times."""
+    layer, x, grad_out = _glu_layer(6, 40, 128, 4, 2, torch.float32, seed=3)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    layer.args.kernel_policy = KernelPolicy(fp8_weight_grad=fp8_weight_grad)
+    out = layer(x)
+    torch.autograd.grad(out, params, grad_out, retain_graph=True)
+    with pytest.raises(RuntimeError, match=r"runs backward once.*one_node_experts=False"):
+        torch.autograd.grad(out, params, grad_out)
+    layer.args.kernel_policy = KernelPolicy(fp8_weight_grad=fp8_weight_grad, one_node_experts=False)
+    out = layer(x)
+    first = torch.autograd.grad(out, params, grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, params, grad_out)
+    for a, b in zip(first, second):
+        assert_equal("second backward", b, a)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T, H, Fs, E, K", [(24, 40, 128, 4, 2), (5, 136, 256, 3, 3), (1, 48, 128, 5, 1)],
                          ids=["F=128", "F=256-topk=E", "one-token-empty-experts"])

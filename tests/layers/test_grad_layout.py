@@ -5,8 +5,9 @@ gradient whose strides differ from its parameter's into the parameter's layout (
 one strided pass over the weight per step. So each path's gradients are taken with
 `torch.autograd.grad` and checked for the parameter's shape and strides (`assert_grads_in_layout`):
 dMoE on the block-sparse path and on the grouped path with each backend, MLP and GLU, with and
-without `memory_optimized_mlp` and the grouped path's fused forms, the capacity-bounded `MoE`, the
-shared expert, and the weights cast to the input's dtype (autocast, on the GPU). The expert-parallel
+without `memory_optimized_mlp` and the grouped path's fused forms, the FP8 recipe's forms, the
+capacity-bounded `MoE`, the shared expert, and the weights cast to the input's dtype (autocast, on
+the GPU). The expert-parallel
 layer is checked in tests/parallel/ep_workers.py, the transformers and Megatron adapters in
 tests/integrations.
 """
@@ -22,12 +23,16 @@ from tests.layers.moe_reference import IMPLS, make_args, skip_unavailable
 from tests.utils import assert_close, assert_grads_in_layout
 
 
-def _check(where: str, layer: torch.nn.Module, x: torch.Tensor) -> None:
+def _check(where: str, layer: torch.nn.Module, x: torch.Tensor, retain: bool = True) -> None:
+    """`retain` False: a forward for each of the two backwards (a graph that runs backward once)."""
     params = {n: p for n, p in layer.named_parameters() if p.requires_grad}
     out = layer(x)
     out = out[0] if isinstance(out, tuple) else out
     grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, list(params.values()), grad_out, retain_graph=True)
+    grads = torch.autograd.grad(out, list(params.values()), grad_out, retain_graph=retain)
+    if not retain:
+        out = layer(x)
+        out = out[0] if isinstance(out, tuple) else out
     assert_grads_in_layout(where, params, grads)
     # The same gradients reach .grad with .backward() (no copy changes them).
     out.backward(grad_out)
@@ -57,6 +62,18 @@ def test_dmoe_grouped_forms(fused_glu_input_grad, fused_gather):
     policy = KernelPolicy(fused_glu_input_grad=fused_glu_input_grad, fused_gather=fused_gather)
     layer = dMoE(make_args("triton", mlp_type="glu", kernel_policy=policy, **SHAPE))
     _check("dMoE grouped glu", layer, torch.randn(18, 40, device=DEVICE, requires_grad=True))
+
+
+@pytest.mark.parametrize("form", ["node", "node-fp8-wgrad", "composed", "memory-optimized"])
+@pytest.mark.parametrize("mlp_type", ["mlp", "glu"])
+def test_dmoe_fp8(mlp_type, form):
+    """`fp8='blockwise'`: the FP8 one-node form (its graph runs backward once, so each backward
+    takes its own forward), with its weight gradients in FP8 too, and the composed FP8 ops."""
+    policy = KernelPolicy(one_node_experts=form.startswith("node"), fp8_weight_grad=form == "node-fp8-wgrad")
+    layer = dMoE(make_args("triton", mlp_type=mlp_type, fp8="blockwise", kernel_policy=policy,
+                           memory_optimized_mlp=form == "memory-optimized", **SHAPE))
+    _check(f"dMoE fp8 {mlp_type} {form}", layer, torch.randn(18, 40, device=DEVICE, requires_grad=True),
+           retain=not form.startswith("node"))
 
 
 @pytest.mark.parametrize("impl", ["sparse", "triton"])

@@ -59,17 +59,17 @@ def _batches(world_size, tokens, hidden, dtype, positive):
 
 def check_layer(rank, world_size, *, layer="dmoe", impl="torch", mlp_type="mlp", experts=4, top_k=2,
                 hidden=24, ffn=16, tokens=(6, 5), capacity_factor=0, group=None, all_to_expert=None,
-                expert_bias=False, chunks=1, shared_expert=False):
+                expert_bias=False, chunks=1, shared_expert=False, fp8=None):
     for dtype in _dtypes():
         _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden, ffn, tokens,
-                     capacity_factor, group, all_to_expert, dtype, expert_bias, chunks, shared_expert)
+                     capacity_factor, group, all_to_expert, dtype, expert_bias, chunks, shared_expert, fp8)
 
 
 def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden, ffn, tokens, capacity_factor,
-                 group, all_to_expert, dtype, expert_bias=False, chunks=1, shared_expert=False):
+                 group, all_to_expert, dtype, expert_bias=False, chunks=1, shared_expert=False, fp8=None):
     cls = dMoE if layer == "dmoe" else MoE
     kw = dict(hidden_size=hidden, ffn_hidden_size=ffn, moe_num_experts=experts, moe_top_k=top_k,
-              mlp_type=mlp_type, moe_capacity_factor=capacity_factor, device=_device())
+              mlp_type=mlp_type, moe_capacity_factor=capacity_factor, device=_device(), fp8=fp8)
     if shared_expert:  # run while the rows travel (`during_exchange`)
         kw.update(shared_expert=True, shared_expert_hidden_size=ffn + 4)
     if expert_bias:  # gpt-oss's experts: per-expert biases (sharded like the weights), the clamped SwiGLU
@@ -110,17 +110,27 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     xs, gs = _batches(world_size, tokens, hidden, dtype, positive=all_to_expert is not None)
     x = xs[rank].clone().requires_grad_(True)
     out = ep(x)
-    where = f"rank {rank} {layer} {impl} {mlp_type} E={experts} W={world_size} chunks={chunks} {dtype}"
+    where = f"rank {rank} {layer} {impl} {mlp_type} E={experts} W={world_size} chunks={chunks} {dtype} fp8={fp8}"
     params = dict(ep.named_parameters())
-    assert_grads_in_layout(where, params, torch.autograd.grad(out, list(params.values()), gs[rank], retain_graph=True))
+    # The FP8 node's graph runs backward once (KernelPolicy.one_node_experts): its layout check
+    # takes a forward of its own.
+    probe = out if fp8 is None else ep(x)
+    assert_grads_in_layout(where, params, torch.autograd.grad(probe, list(params.values()), gs[rank],
+                                                              retain_graph=fp8 is None))
     (out * gs[rank]).sum().backward()
 
     X = torch.cat(xs).requires_grad_(True)
     OUT = ref(X)
+    if fp8 is not None:  # both layers ran their experts in FP8: each holds its weights' FP8 forms
+        for which, module in (("expert parallel", ep), ("one process", ref)):
+            cache = module.experts.mlp.__dict__.get("_fp8_weights")
+            assert cache is not None and cache.nbytes() > 0, f"{where}: the {which} layer made no FP8 weights"
     lo = sum(t.shape[0] for t in xs[:rank])
     rows = slice(lo, lo + xs[rank].shape[0])
     expert_params = [ref_params[n] for n in names]
-    expert_grads = torch.autograd.grad((OUT * torch.cat(gs)).sum(), expert_params, retain_graph=True)
+    expert_grads = torch.autograd.grad((OUT * torch.cat(gs)).sum(), expert_params, retain_graph=fp8 is None)
+    if fp8 is not None:  # (as above: a forward for each backward)
+        OUT = ref(X)
     local = [X, ref.router.layer.weight, ref.experts.bias]
     if expert_bias:
         local.append(ref.router.layer.bias)
@@ -132,18 +142,21 @@ def _check_layer(rank, world_size, layer, impl, mlp_type, experts, top_k, hidden
     if all_to_expert is not None:
         _, _, top = ref.router(X.detach())
         assert bool((top[:, 0] == all_to_expert).all()), "the routing did not put every first choice on one expert"
-    assert_close(f"{where} out", out, OUT[rows], family="layer")
-    assert_close(f"{where} grad x", x.grad, local_grads[0][rows], family="layer")
-    assert_close(f"{where} grad router", ep.router.layer.weight.grad, local_grads[1], family="layer")
-    assert_close(f"{where} grad bias", ep.experts.bias.grad, local_grads[2], family="layer")
+    # FP8 in fp32 on a GPU: the tensor cores' FP8 chains, whose order differs between the two
+    # layers' launches (`fp8_tolerance`); elsewhere the layer's limits.
+    fam = "fp8" if fp8 is not None and dtype == torch.float32 and _device().type == "cuda" else "layer"
+    assert_close(f"{where} out", out, OUT[rows], family=fam)
+    assert_close(f"{where} grad x", x.grad, local_grads[0][rows], family=fam)
+    assert_close(f"{where} grad router", ep.router.layer.weight.grad, local_grads[1], family=fam)
+    assert_close(f"{where} grad bias", ep.experts.bias.grad, local_grads[2], family=fam)
     if expert_bias:
-        assert_close(f"{where} grad router bias", ep.router.layer.bias.grad, local_grads[3], family="layer")
+        assert_close(f"{where} grad router bias", ep.router.layer.bias.grad, local_grads[3], family=fam)
     ep_params = dict(ep.named_parameters())
     for name, g in zip(shared_names, local_grads[len(local_grads) - len(shared_names):]):
-        assert_close(f"{where} grad {name}", ep_params[name].grad, g, family="layer")
+        assert_close(f"{where} grad {name}", ep_params[name].grad, g, family=fam)
     for name, g in zip(names, expert_grads):
         assert_close(f"{where} grad {name}", ep_params[name].grad, _shard(ep.args, name, g / world_size, moe_layout),
-                     family="layer")
+                     family=fam)
 
 
 def layer_cases(rank, world_size, cases):

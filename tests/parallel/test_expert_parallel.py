@@ -70,6 +70,22 @@ def test_2_ranks_expert_biases():
     run(f"{W}:layer_cases", 2, cases)
 
 
+def test_2_ranks_fp8_experts():
+    """`Arguments(fp8='blockwise')` under expert parallelism: each rank's FP8 experts (the weights
+    quantized per expert, the received rows in 1 x 128 tiles as one process quantizes them) give
+    one process's FP8 layer's output and every gradient; GLU and plain experts, the exchange in
+    chunks, a rank without tokens, F past a 128-column block."""
+    cases = [
+        dict(layer="dmoe", impl="triton", mlp_type="glu", experts=4, top_k=2, tokens=(6, 5), fp8="blockwise"),
+        dict(layer="dmoe", impl="triton", mlp_type="mlp", experts=4, top_k=2, tokens=(7, 0), fp8="blockwise"),
+        dict(layer="dmoe", impl="triton", mlp_type="glu", experts=8, top_k=3, tokens=(5, 9), chunks=2,
+             hidden=136, ffn=144, fp8="blockwise"),
+    ]
+    run(f"{W}:layer_cases", 2, cases)
+    if not torch.cuda.is_available():  # the FP8 kernels themselves, through the interpreter
+        run(f"{W}:layer_cases", 2, cases[:1], interpret="1")
+
+
 CHUNKED_2 = [  # the exchange in chunks of the local experts, overlapped with their compute
     dict(layer="dmoe", impl="torch", mlp_type="glu", experts=8, top_k=2, tokens=(9, 6), chunks=2),
     dict(layer="dmoe", impl="torch", mlp_type="mlp", experts=8, top_k=3, tokens=(7, 0), chunks=3),  # uneven, no tokens
