@@ -54,7 +54,7 @@ The FP8 step's headline quantizes the weights in every step (one micro-batch per
 the costliest case); `fp8_cached_ms` is a later micro-batch of the same step (weights cached);
 `fp8_wgrad_*` the same FP8 layer with its weight gradients in FP8 too
 (`KernelPolicy.fp8_weight_grad`; `fp8_wgrad_other_glu_form_cached_ms`: with the GLU gradient's
-operands in the form `backend.fp8.GLU_BACKWARD_COLS_TWO_PASSES` does not name, one pass or two),
+operands in the form `fp8_weight_grad_glu_two_passes` does not name, one pass or two),
 `w_grad_*rel_rms` the worst expert weight gradient's error
 against the bf16 layer's, without and with it. The extra peak memory is bench_dmoe's (peak minus
 what was allocated before, less the gradients).
@@ -352,7 +352,7 @@ def cols_rows(name, variants):
                                                                                         bs), N * F * (6 + 4)),
         "gather_quantize_cols": (lambda: fp8.gather_quantize_cols(x_T, assignment, k, bs), N * H * (2 + 1)),
         "quantize_cols_grouped": (lambda: fp8.quantize_cols_grouped(g_N, bs, transposed=True), N * F * 3),
-        # The GLU gradient's operands in two passes (`GLU_BACKWARD_COLS_TWO_PASSES`): the gradients
+        # The GLU gradient's operands in two passes (`fp8_weight_grad_glu_two_passes`): the gradients
         # written over h with their row tiles, then h's column tiles (h's values change from call to
         # call: an elementwise pass's time does not depend on them).
         "glu_backward_two_passes": (lambda: (fp8.glu_backward_quantize_rows_(g_N, h[:, :F], h[:, F:], "silu"),
@@ -814,10 +814,11 @@ def layer_step(name, device, dtype=torch.bfloat16):
             # The FP8 node with its weight gradients in FP8 too (`KernelPolicy.fp8_weight_grad`).
             module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, fp8_weight_grad=True)
             row["fp8_wgrad_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
-            two_passes = fp8_backend.GLU_BACKWARD_COLS_TWO_PASSES
-            fp8_backend.GLU_BACKWARD_COLS_TWO_PASSES = not two_passes  # the GLU gradient's other form
+            wgrad_policy = module.args.kernel_policy  # the GLU gradient's operands in the other form
+            module.args.kernel_policy = dataclasses.replace(
+                wgrad_policy, fp8_weight_grad_glu_two_passes=not wgrad_policy.fp8_weight_grad_glu_two_passes)
             row["fp8_wgrad_other_glu_form_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
-            fp8_backend.GLU_BACKWARD_COLS_TWO_PASSES = two_passes
+            module.args.kernel_policy = wgrad_policy
             row["fp8_wgrad_ms"] = timed(step)[0] if device == "cuda" else float("nan")
             row["fp8_wgrad_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
             bench_dmoe.clear_grads(inputs)

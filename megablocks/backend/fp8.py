@@ -1529,16 +1529,6 @@ COLS_FUSED_LAUNCH = {
 }
 
 
-# The FP8 node's GLU gradient under `KernelPolicy.fp8_weight_grad`, where its halves are one
-# [N, 2F] buffer (w1 and v1 stacked): in one pass, `glu_backward_quantize_rows_cols` (both
-# gradients' row and column tiles, neither written in 16 bits: 10 bytes an element; 1.82 ms on
-# mixtral, 1.3 TB/s, bound by the instructions of its transposed e4m3 store), or in two,
-# `glu_backward_quantize_rows_` (the gradients written over the buffer with their row tiles:
-# 0.87 ms) then `quantize_cols_grouped` of that buffer (0.53 ms predicted from its 2.7 TB/s on
-# mixtral's [N, F]): 18 bytes an element at the faster passes' rates, the same values.
-GLU_BACKWARD_COLS_TWO_PASSES = False
-
-
 def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int, h2=None, grad=None,
                 row_assignment=None, top_k: int = 1, activation: str = "silu", rows_out=None, halves: int = 1):
     """`_quantize_cols_fused_kernel`'s launch: (q_c [halves * K, P], s_c [S, halves * K]) in

@@ -470,6 +470,7 @@ class GroupedMLP(SparseMLP):
                                               self._fp8_quantized(num_experts, hidden, alone), gathered_wgrad=gathered,
                                               weights_N=combine_weights,
                                               fp8_wgrad=self.args.kernel_policy.fp8_weight_grad,
+                                              glu_two_passes=self.args.kernel_policy.fp8_weight_grad_glu_two_passes,
                                               keep_product=not self.args.memory_optimized_mlp,
                                               decode_glu_epilogue=self.args.kernel_policy.fp8_decode_glu_epilogue,
                                               accs=[accs.get(id(w)) for w in weights])

@@ -59,7 +59,6 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from megablocks.backend import activation as activation_kernels
-from megablocks.backend import fp8 as fp8_backend
 from megablocks.backend import use_triton
 from megablocks.backend.fp8 import (FP8_DTYPE, Q, gather_quantize_cols, gather_quantize_rows,
                                     glu_backward_quantize_rows_, glu_backward_quantize_rows_cols, glu_quantize_cols,
@@ -162,7 +161,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
     def forward(ctx, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
                 quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool,
                 weights_N: Optional[torch.Tensor], fp8_wgrad: bool, keep_product: bool, record: bool,
-                decode_glu_epilogue: bool, accs: Tuple[Optional[torch.Tensor], ...]):
+                decode_glu_epilogue: bool, accs: Tuple[Optional[torch.Tensor], ...], glu_two_passes: bool):
         dtype = x_TH.dtype
         stacked = len(quantized) == 4
         x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
@@ -198,6 +197,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         # Made here, not inputs: kept on ctx so the backward can let go of each when done with it.
         ctx.h, ctx.quantized, ctx.product = h, quantized, product
         ctx.top_k, ctx.activation, ctx.gathered_wgrad, ctx.fp8_wgrad = top_k, activation, gathered_wgrad, fp8_wgrad
+        ctx.glu_two_passes = glu_two_passes
         ctx.combined, ctx.y, ctx.accs = weights_N is not None, None, accs
         if weights_N is None:
             return y
@@ -247,7 +247,8 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
                 if acc is not None and grads[i] is not None:
                     acc.add_(grads[i].view(acc.shape))
                     grads[i] = None
-            return (*grads, None, None, None, None, None, None, None, grad_weights, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None, grad_weights, None, None, None, None, None,
+                    None)
         # With an fp32 accumulator for a weight (gradient-accumulation fusion: `main_grad`), its
         # unquantized gradient is added into it by the product's kernel and not returned.
         E, H = counts_E.shape[0], x_TH.shape[1]
@@ -310,7 +311,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         if need_v1:
             grad_v1 = _weight_grad_or_add(acc_v1, rows[0], grad_h2, counts_E, rows[1:], True, v1.shape)
         return (grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights, None, None,
-                None, None, None)
+                None, None, None, None)
 
 
 def _weight_grad_or_add(acc, a, grad, counts_E, maps, trans_b: bool, shape):
@@ -360,7 +361,7 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         g_q = torch.empty((N, 2 * F), dtype=FP8_DTYPE, device=grad_a.device)
         g_s = torch.empty((N, 2 * F // Q), dtype=torch.float32, device=grad_a.device)
         rows_out = (g_q[:, :F], g_s[:, :F // Q], g_q[:, F:], g_s[:, F // Q:])
-    if stacked and fp8_backend.GLU_BACKWARD_COLS_TWO_PASSES:
+    if stacked and ctx.glu_two_passes:
         # The gradients written over h with their row tiles, then h's column tiles: the same values.
         first, second = glu_backward_quantize_rows_(grad_a, *halves, activation, out=rows_out)
         h_c = quantize_cols_grouped(h[0], counts_E, transposed=True)
@@ -393,7 +394,8 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
                             gathered_wgrad: bool = False, weights_N: Optional[torch.Tensor] = None,
                             fp8_wgrad: bool = False, keep_product: bool = True,
                             decode_glu_epilogue: bool = False,
-                            accs: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+                            accs: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                            glu_two_passes: bool = False) -> torch.Tensor:
     """`grouped_glu_experts` with the expert products in FP8 (module docstring), the expert-ordered
     rows `[N, H]`, as one autograd node; with `weights_N`, those rows' combine too
     (`scatter_routed(rows, maps, weights_N)`, the token rows `[T, H]`).
@@ -419,9 +421,13 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     `accs`: for (w1, v1, w2), an fp32 accumulator of the weight's shape (its `main_grad`) or None
     each: that weight's gradient is added into it (with the unquantized weight gradients, by the
     variable-K product's kernel, as `weight_grad_into` does) and not returned as its `.grad`.
+    `glu_two_passes` (`KernelPolicy.fp8_weight_grad_glu_two_passes`), with `fp8_wgrad` and w1 and v1
+    stacked: the GLU's gradient and its weight-gradient operand made in two passes over h (the
+    gradients written over it with their row tiles, then its column tiles), the same values as
+    the one pass that writes neither gradient.
     """
     record = records_gradient((x_TH, w1, v1, w2, weights_N))
     accs = (None, None, None) if accs is None else tuple(accs)
     return _Fp8GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row,
                                        maps.top_k, activation, tuple(quantized), gathered_wgrad, weights_N,
-                                       fp8_wgrad, keep_product, record, decode_glu_epilogue, accs)
+                                       fp8_wgrad, keep_product, record, decode_glu_epilogue, accs, glu_two_passes)

@@ -385,19 +385,16 @@ def test_fp8_node_weight_gradients_in_fp8(T, H, Fs, E, K, dtype, monkeypatch):
                          ids=["stacked-topk=E", "one-token-empty-experts", "blocks-past-128-rows"])
 def test_fp8_node_glu_gradient_in_two_passes(T, H, Fs, E, K, dtype, monkeypatch):
     """`fp8_weight_grad` with w1 and v1 stacked: the GLU's gradient made and quantized in two passes
-    (`backend.fp8.GLU_BACKWARD_COLS_TWO_PASSES`: the gradients written over h with their row
+    (`KernelPolicy.fp8_weight_grad_glu_two_passes`: the gradients written over h with their row
     tiles, then h's column tiles) gives the one pass's output and every gradient, bit for bit; the
     one-pass kernel does not run."""
-    from megablocks.backend import fp8 as fp8_backend
-
     layer, x, grad_out = _glu_layer(T, H, Fs, E, K, dtype, seed=T * 7 + Fs)
-    layer.args.kernel_policy = KernelPolicy(fp8_weight_grad=True)
     results, one_pass = {}, []
     real = grouped_glu.glu_backward_quantize_rows_cols
     monkeypatch.setattr(grouped_glu, "glu_backward_quantize_rows_cols",
                         lambda *a, **k: one_pass.append(1) or real(*a, **k))
     for two in (False, True):
-        monkeypatch.setattr(fp8_backend, "GLU_BACKWARD_COLS_TWO_PASSES", two)
+        layer.args.kernel_policy = KernelPolicy(fp8_weight_grad=True, fp8_weight_grad_glu_two_passes=two)
         one_pass.clear()
         results[two] = _step(layer, x, grad_out)
         assert len(one_pass) == (0 if two else 1), (two, one_pass)
