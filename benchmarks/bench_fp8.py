@@ -54,7 +54,9 @@ The FP8 step's headline quantizes the weights in every step (one micro-batch per
 the costliest case); `fp8_cached_ms` is a later micro-batch of the same step (weights cached);
 `fp8_wgrad_*` the same FP8 layer with its weight gradients in FP8 too
 (`KernelPolicy.fp8_weight_grad`; `fp8_wgrad_other_glu_form_cached_ms`: with the GLU gradient's
-operands in the form `fp8_weight_grad_glu_two_passes` does not name, one pass or two),
+operands in the form `fp8_weight_grad_glu_two_passes` does not name, one pass or two;
+`fp8_wgrad_other_epilogue_cached_ms`: with the Gluon weight gradient's other `overlap_epilogue`;
+`fp8_wgrad_other_forms_cached_ms`: both),
 `w_grad_*rel_rms` the worst expert weight gradient's error
 against the bf16 layer's, without and with it. The extra peak memory is bench_dmoe's (peak minus
 what was allocated before, less the gradients).
@@ -123,9 +125,11 @@ def bench(args):
                 rel_rms_vs_bf16=((out - ref).norm() / ref.norm()).item(), **env,
             ))
         # The weight gradient's launches: the default (the Gluon form on sm_90), the same with
-        # masked stores instead of its TMA store, and the Triton K-major kernel (the row-major
-        # first kernel: `k_major=False`, 5.8x slower).
-        for variant, config in (("", None), ("_stores", dict(tma_store=False)), ("_triton", dict(wgmma=False))):
+        # masked stores instead of its TMA store, the Triton K-major kernel (the row-major
+        # first kernel: `k_major=False`, 5.8x slower), and the Gluon form storing each tile while
+        # the next tile's first product runs (`overlap_epilogue`).
+        for variant, config in (("", None), ("_stores", dict(tma_store=False)), ("_triton", dict(wgmma=False)),
+                                ("_overlap", dict(overlap_epilogue=True))):
             rows.append(wgrad_row(name, T * k, H, F, E, env, bw, config=config, variant=variant))
     os.makedirs(args.out, exist_ok=True)
     if rows:  # none with an empty --configs
@@ -200,7 +204,8 @@ def bench(args):
     if layer_rows:
         print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
                                  "fp8_wgrad_ms", "speedup_wgrad", "fp8_wgrad_cached_ms", "speedup_wgrad_cached",
-                                 "fp8_wgrad_other_glu_form_cached_ms",
+                                 "fp8_wgrad_other_glu_form_cached_ms", "fp8_wgrad_other_epilogue_cached_ms",
+                                 "fp8_wgrad_other_forms_cached_ms",
                                  "fp8_composed_cached_ms", "fp8_gathered_cached_ms", "bf16_extra_gib", "fp8_extra_gib",
                                  "fp8_gathered_extra_gib", "fp8_wgrad_extra_gib", "fp8_composed_extra_gib",
                                  "out_rel_rms", "x_grad_rel_rms", "w_grad_rel_rms", "w_grad_fp8_rel_rms"])
@@ -819,6 +824,14 @@ def layer_step(name, device, dtype=torch.bfloat16):
                 wgrad_policy, fp8_weight_grad_glu_two_passes=not wgrad_policy.fp8_weight_grad_glu_two_passes)
             row["fp8_wgrad_other_glu_form_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
             module.args.kernel_policy = wgrad_policy
+            launch = dict(fp8_backend._WGRAD_LAUNCH)  # the FP8 weight gradients' other epilogue form
+            fp8_backend._WGRAD_LAUNCH["overlap_epilogue"] = not launch["overlap_epilogue"]
+            row["fp8_wgrad_other_epilogue_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
+            module.args.kernel_policy = dataclasses.replace(  # both the other forms
+                wgrad_policy, fp8_weight_grad_glu_two_passes=not wgrad_policy.fp8_weight_grad_glu_two_passes)
+            row["fp8_wgrad_other_forms_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
+            module.args.kernel_policy = wgrad_policy
+            fp8_backend._WGRAD_LAUNCH.update(launch)
             row["fp8_wgrad_ms"] = timed(step)[0] if device == "cuda" else float("nan")
             row["fp8_wgrad_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
             bench_dmoe.clear_grads(inputs)

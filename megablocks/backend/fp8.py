@@ -1729,7 +1729,9 @@ def gmm_fp8_wgrad_reference(a_q, a_s, b_q, b_s, batch_sizes, out_dtype=torch.flo
 # olmoe's and qwen3moe's up-projection gradients (3.19 / 0.99 / 0.93 ms against 3.71 / 1.17 /
 # 1.13; H200, benchmarks/RESULTS.md). Over 192-row tiles (three consumers) its promotion spills
 # (the column scales' 32 registers beside the product and the accumulator): 1.3-1.5x slower.
-_WGRAD_LAUNCH = dict(wgmma=True, num_stages=4, tma_store=True)
+# `overlap_epilogue` (each tile stored while the next tile's first product runs) is off until
+# measured on the GPU.
+_WGRAD_LAUNCH = dict(wgmma=True, num_stages=4, tma_store=True, overlap_epilogue=False)
 
 
 def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
@@ -1741,9 +1743,11 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     `rows` = M the operands are in `quantize_cols_grouped`'s transposed layout (a [N, P], b [K, P],
     P = (ceil(M/Q) + E) * Q), each step one FP8 product of two K-major tiles, read by TMA on Hopper:
     there, by default, by the warp-specialized Gluon form (`fp8_wgmma.gmm_fp8_wgrad_ws`), else by
-    the Triton kernel. `config` ({'wgmma', 'num_stages', 'tma_store'}; transposed layout only)
-    overrides that launch, for tuning and tests: `wgmma=False` takes the Triton kernel,
-    `num_stages` tunes the Gluon form, `tma_store=False` has it write with masked stores."""
+    the Triton kernel. `config` ({'wgmma', 'num_stages', 'tma_store', 'overlap_epilogue'};
+    transposed layout only) overrides that launch, for tuning and tests: `wgmma=False` takes the
+    Triton kernel, `num_stages` tunes the Gluon form, `tma_store=False` has it write with masked
+    stores, `overlap_epilogue=True` has it store each tile while the next tile's first product
+    runs (the same bits)."""
     check_tensor("a_q", a_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("b_q", b_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("a_s", a_s, ndim=2, dtypes=(torch.float32,))
@@ -1790,7 +1794,8 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     if rows is not None and cfg["wgmma"] and fp8_wgmma.wgrad_usable(a_q, b_q):
         num_tiles = E * cdiv(N, fp8_wgmma.BLOCK) * cdiv(K, fp8_wgmma.BLOCK)
         return fp8_wgmma.gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, M, persistent_programs(a_q.device, num_tiles),
-                                          stages=cfg["num_stages"], tma_store=bool(cfg["tma_store"]))
+                                          stages=cfg["num_stages"], tma_store=bool(cfg["tma_store"]),
+                                          overlap=bool(cfg["overlap_epilogue"]))
     if rows is not None:
         use_tma = not interpreted(a_q) and tma_ok(a_q) and tma_ok(b_q)
         if use_tma:

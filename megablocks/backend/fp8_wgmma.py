@@ -466,40 +466,145 @@ if _gluon:
                 pa = _issue(a_bufs, b_bufs, ready, g + j, ra, HALF, STAGES, CONSUMERS)
                 pb = _issue(a_bufs, b_bufs, ready, g + j + 1, rb, HALF, STAGES, CONSUMERS)
                 blk = (blk0 + j).to(gl.int64)
-                sa = gl.load(as_ptr + blk * stride_asb + offs_n, mask=n_ok, other=0.0)
-                sb = gl.convert_layout(gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=k_ok, other=0.0), cols_layout)
-                ra = warpgroup_mma_wait(num_outstanding=1, deps=(pa, ))
-                mbarrier.arrive(empty.index((g + j) % STAGES), count=1)
-                acc += (ra * sa[:, None]) * sb[None, :]
-                sa = gl.load(as_ptr + (blk + 1) * stride_asb + offs_n, mask=n_ok, other=0.0)
-                sb = gl.convert_layout(gl.load(bs_ptr + (blk + 1) * stride_bsb + offs_k, mask=k_ok, other=0.0),
-                                       cols_layout)
-                rb = warpgroup_mma_wait(num_outstanding=0, deps=(pb, ))
-                mbarrier.arrive(empty.index((g + j + 1) % STAGES), count=1)
-                acc += (rb * sa[:, None]) * sb[None, :]
+                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb,
+                                      stride_bsb, g + j, 1, STAGES, QB)
+                acc, rb = _wg_promote(acc, rb, pb, empty, as_ptr, bs_ptr, blk + 1, offs_n, n_ok, offs_k, k_ok,
+                                      stride_asb, stride_bsb, g + j + 1, 0, STAGES, QB)
             if nblocks % 2 == 1:
                 pa = _issue(a_bufs, b_bufs, ready, g + nblocks - 1, ra, HALF, STAGES, CONSUMERS)
-                blk = (blk0 + nblocks - 1).to(gl.int64)
-                sa = gl.load(as_ptr + blk * stride_asb + offs_n, mask=n_ok, other=0.0)
-                sb = gl.convert_layout(gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=k_ok, other=0.0), cols_layout)
-                ra = warpgroup_mma_wait(num_outstanding=0, deps=(pa, ))
-                mbarrier.arrive(empty.index((g + nblocks - 1) % STAGES), count=1)
-                acc += (ra * sa[:, None]) * sb[None, :]
+                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, (blk0 + nblocks - 1).to(gl.int64), offs_n,
+                                      n_ok, offs_k, k_ok, stride_asb, stride_bsb, g + nblocks - 1, 0, STAGES, QB)
             g += nblocks
-            piece0 = n0 + HALF * ROWS
-            if TMA_OUT and piece0 + ROWS <= N:
-                # The piece's 64 rows are all expert e's: staged and stored by TMA (out viewed as
-                # [E * N, K], clipped at K), as the forward's consumers store theirs.
-                c_buf = c_bufs.index(HALF)
-                tma.store_wait(0)
-                c_buf.store(acc.to(out_desc.dtype))
-                fence_async_shared()
-                _tma_store(out_desc, [e * N + piece0, k0], c_buf)
-            else:
-                cols = k0 + gl.arange(0, QB, layout=cols_layout)  # (offs_k is the scales' flat layout)
-                out_ptrs = (out_ptr + e.to(gl.int64) * stride_oe + offs_n[:, None].to(gl.int64) * stride_on
-                            + cols[None, :])
-                gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & (cols < K)[None, :])
+            _wg_store(acc, e, n0 + HALF * ROWS, k0, N, K, out_ptr, stride_oe, stride_on, out_desc, c_bufs, HALF, ROWS,
+                      QB, TMA_OUT)
+        if TMA_OUT:
+            tma.store_wait(0)
+
+    @gluon.jit
+    def _wg_store(acc, e, piece0, k0, N, K, out_ptr, stride_oe, stride_on, out_desc, c_bufs, HALF: gl.constexpr,
+                  ROWS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr):
+        """A consumer's 64 x 128 piece of the gradient (rows [piece0, piece0 + 64) of expert e,
+        columns from k0; acc in the product's layout): where the piece's 64 rows are all expert
+        e's, staged and stored by TMA (out viewed as [E * N, K], clipped at K) from its
+        shared-memory buffer, as the forward's consumers store theirs; else by masked stores."""
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, QB, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        if TMA_OUT and piece0 + ROWS <= N:
+            c_buf = c_bufs.index(HALF)
+            tma.store_wait(0)
+            c_buf.store(acc.to(out_desc.dtype))
+            fence_async_shared()
+            _tma_store(out_desc, [e * N + piece0, k0], c_buf)
+        else:
+            offs_n = piece0 + gl.arange(0, ROWS, layout=rows_layout)
+            cols = k0 + gl.arange(0, QB, layout=cols_layout)
+            out_ptrs = (out_ptr + e.to(gl.int64) * stride_oe + offs_n[:, None].to(gl.int64) * stride_on
+                        + cols[None, :])
+            gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (cols < K)[None, :])
+
+    @gluon.jit
+    def _wg_promote(acc, r, token, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb, stride_bsb, g,
+                    OUTSTANDING: gl.constexpr, STAGES: gl.constexpr, QB: gl.constexpr):
+        """acc plus block blk's product (stage-ring step g, issued into r: `token`) scaled by the
+        block's two column-scale vectors, once at most OUTSTANDING products are in flight; the
+        stage released. The scales are read before the wait, under the product."""
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, QB, 32])
+        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        sa = gl.load(as_ptr + blk * stride_asb + offs_n, mask=n_ok, other=0.0)
+        sb = gl.convert_layout(gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=k_ok, other=0.0), cols_layout)
+        r = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(token, ))
+        mbarrier.arrive(empty.index(g % STAGES), count=1)
+        return acc + (r * sa[:, None]) * sb[None, :], r
+
+    @gluon.jit
+    def _wg_store_tile(acc, tile, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe, stride_on, out_desc,
+                       c_bufs, HALF: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_N: gl.constexpr, ROWS: gl.constexpr,
+                       QB: gl.constexpr, TMA_OUT: gl.constexpr):
+        """`_wg_store` of this consumer's piece of tile `tile` (its expert, rows and columns found
+        again from the tile's index)."""
+        e, n0, k0, _, _ = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N, QB)
+        _wg_store(acc, e, n0 + HALF * ROWS, k0, N, K, out_ptr, stride_oe, stride_on, out_desc, c_bufs, HALF, ROWS, QB,
+                  TMA_OUT)
+
+    @gluon.jit
+    def _wg_consumer_overlap(a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                             num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                             out_desc, c_bufs,
+                             HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
+                             CONSUMERS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr):
+        """`_wg_consumer` with each tile's output stored while the next tile's first product runs.
+        Both consumers work on the same tile, so in `_wg_consumer` their epilogues coincide and
+        the tensor cores idle through them, once every tile: on mixtral's weight gradients every
+        16 blocks (a tile's K loop runs over one expert's rows). Here the accumulator is kept
+        until the next tile has issued its first product, then stored (TMA or masked, as
+        `_wg_consumer`) and zeroed; the first pair of blocks (or the one block) is taken before
+        the loop, so that the loop's body is `_wg_consumer`'s. The same arithmetic in the same
+        order: the same bits."""
+        ROWS: gl.constexpr = 64
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, QB, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        flat_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        g = 0
+        acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
+        ra = gl.zeros((ROWS, QB), gl.float32, mma_layout)
+        rb = gl.zeros((ROWS, QB), gl.float32, mma_layout)
+        # The tile whose output acc holds, not yet stored (-1: none); one int carried, its expert,
+        # rows and columns found again when it is stored (fewer registers live through the loop).
+        prev = gl.program_id(0) * 0 - 1
+        for tile in range(gl.program_id(0), num_tiles, num_programs):
+            e, n0, k0, blk0, nblocks = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N, QB)
+            offs_n = n0 + HALF * ROWS + gl.arange(0, ROWS, layout=rows_layout)
+            n_ok = offs_n < N
+            offs_k = k0 + gl.arange(0, QB, layout=flat_layout)
+            k_ok = offs_k < K
+            blk = blk0.to(gl.int64)
+            if nblocks >= 2:  # the first pair: the previous tile's output goes under its first product
+                pa = _issue(a_bufs, b_bufs, ready, g, ra, HALF, STAGES, CONSUMERS)
+                if prev >= 0:
+                    _wg_store_tile(acc, prev, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe,
+                                   stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT)
+                acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
+                pb = _issue(a_bufs, b_bufs, ready, g + 1, rb, HALF, STAGES, CONSUMERS)
+                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb,
+                                      stride_bsb, g, 1, STAGES, QB)
+                acc, rb = _wg_promote(acc, rb, pb, empty, as_ptr, bs_ptr, blk + 1, offs_n, n_ok, offs_k, k_ok,
+                                      stride_asb, stride_bsb, g + 1, 0, STAGES, QB)
+            elif nblocks == 1:
+                pa = _issue(a_bufs, b_bufs, ready, g, ra, HALF, STAGES, CONSUMERS)
+                if prev >= 0:
+                    _wg_store_tile(acc, prev, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe,
+                                   stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT)
+                acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
+                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb,
+                                      stride_bsb, g, 0, STAGES, QB)
+            else:  # an empty expert: no product to store under
+                if prev >= 0:
+                    _wg_store_tile(acc, prev, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe,
+                                   stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT)
+                acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
+            for i in range(1, nblocks // 2):  # the other pairs, as `_wg_consumer` runs them
+                j = 2 * i
+                pa = _issue(a_bufs, b_bufs, ready, g + j, ra, HALF, STAGES, CONSUMERS)
+                pb = _issue(a_bufs, b_bufs, ready, g + j + 1, rb, HALF, STAGES, CONSUMERS)
+                blk_j = (blk0 + j).to(gl.int64)
+                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk_j, offs_n, n_ok, offs_k, k_ok,
+                                      stride_asb, stride_bsb, g + j, 1, STAGES, QB)
+                acc, rb = _wg_promote(acc, rb, pb, empty, as_ptr, bs_ptr, blk_j + 1, offs_n, n_ok, offs_k, k_ok,
+                                      stride_asb, stride_bsb, g + j + 1, 0, STAGES, QB)
+            if nblocks % 2 == 1 and nblocks > 1:  # the last block of an odd count
+                pa = _issue(a_bufs, b_bufs, ready, g + nblocks - 1, ra, HALF, STAGES, CONSUMERS)
+                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, (blk0 + nblocks - 1).to(gl.int64), offs_n,
+                                      n_ok, offs_k, k_ok, stride_asb, stride_bsb, g + nblocks - 1, 0, STAGES,
+                                      QB)
+            g += nblocks
+            prev = tile
+        if prev >= 0:
+            _wg_store_tile(acc, prev, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe, stride_on,
+                           out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT)
         if TMA_OUT:
             tma.store_wait(0)
 
@@ -509,7 +614,7 @@ if _gluon:
         N, K, num_tiles, num_n_tiles, num_k_tiles, num_programs,
         stride_asb, stride_bsb, stride_oe, stride_on,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr, CONSUMERS: gl.constexpr, QB: gl.constexpr,
-        TMA_OUT: gl.constexpr,
+        TMA_OUT: gl.constexpr, OVERLAP: gl.constexpr,
     ):
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, 64, QB], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, QB, QB], b_desc.layout)
@@ -525,16 +630,30 @@ if _gluon:
         fence_async_shared()
         FIRST: gl.constexpr = 0
         SECOND: gl.constexpr = 1
-        gl.warp_specialize([
-            (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
-                            num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                            out_desc, c_bufs, FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB, TMA_OUT)),
-            (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
-                            num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                            out_desc, c_bufs, SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB, TMA_OUT)),
-            (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
-                          num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
-        ], [4, 1], [240, 24])
+        if OVERLAP:  # each tile's output stored while the next tile's first product runs
+            gl.warp_specialize([
+                (_wg_consumer_overlap, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K,
+                                        num_tiles, num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb,
+                                        stride_oe, stride_on, out_desc, c_bufs, FIRST, BLOCK_N, STAGES, GROUP_N,
+                                        CONSUMERS, QB, TMA_OUT)),
+                (_wg_consumer_overlap, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K,
+                                        num_tiles, num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb,
+                                        stride_oe, stride_on, out_desc, c_bufs, SECOND, BLOCK_N, STAGES, GROUP_N,
+                                        CONSUMERS, QB, TMA_OUT)),
+                (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
+                              num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
+            ], [4, 1], [240, 24])
+        else:
+            gl.warp_specialize([
+                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                                out_desc, c_bufs, FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB, TMA_OUT)),
+                (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
+                                num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
+                                out_desc, c_bufs, SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB, TMA_OUT)),
+                (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
+                              num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
+            ], [4, 1], [240, 24])
 
 
 # The 16-bit outputs the warp-specialized form can store by TMA (a 64 x 128 buffer per consumer
@@ -637,13 +756,14 @@ def wgrad_usable(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
 
 
 def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: int, stages: int = 4,
-                     group_n: int = 8, tma_store: bool = True) -> torch.Tensor:
+                     group_n: int = 8, tma_store: bool = True, overlap: bool = False) -> torch.Tensor:
     """The FP8 weight gradient [E, N, K] from `wgrad_usable` K-major operands (a_q [N, P], b_q
     [K, P], block j of the groups in columns [j*Q, (j+1)*Q); scales a_s [ceil(rows/Q) + E, N],
     b_s [.., K] with unit inner stride): out[e][n, k] = Σ over group e's blocks j of
     a_s[j, n] · b_s[j, k] · Σ_r a_q[n, j*Q + r] · b_q[k, j*Q + r], each block's product in fp32.
     sizes int32 [E] on the device; a loader warp and two 64-row consumer warpgroups over 128 x 128
-    tiles; an empty group's gradient is written as zeros."""
+    tiles; an empty group's gradient is written as zeros. `overlap`: each tile's output stored
+    while the next tile's first product runs (`_wg_consumer_overlap`), the same bits."""
     N, P = a_q.shape
     K = b_q.shape[0]
     E = sizes.numel()
@@ -661,7 +781,7 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
         N, K, num_tiles, num_n_tiles, num_k_tiles, programs,
         a_s.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
         BLOCK_N=BLOCK, STAGES=stages, GROUP_N=group_n, CONSUMERS=2, QB=BLOCK, TMA_OUT=out_desc is not None,
-        num_warps=4,
+        OVERLAP=bool(overlap), num_warps=4,
         maxnreg=WS_TILES[(BLOCK, BLOCK)],
     )
     return out

@@ -1141,7 +1141,8 @@ def test_gmm_fp8_wgrad_k_major(sizes, N, K):
 def test_gmm_fp8_wgrad_gluon(sizes, N, K, stages):
     """The weight gradient's warp-specialized Gluon form (the default on sm_90) against the Triton
     K-major kernel (`config=dict(wgmma=False)`) and the float64 definition of its dequantized
-    operands; experts past the SMs' count of tiles, empty experts, sizes off the blocks."""
+    operands, and its `overlap_epilogue` form against it bit for bit; experts past the SMs' count
+    of tiles, empty experts, sizes off the blocks."""
     g = torch.Generator().manual_seed(sum(sizes) + N + stages)
     M = sum(sizes)
     a = (torch.randn(M, N, generator=g) * torch.rand(M, 1, generator=g).mul(4).exp()).to(DEVICE)
@@ -1163,6 +1164,12 @@ def test_gmm_fp8_wgrad_gluon(sizes, N, K, stages):
         masked = fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, out_dtype=out_dtype, rows=M,
                                    config=dict(num_stages=stages, tma_store=False))
         assert torch.equal(out, masked)
+        # Each tile stored while the next tile's first product runs: the same arithmetic, the same
+        # bits (TMA and masked stores; empty experts' zeros stored between tiles).
+        for tma_store in (True, False):
+            overlapped = fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, out_dtype=out_dtype, rows=M,
+                                           config=dict(num_stages=stages, tma_store=tma_store, overlap_epilogue=True))
+            assert torch.equal(overlapped, out), (out_dtype, tma_store)
     want = fp8.gmm_fp8_wgrad_reference(*fp8.quantize_cols_grouped(a.cpu(), bs.cpu()),
                                        *fp8.quantize_cols_grouped(b.cpu(), bs.cpu()), bs.cpu())
     if M:

@@ -256,8 +256,9 @@ if FW.available():
                   types={"x_desc": x_desc, "w_desc": DESC, "xs_ptr": "*fp32", "ws_ptr": "*fp32", "table_ptr": "*i32",
                          "out_desc": out_desc},
                   source=GluonASTSource, options={"maxnreg": FW.WS_TILES[(block_m, block_n)]})
-    # The weight gradient's warp-specialized form (two consumers, blocks in pairs).
-    for dtype in (torch.bfloat16, torch.float32):
+    # The weight gradient's warp-specialized form (two consumers, blocks in pairs), with each
+    # tile's output stored after the next tile's first product is issued (OVERLAP) and without.
+    for dtype, overlap in ((torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)):
         for stages in (2, 4):
             a_desc = "tensordesc<fp8e4nv[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
                                                                                              FW.gl.float8e4nv)
@@ -266,9 +267,10 @@ if FW.available():
                                                                                                 FW.gl.bfloat16)
                         if tma_out else a_desc)
             check(f"fp8 weight gradient wgmma warp-specialized into {dtype} stages={stages}"
-                  + (" TMA store" if tma_out else ""),
+                  + (" TMA store" if tma_out else "") + (" overlapped epilogue" if overlap else ""),
                   FW._gmm_fp8_wgrad_ws_kernel, ELEMENT[dtype],
-                  dict(BLOCK_N=128, STAGES=stages, GROUP_N=8, CONSUMERS=2, QB=F8.Q, TMA_OUT=tma_out), 4, stages,
+                  dict(BLOCK_N=128, STAGES=stages, GROUP_N=8, CONSUMERS=2, QB=F8.Q, TMA_OUT=tma_out, OVERLAP=overlap),
+                  4, stages,
                   types={"a_desc": a_desc, "b_desc": DESC, "as_ptr": "*fp32", "bs_ptr": "*fp32", "table_ptr": "*i32",
                          "out_desc": out_desc},
                   source=GluonASTSource, options={"maxnreg": FW.WS_TILES[(128, 128)]})
