@@ -10,7 +10,8 @@
 #
 # Environment: ITERS (default 200), MICRO_BATCH (16: 16 x 1024 tokens), GLOBAL_BATCH (default
 # MICRO_BATCH; a multiple accumulates gradients over micro-batches, the weights quantized once a
-# step), EVAL_INTERVAL (100), EXTRA (more exp.train options).
+# step), EVAL_INTERVAL (100), EXTRA (more exp.train options, both runs), FP8_POLICY (a kernel policy
+# as JSON for the FP8 run only, e.g. '{"fp8_weight_grad":true}': its weight gradients in FP8 too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${1:?usage: scripts/fp8_train_gpu.sh LOG_DIR}
@@ -23,10 +24,13 @@ for mode in bf16:none fp8:blockwise; do
   name=${mode%%:*}
   run="$LOG_DIR/runs/$name"
   rm -rf "$run"
+  policy=()
+  if [ "$name" = fp8 ] && [ -n "${FP8_POLICY:-}" ]; then policy=(--kernel-policy "$FP8_POLICY"); fi
   python3 -m exp.train --config dmoe_125m --data-path "$DATA" --save "$run" --mlp-impl grouped --fp8 "${mode#*:}" \
     --precision bf16-params --train-iters $((ITERS * 10)) --exit-iteration "$ITERS" --lr-decay-style constant \
     --eval-interval "${EVAL_INTERVAL:-100}" --eval-iters 4 --log-interval 10 --micro-batch-size "$MB" \
-    --global-batch-size "${GLOBAL_BATCH:-$MB}" --no-progress --no-checkpoint ${EXTRA:-} >"$LOG_DIR/$name.log" 2>&1
+    --global-batch-size "${GLOBAL_BATCH:-$MB}" --no-progress --no-checkpoint "${policy[@]}" ${EXTRA:-} \
+    >"$LOG_DIR/$name.log" 2>&1
   echo "$name: rc=$?"
   for f in train valid; do cp "$run/$f.csv" "$LOG_DIR/${name}_$f.csv" 2>/dev/null; done
 done
