@@ -95,8 +95,6 @@ def check_index_values(name: str, t: torch.Tensor, upper: int) -> None:
         raise ValueError(f"{name}: expected values in [0, {upper}), got values in [{lo}, {hi}]")
 
 
-
-
 def check_batch_size_values(batch_sizes: torch.Tensor, rows: int, what: str = "the rows of a", *,
                             exact: bool = True) -> None:
     """Checks that the group sizes `batch_sizes` are non-negative and sum to `rows` (`what` names

@@ -1105,19 +1105,18 @@ def quantize_blocks_reference(w_ENK: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return q, scale
 
 
-def _check_dequantize(q_name: str, q: torch.Tensor, ndim: int, s_name: str, s: torch.Tensor, shape, layout: str):
-    """A dequantizer's values (`ndim`-D) and scales (`shape`, named by `layout`)."""
-    check_tensor(q_name, q, ndim=ndim)
-    check_tensor(s_name, s, ndim=len(shape))
+def _check_scales(s: torch.Tensor, shape, layout: str, q: torch.Tensor) -> None:
+    """A dequantizer's scales `s` of the values q: `shape`, named by `layout`."""
+    check_tensor("s", s, ndim=len(shape))
     if tuple(s.shape) != tuple(shape):
-        raise ValueError(f"{s_name}: expected {layout} = {tuple(shape)} scales of {q_name} {tuple(q.shape)}, "
-                         f"got {tuple(s.shape)}")
+        raise ValueError(f"s: expected {layout} = {tuple(shape)} scales of q {tuple(q.shape)}, got {tuple(s.shape)}")
 
 
 def dequantize_rows(q_MK: torch.Tensor, s_MKB: torch.Tensor) -> torch.Tensor:
     """fp32 [M, K]: q * s tile by tile (the reference's view of quantized activations)."""
-    _check_dequantize("q", q_MK, 2, "s", s_MKB, (q_MK.shape[0], cdiv(q_MK.shape[-1], Q)), f"[M, ceil(K/{Q})]")
+    check_tensor("q", q_MK, ndim=2)
     M, K = q_MK.shape
+    _check_scales(s_MKB, (M, cdiv(K, Q)), f"[M, ceil(K/{Q})]", q_MK)
     return q_MK.float() * s_MKB.float().repeat_interleave(Q, dim=1)[:, :K]
 
 
@@ -1125,7 +1124,7 @@ def dequantize_blocks(q_ENK: torch.Tensor, s_ENBKB: torch.Tensor) -> torch.Tenso
     """fp32 [E, N, K]: q * s block by block."""
     check_tensor("q", q_ENK, ndim=3)
     E, N, K = q_ENK.shape
-    _check_dequantize("q", q_ENK, 3, "s", s_ENBKB, (E, cdiv(N, Q), cdiv(K, Q)), f"[E, ceil(N/{Q}), ceil(K/{Q})]")
+    _check_scales(s_ENBKB, (E, cdiv(N, Q), cdiv(K, Q)), f"[E, ceil(N/{Q}), ceil(K/{Q})]", q_ENK)
     s = s_ENBKB.float().repeat_interleave(Q, dim=1).repeat_interleave(Q, dim=2)[:, :N, :K]
     return q_ENK.float() * s
 
@@ -1704,7 +1703,7 @@ def dequantize_cols_grouped(q_MK: torch.Tensor, s_SK: torch.Tensor, batch_sizes:
     check_tensor("q", q_MK, ndim=2)
     check_tensor("batch_sizes", batch_sizes, ndim=1, dtypes=INDEX_DTYPES)
     M, K = q_MK.shape
-    _check_dequantize("q", q_MK, 2, "s", s_SK, (cdiv(M, Q) + batch_sizes.numel(), K), f"[ceil(M/{Q}) + E, K]")
+    _check_scales(s_SK, (cdiv(M, Q) + batch_sizes.numel(), K), f"[ceil(M/{Q}) + E, K]", q_MK)
     check_batch_size_values(batch_sizes, M, "the rows of q", exact=False)
     out = torch.zeros(q_MK.shape, dtype=torch.float32, device=q_MK.device)
     for first, n, block in _group_blocks(batch_sizes.cpu(), M):

@@ -445,7 +445,6 @@ if _gluon:
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, QB, 32])
         rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
         flat_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         g = 0
         for tile in range(gl.program_id(0), num_tiles, num_programs):
