@@ -923,18 +923,30 @@ def layer_accumulate_row(name, device, micro_batches=8, dtype=torch.bfloat16):
 
 def _warm_layer_steps(name):
     """(label, training step, its inputs) of the bf16 and then the FP8 layer of config `name` on
-    the GPU, each step run once (compiled, the FP8 weights cached) before it is yielded."""
+    the GPU, each step run once (compiled, the FP8 weights cached) before it is yielded: FP8 with
+    unquantized weight gradients, with FP8 ones (`fp8_weight_grad`), and with FP8 ones in the
+    forms not yet on by default (`fp8_wgrad_new_forms`: the GLU gradient's operands in two passes,
+    the weight gradient's epilogue overlapped)."""
     layer, bf16, fp8_layer = build_pair(name, "cuda")
     torch.manual_seed(1)
     x = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16)
     inputs = [x, *bf16.parameters()]
-    for label, module in (("bf16", bf16), ("fp8", fp8_layer), ("fp8_wgrad", fp8_layer)):
-        if label == "fp8_wgrad":
-            module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, fp8_weight_grad=True)
-        step, _ = bench_dmoe.steps(module, "fwdbwd", False, x, g, inputs)
-        step()
-        yield label, step, inputs
+    launch = dict(fp8_backend._WGRAD_LAUNCH)
+    try:
+        for label, module in (("bf16", bf16), ("fp8", fp8_layer), ("fp8_wgrad", fp8_layer),
+                              ("fp8_wgrad_new_forms", fp8_layer)):
+            if label == "fp8_wgrad":
+                module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, fp8_weight_grad=True)
+            if label == "fp8_wgrad_new_forms":
+                module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy,
+                                                                fp8_weight_grad_glu_two_passes=True)
+                fp8_backend._WGRAD_LAUNCH["overlap_epilogue"] = True
+            step, _ = bench_dmoe.steps(module, "fwdbwd", False, x, g, inputs)
+            step()
+            yield label, step, inputs
+    finally:
+        fp8_backend._WGRAD_LAUNCH.update(launch)
 
 
 def layer_kernels(name, repeats=5):
