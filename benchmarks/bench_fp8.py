@@ -45,7 +45,8 @@ step in training: `quantize_blocks(w)` alone, then with the K-major copy the N-m
 `--layer-accumulate` (none by default) times the layers as a trainer that accumulates gradients
 runs them: `--micro-batches` micro-batches a step (8 by default), each expert weight's gradient
 added into an fp32 `main_grad` by the kernels (gradient-accumulation fusion) and, apart, summed
-in `.grad` by autograd; the FP8 weights quantized once a step.
+in `.grad` by autograd; the FP8 weights quantized once a step; bf16, FP8, and FP8 with its weight
+gradients in FP8 too (`fp8_wgrad_*`, in the forms not yet on by default).
 
 `--layers` (default mixtral, olmoe) also times the dMoE layer as training runs it (forward, then
 `.backward()` into `.grad` that is None at the start of each step; bench_dmoe's method): the grouped
@@ -213,8 +214,10 @@ def bench(args):
     accumulate_rows = [layer_accumulate_row(name, "cuda", args.micro_batches) for name in args.layer_accumulate]
     if accumulate_rows:
         print_table(accumulate_rows, ["config", "micro_batches", "bf16_fused_ms", "fp8_fused_ms", "speedup_fused",
-                                      "bf16_grad_ms", "fp8_grad_ms", "speedup_grad", "bf16_fusion_gain",
-                                      "fp8_fusion_gain", "w_grad_rel_rms_fused", "fp8_fused_vs_grad_rel_rms"])
+                                      "fp8_wgrad_fused_ms", "speedup_wgrad_fused", "bf16_grad_ms", "fp8_grad_ms",
+                                      "speedup_grad", "fp8_wgrad_grad_ms", "speedup_wgrad_grad", "bf16_fusion_gain",
+                                      "fp8_fusion_gain", "fp8_wgrad_fusion_gain", "w_grad_rel_rms_fused",
+                                      "w_grad_fp8_rel_rms_fused", "fp8_wgrad_fused_vs_grad_rel_rms"])
         write_csv(os.path.join(args.out, "bench_fp8_layer_accumulate.csv"), [{**r, **env} for r in accumulate_rows])
     memory_rows = [r for name in args.layer_memory for r in layer_memory(name)]
     if memory_rows:
@@ -868,8 +871,11 @@ def layer_accumulate_row(name, device, micro_batches=8, dtype=torch.bfloat16):
       micro-batch (`.grad` None at the window's start, as `zero_grad` leaves it).
 
     The FP8 layer's weights are quantized once a window, at its start (as after an optimizer
-    step: the cache is emptied). Also each form's summed expert-weight gradients, FP8 against
-    bf16 (relative rms), and the fused form's against the `grad` form's in the same precision."""
+    step: the cache is emptied). `fp8_wgrad`: the FP8 layer with its weight gradients in FP8 too,
+    in the forms not yet on by default (the GLU gradient's operands in two passes, the weight
+    gradient's epilogue overlapped; fused, they are added into main_grad by that epilogue). Also
+    each form's summed expert-weight gradients, FP8 against bf16 (relative rms), and the fused
+    form's against the `grad` form's in the same precision."""
     layer, bf16, fp8_layer = build_pair(name, device, dtype)
     torch.manual_seed(1)
     xs = [torch.randn(layer.T, layer.H, device=device, dtype=dtype, requires_grad=True) for _ in range(micro_batches)]
@@ -894,28 +900,40 @@ def layer_accumulate_row(name, device, micro_batches=8, dtype=torch.bfloat16):
             elif hasattr(p, "main_grad"):
                 del p.main_grad
 
+    fp8_policy = fp8_layer.args.kernel_policy
+    wgrad_policy = dataclasses.replace(fp8_policy, fp8_weight_grad=True, fp8_weight_grad_glu_two_passes=True)
+    launch = dict(fp8_backend._WGRAD_LAUNCH)
     row, summed = {"config": name, "micro_batches": micro_batches}, {}
-    for form in ("fused", "grad"):
-        set_fusion(form == "fused")
-        for label, module in (("bf16", bf16), ("fp8", fp8_layer)):
-            run = window(module)
-            run()  # compiled, and the gradients of one window kept below
-            if form == "fused":
-                if any(p.grad is not None for p in experts):
-                    raise AssertionError(f"{label}: a fused expert weight's gradient came back as .grad")
-                summed[label, form] = [p.main_grad.clone() for p in experts]
-                for p in experts:
-                    p.main_grad.zero_()
-            else:
-                summed[label, form] = [p.grad.float().clone() for p in experts]
-            ms = timed(run, warmup=200, rep=2000)[0] / micro_batches if device == "cuda" else float("nan")
-            row[f"{label}_{form}_ms"] = ms
-    set_fusion(False)
+    try:
+        for form in ("fused", "grad"):
+            set_fusion(form == "fused")
+            for label, module in (("bf16", bf16), ("fp8", fp8_layer), ("fp8_wgrad", fp8_layer)):
+                wgrad = label == "fp8_wgrad"
+                fp8_layer.args.kernel_policy = wgrad_policy if wgrad else fp8_policy
+                fp8_backend._WGRAD_LAUNCH["overlap_epilogue"] = wgrad or launch["overlap_epilogue"]
+                run = window(module)
+                run()  # compiled, and the gradients of one window kept below
+                if form == "fused":
+                    if any(p.grad is not None for p in experts):
+                        raise AssertionError(f"{label}: a fused expert weight's gradient came back as .grad")
+                    summed[label, form] = [p.main_grad.clone() for p in experts]
+                    for p in experts:
+                        p.main_grad.zero_()
+                else:
+                    summed[label, form] = [p.grad.float().clone() for p in experts]
+                ms = timed(run, warmup=200, rep=2000)[0] / micro_batches if device == "cuda" else float("nan")
+                row[f"{label}_{form}_ms"] = ms
+    finally:
+        fp8_layer.args.kernel_policy = fp8_policy
+        fp8_backend._WGRAD_LAUNCH.update(launch)
+        set_fusion(False)
     rel = lambda a, b: max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b))  # noqa: E731
     for form in ("fused", "grad"):
         row[f"speedup_{form}"] = row[f"bf16_{form}_ms"] / row[f"fp8_{form}_ms"]
+        row[f"speedup_wgrad_{form}"] = row[f"bf16_{form}_ms"] / row[f"fp8_wgrad_{form}_ms"]
         row[f"w_grad_rel_rms_{form}"] = rel(summed["fp8", form], summed["bf16", form])
-    for label in ("bf16", "fp8"):
+        row[f"w_grad_fp8_rel_rms_{form}"] = rel(summed["fp8_wgrad", form], summed["bf16", form])
+    for label in ("bf16", "fp8", "fp8_wgrad"):
         row[f"{label}_fusion_gain"] = row[f"{label}_grad_ms"] / row[f"{label}_fused_ms"]
         row[f"{label}_fused_vs_grad_rel_rms"] = rel(summed[label, "fused"], summed[label, "grad"])
     return row
@@ -1037,7 +1055,8 @@ def smoke():
     acc_row = layer_accumulate_row("smoke_glu", "cpu", micro_batches=2, dtype=torch.float32)
     assert 1e-4 < acc_row["w_grad_rel_rms_fused"] < 0.08, acc_row
     # The kernels' additions into main_grad sum what autograd sums into .grad (fp32 here).
-    assert acc_row["bf16_fused_vs_grad_rel_rms"] < 1e-5 and acc_row["fp8_fused_vs_grad_rel_rms"] < 1e-5, acc_row
+    assert all(acc_row[f"{label}_fused_vs_grad_rel_rms"] < 1e-5 for label in ("bf16", "fp8", "fp8_wgrad")), acc_row
+    assert 1e-4 < acc_row["w_grad_fp8_rel_rms_fused"] < 0.1, acc_row
     errors["layer_main_grad"] = acc_row["w_grad_rel_rms_fused"]
     glu_rows = decode_glu_rows("smoke", repeats=1, T=6, device="cpu", shape=(6, 64, 128, 4, 2), stages=(3,))
     assert glu_rows[0]["fits"] and glu_rows[0]["same_output_prologue"], glu_rows

@@ -676,6 +676,18 @@ def _quantize_cols_fused_kernel(
             _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), slots, qc_ptr, stride_qc, CAST)
 
 
+# A weight-gradient tile [BLOCK_N, BLOCK_K] of expert g written in out's dtype, or with ACCUMULATE
+# added into the fp32 out (gradient-accumulation fusion: one fp32 addition an element, as the
+# variable-K kernel's epilogue does).
+@triton.jit
+def _wgrad_epilogue(out_ptr, acc, g, offs_n, offs_k, N, K, stride_oe, stride_on, ACCUMULATE: tl.constexpr):
+    out_ptrs = out_ptr + g.to(tl.int64) * stride_oe + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # out_ENK[e] = Σ over group e's Q-row blocks of (a_q * a_s)[blk]^T (b_q * b_s)[blk]: the weight
 # gradient (variable K = the group's rows) in FP8, each block's product promoted to fp32 and scaled
 # by the outer product of the two operands' column scales. Program (e, tile) owns one
@@ -686,6 +698,7 @@ def _gmm_fp8_wgrad_kernel(
     M, N, K, E,
     stride_am, stride_asb, stride_bm, stride_bsb, stride_oe, stride_on,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr, BLOCK_E: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     g = tl.program_id(0)
     tiles_k = tl.cdiv(K, BLOCK_K)
@@ -713,8 +726,7 @@ def _gmm_fp8_wgrad_kernel(
         sa = tl.load(as_ptr + blk * stride_asb + offs_n, mask=offs_n < N, other=0.0)
         sb = tl.load(bs_ptr + blk * stride_bsb + offs_k, mask=offs_k < K, other=0.0)
         acc += part * (sa[:, None] * sb[None, :])
-    out_ptrs = out_ptr + g.to(tl.int64) * stride_oe + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+    _wgrad_epilogue(out_ptr, acc, g, offs_n, offs_k, N, K, stride_oe, stride_on, ACCUMULATE)
 
 
 # The same product from K-major operands (`quantize_cols_grouped(..., transposed=True)`): a_NP,
@@ -728,7 +740,7 @@ def _gmm_fp8_wgrad_kmajor_kernel(
     M, N, K, E, P,
     stride_an, stride_asb, stride_bk, stride_bsb, stride_oe, stride_on,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QB: tl.constexpr, BLOCK_E: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     g = tl.program_id(1)
     tiles_k = tl.cdiv(K, BLOCK_K)
@@ -760,8 +772,7 @@ def _gmm_fp8_wgrad_kmajor_kernel(
         sa = tl.load(as_ptr + blk.to(tl.int64) * stride_asb + offs_n, mask=offs_n < N, other=0.0)
         sb = tl.load(bs_ptr + blk.to(tl.int64) * stride_bsb + offs_k, mask=offs_k < K, other=0.0)
         acc += part * (sa[:, None] * sb[None, :])
-    out_ptrs = out_ptr + g.to(tl.int64) * stride_oe + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+    _wgrad_epilogue(out_ptr, acc, g, offs_n, offs_k, N, K, stride_oe, stride_on, ACCUMULATE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1735,7 +1746,8 @@ _WGRAD_LAUNCH = dict(wgmma=True, num_stages=4, tma_store=True, overlap_epilogue=
 
 def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
                   batch_sizes: torch.Tensor, out_dtype: torch.dtype = torch.float32,
-                  rows: Optional[int] = None, config: Optional[dict] = None) -> torch.Tensor:
+                  rows: Optional[int] = None, config: Optional[dict] = None,
+                  accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The FP8 weight gradient: `out[e] = a[g_e]^T b[g_e]` [E, N, K] over each group's rows, the
     operands from `quantize_cols_grouped` (a [M, N], b [M, K], their scales [ceil(M/Q) + E, ·]);
     each Q-row block's FP8 product is promoted to fp32 and scaled before it is added. With
@@ -1746,7 +1758,10 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     transposed layout only) overrides that launch, for tuning and tests: `wgmma=False` takes the
     Triton kernel, `num_stages` tunes the Gluon form, `tma_store=False` has it write with masked
     stores, `overlap_epilogue=True` has it store each tile while the next tile's first product
-    runs (the same bits)."""
+    runs (the same bits). `accumulate_into`: a contiguous float32 [E, N, K] tensor on the operands'
+    device into which the gradient is added by the kernel's epilogue (gradient-accumulation fusion:
+    `main_grad`), and which is returned (`out_dtype` unused); the same values as adding the fp32
+    gradient to it afterwards."""
     check_tensor("a_q", a_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("b_q", b_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("a_s", a_s, ndim=2, dtypes=(torch.float32,))
@@ -1775,6 +1790,13 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
                 raise ValueError(f"{name}: expected [·, (ceil(rows/{Q}) + E) * {Q}] = [·, {P}] (the transposed "
                                  f"layout), got {tuple(t.shape)}")
     sizes = _check_sizes(batch_sizes, a_q.device, M, "the rows of a_q" if rows is None else "rows")
+    if accumulate_into is not None:
+        check_tensor("accumulate_into", accumulate_into, ndim=3, dtypes=(torch.float32,))
+        if tuple(accumulate_into.shape) != (E, N, K) or not accumulate_into.is_contiguous():
+            raise ValueError(f"accumulate_into: expected a contiguous [E, N, K] = {(E, N, K)} tensor, got "
+                             f"{tuple(accumulate_into.shape)} with strides {tuple(accumulate_into.stride())}")
+        if accumulate_into.device != a_q.device:
+            raise ValueError(f"accumulate_into: expected a tensor on {a_q.device}, got one on {accumulate_into.device}")
     for name, t, cols in (("a_s", a_s, N), ("b_s", b_s, K)):
         if tuple(t.shape) != (cdiv(M, Q) + E, cols):
             raise ValueError(f"{name}: expected [ceil(M/{Q}) + E, {cols}] = {(cdiv(M, Q) + E, cols)} scales, "
@@ -1785,8 +1807,11 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     if a_q.device.type != "cuda" and not interpreted(a_q):
         if rows is not None:
             a_q, b_q = _blocks_row_major(a_q, sizes, M), _blocks_row_major(b_q, sizes, M)
+        if accumulate_into is not None:
+            return accumulate_into.add_(gmm_fp8_wgrad_reference(a_q, a_s, b_q, b_s, sizes.cpu(), torch.float32))
         return gmm_fp8_wgrad_reference(a_q, a_s, b_q, b_s, sizes.cpu(), out_dtype)
-    out = torch.empty((E, N, K), dtype=out_dtype, device=a_q.device)
+    accumulate = accumulate_into is not None
+    out = accumulate_into if accumulate else torch.empty((E, N, K), dtype=out_dtype, device=a_q.device)
     if out.numel() == 0:
         return out
     block = 32 if interpreted(a_q) else 128
@@ -1794,7 +1819,7 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
         num_tiles = E * cdiv(N, fp8_wgmma.BLOCK) * cdiv(K, fp8_wgmma.BLOCK)
         return fp8_wgmma.gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, M, persistent_programs(a_q.device, num_tiles),
                                           stages=cfg["num_stages"], tma_store=bool(cfg["tma_store"]),
-                                          overlap=bool(cfg["overlap_epilogue"]))
+                                          overlap=bool(cfg["overlap_epilogue"]), accumulate=accumulate)
     if rows is not None:
         use_tma = not interpreted(a_q) and tma_ok(a_q) and tma_ok(b_q)
         if use_tma:
@@ -1803,13 +1828,13 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
             a_q, a_s, b_q, b_s, out, sizes, M, N, K, E, a_q.shape[1],
             a_q.stride(0), a_s.stride(0), b_q.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
             BLOCK_N=block, BLOCK_K=block, QB=Q, BLOCK_E=max(2, next_power_of_2(E)), USE_TMA=use_tma,
-            num_warps=8 if block == 128 else 4, num_stages=4 if block == 128 else 1,
+            ACCUMULATE=accumulate, num_warps=8 if block == 128 else 4, num_stages=4 if block == 128 else 1,
         )
         return out
     _gmm_fp8_wgrad_kernel[(E, cdiv(N, block) * cdiv(K, block))](
         a_q, a_s, b_q, b_s, out, sizes, M, N, K, E,
         a_q.stride(0), a_s.stride(0), b_q.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
-        BLOCK_N=block, BLOCK_K=block, QB=Q, BLOCK_E=max(2, next_power_of_2(E)),
+        BLOCK_N=block, BLOCK_K=block, QB=Q, BLOCK_E=max(2, next_power_of_2(E)), ACCUMULATE=accumulate,
         num_warps=8 if block == 128 else 4, num_stages=3,
     )
     return out

@@ -436,7 +436,7 @@ if _gluon:
                      num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
                      out_desc, c_bufs,
                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
-                     CONSUMERS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr):
+                     CONSUMERS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr, ACCUMULATE: gl.constexpr):
         """Rows [HALF * 64, HALF * 64 + 64) of a of each of this program's tiles, the expert's
         blocks in pairs as `_ws_consumer` runs its steps (8-10% faster than one product at a time
         on the H200). The column scales (32 a thread in the product's layout) are read one a thread
@@ -475,17 +475,18 @@ if _gluon:
                                       n_ok, offs_k, k_ok, stride_asb, stride_bsb, g + nblocks - 1, 0, STAGES, QB)
             g += nblocks
             _wg_store(acc, e, n0 + HALF * ROWS, k0, N, K, out_ptr, stride_oe, stride_on, out_desc, c_bufs, HALF, ROWS,
-                      QB, TMA_OUT)
+                      QB, TMA_OUT, ACCUMULATE)
         if TMA_OUT:
             tma.store_wait(0)
 
     @gluon.jit
     def _wg_store(acc, e, piece0, k0, N, K, out_ptr, stride_oe, stride_on, out_desc, c_bufs, HALF: gl.constexpr,
-                  ROWS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr):
+                  ROWS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr, ACCUMULATE: gl.constexpr):
         """A consumer's 64 x 128 piece of the gradient (rows [piece0, piece0 + 64) of expert e,
         columns from k0; acc in the product's layout): where the piece's 64 rows are all expert
         e's, staged and stored by TMA (out viewed as [E * N, K], clipped at K) from its
-        shared-memory buffer, as the forward's consumers store theirs; else by masked stores."""
+        shared-memory buffer, as the forward's consumers store theirs; else by masked stores, with
+        ACCUMULATE (an fp32 out: never by TMA) added to what out holds."""
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, QB, 32])
         rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
@@ -501,7 +502,10 @@ if _gluon:
             cols = k0 + gl.arange(0, QB, layout=cols_layout)
             out_ptrs = (out_ptr + e.to(gl.int64) * stride_oe + offs_n[:, None].to(gl.int64) * stride_on
                         + cols[None, :])
-            gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (cols < K)[None, :])
+            mask = (offs_n < N)[:, None] & (cols < K)[None, :]
+            if ACCUMULATE:
+                acc += gl.load(out_ptrs, mask=mask, other=0.0)
+            gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
     def _wg_promote(acc, r, token, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb, stride_bsb, g,
@@ -521,19 +525,20 @@ if _gluon:
     @gluon.jit
     def _wg_store_tile(acc, tile, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe, stride_on, out_desc,
                        c_bufs, HALF: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_N: gl.constexpr, ROWS: gl.constexpr,
-                       QB: gl.constexpr, TMA_OUT: gl.constexpr):
+                       QB: gl.constexpr, TMA_OUT: gl.constexpr, ACCUMULATE: gl.constexpr):
         """`_wg_store` of this consumer's piece of tile `tile` (its expert, rows and columns found
         again from the tile's index)."""
         e, n0, k0, _, _ = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N, QB)
         _wg_store(acc, e, n0 + HALF * ROWS, k0, N, K, out_ptr, stride_oe, stride_on, out_desc, c_bufs, HALF, ROWS, QB,
-                  TMA_OUT)
+                  TMA_OUT, ACCUMULATE)
 
     @gluon.jit
     def _wg_consumer_overlap(a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                              num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
                              out_desc, c_bufs,
                              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
-                             CONSUMERS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr):
+                             CONSUMERS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr,
+                             ACCUMULATE: gl.constexpr):
         """`_wg_consumer` with each tile's output stored while the next tile's first product runs.
         Both consumers work on the same tile, so in `_wg_consumer` their epilogues coincide and
         the tensor cores idle through them, once every tile: on mixtral's weight gradients every
@@ -565,7 +570,7 @@ if _gluon:
                 pa = _issue(a_bufs, b_bufs, ready, g, ra, HALF, STAGES, CONSUMERS)
                 if prev >= 0:
                     _wg_store_tile(acc, prev, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe,
-                                   stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT)
+                                   stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT, ACCUMULATE)
                 acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
                 pb = _issue(a_bufs, b_bufs, ready, g + 1, rb, HALF, STAGES, CONSUMERS)
                 acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb,
@@ -576,14 +581,14 @@ if _gluon:
                 pa = _issue(a_bufs, b_bufs, ready, g, ra, HALF, STAGES, CONSUMERS)
                 if prev >= 0:
                     _wg_store_tile(acc, prev, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe,
-                                   stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT)
+                                   stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT, ACCUMULATE)
                 acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
                 acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb,
                                       stride_bsb, g, 0, STAGES, QB)
             else:  # an empty expert: no product to store under
                 if prev >= 0:
                     _wg_store_tile(acc, prev, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe,
-                                   stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT)
+                                   stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT, ACCUMULATE)
                 acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
             for i in range(1, nblocks // 2):  # the other pairs, as `_wg_consumer` runs them
                 j = 2 * i
@@ -603,7 +608,7 @@ if _gluon:
             prev = tile
         if prev >= 0:
             _wg_store_tile(acc, prev, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe, stride_on,
-                           out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT)
+                           out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT, ACCUMULATE)
         if TMA_OUT:
             tma.store_wait(0)
 
@@ -613,7 +618,7 @@ if _gluon:
         N, K, num_tiles, num_n_tiles, num_k_tiles, num_programs,
         stride_asb, stride_bsb, stride_oe, stride_on,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr, CONSUMERS: gl.constexpr, QB: gl.constexpr,
-        TMA_OUT: gl.constexpr, OVERLAP: gl.constexpr,
+        TMA_OUT: gl.constexpr, OVERLAP: gl.constexpr, ACCUMULATE: gl.constexpr,
     ):
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, 64, QB], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, QB, QB], b_desc.layout)
@@ -634,11 +639,11 @@ if _gluon:
                 (_wg_consumer_overlap, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K,
                                         num_tiles, num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb,
                                         stride_oe, stride_on, out_desc, c_bufs, FIRST, BLOCK_N, STAGES, GROUP_N,
-                                        CONSUMERS, QB, TMA_OUT)),
+                                        CONSUMERS, QB, TMA_OUT, ACCUMULATE)),
                 (_wg_consumer_overlap, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K,
                                         num_tiles, num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb,
                                         stride_oe, stride_on, out_desc, c_bufs, SECOND, BLOCK_N, STAGES, GROUP_N,
-                                        CONSUMERS, QB, TMA_OUT)),
+                                        CONSUMERS, QB, TMA_OUT, ACCUMULATE)),
                 (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
                               num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
             ], [4, 1], [240, 24])
@@ -646,10 +651,12 @@ if _gluon:
             gl.warp_specialize([
                 (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                                 num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                out_desc, c_bufs, FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB, TMA_OUT)),
+                                out_desc, c_bufs, FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB, TMA_OUT,
+                                ACCUMULATE)),
                 (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                                 num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
-                                out_desc, c_bufs, SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB, TMA_OUT)),
+                                out_desc, c_bufs, SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB, TMA_OUT,
+                                ACCUMULATE)),
                 (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
                               num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
             ], [4, 1], [240, 24])
@@ -755,14 +762,16 @@ def wgrad_usable(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
 
 
 def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: int, stages: int = 4,
-                     group_n: int = 8, tma_store: bool = True, overlap: bool = False) -> torch.Tensor:
+                     group_n: int = 8, tma_store: bool = True, overlap: bool = False,
+                     accumulate: bool = False) -> torch.Tensor:
     """The FP8 weight gradient [E, N, K] from `wgrad_usable` K-major operands (a_q [N, P], b_q
     [K, P], block j of the groups in columns [j*Q, (j+1)*Q); scales a_s [ceil(rows/Q) + E, N],
     b_s [.., K] with unit inner stride): out[e][n, k] = Σ over group e's blocks j of
     a_s[j, n] · b_s[j, k] · Σ_r a_q[n, j*Q + r] · b_q[k, j*Q + r], each block's product in fp32.
     sizes int32 [E] on the device; a loader warp and two 64-row consumer warpgroups over 128 x 128
     tiles; an empty group's gradient is written as zeros. `overlap`: each tile's output stored
-    while the next tile's first product runs (`_wg_consumer_overlap`), the same bits."""
+    while the next tile's first product runs (`_wg_consumer_overlap`), the same bits; `accumulate`:
+    the gradient added into out (float32, by masked stores) instead of written."""
     N, P = a_q.shape
     K = b_q.shape[0]
     E = sizes.numel()
@@ -774,13 +783,14 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
     num_tiles = E * num_n_tiles * num_k_tiles
     programs = max(1, min(num_programs, num_tiles))
     # A 16-bit contiguous gradient's full 64-row pieces go out by TMA (out viewed as [E * N, K]).
-    out_desc = _tma_out_desc(out.view(E * N, K), tma_store, BLOCK, stages) if out.is_contiguous() else None
+    tma_out = tma_store and not accumulate and out.is_contiguous()
+    out_desc = _tma_out_desc(out.view(E * N, K), True, BLOCK, stages) if tma_out else None
     _gmm_fp8_wgrad_ws_kernel[(programs,)](
         a_desc, b_desc, a_s, b_s, out, table, a_desc if out_desc is None else out_desc,  # (a_desc: not read)
         N, K, num_tiles, num_n_tiles, num_k_tiles, programs,
         a_s.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
         BLOCK_N=BLOCK, STAGES=stages, GROUP_N=group_n, CONSUMERS=2, QB=BLOCK, TMA_OUT=out_desc is not None,
-        OVERLAP=bool(overlap), num_warps=4,
+        OVERLAP=bool(overlap), ACCUMULATE=bool(accumulate), num_warps=4,
         maxnreg=WS_TILES[(BLOCK, BLOCK)],
     )
     return out

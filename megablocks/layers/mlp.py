@@ -379,7 +379,8 @@ class GroupedMLP(SparseMLP):
         (`megablocks.optim.MainWeightsAdamW.fuse_grad_accumulation`): the weight gradients of
         those are added to `main_grad` by the kernels instead of coming back as `.grad`. Off under
         torch.compile and without autograd. In FP8 too: the composed products' and the one-node
-        form's weight gradients (unquantized products) are added the same way."""
+        form's weight gradients (unquantized products) are added the same way, and the one-node
+        form's FP8 weight gradients (`fp8_weight_grad`) by the FP8 product's epilogue."""
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return {}
         accs = {}

@@ -241,12 +241,8 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         if ctx.fp8_wgrad:  # handed over in a list, so that the helper's del lets go of them
             held = [grad_y, h]
             del grad_y, h
-            grads = list(_fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment,
-                                             assignment_row))
-            for i, acc in enumerate(ctx.accs, 1):  # into main_grad where one is given (added, not fused)
-                if acc is not None and grads[i] is not None:
-                    acc.add_(grads[i].view(acc.shape))
-                    grads[i] = None
+            grads = _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment,
+                                        assignment_row)
             return (*grads, None, None, None, None, None, None, None, grad_weights, None, None, None, None, None,
                     None)
         # With an fp32 accumulator for a weight (gradient-accumulation fusion: `main_grad`), its
@@ -326,6 +322,17 @@ def _weight_grad_or_add(acc, a, grad, counts_E, maps, trans_b: bool, shape):
     return _product_impl(lhs, rhs, counts_E, None, None, *maps, trans_b, True, False, _TRITON).view(shape)
 
 
+def _fp8_weight_grad_or_add(acc, a_c, b_c, counts_E, rows: int, w):
+    """w's gradient ([E·F, H]) from its operands quantized down each expert's rows (`a_c`, `b_c`:
+    (values, scales) in `quantize_cols_grouped`'s transposed layout over `rows` rows); or, with an
+    fp32 accumulator `acc` of w's shape (gradient-accumulation fusion: `main_grad`), added into it
+    by `gmm_fp8_wgrad`'s epilogue, and None."""
+    if acc is not None:
+        gmm_fp8_wgrad(*a_c, *b_c, counts_E, rows=rows, accumulate_into=acc.view(counts_E.shape[0], -1, w.shape[1]))
+        return None
+    return gmm_fp8_wgrad(*a_c, *b_c, counts_E, out_dtype=w.dtype, rows=rows).view(w.shape)
+
+
 def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row):
     """`_Fp8GroupedGluExperts.backward` with the weight gradients in FP8 too (`gmm_fp8_wgrad`):
     (grad_x, grad_w1, grad_v1, grad_w2). Their operands are quantized down each expert's rows in
@@ -333,12 +340,14 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
     (`glu_quantize_cols`), the output gradient both ways at once (`quantize_rows_and_cols`), the
     GLU's gradient both ways and never written (`glu_backward_quantize_rows_cols`: h goes once it
     has run), and the token rows through the maps (`gather_quantize_cols`). `held`: [the rows'
-    output gradient, h], emptied here."""
+    output gradient, h], emptied here. A weight with an fp32 accumulator in `ctx.accs` has its
+    gradient added into it by the product's epilogue (returned as None)."""
     grad_y, h = held
     held.clear()
     top_k, activation, dtype = ctx.top_k, ctx.activation, x_TH.dtype
     need_x, need_w1, need_v1, need_w2 = ctx.needs_input_grad[:4]
     N = grad_y.shape[0]
+    acc_w1, acc_v1, acc_w2 = ctx.accs
     halves = (h[0][:, :h[0].shape[1] // 2], h[0][:, h[0].shape[1] // 2:]) if len(h) == 1 else tuple(h)
     F = halves[0].shape[1]
     grad_x = grad_w1 = grad_v1 = grad_w2 = None
@@ -346,7 +355,7 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         a_c = glu_quantize_cols(*halves, activation, counts_E)
         (g_q, g_s), g_c = quantize_rows_and_cols(grad_y, counts_E)
         del grad_y
-        grad_w2 = gmm_fp8_wgrad(*a_c, *g_c, counts_E, out_dtype=w2.dtype, rows=N).view(w2.shape)
+        grad_w2 = _fp8_weight_grad_or_add(acc_w2, a_c, g_c, counts_E, N, w2)
         del a_c, g_c
     else:
         g_q, g_s = quantize_rows(grad_y)
@@ -382,9 +391,9 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         x_c = gather_quantize_cols(x_TH, row_assignment, top_k, counts_E)
         h_q, h_s = h_c
         if need_w1:
-            grad_w1 = gmm_fp8_wgrad(h_q[:F], h_s[:, :F], *x_c, counts_E, out_dtype=w1.dtype, rows=N).view(w1.shape)
+            grad_w1 = _fp8_weight_grad_or_add(acc_w1, (h_q[:F], h_s[:, :F]), x_c, counts_E, N, w1)
         if need_v1:
-            grad_v1 = gmm_fp8_wgrad(h_q[F:], h_s[:, F:], *x_c, counts_E, out_dtype=v1.dtype, rows=N).view(v1.shape)
+            grad_v1 = _fp8_weight_grad_or_add(acc_v1, (h_q[F:], h_s[:, F:]), x_c, counts_E, N, v1)
     return grad_x, grad_w1, grad_v1, grad_w2
 
 

@@ -73,21 +73,31 @@ def test_fp8_dmoe_weight_grads_go_to_main_grad(form):
 
 
 # The FP8 one-node form (GLU experts): w1 and v1 apart, stacked (F a multiple of 128), and with its
-# weight gradients in FP8 (added into main_grad after they are made).
+# weight gradients in FP8 (added into main_grad by the FP8 weight-gradient product's epilogue).
 FP8_NODE_FORMS = {
     "apart": dict(SHAPE),
     "stacked": dict(SHAPE, ffn_hidden_size=128),
     "fp8-weight-grad": dict(SHAPE, kernel_policy=KernelPolicy(fp8_weight_grad=True)),
+    "fp8-weight-grad-stacked": dict(SHAPE, ffn_hidden_size=128, kernel_policy=KernelPolicy(fp8_weight_grad=True)),
 }
 
 
 @pytest.mark.parametrize("form", list(FP8_NODE_FORMS))
-def test_fp8_node_weight_grads_go_to_main_grad(form):
+def test_fp8_node_weight_grads_go_to_main_grad(form, monkeypatch):
     skip_unavailable("triton", DTYPE)
+    from megablocks.ops import grouped_glu
+
     torch.manual_seed(0)
     layer = dMoE(make_args("triton", DTYPE, fp8="blockwise", mlp_type="glu", **FP8_NODE_FORMS[form]))
     assert layer.experts.mlp._fp8_node()
+    calls = []  # the FP8 weight-gradient products: into main_grad (in their epilogue) or not
+    real = grouped_glu.gmm_fp8_wgrad
+    monkeypatch.setattr(grouped_glu, "gmm_fp8_wgrad",
+                        lambda *a, **k: calls.append(k.get("accumulate_into") is not None) or real(*a, **k))
     _check_main_grads(layer, 3)
+    fp8_wgrad = layer.args.kernel_policy.fp8_weight_grad
+    # Each of two micro-batches: the layer's three into main_grad, then its copy's three into .grad.
+    assert calls == (([True] * 3 + [False] * 3) * 2 if fp8_wgrad else []), calls
 
 
 def _check_main_grads(layer, num_experts_weights: int):

@@ -1130,6 +1130,42 @@ def test_gmm_fp8_wgrad_k_major(sizes, N, K):
         fp8.gmm_fp8_wgrad(a_q, a_s, b_q, b_s, bs, config=dict(wgmma=False))
 
 
+@pytest.mark.parametrize("layout", ["row-major", "k-major"])
+@pytest.mark.parametrize("sizes, N, K", [
+    ([130, 0, 256, 1], 72, 200),  # groups over and under 128 rows, an empty one; sizes off the blocks
+    ([0, 0], 16, 16),            # no rows at all: the accumulator unchanged
+], ids=["hostile", "empty"])
+def test_gmm_fp8_wgrad_accumulates_into(sizes, N, K, layout):
+    """`accumulate_into` (gradient-accumulation fusion): the gradient added into an fp32
+    [E, N, K] tensor by the kernel's epilogue, which is returned: bit for bit the tensor plus the
+    fp32 gradient computed apart (one fp32 addition an element either way), in both layouts (on an
+    sm_90 GPU the K-major one is the Gluon form, also with its epilogue overlapped); the
+    accumulator checked."""
+    g = torch.Generator().manual_seed(sum(sizes) + 7 * N)
+    M = sum(sizes)
+    a = torch.randn(M, N, generator=g).to(DEVICE)
+    b = torch.randn(M, K, generator=g).to(DEVICE)
+    bs = torch.tensor(sizes, device=DEVICE)
+    transposed = layout == "k-major"
+    ops = (*fp8.quantize_cols_grouped(a, bs, transposed=transposed),
+           *fp8.quantize_cols_grouped(b, bs, transposed=transposed))
+    rows = M if transposed else None
+    start = torch.randn(len(sizes), N, K, generator=g).to(DEVICE)
+    apart = start + fp8.gmm_fp8_wgrad(*ops, bs, out_dtype=torch.float32, rows=rows)
+    configs = [None] + ([dict(overlap_epilogue=True)] if transposed and DEVICE == "cuda" else [])
+    for config in configs:
+        acc = start.clone()
+        got = fp8.gmm_fp8_wgrad(*ops, bs, rows=rows, config=config, accumulate_into=acc)
+        assert got is acc
+        assert torch.equal(acc, apart), config
+    with pytest.raises(TypeError, match="accumulate_into: expected dtype in \\(float32\\)"):
+        fp8.gmm_fp8_wgrad(*ops, bs, rows=rows, accumulate_into=start.half())
+    with pytest.raises(ValueError, match="accumulate_into: expected a contiguous \\[E, N, K\\]"):
+        fp8.gmm_fp8_wgrad(*ops, bs, rows=rows, accumulate_into=start[:, :, :-1])
+    with pytest.raises(ValueError, match="accumulate_into: expected a contiguous"):
+        fp8.gmm_fp8_wgrad(*ops, bs, rows=rows, accumulate_into=start.transpose(1, 2).contiguous().transpose(1, 2))
+
+
 @pytest.mark.skipif(not (DEVICE == "cuda" and fp8_wgmma.available()), reason="the Gluon form runs on a GPU")
 @pytest.mark.parametrize("stages", [4, 2])
 @pytest.mark.parametrize("sizes, N, K", [

@@ -222,8 +222,15 @@ for dtype in (torch.bfloat16, torch.float32):
               types={n: "*fp8e4nv" for n in ("qc_ptr", "q1_ptr", "q2_ptr")}
               | {n: "*fp32" for n in ("sc_ptr", "s1_ptr", "s2_ptr")})
     check(f"fp8 weight gradient into {dtype}", F8._gmm_fp8_wgrad_kernel, ELEMENT[dtype],
-          dict(BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128), 8, 3,
+          dict(BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, ACCUMULATE=False), 8, 3,
           types={"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "as_ptr": "*fp32", "bs_ptr": "*fp32"})
+    # The K-major form (the Triton kernel where the Gluon one does not apply), added into an fp32
+    # gradient (gradient-accumulation fusion) and written.
+    for accumulate in (False, True) if dtype == torch.float32 else (False,):
+        check(f"fp8 weight gradient, K-major, into {dtype}" + (" accumulating" if accumulate else ""),
+              F8._gmm_fp8_wgrad_kmajor_kernel, ELEMENT[dtype],
+              dict(BLOCK_N=128, BLOCK_K=128, QB=F8.Q, BLOCK_E=128, USE_TMA=True, ACCUMULATE=accumulate), 8, 4,
+              types={"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "as_ptr": "*fp32", "bs_ptr": "*fp32"})
 # The Gluon form of the FP8 GEMM (`wgmma`) at 4 and 6 stages, where this Triton ships Gluon's
 # Hopper language, and the table of its row tiles.
 from megablocks.backend import fp8_wgmma as FW
@@ -258,18 +265,21 @@ if FW.available():
                   source=GluonASTSource, options={"maxnreg": FW.WS_TILES[(block_m, block_n)]})
     # The weight gradient's warp-specialized form (two consumers, blocks in pairs), with each
     # tile's output stored after the next tile's first product is issued (OVERLAP) and without.
-    for dtype, overlap in ((torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)):
+    for dtype, overlap, accumulate in ((torch.bfloat16, False, False), (torch.float32, False, False),
+                                       (torch.bfloat16, True, False), (torch.float32, True, True)):
         for stages in (2, 4):
             a_desc = "tensordesc<fp8e4nv[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
                                                                                              FW.gl.float8e4nv)
-            tma_out = FW.tma_store_fits(128, stages, dtype)
+            tma_out = FW.tma_store_fits(128, stages, dtype) and not accumulate
             out_desc = ("tensordesc<bf16[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
                                                                                                 FW.gl.bfloat16)
                         if tma_out else a_desc)
             check(f"fp8 weight gradient wgmma warp-specialized into {dtype} stages={stages}"
-                  + (" TMA store" if tma_out else "") + (" overlapped epilogue" if overlap else ""),
+                  + (" TMA store" if tma_out else "") + (" overlapped epilogue" if overlap else "")
+                  + (" accumulating" if accumulate else ""),
                   FW._gmm_fp8_wgrad_ws_kernel, ELEMENT[dtype],
-                  dict(BLOCK_N=128, STAGES=stages, GROUP_N=8, CONSUMERS=2, QB=F8.Q, TMA_OUT=tma_out, OVERLAP=overlap),
+                  dict(BLOCK_N=128, STAGES=stages, GROUP_N=8, CONSUMERS=2, QB=F8.Q, TMA_OUT=tma_out, OVERLAP=overlap,
+                       ACCUMULATE=accumulate),
                   4, stages,
                   types={"a_desc": a_desc, "b_desc": DESC, "as_ptr": "*fp32", "bs_ptr": "*fp32", "table_ptr": "*i32",
                          "out_desc": out_desc},
