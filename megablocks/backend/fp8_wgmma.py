@@ -545,8 +545,9 @@ if _gluon:
         16 blocks (a tile's K loop runs over one expert's rows). Here the accumulator is kept
         until the next tile has issued its first product, then stored (TMA or masked, as
         `_wg_consumer`) and zeroed; the first pair of blocks (or the one block) is taken before
-        the loop, so that the loop's body is `_wg_consumer`'s. The same arithmetic in the same
-        order: the same bits."""
+        the loop, so that the loop's body is `_wg_consumer`'s; and each tile's entry of the
+        experts' table is read one tile ahead. The same arithmetic in the same order: the same
+        bits."""
         ROWS: gl.constexpr = 64
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, QB, 32])
@@ -559,8 +560,16 @@ if _gluon:
         # The tile whose output acc holds, not yet stored (-1: none); one int carried, its expert,
         # rows and columns found again when it is stored (fewer registers live through the loop).
         prev = gl.program_id(0) * 0 - 1
+        # Each tile's first block and block count (the expert's entry of the table) read one tile
+        # ahead, so that the next tile's first product is not issued behind a global load.
+        per_expert = num_n_tiles * num_k_tiles
+        ahead = gl.minimum(gl.program_id(0), num_tiles - 1) // per_expert
+        nxt_blk0, nxt_nblocks = gl.load(table_ptr + 2 * ahead), gl.load(table_ptr + 2 * ahead + 1)
         for tile in range(gl.program_id(0), num_tiles, num_programs):
-            e, n0, k0, blk0, nblocks = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N, QB)
+            e, n0, k0, _, _ = _wg_tile(tile, table_ptr, num_n_tiles, num_k_tiles, BLOCK_N, GROUP_N, QB)
+            blk0, nblocks = nxt_blk0, nxt_nblocks
+            ahead = gl.minimum(tile + num_programs, num_tiles - 1) // per_expert
+            nxt_blk0, nxt_nblocks = gl.load(table_ptr + 2 * ahead), gl.load(table_ptr + 2 * ahead + 1)
             offs_n = n0 + HALF * ROWS + gl.arange(0, ROWS, layout=rows_layout)
             n_ok = offs_n < N
             offs_k = k0 + gl.arange(0, QB, layout=flat_layout)
