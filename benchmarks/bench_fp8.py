@@ -64,6 +64,7 @@ what was allocated before, less the gradients).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -783,6 +784,24 @@ def build_pair(name, device, dtype=torch.bfloat16):
     return layer, bf16.train(), fp8_layer.train()
 
 
+@contextlib.contextmanager
+def fp8_weight_grads(module, two_passes=None, overlap=None):
+    """The FP8 layer `module` with its weight gradients in FP8 (`KernelPolicy.fp8_weight_grad`),
+    the GLU gradient's operands in two passes or one (`fp8_weight_grad_glu_two_passes`) and the
+    Gluon weight gradient's epilogue overlapped or not (`backend.fp8._WGRAD_LAUNCH`) where given
+    (None: as they are); the policy and the launch restored after."""
+    policy, launch = module.args.kernel_policy, dict(fp8_backend._WGRAD_LAUNCH)
+    forms = {} if two_passes is None else dict(fp8_weight_grad_glu_two_passes=two_passes)
+    module.args.kernel_policy = dataclasses.replace(policy, fp8_weight_grad=True, **forms)
+    if overlap is not None:
+        fp8_backend._WGRAD_LAUNCH["overlap_epilogue"] = overlap
+    try:
+        yield
+    finally:
+        module.args.kernel_policy = policy
+        fp8_backend._WGRAD_LAUNCH.update(launch)
+
+
 def layer_step(name, device, dtype=torch.bfloat16):
     """One row: the bf16 and FP8 layers' training steps (ms, median), extra peak memory and the
     FP8 layer's relative rms error against the bf16 layer (output and input gradient)."""
@@ -819,28 +838,23 @@ def layer_step(name, device, dtype=torch.bfloat16):
             step()  # the weight cache holds this form's entries only (not the composed ops' too)
             row["fp8_gathered_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
             module.args.kernel_policy = policy
-            # The FP8 node with its weight gradients in FP8 too (`KernelPolicy.fp8_weight_grad`).
-            module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, fp8_weight_grad=True)
-            row["fp8_wgrad_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
-            wgrad_policy = module.args.kernel_policy  # the GLU gradient's operands in the other form
-            module.args.kernel_policy = dataclasses.replace(
-                wgrad_policy, fp8_weight_grad_glu_two_passes=not wgrad_policy.fp8_weight_grad_glu_two_passes)
-            row["fp8_wgrad_other_glu_form_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
-            module.args.kernel_policy = wgrad_policy
-            launch = dict(fp8_backend._WGRAD_LAUNCH)  # the FP8 weight gradients' other epilogue form
-            fp8_backend._WGRAD_LAUNCH["overlap_epilogue"] = not launch["overlap_epilogue"]
-            row["fp8_wgrad_other_epilogue_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
-            module.args.kernel_policy = dataclasses.replace(  # both the other forms
-                wgrad_policy, fp8_weight_grad_glu_two_passes=not wgrad_policy.fp8_weight_grad_glu_two_passes)
-            row["fp8_wgrad_other_forms_cached_ms"] = timed(cache_step)[0] if device == "cuda" else float("nan")
-            module.args.kernel_policy = wgrad_policy
-            fp8_backend._WGRAD_LAUNCH.update(launch)
-            row["fp8_wgrad_ms"] = timed(step)[0] if device == "cuda" else float("nan")
-            row["fp8_wgrad_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
-            bench_dmoe.clear_grads(inputs)
-            module(x).backward(g)
-            results["fp8_wgrad"] = [p.grad.float().clone() for p in module.experts.mlp.parameters()]
-            module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, fp8_weight_grad=False)
+            # The FP8 node with its weight gradients in FP8 too (`KernelPolicy.fp8_weight_grad`), in
+            # the forms in use and in the other forms of the GLU gradient's operands and the epilogue.
+            other_two = not module.args.kernel_policy.fp8_weight_grad_glu_two_passes
+            other_overlap = not fp8_backend._WGRAD_LAUNCH["overlap_epilogue"]
+            nan = float("nan")
+            for key, forms in (("fp8_wgrad_other_glu_form_cached_ms", dict(two_passes=other_two)),
+                               ("fp8_wgrad_other_epilogue_cached_ms", dict(overlap=other_overlap)),
+                               ("fp8_wgrad_other_forms_cached_ms", dict(two_passes=other_two, overlap=other_overlap))):
+                with fp8_weight_grads(module, **forms):
+                    row[key] = timed(cache_step)[0] if device == "cuda" else nan
+            with fp8_weight_grads(module):
+                row["fp8_wgrad_cached_ms"] = timed(cache_step)[0] if device == "cuda" else nan
+                row["fp8_wgrad_ms"] = timed(step)[0] if device == "cuda" else nan
+                row["fp8_wgrad_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
+                bench_dmoe.clear_grads(inputs)
+                module(x).backward(g)
+                results["fp8_wgrad"] = [p.grad.float().clone() for p in module.experts.mlp.parameters()]
         bench_dmoe.clear_grads(inputs)
         out = module(x)
         out.backward(g)
@@ -900,32 +914,27 @@ def layer_accumulate_row(name, device, micro_batches=8, dtype=torch.bfloat16):
             elif hasattr(p, "main_grad"):
                 del p.main_grad
 
-    fp8_policy = fp8_layer.args.kernel_policy
-    wgrad_policy = dataclasses.replace(fp8_policy, fp8_weight_grad=True, fp8_weight_grad_glu_two_passes=True)
-    launch = dict(fp8_backend._WGRAD_LAUNCH)
     row, summed = {"config": name, "micro_batches": micro_batches}, {}
     try:
         for form in ("fused", "grad"):
             set_fusion(form == "fused")
             for label, module in (("bf16", bf16), ("fp8", fp8_layer), ("fp8_wgrad", fp8_layer)):
-                wgrad = label == "fp8_wgrad"
-                fp8_layer.args.kernel_policy = wgrad_policy if wgrad else fp8_policy
-                fp8_backend._WGRAD_LAUNCH["overlap_epilogue"] = wgrad or launch["overlap_epilogue"]
-                run = window(module)
-                run()  # compiled, and the gradients of one window kept below
-                if form == "fused":
-                    if any(p.grad is not None for p in experts):
-                        raise AssertionError(f"{label}: a fused expert weight's gradient came back as .grad")
-                    summed[label, form] = [p.main_grad.clone() for p in experts]
-                    for p in experts:
-                        p.main_grad.zero_()
-                else:
-                    summed[label, form] = [p.grad.float().clone() for p in experts]
-                ms = timed(run, warmup=200, rep=2000)[0] / micro_batches if device == "cuda" else float("nan")
+                forms = (fp8_weight_grads(fp8_layer, two_passes=True, overlap=True) if label == "fp8_wgrad"
+                         else contextlib.nullcontext())
+                with forms:
+                    run = window(module)
+                    run()  # compiled, and the gradients of one window kept below
+                    if form == "fused":
+                        if any(p.grad is not None for p in experts):
+                            raise AssertionError(f"{label}: a fused expert weight's gradient came back as .grad")
+                        summed[label, form] = [p.main_grad.clone() for p in experts]
+                        for p in experts:
+                            p.main_grad.zero_()
+                    else:
+                        summed[label, form] = [p.grad.float().clone() for p in experts]
+                    ms = timed(run, warmup=200, rep=2000)[0] / micro_batches if device == "cuda" else float("nan")
                 row[f"{label}_{form}_ms"] = ms
     finally:
-        fp8_layer.args.kernel_policy = fp8_policy
-        fp8_backend._WGRAD_LAUNCH.update(launch)
         set_fusion(False)
     rel = lambda a, b: max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b))  # noqa: E731
     for form in ("fused", "grad"):
@@ -950,21 +959,13 @@ def _warm_layer_steps(name):
     x = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16)
     inputs = [x, *bf16.parameters()]
-    launch = dict(fp8_backend._WGRAD_LAUNCH)
-    try:
-        for label, module in (("bf16", bf16), ("fp8", fp8_layer), ("fp8_wgrad", fp8_layer),
-                              ("fp8_wgrad_new_forms", fp8_layer)):
-            if label == "fp8_wgrad":
-                module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy, fp8_weight_grad=True)
-            if label == "fp8_wgrad_new_forms":
-                module.args.kernel_policy = dataclasses.replace(module.args.kernel_policy,
-                                                                fp8_weight_grad_glu_two_passes=True)
-                fp8_backend._WGRAD_LAUNCH["overlap_epilogue"] = True
+    for label, module, forms in (("bf16", bf16, contextlib.nullcontext()), ("fp8", fp8_layer, contextlib.nullcontext()),
+                                 ("fp8_wgrad", fp8_layer, fp8_weight_grads(fp8_layer)),
+                                 ("fp8_wgrad_new_forms", fp8_layer, fp8_weight_grads(fp8_layer, True, True))):
+        with forms:
             step, _ = bench_dmoe.steps(module, "fwdbwd", False, x, g, inputs)
             step()
             yield label, step, inputs
-    finally:
-        fp8_backend._WGRAD_LAUNCH.update(launch)
 
 
 def layer_kernels(name, repeats=5):

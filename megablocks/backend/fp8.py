@@ -41,7 +41,7 @@ import triton.language as tl
 from megablocks._checks import INDEX_DTYPES, check_batch_size_values, check_tensor
 from megablocks.backend import cdiv, fp8_wgmma, next_power_of_2
 from megablocks.backend.activation import ACTIVATIONS, _act, _up
-from megablocks.backend.gmm import _group_table, _row_tile, _swizzle
+from megablocks.backend.gmm import _check_accumulator, _group_table, _row_tile, _swizzle
 from megablocks.backend.launch import (interpreted, pdl_launch, pdl_start, persistent_programs, prepare_tma,
                                        programs_to_fill, tma_ok)
 
@@ -1791,12 +1791,7 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
                                  f"layout), got {tuple(t.shape)}")
     sizes = _check_sizes(batch_sizes, a_q.device, M, "the rows of a_q" if rows is None else "rows")
     if accumulate_into is not None:
-        check_tensor("accumulate_into", accumulate_into, ndim=3, dtypes=(torch.float32,))
-        if tuple(accumulate_into.shape) != (E, N, K) or not accumulate_into.is_contiguous():
-            raise ValueError(f"accumulate_into: expected a contiguous [E, N, K] = {(E, N, K)} tensor, got "
-                             f"{tuple(accumulate_into.shape)} with strides {tuple(accumulate_into.stride())}")
-        if accumulate_into.device != a_q.device:
-            raise ValueError(f"accumulate_into: expected a tensor on {a_q.device}, got one on {accumulate_into.device}")
+        _check_accumulator(accumulate_into, (E, N, K), a_q.device, (torch.float32,), "[E, N, K] = ")
     for name, t, cols in (("a_s", a_s, N), ("b_s", b_s, K)):
         if tuple(t.shape) != (cdiv(M, Q) + E, cols):
             raise ValueError(f"{name}: expected [ceil(M/{Q}) + E, {cols}] = {(cdiv(M, Q) + E, cols)} scales, "

@@ -791,9 +791,9 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
     num_n_tiles, num_k_tiles = triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)
     num_tiles = E * num_n_tiles * num_k_tiles
     programs = max(1, min(num_programs, num_tiles))
-    # A 16-bit contiguous gradient's full 64-row pieces go out by TMA (out viewed as [E * N, K]).
-    tma_out = tma_store and not accumulate and out.is_contiguous()
-    out_desc = _tma_out_desc(out.view(E * N, K), True, BLOCK, stages) if tma_out else None
+    # A 16-bit contiguous gradient's full 64-row pieces go out by TMA (out viewed as [E * N, K]); an
+    # accumulated one is float32, never by TMA.
+    out_desc = _tma_out_desc(out.view(E * N, K), tma_store, BLOCK, stages) if out.is_contiguous() else None
     _gmm_fp8_wgrad_ws_kernel[(programs,)](
         a_desc, b_desc, a_s, b_s, out, table, a_desc if out_desc is None else out_desc,  # (a_desc: not read)
         N, K, num_tiles, num_n_tiles, num_k_tiles, programs,

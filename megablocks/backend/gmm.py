@@ -556,7 +556,7 @@ def triton_gmm(
         if accumulate_into is None:
             out = torch.empty(shape, dtype=a.dtype, device=a.device)
         else:
-            _check_accumulator(accumulate_into, shape, a)
+            _check_accumulator(accumulate_into, shape, a.device, (a.dtype, torch.float32))
             out = accumulate_into
         if a_rows is not None and T == 0:  # every mapped row reads as zeros
             return out if accumulate_into is not None else out.zero_()
@@ -623,15 +623,14 @@ def triton_gmm(
     return out
 
 
-def _check_accumulator(acc: torch.Tensor, shape: tuple, a: torch.Tensor) -> None:
-    """`accumulate_into` of the variable-K form: contiguous, of the product's shape, a's dtype or
-    float32, on a's device."""
-    if (not isinstance(acc, torch.Tensor) or tuple(acc.shape) != tuple(shape) or not acc.is_contiguous()
-            or acc.dtype not in (a.dtype, torch.float32) or acc.device != a.device):
-        got = (f"{tuple(acc.shape)} {acc.dtype} on {acc.device}, contiguous={acc.is_contiguous()}"
-               if isinstance(acc, torch.Tensor) else type(acc).__name__)
-        raise ValueError(f"accumulate_into: expected a contiguous {tuple(shape)} tensor of {a.dtype} or float32 "
-                         f"on {a.device}, got {got}")
+def _check_accumulator(acc: torch.Tensor, shape: tuple, device: torch.device, dtypes, what: str = "") -> None:
+    """`accumulate_into` of a weight-gradient product (the variable-K form's, the FP8 one's): a
+    tensor of `dtypes` (TypeError), contiguous, of the product's `shape` (named by `what`), on
+    `device` (ValueError)."""
+    check_tensor("accumulate_into", acc, dtypes=tuple(dict.fromkeys(dtypes)), numel_int32=False)
+    if tuple(acc.shape) != tuple(shape) or not acc.is_contiguous() or acc.device != device:
+        raise ValueError(f"accumulate_into: expected a contiguous {what}{tuple(shape)} tensor on {device}, got "
+                         f"{tuple(acc.shape)} on {acc.device}, contiguous={acc.is_contiguous()}")
 
 
 # --------------------------------------------------------------------------------------------
