@@ -29,6 +29,13 @@ Contract of `gmm_fp8`: non-negative batch sizes summing to at most M, rows past 
 written as zeros; sizes that break it are refused where values are checked (CPU tensors, or
 MEGABLOCKS_CHECK_VALUES=1: `megablocks._checks`), and elsewhere the kernel stays in bounds
 (negative sizes count as 0, groups are clipped at row M).
+
+Floating-point contraction. Every launch here (and in `fp8_wgmma`) passes `enable_fp_fusion=True`
+rather than relying on Triton's default, which is to change to off: each promotion
+`acc + product * scale` is then one FFMA a value, as it was measured and tested. Unfused, the
+products' promoting loops compile to an FMUL and an FADD a value (twice the instructions on the
+consumers' path, compiled for sm_90a) and round twice; the GLU and the activations' math rounds
+differently.
 """
 
 import math
@@ -806,6 +813,7 @@ def quantize_rows(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         _quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
             x_MK, q, s, M, K, x_MK.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, QB=Q,
             CAST=_hardware_cast(x_MK), num_warps=4,
+            enable_fp_fusion=True,
         )
     return q, s
 
@@ -869,6 +877,7 @@ def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
             s.stride(0), a.stride(0) if return_product else 0,
             ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=launch["num_warps"], WRITE_A=return_product,
             CAST=_hardware_cast(h1_MK), **pdl_launch(h1_MK),
+            enable_fp_fusion=True,
         )
     return (q, s, a) if return_product else (q, s)
 
@@ -932,6 +941,7 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
             grad_MK, h1_MK, h2_MK, q1, s1, q2, s2, M, K, grad_MK.stride(0), h1_MK.stride(0), h2_MK.stride(0),
             q1.stride(0), s1.stride(0), q2.stride(0), s2.stride(0),
             ACTIVATION=activation, BLOCK_M=block_m, QB=Q, CAST=_hardware_cast(h1_MK), num_warps=launch["num_warps"],
+            enable_fp_fusion=True,
         )
     return (q1, s1), (q2, s2)
 
@@ -1022,6 +1032,7 @@ def gather_quantize_rows(x_TK: torch.Tensor, assignment_row_N: torch.Tensor, top
         rows_NK.stride(0) if return_rows else 0,
         TOP_K=top_k, BLOCK_T=block_t, QB=Q, HAS_WEIGHTS=weights_N is not None, WRITE_ROWS=return_rows,
         CAST=_hardware_cast(x_TK), num_warps=launch["num_warps"], **pdl_launch(x_TK),
+        enable_fp_fusion=True,
     )
     return result
 
@@ -1101,6 +1112,7 @@ def quantize_blocks(w_ENK: torch.Tensor, transposed: bool = False, out: Optional
             # 8 warps, 16 with the transposed copy: mixtral's weight 0.489 / 0.869 ms (integer
             # bytes), against 0.578 / 1.194 with 4 warps and 0.501 / 0.902 with the other (H200).
             num_warps=16 if transposed else 8,
+            enable_fp_fusion=True,
         )
     return (q, s, t) if transposed else (q, s)
 
@@ -1359,6 +1371,7 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
         BLOCK_E=max(2, next_power_of_2(E)), GROUP_M=cfg["group_m"], USE_TMA=use_tma, W_K_MAJOR=w_k_major,
         WARP_SPECIALIZE=bool(cfg["warp_specialize"]) and use_tma, SWAP_AB=bool(cfg["swap_ab"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(x_q),
+        enable_fp_fusion=True,
     )
     return out
 
@@ -1441,6 +1454,7 @@ def _glu_decode(x, x_s, row_assignment, top_k: int, M: int, w1_q, w1_s, batch_si
         ACTIVATION=activation, H_DTYPE=_TL_DTYPES[out_dtype], BLOCK_M=block_m, BLOCK_K=Q, QB=Q,
         BLOCK_E=max(2, next_power_of_2(E)), CAST=_hardware_cast(x), GATHER=gather, TOP_K=top_k,
         num_warps=launch["num_warps"], num_stages=launch["num_stages"], **pdl_launch(x),
+        enable_fp_fusion=True,
     )
     return q, s
 
@@ -1523,6 +1537,7 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
             x_MK, q, s, sizes, M, K, E, x_MK.stride(0), q.stride(0), s.stride(0),
             QB=Q, BLOCK_K=block_k, BLOCK_E=max(2, next_power_of_2(E)), TRANSPOSED=transposed,
             CAST=_hardware_cast(x_MK), num_warps=4,
+            enable_fp_fusion=True,
         )
     return q, s
 
@@ -1567,6 +1582,7 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
         MODE=mode, ACTIVATION=activation, TOP_K=top_k, QB=Q, CH=ch, BK=bk,
         BLOCK_E=max(2, next_power_of_2(E)), CAST=_hardware_cast(x), num_warps=launch["num_warps"],
         num_stages=launch["num_stages"],
+        enable_fp_fusion=True,
     )
     return q_c, s_c
 
@@ -1824,6 +1840,7 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
             a_q.stride(0), a_s.stride(0), b_q.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
             BLOCK_N=block, BLOCK_K=block, QB=Q, BLOCK_E=max(2, next_power_of_2(E)), USE_TMA=use_tma,
             ACCUMULATE=accumulate, num_warps=8 if block == 128 else 4, num_stages=4 if block == 128 else 1,
+            enable_fp_fusion=True,
         )
         return out
     _gmm_fp8_wgrad_kernel[(E, cdiv(N, block) * cdiv(K, block))](
@@ -1831,6 +1848,7 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
         a_q.stride(0), a_s.stride(0), b_q.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
         BLOCK_N=block, BLOCK_K=block, QB=Q, BLOCK_E=max(2, next_power_of_2(E)), ACCUMULATE=accumulate,
         num_warps=8 if block == 128 else 4, num_stages=3,
+        enable_fp_fusion=True,
     )
     return out
 

@@ -750,6 +750,7 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
             CONSUMERS=block_m // 64, TMA_OUT=out_desc is not None, num_warps=4, maxnreg=WS_TILES[(block_m, BLOCK)],
+            enable_fp_fusion=True,
         )
         return out
     _gmm_fp8_wgmma_kernel[(programs,)](
@@ -758,6 +759,7 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
         x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
         BLOCK_M=BLOCK, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
         num_warps=num_warps,
+        enable_fp_fusion=True,
     )
     return out
 
@@ -801,5 +803,6 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
         BLOCK_N=BLOCK, STAGES=stages, GROUP_N=group_n, CONSUMERS=2, QB=BLOCK, TMA_OUT=out_desc is not None,
         OVERLAP=bool(overlap), ACCUMULATE=bool(accumulate), num_warps=4,
         maxnreg=WS_TILES[(BLOCK, BLOCK)],
+        enable_fp_fusion=True,
     )
     return out

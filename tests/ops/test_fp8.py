@@ -1363,3 +1363,28 @@ def test_fp8_gmm_trains():
         loss.backward()
         opt.step()
     assert loss.item() < 0.02 * first, (first, loss.item())
+
+
+def test_fp8_launches_pin_floating_point_contraction():
+    """Every FP8 kernel launch passes `enable_fp_fusion=True` (backend/fp8.py's docstring): the
+    products' promotions compile to one FFMA a value only with contraction on, and Triton's
+    default is to turn it off. The table-building kernels (integers only) are exempt."""
+    import ast
+    import inspect
+    integer_only = {"_row_tiles_kernel", "_group_blocks_kernel"}
+    launches, unpinned = [], []
+    for module in (fp8_backend, fp8_wgmma):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("_kernel")):
+                continue
+            name = node.func.value.id
+            if name in integer_only:
+                continue
+            launches.append(name)
+            pinned = [k for k in node.keywords if k.arg == "enable_fp_fusion"]
+            if not (pinned and isinstance(pinned[0].value, ast.Constant) and pinned[0].value.value is True):
+                unpinned.append(f"{module.__name__}.{name} (line {node.lineno})")
+    assert {"_gmm_fp8_kernel", "_gmm_fp8_wgrad_kernel", "_gmm_fp8_ws_kernel", "_gmm_fp8_wgrad_ws_kernel",
+            "_quantize_rows_kernel", "_glu_quantize_rows_kernel"} <= set(launches), launches
+    assert not unpinned, f"FP8 launches without enable_fp_fusion=True: {unpinned}"
