@@ -3,6 +3,7 @@
     python benchmarks/host_costs.py --configs qwen3_t64,mb_paper --contenders grouped_triton,sparse
     python benchmarks/host_costs.py --configs mixtral --profile     # also kernel gaps and cProfile
     python benchmarks/host_costs.py --serving qwen3moe,mixtral --profile   # fused_moe, bf16 and FP8
+    python benchmarks/host_costs.py --fp8-layers dmoe_125m,mb_paper,mixtral  # bf16 and FP8 layer steps
 
 First what one Triton launch, one allocation, one torch launch and one autograd Function call cost
 the host. Then, for each (config, contender) of bench_dmoe, the fwdbwd step (`.grad` None,
@@ -11,6 +12,13 @@ forward and backward apart), whether it syncs with the device (sync debug mode; 
 the device held busy by queued work; new allocator segments). With `--profile` (or
 HOST_PROFILE=1): the step's wall and kernel time, the largest idle gaps between kernels with
 the kernels on either side, and the host functions with the most time of their own (cProfile).
+
+`--fp8-layers`: the bf16 grouped layer's training step against the same layer in FP8
+(`fp8='blockwise'`, the weights cached, and quantized again each step as after an optimizer
+step): the host's µs to issue each step back to back behind a busy device, against the device's
+own kernel time a step. Where the first is the larger, an eager loop of such steps waits on the
+host, not the device, and FP8's faster products cannot show. `dmoe_125m` is the exp/ trainer's
+expert layer (16 x 1024 tokens a micro-batch, 64 experts of 768 x 3072, top-1, gelu).
 """
 
 import argparse
@@ -252,12 +260,69 @@ def serving_report(name: str, tokens: int, profile: bool):
             print_host_profile(call, orders=("tottime",), lines=30)
 
 
+# The exp/ trainer's dmoe_125m expert layer (exp/configs/dmoe_125m.json at scripts/fp8_train_gpu.sh's
+# micro-batch of 16 x 1024 tokens): T, H, F, E, top_k, mlp_type, activation.
+TRAINER_LAYERS = {"dmoe_125m": (16 * 1024, 768, 3072, 64, 1, "mlp", "gelu_tanh")}
+
+
+def fp8_layer_report(name: str, profile: bool) -> dict:
+    """The host's and the device's time a training step (forward and `.backward()` into `.grad`) of
+    layer `name` in bf16 and in FP8 (weights cached; quantized each step): µs to issue a step
+    back to back behind a busy device (`issue_us`), and the kernels' ms a step (`kernel_profile`);
+    `host_bound` where the first exceeds the second."""
+    import dataclasses
+
+    layers = bench_dmoe.all_layers(False)
+    if name in TRAINER_LAYERS:
+        T, H, F, E, k, mlp, act = TRAINER_LAYERS[name]
+        layer = bench_dmoe.Layer(name, T, H, F, E, k, mlp, act, False)
+    elif name in layers:
+        layer = layers[name]
+    else:
+        raise ValueError(f"--fp8-layers: expected names from {sorted([*layers, *TRAINER_LAYERS])}, got {name!r}")
+    torch.manual_seed(0)
+    bf16 = bench_dmoe.build_dmoe(layer, torch.bfloat16, "cuda", "grouped", "triton").train()
+    fp8_layer = type(bf16)(dataclasses.replace(bf16.args, fp8="blockwise")).train()
+    bench_dmoe.share_parameters(fp8_layer, bf16)
+    x = torch.randn(layer.T, layer.H, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    g = torch.randn(layer.T, layer.H, dtype=torch.bfloat16, device="cuda")
+    inputs = [x, *bf16.parameters()]
+    cached, _ = bench_dmoe.steps(fp8_layer, "fwdbwd", False, x, g, inputs)
+
+    def quantizing():  # the weights quantized again, as after an optimizer step
+        cache = fp8_layer.experts.mlp.__dict__.get("_fp8_weights")
+        if cache is not None:
+            cache.clear()
+        cached()
+
+    forms = {"bf16": bench_dmoe.steps(bf16, "fwdbwd", False, x, g, inputs)[0], "fp8_cached": cached,
+             "fp8_quantizing": quantizing}
+    row = {"layer": name}
+    for label, step in forms.items():
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        issue = issue_us(step, calls=10)
+        kernels_ms, _ = kernel_profile(step)
+        row[f"{label}_issue_ms"] = issue / 1e3
+        row[f"{label}_kernels_ms"] = kernels_ms
+        row[f"{label}_host_bound"] = issue / 1e3 > kernels_ms
+        print(f"{name} {label}: host issues a step in {issue / 1e3:.3f} ms (back to back, device busy); "
+              f"its kernels take {kernels_ms:.3f} ms{' -> HOST-BOUND' if issue / 1e3 > kernels_ms else ''}")
+        if profile:
+            print_host_profile(step, orders=("tottime",), lines=30)
+    return row
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--configs", default="qwen3_t64,mb_paper")
     p.add_argument("--contenders", default="grouped_triton,sparse,torch_grouped_mm")
     p.add_argument("--profile", action="store_true", default=bool(os.environ.get("HOST_PROFILE")),
                    help="also the kernel gaps and a cProfile of each step")
+    p.add_argument("--fp8-layers", default="",
+                   help="bench_dmoe layers (comma-separated; also dmoe_125m, the exp/ trainer's) whose bf16 and "
+                        "FP8 training steps' host and kernel times are reported instead of the contenders'")
     p.add_argument("--serving", default="",
                    help="bench_fp8 configs (comma-separated) whose fused_moe calls, bf16 and FP8 at T = 64 and "
                         "4096, are reported instead of the training steps")
@@ -267,6 +332,10 @@ def main():
         for config in args.serving.split(","):
             for tokens in (64, 4096):
                 serving_report(config, tokens, args.profile)
+        return
+    if args.fp8_layers:
+        for config in args.fp8_layers.split(","):
+            fp8_layer_report(config, args.profile)
         return
     layers = bench_dmoe.all_layers(False)
     for config in args.configs.split(","):
