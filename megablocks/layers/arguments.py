@@ -108,7 +108,8 @@ class Arguments:
             e4m3, 1 x 128 activation tiles, 128 x 128 weight blocks; `megablocks.ops.fp8.fp8_gmm`):
             the forward products and the input gradients in FP8, the weight gradients from the
             unquantized operands; each weight quantized once per optimizer step. Needs
-            mlp_impl='grouped'; the inference form is not taken. GLU experts in training run
+            mlp_impl='grouped' (or 'auto'): the block-sparse path has no FP8 form (README, "FP8
+            experts"); the inference form is not taken. GLU experts in training run
             as one node reading the token rows (`megablocks.ops.grouped_glu.fp8_grouped_glu_experts`,
             the policy's `one_node_experts` and `fused_gather`).
         loss_collector: where the layers record what the batched losses need; None uses the
@@ -246,7 +247,8 @@ class Arguments:
         _check_choice("gmm_backend", self.gmm_backend, GMM_BACKENDS)
         _check_choice("fp8", self.fp8, FP8_RECIPES)
         if self.fp8 is not None and self.mlp_impl != "grouped":
-            raise ValueError(f"fp8: the {self.fp8!r} recipe runs on mlp_impl='grouped', got mlp_impl={self.mlp_impl!r}")
+            raise ValueError(f"fp8: the {self.fp8!r} recipe runs on mlp_impl='grouped' (or 'auto'); the "
+                             f"block-sparse path has no FP8 form; got mlp_impl={self.mlp_impl!r}")
         _check_choice("moe_router_score_function", self.moe_router_score_function, ROUTER_SCORE_FUNCTIONS)
         _check_int("moe_block_size", self.moe_block_size, 1)
         if self.moe_block_size not in BLOCK_SIZES:

@@ -7,6 +7,7 @@ each weight quantized once per optimizer step, and the arguments refused where t
 not run.
 """
 
+import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,8 +185,11 @@ def test_copied_layer_quantizes():
 
 
 def test_fp8_arguments():
-    with pytest.raises(ValueError, match="mlp_impl='grouped'"):
+    with pytest.raises(ValueError, match="mlp_impl='grouped' \\(or 'auto'\\); the block-sparse path has no FP8"):
         make_args("sparse", fp8="blockwise")
+    # 'auto' resolves to the grouped path, which runs FP8.
+    auto = dataclasses.replace(make_args("triton"), mlp_impl="auto", fp8="blockwise")
+    assert auto.mlp_impl == "grouped" and auto.fp8 == "blockwise"
     with pytest.raises(ValueError, match="fp8"):
         make_args("triton", fp8="tensorwise")
     assert make_args("triton").fp8 is None
