@@ -42,9 +42,11 @@ class KernelPolicy:
             interleaved runs). In FP8 (with `fused_gather`, at any ffn size and number of rows)
             the node fuses the quantizers with the gather and the GLU and keeps no gathered rows;
             it keeps the GLU product as the bf16 node does, unless `memory_optimized_mlp`
-            (`fp8_grouped_glu_experts`; benchmarks/RESULTS.md). Its backward frees what it reads
-            as it goes (h written over by the GLU's gradient), so its graph runs backward once: a
-            second backward (`retain_graph=True`) raises; set this False for that.
+            (`fp8_grouped_glu_experts`; benchmarks/RESULTS.md). MLP experts in FP8 run as a node
+            too (`fp8_grouped_mlp_experts`: the gather and the activation, forward and backward,
+            quantized as they are made; not with `fp8_weight_grad`). Its backward frees what it
+            reads as it goes (h written over by the activation's gradient), so its graph runs
+            backward once: a second backward (`retain_graph=True`) raises; set this False for that.
         one_node_experts_max_rows: ... up to this many routed rows (T·K; not in FP8). The node's backward
             keeps its saved h1, h2 (and the product) until it ends, where the composed ops free
             each after its own backward: olmoe at T = 16384 (131072 rows) peaked 1.25 GiB higher,
@@ -66,13 +68,14 @@ class KernelPolicy:
             slow past a few tiles (qwen3moe, E = 128, K = 8: 23.7 µs at T = 64, work 65536,
             against 6 µs for the top-k kernel and the sort; mixtral, E = 8, K = 2: 6.1 µs at
             T = 64, work 8192); below the bound the launch it saves is worth more.
-        fp8_weight_grad: with `Arguments.fp8`, the FP8 node (`one_node_experts`) computes the
-            weight gradients in FP8 too (`gmm_fp8_wgrad`, DeepSeek-V3's 128 x 1 tiles down each
+        fp8_weight_grad: with `Arguments.fp8`, the GLU experts' FP8 node (`one_node_experts`)
+            computes the weight gradients in FP8 too (`gmm_fp8_wgrad`, DeepSeek-V3's 128 x 1 tiles down each
             expert's rows), their operands quantized in the passes that already read them; off
             (the default), from the unquantized operands. Not faster on the H200 (training step
             with the weights cached, mixtral 22.40 -> 22.34 ms, olmoe 8.44 -> 9.02; before the
             column quantizers took the hardware's cast, 23.39 -> 23.62 and 8.80 -> 10.28): the FP8
             products gain 0.4-0.7 ms, the operands' quantizers (0.3-2.7 TB/s) cost about as much.
+            MLP experts keep unquantized weight gradients (with this on, the composed FP8 ops).
         fp8_weight_grad_glu_two_passes: with `fp8_weight_grad` and w1 and v1 stacked, the GLU's
             gradient and its weight-gradient operand in two passes over h: the gradients written
             over it with their row tiles (`fp8.glu_backward_quantize_rows_`, 0.87 ms on mixtral's

@@ -198,17 +198,21 @@ def _glu_quantize_rows_kernel(
     M, K,
     stride_h1, stride_h2, stride_qm, stride_sm, stride_am,
     ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr, PDL: tl.constexpr = False,
-    WRITE_A: tl.constexpr = False, CAST: tl.constexpr = False,
+    WRITE_A: tl.constexpr = False, CAST: tl.constexpr = False, GATED: tl.constexpr = True,
 ):
     pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * QB + tl.arange(0, QB)
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     h1 = tl.load(h1_ptr + rows[:, None].to(tl.int64) * stride_h1 + cols[None, :], mask=mask, other=0.0)
-    h2 = tl.load(h2_ptr + rows[:, None].to(tl.int64) * stride_h2 + cols[None, :], mask=mask, other=0.0)
+    if GATED:
+        h2 = tl.load(h2_ptr + rows[:, None].to(tl.int64) * stride_h2 + cols[None, :], mask=mask, other=0.0)
     a, _ = _act(h1.to(tl.float32), ACTIVATION)
-    u, _ = _up(h2.to(tl.float32), ACTIVATION)
-    product = (a * u).to(h1_ptr.dtype.element_ty)
+    if GATED:
+        u, _ = _up(h2.to(tl.float32), ACTIVATION)
+        product = (a * u).to(h1_ptr.dtype.element_ty)
+    else:  # the MLP experts' activation alone (h2_ptr not read)
+        product = a.to(h1_ptr.dtype.element_ty)
     if WRITE_A:
         tl.store(a_ptr + rows[:, None].to(tl.int64) * stride_am + cols[None, :], product, mask=mask)
     x = tl.where(mask, product.to(tl.float32), 0.0)
@@ -226,6 +230,7 @@ def _glu_backward_quantize_rows_kernel(
     M, K,
     stride_g, stride_h1, stride_h2, stride_q1, stride_s1, stride_q2, stride_s2,
     ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr, CAST: tl.constexpr = False,
+    GATED: tl.constexpr = True,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * QB + tl.arange(0, QB)
@@ -233,19 +238,27 @@ def _glu_backward_quantize_rows_kernel(
     r64 = rows[:, None].to(tl.int64)
     g = tl.load(g_ptr + r64 * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     p1 = h1_ptr + r64 * stride_h1 + cols[None, :]
-    p2 = h2_ptr + r64 * stride_h2 + cols[None, :]
+    if GATED:
+        p2 = h2_ptr + r64 * stride_h2 + cols[None, :]
     h1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    h2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
-    a, da = _act(h1, ACTIVATION)
-    u, du = _up(h2, ACTIVATION)
-    d1 = (g * u * da).to(h1_ptr.dtype.element_ty)
-    d2 = (g * a * du).to(h1_ptr.dtype.element_ty)
-    tl.store(p1, d1, mask=mask)
-    tl.store(p2, d2, mask=mask)
-    _store_row_tiles(tl.where(mask, d1.to(tl.float32), 0.0), rows, cols, mask, M, q1_ptr, s1_ptr, stride_q1, stride_s1,
-                     CAST)
-    _store_row_tiles(tl.where(mask, d2.to(tl.float32), 0.0), rows, cols, mask, M, q2_ptr, s2_ptr, stride_q2, stride_s2,
-                     CAST)
+    if GATED:
+        h2 = tl.load(p2, mask=mask, other=0.0).to(tl.float32)
+        a, da = _act(h1, ACTIVATION)
+        u, du = _up(h2, ACTIVATION)
+        d1 = (g * u * da).to(h1_ptr.dtype.element_ty)
+        d2 = (g * a * du).to(h1_ptr.dtype.element_ty)
+        tl.store(p1, d1, mask=mask)
+        tl.store(p2, d2, mask=mask)
+        _store_row_tiles(tl.where(mask, d1.to(tl.float32), 0.0), rows, cols, mask, M, q1_ptr, s1_ptr, stride_q1,
+                         stride_s1, CAST)
+        _store_row_tiles(tl.where(mask, d2.to(tl.float32), 0.0), rows, cols, mask, M, q2_ptr, s2_ptr, stride_q2,
+                         stride_s2, CAST)
+    else:  # the MLP experts' activation: grad * act'(h1) over h1 and into (q1, s1) (h2, q2, s2 not used)
+        _, da = _act(h1, ACTIVATION)
+        d1 = (g * da).to(h1_ptr.dtype.element_ty)
+        tl.store(p1, d1, mask=mask)
+        _store_row_tiles(tl.where(mask, d1.to(tl.float32), 0.0), rows, cols, mask, M, q1_ptr, s1_ptr, stride_q1,
+                         stride_s1, CAST)
 
 
 @triton.jit
@@ -818,10 +831,9 @@ def quantize_rows(x_MK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def _check_glu_operands(activation: str, first: Tuple[str, torch.Tensor], *others: Tuple[str, torch.Tensor]) -> None:
-    """The GLU quantizers' operands: (name, tensor) pairs of [M, K] floats, the others of the
-    first's shape, dtype and device, each with a contiguous last dim; `activation` a name of
-    `ACTIVATIONS` (ValueError / TypeError)."""
+def _check_activation_operands(first: Tuple[str, torch.Tensor], *others: Tuple[str, torch.Tensor]) -> None:
+    """The activation quantizers' operands: (name, tensor) pairs of [M, K] floats, the others of
+    the first's shape, dtype and device, each with a contiguous last dim (ValueError / TypeError)."""
     name0, t0 = first
     check_tensor(name0, t0, ndim=2, dtypes=_IN_DTYPES)
     for name, t in others:
@@ -829,11 +841,16 @@ def _check_glu_operands(activation: str, first: Tuple[str, torch.Tensor], *other
         if t.dtype != t0.dtype or t.shape != t0.shape or t.device != t0.device:
             raise ValueError(f"{name}: expected {name0}'s shape, dtype and device {tuple(t0.shape)} {t0.dtype} "
                              f"{t0.device}, got {tuple(t.shape)} {t.dtype} {t.device}")
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
     for name, t in (first, *others):
         if t.stride(-1) != 1 and t.numel():
             raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
+
+
+def _check_glu_operands(activation: str, first: Tuple[str, torch.Tensor], *others: Tuple[str, torch.Tensor]) -> None:
+    """`_check_activation_operands`, and `activation` a name of `ACTIVATIONS` (ValueError)."""
+    _check_activation_operands(first, *others)
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
 
 # `_glu_quantize_rows_kernel`'s launch: rows a program (block_m; each program one Q-wide column
@@ -944,6 +961,80 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
             enable_fp_fusion=True,
         )
     return (q1, s1), (q2, s2)
+
+
+def _check_mlp_activation(activation: str) -> None:
+    """`activation`: a name of `ACTIVATIONS` that acts on h alone (not a GLU activation; ValueError)."""
+    from megablocks.ops.activation import GATED_ACTIVATIONS
+
+    names = tuple(a for a in ACTIVATIONS if a not in GATED_ACTIVATIONS)
+    if not isinstance(activation, str) or activation not in names:
+        raise ValueError(f"activation: expected one of {names} (the MLP experts' activations), got {activation!r}")
+
+
+def act_quantize_rows(h_MK: torch.Tensor, activation: str, *,
+                      return_product: bool = False) -> Tuple[torch.Tensor, ...]:
+    """`quantize_rows(act(h))` in one pass: the MLP experts' activation (fp32 math, rounded to h's
+    dtype, as `glu_quantize_rows` makes the GLU's) quantized in 1 x Q tiles as it is made, not
+    written. h: `[M, K]` float, any row stride, last dim contiguous; `activation` one of the
+    non-gated `ACTIVATIONS`. Returns (q, s), equal bit for bit to `quantize_rows` of the activation
+    made apart; with `return_product`, (q, s, act(h) `[M, K]` in h's dtype, contiguous), written in
+    the same pass (the FP8 MLP experts' node keeps it for w2's unquantized weight gradient)."""
+    _check_activation_operands(("h", h_MK))
+    _check_mlp_activation(activation)
+    if not isinstance(return_product, bool):
+        raise TypeError(f"return_product: expected a bool, got {type(return_product).__name__}")
+    M, K = h_MK.shape
+    if h_MK.device.type != "cuda" and not interpreted(h_MK):
+        from megablocks.ops.activation import act_reference
+
+        a = act_reference(h_MK, activation)
+        return (*quantize_rows_reference(a), a) if return_product else quantize_rows_reference(a)
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=h_MK.device)
+    s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=h_MK.device)
+    a = torch.empty((M, K), dtype=h_MK.dtype, device=h_MK.device) if return_product else None
+    if M and K:
+        launch = GLU_QUANTIZE_LAUNCH["product" if return_product else "plain"]
+        block_m = 16 if interpreted(h_MK) else launch["block_m"]
+        _glu_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
+            h_MK, h_MK, q, s, a if return_product else q, M, K, h_MK.stride(0), h_MK.stride(0), q.stride(0),
+            s.stride(0), a.stride(0) if return_product else 0,
+            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=launch["num_warps"], WRITE_A=return_product,
+            CAST=_hardware_cast(h_MK), GATED=False, **pdl_launch(h_MK),
+            enable_fp_fusion=True,
+        )
+    return (q, s, a) if return_product else (q, s)
+
+
+def act_backward_quantize_rows_(grad_MK: torch.Tensor, h_MK: torch.Tensor,
+                                activation: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The MLP experts' activation backward with its gradient quantized as it is made: `grad *
+    act'(h)` (fp32 math, rounded to h's dtype) written over h, and `quantize_rows` of it -> (q, s),
+    without reading it back (bit for bit `quantize_rows` of the written gradient). grad, h:
+    `[M, K]` of one float dtype, any row strides, last dim contiguous; `activation` one of the
+    non-gated `ACTIVATIONS`."""
+    _check_activation_operands(("grad", grad_MK), ("h", h_MK))
+    _check_mlp_activation(activation)
+    M, K = h_MK.shape
+    q = torch.empty((M, K), dtype=FP8_DTYPE, device=h_MK.device)
+    s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=h_MK.device)
+    if h_MK.device.type != "cuda" and not interpreted(h_MK):
+        from megablocks.ops.activation import act_backward_reference
+
+        h_MK.copy_(act_backward_reference(grad_MK, h_MK, activation))
+        _rows_reference_into(((q, s), h_MK))
+        return q, s
+    if M and K:
+        launch = GLU_BACKWARD_QUANTIZE_LAUNCH
+        block_m = 16 if interpreted(h_MK) else launch["block_m"]
+        _glu_backward_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
+            grad_MK, h_MK, h_MK, q, s, q, s, M, K, grad_MK.stride(0), h_MK.stride(0), h_MK.stride(0),
+            q.stride(0), s.stride(0), q.stride(0), s.stride(0),
+            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, CAST=_hardware_cast(h_MK), num_warps=launch["num_warps"],
+            GATED=False,
+            enable_fp_fusion=True,
+        )
+    return q, s
 
 
 # `_gather_quantize_rows_kernel`'s launch: tokens a program (block_t) and warps, for the plain
@@ -1854,7 +1945,7 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
 
 
 __all__ = [
-    "E4M3_MAX", "FP8_DTYPE", "Q", "check_gmm_fp8_args", "dequantize_blocks", "dequantize_cols_grouped",
+    "E4M3_MAX", "FP8_DTYPE", "Q", "act_backward_quantize_rows_", "act_quantize_rows", "check_gmm_fp8_args", "dequantize_blocks", "dequantize_cols_grouped",
     "dequantize_rows", "gather_quantize_cols", "gather_quantize_rows", "glu_backward_quantize_rows_",
     "glu_backward_quantize_rows_cols", "glu_quantize_cols", "glu_quantize_rows", "gmm_fp8",
     "gmm_fp8_reference", "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks",

@@ -35,12 +35,13 @@ from megablocks._checks import FLOAT_DTYPES, check_tensor
 from megablocks.layers import common, mpu
 from megablocks.layers.activation_fn import fused_name, gated_product
 from megablocks.layers.arguments import Arguments, InitFn
-from megablocks.ops.activation import glu
+from megablocks.ops.activation import GATED_ACTIVATIONS, glu
 from megablocks.ops.expert_bias import add_expert_bias, block_column_bias, block_row_experts, row_experts
 from megablocks.ops.fp8 import Q as FP8_BLOCK
 from megablocks.ops.fp8 import Fp8WeightCache, fp8_gmm
 from megablocks.ops.gmm import gmm, gmm_gathered, gmm_shared_input, gmm_shared_input_gathered, weight_grad_into
-from megablocks.ops.grouped_glu import fp8_grouped_glu_experts, grouped_glu_experts, one_node_applies, records_gradient
+from megablocks.ops.grouped_glu import (fp8_grouped_glu_experts, fp8_grouped_mlp_experts, grouped_glu_experts,
+                                        one_node_applies, records_gradient)
 from megablocks.ops.permute import RowMaps, gather_routed, scatter_routed
 from megablocks.ops.sparse import dsd_data, sdd_data
 
@@ -394,11 +395,14 @@ class GroupedMLP(SparseMLP):
         return accs
 
     def _fp8_node(self) -> bool:
-        """Whether this layer's GLU experts may run as the FP8 one-node form
-        (`megablocks.ops.grouped_glu.fp8_grouped_glu_experts`): FP8, the policy's
+        """Whether this layer's experts may run as an FP8 one-node form: GLU experts
+        (`megablocks.ops.grouped_glu.fp8_grouped_glu_experts`), or MLP experts without FP8 weight
+        gradients (`fp8_grouped_mlp_experts`; the policy's `fp8_weight_grad` applies to the GLU
+        node only, so it keeps MLP experts on the composed FP8 ops, as before); FP8, the policy's
         `one_node_experts`, the Triton kernels, no biases."""
-        return (self.args.fp8 is not None and self._v1() is not None and self.w1_bias is None
-                and self.args.kernel_policy.one_node_experts and _gmm_backend(self.args) in (None, "triton"))
+        policy = self.args.kernel_policy
+        return (self.args.fp8 is not None and (self._v1() is not None or not policy.fp8_weight_grad)
+                and self.w1_bias is None and policy.one_node_experts and _gmm_backend(self.args) in (None, "triton"))
 
     def reads_token_rows(self) -> bool:
         """Whether `forward` should be given the token rows and the row maps
@@ -412,7 +416,7 @@ class GroupedMLP(SparseMLP):
         return self._fp8_node() and self.reads_token_rows()
 
     def _one_node_activation(self, x: torch.Tensor, weights, accs: dict, maps: RowMaps) -> Optional[str]:
-        """The fused activation's name where this forward's GLU experts run as one autograd node
+        """The fused activation's name where this forward's experts run as one autograd node
         (`KernelPolicy.one_node_experts`, up to `one_node_experts_max_rows` routed rows but in
         FP8; `megablocks.ops.grouped_glu`): token rows read through the maps, the Triton kernels, a
         fused activation, no biases, no fused gradient accumulation, a gradient to record (in FP8
@@ -429,6 +433,8 @@ class GroupedMLP(SparseMLP):
         activation = fused_name(args.activation_fn)
         if activation is None or not one_node_applies(x, *weights, inference=self.args.fp8 is not None):
             return None
+        if self._v1() is None and activation in GATED_ACTIVATIONS:
+            return None  # a GLU activation on MLP experts: not the MLP node's (the composed ops decide)
         return activation
 
     def forward(
@@ -467,6 +473,14 @@ class GroupedMLP(SparseMLP):
                 gathered = mpu.features_per_rank(self.args) >= self.args.kernel_policy.fp8_gather_wgrad_min_ffn
                 # Without a gradient to record, only the forms the forward reads.
                 alone = not records_gradient((x, *weights, combine_weights))
+                if self._v1() is None:
+                    w1, _, w2 = weights
+                    out = fp8_grouped_mlp_experts(x, w1, w2, tokens_per_expert, maps, activation,
+                                                  self._fp8_quantized(num_experts, hidden, alone),
+                                                  gathered_wgrad=gathered, weights_N=combine_weights,
+                                                  keep_product=not self.args.memory_optimized_mlp,
+                                                  accs=[accs.get(id(w)) for w in (w1, w2)])
+                    return out, combine_weights is not None
                 out = fp8_grouped_glu_experts(x, *weights, tokens_per_expert, maps, activation,
                                               self._fp8_quantized(num_experts, hidden, alone), gathered_wgrad=gathered,
                                               weights_N=combine_weights,
@@ -563,7 +577,8 @@ class GroupedMLP(SparseMLP):
             out += list(cache.pair(self.w1, self._v1(), shape, alone=alone))
         else:
             for p in (self.w1, self._v1()):
-                out += [cache(p, shape, alone=alone), None if alone else cache.transposed(p, shape)]
+                if p is not None:  # (MLP experts: w1, w1ᵀ, w2, w2ᵀ)
+                    out += [cache(p, shape, alone=alone), None if alone else cache.transposed(p, shape)]
         return out + [None if alone else cache(self.w2, shape), cache.transposed(self.w2, shape, alone=alone)]
 
     def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int,

@@ -29,7 +29,8 @@ from megablocks.backend.activation import ACTIVATIONS, SWIGLU_ALPHA, SWIGLU_LIMI
 from megablocks.ops._eager import custom_op
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_FUNCTIONS", "GATED_ACTIVATIONS", "GELU_APPROXIMATIONS", "SWIGLU_ALPHA",
-           "SWIGLU_LIMIT", "clamped_swiglu", "gated_product", "glu", "glu_reference", "glu_torch", "is_gated"]
+           "SWIGLU_LIMIT", "act_backward_reference", "act_reference", "clamped_swiglu", "gated_product", "glu",
+           "glu_reference", "glu_torch", "is_gated"]
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -99,6 +100,17 @@ def _act_backward_reference(grad: torch.Tensor, x: torch.Tensor, activation: str
     if activation == "gelu_tanh":
         return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
     return torch.ops.aten.threshold_backward(grad, x, 0)
+
+
+def act_reference(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP experts' activation `act(h)` (the table's function of a non-gated name) in fp32,
+    rounded to h's dtype, contiguous (what `backend.fp8.act_quantize_rows` makes, in plain torch)."""
+    return _act_reference(h.float(), activation).to(h.dtype).contiguous()
+
+
+def act_backward_reference(grad: torch.Tensor, h: torch.Tensor, activation: str) -> torch.Tensor:
+    """`grad * act'(h)` in fp32 (torch's own derivative formulas), rounded to h's dtype."""
+    return _act_backward_reference(grad.float(), h.float(), activation).to(h.dtype)
 
 
 def glu_reference(h1: torch.Tensor, h2: torch.Tensor, activation: str) -> torch.Tensor:

@@ -52,6 +52,16 @@ over [grad_h1 | grad_h2] with K = 2F, rounded once (the composed ops round two p
 them; the rest stays bitwise). The FP8 node's forward also runs where no gradient is recorded (dMoE's
 FP8 inference: the same kernels, nothing kept), at decode sizes with the GLU made and quantized in
 the stacked up product's epilogue where the policy asks (`fp8_decode_glu_epilogue`).
+
+MLP experts (`act(x W1) W2`) in FP8 run as one node too, `fp8_grouped_mlp_experts`: the same
+forward and backward with one up product and the activation alone, quantized as it is made
+(`act_quantize_rows`, its 16-bit form written in the same pass for w2's gradient) and its
+gradient written over h and quantized as it is made (`act_backward_quantize_rows_`). The composed
+FP8 ops gather the rows and then quantize them, run torch's activation and then quantize it (and
+in the backward the same for the rows' gradient and the activation's): in each direction two
+launches, and two reads of [N, H] or [N, F], that the node does not make. Its results
+are the composed ops' bit for bit where the activation is computed alike (relu); silu and the
+gelus are torch's fp32 formulas compiled apart, a unit of the last place off here and there.
 """
 
 from typing import Optional, Sequence, Tuple
@@ -60,7 +70,8 @@ import torch
 
 from megablocks.backend import activation as activation_kernels
 from megablocks.backend import use_triton
-from megablocks.backend.fp8 import (FP8_DTYPE, Q, gather_quantize_cols, gather_quantize_rows,
+from megablocks.backend.fp8 import (FP8_DTYPE, Q, act_backward_quantize_rows_, act_quantize_rows,
+                                    gather_quantize_cols, gather_quantize_rows,
                                     glu_backward_quantize_rows_, glu_backward_quantize_rows_cols, glu_quantize_cols,
                                     glu_quantize_rows, gmm_fp8, gmm_fp8_glu_quantize, gmm_fp8_wgrad,
                                     quantize_cols_grouped, quantize_rows, quantize_rows_and_cols)
@@ -395,6 +406,122 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         if need_v1:
             grad_v1 = _fp8_weight_grad_or_add(acc_v1, (h_q[F:], h_s[:, F:]), x_c, counts_E, N, v1)
     return grad_x, grad_w1, grad_v1, grad_w2
+
+
+class _Fp8GroupedMlpExperts(torch.autograd.Function):
+    """The FP8 node of the MLP experts (`fp8_grouped_mlp_experts`): the GLU node's forward and its
+    backward with unquantized weight gradients, with one up projection and the activation alone."""
+
+    @staticmethod
+    def forward(ctx, x_TH, w1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
+                quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool,
+                weights_N: Optional[torch.Tensor], keep_product: bool, record: bool,
+                accs: Tuple[Optional[torch.Tensor], ...]):
+        dtype = x_TH.dtype
+        x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
+        h = gmm_fp8(x_q, x_s, *quantized[0], counts_E, out_dtype=dtype)
+        del x_q, x_s
+        product = None
+        # The 16-bit activation, for w2's unquantized gradient, written as it is quantized.
+        if record and keep_product and ctx.needs_input_grad[2]:
+            a_q, a_s, product = act_quantize_rows(h, activation, return_product=True)
+        else:
+            a_q, a_s = act_quantize_rows(h, activation)
+        if not record:  # inference: nothing kept past its use
+            h = None
+        y = gmm_fp8(a_q, a_s, *quantized[-1], counts_E, out_dtype=dtype)
+        del a_q, a_s
+        ctx.save_for_backward(x_TH, w1, w2, counts_E, row_assignment, assignment_row, weights_N)
+        ctx.h, ctx.quantized, ctx.product, ctx.ran = h, quantized, product, False
+        ctx.top_k, ctx.activation, ctx.gathered_wgrad = top_k, activation, gathered_wgrad
+        ctx.combined, ctx.y, ctx.accs = weights_N is not None, None, accs
+        if weights_N is None:
+            return y
+        if record and weights_N.requires_grad:
+            ctx.y = y
+        return _scatter_rows._impl(y, assignment_row, row_assignment, weights_N, top_k)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.ran:  # h, written over by the backward that ran, and the rest let go of
+            raise RuntimeError("the FP8 experts' node (KernelPolicy.one_node_experts) frees what its backward "
+                               "reads as it runs, so its graph runs backward once: a second backward through it "
+                               "(retain_graph=True) needs KernelPolicy(one_node_experts=False), the composed FP8 ops")
+        ctx.ran = True
+        x_TH, w1, w2, counts_E, row_assignment, assignment_row, weights_N = ctx.saved_tensors
+        h, quantized, y, a = ctx.h, ctx.quantized, ctx.y, ctx.product
+        ctx.h = ctx.quantized = ctx.y = ctx.product = None
+        top_k, activation, dtype = ctx.top_k, ctx.activation, x_TH.dtype
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        grad_weights = g_q = g_s = None
+        if ctx.combined:  # the combine's backward, as the GLU node runs it
+            if ctx.needs_input_grad[10]:
+                grad_weights = _weight_grad._impl(y, grad_out, assignment_row, top_k).to(weights_N.dtype)
+            y = None
+            grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+            g_q, g_s, *grad_y = gather_quantize_rows(grad_out, assignment_row, top_k, weights_N,
+                                                     return_rows=need_w2)
+            grad_y = grad_y.pop() if grad_y else None
+            del grad_out
+        else:
+            grad_y = grad_out.contiguous()
+            del grad_out
+        E, H = counts_E.shape[0], x_TH.shape[1]
+        acc_w1, acc_w2 = (None if acc is None else acc.view(E, -1, H) for acc in ctx.accs)
+        grad_w2 = None
+        if need_w2:
+            if a is None:  # `keep_product` False: the activation made again from h
+                a = act_quantize_rows(h, activation, return_product=True)[2]
+            grad_w2 = _weight_grad_or_add(acc_w2, a, grad_y, counts_E, (None, None, 1), False, w2.shape)
+        del a
+        if g_q is None:
+            g_q, g_s = quantize_rows(grad_y)
+        del grad_y
+        grad_a = gmm_fp8(g_q, g_s, *quantized[-2], counts_E, out_dtype=dtype)
+        del g_q, g_s
+        # The activation's gradient written over h and quantized for the input gradient's product.
+        g_q, g_s = act_backward_quantize_rows_(grad_a, h, activation)
+        grad_h, grad_a, h = h, None, None
+        grad_x = grad_w1 = None
+        if need_x:
+            grad_rows = gmm_fp8(g_q, g_s, *quantized[1], counts_E, out_dtype=dtype)
+            del g_q, g_s
+            grad_x = _scatter_rows._impl(grad_rows, assignment_row, row_assignment, None, top_k)
+            del grad_rows
+        g_q = g_s = None
+        if need_w1:
+            rows = (x_TH, row_assignment, assignment_row, top_k)
+            if ctx.gathered_wgrad:
+                rows = (_gather_rows._impl(x_TH, row_assignment, assignment_row, None, top_k), None, None, 1)
+            grad_w1 = _weight_grad_or_add(acc_w1, rows[0], grad_h, counts_E, rows[1:], True, w1.shape)
+        return (grad_x, grad_w1, grad_w2, None, None, None, None, None, None, None, grad_weights, None, None, None)
+
+
+def fp8_grouped_mlp_experts(x_TH: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, counts_E: torch.Tensor,
+                            maps: RowMaps, activation: str, quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                            gathered_wgrad: bool = False, weights_N: Optional[torch.Tensor] = None,
+                            keep_product: bool = True,
+                            accs: Optional[Sequence[Optional[torch.Tensor]]] = None) -> torch.Tensor:
+    """`fp8_grouped_glu_experts` for the MLP experts, `act(x[rows] @ w1_e^T) @ w2_e`, as one
+    autograd node: the token rows quantized as they are gathered, one FP8 up product, the
+    activation quantized as it is made (`act_quantize_rows`, its 16-bit form written in the same
+    pass for w2's gradient unless `keep_product` is False), the FP8 down product and, with
+    `weights_N`, the combine; in the backward the rows' output gradient gathered, weighted and
+    quantized in one pass, the activation's gradient written over h and quantized as it is made
+    (`act_backward_quantize_rows_`), the FP8 input-gradient products and the weight gradients
+    unquantized (with `accs`, added into the fp32 accumulators). Its output and gradients are
+    bitwise those of the composed FP8 ops wherever the activation is computed alike (relu in the
+    tests; silu and the gelus are the same fp32 math compiled apart from torch's).
+
+    No validation: the caller's (`GroupedMLP.forward`). `activation`: a non-gated name of
+    `ACTIVATIONS`; `quantized`: (q, s) of w1, w1ᵀ, w2, w2ᵀ viewed [E, F, H] (in inference None
+    for the forms the forward does not read); `accs`: for (w1, w2), an fp32 accumulator or None.
+    The graph runs backward once, as the GLU node's."""
+    record = records_gradient((x_TH, w1, w2, weights_N))
+    accs = (None, None) if accs is None else tuple(accs)
+    return _Fp8GroupedMlpExperts.apply(x_TH, w1, w2, counts_E, maps.row_assignment, maps.assignment_row, maps.top_k,
+                                       activation, tuple(quantized), gathered_wgrad, weights_N, keep_product, record,
+                                       accs)
 
 
 def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, w2: torch.Tensor,

@@ -57,9 +57,11 @@ def test_dmoe_weight_grads_go_to_main_grad(impl, form, memory_optimized):
 
 
 # FP8 (`Arguments.fp8`): the composed products' weight gradients (unquantized products) go to
-# main_grad (the GLU experts take the composed products without the policy's one-node form).
+# main_grad (the experts take the composed products without the policy's one-node form), and so
+# do the MLP experts' node's (`fp8_grouped_mlp_experts`).
 FP8_FORMS = {
-    "mlp": dict(mlp_type="mlp"),
+    "mlp": dict(mlp_type="mlp", kernel_policy=KernelPolicy(one_node_experts=False)),
+    "mlp-node": dict(mlp_type="mlp"),
     "glu": dict(mlp_type="glu", kernel_policy=KernelPolicy(one_node_experts=False)),
 }
 
