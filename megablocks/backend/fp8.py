@@ -877,12 +877,18 @@ def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
     _check_glu_operands(activation, ("h1", h1_MK), ("h2", h2_MK))
     if not isinstance(return_product, bool):
         raise TypeError(f"return_product: expected a bool, got {type(return_product).__name__}")
-    M, K = h1_MK.shape
     if h1_MK.device.type != "cuda" and not interpreted(h1_MK):
         from megablocks.ops.activation import glu_reference
 
         a = glu_reference(h1_MK, h2_MK, activation)
         return (*quantize_rows_reference(a), a.contiguous()) if return_product else quantize_rows_reference(a)
+    return _activation_quantize(h1_MK, h2_MK, activation, return_product, gated=True)
+
+
+def _activation_quantize(h1_MK, h2_MK, activation: str, return_product: bool, gated: bool):
+    """`_glu_quantize_rows_kernel`'s launch for `glu_quantize_rows` (`gated`) and
+    `act_quantize_rows` (h2 not read): (q, s), and the product where `return_product`."""
+    M, K = h1_MK.shape
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=h1_MK.device)
     s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=h1_MK.device)
     a = torch.empty((M, K), dtype=h1_MK.dtype, device=h1_MK.device) if return_product else None
@@ -893,7 +899,7 @@ def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
             h1_MK, h2_MK, q, s, a if return_product else q, M, K, h1_MK.stride(0), h2_MK.stride(0), q.stride(0),
             s.stride(0), a.stride(0) if return_product else 0,
             ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=launch["num_warps"], WRITE_A=return_product,
-            CAST=_hardware_cast(h1_MK), **pdl_launch(h1_MK),
+            CAST=_hardware_cast(h1_MK), GATED=gated, **pdl_launch(h1_MK),
             enable_fp_fusion=True,
         )
     return (q, s, a) if return_product else (q, s)
@@ -951,6 +957,16 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
         h2_MK.copy_(d2)
         _rows_reference_into(((q1, s1), h1_MK), ((q2, s2), h2_MK))
         return (q1, s1), (q2, s2)
+    _activation_backward_quantize(grad_MK, h1_MK, h2_MK, (q1, s1, q2, s2), activation, gated=True)
+    return (q1, s1), (q2, s2)
+
+
+def _activation_backward_quantize(grad_MK, h1_MK, h2_MK, out, activation: str, gated: bool) -> None:
+    """`_glu_backward_quantize_rows_kernel`'s launch for `glu_backward_quantize_rows_` (`gated`)
+    and `act_backward_quantize_rows_` (h2, q2, s2 not used): the gradients written over h1 (and
+    h2), quantized into out = (q1, s1, q2, s2)."""
+    M, K = h1_MK.shape
+    q1, s1, q2, s2 = out
     if M and K:
         launch = GLU_BACKWARD_QUANTIZE_LAUNCH
         block_m = 16 if interpreted(h1_MK) else launch["block_m"]
@@ -958,9 +974,9 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
             grad_MK, h1_MK, h2_MK, q1, s1, q2, s2, M, K, grad_MK.stride(0), h1_MK.stride(0), h2_MK.stride(0),
             q1.stride(0), s1.stride(0), q2.stride(0), s2.stride(0),
             ACTIVATION=activation, BLOCK_M=block_m, QB=Q, CAST=_hardware_cast(h1_MK), num_warps=launch["num_warps"],
+            GATED=gated,
             enable_fp_fusion=True,
         )
-    return (q1, s1), (q2, s2)
 
 
 def _check_mlp_activation(activation: str) -> None:
@@ -984,26 +1000,12 @@ def act_quantize_rows(h_MK: torch.Tensor, activation: str, *,
     _check_mlp_activation(activation)
     if not isinstance(return_product, bool):
         raise TypeError(f"return_product: expected a bool, got {type(return_product).__name__}")
-    M, K = h_MK.shape
     if h_MK.device.type != "cuda" and not interpreted(h_MK):
         from megablocks.ops.activation import act_reference
 
         a = act_reference(h_MK, activation)
         return (*quantize_rows_reference(a), a) if return_product else quantize_rows_reference(a)
-    q = torch.empty((M, K), dtype=FP8_DTYPE, device=h_MK.device)
-    s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=h_MK.device)
-    a = torch.empty((M, K), dtype=h_MK.dtype, device=h_MK.device) if return_product else None
-    if M and K:
-        launch = GLU_QUANTIZE_LAUNCH["product" if return_product else "plain"]
-        block_m = 16 if interpreted(h_MK) else launch["block_m"]
-        _glu_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
-            h_MK, h_MK, q, s, a if return_product else q, M, K, h_MK.stride(0), h_MK.stride(0), q.stride(0),
-            s.stride(0), a.stride(0) if return_product else 0,
-            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=launch["num_warps"], WRITE_A=return_product,
-            CAST=_hardware_cast(h_MK), GATED=False, **pdl_launch(h_MK),
-            enable_fp_fusion=True,
-        )
-    return (q, s, a) if return_product else (q, s)
+    return _activation_quantize(h_MK, h_MK, activation, return_product, gated=False)
 
 
 def act_backward_quantize_rows_(grad_MK: torch.Tensor, h_MK: torch.Tensor,
@@ -1024,16 +1026,7 @@ def act_backward_quantize_rows_(grad_MK: torch.Tensor, h_MK: torch.Tensor,
         h_MK.copy_(act_backward_reference(grad_MK, h_MK, activation))
         _rows_reference_into(((q, s), h_MK))
         return q, s
-    if M and K:
-        launch = GLU_BACKWARD_QUANTIZE_LAUNCH
-        block_m = 16 if interpreted(h_MK) else launch["block_m"]
-        _glu_backward_quantize_rows_kernel[(cdiv(M, block_m), cdiv(K, Q))](
-            grad_MK, h_MK, h_MK, q, s, q, s, M, K, grad_MK.stride(0), h_MK.stride(0), h_MK.stride(0),
-            q.stride(0), s.stride(0), q.stride(0), s.stride(0),
-            ACTIVATION=activation, BLOCK_M=block_m, QB=Q, CAST=_hardware_cast(h_MK), num_warps=launch["num_warps"],
-            GATED=False,
-            enable_fp_fusion=True,
-        )
+    _activation_backward_quantize(grad_MK, h_MK, h_MK, (q, s, q, s), activation, gated=False)
     return q, s
 
 

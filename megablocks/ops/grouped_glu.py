@@ -166,6 +166,25 @@ def grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tensor, 
                                     activation, keep_product)
 
 
+# The FP8 nodes free what their backward reads as it runs (h written over by the activation's
+# gradient): what a second backward through one (`retain_graph=True`) raises.
+_SECOND_BACKWARD = ("the FP8 experts' node (KernelPolicy.one_node_experts) frees what its backward reads as it "
+                    "runs, so its graph runs backward once: a second backward through it (retain_graph=True) needs "
+                    "KernelPolicy(one_node_experts=False), the composed FP8 ops")
+
+
+def _combine(ctx, y, weights_N, record: bool, row_assignment, assignment_row, top_k: int):
+    """An FP8 node's output: its rows y, or with the routing weights `weights_N` their combine
+    (`scatter_routed`: each token's rows weighted and summed), y kept on ctx only for the weights'
+    gradient, as the combine's own node keeps it (`ctx.combined`, `ctx.y`)."""
+    ctx.combined, ctx.y = weights_N is not None, None
+    if weights_N is None:
+        return y
+    if record and weights_N.requires_grad:
+        ctx.y = y
+    return _scatter_rows._impl(y, assignment_row, row_assignment, weights_N, top_k)
+
+
 class _Fp8GroupedGluExperts(torch.autograd.Function):
 
     @staticmethod
@@ -209,21 +228,13 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         ctx.h, ctx.quantized, ctx.product = h, quantized, product
         ctx.top_k, ctx.activation, ctx.gathered_wgrad, ctx.fp8_wgrad = top_k, activation, gathered_wgrad, fp8_wgrad
         ctx.glu_two_passes = glu_two_passes
-        ctx.combined, ctx.y, ctx.accs = weights_N is not None, None, accs
-        if weights_N is None:
-            return y
-        # The combine (`scatter_routed`): each token's rows weighted and summed. y kept only for
-        # the weights' gradient, as the combine's own node keeps it.
-        if record and weights_N.requires_grad:
-            ctx.y = y
-        return _scatter_rows._impl(y, assignment_row, row_assignment, weights_N, top_k)
+        ctx.accs = accs
+        return _combine(ctx, y, weights_N, record, row_assignment, assignment_row, top_k)
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.h is None:  # let go of (and h written over) by a backward that already ran
-            raise RuntimeError("the FP8 experts' node (KernelPolicy.one_node_experts) frees what its backward "
-                               "reads as it runs, so its graph runs backward once: a second backward through it "
-                               "(retain_graph=True) needs KernelPolicy(one_node_experts=False), the composed FP8 ops")
+            raise RuntimeError(_SECOND_BACKWARD)
         x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, weights_N = ctx.saved_tensors
         h, quantized, y, a = ctx.h, ctx.quantized, ctx.y, ctx.product
         ctx.h = ctx.quantized = ctx.y = ctx.product = None
@@ -433,20 +444,13 @@ class _Fp8GroupedMlpExperts(torch.autograd.Function):
         del a_q, a_s
         ctx.save_for_backward(x_TH, w1, w2, counts_E, row_assignment, assignment_row, weights_N)
         ctx.h, ctx.quantized, ctx.product, ctx.ran = h, quantized, product, False
-        ctx.top_k, ctx.activation, ctx.gathered_wgrad = top_k, activation, gathered_wgrad
-        ctx.combined, ctx.y, ctx.accs = weights_N is not None, None, accs
-        if weights_N is None:
-            return y
-        if record and weights_N.requires_grad:
-            ctx.y = y
-        return _scatter_rows._impl(y, assignment_row, row_assignment, weights_N, top_k)
+        ctx.top_k, ctx.activation, ctx.gathered_wgrad, ctx.accs = top_k, activation, gathered_wgrad, accs
+        return _combine(ctx, y, weights_N, record, row_assignment, assignment_row, top_k)
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.ran:  # h, written over by the backward that ran, and the rest let go of
-            raise RuntimeError("the FP8 experts' node (KernelPolicy.one_node_experts) frees what its backward "
-                               "reads as it runs, so its graph runs backward once: a second backward through it "
-                               "(retain_graph=True) needs KernelPolicy(one_node_experts=False), the composed FP8 ops")
+            raise RuntimeError(_SECOND_BACKWARD)
         ctx.ran = True
         x_TH, w1, w2, counts_E, row_assignment, assignment_row, weights_N = ctx.saved_tensors
         h, quantized, y, a = ctx.h, ctx.quantized, ctx.y, ctx.product
