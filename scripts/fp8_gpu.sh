@@ -22,7 +22,8 @@ python3 -c "import torch, triton; print(torch.cuda.get_device_name(), torch.__ve
 echo "commit: ${MEGABLOCKS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}" | tee -a "$LOG_DIR/env.txt"
 if [ "$PART" = tests ] || [ "$PART" = all ]; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -ra -n "${PYTEST_WORKERS:-14}" tests/ops/test_fp8.py \
-    tests/integrations/test_fp8_serving.py tests/layers/test_fp8_one_node.py tests/layers/test_fp8_dmoe.py \
+    tests/integrations/test_fp8_serving.py tests/layers/test_fp8_one_node.py tests/layers/test_fp8_mlp_node.py \
+    tests/layers/test_fp8_dmoe.py \
     tests/integrations/test_hf.py tests/integrations/test_moefy.py tests/test_bench_fp8.py \
     tests/layers/test_grad_accumulation_fusion.py tests/exp/test_trainer.py -k "not test_trainer or fp8" \
     >"$LOG_DIR/pytest.log" 2>&1
