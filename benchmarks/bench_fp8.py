@@ -66,7 +66,6 @@ what was allocated before, less the gradients).
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import statistics
 import sys
@@ -841,23 +840,21 @@ def layer_step(name, device, dtype=torch.bfloat16):
             module.args.kernel_policy = policy
             # The FP8 node with its weight gradients in FP8 too (`KernelPolicy.fp8_weight_grad`), in
             # the forms in use and in the other forms of the GLU gradient's operands and the epilogue.
-            # GLU experts only: MLP experts keep unquantized weight gradients (their rows: nan).
             other_two = not module.args.kernel_policy.fp8_weight_grad_glu_two_passes
             other_overlap = not fp8_backend._WGRAD_LAUNCH["overlap_epilogue"]
             nan = float("nan")
-            glu = layer.mlp_type == "glu"
             for key, forms in (("fp8_wgrad_other_glu_form_cached_ms", dict(two_passes=other_two)),
                                ("fp8_wgrad_other_epilogue_cached_ms", dict(overlap=other_overlap)),
                                ("fp8_wgrad_other_forms_cached_ms", dict(two_passes=other_two, overlap=other_overlap))):
                 with fp8_weight_grads(module, **forms):
-                    row[key] = timed(cache_step)[0] if device == "cuda" and glu else nan
+                    row[key] = timed(cache_step)[0] if device == "cuda" else nan
             with fp8_weight_grads(module):
-                row["fp8_wgrad_cached_ms"] = timed(cache_step)[0] if device == "cuda" and glu else nan
-                row["fp8_wgrad_ms"] = timed(step)[0] if device == "cuda" and glu else nan
-                row["fp8_wgrad_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs) if glu else nan
+                row["fp8_wgrad_cached_ms"] = timed(cache_step)[0] if device == "cuda" else nan
+                row["fp8_wgrad_ms"] = timed(step)[0] if device == "cuda" else nan
+                row["fp8_wgrad_extra_gib"] = bench_dmoe.extra_peak_gib(step, device, inputs)
                 bench_dmoe.clear_grads(inputs)
                 module(x).backward(g)
-                results["fp8_wgrad"] = [p.grad.float().clone() for p in module.experts.mlp.parameters()] if glu else None
+                results["fp8_wgrad"] = [p.grad.float().clone() for p in module.experts.mlp.parameters()]
         bench_dmoe.clear_grads(inputs)
         out = module(x)
         out.backward(g)
@@ -872,8 +869,7 @@ def layer_step(name, device, dtype=torch.bfloat16):
     row["x_grad_rel_rms"] = rel(results["fp8"][1], results["bf16"][1])
     # The expert weights' gradients against the bf16 layer's: unquantized, and in FP8.
     row["w_grad_rel_rms"] = max(rel(a, b) for a, b in zip(results["fp8_w"], results["bf16_w"]))
-    row["w_grad_fp8_rel_rms"] = (max(rel(a, b) for a, b in zip(results["fp8_wgrad"], results["bf16_w"]))
-                                 if results["fp8_wgrad"] is not None else float("nan"))
+    row["w_grad_fp8_rel_rms"] = max(rel(a, b) for a, b in zip(results["fp8_wgrad"], results["bf16_w"]))
     return row
 
 
@@ -1057,10 +1053,10 @@ def smoke():
     errors["layer_out"], errors["layer_x_grad"] = layer_row["out_rel_rms"], layer_row["x_grad_rel_rms"]
     assert layer_row["w_grad_fp8_rel_rms"] < 0.08, layer_row
     errors["layer_w_grad_fp8"] = layer_row["w_grad_fp8_rel_rms"]
-    # MLP experts (the FP8 MLP node): no FP8 weight-gradient rows (GLU experts only).
+    # MLP experts: the FP8 MLP node, and with FP8 weight gradients the composed FP8 ops.
     mlp_row = layer_step("smoke_mlp", "cpu", torch.float32)
     assert mlp_row["out_rel_rms"] < 0.08 and mlp_row["x_grad_rel_rms"] < 0.08, mlp_row
-    assert math.isnan(mlp_row["w_grad_fp8_rel_rms"]) and math.isnan(mlp_row["fp8_wgrad_extra_gib"]), mlp_row
+    assert 1e-3 < mlp_row["w_grad_fp8_rel_rms"] < 0.08, mlp_row
     errors["layer_mlp_out"] = mlp_row["out_rel_rms"]
     acc_row = layer_accumulate_row("smoke_glu", "cpu", micro_batches=2, dtype=torch.float32)
     assert 1e-4 < acc_row["w_grad_rel_rms_fused"] < 0.08, acc_row

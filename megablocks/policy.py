@@ -75,7 +75,9 @@ class KernelPolicy:
             with the weights cached, mixtral 22.40 -> 22.34 ms, olmoe 8.44 -> 9.02; before the
             column quantizers took the hardware's cast, 23.39 -> 23.62 and 8.80 -> 10.28): the FP8
             products gain 0.4-0.7 ms, the operands' quantizers (0.3-2.7 TB/s) cost about as much.
-            MLP experts keep unquantized weight gradients (with this on, the composed FP8 ops).
+            MLP experts (and any experts on the composed FP8 ops, `one_node_experts=False`) take
+            it too, on the composed ops (`fp8_gmm(..., fp8_wgrad=True)`: each operand quantized
+            down the rows in a pass of its own), except where the gradient goes to `main_grad`.
         fp8_weight_grad_glu_two_passes: with `fp8_weight_grad` and w1 and v1 stacked, the GLU's
             gradient and its weight-gradient operand in two passes over h: the gradients written
             over it with their row tiles (`fp8.glu_backward_quantize_rows_`, 0.87 ms on mixtral's

@@ -397,8 +397,8 @@ class GroupedMLP(SparseMLP):
     def _fp8_node(self) -> bool:
         """Whether this layer's experts may run as an FP8 one-node form: GLU experts
         (`megablocks.ops.grouped_glu.fp8_grouped_glu_experts`), or MLP experts without FP8 weight
-        gradients (`fp8_grouped_mlp_experts`; the policy's `fp8_weight_grad` applies to the GLU
-        node only, so it keeps MLP experts on the composed FP8 ops, as before); FP8, the policy's
+        gradients (`fp8_grouped_mlp_experts`: with the policy's `fp8_weight_grad`, MLP experts
+        take the composed FP8 ops, whose `fp8_gmm` makes them); FP8, the policy's
         `one_node_experts`, the Triton kernels, no biases."""
         policy = self.args.kernel_policy
         return (self.args.fp8 is not None and (self._v1() is not None or not policy.fp8_weight_grad)
@@ -611,7 +611,9 @@ class GroupedMLP(SparseMLP):
         by the parameters' identities, is not for a traced graph to freeze.
 
         Each weight is also stored the other way (once per step): the up projections' input
-        gradients and the down projection's forward read it K-major, as FP8 products need.
+        gradients and the down projection's forward read it K-major, as FP8 products need. The
+        weight's gradient is an FP8 product too with the policy's `fp8_weight_grad` (`fp8_gmm`'s
+        `fp8_wgrad`), unless it goes to `main_grad` (the operand detached; `fused` adds it).
         Without a gradient to record only the form the forward reads is made and held: the up
         projections' (q, s), the down projection's transposed form (viewed back as its (q, s))."""
         cache = self._fp8_cache()
@@ -623,7 +625,7 @@ class GroupedMLP(SparseMLP):
             forms_t = cache.transposed(p, shape, alone=True)
             forms = (forms_t[0].transpose(1, 2), forms_t[1].transpose(1, 2))
         return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=trans_b, weights=forms,
-                       weights_t=forms_t)
+                       weights_t=forms_t, fp8_wgrad=self.args.kernel_policy.fp8_weight_grad)
 
 
 class SharedMLP(torch.nn.Module):

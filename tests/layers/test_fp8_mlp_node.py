@@ -234,3 +234,28 @@ def test_act_quantize_rows_refuses():
         fp8_backend.act_quantize_rows(h.t(), "relu")
     with pytest.raises(TypeError):
         fp8_backend.act_quantize_rows(h, "relu", return_product=1)
+
+
+def test_fp8_mlp_weight_gradients_in_fp8(monkeypatch):
+    """With the policy's `fp8_weight_grad`, MLP experts take the composed FP8 ops, whose weight
+    gradients are FP8 products (`gmm_fp8_wgrad`, one for w1 and one for w2): the output and the
+    input gradient bitwise the node's (relu: the same dgrad products), the weight gradients within
+    FP8's error of the unquantized ones, and not equal to them."""
+    from megablocks.ops import fp8 as ops_fp8
+
+    layer, x, grad_out = _mlp_layer((40, (40,), 48, 136, 4, 2, "random"), torch.float32)
+    calls = _count(monkeypatch)
+    wgrads = []
+    real = ops_fp8.gmm_fp8_wgrad
+    monkeypatch.setattr(ops_fp8, "gmm_fp8_wgrad", lambda *a, **kw: wgrads.append(1) or real(*a, **kw))
+    layer.args.kernel_policy = KernelPolicy()
+    node = _step(layer, x, grad_out)
+    layer.args.kernel_policy = KernelPolicy(fp8_weight_grad=True)
+    quantized = _step(layer, x, grad_out)
+    assert len(calls) == 1 and len(wgrads) == 2, (len(calls), len(wgrads))
+    assert_equal("out", quantized[0], node[0])
+    assert_equal("grad x", quantized[1]["x"], node[1]["x"])
+    for name in ("w1", "w2"):
+        a, b = quantized[1][name].double(), node[1][name].double()
+        rel = ((a - b).norm() / b.norm()).item()
+        assert 1e-4 < rel < 0.08, (name, rel)
