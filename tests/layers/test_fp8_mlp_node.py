@@ -156,7 +156,7 @@ def test_fp8_mlp_node_second_backward_is_refused():
         torch.autograd.grad(out, params, grad_out)
 
 
-def test_fp8_mlp_node_weight_grads_go_to_main_grad():
+def test_fp8_mlp_node_weight_grads_go_to_main_grad(monkeypatch):
     """With fp32 accumulators (gradient-accumulation fusion) the node adds w1's and w2's
     unquantized gradients into them: after two micro-batches, bitwise the sum of the two steps'
     `.grad` (in fp32), `.grad` itself untouched."""
@@ -174,15 +174,14 @@ def test_fp8_mlp_node_weight_grads_go_to_main_grad():
     layer.zero_grad(set_to_none=True)
     for name in ("w1", "w2"):
         getattr(experts, name).main_grad = torch.zeros_like(getattr(experts, name), dtype=torch.float32)
+    import megablocks.layers.mlp as mlp_module
+
     calls = []
     real = grouped_glu.fp8_grouped_mlp_experts
-    import megablocks.layers.mlp as mlp_module
-    mlp_module.fp8_grouped_mlp_experts = lambda *a, **kw: calls.append(kw["accs"]) or real(*a, **kw)
-    try:
-        for xi in (x, x2):
-            layer(xi).backward(grad_out)
-    finally:
-        mlp_module.fp8_grouped_mlp_experts = real
+    monkeypatch.setattr(mlp_module, "fp8_grouped_mlp_experts",
+                        lambda *a, **kw: calls.append(kw["accs"]) or real(*a, **kw))
+    for xi in (x, x2):
+        layer(xi).backward(grad_out)
     assert len(calls) == 2 and all(acc is not None for accs in calls for acc in accs), calls
     for name in ("w1", "w2"):
         p = getattr(experts, name)
