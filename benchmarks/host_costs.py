@@ -267,7 +267,8 @@ TRAINER_LAYERS = {"dmoe_125m": (16 * 1024, 768, 3072, 64, 1, "mlp", "gelu_tanh")
 
 def fp8_layer_report(name: str, profile: bool) -> dict:
     """The host's and the device's time a training step (forward and `.backward()` into `.grad`) of
-    layer `name` in bf16 and in FP8 (weights cached; quantized each step): µs to issue a step
+    layer `name` in bf16 and in FP8 (weights cached; quantized each step; cached on the composed
+    FP8 ops instead of the one-node form, `one_node_experts=False`): µs to issue a step
     back to back behind a busy device (`issue_us`), and the kernels' ms a step (`kernel_profile`);
     `host_bound` where the first exceeds the second."""
     import dataclasses
@@ -295,8 +296,16 @@ def fp8_layer_report(name: str, profile: bool) -> dict:
             cache.clear()
         cached()
 
+    def composed():  # the composed FP8 ops (no one-node form), weights cached
+        policy = fp8_layer.args.kernel_policy
+        fp8_layer.args.kernel_policy = dataclasses.replace(policy, one_node_experts=False)
+        try:
+            cached()
+        finally:
+            fp8_layer.args.kernel_policy = policy
+
     forms = {"bf16": bench_dmoe.steps(bf16, "fwdbwd", False, x, g, inputs)[0], "fp8_cached": cached,
-             "fp8_quantizing": quantizing}
+             "fp8_quantizing": quantizing, "fp8_composed_cached": composed}
     row = {"layer": name}
     for label, step in forms.items():
         for _ in range(5):
