@@ -773,9 +773,10 @@ def serving_rounds_rows(name, T, rounds, device="cuda", shape=None):
 
 
 def build_pair(name, device, dtype=torch.bfloat16):
-    """(the bf16 grouped dMoE, the same layer with fp8='blockwise') of bench_dmoe's layer `name`,
-    on one router and one set of weights."""
-    layer = {**bench_dmoe.all_layers(False), **bench_dmoe.all_layers(True)}[name]
+    """(layer, the bf16 grouped dMoE, the same layer with fp8='blockwise') of bench_dmoe's layer
+    `name` (or a `bench_dmoe.Layer` itself), on one router and one set of weights."""
+    layer = name if isinstance(name, bench_dmoe.Layer) else {**bench_dmoe.all_layers(False),
+                                                              **bench_dmoe.all_layers(True)}[name]
     torch.manual_seed(0)
     bf16 = bench_dmoe.build_dmoe(layer, dtype, device, "grouped", "triton")
     args = dataclasses.replace(bf16.args, fp8="blockwise")

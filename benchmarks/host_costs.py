@@ -273,6 +273,8 @@ def fp8_layer_report(name: str, profile: bool) -> dict:
     `host_bound` where the first exceeds the second."""
     import dataclasses
 
+    import bench_fp8
+
     layers = bench_dmoe.all_layers(False)
     if name in TRAINER_LAYERS:
         T, H, F, E, k, mlp, act = TRAINER_LAYERS[name]
@@ -281,10 +283,7 @@ def fp8_layer_report(name: str, profile: bool) -> dict:
         layer = layers[name]
     else:
         raise ValueError(f"--fp8-layers: expected names from {sorted([*layers, *TRAINER_LAYERS])}, got {name!r}")
-    torch.manual_seed(0)
-    bf16 = bench_dmoe.build_dmoe(layer, torch.bfloat16, "cuda", "grouped", "triton").train()
-    fp8_layer = type(bf16)(dataclasses.replace(bf16.args, fp8="blockwise")).train()
-    bench_dmoe.share_parameters(fp8_layer, bf16)
+    _, bf16, fp8_layer = bench_fp8.build_pair(layer, "cuda")
     x = torch.randn(layer.T, layer.H, dtype=torch.bfloat16, device="cuda", requires_grad=True)
     g = torch.randn(layer.T, layer.H, dtype=torch.bfloat16, device="cuda")
     inputs = [x, *bf16.parameters()]
