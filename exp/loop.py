@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -357,6 +358,7 @@ def train(tcfg: TrainConfig, mcfg: GPTConfig) -> Dict[str, Any]:
         raise ValueError("data_path: expected the prefix of a .bin/.idx pair, got none")
     device = resolve_device(tcfg, int(os.environ.get("LOCAL_RANK", "0")))
     d = Dist(device.type)
+    run = None
     try:
         run = setup(tcfg, mcfg, device, d)
         try:
@@ -365,4 +367,11 @@ def train(tcfg: TrainConfig, mcfg: GPTConfig) -> Dict[str, Any]:
             run.log.close()
         return _result(run)
     finally:
+        # The model (DDP's reducer holds the process group) goes before the group is destroyed,
+        # so that the group's last reference is dropped by destroy_process_group, whose binding
+        # releases the GIL while gloo's worker threads are joined. Dropped by the reducer after
+        # it, the group's destructor joined them holding the GIL, while a worker thread waited
+        # for the GIL to free a finished collective's tensors: a hang at exit.
+        run = None
+        gc.collect()
         d.close()

@@ -156,22 +156,27 @@ def test_outputs_and_plot(tmp_path, data):
     assert meta["consumed_samples"] == 16 and meta["model"]["hidden_size"] == 32
 
 
-def _run_torchrun(cmd, env, attempts: int = 2, timeout: int = 150):
-    """(returncode, stdout, stderr) of a torchrun command. It runs in ~10 s alone; in the full suite
-    its two ranks have twice hung past any timeout (rendezvous over a TCP port while other tests'
-    processes run beside it), so a run that times out is killed with its ranks (its own process
-    group: `subprocess.run` would leave the ranks behind) and tried once more."""
-    stderr = ""
-    for _ in range(attempts):
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-            return proc.returncode, stdout, stderr
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            _, stderr = proc.communicate()
-    pytest.fail(f"torchrun timed out {attempts} times ({timeout} s each); the last run's stderr:\n{stderr[-3000:]}")
+def _run_torchrun(cmd, env, marker: str, timeout: int = 240):
+    """(returncode, stdout, stderr) of a torchrun command (about 10 s alone). On a timeout the
+    launcher's process group and every process whose command line holds `marker` (torchrun starts
+    its ranks in sessions of their own) are killed, and the test fails with the launcher's stderr:
+    a rank that hangs is not left behind. (Ranks once hung at exit: exp/loop.py's `train`.)"""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        return proc.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue
+        _, stderr = proc.communicate()
+    pytest.fail(f"torchrun timed out after {timeout} s; its stderr:\n{stderr[-3000:]}")
 
 
 def test_ddp_matches_one_process(tmp_path, data, torch_references):
@@ -184,7 +189,7 @@ def test_ddp_matches_one_process(tmp_path, data, torch_references):
     env = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "exp.train", "--config", str(config), "--save", str(tmp_path / "two")]
-    returncode, stdout, stderr = _run_torchrun(cmd, env)
+    returncode, stdout, stderr = _run_torchrun(cmd, env, marker=str(tmp_path / "two"))
     assert returncode == 0, stderr[-3000:]
     assert "2 process(es) on cpu" in stdout + stderr
     two = read_csv(str(tmp_path / "two" / "train.csv"))
