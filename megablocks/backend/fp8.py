@@ -199,6 +199,7 @@ def _glu_quantize_rows_kernel(
     stride_h1, stride_h2, stride_qm, stride_sm, stride_am,
     ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr, PDL: tl.constexpr = False,
     WRITE_A: tl.constexpr = False, CAST: tl.constexpr = False, GATED: tl.constexpr = True,
+    QUANTIZE: tl.constexpr = True,
 ):
     pdl_start(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -215,8 +216,9 @@ def _glu_quantize_rows_kernel(
         product = a.to(h1_ptr.dtype.element_ty)
     if WRITE_A:
         tl.store(a_ptr + rows[:, None].to(tl.int64) * stride_am + cols[None, :], product, mask=mask)
-    x = tl.where(mask, product.to(tl.float32), 0.0)
-    _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm, CAST)
+    if QUANTIZE:  # False: the product written alone (q_ptr, s_ptr not used)
+        x = tl.where(mask, product.to(tl.float32), 0.0)
+        _store_row_tiles(x, rows, cols, mask, M, q_ptr, s_ptr, stride_qm, stride_sm, CAST)
 
 
 # The GLU's backward, quantized as it is made: grad_MK, h1_MK, h2_MK in (any row strides, last
@@ -230,7 +232,7 @@ def _glu_backward_quantize_rows_kernel(
     M, K,
     stride_g, stride_h1, stride_h2, stride_q1, stride_s1, stride_q2, stride_s2,
     ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, QB: tl.constexpr, CAST: tl.constexpr = False,
-    GATED: tl.constexpr = True,
+    GATED: tl.constexpr = True, QUANTIZE: tl.constexpr = True,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * QB + tl.arange(0, QB)
@@ -253,12 +255,14 @@ def _glu_backward_quantize_rows_kernel(
                          stride_s1, CAST)
         _store_row_tiles(tl.where(mask, d2.to(tl.float32), 0.0), rows, cols, mask, M, q2_ptr, s2_ptr, stride_q2,
                          stride_s2, CAST)
-    else:  # the MLP experts' activation: grad * act'(h1) over h1 and into (q1, s1) (h2, q2, s2 not used)
+    else:  # the MLP experts' activation: grad * act'(h1) over h1 and into (q1, s1) (h2, q2, s2 not used;
+        # QUANTIZE False: over h1 alone, q1 and s1 not used either)
         _, da = _act(h1, ACTIVATION)
         d1 = (g * da).to(h1_ptr.dtype.element_ty)
         tl.store(p1, d1, mask=mask)
-        _store_row_tiles(tl.where(mask, d1.to(tl.float32), 0.0), rows, cols, mask, M, q1_ptr, s1_ptr, stride_q1,
-                         stride_s1, CAST)
+        if QUANTIZE:
+            _store_row_tiles(tl.where(mask, d1.to(tl.float32), 0.0), rows, cols, mask, M, q1_ptr, s1_ptr,
+                             stride_q1, stride_s1, CAST)
 
 
 @triton.jit
@@ -885,13 +889,17 @@ def glu_quantize_rows(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
     return _activation_quantize(h1_MK, h2_MK, activation, return_product, gated=True)
 
 
-def _activation_quantize(h1_MK, h2_MK, activation: str, return_product: bool, gated: bool):
+def _activation_quantize(h1_MK, h2_MK, activation: str, return_product: bool, gated: bool, quantize: bool = True):
     """`_glu_quantize_rows_kernel`'s launch for `glu_quantize_rows` (`gated`) and
-    `act_quantize_rows` (h2 not read): (q, s), and the product where `return_product`."""
+    `act_quantize_rows` (h2 not read): (q, s), and the product where `return_product`; with
+    `quantize` False (`act_rows`), the product alone."""
     M, K = h1_MK.shape
-    q = torch.empty((M, K), dtype=FP8_DTYPE, device=h1_MK.device)
-    s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=h1_MK.device)
+    if quantize:
+        q = torch.empty((M, K), dtype=FP8_DTYPE, device=h1_MK.device)
+        s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=h1_MK.device)
     a = torch.empty((M, K), dtype=h1_MK.dtype, device=h1_MK.device) if return_product else None
+    if not quantize:
+        q = s = a  # not written by the kernel
     if M and K:
         launch = GLU_QUANTIZE_LAUNCH["product" if return_product else "plain"]
         block_m = 16 if interpreted(h1_MK) else launch["block_m"]
@@ -899,9 +907,11 @@ def _activation_quantize(h1_MK, h2_MK, activation: str, return_product: bool, ga
             h1_MK, h2_MK, q, s, a if return_product else q, M, K, h1_MK.stride(0), h2_MK.stride(0), q.stride(0),
             s.stride(0), a.stride(0) if return_product else 0,
             ACTIVATION=activation, BLOCK_M=block_m, QB=Q, num_warps=launch["num_warps"], WRITE_A=return_product,
-            CAST=_hardware_cast(h1_MK), GATED=gated, **pdl_launch(h1_MK),
+            CAST=_hardware_cast(h1_MK), GATED=gated, QUANTIZE=quantize, **pdl_launch(h1_MK),
             enable_fp_fusion=True,
         )
+    if not quantize:
+        return a
     return (q, s, a) if return_product else (q, s)
 
 
@@ -964,9 +974,10 @@ def glu_backward_quantize_rows_(grad_MK: torch.Tensor, h1_MK: torch.Tensor, h2_M
 def _activation_backward_quantize(grad_MK, h1_MK, h2_MK, out, activation: str, gated: bool) -> None:
     """`_glu_backward_quantize_rows_kernel`'s launch for `glu_backward_quantize_rows_` (`gated`)
     and `act_backward_quantize_rows_` (h2, q2, s2 not used): the gradients written over h1 (and
-    h2), quantized into out = (q1, s1, q2, s2)."""
+    h2), quantized into out = (q1, s1, q2, s2); with `out` None (`act_backward_rows_`, not
+    `gated`), written alone."""
     M, K = h1_MK.shape
-    q1, s1, q2, s2 = out
+    q1, s1, q2, s2 = (h1_MK,) * 4 if out is None else out
     if M and K:
         launch = GLU_BACKWARD_QUANTIZE_LAUNCH
         block_m = 16 if interpreted(h1_MK) else launch["block_m"]
@@ -974,7 +985,7 @@ def _activation_backward_quantize(grad_MK, h1_MK, h2_MK, out, activation: str, g
             grad_MK, h1_MK, h2_MK, q1, s1, q2, s2, M, K, grad_MK.stride(0), h1_MK.stride(0), h2_MK.stride(0),
             q1.stride(0), s1.stride(0), q2.stride(0), s2.stride(0),
             ACTIVATION=activation, BLOCK_M=block_m, QB=Q, CAST=_hardware_cast(h1_MK), num_warps=launch["num_warps"],
-            GATED=gated,
+            GATED=gated, QUANTIZE=out is not None,
             enable_fp_fusion=True,
         )
 
@@ -1028,6 +1039,34 @@ def act_backward_quantize_rows_(grad_MK: torch.Tensor, h_MK: torch.Tensor,
         return q, s
     _activation_backward_quantize(grad_MK, h_MK, h_MK, (q, s, q, s), activation, gated=False)
     return q, s
+
+
+def act_rows(h_MK: torch.Tensor, activation: str) -> torch.Tensor:
+    """The MLP experts' activation alone, by `act_quantize_rows`' kernel with no quantization:
+    `act(h)` `[M, K]` in h's dtype, contiguous, bit for bit the 16-bit activation that
+    `act_quantize_rows(h, activation, return_product=True)` writes (the FP8 MLP node makes it
+    again this way for w2's gradient under `memory_optimized_mlp`). h and `activation` as there."""
+    _check_activation_operands(("h", h_MK))
+    _check_mlp_activation(activation)
+    if h_MK.device.type != "cuda" and not interpreted(h_MK):
+        from megablocks.ops.activation import act_reference
+
+        return act_reference(h_MK, activation)
+    return _activation_quantize(h_MK, h_MK, activation, True, gated=False, quantize=False)
+
+
+def act_backward_rows_(grad_MK: torch.Tensor, h_MK: torch.Tensor, activation: str) -> torch.Tensor:
+    """`act_backward_quantize_rows_` without the quantization: `grad * act'(h)` written over h
+    (bit for bit what that writes), and h returned (the FP8 MLP node, where no input gradient is
+    wanted and nothing reads the quantized gradient). Operands as there."""
+    _check_activation_operands(("grad", grad_MK), ("h", h_MK))
+    _check_mlp_activation(activation)
+    if h_MK.device.type != "cuda" and not interpreted(h_MK):
+        from megablocks.ops.activation import act_backward_reference
+
+        return h_MK.copy_(act_backward_reference(grad_MK, h_MK, activation))
+    _activation_backward_quantize(grad_MK, h_MK, h_MK, None, activation, gated=False)
+    return h_MK
 
 
 # `_gather_quantize_rows_kernel`'s launch: tokens a program (block_t) and warps, for the plain

@@ -70,7 +70,8 @@ import torch
 
 from megablocks.backend import activation as activation_kernels
 from megablocks.backend import use_triton
-from megablocks.backend.fp8 import (FP8_DTYPE, Q, act_backward_quantize_rows_, act_quantize_rows,
+from megablocks.backend.fp8 import (FP8_DTYPE, Q, act_backward_quantize_rows_, act_backward_rows_, act_quantize_rows,
+                                    act_rows,
                                     gather_quantize_cols, gather_quantize_rows,
                                     glu_backward_quantize_rows_, glu_backward_quantize_rows_cols, glu_quantize_cols,
                                     glu_quantize_rows, gmm_fp8, gmm_fp8_glu_quantize, gmm_fp8_wgrad,
@@ -475,7 +476,7 @@ class _Fp8GroupedMlpExperts(torch.autograd.Function):
         grad_w2 = None
         if need_w2:
             if a is None:  # `keep_product` False: the activation made again from h
-                a = act_quantize_rows(h, activation, return_product=True)[2]
+                a = act_rows(h, activation)
             grad_w2 = _weight_grad_or_add(acc_w2, a, grad_y, counts_E, (None, None, 1), False, w2.shape)
         del a
         if g_q is None:
@@ -483,8 +484,12 @@ class _Fp8GroupedMlpExperts(torch.autograd.Function):
         del grad_y
         grad_a = gmm_fp8(g_q, g_s, *quantized[-2], counts_E, out_dtype=dtype)
         del g_q, g_s
-        # The activation's gradient written over h and quantized for the input gradient's product.
-        g_q, g_s = act_backward_quantize_rows_(grad_a, h, activation)
+        # The activation's gradient written over h, and quantized for the input gradient's product
+        # where there is one.
+        if need_x:
+            g_q, g_s = act_backward_quantize_rows_(grad_a, h, activation)
+        else:
+            act_backward_rows_(grad_a, h, activation)
         grad_h, grad_a, h = h, None, None
         grad_x = grad_w1 = None
         if need_x:

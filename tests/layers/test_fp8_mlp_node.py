@@ -50,6 +50,13 @@ def _mlp_layer(shape, dtype, activation_fn=F.relu, seed=0, **kw):
     return layer, x, torch.randn(*lead, H, device=DEVICE, dtype=dtype, generator=gen)
 
 
+def _record_activation_kernels(monkeypatch, fused):
+    """The node's activation kernels, their names appended to `fused` as they run."""
+    for name in ("act_quantize_rows", "act_rows", "act_backward_quantize_rows_", "act_backward_rows_"):
+        real = getattr(grouped_glu, name)
+        monkeypatch.setattr(grouped_glu, name, lambda *a, _n=name, _r=real, **kw: fused.append(_n) or _r(*a, **kw))
+
+
 def _both(layer, x, grad_out, calls, **policy):
     """{one_node_experts: (out, grads)} of one training step each, the node counted."""
     results = {}
@@ -69,14 +76,12 @@ def test_fp8_mlp_node_is_the_composed_fp8_ops(shape, dtype, gather_min_ffn, memo
     layer, x, grad_out = _mlp_layer(shape, dtype, memory_optimized_mlp=memory_optimized)
     calls = _count(monkeypatch)
     fused = []
-    for name in ("act_quantize_rows", "act_backward_quantize_rows_"):
-        real = getattr(grouped_glu, name)
-        monkeypatch.setattr(grouped_glu, name, lambda *a, _n=name, _r=real, **kw: fused.append(_n) or _r(*a, **kw))
+    _record_activation_kernels(monkeypatch, fused)
     results = _both(layer, x, grad_out, calls, fp8_gather_wgrad_min_ffn=gather_min_ffn)
     assert type(calls[0]).__name__ == "_Fp8GroupedMlpExpertsBackward", calls[0]
-    # The activation quantized as it is made (and, memory-optimized, made again for w2's gradient),
-    # its gradient as it is made.
-    want = ["act_quantize_rows"] * (2 if memory_optimized else 1) + ["act_backward_quantize_rows_"]
+    # The activation quantized as it is made (and, memory-optimized, made again unquantized for
+    # w2's gradient), its gradient as it is made.
+    want = ["act_quantize_rows"] + ["act_rows"] * memory_optimized + ["act_backward_quantize_rows_"]
     assert sorted(fused) == sorted(want), fused
     assert_equal("out", results[True][0], results[False][0])
     for name in ("x", *GRAD_NAMES):
@@ -207,11 +212,15 @@ def test_act_quantize_rows(M, K, activation, dtype):
     assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs)
     q2, s2 = fp8_backend.act_quantize_rows(h, activation)
     assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8)) and torch.equal(s2, s)
+    assert_equal("act_rows", fp8_backend.act_rows(h, activation), a)  # the same kernel, not quantizing
     want = act_reference(h, activation)
     hb = h.clone()
     bq, bs = fp8_backend.act_backward_quantize_rows_(grad, hb, activation)
     rq, rs = fp8_backend.quantize_rows(hb)
     assert torch.equal(bq.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(bs, rs)
+    hp = h.clone()
+    assert fp8_backend.act_backward_rows_(grad, hp, activation) is hp
+    assert_equal("act_backward_rows_", hp, hb)
     grad_want = act_backward_reference(grad, h, activation)
     if activation == "relu":
         assert_equal("relu", a, want)
@@ -233,6 +242,42 @@ def test_act_quantize_rows_refuses():
         fp8_backend.act_quantize_rows(h.t(), "relu")
     with pytest.raises(TypeError):
         fp8_backend.act_quantize_rows(h, "relu", return_product=1)
+    with pytest.raises(ValueError, match="MLP experts' activations"):
+        fp8_backend.act_rows(h, "clamped_swiglu")
+    with pytest.raises(ValueError, match="shape"):
+        fp8_backend.act_backward_rows_(h, h[:, :4].contiguous(), "relu")
+    with pytest.raises(ValueError, match="contiguous last dim"):
+        fp8_backend.act_rows(h.t(), "relu")
+
+
+@pytest.mark.parametrize("memory_optimized", [False, True], ids=["product-kept", "memory-optimized"])
+def test_fp8_mlp_node_without_input_gradient(memory_optimized, monkeypatch):
+    """An input that takes no gradient (a frozen layer below): the node writes the activation's
+    gradient over h without quantizing it (no product reads it) and gives the weights bitwise the
+    composed ops' gradients."""
+    layer, x, grad_out = _mlp_layer((40, (40,), 48, 136, 4, 2, "random"), DTYPES[-1],
+                                    memory_optimized_mlp=memory_optimized)
+    calls = _count(monkeypatch)
+    fused = []
+    _record_activation_kernels(monkeypatch, fused)
+    results = {}
+    for on in (False, True):
+        layer.args.kernel_policy = KernelPolicy(one_node_experts=on)
+        layer.zero_grad(set_to_none=True)
+        out = layer(x)
+        out.backward(grad_out)
+        results[on] = out.detach(), {n: p.grad for n, p in layer.named_parameters()}
+    assert len(calls) == 1 and not x.requires_grad
+    want = ["act_quantize_rows"] + ["act_rows"] * memory_optimized + ["act_backward_rows_"]
+    assert sorted(fused) == sorted(want), fused
+    assert_equal("out", results[True][0], results[False][0])
+    assert set(results[True][1]) == set(results[False][1])
+    for name, off in results[False][1].items():
+        on = results[True][1][name]
+        assert (on is None) == (off is None), name
+        if off is not None:
+            assert_equal(f"grad {name}", on, off)
+    assert results[True][1]["experts.mlp.w1"].abs().sum() > 0
 
 
 def test_fp8_mlp_weight_gradients_in_fp8(monkeypatch):

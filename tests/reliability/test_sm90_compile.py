@@ -172,19 +172,23 @@ for dtype in (torch.bfloat16, torch.float32):
               4, 3,
               types={"assignment_row_ptr": "*i32", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "rows_ptr": ELEMENT[dtype]})
     # ... and with the 16-bit product written too (the FP8 node keeps it for w2's gradient).
-    # The MLP experts' forms (`act_quantize_rows`, `act_backward_quantize_rows_`: GATED=False).
-    for activation, write_a, gated in (("silu", False, True), ("clamped_swiglu", False, True), ("silu", True, True),
-                                       ("gelu_tanh", True, False)):
+    # The MLP experts' forms (`act_quantize_rows`, `act_backward_quantize_rows_`: GATED=False;
+    # `act_rows`, `act_backward_rows_`: not quantizing either).
+    for activation, write_a, gated, quantize in (("silu", False, True, True), ("clamped_swiglu", False, True, True),
+                                                 ("silu", True, True, True), ("gelu_tanh", True, False, True),
+                                                 ("gelu_tanh", True, False, False)):
         check(f"fp8 glu_quantize_rows {activation} from {dtype} write_a={write_a}"
-              + ("" if gated else " (MLP activation)"), F8._glu_quantize_rows_kernel,
+              + ("" if gated else " (MLP activation)") + ("" if quantize else " not quantizing"),
+              F8._glu_quantize_rows_kernel,
               ELEMENT[dtype], dict(ACTIVATION=activation, BLOCK_M=32, QB=F8.Q, PDL=2, WRITE_A=write_a, CAST=True,
-                                   GATED=gated),
+                                   GATED=gated, QUANTIZE=quantize),
               4, 3,
               types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
-    for activation, gated in (("silu", True), ("gelu_tanh", False)):
-        check(f"fp8 glu_backward_quantize_rows {activation} from {dtype}" + ("" if gated else " (MLP activation)"),
+    for activation, gated, quantize in (("silu", True, True), ("gelu_tanh", False, True), ("gelu_tanh", False, False)):
+        check(f"fp8 glu_backward_quantize_rows {activation} from {dtype}" + ("" if gated else " (MLP activation)")
+              + ("" if quantize else " not quantizing"),
               F8._glu_backward_quantize_rows_kernel, ELEMENT[dtype],
-              dict(ACTIVATION=activation, BLOCK_M=32, QB=F8.Q, CAST=True, GATED=gated), 4, 3,
+              dict(ACTIVATION=activation, BLOCK_M=32, QB=F8.Q, CAST=True, GATED=gated, QUANTIZE=quantize), 4, 3,
               types={"q1_ptr": "*fp8e4nv", "s1_ptr": "*fp32", "q2_ptr": "*fp8e4nv", "s2_ptr": "*fp32"})
     # Pointer loads (decode), and TMA loads of K-major and N-major weights, warp-specialized with 4
     # stages (the default) and not with 3.
