@@ -894,12 +894,12 @@ def _activation_quantize(h1_MK, h2_MK, activation: str, return_product: bool, ga
     `act_quantize_rows` (h2 not read): (q, s), and the product where `return_product`; with
     `quantize` False (`act_rows`), the product alone."""
     M, K = h1_MK.shape
+    a = torch.empty((M, K), dtype=h1_MK.dtype, device=h1_MK.device) if return_product else None
     if quantize:
         q = torch.empty((M, K), dtype=FP8_DTYPE, device=h1_MK.device)
         s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=h1_MK.device)
-    a = torch.empty((M, K), dtype=h1_MK.dtype, device=h1_MK.device) if return_product else None
-    if not quantize:
-        q = s = a  # not written by the kernel
+    else:  # the product alone: q and s stand in for the pointers the kernel does not touch
+        q = s = a
     if M and K:
         launch = GLU_QUANTIZE_LAUNCH["product" if return_product else "plain"]
         block_m = 16 if interpreted(h1_MK) else launch["block_m"]
