@@ -924,13 +924,14 @@ def layer_accumulate_row(name, device, micro_batches=8, dtype=torch.bfloat16):
                          else contextlib.nullcontext())
                 with forms:
                     run = window(module)
+                    if form == "fused":  # (the last label's timed windows were summed into it)
+                        for p in experts:
+                            p.main_grad.zero_()
                     run()  # compiled, and the gradients of one window kept below
                     if form == "fused":
                         if any(p.grad is not None for p in experts):
                             raise AssertionError(f"{label}: a fused expert weight's gradient came back as .grad")
                         summed[label, form] = [p.main_grad.clone() for p in experts]
-                        for p in experts:
-                            p.main_grad.zero_()
                     else:
                         summed[label, form] = [p.grad.float().clone() for p in experts]
                     ms = timed(run, warmup=200, rep=2000)[0] / micro_batches if device == "cuda" else float("nan")

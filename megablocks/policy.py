@@ -77,15 +77,16 @@ class KernelPolicy:
             products gain 0.4-0.7 ms, the operands' quantizers (0.3-2.7 TB/s) cost about as much.
             MLP experts (and any experts on the composed FP8 ops, `one_node_experts=False`) take
             it too, on the composed ops (`fp8_gmm(..., fp8_wgrad=True)`: each operand quantized
-            down the rows in a pass of its own), except where the gradient goes to `main_grad`.
-        fp8_weight_grad_glu_two_passes: with `fp8_weight_grad` and w1 and v1 stacked, the GLU's
+            down the rows in a pass of its own); where the gradient goes to `main_grad`, the FP8
+            product's epilogue adds it there.
+        fp8_weight_grad_glu_two_passes: with `fp8_weight_grad` (w1 and v1 stacked or apart), the GLU's
             gradient and its weight-gradient operand in two passes over h: the gradients written
-            over it with their row tiles (`fp8.glu_backward_quantize_rows_`, 0.87 ms on mixtral's
-            training rows), then its column tiles (`fp8.quantize_cols_grouped`, predicted 0.53 ms
-            from 2.7 TB/s), against one pass that writes neither gradient
-            (`fp8.glu_backward_quantize_rows_cols`, 1.82 ms: 1.3 TB/s, bound by the instructions of
-            its transposed e4m3 store). 18 bytes an element against 10, the same values. Off until
-            measured on the GPU.
+            over it with their row tiles (`fp8.glu_backward_quantize_rows_`), then its column
+            tiles (`fp8.quantize_cols_grouped`); off, one pass that writes neither gradient
+            (`fp8.glu_backward_quantize_rows_cols`: 1.3 TB/s, bound by the instructions of its
+            transposed e4m3 store). 18 bytes an element against 10, the same values, and faster
+            on the H200 (mixtral's training rows 1.839 -> 1.395 ms, olmoe's 1.021 -> 0.844;
+            benchmarks/RESULTS.md).
         fp8_gather_wgrad_min_ffn: the FP8 node's up weights' gradients (unquantized) read a
             gathered copy of the token rows, made in the backward for both, for experts of at
             least this ffn per rank; narrower ones read the token rows through the maps. The
@@ -129,7 +130,7 @@ class KernelPolicy:
     gather_min_rows_per_expert: int = 512
     route_max_work: int = 16384
     fp8_weight_grad: bool = False
-    fp8_weight_grad_glu_two_passes: bool = False
+    fp8_weight_grad_glu_two_passes: bool = True
     fp8_gather_wgrad_min_ffn: int = 4097
     fp8_decode_glu_epilogue: bool = True
     fp8_decode_gather_prologue: bool = False

@@ -380,8 +380,8 @@ class GroupedMLP(SparseMLP):
         (`megablocks.optim.MainWeightsAdamW.fuse_grad_accumulation`): the weight gradients of
         those are added to `main_grad` by the kernels instead of coming back as `.grad`. Off under
         torch.compile and without autograd. In FP8 too: the composed products' and the one-node
-        form's weight gradients (unquantized products) are added the same way, and the one-node
-        form's FP8 weight gradients (`fp8_weight_grad`) by the FP8 product's epilogue."""
+        form's weight gradients (unquantized products) are added the same way, and their FP8 weight
+        gradients (`fp8_weight_grad`) by the FP8 product's epilogue."""
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return {}
         accs = {}
@@ -530,7 +530,8 @@ class GroupedMLP(SparseMLP):
 
         projections = (up, down)
         if self.args.fp8 is not None:
-            projections = self._fp8_projections(weights, tokens_per_expert, num_experts, hidden, operand, fused)
+            projections = self._fp8_projections(weights, tokens_per_expert, num_experts, hidden, operand, fused,
+                                                accs)
 
         biases = self._cast_biases(x)
         experts = None
@@ -582,16 +583,22 @@ class GroupedMLP(SparseMLP):
         return out + [None if alone else cache(self.w2, shape), cache.transposed(self.w2, shape, alone=alone)]
 
     def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int,
-                         operand, fused):
+                         operand, fused, accs: dict):
         """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this
         forward: each is quantized from its parameter (not from the per-forward cast) once per
         optimizer step, in the module's cache (`_fp8_product`). `operand` and `fused` are the bf16
-        products': a weight whose gradient goes to its `main_grad` (gradient-accumulation fusion)
-        is multiplied detached, and `fused` adds that gradient (the unquantized product, as
-        `fp8_gmm`'s own) into it."""
+        products': a weight whose gradient goes to its `main_grad` (gradient-accumulation fusion,
+        `accs`) is multiplied detached, and `fused` adds that gradient (the unquantized product, as
+        `fp8_gmm`'s own) into it. With the policy's `fp8_weight_grad` that gradient is an FP8
+        product, which `fp8_gmm` adds into `main_grad` itself (`accumulate_into`), as it would
+        return it without the fusion."""
         shape = (num_experts, -1, hidden)
+        fp8_wgrad = self.args.kernel_policy.fp8_weight_grad
 
         def product(a, w, p, trans_b):
+            acc = accs.get(id(w)) if fp8_wgrad else None
+            if acc is not None:
+                return self._fp8_product(a, w.view(shape), p, tokens_per_expert, shape, trans_b, acc.view(shape))
             out = self._fp8_product(a, operand(w), p, tokens_per_expert, shape, trans_b)
             return fused(out, a, w, trans_b)
 
@@ -605,7 +612,7 @@ class GroupedMLP(SparseMLP):
 
     @torch.compiler.disable
     def _fp8_product(self, a: torch.Tensor, w: torch.Tensor, p: torch.nn.Parameter, tokens_per_expert: torch.Tensor,
-                     shape, trans_b: bool) -> torch.Tensor:
+                     shape, trans_b: bool, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`fp8_gmm` of `a` and the cast weight `w`, quantized from its parameter `p` in the module's
         cache. Run eagerly under `torch.compile` (a graph break): the cache's Python state, keyed
         by the parameters' identities, is not for a traced graph to freeze.
@@ -613,7 +620,8 @@ class GroupedMLP(SparseMLP):
         Each weight is also stored the other way (once per step): the up projections' input
         gradients and the down projection's forward read it K-major, as FP8 products need. The
         weight's gradient is an FP8 product too with the policy's `fp8_weight_grad` (`fp8_gmm`'s
-        `fp8_wgrad`), unless it goes to `main_grad` (the operand detached; `fused` adds it).
+        `fp8_wgrad`), added into `acc` (its `main_grad`) where given; without the policy's
+        `fp8_weight_grad`, a weight whose gradient goes to `main_grad` comes detached (`fused` adds it).
         Without a gradient to record only the form the forward reads is made and held: the up
         projections' (q, s), the down projection's transposed form (viewed back as its (q, s))."""
         cache = self._fp8_cache()
@@ -625,7 +633,7 @@ class GroupedMLP(SparseMLP):
             forms_t = cache.transposed(p, shape, alone=True)
             forms = (forms_t[0].transpose(1, 2), forms_t[1].transpose(1, 2))
         return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=trans_b, weights=forms,
-                       weights_t=forms_t, fp8_wgrad=self.args.kernel_policy.fp8_weight_grad)
+                       weights_t=forms_t, fp8_wgrad=self.args.kernel_policy.fp8_weight_grad, accumulate_into=acc)
 
 
 class SharedMLP(torch.nn.Module):

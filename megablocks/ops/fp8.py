@@ -61,6 +61,7 @@ from megablocks.backend.fp8 import (
     quantize_rows_and_cols,
     quantize_rows_reference,
 )
+from megablocks.ops.gmm import _add_weight_grad
 
 
 def _stamp(w: torch.Tensor):
@@ -333,11 +334,13 @@ def _k_major(w_q, w_s, t, trans_b):
 
 class _Fp8Gmm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, batch_sizes, trans_b, w_q, w_s, t_q, t_s, fp8_wgrad):
+    def forward(ctx, x, w, batch_sizes, trans_b, w_q, w_s, t_q, t_s, fp8_wgrad, acc):
         x_q, x_s = quantize_rows(x)
         t = None if t_q is None else (t_q, t_s)
         ctx.save_for_backward(x, w_q, w_s, t_q, t_s, batch_sizes)
-        ctx.trans_b, ctx.fp8_wgrad, ctx.w_dtype = trans_b, fp8_wgrad, w.dtype
+        # The accumulator is not saved: its values change between this forward and the backward
+        # (other micro-batches' gradients), which is what it is for.
+        ctx.trans_b, ctx.fp8_wgrad, ctx.w_dtype, ctx.acc = trans_b, fp8_wgrad, w.dtype, acc
         q, s, tb = _k_major(w_q, w_s, t, trans_b)
         return gmm_fp8(x_q, x_s, q, s, batch_sizes, out_dtype=x.dtype, trans_b=tb)
 
@@ -355,15 +358,20 @@ class _Fp8Gmm(torch.autograd.Function):
             if ctx.fp8_wgrad:  # both operands K-major by blocks: each step one FP8 tensor-core product
                 grad_w = gmm_fp8_wgrad(*quantize_cols_grouped(a, batch_sizes, transposed=True),
                                        *quantize_cols_grouped(b, batch_sizes, transposed=True),
-                                       batch_sizes, out_dtype=ctx.w_dtype, rows=a.shape[0])
+                                       batch_sizes, out_dtype=ctx.w_dtype, rows=a.shape[0], accumulate_into=ctx.acc)
+            elif ctx.acc is not None:  # the variable-K kernel's epilogue adds it
+                _add_weight_grad(ctx.acc, x, grad, batch_sizes, None, None, 1, ctx.trans_b, _gmm.default_backend(x))
             else:
                 grad_w = _gmm.gmm(a, b, batch_sizes, trans_a=True)
-        return grad_x, grad_w, None, None, None, None, None, None, None
+            if ctx.acc is not None:
+                grad_w = None  # added into the accumulator, not returned
+        return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 
 def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = True,
             weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, fp8_wgrad: bool = False,
-            weights_t: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+            weights_t: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+            accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Differentiable grouped GEMM with FP8 operands: out[rows of e] = x[rows of e] @ w[e]^T
     (`trans_b`, w `[E, N, K]`) or @ w[e] (w `[E, K, N]`), in x's dtype.
 
@@ -381,9 +389,15 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
         weights_t: `weights` stored the other way (`Fp8WeightCache.transposed`), read by the
             products (forward or input gradient) that would read `weights` N-major; without it
             `gmm_fp8` copies the weight K-major for each such product.
+        accumulate_into: gradient-accumulation fusion (`main_grad`): a contiguous float32 tensor
+            of w's shape on x's device into which the backward adds w's gradient (by the FP8
+            weight-gradient product's epilogue with `fp8_wgrad`, else by the variable-K kernel's)
+            instead of returning it; w's `.grad` is left alone (w is an input so that the output
+            requires grad where w does). As `ops.gmm.weight_grad_into`, for FP8 products.
 
     Raises:
-        ValueError, TypeError: as `quantize_rows` and `gmm_fp8`, or `w` of another dtype than x.
+        ValueError, TypeError: as `quantize_rows` and `gmm_fp8`, `w` of another dtype than x, or
+            an `accumulate_into` that is not such a tensor.
     """
     if not isinstance(w, torch.Tensor) or w.dtype != x_MK.dtype:
         raise TypeError(f"w: expected a tensor of x's dtype {x_MK.dtype}, got "
@@ -392,7 +406,9 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
     if not isinstance(fp8_wgrad, bool):
         raise TypeError(f"fp8_wgrad: expected a bool, got {type(fp8_wgrad).__name__}")
     t_q, t_s = weights_t if weights_t is not None else (None, None)
-    return _Fp8Gmm.apply(x_MK, w, batch_sizes, trans_b, w_q, w_s, t_q, t_s, fp8_wgrad)
+    if accumulate_into is not None:
+        _gmm._check_accumulator(accumulate_into, tuple(w.shape), x_MK.device, (torch.float32,), "w's shape ")
+    return _Fp8Gmm.apply(x_MK, w, batch_sizes, trans_b, w_q, w_s, t_q, t_s, fp8_wgrad, accumulate_into)
 
 
 __all__ = [

@@ -393,12 +393,17 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         g_q = torch.empty((N, 2 * F), dtype=FP8_DTYPE, device=grad_a.device)
         g_s = torch.empty((N, 2 * F // Q), dtype=torch.float32, device=grad_a.device)
         rows_out = (g_q[:, :F], g_s[:, :F // Q], g_q[:, F:], g_s[:, F // Q:])
-    if stacked and ctx.glu_two_passes:
-        # The gradients written over h with their row tiles, then h's column tiles: the same values.
+    if ctx.glu_two_passes:
+        # The gradients written over h with their row tiles, then h's column tiles (stacked: of
+        # the [N, 2F] operand at once; apart: of each half): the same values.
         first, second = glu_backward_quantize_rows_(grad_a, *halves, activation, out=rows_out)
-        h_c = quantize_cols_grouped(h[0], counts_E, transposed=True)
+        h_c = [quantize_cols_grouped(t, counts_E, transposed=True) for t in h]
     else:
         first, second, h_c = glu_backward_quantize_rows_cols(grad_a, *halves, activation, counts_E, out=rows_out)
+        h_c = [h_c]
+    if len(h_c) == 1:  # w1's and v1's columns: the halves of one operand
+        (h_q, h_s), = h_c
+        h_c = [(h_q[:F], h_s[:, :F]), (h_q[F:], h_s[:, F:])]
     grad_a = h = halves = rows_out = None  # h goes: nothing reads it again
     if need_x:
         if stacked:
@@ -412,11 +417,10 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         del grad_rows
     if need_w1 or need_v1:
         x_c = gather_quantize_cols(x_TH, row_assignment, top_k, counts_E)
-        h_q, h_s = h_c
         if need_w1:
-            grad_w1 = _fp8_weight_grad_or_add(acc_w1, (h_q[:F], h_s[:, :F]), x_c, counts_E, N, w1)
+            grad_w1 = _fp8_weight_grad_or_add(acc_w1, h_c[0], x_c, counts_E, N, w1)
         if need_v1:
-            grad_v1 = _fp8_weight_grad_or_add(acc_v1, (h_q[F:], h_s[:, F:]), x_c, counts_E, N, v1)
+            grad_v1 = _fp8_weight_grad_or_add(acc_v1, h_c[1], x_c, counts_E, N, v1)
     return grad_x, grad_w1, grad_v1, grad_w2
 
 
@@ -566,10 +570,10 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     `accs`: for (w1, v1, w2), an fp32 accumulator of the weight's shape (its `main_grad`) or None
     each: that weight's gradient is added into it (with the unquantized weight gradients, by the
     variable-K product's kernel, as `weight_grad_into` does) and not returned as its `.grad`.
-    `glu_two_passes` (`KernelPolicy.fp8_weight_grad_glu_two_passes`), with `fp8_wgrad` and w1 and v1
-    stacked: the GLU's gradient and its weight-gradient operand made in two passes over h (the
-    gradients written over it with their row tiles, then its column tiles), the same values as
-    the one pass that writes neither gradient.
+    `glu_two_passes` (`KernelPolicy.fp8_weight_grad_glu_two_passes`), with `fp8_wgrad`: the GLU's
+    gradient and its weight-gradient operand made in two passes over h (the gradients written
+    over it with their row tiles, then its column tiles), the same values as the one pass that
+    writes neither gradient.
     """
     record = records_gradient((x_TH, w1, v1, w2, weights_N))
     accs = (None, None, None) if accs is None else tuple(accs)

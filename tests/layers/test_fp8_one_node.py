@@ -381,18 +381,21 @@ def test_fp8_node_weight_gradients_in_fp8(T, H, Fs, E, K, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T, H, Fs, E, K", [(5, 136, 256, 3, 3), (1, 48, 128, 5, 1), (200, 40, 128, 2, 2)],
-                         ids=["stacked-topk=E", "one-token-empty-experts", "blocks-past-128-rows"])
+@pytest.mark.parametrize("T, H, Fs, E, K", [(5, 136, 256, 3, 3), (1, 48, 128, 5, 1), (200, 40, 128, 2, 2),
+                                             (24, 40, 24, 4, 2), (200, 40, 136, 2, 2)],
+                         ids=["stacked-topk=E", "one-token-empty-experts", "blocks-past-128-rows", "apart",
+                              "apart-blocks-past-128-rows"])
 def test_fp8_node_glu_gradient_in_two_passes(T, H, Fs, E, K, dtype, monkeypatch):
-    """`fp8_weight_grad` with w1 and v1 stacked: the GLU's gradient made and quantized in two passes
-    (`KernelPolicy.fp8_weight_grad_glu_two_passes`: the gradients written over h with their row
-    tiles, then h's column tiles) gives the one pass's output and every gradient, bit for bit; the
-    one-pass kernel does not run."""
+    """`fp8_weight_grad` with w1 and v1 stacked (F a multiple of 128) or apart: the GLU's gradient
+    made and quantized in two passes (`KernelPolicy.fp8_weight_grad_glu_two_passes`: the gradients
+    written over h with their row tiles, then h's column tiles, of each half where apart) gives the
+    one pass's output and every gradient, bit for bit; the one-pass kernel does not run."""
     layer, x, grad_out = _glu_layer(T, H, Fs, E, K, dtype, seed=T * 7 + Fs)
     results, one_pass = {}, []
     real = grouped_glu.glu_backward_quantize_rows_cols
     monkeypatch.setattr(grouped_glu, "glu_backward_quantize_rows_cols",
                         lambda *a, **k: one_pass.append(1) or real(*a, **k))
+    assert layer.experts.mlp.fp8_stacks_up_weights() == (Fs % 128 == 0)
     for two in (False, True):
         layer.args.kernel_policy = KernelPolicy(fp8_weight_grad=True, fp8_weight_grad_glu_two_passes=two)
         one_pass.clear()

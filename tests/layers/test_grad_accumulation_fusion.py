@@ -58,20 +58,35 @@ def test_dmoe_weight_grads_go_to_main_grad(impl, form, memory_optimized):
 
 # FP8 (`Arguments.fp8`): the composed products' weight gradients (unquantized products) go to
 # main_grad (the experts take the composed products without the policy's one-node form), and so
-# do the MLP experts' node's (`fp8_grouped_mlp_experts`).
+# do the MLP experts' node's (`fp8_grouped_mlp_experts`). With the policy's `fp8_weight_grad` the
+# composed products' weight gradients are FP8 products (MLP experts take the composed products
+# then), added into main_grad by that product's epilogue.
 FP8_FORMS = {
     "mlp": dict(mlp_type="mlp", kernel_policy=KernelPolicy(one_node_experts=False)),
     "mlp-node": dict(mlp_type="mlp"),
     "glu": dict(mlp_type="glu", kernel_policy=KernelPolicy(one_node_experts=False)),
+    "mlp-fp8-weight-grad": dict(mlp_type="mlp", kernel_policy=KernelPolicy(fp8_weight_grad=True)),
+    "glu-fp8-weight-grad": dict(mlp_type="glu", kernel_policy=KernelPolicy(one_node_experts=False,
+                                                                           fp8_weight_grad=True)),
 }
 
 
 @pytest.mark.parametrize("form", list(FP8_FORMS))
-def test_fp8_dmoe_weight_grads_go_to_main_grad(form):
+def test_fp8_dmoe_weight_grads_go_to_main_grad(form, monkeypatch):
     skip_unavailable("triton", DTYPE)
+    from megablocks.ops import fp8 as fp8_ops
+
     torch.manual_seed(0)
-    _check_main_grads(dMoE(make_args("triton", DTYPE, fp8="blockwise", **FP8_FORMS[form], **SHAPE)),
-                      3 if FP8_FORMS[form]["mlp_type"] == "glu" else 2)
+    layer = dMoE(make_args("triton", DTYPE, fp8="blockwise", **FP8_FORMS[form], **SHAPE))
+    assert not layer.experts.mlp._fp8_node() or form == "mlp-node"
+    calls = []  # the FP8 weight-gradient products: into main_grad (in their epilogue) or not
+    real = fp8_ops.gmm_fp8_wgrad
+    monkeypatch.setattr(fp8_ops, "gmm_fp8_wgrad",
+                        lambda *a, **k: calls.append(k.get("accumulate_into") is not None) or real(*a, **k))
+    n = 3 if FP8_FORMS[form]["mlp_type"] == "glu" else 2
+    _check_main_grads(layer, n)
+    # Each of two micro-batches: the layer's n into main_grad, then its copy's n into .grad.
+    assert calls == (([True] * n + [False] * n) * 2 if layer.args.kernel_policy.fp8_weight_grad else []), calls
 
 
 # The FP8 one-node form (GLU experts): w1 and v1 apart, stacked (F a multiple of 128), and with its

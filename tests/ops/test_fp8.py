@@ -931,6 +931,20 @@ def test_fp8_gmm_forward_and_gradients(trans_b, fp8_wgrad):
                        weights_t=cache.transposed(w2))
     out2.backward(grad)
     assert torch.equal(out2, out) and torch.equal(x2.grad, x.grad) and torch.equal(w2.grad, w.grad)
+    # Gradient-accumulation fusion (`accumulate_into`, as main_grad): w's gradient (the same
+    # product) added into an fp32 tensor by the product's epilogue, not returned; x's as before.
+    acc = torch.randn(w.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    start = acc.clone()
+    x3, w3 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    out3 = fp8.fp8_gmm(x3, w3, batch_sizes, trans_b=trans_b, fp8_wgrad=fp8_wgrad, accumulate_into=acc)
+    out3.backward(grad)
+    assert torch.equal(out3, out) and torch.equal(x3.grad, x.grad) and w3.grad is None
+    assert_close("accumulate_into", acc, start.double() + w.grad.double(), dtype=torch.float32)
+    assert not torch.equal(acc, start)
+    with pytest.raises(TypeError, match="accumulate_into"):
+        fp8.fp8_gmm(x3, w3, batch_sizes, trans_b=trans_b, accumulate_into=acc.half())
+    with pytest.raises(ValueError, match="accumulate_into: expected a contiguous w's shape"):
+        fp8.fp8_gmm(x3, w3, batch_sizes, trans_b=trans_b, accumulate_into=acc.transpose(1, 2).contiguous())
 
 
 def _set_blocks(q_c, s_c, bs, M):
