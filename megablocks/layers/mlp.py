@@ -530,8 +530,7 @@ class GroupedMLP(SparseMLP):
 
         projections = (up, down)
         if self.args.fp8 is not None:
-            projections = self._fp8_projections(weights, tokens_per_expert, num_experts, hidden, operand, fused,
-                                                accs)
+            projections = self._fp8_projections(weights, tokens_per_expert, num_experts, hidden, accs)
 
         biases = self._cast_biases(x)
         experts = None
@@ -583,24 +582,20 @@ class GroupedMLP(SparseMLP):
         return out + [None if alone else cache(self.w2, shape), cache.transposed(self.w2, shape, alone=alone)]
 
     def _fp8_projections(self, weights, tokens_per_expert: torch.Tensor, num_experts: int, hidden: int,
-                         operand, fused, accs: dict):
+                         accs: dict):
         """`up` and `down` in FP8 (`Arguments.fp8`) for the cast `weights` (w1, v1, w2) of this
         forward: each is quantized from its parameter (not from the per-forward cast) once per
-        optimizer step, in the module's cache (`_fp8_product`). `operand` and `fused` are the bf16
-        products': a weight whose gradient goes to its `main_grad` (gradient-accumulation fusion,
-        `accs`) is multiplied detached, and `fused` adds that gradient (the unquantized product, as
-        `fp8_gmm`'s own) into it. With the policy's `fp8_weight_grad` that gradient is an FP8
-        product, which `fp8_gmm` adds into `main_grad` itself (`accumulate_into`), as it would
-        return it without the fusion."""
+        optimizer step, in the module's cache (`_fp8_product`). A weight whose gradient goes to
+        its `main_grad` (gradient-accumulation fusion, `accs`) has it added there by `fp8_gmm`
+        itself (`accumulate_into`: the FP8 weight-gradient product's epilogue with the policy's
+        `fp8_weight_grad`, else the variable-K kernel's), the gradient it would return without
+        the fusion."""
         shape = (num_experts, -1, hidden)
-        fp8_wgrad = self.args.kernel_policy.fp8_weight_grad
 
         def product(a, w, p, trans_b):
-            acc = accs.get(id(w)) if fp8_wgrad else None
-            if acc is not None:
-                return self._fp8_product(a, w.view(shape), p, tokens_per_expert, shape, trans_b, acc.view(shape))
-            out = self._fp8_product(a, operand(w), p, tokens_per_expert, shape, trans_b)
-            return fused(out, a, w, trans_b)
+            acc = accs.get(id(w))
+            return self._fp8_product(a, w, p, tokens_per_expert, shape, trans_b,
+                                     None if acc is None else acc.view(shape))
 
         def up(x, w):  # w1's cast or v1's
             return product(x, w, self.w1 if w is weights[0] else self._v1(), True)
@@ -620,8 +615,7 @@ class GroupedMLP(SparseMLP):
         Each weight is also stored the other way (once per step): the up projections' input
         gradients and the down projection's forward read it K-major, as FP8 products need. The
         weight's gradient is an FP8 product too with the policy's `fp8_weight_grad` (`fp8_gmm`'s
-        `fp8_wgrad`), added into `acc` (its `main_grad`) where given; without the policy's
-        `fp8_weight_grad`, a weight whose gradient goes to `main_grad` comes detached (`fused` adds it).
+        `fp8_wgrad`); where `acc` (its `main_grad`) is given, it is added there, not returned.
         Without a gradient to record only the form the forward reads is made and held: the up
         projections' (q, s), the down projection's transposed form (viewed back as its (q, s))."""
         cache = self._fp8_cache()

@@ -24,6 +24,7 @@ its grouped path this way with `Arguments(fp8='blockwise')`.
 """
 
 import contextlib
+import importlib
 import weakref
 from typing import Optional, Tuple
 
@@ -61,7 +62,8 @@ from megablocks.backend.fp8 import (
     quantize_rows_and_cols,
     quantize_rows_reference,
 )
-from megablocks.ops.gmm import _add_weight_grad
+
+_gmm_ops = importlib.import_module("megablocks.ops.gmm")  # the module (megablocks.ops.gmm is also a function)
 
 
 def _stamp(w: torch.Tensor):
@@ -360,7 +362,8 @@ class _Fp8Gmm(torch.autograd.Function):
                                        *quantize_cols_grouped(b, batch_sizes, transposed=True),
                                        batch_sizes, out_dtype=ctx.w_dtype, rows=a.shape[0], accumulate_into=ctx.acc)
             elif ctx.acc is not None:  # the variable-K kernel's epilogue adds it
-                _add_weight_grad(ctx.acc, x, grad, batch_sizes, None, None, 1, ctx.trans_b, _gmm.default_backend(x))
+                _gmm_ops._add_weight_grad(ctx.acc, x, grad, batch_sizes, None, None, 1, ctx.trans_b,
+                                          _gmm.default_backend(x))
             else:
                 grad_w = _gmm.gmm(a, b, batch_sizes, trans_a=True)
             if ctx.acc is not None:
