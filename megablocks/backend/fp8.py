@@ -590,6 +590,41 @@ def _quantize_cols_grouped_kernel(
     _store_col_tiles(x.to(tl.float32), b, rows, cols, mask, q_ptr, s_ptr, stride_qm, stride_sb, TRANSPOSED, CAST)
 
 
+# The transposed column tiles of `quantize_cols_grouped` (q [K, P], s [S, K]) coarsened to one
+# scale per block of Q rows and Q columns, in place: program (b, c) takes block b's Q slots of q's
+# rows [c*Q, (c+1)*Q) (the operand's columns), stores the largest of their Q scales as the block's
+# (t[b, c]) and multiplies each row's values by its scale over the block's, a power of two <= 1 made
+# from the exponents (no division), rounded to e4m3 as the quantizers round. A NaN scale (a
+# non-finite tile) makes the block's scale NaN and its values 0. Blocks past the groups' total do nothing.
+@triton.jit
+def _cols_to_blocks_kernel(
+    q_ptr, s_ptr, t_ptr, sizes_ptr,
+    M, K, E,
+    stride_q, stride_s, stride_t,
+    QB: tl.constexpr, BLOCK_E: tl.constexpr, CAST: tl.constexpr = False,
+):
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    _, _, real = _col_block(b, sizes_ptr, E, M, QB, BLOCK_E)
+    if not real:
+        return
+    ks = c * QB + tl.arange(0, QB)
+    k_ok = ks < K
+    s = tl.load(s_ptr + b.to(tl.int64) * stride_s + ks, mask=k_ok, other=0.0)
+    nan = tl.max((s != s).to(tl.int32), axis=0) > 0
+    t = tl.max(s, axis=0)
+    tl.store(t_ptr + b.to(tl.int64) * stride_t + c, tl.where(nan, float("nan"), t))
+    # Powers of two: 2^(e_s - e_t) from the biased exponents (both normal, e_s <= e_t).
+    e_s = (s.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    e_t = (t.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    ratio = (tl.maximum(e_s - e_t + 127, 1) << 23).to(tl.float32, bitcast=True)
+    slots = b.to(tl.int64) * QB + tl.arange(0, QB)
+    ptrs = q_ptr + ks[:, None].to(tl.int64) * stride_q + slots[None, :]
+    v = tl.load(ptrs, mask=k_ok[:, None], other=0.0).to(tl.float32) * ratio[:, None]
+    v = tl.where(nan, 0.0, v)  # the block's NaN scale carries the NaN
+    tl.store(ptrs, _e4m3_values(v, CAST).to(q_ptr.dtype.element_ty), mask=k_ok[:, None])
+
+
 # CH rows `rows` (those < row_end are the block's) and columns `cols` (< K) of what
 # `_quantize_cols_fused_kernel` quantizes, as fp32 tiles (x, x2), 0 outside: x2 is the GLU's second
 # input gradient in 'glu_backward' (else x again). 'gather' reads zeros for an assignment outside
@@ -1665,6 +1700,68 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
     return q, s
 
 
+def cols_to_blocks_(q_KP: torch.Tensor, s_SK: torch.Tensor, batch_sizes: torch.Tensor,
+                    rows: int) -> torch.Tensor:
+    """The column tiles of `quantize_cols_grouped(x, batch_sizes, transposed=True)` over `rows` rows
+    (q [K, P], s [S, K]) coarsened in place to one power-of-two scale per block of Q rows and Q
+    columns: returns the blocks' scales t [S, ceil(K/Q)] (each the largest of its Q column scales;
+    rows past the groups' blocks unset) and rescales q's values to them. The weight gradient
+    (`gmm_fp8_wgrad`) promotes such a b operand with one scale a row, as the forward does, where
+    column tiles take the outer product of two scale vectors.
+
+    The values do not change: with power-of-two scales e4m3 rounds the same at any scale, and a
+    value times its column's scale over the block's (a power of two <= 1) is exact while it stays
+    a normal e4m3 number. Only values that fall below 2^-6 (their column's largest more than
+    2^14.8 times over, and the block's larger still) lose mantissa bits, rounded to the nearest
+    subnormal, ties to even. A NaN scale (a tile with a non-finite value) makes its block's scale
+    NaN (its values 0): the whole block dequantizes to NaN."""
+    check_tensor("q", q_KP, ndim=2, dtypes=(FP8_DTYPE,))
+    check_tensor("s", s_SK, ndim=2, dtypes=(torch.float32,))
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+        raise TypeError(f"rows: expected a non-negative int, got {rows!r}")
+    K, P = q_KP.shape
+    sizes = _check_sizes(batch_sizes, q_KP.device, rows, "rows")
+    S = cdiv(rows, Q) + sizes.numel()
+    if P != S * Q:
+        raise ValueError(f"q: expected [K, (ceil(rows/{Q}) + E) * {Q}] = [K, {S * Q}] (the transposed layout), "
+                         f"got {tuple(q_KP.shape)}")
+    if tuple(s_SK.shape) != (S, K):
+        raise ValueError(f"s: expected [ceil(rows/{Q}) + E, K] = {(S, K)} column scales, got {tuple(s_SK.shape)}")
+    for name, t in (("q", q_KP), ("s", s_SK)):
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
+    if q_KP.device.type != "cuda" and not interpreted(q_KP):
+        q, t = cols_to_blocks_reference(q_KP, s_SK, sizes, rows)
+        q_KP.copy_(q)
+        return t
+    t = torch.empty((S, cdiv(K, Q)), dtype=torch.float32, device=q_KP.device)
+    if S and K:
+        _cols_to_blocks_kernel[(S, cdiv(K, Q))](
+            q_KP, s_SK, t, sizes, rows, K, sizes.numel(), q_KP.stride(0), s_SK.stride(0), t.stride(0),
+            QB=Q, BLOCK_E=max(2, next_power_of_2(sizes.numel())), CAST=_hardware_cast(q_KP), num_warps=4,
+        )
+    return t
+
+
+def cols_to_blocks_reference(q_KP: torch.Tensor, s_SK: torch.Tensor, batch_sizes: torch.Tensor,
+                             rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch `cols_to_blocks_`, out of place: (q, t), the blocks past the groups' as q and s
+    hold them (t: their scales' maxima)."""
+    K, P = q_KP.shape
+    S = P // Q
+    KB = cdiv(K, Q)
+    s = torch.nn.functional.pad(s_SK.float(), (0, KB * Q - K), value=0.0)
+    t = s.view(S, KB, Q).amax(dim=2)  # NaN propagates
+    t_cols = t.repeat_interleave(Q, dim=1)[:, :K]
+    ratio = s_SK.float() / t_cols  # powers of two: exact
+    v = q_KP.float().view(K, S, Q) * ratio.t()[:, :, None]
+    v = v.masked_fill(t_cols.isnan().t()[:, :, None], 0.0)
+    blocks = sum(cdiv(n, Q) for _, n, _ in _group_blocks(batch_sizes.cpu(), rows))
+    q = q_KP.clone()
+    q[:, :blocks * Q] = _to_e4m3(v.view(K, P)[:, :blocks * Q])
+    return q, t
+
+
 # `_quantize_cols_fused_kernel`'s launch per mode: rows a piece (ch; Q: the whole block at once),
 # columns a program (bk; Q where row tiles are made), warps, software-pipelined stages. The
 # fastest of eight forms summed over mixtral's and olmoe's operands (H200, `bench_fp8.py --cols`;
@@ -1901,7 +1998,11 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     runs (the same bits). `accumulate_into`: a contiguous float32 [E, N, K] tensor on the operands'
     device into which the gradient is added by the kernel's epilogue (gradient-accumulation fusion:
     `main_grad`), and which is returned (`out_dtype` unused); the same values as adding the fp32
-    gradient to it afterwards."""
+    gradient to it afterwards. `b_s` may also hold one scale per block of Q rows and Q columns of b
+    ([ceil(M/Q) + E, ceil(K/Q)], from `cols_to_blocks_`): the Gluon form then promotes each step
+    with one scale a row (the block's times the row's of a), as the forward does, instead of the
+    outer product of two scale vectors; the other forms read the block's scale for each of its
+    columns."""
     check_tensor("a_q", a_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("b_q", b_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("a_s", a_s, ndim=2, dtypes=(torch.float32,))
@@ -1932,13 +2033,20 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     sizes = _check_sizes(batch_sizes, a_q.device, M, "the rows of a_q" if rows is None else "rows")
     if accumulate_into is not None:
         _check_accumulator(accumulate_into, (E, N, K), a_q.device, (torch.float32,), "[E, N, K] = ")
-    for name, t, cols in (("a_s", a_s, N), ("b_s", b_s, K)):
-        if tuple(t.shape) != (cdiv(M, Q) + E, cols):
-            raise ValueError(f"{name}: expected [ceil(M/{Q}) + E, {cols}] = {(cdiv(M, Q) + E, cols)} scales, "
-                             f"got {tuple(t.shape)}")
+    S = cdiv(M, Q) + E
+    if tuple(a_s.shape) != (S, N):
+        raise ValueError(f"a_s: expected [ceil(M/{Q}) + E, {N}] = {(S, N)} scales, got {tuple(a_s.shape)}")
+    if tuple(b_s.shape) not in ((S, K), (S, cdiv(K, Q))):
+        raise ValueError(f"b_s: expected [ceil(M/{Q}) + E, {K}] = {(S, K)} column scales or [ceil(M/{Q}) + E, "
+                         f"ceil({K}/{Q})] = {(S, cdiv(K, Q))} block scales (`cols_to_blocks_`), got {tuple(b_s.shape)}")
+    b_blocks = b_s.shape[1] != K  # (K = 1: the two forms are one)
     for name, t in (("a_q", a_q), ("b_q", b_q), ("a_s", a_s), ("b_s", b_s)):
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"{name}: expected a contiguous last dim, got strides {tuple(t.stride())}")
+    gluon = (rows is not None and a_q.device.type == "cuda" and not interpreted(a_q) and cfg["wgmma"]
+             and fp8_wgmma.wgrad_usable(a_q, b_q))
+    if b_blocks and not gluon:  # the other forms read a scale per column: each block's repeated
+        b_s = b_s.repeat_interleave(Q, dim=1)[:, :K]
     if a_q.device.type != "cuda" and not interpreted(a_q):
         if rows is not None:
             a_q, b_q = _blocks_row_major(a_q, sizes, M), _blocks_row_major(b_q, sizes, M)
@@ -1950,11 +2058,12 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     if out.numel() == 0:
         return out
     block = 32 if interpreted(a_q) else 128
-    if rows is not None and cfg["wgmma"] and fp8_wgmma.wgrad_usable(a_q, b_q):
+    if gluon:
         num_tiles = E * cdiv(N, fp8_wgmma.BLOCK) * cdiv(K, fp8_wgmma.BLOCK)
         return fp8_wgmma.gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, M, persistent_programs(a_q.device, num_tiles),
                                           stages=cfg["num_stages"], tma_store=bool(cfg["tma_store"]),
-                                          overlap=bool(cfg["overlap_epilogue"]), accumulate=accumulate)
+                                          overlap=bool(cfg["overlap_epilogue"]), accumulate=accumulate,
+                                          b_blocks=b_blocks)
     if rows is not None:
         use_tma = not interpreted(a_q) and tma_ok(a_q) and tma_ok(b_q)
         if use_tma:
@@ -1978,7 +2087,8 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
 
 
 __all__ = [
-    "E4M3_MAX", "FP8_DTYPE", "Q", "act_backward_quantize_rows_", "act_quantize_rows", "check_gmm_fp8_args", "dequantize_blocks", "dequantize_cols_grouped",
+    "E4M3_MAX", "FP8_DTYPE", "Q", "act_backward_quantize_rows_", "act_quantize_rows", "check_gmm_fp8_args",
+    "cols_to_blocks_", "cols_to_blocks_reference", "dequantize_blocks", "dequantize_cols_grouped",
     "dequantize_rows", "gather_quantize_cols", "gather_quantize_rows", "glu_backward_quantize_rows_",
     "glu_backward_quantize_rows_cols", "glu_quantize_cols", "glu_quantize_rows", "gmm_fp8",
     "gmm_fp8_reference", "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks",

@@ -436,7 +436,8 @@ if _gluon:
                      num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
                      out_desc, c_bufs,
                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
-                     CONSUMERS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr, ACCUMULATE: gl.constexpr):
+                     CONSUMERS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr, ACCUMULATE: gl.constexpr,
+                     B_BLOCKS: gl.constexpr):
         """Rows [HALF * 64, HALF * 64 + 64) of a of each of this program's tiles, the expert's
         blocks in pairs as `_ws_consumer` runs its steps (8-10% faster than one product at a time
         on the H200). The column scales (32 a thread in the product's layout) are read one a thread
@@ -457,6 +458,7 @@ if _gluon:
             # The column scales read one per thread (a plain layout: one address each), then moved
             # to the product's column layout.
             offs_k = k0 + gl.arange(0, QB, layout=flat_layout)
+            kb = k0 // QB  # b's block column (B_BLOCKS)
             k_ok = offs_k < K
             # Blocks in pairs: both products issued, the first promoted while the second runs,
             # each block's scales read just before its promotion (one pair of scale vectors live).
@@ -465,14 +467,15 @@ if _gluon:
                 pa = _issue(a_bufs, b_bufs, ready, g + j, ra, HALF, STAGES, CONSUMERS)
                 pb = _issue(a_bufs, b_bufs, ready, g + j + 1, rb, HALF, STAGES, CONSUMERS)
                 blk = (blk0 + j).to(gl.int64)
-                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb,
-                                      stride_bsb, g + j, 1, STAGES, QB)
-                acc, rb = _wg_promote(acc, rb, pb, empty, as_ptr, bs_ptr, blk + 1, offs_n, n_ok, offs_k, k_ok,
-                                      stride_asb, stride_bsb, g + j + 1, 0, STAGES, QB)
+                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, kb,
+                                      stride_asb, stride_bsb, g + j, 1, STAGES, QB, B_BLOCKS)
+                acc, rb = _wg_promote(acc, rb, pb, empty, as_ptr, bs_ptr, blk + 1, offs_n, n_ok, offs_k, k_ok, kb,
+                                      stride_asb, stride_bsb, g + j + 1, 0, STAGES, QB, B_BLOCKS)
             if nblocks % 2 == 1:
                 pa = _issue(a_bufs, b_bufs, ready, g + nblocks - 1, ra, HALF, STAGES, CONSUMERS)
                 acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, (blk0 + nblocks - 1).to(gl.int64), offs_n,
-                                      n_ok, offs_k, k_ok, stride_asb, stride_bsb, g + nblocks - 1, 0, STAGES, QB)
+                                      n_ok, offs_k, k_ok, kb, stride_asb, stride_bsb, g + nblocks - 1, 0, STAGES, QB,
+                                      B_BLOCKS)
             g += nblocks
             _wg_store(acc, e, n0 + HALF * ROWS, k0, N, K, out_ptr, stride_oe, stride_on, out_desc, c_bufs, HALF, ROWS,
                       QB, TMA_OUT, ACCUMULATE)
@@ -508,19 +511,30 @@ if _gluon:
             gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
-    def _wg_promote(acc, r, token, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb, stride_bsb, g,
-                    OUTSTANDING: gl.constexpr, STAGES: gl.constexpr, QB: gl.constexpr):
+    def _wg_promote(acc, r, token, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, kb, stride_asb, stride_bsb,
+                    g, OUTSTANDING: gl.constexpr, STAGES: gl.constexpr, QB: gl.constexpr, B_BLOCKS: gl.constexpr):
         """acc plus block blk's product (stage-ring step g, issued into r: `token`) scaled by the
         block's two column-scale vectors, once at most OUTSTANDING products are in flight; the
-        stage released. The scales are read before the wait, under the product."""
+        stage released. The scales are read before the wait, under the product. B_BLOCKS: b's
+        scales one per block of Q rows and Q columns (column kb of bs): one scale a row, the
+        forward's promotion (one FFMA an element against an FMUL and an FFMA, and no column
+        scales moved to the product's layout); with powers of two the same bits where the values
+        are the same."""
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, QB, 32])
         cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
         sa = gl.load(as_ptr + blk * stride_asb + offs_n, mask=n_ok, other=0.0)
-        sb = gl.convert_layout(gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=k_ok, other=0.0), cols_layout)
+        if B_BLOCKS:
+            scale = sa * gl.load(bs_ptr + blk * stride_bsb + kb)
+        else:
+            sb = gl.convert_layout(gl.load(bs_ptr + blk * stride_bsb + offs_k, mask=k_ok, other=0.0), cols_layout)
         r = warpgroup_mma_wait(num_outstanding=OUTSTANDING, deps=(token, ))
         mbarrier.arrive(empty.index(g % STAGES), count=1)
-        return acc + (r * sa[:, None]) * sb[None, :], r
+        if B_BLOCKS:
+            acc = acc + r * scale[:, None]
+        else:
+            acc = acc + (r * sa[:, None]) * sb[None, :]
+        return acc, r
 
     @gluon.jit
     def _wg_store_tile(acc, tile, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe, stride_on, out_desc,
@@ -538,7 +552,7 @@ if _gluon:
                              out_desc, c_bufs,
                              HALF: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr,
                              CONSUMERS: gl.constexpr, QB: gl.constexpr, TMA_OUT: gl.constexpr,
-                             ACCUMULATE: gl.constexpr):
+                             ACCUMULATE: gl.constexpr, B_BLOCKS: gl.constexpr):
         """`_wg_consumer` with each tile's output stored while the next tile's first product runs.
         Both consumers work on the same tile, so in `_wg_consumer` their epilogues coincide and
         the tensor cores idle through them, once every tile: on mixtral's weight gradients every
@@ -573,6 +587,7 @@ if _gluon:
             offs_n = n0 + HALF * ROWS + gl.arange(0, ROWS, layout=rows_layout)
             n_ok = offs_n < N
             offs_k = k0 + gl.arange(0, QB, layout=flat_layout)
+            kb = k0 // QB  # b's block column (B_BLOCKS)
             k_ok = offs_k < K
             blk = blk0.to(gl.int64)
             if nblocks >= 2:  # the first pair: the previous tile's output goes under its first product
@@ -582,18 +597,18 @@ if _gluon:
                                    stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT, ACCUMULATE)
                 acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
                 pb = _issue(a_bufs, b_bufs, ready, g + 1, rb, HALF, STAGES, CONSUMERS)
-                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb,
-                                      stride_bsb, g, 1, STAGES, QB)
-                acc, rb = _wg_promote(acc, rb, pb, empty, as_ptr, bs_ptr, blk + 1, offs_n, n_ok, offs_k, k_ok,
-                                      stride_asb, stride_bsb, g + 1, 0, STAGES, QB)
+                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, kb,
+                                      stride_asb, stride_bsb, g, 1, STAGES, QB, B_BLOCKS)
+                acc, rb = _wg_promote(acc, rb, pb, empty, as_ptr, bs_ptr, blk + 1, offs_n, n_ok, offs_k, k_ok, kb,
+                                      stride_asb, stride_bsb, g + 1, 0, STAGES, QB, B_BLOCKS)
             elif nblocks == 1:
                 pa = _issue(a_bufs, b_bufs, ready, g, ra, HALF, STAGES, CONSUMERS)
                 if prev >= 0:
                     _wg_store_tile(acc, prev, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe,
                                    stride_on, out_desc, c_bufs, HALF, BLOCK_N, GROUP_N, ROWS, QB, TMA_OUT, ACCUMULATE)
                 acc = gl.zeros((ROWS, QB), gl.float32, mma_layout)
-                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, stride_asb,
-                                      stride_bsb, g, 0, STAGES, QB)
+                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk, offs_n, n_ok, offs_k, k_ok, kb,
+                                      stride_asb, stride_bsb, g, 0, STAGES, QB, B_BLOCKS)
             else:  # an empty expert: no product to store under
                 if prev >= 0:
                     _wg_store_tile(acc, prev, table_ptr, num_n_tiles, num_k_tiles, N, K, out_ptr, stride_oe,
@@ -604,15 +619,15 @@ if _gluon:
                 pa = _issue(a_bufs, b_bufs, ready, g + j, ra, HALF, STAGES, CONSUMERS)
                 pb = _issue(a_bufs, b_bufs, ready, g + j + 1, rb, HALF, STAGES, CONSUMERS)
                 blk_j = (blk0 + j).to(gl.int64)
-                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk_j, offs_n, n_ok, offs_k, k_ok,
-                                      stride_asb, stride_bsb, g + j, 1, STAGES, QB)
-                acc, rb = _wg_promote(acc, rb, pb, empty, as_ptr, bs_ptr, blk_j + 1, offs_n, n_ok, offs_k, k_ok,
-                                      stride_asb, stride_bsb, g + j + 1, 0, STAGES, QB)
+                acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, blk_j, offs_n, n_ok, offs_k, k_ok, kb,
+                                      stride_asb, stride_bsb, g + j, 1, STAGES, QB, B_BLOCKS)
+                acc, rb = _wg_promote(acc, rb, pb, empty, as_ptr, bs_ptr, blk_j + 1, offs_n, n_ok, offs_k, k_ok, kb,
+                                      stride_asb, stride_bsb, g + j + 1, 0, STAGES, QB, B_BLOCKS)
             if nblocks % 2 == 1 and nblocks > 1:  # the last block of an odd count
                 pa = _issue(a_bufs, b_bufs, ready, g + nblocks - 1, ra, HALF, STAGES, CONSUMERS)
                 acc, ra = _wg_promote(acc, ra, pa, empty, as_ptr, bs_ptr, (blk0 + nblocks - 1).to(gl.int64), offs_n,
-                                      n_ok, offs_k, k_ok, stride_asb, stride_bsb, g + nblocks - 1, 0, STAGES,
-                                      QB)
+                                      n_ok, offs_k, k_ok, kb, stride_asb, stride_bsb, g + nblocks - 1, 0, STAGES, QB,
+                                      B_BLOCKS)
             g += nblocks
             prev = tile
         if prev >= 0:
@@ -627,7 +642,7 @@ if _gluon:
         N, K, num_tiles, num_n_tiles, num_k_tiles, num_programs,
         stride_asb, stride_bsb, stride_oe, stride_on,
         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, GROUP_N: gl.constexpr, CONSUMERS: gl.constexpr, QB: gl.constexpr,
-        TMA_OUT: gl.constexpr, OVERLAP: gl.constexpr, ACCUMULATE: gl.constexpr,
+        TMA_OUT: gl.constexpr, OVERLAP: gl.constexpr, ACCUMULATE: gl.constexpr, B_BLOCKS: gl.constexpr,
     ):
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CONSUMERS, 64, QB], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, QB, QB], b_desc.layout)
@@ -648,11 +663,11 @@ if _gluon:
                 (_wg_consumer_overlap, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K,
                                         num_tiles, num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb,
                                         stride_oe, stride_on, out_desc, c_bufs, FIRST, BLOCK_N, STAGES, GROUP_N,
-                                        CONSUMERS, QB, TMA_OUT, ACCUMULATE)),
+                                        CONSUMERS, QB, TMA_OUT, ACCUMULATE, B_BLOCKS)),
                 (_wg_consumer_overlap, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K,
                                         num_tiles, num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb,
                                         stride_oe, stride_on, out_desc, c_bufs, SECOND, BLOCK_N, STAGES, GROUP_N,
-                                        CONSUMERS, QB, TMA_OUT, ACCUMULATE)),
+                                        CONSUMERS, QB, TMA_OUT, ACCUMULATE, B_BLOCKS)),
                 (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
                               num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
             ], [4, 1], [240, 24])
@@ -661,11 +676,11 @@ if _gluon:
                 (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                                 num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
                                 out_desc, c_bufs, FIRST, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB, TMA_OUT,
-                                ACCUMULATE)),
+                                ACCUMULATE, B_BLOCKS)),
                 (_wg_consumer, (a_bufs, b_bufs, ready, empty, as_ptr, bs_ptr, out_ptr, table_ptr, N, K, num_tiles,
                                 num_n_tiles, num_k_tiles, num_programs, stride_asb, stride_bsb, stride_oe, stride_on,
                                 out_desc, c_bufs, SECOND, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB, TMA_OUT,
-                                ACCUMULATE)),
+                                ACCUMULATE, B_BLOCKS)),
                 (_wg_loader, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, table_ptr, num_tiles, num_n_tiles,
                               num_k_tiles, num_programs, BLOCK_N, STAGES, GROUP_N, CONSUMERS, QB)),
             ], [4, 1], [240, 24])
@@ -774,7 +789,7 @@ def wgrad_usable(a_q: torch.Tensor, b_q: torch.Tensor) -> bool:
 
 def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: int, stages: int = 4,
                      group_n: int = 8, tma_store: bool = True, overlap: bool = False,
-                     accumulate: bool = False) -> torch.Tensor:
+                     accumulate: bool = False, b_blocks: bool = False) -> torch.Tensor:
     """The FP8 weight gradient [E, N, K] from `wgrad_usable` K-major operands (a_q [N, P], b_q
     [K, P], block j of the groups in columns [j*Q, (j+1)*Q); scales a_s [ceil(rows/Q) + E, N],
     b_s [.., K] with unit inner stride): out[e][n, k] = Σ over group e's blocks j of
@@ -782,7 +797,9 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
     sizes int32 [E] on the device; a loader warp and two 64-row consumer warpgroups over 128 x 128
     tiles; an empty group's gradient is written as zeros. `overlap`: each tile's output stored
     while the next tile's first product runs (`_wg_consumer_overlap`), the same bits; `accumulate`:
-    the gradient added into out (float32, by masked stores) instead of written."""
+    the gradient added into out (float32, by masked stores) instead of written; `b_blocks`: b_s
+    holds one scale per block of Q rows and Q columns ([.., ceil(K/Q)], `fp8.cols_to_blocks_`),
+    each block's product promoted with one scale a row (a_s[j, n] · b_s[j, k // Q])."""
     N, P = a_q.shape
     K = b_q.shape[0]
     E = sizes.numel()
@@ -801,7 +818,7 @@ def gmm_fp8_wgrad_ws(a_q, a_s, b_q, b_s, sizes, out, rows: int, num_programs: in
         N, K, num_tiles, num_n_tiles, num_k_tiles, programs,
         a_s.stride(0), b_s.stride(0), out.stride(0), out.stride(1),
         BLOCK_N=BLOCK, STAGES=stages, GROUP_N=group_n, CONSUMERS=2, QB=BLOCK, TMA_OUT=out_desc is not None,
-        OVERLAP=bool(overlap), ACCUMULATE=bool(accumulate), num_warps=4,
+        OVERLAP=bool(overlap), ACCUMULATE=bool(accumulate), B_BLOCKS=bool(b_blocks), num_warps=4,
         maxnreg=WS_TILES[(BLOCK, BLOCK)],
         enable_fp_fusion=True,
     )

@@ -39,6 +39,8 @@ from megablocks.backend.fp8 import (
     act_backward_rows_,
     act_quantize_rows,
     act_rows,
+    cols_to_blocks_,
+    cols_to_blocks_reference,
     dequantize_blocks,
     dequantize_cols_grouped,
     dequantize_rows,
@@ -416,7 +418,7 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
 
 __all__ = [
     "E4M3_MAX", "FP8_DTYPE", "Fp8WeightCache", "Q", "act_backward_quantize_rows_", "act_backward_rows_",
-    "act_quantize_rows", "act_rows",
+    "act_quantize_rows", "act_rows", "cols_to_blocks_", "cols_to_blocks_reference",
     "dequantize_blocks", "dequantize_cols_grouped", "dequantize_rows",
     "fp8_gmm", "gather_gmm_fp8_glu_quantize", "gather_quantize_cols", "gather_quantize_rows",
     "glu_backward_quantize_rows_", "glu_backward_quantize_rows_cols", "glu_quantize_cols", "glu_quantize_rows",

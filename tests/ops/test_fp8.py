@@ -1144,6 +1144,112 @@ def test_gmm_fp8_wgrad_k_major(sizes, N, K):
         fp8.gmm_fp8_wgrad(a_q, a_s, b_q, b_s, bs, config=dict(wgmma=False))
 
 
+@pytest.mark.parametrize("sizes, K", [
+    ([130, 0, 256, 1], 200),   # groups over and under 128 rows, an empty one; K off the blocks
+    ([300, 129], 300),         # ragged edges both ways, rows past the groups' total
+    ([5], 64),                 # one short block, K under one block
+    ([0, 0], 128),             # no rows
+])
+def test_cols_to_blocks_against_reference(sizes, K):
+    """`cols_to_blocks_`: the weight gradient's b operand (transposed column tiles) coarsened in
+    place to one scale per 128 x 128 block, bit for bit its torch form; the blocks' scales the
+    largest of their columns'; every value the same as before where it stays a normal e4m3 number
+    (powers of two: exact), within half a subnormal step of the block's scale where it falls
+    below; a non-finite tile's block NaN; bad arguments refused."""
+    g = torch.Generator().manual_seed(sum(sizes) + K)
+    M = sum(sizes) + 3
+    # Columns spread over 2^0..2^26: some blocks' small columns fall into e4m3's subnormals.
+    x = torch.randn(M, K, generator=g) * torch.rand(1, K, generator=g).mul(18).exp()
+    if M > 140:
+        x[135, 7] = float("nan")  # block 1: its scale NaN
+    x, bs = x.to(DEVICE), torch.tensor(sizes, device=DEVICE)
+    q, s = fp8.quantize_cols_grouped(x, bs, transposed=True)
+    S, KB = -(-M // Q) + len(sizes), -(-K // Q)
+    blocks = sum(-(-n // Q) for n in sizes)
+    ref_q, ref_t = fp8.cols_to_blocks_reference(q.cpu(), s.cpu(), bs.cpu(), M)
+    before = q.clone()
+    t = fp8.cols_to_blocks_(q, s, bs, M)
+    assert t.shape == (S, KB) and t.dtype == torch.float32
+    used = slice(0, blocks * Q)
+    assert_equal("cols_to_blocks_", q[:, used].view(torch.uint8).cpu(), ref_q[:, used].view(torch.uint8))
+    assert torch.equal(t[:blocks].cpu().nan_to_num(-1.0), ref_t[:blocks].nan_to_num(-1.0))
+    if not blocks:
+        return
+    s_pad = torch.nn.functional.pad(s[:blocks].cpu(), (0, KB * Q - K))
+    want_t = s_pad.view(blocks, KB, Q).amax(dim=2)
+    assert torch.equal(t[:blocks].cpu().nan_to_num(-1.0), want_t.nan_to_num(-1.0))
+    old = before[:, used].float().cpu().view(K, blocks, Q) * s[:blocks].cpu().t()[:, :, None]
+    new_q = q[:, used].float().cpu().view(K, blocks, Q)
+    t_cols = t[:blocks].cpu().repeat_interleave(Q, dim=1)[:, :K].t()[:, :, None]
+    new = new_q * t_cols
+    finite = ~t_cols.isnan().expand_as(new)
+    normal = (old.abs() >= 2.0 ** -6 * t_cols) & finite  # exact before the cast: no rounding
+    assert torch.equal(new[normal], old[normal])
+    fell = finite & ~normal
+    assert fell.any()  # the spread above sends some values into the subnormals
+    assert ((new - old).abs() <= 2.0 ** -10 * t_cols.expand_as(new))[fell].all()
+    if M > 140:  # row 135's block: its group's block (135 - first) // Q, after the groups before
+        first = block = 0
+        for n in sizes:
+            if first + n > 135:
+                break
+            first, block = first + n, block + -(-n // Q)
+        nan_block = block + (135 - first) // Q
+        assert t[nan_block, 0].isnan() and t[:blocks].isnan().sum() == 1
+        assert new[:Q, nan_block].isnan().all() and not new[Q:, nan_block].isnan().any()
+    with pytest.raises(ValueError, match="s: expected"):
+        fp8.cols_to_blocks_(q, s[:, :-1], bs, M)
+    with pytest.raises(ValueError, match="transposed layout"):
+        fp8.cols_to_blocks_(q, s, bs, M + Q)
+    with pytest.raises(TypeError, match="rows"):
+        fp8.cols_to_blocks_(q, s, bs, float(M))
+    with pytest.raises(TypeError, match="q"):
+        fp8.cols_to_blocks_(q.float(), s, bs, M)
+
+
+@pytest.mark.parametrize("sizes, N, K", [
+    ([130, 0, 256, 1], 72, 200),
+    ([300, 129], 40, 300),
+    pytest.param([700, 0, 1500, 33, 0, 260, 129, 1], 300, 264, marks=pytest.mark.skipif(
+        DEVICE != "cuda", reason="tiles past the SMs' count: the Gluon form's persistent loop")),
+])
+def test_gmm_fp8_wgrad_takes_block_scales(sizes, N, K):
+    """`gmm_fp8_wgrad` with b's scales one per 128 x 128 block (`cols_to_blocks_`): where no value
+    of b nears the subnormals, bit for bit the product of b's column tiles (the same values;
+    with powers of two every scaling is exact), in both layouts' forms and accumulating; the scale
+    shapes checked."""
+    g = torch.Generator().manual_seed(sum(sizes) * 5 + K)
+    M = sum(sizes)
+    a = (torch.randn(M, N, generator=g) * torch.rand(1, N, generator=g).mul(6).exp()).to(DEVICE)
+    # |b| within [1, 2) times its column's factor (< 2^5 apart): no value of b nears the subnormals.
+    sign = torch.randint(0, 2, (M, K), generator=g).mul(2).sub(1)
+    b = (sign * (1 + torch.rand(M, K, generator=g)) * torch.rand(1, K, generator=g).mul(3).exp()).to(DEVICE)
+    bs = torch.tensor(sizes, device=DEVICE)
+    a_c = fp8.quantize_cols_grouped(a, bs, transposed=True)
+    b_q, b_s = fp8.quantize_cols_grouped(b, bs, transposed=True)
+    cols = fp8.gmm_fp8_wgrad(*a_c, b_q, b_s, bs, rows=M)
+    bb_q = b_q.clone()
+    b_t = fp8.cols_to_blocks_(bb_q, b_s, bs, M)
+    blocks = sum(-(-n // Q) for n in sizes)
+    assert not torch.equal(bb_q[:, :blocks * Q].view(torch.uint8), b_q[:, :blocks * Q].view(torch.uint8))
+    assert torch.equal(fp8.gmm_fp8_wgrad(*a_c, bb_q, b_t, bs, rows=M), cols)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        assert torch.equal(fp8.gmm_fp8_wgrad(*a_c, bb_q, b_t, bs, rows=M, out_dtype=out_dtype),
+                           fp8.gmm_fp8_wgrad(*a_c, b_q, b_s, bs, rows=M, out_dtype=out_dtype))
+    # Each tile stored while the next tile's first product runs (the Gluon form's other epilogue).
+    assert torch.equal(fp8.gmm_fp8_wgrad(*a_c, bb_q, b_t, bs, rows=M, config=dict(overlap_epilogue=True)), cols)
+    start = torch.randn(len(sizes), N, K, generator=g).to(DEVICE)
+    for overlap in (False, True):
+        acc = start.clone()
+        fp8.gmm_fp8_wgrad(*a_c, bb_q, b_t, bs, rows=M, accumulate_into=acc, config=dict(overlap_epilogue=overlap))
+        assert torch.equal(acc, start + cols)
+    # The Triton kernel's form (on sm_90 the default is the Gluon one) reads the blocks' scales too.
+    assert_close("block scales, Triton form", fp8.gmm_fp8_wgrad(*a_c, bb_q, b_t, bs, rows=M,
+                                                                config=dict(wgmma=False)), cols, dtype=torch.float32)
+    with pytest.raises(ValueError, match="block scales"):
+        fp8.gmm_fp8_wgrad(*a_c, bb_q, b_t[:, :1] if b_t.shape[1] > 1 else b_t[:-1], bs, rows=M)
+
+
 @pytest.mark.parametrize("layout", ["row-major", "k-major"])
 @pytest.mark.parametrize("sizes, N, K", [
     ([130, 0, 256, 1], 72, 200),  # groups over and under 128 rows, an empty one; sizes off the blocks

@@ -226,6 +226,9 @@ for dtype in (torch.bfloat16, torch.float32):
     check(f"fp8 quantize_cols_grouped from {dtype}", F8._quantize_cols_grouped_kernel, ELEMENT[dtype],
           dict(QB=F8.Q, BLOCK_K=64, BLOCK_E=128, TRANSPOSED=True, CAST=True), 4, 3,
           types={"q_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+    if dtype is torch.float32:  # the weight gradient's b operand coarsened to 128 x 128 blocks in place
+        check("fp8 cols_to_blocks_", F8._cols_to_blocks_kernel, "*fp8e4nv", dict(QB=F8.Q, BLOCK_E=128, CAST=True),
+              4, 3, types={"s_ptr": "*fp32", "t_ptr": "*fp32", "sizes_ptr": "*i32"})
     # The weight gradient's operands quantized in the passes that read them, at the launch taken.
     for mode, launch in F8.COLS_FUSED_LAUNCH.items():
         bk = F8.Q if mode in ("rows", "glu_backward") else launch["bk"]
@@ -278,8 +281,13 @@ if FW.available():
                   source=GluonASTSource, options={"maxnreg": FW.WS_TILES[(block_m, block_n)]})
     # The weight gradient's warp-specialized form (two consumers, blocks in pairs), with each
     # tile's output stored after the next tile's first product is issued (OVERLAP) and without.
-    for dtype, overlap, accumulate in ((torch.bfloat16, False, False), (torch.float32, False, False),
-                                       (torch.bfloat16, True, False), (torch.float32, True, True)):
+    # B_BLOCKS: b's scales one per 128 x 128 block (the forward's promotion).
+    for dtype, overlap, accumulate, b_blocks in ((torch.bfloat16, False, False, False),
+                                                 (torch.float32, False, False, False),
+                                                 (torch.bfloat16, True, False, False),
+                                                 (torch.float32, True, True, False),
+                                                 (torch.bfloat16, False, False, True),
+                                                 (torch.float32, True, True, True)):
         for stages in (2, 4):
             a_desc = "tensordesc<fp8e4nv[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
                                                                                              FW.gl.float8e4nv)
@@ -289,10 +297,10 @@ if FW.available():
                         if tma_out else a_desc)
             check(f"fp8 weight gradient wgmma warp-specialized into {dtype} stages={stages}"
                   + (" TMA store" if tma_out else "") + (" overlapped epilogue" if overlap else "")
-                  + (" accumulating" if accumulate else ""),
+                  + (" accumulating" if accumulate else "") + (" b in blocks" if b_blocks else ""),
                   FW._gmm_fp8_wgrad_ws_kernel, ELEMENT[dtype],
                   dict(BLOCK_N=128, STAGES=stages, GROUP_N=8, CONSUMERS=2, QB=F8.Q, TMA_OUT=tma_out, OVERLAP=overlap,
-                       ACCUMULATE=accumulate),
+                       ACCUMULATE=accumulate, B_BLOCKS=b_blocks),
                   4, stages,
                   types={"a_desc": a_desc, "b_desc": DESC, "as_ptr": "*fp32", "bs_ptr": "*fp32", "table_ptr": "*i32",
                          "out_desc": out_desc},
