@@ -56,8 +56,10 @@ the costliest case); `fp8_cached_ms` is a later micro-batch of the same step (we
 `fp8_wgrad_*` the same FP8 layer with its weight gradients in FP8 too
 (`KernelPolicy.fp8_weight_grad`; `fp8_wgrad_other_glu_form_cached_ms`: with the GLU gradient's
 operands in the form `fp8_weight_grad_glu_two_passes` does not name, one pass or two;
+`fp8_wgrad_other_b_form_cached_ms`: with the b operands in the form `fp8_weight_grad_b_blocks`
+does not name, column tiles or 128 x 128 blocks;
 `fp8_wgrad_other_epilogue_cached_ms`: with the Gluon weight gradient's other `overlap_epilogue`;
-`fp8_wgrad_other_forms_cached_ms`: both),
+`fp8_wgrad_other_forms_cached_ms`: the other GLU form and the other epilogue),
 `w_grad_*rel_rms` the worst expert weight gradient's error
 against the bf16 layer's, without and with it. The extra peak memory is bench_dmoe's (peak minus
 what was allocated before, less the gradients).
@@ -133,6 +135,8 @@ def bench(args):
         for variant, config in (("", None), ("_stores", dict(tma_store=False)), ("_triton", dict(wgmma=False)),
                                 ("_overlap", dict(overlap_epilogue=True))):
             rows.append(wgrad_row(name, T * k, H, F, E, env, bw, config=config, variant=variant))
+        # x's column tiles coarsened to 128 x 128 blocks (`cols_to_blocks_`): one scale a row.
+        rows.append(wgrad_row(name, T * k, H, F, E, env, bw, variant="_b_blocks", b_blocks=True))
     os.makedirs(args.out, exist_ok=True)
     if rows:  # none with an empty --configs
         print_table(rows, ["config", "product", "M", "K", "N", "block_m", "bf16_ms", "fp8_ms", "speedup", "fp8_tflops",
@@ -206,7 +210,8 @@ def bench(args):
     if layer_rows:
         print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
                                  "fp8_wgrad_ms", "speedup_wgrad", "fp8_wgrad_cached_ms", "speedup_wgrad_cached",
-                                 "fp8_wgrad_other_glu_form_cached_ms", "fp8_wgrad_other_epilogue_cached_ms",
+                                 "fp8_wgrad_other_glu_form_cached_ms", "fp8_wgrad_other_b_form_cached_ms",
+                                 "fp8_wgrad_other_epilogue_cached_ms",
                                  "fp8_wgrad_other_forms_cached_ms",
                                  "fp8_composed_cached_ms", "fp8_gathered_cached_ms", "bf16_extra_gib", "fp8_extra_gib",
                                  "fp8_gathered_extra_gib", "fp8_wgrad_extra_gib", "fp8_composed_extra_gib",
@@ -294,12 +299,13 @@ def weights_row(name, proj, w):
                 one_pass_gbs=w.numel() * (w.element_size() + 2) / ms_one / 1e6, copies_equal=equal)
 
 
-def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant=""):
+def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant="", b_blocks=False):
     """The up projection's weight gradient dW[e] = g[e]^T x[e] ([E, F, H], reduction over each
     expert's M_e rows): bf16 variable-K grouped GEMM against the FP8 one; `fp8_ms` includes the
     two column quantizations (`quantize_ms` of them), as the backward runs them. `k_major`: the
     operands quantized into the transposed layout (`fp8_gmm`'s), else row-major (the first kernel);
-    `config`: `gmm_fp8_wgrad`'s launch (transposed layout), `variant` its label."""
+    `config`: `gmm_fp8_wgrad`'s launch (transposed layout), `variant` its label; `b_blocks`: x's
+    column tiles coarsened to 128 x 128 blocks (`cols_to_blocks_`, part of `quantize_ms`)."""
     bs = routed_counts(M, E, "cuda")
     torch.manual_seed(0)
     g = torch.randn(M, F, dtype=torch.bfloat16, device="cuda")
@@ -307,7 +313,10 @@ def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant=""):
     rows = M if k_major else None
 
     def quantize():
-        return fp8.quantize_cols_grouped(g, bs, transposed=k_major), fp8.quantize_cols_grouped(x, bs, transposed=k_major)
+        g_c, x_c = fp8.quantize_cols_grouped(g, bs, transposed=k_major), fp8.quantize_cols_grouped(x, bs, transposed=k_major)
+        if b_blocks:
+            x_c = (x_c[0], fp8.cols_to_blocks_(*x_c, bs, M))
+        return g_c, x_c
 
     def fp8_wgrad():
         (gq, gs), (xq, xs) = quantize()
@@ -786,13 +795,16 @@ def build_pair(name, device, dtype=torch.bfloat16):
 
 
 @contextlib.contextmanager
-def fp8_weight_grads(module, two_passes=None, overlap=None):
+def fp8_weight_grads(module, two_passes=None, overlap=None, b_blocks=None):
     """The FP8 layer `module` with its weight gradients in FP8 (`KernelPolicy.fp8_weight_grad`),
-    the GLU gradient's operands in two passes or one (`fp8_weight_grad_glu_two_passes`) and the
-    Gluon weight gradient's epilogue overlapped or not (`backend.fp8._WGRAD_LAUNCH`) where given
-    (None: as they are); the policy and the launch restored after."""
+    the GLU gradient's operands in two passes or one (`fp8_weight_grad_glu_two_passes`), the
+    Gluon weight gradient's epilogue overlapped or not (`backend.fp8._WGRAD_LAUNCH`) and its b
+    operand in 128 x 128 blocks or column tiles (`fp8_weight_grad_b_blocks`) where given (None: as
+    they are); the policy and the launch restored after."""
     policy, launch = module.args.kernel_policy, dict(fp8_backend._WGRAD_LAUNCH)
     forms = {} if two_passes is None else dict(fp8_weight_grad_glu_two_passes=two_passes)
+    if b_blocks is not None:
+        forms["fp8_weight_grad_b_blocks"] = b_blocks
     module.args.kernel_policy = dataclasses.replace(policy, fp8_weight_grad=True, **forms)
     if overlap is not None:
         fp8_backend._WGRAD_LAUNCH["overlap_epilogue"] = overlap
@@ -843,8 +855,10 @@ def layer_step(name, device, dtype=torch.bfloat16):
             # the forms in use and in the other forms of the GLU gradient's operands and the epilogue.
             other_two = not module.args.kernel_policy.fp8_weight_grad_glu_two_passes
             other_overlap = not fp8_backend._WGRAD_LAUNCH["overlap_epilogue"]
+            other_b = not module.args.kernel_policy.fp8_weight_grad_b_blocks
             nan = float("nan")
             for key, forms in (("fp8_wgrad_other_glu_form_cached_ms", dict(two_passes=other_two)),
+                               ("fp8_wgrad_other_b_form_cached_ms", dict(b_blocks=other_b)),
                                ("fp8_wgrad_other_epilogue_cached_ms", dict(overlap=other_overlap)),
                                ("fp8_wgrad_other_forms_cached_ms", dict(two_passes=other_two, overlap=other_overlap))):
                 with fp8_weight_grads(module, **forms):

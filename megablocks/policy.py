@@ -87,6 +87,14 @@ class KernelPolicy:
             transposed e4m3 store). 18 bytes an element against 10, the same values, and faster
             on the H200 (mixtral's training rows 1.839 -> 1.395 ms, olmoe's 1.021 -> 0.844;
             benchmarks/RESULTS.md).
+        fp8_weight_grad_b_blocks: with `fp8_weight_grad`, each weight gradient's b operand (the
+            token rows for w1 and v1, the output gradient for w2) coarsened from column tiles to one
+            power-of-two scale per 128 x 128 block (`fp8.cols_to_blocks_`, in place), so that the
+            Gluon product promotes each step with one scale a row, as the forward does, instead of
+            the outer product of two scale vectors moved into the product's layout (H100, Mixtral's
+            up projection: 2.67 -> PENDING ms; benchmarks/RESULTS.md). The values are the same
+            but where one falls below e4m3's smallest normal (more than 2^14.8 under its
+            column's largest and under the block's): rounded to the nearest subnormal.
         fp8_gather_wgrad_min_ffn: the FP8 node's up weights' gradients (unquantized) read a
             gathered copy of the token rows, made in the backward for both, for experts of at
             least this ffn per rank; narrower ones read the token rows through the maps. The
@@ -131,6 +139,7 @@ class KernelPolicy:
     route_max_work: int = 16384
     fp8_weight_grad: bool = False
     fp8_weight_grad_glu_two_passes: bool = True
+    fp8_weight_grad_b_blocks: bool = True
     fp8_gather_wgrad_min_ffn: int = 4097
     fp8_decode_glu_epilogue: bool = True
     fp8_decode_gather_prologue: bool = False

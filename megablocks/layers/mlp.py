@@ -486,6 +486,7 @@ class GroupedMLP(SparseMLP):
                                               weights_N=combine_weights,
                                               fp8_wgrad=self.args.kernel_policy.fp8_weight_grad,
                                               glu_two_passes=self.args.kernel_policy.fp8_weight_grad_glu_two_passes,
+                                              wgrad_b_blocks=self.args.kernel_policy.fp8_weight_grad_b_blocks,
                                               keep_product=not self.args.memory_optimized_mlp,
                                               decode_glu_epilogue=self.args.kernel_policy.fp8_decode_glu_epilogue,
                                               accs=[accs.get(id(w)) for w in weights])
@@ -627,7 +628,8 @@ class GroupedMLP(SparseMLP):
             forms_t = cache.transposed(p, shape, alone=True)
             forms = (forms_t[0].transpose(1, 2), forms_t[1].transpose(1, 2))
         return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=trans_b, weights=forms,
-                       weights_t=forms_t, fp8_wgrad=self.args.kernel_policy.fp8_weight_grad, accumulate_into=acc)
+                       weights_t=forms_t, fp8_wgrad=self.args.kernel_policy.fp8_weight_grad, accumulate_into=acc,
+                       wgrad_b_blocks=self.args.kernel_policy.fp8_weight_grad_b_blocks)
 
 
 class SharedMLP(torch.nn.Module):

@@ -338,13 +338,14 @@ def _k_major(w_q, w_s, t, trans_b):
 
 class _Fp8Gmm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, batch_sizes, trans_b, w_q, w_s, t_q, t_s, fp8_wgrad, acc):
+    def forward(ctx, x, w, batch_sizes, trans_b, w_q, w_s, t_q, t_s, fp8_wgrad, acc, wgrad_b_blocks):
         x_q, x_s = quantize_rows(x)
         t = None if t_q is None else (t_q, t_s)
         ctx.save_for_backward(x, w_q, w_s, t_q, t_s, batch_sizes)
         # The accumulator is not saved: its values change between this forward and the backward
         # (other micro-batches' gradients), which is what it is for.
         ctx.trans_b, ctx.fp8_wgrad, ctx.w_dtype, ctx.acc = trans_b, fp8_wgrad, w.dtype, acc
+        ctx.wgrad_b_blocks = wgrad_b_blocks
         q, s, tb = _k_major(w_q, w_s, t, trans_b)
         return gmm_fp8(x_q, x_s, q, s, batch_sizes, out_dtype=x.dtype, trans_b=tb)
 
@@ -360,8 +361,10 @@ class _Fp8Gmm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             a, b = (grad, x) if ctx.trans_b else (x, grad)
             if ctx.fp8_wgrad:  # both operands K-major by blocks: each step one FP8 tensor-core product
-                grad_w = gmm_fp8_wgrad(*quantize_cols_grouped(a, batch_sizes, transposed=True),
-                                       *quantize_cols_grouped(b, batch_sizes, transposed=True),
+                b_q, b_s = quantize_cols_grouped(b, batch_sizes, transposed=True)
+                if ctx.wgrad_b_blocks:  # one scale per 128 x 128 block of b
+                    b_s = cols_to_blocks_(b_q, b_s, batch_sizes, b.shape[0])
+                grad_w = gmm_fp8_wgrad(*quantize_cols_grouped(a, batch_sizes, transposed=True), b_q, b_s,
                                        batch_sizes, out_dtype=ctx.w_dtype, rows=a.shape[0], accumulate_into=ctx.acc)
             elif ctx.acc is not None:  # the variable-K kernel's epilogue adds it
                 _gmm_ops._add_weight_grad(ctx.acc, x, grad, batch_sizes, None, None, 1, ctx.trans_b,
@@ -370,13 +373,13 @@ class _Fp8Gmm(torch.autograd.Function):
                 grad_w = _gmm.gmm(a, b, batch_sizes, trans_a=True)
             if ctx.acc is not None:
                 grad_w = None  # added into the accumulator, not returned
-        return grad_x, grad_w, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None, None
 
 
 def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = True,
             weights: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, fp8_wgrad: bool = False,
             weights_t: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-            accumulate_into: Optional[torch.Tensor] = None) -> torch.Tensor:
+            accumulate_into: Optional[torch.Tensor] = None, wgrad_b_blocks: bool = True) -> torch.Tensor:
     """Differentiable grouped GEMM with FP8 operands: out[rows of e] = x[rows of e] @ w[e]^T
     (`trans_b`, w `[E, N, K]`) or @ w[e] (w `[E, K, N]`), in x's dtype.
 
@@ -399,6 +402,10 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
             weight-gradient product's epilogue with `fp8_wgrad`, else by the variable-K kernel's)
             instead of returning it; w's `.grad` is left alone (w is an input so that the output
             requires grad where w does). As `ops.gmm.weight_grad_into`, for FP8 products.
+        wgrad_b_blocks: with `fp8_wgrad`, the weight gradient's b operand coarsened from column
+            tiles to 128 x 128 blocks (`cols_to_blocks_`): the product's promotion one scale a row,
+            the same values but where one falls below e4m3's smallest normal
+            (`KernelPolicy.fp8_weight_grad_b_blocks`).
 
     Raises:
         ValueError, TypeError: as `quantize_rows` and `gmm_fp8`, `w` of another dtype than x, or
@@ -410,10 +417,13 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
     w_q, w_s = weights if weights is not None else quantize_blocks(w.detach())
     if not isinstance(fp8_wgrad, bool):
         raise TypeError(f"fp8_wgrad: expected a bool, got {type(fp8_wgrad).__name__}")
+    if not isinstance(wgrad_b_blocks, bool):
+        raise TypeError(f"wgrad_b_blocks: expected a bool, got {type(wgrad_b_blocks).__name__}")
     t_q, t_s = weights_t if weights_t is not None else (None, None)
     if accumulate_into is not None:
         _gmm._check_accumulator(accumulate_into, tuple(w.shape), x_MK.device, (torch.float32,), "w's shape ")
-    return _Fp8Gmm.apply(x_MK, w, batch_sizes, trans_b, w_q, w_s, t_q, t_s, fp8_wgrad, accumulate_into)
+    return _Fp8Gmm.apply(x_MK, w, batch_sizes, trans_b, w_q, w_s, t_q, t_s, fp8_wgrad, accumulate_into,
+                         wgrad_b_blocks)
 
 
 __all__ = [

@@ -71,7 +71,7 @@ import torch
 from megablocks.backend import activation as activation_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.fp8 import (FP8_DTYPE, Q, act_backward_quantize_rows_, act_backward_rows_, act_quantize_rows,
-                                    act_rows,
+                                    act_rows, cols_to_blocks_,
                                     gather_quantize_cols, gather_quantize_rows,
                                     glu_backward_quantize_rows_, glu_backward_quantize_rows_cols, glu_quantize_cols,
                                     glu_quantize_rows, gmm_fp8, gmm_fp8_glu_quantize, gmm_fp8_wgrad,
@@ -192,7 +192,8 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
     def forward(ctx, x_TH, w1, v1, w2, counts_E, row_assignment, assignment_row, top_k: int, activation: str,
                 quantized: Sequence[Tuple[torch.Tensor, torch.Tensor]], gathered_wgrad: bool,
                 weights_N: Optional[torch.Tensor], fp8_wgrad: bool, keep_product: bool, record: bool,
-                decode_glu_epilogue: bool, accs: Tuple[Optional[torch.Tensor], ...], glu_two_passes: bool):
+                decode_glu_epilogue: bool, accs: Tuple[Optional[torch.Tensor], ...], glu_two_passes: bool,
+                wgrad_b_blocks: bool):
         dtype = x_TH.dtype
         stacked = len(quantized) == 4
         x_q, x_s = gather_quantize_rows(x_TH, assignment_row, top_k)
@@ -228,7 +229,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         # Made here, not inputs: kept on ctx so the backward can let go of each when done with it.
         ctx.h, ctx.quantized, ctx.product = h, quantized, product
         ctx.top_k, ctx.activation, ctx.gathered_wgrad, ctx.fp8_wgrad = top_k, activation, gathered_wgrad, fp8_wgrad
-        ctx.glu_two_passes = glu_two_passes
+        ctx.glu_two_passes, ctx.wgrad_b_blocks = glu_two_passes, wgrad_b_blocks
         ctx.accs = accs
         return _combine(ctx, y, weights_N, record, row_assignment, assignment_row, top_k)
 
@@ -267,7 +268,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
             grads = _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_assignment,
                                         assignment_row)
             return (*grads, None, None, None, None, None, None, None, grad_weights, None, None, None, None, None,
-                    None)
+                    None, None)
         # With an fp32 accumulator for a weight (gradient-accumulation fusion: `main_grad`), its
         # unquantized gradient is added into it by the product's kernel and not returned.
         E, H = counts_E.shape[0], x_TH.shape[1]
@@ -330,7 +331,7 @@ class _Fp8GroupedGluExperts(torch.autograd.Function):
         if need_v1:
             grad_v1 = _weight_grad_or_add(acc_v1, rows[0], grad_h2, counts_E, rows[1:], True, v1.shape)
         return (grad_x, grad_w1, grad_v1, grad_w2, None, None, None, None, None, None, None, grad_weights, None, None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _weight_grad_or_add(acc, a, grad, counts_E, maps, trans_b: bool, shape):
@@ -378,6 +379,8 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         a_c = glu_quantize_cols(*halves, activation, counts_E)
         (g_q, g_s), g_c = quantize_rows_and_cols(grad_y, counts_E)
         del grad_y
+        if ctx.wgrad_b_blocks:  # w2's b operand: one scale per 128 x 128 block
+            g_c = (g_c[0], cols_to_blocks_(*g_c, counts_E, N))
         grad_w2 = _fp8_weight_grad_or_add(acc_w2, a_c, g_c, counts_E, N, w2)
         del a_c, g_c
     else:
@@ -417,6 +420,8 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         del grad_rows
     if need_w1 or need_v1:
         x_c = gather_quantize_cols(x_TH, row_assignment, top_k, counts_E)
+        if ctx.wgrad_b_blocks:  # w1's and v1's b operand: one scale per 128 x 128 block
+            x_c = (x_c[0], cols_to_blocks_(*x_c, counts_E, N))
         if need_w1:
             grad_w1 = _fp8_weight_grad_or_add(acc_w1, h_c[0], x_c, counts_E, N, w1)
         if need_v1:
@@ -544,7 +549,7 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
                             fp8_wgrad: bool = False, keep_product: bool = True,
                             decode_glu_epilogue: bool = False,
                             accs: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                            glu_two_passes: bool = False) -> torch.Tensor:
+                            glu_two_passes: bool = False, wgrad_b_blocks: bool = False) -> torch.Tensor:
     """`grouped_glu_experts` with the expert products in FP8 (module docstring), the expert-ordered
     rows `[N, H]`, as one autograd node; with `weights_N`, those rows' combine too
     (`scatter_routed(rows, maps, weights_N)`, the token rows `[T, H]`).
@@ -573,10 +578,13 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     `glu_two_passes` (`KernelPolicy.fp8_weight_grad_glu_two_passes`), with `fp8_wgrad`: the GLU's
     gradient and its weight-gradient operand made in two passes over h (the gradients written
     over it with their row tiles, then its column tiles), the same values as the one pass that
-    writes neither gradient.
+    writes neither gradient. `wgrad_b_blocks` (`KernelPolicy.fp8_weight_grad_b_blocks`), with
+    `fp8_wgrad`: each weight gradient's b operand (the token rows, the output gradient) coarsened
+    to 128 x 128 blocks (`fp8.cols_to_blocks_`) before its product.
     """
     record = records_gradient((x_TH, w1, v1, w2, weights_N))
     accs = (None, None, None) if accs is None else tuple(accs)
     return _Fp8GroupedGluExperts.apply(x_TH, w1, v1, w2, counts_E, maps.row_assignment, maps.assignment_row,
                                        maps.top_k, activation, tuple(quantized), gathered_wgrad, weights_N,
-                                       fp8_wgrad, keep_product, record, decode_glu_epilogue, accs, glu_two_passes)
+                                       fp8_wgrad, keep_product, record, decode_glu_epilogue, accs, glu_two_passes,
+                                       wgrad_b_blocks)

@@ -887,15 +887,21 @@ def test_gmm_fp8_validates():
 
 @pytest.mark.parametrize("fp8_wgrad", [True, False], ids=["fp8-wgrad", "unquantized-wgrad"])
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
-def test_fp8_gmm_forward_and_gradients(trans_b, fp8_wgrad):
+def test_fp8_gmm_forward_and_gradients(trans_b, fp8_wgrad, monkeypatch):
     sizes, K, N = [9, 0, 30, 1], 150, 40
     x, w, batch_sizes = _operands(sizes, K, N, seed=5)
     w = w if trans_b else w.transpose(1, 2).contiguous()
     x.requires_grad_(True)
     w.requires_grad_(True)
+    coarsened = []
+    real_coarsen = fp8.cols_to_blocks_
+    monkeypatch.setattr(fp8, "cols_to_blocks_", lambda *a: coarsened.append(a[0].shape) or real_coarsen(*a))
     out = fp8.fp8_gmm(x, w, batch_sizes, trans_b=trans_b, fp8_wgrad=fp8_wgrad)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     out.backward(grad)
+    # With FP8 weight gradients, b (x for w [E, N, K], the output gradient for [E, K, N]) is
+    # coarsened to 128 x 128 blocks by default (`wgrad_b_blocks`): its K-major [cols, P] values.
+    assert coarsened == ([(K if trans_b else N, -(-sum(sizes) // Q) * Q + len(sizes) * Q)] if fp8_wgrad else [])
     # The definition, in float64: the quantized operands of each product.
     x_q, x_s = fp8.quantize_rows(x.detach())
     w_q, w_s = fp8.quantize_blocks(w.detach())
@@ -945,6 +951,18 @@ def test_fp8_gmm_forward_and_gradients(trans_b, fp8_wgrad):
         fp8.fp8_gmm(x3, w3, batch_sizes, trans_b=trans_b, accumulate_into=acc.half())
     with pytest.raises(ValueError, match="accumulate_into: expected a contiguous w's shape"):
         fp8.fp8_gmm(x3, w3, batch_sizes, trans_b=trans_b, accumulate_into=acc.transpose(1, 2).contiguous())
+    # b in column tiles (`wgrad_b_blocks=False`): the forward and x's gradient unchanged, w's the
+    # definition's (the same values but those that fall into e4m3's subnormals in blocks).
+    x4, w4 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    out4 = fp8.fp8_gmm(x4, w4, batch_sizes, trans_b=trans_b, fp8_wgrad=fp8_wgrad, wgrad_b_blocks=False)
+    out4.backward(grad)
+    assert torch.equal(out4, out) and torch.equal(x4.grad, x.grad)
+    assert_close("grad w, b in column tiles", w4.grad, ref_dw if trans_b else ref_dw.transpose(1, 2),
+                 dtype=torch.float32, family="fp8")
+    if not fp8_wgrad:
+        assert torch.equal(w4.grad, w.grad)
+    with pytest.raises(TypeError, match="wgrad_b_blocks: expected a bool"):
+        fp8.fp8_gmm(x4, w4, batch_sizes, trans_b=trans_b, fp8_wgrad=fp8_wgrad, wgrad_b_blocks=1)
 
 
 def _set_blocks(q_c, s_c, bs, M):
