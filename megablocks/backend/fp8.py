@@ -1739,6 +1739,7 @@ def cols_to_blocks_(q_KP: torch.Tensor, s_SK: torch.Tensor, batch_sizes: torch.T
         _cols_to_blocks_kernel[(S, cdiv(K, Q))](
             q_KP, s_SK, t, sizes, rows, K, sizes.numel(), q_KP.stride(0), s_SK.stride(0), t.stride(0),
             QB=Q, BLOCK_E=max(2, next_power_of_2(sizes.numel())), CAST=_hardware_cast(q_KP), num_warps=4,
+            enable_fp_fusion=True,
         )
     return t
 
