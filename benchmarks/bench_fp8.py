@@ -50,8 +50,9 @@ gradients in FP8 too (`fp8_wgrad_*`, in the forms not yet on by default).
 
 `--layers` (default mixtral, olmoe) also times the dMoE layer as training runs it (forward, then
 `.backward()` into `.grad` that is None at the start of each step; bench_dmoe's method): the grouped
-path in bf16 against the same layer with `fp8='blockwise'`, on one router and one set of weights.
-The FP8 step's headline quantizes the weights in every step (one micro-batch per optimizer step,
+path in bf16 against the same layer with `fp8='blockwise'`, on one router and one set of weights,
+its weight gradients unquantized (`fp8_*`) and in FP8 (`fp8_wgrad_*`: the GLU experts' default,
+`KernelPolicy.fp8_weight_grad`). The FP8 step's headline quantizes the weights in every step (one micro-batch per optimizer step,
 the costliest case); `fp8_cached_ms` is a later micro-batch of the same step (weights cached);
 `fp8_wgrad_*` the same FP8 layer with its weight gradients in FP8 too
 (`KernelPolicy.fp8_weight_grad`; `fp8_wgrad_other_glu_form_cached_ms`: with the GLU gradient's
@@ -782,13 +783,17 @@ def serving_rounds_rows(name, T, rounds, device="cuda", shape=None):
 
 
 def build_pair(name, device, dtype=torch.bfloat16):
-    """(layer, the bf16 grouped dMoE, the same layer with fp8='blockwise') of bench_dmoe's layer
-    `name` (or a `bench_dmoe.Layer` itself), on one router and one set of weights."""
+    """(layer, the bf16 grouped dMoE, the same layer with fp8='blockwise' and its weight gradients
+    unquantized) of bench_dmoe's layer `name` (or a `bench_dmoe.Layer` itself), on one router and
+    one set of weights. The FP8 layer's policy has `fp8_weight_grad=False`, so that its rows keep
+    the meaning they had before FP8 weight gradients became the GLU experts' default: `fp8_*`
+    unquantized weight gradients, `fp8_wgrad_*` (`fp8_weight_grads`) FP8 ones."""
     layer = name if isinstance(name, bench_dmoe.Layer) else {**bench_dmoe.all_layers(False),
                                                               **bench_dmoe.all_layers(True)}[name]
     torch.manual_seed(0)
     bf16 = bench_dmoe.build_dmoe(layer, dtype, device, "grouped", "triton")
-    args = dataclasses.replace(bf16.args, fp8="blockwise")
+    args = dataclasses.replace(bf16.args, fp8="blockwise",
+                               kernel_policy=dataclasses.replace(bf16.args.kernel_policy, fp8_weight_grad=False))
     fp8_layer = type(bf16)(args)
     bench_dmoe.share_parameters(fp8_layer, bf16)
     return layer, bf16.train(), fp8_layer.train()

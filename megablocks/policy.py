@@ -69,16 +69,22 @@ class KernelPolicy:
             against 6 µs for the top-k kernel and the sort; mixtral, E = 8, K = 2: 6.1 µs at
             T = 64, work 8192); below the bound the launch it saves is worth more.
         fp8_weight_grad: with `Arguments.fp8`, the GLU experts' FP8 node (`one_node_experts`)
-            computes the weight gradients in FP8 too (`gmm_fp8_wgrad`, DeepSeek-V3's 128 x 1 tiles down each
-            expert's rows), their operands quantized in the passes that already read them; off
-            (the default), from the unquantized operands. Not faster on the H200 (training step
-            with the weights cached, mixtral 22.40 -> 22.34 ms, olmoe 8.44 -> 9.02; before the
-            column quantizers took the hardware's cast, 23.39 -> 23.62 and 8.80 -> 10.28): the FP8
-            products gain 0.4-0.7 ms, the operands' quantizers (0.3-2.7 TB/s) cost about as much.
-            MLP experts (and any experts on the composed FP8 ops, `one_node_experts=False`) take
-            it too, on the composed ops (`fp8_gmm(..., fp8_wgrad=True)`: each operand quantized
-            down the rows in a pass of its own); where the gradient goes to `main_grad`, the FP8
-            product's epilogue adds it there.
+            computes the weight gradients in FP8 too (`gmm_fp8_wgrad`, DeepSeek-V3's 128 x 1 tiles
+            down each expert's rows, b in 128 x 128 blocks with `fp8_weight_grad_b_blocks`), their
+            operands quantized in the passes that already read them; off, from the unquantized
+            operands (the variable-K bf16 product). On by default since b's blocks made the FP8
+            product 26% faster: the training step with the weights cached on the H200, mixtral
+            22.71 -> 20.31 ms (1.209x -> 1.352x bf16's), olmoe 8.45 -> 8.32 (1.187x -> 1.205x), at
+            a lower extra peak (0.609 / 0.922 GiB against 0.625 / 1.011); before, 22.40 -> 22.34
+            and 8.44 -> 9.02 (benchmarks/RESULTS.md). Where the gradient goes to `main_grad`, the
+            FP8 product's epilogue adds it there.
+        fp8_weight_grad_composed: with `fp8_weight_grad`, MLP experts and experts on the composed
+            FP8 ops (`one_node_experts=False`) take FP8 weight gradients too, on the composed ops
+            (`fp8_gmm(..., fp8_wgrad=True)`: each operand quantized down the rows in a pass of its
+            own). Off by default: slower and more memory where measured (H200, mb_paper's step
+            with the weights cached 4.45 -> 4.78 ms, extra peak 0.317 -> 0.708 GiB against bf16's
+            0.379; the exp/ trainer's dmoe_125m step 116.9 ms against bf16's 98.9), though its
+            loss stays within 0.3% of bf16's at 200 steps.
         fp8_weight_grad_glu_two_passes: with `fp8_weight_grad` (w1 and v1 stacked or apart), the GLU's
             gradient and its weight-gradient operand in two passes over h: the gradients written
             over it with their row tiles (`fp8.glu_backward_quantize_rows_`), then its column
@@ -91,10 +97,12 @@ class KernelPolicy:
             token rows for w1 and v1, the output gradient for w2) coarsened from column tiles to one
             power-of-two scale per 128 x 128 block (`fp8.cols_to_blocks_`, in place), so that the
             Gluon product promotes each step with one scale a row, as the forward does, instead of
-            the outer product of two scale vectors moved into the product's layout (H100, Mixtral's
-            up projection: 2.67 -> PENDING ms; benchmarks/RESULTS.md). The values are the same
-            but where one falls below e4m3's smallest normal (more than 2^14.8 under its
-            column's largest and under the block's): rounded to the nearest subnormal.
+            the outer product of two scale vectors moved into the product's layout: H200, the
+            product on Mixtral's up projection 2.701 -> 1.996 ms, OLMoE's 0.839 -> 0.586, Qwen3-
+            MoE's 0.730 -> 0.472; the coarsening's pass over b 0.04-0.15 ms (benchmarks/RESULTS.md).
+            The values are the same but where one falls below e4m3's smallest normal (more than
+            2^14.8 under its column's largest and under the block's): rounded to the nearest
+            subnormal.
         fp8_gather_wgrad_min_ffn: the FP8 node's up weights' gradients (unquantized) read a
             gathered copy of the token rows, made in the backward for both, for experts of at
             least this ffn per rank; narrower ones read the token rows through the maps. The
@@ -137,7 +145,8 @@ class KernelPolicy:
     gather_min_ffn: int = 4096
     gather_min_rows_per_expert: int = 512
     route_max_work: int = 16384
-    fp8_weight_grad: bool = False
+    fp8_weight_grad: bool = True
+    fp8_weight_grad_composed: bool = False
     fp8_weight_grad_glu_two_passes: bool = True
     fp8_weight_grad_b_blocks: bool = True
     fp8_gather_wgrad_min_ffn: int = 4097

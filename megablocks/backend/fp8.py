@@ -1976,10 +1976,13 @@ def gmm_fp8_wgrad_reference(a_q, a_s, b_q, b_s, batch_sizes, out_dtype=torch.flo
 # olmoe's and qwen3moe's up-projection gradients (3.19 / 0.99 / 0.93 ms against 3.71 / 1.17 /
 # 1.13; H200, benchmarks/RESULTS.md). Over 192-row tiles (three consumers) its promotion spills
 # (the column scales' 32 registers beside the product and the accumulator): 1.3-1.5x slower.
-# `overlap_epilogue` (each tile stored while the next tile's first product runs) measured 2.2% and
-# 0.7% faster on mixtral's and qwen3moe's products (2.718 -> 2.657 ms, 0.730 -> 0.725), against the
-# 5-15% predicted; off while a second run says whether that holds.
-_WGRAD_LAUNCH = dict(wgmma=True, num_stages=4, tma_store=True, overlap_epilogue=False)
+# `overlap_epilogue` (each tile stored while the next tile's first product runs, the same bits)
+# measured 2.2% and 0.7% faster on mixtral's and qwen3moe's products (2.718 -> 2.657 ms, 0.730 ->
+# 0.725), against the 5-15% predicted, and 4% on mixtral's on an H100 (2.862 -> 2.746); with b in
+# 128 x 128 blocks (a cheaper promotion, so the epilogue's share grows) the training steps with
+# the weights cached ran 20.31 -> 20.16 ms (mixtral) and 8.32 -> 8.15 (olmoe) on the H200: on by
+# default since (benchmarks/RESULTS.md).
+_WGRAD_LAUNCH = dict(wgmma=True, num_stages=4, tma_store=True, overlap_epilogue=True)
 
 
 def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,

@@ -397,12 +397,19 @@ class GroupedMLP(SparseMLP):
     def _fp8_node(self) -> bool:
         """Whether this layer's experts may run as an FP8 one-node form: GLU experts
         (`megablocks.ops.grouped_glu.fp8_grouped_glu_experts`), or MLP experts without FP8 weight
-        gradients (`fp8_grouped_mlp_experts`: with the policy's `fp8_weight_grad`, MLP experts
-        take the composed FP8 ops, whose `fp8_gmm` makes them); FP8, the policy's
+        gradients (`fp8_grouped_mlp_experts`: with the policy's `fp8_weight_grad` and
+        `fp8_weight_grad_composed`, MLP experts take the composed FP8 ops, whose `fp8_gmm` makes
+        them); FP8, the policy's
         `one_node_experts`, the Triton kernels, no biases."""
         policy = self.args.kernel_policy
-        return (self.args.fp8 is not None and (self._v1() is not None or not policy.fp8_weight_grad)
+        return (self.args.fp8 is not None and (self._v1() is not None or not self._fp8_composed_wgrad())
                 and self.w1_bias is None and policy.one_node_experts and _gmm_backend(self.args) in (None, "triton"))
+
+    def _fp8_composed_wgrad(self) -> bool:
+        """Whether the composed FP8 ops (MLP experts, `one_node_experts=False`) make FP8 weight
+        gradients: the policy's `fp8_weight_grad` and `fp8_weight_grad_composed`."""
+        policy = self.args.kernel_policy
+        return policy.fp8_weight_grad and policy.fp8_weight_grad_composed
 
     def reads_token_rows(self) -> bool:
         """Whether `forward` should be given the token rows and the row maps
@@ -589,8 +596,8 @@ class GroupedMLP(SparseMLP):
         optimizer step, in the module's cache (`_fp8_product`). A weight whose gradient goes to
         its `main_grad` (gradient-accumulation fusion, `accs`) has it added there by `fp8_gmm`
         itself (`accumulate_into`: the FP8 weight-gradient product's epilogue with the policy's
-        `fp8_weight_grad`, else the variable-K kernel's), the gradient it would return without
-        the fusion."""
+        `fp8_weight_grad` and `fp8_weight_grad_composed`, else the variable-K kernel's), the
+        gradient it would return without the fusion."""
         shape = (num_experts, -1, hidden)
 
         def product(a, w, p, trans_b):
@@ -615,8 +622,9 @@ class GroupedMLP(SparseMLP):
 
         Each weight is also stored the other way (once per step): the up projections' input
         gradients and the down projection's forward read it K-major, as FP8 products need. The
-        weight's gradient is an FP8 product too with the policy's `fp8_weight_grad` (`fp8_gmm`'s
-        `fp8_wgrad`); where `acc` (its `main_grad`) is given, it is added there, not returned.
+        weight's gradient is an FP8 product too with the policy's `fp8_weight_grad` and
+        `fp8_weight_grad_composed` (`fp8_gmm`'s `fp8_wgrad`); where `acc` (its `main_grad`) is
+        given, it is added there, not returned.
         Without a gradient to record only the form the forward reads is made and held: the up
         projections' (q, s), the down projection's transposed form (viewed back as its (q, s))."""
         cache = self._fp8_cache()
@@ -628,7 +636,7 @@ class GroupedMLP(SparseMLP):
             forms_t = cache.transposed(p, shape, alone=True)
             forms = (forms_t[0].transpose(1, 2), forms_t[1].transpose(1, 2))
         return fp8_gmm(a.contiguous(), w.view(shape), tokens_per_expert, trans_b=trans_b, weights=forms,
-                       weights_t=forms_t, fp8_wgrad=self.args.kernel_policy.fp8_weight_grad, accumulate_into=acc,
+                       weights_t=forms_t, fp8_wgrad=self._fp8_composed_wgrad(), accumulate_into=acc,
                        wgrad_b_blocks=self.args.kernel_policy.fp8_weight_grad_b_blocks)
 
 

@@ -148,7 +148,8 @@ def test_fp8_mlp_node_conditions(monkeypatch):
     assert run(activation_fn=lambda t: F.relu(t) * 2)[0] == 0
     assert run(policy=KernelPolicy(one_node_experts=False))[0] == 0
     assert run(policy=KernelPolicy(fused_gather=False))[0] == 0
-    assert run(policy=KernelPolicy(fp8_weight_grad=True))[0] == 0
+    assert run(policy=KernelPolicy(fp8_weight_grad=True, fp8_weight_grad_composed=True))[0] == 0
+    assert run(policy=KernelPolicy(fp8_weight_grad=True))[0] == 1  # (the default) the node's
     assert run(memory_optimized_mlp=True)[0] == 1
 
 
@@ -281,7 +282,8 @@ def test_fp8_mlp_node_without_input_gradient(memory_optimized, monkeypatch):
 
 
 def test_fp8_mlp_weight_gradients_in_fp8(monkeypatch):
-    """With the policy's `fp8_weight_grad`, MLP experts take the composed FP8 ops, whose weight
+    """With the policy's `fp8_weight_grad` and `fp8_weight_grad_composed` (off by default: with
+    `fp8_weight_grad` alone the node runs), MLP experts take the composed FP8 ops, whose weight
     gradients are FP8 products (`gmm_fp8_wgrad`, one for w1 and one for w2): the output and the
     input gradient bitwise the node's (relu: the same dgrad products), the weight gradients within
     FP8's error of the unquantized ones, and not equal to them."""
@@ -294,7 +296,7 @@ def test_fp8_mlp_weight_gradients_in_fp8(monkeypatch):
     monkeypatch.setattr(ops_fp8, "gmm_fp8_wgrad", lambda *a, **kw: wgrads.append(1) or real(*a, **kw))
     layer.args.kernel_policy = KernelPolicy()
     node = _step(layer, x, grad_out)
-    layer.args.kernel_policy = KernelPolicy(fp8_weight_grad=True)
+    layer.args.kernel_policy = KernelPolicy(fp8_weight_grad=True, fp8_weight_grad_composed=True)
     quantized = _step(layer, x, grad_out)
     assert len(calls) == 1 and len(wgrads) == 2, (len(calls), len(wgrads))
     assert_equal("out", quantized[0], node[0])

@@ -62,8 +62,10 @@ def test_fp8_node_is_the_composed_fp8_ops(shape, dtype, gather_min_ffn, monkeypa
         combines.append(a[0].shape) if len(a) > 3 and a[3] is not None else None) or real_quantize(*a, **kw))
     results = {}
     for on in (False, True):
-        # F at least the policy's bound: the node's up weight gradients read a gathered copy of the rows.
-        layer.args.kernel_policy = KernelPolicy(one_node_experts=on, fp8_gather_wgrad_min_ffn=gather_min_ffn)
+        # F at least the policy's bound: the node's up weight gradients read a gathered copy of the
+        # rows. Unquantized weight gradients, as the composed ops make them by default.
+        layer.args.kernel_policy = KernelPolicy(one_node_experts=on, fp8_gather_wgrad_min_ffn=gather_min_ffn,
+                                                fp8_weight_grad=False)
         results[on] = _step(layer, x, grad_out)
         assert len(calls) == int(on), f"one_node_experts={on}: {len(calls)} FP8 node calls"
     assert type(calls[0]).__name__ == "_Fp8GroupedGluExpertsBackward", calls[0]
@@ -164,9 +166,12 @@ def test_fp8_node_quantizes_weights_once_per_step(monkeypatch):
 
 
 def _glu_layer(T, H, Fs, E, K, dtype, seed):
-    """An FP8 GLU dMoE (silu, random biases) and a fresh input and output gradient [T, H]."""
+    """An FP8 GLU dMoE (silu, random biases) and a fresh input and output gradient [T, H]. Its
+    weight gradients unquantized (`fp8_weight_grad=False`: the composed ops' default, which the
+    node is held to); the tests of FP8 weight gradients set their own policies."""
     args = make_args("triton", dtype, mlp_type="glu", hidden_size=H, ffn_hidden_size=Fs, moe_num_experts=E,
-                     moe_top_k=K, activation_fn=F.silu, fp8="blockwise")
+                     moe_top_k=K, activation_fn=F.silu, fp8="blockwise",
+                     kernel_policy=KernelPolicy(fp8_weight_grad=False))
     layer = dMoE(args)
     randomize_bias(layer)
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -211,11 +216,11 @@ def test_fp8_node_stacked_pair(T, H, Fs, E, K, dtype, monkeypatch):
     monkeypatch.setattr(fp8.Fp8WeightCache, "pair", lambda self, *a, **kw: pairs.append(a[2]) or real_pair(self, *a, **kw))
     results = {}
     for on in (False, True):
-        layer.args.kernel_policy = KernelPolicy(one_node_experts=on)
+        layer.args.kernel_policy = KernelPolicy(one_node_experts=on, fp8_weight_grad=False)
         results[on] = _step(layer, x, grad_out)
     assert len(calls) == 1 and len(pairs) == 1, (calls, pairs)
     # Past the policy's fused_glu_input_grad_max_ffn the node keeps w1 and v1 apart.
-    layer.args.kernel_policy = KernelPolicy(fused_glu_input_grad_max_ffn=Fs - 1)
+    layer.args.kernel_policy = KernelPolicy(fused_glu_input_grad_max_ffn=Fs - 1, fp8_weight_grad=False)
     apart = _step(layer, x, grad_out)
     assert len(calls) == 2 and len(pairs) == 1, (calls, pairs)
     assert_equal("out apart", apart[0], results[False][0])
@@ -338,9 +343,12 @@ def _alive_at_glu_backward(monkeypatch, name, pick):
 def test_fp8_node_lets_go_of_the_rows_gradient(Fs, monkeypatch):
     """The rows' output gradient (16-bit and e4m3, made in one pass in the backward) is freed
     before the GLU's gradient is made, where the backward's memory peaks: nothing but the names
-    the backward deletes may hold it."""
+    the backward deletes may hold it (unquantized weight gradients: with FP8 ones the rows'
+    gradient is quantized both ways and let go of before the GLU's gradient too, in
+    `_fp8_wgrad_backward`)."""
     layer = dMoE(make_args("triton", torch.float32, mlp_type="glu", fp8="blockwise", hidden_size=40,
-                           ffn_hidden_size=Fs, moe_num_experts=4, moe_top_k=2, activation_fn=F.silu))
+                           ffn_hidden_size=Fs, moe_num_experts=4, moe_top_k=2, activation_fn=F.silu,
+                           kernel_policy=KernelPolicy(fp8_weight_grad=False)))
     made, alive = _alive_at_glu_backward(monkeypatch, "gather_quantize_rows", lambda out, kw: out)
     x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
     layer(x).square().sum().backward()

@@ -58,16 +58,16 @@ def test_dmoe_weight_grads_go_to_main_grad(impl, form, memory_optimized):
 
 # FP8 (`Arguments.fp8`): the composed products' weight gradients (unquantized products) go to
 # main_grad (the experts take the composed products without the policy's one-node form), and so
-# do the MLP experts' node's (`fp8_grouped_mlp_experts`). With the policy's `fp8_weight_grad` the
-# composed products' weight gradients are FP8 products (MLP experts take the composed products
-# then), added into main_grad by that product's epilogue.
+# do the MLP experts' node's (`fp8_grouped_mlp_experts`). With the policy's `fp8_weight_grad` and
+# `fp8_weight_grad_composed` the composed products' weight gradients are FP8 products (MLP experts
+# take the composed products then), added into main_grad by that product's epilogue.
+COMPOSED_FP8_WGRAD = KernelPolicy(fp8_weight_grad=True, fp8_weight_grad_composed=True)
 FP8_FORMS = {
     "mlp": dict(mlp_type="mlp", kernel_policy=KernelPolicy(one_node_experts=False)),
     "mlp-node": dict(mlp_type="mlp"),
     "glu": dict(mlp_type="glu", kernel_policy=KernelPolicy(one_node_experts=False)),
-    "mlp-fp8-weight-grad": dict(mlp_type="mlp", kernel_policy=KernelPolicy(fp8_weight_grad=True)),
-    "glu-fp8-weight-grad": dict(mlp_type="glu", kernel_policy=KernelPolicy(one_node_experts=False,
-                                                                           fp8_weight_grad=True)),
+    "mlp-fp8-weight-grad": dict(mlp_type="mlp", kernel_policy=COMPOSED_FP8_WGRAD),
+    "glu-fp8-weight-grad": dict(mlp_type="glu", kernel_policy=COMPOSED_FP8_WGRAD.replace(one_node_experts=False)),
 }
 
 
@@ -86,16 +86,19 @@ def test_fp8_dmoe_weight_grads_go_to_main_grad(form, monkeypatch):
     n = 3 if FP8_FORMS[form]["mlp_type"] == "glu" else 2
     _check_main_grads(layer, n)
     # Each of two micro-batches: the layer's n into main_grad, then its copy's n into .grad.
-    assert calls == (([True] * n + [False] * n) * 2 if layer.args.kernel_policy.fp8_weight_grad else []), calls
+    composed_fp8 = layer.args.kernel_policy.fp8_weight_grad and layer.args.kernel_policy.fp8_weight_grad_composed
+    assert calls == (([True] * n + [False] * n) * 2 if composed_fp8 else []), calls
 
 
-# The FP8 one-node form (GLU experts): w1 and v1 apart, stacked (F a multiple of 128), and with its
-# weight gradients in FP8 (added into main_grad by the FP8 weight-gradient product's epilogue).
+# The FP8 one-node form (GLU experts): w1 and v1 apart, stacked (F a multiple of 128), with its
+# weight gradients in FP8 (the default: added into main_grad by the FP8 weight-gradient product's
+# epilogue) and unquantized (`fp8_weight_grad=False`: by the variable-K product's).
+UNQUANTIZED = KernelPolicy(fp8_weight_grad=False)
 FP8_NODE_FORMS = {
-    "apart": dict(SHAPE),
-    "stacked": dict(SHAPE, ffn_hidden_size=128),
-    "fp8-weight-grad": dict(SHAPE, kernel_policy=KernelPolicy(fp8_weight_grad=True)),
-    "fp8-weight-grad-stacked": dict(SHAPE, ffn_hidden_size=128, kernel_policy=KernelPolicy(fp8_weight_grad=True)),
+    "apart": dict(SHAPE, kernel_policy=UNQUANTIZED),
+    "stacked": dict(SHAPE, ffn_hidden_size=128, kernel_policy=UNQUANTIZED),
+    "fp8-weight-grad": dict(SHAPE),
+    "fp8-weight-grad-stacked": dict(SHAPE, ffn_hidden_size=128),
 }
 
 

@@ -1254,8 +1254,9 @@ def test_gmm_fp8_wgrad_takes_block_scales(sizes, N, K):
     for out_dtype in (torch.bfloat16, torch.float32):
         assert torch.equal(fp8.gmm_fp8_wgrad(*a_c, bb_q, b_t, bs, rows=M, out_dtype=out_dtype),
                            fp8.gmm_fp8_wgrad(*a_c, b_q, b_s, bs, rows=M, out_dtype=out_dtype))
-    # Each tile stored while the next tile's first product runs (the Gluon form's other epilogue).
-    assert torch.equal(fp8.gmm_fp8_wgrad(*a_c, bb_q, b_t, bs, rows=M, config=dict(overlap_epilogue=True)), cols)
+    # Each tile stored after its last product, or while the next tile's first runs (the default).
+    for overlap in (False, True):
+        assert torch.equal(fp8.gmm_fp8_wgrad(*a_c, bb_q, b_t, bs, rows=M, config=dict(overlap_epilogue=overlap)), cols)
     start = torch.randn(len(sizes), N, K, generator=g).to(DEVICE)
     for overlap in (False, True):
         acc = start.clone()
@@ -1290,7 +1291,7 @@ def test_gmm_fp8_wgrad_accumulates_into(sizes, N, K, layout):
     rows = M if transposed else None
     start = torch.randn(len(sizes), N, K, generator=g).to(DEVICE)
     apart = start + fp8.gmm_fp8_wgrad(*ops, bs, out_dtype=torch.float32, rows=rows)
-    configs = [None] + ([dict(overlap_epilogue=True)] if transposed and DEVICE == "cuda" else [])
+    configs = [None] + ([dict(overlap_epilogue=o) for o in (False, True)] if transposed and DEVICE == "cuda" else [])
     for config in configs:
         acc = start.clone()
         got = fp8.gmm_fp8_wgrad(*ops, bs, rows=rows, config=config, accumulate_into=acc)
@@ -1327,7 +1328,7 @@ def test_gmm_fp8_wgrad_gluon(sizes, N, K, stages):
     assert fp8_wgmma.wgrad_usable(at_q, bt_q)
     for out_dtype in (torch.float32, torch.bfloat16):
         out = fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, out_dtype=out_dtype, rows=M,
-                                config=dict(num_stages=stages))
+                                config=dict(num_stages=stages, overlap_epilogue=False))
         triton_form = fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, out_dtype=out_dtype, rows=M,
                                         config=dict(wgmma=False))
         assert out.shape == (len(sizes), N, K) and out.dtype == out_dtype
@@ -1336,7 +1337,7 @@ def test_gmm_fp8_wgrad_gluon(sizes, N, K, stages):
         assert_close("gmm_fp8_wgrad gluon", out, triton_form, dtype=out_dtype)
         # A 16-bit gradient's full 64-row pieces are stored by TMA: the same bits as masked stores.
         masked = fp8.gmm_fp8_wgrad(at_q, at_s, bt_q, bt_s, bs, out_dtype=out_dtype, rows=M,
-                                   config=dict(num_stages=stages, tma_store=False))
+                                   config=dict(num_stages=stages, tma_store=False, overlap_epilogue=False))
         assert torch.equal(out, masked)
         # Each tile stored while the next tile's first product runs: the same arithmetic, the same
         # bits (TMA and masked stores; empty experts' zeros stored between tiles).
