@@ -390,10 +390,12 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
         batch_sizes: `[E]` int32/int64 rows per group on x's device, summing to M.
         weights: `quantize_blocks(w)` when the caller keeps it (`Fp8WeightCache`); else the
             weights are quantized in this call.
-        fp8_wgrad: the weight gradient in FP8 (`gmm_fp8_wgrad`) or, by default, unquantized: on an
-            H200 the FP8 product ran level with the bf16 variable-K GEMM on mixtral's shapes (2.94
-            against 3.06 ms) and slower with its two column quantizations (3.42 ms;
-            benchmarks/RESULTS.md, "The Gluon products' output stored by TMA").
+        fp8_wgrad: the weight gradient in FP8 (`gmm_fp8_wgrad`) or, by default, unquantized. On
+            an H200, with b in blocks (`wgrad_b_blocks`), the FP8 product and its operands' two
+            column quantizations take 2.29 ms on mixtral's up projection against the bf16
+            variable-K GEMM's 3.05, but 1.1-1.2 ms against 0.75-0.88 on olmoe's and qwen3moe's
+            (benchmarks/RESULTS.md, "b in 128 x 128 blocks"): the quantizers' own passes, which the
+            GLU experts' FP8 node fuses with the passes that read the operands.
         weights_t: `weights` stored the other way (`Fp8WeightCache.transposed`), read by the
             products (forward or input gradient) that would read `weights` N-major; without it
             `gmm_fp8` copies the weight K-major for each such product.
