@@ -52,9 +52,9 @@ gradients in FP8 too (`fp8_wgrad_*`, in the forms not yet on by default).
 `.backward()` into `.grad` that is None at the start of each step; bench_dmoe's method): the grouped
 path in bf16 against the same layer with `fp8='blockwise'`, on one router and one set of weights,
 its weight gradients unquantized (`fp8_*`) and in FP8 (`fp8_wgrad_*`: the GLU experts' default,
-`KernelPolicy.fp8_weight_grad`). The FP8 step's headline quantizes the weights in every step (one micro-batch per optimizer step,
-the costliest case); `fp8_cached_ms` is a later micro-batch of the same step (weights cached);
-`fp8_wgrad_*` the same FP8 layer with its weight gradients in FP8 too
+`KernelPolicy.fp8_weight_grad`). The FP8 step's headline quantizes the weights in every step (one
+micro-batch per optimizer step, the costliest case); `fp8_cached_ms` is a later micro-batch of
+the same step (weights cached); `fp8_wgrad_*` the same FP8 layer with its weight gradients in FP8 too
 (`KernelPolicy.fp8_weight_grad`; `fp8_wgrad_other_glu_form_cached_ms`: with the GLU gradient's
 operands in the form `fp8_weight_grad_glu_two_passes` does not name, one pass or two;
 `fp8_wgrad_other_b_form_cached_ms`: with the b operands in the form `fp8_weight_grad_b_blocks`
@@ -314,7 +314,8 @@ def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant="", 
     rows = M if k_major else None
 
     def quantize():
-        g_c, x_c = fp8.quantize_cols_grouped(g, bs, transposed=k_major), fp8.quantize_cols_grouped(x, bs, transposed=k_major)
+        g_c = fp8.quantize_cols_grouped(g, bs, transposed=k_major)
+        x_c = fp8.quantize_cols_grouped(x, bs, transposed=k_major)
         if b_blocks:
             x_c = (x_c[0], fp8.cols_to_blocks_(*x_c, bs, M))
         return g_c, x_c

@@ -17,8 +17,10 @@ weight gradient of each config (operands quantized as the backward quantizes the
 - `sum`:          the product added unscaled;
 - `none`:         the product waited for and dropped (the tensor cores, the loads and the stores).
 
-Only `full` computes the weight gradient; the others time the kernel's other parts.
-`group_n` rows time `full` at other tile orders. The forward's up product of the same FLOPs
+Only `full` computes the weight gradient; the others time the kernel's other parts. `b_blocks`
+is the module's own form for b in 128 x 128 blocks (`fp8.cols_to_blocks_`, the FP8 layer's
+default since; equal to the package's bit for bit). `group_n` rows time `full` at other tile
+orders. The forward's up product of the same FLOPs
 (`gmm_fp8`) is the reference rate (`forward_up`).
 
 The accuracy side of a cheaper promotion (`--accuracy`): the weight gradient's relative RMS error
@@ -49,18 +51,19 @@ from megablocks.backend import fp8_wgmma  # noqa: E402
 from megablocks.backend.launch import persistent_programs  # noqa: E402
 from megablocks.ops import fp8  # noqa: E402
 
-_PROMOTION = "return acc + (r * sa[:, None]) * sb[None, :], r"
+# The column tiles' promotion (`_wg_promote` without B_BLOCKS) and what replaces it in each form.
+_PROMOTION = "acc = acc + (r * sa[:, None]) * sb[None, :]"
 FORMS = {
     "full": _PROMOTION,
-    "no_col_scale": "return acc + (r * sa[:, None]) * sa[:, None], r",
-    "rows": "return acc + r * sa[:, None], r",
-    "sum": "return acc + r, r",
-    "none": "return acc, r",
+    "no_col_scale": "acc = acc + (r * sa[:, None]) * sa[:, None]",
+    "rows": "acc = acc + r * sa[:, None]",
+    "sum": "acc = acc + r",
+    "none": "acc = acc",
 }
 
 
 def build(form: str, directory: str):
-    """fp8_wgmma rebuilt with `_wg_promote`'s last line replaced by FORMS[form]."""
+    """fp8_wgmma rebuilt with `_wg_promote`'s column-tile promotion replaced by FORMS[form]."""
     with open(fp8_wgmma.__file__) as f:
         source = f.read()
     if source.count(_PROMOTION) != 1:
@@ -89,7 +92,8 @@ def timing_rows(name, forms, group_ns):
     T, H, F, E, k = CONFIGS[name]
     M = T * k
     bs, g, x = operands(M, H, F, E)
-    (gq, gs), (xq, xs) = fp8.quantize_cols_grouped(g, bs, transposed=True), fp8.quantize_cols_grouped(x, bs, transposed=True)
+    gq, gs = fp8.quantize_cols_grouped(g, bs, transposed=True)
+    xq, xs = fp8.quantize_cols_grouped(x, bs, transposed=True)
     sizes = bs.to(device="cuda", dtype=torch.int32)
     flops = 2 * M * H * F
     programs = persistent_programs(gq.device, E * triton_cdiv(F, 128) * triton_cdiv(H, 128))
@@ -110,6 +114,19 @@ def timing_rows(name, forms, group_ns):
 
     for form, module in forms.items():
         row(form, module, 8)
+    # b in 128 x 128 blocks (`cols_to_blocks_`, the layer's default): the module's own B_BLOCKS form.
+    xq_b = xq.clone()
+    xt = fp8.cols_to_blocks_(xq_b, xs, bs, M)
+    blocks = fp8_backend.gmm_fp8_wgrad(gq, gs, xq_b, xt, bs, out_dtype=torch.bfloat16, rows=M)
+    out = torch.empty((E, F, H), dtype=torch.bfloat16, device="cuda")
+
+    def run_blocks():
+        return forms["full"].gmm_fp8_wgrad_ws(gq, gs, xq_b, xt, sizes, out, M, programs, b_blocks=True)
+
+    run_blocks()
+    ms, p20, p80 = timed(run_blocks)
+    rows.append(dict(config=name, form="b_blocks", group_n=8, ms=ms, p20_ms=p20, p80_ms=p80, tflops=flops / ms / 1e9,
+                     equal_to_package=torch.equal(out, blocks)))
     for group_n in group_ns:
         if group_n != 8:
             row("full", forms["full"], group_n)

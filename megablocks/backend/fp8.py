@@ -595,7 +595,8 @@ def _quantize_cols_grouped_kernel(
 # rows [c*Q, (c+1)*Q) (the operand's columns), stores the largest of their Q scales as the block's
 # (t[b, c]) and multiplies each row's values by its scale over the block's, a power of two <= 1 made
 # from the exponents (no division), rounded to e4m3 as the quantizers round. A NaN scale (a
-# non-finite tile) makes the block's scale NaN and its values 0. Blocks past the groups' total do nothing.
+# non-finite tile) makes the block's scale NaN and its values 0. Blocks past the groups' total do
+# nothing.
 @triton.jit
 def _cols_to_blocks_kernel(
     q_ptr, s_ptr, t_ptr, sizes_ptr,
@@ -1711,9 +1712,8 @@ def cols_to_blocks_(q_KP: torch.Tensor, s_SK: torch.Tensor, batch_sizes: torch.T
 
     The values do not change: with power-of-two scales e4m3 rounds the same at any scale, and a
     value times its column's scale over the block's (a power of two <= 1) is exact while it stays
-    a normal e4m3 number. Only values that fall below 2^-6 (their column's largest more than
-    2^14.8 times over, and the block's larger still) lose mantissa bits, rounded to the nearest
-    subnormal, ties to even. A NaN scale (a tile with a non-finite value) makes its block's scale
+    a normal e4m3 number. Only a value that falls below 2^-6 so (more than about 2^14.8 under its
+    block's largest) loses mantissa bits: rounded to the nearest subnormal, ties to even. A NaN scale (a tile with a non-finite value) makes its block's scale
     NaN (its values 0): the whole block dequantizes to NaN."""
     check_tensor("q", q_KP, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("s", s_SK, ndim=2, dtypes=(torch.float32,))

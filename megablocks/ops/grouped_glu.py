@@ -549,7 +549,7 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
                             fp8_wgrad: bool = False, keep_product: bool = True,
                             decode_glu_epilogue: bool = False,
                             accs: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                            glu_two_passes: bool = False, wgrad_b_blocks: bool = False) -> torch.Tensor:
+                            glu_two_passes: bool = False, wgrad_b_blocks: bool = True) -> torch.Tensor:
     """`grouped_glu_experts` with the expert products in FP8 (module docstring), the expert-ordered
     rows `[N, H]`, as one autograd node; with `weights_N`, those rows' combine too
     (`scatter_routed(rows, maps, weights_N)`, the token rows `[T, H]`).
