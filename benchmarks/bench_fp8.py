@@ -46,7 +46,7 @@ step in training: `quantize_blocks(w)` alone, then with the K-major copy the N-m
 runs them: `--micro-batches` micro-batches a step (8 by default), each expert weight's gradient
 added into an fp32 `main_grad` by the kernels (gradient-accumulation fusion) and, apart, summed
 in `.grad` by autograd; the FP8 weights quantized once a step; bf16, FP8, and FP8 with its weight
-gradients in FP8 too (`fp8_wgrad_*`, in the forms not yet on by default).
+gradients in FP8 too (`fp8_wgrad_*`, the GLU experts' default).
 
 `--layers` (default mixtral, olmoe) also times the dMoE layer as training runs it (forward, then
 `.backward()` into `.grad` that is None at the start of each step; bench_dmoe's method): the grouped
@@ -907,8 +907,7 @@ def layer_accumulate_row(name, device, micro_batches=8, dtype=torch.bfloat16):
 
     The FP8 layer's weights are quantized once a window, at its start (as after an optimizer
     step: the cache is emptied). `fp8_wgrad`: the FP8 layer with its weight gradients in FP8 too,
-    in the forms not yet on by default (the GLU gradient's operands in two passes, the weight
-    gradient's epilogue overlapped; fused, they are added into main_grad by that epilogue). Also
+    in the default forms (fused, they are added into main_grad by the product's epilogue). Also
     each form's summed expert-weight gradients, FP8 against bf16 (relative rms), and the fused
     form's against the `grad` form's in the same precision."""
     layer, bf16, fp8_layer = build_pair(name, device, dtype)
@@ -940,8 +939,7 @@ def layer_accumulate_row(name, device, micro_batches=8, dtype=torch.bfloat16):
         for form in ("fused", "grad"):
             set_fusion(form == "fused")
             for label, module in (("bf16", bf16), ("fp8", fp8_layer), ("fp8_wgrad", fp8_layer)):
-                forms = (fp8_weight_grads(fp8_layer, two_passes=True, overlap=True) if label == "fp8_wgrad"
-                         else contextlib.nullcontext())
+                forms = fp8_weight_grads(fp8_layer) if label == "fp8_wgrad" else contextlib.nullcontext()
                 with forms:
                     run = window(module)
                     if form == "fused":  # (the last label's timed windows were summed into it)
@@ -973,17 +971,15 @@ def layer_accumulate_row(name, device, micro_batches=8, dtype=torch.bfloat16):
 def _warm_layer_steps(name):
     """(label, training step, its inputs) of the bf16 and then the FP8 layer of config `name` on
     the GPU, each step run once (compiled, the FP8 weights cached) before it is yielded: FP8 with
-    unquantized weight gradients, with FP8 ones (`fp8_weight_grad`), and with FP8 ones in the
-    forms not yet on by default (`fp8_wgrad_new_forms`: the GLU gradient's operands in two passes,
-    the weight gradient's epilogue overlapped)."""
+    unquantized weight gradients and with FP8 ones (`fp8_weight_grad`, the GLU experts' default,
+    in its default forms: two-pass GLU operands, b in blocks, the overlapped epilogue)."""
     layer, bf16, fp8_layer = build_pair(name, "cuda")
     torch.manual_seed(1)
     x = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(layer.T, layer.H, device="cuda", dtype=torch.bfloat16)
     inputs = [x, *bf16.parameters()]
     for label, module, forms in (("bf16", bf16, contextlib.nullcontext()), ("fp8", fp8_layer, contextlib.nullcontext()),
-                                 ("fp8_wgrad", fp8_layer, fp8_weight_grads(fp8_layer)),
-                                 ("fp8_wgrad_new_forms", fp8_layer, fp8_weight_grads(fp8_layer, True, True))):
+                                 ("fp8_wgrad", fp8_layer, fp8_weight_grads(fp8_layer))):
         with forms:
             step, _ = bench_dmoe.steps(module, "fwdbwd", False, x, g, inputs)
             step()

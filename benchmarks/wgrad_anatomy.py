@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_gmm import routed_counts  # noqa: E402
 from common import CONFIGS, environment, print_table, timed, write_csv  # noqa: E402
 
+from megablocks.backend import cdiv  # noqa: E402
 from megablocks.backend import fp8 as fp8_backend  # noqa: E402
 from megablocks.backend import fp8_wgmma  # noqa: E402
 from megablocks.backend.launch import persistent_programs  # noqa: E402
@@ -96,7 +97,7 @@ def timing_rows(name, forms, group_ns):
     xq, xs = fp8.quantize_cols_grouped(x, bs, transposed=True)
     sizes = bs.to(device="cuda", dtype=torch.int32)
     flops = 2 * M * H * F
-    programs = persistent_programs(gq.device, E * triton_cdiv(F, 128) * triton_cdiv(H, 128))
+    programs = persistent_programs(gq.device, E * cdiv(F, 128) * cdiv(H, 128))
     package = fp8_backend.gmm_fp8_wgrad(gq, gs, xq, xs, bs, out_dtype=torch.bfloat16, rows=M)
     rows = []
 
@@ -140,13 +141,9 @@ def timing_rows(name, forms, group_ns):
     return rows
 
 
-def triton_cdiv(a, b):
-    return (a + b - 1) // b
-
-
 def _blocks(t, first, n, Q=128):
     """Rows [first, first + n) of t as [blocks, Q, cols] fp32, the last block padded with zeros."""
-    nb = triton_cdiv(n, Q)
+    nb = cdiv(n, Q)
     out = torch.zeros((nb * Q, t.shape[1]), dtype=torch.float32, device=t.device)
     out[:n] = t[first:first + n].float()
     return out.view(nb, Q, t.shape[1])
