@@ -73,6 +73,7 @@ import os
 import statistics
 import sys
 import time
+from typing import List
 
 import torch
 
@@ -226,6 +227,10 @@ def bench(args):
                                       "fp8_fusion_gain", "fp8_wgrad_fusion_gain", "w_grad_rel_rms_fused",
                                       "w_grad_fp8_rel_rms_fused", "fp8_wgrad_fused_vs_grad_rel_rms"])
         write_csv(os.path.join(args.out, "bench_fp8_layer_accumulate.csv"), [{**r, **env} for r in accumulate_rows])
+    uncached_rows = [r for name in args.layer_uncached for r in layer_uncached_rows(name)]
+    if uncached_rows:
+        print_table(uncached_rows, ["config", "form", "ms", "min_ms", "max_ms", "steps", *_ALLOC_KEYS])
+        write_csv(os.path.join(args.out, "bench_fp8_layer_uncached.csv"), [{**r, **env} for r in uncached_rows])
     memory_rows = [r for name in args.layer_memory for r in layer_memory(name)]
     if memory_rows:
         print_table(memory_rows, ["config", "layer", "site", "mib", "tensors"])
@@ -894,6 +899,76 @@ def layer_step(name, device, dtype=torch.bfloat16):
     return row
 
 
+_ALLOC_KEYS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def _event_ms(fn, n: int) -> List[float]:
+    """ms of each of n calls of fn, by CUDA events around each (the device not idled between)."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def layer_uncached_rows(name, rounds=5, steps=6, dtype=torch.bfloat16):
+    """Rows: the FP8 layer's training step with its weights cached and quantized again every step
+    (the cache cleared first, as after an optimizer step), in both weight-gradient forms, and its
+    forward alone in both cache states (their difference: what quantizing the weights costs),
+    in `rounds` interleaved rounds of `steps` steps each timed by CUDA events back to back (the
+    bf16 layer's step in each round too); medians over all of a form's steps, and the caching
+    allocator's counters (`_ALLOC_KEYS`) over the form's steps. What quantizing the weights adds to
+    a step should be its forward's difference; more than that is something else."""
+    layer, bf16, fp8_layer = build_pair(name, "cuda", dtype)
+    torch.manual_seed(1)
+    x = torch.randn(layer.T, layer.H, device="cuda", dtype=dtype, requires_grad=True)
+    g = torch.randn(layer.T, layer.H, device="cuda", dtype=dtype)
+    inputs = [x, *bf16.parameters()]
+    bf16_step, _ = bench_dmoe.steps(bf16, "fwdbwd", False, x, g, inputs)
+    fp8_step, _ = bench_dmoe.steps(fp8_layer, "fwdbwd", False, x, g, inputs)
+
+    def clear():
+        cache = fp8_layer.experts.mlp.__dict__.get("_fp8_weights")
+        if cache is not None:
+            cache.clear()
+
+    def forward():
+        with torch.no_grad():
+            fp8_layer(x)
+
+    def uncached(fn):
+        def call():
+            clear()
+            fn()
+        return call
+
+    forms = {"bf16_step": (bf16_step, False), "fp8_step_cached": (fp8_step, False),
+             "fp8_step_uncached": (uncached(fp8_step), False), "fp8_wgrad_step_cached": (fp8_step, True),
+             "fp8_wgrad_step_uncached": (uncached(fp8_step), True), "fp8_forward_cached": (forward, False),
+             "fp8_forward_uncached": (uncached(forward), False)}
+    times = {key: [] for key in forms}
+    counters = {key: dict.fromkeys(_ALLOC_KEYS, 0) for key in forms}
+    for _ in range(rounds):
+        for key, (fn, wgrad) in forms.items():
+            context = fp8_weight_grads(fp8_layer) if wgrad else contextlib.nullcontext()
+            with context:
+                fn()  # the cache in the state the form times (and the form's kernels built)
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_stats()
+                times[key] += _event_ms(fn, steps)
+                after = torch.cuda.memory_stats()
+            for k in _ALLOC_KEYS:
+                counters[key][k] += after.get(k, 0) - before.get(k, 0)
+    rows = []
+    for key in forms:
+        ms = sorted(times[key])
+        rows.append(dict(config=name, form=key, ms=ms[len(ms) // 2], min_ms=ms[0], max_ms=ms[-1],
+                         steps=len(ms), **counters[key]))
+    return rows
+
+
 def layer_accumulate_row(name, device, micro_batches=8, dtype=torch.bfloat16):
     """One row: the bf16 and FP8 layers trained as a trainer that accumulates gradients over
     `micro_batches` micro-batches a step runs them (forward and `.backward()` on each micro-batch's
@@ -1150,6 +1225,9 @@ def main():
                    help="configs whose bf16 and FP8 layers are timed over --micro-batches micro-batches a step, "
                         "the expert weights' gradients added into main_grad by the kernels and summed in .grad")
     p.add_argument("--micro-batches", type=int, default=8, help="micro-batches a step for --layer-accumulate")
+    p.add_argument("--layer-uncached", nargs="*", default=[], choices=list(CONFIGS),
+                   help="configs whose FP8 layer step is timed with its weights cached and quantized again every "
+                        "step, in interleaved rounds, with the caching allocator's counters")
     p.add_argument("--layer-memory", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose bf16 and FP8 layer steps list the tensors alive at their memory peak")
     p.add_argument("--weights", nargs="*", default=["mixtral", "olmoe"], choices=list(CONFIGS),
