@@ -227,6 +227,10 @@ def bench(args):
                                       "fp8_fusion_gain", "fp8_wgrad_fusion_gain", "w_grad_rel_rms_fused",
                                       "w_grad_fp8_rel_rms_fused", "fp8_wgrad_fused_vs_grad_rel_rms"])
         write_csv(os.path.join(args.out, "bench_fp8_layer_accumulate.csv"), [{**r, **env} for r in accumulate_rows])
+    b_rows = [r for name in args.b_blocks for r in b_blocks_rows(name)]
+    if b_rows:
+        print_table(b_rows, ["config", "op", "form", "ms", "same_scales"])
+        write_csv(os.path.join(args.out, "bench_fp8_b_blocks.csv"), [{**r, **env} for r in b_rows])
     uncached_rows = [r for name in args.layer_uncached for r in layer_uncached_rows(name)]
     if uncached_rows:
         print_table(uncached_rows, ["config", "form", "ms", "min_ms", "max_ms", "steps", *_ALLOC_KEYS])
@@ -397,6 +401,52 @@ def cols_rows(name, variants):
     finally:
         fp8_backend.COLS_FUSED_LAUNCH.clear()
         fp8_backend.COLS_FUSED_LAUNCH.update(saved)
+    return rows
+
+
+# `backend.fp8.COLS_BLOCKS_LAUNCH` forms timed by `b_blocks_rows` (rows a piece, warps).
+B_BLOCKS_FORMS = {"whole_w4": dict(ch=128, num_warps=4), "whole_w8": dict(ch=128, num_warps=8),
+                  "pieces32_w4": dict(ch=32, num_warps=4), "pieces64_w4": dict(ch=64, num_warps=4)}
+
+
+def b_blocks_rows(name, forms=tuple(B_BLOCKS_FORMS)):
+    """The FP8 weight gradients' b operands (the token rows through the maps, the output
+    gradient) on config `name`'s rows, in 128 x 128 blocks: quantized in column tiles and
+    coarsened after (`cols_to_blocks_`, a second pass over b) against made in blocks by the
+    quantizing pass (`blocks=True`) at each of `forms` (`B_BLOCKS_FORMS`); ms, and whether each
+    form's scales are those of the two passes."""
+    T, H, F, E, k = CONFIGS[name]
+    N = T * k
+    bs = routed_counts(N, E, "cuda")
+    torch.manual_seed(0)
+    x_T = torch.randn(T, H, dtype=torch.bfloat16, device="cuda")
+    assignment = torch.randperm(N, device="cuda").to(torch.int32)
+    gy = torch.randn(N, H, dtype=torch.bfloat16, device="cuda")
+
+    def two_passes(make):
+        q, s = make()
+        return q, fp8.cols_to_blocks_(q, s, bs, N)
+
+    ops = {"gather_quantize_cols": lambda **kw: fp8.gather_quantize_cols(x_T, assignment, k, bs, **kw),
+           "quantize_rows_and_cols": lambda **kw: fp8.quantize_rows_and_cols(gy, bs, **kw)[1]}
+    saved = {mode: dict(launch) for mode, launch in fp8_backend.COLS_BLOCKS_LAUNCH.items()}
+    rows = []
+    try:
+        for op, make in ops.items():
+            ref = two_passes(make)
+            rows.append(dict(config=name, op=op, form="column_tiles_then_blocks",
+                             ms=timed(lambda: two_passes(make))[0], same_scales=True))
+            for form in forms:
+                for launch in fp8_backend.COLS_BLOCKS_LAUNCH.values():
+                    launch.update(B_BLOCKS_FORMS[form])
+                got = make(blocks=True)
+                blocks = int(bs.clamp(min=0).add(127).div(128, rounding_mode="floor").sum())
+                same = torch.equal(got[1][:blocks].nan_to_num(), ref[1][:blocks].nan_to_num())
+                rows.append(dict(config=name, op=op, form=form, ms=timed(lambda: make(blocks=True))[0],
+                                 same_scales=same))
+    finally:
+        for mode, launch in saved.items():
+            fp8_backend.COLS_BLOCKS_LAUNCH[mode] = launch
     return rows
 
 
@@ -1225,6 +1275,9 @@ def main():
                    help="configs whose bf16 and FP8 layers are timed over --micro-batches micro-batches a step, "
                         "the expert weights' gradients added into main_grad by the kernels and summed in .grad")
     p.add_argument("--micro-batches", type=int, default=8, help="micro-batches a step for --layer-accumulate")
+    p.add_argument("--b-blocks", nargs="*", default=[], choices=list(CONFIGS),
+                   help="time the weight gradients' b operands made in 128 x 128 blocks by their quantizing pass "
+                        "against column tiles coarsened after (cols_to_blocks_)")
     p.add_argument("--layer-uncached", nargs="*", default=[], choices=list(CONFIGS),
                    help="configs whose FP8 layer step is timed with its weights cached and quantized again every "
                         "step, in interleaved rounds, with the caching allocator's counters")

@@ -94,15 +94,17 @@ class KernelPolicy:
             on the H200 (mixtral's training rows 1.839 -> 1.395 ms, olmoe's 1.021 -> 0.844;
             benchmarks/RESULTS.md).
         fp8_weight_grad_b_blocks: with `fp8_weight_grad`, each weight gradient's b operand (the
-            token rows for w1 and v1, the output gradient for w2) coarsened from column tiles to one
-            power-of-two scale per 128 x 128 block (`fp8.cols_to_blocks_`, in place), so that the
-            Gluon product promotes each step with one scale a row, as the forward does, instead of
-            the outer product of two scale vectors moved into the product's layout: H200, the
-            product on Mixtral's up projection 2.701 -> 1.996 ms, OLMoE's 0.839 -> 0.586, Qwen3-
-            MoE's 0.730 -> 0.472; the coarsening's pass over b 0.04-0.15 ms (benchmarks/RESULTS.md).
-            The values are the same but where one falls below e4m3's smallest normal (more than
-            2^14.8 under its column's largest and under the block's): rounded to the nearest
-            subnormal.
+            token rows for w1 and v1, the output gradient for w2) quantized with one power-of-two
+            scale per 128 x 128 block instead of column tiles, so that the Gluon product promotes
+            each step with one scale a row, as the forward does, instead of the outer product of
+            two scale vectors moved into the product's layout: H200, the product on Mixtral's up
+            projection 2.701 -> 1.996 ms, OLMoE's 0.839 -> 0.586, Qwen3-MoE's 0.730 -> 0.472
+            (benchmarks/RESULTS.md). The GLU experts' node makes the blocks in the pass that
+            quantizes b (`blocks=True` of `fp8.gather_quantize_cols`, `fp8.quantize_rows_and_cols`);
+            the composed ops coarsen b's column tiles after it (`fp8.cols_to_blocks_`, in place; a
+            pass over b of 0.04-0.15 ms). The values are the column tiles' but where one falls
+            below e4m3's smallest normal (more than 2^14.8 under its block's largest): rounded to
+            the nearest subnormal (once in the node's pass, twice through the column tiles).
         fp8_gather_wgrad_min_ffn: the FP8 node's up weights' gradients (unquantized) read a
             gathered copy of the token rows, made in the backward for both, for experts of at
             least this ffn per rank; narrower ones read the token rows through the maps. The

@@ -667,6 +667,29 @@ def _col_amax(amax, nans, x):
     return tl.maximum(amax, tl.max(tl.abs(x), axis=0)), nans + tl.sum((x != x).to(tl.int32), axis=0)
 
 
+# The scale of a QB x QB block from its columns' amax and NaN counts: (scale, inverse, bad), the
+# block's largest column scale (`_pow2_scale` rises with amax), NaN where the block holds a NaN or
+# an infinity (bad: its values are stored as 0, as `_cols_to_blocks_kernel` stores them).
+@triton.jit
+def _block_scale(amax, nans):
+    scale, inv = _pow2_scale(tl.max(amax, axis=0))
+    bad = (tl.sum(nans, axis=0) > 0) | (scale != scale)
+    return tl.where(bad, float("nan"), scale), inv, bad
+
+
+# x [QB, QB] (block b's rows, columns `cols`: -1 not stored) quantized with one scale, the block's
+# (`_block_scale` of its columns' amax and NaN counts), stored K-major as `_store_col_tiles` stores
+# its column tiles; the scale at sc[b, program_id(1)].
+@triton.jit
+def _store_block_cols(x, amax, nans, b, cols, qc_ptr, sc_ptr, stride_qc, stride_sc, QB: tl.constexpr,
+                      CAST: tl.constexpr = False):
+    scale, inv, bad = _block_scale(amax, nans)
+    tl.store(sc_ptr + b.to(tl.int64) * stride_sc + tl.program_id(1), scale)
+    slots = b.to(tl.int64) * QB + tl.arange(0, QB)
+    inv_cols = tl.zeros([QB], dtype=tl.float32) + inv
+    _store_cols_k_major(tl.where(bad, 0.0, x), inv_cols, cols, slots, qc_ptr, stride_qc, CAST)
+
+
 # The FP8 weight gradient's operands made in the pass that already reads what they come from, in
 # `quantize_cols_grouped`'s transposed layout (q_c [K, P], s_c [S, K]); program (b, j): block b's
 # rows, columns [j*QB, (j+1)*QB). MODE 'rows': x_MK itself, also quantized in 1 x QB row tiles into
@@ -683,7 +706,7 @@ def _quantize_cols_fused_kernel(
     M, K, E, OFF2,
     stride_x, stride_h2, stride_g, stride_qc, stride_sc, stride_q1, stride_s1, stride_q2, stride_s2,
     MODE: tl.constexpr, ACTIVATION: tl.constexpr, TOP_K: tl.constexpr, QB: tl.constexpr, CH: tl.constexpr,
-    BK: tl.constexpr, BLOCK_E: tl.constexpr, CAST: tl.constexpr = False,
+    BK: tl.constexpr, BLOCK_E: tl.constexpr, CAST: tl.constexpr = False, BLOCKS: tl.constexpr = False,
 ):
     b = tl.program_id(0)
     row0, row_end, real = _col_block(b, sizes_ptr, E, M, QB, BLOCK_E)
@@ -700,7 +723,11 @@ def _quantize_cols_fused_kernel(
         x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2,
                             stride_g, MODE, ACTIVATION, TOP_K)
         mask = (rows < row_end)[:, None] & (cols < K)[None, :]
-        _store_col_tiles(x, b, rows, store_cols, mask, qc_ptr, sc_ptr, stride_qc, stride_sc, True, CAST)
+        if BLOCKS:  # one scale for the whole QB x QB block (BK = QB), in sc's column program_id(1)
+            amax, nans = _col_amax(amax, nans, x)
+            _store_block_cols(x, amax, nans, b, store_cols, qc_ptr, sc_ptr, stride_qc, stride_sc, QB, CAST)
+        else:
+            _store_col_tiles(x, b, rows, store_cols, mask, qc_ptr, sc_ptr, stride_qc, stride_sc, True, CAST)
         if MODE == "rows" or MODE == "glu_backward":
             _store_row_tiles(x, rows, cols, mask, row_end, q1_ptr, s1_ptr, stride_q1, stride_s1, CAST)
         if MODE == "glu_backward":
@@ -719,9 +746,14 @@ def _quantize_cols_fused_kernel(
         if MODE == "glu_backward":
             amax2, nans2 = _col_amax(amax2, nans2, x2)
             _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2, CAST)
-    scale, inv = _pow2_scale(amax)
-    scale = tl.where(nans > 0, float("nan"), scale)
-    tl.store(sc_ptr + b.to(tl.int64) * stride_sc + cols, scale, mask=cols < K)
+    if BLOCKS:  # one scale for the whole QB x QB block (BK = QB), in sc's column program_id(1)
+        scale, inv, bad = _block_scale(amax, nans)
+        tl.store(sc_ptr + b.to(tl.int64) * stride_sc + tl.program_id(1), scale)
+        inv = tl.zeros([BK], dtype=tl.float32) + inv
+    else:
+        scale, inv = _pow2_scale(amax)
+        scale = tl.where(nans > 0, float("nan"), scale)
+        tl.store(sc_ptr + b.to(tl.int64) * stride_sc + cols, scale, mask=cols < K)
     scale2, inv2 = _pow2_scale(amax2)
     scale2 = tl.where(nans2 > 0, float("nan"), scale2)
     if MODE == "glu_backward":
@@ -731,6 +763,8 @@ def _quantize_cols_fused_kernel(
         x, x2 = _fused_rows(x_ptr, h2_ptr, g_ptr, assignment_ptr, rows, cols, row_end, M, K, stride_x, stride_h2,
                             stride_g, MODE, ACTIVATION, TOP_K)
         slots = b.to(tl.int64) * QB + c + tl.arange(0, CH)
+        if BLOCKS:
+            x = tl.where(bad, 0.0, x)  # a block with a non-finite value: its values 0
         _store_cols_k_major(x, inv, store_cols, slots, qc_ptr, stride_qc, CAST)
         if MODE == "glu_backward":
             _store_cols_k_major(x2, inv2, tl.where(cols < K, cols + OFF2, -1), slots, qc_ptr, stride_qc, CAST)
@@ -1776,14 +1810,18 @@ COLS_FUSED_LAUNCH = {
 
 
 def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int, h2=None, grad=None,
-                row_assignment=None, top_k: int = 1, activation: str = "silu", rows_out=None, halves: int = 1):
+                row_assignment=None, top_k: int = 1, activation: str = "silu", rows_out=None, halves: int = 1,
+                blocks: bool = False):
     """`_quantize_cols_fused_kernel`'s launch: (q_c [halves * K, P], s_c [S, halves * K]) in
     `quantize_cols_grouped`'s transposed layout over M rows in groups `sizes` (int32, x's device);
-    `rows_out` (q1, s1[, q2, s2]) the row tiles' outputs of 'rows' / 'glu_backward'."""
+    `rows_out` (q1, s1[, q2, s2]) the row tiles' outputs of 'rows' / 'glu_backward'. `blocks`
+    ('rows', 'gather'): one scale per block of Q rows and Q columns instead, s_c [S, ceil(K/Q)]
+    (`quantize_blocks_grouped_reference`), each program one whole block (its launch
+    `COLS_BLOCKS_LAUNCH`)."""
     E = sizes.numel()
     S = cdiv(M, Q) + E
     q_c = torch.empty((halves * K, S * Q), dtype=FP8_DTYPE, device=x.device)
-    s_c = torch.empty((S, halves * K), dtype=torch.float32, device=x.device)
+    s_c = torch.empty((S, cdiv(K, Q) if blocks else halves * K), dtype=torch.float32, device=x.device)
     if not (M and K and E):
         return q_c, s_c
     rows_out = tuple(rows_out or ())
@@ -1791,8 +1829,8 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
     h2 = x if h2 is None else h2
     grad = x if grad is None else grad
     row_assignment = sizes if row_assignment is None else row_assignment
-    launch = COLS_FUSED_LAUNCH[mode]
-    bk = Q if mode in ("rows", "glu_backward") else launch["bk"]
+    launch = COLS_BLOCKS_LAUNCH[mode] if blocks else COLS_FUSED_LAUNCH[mode]
+    bk = Q if mode in ("rows", "glu_backward") or blocks else launch["bk"]
     ch = launch["ch"]
     if interpreted(x):  # the same form, in small pieces
         ch = Q if ch == Q else 8
@@ -1801,43 +1839,63 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
         x.stride(0), h2.stride(0), grad.stride(0), q_c.stride(0), s_c.stride(0),
         rows_out[0].stride(0), rows_out[1].stride(0), rows_out[2].stride(0), rows_out[3].stride(0),
         MODE=mode, ACTIVATION=activation, TOP_K=top_k, QB=Q, CH=ch, BK=bk,
-        BLOCK_E=max(2, next_power_of_2(E)), CAST=_hardware_cast(x), num_warps=launch["num_warps"],
+        BLOCK_E=max(2, next_power_of_2(E)), CAST=_hardware_cast(x), BLOCKS=blocks, num_warps=launch["num_warps"],
         num_stages=launch["num_stages"],
         enable_fp_fusion=True,
     )
     return q_c, s_c
 
 
-def _cols_reference(v: torch.Tensor, sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+# `_cols_fused`'s launch where each program quantizes one whole Q x Q block (`blocks`): the
+# 'rows' mode's form (the whole block read once), for 'gather' too (its column tiles' launch reads
+# 32 columns a program). Not yet tuned on a GPU.
+COLS_BLOCKS_LAUNCH = {
+    "rows": dict(COLS_FUSED_LAUNCH["rows"]),
+    "gather": dict(ch=Q, bk=Q, num_warps=4, num_stages=1),
+}
+
+
+def _cols_reference(v: torch.Tensor, sizes: torch.Tensor, blocks: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """The torch form of `_cols_fused`'s output for the rows v (transposed layout)."""
-    q, s = quantize_cols_grouped_reference(v, sizes)
+    q, s = (quantize_blocks_grouped_reference if blocks else quantize_cols_grouped_reference)(v, sizes)
     return _blocks_k_major(q, sizes), s
 
 
-def quantize_rows_and_cols(x_MK: torch.Tensor, batch_sizes: torch.Tensor):
+def _check_blocks_flag(blocks) -> None:
+    if not isinstance(blocks, bool):
+        raise TypeError(f"blocks: expected a bool, got {blocks!r}")
+
+
+def quantize_rows_and_cols(x_MK: torch.Tensor, batch_sizes: torch.Tensor, blocks: bool = False):
     """`quantize_rows(x)` and `quantize_cols_grouped(x, batch_sizes, transposed=True)` in one
     pass over x (the output gradient of the down projection, operand of its input gradient and of
     its weight gradient) -> ((q [M, K], s [M, KB]), (q_c [K, P], s_c [S, K])), bit for bit the two
-    calls' values (the row-major outputs' rows past the groups' total are left unset)."""
+    calls' values (the row-major outputs' rows past the groups' total are left unset). `blocks`:
+    the second pair with one scale per block of Q rows and Q columns instead, s_c [S, KB]
+    (`quantize_blocks_grouped_reference`: the weight gradient's b operand as `cols_to_blocks_`
+    makes it from column tiles, without that second pass)."""
     check_tensor("x", x_MK, ndim=2, dtypes=_IN_DTYPES)
+    _check_blocks_flag(blocks)
     if x_MK.stride(-1) != 1 and x_MK.numel():
         raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_MK.stride())}")
     M, K = x_MK.shape
     sizes = _check_sizes(batch_sizes, x_MK.device, M, "the rows of x")
     if x_MK.device.type != "cuda" and not interpreted(x_MK):
-        return quantize_rows_reference(x_MK), _cols_reference(x_MK, sizes)
+        return quantize_rows_reference(x_MK), _cols_reference(x_MK, sizes, blocks)
     q = torch.empty((M, K), dtype=FP8_DTYPE, device=x_MK.device)
     s = torch.empty((M, cdiv(K, Q)), dtype=torch.float32, device=x_MK.device)
-    return (q, s), _cols_fused("rows", x_MK, sizes, M, K, rows_out=(q, s))
+    return (q, s), _cols_fused("rows", x_MK, sizes, M, K, rows_out=(q, s), blocks=blocks)
 
 
 def gather_quantize_cols(x_TK: torch.Tensor, row_assignment_N: torch.Tensor, top_k: int,
-                         batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                         batch_sizes: torch.Tensor, blocks: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """`quantize_cols_grouped(rows, batch_sizes, transposed=True)` of the routed rows (row r is
     token `row_assignment[r] // top_k`'s row of x_TK; zeros where the assignment is -1 or past
     N = T * top_k, row_assignment's length) without making them: the up projection's
-    weight-gradient operand read through the maps."""
+    weight-gradient operand read through the maps. `blocks`: one scale per block of Q rows and Q
+    columns instead (s [S, ceil(K/Q)], as `quantize_rows_and_cols`'s)."""
     check_tensor("x", x_TK, ndim=2, dtypes=_IN_DTYPES)
+    _check_blocks_flag(blocks)
     check_tensor("row_assignment_N", row_assignment_N, ndim=1, dtypes=INDEX_DTYPES)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"top_k: expected an int >= 1, got {top_k!r}")
@@ -1855,8 +1913,8 @@ def gather_quantize_cols(x_TK: torch.Tensor, row_assignment_N: torch.Tensor, top
         present = (a >= 0) & (a < N)
         rows = torch.where(present[:, None], x_TK[torch.where(present, a, 0) // top_k],
                            torch.zeros((), dtype=x_TK.dtype, device=x_TK.device))
-        return _cols_reference(rows, sizes)
-    return _cols_fused("gather", x_TK, sizes, N, K, row_assignment=row_assignment_N, top_k=top_k)
+        return _cols_reference(rows, sizes, blocks)
+    return _cols_fused("gather", x_TK, sizes, N, K, row_assignment=row_assignment_N, top_k=top_k, blocks=blocks)
 
 
 def glu_quantize_cols(h1_MK: torch.Tensor, h2_MK: torch.Tensor, activation: str,
@@ -1942,6 +2000,32 @@ def quantize_cols_grouped_reference(x_MK: torch.Tensor, batch_sizes: torch.Tenso
             rows = slice(first + j * Q, first + min(n, (j + 1) * Q))
             scale, inv = _pow2_scales(x_MK[rows].float().abs().amax(dim=0))
             q[rows] = _to_e4m3(x_MK[rows].float() * inv)
+            s[block + j] = scale
+    return q, s
+
+
+def quantize_blocks_grouped_reference(x_MK: torch.Tensor,
+                                      batch_sizes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: each group's rows in blocks of Q from its first row, and each block's columns
+    in blocks of Q, quantized with one power-of-two scale per Q x Q block (its largest magnitude's,
+    as `quantize_blocks`) -> (q [M, K] row-major, s [S, ceil(K/Q)]; unset rows and scale rows
+    zero). A block with a NaN or an infinity: its scale NaN, its values 0. The same scales as
+    `cols_to_blocks_` gives the column tiles (each the largest of its columns'), the values
+    rounded once."""
+    M, K = x_MK.shape
+    KB = cdiv(K, Q)
+    q = torch.zeros((M, K), dtype=FP8_DTYPE, device=x_MK.device)
+    s = torch.zeros((cdiv(M, Q) + batch_sizes.numel(), KB), dtype=torch.float32, device=x_MK.device)
+    for first, n, block in _group_blocks(batch_sizes.cpu(), M):
+        for j in range(cdiv(n, Q)):
+            rows = slice(first + j * Q, first + min(n, (j + 1) * Q))
+            v = torch.nn.functional.pad(x_MK[rows].float(), (0, KB * Q - K))
+            r = v.shape[0]
+            amax = v.view(r, KB, Q).abs().amax(dim=(0, 2))  # NaN propagates
+            scale, inv = _pow2_scales(amax)
+            bad = scale.isnan()
+            vals = (v.view(r, KB, Q) * inv[None, :, None]).masked_fill(bad[None, :, None], 0.0)
+            q[rows] = _to_e4m3(vals.view(r, KB * Q)[:, :K])
             s[block + j] = scale
     return q, s
 

@@ -57,6 +57,7 @@ from megablocks.backend.fp8 import (
     gmm_fp8_wgrad,
     gmm_fp8_wgrad_reference,
     quantize_blocks,
+    quantize_blocks_grouped_reference,
     quantize_blocks_reference,
     quantize_cols_grouped,
     quantize_cols_grouped_reference,
@@ -435,7 +436,8 @@ __all__ = [
     "fp8_gmm", "gather_gmm_fp8_glu_quantize", "gather_quantize_cols", "gather_quantize_rows",
     "glu_backward_quantize_rows_", "glu_backward_quantize_rows_cols", "glu_quantize_cols", "glu_quantize_rows",
     "gmm_fp8", "gmm_fp8_glu_quantize", "gmm_fp8_reference",
-    "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks", "quantize_blocks_reference",
+    "gmm_fp8_wgrad", "gmm_fp8_wgrad_reference", "quantize_blocks", "quantize_blocks_grouped_reference",
+    "quantize_blocks_reference",
     "quantize_cols_grouped", "quantize_cols_grouped_reference", "quantize_rows", "quantize_rows_and_cols",
     "quantize_rows_reference",
 ]

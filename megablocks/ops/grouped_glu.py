@@ -71,8 +71,7 @@ import torch
 from megablocks.backend import activation as activation_kernels
 from megablocks.backend import use_triton
 from megablocks.backend.fp8 import (FP8_DTYPE, Q, act_backward_quantize_rows_, act_backward_rows_, act_quantize_rows,
-                                    act_rows, cols_to_blocks_,
-                                    gather_quantize_cols, gather_quantize_rows,
+                                    act_rows, gather_quantize_cols, gather_quantize_rows,
                                     glu_backward_quantize_rows_, glu_backward_quantize_rows_cols, glu_quantize_cols,
                                     glu_quantize_rows, gmm_fp8, gmm_fp8_glu_quantize, gmm_fp8_wgrad,
                                     quantize_cols_grouped, quantize_rows, quantize_rows_and_cols)
@@ -377,10 +376,9 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
     grad_x = grad_w1 = grad_v1 = grad_w2 = None
     if need_w2:
         a_c = glu_quantize_cols(*halves, activation, counts_E)
-        (g_q, g_s), g_c = quantize_rows_and_cols(grad_y, counts_E)
+        # w2's b operand: with wgrad_b_blocks one scale per 128 x 128 block, made in the same pass
+        (g_q, g_s), g_c = quantize_rows_and_cols(grad_y, counts_E, blocks=ctx.wgrad_b_blocks)
         del grad_y
-        if ctx.wgrad_b_blocks:  # w2's b operand: one scale per 128 x 128 block
-            g_c = (g_c[0], cols_to_blocks_(*g_c, counts_E, N))
         grad_w2 = _fp8_weight_grad_or_add(acc_w2, a_c, g_c, counts_E, N, w2)
         del a_c, g_c
     else:
@@ -419,9 +417,8 @@ def _fp8_wgrad_backward(ctx, held, quantized, x_TH, w1, v1, w2, counts_E, row_as
         grad_x = _scatter_rows._impl(grad_rows, assignment_row, row_assignment, None, top_k)
         del grad_rows
     if need_w1 or need_v1:
-        x_c = gather_quantize_cols(x_TH, row_assignment, top_k, counts_E)
-        if ctx.wgrad_b_blocks:  # w1's and v1's b operand: one scale per 128 x 128 block
-            x_c = (x_c[0], cols_to_blocks_(*x_c, counts_E, N))
+        # w1's and v1's b operand: with wgrad_b_blocks one scale per 128 x 128 block, in the same pass
+        x_c = gather_quantize_cols(x_TH, row_assignment, top_k, counts_E, blocks=ctx.wgrad_b_blocks)
         if need_w1:
             grad_w1 = _fp8_weight_grad_or_add(acc_w1, h_c[0], x_c, counts_E, N, w1)
         if need_v1:
@@ -579,8 +576,9 @@ def fp8_grouped_glu_experts(x_TH: torch.Tensor, w1: torch.Tensor, v1: torch.Tens
     gradient and its weight-gradient operand made in two passes over h (the gradients written
     over it with their row tiles, then its column tiles), the same values as the one pass that
     writes neither gradient. `wgrad_b_blocks` (`KernelPolicy.fp8_weight_grad_b_blocks`), with
-    `fp8_wgrad`: each weight gradient's b operand (the token rows, the output gradient) coarsened
-    to 128 x 128 blocks (`fp8.cols_to_blocks_`) before its product.
+    `fp8_wgrad`: each weight gradient's b operand (the token rows, the output gradient) quantized
+    with one scale per 128 x 128 block, in the pass that makes it (`blocks=True` of
+    `fp8.gather_quantize_cols` and `fp8.quantize_rows_and_cols`).
     """
     record = records_gradient((x_TH, w1, v1, w2, weights_N))
     accs = (None, None, None) if accs is None else tuple(accs)

@@ -424,20 +424,23 @@ def test_fp8_node_glu_gradient_in_two_passes(T, H, Fs, E, K, dtype, monkeypatch)
                          ids=["stacked-blocks-past-128-rows", "apart", "one-token-empty-experts"])
 def test_fp8_node_weight_grads_with_b_in_blocks(T, H, Fs, E, K, dtype, monkeypatch):
     """`fp8_weight_grad` with each weight gradient's b operand (the token rows for w1 and v1, the
-    output gradient for w2) coarsened to 128 x 128 blocks (`KernelPolicy.fp8_weight_grad_b_blocks`,
-    the default) or in column tiles: two coarsenings a backward (the token rows once for both up
-    weights), none without; the output and the input gradient bit for bit the same, the weight
-    gradients the same values but for those of b that fall into e4m3's subnormals."""
+    output gradient for w2) quantized in 128 x 128 blocks (`KernelPolicy.fp8_weight_grad_b_blocks`,
+    the default) or in column tiles, by the pass that quantizes it (`blocks=` of
+    `gather_quantize_cols`, once for both up weights, and `quantize_rows_and_cols`); the output
+    and the input gradient bit for bit the same, the weight gradients the same values but for
+    those of b that fall into e4m3's subnormals."""
     layer, x, grad_out = _glu_layer(T, H, Fs, E, K, dtype, seed=T * 3 + Fs)
     calls, results = [], {}
-    real = grouped_glu.cols_to_blocks_
-    monkeypatch.setattr(grouped_glu, "cols_to_blocks_", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for name in ("gather_quantize_cols", "quantize_rows_and_cols"):
+        real = getattr(grouped_glu, name)
+        monkeypatch.setattr(grouped_glu, name, lambda *a, _real=real, _name=name, **kw:
+                            calls.append((_name, kw.get("blocks"))) or _real(*a, **kw))
     assert KernelPolicy().fp8_weight_grad_b_blocks
     for blocks in (False, True):
         layer.args.kernel_policy = KernelPolicy(fp8_weight_grad=True, fp8_weight_grad_b_blocks=blocks)
         calls.clear()
         results[blocks] = _step(layer, x, grad_out)
-        assert sorted(calls) == (sorted([H, H]) if blocks else []), (blocks, calls)
+        assert sorted(calls) == [("gather_quantize_cols", blocks), ("quantize_rows_and_cols", blocks)], calls
     assert_equal("out", results[True][0], results[False][0])
     for name, grad in results[False][1].items():
         if grad is None:

@@ -1162,6 +1162,82 @@ def test_gmm_fp8_wgrad_k_major(sizes, N, K):
         fp8.gmm_fp8_wgrad(a_q, a_s, b_q, b_s, bs, config=dict(wgmma=False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sizes, K", [
+    ([130, 0, 1, 256], 200),   # groups over and under 128 rows, an empty one, K off the blocks
+    ([128, 128], 128),         # whole blocks
+    ([5], 64),                 # one short block, K under one block
+    ([0, 0, 0], 136),          # no rows
+], ids=["hostile", "whole", "short", "empty"])
+@pytest.mark.parametrize("form", ["pieces", "whole"])
+def test_weight_gradient_b_operands_in_blocks(sizes, K, dtype, form, monkeypatch):
+    """`blocks=True` of `quantize_rows_and_cols` and `gather_quantize_cols` (the weight
+    gradient's b operand with one scale per 128 x 128 block, made in the quantizing pass): bit for
+    bit `quantize_blocks_grouped_reference` of the same rows in every entry they set; the scales
+    those `cols_to_blocks_` gives the column tiles, and their values too wherever a value stays a
+    normal e4m3 number; a block with a NaN or an infinity: scale NaN, values 0; the row tiles
+    unchanged; each block read in 32-row pieces or whole."""
+    ch = 32 if form == "pieces" else Q
+    monkeypatch.setattr(fp8_backend, "COLS_BLOCKS_LAUNCH",
+                        {m: dict(ch=ch, bk=Q, num_warps=4, num_stages=1) for m in fp8_backend.COLS_BLOCKS_LAUNCH})
+    M = sum(sizes)
+    top_k = next(k for k in (3, 2, 1) if M % k == 0)
+    bs = torch.tensor(sizes, device=DEVICE)
+    g = torch.Generator().manual_seed(M + K)
+    # Columns spread over 2^0..2^26 (some values fall into their block's subnormals), outliers.
+    x = (torch.randn(M, K, generator=g) * torch.rand(1, K, generator=g).mul(18).exp()).to(dtype)
+    hostile = sizes == [130, 0, 1, 256]
+    if hostile:  # the last group's (rows 131..386) blocks 3 and 4: scale NaN, values 0
+        x[135, 7] = float("nan")
+        x[260, K - 1] = float("inf")
+    x = x.to(DEVICE)
+    S, KB = -(-M // Q) + len(sizes), -(-K // Q)
+
+    def check(name, got, rows):
+        q_c, s_c = got
+        assert q_c.shape == (K, S * Q) and s_c.shape == (S, KB) and s_c.dtype == torch.float32, name
+        want = fp8_backend._cols_reference(rows.cpu(), bs.cpu(), blocks=True)
+        (gq, gs), (wq, ws) = _set_blocks(q_c.cpu(), s_c.cpu(), bs.cpu(), M), _set_blocks(*want, bs.cpu(), M)
+        assert_equal(name, gq, wq)
+        assert torch.equal(gs.isnan(), ws.isnan()) and torch.equal(gs.nan_to_num(), ws.nan_to_num()), name
+        # Against the column tiles coarsened after them: the same scales; the same values where normal.
+        tq, ts = fp8.quantize_cols_grouped(rows, bs, transposed=True)
+        tt = fp8.cols_to_blocks_(tq, ts, bs, M)
+        (cq, cs) = _set_blocks(tq.cpu(), tt.cpu(), bs.cpu(), M)
+        assert torch.equal(gs.nan_to_num(-1.0), cs.nan_to_num(-1.0)), name
+        if not gs.numel():
+            return
+        nb = gs.shape[0]
+        t_cols = gs.repeat_interleave(Q, dim=1)[:, :K].t()[:, :, None]  # [K, blocks, 1]
+        mine = gq.view(torch.float8_e4m3fn).float().view(K, nb, Q) * t_cols
+        theirs = cq.view(torch.float8_e4m3fn).float().view(K, nb, Q) * t_cols
+        # Where the exact value over its block's scale is a normal e4m3 number, neither rounding
+        # left the normals: the same value (elsewhere each rounded to a subnormal, these once).
+        exact = fp8_backend._blocks_k_major(rows.float().cpu(), bs.cpu())[:, :nb * Q].reshape(K, nb, Q)
+        normal = (exact.abs() >= 2.0 ** -6 * t_cols) & ~t_cols.isnan()
+        assert torch.equal(mine[normal], theirs[normal]), name
+        raw = gq.view(torch.float8_e4m3fn).float().view(K, nb, Q)
+        assert (raw[t_cols.isnan().expand_as(raw)] == 0).all(), name  # a non-finite block's values
+
+    (q, s), cols = fp8.quantize_rows_and_cols(x, bs, blocks=True)
+    ref_q, ref_s = fp8.quantize_rows(x)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8)) and torch.equal(s.nan_to_num(), ref_s.nan_to_num())
+    check("rows_and_cols", cols, x)
+    tokens = x[: M // top_k]
+    assignment = torch.randperm(M, generator=g).to(DEVICE)
+    if M > 7:
+        assignment[6], assignment[7] = -1, M + 5
+    present = (assignment >= 0) & (assignment < M)
+    rows = torch.where(present[:, None], tokens[torch.where(present, assignment, 0) // top_k], 0).to(dtype)
+    check("gather", fp8.gather_quantize_cols(tokens, assignment, top_k, bs, blocks=True), rows)
+    if hostile:
+        assert cols[1][3, 0].isnan() and cols[1][4, 1].isnan() and cols[1][:5].isnan().sum() == 2
+    with pytest.raises(TypeError, match="blocks"):
+        fp8.quantize_rows_and_cols(x, bs, blocks=1)
+    with pytest.raises(TypeError, match="blocks"):
+        fp8.gather_quantize_cols(tokens, assignment, top_k, bs, blocks=None)
+
+
 @pytest.mark.parametrize("sizes, K", [
     ([130, 0, 256, 1], 200),   # groups over and under 128 rows, an empty one; K off the blocks
     ([300, 129], 300),         # ragged edges both ways, rows past the groups' total

@@ -233,8 +233,16 @@ for dtype in (torch.bfloat16, torch.float32):
     for mode, launch in F8.COLS_FUSED_LAUNCH.items():
         bk = F8.Q if mode in ("rows", "glu_backward") else launch["bk"]
         check(f"fp8 weight-gradient operands ({mode}) from {dtype}", F8._quantize_cols_fused_kernel, ELEMENT[dtype],
-              dict(MODE=mode, ACTIVATION="silu", TOP_K=2, QB=F8.Q, CH=launch["ch"], BK=bk, BLOCK_E=128, CAST=True),
+              dict(MODE=mode, ACTIVATION="silu", TOP_K=2, QB=F8.Q, CH=launch["ch"], BK=bk, BLOCK_E=128, CAST=True,
+                   BLOCKS=False),
               launch["num_warps"], launch["num_stages"],
+              types={n: "*fp8e4nv" for n in ("qc_ptr", "q1_ptr", "q2_ptr")}
+              | {n: "*fp32" for n in ("sc_ptr", "s1_ptr", "s2_ptr")})
+    # The b operands with one scale per 128 x 128 block, at their launch.
+    for mode, launch in F8.COLS_BLOCKS_LAUNCH.items():
+        check(f"fp8 weight-gradient b operand in blocks ({mode}) from {dtype}", F8._quantize_cols_fused_kernel,
+              ELEMENT[dtype], dict(MODE=mode, ACTIVATION="silu", TOP_K=2, QB=F8.Q, CH=launch["ch"], BK=F8.Q,
+                                   BLOCK_E=128, CAST=True, BLOCKS=True), launch["num_warps"], launch["num_stages"],
               types={n: "*fp8e4nv" for n in ("qc_ptr", "q1_ptr", "q2_ptr")}
               | {n: "*fp32" for n in ("sc_ptr", "s1_ptr", "s2_ptr")})
     check(f"fp8 weight gradient into {dtype}", F8._gmm_fp8_wgrad_kernel, ELEMENT[dtype],
