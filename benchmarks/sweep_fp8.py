@@ -91,6 +91,11 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (128, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, group_m=16)),
     (192, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, tma_store=False)),
     (128, 128, 128, 8, 4, dict(warp_specialize=True, wgmma=True, tma_store=False)),
+    # The warp-specialized forms with the rows' scales stored column by column (each step's
+    # scales of a consumer's 64 rows one contiguous 256-byte run instead of 64 lines).
+    (128, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True)),
+    (128, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, xs_t=True)),
+    (192, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, xs_t=True)),
 ])
 
 
