@@ -63,7 +63,11 @@ does not name, column tiles or 128 x 128 blocks;
 `fp8_wgrad_other_forms_cached_ms`: the other GLU form and the other epilogue),
 `w_grad_*rel_rms` the worst expert weight gradient's error
 against the bf16 layer's, without and with it. The extra peak memory is bench_dmoe's (peak minus
-what was allocated before, less the gradients).
+what was allocated before, less the gradients). `--layer-uncached` (none by default) times the
+FP8 step cached and quantizing its weights each step in interleaved rounds of CUDA-event-timed
+steps, with the no-grad forward in both states and the caching allocator's counters
+(`layer_uncached_rows`). `--b-blocks` (none by default) times the weight gradients' b operands
+made in 128 x 128 blocks by their quantizing pass against column tiles coarsened after.
 """
 
 import argparse

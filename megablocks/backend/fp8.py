@@ -1846,9 +1846,11 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
     return q_c, s_c
 
 
-# `_cols_fused`'s launch where each program quantizes one whole Q x Q block (`blocks`): the
-# 'rows' mode's form (the whole block read once), for 'gather' too (its column tiles' launch reads
-# 32 columns a program). Not yet tuned on a GPU.
+# `_cols_fused`'s launch where each program quantizes one whole Q x Q block (`blocks`): the block
+# read once, whole, by 4 warps; the fastest of four forms (whole with 4 or 8 warps, in 32- or
+# 64-row pieces) on mixtral's and olmoe's token rows and output gradients but one, within 3%
+# (H100, `bench_fp8.py --b-blocks`: olmoe's token rows 0.407 ms against 0.542 quantized in column
+# tiles and coarsened after; benchmarks/RESULTS.md).
 COLS_BLOCKS_LAUNCH = {
     "rows": dict(COLS_FUSED_LAUNCH["rows"]),
     "gather": dict(ch=Q, bk=Q, num_warps=4, num_stages=1),
@@ -1872,8 +1874,8 @@ def quantize_rows_and_cols(x_MK: torch.Tensor, batch_sizes: torch.Tensor, blocks
     its weight gradient) -> ((q [M, K], s [M, KB]), (q_c [K, P], s_c [S, K])), bit for bit the two
     calls' values (the row-major outputs' rows past the groups' total are left unset). `blocks`:
     the second pair with one scale per block of Q rows and Q columns instead, s_c [S, KB]
-    (`quantize_blocks_grouped_reference`: the weight gradient's b operand as `cols_to_blocks_`
-    makes it from column tiles, without that second pass)."""
+    (`quantize_blocks_grouped_reference`; the scales `cols_to_blocks_` gives the column tiles, the
+    values rounded once: the weight gradient's b operand without that second pass)."""
     check_tensor("x", x_MK, ndim=2, dtypes=_IN_DTYPES)
     _check_blocks_flag(blocks)
     if x_MK.stride(-1) != 1 and x_MK.numel():
