@@ -108,6 +108,13 @@ def products(T, H, F, E, k, device):
     return [("up", x, w1, bs), ("down", h, w2, bs)]
 
 
+def _report(out, name, rows, columns, env):
+    """Print `rows`' `columns` and write the rows, each with `env`, to out/name (nothing without rows)."""
+    if rows:
+        print_table(rows, columns)
+        write_csv(os.path.join(out, name), [{**r, **env} for r in rows])
+
+
 def bench(args):
     if args.tile_gain is not None:
         fp8_backend._GLUON_TILE_GAIN = args.tile_gain
@@ -149,63 +156,48 @@ def bench(args):
                            "product_ms", "quantize_ms", "quantize_gbs", "copy_gbs", "rel_rms_vs_bf16"])
         write_csv(os.path.join(args.out, "bench_fp8.csv"), rows)
     gq_rows = [row for name in args.gather_quantize for row in gather_quantize_rows_forms(name)]
-    if gq_rows:
-        print_table(gq_rows, ["config", "mode", "block_t", "num_warps", "ms", "gbs", "same_bytes"])
-        write_csv(os.path.join(args.out, "bench_fp8_gather_quantize.csv"), [{**r, **env} for r in gq_rows])
+    _report(args.out, "bench_fp8_gather_quantize.csv", gq_rows,
+            ["config", "mode", "block_t", "num_warps", "ms", "gbs", "same_bytes"], env)
     glu_rows = [row for name in args.glu_quantize for row in glu_quantize_rows_forms(name)]
-    if glu_rows:
-        print_table(glu_rows, ["config", "M", "mode", "block_m", "num_warps", "ms", "gbs", "same_bytes"])
-        write_csv(os.path.join(args.out, "bench_fp8_glu_quantize.csv"), [{**r, **env} for r in glu_rows])
+    _report(args.out, "bench_fp8_glu_quantize.csv", glu_rows,
+            ["config", "M", "mode", "block_m", "num_warps", "ms", "gbs", "same_bytes"], env)
     glub_rows = [row for name in args.glu_backward_quantize for row in glu_backward_quantize_forms(name)]
-    if glub_rows:
-        print_table(glub_rows, ["config", "M", "form", "block_m", "num_warps", "ms", "gbs", "same_bytes"])
-        write_csv(os.path.join(args.out, "bench_fp8_glu_backward_quantize.csv"), [{**r, **env} for r in glub_rows])
+    _report(args.out, "bench_fp8_glu_backward_quantize.csv", glub_rows,
+            ["config", "M", "form", "block_m", "num_warps", "ms", "gbs", "same_bytes"], env)
     gain_rows = [row for name in args.tile_gains_configs for row in tile_gain_rows(name, args.tile_gains)]
-    if gain_rows:
-        print_table(gain_rows, ["config", "what", "M", "repeat", "gain", "block_m", "ms"])
-        write_csv(os.path.join(args.out, "bench_fp8_tile_gain.csv"), [{**r, **env} for r in gain_rows])
+    _report(args.out, "bench_fp8_tile_gain.csv", gain_rows,
+            ["config", "what", "M", "repeat", "gain", "block_m", "ms"], env)
     round_rows = [row for name in args.rounding for row in rounding_rows(name)]
-    if round_rows:
-        print_table(round_rows, ["config", "op", "M", "integer_ms", "cast_ms", "speedup", "same_bits"])
-        write_csv(os.path.join(args.out, "bench_fp8_rounding.csv"), [{**r, **env} for r in round_rows])
+    _report(args.out, "bench_fp8_rounding.csv", round_rows,
+            ["config", "op", "M", "integer_ms", "cast_ms", "speedup", "same_bits"], env)
     serve_rows = [serving_row(name, T, "cuda") for name in args.serving for T in (64, 4096)]
     serve_rows += decode_variant_rows(args.serving, args.decode_variants)
-    if serve_rows:
-        print_table(serve_rows, ["config", "T", "decode_variant", "bf16_ms", "fp8_ms", "speedup", "bf16_graph_ms",
-                                 "fp8_graph_ms", "speedup_graph", "speedup_graph_no_pdl", "fp8_weight_gbs", "copy_gbs",
-                                 "rel_rms_vs_bf16"])
-        write_csv(os.path.join(args.out, "bench_fp8_serving.csv"), [{**r, **env, "copy_gbs": bw} for r in serve_rows])
+    _report(args.out, "bench_fp8_serving.csv", serve_rows,
+            ["config", "T", "decode_variant", "bf16_ms", "fp8_ms", "speedup", "bf16_graph_ms", "fp8_graph_ms",
+             "speedup_graph", "speedup_graph_no_pdl", "fp8_weight_gbs", "copy_gbs", "rel_rms_vs_bf16"],
+            {**env, "copy_gbs": bw})
     round_rows = [row for name in args.serving for T in (64, 4096)
                   for row in serving_rounds_rows(name, T, args.serving_rounds)] if args.serving_rounds else []
-    if round_rows:
-        print_table(round_rows, ["config", "T", "round", "bf16_graph_ms", "fp8_graph_ms", "speedup_graph"])
-        write_csv(os.path.join(args.out, "bench_fp8_serving_rounds.csv"), [{**r, **env} for r in round_rows])
+    _report(args.out, "bench_fp8_serving_rounds.csv", round_rows,
+            ["config", "T", "round", "bf16_graph_ms", "fp8_graph_ms", "speedup_graph"], env)
     dglu_rows = [row for name in args.decode_glu for row in decode_glu_rows(name)]
-    if dglu_rows:
-        print_table(dglu_rows, ["config", "T", "repeat", "pdl", "stages", "bf16_ms", "epilogue_ms", "two_launches_ms",
-                                "prologue_ms", "speedup_epilogue", "speedup_prologue", "fits", "same_output",
-                                "same_output_prologue"])
-        write_csv(os.path.join(args.out, "bench_fp8_decode_glu.csv"), [{**r, **env} for r in dglu_rows])
+    _report(args.out, "bench_fp8_decode_glu.csv", dglu_rows,
+            ["config", "T", "repeat", "pdl", "stages", "bf16_ms", "epilogue_ms", "two_launches_ms", "prologue_ms",
+             "speedup_epilogue", "speedup_prologue", "fits", "same_output", "same_output_prologue"], env)
     inference_rows = [row for name in args.dmoe_inference for row in dmoe_inference_rows(name)]
-    if inference_rows:
-        print_table(inference_rows, ["config", "T", "form", "eager_ms", "graph_ms", "speedup_eager", "speedup_graph",
-                                     "rel_rms_vs_bf16"])
-        write_csv(os.path.join(args.out, "bench_fp8_dmoe_inference.csv"), [{**r, **env} for r in inference_rows])
+    _report(args.out, "bench_fp8_dmoe_inference.csv", inference_rows,
+            ["config", "T", "form", "eager_ms", "graph_ms", "speedup_eager", "speedup_graph", "rel_rms_vs_bf16"], env)
     cache_bytes(args, "cuda", env)
     kernel_rows = [row for name in args.serving_breakdown for T in (64, 4096) for row in serving_kernels(name, T)]
-    if kernel_rows:
-        print_table(kernel_rows, ["config", "T", "experts", "kernel", "us"])
-        write_csv(os.path.join(args.out, "bench_fp8_serving_kernels.csv"), [{**r, **env} for r in kernel_rows])
+    _report(args.out, "bench_fp8_serving_kernels.csv", kernel_rows, ["config", "T", "experts", "kernel", "us"], env)
     weight_rows = [weights_row(name, proj, w) for name in args.weights
                    for proj, _, w, _ in products(*CONFIGS[name], "cuda")]
-    if weight_rows:
-        print_table(weight_rows, ["config", "weight", "E", "N", "K", "quantize_ms", "torch_copy_ms", "one_pass_ms",
-                                  "one_pass_gbs", "copies_equal"])
-        write_csv(os.path.join(args.out, "bench_fp8_weights.csv"), [{**r, **env, "copy_gbs": bw} for r in weight_rows])
+    _report(args.out, "bench_fp8_weights.csv", weight_rows,
+            ["config", "weight", "E", "N", "K", "quantize_ms", "torch_copy_ms", "one_pass_ms", "one_pass_gbs",
+             "copies_equal"], {**env, "copy_gbs": bw})
     col_rows = [r for name in args.cols for r in cols_rows(name, args.cols_variants)]
-    if col_rows:
-        print_table(col_rows, ["config", "op", "variant", "ms", "gbs"])
-        write_csv(os.path.join(args.out, "bench_fp8_cols.csv"), [{**r, **env, "copy_gbs": bw} for r in col_rows])
+    _report(args.out, "bench_fp8_cols.csv", col_rows, ["config", "op", "variant", "ms", "gbs"],
+            {**env, "copy_gbs": bw})
     if args.cols_pick and col_rows:  # each mode's fastest variant over the configs, for the runs below
         for op, mode in COLS_OPS.items():
             total = {v: sum(r["ms"] for r in col_rows if r["op"] == op and r["variant"] == v) for v in args.cols_variants}
@@ -213,40 +205,28 @@ def bench(args):
             fp8_backend.COLS_FUSED_LAUNCH[mode] = dict(COLS_VARIANTS[best])
             print(f"cols-pick: {mode} <- {best} ({total[best]:.3f} ms over {args.cols})")
     layer_rows = [layer_step(name, "cuda") for name in args.layers]
-    if layer_rows:
-        print_table(layer_rows, ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached",
-                                 "fp8_wgrad_ms", "speedup_wgrad", "fp8_wgrad_cached_ms", "speedup_wgrad_cached",
-                                 "fp8_wgrad_other_glu_form_cached_ms", "fp8_wgrad_other_b_form_cached_ms",
-                                 "fp8_wgrad_other_epilogue_cached_ms",
-                                 "fp8_wgrad_other_forms_cached_ms",
-                                 "fp8_composed_cached_ms", "fp8_gathered_cached_ms", "bf16_extra_gib", "fp8_extra_gib",
-                                 "fp8_gathered_extra_gib", "fp8_wgrad_extra_gib", "fp8_composed_extra_gib",
-                                 "out_rel_rms", "x_grad_rel_rms", "w_grad_rel_rms", "w_grad_fp8_rel_rms"])
-        write_csv(os.path.join(args.out, "bench_fp8_layer.csv"), [{**r, **env} for r in layer_rows])
+    _report(args.out, "bench_fp8_layer.csv", layer_rows,
+            ["config", "bf16_ms", "fp8_ms", "speedup", "fp8_cached_ms", "speedup_cached", "fp8_wgrad_ms",
+             "speedup_wgrad", "fp8_wgrad_cached_ms", "speedup_wgrad_cached", "fp8_wgrad_other_glu_form_cached_ms",
+             "fp8_wgrad_other_b_form_cached_ms", "fp8_wgrad_other_epilogue_cached_ms",
+             "fp8_wgrad_other_forms_cached_ms", "fp8_composed_cached_ms", "fp8_gathered_cached_ms", "bf16_extra_gib",
+             "fp8_extra_gib", "fp8_gathered_extra_gib", "fp8_wgrad_extra_gib", "fp8_composed_extra_gib", "out_rel_rms",
+             "x_grad_rel_rms", "w_grad_rel_rms", "w_grad_fp8_rel_rms"], env)
     accumulate_rows = [layer_accumulate_row(name, "cuda", args.micro_batches) for name in args.layer_accumulate]
-    if accumulate_rows:
-        print_table(accumulate_rows, ["config", "micro_batches", "bf16_fused_ms", "fp8_fused_ms", "speedup_fused",
-                                      "fp8_wgrad_fused_ms", "speedup_wgrad_fused", "bf16_grad_ms", "fp8_grad_ms",
-                                      "speedup_grad", "fp8_wgrad_grad_ms", "speedup_wgrad_grad", "bf16_fusion_gain",
-                                      "fp8_fusion_gain", "fp8_wgrad_fusion_gain", "w_grad_rel_rms_fused",
-                                      "w_grad_fp8_rel_rms_fused", "fp8_wgrad_fused_vs_grad_rel_rms"])
-        write_csv(os.path.join(args.out, "bench_fp8_layer_accumulate.csv"), [{**r, **env} for r in accumulate_rows])
+    _report(args.out, "bench_fp8_layer_accumulate.csv", accumulate_rows,
+            ["config", "micro_batches", "bf16_fused_ms", "fp8_fused_ms", "speedup_fused", "fp8_wgrad_fused_ms",
+             "speedup_wgrad_fused", "bf16_grad_ms", "fp8_grad_ms", "speedup_grad", "fp8_wgrad_grad_ms",
+             "speedup_wgrad_grad", "bf16_fusion_gain", "fp8_fusion_gain", "fp8_wgrad_fusion_gain",
+             "w_grad_rel_rms_fused", "w_grad_fp8_rel_rms_fused", "fp8_wgrad_fused_vs_grad_rel_rms"], env)
     b_rows = [r for name in args.b_blocks for r in b_blocks_rows(name)]
-    if b_rows:
-        print_table(b_rows, ["config", "op", "form", "ms", "same_scales"])
-        write_csv(os.path.join(args.out, "bench_fp8_b_blocks.csv"), [{**r, **env} for r in b_rows])
+    _report(args.out, "bench_fp8_b_blocks.csv", b_rows, ["config", "op", "form", "ms", "same_scales"], env)
     uncached_rows = [r for name in args.layer_uncached for r in layer_uncached_rows(name)]
-    if uncached_rows:
-        print_table(uncached_rows, ["config", "form", "ms", "min_ms", "max_ms", "steps", *_ALLOC_KEYS])
-        write_csv(os.path.join(args.out, "bench_fp8_layer_uncached.csv"), [{**r, **env} for r in uncached_rows])
+    _report(args.out, "bench_fp8_layer_uncached.csv", uncached_rows,
+            ["config", "form", "ms", "min_ms", "max_ms", "steps", *_ALLOC_KEYS], env)
     memory_rows = [r for name in args.layer_memory for r in layer_memory(name)]
-    if memory_rows:
-        print_table(memory_rows, ["config", "layer", "site", "mib", "tensors"])
-        write_csv(os.path.join(args.out, "bench_fp8_layer_memory.csv"), [{**r, **env} for r in memory_rows])
+    _report(args.out, "bench_fp8_layer_memory.csv", memory_rows, ["config", "layer", "site", "mib", "tensors"], env)
     kernel_rows = [r for name in args.layer_breakdown for r in layer_kernels(name)]
-    if kernel_rows:
-        print_table(kernel_rows, ["config", "layer", "kernel", "us"])
-        write_csv(os.path.join(args.out, "bench_fp8_layer_kernels.csv"), [{**r, **env} for r in kernel_rows])
+    _report(args.out, "bench_fp8_layer_kernels.csv", kernel_rows, ["config", "layer", "kernel", "us"], env)
 
 
 PDL_MODES = (0, 1, 2)
