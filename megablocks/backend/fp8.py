@@ -667,27 +667,16 @@ def _col_amax(amax, nans, x):
     return tl.maximum(amax, tl.max(tl.abs(x), axis=0)), nans + tl.sum((x != x).to(tl.int32), axis=0)
 
 
-# The scale of a QB x QB block from its columns' amax and NaN counts: (scale, inverse, bad), the
-# block's largest column scale (`_pow2_scale` rises with amax), NaN where the block holds a NaN or
-# an infinity (bad: its values are stored as 0, as `_cols_to_blocks_kernel` stores them).
+# A QB x QB block's scale from its columns' amax and NaN counts, stored at sc[b, program_id(1)]:
+# the block's largest column scale (`_pow2_scale` rises with amax), NaN where the block holds a NaN
+# or an infinity. Returns (its inverse for each column, bad): a bad block's values are stored as 0,
+# as `_cols_to_blocks_kernel` stores them.
 @triton.jit
-def _block_scale(amax, nans):
+def _block_scale(amax, nans, b, sc_ptr, stride_sc):
     scale, inv = _pow2_scale(tl.max(amax, axis=0))
     bad = (tl.sum(nans, axis=0) > 0) | (scale != scale)
-    return tl.where(bad, float("nan"), scale), inv, bad
-
-
-# x [QB, QB] (block b's rows, columns `cols`: -1 not stored) quantized with one scale, the block's
-# (`_block_scale` of its columns' amax and NaN counts), stored K-major as `_store_col_tiles` stores
-# its column tiles; the scale at sc[b, program_id(1)].
-@triton.jit
-def _store_block_cols(x, amax, nans, b, cols, qc_ptr, sc_ptr, stride_qc, stride_sc, QB: tl.constexpr,
-                      CAST: tl.constexpr = False):
-    scale, inv, bad = _block_scale(amax, nans)
-    tl.store(sc_ptr + b.to(tl.int64) * stride_sc + tl.program_id(1), scale)
-    slots = b.to(tl.int64) * QB + tl.arange(0, QB)
-    inv_cols = tl.zeros([QB], dtype=tl.float32) + inv
-    _store_cols_k_major(tl.where(bad, 0.0, x), inv_cols, cols, slots, qc_ptr, stride_qc, CAST)
+    tl.store(sc_ptr + b.to(tl.int64) * stride_sc + tl.program_id(1), tl.where(bad, float("nan"), scale))
+    return tl.zeros_like(amax) + inv, bad
 
 
 # The FP8 weight gradient's operands made in the pass that already reads what they come from, in
@@ -725,7 +714,9 @@ def _quantize_cols_fused_kernel(
         mask = (rows < row_end)[:, None] & (cols < K)[None, :]
         if BLOCKS:  # one scale for the whole QB x QB block (BK = QB), in sc's column program_id(1)
             amax, nans = _col_amax(amax, nans, x)
-            _store_block_cols(x, amax, nans, b, store_cols, qc_ptr, sc_ptr, stride_qc, stride_sc, QB, CAST)
+            inv, bad = _block_scale(amax, nans, b, sc_ptr, stride_sc)
+            _store_cols_k_major(tl.where(bad, 0.0, x), inv, store_cols, b.to(tl.int64) * QB + tl.arange(0, QB),
+                                qc_ptr, stride_qc, CAST)
         else:
             _store_col_tiles(x, b, rows, store_cols, mask, qc_ptr, sc_ptr, stride_qc, stride_sc, True, CAST)
         if MODE == "rows" or MODE == "glu_backward":
@@ -747,9 +738,7 @@ def _quantize_cols_fused_kernel(
             amax2, nans2 = _col_amax(amax2, nans2, x2)
             _store_row_tiles(x2, rows, cols, mask, row_end, q2_ptr, s2_ptr, stride_q2, stride_s2, CAST)
     if BLOCKS:  # one scale for the whole QB x QB block (BK = QB), in sc's column program_id(1)
-        scale, inv, bad = _block_scale(amax, nans)
-        tl.store(sc_ptr + b.to(tl.int64) * stride_sc + tl.program_id(1), scale)
-        inv = tl.zeros([BK], dtype=tl.float32) + inv
+        inv, bad = _block_scale(amax, nans, b, sc_ptr, stride_sc)
     else:
         scale, inv = _pow2_scale(amax)
         scale = tl.where(nans > 0, float("nan"), scale)
@@ -2015,20 +2004,15 @@ def quantize_blocks_grouped_reference(x_MK: torch.Tensor,
     `cols_to_blocks_` gives the column tiles (each the largest of its columns'), the values
     rounded once."""
     M, K = x_MK.shape
-    KB = cdiv(K, Q)
     q = torch.zeros((M, K), dtype=FP8_DTYPE, device=x_MK.device)
-    s = torch.zeros((cdiv(M, Q) + batch_sizes.numel(), KB), dtype=torch.float32, device=x_MK.device)
+    s = torch.zeros((cdiv(M, Q) + batch_sizes.numel(), cdiv(K, Q)), dtype=torch.float32, device=x_MK.device)
     for first, n, block in _group_blocks(batch_sizes.cpu(), M):
         for j in range(cdiv(n, Q)):
             rows = slice(first + j * Q, first + min(n, (j + 1) * Q))
-            v = torch.nn.functional.pad(x_MK[rows].float(), (0, KB * Q - K))
-            r = v.shape[0]
-            amax = v.view(r, KB, Q).abs().amax(dim=(0, 2))  # NaN propagates
-            scale, inv = _pow2_scales(amax)
-            bad = scale.isnan()
-            vals = (v.view(r, KB, Q) * inv[None, :, None]).masked_fill(bad[None, :, None], 0.0)
-            q[rows] = _to_e4m3(vals.view(r, KB * Q)[:, :K])
-            s[block + j] = scale
+            q_b, s_b = quantize_blocks_reference(x_MK[rows][None])  # one row of blocks
+            bad = s_b[0, 0].isnan().repeat_interleave(Q)[:K]
+            q[rows] = q_b[0].view(torch.uint8).masked_fill(bad[None, :], 0).view(FP8_DTYPE)
+            s[block + j] = s_b[0, 0]
     return q, s
 
 
