@@ -96,6 +96,10 @@ VARIANTS = dict(_variant(*v[:5], **v[5]) for v in [
     (128, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True)),
     (128, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, xs_t=True)),
     (192, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, xs_t=True)),
+    # 256 x 128 tiles: two consumers of 128 rows (two 64-row pieces, one product in flight each).
+    (256, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True)),
+    (256, 128, 128, 4, 3, dict(warp_specialize=True, wgmma=True)),
+    (256, 128, 128, 4, 4, dict(warp_specialize=True, wgmma=True, group_m=4)),
 ])
 
 

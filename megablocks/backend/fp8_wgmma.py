@@ -54,7 +54,10 @@ BLOCK = 128
 # shared out as 240 / 240 / 24; three and the loader's (512 threads) at 128, shared out as
 # 168 / 160 / 160 / 24. (128 x 256 tiles, two consumers each running a step's two 128-column
 # products in turn, measured 30-50% slower than 128 x 128 and were dropped.)
-WS_TILES = {(128, 128): 168, (192, 128): 128}
+WS_TILES = {(128, 128): 168, (192, 128): 128, (256, 128): 168}
+# The consumer warpgroups of each: 64 rows each over 128 and 192 rows, 128 (two 64-row pieces,
+# one product in flight) over 256.
+WS_CONSUMERS = {(128, 128): 2, (192, 128): 3, (256, 128): 2}
 
 
 # Row tile t of the groups (`_row_tile`) -> table[t] = (group, first row, end row, flags): flags bit 0
@@ -189,7 +192,7 @@ if _gluon:
     @gluon.jit
     def _ws_loader(x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles, num_programs,
                    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
-                   CONSUMERS: gl.constexpr):
+                   PIECES: gl.constexpr):
         num_n_tiles = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, BLOCK_K)
         g = 0
@@ -197,30 +200,31 @@ if _gluon:
             group, row0, row_end, flags, n0 = _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, BLOCK_N, GROUP_M)
             if (flags & 1) != 0:
                 w_row = group * N + n0
-                # The consumers' 64-row pieces that hold rows of the tile (a group's last tile may
-                # end within the first): only theirs are loaded.
-                pieces = gl.minimum(gl.cdiv(row_end - row0, 64), CONSUMERS)
+                # The tile's 64-row pieces that hold rows of it (a group's last tile may end within
+                # the first): only those are loaded.
+                pieces = gl.minimum(gl.cdiv(row_end - row0, 64), PIECES)
                 for ks in range(k_steps):
                     s = g % STAGES
                     # A fresh barrier counts as released once (phase 1 complete): the first pass waits on nothing.
                     mbarrier.wait(empty.index(s), ((g // STAGES) & 1) ^ 1)
                     bar = ready.index(s)
-                    for c in gl.static_range(1, CONSUMERS + 1):  # one expect (it arrives): the bytes of `pieces`
+                    for c in gl.static_range(1, PIECES + 1):  # one expect (it arrives): the bytes of `pieces`
                         mbarrier.expect(bar, c * x_desc.block_type.nbytes + w_desc.block_type.nbytes,
                                         pred=pieces == c)
-                    for c in gl.static_range(CONSUMERS):  # each consumer's 64 rows
-                        _tma_load(x_desc, [row0 + c * 64, ks * BLOCK_K], bar, a_bufs.index(s * CONSUMERS + c),
+                    for c in gl.static_range(PIECES):  # each piece's 64 rows
+                        _tma_load(x_desc, [row0 + c * 64, ks * BLOCK_K], bar, a_bufs.index(s * PIECES + c),
                                   pred=c < pieces)
                     _tma_load(w_desc, [w_row, ks * BLOCK_K], bar, b_bufs.index(s))
                     g += 1
 
     @gluon.jit
-    def _issue(a_bufs, b_bufs, ready, g, into, HALF: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
-        """A consumer's product of its stage-ring step g (its 64 rows), issued asynchronously into
-        `into`'s registers (not read: use_acc=False) once the step's loads landed."""
+    def _issue(a_bufs, b_bufs, ready, g, into, HALF: gl.constexpr, STAGES: gl.constexpr, PIECES: gl.constexpr):
+        """A consumer's product of its stage-ring step g (the stage's 64-row piece HALF of PIECES),
+        issued asynchronously into `into`'s registers (not read: use_acc=False) once the step's
+        loads landed."""
         s = g % STAGES
         mbarrier.wait(ready.index(s), (g // STAGES) & 1)
-        return warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)), into,
+        return warpgroup_mma(a_bufs.index(s * PIECES + HALF), b_bufs.index(s).permute((1, 0)), into,
                              use_acc=False, is_async=True)
 
     @gluon.jit
@@ -228,7 +232,7 @@ if _gluon:
                      num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
                      out_desc, c_bufs,
                      HALF: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
-                     STAGES: gl.constexpr, GROUP_M: gl.constexpr, DEFER: gl.constexpr, CONSUMERS: gl.constexpr,
+                     STAGES: gl.constexpr, GROUP_M: gl.constexpr, DEFER: gl.constexpr, PIECES: gl.constexpr,
                      TMA_OUT: gl.constexpr):
         """Rows [HALF * 64, HALF * 64 + 64) of each of this program's tiles. DEFER: steps in pairs,
         the first promoted while the second's product runs (two products in flight, neither carried
@@ -239,7 +243,6 @@ if _gluon:
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, BLOCK_N, 32])
         rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
         zero = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
         num_n_tiles = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, BLOCK_K)
@@ -268,7 +271,7 @@ if _gluon:
                 for ks in range(k_steps):
                     s = (g + ks) % STAGES
                     mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
-                    cur = warpgroup_mma(a_bufs.index(s * CONSUMERS + HALF), b_bufs.index(s).permute((1, 0)),
+                    cur = warpgroup_mma(a_bufs.index(s * PIECES + HALF), b_bufs.index(s).permute((1, 0)),
                                         done, use_acc=False, is_async=True)
                     scale_next = _scales(xs_rows, row_ok, ws_tile, gl.minimum(ks + 1, k_steps - 1), stride_xsk,
                                          stride_wsk)
@@ -286,8 +289,8 @@ if _gluon:
                 rb = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
                 for i in range(0, k_steps // 2):
                     ks = 2 * i
-                    pa = _issue(a_bufs, b_bufs, ready, g + ks, ra, HALF, STAGES, CONSUMERS)
-                    pb = _issue(a_bufs, b_bufs, ready, g + ks + 1, rb, HALF, STAGES, CONSUMERS)
+                    pa = _issue(a_bufs, b_bufs, ready, g + ks, ra, HALF, STAGES, PIECES)
+                    pb = _issue(a_bufs, b_bufs, ready, g + ks + 1, rb, HALF, STAGES, PIECES)
                     scale = _scales(xs_rows, row_ok, ws_tile, ks, stride_xsk, stride_wsk)
                     ra = warpgroup_mma_wait(num_outstanding=1, deps=(pa, ))
                     mbarrier.arrive(empty.index((g + ks) % STAGES), count=1)
@@ -297,25 +300,101 @@ if _gluon:
                     mbarrier.arrive(empty.index((g + ks + 1) % STAGES), count=1)
                     acc += rb * scale[:, None]
                 if k_steps % 2 == 1:
-                    pa = _issue(a_bufs, b_bufs, ready, g + k_steps - 1, ra, HALF, STAGES, CONSUMERS)
+                    pa = _issue(a_bufs, b_bufs, ready, g + k_steps - 1, ra, HALF, STAGES, PIECES)
                     scale = _scales(xs_rows, row_ok, ws_tile, k_steps - 1, stride_xsk, stride_wsk)
                     ra = warpgroup_mma_wait(num_outstanding=0, deps=(pa, ))
                     mbarrier.arrive(empty.index((g + k_steps - 1) % STAGES), count=1)
                     acc += ra * scale[:, None]
                 g += k_steps
-            piece0 = row0 + HALF * ROWS
-            if TMA_OUT and piece0 + ROWS <= row_end:
-                # All 64 rows are this group's: staged in shared memory and stored by TMA (clipped
-                # at the tensor's edges), the consumer free for its next tile while it runs.
-                c_buf = c_bufs.index(HALF)
-                tma.store_wait(0)  # the last tile's store has read the buffer
-                c_buf.store(acc.to(out_desc.dtype))
-                fence_async_shared()
-                _tma_store(out_desc, [piece0, n0], c_buf)
-            elif piece0 < row_end:
-                offs_n = n0 + gl.arange(0, BLOCK_N, layout=cols_layout)  # after the loop: none held across it
-                out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
-                gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n < N)[None, :])
+            _ws_store(acc, row0 + HALF * ROWS, row_end, n0, N, out_ptr, stride_om, out_desc, c_bufs.index(HALF),
+                      BLOCK_N, TMA_OUT)
+        if TMA_OUT:
+            tma.store_wait(0)
+
+    @gluon.jit
+    def _ws_store(acc, piece0, row_end, n0, N, out_ptr, stride_om, out_desc, c_buf, BLOCK_N: gl.constexpr,
+                  TMA_OUT: gl.constexpr):
+        """A consumer's 64-row piece of the output (rows from piece0, columns from n0; acc in the
+        product's layout), nothing where it starts at or past row_end: where all 64 rows are the
+        group's, staged in the consumer's shared-memory buffer `c_buf` and stored by TMA (clipped at
+        the tensor's edges), the consumer free for its next tile while it runs; else by masked
+        stores."""
+        ROWS: gl.constexpr = 64
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 32])
+        if TMA_OUT and piece0 + ROWS <= row_end:
+            tma.store_wait(0)  # the last store from this buffer has read it
+            c_buf.store(acc.to(out_desc.dtype))
+            fence_async_shared()
+            _tma_store(out_desc, [piece0, n0], c_buf)
+        elif piece0 < row_end:
+            offs_m = piece0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma_layout))
+            offs_n = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+            out_ptrs = out_ptr + offs_m[:, None].to(gl.int64) * stride_om + offs_n[None, :]
+            gl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
+                     mask=(offs_m < row_end)[:, None] & (offs_n < N)[None, :])
+
+    @gluon.jit
+    def _ws_consumer_pieces(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
+                            num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
+                            out_desc, c_bufs,
+                            HALF: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
+                            STAGES: gl.constexpr, GROUP_M: gl.constexpr, PIECES: gl.constexpr,
+                            TMA_OUT: gl.constexpr):
+        """Rows [HALF * 128, HALF * 128 + 128) of each of this program's 256-row tiles: the stage's
+        64-row pieces 2 HALF and 2 HALF + 1, each with its own accumulator. A step's two products
+        run one after the other through one register tile, each promoted before the next is
+        issued (two accumulators and one product: 192 registers a thread, where two products in
+        flight would need 256); the other consumer's products keep the tensor cores busy through
+        each promotion. Against the 128-row tiles the weight's tile is loaded once for 256 rows
+        instead of 128: 48 KB of loads a step for 256 x 128 outputs, against 64 KB for two
+        128 x 128 tiles."""
+        ROWS: gl.constexpr = 64
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, BLOCK_N, 32])
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        FIRST: gl.constexpr = 2 * HALF
+        num_n_tiles = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        g = 0
+        for tile in range(gl.program_id(0), num_m_tiles * num_n_tiles, num_programs):
+            group, row0, row_end, flags, n0 = _ws_tile(tile, table_ptr, num_m_tiles, num_n_tiles, BLOCK_N, GROUP_M)
+            top = row0 + FIRST * ROWS  # this consumer's first row
+            acc_a = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
+            acc_b = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
+            if ((flags & 1) != 0) & (top >= row_end):  # neither piece loaded: each stage released
+                for ks in range(k_steps):
+                    s = (g + ks) % STAGES
+                    mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
+                    mbarrier.arrive(empty.index(s), count=1)
+                g += k_steps
+            if ((flags & 1) != 0) & (top < row_end):
+                offs_a = top + gl.arange(0, ROWS, layout=rows_layout)
+                xs_a = xs_ptr + offs_a.to(gl.int64) * stride_xsm
+                xs_b = xs_a + ROWS * stride_xsm
+                ok_a = offs_a < row_end
+                ok_b = offs_a + ROWS < row_end
+                ws_tile = ws_ptr + group.to(gl.int64) * stride_wse + (n0 // QB) * stride_wsn
+                r = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
+                for ks in range(k_steps):
+                    s = (g + ks) % STAGES
+                    mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
+                    p = warpgroup_mma(a_bufs.index(s * PIECES + FIRST), b_bufs.index(s).permute((1, 0)), r,
+                                      use_acc=False, is_async=True)
+                    w_scale = gl.load(ws_tile + ks * stride_wsk)
+                    scale = gl.load(xs_a + ks * stride_xsk, mask=ok_a, other=0.0) * w_scale
+                    r = warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
+                    acc_a += r * scale[:, None]
+                    p = warpgroup_mma(a_bufs.index(s * PIECES + FIRST + 1), b_bufs.index(s).permute((1, 0)), r,
+                                      use_acc=False, is_async=True)
+                    scale = gl.load(xs_b + ks * stride_xsk, mask=ok_b, other=0.0) * w_scale
+                    r = warpgroup_mma_wait(num_outstanding=0, deps=(p, ))
+                    acc_b += r * scale[:, None]
+                    mbarrier.arrive(empty.index(s), count=1)
+                g += k_steps
+            _ws_store(acc_a, top, row_end, n0, N, out_ptr, stride_om, out_desc, c_bufs.index(HALF), BLOCK_N, TMA_OUT)
+            _ws_store(acc_b, top + ROWS, row_end, n0, N, out_ptr, stride_om, out_desc, c_bufs.index(HALF), BLOCK_N,
+                      TMA_OUT)
         if TMA_OUT:
             tma.store_wait(0)
 
@@ -327,12 +406,15 @@ if _gluon:
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, QB: gl.constexpr,
         STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr, TMA_OUT: gl.constexpr,
     ):
-        """CONSUMERS (2 or 3) warpgroups of 64 rows each over BLOCK_M = 64 * CONSUMERS row tiles;
-        with TMA_OUT (a 16-bit out; out_desc its [M, N] descriptor of 64 x BLOCK_N blocks) each
-        consumer's full 64-row pieces go out by TMA from a buffer of its own."""
-        # Stage s holds the consumers' 64-row pieces of x at a_bufs[s * CONSUMERS + c] and the weight's
+        """CONSUMERS warpgroups over BLOCK_M-row tiles (`WS_CONSUMERS`): two of 64 rows each over 128
+        rows (steps in pairs), three of 64 over 192 (a step at a time), two of 128 over 256 (two
+        64-row pieces each, `_ws_consumer_pieces`); with TMA_OUT (a 16-bit out; out_desc its [M, N]
+        descriptor of 64 x BLOCK_N blocks) each consumer's full 64-row pieces go out by TMA from a
+        buffer of its own."""
+        # Stage s holds the tile's 64-row pieces of x at a_bufs[s * PIECES + c] and the weight's
         # tile at b_bufs[s].
-        a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * CONSUMERS, 64, BLOCK_K], x_desc.layout)
+        PIECES: gl.constexpr = BLOCK_M // 64
+        a_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES * PIECES, 64, BLOCK_K], x_desc.layout)
         b_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -347,35 +429,48 @@ if _gluon:
         FIRST: gl.constexpr = 0
         SECOND: gl.constexpr = 1
         THIRD: gl.constexpr = 2
-        if CONSUMERS == 2:
+        if PIECES == 4:
+            gl.warp_specialize([
+                (_ws_consumer_pieces, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K,
+                                       num_m_tiles, num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn,
+                                       stride_wsk, stride_om, out_desc, c_bufs, FIRST, BLOCK_N, BLOCK_K, QB, STAGES,
+                                       GROUP_M, PIECES, TMA_OUT)),
+                (_ws_consumer_pieces, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K,
+                                       num_m_tiles, num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn,
+                                       stride_wsk, stride_om, out_desc, c_bufs, SECOND, BLOCK_N, BLOCK_K, QB, STAGES,
+                                       GROUP_M, PIECES, TMA_OUT)),
+                (_ws_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles,
+                              num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, PIECES)),
+            ], [4, 1], [240, 24])
+        elif PIECES == 2:
             gl.warp_specialize([
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                                out_desc, c_bufs, FIRST, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, True, CONSUMERS,
+                                out_desc, c_bufs, FIRST, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, True, PIECES,
                                 TMA_OUT)),
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                                out_desc, c_bufs, SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, True, CONSUMERS,
+                                out_desc, c_bufs, SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, True, PIECES,
                                 TMA_OUT)),
                 (_ws_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles,
-                              num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, CONSUMERS)),
+                              num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, PIECES)),
             ], [4, 1], [240, 24])
         else:
             gl.warp_specialize([
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                                out_desc, c_bufs, FIRST, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, CONSUMERS,
+                                out_desc, c_bufs, FIRST, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, PIECES,
                                 TMA_OUT)),
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                                out_desc, c_bufs, SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, CONSUMERS,
+                                out_desc, c_bufs, SECOND, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, PIECES,
                                 TMA_OUT)),
                 (_ws_consumer, (a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                                 num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
-                                out_desc, c_bufs, THIRD, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, CONSUMERS,
+                                out_desc, c_bufs, THIRD, BLOCK_N, BLOCK_K, QB, STAGES, GROUP_M, False, PIECES,
                                 TMA_OUT)),
                 (_ws_loader, (x_desc, w_desc, a_bufs, b_bufs, ready, empty, table_ptr, N, K, num_m_tiles,
-                              num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, CONSUMERS)),
+                              num_programs, BLOCK_N, BLOCK_K, STAGES, GROUP_M, PIECES)),
             ], [4, 4, 1], [160, 160, 24])
 
 
@@ -695,8 +790,9 @@ _SHARED_BYTES = 232448 - 2048
 
 def tma_store_fits(block_m: int, stages: int, dtype: torch.dtype) -> bool:
     """Whether the warp-specialized form over block_m-row tiles with `stages` stages has room for
-    its consumers' output buffers (and `dtype` is one it stores by TMA)."""
-    return dtype in _OUT_TYPES and stages * (block_m + BLOCK) * BLOCK + block_m * BLOCK * 2 <= _SHARED_BYTES
+    its consumers' 64-row output buffers (and `dtype` is one it stores by TMA)."""
+    buffers = WS_CONSUMERS[(block_m, BLOCK)] * 64 * BLOCK * 2
+    return dtype in _OUT_TYPES and stages * (block_m + BLOCK) * BLOCK + buffers <= _SHARED_BYTES
 
 
 def _tma_out_desc(out_2d: torch.Tensor, use: bool, block_m: int, stages: int):
@@ -764,7 +860,7 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
             N, K, max_m_tiles, programs,
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
-            CONSUMERS=block_m // 64, TMA_OUT=out_desc is not None, num_warps=4, maxnreg=WS_TILES[(block_m, BLOCK)],
+            CONSUMERS=WS_CONSUMERS[(block_m, BLOCK)], TMA_OUT=out_desc is not None, num_warps=4, maxnreg=WS_TILES[(block_m, BLOCK)],
             enable_fp_fusion=True,
         )
         return out

@@ -494,7 +494,7 @@ def test_gmm_fp8_tile_order_changes_no_bits(config):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("block_m, stages", [(192, 4), (128, 4), (192, 5)])
+@pytest.mark.parametrize("block_m, stages", [(192, 4), (128, 4), (192, 5), (256, 4), (256, 3)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_gmm_fp8_gluon_tma_store_same_bits(block_m, stages, out_dtype):
     """The warp-specialized Gluon form's output stored by TMA (full 64-row pieces of a group; the
@@ -759,14 +759,14 @@ def test_gmm_fp8_glu_quantize_validates():
 @pytest.mark.parametrize("case", list(TMA_CASES))
 @pytest.mark.parametrize("trans_b", [True, False], ids=["w_ENK", "w_EKN"])
 @pytest.mark.parametrize("form", [dict(warp_specialize=False), dict(warp_specialize=True),
-                                  dict(warp_specialize=True, block_m=192)],
-                         ids=["one-group", "warp-specialized", "warp-specialized-192x128"])
+                                  dict(warp_specialize=True, block_m=192), dict(warp_specialize=True, block_m=256)],
+                         ids=["one-group", "warp-specialized", "warp-specialized-192x128", "warp-specialized-256x128"])
 def test_gmm_fp8_wgmma_form(case, trans_b, form):
     """The Gluon form (`wgmma`: each step's product in flight while the one before it is promoted)
     against the definition at the FP8 product's tolerance and against the Triton kernel's TMA
     form (the same products promoted in the same order: equal bit for bit); all its forms, the
     one group of warps and the loader warp with two or three consumer warpgroups
-    (`warp_specialize`) over 128 x 128 and 192 x 128 tiles. On CPU, and where the
+    (`warp_specialize`) over 128 x 128, 192 x 128 and 256 x 128 tiles. On CPU, and where the
     operands do not allow TMA (K not a multiple of 16), the call takes the Triton kernel."""
     from megablocks.backend import fp8_wgmma
 

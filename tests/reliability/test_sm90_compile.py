@@ -269,9 +269,10 @@ if FW.available():
                   stages, types={"x_desc": DESC, "w_desc": DESC, "xs_ptr": "*fp32", "ws_ptr": "*fp32",
                                  "table_ptr": "*i32"}, source=GluonASTSource)
     # The warp-specialized form: a loader warp and two or three consumer warpgroups under its
-    # register limit.
+    # register limit (two of 128 rows over 256-row tiles).
     for dtype in (torch.bfloat16, torch.float32):
-        for (block_m, block_n), stages in (((128, 128), 4), ((128, 128), 6), ((192, 128), 4), ((192, 128), 5)):
+        for (block_m, block_n), stages in (((128, 128), 4), ((128, 128), 6), ((192, 128), 4), ((192, 128), 5),
+                                           ((256, 128), 3), ((256, 128), 4)):
             x_desc = "tensordesc<fp8e4nv[64, 128],%r>" % FW.gl.NVMMASharedLayout.get_default_for([64, 128],
                                                                                              FW.gl.float8e4nv)
             # A 16-bit output goes out by TMA where its buffers fit beside the stages.
@@ -283,7 +284,7 @@ if FW.available():
                   + (" TMA store" if tma_out else ""),
                   FW._gmm_fp8_ws_kernel, ELEMENT[dtype],
                   dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, QB=F8.Q, STAGES=stages, GROUP_M=8,
-                       CONSUMERS=block_m // 64, TMA_OUT=tma_out), 4, stages,
+                       CONSUMERS=FW.WS_CONSUMERS[(block_m, block_n)], TMA_OUT=tma_out), 4, stages,
                   types={"x_desc": x_desc, "w_desc": DESC, "xs_ptr": "*fp32", "ws_ptr": "*fp32", "table_ptr": "*i32",
                          "out_desc": out_desc},
                   source=GluonASTSource, options={"maxnreg": FW.WS_TILES[(block_m, block_n)]})
