@@ -99,12 +99,13 @@ class KernelPolicy:
             each step with one scale a row, as the forward does, instead of the outer product of
             two scale vectors moved into the product's layout: H200, the product on Mixtral's up
             projection 2.701 -> 1.996 ms, OLMoE's 0.839 -> 0.586, Qwen3-MoE's 0.730 -> 0.472
-            (benchmarks/RESULTS.md). The GLU experts' node makes the blocks in the pass that
-            quantizes b (`blocks=True` of `fp8.gather_quantize_cols`, `fp8.quantize_rows_and_cols`);
-            the composed ops coarsen b's column tiles after it (`fp8.cols_to_blocks_`, in place; a
-            pass over b of 0.04-0.15 ms). The values are the column tiles' but where one falls
-            below e4m3's smallest normal (more than 2^14.8 under its block's largest): rounded to
-            the nearest subnormal (once in the node's pass, twice through the column tiles).
+            (benchmarks/RESULTS.md). The blocks are made in the pass that quantizes b
+            (`blocks=True` of `fp8.gather_quantize_cols` and `fp8.quantize_rows_and_cols` in the
+            GLU experts' node, of `fp8.quantize_cols_grouped` in the composed ops), with the scales
+            `fp8.cols_to_blocks_` gives the column tiles (0.03-0.13 ms an operand less than the
+            column tiles coarsened after, H100). The values are the column tiles' but where one
+            falls below e4m3's smallest normal (more than 2^14.8 under its block's largest):
+            rounded to the nearest subnormal once (through the column tiles, twice).
         fp8_gather_wgrad_min_ffn: the FP8 node's up weights' gradients (unquantized) read a
             gathered copy of the token rows, made in the backward for both, for experts of at
             least this ffn per rank; narrower ones read the token rows through the maps. The

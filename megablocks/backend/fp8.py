@@ -682,7 +682,7 @@ def _block_scale(amax, nans, b, sc_ptr, stride_sc):
 # The FP8 weight gradient's operands made in the pass that already reads what they come from, in
 # `quantize_cols_grouped`'s transposed layout (q_c [K, P], s_c [S, K]); program (b, j): block b's
 # rows, columns [j*QB, (j+1)*QB). MODE 'rows': x_MK itself, also quantized in 1 x QB row tiles into
-# (q1, s1) (the input gradient's operand); 'gather': row r is x_TK[row_assignment[r] // TOP_K] (0
+# (q1, s1) (the input gradient's operand); 'cols': x_MK itself, no row tiles; 'gather': row r is x_TK[row_assignment[r] // TOP_K] (0
 # where -1); 'glu': glu(h1 = x, h2) rounded to x's dtype; 'glu_backward': the GLU's two input
 # gradients from (g, h1 = x, h2), rounded to x's dtype, the second's columns at OFF2 (rows of q_c,
 # columns of s_c), each also in row tiles into (q1, s1) and (q2, s2) (those modes take BK = QB).
@@ -1688,8 +1688,8 @@ def _check_sizes(batch_sizes: torch.Tensor, device, rows: int, what: str) -> tor
     return batch_sizes.to(device=device, dtype=torch.int32)
 
 
-def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
-                          transposed: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor, transposed: bool = False,
+                          blocks: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Q x 1 tiles down the columns of each group of rows (group e: the next `batch_sizes[e]`
     rows; blocks of Q rows from the group's first row, the last one shorter) -> (q [M, K] e4m3,
     s [ceil(M/Q) + E, K] fp32 powers of two): block j of group e has scale row
@@ -1698,18 +1698,28 @@ def quantize_cols_grouped(x_MK: torch.Tensor, batch_sizes: torch.Tensor,
     blocks, are left unset. With `transposed`, q is stored K-major by blocks instead, as the
     tensor cores' FP8 products read it: [K, (ceil(M/Q) + E) * Q], block b (the scale row's index)
     in columns [b*Q, (b+1)*Q), a group's last block padded with zeros; columns of blocks past the
-    groups' left unset. Triton on CUDA and under the interpreter, else the torch form."""
+    groups' left unset. `blocks` (with `transposed`): one scale per block of Q rows and Q columns
+    instead, s [S, ceil(K/Q)], made in the same one pass (`quantize_blocks_grouped_reference`;
+    `quantize_rows_and_cols`'s `blocks`). Triton on CUDA and under the interpreter, else the torch
+    form."""
     check_tensor("x", x_MK, ndim=2, dtypes=_IN_DTYPES)
     if x_MK.stride(-1) != 1 and x_MK.numel():
         raise ValueError(f"x: expected a contiguous last dim, got strides {tuple(x_MK.stride())}")
     if not isinstance(transposed, bool):
         raise TypeError(f"transposed: expected a bool, got {type(transposed).__name__}")
+    _check_blocks_flag(blocks)
+    if blocks and not transposed:
+        raise ValueError("blocks: the 128 x 128 blocks are made in the transposed layout only (transposed=True)")
     M, K = x_MK.shape
     sizes = _check_sizes(batch_sizes, x_MK.device, M, "the rows of x")
     E = sizes.numel()
     if x_MK.device.type != "cuda" and not interpreted(x_MK):
+        if blocks:
+            return _cols_reference(x_MK, sizes, blocks=True)
         q, s = quantize_cols_grouped_reference(x_MK, sizes)
         return (_blocks_k_major(q, sizes), s) if transposed else (q, s)
+    if blocks:  # each program one whole block, x read as it is
+        return _cols_fused("cols", x_MK, sizes, M, K, blocks=True)
     S = cdiv(M, Q) + E
     q = torch.empty((K, S * Q) if transposed else (M, K), dtype=FP8_DTYPE, device=x_MK.device)
     s = torch.empty((S, K), dtype=torch.float32, device=x_MK.device)
@@ -1804,7 +1814,7 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
     """`_quantize_cols_fused_kernel`'s launch: (q_c [halves * K, P], s_c [S, halves * K]) in
     `quantize_cols_grouped`'s transposed layout over M rows in groups `sizes` (int32, x's device);
     `rows_out` (q1, s1[, q2, s2]) the row tiles' outputs of 'rows' / 'glu_backward'. `blocks`
-    ('rows', 'gather'): one scale per block of Q rows and Q columns instead, s_c [S, ceil(K/Q)]
+    ('rows', 'gather', 'cols'): one scale per block of Q rows and Q columns instead, s_c [S, ceil(K/Q)]
     (`quantize_blocks_grouped_reference`), each program one whole block (its launch
     `COLS_BLOCKS_LAUNCH`)."""
     E = sizes.numel()
@@ -1842,6 +1852,7 @@ def _cols_fused(mode: str, x: torch.Tensor, sizes: torch.Tensor, M: int, K: int,
 # tiles and coarsened after; benchmarks/RESULTS.md).
 COLS_BLOCKS_LAUNCH = {
     "rows": dict(COLS_FUSED_LAUNCH["rows"]),
+    "cols": dict(COLS_FUSED_LAUNCH["rows"]),
     "gather": dict(ch=Q, bk=Q, num_warps=4, num_stages=1),
 }
 

@@ -362,9 +362,8 @@ class _Fp8Gmm(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             a, b = (grad, x) if ctx.trans_b else (x, grad)
             if ctx.fp8_wgrad:  # both operands K-major by blocks: each step one FP8 tensor-core product
-                b_q, b_s = quantize_cols_grouped(b, batch_sizes, transposed=True)
-                if ctx.wgrad_b_blocks:  # one scale per 128 x 128 block of b
-                    b_s = cols_to_blocks_(b_q, b_s, batch_sizes, b.shape[0])
+                # With wgrad_b_blocks, one scale per 128 x 128 block of b, made in the quantizing pass.
+                b_q, b_s = quantize_cols_grouped(b, batch_sizes, transposed=True, blocks=ctx.wgrad_b_blocks)
                 grad_w = gmm_fp8_wgrad(*quantize_cols_grouped(a, batch_sizes, transposed=True), b_q, b_s,
                                        batch_sizes, out_dtype=ctx.w_dtype, rows=a.shape[0], accumulate_into=ctx.acc)
             elif ctx.acc is not None:  # the variable-K kernel's epilogue adds it
@@ -405,10 +404,11 @@ def fp8_gmm(x_MK: torch.Tensor, w: torch.Tensor, batch_sizes: torch.Tensor, tran
             weight-gradient product's epilogue with `fp8_wgrad`, else by the variable-K kernel's)
             instead of returning it; w's `.grad` is left alone (w is an input so that the output
             requires grad where w does). As `ops.gmm.weight_grad_into`, for FP8 products.
-        wgrad_b_blocks: with `fp8_wgrad`, the weight gradient's b operand coarsened from column
-            tiles to 128 x 128 blocks (`cols_to_blocks_`): the product's promotion one scale a row,
-            the same values but where one falls below e4m3's smallest normal
-            (`KernelPolicy.fp8_weight_grad_b_blocks`).
+        wgrad_b_blocks: with `fp8_wgrad`, the weight gradient's b operand quantized with one
+            scale per 128 x 128 block (`quantize_cols_grouped(..., blocks=True)`, in its one pass)
+            instead of per 128 x 1 column tile: the product's promotion one scale a row; the scales
+            `cols_to_blocks_` gives the column tiles, the same values but where one falls below
+            e4m3's smallest normal (`KernelPolicy.fp8_weight_grad_b_blocks`).
 
     Raises:
         ValueError, TypeError: as `quantize_rows` and `gmm_fp8`, `w` of another dtype than x, or

@@ -893,15 +893,19 @@ def test_fp8_gmm_forward_and_gradients(trans_b, fp8_wgrad, monkeypatch):
     w = w if trans_b else w.transpose(1, 2).contiguous()
     x.requires_grad_(True)
     w.requires_grad_(True)
-    coarsened = []
-    real_coarsen = fp8.cols_to_blocks_
-    monkeypatch.setattr(fp8, "cols_to_blocks_", lambda *a: coarsened.append(a[0].shape) or real_coarsen(*a))
+    quantized = []  # each column quantization's (rows, cols, blocks)
+    real_cols = fp8.quantize_cols_grouped
+    monkeypatch.setattr(fp8, "quantize_cols_grouped",
+                        lambda v, bs, transposed=False, blocks=False: quantized.append((*v.shape, blocks))
+                        or real_cols(v, bs, transposed=transposed, blocks=blocks))
     out = fp8.fp8_gmm(x, w, batch_sizes, trans_b=trans_b, fp8_wgrad=fp8_wgrad)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     out.backward(grad)
     # With FP8 weight gradients, b (x for w [E, N, K], the output gradient for [E, K, N]) is
-    # coarsened to 128 x 128 blocks by default (`wgrad_b_blocks`): its K-major [cols, P] values.
-    assert coarsened == ([(K if trans_b else N, -(-sum(sizes) // Q) * Q + len(sizes) * Q)] if fp8_wgrad else [])
+    # quantized in 128 x 128 blocks by default (`wgrad_b_blocks`), a (the other) in column tiles.
+    M = sum(sizes)
+    assert quantized == ([(M, K if trans_b else N, True), (M, N if trans_b else K, False)] if fp8_wgrad else [])
+    quantized.clear()
     # The definition, in float64: the quantized operands of each product.
     x_q, x_s = fp8.quantize_rows(x.detach())
     w_q, w_s = fp8.quantize_blocks(w.detach())
@@ -956,6 +960,7 @@ def test_fp8_gmm_forward_and_gradients(trans_b, fp8_wgrad, monkeypatch):
     x4, w4 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
     out4 = fp8.fp8_gmm(x4, w4, batch_sizes, trans_b=trans_b, fp8_wgrad=fp8_wgrad, wgrad_b_blocks=False)
     out4.backward(grad)
+    assert quantized[-2:] == ([(M, K if trans_b else N, False), (M, N if trans_b else K, False)] if fp8_wgrad else [])
     assert torch.equal(out4, out) and torch.equal(x4.grad, x.grad)
     assert_close("grad w, b in column tiles", w4.grad, ref_dw if trans_b else ref_dw.transpose(1, 2),
                  dtype=torch.float32, family="fp8")
@@ -1171,7 +1176,8 @@ def test_gmm_fp8_wgrad_k_major(sizes, N, K):
 ], ids=["hostile", "whole", "short", "empty"])
 @pytest.mark.parametrize("form", ["pieces", "whole"])
 def test_weight_gradient_b_operands_in_blocks(sizes, K, dtype, form, monkeypatch):
-    """`blocks=True` of `quantize_rows_and_cols` and `gather_quantize_cols` (the weight
+    """`blocks=True` of `quantize_rows_and_cols`, `gather_quantize_cols` and
+    `quantize_cols_grouped(..., transposed=True)` (the weight
     gradient's b operand with one scale per 128 x 128 block, made in the quantizing pass): bit for
     bit `quantize_blocks_grouped_reference` of the same rows in every entry they set; the scales
     those `cols_to_blocks_` gives the column tiles, and their values too wherever a value stays a
@@ -1230,12 +1236,17 @@ def test_weight_gradient_b_operands_in_blocks(sizes, K, dtype, form, monkeypatch
     present = (assignment >= 0) & (assignment < M)
     rows = torch.where(present[:, None], tokens[torch.where(present, assignment, 0) // top_k], 0).to(dtype)
     check("gather", fp8.gather_quantize_cols(tokens, assignment, top_k, bs, blocks=True), rows)
+    check("cols_grouped", fp8.quantize_cols_grouped(x, bs, transposed=True, blocks=True), x)
     if hostile:
         assert cols[1][3, 0].isnan() and cols[1][4, 1].isnan() and cols[1][:5].isnan().sum() == 2
     with pytest.raises(TypeError, match="blocks"):
         fp8.quantize_rows_and_cols(x, bs, blocks=1)
     with pytest.raises(TypeError, match="blocks"):
         fp8.gather_quantize_cols(tokens, assignment, top_k, bs, blocks=None)
+    with pytest.raises(TypeError, match="blocks"):
+        fp8.quantize_cols_grouped(x, bs, transposed=True, blocks="yes")
+    with pytest.raises(ValueError, match="transposed=True"):
+        fp8.quantize_cols_grouped(x, bs, blocks=True)
 
 
 @pytest.mark.parametrize("sizes, K", [
