@@ -1484,8 +1484,8 @@ def gmm_fp8(x_q: torch.Tensor, x_s: torch.Tensor, w_q: torch.Tensor, w_s: torch.
     also be a multiple of 128, tiles spanning weight blocks: measured no faster), `wgmma` takes the
     Gluon form (`fp8_wgmma`: 128 x 128 x 128 tiles, each step's product in flight while the one
     before it is promoted; `num_stages`, `num_warps`; with `warp_specialize` a loader warp and
-    consumer warpgroups of 64 rows each over `fp8_wgmma.WS_TILES`: 128 x 128 or 192 x 128) on
-    sm_90 where its operands allow TMA."""
+    consumer warpgroups over `fp8_wgmma.WS_TILES`: 128 x 128 or 192 x 128 in 64-row consumers,
+    256 x 128 in 128-row ones) on sm_90 where its operands allow TMA."""
     check_gmm_fp8_args(x_q, x_s, w_q, w_s, batch_sizes, out_dtype, trans_b)
     if config is not None and (not isinstance(config, dict) or set(config) - set(_GMM_FP8_CONFIG_KEYS)):
         raise ValueError(f"config: expected a dict with keys among {_GMM_FP8_CONFIG_KEYS}, got {config!r}")

@@ -19,7 +19,11 @@ under the Triton kernel (benchmarks/RESULTS.md); 128-row tiles pad fewer rows pe
 consumer stores a 16-bit output's pieces that lie wholly in their group by TMA from a shared-memory
 buffer of its own, and goes on to its next tile while the store runs. That is 3-29% faster than
 masked stores from registers, where all of a tile's consumers stored at once while the tensor
-cores idled (the shorter the K loop, the larger the gain).
+cores idled (the shorter the K loop, the larger the gain). A third form, two consumers of 128 rows
+over 256 x 128 tiles (each running its two 64-row pieces' products one after the other through
+one register tile), loads a quarter fewer bytes a FLOP; on an H100 it measured -6% to +8% against
+the 128-row form (Mixtral's up product slower, OLMoE's down product faster; benchmarks/RESULTS.md)
+and is taken only where a config asks for it (`block_m=256`).
 
 Available where Triton ships Gluon's Hopper language (`available()`); `gmm_fp8(config={'wgmma': True})`
 takes this form on sm_90 when the operands allow TMA, else its Triton kernel.
@@ -51,8 +55,8 @@ except ImportError:  # a Triton without Gluon's Hopper language
 BLOCK = 128
 # The warp-specialized form's output tiles (block_m, block_n) and, for each, the register limit at
 # launch: two consumer warpgroups and the loader's (384 threads) at 168 fit the 64K registers,
-# shared out as 240 / 240 / 24; three and the loader's (512 threads) at 128, shared out as
-# 168 / 160 / 160 / 24. (128 x 256 tiles, two consumers each running a step's two 128-column
+# shared out as 240 / 240 / 24 (over 128 or 256 rows); three and the loader's (512 threads) at
+# 128, shared out as 168 / 160 / 160 / 24. (128 x 256 tiles, two consumers each running a step's two 128-column
 # products in turn, measured 30-50% slower than 128 x 128 and were dropped.)
 WS_TILES = {(128, 128): 168, (192, 128): 128, (256, 128): 168}
 # The consumer warpgroups of each: 64 rows each over 128 and 192 rows, 128 (two 64-row pieces,
@@ -837,8 +841,9 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
     """out[rows of e] = (x_q * x_s)[rows of e] @ (w_q[e] * w_s[e])^T for `usable` operands: x_q
     [M, K] e4m3, x_s [M, KB] (any strides), w_q [E, N, K] e4m3 contiguous, w_s as its logical
     [E, NB, KB] strides, sizes int32 [E] on the device, out [M, N] (rows past the groups' total
-    written as zeros). `warp_specialize`: the loader warp and 64-row consumer warpgroups over the
-    tiles of `WS_TILES` (two over 128 x 128, three over 192 x 128), with `tma_store` and a 16-bit
+    written as zeros). `warp_specialize`: the loader warp and consumer warpgroups over the tiles
+    of `WS_TILES` (two of 64 rows over 128 x 128, three over 192 x 128, two of 128 rows over
+    256 x 128), with `tma_store` and a 16-bit
     `out` whose strides allow it storing each consumer's full 64-row pieces by TMA; else one group
     of `num_warps` warps over 128 x 128 tiles."""
     tiles = WS_TILES if warp_specialize else {(BLOCK, BLOCK): None}
