@@ -298,8 +298,9 @@ def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant="", 
     expert's M_e rows): bf16 variable-K grouped GEMM against the FP8 one; `fp8_ms` includes the
     two column quantizations (`quantize_ms` of them), as the backward runs them. `k_major`: the
     operands quantized into the transposed layout (`fp8_gmm`'s), else row-major (the first kernel);
-    `config`: `gmm_fp8_wgrad`'s launch (transposed layout), `variant` its label; `b_blocks`: x's
-    column tiles coarsened to 128 x 128 blocks (`cols_to_blocks_`, part of `quantize_ms`)."""
+    `config`: `gmm_fp8_wgrad`'s launch (transposed layout), `variant` its label; `b_blocks`: x
+    quantized in 128 x 128 blocks (`quantize_cols_grouped(..., blocks=True)`, as `fp8_gmm`'s
+    backward makes it)."""
     bs = routed_counts(M, E, "cuda")
     torch.manual_seed(0)
     g = torch.randn(M, F, dtype=torch.bfloat16, device="cuda")
@@ -308,10 +309,7 @@ def wgrad_row(name, M, H, F, E, env, bw, k_major=True, config=None, variant="", 
 
     def quantize():
         g_c = fp8.quantize_cols_grouped(g, bs, transposed=k_major)
-        x_c = fp8.quantize_cols_grouped(x, bs, transposed=k_major)
-        if b_blocks:
-            x_c = (x_c[0], fp8.cols_to_blocks_(*x_c, bs, M))
-        return g_c, x_c
+        return g_c, fp8.quantize_cols_grouped(x, bs, transposed=k_major, blocks=b_blocks)
 
     def fp8_wgrad():
         (gq, gs), (xq, xs) = quantize()
@@ -395,7 +393,8 @@ B_BLOCKS_FORMS = {"whole_w4": dict(ch=128, num_warps=4), "whole_w8": dict(ch=128
 
 def b_blocks_rows(name, forms=tuple(B_BLOCKS_FORMS)):
     """The FP8 weight gradients' b operands (the token rows through the maps, the output
-    gradient) on config `name`'s rows, in 128 x 128 blocks: quantized in column tiles and
+    gradient; and the output gradient as the composed ops quantize it, without row tiles) on
+    config `name`'s rows, in 128 x 128 blocks: quantized in column tiles and
     coarsened after (`cols_to_blocks_`, a second pass over b) against made in blocks by the
     quantizing pass (`blocks=True`) at each of `forms` (`B_BLOCKS_FORMS`); ms, and whether each
     form's scales are those of the two passes."""
@@ -412,7 +411,8 @@ def b_blocks_rows(name, forms=tuple(B_BLOCKS_FORMS)):
         return q, fp8.cols_to_blocks_(q, s, bs, N)
 
     ops = {"gather_quantize_cols": lambda **kw: fp8.gather_quantize_cols(x_T, assignment, k, bs, **kw),
-           "quantize_rows_and_cols": lambda **kw: fp8.quantize_rows_and_cols(gy, bs, **kw)[1]}
+           "quantize_rows_and_cols": lambda **kw: fp8.quantize_rows_and_cols(gy, bs, **kw)[1],
+           "quantize_cols_grouped": lambda **kw: fp8.quantize_cols_grouped(gy, bs, transposed=True, **kw)}
     saved = {mode: dict(launch) for mode, launch in fp8_backend.COLS_BLOCKS_LAUNCH.items()}
     rows = []
     try:
