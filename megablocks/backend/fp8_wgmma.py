@@ -380,6 +380,9 @@ if _gluon:
                 ok_b = offs_a + ROWS < row_end
                 ws_tile = ws_ptr + group.to(gl.int64) * stride_wse + (n0 // QB) * stride_wsn
                 r = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
+                # The second piece's product runs even where the piece holds no rows (a group's last
+                # tile; not loaded): its buffer's old values go into acc_b, which is not stored. A
+                # branch around it spilled 620 bytes of registers a thread.
                 for ks in range(k_steps):
                     s = (g + ks) % STAGES
                     mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
