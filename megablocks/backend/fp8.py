@@ -682,10 +682,12 @@ def _block_scale(amax, nans, b, sc_ptr, stride_sc):
 # The FP8 weight gradient's operands made in the pass that already reads what they come from, in
 # `quantize_cols_grouped`'s transposed layout (q_c [K, P], s_c [S, K]); program (b, j): block b's
 # rows, columns [j*QB, (j+1)*QB). MODE 'rows': x_MK itself, also quantized in 1 x QB row tiles into
-# (q1, s1) (the input gradient's operand); 'cols': x_MK itself, no row tiles; 'gather': row r is x_TK[row_assignment[r] // TOP_K] (0
-# where -1); 'glu': glu(h1 = x, h2) rounded to x's dtype; 'glu_backward': the GLU's two input
-# gradients from (g, h1 = x, h2), rounded to x's dtype, the second's columns at OFF2 (rows of q_c,
-# columns of s_c), each also in row tiles into (q1, s1) and (q2, s2) (those modes take BK = QB).
+# (q1, s1) (the input gradient's operand); 'cols': x_MK itself, no row tiles; 'gather': row r is
+# x_TK[row_assignment[r] // TOP_K] (0 where -1); 'glu': glu(h1 = x, h2) rounded to x's dtype;
+# 'glu_backward': the GLU's two input gradients from (g, h1 = x, h2), rounded to x's dtype, the
+# second's columns at OFF2 (rows of q_c, columns of s_c), each also in row tiles into (q1, s1) and
+# (q2, s2) (those modes take BK = QB). BLOCKS ('rows', 'cols', 'gather'; BK = QB): one scale per
+# QB x QB block in s_c [S, ceil(K/QB)] instead of one per column.
 # CH = QB reads the block's BK columns once, whole; a smaller CH reads them in CH-row pieces twice
 # (fewer registers a thread; the second read from L2): for its columns' amax and the row tiles,
 # then to quantize and store its columns.
@@ -1746,8 +1748,10 @@ def cols_to_blocks_(q_KP: torch.Tensor, s_SK: torch.Tensor, batch_sizes: torch.T
     The values do not change: with power-of-two scales e4m3 rounds the same at any scale, and a
     value times its column's scale over the block's (a power of two <= 1) is exact while it stays
     a normal e4m3 number. Only a value that falls below 2^-6 so (more than about 2^14.8 under its
-    block's largest) loses mantissa bits: rounded to the nearest subnormal, ties to even. A NaN scale (a tile with a non-finite value) makes its block's scale
-    NaN (its values 0): the whole block dequantizes to NaN."""
+    block's largest) loses mantissa bits: rounded to the nearest subnormal, ties to even. A NaN
+    scale (a tile with a non-finite value) makes its block's scale NaN (its values 0): the whole
+    block dequantizes to NaN. The library's quantizers make such blocks in their own pass
+    (`blocks=True`); this two-pass form is the definition their scales are tested against."""
     check_tensor("q", q_KP, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("s", s_SK, ndim=2, dtypes=(torch.float32,))
     if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
@@ -2084,10 +2088,10 @@ def gmm_fp8_wgrad(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: 
     device into which the gradient is added by the kernel's epilogue (gradient-accumulation fusion:
     `main_grad`), and which is returned (`out_dtype` unused); the same values as adding the fp32
     gradient to it afterwards. `b_s` may also hold one scale per block of Q rows and Q columns of b
-    ([ceil(M/Q) + E, ceil(K/Q)], from `cols_to_blocks_`): the Gluon form then promotes each step
-    with one scale a row (the block's times the row's of a), as the forward does, instead of the
-    outer product of two scale vectors; the other forms read the block's scale for each of its
-    columns."""
+    ([ceil(M/Q) + E, ceil(K/Q)], from the quantizers' `blocks=True` or `cols_to_blocks_`): the
+    Gluon form then promotes each step with one scale a row (the block's times the row's of a), as
+    the forward does, instead of the outer product of two scale vectors; the other forms read the
+    block's scale for each of its columns."""
     check_tensor("a_q", a_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("b_q", b_q, ndim=2, dtypes=(FP8_DTYPE,))
     check_tensor("a_s", a_s, ndim=2, dtypes=(torch.float32,))

@@ -56,8 +56,8 @@ BLOCK = 128
 # The warp-specialized form's output tiles (block_m, block_n) and, for each, the register limit at
 # launch: two consumer warpgroups and the loader's (384 threads) at 168 fit the 64K registers,
 # shared out as 240 / 240 / 24 (over 128 or 256 rows); three and the loader's (512 threads) at
-# 128, shared out as 168 / 160 / 160 / 24. (128 x 256 tiles, two consumers each running a step's two 128-column
-# products in turn, measured 30-50% slower than 128 x 128 and were dropped.)
+# 128, shared out as 168 / 160 / 160 / 24. (128 x 256 tiles, two consumers each running a step's
+# two 128-column products in turn, measured 30-50% slower than 128 x 128 and were dropped.)
 WS_TILES = {(128, 128): 168, (192, 128): 128, (256, 128): 168}
 # The consumer warpgroups of each: 64 rows each over 128 and 192 rows, 128 (two 64-row pieces,
 # one product in flight) over 256.
@@ -232,6 +232,17 @@ if _gluon:
                              use_acc=False, is_async=True)
 
     @gluon.jit
+    def _ws_release(ready, empty, g, k_steps, STAGES: gl.constexpr):
+        """A consumer whose rows of a tile were not loaded releases each of the tile's k_steps
+        stages (from ring step g) once the loader's other loads for it landed; returns the next
+        ring step."""
+        for ks in range(k_steps):
+            s = (g + ks) % STAGES
+            mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
+            mbarrier.arrive(empty.index(s), count=1)
+        return g + k_steps
+
+    @gluon.jit
     def _ws_consumer(a_bufs, b_bufs, ready, empty, xs_ptr, ws_ptr, out_ptr, table_ptr, N, K, num_m_tiles,
                      num_programs, stride_xsm, stride_xsk, stride_wse, stride_wsn, stride_wsk, stride_om,
                      out_desc, c_bufs,
@@ -260,11 +271,7 @@ if _gluon:
             # store; each step's stage is released once the loader's other loads for it landed.
             live = ((flags & 1) != 0) & (row0 + HALF * ROWS < row_end)
             if ((flags & 1) != 0) & (row0 + HALF * ROWS >= row_end):
-                for ks in range(k_steps):
-                    s = (g + ks) % STAGES
-                    mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
-                    mbarrier.arrive(empty.index(s), count=1)
-                g += k_steps
+                g = _ws_release(ready, empty, g, k_steps, STAGES)
             if live and not DEFER:
                 xs_rows = xs_ptr + offs_m.to(gl.int64) * stride_xsm
                 ws_tile = ws_ptr + group.to(gl.int64) * stride_wse + (n0 // QB) * stride_wsn
@@ -366,12 +373,8 @@ if _gluon:
             top = row0 + FIRST * ROWS  # this consumer's first row
             acc_a = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
             acc_b = gl.zeros((ROWS, BLOCK_N), gl.float32, mma_layout)
-            if ((flags & 1) != 0) & (top >= row_end):  # neither piece loaded: each stage released
-                for ks in range(k_steps):
-                    s = (g + ks) % STAGES
-                    mbarrier.wait(ready.index(s), ((g + ks) // STAGES) & 1)
-                    mbarrier.arrive(empty.index(s), count=1)
-                g += k_steps
+            if ((flags & 1) != 0) & (top >= row_end):  # neither piece loaded
+                g = _ws_release(ready, empty, g, k_steps, STAGES)
             if ((flags & 1) != 0) & (top < row_end):
                 offs_a = top + gl.arange(0, ROWS, layout=rows_layout)
                 xs_a = xs_ptr + offs_a.to(gl.int64) * stride_xsm
@@ -868,7 +871,8 @@ def gmm_fp8_wgmma(x_q, x_s, w_q, w_s, sizes, out, num_programs: int, stages: int
             N, K, max_m_tiles, programs,
             x_s.stride(0), x_s.stride(1), w_s.stride(0), w_s.stride(1), w_s.stride(2), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=BLOCK, BLOCK_K=BLOCK, QB=BLOCK, STAGES=stages, GROUP_M=group_m,
-            CONSUMERS=WS_CONSUMERS[(block_m, BLOCK)], TMA_OUT=out_desc is not None, num_warps=4, maxnreg=WS_TILES[(block_m, BLOCK)],
+            CONSUMERS=WS_CONSUMERS[(block_m, BLOCK)], TMA_OUT=out_desc is not None, num_warps=4,
+            maxnreg=WS_TILES[(block_m, BLOCK)],
             enable_fp_fusion=True,
         )
         return out
